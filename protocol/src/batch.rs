@@ -1,0 +1,594 @@
+//! Record batches in Kafka's v2 layout (docs/design.md §3), big-endian as Kafka specifies.
+//!
+//! A batch is kept as the bytes it arrived in: the broker validates and stamps it, the disk
+//! stores it, consumers receive it unchanged. Records are decoded lazily, as zero-copy slices.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::DecodeError;
+use crate::limits::{MAX_BATCH_BYTES, MAX_HEADERS_PER_RECORD, MAX_RECORDS_PER_BATCH};
+
+/// Bytes before the first record.
+pub const BATCH_HEADER_BYTES: usize = 61;
+/// `base_offset` and `batch_length`, which `batch_length` does not count.
+pub const BATCH_LOG_OVERHEAD: usize = 12;
+/// Where the CRC-covered part starts.
+const CRC_START: usize = 21;
+const MAGIC: i8 = 2;
+const COMPRESSION_MASK: i16 = 0x07;
+/// Smallest possible encoded record: length + attributes + ts delta + offset delta + key len +
+/// value len + header count, one byte each.
+const MIN_RECORD_BYTES: usize = 7;
+
+/// Why a record batch was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("batch magic is {0}, only 2 is supported")]
+    BadMagic(i8),
+    #[error("batch CRC mismatch: header says {expected:#010x}, bytes give {actual:#010x}")]
+    CrcMismatch { expected: u32, actual: u32 },
+    #[error("compression codec {0} is not supported")]
+    UnsupportedCompression(u8),
+    #[error("batch length {0} is outside 49..={max}", max = MAX_BATCH_BYTES - BATCH_LOG_OVERHEAD)]
+    BadLength(i64),
+    #[error("inconsistent batch: {0}")]
+    Inconsistent(String),
+}
+
+/// The fixed 61-byte header of a v2 batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub base_offset: u64,
+    pub batch_length: u32,
+    pub leader_epoch: i32,
+    pub crc: u32,
+    pub attributes: i16,
+    pub last_offset_delta: i32,
+    pub base_timestamp: i64,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub records_count: u32,
+}
+
+impl BatchHeader {
+    /// Parses the header at the start of `buf`. Checks magic, the length bounds and the record
+    /// count bounds; does not look at the records or the CRC.
+    pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+        if buf.len() < BATCH_HEADER_BYTES {
+            return Err(DecodeError::Truncated { offset: 0, need: BATCH_HEADER_BYTES, have: buf.len() }.into());
+        }
+        let i64_at = |o: usize| i64::from_be_bytes(buf[o..o + 8].try_into().unwrap_or([0; 8]));
+        let i32_at = |o: usize| i32::from_be_bytes(buf[o..o + 4].try_into().unwrap_or([0; 4]));
+        let i16_at = |o: usize| i16::from_be_bytes(buf[o..o + 2].try_into().unwrap_or([0; 2]));
+        let magic = buf[16] as i8;
+        if magic != MAGIC {
+            return Err(BatchError::BadMagic(magic));
+        }
+        let batch_length = i32_at(8) as i64;
+        if batch_length < (BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD) as i64
+            || batch_length > (MAX_BATCH_BYTES - BATCH_LOG_OVERHEAD) as i64
+        {
+            return Err(BatchError::BadLength(batch_length));
+        }
+        let base_offset = i64_at(0);
+        if base_offset < 0 {
+            return Err(BatchError::Inconsistent(format!("negative base offset {base_offset}")));
+        }
+        let records_count = i32_at(57);
+        let last_offset_delta = i32_at(23);
+        if records_count < 1 || records_count as usize > MAX_RECORDS_PER_BATCH {
+            return Err(BatchError::Inconsistent(format!("record count {records_count}")));
+        }
+        if records_count as usize * MIN_RECORD_BYTES > batch_length as usize + BATCH_LOG_OVERHEAD - BATCH_HEADER_BYTES {
+            return Err(BatchError::Inconsistent(format!("{records_count} records cannot fit in {batch_length} bytes")));
+        }
+        if last_offset_delta != records_count - 1 {
+            return Err(BatchError::Inconsistent(format!(
+                "last offset delta {last_offset_delta} with {records_count} records"
+            )));
+        }
+        Ok(BatchHeader {
+            base_offset: base_offset as u64,
+            batch_length: batch_length as u32,
+            leader_epoch: i32_at(12),
+            crc: u32::from_be_bytes(buf[17..21].try_into().unwrap_or([0; 4])),
+            attributes: i16_at(21),
+            last_offset_delta,
+            base_timestamp: i64_at(27),
+            max_timestamp: i64_at(35),
+            producer_id: i64_at(43),
+            producer_epoch: i16_at(51),
+            base_sequence: i32_at(53),
+            records_count: records_count as u32,
+        })
+    }
+
+    /// Whole batch size in bytes, header included.
+    pub fn total_len(&self) -> usize {
+        BATCH_LOG_OVERHEAD + self.batch_length as usize
+    }
+
+    /// Offset of the last record.
+    pub fn last_offset(&self) -> u64 {
+        self.base_offset + self.last_offset_delta as u64
+    }
+
+    /// Offset the next batch starts at.
+    pub fn next_offset(&self) -> u64 {
+        self.last_offset() + 1
+    }
+
+    pub fn compression(&self) -> u8 {
+        (self.attributes & COMPRESSION_MASK) as u8
+    }
+}
+
+/// Verifies the CRC of one whole batch (`batch.len()` must be its `total_len`).
+pub fn verify_crc(batch: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
+    let actual = crc32c::crc32c(&batch[CRC_START.min(batch.len())..]);
+    if actual != header.crc {
+        return Err(BatchError::CrcMismatch { expected: header.crc, actual });
+    }
+    Ok(())
+}
+
+/// Full validation of one batch that must span exactly `batch`: header, length, CRC,
+/// compression, and the framing of every record.
+pub fn validate(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    if header.total_len() != batch.len() {
+        return Err(BatchError::Inconsistent(format!(
+            "batch length field says {} bytes, frame holds {}",
+            header.total_len(),
+            batch.len()
+        )));
+    }
+    verify_crc(batch, &header)?;
+    if header.compression() != 0 {
+        return Err(BatchError::UnsupportedCompression(header.compression()));
+    }
+    check_framing(&batch[BATCH_HEADER_BYTES..], header.records_count)?;
+    Ok(header)
+}
+
+/// Writes the broker-assigned base offset and leader epoch into a batch. Both fields sit
+/// outside the CRC, so the checksum stays valid.
+pub fn stamp(batch: &mut [u8], base_offset: u64, leader_epoch: i32) {
+    batch[0..8].copy_from_slice(&(base_offset as i64).to_be_bytes());
+    batch[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
+}
+
+/// One decoded record, with absolute offset and timestamp. Key, value and header values are
+/// slices of the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// Iterates the records of one batch.
+#[derive(Debug)]
+pub struct RecordIter {
+    body: Bytes,
+    pos: usize,
+    header: BatchHeader,
+    index: u32,
+}
+
+impl RecordIter {
+    /// `batch` is one whole batch, already validated or CRC-checked.
+    pub fn new(batch: Bytes, header: BatchHeader) -> Self {
+        let body = if batch.len() >= BATCH_HEADER_BYTES { batch.slice(BATCH_HEADER_BYTES..) } else { Bytes::new() };
+        RecordIter { body, pos: 0, header, index: 0 }
+    }
+
+    fn next_record(&mut self) -> Result<Record, BatchError> {
+        let (ts_delta, offset_delta, next) = decode_record_frame(&self.body, self.pos, self.index)?;
+        // Re-walk the fields to slice them out (framing already checked above).
+        let mut c = VarCursor { buf: &self.body, pos: self.pos };
+        let _len = c.varint()?;
+        let _attrs = c.byte()?;
+        let _ts = c.varlong()?;
+        let _od = c.varint()?;
+        let key = c.nullable_bytes()?.map(|(s, e)| self.body.slice(s..e));
+        let value = c.nullable_bytes()?.map(|(s, e)| self.body.slice(s..e)).unwrap_or_default();
+        let n_headers = c.varint()?;
+        let mut headers = Vec::new();
+        for _ in 0..n_headers.max(0) {
+            let (ks, ke) = c.nullable_bytes()?.unwrap_or((0, 0));
+            let hkey = String::from_utf8_lossy(&self.body[ks..ke]).into_owned();
+            let hval = c.nullable_bytes()?.map(|(s, e)| self.body.slice(s..e)).unwrap_or_default();
+            headers.push((hkey, hval));
+        }
+        self.pos = next;
+        self.index += 1;
+        Ok(Record {
+            offset: self.header.base_offset + offset_delta as u64,
+            timestamp: self.header.base_timestamp.saturating_add(ts_delta),
+            key,
+            value,
+            headers,
+        })
+    }
+}
+
+impl Iterator for RecordIter {
+    type Item = Result<Record, BatchError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.index >= self.header.records_count {
+            return None;
+        }
+        let r = self.next_record();
+        if r.is_err() {
+            self.index = self.header.records_count; // stop after an error
+        }
+        Some(r)
+    }
+}
+
+/// Walks every record of a batch body, checking its framing.
+fn check_framing(body: &[u8], records_count: u32) -> Result<(), BatchError> {
+    let mut pos = 0usize;
+    for i in 0..records_count {
+        let (_, _, next) = decode_record_frame(body, pos, i)?;
+        pos = next;
+    }
+    if pos != body.len() {
+        return Err(BatchError::Inconsistent(format!("{} bytes after the last record", body.len() - pos)));
+    }
+    Ok(())
+}
+
+/// Checks one record's framing at `pos`; returns (timestamp delta, offset delta, next pos).
+fn decode_record_frame(body: &[u8], pos: usize, index: u32) -> Result<(i64, i32, usize), BatchError> {
+    let mut c = VarCursor { buf: body, pos };
+    let len = c.varint()?;
+    if len < 0 || len as usize > body.len() - c.pos {
+        return Err(BatchError::Inconsistent(format!("record {index} length {len} exceeds the batch")));
+    }
+    let end = c.pos + len as usize;
+    let mut r = VarCursor { buf: &body[..end], pos: c.pos };
+    let _attributes = r.byte()?;
+    let ts_delta = r.varlong()?;
+    let offset_delta = r.varint()?;
+    if offset_delta as i64 != index as i64 {
+        return Err(BatchError::Inconsistent(format!("record {index} has offset delta {offset_delta}")));
+    }
+    r.nullable_bytes()?;
+    r.nullable_bytes()?;
+    let n_headers = r.varint()?;
+    if n_headers < 0 || n_headers as usize > MAX_HEADERS_PER_RECORD {
+        return Err(BatchError::Inconsistent(format!("record {index} has {n_headers} headers")));
+    }
+    for _ in 0..n_headers {
+        if r.nullable_bytes()?.is_none() {
+            return Err(BatchError::Inconsistent(format!("record {index} has a null header key")));
+        }
+        r.nullable_bytes()?;
+    }
+    if r.pos != end {
+        return Err(BatchError::Inconsistent(format!("record {index} has {} trailing bytes", end - r.pos)));
+    }
+    Ok((ts_delta, offset_delta, end))
+}
+
+struct VarCursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl VarCursor<'_> {
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated { offset: self.pos, need: 1, have: 0 })?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn raw_varint(&mut self, max_bytes: u32) -> Result<u64, DecodeError> {
+        let start = self.pos;
+        let mut value = 0u64;
+        for i in 0..max_bytes {
+            let b = self.byte()?;
+            value |= ((b & 0x7f) as u64) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::invalid("varint", start, "too many bytes"))
+    }
+
+    fn varint(&mut self) -> Result<i32, DecodeError> {
+        let start = self.pos;
+        let raw = self.raw_varint(5)?;
+        let raw = u32::try_from(raw).map_err(|_| DecodeError::invalid("varint", start, "overflows i32"))?;
+        Ok(((raw >> 1) as i32) ^ -((raw & 1) as i32))
+    }
+
+    fn varlong(&mut self) -> Result<i64, DecodeError> {
+        let raw = self.raw_varint(10)?;
+        Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64))
+    }
+
+    /// A varint length (-1 = null) and that many bytes; returns their range.
+    fn nullable_bytes(&mut self) -> Result<Option<(usize, usize)>, DecodeError> {
+        let at = self.pos;
+        let len = self.varint()?;
+        if len < 0 {
+            return if len == -1 { Ok(None) } else { Err(DecodeError::invalid("length", at, format!("{len}"))) };
+        }
+        let len = len as usize;
+        if len > self.buf.len() - self.pos {
+            return Err(DecodeError::Truncated { offset: self.pos, need: len, have: self.buf.len() - self.pos });
+        }
+        let range = (self.pos, self.pos + len);
+        self.pos += len;
+        Ok(Some(range))
+    }
+}
+
+fn zigzag32(v: i32) -> u32 {
+    ((v << 1) ^ (v >> 31)) as u32
+}
+fn zigzag64(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+fn put_uvarint(buf: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        buf.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.put_u8(v as u8);
+}
+fn nullable_len(b: Option<&[u8]>) -> usize {
+    match b {
+        None => 1,
+        Some(b) => varint_len(zigzag32(b.len() as i32) as u64) + b.len(),
+    }
+}
+fn put_nullable(buf: &mut BytesMut, b: Option<&[u8]>) {
+    match b {
+        None => put_uvarint(buf, zigzag32(-1) as u64),
+        Some(b) => {
+            put_uvarint(buf, zigzag32(b.len() as i32) as u64);
+            buf.put_slice(b);
+        }
+    }
+}
+
+/// Identity fields for idempotent producers; all -1 when unused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerIdentity {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+}
+
+impl Default for ProducerIdentity {
+    fn default() -> Self {
+        ProducerIdentity { producer_id: -1, producer_epoch: -1, base_sequence: -1 }
+    }
+}
+
+/// Builds one uncompressed v2 batch. The base offset is written as 0; the broker stamps it.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    buf: BytesMut,
+    base_timestamp: i64,
+    max_timestamp: i64,
+    count: u32,
+    identity: ProducerIdentity,
+}
+
+impl BatchBuilder {
+    pub fn new(capacity: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(capacity.max(BATCH_HEADER_BYTES));
+        buf.resize(BATCH_HEADER_BYTES, 0);
+        BatchBuilder { buf, base_timestamp: 0, max_timestamp: 0, count: 0, identity: ProducerIdentity::default() }
+    }
+
+    pub fn with_identity(mut self, identity: ProducerIdentity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// Bytes the finished batch will take so far.
+    pub fn size_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Size a record would add, so callers can keep batches under a byte limit.
+    pub fn record_size(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) -> usize {
+        let body = Self::record_body_len(0, 0, key, value, headers) + 20; // deltas at most ~20 bytes
+        body + varint_len(body as u64 * 2)
+    }
+
+    fn record_body_len(ts: i64, od: i32, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) -> usize {
+        let mut n = 1
+            + varint_len(zigzag64(ts))
+            + varint_len(zigzag32(od) as u64)
+            + nullable_len(key)
+            + nullable_len(Some(value))
+            + varint_len(zigzag32(headers.len() as i32) as u64);
+        for (k, v) in headers {
+            n += nullable_len(Some(k.as_bytes())) + nullable_len(Some(v));
+        }
+        n
+    }
+
+    /// Appends a record with a create-time timestamp in ms.
+    pub fn push(&mut self, timestamp_ms: i64, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) {
+        if self.count == 0 {
+            self.base_timestamp = timestamp_ms;
+            self.max_timestamp = timestamp_ms;
+        }
+        self.max_timestamp = self.max_timestamp.max(timestamp_ms);
+        let ts_delta = timestamp_ms.saturating_sub(self.base_timestamp);
+        let od = self.count as i32;
+        let body_len = Self::record_body_len(ts_delta, od, key, value, headers);
+        let buf = &mut self.buf;
+        put_uvarint(buf, zigzag32(body_len as i32) as u64);
+        buf.put_u8(0);
+        put_uvarint(buf, zigzag64(ts_delta));
+        put_uvarint(buf, zigzag32(od) as u64);
+        put_nullable(buf, key);
+        put_nullable(buf, Some(value));
+        put_uvarint(buf, zigzag32(headers.len() as i32) as u64);
+        for (k, v) in headers {
+            put_nullable(buf, Some(k.as_bytes()));
+            put_nullable(buf, Some(v));
+        }
+        self.count += 1;
+    }
+
+    /// Writes the header and CRC. Panics in debug if empty: an empty batch is a caller bug.
+    pub fn finish(mut self) -> Bytes {
+        debug_assert!(self.count > 0, "empty batch");
+        let len = self.buf.len();
+        let h = &mut self.buf[..BATCH_HEADER_BYTES];
+        h[0..8].copy_from_slice(&0i64.to_be_bytes());
+        h[8..12].copy_from_slice(&((len - BATCH_LOG_OVERHEAD) as i32).to_be_bytes());
+        h[12..16].copy_from_slice(&0i32.to_be_bytes());
+        h[16] = MAGIC as u8;
+        h[21..23].copy_from_slice(&0i16.to_be_bytes());
+        h[23..27].copy_from_slice(&(self.count as i32 - 1).to_be_bytes());
+        h[27..35].copy_from_slice(&self.base_timestamp.to_be_bytes());
+        h[35..43].copy_from_slice(&self.max_timestamp.to_be_bytes());
+        h[43..51].copy_from_slice(&self.identity.producer_id.to_be_bytes());
+        h[51..53].copy_from_slice(&self.identity.producer_epoch.to_be_bytes());
+        h[53..57].copy_from_slice(&self.identity.base_sequence.to_be_bytes());
+        h[57..61].copy_from_slice(&(self.count as i32).to_be_bytes());
+        let crc = crc32c::crc32c(&self.buf[CRC_START..]);
+        self.buf[17..21].copy_from_slice(&crc.to_be_bytes());
+        self.buf.freeze()
+    }
+}
+
+/// Splits a buffer of back-to-back batches (as in `Deliver`/`FetchOk` or a segment file) into
+/// whole batches, verifying each CRC. A trailing partial batch is an error.
+#[derive(Debug)]
+pub struct BatchSplitter {
+    buf: Bytes,
+}
+
+impl BatchSplitter {
+    pub fn new(buf: Bytes) -> Self {
+        BatchSplitter { buf }
+    }
+}
+
+impl Iterator for BatchSplitter {
+    type Item = Result<(BatchHeader, Bytes), BatchError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let result = (|| {
+            let header = BatchHeader::parse(&self.buf)?;
+            let len = header.total_len();
+            if len > self.buf.len() {
+                return Err(BatchError::Decode(DecodeError::Truncated { offset: 0, need: len, have: self.buf.len() }));
+            }
+            let batch = self.buf.split_to(len);
+            verify_crc(&batch, &header)?;
+            Ok((header, batch))
+        })();
+        if result.is_err() {
+            self.buf.clear();
+        }
+        Some(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn build(records: &[(i64, Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)]) -> Bytes {
+        let mut b = BatchBuilder::new(1024);
+        for (ts, k, v, h) in records {
+            let hs: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+            b.push(*ts, k.as_deref(), v, &hs);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn header_is_61_bytes_and_crc_survives_stamping() {
+        let batch = build(&[(1000, Some(b"k".to_vec()), b"v".to_vec(), vec![])]);
+        let mut m = BytesMut::from(&batch[..]);
+        stamp(&mut m, 42, 7);
+        let h = validate(&m).expect("valid");
+        assert_eq!(h.base_offset, 42);
+        assert_eq!(h.leader_epoch, 7);
+        assert_eq!(h.records_count, 1);
+    }
+
+    #[test]
+    fn flipped_byte_fails_crc() {
+        let batch = build(&[(1, None, b"hello".to_vec(), vec![])]);
+        let mut m = batch.to_vec();
+        let last = m.len() - 1;
+        m[last] ^= 1;
+        assert!(matches!(validate(&m), Err(BatchError::CrcMismatch { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(records in proptest::collection::vec(
+            (0i64..1_000_000, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+             proptest::collection::vec(any::<u8>(), 0..200),
+             proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)), 0..3)),
+            1..20)) {
+            let batch = build(&records);
+            let h = validate(&batch).expect("valid");
+            prop_assert_eq!(h.records_count as usize, records.len());
+            let decoded: Vec<Record> = RecordIter::new(batch, h).collect::<Result<_, _>>().expect("records");
+            for (i, (r, (ts, k, v, hs))) in decoded.iter().zip(records.iter()).enumerate() {
+                prop_assert_eq!(r.offset, i as u64);
+                prop_assert_eq!(r.timestamp, *ts);
+                prop_assert_eq!(r.key.as_deref(), k.as_deref());
+                prop_assert_eq!(&r.value[..], &v[..]);
+                prop_assert_eq!(r.headers.len(), hs.len());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = validate(&data);
+            for item in BatchSplitter::new(Bytes::from(data)) { let _ = item; }
+        }
+
+        #[test]
+        fn corrupted_valid_batch_never_panics(idx in 0usize..400, byte in any::<u8>()) {
+            let batch = build(&[(5, Some(b"key".to_vec()), vec![7; 100], vec![("h".into(), b"x".to_vec())]), (9, None, vec![1; 50], vec![])]);
+            let mut m = batch.to_vec();
+            let i = idx % m.len();
+            m[i] = byte;
+            if let Ok(h) = validate(&m) {
+                for r in RecordIter::new(Bytes::from(m), h) { let _ = r; }
+            }
+        }
+    }
+}

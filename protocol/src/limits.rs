@@ -1,0 +1,25 @@
+//! Named limits. Every length read from the wire or from disk is compared with one of these
+//! before anything is allocated (docs/design.md §2).
+
+/// Largest frame body (version + kind + payload) accepted on a stream.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Largest record batch, header included.
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most records in one batch.
+pub const MAX_RECORDS_PER_BATCH: usize = 1_000_000;
+/// Most headers on one record.
+pub const MAX_HEADERS_PER_RECORD: usize = 1024;
+/// Longest topic name, as in Kafka.
+pub const MAX_TOPIC_NAME_BYTES: usize = 249;
+/// Most partitions in one topic.
+pub const MAX_PARTITIONS: u32 = 4096;
+/// Longest string field other than a topic name.
+pub const MAX_STRING_BYTES: usize = 64 * 1024;
+/// Most items in any list on the wire.
+pub const MAX_LIST_ITEMS: usize = 65_536;
+/// Frame header on the wire: u32 length, u8 version, u8 kind.
+pub const FRAME_HEADER_BYTES: usize = 6;
+/// The only frame version this code speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// ALPN protocol id for QUIC connections.
+pub const ALPN: &[u8] = b"quiver/1";
