@@ -4,7 +4,16 @@
 
 pub mod batch;
 pub mod codec;
+pub mod error;
+pub mod frame;
 pub mod limits;
+pub mod message;
 
 pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchSplitter, Record, RecordIter};
 pub use codec::DecodeError;
+pub use error::ErrorCode;
+pub use frame::{decode_frame, FrameError, RawFrame};
+pub use message::{
+    Acks, Durability, Encoded, Message, MessageError, PartitionInfo, PartitionOffsets, StartPosition, Subscribe,
+    TopicConfig, TopicInfo,
+};

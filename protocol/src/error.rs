@@ -1,0 +1,104 @@
+//! Stable numeric error codes carried in `Error` frames (docs/design.md §4.4). Never renumber.
+
+/// An error code on the wire. Unknown codes decode as `Unknown(code)` so old clients can show
+/// errors from newer brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    Malformed,
+    FrameTooLarge,
+    UnsupportedVersion,
+    UnknownKind,
+    UnexpectedKind,
+    UnknownTopic,
+    UnknownPartition,
+    TopicExists,
+    InvalidTopic,
+    OffsetOutOfRange,
+    CorruptBatch,
+    BatchTooLarge,
+    UnsupportedCompression,
+    GroupBusy,
+    InvalidGroup,
+    StorageError,
+    ShuttingDown,
+    Internal,
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            Malformed => 1,
+            FrameTooLarge => 2,
+            UnsupportedVersion => 3,
+            UnknownKind => 4,
+            UnexpectedKind => 5,
+            UnknownTopic => 10,
+            UnknownPartition => 11,
+            TopicExists => 12,
+            InvalidTopic => 13,
+            OffsetOutOfRange => 14,
+            CorruptBatch => 15,
+            BatchTooLarge => 16,
+            UnsupportedCompression => 17,
+            GroupBusy => 18,
+            InvalidGroup => 19,
+            StorageError => 30,
+            ShuttingDown => 31,
+            Internal => 32,
+            Unknown(c) => c,
+        }
+    }
+
+    pub fn from_code(code: u16) -> Self {
+        use ErrorCode::*;
+        match code {
+            1 => Malformed,
+            2 => FrameTooLarge,
+            3 => UnsupportedVersion,
+            4 => UnknownKind,
+            5 => UnexpectedKind,
+            10 => UnknownTopic,
+            11 => UnknownPartition,
+            12 => TopicExists,
+            13 => InvalidTopic,
+            14 => OffsetOutOfRange,
+            15 => CorruptBatch,
+            16 => BatchTooLarge,
+            17 => UnsupportedCompression,
+            18 => GroupBusy,
+            19 => InvalidGroup,
+            30 => StorageError,
+            31 => ShuttingDown,
+            32 => Internal,
+            c => Unknown(c),
+        }
+    }
+
+    /// Whether retrying the same request on a new connection may succeed.
+    pub fn is_retriable(self) -> bool {
+        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorCode::Unknown(c) => write!(f, "error code {c}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for c in 0..=u16::from(u8::MAX) {
+            assert_eq!(ErrorCode::from_code(c).code(), c);
+        }
+    }
+}

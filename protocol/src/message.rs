@@ -1,0 +1,692 @@
+//! Requests and responses (docs/design.md §4.3): one enum, one kind byte per variant.
+//!
+//! Encoding splits a frame into a head and an optional zero-copy tail, so that record batches
+//! (always the last field) go to the socket without being copied into the frame buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::{DecodeError, Reader, WriteExt};
+use crate::error::ErrorCode;
+use crate::frame::{put_header, RawFrame};
+use crate::limits::{MAX_BATCH_BYTES, MAX_FRAME_BYTES, MAX_PARTITIONS, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
+
+/// Where a subscription starts when it has no committed group offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPosition {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Timestamp(i64),
+}
+
+/// How much acknowledgement a producer waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// The broker answers without waiting for the append.
+    None,
+    /// The broker answers after the append is durable per the topic's durability.
+    Leader,
+}
+
+/// When appended data is synced to disk (docs/design.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before acknowledging, with group commit.
+    Always,
+    /// fsync every `flush_interval_ms`; acknowledgements do not wait.
+    Interval,
+    /// Never sync explicitly.
+    Os,
+}
+
+/// Per-topic settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicConfig {
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub durability: Durability,
+    pub flush_interval_ms: u32,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            segment_bytes: 256 * 1024 * 1024,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            durability: Durability::Always,
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub partition: u32,
+    pub committed: Option<u64>,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    pub topic: String,
+    pub partition: u32,
+    pub group: Option<String>,
+    pub start: StartPosition,
+    pub window_messages: u32,
+    pub window_bytes: u32,
+}
+
+/// Every frame payload, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Error { code: ErrorCode, message: String },
+    Hello { protocol_version: u16, client_id: String },
+    HelloOk { protocol_version: u16, broker_id: u32, server_version: String },
+    Produce { topic: String, partition: u32, acks: Acks, batch: Bytes },
+    ProduceOk { base_offset: u64, log_append_time_ms: i64 },
+    Subscribe(Subscribe),
+    Subscribed { start_offset: u64, log_start_offset: u64, high_watermark: u64 },
+    Deliver { high_watermark: u64, batches: Bytes },
+    Ack { next_offset: u64 },
+    Fetch { topic: String, partition: u32, offset: u64, max_bytes: u32 },
+    FetchOk { log_start_offset: u64, high_watermark: u64, batches: Bytes },
+    CommitOffset { group: String, topic: String, partition: u32, offset: u64 },
+    CommitOk,
+    FetchOffsets { group: String, topic: String },
+    Offsets(Vec<PartitionOffsets>),
+    Metadata { topic: Option<String> },
+    MetadataOk(Vec<TopicInfo>),
+    CreateTopic { name: String, partitions: u32, config: TopicConfig },
+    DeleteTopic { name: String },
+    Done,
+}
+
+/// Why a frame's payload could not become a `Message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed frame of kind {kind}: {source}")]
+    Malformed { kind: u8, source: DecodeError },
+}
+
+impl MessageError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MessageError::UnknownKind(_) => ErrorCode::UnknownKind,
+            MessageError::Malformed { .. } => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// An encoded frame: `head` then `tail` on the wire. `tail` is the zero-copy batch field.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded {
+    pub head: Bytes,
+    pub tail: Bytes,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Both parts in one buffer (for tests and small frames).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.len());
+        b.put_slice(&self.head);
+        b.put_slice(&self.tail);
+        b.freeze()
+    }
+}
+
+mod kind {
+    pub const ERROR: u8 = 0;
+    pub const HELLO: u8 = 1;
+    pub const HELLO_OK: u8 = 2;
+    pub const PRODUCE: u8 = 3;
+    pub const PRODUCE_OK: u8 = 4;
+    pub const SUBSCRIBE: u8 = 5;
+    pub const SUBSCRIBED: u8 = 6;
+    pub const DELIVER: u8 = 7;
+    pub const ACK: u8 = 8;
+    pub const FETCH: u8 = 9;
+    pub const FETCH_OK: u8 = 10;
+    pub const COMMIT_OFFSET: u8 = 11;
+    pub const COMMIT_OK: u8 = 12;
+    pub const FETCH_OFFSETS: u8 = 13;
+    pub const OFFSETS: u8 = 14;
+    pub const METADATA: u8 = 15;
+    pub const METADATA_OK: u8 = 16;
+    pub const CREATE_TOPIC: u8 = 17;
+    pub const DELETE_TOPIC: u8 = 18;
+    pub const DONE: u8 = 21;
+}
+
+impl Message {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        truncate_utf8(&mut message, MAX_STRING_BYTES);
+        Message::Error { code, message }
+    }
+
+    pub fn kind(&self) -> u8 {
+        use Message::*;
+        match self {
+            Error { .. } => kind::ERROR,
+            Hello { .. } => kind::HELLO,
+            HelloOk { .. } => kind::HELLO_OK,
+            Produce { .. } => kind::PRODUCE,
+            ProduceOk { .. } => kind::PRODUCE_OK,
+            Subscribe(_) => kind::SUBSCRIBE,
+            Subscribed { .. } => kind::SUBSCRIBED,
+            Deliver { .. } => kind::DELIVER,
+            Ack { .. } => kind::ACK,
+            Fetch { .. } => kind::FETCH,
+            FetchOk { .. } => kind::FETCH_OK,
+            CommitOffset { .. } => kind::COMMIT_OFFSET,
+            CommitOk => kind::COMMIT_OK,
+            FetchOffsets { .. } => kind::FETCH_OFFSETS,
+            Offsets(_) => kind::OFFSETS,
+            Metadata { .. } => kind::METADATA,
+            MetadataOk(_) => kind::METADATA_OK,
+            CreateTopic { .. } => kind::CREATE_TOPIC,
+            DeleteTopic { .. } => kind::DELETE_TOPIC,
+            Done => kind::DONE,
+        }
+    }
+
+    /// Encodes the whole frame, header included. Strings longer than their limit are a caller
+    /// bug for names (validated before) and are truncated for free text.
+    pub fn encode(&self) -> Encoded {
+        let mut b = BytesMut::with_capacity(64);
+        let tail = self.encode_payload(&mut b);
+        let mut head = BytesMut::with_capacity(6 + b.len());
+        put_header(&mut head, self.kind(), b.len() + tail.len());
+        head.put_slice(&b);
+        Encoded { head: head.freeze(), tail }
+    }
+
+    fn encode_payload(&self, b: &mut BytesMut) -> Bytes {
+        use Message::*;
+        match self {
+            Error { code, message } => {
+                b.put_u16_le(code.code());
+                b.put_string(message);
+            }
+            Hello { protocol_version, client_id } => {
+                b.put_u16_le(*protocol_version);
+                b.put_string(client_id);
+            }
+            HelloOk { protocol_version, broker_id, server_version } => {
+                b.put_u16_le(*protocol_version);
+                b.put_u32_le(*broker_id);
+                b.put_string(server_version);
+            }
+            Produce { topic, partition, acks, batch } => {
+                b.put_string(topic);
+                b.put_u32_le(*partition);
+                b.put_u8(matches!(acks, Acks::Leader) as u8);
+                b.put_u32_le(batch.len() as u32);
+                return batch.clone();
+            }
+            ProduceOk { base_offset, log_append_time_ms } => {
+                b.put_u64_le(*base_offset);
+                b.put_i64_le(*log_append_time_ms);
+            }
+            Subscribe(s) => {
+                b.put_string(&s.topic);
+                b.put_u32_le(s.partition);
+                put_option(b, s.group.as_deref(), |b, g| b.put_string(g));
+                put_start(b, s.start);
+                b.put_u32_le(s.window_messages);
+                b.put_u32_le(s.window_bytes);
+            }
+            Subscribed { start_offset, log_start_offset, high_watermark } => {
+                b.put_u64_le(*start_offset);
+                b.put_u64_le(*log_start_offset);
+                b.put_u64_le(*high_watermark);
+            }
+            Deliver { high_watermark, batches } => {
+                b.put_u64_le(*high_watermark);
+                b.put_u32_le(batches.len() as u32);
+                return batches.clone();
+            }
+            Ack { next_offset } => b.put_u64_le(*next_offset),
+            Fetch { topic, partition, offset, max_bytes } => {
+                b.put_string(topic);
+                b.put_u32_le(*partition);
+                b.put_u64_le(*offset);
+                b.put_u32_le(*max_bytes);
+            }
+            FetchOk { log_start_offset, high_watermark, batches } => {
+                b.put_u64_le(*log_start_offset);
+                b.put_u64_le(*high_watermark);
+                b.put_u32_le(batches.len() as u32);
+                return batches.clone();
+            }
+            CommitOffset { group, topic, partition, offset } => {
+                b.put_string(group);
+                b.put_string(topic);
+                b.put_u32_le(*partition);
+                b.put_u64_le(*offset);
+            }
+            CommitOk | Done => {}
+            FetchOffsets { group, topic } => {
+                b.put_string(group);
+                b.put_string(topic);
+            }
+            Offsets(list) => {
+                b.put_u32_le(list.len() as u32);
+                for p in list {
+                    b.put_u32_le(p.partition);
+                    put_option(b, p.committed, |b, c| b.put_u64_le(c));
+                    b.put_u64_le(p.log_start_offset);
+                    b.put_u64_le(p.high_watermark);
+                }
+            }
+            Metadata { topic } => put_option(b, topic.as_deref(), |b, t| b.put_string(t)),
+            MetadataOk(topics) => {
+                b.put_u32_le(topics.len() as u32);
+                for t in topics {
+                    b.put_string(&t.name);
+                    put_config(b, &t.config);
+                    b.put_u32_le(t.partitions.len() as u32);
+                    for p in &t.partitions {
+                        b.put_u32_le(p.partition);
+                        b.put_u64_le(p.log_start_offset);
+                        b.put_u64_le(p.high_watermark);
+                    }
+                }
+            }
+            CreateTopic { name, partitions, config } => {
+                b.put_string(name);
+                b.put_u32_le(*partitions);
+                put_config(b, config);
+            }
+            DeleteTopic { name } => b.put_string(name),
+        }
+        Bytes::new()
+    }
+
+    /// Decodes a frame's payload. Never panics; never allocates from an unchecked length.
+    pub fn decode(frame: RawFrame) -> Result<Message, MessageError> {
+        let kind = frame.kind;
+        let mut r = Reader::new(frame.payload);
+        let msg = decode_payload(kind, &mut r).map_err(|e| match e {
+            Decoded::Unknown => MessageError::UnknownKind(kind),
+            Decoded::Err(source) => MessageError::Malformed { kind, source },
+        })?;
+        r.finish().map_err(|source| MessageError::Malformed { kind, source })?;
+        Ok(msg)
+    }
+}
+
+enum Decoded {
+    Unknown,
+    Err(DecodeError),
+}
+
+impl From<DecodeError> for Decoded {
+    fn from(e: DecodeError) -> Self {
+        Decoded::Err(e)
+    }
+}
+
+fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
+    use Message::*;
+    let topic = |r: &mut Reader| r.string("topic", MAX_TOPIC_NAME_BYTES);
+    let text = |r: &mut Reader| r.string("string", MAX_STRING_BYTES);
+    Ok(match kind {
+        kind::ERROR => Error { code: ErrorCode::from_code(r.u16()?), message: text(r)? },
+        kind::HELLO => Hello { protocol_version: r.u16()?, client_id: text(r)? },
+        kind::HELLO_OK => HelloOk { protocol_version: r.u16()?, broker_id: r.u32()?, server_version: text(r)? },
+        kind::PRODUCE => Produce {
+            topic: topic(r)?,
+            partition: r.u32()?,
+            acks: if r.bool()? { Acks::Leader } else { Acks::None },
+            batch: r.bytes("batch", MAX_BATCH_BYTES)?,
+        },
+        kind::PRODUCE_OK => ProduceOk { base_offset: r.u64()?, log_append_time_ms: r.i64()? },
+        kind::SUBSCRIBE => Subscribe(crate::message::Subscribe {
+            topic: topic(r)?,
+            partition: r.u32()?,
+            group: r.option(text)?,
+            start: get_start(r)?,
+            window_messages: r.u32()?,
+            window_bytes: r.u32()?,
+        }),
+        kind::SUBSCRIBED => Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? },
+        kind::DELIVER => Deliver { high_watermark: r.u64()?, batches: r.bytes("batches", MAX_FRAME_BYTES)? },
+        kind::ACK => Ack { next_offset: r.u64()? },
+        kind::FETCH => Fetch { topic: topic(r)?, partition: r.u32()?, offset: r.u64()?, max_bytes: r.u32()? },
+        kind::FETCH_OK => FetchOk {
+            log_start_offset: r.u64()?,
+            high_watermark: r.u64()?,
+            batches: r.bytes("batches", MAX_FRAME_BYTES)?,
+        },
+        kind::COMMIT_OFFSET => {
+            CommitOffset { group: text(r)?, topic: topic(r)?, partition: r.u32()?, offset: r.u64()? }
+        }
+        kind::COMMIT_OK => CommitOk,
+        kind::FETCH_OFFSETS => FetchOffsets { group: text(r)?, topic: topic(r)? },
+        kind::OFFSETS => Offsets(r.list("offsets", 21, |r| {
+            Ok(PartitionOffsets {
+                partition: r.u32()?,
+                committed: r.option(|r| r.u64())?,
+                log_start_offset: r.u64()?,
+                high_watermark: r.u64()?,
+            })
+        })?),
+        kind::METADATA => Metadata { topic: r.option(topic)? },
+        kind::METADATA_OK => MetadataOk(r.list("topics", 40, |r| {
+            Ok(TopicInfo {
+                name: topic(r)?,
+                config: get_config(r)?,
+                partitions: r.list("partitions", 20, |r| {
+                    Ok(PartitionInfo { partition: r.u32()?, log_start_offset: r.u64()?, high_watermark: r.u64()? })
+                })?,
+            })
+        })?),
+        kind::CREATE_TOPIC => CreateTopic { name: topic(r)?, partitions: r.u32()?, config: get_config(r)? },
+        kind::DELETE_TOPIC => DeleteTopic { name: topic(r)? },
+        kind::DONE => Done,
+        _ => return Err(Decoded::Unknown),
+    })
+}
+
+fn put_option<T>(b: &mut BytesMut, v: Option<T>, f: impl FnOnce(&mut BytesMut, T)) {
+    match v {
+        None => b.put_u8(0),
+        Some(v) => {
+            b.put_u8(1);
+            f(b, v)
+        }
+    }
+}
+
+fn put_start(b: &mut BytesMut, s: StartPosition) {
+    match s {
+        StartPosition::Earliest => b.put_u8(0),
+        StartPosition::Latest => b.put_u8(1),
+        StartPosition::Offset(o) => {
+            b.put_u8(2);
+            b.put_u64_le(o)
+        }
+        StartPosition::Timestamp(t) => {
+            b.put_u8(3);
+            b.put_i64_le(t)
+        }
+    }
+}
+
+fn get_start(r: &mut Reader) -> Result<StartPosition, DecodeError> {
+    let at = r.position();
+    Ok(match r.u8()? {
+        0 => StartPosition::Earliest,
+        1 => StartPosition::Latest,
+        2 => StartPosition::Offset(r.u64()?),
+        3 => StartPosition::Timestamp(r.i64()?),
+        t => return Err(DecodeError::invalid("start position", at, format!("tag {t}"))),
+    })
+}
+
+fn put_config(b: &mut BytesMut, c: &TopicConfig) {
+    put_option(b, c.retention_bytes, |b, v| b.put_u64_le(v));
+    put_option(b, c.retention_ms, |b, v| b.put_u64_le(v));
+    b.put_u64_le(c.segment_bytes);
+    b.put_u64_le(c.segment_ms);
+    b.put_u8(match c.durability {
+        Durability::Always => 0,
+        Durability::Interval => 1,
+        Durability::Os => 2,
+    });
+    b.put_u32_le(c.flush_interval_ms);
+}
+
+fn get_config(r: &mut Reader) -> Result<TopicConfig, DecodeError> {
+    let retention_bytes = r.option(|r| r.u64())?;
+    let retention_ms = r.option(|r| r.u64())?;
+    let segment_bytes = r.u64()?;
+    let segment_ms = r.u64()?;
+    let at = r.position();
+    let durability = match r.u8()? {
+        0 => Durability::Always,
+        1 => Durability::Interval,
+        2 => Durability::Os,
+        t => return Err(DecodeError::invalid("durability", at, format!("tag {t}"))),
+    };
+    Ok(TopicConfig { retention_bytes, retention_ms, segment_bytes, segment_ms, durability, flush_interval_ms: r.u32()? })
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// Topic names: 1..=249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`, as in Kafka.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_TOPIC_NAME_BYTES {
+        return Err(format!("topic name must be 1 to {MAX_TOPIC_NAME_BYTES} bytes"));
+    }
+    if name == "." || name == ".." {
+        return Err("topic name cannot be '.' or '..'".into());
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("topic name has '{c}'; allowed are letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
+
+/// Partition counts: 1..=MAX_PARTITIONS.
+pub fn validate_partition_count(n: u32) -> Result<(), String> {
+    if n == 0 || n > MAX_PARTITIONS {
+        return Err(format!("partition count must be 1 to {MAX_PARTITIONS}, got {n}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::decode_frame;
+    use proptest::prelude::*;
+
+    fn arb_config() -> impl Strategy<Value = TopicConfig> {
+        (
+            any::<Option<u64>>(),
+            any::<Option<u64>>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![Just(Durability::Always), Just(Durability::Interval), Just(Durability::Os)],
+            any::<u32>(),
+        )
+            .prop_map(|(rb, rm, sb, sm, durability, fi)| TopicConfig {
+                retention_bytes: rb,
+                retention_ms: rm,
+                segment_bytes: sb,
+                segment_ms: sm,
+                durability,
+                flush_interval_ms: fi,
+            })
+    }
+
+    fn arb_start() -> impl Strategy<Value = StartPosition> {
+        prop_oneof![
+            Just(StartPosition::Earliest),
+            Just(StartPosition::Latest),
+            any::<u64>().prop_map(StartPosition::Offset),
+            any::<i64>().prop_map(StartPosition::Timestamp),
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let name = "[a-z0-9._-]{1,20}";
+        let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u16>(), ".{0,20}").prop_map(|(c, m)| Message::Error { code: ErrorCode::from_code(c), message: m }),
+            (any::<u16>(), ".{0,10}").prop_map(|(v, c)| Message::Hello { protocol_version: v, client_id: c }),
+            (any::<u16>(), any::<u32>(), ".{0,10}").prop_map(|(v, b, s)| Message::HelloOk {
+                protocol_version: v,
+                broker_id: b,
+                server_version: s
+            }),
+            (name, any::<u32>(), any::<bool>(), bytes.clone()).prop_map(|(t, p, a, b)| Message::Produce {
+                topic: t,
+                partition: p,
+                acks: if a { Acks::Leader } else { Acks::None },
+                batch: b
+            }),
+            (any::<u64>(), any::<i64>())
+                .prop_map(|(o, t)| Message::ProduceOk { base_offset: o, log_append_time_ms: t }),
+            (name, any::<u32>(), proptest::option::of(name), arb_start(), any::<u32>(), any::<u32>()).prop_map(
+                |(t, p, g, s, wm, wb)| Message::Subscribe(Subscribe {
+                    topic: t,
+                    partition: p,
+                    group: g,
+                    start: s,
+                    window_messages: wm,
+                    window_bytes: wb
+                })
+            ),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Subscribed {
+                start_offset: a,
+                log_start_offset: b,
+                high_watermark: c
+            }),
+            (any::<u64>(), bytes.clone()).prop_map(|(h, b)| Message::Deliver { high_watermark: h, batches: b }),
+            any::<u64>().prop_map(|o| Message::Ack { next_offset: o }),
+            (name, any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(t, p, o, m)| Message::Fetch {
+                topic: t,
+                partition: p,
+                offset: o,
+                max_bytes: m
+            }),
+            (any::<u64>(), any::<u64>(), bytes).prop_map(|(a, b, c)| Message::FetchOk {
+                log_start_offset: a,
+                high_watermark: b,
+                batches: c
+            }),
+            (name, name, any::<u32>(), any::<u64>()).prop_map(|(g, t, p, o)| Message::CommitOffset {
+                group: g,
+                topic: t,
+                partition: p,
+                offset: o
+            }),
+            Just(Message::CommitOk),
+            (name, name).prop_map(|(g, t)| Message::FetchOffsets { group: g, topic: t }),
+            proptest::collection::vec((any::<u32>(), any::<Option<u64>>(), any::<u64>(), any::<u64>()), 0..4)
+                .prop_map(|v| Message::Offsets(
+                    v.into_iter()
+                        .map(|(p, c, l, h)| PartitionOffsets {
+                            partition: p,
+                            committed: c,
+                            log_start_offset: l,
+                            high_watermark: h
+                        })
+                        .collect()
+                )),
+            proptest::option::of(name).prop_map(|t| Message::Metadata { topic: t }),
+            proptest::collection::vec(
+                (name, arb_config(), proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)),
+                0..3
+            )
+            .prop_map(|v| Message::MetadataOk(
+                v.into_iter()
+                    .map(|(n, c, ps)| TopicInfo {
+                        name: n,
+                        config: c,
+                        partitions: ps
+                            .into_iter()
+                            .map(|(p, l, h)| PartitionInfo { partition: p, log_start_offset: l, high_watermark: h })
+                            .collect()
+                    })
+                    .collect()
+            )),
+            (name, any::<u32>(), arb_config()).prop_map(|(n, p, c)| Message::CreateTopic {
+                name: n,
+                partitions: p,
+                config: c
+            }),
+            name.prop_map(|n| Message::DeleteTopic { name: n }),
+            Just(Message::Done),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in arb_message()) {
+            let mut buf = BytesMut::from(&msg.encode().to_bytes()[..]);
+            let frame = decode_frame(&mut buf).expect("frame ok").expect("whole frame");
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(Message::decode(frame).expect("decodes"), msg);
+        }
+
+        #[test]
+        fn arbitrary_payload_never_panics(kind in any::<u8>(), data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Message::decode(RawFrame { kind, payload: Bytes::from(data) });
+        }
+
+        #[test]
+        fn truncated_frames_are_errors(msg in arb_message(), cut in 1usize..32) {
+            let full = msg.encode().to_bytes();
+            let payload = full.slice(6..);
+            if cut <= payload.len() {
+                let short = payload.slice(..payload.len() - cut);
+                let decoded = Message::decode(RawFrame { kind: msg.kind(), payload: short });
+                prop_assert!(decoded.is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn huge_list_count_is_rejected_without_allocating() {
+        let mut b = BytesMut::new();
+        b.put_u32_le(u32::MAX);
+        let err = Message::decode(RawFrame { kind: 14, payload: b.freeze() }).unwrap_err();
+        assert!(matches!(err, MessageError::Malformed { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn unknown_kind() {
+        let err = Message::decode(RawFrame { kind: 200, payload: Bytes::new() }).unwrap_err();
+        assert_eq!(err, MessageError::UnknownKind(200));
+        assert_eq!(err.code(), ErrorCode::UnknownKind);
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic_name("orders.v1_x-2").is_ok());
+        assert!(validate_topic_name("").is_err());
+        assert!(validate_topic_name("..").is_err());
+        assert!(validate_topic_name("a/b").is_err());
+        assert!(validate_topic_name(&"x".repeat(250)).is_err());
+    }
+}
