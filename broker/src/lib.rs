@@ -1,4 +1,27 @@
 //! The Quiver broker: partition logs on disk, the QUIC endpoint and its sessions.
+//!
+//! Embed a broker in your own service:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use quiver_broker::{Broker, BrokerConfig};
+//! let broker = Broker::start(BrokerConfig::new("/tmp/quiver-data").listen("127.0.0.1:0".parse()?)).await?;
+//! println!("listening on {}, CA at {:?}", broker.local_addr(), broker.ca_path());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
 
+pub mod config;
 pub mod log;
+mod maintenance;
+pub mod offsets;
+pub mod partition;
+mod requests;
+pub mod server;
 pub mod storage;
+mod subscription;
+pub mod tls;
+pub mod topics;
+
+pub use config::BrokerConfig;
+pub use server::Broker;

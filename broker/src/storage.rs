@@ -1,1 +1,395 @@
-//! Storage backends (being written).
+//! Storage behind a small trait (docs/design.md §5, §6).
+//!
+//! The partition log only needs to create directories, list them, open files that it appends to
+//! and reads from by position, truncate a torn tail, delete old segments, and fsync files and
+//! directories. [`FsStorage`] does that with real files. [`MemStorage`] keeps files in memory
+//! and remembers which bytes were synced, so a test can "pull the plug" with
+//! [`MemStorage::crash`] and reopen a log from what a disk would really hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// A directory tree of append-only files.
+pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates `dir` and its missing parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the regular files directly in `dir` (not sorted).
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Opens `path` for reading and appending, creating it empty if missing. Never truncates.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Deletes a file. Handles already open stay readable (as with unlinked files on Unix).
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the creation and deletion of entries in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// One open file. Shared (`Arc`) between the log, which appends under its lock, and readers and
+/// syncers, which work without it.
+pub trait StorageFile: Send + Sync + std::fmt::Debug {
+    /// Current length in bytes, synced or not.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Reads exactly `buf.len()` bytes at `pos`; `UnexpectedEof` if the file is shorter.
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at the end of the file.
+    fn append(&self, data: &[u8]) -> io::Result<()>;
+    /// Cuts the file to `len` bytes.
+    fn truncate(&self, len: u64) -> io::Result<()>;
+    /// `fdatasync`: once it returns, every byte written before the call is durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Real files through `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+impl FsStorage {
+    /// The storage of the local file system.
+    pub fn new() -> Self {
+        FsStorage
+    }
+}
+
+impl Storage for FsStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                // A non-UTF-8 name cannot be one of ours; the lossy form makes the caller skip it.
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        // O_APPEND: every write lands at the end, whatever a concurrent pread does.
+        let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
+        Ok(Arc::new(FsFile { file }))
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// A file opened by [`FsStorage`]. (`File`'s `Debug` shows the path on Linux.)
+#[derive(Debug)]
+struct FsFile {
+    file: File,
+}
+
+impl StorageFile for FsFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        FileExt::read_exact_at(&self.file, buf, pos)
+    }
+
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        (&self.file).write_all(data)
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// In-memory storage that models what survives a power loss.
+///
+/// Each file keeps its bytes and how many of them a `sync` made durable; a new file's name is
+/// durable only after `sync_dir` of its directory. [`crash`](MemStorage::crash) keeps exactly
+/// the durable state. Simplifications, chosen because the log never relies on the opposite:
+/// directories, truncations and removals are durable at once.
+///
+/// After a crash the storage holds fresh file objects, so handles from before the crash (a log
+/// that was not dropped) can no longer change what a reopened log sees.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    state: Mutex<MemState>,
+}
+
+#[derive(Debug, Default)]
+struct MemState {
+    dirs: BTreeSet<PathBuf>,
+    files: BTreeMap<PathBuf, MemEntry>,
+}
+
+#[derive(Debug)]
+struct MemEntry {
+    file: Arc<MemFile>,
+    /// The directory entry survives a crash (its directory was synced after creation).
+    durable_name: bool,
+}
+
+#[derive(Debug, Default)]
+struct MemFile {
+    data: Mutex<MemData>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct MemData {
+    bytes: Vec<u8>,
+    synced: usize,
+}
+
+impl MemStorage {
+    /// An empty storage with no directories.
+    pub fn new() -> Self {
+        MemStorage::default()
+    }
+
+    /// Power loss: every file falls back to its synced length, and files whose names were never
+    /// made durable disappear.
+    pub fn crash(&self) {
+        self.crash_torn(0);
+    }
+
+    /// Power loss during a write: like [`crash`](MemStorage::crash), but each file keeps up to
+    /// `keep_unsynced` of its unsynced bytes, a torn tail.
+    pub fn crash_torn(&self, keep_unsynced: usize) {
+        let mut state = self.state.lock();
+        state.files.retain(|_, entry| entry.durable_name);
+        for entry in state.files.values_mut() {
+            let old = entry.file.data.lock().clone();
+            let keep = old.synced + keep_unsynced.min(old.bytes.len().saturating_sub(old.synced));
+            let bytes = old.bytes[..keep.min(old.bytes.len())].to_vec();
+            let synced = bytes.len();
+            entry.file = Arc::new(MemFile { data: Mutex::new(MemData { bytes, synced }) });
+        }
+    }
+
+    /// All bytes of a file, synced or not; `None` if it does not exist. For tests.
+    pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
+        let state = self.state.lock();
+        let entry = state.files.get(path)?;
+        let bytes = entry.file.data.lock().bytes.clone();
+        Some(bytes)
+    }
+
+    /// Replaces (or creates) a file with `bytes`, all durable, as a test's way to damage a file
+    /// behind the log's back. The parent directory must exist.
+    pub fn set_contents(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut state = self.state.lock();
+        check_parent(&state, path)?;
+        let data = MemData { bytes: bytes.to_vec(), synced: bytes.len() };
+        let file = Arc::new(MemFile { data: Mutex::new(data) });
+        state.files.insert(path.to_path_buf(), MemEntry { file, durable_name: true });
+        Ok(())
+    }
+}
+
+fn check_parent(state: &MemState, path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) if state.dirs.contains(parent) => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory for {}", path.display()))),
+    }
+}
+
+impl Storage for MemStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        for ancestor in dir.ancestors() {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let state = self.state.lock();
+        if !state.dirs.contains(dir) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory {}", dir.display())));
+        }
+        let names = state
+            .files
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .filter_map(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        Ok(names)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let mut state = self.state.lock();
+        if let Some(entry) = state.files.get(path) {
+            return Ok(entry.file.clone());
+        }
+        check_parent(&state, path)?;
+        let file = Arc::new(MemFile::default());
+        state.files.insert(path.to_path_buf(), MemEntry { file: file.clone(), durable_name: false });
+        Ok(file)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match self.state.lock().files.remove(path) {
+            Some(_) => Ok(()),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no file {}", path.display()))),
+        }
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if !state.dirs.contains(dir) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory {}", dir.display())));
+        }
+        for (path, entry) in state.files.iter_mut() {
+            if path.parent() == Some(dir) {
+                entry.durable_name = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StorageFile for MemFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().bytes.len() as u64)
+    }
+
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let data = self.data.lock();
+        let start = usize::try_from(pos).unwrap_or(usize::MAX);
+        let src = start.checked_add(buf.len()).and_then(|end| data.bytes.get(start..end));
+        match src {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file")),
+        }
+    }
+
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        self.data.lock().bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        let mut data = self.data.lock();
+        let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+        data.bytes.resize(len, 0);
+        data.synced = data.synced.min(len);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut data = self.data.lock();
+        data.synced = data.bytes.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(storage: &dyn Storage, dir: &Path) -> io::Result<()> {
+        storage.create_dir_all(dir)?;
+        let path = dir.join("a.log");
+        let file = storage.open(&path)?;
+        file.append(b"hello ")?;
+        file.append(b"world")?;
+        assert_eq!(file.len()?, 11);
+        let mut buf = [0u8; 5];
+        file.read_exact_at(6, &mut buf)?;
+        assert_eq!(&buf, b"world");
+        assert_eq!(file.read_exact_at(8, &mut buf).map_err(|e| e.kind()), Err(io::ErrorKind::UnexpectedEof));
+        // Reopening never truncates, and appends still go to the end after a truncate.
+        let again = storage.open(&path)?;
+        assert_eq!(again.len()?, 11);
+        again.truncate(5)?;
+        again.append(b"!")?;
+        let mut all = [0u8; 6];
+        file.read_exact_at(0, &mut all)?;
+        assert_eq!(&all, b"hello!");
+        file.sync()?;
+        storage.sync_dir(dir)?;
+        assert_eq!(storage.list(dir)?, vec!["a.log".to_string()]);
+        storage.remove(&path)?;
+        assert!(storage.list(dir)?.is_empty());
+        // An open handle stays readable after removal.
+        file.read_exact_at(0, &mut all)?;
+        Ok(())
+    }
+
+    #[test]
+    fn fs_storage_behaves() -> io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        exercise(&FsStorage::new(), &tmp.path().join("p/0"))
+    }
+
+    #[test]
+    fn mem_storage_behaves() -> io::Result<()> {
+        exercise(&MemStorage::new(), Path::new("/data/p/0"))
+    }
+
+    #[test]
+    fn crash_keeps_only_synced_bytes_and_names() -> io::Result<()> {
+        let storage = MemStorage::new();
+        let dir = Path::new("/d");
+        storage.create_dir_all(dir)?;
+        let a = storage.open(&dir.join("a"))?;
+        a.append(b"durable")?;
+        a.sync()?;
+        storage.sync_dir(dir)?;
+        a.append(b" lost")?;
+        let b = storage.open(&dir.join("b"))?;
+        b.append(b"never named")?;
+        b.sync()?;
+        storage.crash();
+        assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"durable"[..]));
+        assert_eq!(storage.contents(&dir.join("b")), None);
+        // The old handle is detached from the crashed state.
+        a.append(b"zombie")?;
+        assert_eq!(storage.open(&dir.join("a"))?.len()?, 7);
+        Ok(())
+    }
+
+    #[test]
+    fn torn_crash_keeps_a_prefix_of_unsynced_bytes() -> io::Result<()> {
+        let storage = MemStorage::new();
+        let dir = Path::new("/d");
+        storage.create_dir_all(dir)?;
+        let a = storage.open(&dir.join("a"))?;
+        storage.sync_dir(dir)?;
+        a.append(b"abc")?;
+        a.sync()?;
+        a.append(b"defgh")?;
+        storage.crash_torn(2);
+        assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
+        storage.crash_torn(100);
+        assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn open_without_directory_fails() {
+        let storage = MemStorage::new();
+        assert!(storage.open(Path::new("/nowhere/x")).is_err());
+        assert!(storage.list(Path::new("/nowhere")).is_err());
+    }
+}

@@ -1,1 +1,363 @@
-fn main(){}
+//! `quiver`: the command-line client. Errors are one line on stderr and a non-zero exit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use quiver_client::connection::default_ca_path;
+use quiver_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig, ProducerRecord,
+    StartPosition, TopicConfig,
+};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(name = "quiver", version, about = "Command-line client for the Quiver event broker")]
+struct Cli {
+    /// Broker address (host:port, UDP).
+    #[arg(long, global = true, env = "QUIVER_BROKER", default_value_t = format!("127.0.0.1:{}", quiver_client::DEFAULT_PORT))]
+    broker: String,
+    /// CA certificate (PEM) that signed the broker's certificate [default: ~/.quiver/data/tls/ca.pem]
+    #[arg(long, global = true, env = "QUIVER_CA")]
+    ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCmd),
+    /// Publish messages: the arguments, or stdin one message per line.
+    Publish(PublishArgs),
+    /// Print messages from a topic, one value per line.
+    Tail(TailArgs),
+    /// Show a consumer group's committed offsets and lag for a topic.
+    Offsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicCmd {
+    Create(CreateArgs),
+    List,
+    Describe { name: String },
+    Delete { name: String },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    name: String,
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Delete old segments once a partition is larger than this.
+    #[arg(long)]
+    retention_bytes: Option<u64>,
+    /// Delete segments older than this (default 7 days).
+    #[arg(long)]
+    retention_ms: Option<u64>,
+    /// Roll to a new segment at this size.
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// Roll to a new segment at this age.
+    #[arg(long)]
+    segment_ms: Option<u64>,
+    /// When appends are synced: always (before ack, group commit), interval, or os.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Always)]
+    durability: DurabilityArg,
+    /// Sync period for --durability interval.
+    #[arg(long, default_value_t = 1000)]
+    flush_interval_ms: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Always,
+    Interval,
+    Os,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AcksArg {
+    None,
+    Leader,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    topic: String,
+    /// Messages to publish; without any, stdin is read one message per line.
+    messages: Vec<String>,
+    /// Key for every message (picks the partition).
+    #[arg(long)]
+    key: Option<String>,
+    /// Header K=V on every message (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    acks: AcksArg,
+    /// How long a batch waits for more messages.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// Largest batch in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    batch_bytes: usize,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    topic: String,
+    /// earliest, latest, or an offset.
+    #[arg(long, default_value = "latest")]
+    from: String,
+    /// Exit after this many messages (default: follow until Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Consumer group: resume from its committed offsets, commit what was printed on exit.
+    #[arg(long)]
+    group: Option<String>,
+    /// Only this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// One JSON object per line with topic, partition, offset, timestamp, key, headers, value.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not K=V"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        match run(cli).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ca = cli.ca.clone().unwrap_or_else(default_ca_path);
+    let client = Client::connect(ClientConfig::new(cli.broker.clone(), ca)).await?;
+    let result = match cli.command {
+        Command::Topic(cmd) => topic(&client, cmd).await,
+        Command::Publish(args) => publish(&client, args).await,
+        Command::Tail(args) => tail(&client, args).await,
+        Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
+    };
+    client.close().await;
+    result
+}
+
+async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
+    let admin = client.admin();
+    match cmd {
+        TopicCmd::Create(a) => {
+            let mut config = TopicConfig::default();
+            if a.retention_bytes.is_some() {
+                config.retention_bytes = a.retention_bytes;
+            }
+            if a.retention_ms.is_some() {
+                config.retention_ms = a.retention_ms;
+            }
+            config.segment_bytes = a.segment_bytes.unwrap_or(config.segment_bytes);
+            config.segment_ms = a.segment_ms.unwrap_or(config.segment_ms);
+            config.durability = match a.durability {
+                DurabilityArg::Always => Durability::Always,
+                DurabilityArg::Interval => Durability::Interval,
+                DurabilityArg::Os => Durability::Os,
+            };
+            config.flush_interval_ms = a.flush_interval_ms;
+            admin.create_topic(&a.name, a.partitions, config).await?;
+            println!("created topic {} with {} partition(s)", a.name, a.partitions);
+        }
+        TopicCmd::List => {
+            for t in admin.list_topics().await? {
+                println!("{}\t{} partition(s)", t.name, t.partitions.len());
+            }
+        }
+        TopicCmd::Describe { name } => {
+            let t = admin.describe_topic(&name).await?;
+            let c = &t.config;
+            println!("topic {}", t.name);
+            println!(
+                "  durability={:?} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
+                c.durability,
+                c.segment_bytes,
+                c.segment_ms,
+                c.retention_bytes.map_or("none".into(), |v| v.to_string()),
+                c.retention_ms.map_or("none".into(), |v| v.to_string()),
+            );
+            println!("  partition\tearliest\tlatest");
+            for p in t.partitions {
+                println!("  {}\t\t{}\t\t{}", p.partition, p.log_start_offset, p.high_watermark);
+            }
+        }
+        TopicCmd::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn publish(client: &Client, a: PublishArgs) -> anyhow::Result<()> {
+    let config = ProducerConfig {
+        acks: match a.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+        },
+        linger: Duration::from_millis(a.linger_ms),
+        max_batch_bytes: a.batch_bytes,
+        ..Default::default()
+    };
+    let producer = Producer::new(client.clone(), config);
+    let make = |value: String| {
+        let mut r = ProducerRecord::new(value);
+        if let Some(k) = &a.key {
+            r = r.key(Bytes::from(k.clone()));
+        }
+        for (k, v) in &a.headers {
+            r = r.header(k.clone(), Bytes::from(v.clone()));
+        }
+        r
+    };
+    let mut pending = FuturesUnordered::new();
+    let mut sent = 0u64;
+    let mut first_error: Option<String> = None;
+    let mut failed = 0u64;
+    let mut settle = |r: Result<_, quiver_client::ClientError>| {
+        if let Err(e) = r {
+            failed += 1;
+            first_error.get_or_insert_with(|| e.to_string());
+        }
+    };
+    if a.messages.is_empty() {
+        let mut lines = tokio::io::BufReader::with_capacity(1 << 20, tokio::io::stdin()).lines();
+        while let Some(line) = lines.next_line().await.context("reading stdin")? {
+            pending.push(producer.enqueue(&a.topic, make(line)).await?);
+            sent += 1;
+            // Settle finished acknowledgements as we go so memory stays flat.
+            while let Some(Some(r)) = pending.next().now_or_never() {
+                settle(r);
+            }
+        }
+    } else {
+        for m in a.messages.clone() {
+            pending.push(producer.enqueue(&a.topic, make(m)).await?);
+            sent += 1;
+        }
+    }
+    producer.flush().await?;
+    while let Some(r) = pending.next().await {
+        settle(r);
+    }
+    if let Some(e) = first_error {
+        bail!("{failed} of {sent} message(s) were not acknowledged: {e}");
+    }
+    Ok(())
+}
+
+fn parse_from(s: &str) -> anyhow::Result<StartPosition> {
+    Ok(match s {
+        "earliest" => StartPosition::Earliest,
+        "latest" => StartPosition::Latest,
+        n => StartPosition::Offset(n.parse().with_context(|| format!("--from '{n}': expected earliest, latest or an offset"))?),
+    })
+}
+
+async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
+    let mut config = ConsumerConfig::new(a.topic.clone()).start(parse_from(&a.from)?);
+    config.group = a.group.clone();
+    config.partitions = a.partition.map(|p| vec![p]);
+    let mut consumer = Consumer::subscribe(client.clone(), config).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut printed = 0u64;
+    let limit = a.count.unwrap_or(u64::MAX);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while printed < limit {
+        // Flush whenever we would wait, so a follower sees lines as they arrive.
+        let next = match consumer.next().now_or_never() {
+            Some(m) => m,
+            None => {
+                out.flush()?;
+                tokio::select! {
+                    m = consumer.next() => m,
+                    _ = &mut ctrl_c => break,
+                }
+            }
+        };
+        let Some(msg) = next else { break };
+        let msg = msg?;
+        if a.json {
+            let headers: serde_json::Map<String, serde_json::Value> = msg
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
+                .collect();
+            let line = serde_json::json!({
+                "topic": &*msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "timestamp": msg.timestamp_ms,
+                "key": msg.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                "headers": headers,
+                "value": String::from_utf8_lossy(&msg.value),
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            out.write_all(&msg.value)?;
+            out.write_all(b"\n")?;
+        }
+        msg.ack();
+        printed += 1;
+    }
+    out.flush()?;
+    drop(out);
+    if a.group.is_some() {
+        consumer.commit().await.context("committing the group's offsets")?;
+    }
+    consumer.close();
+    Ok(())
+}
+
+async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()> {
+    println!("partition\tcommitted\tearliest\tlatest\tlag");
+    for p in client.admin().group_offsets(group, topic).await? {
+        let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
+        let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
+        println!("{}\t\t{}\t\t{}\t\t{}\t{}", p.partition, committed, p.log_start_offset, p.high_watermark, lag);
+    }
+    Ok(())
+}

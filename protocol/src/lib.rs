@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod codec;
+pub mod delivery;
 pub mod error;
 pub mod frame;
 pub mod limits;

@@ -1,1 +1,148 @@
+//! Harness for end-to-end tests: broker processes on ephemeral loopback ports with their own
+//! temp data directories, SIGKILL and restart, and small helpers. Everything is real: the
+//! `quiverd` code in a child process, QUIC with TLS on 127.0.0.1, files on disk.
 
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use quiver_client::{Client, ClientConfig};
+
+/// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// One broker process.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    bin: PathBuf,
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    config_path: Option<PathBuf>,
+}
+
+impl BrokerProcess {
+    /// Starts `bin` with `--data-dir`, `--listen` on a free port, and an optional TOML config.
+    pub async fn start(bin: &str, data_dir: &Path, config_toml: Option<&str>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let config_path = match config_toml {
+            Some(text) => {
+                let p = data_dir.join("quiverd-test.toml");
+                std::fs::write(&p, text)?;
+                Some(p)
+            }
+            None => None,
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        let mut b = BrokerProcess {
+            bin: PathBuf::from(bin),
+            child: None,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log_path: data_dir.join("quiverd-test.log"),
+            config_path,
+        };
+        b.spawn().await?;
+        Ok(b)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--data-dir").arg(&self.data_dir).arg("--listen").arg(self.addr.to_string());
+        if let Some(c) = &self.config_path {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("QUIVER_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("broker exited at start ({status}); log:\n{}", self.log());
+            }
+            if self.ca_path().exists() {
+                if let Ok(c) = self.try_client(Duration::from_millis(500)).await {
+                    c.close().await;
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("broker did not come up on {}; log:\n{}", self.addr, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.data_dir.join("tls").join("ca.pem")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    async fn try_client(&self, timeout: Duration) -> anyhow::Result<Client> {
+        let mut cfg = ClientConfig::new(self.addr.to_string(), self.ca_path());
+        cfg.connect_timeout = timeout;
+        Ok(Client::connect(cfg).await?)
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        self.try_client(Duration::from_secs(5)).await
+    }
+
+    /// SIGKILL: no chance to flush or sync anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL if running, then start again on the same address and data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+
+    /// Resident memory of the broker process, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Installs a test log subscriber once (RUST_LOG-style filter in `QUIVER_TEST_LOG`).
+pub fn init_tracing() {
+    let filter = std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// Runs a test body with a hard time bound, so a hang fails instead of blocking CI.
+pub async fn bounded<T>(secs: u64, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(r) => r,
+        Err(_) => bail!("test did not finish within {secs} s"),
+    }
+}

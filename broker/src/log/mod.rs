@@ -1,1 +1,491 @@
-//! Partition logs (being written).
+//! The on-disk log of one partition (docs/design.md §5–§7).
+//!
+//! A partition is a directory of segments: `<base:020>.log` holds record batches back to back,
+//! `<base>.index` and `<base>.timeindex` are sparse indexes into it. Only the last segment (the
+//! active one) is appended to. The code here is synchronous and does no locking: the owner wraps
+//! a [`PartitionLog`] in a mutex, and the two slow operations are split so they can run
+//! outside it:
+//!
+//! * durability: [`PartitionLog::sync_handle`] under the lock, [`SyncHandle::sync`] outside
+//!   it. A group-commit writer locks, appends every queued batch, takes the handle, unlocks,
+//!   syncs once, and then acknowledges everything below [`SyncHandle::durable_offset`].
+//! * reads: [`PartitionLog::read_plan`] under the lock locates whole batches, and
+//!   [`ReadPlan::execute`] reads them outside it. The bytes a plan names never change (the
+//!   log only appends; recovery truncates only before the log is shared), and a plan holds its
+//!   file open, so retention deleting the segment meanwhile does not break it.
+
+mod index;
+mod recovery;
+mod segment;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{self, BatchError, BatchHeader};
+use quiver_protocol::limits::MAX_BATCH_BYTES;
+
+use crate::storage::{Storage, StorageFile};
+use segment::{BatchAt, Segment};
+
+pub use index::IndexDefect;
+pub use recovery::{RecoveryReport, Truncation};
+pub use segment::TailDefect;
+
+/// Largest `segment_bytes`. Index entries hold u32 positions; this leaves room for the one
+/// batch that may start just below the limit.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 31;
+
+/// Most bytes one read plan covers, unless its first batch alone is larger. Half of
+/// `MAX_FRAME_BYTES`, so a plan always fits in one `Deliver` or `FetchOk` frame.
+pub const MAX_READ_BYTES: usize = MAX_BATCH_BYTES;
+
+/// Per-partition settings (the storage part of `TopicConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Roll to a new segment before the active one would grow past this (1..=MAX_SEGMENT_BYTES).
+    /// A batch larger than this still gets a segment of its own.
+    pub segment_bytes: u64,
+    /// Roll when the active segment's first append is this old.
+    pub segment_ms: u64,
+    /// Delete old segments while the rest of the partition still holds this many bytes.
+    pub retention_bytes: Option<u64>,
+    /// Delete old segments whose newest timestamp is older than this.
+    pub retention_ms: Option<u64>,
+    /// Bytes appended between two index entries.
+    pub index_interval_bytes: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: None,
+            retention_ms: None,
+            index_interval_bytes: 4096,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks the settings that could otherwise break the log's invariants.
+    pub fn validate(&self) -> Result<(), LogError> {
+        if self.segment_bytes == 0 || self.segment_bytes > MAX_SEGMENT_BYTES {
+            return Err(LogError::InvalidConfig(format!(
+                "segment_bytes {} is outside 1..={MAX_SEGMENT_BYTES}",
+                self.segment_bytes
+            )));
+        }
+        if self.segment_ms == 0 {
+            return Err(LogError::InvalidConfig("segment_ms must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the partition log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// A storage operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A read below the log start or past the next offset.
+    #[error("offset {requested} is out of range: earliest={log_start} latest={next}")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// The first offset still in the log.
+        log_start: u64,
+        /// The offset the next append gets.
+        next: u64,
+    },
+    /// The bytes given to `append` are not exactly one batch.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(#[from] BatchError),
+    /// A segment's bytes contradict what the log knows about them (outside the torn tail that
+    /// recovery repairs).
+    #[error("corrupt segment {} at byte {position}: {reason}", path.display())]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Where the problem was found.
+        position: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid log config: {0}")]
+    InvalidConfig(String),
+    /// An earlier write or fsync failed. After a failed fsync the kernel may have dropped the
+    /// dirty pages, so a later fsync proves nothing: the partition must be reopened, which
+    /// recovers from what is really on disk.
+    #[error("an earlier write or sync of this partition failed; it must be reopened")]
+    Poisoned,
+}
+
+impl LogError {
+    /// `map_err` adapter that adds the operation and path to an IO error.
+    pub(crate) fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LogError + 'a {
+        move |source| LogError::Io { op, path: path.to_path_buf(), source }
+    }
+}
+
+/// Where an append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of its last record.
+    pub last_offset: u64,
+    /// Whether a new segment was started for it; the caller may then apply retention.
+    pub rolled: bool,
+}
+
+/// What deleting old segments did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Base offsets of the deleted segments, oldest first.
+    pub deleted_bases: Vec<u64>,
+    /// Bytes of log they held.
+    pub bytes_deleted: u64,
+    /// The log start offset afterwards.
+    pub log_start_offset: u64,
+}
+
+impl RetentionReport {
+    /// Number of segments deleted.
+    pub fn deleted_segments(&self) -> usize {
+        self.deleted_bases.len()
+    }
+}
+
+/// Makes everything appended before it was taken durable, without the log's lock.
+#[derive(Debug, Clone)]
+pub struct SyncHandle {
+    /// `None` when the log is poisoned: syncing then must not report success.
+    file: Option<Arc<dyn StorageFile>>,
+    durable_offset: u64,
+}
+
+impl SyncHandle {
+    /// `fdatasync`s the active segment. Earlier segments were synced when they were rolled.
+    /// If this fails, the caller must not acknowledge anything and should call
+    /// [`PartitionLog::mark_failed`].
+    pub fn sync(&self) -> io::Result<()> {
+        match &self.file {
+            Some(file) => file.sync(),
+            None => Err(io::Error::other(LogError::Poisoned)),
+        }
+    }
+
+    /// Every offset below this is durable once [`sync`](SyncHandle::sync) returned `Ok`.
+    pub fn durable_offset(&self) -> u64 {
+        self.durable_offset
+    }
+}
+
+/// Whole batches located under the log's lock, read with [`execute`](ReadPlan::execute)
+/// without it.
+#[derive(Debug, Clone)]
+pub struct ReadPlan {
+    file: Option<Arc<dyn StorageFile>>,
+    position: u64,
+    len: usize,
+    first_offset: u64,
+    end_offset: u64,
+}
+
+impl ReadPlan {
+    /// Reads the planned bytes: one or more whole batches, or nothing for an empty plan.
+    pub fn execute(&self) -> io::Result<Bytes> {
+        let Some(file) = &self.file else { return Ok(Bytes::new()) };
+        // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
+        let mut buf = vec![0u8; self.len];
+        file.read_exact_at(self.position, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Bytes the plan reads.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there is nothing to read (the offset asked for is the next offset).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Base offset of the first batch; at most the offset asked for.
+    pub fn first_offset(&self) -> u64 {
+        self.first_offset
+    }
+
+    /// Offset after the last batch: where the next read continues.
+    pub fn end_offset(&self) -> u64 {
+        self.end_offset
+    }
+}
+
+/// The log of one partition. Not synchronised: the owner holds it in a mutex.
+#[derive(Debug)]
+pub struct PartitionLog {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    config: LogConfig,
+    /// Closed segments, oldest first; contiguous, each ends where the next begins.
+    closed: Vec<Segment>,
+    /// The segment appends go to; starts at the end of the last closed one.
+    active: Segment,
+    /// Sum of all segment sizes.
+    size_bytes: u64,
+    /// Set when a write or fsync failed; see [`LogError::Poisoned`].
+    poisoned: bool,
+}
+
+impl PartitionLog {
+    /// Opens the partition in `dir` (creating it if missing) and recovers it (design.md §5.3).
+    /// `now_ms` starts the age of a non-empty active segment.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        config: LogConfig,
+        now_ms: i64,
+    ) -> Result<(PartitionLog, RecoveryReport), LogError> {
+        config.validate()?;
+        let recovered = recovery::recover(&*storage, &dir, &config, now_ms)?;
+        let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
+        let log = PartitionLog {
+            storage,
+            dir,
+            config,
+            closed: recovered.closed,
+            active: recovered.active,
+            size_bytes,
+            poisoned: false,
+        };
+        Ok((log, recovered.report))
+    }
+
+    /// Appends one batch, which the caller has validated (`batch::validate`) and which must
+    /// span `batch` exactly. Stamps the next offset and `leader_epoch` into its header (outside
+    /// the CRC), rolling to a new segment first if the active one is full or too old. Does not
+    /// fsync the data: use [`sync_handle`](Self::sync_handle).
+    pub fn append(&mut self, batch: &mut [u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo, LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let header = BatchHeader::parse(batch)?;
+        if header.total_len() != batch.len() {
+            let msg = format!("batch length says {} bytes, buffer holds {}", header.total_len(), batch.len());
+            return Err(BatchError::Inconsistent(msg).into());
+        }
+        let base_offset = self.next_offset();
+        batch::stamp(batch, base_offset, leader_epoch);
+        let header = BatchHeader { base_offset, leader_epoch, ..header };
+        let rolled = self.should_roll(&header, now_ms);
+        if rolled {
+            self.roll()?;
+        }
+        let Some(at) = BatchAt::new(self.active.base, self.active.size, header) else {
+            // A fresh segment always fits one batch (at most MAX_RECORDS_PER_BATCH offsets).
+            return Err(self.active.corrupt(self.active.size, "batch does not fit an empty segment"));
+        };
+        if let Err(err) = self.active.append(batch, at, self.config.index_interval_bytes, now_ms) {
+            // Part of the batch may be in the file. Reads never go past `size`, and reopening
+            // cuts the tail, but appending after it would bury garbage mid-segment.
+            self.poisoned = true;
+            return Err(err);
+        }
+        self.size_bytes += batch.len() as u64;
+        Ok(AppendInfo { base_offset, last_offset: header.last_offset(), rolled })
+    }
+
+    /// A handle that syncs everything appended so far; see the module docs for group commit.
+    pub fn sync_handle(&self) -> SyncHandle {
+        let file = (!self.poisoned).then(|| self.active.log.clone());
+        SyncHandle { file, durable_offset: self.next_offset() }
+    }
+
+    /// Syncs everything appended so far, holding `&mut self` (shutdown, tests).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        let result = self.sync_handle().sync().map_err(LogError::io("sync segment", &self.active.log_path));
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    /// Records that a [`SyncHandle::sync`] failed: no more appends until the partition is
+    /// reopened.
+    pub fn mark_failed(&mut self) {
+        self.poisoned = true;
+    }
+
+    /// Locates whole batches from the one holding `offset`, up to `max_bytes` (capped at
+    /// [`MAX_READ_BYTES`]) but always at least one batch. Empty when `offset` is the next
+    /// offset; [`LogError::OffsetOutOfRange`] below the log start or past the next offset.
+    pub fn read_plan(&self, offset: u64, max_bytes: usize) -> Result<ReadPlan, LogError> {
+        let (log_start, next) = (self.log_start_offset(), self.next_offset());
+        if offset < log_start || offset > next {
+            return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
+        }
+        if offset == next {
+            return Ok(ReadPlan { file: None, position: 0, len: 0, first_offset: next, end_offset: next });
+        }
+        let seg = self.segment_for(offset);
+        let (start, first) = seg.find_batch(offset)?;
+        let (end, end_offset) = seg.plan_end(start, &first, max_bytes.min(MAX_READ_BYTES))?;
+        Ok(ReadPlan {
+            file: Some(seg.log.clone()),
+            position: start,
+            // At most MAX_READ_BYTES or one batch, so it fits in usize.
+            len: usize::try_from(end - start).unwrap_or(usize::MAX),
+            first_offset: first.base_offset,
+            end_offset,
+        })
+    }
+
+    /// The first offset still in the log.
+    pub fn log_start_offset(&self) -> u64 {
+        self.closed.first().map_or(self.active.base, |s| s.base)
+    }
+
+    /// The offset the next append gets; the high watermark on a single node.
+    pub fn next_offset(&self) -> u64 {
+        self.active.next_offset
+    }
+
+    /// Base offset of the first batch whose max timestamp is at least `ts_ms`; `None` if every
+    /// batch is older (a subscriber then starts at the next offset).
+    pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<u64>, LogError> {
+        for seg in self.segments() {
+            if let Some(offset) = seg.offset_for_timestamp(ts_ms)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes old closed segments by size and age (design.md §7), oldest first, stopping at
+    /// the first one to keep; never the active segment.
+    pub fn apply_retention(&mut self, now_ms: i64) -> Result<RetentionReport, LogError> {
+        let mut report = RetentionReport::default();
+        while let Some(oldest) = self.closed.first() {
+            let by_bytes = self.config.retention_bytes.is_some_and(|limit| self.size_bytes - oldest.size >= limit);
+            let by_age = self.config.retention_ms.is_some_and(|ms| {
+                let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+                oldest.max_timestamp < now_ms.saturating_sub(ms)
+            });
+            if !(by_bytes || by_age) {
+                break;
+            }
+            let (base, size) = (oldest.base, oldest.size);
+            self.delete_oldest()?;
+            report.deleted_bases.push(base);
+            report.bytes_deleted += size;
+        }
+        if !report.deleted_bases.is_empty() {
+            self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            tracing::info!(dir = %self.dir.display(), segments = ?report.deleted_bases, "retention deleted segments");
+        }
+        report.log_start_offset = self.log_start_offset();
+        Ok(report)
+    }
+
+    /// Bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.closed.len() + 1
+    }
+
+    /// The partition directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The settings the log was opened with.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.closed.iter().chain(std::iter::once(&self.active))
+    }
+
+    /// The segment holding `offset`, which is in `log_start..next`.
+    fn segment_for(&self, offset: u64) -> &Segment {
+        if offset >= self.active.base {
+            return &self.active;
+        }
+        let i = self.closed.partition_point(|s| s.base <= offset);
+        i.checked_sub(1).and_then(|i| self.closed.get(i)).unwrap_or(&self.active)
+    }
+
+    /// Whether `header` must go into a new segment. An empty segment always takes the batch.
+    fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
+        let seg = &self.active;
+        if seg.size == 0 {
+            return false;
+        }
+        let full = seg.size + header.total_len() as u64 > self.config.segment_bytes;
+        let segment_ms = i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
+        let old = seg.roll_base_ms.is_some_and(|t| now_ms.saturating_sub(t) >= segment_ms);
+        let unaddressable = BatchAt::new(seg.base, seg.size, *header).is_none();
+        full || old || unaddressable
+    }
+
+    /// Seals the active segment and starts a new one at the next offset (design.md §6: the
+    /// old segment and the directory are synced before anything goes into the new one).
+    fn roll(&mut self) -> Result<(), LogError> {
+        if let Err(err) = self.active.seal() {
+            self.poisoned = true;
+            return Err(err);
+        }
+        // A failure from here on leaves the old segment active and intact; the next append
+        // retries the roll (sealing again is harmless).
+        let new = Segment::create(&*self.storage, &self.dir, self.next_offset())?;
+        self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+        let old = std::mem::replace(&mut self.active, new);
+        tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");
+        self.closed.push(old);
+        Ok(())
+    }
+
+    /// Removes the oldest closed segment's files, the log first: once it is gone the segment
+    /// is gone, and recovery removes index files left without one.
+    fn delete_oldest(&mut self) -> Result<(), LogError> {
+        let Some(oldest) = self.closed.first() else { return Ok(()) };
+        let [log, index, timeindex] = oldest.paths();
+        match self.storage.remove(log) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(LogError::io("delete segment", log)(err)),
+        }
+        for path in [index, timeindex] {
+            if let Err(err) = self.storage.remove(path) {
+                if err.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), %err, "could not delete index file");
+                }
+            }
+        }
+        let removed = self.closed.remove(0);
+        self.size_bytes -= removed.size;
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! Broker configuration: a TOML file and flags, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The port a broker listens on when given none (the CLI's default too).
+pub use quiver_client::DEFAULT_PORT;
+
+/// Everything a broker needs to start. Build with `BrokerConfig::new(data_dir)` and adjust.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where topics, offsets and generated certificates live.
+    pub data_dir: PathBuf,
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    pub broker_id: u32,
+    /// PEM certificate chain and key. Without them a development CA and certificate are
+    /// generated into `<data_dir>/tls/` and reused on restart.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Connections beyond this are refused.
+    pub max_connections: usize,
+    /// Concurrent bidirectional streams per connection (one per subscribed partition plus the
+    /// producer's per-partition streams and short request streams).
+    pub max_streams_per_connection: u32,
+    /// Pipelined requests a stream may have outstanding before the broker stops reading it.
+    pub max_inflight_requests_per_stream: usize,
+    /// A frame, once its first byte arrived, must arrive completely within this.
+    pub frame_timeout_ms: u64,
+    /// A connection with no traffic (clients send keep-alives) is closed after this.
+    pub idle_timeout_ms: u64,
+    /// Upper bound on a subscription's delivery window, whatever the client asks for.
+    pub max_window_bytes: u32,
+    /// Largest `Deliver` frame the broker builds.
+    pub max_deliver_bytes: u32,
+    /// How often retention runs.
+    pub retention_check_ms: u64,
+    /// How often lazily committed (acked) group offsets are persisted.
+    pub offsets_flush_ms: u64,
+    /// Send QUIC Retry to validate client addresses before allocating connection state.
+    pub validate_addresses: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: default_data_dir(),
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            broker_id: 0,
+            tls_cert: None,
+            tls_key: None,
+            max_connections: 4096,
+            max_streams_per_connection: 4096,
+            max_inflight_requests_per_stream: 64,
+            frame_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            max_window_bytes: 64 * 1024 * 1024,
+            max_deliver_bytes: 1024 * 1024,
+            retention_check_ms: 30_000,
+            offsets_flush_ms: 1000,
+            validate_addresses: true,
+        }
+    }
+}
+
+impl BrokerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig { data_dir: data_dir.into(), ..Default::default() }
+    }
+
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Reads a TOML file; unknown keys are an error so typos do not pass silently.
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Checks relations between settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.tls_cert.is_some() == self.tls_key.is_some(), "tls_cert and tls_key go together");
+        anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
+        anyhow::ensure!(self.max_inflight_requests_per_stream > 0, "max_inflight_requests_per_stream must be positive");
+        anyhow::ensure!(
+            self.max_deliver_bytes as usize <= quiver_protocol::limits::MAX_FRAME_BYTES / 2,
+            "max_deliver_bytes must be at most half of the frame limit"
+        );
+        Ok(())
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
+    /// The CA file clients should trust when certificates were generated.
+    pub fn dev_ca_path(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
+    }
+}
+
+/// The CLI looks for the development CA under the same directory, so a broker and CLI started
+/// with no flags find each other.
+pub use quiver_client::connection::default_data_dir;

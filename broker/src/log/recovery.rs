@@ -1,0 +1,281 @@
+//! Opening a partition directory: finding its segments and recovering the tail
+//! (docs/design.md §5.3).
+//!
+//! Closed segments were synced (with their indexes) when they were rolled, so they are trusted
+//! when their indexes check out; a cheap header walk from the last index entry to the end of the
+//! file confirms they end where the next segment begins. The last segment may hold a torn
+//! write, so it is always scanned with CRCs and cut at the first bad batch.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::index::{IndexEntry, IndexFile, OffsetEntry, TimeEntry};
+use super::segment::{Check, Segment, TailDefect};
+use super::{LogConfig, LogError};
+use crate::storage::Storage;
+
+/// What [`PartitionLog::open`](super::PartitionLog::open) found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments in the partition after recovery.
+    pub segments: usize,
+    /// The tail that was cut off the last segment, if any.
+    pub truncation: Option<Truncation>,
+    /// Base offsets of segments whose index files were rebuilt or rewritten.
+    pub rebuilt_indexes: Vec<u64>,
+    /// Files in the directory that are not segment files, left alone.
+    pub skipped_files: Vec<String>,
+    /// Index files without a segment (left by an interrupted deletion), removed.
+    pub removed_files: Vec<String>,
+}
+
+impl RecoveryReport {
+    /// Bytes cut off the last segment (0 if its tail was intact).
+    pub fn truncated_bytes(&self) -> u64 {
+        self.truncation.as_ref().map_or(0, |t| t.bytes_dropped)
+    }
+}
+
+/// A torn or damaged tail dropped from the last segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// Base offset of the segment.
+    pub segment_base: u64,
+    /// Path of its log file.
+    pub path: PathBuf,
+    /// Byte position the file was cut at: the end of the last good batch.
+    pub position: u64,
+    /// Bytes removed.
+    pub bytes_dropped: u64,
+    /// Why the batch at `position` was not accepted.
+    pub reason: TailDefect,
+}
+
+/// Segments of a recovered partition: the closed ones, oldest first, and the active one.
+pub(crate) struct Recovered {
+    pub(crate) closed: Vec<Segment>,
+    pub(crate) active: Segment,
+    pub(crate) report: RecoveryReport,
+}
+
+/// Opens every segment in `dir` (creating the directory and a first segment if needed).
+pub(crate) fn recover(storage: &dyn Storage, dir: &Path, config: &LogConfig, now_ms: i64) -> Result<Recovered, LogError> {
+    storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
+    let mut report = RecoveryReport::default();
+    let bases = find_segments(storage, dir, &mut report)?;
+    let Some((&last, closed_bases)) = bases.split_last() else {
+        let active = Segment::create(storage, dir, 0)?;
+        storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
+        report.segments = 1;
+        return Ok(Recovered { closed: Vec::new(), active, report });
+    };
+    let mut closed = Vec::with_capacity(closed_bases.len());
+    for (i, &base) in closed_bases.iter().enumerate() {
+        let next_base = bases.get(i + 1).copied().unwrap_or(last);
+        closed.push(open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?);
+    }
+    let mut active = open_last(storage, dir, last, config.index_interval_bytes, &mut report)?;
+    active.roll_base_ms = (active.size > 0).then_some(now_ms);
+    report.segments = closed.len() + 1;
+    Ok(Recovered { closed, active, report })
+}
+
+/// The kinds of file a partition directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Log,
+    Index,
+}
+
+/// Parses `<20 digits>.log|index|timeindex`.
+fn parse_name(name: &str) -> Option<(u64, FileKind)> {
+    let (stem, ext) = name.split_once('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let base = stem.parse().ok()?;
+    match ext {
+        "log" => Some((base, FileKind::Log)),
+        "index" | "timeindex" => Some((base, FileKind::Index)),
+        _ => None,
+    }
+}
+
+/// Base offsets of the segments in `dir`, sorted. Skips foreign files and removes index files
+/// whose segment is gone.
+fn find_segments(storage: &dyn Storage, dir: &Path, report: &mut RecoveryReport) -> Result<Vec<u64>, LogError> {
+    let names = storage.list(dir).map_err(LogError::io("list directory", dir))?;
+    let mut logs = BTreeSet::new();
+    let mut indexes = Vec::new();
+    for name in names {
+        match parse_name(&name) {
+            Some((base, FileKind::Log)) => {
+                logs.insert(base);
+            }
+            Some((base, FileKind::Index)) => indexes.push((base, name)),
+            None => {
+                tracing::warn!(dir = %dir.display(), file = %name, "skipping a file that is not part of a segment");
+                report.skipped_files.push(name);
+            }
+        }
+    }
+    for (base, name) in indexes {
+        if logs.contains(&base) {
+            continue;
+        }
+        // Retention deletes the log file first; a crash can leave its indexes behind.
+        tracing::warn!(dir = %dir.display(), file = %name, "removing an index without a segment");
+        if let Err(err) = storage.remove(&dir.join(&name)) {
+            tracing::warn!(file = %name, %err, "could not remove orphan index");
+        }
+        report.removed_files.push(name);
+    }
+    Ok(logs.into_iter().collect())
+}
+
+/// Opens a closed segment that must end exactly at `next_base`.
+fn open_closed(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    next_base: u64,
+    interval: u32,
+    report: &mut RecoveryReport,
+) -> Result<Segment, LogError> {
+    let mut seg = Segment::open_files(storage, dir, base)?;
+    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let span = next_base - base;
+    let why = match (seg.offsets.load(len, span), seg.times.load(len, span)) {
+        (Ok(offsets), Ok(times)) => match trust_indexes(&mut seg, offsets, times, len, next_base)? {
+            true => return Ok(seg),
+            false => "the segment's tail does not match its index".to_string(),
+        },
+        (Err(defect), _) => format!("offset index {defect}"),
+        (_, Err(defect)) => format!("time index {defect}"),
+    };
+    tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
+    seg.reset();
+    let walker = seg.walker(Check::Headers);
+    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    // A closed segment was synced before the next one was created, so damage here is not a
+    // torn write: refuse to guess rather than drop acknowledged data or leave an offset gap.
+    if let Some(defect) = end.defect {
+        return Err(seg.corrupt(end.pos, format!("closed segment: {defect}")));
+    }
+    if end.next_offset != next_base {
+        let reason = format!("closed segment ends at offset {}, next segment starts at {next_base}", end.next_offset);
+        return Err(seg.corrupt(end.pos, reason));
+    }
+    seg.close_time_index(false);
+    rewrite_indexes(&mut seg, true)?;
+    report.rebuilt_indexes.push(base);
+    Ok(seg)
+}
+
+/// Adopts loaded index entries if the batches after the last offset entry run exactly to the
+/// end of the file and to `next_base`. Returns whether they did.
+fn trust_indexes(
+    seg: &mut Segment,
+    offsets: Vec<OffsetEntry>,
+    times: Vec<TimeEntry>,
+    len: u64,
+    next_base: u64,
+) -> Result<bool, LogError> {
+    let from = offsets.last().copied().unwrap_or(OffsetEntry { rel: 0, pos: 0 });
+    // Time entries cover every batch up to the last offset entry (they are written together),
+    // so the walk below supplies the rest of the segment's max timestamp.
+    let mut max_ts = times.last().map_or(i64::MIN, |t| t.max_ts);
+    let mut last_batch_base = None;
+    let walker = seg.walker(Check::Headers);
+    let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
+        max_ts = max_ts.max(at.header.max_timestamp);
+        last_batch_base = Some(at.header.base_offset);
+    })?;
+    if end.defect.is_some() || end.pos != len || end.next_offset != next_base {
+        return Ok(false);
+    }
+    seg.offsets.set_entries(offsets);
+    seg.times.set_entries(times);
+    seg.size = len;
+    seg.next_offset = next_base;
+    seg.max_timestamp = max_ts;
+    seg.last_batch_base = last_batch_base;
+    Ok(true)
+}
+
+/// Opens the last segment: scans every batch with its CRC, cuts the file at the first bad one
+/// and rewrites the indexes if they differ from what the scan built.
+fn open_last(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    interval: u32,
+    report: &mut RecoveryReport,
+) -> Result<Segment, LogError> {
+    let mut seg = Segment::open_files(storage, dir, base)?;
+    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let walker = seg.walker(Check::Crc);
+    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    if let Some(reason) = end.defect {
+        let dropped = len - end.pos;
+        tracing::warn!(
+            segment = %seg.log_path.display(),
+            position = end.pos,
+            bytes_dropped = dropped,
+            %reason,
+            "truncating a damaged tail"
+        );
+        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        seg.log.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
+        report.truncation = Some(Truncation {
+            segment_base: base,
+            path: seg.log_path.clone(),
+            position: end.pos,
+            bytes_dropped: dropped,
+            reason,
+        });
+    }
+    let span = seg.next_offset - base;
+    let offsets_ok = index_matches(&seg.offsets, seg.size, span);
+    let times_ok = index_matches(&seg.times, seg.size, span);
+    if !(offsets_ok && times_ok) {
+        // The active segment's indexes are not synced, so after a crash this is routine.
+        tracing::debug!(segment = %seg.log_path.display(), "rewriting the indexes of the last segment");
+        rewrite_indexes(&mut seg, false)?;
+        report.rebuilt_indexes.push(base);
+    }
+    Ok(seg)
+}
+
+/// Whether the file holds exactly the entries in memory.
+fn index_matches<E: IndexEntry>(index: &IndexFile<E>, log_len: u64, span: u64) -> bool {
+    matches!(index.load(log_len, span), Ok(entries) if entries == index.entries())
+}
+
+/// Writes both index files from memory, and syncs them if asked.
+fn rewrite_indexes(seg: &mut Segment, sync: bool) -> Result<(), LogError> {
+    seg.offsets.rewrite()?;
+    seg.times.rewrite()?;
+    if sync {
+        seg.offsets.sync()?;
+        seg.times.sync()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_strictly() {
+        assert_eq!(parse_name("00000000000000000042.log"), Some((42, FileKind::Log)));
+        assert_eq!(parse_name("00000000000000000042.index"), Some((42, FileKind::Index)));
+        assert_eq!(parse_name("00000000000000000042.timeindex"), Some((42, FileKind::Index)));
+        assert_eq!(parse_name("42.log"), None);
+        assert_eq!(parse_name("0000000000000000004x.log"), None);
+        assert_eq!(parse_name("00000000000000000042.log.tmp"), None);
+        assert_eq!(parse_name("99999999999999999999.log"), None); // over u64::MAX
+        assert_eq!(parse_name("+0000000000000000042.log"), None);
+    }
+}

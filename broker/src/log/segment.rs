@@ -1,0 +1,355 @@
+//! One segment: a `.log` file of whole record batches back to back (docs/design.md §5.1) and
+//! its two sparse indexes.
+//!
+//! `size` (bytes of whole batches) is kept in memory and is what every read is bounded by, so
+//! bytes past it (a torn or failed write) are never served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quiver_protocol::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
+
+use super::index::{IndexFile, OffsetEntry, TimeEntry};
+use super::LogError;
+use crate::storage::{Storage, StorageFile};
+
+/// Why a scan of a segment stopped before the end of its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TailDefect {
+    /// Fewer bytes than a batch header are left.
+    #[error("{have} bytes at the end, fewer than a batch header")]
+    PartialHeader {
+        /// Bytes left in the file.
+        have: u64,
+    },
+    /// The header does not parse (magic, length or record count out of bounds).
+    #[error("bad batch header: {0}")]
+    BadHeader(BatchError),
+    /// The batch length runs past the end of the file.
+    #[error("batch of {len} bytes with only {have} bytes left in the file")]
+    PastEnd {
+        /// Length the header claims.
+        len: u64,
+        /// Bytes left in the file.
+        have: u64,
+    },
+    /// The base offset does not follow the previous batch.
+    #[error("batch base offset {found}, expected {expected}")]
+    OffsetMismatch {
+        /// The previous batch's last offset + 1.
+        expected: u64,
+        /// What the header says.
+        found: u64,
+    },
+    /// The CRC does not match the bytes.
+    #[error("{0}")]
+    Crc(BatchError),
+    /// A position or relative offset no longer fits the u32 fields of the index.
+    #[error("segment grew past what its index can address")]
+    TooLarge,
+}
+
+/// A batch at a position that the segment's index can address: both the position and the
+/// last offset relative to the segment base fit in u32.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchAt {
+    pub(crate) pos: u32,
+    pub(crate) rel: u32,
+    pub(crate) header: BatchHeader,
+}
+
+impl BatchAt {
+    /// `None` if the batch cannot be indexed in a segment based at `base`.
+    pub(crate) fn new(base: u64, pos: u64, header: BatchHeader) -> Option<BatchAt> {
+        let pos = u32::try_from(pos).ok()?;
+        let rel = u32::try_from(header.base_offset.checked_sub(base)?).ok()?;
+        u32::try_from(header.last_offset() - base).ok()?;
+        Some(BatchAt { pos, rel, header })
+    }
+}
+
+/// How much of each batch a scan verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Header bounds and offset continuity only (closed segments: their bytes were synced).
+    Headers,
+    /// Also read the whole batch and verify its CRC (the last segment, which may be torn).
+    Crc,
+}
+
+/// Where a scan ended: the end of the last good batch, the offset after it, and why it stopped
+/// early if it did.
+#[derive(Debug)]
+pub(crate) struct ScanEnd {
+    pub(crate) pos: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) defect: Option<TailDefect>,
+}
+
+/// File name of a segment file: the base offset in 20 digits and an extension.
+pub(crate) fn file_name(base: u64, ext: &str) -> String {
+    format!("{base:020}.{ext}")
+}
+
+/// One segment of a partition.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Offset of the first batch; also the file name.
+    pub(crate) base: u64,
+    pub(crate) log: Arc<dyn StorageFile>,
+    pub(crate) log_path: PathBuf,
+    pub(crate) offsets: IndexFile<OffsetEntry>,
+    pub(crate) times: IndexFile<TimeEntry>,
+    /// Bytes of whole batches in the log file.
+    pub(crate) size: u64,
+    /// Offset after the last batch.
+    pub(crate) next_offset: u64,
+    /// Largest batch max timestamp; `i64::MIN` while empty.
+    pub(crate) max_timestamp: i64,
+    /// Base offset of the last batch, for the closing time index entry.
+    pub(crate) last_batch_base: Option<u64>,
+    /// Clock time the segment's age (for `segment_ms`) counts from: its first append, or when
+    /// it was reopened. Producer timestamps are not used: a skewed client clock would otherwise
+    /// roll a segment on every append.
+    pub(crate) roll_base_ms: Option<i64>,
+}
+
+impl Segment {
+    /// Opens the three files of a segment (creating missing ones) without reading them; the
+    /// segment starts out empty in memory.
+    pub(crate) fn open_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+        let log_path = dir.join(file_name(base, "log"));
+        let log = storage.open(&log_path).map_err(LogError::io("open segment", &log_path))?;
+        Ok(Segment {
+            base,
+            log,
+            log_path,
+            offsets: IndexFile::open(storage, dir.join(file_name(base, "index")), base)?,
+            times: IndexFile::open(storage, dir.join(file_name(base, "timeindex")), base)?,
+            size: 0,
+            next_offset: base,
+            max_timestamp: i64::MIN,
+            last_batch_base: None,
+            roll_base_ms: None,
+        })
+    }
+
+    /// Creates a new empty segment. The caller syncs the directory.
+    pub(crate) fn create(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+        let mut seg = Segment::open_files(storage, dir, base)?;
+        let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+        // Names only grow, so a non-empty file here is one we must not overwrite.
+        if len != 0 {
+            return Err(seg.corrupt(0, format!("new segment already holds {len} bytes")));
+        }
+        seg.offsets.rewrite()?;
+        seg.times.rewrite()?;
+        Ok(seg)
+    }
+
+    /// Paths of the three files.
+    pub(crate) fn paths(&self) -> [&Path; 3] {
+        [&self.log_path, self.offsets.path(), self.times.path()]
+    }
+
+    /// Appends one stamped batch and indexes it. Does not sync.
+    pub(crate) fn append(&mut self, bytes: &[u8], at: BatchAt, interval: u32, now_ms: i64) -> Result<(), LogError> {
+        self.log.append(bytes).map_err(LogError::io("append", &self.log_path))?;
+        self.track(at, interval, true);
+        self.roll_base_ms.get_or_insert(now_ms);
+        Ok(())
+    }
+
+    /// Accounts for a batch that is in the file at `at.pos`: sizes, offsets, and index entries
+    /// (written to the index files too if `write`).
+    pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool) {
+        let header = &at.header;
+        self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
+        // An entry once `interval` bytes were appended since the last one; the first batch of
+        // a segment always. Derived from positions only, so a rebuild gives the same entries.
+        let due = self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
+        if due {
+            self.offsets.push(OffsetEntry { rel: at.rel, pos: at.pos }, write);
+            if self.times.last().is_none_or(|t| self.max_timestamp > t.max_ts) {
+                self.times.push(TimeEntry { max_ts: self.max_timestamp, rel: at.rel }, write);
+            }
+        }
+        self.size = u64::from(at.pos) + header.total_len() as u64;
+        self.next_offset = header.next_offset();
+        self.last_batch_base = Some(header.base_offset);
+    }
+
+    /// Records the segment's max timestamp in the time index if the sparse entries missed it,
+    /// so that a closed segment's newest timestamp (retention by age) is its last entry.
+    pub(crate) fn close_time_index(&mut self, write: bool) {
+        let Some(last_base) = self.last_batch_base else { return };
+        let Ok(rel) = u32::try_from(last_base - self.base) else { return };
+        if self.times.last().is_some_and(|t| self.max_timestamp > t.max_ts && rel > t.rel) {
+            self.times.push(TimeEntry { max_ts: self.max_timestamp, rel }, write);
+        }
+    }
+
+    /// Makes the segment durable before it stops being the active one.
+    pub(crate) fn seal(&mut self) -> Result<(), LogError> {
+        self.close_time_index(true);
+        self.log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
+        self.offsets.sync()?;
+        self.times.sync()
+    }
+
+    /// Reads and checks the header of the batch at `pos`, which must lie within `size`.
+    pub(crate) fn read_header(&self, pos: u64) -> Result<BatchHeader, LogError> {
+        let left = self.size.saturating_sub(pos);
+        if left < BATCH_HEADER_BYTES as u64 {
+            return Err(self.corrupt(pos, format!("{left} bytes left, no batch header")));
+        }
+        let mut buf = [0u8; BATCH_HEADER_BYTES];
+        self.log.read_exact_at(pos, &mut buf).map_err(LogError::io("read", &self.log_path))?;
+        let header = BatchHeader::parse(&buf).map_err(|e| self.corrupt(pos, e.to_string()))?;
+        if header.total_len() as u64 > left {
+            return Err(self.corrupt(pos, format!("batch of {} bytes, {left} left", header.total_len())));
+        }
+        Ok(header)
+    }
+
+    /// Position and header of the batch holding `offset` (which must be in this segment):
+    /// from the nearest index entry, header by header.
+    pub(crate) fn find_batch(&self, offset: u64) -> Result<(u64, BatchHeader), LogError> {
+        let rel = u32::try_from(offset.saturating_sub(self.base)).unwrap_or(u32::MAX);
+        let mut pos = u64::from(self.offsets.floor(rel).pos);
+        loop {
+            let header = self.read_header(pos)?;
+            if header.next_offset() > offset {
+                return Ok((pos, header));
+            }
+            pos += header.total_len() as u64;
+        }
+    }
+
+    /// End position and next offset of a read that starts with `first` at `start`: whole
+    /// batches up to `max_bytes` in total, but at least `first`.
+    pub(crate) fn plan_end(&self, start: u64, first: &BatchHeader, max_bytes: usize) -> Result<(u64, u64), LogError> {
+        let budget = (max_bytes as u64).max(first.total_len() as u64);
+        let limit = start.saturating_add(budget).min(self.size);
+        let mut pos = start + first.total_len() as u64;
+        let mut next = first.next_offset();
+        // Index positions are batch boundaries: jump to the last one within the limit, so the
+        // header walk below is at most one index interval long.
+        if let Some(entry) = self.offsets.floor_pos(limit) {
+            if u64::from(entry.pos) > pos {
+                pos = u64::from(entry.pos);
+                next = self.base + u64::from(entry.rel);
+            }
+        }
+        while pos < limit {
+            let header = self.read_header(pos)?;
+            let end = pos + header.total_len() as u64;
+            if end > limit {
+                break;
+            }
+            pos = end;
+            next = header.next_offset();
+        }
+        Ok((pos, next))
+    }
+
+    /// Base offset of the first batch whose max timestamp is at least `ts`, if any.
+    pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>, LogError> {
+        if self.max_timestamp < ts {
+            return Ok(None);
+        }
+        // Every batch up to the last time entry below `ts` is older than `ts`; scan from there.
+        let rel = self.times.last_before(ts).map_or(0, |e| e.rel);
+        let mut pos = u64::from(self.offsets.floor(rel).pos);
+        while pos < self.size {
+            let header = self.read_header(pos)?;
+            if header.max_timestamp >= ts {
+                return Ok(Some(header.base_offset));
+            }
+            pos += header.total_len() as u64;
+        }
+        Ok(None)
+    }
+
+    /// A scanner over this segment's file that does not borrow the segment, so the callback
+    /// of [`Walker::run`] may update it.
+    pub(crate) fn walker(&self, check: Check) -> Walker {
+        Walker { log: self.log.clone(), path: self.log_path.clone(), base: self.base, check }
+    }
+
+    /// Forgets everything in memory about the segment's content (before a rebuild).
+    pub(crate) fn reset(&mut self) {
+        self.offsets.set_entries(Vec::new());
+        self.times.set_entries(Vec::new());
+        self.size = 0;
+        self.next_offset = self.base;
+        self.max_timestamp = i64::MIN;
+        self.last_batch_base = None;
+    }
+
+    /// A [`LogError::Corrupt`] for this segment.
+    pub(crate) fn corrupt(&self, position: u64, reason: impl Into<String>) -> LogError {
+        LogError::Corrupt { path: self.log_path.clone(), position, reason: reason.into() }
+    }
+}
+
+/// Scans a segment file batch by batch (recovery and index rebuilds).
+#[derive(Debug)]
+pub(crate) struct Walker {
+    log: Arc<dyn StorageFile>,
+    path: PathBuf,
+    base: u64,
+    check: Check,
+}
+
+impl Walker {
+    /// Walks the batches from `pos` (a batch boundary holding `offset`) to `end`, calling
+    /// `on_batch` for each good one, and stops at the first defect.
+    pub(crate) fn run(&self, mut pos: u64, mut offset: u64, end: u64, mut on_batch: impl FnMut(BatchAt)) -> Result<ScanEnd, LogError> {
+        let mut buf = Vec::new();
+        while pos < end {
+            match self.next_batch(pos, offset, end, &mut buf)? {
+                Ok(at) => {
+                    pos += at.header.total_len() as u64;
+                    offset = at.header.next_offset();
+                    on_batch(at);
+                }
+                Err(defect) => return Ok(ScanEnd { pos, next_offset: offset, defect: Some(defect) }),
+            }
+        }
+        Ok(ScanEnd { pos, next_offset: offset, defect: None })
+    }
+
+    /// Checks the batch at `pos`. `Err` is an IO failure, `Ok(Err)` a defect in the bytes.
+    fn next_batch(&self, pos: u64, expected: u64, end: u64, buf: &mut Vec<u8>) -> Result<Result<BatchAt, TailDefect>, LogError> {
+        let have = end - pos;
+        if have < BATCH_HEADER_BYTES as u64 {
+            return Ok(Err(TailDefect::PartialHeader { have }));
+        }
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        self.log.read_exact_at(pos, &mut head).map_err(LogError::io("read", &self.path))?;
+        let header = match BatchHeader::parse(&head) {
+            Ok(header) => header,
+            Err(err) => return Ok(Err(TailDefect::BadHeader(err))),
+        };
+        // `parse` bounded the length by MAX_BATCH_BYTES; now bound it by the file.
+        let len = header.total_len() as u64;
+        if len > have {
+            return Ok(Err(TailDefect::PastEnd { len, have }));
+        }
+        if header.base_offset != expected {
+            return Ok(Err(TailDefect::OffsetMismatch { expected, found: header.base_offset }));
+        }
+        let Some(at) = BatchAt::new(self.base, pos, header) else {
+            return Ok(Err(TailDefect::TooLarge));
+        };
+        if self.check == Check::Crc {
+            buf.resize(header.total_len(), 0);
+            self.log.read_exact_at(pos, buf).map_err(LogError::io("read", &self.path))?;
+            if let Err(err) = batch::verify_crc(buf, &header) {
+                return Ok(Err(TailDefect::Crc(err)));
+            }
+        }
+        Ok(Ok(at))
+    }
+}

@@ -1,0 +1,594 @@
+//! Tests of the partition log as a whole: appends and reads across rolls, crash recovery on
+//! the in-memory "power loss" storage and on real files, index rebuilds, retention, time
+//! lookups, and hostile segment bytes.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use quiver_protocol::batch::{BatchBuilder, BatchHeader, BatchSplitter};
+
+use super::*;
+use crate::storage::{FsStorage, MemStorage, Storage};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+const DIR: &str = "/data/topics/t/0";
+
+fn config(segment_bytes: u64) -> LogConfig {
+    LogConfig {
+        segment_bytes,
+        segment_ms: 1 << 40,
+        retention_bytes: None,
+        retention_ms: None,
+        index_interval_bytes: 300,
+    }
+}
+
+/// A batch of `records` records; values carry `seq` so every batch has distinct bytes.
+fn batch(seq: u64, records: usize, ts: i64) -> BytesMut {
+    let mut builder = BatchBuilder::new(256);
+    for i in 0..records {
+        let value = format!("batch {seq} record {i} {}", "x".repeat((seq % 7) as usize * 10));
+        builder.push(ts + i as i64, Some(b"key"), value.as_bytes(), &[("h", b"v")]);
+    }
+    BytesMut::from(&builder.finish()[..])
+}
+
+fn open(storage: &Arc<dyn Storage>, dir: &Path, config: &LogConfig) -> Result<(PartitionLog, RecoveryReport), LogError> {
+    PartitionLog::open(storage.clone(), dir.to_path_buf(), config.clone(), 0)
+}
+
+fn mem() -> (Arc<MemStorage>, Arc<dyn Storage>) {
+    let mem = Arc::new(MemStorage::new());
+    let storage: Arc<dyn Storage> = mem.clone();
+    (mem, storage)
+}
+
+/// Appends `n` batches of 1..=4 records with timestamps `ts(seq)`; returns them as stamped.
+fn append_n(log: &mut PartitionLog, n: u64, ts: impl Fn(u64) -> i64) -> Result<Vec<Bytes>, Box<dyn Error>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let seq = log.next_offset();
+        let mut b = batch(seq, (seq % 4 + 1) as usize, ts(seq));
+        let info = log.append(&mut b, 3, ts(seq))?;
+        assert_eq!(info.base_offset, seq);
+        let header = BatchHeader::parse(&b)?;
+        assert_eq!((header.base_offset, header.leader_epoch), (seq, 3));
+        assert_eq!(info.last_offset, header.last_offset());
+        out.push(b.freeze());
+    }
+    Ok(out)
+}
+
+/// Reads from every offset with several byte budgets and compares with `model` (the batches
+/// of the log, in order, starting at the log start).
+fn check_reads(log: &PartitionLog, model: &[Bytes]) -> TestResult {
+    for (i, expected) in model.iter().enumerate() {
+        let header = BatchHeader::parse(expected)?;
+        for offset in header.base_offset..=header.last_offset() {
+            for max_bytes in [0, 150, 700, 1 << 20] {
+                let plan = log.read_plan(offset, max_bytes)?;
+                let bytes = plan.execute()?;
+                assert_eq!(bytes.len(), plan.len());
+                let got: Vec<(BatchHeader, Bytes)> = BatchSplitter::new(bytes).collect::<Result<_, _>>()?;
+                assert!(!got.is_empty(), "offset {offset} read nothing");
+                assert!(got.len() == 1 || plan.len() <= max_bytes, "read {} > {max_bytes}", plan.len());
+                for (j, (_, b)) in got.iter().enumerate() {
+                    assert_eq!(b, &model[i + j], "offset {offset} batch {j}");
+                }
+                assert_eq!(Some(plan.end_offset()), got.last().map(|(h, _)| h.next_offset()));
+                assert_eq!(plan.first_offset(), header.base_offset);
+            }
+        }
+    }
+    let next = log.next_offset();
+    assert!(log.read_plan(next, 100)?.execute()?.is_empty());
+    assert!(matches!(log.read_plan(next + 1, 100), Err(LogError::OffsetOutOfRange { .. })));
+    Ok(())
+}
+
+fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
+    dir.join(segment::file_name(base, ext))
+}
+
+fn bases(storage: &dyn Storage, dir: &Path) -> Result<Vec<u64>, Box<dyn Error>> {
+    let mut names = storage.list(dir)?;
+    names.sort();
+    Ok(names.iter().filter_map(|n| n.strip_suffix(".log")).filter_map(|n| n.parse().ok()).collect())
+}
+
+#[test]
+fn empty_directory_starts_at_zero() -> TestResult {
+    let (_, storage) = mem();
+    let (log, report) = open(&storage, Path::new(DIR), &config(1000))?;
+    assert_eq!((log.log_start_offset(), log.next_offset(), log.segment_count()), (0, 0, 1));
+    assert_eq!(report, RecoveryReport { segments: 1, ..RecoveryReport::default() });
+    assert!(log.read_plan(0, 100)?.is_empty());
+    assert!(storage.list(Path::new(DIR))?.contains(&"00000000000000000000.log".to_string()));
+    Ok(())
+}
+
+#[test]
+fn round_trip_across_rolls_and_reopen() -> TestResult {
+    let (_, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 60, |s| 1000 + s as i64)?;
+    assert!(log.segment_count() > 4, "only {} segments", log.segment_count());
+    assert_eq!(log.size_bytes(), model.iter().map(|b| b.len() as u64).sum::<u64>());
+    check_reads(&log, &model)?;
+    let next = log.next_offset();
+    let segments = log.segment_count();
+    assert_eq!(bases(&*storage, dir)?.len(), segments);
+    drop(log);
+
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!((log.next_offset(), log.segment_count(), log.log_start_offset()), (next, segments, 0));
+    assert_eq!(report.truncation, None);
+    assert!(report.rebuilt_indexes.is_empty(), "{report:?}");
+    check_reads(&log, &model)
+}
+
+#[test]
+fn every_segment_holds_whole_batches_within_segment_bytes() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let (mut log, _) = open(&storage, dir, &config(1000))?;
+    append_n(&mut log, 40, |_| 0)?;
+    for base in bases(&*storage, dir)? {
+        let bytes = mem.contents(&segment_path(dir, base, "log")).ok_or("missing segment")?;
+        assert!(bytes.len() <= 1000);
+        let batches: Vec<_> = BatchSplitter::new(Bytes::from(bytes)).collect::<Result<_, _>>()?;
+        assert_eq!(batches.first().map(|(h, _)| h.base_offset), Some(base));
+    }
+    Ok(())
+}
+
+#[test]
+fn oversized_batch_gets_a_segment_of_its_own() -> TestResult {
+    let (_, storage) = mem();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(200))?;
+    let mut model = append_n(&mut log, 3, |_| 0)?;
+    assert_eq!(log.segment_count(), 3);
+    let mut big = batch(99, 10, 0);
+    assert!(big.len() > 200);
+    assert!(log.append(&mut big, 0, 0)?.rolled);
+    model.push(big.freeze());
+    model.extend(append_n(&mut log, 1, |_| 0)?);
+    assert_eq!(log.segment_count(), 5);
+    check_reads(&log, &model)
+}
+
+#[test]
+fn rolls_when_the_segment_is_old() -> TestResult {
+    let (_, storage) = mem();
+    let cfg = LogConfig { segment_ms: 1000, ..config(1 << 20) };
+    let (mut log, _) = open(&storage, Path::new(DIR), &cfg)?;
+    assert!(!log.append(&mut batch(0, 1, 0), 0, 5000)?.rolled);
+    assert!(!log.append(&mut batch(1, 1, 0), 0, 5999)?.rolled);
+    assert!(log.append(&mut batch(2, 1, 0), 0, 6000)?.rolled);
+    assert_eq!(log.segment_count(), 2);
+    Ok(())
+}
+
+#[test]
+fn append_rejects_a_buffer_that_is_not_one_batch() -> TestResult {
+    let (_, storage) = mem();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(1000))?;
+    let mut two = batch(0, 1, 0);
+    two.extend_from_slice(&batch(1, 1, 0));
+    assert!(matches!(log.append(&mut two, 0, 0), Err(LogError::InvalidBatch(_))));
+    assert!(matches!(log.append(&mut [0u8; 10], 0, 0), Err(LogError::InvalidBatch(_))));
+    assert_eq!(log.next_offset(), 0);
+    Ok(())
+}
+
+#[test]
+fn crash_loses_only_unsynced_appends() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1 << 20);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let synced = append_n(&mut log, 5, |_| 0)?;
+    let handle = log.sync_handle();
+    handle.sync()?;
+    let durable = handle.durable_offset();
+    append_n(&mut log, 3, |_| 0)?;
+    assert!(log.next_offset() > durable);
+    drop(log);
+    mem.crash();
+    let (mut log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(log.next_offset(), durable);
+    assert_eq!(report.truncation, None, "a clean crash leaves no torn bytes");
+    check_reads(&log, &synced)?;
+
+    let mut model = synced;
+    model.extend(append_n(&mut log, 4, |_| 0)?);
+    log.sync()?;
+    drop(log);
+    mem.crash();
+    let (log, _) = open(&storage, dir, &cfg)?;
+    assert_eq!(log.next_offset(), durable + model[5..].iter().map(|b| count(b)).sum::<u64>());
+    check_reads(&log, &model)
+}
+
+fn count(batch: &[u8]) -> u64 {
+    BatchHeader::parse(batch).map_or(0, |h| h.next_offset() - h.base_offset)
+}
+
+#[test]
+fn rolled_segments_survive_a_crash_without_any_sync() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 30, |_| 0)?;
+    let segments = log.segment_count();
+    let active_base = bases(&*storage, dir)?.last().copied().ok_or("no segment")?;
+    assert!(active_base > 0 && active_base < log.next_offset());
+    drop(log);
+    mem.crash();
+    // Each roll synced the closed segment and the directory; only the active segment's
+    // content is lost, and its empty file remains as the last segment.
+    let (log, _) = open(&storage, dir, &cfg)?;
+    assert_eq!((log.segment_count(), log.next_offset()), (segments, active_base));
+    let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) <= active_base).cloned().collect();
+    check_reads(&log, &kept)
+}
+
+fn count_to(batch: &[u8]) -> u64 {
+    BatchHeader::parse(batch).map_or(u64::MAX, |h| h.next_offset())
+}
+
+#[test]
+fn torn_crashes_recover_to_a_prefix() -> TestResult {
+    for keep in [1, 10, 61, 100, 250, 400, 10_000] {
+        let (mem, storage) = mem();
+        let dir = Path::new(DIR);
+        let cfg = config(1 << 20);
+        let (mut log, _) = open(&storage, dir, &cfg)?;
+        let mut model = append_n(&mut log, 3, |_| 0)?;
+        log.sync()?;
+        model.extend(append_n(&mut log, 5, |_| 0)?);
+        drop(log);
+        mem.crash_torn(keep);
+        let (log, report) = open(&storage, dir, &cfg)?;
+        let survivors: Vec<Bytes> = model.iter().take_while(|b| count_to(b) <= log.next_offset()).cloned().collect();
+        assert!(survivors.len() >= 3, "keep {keep}: lost synced batches");
+        assert_eq!(survivors.last().map(|b| count_to(b)), Some(log.next_offset()));
+        let synced_len: usize = model[..3].iter().map(|b| b.len()).sum();
+        let kept_len: usize = survivors.iter().map(|b| b.len()).sum();
+        assert_eq!(report.truncated_bytes() as usize, (synced_len + keep).min(model.iter().map(|b| b.len()).sum()) - kept_len);
+        check_reads(&log, &survivors)?;
+    }
+    Ok(())
+}
+
+/// A closed log on real files in a temp dir, and the batches it holds.
+type FsLog = (tempfile::TempDir, Arc<dyn Storage>, Vec<Bytes>);
+
+/// Appends `n` batches to a log in a fresh temp dir on real files, syncs and closes it.
+fn fs_log(n: u64, cfg: &LogConfig) -> Result<FsLog, Box<dyn Error>> {
+    let tmp = tempfile::tempdir()?;
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage::new());
+    let (mut log, _) = open(&storage, &tmp.path().join("p"), cfg)?;
+    let model = append_n(&mut log, n, |s| s as i64)?;
+    log.sync()?;
+    Ok((tmp, storage, model))
+}
+
+fn last_segment(storage: &dyn Storage, dir: &Path) -> Result<PathBuf, Box<dyn Error>> {
+    let last = bases(storage, dir)?.last().copied().ok_or("no segment")?;
+    Ok(segment_path(dir, last, "log"))
+}
+
+#[test]
+fn torn_tail_on_disk_drops_only_the_last_batch() -> TestResult {
+    let cfg = config(2000);
+    let (tmp, storage, model) = fs_log(20, &cfg)?;
+    let dir = tmp.path().join("p");
+    let path = last_segment(&*storage, &dir)?;
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let len = file.metadata()?.len();
+    let last_len = model.last().map_or(0, |b| b.len() as u64);
+    file.set_len(len - last_len / 2)?;
+    drop(file);
+
+    let (mut log, report) = open(&storage, &dir, &cfg)?;
+    let cut = report.truncation.clone().ok_or("no truncation reported")?;
+    assert_eq!(cut.path, path);
+    assert_eq!(cut.position, len - last_len);
+    assert_eq!(cut.bytes_dropped, last_len - last_len / 2);
+    assert!(matches!(cut.reason, TailDefect::PastEnd { .. }), "{:?}", cut.reason);
+    assert_eq!(std::fs::metadata(&path)?.len(), len - last_len);
+    let kept = &model[..model.len() - 1];
+    assert_eq!(log.next_offset(), count_to(&kept[kept.len() - 1]));
+    check_reads(&log, kept)?;
+
+    // The repaired log takes appends again and reopens clean.
+    let mut model = kept.to_vec();
+    model.extend(append_n(&mut log, 3, |_| 0)?);
+    log.sync()?;
+    drop(log);
+    let (log, report) = open(&storage, &dir, &cfg)?;
+    assert_eq!(report.truncation, None);
+    check_reads(&log, &model)
+}
+
+/// Flips one byte of the records of batch `from_end` (1 = last) in the last segment.
+fn flip_in_batch(path: &Path, model: &[Bytes], from_end: usize) -> TestResult {
+    let mut bytes = std::fs::read(path)?;
+    let tail: usize = model[model.len() - from_end..].iter().map(|b| b.len()).sum();
+    let at = bytes.len() - tail + 70; // past the 61-byte header, inside the records
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+#[test]
+fn flipped_byte_drops_from_that_batch_on() -> TestResult {
+    for from_end in [1, 2] {
+        let cfg = config(1 << 20);
+        let (tmp, storage, model) = fs_log(10, &cfg)?;
+        let dir = tmp.path().join("p");
+        flip_in_batch(&last_segment(&*storage, &dir)?, &model, from_end)?;
+        let (log, report) = open(&storage, &dir, &cfg)?;
+        let cut = report.truncation.ok_or("no truncation reported")?;
+        assert!(matches!(cut.reason, TailDefect::Crc(_)), "{:?}", cut.reason);
+        let dropped: usize = model[model.len() - from_end..].iter().map(|b| b.len()).sum();
+        assert_eq!(cut.bytes_dropped, dropped as u64);
+        check_reads(&log, &model[..model.len() - from_end])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(2000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 40, |s| 10 * s as i64)?;
+    log.sync()?;
+    drop(log);
+    let all = bases(&*storage, dir)?;
+    let (first, last) = (all[0], all[all.len() - 1]);
+    let originals: Vec<(PathBuf, Vec<u8>)> = [segment_path(dir, first, "index"), segment_path(dir, first, "timeindex"), segment_path(dir, last, "index")]
+        .into_iter()
+        .filter_map(|p| mem.contents(&p).map(|c| (p, c)))
+        .collect();
+    assert_eq!(originals.len(), 3);
+    assert!(originals[0].1.len() > 16 + 8, "want a closed segment with several index entries");
+
+    storage.remove(&originals[0].0)?;
+    mem.set_contents(&originals[1].0, b"QVTI garbage that is not an index")?;
+    mem.set_contents(&originals[2].0, &originals[2].1[..originals[2].1.len() - 3])?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(report.rebuilt_indexes, vec![first, last]);
+    for (path, original) in &originals {
+        assert_eq!(mem.contents(path).as_ref(), Some(original), "{}", path.display());
+    }
+    check_reads(&log, &model)?;
+    let first_at_155 = model.iter().filter_map(|b| BatchHeader::parse(b).ok()).find(|h| h.max_timestamp >= 155);
+    assert_eq!(log.offset_for_timestamp(155)?, first_at_155.map(|h| h.base_offset));
+    Ok(())
+}
+
+#[test]
+fn index_entry_past_the_log_is_rebuilt() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(2000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 30, |_| 0)?;
+    drop(log);
+    let path = segment_path(dir, 0, "index");
+    let mut index = mem.contents(&path).ok_or("no index")?;
+    index.extend_from_slice(&500u32.to_le_bytes());
+    index.extend_from_slice(&1_000_000u32.to_le_bytes());
+    mem.set_contents(&path, &index)?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(report.rebuilt_indexes, vec![0]);
+    check_reads(&log, &model)
+}
+
+#[test]
+fn damaged_closed_segment_is_an_error_not_a_silent_cut() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    append_n(&mut log, 30, |_| 0)?;
+    drop(log);
+    let path = segment_path(dir, 0, "log");
+    let mut bytes = mem.contents(&path).ok_or("no segment")?;
+    let len = bytes.len();
+    bytes.truncate(len - 5);
+    mem.set_contents(&path, &bytes)?;
+    assert!(matches!(open(&storage, dir, &cfg), Err(LogError::Corrupt { .. })));
+    Ok(())
+}
+
+#[test]
+fn foreign_files_orphans_and_an_empty_last_segment() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 12, |_| 0)?;
+    let next = log.next_offset();
+    log.sync()?;
+    drop(log);
+    mem.set_contents(&dir.join("notes.txt"), b"hello")?;
+    mem.set_contents(&dir.join("123.log"), b"short name")?;
+    mem.set_contents(&segment_path(dir, 7, "timeindex"), b"orphan")?;
+    // A roll that crashed right after creating the next segment leaves it empty.
+    mem.set_contents(&segment_path(dir, next, "log"), b"")?;
+    let (mut log, report) = open(&storage, dir, &cfg)?;
+    let mut skipped = report.skipped_files.clone();
+    skipped.sort();
+    assert_eq!(skipped, vec!["123.log".to_string(), "notes.txt".to_string()]);
+    assert_eq!(report.removed_files, vec![segment::file_name(7, "timeindex")]);
+    assert!(mem.contents(&segment_path(dir, 7, "timeindex")).is_none());
+    assert_eq!(log.next_offset(), next);
+    check_reads(&log, &model)?;
+    let mut model = model;
+    model.extend(append_n(&mut log, 2, |_| 0)?);
+    check_reads(&log, &model)
+}
+
+#[test]
+fn retention_by_bytes() -> TestResult {
+    let (_, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = LogConfig { retention_bytes: Some(3000), ..config(1000) };
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 80, |_| 0)?;
+    let before = log.segment_count();
+    let report = log.apply_retention(0)?;
+    assert!(report.deleted_segments() > 0);
+    assert_eq!(log.segment_count(), before - report.deleted_segments());
+    assert!(log.size_bytes() >= 3000);
+    assert_eq!(report.log_start_offset, log.log_start_offset());
+    assert_eq!(report.deleted_bases.first(), Some(&0));
+    // The oldest remaining segment is kept because deleting it would go below the limit.
+    let oldest_size = log.read_plan(log.log_start_offset(), usize::MAX)?.len() as u64;
+    assert!(log.size_bytes() - oldest_size < 3000 || log.segment_count() == 1);
+    let start = log.log_start_offset();
+    assert!(start > 0);
+    match log.read_plan(start - 1, 100) {
+        Err(LogError::OffsetOutOfRange { requested, log_start, next }) => {
+            assert_eq!((requested, log_start, next), (start - 1, start, log.next_offset()));
+        }
+        other => return Err(format!("expected OffsetOutOfRange, got {other:?}").into()),
+    }
+    let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) > start).cloned().collect();
+    check_reads(&log, &kept)?;
+    assert_eq!(bases(&*storage, dir)?.first(), Some(&start));
+    assert_eq!(storage.list(dir)?.len(), 3 * log.segment_count());
+    assert_eq!(log.apply_retention(0)?.deleted_segments(), 0);
+    drop(log);
+    let (log, _) = open(&storage, dir, &cfg)?;
+    assert_eq!(log.log_start_offset(), start);
+    check_reads(&log, &kept)
+}
+
+#[test]
+fn retention_by_age_never_deletes_the_active_segment() -> TestResult {
+    let (_, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = LogConfig { retention_ms: Some(1000), ..config(1000) };
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    // Timestamps 0, 100, 200, ...: at now = 3000, batches newer than 2000 must stay.
+    let model = append_n(&mut log, 40, |s| 100 * s as i64)?;
+    let report = log.apply_retention(3000)?;
+    assert!(report.deleted_segments() > 0);
+    let start = log.log_start_offset();
+    for b in &model {
+        let h = BatchHeader::parse(b)?;
+        if h.max_timestamp >= 2000 {
+            assert!(h.base_offset >= start, "deleted a batch with timestamp {}", h.max_timestamp);
+        }
+    }
+    // The first remaining segment holds something young enough (else it would have gone).
+    assert!(model.iter().any(|b| BatchHeader::parse(b).is_ok_and(|h| h.base_offset >= start && h.max_timestamp >= 2000)));
+    let report = log.apply_retention(i64::MAX)?;
+    assert_eq!(log.segment_count(), 1);
+    assert_eq!(report.log_start_offset, log.log_start_offset());
+    let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) > log.log_start_offset()).cloned().collect();
+    check_reads(&log, &kept)
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_batch_at_or_after() -> TestResult {
+    let (_, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1500);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    // Batch at offset s has records stamped 1000 + 10 s ..; one batch goes back in time.
+    let model = append_n(&mut log, 50, |s| if s == 30 { 5 } else { 1000 + 10 * s as i64 })?;
+    let expect = |ts: i64| -> Option<u64> {
+        model.iter().filter_map(|b| BatchHeader::parse(b).ok()).find(|h| h.max_timestamp >= ts).map(|h| h.base_offset)
+    };
+    for reopen in [false, true] {
+        if reopen {
+            drop(log);
+            log = open(&storage, dir, &cfg)?.0;
+        }
+        for ts in [i64::MIN, 0, 5, 999, 1000, 1001, 1100, 1234, 1300, 1305, 1400, 1490, 1491, 1493, 1494, 5000] {
+            assert_eq!(log.offset_for_timestamp(ts)?, expect(ts), "ts {ts}");
+        }
+        assert!(log.segment_count() > 3);
+    }
+    Ok(())
+}
+
+#[test]
+fn sync_handle_covers_appends_made_before_it() -> TestResult {
+    let (_, storage) = mem();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(1 << 20))?;
+    append_n(&mut log, 3, |_| 0)?;
+    let handle = log.sync_handle();
+    assert_eq!(handle.durable_offset(), log.next_offset());
+    append_n(&mut log, 1, |_| 0)?;
+    assert!(handle.durable_offset() < log.next_offset());
+    handle.sync()?;
+    log.mark_failed();
+    assert!(log.sync_handle().sync().is_err());
+    assert!(matches!(log.append(&mut batch(0, 1, 0), 0, 0), Err(LogError::Poisoned)));
+    Ok(())
+}
+
+#[test]
+fn config_is_validated() {
+    let (_, storage) = mem();
+    for bad in [config(0), config(MAX_SEGMENT_BYTES + 1), LogConfig { segment_ms: 0, ..config(100) }] {
+        assert!(matches!(open(&storage, Path::new(DIR), &bad), Err(LogError::InvalidConfig(_))));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Hostile bytes as the last segment, or as a closed one, never panic; when the open
+    /// succeeds every offset reads.
+    #[test]
+    fn arbitrary_segment_bytes_never_panic(
+        data in proptest::collection::vec(any::<u8>(), 0..600),
+        splice_valid in any::<bool>(),
+        as_closed in any::<bool>(),
+        index in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let (mem, storage) = mem();
+        let dir = Path::new(DIR);
+        let cfg = config(1000);
+        let mut bytes = Vec::new();
+        if splice_valid {
+            // A valid batch first, so the scan gets past the first header.
+            bytes.extend_from_slice(&batch(0, 2, 0));
+        }
+        bytes.extend_from_slice(&data);
+        let set = |path: PathBuf, b: &[u8]| mem.set_contents(&path, b);
+        prop_assert!(storage.create_dir_all(dir).is_ok());
+        prop_assert!(set(segment_path(dir, 0, "log"), &bytes).is_ok());
+        prop_assert!(set(segment_path(dir, 0, "index"), &index).is_ok());
+        if as_closed {
+            prop_assert!(set(segment_path(dir, 2, "log"), &[]).is_ok());
+        }
+        if let Ok((mut log, _)) = open(&storage, dir, &cfg) {
+            for offset in log.log_start_offset()..log.next_offset() {
+                let plan = log.read_plan(offset, 100);
+                prop_assert!(plan.is_ok());
+                if let Ok(plan) = plan {
+                    prop_assert!(plan.execute().is_ok());
+                }
+            }
+            let _ = log.offset_for_timestamp(0);
+            prop_assert!(log.append(&mut batch(9, 1, 0), 0, 0).is_ok());
+        }
+    }
+}

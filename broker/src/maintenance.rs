@@ -1,0 +1,66 @@
+//! Background work: retention, persisting lazily committed offsets, and the final flush at
+//! shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::server::BrokerState;
+
+pub(crate) async fn retention_loop(state: Arc<BrokerState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.retention_check_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for topic in st.topics.all() {
+                for p in &topic.partitions {
+                    if let Err(e) = p.apply_retention_blocking() {
+                        tracing::warn!(topic = %topic.name, partition = p.id, "retention failed: {e}");
+                    }
+                    let (bytes, segments) = p.stats();
+                    let labels = [("topic", topic.name.to_string()), ("partition", p.id.to_string())];
+                    metrics::gauge!("quiver_partition_bytes", &labels).set(bytes as f64);
+                    metrics::gauge!("quiver_partition_segments", &labels).set(segments as f64);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+pub(crate) async fn offsets_flush_loop(state: Arc<BrokerState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.offsets_flush_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let st = state.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || st.offsets.flush_blocking()).await {
+            tracing::warn!("persisting group offsets failed: {e}");
+        }
+    }
+}
+
+/// Persists offsets and syncs every partition, at shutdown.
+pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = st.offsets.flush_blocking() {
+            tracing::warn!("persisting group offsets at shutdown failed: {e}");
+        }
+        for topic in st.topics.all() {
+            for p in &topic.partitions {
+                if let Err(e) = p.sync_blocking() {
+                    tracing::warn!(topic = %topic.name, partition = p.id, "sync at shutdown failed: {e}");
+                }
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,318 @@
+//! One partition served by the broker: its on-disk log behind a lock, a writer task that
+//! group-commits appends, and a high-watermark channel that wakes subscribers.
+//!
+//! The high watermark is what consumers may read. Under `durability = always` it moves only
+//! after the fsync that covers a batch, so no consumer ever sees data a crash could take back.
+//! Under `interval` and `os` it moves after the write.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use quiver_protocol::batch::BatchHeader;
+use quiver_protocol::{Durability, ErrorCode, TopicConfig};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::storage::Storage;
+
+/// Appends queued for one partition before producers wait (backpressure).
+const APPEND_QUEUE_DEPTH: usize = 1024;
+/// Most appends one group commit takes.
+const MAX_GROUP_COMMIT: usize = 256;
+
+/// What went wrong serving a partition, with the wire code to report.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PartitionError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl PartitionError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        PartitionError { code, message: message.into() }
+    }
+}
+
+impl From<LogError> for PartitionError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::OffsetOutOfRange { requested, log_start, next } => PartitionError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!("offset {requested} is out of range: earliest={log_start} latest={next}"),
+            ),
+            other => PartitionError::new(ErrorCode::StorageError, other.to_string()),
+        }
+    }
+}
+
+/// Result of an acknowledged append.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    pub append_time_ms: i64,
+}
+
+struct AppendRequest {
+    batch: BytesMut,
+    reply: oneshot::Sender<Result<Appended, PartitionError>>,
+}
+
+#[derive(Debug)]
+pub struct Partition {
+    pub topic: Arc<str>,
+    pub id: u32,
+    log: Arc<Mutex<PartitionLog>>,
+    high_watermark: watch::Sender<u64>,
+    log_start: AtomicU64,
+    appends: mpsc::Sender<AppendRequest>,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendRequest").field("bytes", &self.batch.len()).finish()
+    }
+}
+
+pub fn log_config(c: &TopicConfig) -> LogConfig {
+    LogConfig {
+        segment_bytes: c.segment_bytes,
+        segment_ms: c.segment_ms,
+        retention_bytes: c.retention_bytes,
+        retention_ms: c.retention_ms,
+        index_interval_bytes: 4096,
+    }
+}
+
+impl Partition {
+    /// Opens (recovering) the log and starts the writer task. Blocking: call on a blocking
+    /// thread or at start-up.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        topic: Arc<str>,
+        id: u32,
+        config: &TopicConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Partition>, PartitionError> {
+        let (log, report) = PartitionLog::open(storage, dir, log_config(config), now_ms())?;
+        if report.truncated_bytes() > 0 {
+            tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
+        }
+        let next = log.next_offset();
+        let start = log.log_start_offset();
+        let (appends, rx) = mpsc::channel(APPEND_QUEUE_DEPTH);
+        let (high_watermark, _) = watch::channel(next);
+        let p = Arc::new(Partition {
+            topic,
+            id,
+            log: Arc::new(Mutex::new(log)),
+            high_watermark,
+            log_start: AtomicU64::new(start),
+            appends,
+        });
+        let writer = Writer { partition: Arc::downgrade(&p), log: p.log.clone(), durability: config.durability };
+        let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
+        tokio::spawn(writer.run(rx, interval, shutdown));
+        Ok(p)
+    }
+
+    /// Queues a validated batch; the returned receiver resolves once it is appended and, under
+    /// `durability = always`, synced. Queueing in call order keeps pipelined produce requests
+    /// in order.
+    pub async fn submit(
+        &self,
+        batch: BytesMut,
+    ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends
+            .send(AppendRequest { batch, reply })
+            .await
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?;
+        Ok(rx)
+    }
+
+    pub fn high_watermark(&self) -> u64 {
+        *self.high_watermark.borrow()
+    }
+
+    pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
+        self.high_watermark.subscribe()
+    }
+
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch),
+    /// never past the high watermark. Empty at the high watermark.
+    pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
+        let hw = self.high_watermark();
+        if offset > hw {
+            return Err(LogError::OffsetOutOfRange { requested: offset, log_start: self.log_start_offset(), next: hw }.into());
+        }
+        if offset == hw {
+            return Ok(Bytes::new());
+        }
+        let plan = self.log.lock().read_plan(offset, max_bytes)?;
+        let bytes = tokio::task::spawn_blocking(move || plan.execute())
+            .await
+            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+        Ok(trim_to(bytes, hw))
+    }
+
+    /// First offset whose batch has a timestamp at or after `ts_ms`, or the high watermark.
+    pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64, PartitionError> {
+        let found = self.log.lock().offset_for_timestamp(ts_ms)?;
+        Ok(found.unwrap_or_else(|| self.high_watermark()).min(self.high_watermark()))
+    }
+
+    /// Deletes segments past retention. Blocking.
+    pub fn apply_retention_blocking(&self) -> Result<(), PartitionError> {
+        let mut log = self.log.lock();
+        let report = log.apply_retention(now_ms())?;
+        self.log_start.store(log.log_start_offset(), Ordering::Release);
+        if report.deleted_segments() > 0 {
+            tracing::info!(topic = %self.topic, partition = self.id, ?report, "retention deleted segments");
+        }
+        Ok(())
+    }
+
+    /// Size on disk and segment count, for describe/metrics.
+    pub fn stats(&self) -> (u64, usize) {
+        let log = self.log.lock();
+        (log.size_bytes(), log.segment_count())
+    }
+
+    /// Syncs everything written. Blocking.
+    pub fn sync_blocking(&self) -> std::io::Result<()> {
+        let handle = self.log.lock().sync_handle();
+        handle.sync()
+    }
+}
+
+/// Drops whole batches at or past `hw` from the end of a read.
+fn trim_to(bytes: Bytes, hw: u64) -> Bytes {
+    let mut pos = 0;
+    while pos < bytes.len() {
+        match BatchHeader::parse(&bytes[pos..]) {
+            Ok(h) if h.base_offset < hw && pos + h.total_len() <= bytes.len() => pos += h.total_len(),
+            _ => break,
+        }
+    }
+    bytes.slice(..pos)
+}
+
+struct Writer {
+    partition: std::sync::Weak<Partition>,
+    log: Arc<Mutex<PartitionLog>>,
+    durability: Durability,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<AppendRequest>, interval: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = false;
+        loop {
+            let first = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => break },
+                _ = tick.tick(), if dirty && self.durability == Durability::Interval => {
+                    dirty = !self.sync().await;
+                    continue;
+                }
+                _ = shutdown.cancelled() => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP_COMMIT {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+            dirty = true;
+        }
+        // Shutdown or partition dropped: make everything written durable.
+        if dirty {
+            self.sync().await;
+        }
+    }
+
+    /// Appends a group of batches, syncs once if the durability asks for it, then answers all.
+    async fn commit(&self, group: Vec<AppendRequest>) {
+        let log = self.log.clone();
+        let sync = self.durability == Durability::Always;
+        let result = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let mut results = Vec::with_capacity(group.len());
+            let (handle, next) = {
+                let mut log = log.lock();
+                for mut req in group {
+                    let r = log
+                        .append(&mut req.batch, 0, now)
+                        .map(|info| Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+                        .map_err(PartitionError::from);
+                    results.push((req.reply, r));
+                }
+                (log.sync_handle(), log.next_offset())
+            };
+            let started = std::time::Instant::now();
+            let synced = if sync { handle.sync() } else { Ok(()) };
+            if sync {
+                metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
+            }
+            (results, synced, next)
+        })
+        .await;
+        let (results, synced, next) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("append task failed: {e}");
+                return;
+            }
+        };
+        if let Err(e) = &synced {
+            tracing::error!("fsync failed: {e}; failing the appends it covered");
+        }
+        if let Some(p) = self.partition.upgrade() {
+            if synced.is_ok() {
+                p.high_watermark.send_if_modified(|hw| {
+                    let moved = *hw != next;
+                    *hw = next;
+                    moved
+                });
+            }
+        }
+        for (reply, r) in results {
+            let r = match (&synced, r) {
+                (Err(e), Ok(_)) => Err(PartitionError::new(ErrorCode::StorageError, format!("fsync failed: {e}"))),
+                (_, r) => r,
+            };
+            let _ = reply.send(r);
+        }
+    }
+
+    async fn sync(&self) -> bool {
+        let handle = self.log.lock().sync_handle();
+        match tokio::task::spawn_blocking(move || handle.sync()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!("periodic fsync failed: {e}");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,235 @@
+//! Request streams: requests are read as they arrive, handled concurrently, and answered in
+//! request order. Produce requests are queued to their partition in arrival order before the
+//! next frame is read, so pipelined batches append in the order they were sent.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use quiver_client::transport::{write_message, FrameReader};
+use quiver_protocol::batch::{self, BatchError};
+use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
+use quiver_protocol::ErrorCode;
+
+use crate::partition::PartitionError;
+use crate::server::{fail_stream, BrokerState};
+use crate::topics::Topic;
+
+/// A response that may still be on its way. `None` answers nothing (acks = none).
+type Pending = BoxFuture<'static, Option<Message>>;
+
+pub(crate) async fn serve(
+    state: Arc<BrokerState>,
+    first: Result<Message, MessageError>,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+) {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    pending.push_back(dispatch(&state, first).await);
+    let mut reading = true;
+    loop {
+        let can_read = reading && pending.len() < state.config.max_inflight_requests_per_stream;
+        tokio::select! {
+            biased;
+            Some(response) = pending.next(), if !pending.is_empty() => {
+                if let Some(msg) = response {
+                    if write_message(&mut send, &msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            frame = reader.next_raw(), if can_read => match frame {
+                Ok(Some(raw)) => pending.push_back(dispatch(&state, Message::decode(raw)).await),
+                Ok(None) => reading = false,
+                Err(e) => {
+                    // Answer what is pending, then the error, then end the stream.
+                    while let Some(r) = pending.next().await {
+                        if let Some(msg) = r {
+                            let _ = write_message(&mut send, &msg).await;
+                        }
+                    }
+                    return fail_stream(&mut send, &mut reader, e).await;
+                }
+            },
+            _ = state.shutdown.cancelled() => {
+                let _ = write_message(&mut send, &Message::error(ErrorCode::ShuttingDown, "broker shutting down")).await;
+                let _ = send.finish();
+                return;
+            }
+            else => break,
+        }
+    }
+    let _ = send.finish();
+}
+
+fn ready(msg: Message) -> Pending {
+    Box::pin(async move { Some(msg) })
+}
+
+fn error(e: PartitionError) -> Message {
+    Message::error(e.code, e.message)
+}
+
+/// Starts handling one request. Returns once the request is queued where order matters.
+async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) -> Pending {
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            metrics::counter!("quiver_protocol_errors_total").increment(1);
+            return ready(Message::error(e.code(), e.to_string()));
+        }
+    };
+    let st = state.clone();
+    match msg {
+        Message::Hello { .. } => ready(Message::HelloOk {
+            protocol_version: quiver_protocol::limits::PROTOCOL_VERSION as u16,
+            broker_id: state.config.broker_id,
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+        Message::Produce { topic, partition, acks, batch } => produce(state, &topic, partition, acks, batch).await,
+        Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
+            Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
+        }),
+        Message::CommitOffset { group, topic, partition, offset } => Box::pin(async move {
+            Some(commit(&st, group, &topic, partition, offset).await.unwrap_or_else(error))
+        }),
+        Message::FetchOffsets { group, topic } => {
+            ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
+        }
+        Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
+        Message::CreateTopic { name, partitions, config } => Box::pin(async move {
+            Some(match st.topics.create(&name, partitions, config).await {
+                Ok(_) => Message::Done,
+                Err(e) => error(e),
+            })
+        }),
+        Message::DeleteTopic { name } => Box::pin(async move {
+            let r = st.topics.delete(&name).await;
+            Some(match r {
+                Ok(_) => {
+                    let st2 = st.clone();
+                    let _ = tokio::task::spawn_blocking(move || st2.offsets.remove_topic_blocking(&name)).await;
+                    Message::Done
+                }
+                Err(e) => error(e),
+            })
+        }),
+        Message::Subscribe(_) => ready(Message::error(
+            ErrorCode::UnexpectedKind,
+            "Subscribe must be the first frame of its own stream",
+        )),
+        other => ready(Message::error(
+            ErrorCode::UnexpectedKind,
+            format!("frame kind {} is not a request", other.kind()),
+        )),
+    }
+}
+
+async fn produce(state: &Arc<BrokerState>, topic: &str, partition: u32, acks: Acks, batch: bytes::Bytes) -> Pending {
+    let result = async {
+        let t = state.topics.get(topic)?;
+        let p = t.partition(partition)?.clone();
+        let header = batch::validate(&batch).map_err(|e| {
+            let code = match e {
+                BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
+                BatchError::BadLength(_) => ErrorCode::BatchTooLarge,
+                _ => ErrorCode::CorruptBatch,
+            };
+            PartitionError::new(code, format!("rejected batch for {topic}/{partition}: {e}"))
+        })?;
+        metrics::counter!("quiver_messages_in_total", "topic" => t.name.to_string()).increment(header.records_count as u64);
+        metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string()).increment(batch.len() as u64);
+        // The frame buffer is shared, so the batch is copied once to stamp its offset.
+        let rx = p.submit(BytesMut::from(&batch[..])).await?;
+        Ok::<_, PartitionError>(rx)
+    }
+    .await;
+    let started = std::time::Instant::now();
+    match (result, acks) {
+        (Err(e), Acks::Leader) => ready(error(e)),
+        (Err(e), Acks::None) => {
+            tracing::debug!("acks=none produce failed: {e}");
+            Box::pin(async { None })
+        }
+        (Ok(_), Acks::None) => Box::pin(async { None }),
+        (Ok(rx), Acks::Leader) => Box::pin(async move {
+            let r = match rx.await {
+                Ok(Ok(a)) => Message::ProduceOk { base_offset: a.base_offset, log_append_time_ms: a.append_time_ms },
+                Ok(Err(e)) => error(e),
+                Err(_) => Message::error(ErrorCode::ShuttingDown, "partition closed before the append completed"),
+            };
+            metrics::histogram!("quiver_produce_seconds").record(started.elapsed().as_secs_f64());
+            Some(r)
+        }),
+    }
+}
+
+async fn fetch(state: &BrokerState, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> Result<Message, PartitionError> {
+    let t = state.topics.get(topic)?;
+    let p = t.partition(partition)?;
+    let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes as usize);
+    let batches = p.read(offset, max).await?;
+    Ok(Message::FetchOk { log_start_offset: p.log_start_offset(), high_watermark: p.high_watermark(), batches })
+}
+
+async fn commit(state: &Arc<BrokerState>, group: String, topic: &str, partition: u32, offset: u64) -> Result<Message, PartitionError> {
+    if group.is_empty() {
+        return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty"));
+    }
+    let t = state.topics.get(topic)?;
+    let p = t.partition(partition)?;
+    if offset > p.high_watermark() {
+        return Err(PartitionError::new(
+            ErrorCode::OffsetOutOfRange,
+            format!("cannot commit offset {offset}: latest={}", p.high_watermark()),
+        ));
+    }
+    let key = (Arc::from(group.as_str()), t.name.clone(), partition);
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset))
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+    Ok(Message::CommitOk)
+}
+
+fn fetch_offsets(state: &BrokerState, group: &str, topic: &str) -> Result<Message, PartitionError> {
+    let t = state.topics.get(topic)?;
+    let committed = state.offsets.for_topic(group, topic);
+    Ok(Message::Offsets(
+        t.partitions
+            .iter()
+            .map(|p| PartitionOffsets {
+                partition: p.id,
+                committed: committed.get(&p.id).copied(),
+                log_start_offset: p.log_start_offset(),
+                high_watermark: p.high_watermark(),
+            })
+            .collect(),
+    ))
+}
+
+fn metadata(state: &BrokerState, topic: Option<&str>) -> Result<Message, PartitionError> {
+    let topics = match topic {
+        Some(name) => vec![state.topics.get(name)?],
+        None => state.topics.all(),
+    };
+    Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t)).collect()))
+}
+
+fn topic_info(t: &Topic) -> TopicInfo {
+    TopicInfo {
+        name: t.name.to_string(),
+        config: t.config.clone(),
+        partitions: t
+            .partitions
+            .iter()
+            .map(|p| PartitionInfo {
+                partition: p.id,
+                log_start_offset: p.log_start_offset(),
+                high_watermark: p.high_watermark(),
+            })
+            .collect(),
+    }
+}

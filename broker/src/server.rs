@@ -1,0 +1,219 @@
+//! The broker as a library: `Broker::start` binds the QUIC endpoint and serves until
+//! `shutdown`. Connections and streams are tasks; every task watches one cancellation token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dashmap::DashMap;
+use quiver_client::transport::{write_message, FrameReader, ReadError};
+use quiver_protocol::message::Message;
+use quiver_protocol::{ErrorCode, FrameError};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::offsets::{OffsetKey, OffsetStore};
+use crate::storage::{FsStorage, Storage};
+use crate::topics::Topics;
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct BrokerState {
+    pub config: BrokerConfig,
+    pub topics: Topics,
+    pub offsets: OffsetStore,
+    /// The live subscription generation for each (group, topic, partition). A newer
+    /// subscription takes the partition over; the older one's acks are then ignored.
+    pub group_owners: DashMap<OffsetKey, u64>,
+    pub next_generation: AtomicU64,
+    pub connections: AtomicUsize,
+    pub shutdown: CancellationToken,
+}
+
+/// A running broker. Dropping it does not stop it; call `shutdown`.
+#[derive(Debug)]
+pub struct Broker {
+    state: Arc<BrokerState>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    ca_path: Option<PathBuf>,
+    tasks: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    /// Recovers the data directory, binds the endpoint and starts serving.
+    pub async fn start(config: BrokerConfig) -> anyhow::Result<Broker> {
+        Self::start_with_storage(config, Arc::new(FsStorage::new())).await
+    }
+
+    /// As `start`, with partition logs on the given storage backend.
+    pub async fn start_with_storage(config: BrokerConfig, storage: Arc<dyn Storage>) -> anyhow::Result<Broker> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let tls_files = crate::tls::ensure_certificates(&config)?;
+        let server_config = crate::tls::server_config(&tls_files, &config)?;
+        let shutdown = CancellationToken::new();
+        let (topics, offsets) = {
+            let dir = config.data_dir.clone();
+            let token = shutdown.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let topics = Topics::load(&dir, storage, token)?;
+                let offsets = OffsetStore::open(&dir.join("offsets"))?;
+                Ok((topics, offsets))
+            })
+            .await??
+        };
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .with_context(|| format!("binding UDP {}", config.listen))?;
+        let local_addr = endpoint.local_addr()?;
+        let state = Arc::new(BrokerState {
+            config,
+            topics,
+            offsets,
+            group_owners: DashMap::new(),
+            next_generation: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            shutdown,
+        });
+        let tasks = tokio::spawn(run(state.clone(), endpoint.clone()));
+        Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, tasks })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The development CA clients should trust, when certificates were generated.
+    pub fn ca_path(&self) -> Option<&PathBuf> {
+        self.ca_path.as_ref()
+    }
+
+    pub fn state(&self) -> &Arc<BrokerState> {
+        &self.state
+    }
+
+    /// A token that stops the broker when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Resolves once the broker has stopped (after `shutdown` or the token was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.tasks.await;
+    }
+
+    /// Stops accepting, closes connections, persists offsets and syncs every partition.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        let _ = self.tasks.await;
+    }
+
+    /// The endpoint, for tests that need to look at it.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+}
+
+async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
+    let mut conns = JoinSet::new();
+    let mut background = JoinSet::new();
+    background.spawn(crate::maintenance::retention_loop(state.clone()));
+    background.spawn(crate::maintenance::offsets_flush_loop(state.clone()));
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if state.connections.load(Ordering::Relaxed) >= state.config.max_connections {
+                    tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: at max_connections");
+                    incoming.refuse();
+                    continue;
+                }
+                if state.config.validate_addresses && !incoming.remote_address_validated() {
+                    let _ = incoming.retry();
+                    continue;
+                }
+                conns.spawn(handle_connection(state.clone(), incoming));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    state.shutdown.cancel();
+    endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.code() as u32), b"broker shutting down");
+    while tokio::time::timeout(Duration::from_secs(5), conns.join_next()).await.ok().flatten().is_some() {}
+    while background.join_next().await.is_some() {}
+    crate::maintenance::final_flush(&state).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!("broker stopped");
+}
+
+async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    state.connections.fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!("quiver_connections").increment(1.0);
+    tracing::debug!(%remote, "connection open");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv)); }
+                Err(e) => {
+                    tracing::debug!(%remote, "connection closed: {e}");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            _ = state.shutdown.cancelled() => break,
+        }
+    }
+    streams.abort_all();
+    while streams.join_next().await.is_some() {}
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+    metrics::gauge!("quiver_connections").decrement(1.0);
+}
+
+/// The first frame decides what a stream is: `Subscribe` makes a subscription stream,
+/// anything else a request stream.
+async fn handle_stream(state: Arc<BrokerState>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut reader =
+        FrameReader::new(recv).with_frame_timeout(Duration::from_millis(state.config.frame_timeout_ms));
+    let first = match reader.next_raw().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => return fail_stream(&mut send, &mut reader, e).await,
+    };
+    match Message::decode(first) {
+        Ok(Message::Subscribe(sub)) => crate::subscription::run(state, sub, send, reader).await,
+        first => crate::requests::serve(state, first, send, reader).await,
+    }
+}
+
+/// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.
+pub(crate) async fn fail_stream(send: &mut quinn::SendStream, reader: &mut FrameReader, e: ReadError) {
+    let code = match &e {
+        ReadError::Frame(FrameError::TooLarge(_)) => ErrorCode::FrameTooLarge,
+        ReadError::Frame(FrameError::UnsupportedVersion(_)) => ErrorCode::UnsupportedVersion,
+        ReadError::Message(m) => m.code(),
+        _ => ErrorCode::Malformed,
+    };
+    if matches!(e, ReadError::Read(_)) {
+        return; // the peer is gone; nothing to answer
+    }
+    tracing::debug!("closing a stream: {e}");
+    metrics::counter!("quiver_protocol_errors_total").increment(1);
+    let _ = write_message(send, &Message::error(code, e.to_string())).await;
+    let _ = send.finish();
+    reader.stop(code.code() as u32);
+}

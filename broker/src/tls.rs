@@ -1,0 +1,142 @@
+//! TLS for the QUIC endpoint: load configured certificates, or generate a development CA and a
+//! server certificate (rcgen) into `<data_dir>/tls/` on first start and reuse them afterwards.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use quinn::crypto::rustls::QuicServerConfig;
+use quiver_protocol::limits::ALPN;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::BrokerConfig;
+
+/// Paths of the certificate material in use.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set when a development CA was generated (or reused).
+    pub ca: Option<PathBuf>,
+}
+
+/// Returns the certificate files, generating development ones if none are configured.
+pub fn ensure_certificates(config: &BrokerConfig) -> anyhow::Result<TlsFiles> {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
+    }
+    let dir = config.tls_dir();
+    let files = TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), ca: Some(dir.join("ca.pem")) };
+    if files.cert.exists() && files.key.exists() && dir.join("ca.pem").exists() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    generate_dev_certificates(&dir)?;
+    tracing::info!(dir = %dir.display(), "generated a development CA and server certificate");
+    Ok(files)
+}
+
+fn generate_dev_certificates(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Quiver development CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && !names.iter().any(|n| n == host) {
+            names.push(host.to_string());
+        }
+    }
+    let mut params = CertificateParams::new(names)?;
+    params.distinguished_name.push(DnType::CommonName, "quiverd");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+
+    // Keys first, certificates last: the CA file's presence means the set is complete.
+    write_private(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
+    write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())?;
+    write_atomic(&dir.join("server.pem"), cert.pem().as_bytes())?;
+    write_atomic(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The quinn server configuration: TLS 1.3 only, ALPN `quiver/1`, and transport limits for a
+/// broker facing untrusted clients (STYLE.md item 10).
+pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<quinn::ServerConfig> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("server certificate and key do not match")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Finite windows: one connection can make the broker buffer at most `receive_window`.
+    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t.max_idle_timeout(Some(Duration::from_millis(config.idle_timeout_ms).try_into()?));
+    server.transport_config(Arc::new(t));
+    server.max_incoming(config.max_connections.saturating_mul(2).max(16));
+    Ok(server)
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing certificate {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading key {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .with_context(|| format!("parsing key {}", path.display()))?
+        .with_context(|| format!("no private key in {}", path.display()))
+}

@@ -1,0 +1,230 @@
+//! `Client`: one QUIC connection to a broker, re-established on demand after it is lost.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use quiver_protocol::limits::{ALPN, PROTOCOL_VERSION};
+use quiver_protocol::message::Message;
+use tokio::sync::Mutex;
+
+use crate::error::ClientError;
+use crate::transport::{write_message, FrameReader};
+
+/// The port `quiverd` listens on when given no `--listen`.
+pub const DEFAULT_PORT: u16 = 7420;
+
+/// `$HOME/.quiver/data` (or `./quiver-data` without a home): where `quiverd` keeps its data
+/// by default, so the CLI finds the development CA at `<this>/tls/ca.pem` with no flags.
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() => PathBuf::from(home).join(".quiver").join("data"),
+        _ => PathBuf::from("quiver-data"),
+    }
+}
+
+/// The development CA a default `quiverd` generates.
+pub fn default_ca_path() -> PathBuf {
+    default_data_dir().join("tls").join("ca.pem")
+}
+
+/// Where to find the broker and how to trust it.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// PEM file with the CA that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// TLS server name; defaults to the host part of `broker`.
+    pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub client_id: String,
+}
+
+impl ClientConfig {
+    pub fn new(broker: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            broker: broker.into(),
+            ca_file: ca_file.into(),
+            server_name: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            client_id: format!("quiver-client/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// A handle to a broker connection. Cheap to clone; all clones share the connection, which is
+/// re-established on the next request after it was lost.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    addr: SocketAddr,
+    server_name: String,
+    endpoint: quinn::Endpoint,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+impl Client {
+    /// Connects and exchanges `Hello`, so a bad address, certificate or broker shows up here.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let addr = resolve(&config.broker)?;
+        let server_name = config.server_name.clone().unwrap_or_else(|| host_of(&config.broker));
+        let endpoint = make_endpoint(&config, addr)?;
+        let client = Client { inner: Arc::new(Inner { config, addr, server_name, endpoint, conn: Mutex::new(None) }) };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The live connection, reconnecting if the last one was lost.
+    pub async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut guard = self.inner.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            tracing::debug!("connection to {} lost; reconnecting", self.inner.config.broker);
+        }
+        let conn = self.dial().await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self) -> Result<quinn::Connection, ClientError> {
+        let cfg = &self.inner.config;
+        let connecting = self.inner.endpoint.connect(self.inner.addr, &self.inner.server_name).map_err(|e| {
+            ClientError::Connect { addr: cfg.broker.clone(), reason: e.to_string() }
+        })?;
+        let conn = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    addr: cfg.broker.clone(),
+                    timeout_ms: cfg.connect_timeout.as_millis() as u64,
+                })
+            }
+            Ok(Err(e)) => return Err(connect_error(&cfg.broker, e)),
+            Ok(Ok(c)) => c,
+        };
+        let hello = Message::Hello { protocol_version: PROTOCOL_VERSION as u16, client_id: cfg.client_id.clone() };
+        match request_on(&conn, &hello, cfg.request_timeout).await? {
+            Message::HelloOk { .. } => Ok(conn),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One request on a fresh stream, one response.
+    pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        let conn = self.connection().await?;
+        request_on(&conn, msg, self.inner.config.request_timeout).await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        if let Some(c) = self.inner.conn.lock().await.take() {
+            c.close(0u32.into(), b"bye");
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+async fn request_on(conn: &quinn::Connection, msg: &Message, timeout: Duration) -> Result<Message, ClientError> {
+    let fut = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        write_message(&mut send, msg).await?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv);
+        match reader.next().await? {
+            Some(Message::Error { code, message }) => Err(ClientError::Broker { code, message }),
+            Some(m) => Ok(m),
+            None => Err(ClientError::ConnectionLost("stream closed without a response".into())),
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| ClientError::Timeout(timeout.as_millis() as u64))?
+}
+
+pub(crate) fn unexpected(m: Message) -> ClientError {
+    ClientError::Protocol(format!("unexpected response kind {}", m.kind()))
+}
+
+fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
+    let reason = match &e {
+        quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
+            format!("TLS: {t} (check --ca / QUIVER_CA points at the broker's ca.pem)")
+        }
+        quinn::ConnectionError::ConnectionClosed(c) if c.reason.as_ref() == b"peer doesn't support any known protocol" => {
+            "the peer does not speak quiver/1".into()
+        }
+        _ => e.to_string(),
+    };
+    ClientError::Connect { addr: addr.to_string(), reason }
+}
+
+fn resolve(broker: &str) -> Result<SocketAddr, ClientError> {
+    let bad = |reason: String| ClientError::BadAddress { addr: broker.to_string(), reason };
+    let mut addrs = broker.to_socket_addrs().map_err(|e| bad(format!("{e} (expected host:port)")))?;
+    addrs.next().ok_or_else(|| bad("resolves to no address".into()))
+}
+
+fn host_of(broker: &str) -> String {
+    let host = broker.rsplit_once(':').map(|(h, _)| h).unwrap_or(broker);
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let bad_ca = |reason: String| ClientError::BadCa { path: config.ca_file.display().to_string(), reason };
+    let pem = std::fs::read(&config.ca_file).map_err(|e| bad_ca(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| bad_ca(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad_ca(e.to_string()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(bad_ca("no PEM certificate in the file".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+    client_config.transport_config(Arc::new(transport_config()));
+    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
+        ClientError::BadAddress { addr: config.broker.clone(), reason: "cannot bind a local socket".into() }
+    })?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ClientError::Connect { addr: config.broker.clone(), reason: format!("local socket: {e}") })?;
+    endpoint.set_default_client_config(client_config);
+    Ok(endpoint)
+}
+
+/// Client-side transport limits: generous windows for throughput, keep-alives so an idle
+/// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    t.receive_window((64u32 * 1024 * 1024).into());
+    t.send_window(64 * 1024 * 1024);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}

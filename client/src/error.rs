@@ -1,0 +1,85 @@
+//! Client errors. Each names what failed in terms a user can act on.
+
+use quiver_protocol::ErrorCode;
+
+use crate::transport::{ReadError, WriteError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker address could not be parsed or resolved.
+    #[error("bad broker address '{addr}': {reason}")]
+    BadAddress { addr: String, reason: String },
+    /// The CA certificate file could not be read or holds no certificate.
+    #[error("CA certificate {path}: {reason}")]
+    BadCa { path: String, reason: String },
+    /// No connection within the timeout (nothing listening, or UDP dropped).
+    #[error("broker {addr} unreachable: no answer within {timeout_ms} ms (is quiverd running there?)")]
+    Unreachable { addr: String, timeout_ms: u64 },
+    /// The connection failed, including TLS failures such as an untrusted certificate.
+    #[error("connection to {addr} failed: {reason}")]
+    Connect { addr: String, reason: String },
+    /// The connection was lost mid-request.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The broker answered with an error.
+    #[error("{}", broker_message(*code, message))]
+    Broker { code: ErrorCode, message: String },
+    /// The broker sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A request did not complete in time.
+    #[error("request timed out after {0} ms")]
+    Timeout(u64),
+    /// The producer or consumer was closed.
+    #[error("closed")]
+    Closed,
+}
+
+fn broker_message(code: ErrorCode, message: &str) -> String {
+    if message.is_empty() {
+        format!("broker error {code}")
+    } else {
+        message.to_string()
+    }
+}
+
+impl ClientError {
+    /// The broker's error code, if the broker sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether a retry on a new connection may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::ConnectionLost(_) | ClientError::Timeout(_) | ClientError::Unreachable { .. } => true,
+            ClientError::Broker { code, .. } => code.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
+impl From<ReadError> for ClientError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Read(e) => ClientError::ConnectionLost(e.to_string()),
+            ReadError::Truncated => ClientError::ConnectionLost(e.to_string()),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl From<WriteError> for ClientError {
+    fn from(e: WriteError) -> Self {
+        ClientError::ConnectionLost(e.to_string())
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        ClientError::ConnectionLost(e.to_string())
+    }
+}

@@ -1,0 +1,100 @@
+//! Frames over quinn streams, shared by the client and the broker.
+//!
+//! `FrameReader` buffers only what one frame needs (its length is checked against
+//! `MAX_FRAME_BYTES` first) and gives a started frame `frame_timeout` to arrive completely, so
+//! a peer cannot hold a half-sent frame open for ever. `next()` is cancel-safe: all state lives
+//! in the struct, so it can sit in a `select!`.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quiver_protocol::frame::{decode_frame, FrameError, RawFrame};
+use quiver_protocol::message::{Encoded, Message, MessageError};
+
+/// Default for how long the rest of a frame may take once its first byte arrived.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes asked of quinn per read.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error("a frame took longer than {0:?} to arrive")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Read(#[from] quinn::ReadError),
+}
+
+/// Writing a frame failed.
+pub type WriteError = quinn::WriteError;
+
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    frame_timeout: Duration,
+}
+
+impl FrameReader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        FrameReader { recv, buf: BytesMut::with_capacity(8 * 1024), frame_timeout: DEFAULT_FRAME_TIMEOUT }
+    }
+
+    pub fn with_frame_timeout(mut self, t: Duration) -> Self {
+        self.frame_timeout = t;
+        self
+    }
+
+    /// The next raw frame, or `None` at a clean end of stream.
+    pub async fn next_raw(&mut self) -> Result<Option<RawFrame>, ReadError> {
+        loop {
+            if let Some(frame) = decode_frame(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            let chunk = if self.buf.is_empty() {
+                self.recv.read_chunk(READ_CHUNK_BYTES, true).await?
+            } else {
+                tokio::time::timeout(self.frame_timeout, self.recv.read_chunk(READ_CHUNK_BYTES, true))
+                    .await
+                    .map_err(|_| ReadError::Timeout(self.frame_timeout))??
+            };
+            match chunk {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(ReadError::Truncated),
+            }
+        }
+    }
+
+    /// The next frame decoded as a `Message`, or `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Message>, ReadError> {
+        match self.next_raw().await? {
+            Some(raw) => Ok(Some(Message::decode(raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}
+
+/// Writes one message; the batch tail goes out without being copied.
+pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), WriteError> {
+    write_encoded(send, msg.encode()).await
+}
+
+pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result<(), WriteError> {
+    if enc.tail.is_empty() {
+        send.write_chunk(enc.head).await
+    } else {
+        send.write_all_chunks(&mut [enc.head, enc.tail]).await
+    }
+}
