@@ -79,15 +79,22 @@ impl BrokerConfig {
     /// Reads a TOML file; unknown keys are an error so typos do not pass silently.
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
 
     /// Checks relations between settings.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.tls_cert.is_some() == self.tls_key.is_some(), "tls_cert and tls_key go together");
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "tls_cert and tls_key go together"
+        );
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
-        anyhow::ensure!(self.max_inflight_requests_per_stream > 0, "max_inflight_requests_per_stream must be positive");
+        anyhow::ensure!(
+            self.max_inflight_requests_per_stream > 0,
+            "max_inflight_requests_per_stream must be positive"
+        );
         anyhow::ensure!(
             self.max_deliver_bytes as usize <= quiver_protocol::limits::MAX_FRAME_BYTES / 2,
             "max_deliver_bytes must be at most half of the frame limit"

@@ -74,7 +74,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             env!("CARGO_PKG_VERSION"),
             ca.display()
         ),
-        None => tracing::info!(listen = %broker.local_addr(), data_dir = %config.data_dir.display(), "quiverd ready"),
+        None => {
+            tracing::info!(listen = %broker.local_addr(), data_dir = %config.data_dir.display(), "quiverd ready")
+        }
     }
     let token = broker.shutdown_token();
     tokio::spawn(async move {

@@ -68,7 +68,11 @@ impl OffsetStore {
     /// All committed offsets of one group and topic.
     pub fn for_topic(&self, group: &str, topic: &str) -> HashMap<u32, u64> {
         let st = self.state.lock();
-        st.offsets.iter().filter(|((g, t, _), _)| &**g == group && &**t == topic).map(|((_, _, p), o)| (*p, *o)).collect()
+        st.offsets
+            .iter()
+            .filter(|((g, t, _), _)| &**g == group && &**t == topic)
+            .map(|((_, _, p), o)| (*p, *o))
+            .collect()
     }
 
     /// Records an offset in memory; `flush` persists it.
@@ -243,7 +247,8 @@ mod tests {
     #[test]
     fn garbage_never_panics() {
         for seed in 0u32..200 {
-            let data: Vec<u8> = (0..64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect();
+            let data: Vec<u8> =
+                (0..64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect();
             let _ = parse_entries(&data);
         }
     }

@@ -117,7 +117,8 @@ impl Partition {
             log_start: AtomicU64::new(start),
             appends,
         });
-        let writer = Writer { partition: Arc::downgrade(&p), log: p.log.clone(), durability: config.durability };
+        let writer =
+            Writer { partition: Arc::downgrade(&p), log: p.log.clone(), durability: config.durability };
         let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
         tokio::spawn(writer.run(rx, interval, shutdown));
         Ok(p)
@@ -155,7 +156,12 @@ impl Partition {
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
         let hw = self.high_watermark();
         if offset > hw {
-            return Err(LogError::OffsetOutOfRange { requested: offset, log_start: self.log_start_offset(), next: hw }.into());
+            return Err(LogError::OffsetOutOfRange {
+                requested: offset,
+                log_start: self.log_start_offset(),
+                next: hw,
+            }
+            .into());
         }
         if offset == hw {
             return Ok(Bytes::new());
@@ -217,7 +223,12 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<AppendRequest>, interval: Duration, shutdown: CancellationToken) {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<AppendRequest>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = false;
@@ -258,7 +269,11 @@ impl Writer {
                 for mut req in group {
                     let r = log
                         .append(&mut req.batch, 0, now)
-                        .map(|info| Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+                        .map(|info| Appended {
+                            base_offset: info.base_offset,
+                            last_offset: info.last_offset,
+                            append_time_ms: now,
+                        })
                         .map_err(PartitionError::from);
                     results.push((req.reply, r));
                 }
@@ -293,7 +308,9 @@ impl Writer {
         }
         for (reply, r) in results {
             let r = match (&synced, r) {
-                (Err(e), Ok(_)) => Err(PartitionError::new(ErrorCode::StorageError, format!("fsync failed: {e}"))),
+                (Err(e), Ok(_)) => {
+                    Err(PartitionError::new(ErrorCode::StorageError, format!("fsync failed: {e}")))
+                }
                 (_, r) => r,
             };
             let _ = reply.send(r);
@@ -314,5 +331,8 @@ impl Writer {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -87,7 +87,9 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
             broker_id: state.config.broker_id,
             server_version: env!("CARGO_PKG_VERSION").to_string(),
         }),
-        Message::Produce { topic, partition, acks, batch } => produce(state, &topic, partition, acks, batch).await,
+        Message::Produce { topic, partition, acks, batch } => {
+            produce(state, &topic, partition, acks, batch).await
+        }
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
         }),
@@ -109,7 +111,8 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
             Some(match r {
                 Ok(_) => {
                     let st2 = st.clone();
-                    let _ = tokio::task::spawn_blocking(move || st2.offsets.remove_topic_blocking(&name)).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || st2.offsets.remove_topic_blocking(&name)).await;
                     Message::Done
                 }
                 Err(e) => error(e),
@@ -126,7 +129,13 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
     }
 }
 
-async fn produce(state: &Arc<BrokerState>, topic: &str, partition: u32, acks: Acks, batch: bytes::Bytes) -> Pending {
+async fn produce(
+    state: &Arc<BrokerState>,
+    topic: &str,
+    partition: u32,
+    acks: Acks,
+    batch: bytes::Bytes,
+) -> Pending {
     let result = async {
         let t = state.topics.get(topic)?;
         let p = t.partition(partition)?.clone();
@@ -138,8 +147,10 @@ async fn produce(state: &Arc<BrokerState>, topic: &str, partition: u32, acks: Ac
             };
             PartitionError::new(code, format!("rejected batch for {topic}/{partition}: {e}"))
         })?;
-        metrics::counter!("quiver_messages_in_total", "topic" => t.name.to_string()).increment(header.records_count as u64);
-        metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string()).increment(batch.len() as u64);
+        metrics::counter!("quiver_messages_in_total", "topic" => t.name.to_string())
+            .increment(header.records_count as u64);
+        metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string())
+            .increment(batch.len() as u64);
         // The frame buffer is shared, so the batch is copied once to stamp its offset.
         let rx = p.submit(BytesMut::from(&batch[..])).await?;
         Ok::<_, PartitionError>(rx)
@@ -155,9 +166,13 @@ async fn produce(state: &Arc<BrokerState>, topic: &str, partition: u32, acks: Ac
         (Ok(_), Acks::None) => Box::pin(async { None }),
         (Ok(rx), Acks::Leader) => Box::pin(async move {
             let r = match rx.await {
-                Ok(Ok(a)) => Message::ProduceOk { base_offset: a.base_offset, log_append_time_ms: a.append_time_ms },
+                Ok(Ok(a)) => {
+                    Message::ProduceOk { base_offset: a.base_offset, log_append_time_ms: a.append_time_ms }
+                }
                 Ok(Err(e)) => error(e),
-                Err(_) => Message::error(ErrorCode::ShuttingDown, "partition closed before the append completed"),
+                Err(_) => {
+                    Message::error(ErrorCode::ShuttingDown, "partition closed before the append completed")
+                }
             };
             metrics::histogram!("quiver_produce_seconds").record(started.elapsed().as_secs_f64());
             Some(r)
@@ -165,15 +180,31 @@ async fn produce(state: &Arc<BrokerState>, topic: &str, partition: u32, acks: Ac
     }
 }
 
-async fn fetch(state: &BrokerState, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> Result<Message, PartitionError> {
+async fn fetch(
+    state: &BrokerState,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+) -> Result<Message, PartitionError> {
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
     let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes as usize);
     let batches = p.read(offset, max).await?;
-    Ok(Message::FetchOk { log_start_offset: p.log_start_offset(), high_watermark: p.high_watermark(), batches })
+    Ok(Message::FetchOk {
+        log_start_offset: p.log_start_offset(),
+        high_watermark: p.high_watermark(),
+        batches,
+    })
 }
 
-async fn commit(state: &Arc<BrokerState>, group: String, topic: &str, partition: u32, offset: u64) -> Result<Message, PartitionError> {
+async fn commit(
+    state: &Arc<BrokerState>,
+    group: String,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<Message, PartitionError> {
     if group.is_empty() {
         return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty"));
     }

@@ -51,7 +51,10 @@ impl Broker {
     }
 
     /// As `start`, with partition logs on the given storage backend.
-    pub async fn start_with_storage(config: BrokerConfig, storage: Arc<dyn Storage>) -> anyhow::Result<Broker> {
+    pub async fn start_with_storage(
+        config: BrokerConfig,
+        storage: Arc<dyn Storage>,
+    ) -> anyhow::Result<Broker> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;

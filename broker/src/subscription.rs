@@ -23,7 +23,12 @@ struct Setup {
     group: Option<(OffsetKey, u64)>,
 }
 
-pub(crate) async fn run(state: Arc<BrokerState>, sub: Subscribe, mut send: quinn::SendStream, reader: FrameReader) {
+pub(crate) async fn run(
+    state: Arc<BrokerState>,
+    sub: Subscribe,
+    mut send: quinn::SendStream,
+    reader: FrameReader,
+) {
     let setup = match setup(&state, &sub) {
         Ok(s) => s,
         Err(e) => {
@@ -60,7 +65,9 @@ fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> 
     let partition = topic.partition(sub.partition)?.clone();
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
     let group = match &sub.group {
-        Some(g) if g.is_empty() => return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty")),
+        Some(g) if g.is_empty() => {
+            return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty"))
+        }
         Some(g) => {
             let key: OffsetKey = (Arc::from(g.as_str()), topic.name.clone(), sub.partition);
             let generation = state.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +155,8 @@ async fn push(
                 if write_message(send, &msg).await.is_err() {
                     return Ok(()); // the client went away
                 }
-                metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string()).increment(messages);
+                metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string())
+                    .increment(messages);
                 metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string()).increment(bytes);
                 window.on_delivered(next, bytes, messages);
                 position = next;
@@ -166,7 +174,12 @@ async fn push(
     }
 }
 
-fn apply_ack(state: &BrokerState, setup: &Setup, window: &mut DeliveryWindow, next: u64) -> Result<(), PartitionError> {
+fn apply_ack(
+    state: &BrokerState,
+    setup: &Setup,
+    window: &mut DeliveryWindow,
+    next: u64,
+) -> Result<(), PartitionError> {
     let moved = window.on_ack(next).map_err(|e| PartitionError::new(ErrorCode::Malformed, e.to_string()))?;
     if let (true, Some((key, generation))) = (moved, &setup.group) {
         // A subscription that was taken over no longer moves the group's offset.

@@ -27,7 +27,8 @@ pub fn ensure_certificates(config: &BrokerConfig) -> anyhow::Result<TlsFiles> {
         return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
     }
     let dir = config.tls_dir();
-    let files = TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), ca: Some(dir.join("ca.pem")) };
+    let files =
+        TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), ca: Some(dir.join("ca.pem")) };
     if files.cert.exists() && files.key.exists() && dir.join("ca.pem").exists() {
         return Ok(files);
     }

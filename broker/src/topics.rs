@@ -50,11 +50,16 @@ pub struct Topics {
 
 impl Topics {
     /// Loads every topic under `<data_dir>/topics`, recovering each partition. Blocking.
-    pub fn load(data_dir: &Path, storage: Arc<dyn Storage>, shutdown: CancellationToken) -> anyhow::Result<Topics> {
+    pub fn load(
+        data_dir: &Path,
+        storage: Arc<dyn Storage>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Topics> {
         use anyhow::Context;
         let root = data_dir.join("topics");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let topics = Topics { root: root.clone(), storage, map: DashMap::new(), admin: Default::default(), shutdown };
+        let topics =
+            Topics { root: root.clone(), storage, map: DashMap::new(), admin: Default::default(), shutdown };
         for entry in std::fs::read_dir(&root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -71,7 +76,8 @@ impl Topics {
                     continue;
                 }
             };
-            let file: TopicFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", meta.display()))?;
+            let file: TopicFile =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", meta.display()))?;
             let topic = topics.open_topic(&file.name, file.partitions, file.config)?;
             tracing::info!(topic = %file.name, partitions = file.partitions, "loaded topic");
             topics.map.insert(file.name, topic);
@@ -79,7 +85,12 @@ impl Topics {
         Ok(topics)
     }
 
-    fn open_topic(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<Arc<Topic>, PartitionError> {
+    fn open_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, PartitionError> {
         let name: Arc<str> = Arc::from(name);
         let dir = self.root.join(&*name);
         let parts = (0..partitions)
@@ -113,14 +124,22 @@ impl Topics {
     /// Creates a topic durably: partition directories, then `topic.json` (tmp, fsync, rename,
     /// fsync dir). A crash before the rename leaves a directory without `topic.json`, skipped
     /// at load.
-    pub async fn create(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<Arc<Topic>, PartitionError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, PartitionError> {
         let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, m);
         validate_topic_name(name).map_err(invalid)?;
         validate_partition_count(partitions).map_err(invalid)?;
         validate_config(&config).map_err(invalid)?;
         let _guard = self.admin.lock().await;
         if self.map.contains_key(name) {
-            return Err(PartitionError::new(ErrorCode::TopicExists, format!("topic '{name}' already exists")));
+            return Err(PartitionError::new(
+                ErrorCode::TopicExists,
+                format!("topic '{name}' already exists"),
+            ));
         }
         let dir = self.root.join(name);
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };

@@ -28,7 +28,12 @@ impl Admin {
         Admin { client }
     }
 
-    pub async fn create_topic(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<(), ClientError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<(), ClientError> {
         match self.client.request(&Message::CreateTopic { name: name.into(), partitions, config }).await? {
             Message::Done => Ok(()),
             other => Err(unexpected(other)),
@@ -57,15 +62,26 @@ impl Admin {
     }
 
     /// Committed offsets of `group` for every partition of `topic`, with each partition's range.
-    pub async fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<PartitionOffsets>, ClientError> {
-        match self.client.request(&Message::FetchOffsets { group: group.into(), topic: topic.into() }).await? {
+    pub async fn group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionOffsets>, ClientError> {
+        match self.client.request(&Message::FetchOffsets { group: group.into(), topic: topic.into() }).await?
+        {
             Message::Offsets(o) => Ok(o),
             other => Err(unexpected(other)),
         }
     }
 
     /// Durably commits `offset` (the next offset to consume) for a group and partition.
-    pub async fn commit_offset(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<(), ClientError> {
+    pub async fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), ClientError> {
         let msg = Message::CommitOffset { group: group.into(), topic: topic.into(), partition, offset };
         match self.client.request(&msg).await? {
             Message::CommitOk => Ok(()),

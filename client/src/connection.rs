@@ -79,7 +79,8 @@ impl Client {
         let addr = resolve(&config.broker)?;
         let server_name = config.server_name.clone().unwrap_or_else(|| host_of(&config.broker));
         let endpoint = make_endpoint(&config, addr)?;
-        let client = Client { inner: Arc::new(Inner { config, addr, server_name, endpoint, conn: Mutex::new(None) }) };
+        let client =
+            Client { inner: Arc::new(Inner { config, addr, server_name, endpoint, conn: Mutex::new(None) }) };
         client.connection().await?;
         Ok(client)
     }
@@ -104,9 +105,11 @@ impl Client {
 
     async fn dial(&self) -> Result<quinn::Connection, ClientError> {
         let cfg = &self.inner.config;
-        let connecting = self.inner.endpoint.connect(self.inner.addr, &self.inner.server_name).map_err(|e| {
-            ClientError::Connect { addr: cfg.broker.clone(), reason: e.to_string() }
-        })?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(self.inner.addr, &self.inner.server_name)
+            .map_err(|e| ClientError::Connect { addr: cfg.broker.clone(), reason: e.to_string() })?;
         let conn = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
             Err(_) => {
                 return Err(ClientError::Unreachable {
@@ -117,7 +120,8 @@ impl Client {
             Ok(Err(e)) => return Err(connect_error(&cfg.broker, e)),
             Ok(Ok(c)) => c,
         };
-        let hello = Message::Hello { protocol_version: PROTOCOL_VERSION as u16, client_id: cfg.client_id.clone() };
+        let hello =
+            Message::Hello { protocol_version: PROTOCOL_VERSION as u16, client_id: cfg.client_id.clone() };
         match request_on(&conn, &hello, cfg.request_timeout).await? {
             Message::HelloOk { .. } => Ok(conn),
             other => Err(unexpected(other)),
@@ -139,7 +143,11 @@ impl Client {
     }
 }
 
-async fn request_on(conn: &quinn::Connection, msg: &Message, timeout: Duration) -> Result<Message, ClientError> {
+async fn request_on(
+    conn: &quinn::Connection,
+    msg: &Message,
+    timeout: Duration,
+) -> Result<Message, ClientError> {
     let fut = async {
         let (mut send, recv) = conn.open_bi().await?;
         write_message(&mut send, msg).await?;
@@ -163,7 +171,9 @@ fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
         quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
             format!("TLS: {t} (check --ca / QUIVER_CA points at the broker's ca.pem)")
         }
-        quinn::ConnectionError::ConnectionClosed(c) if c.reason.as_ref() == b"peer doesn't support any known protocol" => {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.reason.as_ref() == b"peer doesn't support any known protocol" =>
+        {
             "the peer does not speak quiver/1".into()
         }
         _ => e.to_string(),
@@ -208,8 +218,10 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
         ClientError::BadAddress { addr: config.broker.clone(), reason: "cannot bind a local socket".into() }
     })?;
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| ClientError::Connect { addr: config.broker.clone(), reason: format!("local socket: {e}") })?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        addr: config.broker.clone(),
+        reason: format!("local socket: {e}"),
+    })?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }

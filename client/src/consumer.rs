@@ -106,7 +106,10 @@ struct AckFloor {
 
 impl AckState {
     fn new() -> Self {
-        AckState { inner: Mutex::new(AckFloor { floor: 0, above: BTreeSet::new(), next_expected: 0 }), changed: Notify::new() }
+        AckState {
+            inner: Mutex::new(AckFloor { floor: 0, above: BTreeSet::new(), next_expected: 0 }),
+            changed: Notify::new(),
+        }
     }
 
     fn ack(&self, offset: u64) {
@@ -183,7 +186,14 @@ impl Consumer {
         for p in selected {
             let acks = Arc::new(AckState::new());
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let task = PartitionConsumer { client: client.clone(), config: config.clone(), topic: topic.clone(), partition: p, acks: acks.clone(), tx: tx.clone() };
+            let task = PartitionConsumer {
+                client: client.clone(),
+                config: config.clone(),
+                topic: topic.clone(),
+                partition: p,
+                acks: acks.clone(),
+                tx: tx.clone(),
+            };
             tasks.push(tokio::spawn(task.run(ready_tx)));
             partitions.push((p, acks));
             ready.push(ready_rx);
@@ -272,7 +282,9 @@ impl PartitionConsumer {
                     let floor = self.acks.floor();
                     start = StartPosition::Offset(floor);
                     if let Some(g) = &self.config.group {
-                        let _ = Admin::new(self.client.clone()).commit_offset(g, &self.topic, self.partition, floor).await;
+                        let _ = Admin::new(self.client.clone())
+                            .commit_offset(g, &self.topic, self.partition, floor)
+                            .await;
                     }
                 }
             }
@@ -342,7 +354,8 @@ impl PartitionConsumer {
     /// Hands a delivery's records to the application. `Ok(false)` once the app is gone.
     async fn deliver(&self, batches: Bytes) -> Result<bool, ClientError> {
         for item in BatchSplitter::new(batches) {
-            let (header, batch) = item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
+            let (header, batch) =
+                item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
             for record in RecordIter::new(batch, header) {
                 let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
                 {

@@ -55,7 +55,9 @@ impl ClientError {
     /// Whether a retry on a new connection may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::ConnectionLost(_) | ClientError::Timeout(_) | ClientError::Unreachable { .. } => true,
+            ClientError::ConnectionLost(_) | ClientError::Timeout(_) | ClientError::Unreachable { .. } => {
+                true
+            }
             ClientError::Broker { code, .. } => code.is_retriable(),
             _ => false,
         }

@@ -11,8 +11,8 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use quiver_client::connection::default_ca_path;
 use quiver_client::{
-    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig, ProducerRecord,
-    StartPosition, TopicConfig,
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
+    ProducerRecord, StartPosition, TopicConfig,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -291,7 +291,9 @@ fn parse_from(s: &str) -> anyhow::Result<StartPosition> {
     Ok(match s {
         "earliest" => StartPosition::Earliest,
         "latest" => StartPosition::Latest,
-        n => StartPosition::Offset(n.parse().with_context(|| format!("--from '{n}': expected earliest, latest or an offset"))?),
+        n => StartPosition::Offset(
+            n.parse().with_context(|| format!("--from '{n}': expected earliest, latest or an offset"))?,
+        ),
     })
 }
 
@@ -357,7 +359,10 @@ async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()
     for p in client.admin().group_offsets(group, topic).await? {
         let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
         let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-        println!("{}\t\t{}\t\t{}\t\t{}\t{}", p.partition, committed, p.log_start_offset, p.high_watermark, lag);
+        println!(
+            "{}\t\t{}\t\t{}\t\t{}\t{}",
+            p.partition, committed, p.log_start_offset, p.high_watermark, lag
+        );
     }
     Ok(())
 }

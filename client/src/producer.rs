@@ -99,7 +99,10 @@ pub struct DeliveryFuture {
 
 impl std::future::Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ClientError>;
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ClientError::Closed)))
     }
 }
@@ -168,11 +171,14 @@ impl Producer {
         let n = sender.partitions.len() as u32;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < n => p,
-            (Some(p), _) => return Err(ClientError::Protocol(format!("topic '{topic}' has no partition {p}"))),
+            (Some(p), _) => {
+                return Err(ClientError::Protocol(format!("topic '{topic}' has no partition {p}")))
+            }
             (None, Some(key)) => (murmur2(key) & 0x7fff_ffff) % n,
             (None, None) => sender.next.fetch_add(1, Ordering::Relaxed) % n,
         };
-        let permit = self.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ClientError::Closed)?;
+        let permit =
+            self.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ClientError::Closed)?;
         let (reply, rx) = oneshot::channel();
         sender.partitions[partition as usize]
             .send(Command::Record(Pending { record, reply, _permit: permit }))
@@ -257,7 +263,15 @@ struct PartitionTask {
 
 impl PartitionTask {
     fn new(client: Client, config: Arc<ProducerConfig>, topic: Arc<str>, partition: u32) -> Self {
-        PartitionTask { client, config, topic, partition, open: None, in_flight: VecDeque::new(), stream: None }
+        PartitionTask {
+            client,
+            config,
+            topic,
+            partition,
+            open: None,
+            in_flight: VecDeque::new(),
+            stream: None,
+        }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -284,7 +298,8 @@ impl PartitionTask {
     }
 
     async fn add(&mut self, p: Pending) {
-        let headers: Vec<(&str, &[u8])> = p.record.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        let headers: Vec<(&str, &[u8])> =
+            p.record.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
         let size = BatchBuilder::record_size(p.record.key.as_deref(), &p.record.value, &headers);
         if let Some(o) = &self.open {
             if o.builder.size_bytes() + size > self.config.max_batch_bytes.min(MAX_BATCH_BYTES) {
@@ -414,7 +429,9 @@ fn complete(flight: InFlight, result: impl Fn(usize) -> Result<RecordMetadata, C
     }
 }
 
-async fn next_response(stream: &mut Option<(quinn::SendStream, FrameReader)>) -> Result<Option<Message>, ClientError> {
+async fn next_response(
+    stream: &mut Option<(quinn::SendStream, FrameReader)>,
+) -> Result<Option<Message>, ClientError> {
     match stream {
         Some((_, reader)) => Ok(reader.next().await?),
         None => std::future::pending().await,
@@ -429,7 +446,10 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Kafka's murmur2, so keys map to the same partitions as in Kafka clients.

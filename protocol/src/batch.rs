@@ -59,7 +59,9 @@ impl BatchHeader {
     /// count bounds; does not look at the records or the CRC.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < BATCH_HEADER_BYTES {
-            return Err(DecodeError::Truncated { offset: 0, need: BATCH_HEADER_BYTES, have: buf.len() }.into());
+            return Err(
+                DecodeError::Truncated { offset: 0, need: BATCH_HEADER_BYTES, have: buf.len() }.into()
+            );
         }
         let i64_at = |o: usize| i64::from_be_bytes(buf[o..o + 8].try_into().unwrap_or([0; 8]));
         let i32_at = |o: usize| i32::from_be_bytes(buf[o..o + 4].try_into().unwrap_or([0; 4]));
@@ -83,8 +85,12 @@ impl BatchHeader {
         if records_count < 1 || records_count as usize > MAX_RECORDS_PER_BATCH {
             return Err(BatchError::Inconsistent(format!("record count {records_count}")));
         }
-        if records_count as usize * MIN_RECORD_BYTES > batch_length as usize + BATCH_LOG_OVERHEAD - BATCH_HEADER_BYTES {
-            return Err(BatchError::Inconsistent(format!("{records_count} records cannot fit in {batch_length} bytes")));
+        if records_count as usize * MIN_RECORD_BYTES
+            > batch_length as usize + BATCH_LOG_OVERHEAD - BATCH_HEADER_BYTES
+        {
+            return Err(BatchError::Inconsistent(format!(
+                "{records_count} records cannot fit in {batch_length} bytes"
+            )));
         }
         if last_offset_delta != records_count - 1 {
             return Err(BatchError::Inconsistent(format!(
@@ -185,7 +191,8 @@ pub struct RecordIter {
 impl RecordIter {
     /// `batch` is one whole batch, already validated or CRC-checked.
     pub fn new(batch: Bytes, header: BatchHeader) -> Self {
-        let body = if batch.len() >= BATCH_HEADER_BYTES { batch.slice(BATCH_HEADER_BYTES..) } else { Bytes::new() };
+        let body =
+            if batch.len() >= BATCH_HEADER_BYTES { batch.slice(BATCH_HEADER_BYTES..) } else { Bytes::new() };
         RecordIter { body, pos: 0, header, index: 0 }
     }
 
@@ -286,7 +293,8 @@ struct VarCursor<'a> {
 
 impl VarCursor<'_> {
     fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated { offset: self.pos, need: 1, have: 0 })?;
+        let b =
+            *self.buf.get(self.pos).ok_or(DecodeError::Truncated { offset: self.pos, need: 1, have: 0 })?;
         self.pos += 1;
         Ok(b)
     }
@@ -321,11 +329,19 @@ impl VarCursor<'_> {
         let at = self.pos;
         let len = self.varint()?;
         if len < 0 {
-            return if len == -1 { Ok(None) } else { Err(DecodeError::invalid("length", at, format!("{len}"))) };
+            return if len == -1 {
+                Ok(None)
+            } else {
+                Err(DecodeError::invalid("length", at, format!("{len}")))
+            };
         }
         let len = len as usize;
         if len > self.buf.len() - self.pos {
-            return Err(DecodeError::Truncated { offset: self.pos, need: len, have: self.buf.len() - self.pos });
+            return Err(DecodeError::Truncated {
+                offset: self.pos,
+                need: len,
+                have: self.buf.len() - self.pos,
+            });
         }
         let range = (self.pos, self.pos + len);
         self.pos += len;
@@ -398,7 +414,13 @@ impl BatchBuilder {
     pub fn new(capacity: usize) -> Self {
         let mut buf = BytesMut::with_capacity(capacity.max(BATCH_HEADER_BYTES));
         buf.resize(BATCH_HEADER_BYTES, 0);
-        BatchBuilder { buf, base_timestamp: 0, max_timestamp: 0, count: 0, identity: ProducerIdentity::default() }
+        BatchBuilder {
+            buf,
+            base_timestamp: 0,
+            max_timestamp: 0,
+            count: 0,
+            identity: ProducerIdentity::default(),
+        }
     }
 
     pub fn with_identity(mut self, identity: ProducerIdentity) -> Self {
@@ -423,7 +445,13 @@ impl BatchBuilder {
         body + varint_len(body as u64 * 2)
     }
 
-    fn record_body_len(ts: i64, od: i32, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) -> usize {
+    fn record_body_len(
+        ts: i64,
+        od: i32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> usize {
         let mut n = 1
             + varint_len(zigzag64(ts))
             + varint_len(zigzag32(od) as u64)
@@ -507,7 +535,11 @@ impl Iterator for BatchSplitter {
             let header = BatchHeader::parse(&self.buf)?;
             let len = header.total_len();
             if len > self.buf.len() {
-                return Err(BatchError::Decode(DecodeError::Truncated { offset: 0, need: len, have: self.buf.len() }));
+                return Err(BatchError::Decode(DecodeError::Truncated {
+                    offset: 0,
+                    need: len,
+                    have: self.buf.len(),
+                }));
             }
             let batch = self.buf.split_to(len);
             verify_crc(&batch, &header)?;
@@ -525,7 +557,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn build(records: &[(i64, Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)]) -> Bytes {
+    /// (timestamp, key, value, headers)
+    type TestRecord = (i64, Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+    fn build(records: &[TestRecord]) -> Bytes {
         let mut b = BatchBuilder::new(1024);
         for (ts, k, v, h) in records {
             let hs: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();

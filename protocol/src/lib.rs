@@ -15,6 +15,6 @@ pub use codec::DecodeError;
 pub use error::ErrorCode;
 pub use frame::{decode_frame, FrameError, RawFrame};
 pub use message::{
-    Acks, Durability, Encoded, Message, MessageError, PartitionInfo, PartitionOffsets, StartPosition, Subscribe,
-    TopicConfig, TopicInfo,
+    Acks, Durability, Encoded, Message, MessageError, PartitionInfo, PartitionOffsets, StartPosition,
+    Subscribe, TopicConfig, TopicInfo,
 };

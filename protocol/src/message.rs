@@ -8,7 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::error::ErrorCode;
 use crate::frame::{put_header, RawFrame};
-use crate::limits::{MAX_BATCH_BYTES, MAX_FRAME_BYTES, MAX_PARTITIONS, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
+use crate::limits::{
+    MAX_BATCH_BYTES, MAX_FRAME_BYTES, MAX_PARTITIONS, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
+};
 
 /// Where a subscription starts when it has no committed group offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,7 +364,9 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
     Ok(match kind {
         kind::ERROR => Error { code: ErrorCode::from_code(r.u16()?), message: text(r)? },
         kind::HELLO => Hello { protocol_version: r.u16()?, client_id: text(r)? },
-        kind::HELLO_OK => HelloOk { protocol_version: r.u16()?, broker_id: r.u32()?, server_version: text(r)? },
+        kind::HELLO_OK => {
+            HelloOk { protocol_version: r.u16()?, broker_id: r.u32()?, server_version: text(r)? }
+        }
         kind::PRODUCE => Produce {
             topic: topic(r)?,
             partition: r.u32()?,
@@ -378,7 +382,9 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             window_messages: r.u32()?,
             window_bytes: r.u32()?,
         }),
-        kind::SUBSCRIBED => Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? },
+        kind::SUBSCRIBED => {
+            Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? }
+        }
         kind::DELIVER => Deliver { high_watermark: r.u64()?, batches: r.bytes("batches", MAX_FRAME_BYTES)? },
         kind::ACK => Ack { next_offset: r.u64()? },
         kind::FETCH => Fetch { topic: topic(r)?, partition: r.u32()?, offset: r.u64()?, max_bytes: r.u32()? },
@@ -406,7 +412,11 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                 name: topic(r)?,
                 config: get_config(r)?,
                 partitions: r.list("partitions", 20, |r| {
-                    Ok(PartitionInfo { partition: r.u32()?, log_start_offset: r.u64()?, high_watermark: r.u64()? })
+                    Ok(PartitionInfo {
+                        partition: r.u32()?,
+                        log_start_offset: r.u64()?,
+                        high_watermark: r.u64()?,
+                    })
                 })?,
             })
         })?),
@@ -478,7 +488,14 @@ fn get_config(r: &mut Reader) -> Result<TopicConfig, DecodeError> {
         2 => Durability::Os,
         t => return Err(DecodeError::invalid("durability", at, format!("tag {t}"))),
     };
-    Ok(TopicConfig { retention_bytes, retention_ms, segment_bytes, segment_ms, durability, flush_interval_ms: r.u32()? })
+    Ok(TopicConfig {
+        retention_bytes,
+        retention_ms,
+        segment_bytes,
+        segment_ms,
+        durability,
+        flush_interval_ms: r.u32()?,
+    })
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {
@@ -551,7 +568,8 @@ mod tests {
         let name = "[a-z0-9._-]{1,20}";
         let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), ".{0,20}").prop_map(|(c, m)| Message::Error { code: ErrorCode::from_code(c), message: m }),
+            (any::<u16>(), ".{0,20}")
+                .prop_map(|(c, m)| Message::Error { code: ErrorCode::from_code(c), message: m }),
             (any::<u16>(), ".{0,10}").prop_map(|(v, c)| Message::Hello { protocol_version: v, client_id: c }),
             (any::<u16>(), any::<u32>(), ".{0,10}").prop_map(|(v, b, s)| Message::HelloOk {
                 protocol_version: v,
@@ -566,22 +584,22 @@ mod tests {
             }),
             (any::<u64>(), any::<i64>())
                 .prop_map(|(o, t)| Message::ProduceOk { base_offset: o, log_append_time_ms: t }),
-            (name, any::<u32>(), proptest::option::of(name), arb_start(), any::<u32>(), any::<u32>()).prop_map(
-                |(t, p, g, s, wm, wb)| Message::Subscribe(Subscribe {
+            (name, any::<u32>(), proptest::option::of(name), arb_start(), any::<u32>(), any::<u32>())
+                .prop_map(|(t, p, g, s, wm, wb)| Message::Subscribe(Subscribe {
                     topic: t,
                     partition: p,
                     group: g,
                     start: s,
                     window_messages: wm,
                     window_bytes: wb
-                })
-            ),
+                })),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Subscribed {
                 start_offset: a,
                 log_start_offset: b,
                 high_watermark: c
             }),
-            (any::<u64>(), bytes.clone()).prop_map(|(h, b)| Message::Deliver { high_watermark: h, batches: b }),
+            (any::<u64>(), bytes.clone())
+                .prop_map(|(h, b)| Message::Deliver { high_watermark: h, batches: b }),
             any::<u64>().prop_map(|o| Message::Ack { next_offset: o }),
             (name, any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(t, p, o, m)| Message::Fetch {
                 topic: t,
@@ -615,7 +633,11 @@ mod tests {
                 )),
             proptest::option::of(name).prop_map(|t| Message::Metadata { topic: t }),
             proptest::collection::vec(
-                (name, arb_config(), proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)),
+                (
+                    name,
+                    arb_config(),
+                    proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)
+                ),
                 0..3
             )
             .prop_map(|v| Message::MetadataOk(
@@ -625,7 +647,11 @@ mod tests {
                         config: c,
                         partitions: ps
                             .into_iter()
-                            .map(|(p, l, h)| PartitionInfo { partition: p, log_start_offset: l, high_watermark: h })
+                            .map(|(p, l, h)| PartitionInfo {
+                                partition: p,
+                                log_start_offset: l,
+                                high_watermark: h
+                            })
                             .collect()
                     })
                     .collect()

@@ -140,7 +140,10 @@ pub fn init_tracing() {
 }
 
 /// Runs a test body with a hard time bound, so a hang fails instead of blocking CI.
-pub async fn bounded<T>(secs: u64, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub async fn bounded<T>(
+    secs: u64,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     match tokio::time::timeout(Duration::from_secs(secs), f).await {
         Ok(r) => r,
         Err(_) => bail!("test did not finish within {secs} s"),

@@ -101,7 +101,8 @@ async fn bad_frames_get_clear_errors() -> anyhow::Result<()> {
 
         // The connection and other clients are unaffected.
         let other = broker.client().await?;
-        let meta = Producer::new(other, ProducerConfig::default()).send("ok", ProducerRecord::new("fine")).await?;
+        let meta =
+            Producer::new(other, ProducerConfig::default()).send("ok", ProducerRecord::new("fine")).await?;
         assert_eq!(meta.offset, Some(0));
         Ok(())
     })
@@ -150,7 +151,8 @@ async fn half_sent_huge_frames_do_not_grow_memory_without_bound() -> anyhow::Res
 
         // Meanwhile another client is served.
         let other = broker.client().await?;
-        let meta = Producer::new(other, ProducerConfig::default()).send("ok", ProducerRecord::new("fine")).await?;
+        let meta =
+            Producer::new(other, ProducerConfig::default()).send("ok", ProducerRecord::new("fine")).await?;
         assert_eq!(meta.offset, Some(0));
         for w in writers {
             w.abort();

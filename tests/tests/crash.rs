@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use quiver_client::{Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig};
+use quiver_client::{
+    Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
+};
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -40,21 +42,30 @@ async fn acknowledged_messages_survive_sigkill() -> anyhow::Result<()> {
 
         let client = broker.client().await?;
         let mut consumer =
-            Consumer::subscribe(client.clone(), ConsumerConfig::new("crash").start(StartPosition::Earliest)).await?;
+            Consumer::subscribe(client.clone(), ConsumerConfig::new("crash").start(StartPosition::Earliest))
+                .await?;
         let mut seen: HashMap<(u32, u64), u64> = HashMap::new();
         let mut last_offset: HashMap<u32, u64> = HashMap::new();
         while (seen.len() as u64) < N {
             let msg = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
             // In order within each partition, no duplicates.
             if let Some(prev) = last_offset.insert(msg.partition, msg.offset) {
-                anyhow::ensure!(msg.offset == prev + 1, "partition {} went {prev} -> {}", msg.partition, msg.offset);
+                anyhow::ensure!(
+                    msg.offset == prev + 1,
+                    "partition {} went {prev} -> {}",
+                    msg.partition,
+                    msg.offset
+                );
             }
             let value = std::str::from_utf8(&msg.value)?;
             let index: u64 = value.trim_start_matches("m-").parse()?;
             anyhow::ensure!(seen.insert((msg.partition, msg.offset), index).is_none(), "duplicate");
         }
         for (pos, index) in &acked {
-            anyhow::ensure!(seen.get(pos) == Some(index), "acknowledged message {index} at {pos:?} is missing or moved");
+            anyhow::ensure!(
+                seen.get(pos) == Some(index),
+                "acknowledged message {index} at {pos:?} is missing or moved"
+            );
         }
         // Within a partition, offset order is send order (pipelined batches append in order).
         let mut by_partition: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();

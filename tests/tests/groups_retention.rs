@@ -12,7 +12,10 @@ use quiver_client::{
 use quiver_protocol::ErrorCode;
 use quiver_tests::{bounded, init_tracing};
 
-async fn embedded(dir: &std::path::Path, tweak: impl FnOnce(&mut BrokerConfig)) -> anyhow::Result<(Broker, Client)> {
+async fn embedded(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut BrokerConfig),
+) -> anyhow::Result<(Broker, Client)> {
     let mut config = BrokerConfig::new(dir).listen("127.0.0.1:0".parse()?);
     tweak(&mut config);
     let broker = Broker::start(config).await?;
@@ -90,9 +93,11 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
-        let config = TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
+        let config =
+            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
         client.admin().create_topic("r", 1, config).await?;
-        let producer = Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
+        let producer =
+            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
         let mut acks = Vec::new();
         for i in 0..2000 {
             acks.push(producer.enqueue("r", ProducerRecord::new(format!("{i:0>100}"))).await?);
@@ -117,15 +122,18 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
         assert!(segments <= 6, "{segments} segments remain");
 
         // Asking for a deleted offset is a clear error naming the earliest valid offset.
-        let err = Consumer::subscribe(client.clone(), ConsumerConfig::new("r").start(StartPosition::Offset(0)))
-            .await
-            .err()
-            .ok_or_else(|| anyhow::anyhow!("subscribing below the log start should fail"))?;
+        let err =
+            Consumer::subscribe(client.clone(), ConsumerConfig::new("r").start(StartPosition::Offset(0)))
+                .await
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("subscribing below the log start should fail"))?;
         assert!(matches!(err, ClientError::Broker { code: ErrorCode::OffsetOutOfRange, .. }), "{err}");
         assert!(err.to_string().contains(&format!("earliest={start}")), "{err}");
 
         // From earliest, the consumer starts at the new log start.
-        let mut c = Consumer::subscribe(client.clone(), ConsumerConfig::new("r").start(StartPosition::Earliest)).await?;
+        let mut c =
+            Consumer::subscribe(client.clone(), ConsumerConfig::new("r").start(StartPosition::Earliest))
+                .await?;
         let m = c.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
         assert_eq!(m.offset, start);
         c.close();

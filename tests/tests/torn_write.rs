@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use quiver_client::{Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig};
+use quiver_client::{
+    Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
+};
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -48,7 +50,8 @@ fn batch_ranges(bytes: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos + 12 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[pos + 8], bytes[pos + 9], bytes[pos + 10], bytes[pos + 11]]) as usize;
+        let len =
+            u32::from_be_bytes([bytes[pos + 8], bytes[pos + 9], bytes[pos + 10], bytes[pos + 11]]) as usize;
         out.push((pos, pos + 12 + len));
         pos += 12 + len;
     }
@@ -60,7 +63,8 @@ async fn read_all(broker: &BrokerProcess) -> anyhow::Result<Vec<String>> {
     let info = client.admin().describe_topic("torn").await?;
     let hw = info.partitions[0].high_watermark;
     let mut consumer =
-        Consumer::subscribe(client.clone(), ConsumerConfig::new("torn").start(StartPosition::Earliest)).await?;
+        Consumer::subscribe(client.clone(), ConsumerConfig::new("torn").start(StartPosition::Earliest))
+            .await?;
     let mut out = Vec::new();
     while (out.len() as u64) < hw {
         let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
@@ -102,20 +106,26 @@ async fn damage_and_check(damage: impl FnOnce(&Path, (usize, usize))) -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_last_batch_is_dropped() -> anyhow::Result<()> {
     init_tracing();
-    bounded(120, damage_and_check(|seg, (start, end)| {
-        let f = std::fs::OpenOptions::new().write(true).open(seg).expect("open segment");
-        f.set_len(((start + end) / 2) as u64).expect("truncate");
-    }))
+    bounded(
+        120,
+        damage_and_check(|seg, (start, end)| {
+            let f = std::fs::OpenOptions::new().write(true).open(seg).expect("open segment");
+            f.set_len(((start + end) / 2) as u64).expect("truncate");
+        }),
+    )
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_byte_in_last_batch_is_dropped() -> anyhow::Result<()> {
     init_tracing();
-    bounded(120, damage_and_check(|seg, (start, end)| {
-        let mut bytes = std::fs::read(seg).expect("read segment");
-        bytes[(start + end) / 2 + 10] ^= 0x40; // inside the records, covered by the CRC
-        std::fs::write(seg, &bytes).expect("write segment");
-    }))
+    bounded(
+        120,
+        damage_and_check(|seg, (start, end)| {
+            let mut bytes = std::fs::read(seg).expect("read segment");
+            bytes[(start + end) / 2 + 10] ^= 0x40; // inside the records, covered by the CRC
+            std::fs::write(seg, &bytes).expect("write segment");
+        }),
+    )
     .await
 }

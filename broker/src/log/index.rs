@@ -99,7 +99,7 @@ impl IndexEntry for TimeEntry {
 
 /// Why an index file was not usable as it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IndexDefect {
+pub(crate) enum IndexDefect {
     /// Shorter than its header.
     #[error("{0} bytes, shorter than the 16-byte header")]
     TooShort(u64),
@@ -259,8 +259,14 @@ fn encode_file<E: IndexEntry>(base: u64, entries: &[E]) -> Vec<u8> {
 }
 
 /// Checks a whole index file (header and entries) and decodes its entries.
-fn decode_entries<E: IndexEntry>(bytes: &[u8], base: u64, log_len: u64, span: u64) -> Result<Vec<E>, IndexDefect> {
-    let (header, body) = bytes.split_at_checked(INDEX_HEADER_BYTES).ok_or(IndexDefect::TooShort(bytes.len() as u64))?;
+fn decode_entries<E: IndexEntry>(
+    bytes: &[u8],
+    base: u64,
+    log_len: u64,
+    span: u64,
+) -> Result<Vec<E>, IndexDefect> {
+    let (header, body) =
+        bytes.split_at_checked(INDEX_HEADER_BYTES).ok_or(IndexDefect::TooShort(bytes.len() as u64))?;
     if header != encode_file::<E>(base, &[]).as_slice() {
         return Err(IndexDefect::BadHeader);
     }
@@ -343,11 +349,17 @@ mod tests {
         assert_eq!(decode_entries::<OffsetEntry>(&good, BASE + 1, 10_000, 20), Err(IndexDefect::BadHeader));
         assert_eq!(check(&file_for(&offsets(&[(0, 0), (3, 20_000)]))), Err(IndexDefect::PastEnd(1)));
         assert_eq!(check(&file_for(&offsets(&[(0, 0), (30, 200)]))), Err(IndexDefect::PastEnd(1)));
-        assert_eq!(check(&file_for(&offsets(&[(0, 0), (3, 100), (3, 200)]))), Err(IndexDefect::NotIncreasing(2)));
+        assert_eq!(
+            check(&file_for(&offsets(&[(0, 0), (3, 100), (3, 200)]))),
+            Err(IndexDefect::NotIncreasing(2))
+        );
         assert_eq!(check(&file_for(&offsets(&[(1, 0)]))), Err(IndexDefect::MissingFirst));
         assert_eq!(check(&file_for::<OffsetEntry>(&[])), Err(IndexDefect::MissingFirst));
         let times = [TimeEntry { max_ts: 5, rel: 0 }, TimeEntry { max_ts: 5, rel: 4 }];
-        assert_eq!(decode_entries::<TimeEntry>(&file_for(&times), BASE, 10_000, 20), Err(IndexDefect::NotIncreasing(1)));
+        assert_eq!(
+            decode_entries::<TimeEntry>(&file_for(&times), BASE, 10_000, 20),
+            Err(IndexDefect::NotIncreasing(1))
+        );
     }
 
     #[test]
@@ -369,7 +381,8 @@ mod tests {
     #[test]
     fn lookups() -> Result<(), LogError> {
         let storage = MemStorage::new();
-        crate::storage::Storage::create_dir_all(&storage, Path::new("/p")).map_err(LogError::io("mkdir", Path::new("/p")))?;
+        crate::storage::Storage::create_dir_all(&storage, Path::new("/p"))
+            .map_err(LogError::io("mkdir", Path::new("/p")))?;
         let mut index = IndexFile::<OffsetEntry>::open(&storage, PathBuf::from("/p/i"), 0)?;
         index.set_entries(offsets(&[(0, 0), (10, 5000), (20, 10_000)]));
         assert_eq!(index.floor(0), OffsetEntry { rel: 0, pos: 0 });

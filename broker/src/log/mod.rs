@@ -14,6 +14,8 @@
 //!   log only appends; recovery truncates only before the log is shared), and a plan holds its
 //!   file open, so retention deleting the segment meanwhile does not break it.
 
+#[cfg(test)]
+mod fault_tests;
 mod index;
 mod recovery;
 mod segment;
@@ -31,7 +33,6 @@ use quiver_protocol::limits::MAX_BATCH_BYTES;
 use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
-pub use index::IndexDefect;
 pub use recovery::{RecoveryReport, Truncation};
 pub use segment::TailDefect;
 
@@ -282,7 +283,12 @@ impl PartitionLog {
     /// span `batch` exactly. Stamps the next offset and `leader_epoch` into its header (outside
     /// the CRC), rolling to a new segment first if the active one is full or too old. Does not
     /// fsync the data: use [`sync_handle`](Self::sync_handle).
-    pub fn append(&mut self, batch: &mut [u8], leader_epoch: i32, now_ms: i64) -> Result<AppendInfo, LogError> {
+    pub fn append(
+        &mut self,
+        batch: &mut [u8],
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, LogError> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
@@ -383,7 +389,8 @@ impl PartitionLog {
     pub fn apply_retention(&mut self, now_ms: i64) -> Result<RetentionReport, LogError> {
         let mut report = RetentionReport::default();
         while let Some(oldest) = self.closed.first() {
-            let by_bytes = self.config.retention_bytes.is_some_and(|limit| self.size_bytes - oldest.size >= limit);
+            let by_bytes =
+                self.config.retention_bytes.is_some_and(|limit| self.size_bytes - oldest.size >= limit);
             let by_age = self.config.retention_ms.is_some_and(|ms| {
                 let ms = i64::try_from(ms).unwrap_or(i64::MAX);
                 oldest.max_timestamp < now_ms.saturating_sub(ms)

@@ -59,7 +59,12 @@ pub(crate) struct Recovered {
 }
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
-pub(crate) fn recover(storage: &dyn Storage, dir: &Path, config: &LogConfig, now_ms: i64) -> Result<Recovered, LogError> {
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &LogConfig,
+    now_ms: i64,
+) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
     let bases = find_segments(storage, dir, &mut report)?;
@@ -103,7 +108,11 @@ fn parse_name(name: &str) -> Option<(u64, FileKind)> {
 
 /// Base offsets of the segments in `dir`, sorted. Skips foreign files and removes index files
 /// whose segment is gone.
-fn find_segments(storage: &dyn Storage, dir: &Path, report: &mut RecoveryReport) -> Result<Vec<u64>, LogError> {
+fn find_segments(
+    storage: &dyn Storage,
+    dir: &Path,
+    report: &mut RecoveryReport,
+) -> Result<Vec<u64>, LogError> {
     let names = storage.list(dir).map_err(LogError::io("list directory", dir))?;
     let mut logs = BTreeSet::new();
     let mut indexes = Vec::new();
@@ -163,10 +172,10 @@ fn open_closed(
         return Err(seg.corrupt(end.pos, format!("closed segment: {defect}")));
     }
     if end.next_offset != next_base {
-        let reason = format!("closed segment ends at offset {}, next segment starts at {next_base}", end.next_offset);
+        let reason =
+            format!("closed segment ends at offset {}, next segment starts at {next_base}", end.next_offset);
         return Err(seg.corrupt(end.pos, reason));
     }
-    seg.close_time_index(false);
     rewrite_indexes(&mut seg, true)?;
     report.rebuilt_indexes.push(base);
     Ok(seg)
@@ -183,13 +192,12 @@ fn trust_indexes(
 ) -> Result<bool, LogError> {
     let from = offsets.last().copied().unwrap_or(OffsetEntry { rel: 0, pos: 0 });
     // Time entries cover every batch up to the last offset entry (they are written together),
-    // so the walk below supplies the rest of the segment's max timestamp.
+    // so the walk below supplies the rest of the segment's max timestamp, which retention by
+    // age relies on.
     let mut max_ts = times.last().map_or(i64::MIN, |t| t.max_ts);
-    let mut last_batch_base = None;
     let walker = seg.walker(Check::Headers);
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
-        last_batch_base = Some(at.header.base_offset);
     })?;
     if end.defect.is_some() || end.pos != len || end.next_offset != next_base {
         return Ok(false);
@@ -199,7 +207,6 @@ fn trust_indexes(
     seg.size = len;
     seg.next_offset = next_base;
     seg.max_timestamp = max_ts;
-    seg.last_batch_base = last_batch_base;
     Ok(true)
 }
 

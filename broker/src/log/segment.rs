@@ -106,8 +106,6 @@ pub(crate) struct Segment {
     pub(crate) next_offset: u64,
     /// Largest batch max timestamp; `i64::MIN` while empty.
     pub(crate) max_timestamp: i64,
-    /// Base offset of the last batch, for the closing time index entry.
-    pub(crate) last_batch_base: Option<u64>,
     /// Clock time the segment's age (for `segment_ms`) counts from: its first append, or when
     /// it was reopened. Producer timestamps are not used: a skewed client clock would otherwise
     /// roll a segment on every append.
@@ -129,7 +127,6 @@ impl Segment {
             size: 0,
             next_offset: base,
             max_timestamp: i64::MIN,
-            last_batch_base: None,
             roll_base_ms: None,
         })
     }
@@ -153,7 +150,13 @@ impl Segment {
     }
 
     /// Appends one stamped batch and indexes it. Does not sync.
-    pub(crate) fn append(&mut self, bytes: &[u8], at: BatchAt, interval: u32, now_ms: i64) -> Result<(), LogError> {
+    pub(crate) fn append(
+        &mut self,
+        bytes: &[u8],
+        at: BatchAt,
+        interval: u32,
+        now_ms: i64,
+    ) -> Result<(), LogError> {
         self.log.append(bytes).map_err(LogError::io("append", &self.log_path))?;
         self.track(at, interval, true);
         self.roll_base_ms.get_or_insert(now_ms);
@@ -176,22 +179,10 @@ impl Segment {
         }
         self.size = u64::from(at.pos) + header.total_len() as u64;
         self.next_offset = header.next_offset();
-        self.last_batch_base = Some(header.base_offset);
-    }
-
-    /// Records the segment's max timestamp in the time index if the sparse entries missed it,
-    /// so that a closed segment's newest timestamp (retention by age) is its last entry.
-    pub(crate) fn close_time_index(&mut self, write: bool) {
-        let Some(last_base) = self.last_batch_base else { return };
-        let Ok(rel) = u32::try_from(last_base - self.base) else { return };
-        if self.times.last().is_some_and(|t| self.max_timestamp > t.max_ts && rel > t.rel) {
-            self.times.push(TimeEntry { max_ts: self.max_timestamp, rel }, write);
-        }
     }
 
     /// Makes the segment durable before it stops being the active one.
     pub(crate) fn seal(&mut self) -> Result<(), LogError> {
-        self.close_time_index(true);
         self.log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
         self.offsets.sync()?;
         self.times.sync()
@@ -228,7 +219,12 @@ impl Segment {
 
     /// End position and next offset of a read that starts with `first` at `start`: whole
     /// batches up to `max_bytes` in total, but at least `first`.
-    pub(crate) fn plan_end(&self, start: u64, first: &BatchHeader, max_bytes: usize) -> Result<(u64, u64), LogError> {
+    pub(crate) fn plan_end(
+        &self,
+        start: u64,
+        first: &BatchHeader,
+        max_bytes: usize,
+    ) -> Result<(u64, u64), LogError> {
         let budget = (max_bytes as u64).max(first.total_len() as u64);
         let limit = start.saturating_add(budget).min(self.size);
         let mut pos = start + first.total_len() as u64;
@@ -284,7 +280,6 @@ impl Segment {
         self.size = 0;
         self.next_offset = self.base;
         self.max_timestamp = i64::MIN;
-        self.last_batch_base = None;
     }
 
     /// A [`LogError::Corrupt`] for this segment.
@@ -305,7 +300,13 @@ pub(crate) struct Walker {
 impl Walker {
     /// Walks the batches from `pos` (a batch boundary holding `offset`) to `end`, calling
     /// `on_batch` for each good one, and stops at the first defect.
-    pub(crate) fn run(&self, mut pos: u64, mut offset: u64, end: u64, mut on_batch: impl FnMut(BatchAt)) -> Result<ScanEnd, LogError> {
+    pub(crate) fn run(
+        &self,
+        mut pos: u64,
+        mut offset: u64,
+        end: u64,
+        mut on_batch: impl FnMut(BatchAt),
+    ) -> Result<ScanEnd, LogError> {
         let mut buf = Vec::new();
         while pos < end {
             match self.next_batch(pos, offset, end, &mut buf)? {
@@ -321,7 +322,13 @@ impl Walker {
     }
 
     /// Checks the batch at `pos`. `Err` is an IO failure, `Ok(Err)` a defect in the bytes.
-    fn next_batch(&self, pos: u64, expected: u64, end: u64, buf: &mut Vec<u8>) -> Result<Result<BatchAt, TailDefect>, LogError> {
+    fn next_batch(
+        &self,
+        pos: u64,
+        expected: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Result<BatchAt, TailDefect>, LogError> {
         let have = end - pos;
         if have < BATCH_HEADER_BYTES as u64 {
             return Ok(Err(TailDefect::PartialHeader { have }));

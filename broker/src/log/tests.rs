@@ -13,11 +13,11 @@ use quiver_protocol::batch::{BatchBuilder, BatchHeader, BatchSplitter};
 use super::*;
 use crate::storage::{FsStorage, MemStorage, Storage};
 
-type TestResult = Result<(), Box<dyn Error>>;
+pub(super) type TestResult = Result<(), Box<dyn Error>>;
 
-const DIR: &str = "/data/topics/t/0";
+pub(super) const DIR: &str = "/data/topics/t/0";
 
-fn config(segment_bytes: u64) -> LogConfig {
+pub(super) fn config(segment_bytes: u64) -> LogConfig {
     LogConfig {
         segment_bytes,
         segment_ms: 1 << 40,
@@ -28,7 +28,7 @@ fn config(segment_bytes: u64) -> LogConfig {
 }
 
 /// A batch of `records` records; values carry `seq` so every batch has distinct bytes.
-fn batch(seq: u64, records: usize, ts: i64) -> BytesMut {
+pub(super) fn batch(seq: u64, records: usize, ts: i64) -> BytesMut {
     let mut builder = BatchBuilder::new(256);
     for i in 0..records {
         let value = format!("batch {seq} record {i} {}", "x".repeat((seq % 7) as usize * 10));
@@ -37,18 +37,26 @@ fn batch(seq: u64, records: usize, ts: i64) -> BytesMut {
     BytesMut::from(&builder.finish()[..])
 }
 
-fn open(storage: &Arc<dyn Storage>, dir: &Path, config: &LogConfig) -> Result<(PartitionLog, RecoveryReport), LogError> {
+pub(super) fn open(
+    storage: &Arc<dyn Storage>,
+    dir: &Path,
+    config: &LogConfig,
+) -> Result<(PartitionLog, RecoveryReport), LogError> {
     PartitionLog::open(storage.clone(), dir.to_path_buf(), config.clone(), 0)
 }
 
-fn mem() -> (Arc<MemStorage>, Arc<dyn Storage>) {
+pub(super) fn mem() -> (Arc<MemStorage>, Arc<dyn Storage>) {
     let mem = Arc::new(MemStorage::new());
     let storage: Arc<dyn Storage> = mem.clone();
     (mem, storage)
 }
 
 /// Appends `n` batches of 1..=4 records with timestamps `ts(seq)`; returns them as stamped.
-fn append_n(log: &mut PartitionLog, n: u64, ts: impl Fn(u64) -> i64) -> Result<Vec<Bytes>, Box<dyn Error>> {
+pub(super) fn append_n(
+    log: &mut PartitionLog,
+    n: u64,
+    ts: impl Fn(u64) -> i64,
+) -> Result<Vec<Bytes>, Box<dyn Error>> {
     let mut out = Vec::new();
     for _ in 0..n {
         let seq = log.next_offset();
@@ -65,7 +73,7 @@ fn append_n(log: &mut PartitionLog, n: u64, ts: impl Fn(u64) -> i64) -> Result<V
 
 /// Reads from every offset with several byte budgets and compares with `model` (the batches
 /// of the log, in order, starting at the log start).
-fn check_reads(log: &PartitionLog, model: &[Bytes]) -> TestResult {
+pub(super) fn check_reads(log: &PartitionLog, model: &[Bytes]) -> TestResult {
     for (i, expected) in model.iter().enumerate() {
         let header = BatchHeader::parse(expected)?;
         for offset in header.base_offset..=header.last_offset() {
@@ -90,7 +98,7 @@ fn check_reads(log: &PartitionLog, model: &[Bytes]) -> TestResult {
     Ok(())
 }
 
-fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
+pub(super) fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
     dir.join(segment::file_name(base, ext))
 }
 
@@ -257,12 +265,16 @@ fn torn_crashes_recover_to_a_prefix() -> TestResult {
         drop(log);
         mem.crash_torn(keep);
         let (log, report) = open(&storage, dir, &cfg)?;
-        let survivors: Vec<Bytes> = model.iter().take_while(|b| count_to(b) <= log.next_offset()).cloned().collect();
+        let survivors: Vec<Bytes> =
+            model.iter().take_while(|b| count_to(b) <= log.next_offset()).cloned().collect();
         assert!(survivors.len() >= 3, "keep {keep}: lost synced batches");
         assert_eq!(survivors.last().map(|b| count_to(b)), Some(log.next_offset()));
         let synced_len: usize = model[..3].iter().map(|b| b.len()).sum();
         let kept_len: usize = survivors.iter().map(|b| b.len()).sum();
-        assert_eq!(report.truncated_bytes() as usize, (synced_len + keep).min(model.iter().map(|b| b.len()).sum()) - kept_len);
+        assert_eq!(
+            report.truncated_bytes() as usize,
+            (synced_len + keep).min(model.iter().map(|b| b.len()).sum()) - kept_len
+        );
         check_reads(&log, &survivors)?;
     }
     Ok(())
@@ -347,6 +359,33 @@ fn flipped_byte_drops_from_that_batch_on() -> TestResult {
 }
 
 #[test]
+fn offset_gap_in_the_last_segment_is_cut() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1 << 20);
+    storage.create_dir_all(dir)?;
+    let mut first = batch(0, 2, 0);
+    quiver_protocol::batch::stamp(&mut first, 0, 0);
+    let mut gap = batch(1, 1, 0);
+    quiver_protocol::batch::stamp(&mut gap, 5, 0);
+    let mut bytes = first.to_vec();
+    bytes.extend_from_slice(&gap);
+    mem.set_contents(&segment_path(dir, 0, "log"), &bytes)?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    let cut = report.truncation.ok_or("no truncation")?;
+    assert_eq!(cut.reason, TailDefect::OffsetMismatch { expected: 2, found: 5 });
+    assert_eq!((cut.position, cut.bytes_dropped), (first.len() as u64, gap.len() as u64));
+    check_reads(&log, &[first.freeze()])?;
+
+    // A last segment whose first batch does not match its name is cut to nothing.
+    mem.set_contents(&segment_path(dir, 0, "log"), &gap)?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(report.truncated_bytes(), gap.len() as u64);
+    assert_eq!(log.next_offset(), 0);
+    Ok(())
+}
+
+#[test]
 fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
     let (mem, storage) = mem();
     let dir = Path::new(DIR);
@@ -357,10 +396,14 @@ fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
     drop(log);
     let all = bases(&*storage, dir)?;
     let (first, last) = (all[0], all[all.len() - 1]);
-    let originals: Vec<(PathBuf, Vec<u8>)> = [segment_path(dir, first, "index"), segment_path(dir, first, "timeindex"), segment_path(dir, last, "index")]
-        .into_iter()
-        .filter_map(|p| mem.contents(&p).map(|c| (p, c)))
-        .collect();
+    let originals: Vec<(PathBuf, Vec<u8>)> = [
+        segment_path(dir, first, "index"),
+        segment_path(dir, first, "timeindex"),
+        segment_path(dir, last, "index"),
+    ]
+    .into_iter()
+    .filter_map(|p| mem.contents(&p).map(|c| (p, c)))
+    .collect();
     assert_eq!(originals.len(), 3);
     assert!(originals[0].1.len() > 16 + 8, "want a closed segment with several index entries");
 
@@ -373,7 +416,8 @@ fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
         assert_eq!(mem.contents(path).as_ref(), Some(original), "{}", path.display());
     }
     check_reads(&log, &model)?;
-    let first_at_155 = model.iter().filter_map(|b| BatchHeader::parse(b).ok()).find(|h| h.max_timestamp >= 155);
+    let first_at_155 =
+        model.iter().filter_map(|b| BatchHeader::parse(b).ok()).find(|h| h.max_timestamp >= 155);
     assert_eq!(log.offset_for_timestamp(155)?, first_at_155.map(|h| h.base_offset));
     Ok(())
 }
@@ -477,30 +521,98 @@ fn retention_by_bytes() -> TestResult {
     check_reads(&log, &kept)
 }
 
+/// Newest timestamp of each closed segment, read straight from the segment files.
+fn closed_segment_ages(mem: &MemStorage, dir: &Path) -> Result<Vec<(u64, i64)>, Box<dyn Error>> {
+    let all = bases(mem, dir)?;
+    let mut out = Vec::new();
+    for &base in &all[..all.len() - 1] {
+        let bytes = mem.contents(&segment_path(dir, base, "log")).ok_or("missing segment")?;
+        let batches: Vec<(BatchHeader, Bytes)> =
+            BatchSplitter::new(bytes.into()).collect::<Result<_, _>>()?;
+        out.push((base, batches.iter().map(|(h, _)| h.max_timestamp).max().unwrap_or(i64::MIN)));
+    }
+    Ok(out)
+}
+
 #[test]
-fn retention_by_age_never_deletes_the_active_segment() -> TestResult {
-    let (_, storage) = mem();
-    let dir = Path::new(DIR);
-    let cfg = LogConfig { retention_ms: Some(1000), ..config(1000) };
-    let (mut log, _) = open(&storage, dir, &cfg)?;
-    // Timestamps 0, 100, 200, ...: at now = 3000, batches newer than 2000 must stay.
-    let model = append_n(&mut log, 40, |s| 100 * s as i64)?;
-    let report = log.apply_retention(3000)?;
-    assert!(report.deleted_segments() > 0);
-    let start = log.log_start_offset();
-    for b in &model {
-        let h = BatchHeader::parse(b)?;
-        if h.max_timestamp >= 2000 {
-            assert!(h.base_offset >= start, "deleted a batch with timestamp {}", h.max_timestamp);
+fn retention_by_age_deletes_exactly_the_old_segments() -> TestResult {
+    // A sparse and a nearly empty time index: either way a closed segment's age must count
+    // the batches after its last index entry.
+    for interval in [300, 1 << 20] {
+        for now in (1000..=11_000).step_by(250) {
+            let (mem, storage) = mem();
+            let dir = Path::new(DIR);
+            let cfg = LogConfig { retention_ms: Some(1000), index_interval_bytes: interval, ..config(1000) };
+            let (mut log, _) = open(&storage, dir, &cfg)?;
+            let model = append_n(&mut log, 40, |s| 100 * s as i64)?;
+            // Reopen, so the segments' newest timestamps come from their index files and tails.
+            drop(log);
+            let (mut log, _) = open(&storage, dir, &cfg)?;
+            let expected: Vec<u64> = closed_segment_ages(&mem, dir)?
+                .into_iter()
+                .take_while(|&(_, newest)| newest < now - 1000)
+                .map(|(b, _)| b)
+                .collect();
+            let report = log.apply_retention(now)?;
+            assert_eq!(report.deleted_bases, expected, "interval {interval} now {now}");
+            assert_eq!(report.log_start_offset, log.log_start_offset());
+            let kept: Vec<Bytes> =
+                model.iter().filter(|b| count_to(b) > log.log_start_offset()).cloned().collect();
+            check_reads(&log, &kept)?;
         }
     }
-    // The first remaining segment holds something young enough (else it would have gone).
-    assert!(model.iter().any(|b| BatchHeader::parse(b).is_ok_and(|h| h.base_offset >= start && h.max_timestamp >= 2000)));
-    let report = log.apply_retention(i64::MAX)?;
+    Ok(())
+}
+
+#[test]
+fn retention_never_deletes_the_active_segment() -> TestResult {
+    let (_, storage) = mem();
+    let cfg = LogConfig { retention_ms: Some(1), retention_bytes: Some(0), ..config(1000) };
+    let (mut log, _) = open(&storage, Path::new(DIR), &cfg)?;
+    let model = append_n(&mut log, 20, |_| 0)?;
+    assert!(log.segment_count() > 1);
+    log.apply_retention(i64::MAX)?;
     assert_eq!(log.segment_count(), 1);
-    assert_eq!(report.log_start_offset, log.log_start_offset());
+    assert!(log.log_start_offset() < log.next_offset());
     let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) > log.log_start_offset()).cloned().collect();
     check_reads(&log, &kept)
+}
+
+#[test]
+fn index_files_follow_the_format() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let fixed = |ts: i64| {
+        let mut b = BatchBuilder::new(128);
+        b.push(ts, None, b"same size", &[]);
+        b.push(ts + 1, None, b"same size", &[]);
+        BytesMut::from(&b.finish()[..])
+    };
+    let size = fixed(0).len();
+    // An entry every second batch: batches 0, 2, 4, 6 (offsets 0, 4, 8, 12).
+    let cfg = LogConfig { index_interval_bytes: 2 * size as u32, ..config(1 << 20) };
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    for k in 0..7i64 {
+        // Batches 3 and 4 go back in time, so the max so far does not rise by batch 4 and the
+        // time index skips it.
+        let ts = if k == 3 || k == 4 { 0 } else { 100 * k };
+        log.append(&mut fixed(ts), 0, 0)?;
+    }
+    let mut offsets = b"QVIX\x01\x00\x00\x00".to_vec();
+    offsets.extend_from_slice(&0u64.to_le_bytes());
+    let mut times = b"QVTI\x01\x00\x00\x00".to_vec();
+    times.extend_from_slice(&0u64.to_le_bytes());
+    for k in [0u32, 2, 4, 6] {
+        offsets.extend_from_slice(&(2 * k).to_le_bytes());
+        offsets.extend_from_slice(&(k * size as u32).to_le_bytes());
+        if k != 4 {
+            times.extend_from_slice(&(100 * i64::from(k) + 1).to_le_bytes());
+            times.extend_from_slice(&(2 * k).to_le_bytes());
+        }
+    }
+    assert_eq!(mem.contents(&segment_path(dir, 0, "index")), Some(offsets));
+    assert_eq!(mem.contents(&segment_path(dir, 0, "timeindex")), Some(times));
+    Ok(())
 }
 
 #[test]
@@ -512,34 +624,24 @@ fn offset_for_timestamp_finds_the_first_batch_at_or_after() -> TestResult {
     // Batch at offset s has records stamped 1000 + 10 s ..; one batch goes back in time.
     let model = append_n(&mut log, 50, |s| if s == 30 { 5 } else { 1000 + 10 * s as i64 })?;
     let expect = |ts: i64| -> Option<u64> {
-        model.iter().filter_map(|b| BatchHeader::parse(b).ok()).find(|h| h.max_timestamp >= ts).map(|h| h.base_offset)
+        model
+            .iter()
+            .filter_map(|b| BatchHeader::parse(b).ok())
+            .find(|h| h.max_timestamp >= ts)
+            .map(|h| h.base_offset)
     };
     for reopen in [false, true] {
         if reopen {
             drop(log);
             log = open(&storage, dir, &cfg)?.0;
         }
-        for ts in [i64::MIN, 0, 5, 999, 1000, 1001, 1100, 1234, 1300, 1305, 1400, 1490, 1491, 1493, 1494, 5000] {
+        for ts in
+            [i64::MIN, 0, 5, 999, 1000, 1001, 1100, 1234, 1300, 1305, 1400, 1490, 1491, 1493, 1494, 5000]
+        {
             assert_eq!(log.offset_for_timestamp(ts)?, expect(ts), "ts {ts}");
         }
         assert!(log.segment_count() > 3);
     }
-    Ok(())
-}
-
-#[test]
-fn sync_handle_covers_appends_made_before_it() -> TestResult {
-    let (_, storage) = mem();
-    let (mut log, _) = open(&storage, Path::new(DIR), &config(1 << 20))?;
-    append_n(&mut log, 3, |_| 0)?;
-    let handle = log.sync_handle();
-    assert_eq!(handle.durable_offset(), log.next_offset());
-    append_n(&mut log, 1, |_| 0)?;
-    assert!(handle.durable_offset() < log.next_offset());
-    handle.sync()?;
-    log.mark_failed();
-    assert!(log.sync_handle().sync().is_err());
-    assert!(matches!(log.append(&mut batch(0, 1, 0), 0, 0), Err(LogError::Poisoned)));
     Ok(())
 }
 

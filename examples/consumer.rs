@@ -1,0 +1,38 @@
+//! Consume a topic as a member of a group, printing and acknowledging each message, and commit
+//! every second so a restart resumes where this one stopped.
+//!
+//!     cargo run -p quiver-examples --example consumer -- [TOPIC] [GROUP]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use quiver_client::connection::default_ca_path;
+use quiver_client::{Client, ClientConfig, Consumer, ConsumerConfig, StartPosition};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let topic = args.next().unwrap_or_else(|| "events".into());
+    let group = args.next().unwrap_or_else(|| "example-group".into());
+    let broker = std::env::var("QUIVER_BROKER").unwrap_or_else(|_| "127.0.0.1:7420".into());
+    let ca = std::env::var("QUIVER_CA").map(Into::into).unwrap_or_else(|_| default_ca_path());
+
+    let client = Client::connect(ClientConfig::new(broker, ca)).await?;
+    let config = ConsumerConfig::new(topic).group(group).start(StartPosition::Earliest);
+    let mut consumer = Consumer::subscribe(client, config).await?;
+    let mut commit = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = consumer.next() => {
+                let Some(msg) = msg else { break };
+                let msg = msg?;
+                println!("{}/{}: {}", msg.partition, msg.offset, String::from_utf8_lossy(&msg.value));
+                msg.ack();
+            }
+            _ = commit.tick() => consumer.commit().await?,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    consumer.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The `quiver` CLI as a user drives it: publish from stdin, tail, groups, JSON, errors.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use quiver_tests::{bounded, init_tracing, BrokerProcess};
+
+const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+const CLI: &str = env!("CARGO_BIN_EXE_quiver-under-test");
+
+fn quiver(broker: &BrokerProcess, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(CLI);
+    cmd.arg("--broker").arg(broker.addr.to_string()).arg("--ca").arg(broker.ca_path()).args(args);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input)?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_tail_groups_and_errors() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let ok = |o: &Output| -> anyhow::Result<()> {
+                anyhow::ensure!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+                Ok(())
+            };
+            ok(&quiver(&broker, &["topic", "create", "cli", "--partitions", "3"], None)?)?;
+            let input: String = (1..=5000).map(|i| format!("event-{i}\n")).collect();
+            ok(&quiver(&broker, &["publish", "cli"], Some(input.as_bytes()))?)?;
+
+            let out = quiver(&broker, &["tail", "cli", "--from", "earliest", "--count", "5000"], None)?;
+            ok(&out)?;
+            let mut got = lines(&out);
+            got.sort();
+            let mut want: Vec<String> = input.lines().map(str::to_string).collect();
+            want.sort();
+            assert_eq!(got, want);
+
+            // Two group tails: together exactly everything, no overlap.
+            let g1 = quiver(
+                &broker,
+                &["tail", "cli", "--from", "earliest", "--group", "g", "--count", "2000"],
+                None,
+            )?;
+            let g2 = quiver(
+                &broker,
+                &["tail", "cli", "--from", "earliest", "--group", "g", "--count", "3000"],
+                None,
+            )?;
+            ok(&g1)?;
+            ok(&g2)?;
+            let mut both: Vec<String> = lines(&g1).into_iter().chain(lines(&g2)).collect();
+            both.sort();
+            assert_eq!(both, want, "group tails overlap or leave a gap");
+
+            // Arguments, key and headers; JSON output.
+            ok(&quiver(&broker, &["topic", "create", "one", "--partitions", "1"], None)?)?;
+            ok(&quiver(&broker, &["publish", "one", "hello", "--key", "k1", "--header", "a=b"], None)?)?;
+            let out =
+                quiver(&broker, &["tail", "one", "--from", "earliest", "--count", "1", "--json"], None)?;
+            ok(&out)?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            assert_eq!(v["value"], "hello");
+            assert_eq!(v["key"], "k1");
+            assert_eq!(v["headers"]["a"], "b");
+            assert_eq!(v["offset"], 0);
+
+            // Errors: one line, non-zero exit, no panic.
+            let out = quiver(&broker, &["tail", "no-such-topic", "--count", "1"], None)?;
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.trim(), "error: unknown topic 'no-such-topic'");
+            let out = quiver(&broker, &["publish", "no-such-topic", "x"], None)?;
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("unknown topic"));
+
+            // A CA that did not sign the broker's certificate.
+            let other = tempfile::tempdir()?;
+            let files =
+                quiver_broker::tls::ensure_certificates(&quiver_broker::BrokerConfig::new(other.path()))?;
+            let wrong_ca = files.ca.ok_or_else(|| anyhow::anyhow!("no CA generated"))?;
+            let out = Command::new(CLI)
+                .args(["--broker", &broker.addr.to_string(), "--ca"])
+                .arg(&wrong_ca)
+                .args(["topic", "list"])
+                .output()?;
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+            assert!(err.contains("certificate") || err.contains("TLS"), "{err}");
+            assert!(!err.contains("panicked"), "{err}");
+            Ok(())
+        })
+        .await?
+    })
+    .await
+}
