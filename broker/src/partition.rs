@@ -295,7 +295,10 @@ impl Writer {
             }
         };
         if let Err(e) = &synced {
-            tracing::error!("fsync failed: {e}; failing the appends it covered");
+            // The kernel may have dropped the dirty pages: a later fsync could succeed without
+            // them, so the log refuses further appends until the broker reopens it.
+            tracing::error!(topic = ?self.partition.upgrade().map(|p| p.topic.clone()), "fsync failed: {e}; failing the appends it covered and stopping appends to this partition");
+            self.log.lock().mark_failed();
         }
         if let Some(p) = self.partition.upgrade() {
             if synced.is_ok() {
@@ -322,7 +325,8 @@ impl Writer {
         match tokio::task::spawn_blocking(move || handle.sync()).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::error!("periodic fsync failed: {e}");
+                tracing::error!("periodic fsync failed: {e}; stopping appends to this partition");
+                self.log.lock().mark_failed();
                 false
             }
             Err(_) => false,

@@ -71,8 +71,15 @@ impl Broker {
             })
             .await??
         };
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
+        let endpoint_config = crate::tls::endpoint_config(&config)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let local_addr = endpoint.local_addr()?;
         let state = Arc::new(BrokerState {
             config,

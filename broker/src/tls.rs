@@ -141,3 +141,34 @@ fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("parsing key {}", path.display()))?
         .with_context(|| format!("no private key in {}", path.display()))
 }
+
+/// The QUIC endpoint configuration with a stateless-reset key kept in `<data_dir>/tls/reset.key`.
+///
+/// Keeping the key across restarts lets a restarted broker answer packets of connections it
+/// lost in a crash with a valid stateless reset, so clients notice at once and reconnect
+/// instead of waiting out the idle timeout.
+pub fn endpoint_config(config: &BrokerConfig) -> anyhow::Result<quinn::EndpointConfig> {
+    use ring::rand::SecureRandom;
+    let path = config.tls_dir().join("reset.key");
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 64 => bytes,
+        _ => {
+            let mut bytes = vec![0u8; 64];
+            ring::rand::SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| anyhow::anyhow!("no system randomness for the reset key"))?;
+            std::fs::create_dir_all(config.tls_dir())?;
+            write_private(&path, &bytes)?;
+            bytes
+        }
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret[..32]);
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection ids carry a keyed hash; the same key after a restart lets the endpoint
+    // recognise its own old ids and answer them with a reset instead of dropping them.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&secret[32..40]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(endpoint)
+}

@@ -35,11 +35,13 @@ async fn producer_and_consumer_survive_a_broker_restart() -> anyhow::Result<()> 
         }
 
         broker.restart().await?;
+        tracing::info!("broker restarted");
 
         // Same client, same producer and consumer objects.
         for i in 100..200 {
             producer.send("rc", ProducerRecord::new(format!("{i}"))).await?;
         }
+        tracing::info!("sent 100 more");
         while seen.len() < 200 {
             let m = tokio::time::timeout(Duration::from_secs(30), consumer.next())
                 .await?
