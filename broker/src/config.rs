@@ -32,6 +32,11 @@ pub struct BrokerConfig {
     pub frame_timeout_ms: u64,
     /// A connection with no traffic (clients send keep-alives) is closed after this.
     pub idle_timeout_ms: u64,
+    /// Request bytes one connection may have buffered in the broker (being received or being
+    /// handled). At least `MAX_FRAME_BYTES`.
+    pub max_connection_buffer_bytes: u32,
+    /// Request bytes all connections together may have buffered.
+    pub max_total_buffer_bytes: u32,
     /// Upper bound on a subscription's delivery window, whatever the client asks for.
     pub max_window_bytes: u32,
     /// Largest `Deliver` frame the broker builds.
@@ -42,6 +47,8 @@ pub struct BrokerConfig {
     pub offsets_flush_ms: u64,
     /// Send QUIC Retry to validate client addresses before allocating connection state.
     pub validate_addresses: bool,
+    /// TCP address for Prometheus `/metrics` and `/healthz`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for BrokerConfig {
@@ -57,11 +64,14 @@ impl Default for BrokerConfig {
             max_inflight_requests_per_stream: 64,
             frame_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
+            max_connection_buffer_bytes: 64 * 1024 * 1024,
+            max_total_buffer_bytes: 1024 * 1024 * 1024,
             max_window_bytes: 64 * 1024 * 1024,
             max_deliver_bytes: 1024 * 1024,
             retention_check_ms: 30_000,
             offsets_flush_ms: 1000,
             validate_addresses: true,
+            metrics_listen: None,
         }
     }
 }
@@ -94,6 +104,12 @@ impl BrokerConfig {
         anyhow::ensure!(
             self.max_inflight_requests_per_stream > 0,
             "max_inflight_requests_per_stream must be positive"
+        );
+        let frame = quiver_protocol::limits::MAX_FRAME_BYTES;
+        anyhow::ensure!(
+            self.max_connection_buffer_bytes as usize >= frame
+                && self.max_total_buffer_bytes as usize >= frame,
+            "buffer budgets must be at least the frame limit ({frame} bytes)"
         );
         anyhow::ensure!(
             self.max_deliver_bytes as usize <= quiver_protocol::limits::MAX_FRAME_BYTES / 2,

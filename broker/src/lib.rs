@@ -14,6 +14,7 @@
 pub mod config;
 pub mod log;
 mod maintenance;
+pub mod observability;
 pub mod offsets;
 pub mod partition;
 mod requests;

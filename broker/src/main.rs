@@ -17,6 +17,9 @@ struct Args {
     /// UDP address to listen on [default: 127.0.0.1:7420]
     #[arg(long, env = "QUIVER_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics and /healthz over HTTP on this TCP address (off by default).
+    #[arg(long, env = "QUIVER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// TOML configuration file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -60,6 +63,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    if args.metrics_listen.is_some() {
+        config.metrics_listen = args.metrics_listen;
+    }
     if args.tls_cert.is_some() {
         config.tls_cert = args.tls_cert;
         config.tls_key = args.tls_key;
@@ -77,6 +83,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => {
             tracing::info!(listen = %broker.local_addr(), data_dir = %config.data_dir.display(), "quiverd ready")
         }
+    }
+    if let Some(m) = broker.metrics_addr() {
+        tracing::info!("metrics at http://{m}/metrics, liveness at http://{m}/healthz");
     }
     let token = broker.shutdown_token();
     tokio::spawn(async move {

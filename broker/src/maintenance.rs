@@ -21,10 +21,6 @@ pub(crate) async fn retention_loop(state: Arc<BrokerState>) {
                     if let Err(e) = p.apply_retention_blocking() {
                         tracing::warn!(topic = %topic.name, partition = p.id, "retention failed: {e}");
                     }
-                    let (bytes, segments) = p.stats();
-                    let labels = [("topic", topic.name.to_string()), ("partition", p.id.to_string())];
-                    metrics::gauge!("quiver_partition_bytes", &labels).set(bytes as f64);
-                    metrics::gauge!("quiver_partition_segments", &labels).set(segments as f64);
                 }
             }
         })
@@ -63,4 +59,52 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
         }
     })
     .await;
+}
+
+/// Gauges that are sampled rather than counted: partition sizes and high watermarks, group lag,
+/// resident memory. Every few seconds.
+pub(crate) async fn gauges_loop(state: Arc<BrokerState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || sample_gauges(&st)).await;
+    }
+}
+
+fn sample_gauges(state: &BrokerState) {
+    for topic in state.topics.all() {
+        for p in &topic.partitions {
+            let (bytes, segments) = p.stats();
+            let labels = [("topic", topic.name.to_string()), ("partition", p.id.to_string())];
+            metrics::gauge!("quiver_partition_bytes", &labels).set(bytes as f64);
+            metrics::gauge!("quiver_partition_segments", &labels).set(segments as f64);
+            metrics::gauge!("quiver_partition_high_watermark", &labels).set(p.high_watermark() as f64);
+        }
+    }
+    for ((group, topic, partition), committed) in state.offsets.all() {
+        let Ok(t) = state.topics.get(&topic) else { continue };
+        let Ok(p) = t.partition(partition) else { continue };
+        let lag = p.high_watermark().saturating_sub(committed);
+        let labels = [
+            ("group", group.to_string()),
+            ("topic", topic.to_string()),
+            ("partition", partition.to_string()),
+        ];
+        metrics::gauge!("quiver_group_lag", &labels).set(lag as f64);
+    }
+    if let Some(rss) = resident_bytes() {
+        metrics::gauge!("quiver_process_resident_bytes").set(rss as f64);
+    }
+}
+
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 =
+        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -75,6 +75,11 @@ impl OffsetStore {
             .collect()
     }
 
+    /// Every committed offset (for metrics).
+    pub fn all(&self) -> Vec<(OffsetKey, u64)> {
+        self.state.lock().offsets.iter().map(|(k, o)| (k.clone(), *o)).collect()
+    }
+
     /// Records an offset in memory; `flush` persists it.
     pub fn set_lazy(&self, key: OffsetKey, offset: u64) {
         let mut st = self.state.lock();

@@ -21,12 +21,12 @@ type Pending = BoxFuture<'static, Option<Message>>;
 
 pub(crate) async fn serve(
     state: Arc<BrokerState>,
-    first: Result<Message, MessageError>,
+    first: (Result<Message, MessageError>, Permits),
     mut send: quinn::SendStream,
     mut reader: FrameReader,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    pending.push_back(dispatch(&state, first).await);
+    pending.push_back(holding(first.1, dispatch(&state, first.0).await));
     let mut reading = true;
     loop {
         let can_read = reading && pending.len() < state.config.max_inflight_requests_per_stream;
@@ -39,8 +39,8 @@ pub(crate) async fn serve(
                     }
                 }
             }
-            frame = reader.next_raw(), if can_read => match frame {
-                Ok(Some(raw)) => pending.push_back(dispatch(&state, Message::decode(raw)).await),
+            frame = reader.next_frame(), if can_read => match frame {
+                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw)).await)),
                 Ok(None) => reading = false,
                 Err(e) => {
                     // Answer what is pending, then the error, then end the stream.
@@ -61,6 +61,17 @@ pub(crate) async fn serve(
         }
     }
     let _ = send.finish();
+}
+
+type Permits = Vec<tokio::sync::OwnedSemaphorePermit>;
+
+/// Keeps a request's buffer budget taken until its response is ready.
+fn holding(permits: Permits, pending: Pending) -> Pending {
+    Box::pin(async move {
+        let response = pending.await;
+        drop(permits);
+        response
+    })
 }
 
 fn ready(msg: Message) -> Pending {
@@ -190,7 +201,11 @@ async fn fetch(
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
     let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes as usize);
+    let started = std::time::Instant::now();
     let batches = p.read(offset, max).await?;
+    metrics::histogram!("quiver_fetch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("quiver_fetch_bytes_total", "topic" => t.name.to_string())
+        .increment(batches.len() as u64);
     Ok(Message::FetchOk {
         log_start_offset: p.log_start_offset(),
         high_watermark: p.high_watermark(),

@@ -31,6 +31,8 @@ pub struct BrokerState {
     pub group_owners: DashMap<OffsetKey, u64>,
     pub next_generation: AtomicU64,
     pub connections: AtomicUsize,
+    /// Bytes of request frames all connections may hold at once.
+    pub total_buffer: Arc<tokio::sync::Semaphore>,
     pub shutdown: CancellationToken,
 }
 
@@ -41,6 +43,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
     tasks: tokio::task::JoinHandle<()>,
 }
 
@@ -74,6 +77,7 @@ impl Broker {
         let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let endpoint_config = crate::tls::endpoint_config(&config)?;
+        let total_buffer = config.max_total_buffer_bytes as usize;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),
@@ -88,14 +92,27 @@ impl Broker {
             group_owners: DashMap::new(),
             next_generation: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
         });
+        let metrics_addr = match state.config.metrics_listen {
+            Some(addr) => {
+                let handle = crate::observability::install_recorder()?;
+                Some(crate::observability::serve(addr, handle, state.shutdown.clone()).await?)
+            }
+            None => None,
+        };
         let tasks = tokio::spawn(run(state.clone(), endpoint.clone()));
-        Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, tasks })
+        Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, metrics_addr, tasks })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` and `/healthz` are served, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The development CA clients should trust, when certificates were generated.
@@ -134,6 +151,7 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
     let mut background = JoinSet::new();
     background.spawn(crate::maintenance::retention_loop(state.clone()));
     background.spawn(crate::maintenance::offsets_flush_loop(state.clone()));
+    background.spawn(crate::maintenance::gauges_loop(state.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -175,10 +193,11 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     metrics::gauge!("quiver_connections").increment(1.0);
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
+    let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv)); }
+                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone())); }
                 Err(e) => {
                     tracing::debug!(%remote, "connection closed: {e}");
                     break;
@@ -196,17 +215,28 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
 
 /// The first frame decides what a stream is: `Subscribe` makes a subscription stream,
 /// anything else a request stream.
-async fn handle_stream(state: Arc<BrokerState>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
-    let mut reader =
-        FrameReader::new(recv).with_frame_timeout(Duration::from_millis(state.config.frame_timeout_ms));
-    let first = match reader.next_raw().await {
+async fn handle_stream(
+    state: Arc<BrokerState>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    connection_buffer: Arc<tokio::sync::Semaphore>,
+) {
+    let mut reader = FrameReader::new(recv)
+        .with_frame_timeout(Duration::from_millis(state.config.frame_timeout_ms))
+        .with_budget(connection_buffer)
+        .with_budget(state.total_buffer.clone());
+    let first = match reader.next_frame().await {
         Ok(Some(f)) => f,
         Ok(None) => return,
         Err(e) => return fail_stream(&mut send, &mut reader, e).await,
     };
-    match Message::decode(first) {
-        Ok(Message::Subscribe(sub)) => crate::subscription::run(state, sub, send, reader).await,
-        first => crate::requests::serve(state, first, send, reader).await,
+    let permits = first.permits;
+    match Message::decode(first.raw) {
+        Ok(Message::Subscribe(sub)) => {
+            drop(permits);
+            crate::subscription::run(state, sub, send, reader).await
+        }
+        first => crate::requests::serve(state, (first, permits), send, reader).await,
     }
 }
 

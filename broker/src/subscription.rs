@@ -51,9 +51,12 @@ pub(crate) async fn run(
     metrics::gauge!("quiver_subscriptions").increment(1.0);
     let (ack_tx, ack_rx) = watch::channel(setup.start);
     let acks = tokio::spawn(read_acks(reader, ack_tx));
-    if let Err(e) = push(&state, &setup, &sub, &mut send, ack_rx).await {
+    let window_bytes = u64::from(sub.window_bytes.clamp(1, state.config.max_window_bytes));
+    let mut window = DeliveryWindow::new(setup.start, window_bytes, u64::from(sub.window_messages.max(1)));
+    if let Err(e) = push(&state, &setup, &mut window, &mut send, ack_rx).await {
         let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
     }
+    metrics::gauge!("quiver_inflight_delivery_bytes").decrement(window.in_flight_bytes() as f64);
     let _ = send.finish();
     acks.abort();
     release(&state, &setup);
@@ -131,19 +134,16 @@ async fn read_acks(mut reader: FrameReader, acks: watch::Sender<u64>) {
 async fn push(
     state: &BrokerState,
     setup: &Setup,
-    sub: &Subscribe,
+    window: &mut DeliveryWindow,
     send: &mut quinn::SendStream,
     mut acks: watch::Receiver<u64>,
 ) -> Result<(), PartitionError> {
     let p = &setup.partition;
-    let window_bytes = u64::from(sub.window_bytes.clamp(1, state.config.max_window_bytes));
-    let window_messages = u64::from(sub.window_messages.max(1));
-    let mut window = DeliveryWindow::new(setup.start, window_bytes, window_messages);
     let mut hw = p.watch_high_watermark();
     let mut position = setup.start;
     loop {
         if acks.has_changed().unwrap_or(false) {
-            apply_ack(state, setup, &mut window, *acks.borrow_and_update())?;
+            apply_ack(state, setup, window, *acks.borrow_and_update())?;
         }
         let high = *hw.borrow_and_update();
         if position < high && window.has_room() {
@@ -159,6 +159,7 @@ async fn push(
                     .increment(messages);
                 metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string()).increment(bytes);
                 window.on_delivered(next, bytes, messages);
+                metrics::gauge!("quiver_inflight_delivery_bytes").increment(bytes as f64);
                 position = next;
                 continue;
             }
@@ -166,7 +167,7 @@ async fn push(
         tokio::select! {
             r = hw.changed() => if r.is_err() { return Ok(()) },
             r = acks.changed() => match r {
-                Ok(()) => apply_ack(state, setup, &mut window, *acks.borrow_and_update())?,
+                Ok(()) => apply_ack(state, setup, window, *acks.borrow_and_update())?,
                 Err(_) => return Ok(()), // the client's half ended: unsubscribe
             },
             _ = state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
@@ -180,7 +181,10 @@ fn apply_ack(
     window: &mut DeliveryWindow,
     next: u64,
 ) -> Result<(), PartitionError> {
+    let before = window.in_flight_bytes();
     let moved = window.on_ack(next).map_err(|e| PartitionError::new(ErrorCode::Malformed, e.to_string()))?;
+    metrics::gauge!("quiver_inflight_delivery_bytes")
+        .decrement(before.saturating_sub(window.in_flight_bytes()) as f64);
     if let (true, Some((key, generation))) = (moved, &setup.group) {
         // A subscription that was taken over no longer moves the group's offset.
         if state.group_owners.get(key).map(|g| *g == *generation).unwrap_or(false) {

@@ -114,9 +114,10 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u32.into());
-    // Finite windows: one connection can make the broker buffer at most `receive_window`.
+    // Finite windows: quinn holds at most `receive_window` unread bytes per connection; what
+    // the broker has read but not finished with is bounded by its buffer budgets.
     t.stream_receive_window((16u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
+    t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
     t.max_idle_timeout(Some(Duration::from_millis(config.idle_timeout_ms).try_into()?));
     server.transport_config(Arc::new(t));

@@ -4,6 +4,7 @@
 //! protocol.
 
 pub mod admin;
+pub mod bench;
 pub mod connection;
 pub mod consumer;
 pub mod error;

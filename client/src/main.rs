@@ -38,6 +38,8 @@ enum Command {
     Publish(PublishArgs),
     /// Print messages from a topic, one value per line.
     Tail(TailArgs),
+    /// Measure throughput and latency (like `nats bench` / `kafka-producer-perf-test`).
+    Bench(BenchArgs),
     /// Show a consumer group's committed offsets and lag for a topic.
     Offsets {
         group: String,
@@ -133,6 +135,62 @@ struct TailArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// Topic to use; created if missing. Default: a fresh topic per run.
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Total messages across producers.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Run producers for this many seconds instead of a message count.
+    #[arg(long)]
+    duration: Option<f64>,
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    acks: AcksArg,
+    #[arg(long, default_value_t = 1024 * 1024)]
+    batch_bytes: usize,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// Durability of the topic the bench creates.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Interval)]
+    durability: DurabilityArg,
+    #[arg(long, default_value_t = 1000)]
+    flush_interval_ms: u32,
+    /// Send one message and wait for its ack before the next (latency mode).
+    #[arg(long)]
+    one_at_a_time: bool,
+    /// Sample this local broker process's resident memory during the run.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn durability(d: DurabilityArg) -> Durability {
+    match d {
+        DurabilityArg::Always => Durability::Always,
+        DurabilityArg::Interval => Durability::Interval,
+        DurabilityArg::Os => Durability::Os,
+    }
+}
+
+fn acks(a: AcksArg) -> Acks {
+    match a {
+        AcksArg::None => Acks::None,
+        AcksArg::Leader => Acks::Leader,
+    }
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not K=V"))
 }
@@ -173,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => publish(&client, args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
+        Command::Bench(args) => bench(client.config().clone(), args).await,
     };
     client.close().await;
     result
@@ -191,11 +250,7 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
             }
             config.segment_bytes = a.segment_bytes.unwrap_or(config.segment_bytes);
             config.segment_ms = a.segment_ms.unwrap_or(config.segment_ms);
-            config.durability = match a.durability {
-                DurabilityArg::Always => Durability::Always,
-                DurabilityArg::Interval => Durability::Interval,
-                DurabilityArg::Os => Durability::Os,
-            };
+            config.durability = durability(a.durability);
             config.flush_interval_ms = a.flush_interval_ms;
             admin.create_topic(&a.name, a.partitions, config).await?;
             println!("created topic {} with {} partition(s)", a.name, a.partitions);
@@ -232,10 +287,7 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
 
 async fn publish(client: &Client, a: PublishArgs) -> anyhow::Result<()> {
     let config = ProducerConfig {
-        acks: match a.acks {
-            AcksArg::None => Acks::None,
-            AcksArg::Leader => Acks::Leader,
-        },
+        acks: acks(a.acks),
         linger: Duration::from_millis(a.linger_ms),
         max_batch_bytes: a.batch_bytes,
         ..Default::default()
@@ -363,6 +415,36 @@ async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()
             "{}\t\t{}\t\t{}\t\t{}\t{}",
             p.partition, committed, p.log_start_offset, p.high_watermark, lag
         );
+    }
+    Ok(())
+}
+
+async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    anyhow::ensure!(a.producers > 0, "--producers must be at least 1");
+    let config = quiver_client::bench::BenchConfig {
+        client,
+        topic: a.topic,
+        producers: a.producers,
+        consumers: a.consumers,
+        partitions: a.partitions,
+        message_size: a.message_size,
+        messages: a.messages,
+        duration: a.duration.map(Duration::from_secs_f64),
+        acks: acks(a.acks),
+        batch_bytes: a.batch_bytes,
+        linger: Duration::from_millis(a.linger_ms),
+        durability: durability(a.durability),
+        flush_interval_ms: a.flush_interval_ms,
+        one_at_a_time: a.one_at_a_time,
+        broker_pid: a.broker_pid,
+        progress: !a.json && std::io::stderr().is_terminal(),
+    };
+    let report = quiver_client::bench::run(config).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
     }
     Ok(())
 }

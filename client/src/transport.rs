@@ -4,12 +4,21 @@
 //! `MAX_FRAME_BYTES` first) and gives a started frame `frame_timeout` to arrive completely, so
 //! a peer cannot hold a half-sent frame open for ever. `next()` is cancel-safe: all state lives
 //! in the struct, so it can sit in a `select!`.
+//!
+//! A reader may be given memory budgets (semaphores counting bytes): before buffering a
+//! frame's body it takes the frame's length from each, and the returned `Frame` holds them
+//! until it is dropped. QUIC flow control alone cannot bound this memory, because reading
+//! from quinn returns credit to the peer; the budgets do, and while a budget is exhausted the
+//! stream simply is not read, so flow control pushes back on the sender.
 
 use std::time::Duration;
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use quiver_protocol::frame::{decode_frame, FrameError, RawFrame};
 use quiver_protocol::message::{Encoded, Message, MessageError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Default for how long the rest of a frame may take once its first byte arrived.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,16 +43,32 @@ pub enum ReadError {
 /// Writing a frame failed.
 pub type WriteError = quinn::WriteError;
 
+/// A frame with the memory-budget permits that cover it.
+#[derive(Debug)]
+pub struct Frame {
+    pub raw: RawFrame,
+    pub permits: Vec<OwnedSemaphorePermit>,
+}
+
 #[derive(Debug)]
 pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     frame_timeout: Duration,
+    budgets: Vec<Arc<Semaphore>>,
+    /// Permits taken for the frame being buffered.
+    held: Vec<OwnedSemaphorePermit>,
 }
 
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
-        FrameReader { recv, buf: BytesMut::with_capacity(8 * 1024), frame_timeout: DEFAULT_FRAME_TIMEOUT }
+        FrameReader {
+            recv,
+            buf: BytesMut::with_capacity(8 * 1024),
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            budgets: Vec::new(),
+            held: Vec::new(),
+        }
     }
 
     pub fn with_frame_timeout(mut self, t: Duration) -> Self {
@@ -51,11 +76,24 @@ impl FrameReader {
         self
     }
 
+    /// Adds a memory budget in bytes (at least `MAX_FRAME_BYTES` permits, or large frames
+    /// would wait for ever).
+    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
     /// The next raw frame, or `None` at a clean end of stream.
     pub async fn next_raw(&mut self) -> Result<Option<RawFrame>, ReadError> {
+        Ok(self.next_frame().await?.map(|f| f.raw))
+    }
+
+    /// The next frame with its budget permits, or `None` at a clean end of stream.
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
-            if let Some(frame) = decode_frame(&mut self.buf)? {
-                return Ok(Some(frame));
+            self.reserve_budget().await?;
+            if let Some(raw) = decode_frame(&mut self.buf)? {
+                return Ok(Some(Frame { raw, permits: std::mem::take(&mut self.held) }));
             }
             let chunk = if self.buf.is_empty() {
                 self.recv.read_chunk(READ_CHUNK_BYTES, true).await?
@@ -70,6 +108,26 @@ impl FrameReader {
                 None => return Err(ReadError::Truncated),
             }
         }
+    }
+
+    /// Once a frame's length is known, takes that many bytes from every budget (waiting, and
+    /// so not reading the stream, while a budget is exhausted).
+    async fn reserve_budget(&mut self) -> Result<(), ReadError> {
+        if self.held.len() == self.budgets.len() || self.buf.len() < 4 {
+            return Ok(());
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        if len as usize > quiver_protocol::limits::MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(len as u64).into());
+        }
+        // One budget at a time, recording each permit as it is taken, so a cancelled call
+        // resumes where it stopped.
+        while self.held.len() < self.budgets.len() {
+            let budget = self.budgets[self.held.len()].clone();
+            let permit = budget.acquire_many_owned(len.max(1)).await.map_err(|_| ReadError::Truncated)?;
+            self.held.push(permit);
+        }
+        Ok(())
     }
 
     /// The next frame decoded as a `Message`, or `None` at a clean end of stream.

@@ -145,9 +145,12 @@ async fn half_sent_huge_frames_do_not_grow_memory_without_bound() -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let during = broker.rss_kib().unwrap_or(0);
-        // 64 streams x 15 MiB would be 960 MiB if buffered; the connection window is 64 MiB.
+        // 64 streams x 15 MiB would be 960 MiB if buffered. Bounded: quinn holds at most the
+        // 64 MiB connection window of unread bytes and the broker at most its 64 MiB
+        // per-connection request budget.
         let grown_mib = during.saturating_sub(before) / 1024;
-        assert!(grown_mib < 256, "broker grew by {grown_mib} MiB (before {before} KiB, during {during} KiB)");
+        eprintln!("broker RSS grew by {grown_mib} MiB under the attack");
+        assert!(grown_mib < 180, "broker grew by {grown_mib} MiB (before {before} KiB, during {during} KiB)");
 
         // Meanwhile another client is served.
         let other = broker.client().await?;

@@ -1,0 +1,129 @@
+//! Prometheus metrics over HTTP (`GET /metrics`) and a liveness probe (`GET /healthz`).
+//!
+//! The `metrics` facade is used throughout the broker; this installs the Prometheus recorder
+//! and serves its rendering. The HTTP side is deliberately tiny (two fixed GET paths, bounded
+//! request size, a read timeout), so it adds no web framework to the broker.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request head read from a scraper.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder once; later calls reuse it.
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let buckets = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5,
+    ];
+    let recorder =
+        PrometheusBuilder::new().set_buckets(&buckets).context("histogram buckets")?.build_recorder();
+    let handle = recorder.handle();
+    match metrics::set_global_recorder(recorder) {
+        Ok(()) => {
+            let _ = HANDLE.set(handle.clone());
+            describe();
+            Ok(handle)
+        }
+        // Another recorder (e.g. an embedding application's) is installed: use it for
+        // recording, and still serve our handle (which will then stay empty).
+        Err(_) => Ok(HANDLE.get_or_init(|| handle).clone()),
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until shutdown.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener =
+        TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                _ = shutdown.cancelled() => return,
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(READ_TIMEOUT, respond(stream, &handle)).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_BYTES {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Names, units and help text of every metric the broker records (also listed in the README).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("quiver_messages_in_total", "Records appended, by topic");
+    describe_counter!("quiver_bytes_in_total", Unit::Bytes, "Record batch bytes appended, by topic");
+    describe_counter!("quiver_messages_out_total", "Records pushed to subscribers, by topic");
+    describe_counter!(
+        "quiver_bytes_out_total",
+        Unit::Bytes,
+        "Record batch bytes pushed to subscribers, by topic"
+    );
+    describe_counter!("quiver_fetch_bytes_total", Unit::Bytes, "Bytes returned by Fetch requests, by topic");
+    describe_histogram!(
+        "quiver_produce_seconds",
+        Unit::Seconds,
+        "Produce request latency (queue, append, sync)"
+    );
+    describe_histogram!("quiver_fetch_seconds", Unit::Seconds, "Fetch request latency");
+    describe_histogram!("quiver_fsync_seconds", Unit::Seconds, "Group-commit fsync latency");
+    describe_counter!("quiver_protocol_errors_total", "Malformed, oversized or unexpected frames");
+    describe_gauge!("quiver_connections", "Open client connections");
+    describe_gauge!("quiver_subscriptions", "Live subscription streams");
+    describe_gauge!(
+        "quiver_inflight_delivery_bytes",
+        Unit::Bytes,
+        "Delivered but unacknowledged bytes, all subscriptions"
+    );
+    describe_gauge!("quiver_partition_bytes", Unit::Bytes, "Bytes on disk per partition");
+    describe_gauge!("quiver_partition_segments", "Segment files per partition");
+    describe_gauge!("quiver_partition_high_watermark", "Next offset per partition");
+    describe_gauge!("quiver_group_lag", "High watermark minus committed offset per group and partition");
+    describe_gauge!("quiver_process_resident_bytes", Unit::Bytes, "Broker resident memory");
+}

@@ -1,0 +1,462 @@
+//! `quiver bench`: a load generator in the manner of `nats bench` and
+//! `kafka-producer-perf-test`. Producers and consumers each use their own connection; every
+//! message carries its send time so consumers measure publish-to-deliver latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig};
+use serde::Serialize;
+
+use crate::{
+    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub client: ClientConfig,
+    pub topic: Option<String>,
+    pub producers: usize,
+    pub consumers: usize,
+    pub partitions: u32,
+    pub message_size: usize,
+    /// Total messages across producers; ignored when `duration` is set.
+    pub messages: u64,
+    pub duration: Option<Duration>,
+    pub acks: Acks,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub durability: Durability,
+    pub flush_interval_ms: u32,
+    /// Each producer sends one message and waits for its ack before the next.
+    pub one_at_a_time: bool,
+    /// Sample this process's RSS: a local broker's pid.
+    pub broker_pid: Option<u32>,
+    pub progress: bool,
+}
+
+/// Throughput of one side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub messages: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub msgs_per_sec: f64,
+    pub mb_per_sec: f64,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// Resident memory of the broker, when its pid was given.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub start_kib: u64,
+    pub peak_kib: u64,
+    pub end_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub topic: String,
+    pub producers: usize,
+    pub consumers: usize,
+    pub partitions: u32,
+    pub message_size: usize,
+    pub acks: String,
+    pub durability: String,
+    pub batch_bytes: usize,
+    pub linger_ms: u64,
+    pub one_at_a_time: bool,
+    pub produce: Throughput,
+    /// Aggregate over consumers (each consumer reads every message).
+    pub consume: Option<Throughput>,
+    pub produce_latency: Latency,
+    pub end_to_end_latency: Option<Latency>,
+    pub broker_memory: Option<Memory>,
+}
+
+/// Runs the benchmark and reports.
+pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
+    let admin_client = Client::connect(config.client.clone()).await?;
+    let topic = match &config.topic {
+        Some(t) => t.clone(),
+        None => format!("bench-{}-{}", std::process::id(), now_ns() % 1_000_000),
+    };
+    if config.topic.is_none() || admin_client.admin().describe_topic(&topic).await.is_err() {
+        let topic_config = TopicConfig {
+            durability: config.durability,
+            flush_interval_ms: config.flush_interval_ms,
+            segment_bytes: 1024 * 1024 * 1024,
+            ..Default::default()
+        };
+        admin_client.admin().create_topic(&topic, config.partitions, topic_config).await?;
+    }
+    let partitions = admin_client.admin().describe_topic(&topic).await?.partitions.len() as u32;
+
+    let bars =
+        Bars::new(config.progress, config.duration.is_none().then_some(config.messages), config.consumers);
+    let memory = config.broker_pid.map(MemorySampler::start);
+
+    // Consumers first, so they see every message from offset 0.
+    let produced_total = Arc::new(AtomicU64::new(u64::MAX));
+    let mut consumer_tasks = Vec::new();
+    for _ in 0..config.consumers {
+        let client = Client::connect(config.client.clone()).await?;
+        let consumer = Consumer::subscribe(
+            client.clone(),
+            ConsumerConfig::new(topic.clone()).start(StartPosition::Earliest),
+        )
+        .await?;
+        consumer_tasks.push(tokio::spawn(consume(
+            consumer,
+            client,
+            produced_total.clone(),
+            bars.consumed.clone(),
+        )));
+    }
+
+    let deadline = config.duration.map(|d| Instant::now() + d);
+    let per_producer = config.messages / config.producers.max(1) as u64;
+    let started = Instant::now();
+    let mut producer_tasks = Vec::new();
+    for i in 0..config.producers.max(1) {
+        let client = Client::connect(config.client.clone()).await?;
+        let count = if i == 0 {
+            config.messages - per_producer * (config.producers.max(1) as u64 - 1)
+        } else {
+            per_producer
+        };
+        producer_tasks.push(tokio::spawn(produce(
+            client,
+            topic.clone(),
+            config.clone(),
+            count,
+            deadline,
+            bars.produced.clone(),
+        )));
+    }
+    let mut produce_hist = new_histogram();
+    let mut produced = 0u64;
+    for t in producer_tasks {
+        let (n, hist) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        produced += n;
+        let _ = produce_hist.add(&hist);
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    produced_total.store(produced, Ordering::Release);
+
+    let mut e2e_hist = new_histogram();
+    let mut consume_secs: f64 = 0.0;
+    let mut consumed = 0u64;
+    for t in consumer_tasks {
+        let (n, secs, hist) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        consumed += n;
+        consume_secs = consume_secs.max(secs);
+        let _ = e2e_hist.add(&hist);
+    }
+    bars.finish();
+    let memory = match memory {
+        Some(m) => m.stop().await,
+        None => None,
+    };
+    let bytes = produced * config.message_size as u64;
+    let report = BenchReport {
+        topic,
+        producers: config.producers,
+        consumers: config.consumers,
+        partitions,
+        message_size: config.message_size,
+        acks: format!("{:?}", config.acks).to_lowercase(),
+        durability: format!("{:?}", config.durability).to_lowercase(),
+        batch_bytes: config.batch_bytes,
+        linger_ms: config.linger.as_millis() as u64,
+        one_at_a_time: config.one_at_a_time,
+        produce: throughput(produced, bytes, produce_secs),
+        consume: (config.consumers > 0)
+            .then(|| throughput(consumed, consumed * config.message_size as u64, consume_secs)),
+        produce_latency: latency(&produce_hist),
+        end_to_end_latency: (config.consumers > 0).then(|| latency(&e2e_hist)),
+        broker_memory: memory,
+    };
+    admin_client.close().await;
+    Ok(report)
+}
+
+async fn produce(
+    client: Client,
+    topic: String,
+    config: BenchConfig,
+    count: u64,
+    deadline: Option<Instant>,
+    bar: indicatif::ProgressBar,
+) -> Result<(u64, Histogram<u64>), ClientError> {
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig {
+            acks: config.acks,
+            linger: if config.one_at_a_time { Duration::ZERO } else { config.linger },
+            max_batch_bytes: config.batch_bytes,
+            ..Default::default()
+        },
+    );
+    let filler = Bytes::from(vec![b'x'; config.message_size.saturating_sub(8)]);
+    let mut hist = new_histogram();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    let done = |sent: u64| match deadline {
+        Some(d) => Instant::now() >= d,
+        None => sent >= count,
+    };
+    while !done(sent) {
+        let record = ProducerRecord::new(payload(&filler, config.message_size));
+        let t0 = Instant::now();
+        let ack = producer.enqueue(&topic, record).await?;
+        sent += 1;
+        if config.one_at_a_time {
+            ack.await?;
+            record_us(&mut hist, t0.elapsed());
+            bar.inc(1);
+            continue;
+        }
+        in_flight.push(async move { ack.await.map(|_| t0.elapsed()) });
+        // Settle what completed, without waiting.
+        while let Some(Some(r)) = futures::FutureExt::now_or_never(in_flight.next()) {
+            record_us(&mut hist, r?);
+            bar.inc(1);
+        }
+    }
+    producer.flush().await?;
+    while let Some(r) = in_flight.next().await {
+        record_us(&mut hist, r?);
+        bar.inc(1);
+    }
+    client.close().await;
+    Ok((sent, hist))
+}
+
+async fn consume(
+    mut consumer: Consumer,
+    client: Client,
+    total: Arc<AtomicU64>,
+    bar: indicatif::ProgressBar,
+) -> Result<(u64, f64, Histogram<u64>), ClientError> {
+    let mut hist = new_histogram();
+    let mut n = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        let target = total.load(Ordering::Acquire);
+        if n >= target {
+            break;
+        }
+        let msg = match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+            Ok(Some(m)) => m?,
+            Ok(None) => break,
+            Err(_) => continue, // re-check the target
+        };
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        if msg.value.len() >= 8 {
+            let sent = u64::from_le_bytes(msg.value[..8].try_into().unwrap_or([0; 8]));
+            let lat = now_ns().saturating_sub(sent);
+            let _ = hist.record((lat / 1000).max(1));
+        }
+        msg.ack();
+        n += 1;
+        if n.is_multiple_of(1024) {
+            bar.inc(1024);
+        }
+    }
+    let secs = first.map(|f| last.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+    consumer.close();
+    client.close().await;
+    Ok((n, secs, hist))
+}
+
+fn payload(filler: &Bytes, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(8));
+    b.put_u64_le(now_ns());
+    b.put_slice(&filler[..size.saturating_sub(8).min(filler.len())]);
+    b.freeze()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+fn record_us(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record((d.as_micros() as u64).max(1));
+}
+
+fn throughput(messages: u64, bytes: u64, seconds: f64) -> Throughput {
+    let s = seconds.max(1e-9);
+    Throughput {
+        messages,
+        bytes,
+        seconds,
+        msgs_per_sec: messages as f64 / s,
+        mb_per_sec: bytes as f64 / s / 1e6,
+    }
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    Latency {
+        samples: h.len(),
+        p50_us: h.value_at_quantile(0.50) as f64,
+        p90_us: h.value_at_quantile(0.90) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+        max_us: h.max() as f64,
+    }
+}
+
+impl BenchReport {
+    /// The human-readable summary.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "quiver bench: topic {} | {} producer(s), {} consumer(s), {} partition(s), {}-byte messages, acks={}, durability={}, batch {} B, linger {} ms{}",
+            self.topic,
+            self.producers,
+            self.consumers,
+            self.partitions,
+            self.message_size,
+            self.acks,
+            self.durability,
+            self.batch_bytes,
+            self.linger_ms,
+            if self.one_at_a_time { ", one at a time" } else { "" }
+        );
+        let tp = |name: &str, t: &Throughput| {
+            format!(
+                "{name:<8} {:>12} msgs in {:>7.2} s = {:>12.0} msg/s {:>9.1} MB/s\n",
+                t.messages, t.seconds, t.msgs_per_sec, t.mb_per_sec
+            )
+        };
+        s.push_str(&tp("produce", &self.produce));
+        if let Some(c) = &self.consume {
+            s.push_str(&tp("consume", c));
+        }
+        let lat = |name: &str, l: &Latency| {
+            format!(
+                "{name:<24} p50 {:>8.0} µs  p90 {:>8.0}  p99 {:>8.0}  p99.9 {:>8.0}  max {:>8.0}  ({} samples)\n",
+                l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.samples
+            )
+        };
+        s.push_str(&lat("produce->ack latency", &self.produce_latency));
+        if let Some(l) = &self.end_to_end_latency {
+            s.push_str(&lat("publish->deliver latency", l));
+        }
+        if let Some(m) = &self.broker_memory {
+            let _ = writeln!(
+                s,
+                "broker RSS: start {:.1} MiB, peak {:.1} MiB, end {:.1} MiB",
+                m.start_kib as f64 / 1024.0,
+                m.peak_kib as f64 / 1024.0,
+                m.end_kib as f64 / 1024.0
+            );
+        }
+        s
+    }
+}
+
+/// Progress bars on stderr (hidden when not wanted).
+struct Bars {
+    multi: indicatif::MultiProgress,
+    produced: indicatif::ProgressBar,
+    consumed: indicatif::ProgressBar,
+}
+
+impl Bars {
+    fn new(show: bool, total: Option<u64>, consumers: usize) -> Self {
+        let multi = if show {
+            indicatif::MultiProgress::new()
+        } else {
+            indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+        };
+        let style =
+            indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> ");
+        let bar = |prefix: &str, len: Option<u64>| {
+            let b = multi.add(match len {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::no_length(),
+            });
+            b.set_style(style.clone());
+            b.set_prefix(prefix.to_string());
+            b
+        };
+        let produced = bar("produce", total);
+        let consumed = bar("consume", total.map(|t| t * consumers as u64));
+        Bars { multi, produced, consumed }
+    }
+
+    fn finish(&self) {
+        self.produced.finish_and_clear();
+        self.consumed.finish_and_clear();
+        let _ = self.multi.clear();
+    }
+}
+
+/// Samples a process's RSS every 100 ms.
+struct MemorySampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Memory>,
+}
+
+impl MemorySampler {
+    fn start(pid: u32) -> Self {
+        let (stop, mut rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let start = rss_kib(pid).unwrap_or(0);
+            let mut m = Memory { start_kib: start, peak_kib: start, end_kib: start };
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if let Some(r) = rss_kib(pid) {
+                    m.peak_kib = m.peak_kib.max(r);
+                    m.end_kib = r;
+                }
+            }
+            m
+        });
+        MemorySampler { stop, task }
+    }
+
+    async fn stop(self) -> Option<Memory> {
+        let _ = self.stop.send(());
+        self.task.await.ok()
+    }
+}
+
+/// Resident set size of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
