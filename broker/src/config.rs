@@ -47,6 +47,8 @@ pub struct BrokerConfig {
     pub offsets_flush_ms: u64,
     /// Send QUIC Retry to validate client addresses before allocating connection state.
     pub validate_addresses: bool,
+    /// Partitions across all topics; creating more is refused (bounds metadata and files).
+    pub max_partitions_total: u32,
     /// TCP address for Prometheus `/metrics` and `/healthz`; off when unset.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -71,6 +73,7 @@ impl Default for BrokerConfig {
             retention_check_ms: 30_000,
             offsets_flush_ms: 1000,
             validate_addresses: true,
+            max_partitions_total: 100_000,
             metrics_listen: None,
         }
     }
@@ -105,6 +108,9 @@ impl BrokerConfig {
             self.max_inflight_requests_per_stream > 0,
             "max_inflight_requests_per_stream must be positive"
         );
+        anyhow::ensure!(self.max_window_bytes > 0, "max_window_bytes must be positive");
+        anyhow::ensure!(self.max_deliver_bytes > 0, "max_deliver_bytes must be positive");
+        anyhow::ensure!(self.max_partitions_total > 0, "max_partitions_total must be positive");
         let frame = quiver_protocol::limits::MAX_FRAME_BYTES;
         anyhow::ensure!(
             self.max_connection_buffer_bytes as usize >= frame

@@ -89,6 +89,9 @@ impl OffsetStore {
 
     /// Durably records an offset. Blocking: call from a blocking thread.
     pub fn commit_blocking(&self, key: OffsetKey, offset: u64) -> Result<(), OffsetsError> {
+        // File lock first, for the whole update: a concurrent flush cannot then write an older
+        // value after this one.
+        let mut file = self.file.lock();
         let mut buf = BytesMut::new();
         put_entry(&mut buf, &key, offset);
         {
@@ -96,11 +99,12 @@ impl OffsetStore {
             st.offsets.insert(key.clone(), offset);
             st.dirty.remove(&key);
         }
-        self.append_blocking(&buf)
+        self.append_locked(&mut file, &buf)
     }
 
     /// Persists every dirty offset. Blocking.
     pub fn flush_blocking(&self) -> Result<(), OffsetsError> {
+        let mut file = self.file.lock();
         let buf = {
             let mut st = self.state.lock();
             if st.dirty.is_empty() {
@@ -114,7 +118,8 @@ impl OffsetStore {
             }
             buf
         };
-        self.append_blocking(&buf)?;
+        self.append_locked(&mut file, &buf)?;
+        drop(file);
         self.maybe_snapshot_blocking()
     }
 
@@ -128,9 +133,8 @@ impl OffsetStore {
         self.snapshot_blocking()
     }
 
-    fn append_blocking(&self, buf: &[u8]) -> Result<(), OffsetsError> {
+    fn append_locked(&self, file: &mut File, buf: &[u8]) -> Result<(), OffsetsError> {
         let io_err = |source| OffsetsError::Io { path: self.path.clone(), source };
-        let mut file = self.file.lock();
         file.write_all(buf).map_err(io_err)?;
         file.sync_data().map_err(io_err)?;
         self.state.lock().file_bytes += buf.len() as u64;
@@ -140,9 +144,14 @@ impl OffsetStore {
     fn maybe_snapshot_blocking(&self) -> Result<(), OffsetsError> {
         let (bytes, live) = {
             let st = self.state.lock();
-            (st.file_bytes, st.offsets.len() as u64)
+            if st.file_bytes < SNAPSHOT_MIN_BYTES {
+                return Ok(());
+            }
+            let live: u64 =
+                st.offsets.keys().map(|(g, t, _)| (8 + 2 + g.len() + 2 + t.len() + 12) as u64).sum();
+            (st.file_bytes, live)
         };
-        if bytes >= SNAPSHOT_MIN_BYTES && bytes > 4 * live * 64 {
+        if bytes > 4 * live {
             self.snapshot_blocking()?;
         }
         Ok(())

@@ -166,18 +166,26 @@ impl Partition {
         if offset == hw {
             return Ok(Bytes::new());
         }
-        let plan = self.log.lock().read_plan(offset, max_bytes)?;
-        let bytes = tokio::task::spawn_blocking(move || plan.execute())
-            .await
-            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+        // Locating batches reads index and headers from disk, so it happens on a blocking
+        // thread, like the read itself; the lock is held only while planning.
+        let log = self.log.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let plan = log.lock().read_plan(offset, max_bytes)?;
+            plan.execute().map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
+        })
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))??;
         Ok(trim_to(bytes, hw))
     }
 
     /// First offset whose batch has a timestamp at or after `ts_ms`, or the high watermark.
-    pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64, PartitionError> {
-        let found = self.log.lock().offset_for_timestamp(ts_ms)?;
-        Ok(found.unwrap_or_else(|| self.high_watermark()).min(self.high_watermark()))
+    pub async fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64, PartitionError> {
+        let log = self.log.clone();
+        let found = tokio::task::spawn_blocking(move || log.lock().offset_for_timestamp(ts_ms))
+            .await
+            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))??;
+        let hw = self.high_watermark();
+        Ok(found.unwrap_or(hw).min(hw))
     }
 
     /// Deletes segments past retention. Blocking.

@@ -29,6 +29,9 @@ pub(crate) async fn serve(
     pending.push_back(holding(first.1, dispatch(&state, first.0).await));
     let mut reading = true;
     loop {
+        if !reading && pending.is_empty() {
+            break; // the client finished its half and every request is answered
+        }
         let can_read = reading && pending.len() < state.config.max_inflight_requests_per_stream;
         tokio::select! {
             biased;
@@ -57,7 +60,6 @@ pub(crate) async fn serve(
                 let _ = send.finish();
                 return;
             }
-            else => break,
         }
     }
     let _ = send.finish();
@@ -112,7 +114,7 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
         }
         Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
-            Some(match st.topics.create(&name, partitions, config).await {
+            Some(match st.topics.create(&name, partitions, config, st.config.max_partitions_total).await {
                 Ok(_) => Message::Done,
                 Err(e) => error(e),
             })
@@ -174,7 +176,13 @@ async fn produce(
             tracing::debug!("acks=none produce failed: {e}");
             Box::pin(async { None })
         }
-        (Ok(_), Acks::None) => Box::pin(async { None }),
+        // No answer, but the request keeps its buffer budget until the append is done.
+        (Ok(rx), Acks::None) => Box::pin(async move {
+            if let Ok(Err(e)) = rx.await {
+                tracing::debug!("acks=none append failed: {e}");
+            }
+            None
+        }),
         (Ok(rx), Acks::Leader) => Box::pin(async move {
             let r = match rx.await {
                 Ok(Ok(a)) => {
@@ -200,7 +208,7 @@ async fn fetch(
 ) -> Result<Message, PartitionError> {
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
-    let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes as usize);
+    let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes.max(1) as usize);
     let started = std::time::Instant::now();
     let batches = p.read(offset, max).await?;
     metrics::histogram!("quiver_fetch_seconds").record(started.elapsed().as_secs_f64());
@@ -220,9 +228,8 @@ async fn commit(
     partition: u32,
     offset: u64,
 ) -> Result<Message, PartitionError> {
-    if group.is_empty() {
-        return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty"));
-    }
+    quiver_protocol::message::validate_group_name(&group)
+        .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
     if offset > p.high_watermark() {

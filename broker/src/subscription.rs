@@ -7,7 +7,7 @@ use std::sync::Arc;
 use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::BatchHeader;
 use quiver_protocol::delivery::DeliveryWindow;
-use quiver_protocol::message::{Message, StartPosition, Subscribe};
+use quiver_protocol::message::{validate_group_name, Message, StartPosition, Subscribe};
 use quiver_protocol::ErrorCode;
 use tokio::sync::watch;
 
@@ -29,7 +29,7 @@ pub(crate) async fn run(
     mut send: quinn::SendStream,
     reader: FrameReader,
 ) {
-    let setup = match setup(&state, &sub) {
+    let setup = match setup(&state, &sub).await {
         Ok(s) => s,
         Err(e) => {
             let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
@@ -63,27 +63,25 @@ pub(crate) async fn run(
     metrics::gauge!("quiver_subscriptions").decrement(1.0);
 }
 
-fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> {
+async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> {
     let topic = state.topics.get(&sub.topic)?;
     let partition = topic.partition(sub.partition)?.clone();
-    let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
-    let group = match &sub.group {
-        Some(g) if g.is_empty() => {
-            return Err(PartitionError::new(ErrorCode::InvalidGroup, "group name is empty"))
+    let key: Option<OffsetKey> = match &sub.group {
+        Some(g) if validate_group_name(g).is_err() => {
+            return Err(PartitionError::new(
+                ErrorCode::InvalidGroup,
+                validate_group_name(g).err().unwrap_or_default(),
+            ))
         }
-        Some(g) => {
-            let key: OffsetKey = (Arc::from(g.as_str()), topic.name.clone(), sub.partition);
-            let generation = state.next_generation.fetch_add(1, Ordering::Relaxed);
-            // A newer subscription of the group takes the partition over (single active
-            // consumer per partition until group membership arrives).
-            state.group_owners.insert(key.clone(), generation);
-            Some((key, generation))
-        }
+        Some(g) => Some((Arc::from(g.as_str()), topic.name.clone(), sub.partition)),
         None => None,
     };
-    let committed = group.as_ref().and_then(|(k, _)| state.offsets.get(k));
+    let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
+    // Retention can move the log start past a high watermark that waits for an fsync.
+    let hw = hw.max(log_start);
+    let committed = key.as_ref().and_then(|k| state.offsets.get(k));
     let start = match (committed, sub.start) {
-        (Some(c), _) => c.clamp(log_start, hw),
+        (Some(c), _) => c.max(log_start).min(hw),
         (None, StartPosition::Earliest) => log_start,
         (None, StartPosition::Latest) => hw,
         (None, StartPosition::Offset(o)) => {
@@ -95,8 +93,15 @@ fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> 
             }
             o
         }
-        (None, StartPosition::Timestamp(ts)) => partition.offset_for_timestamp(ts)?,
+        (None, StartPosition::Timestamp(ts)) => partition.offset_for_timestamp(ts).await?.max(log_start),
     };
+    // Only now, with nothing left to fail, does a group subscription take the partition over
+    // (single active consumer per partition until group membership arrives).
+    let group = key.map(|key| {
+        let generation = state.next_generation.fetch_add(1, Ordering::Relaxed);
+        state.group_owners.insert(key.clone(), generation);
+        (key, generation)
+    });
     Ok(Setup { partition, start, group })
 }
 

@@ -78,34 +78,18 @@ impl Topics {
             };
             let file: TopicFile =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", meta.display()))?;
-            let topic = topics.open_topic(&file.name, file.partitions, file.config)?;
+            let topic = open_topic(
+                &topics.storage,
+                &root,
+                &topics.shutdown,
+                &file.name,
+                file.partitions,
+                file.config,
+            )?;
             tracing::info!(topic = %file.name, partitions = file.partitions, "loaded topic");
             topics.map.insert(file.name, topic);
         }
         Ok(topics)
-    }
-
-    fn open_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        config: TopicConfig,
-    ) -> Result<Arc<Topic>, PartitionError> {
-        let name: Arc<str> = Arc::from(name);
-        let dir = self.root.join(&*name);
-        let parts = (0..partitions)
-            .map(|p| {
-                Partition::open(
-                    self.storage.clone(),
-                    dir.join(p.to_string()),
-                    name.clone(),
-                    p,
-                    &config,
-                    self.shutdown.clone(),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(Topic { name, config, partitions: parts }))
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
@@ -121,14 +105,15 @@ impl Topics {
         v
     }
 
-    /// Creates a topic durably: partition directories, then `topic.json` (tmp, fsync, rename,
-    /// fsync dir). A crash before the rename leaves a directory without `topic.json`, skipped
-    /// at load.
+    /// Creates a topic durably: partition directories and their files, an fsync of the topic
+    /// directory, then `topic.json` (tmp, fsync, rename, fsync dir). A crash before the rename
+    /// leaves a directory without `topic.json`, which load skips.
     pub async fn create(
         &self,
         name: &str,
         partitions: u32,
         config: TopicConfig,
+        max_partitions_total: u32,
     ) -> Result<Arc<Topic>, PartitionError> {
         let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, m);
         validate_topic_name(name).map_err(invalid)?;
@@ -141,16 +126,27 @@ impl Topics {
                 format!("topic '{name}' already exists"),
             ));
         }
-        let dir = self.root.join(name);
+        let existing: u64 = self.map.iter().map(|t| t.partitions.len() as u64).sum();
+        if existing + u64::from(partitions) > u64::from(max_partitions_total) {
+            return Err(invalid(format!(
+                "the broker holds {existing} partitions; {partitions} more would pass max_partitions_total={max_partitions_total}"
+            )));
+        }
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
-        let storage_err = |e: std::io::Error| PartitionError::new(ErrorCode::StorageError, e.to_string());
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || write_topic_file(&d, &file))
-            .await
-            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(storage_err)?;
-        // Opening an empty partition only creates files; cheap enough to do inline.
-        let topic = self.open_topic(name, partitions, config)?;
+        let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
+        let owned = name.to_string();
+        let topic = tokio::task::spawn_blocking(move || -> Result<Arc<Topic>, PartitionError> {
+            let storage_err = |e: std::io::Error| PartitionError::new(ErrorCode::StorageError, e.to_string());
+            let dir = root.join(&owned);
+            std::fs::create_dir_all(&dir).map_err(storage_err)?;
+            let topic = open_topic(&storage, &root, &shutdown, &owned, partitions, config)?;
+            // The partition directories' entries must be durable before topic.json exists.
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(storage_err)?;
+            write_topic_file(&dir, &file).map_err(storage_err)?;
+            Ok(topic)
+        })
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))??;
         self.map.insert(name.to_string(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
@@ -176,6 +172,32 @@ impl Topics {
         tracing::info!(topic = name, "deleted topic");
         Ok(topic)
     }
+}
+
+/// Opens (creating when new) every partition of a topic. Blocking.
+fn open_topic(
+    storage: &Arc<dyn Storage>,
+    root: &Path,
+    shutdown: &CancellationToken,
+    name: &str,
+    partitions: u32,
+    config: TopicConfig,
+) -> Result<Arc<Topic>, PartitionError> {
+    let name: Arc<str> = Arc::from(name);
+    let dir = root.join(&*name);
+    let parts = (0..partitions)
+        .map(|p| {
+            Partition::open(
+                storage.clone(),
+                dir.join(p.to_string()),
+                name.clone(),
+                p,
+                &config,
+                shutdown.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(Topic { name, config, partitions: parts }))
 }
 
 fn validate_config(c: &TopicConfig) -> Result<(), String> {

@@ -135,6 +135,37 @@ impl AckState {
     }
 }
 
+impl AckFloor {
+    /// Aligns local state with where a (re)subscription starts.
+    fn reconcile(&mut self, start: u64, high_watermark: u64, first: bool, topic: &str, partition: u32) {
+        if first {
+            // The broker decided where we start (committed offset or start position).
+            self.floor = start;
+            self.next_expected = start;
+            return;
+        }
+        if self.next_expected > high_watermark.max(start) {
+            // The log is shorter than what we handed out: the broker lost unsynced data
+            // (durability interval/os) and will reuse those offsets. Start over from the broker.
+            tracing::warn!(%topic, partition, handed_out = self.next_expected, high_watermark, "partition log went backwards; resuming from the broker's position");
+            self.floor = start;
+            self.above.clear();
+            self.next_expected = start;
+            return;
+        }
+        if start > self.floor {
+            // Retention removed offsets we had not acknowledged: they can never be acked now.
+            self.floor = start;
+            self.above.retain(|o| *o >= start);
+            while self.above.first() == Some(&self.floor) {
+                self.above.pop_first();
+                self.floor += 1;
+            }
+        }
+        self.next_expected = self.next_expected.max(start);
+    }
+}
+
 /// A stream of messages from every selected partition of a topic.
 ///
 /// ```no_run
@@ -164,6 +195,10 @@ pub struct Consumer {
 impl Consumer {
     /// Looks the topic up (failing fast on an unknown topic) and subscribes to its partitions.
     pub async fn subscribe(client: Client, config: ConsumerConfig) -> Result<Consumer, ClientError> {
+        if let Some(g) = &config.group {
+            quiver_protocol::message::validate_group_name(g)
+                .map_err(|message| ClientError::Broker { code: ErrorCode::InvalidGroup, message })?;
+        }
         let info = Admin::new(client.clone()).describe_topic(&config.topic).await?;
         let all: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
         let selected = match &config.partitions {
@@ -309,31 +344,43 @@ impl PartitionConsumer {
             window_bytes: self.config.window_bytes,
         };
         write_message(&mut send, &Message::Subscribe(sub)).await?;
-        let start_offset = match reader.next().await? {
-            Some(Message::Subscribed { start_offset, .. }) => start_offset,
+        let (start_offset, high_watermark) = match reader.next().await? {
+            Some(Message::Subscribed { start_offset, high_watermark, .. }) => (start_offset, high_watermark),
             Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
             Some(other) => return Err(unexpected(other)),
             None => return Err(ClientError::ConnectionLost("subscription closed".into())),
         };
-        {
-            let mut a = self.acks.inner.lock();
-            if ready.is_some() {
-                // First subscription: the broker decided where we start.
-                a.floor = start_offset;
-                a.next_expected = start_offset;
-            }
-        }
+        self.acks.inner.lock().reconcile(
+            start_offset,
+            high_watermark,
+            ready.is_some(),
+            &self.topic,
+            self.partition,
+        );
         if let Some(r) = ready.take() {
             let _ = r.send(Ok(()));
         }
+        // Acks are cumulative and may not pass what this session's broker delivered.
+        let mut delivered = start_offset;
         let mut sent_ack = start_offset;
-        let mut tick = tokio::time::interval(self.config.ack_interval);
+        // Ack at once when about half the window (in messages or, by the average message size so
+        // far, in bytes) is waiting for it, so the broker never stalls on a full window.
+        let (mut seen_bytes, mut seen_messages) = (0u64, 0u64);
+        let half_window_messages = u64::from(self.config.window_messages / 2).max(1);
+        let half_window_bytes = u64::from(self.config.window_bytes / 2).max(1);
+        let mut tick = tokio::time::interval(self.config.ack_interval.max(Duration::from_millis(1)));
         loop {
+            let mut on_tick = false;
             tokio::select! {
                 frame = reader.next() => match frame? {
                     Some(Message::Deliver { batches, .. }) => {
-                        if !self.deliver(batches).await? {
-                            return Ok(());
+                        seen_bytes += batches.len() as u64;
+                        match self.deliver(batches).await? {
+                            Some((next, count)) => {
+                                delivered = delivered.max(next);
+                                seen_messages += count;
+                            }
+                            None => return Ok(()),
                         }
                     }
                     Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
@@ -341,23 +388,31 @@ impl PartitionConsumer {
                     None => return Err(ClientError::ConnectionLost("subscription closed by the broker".into())),
                 },
                 _ = self.acks.changed.notified() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => on_tick = true,
             }
-            let floor = self.acks.floor();
-            if floor > sent_ack {
-                write_message(&mut send, &Message::Ack { next_offset: floor }).await?;
-                sent_ack = floor;
+            // Ack on the tick, or at once when half the window is waiting for it.
+            let ack = self.acks.floor().min(delivered);
+            let average = (seen_bytes / seen_messages.max(1)).max(1);
+            let eager_gap = half_window_messages.min(half_window_bytes / average).max(1);
+            if ack > sent_ack && (on_tick || ack - sent_ack >= eager_gap) {
+                write_message(&mut send, &Message::Ack { next_offset: ack }).await?;
+                sent_ack = ack;
             }
         }
     }
 
-    /// Hands a delivery's records to the application. `Ok(false)` once the app is gone.
-    async fn deliver(&self, batches: Bytes) -> Result<bool, ClientError> {
+    /// Hands a delivery's records to the application. Returns the offset after the last record
+    /// received and the number of records, or `None` once the application is gone.
+    async fn deliver(&self, batches: Bytes) -> Result<Option<(u64, u64)>, ClientError> {
+        let mut next = 0;
+        let mut count = 0;
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
             for record in RecordIter::new(batch, header) {
                 let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
+                next = r.offset + 1;
+                count += 1;
                 {
                     let mut a = self.acks.inner.lock();
                     if r.offset < a.next_expected {
@@ -376,10 +431,10 @@ impl PartitionConsumer {
                     acks: self.acks.clone(),
                 };
                 if self.tx.send(Ok(msg)).await.is_err() {
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
         }
-        Ok(true)
+        Ok(Some((next, count)))
     }
 }

@@ -259,7 +259,12 @@ struct PartitionTask {
     open: Option<Open>,
     in_flight: VecDeque<InFlight>,
     stream: Option<(quinn::SendStream, FrameReader)>,
+    /// Delay before the next retry; doubles per consecutive failure, reset by a success.
+    backoff: Duration,
 }
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 impl PartitionTask {
     fn new(client: Client, config: Arc<ProducerConfig>, topic: Arc<str>, partition: u32) -> Self {
@@ -271,6 +276,7 @@ impl PartitionTask {
             open: None,
             in_flight: VecDeque::new(),
             stream: None,
+            backoff: MIN_BACKOFF,
         }
     }
 
@@ -281,18 +287,27 @@ impl PartitionTask {
                 return;
             }
             let linger = self.open.as_ref().map(|o| o.linger_until);
-            let accepting = !closing && self.in_flight.len() < self.config.max_in_flight;
+            let max_in_flight = self.config.max_in_flight.max(1);
+            let accepting = !closing && self.in_flight.len() < max_in_flight;
             let awaiting_acks = self.stream.is_some() && !self.in_flight.is_empty();
+            // Waiting for an answer is bounded by the oldest batch's delivery deadline.
+            let answer_by = self.in_flight.front().map(|f| f.deadline);
             tokio::select! {
                 cmd = rx.recv(), if accepting => match cmd {
                     Some(Command::Record(p)) => self.add(p).await,
                     Some(Command::Flush(done)) => self.flush(done).await,
                     None => { closing = true; self.send_open().await; }
                 },
-                _ = sleep_until(linger), if linger.is_some() && self.in_flight.len() < self.config.max_in_flight => {
+                _ = sleep_until(linger), if linger.is_some() && self.in_flight.len() < max_in_flight => {
                     self.send_open().await
                 }
-                resp = next_response(&mut self.stream), if awaiting_acks => self.on_response(resp).await,
+                resp = next_response(&mut self.stream, answer_by), if awaiting_acks => self.on_response(resp).await,
+                else => {
+                    // Nothing can progress (closing with nothing left, or no stream for what is
+                    // in flight): resend what remains, which also expires it when due.
+                    if self.in_flight.is_empty() { return; }
+                    self.resend_all().await;
+                }
             }
         }
     }
@@ -360,7 +375,10 @@ impl PartitionTask {
     async fn write(&mut self, frame: quiver_protocol::message::Encoded) -> Result<(), ClientError> {
         if self.stream.is_none() {
             let conn = self.client.connection().await?;
-            let (send, recv) = conn.open_bi().await?;
+            let timeout = self.client.config().request_timeout;
+            let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
+                .await
+                .map_err(|_| ClientError::Timeout(timeout.as_millis() as u64))??;
             self.stream = Some((send, FrameReader::new(recv)));
         }
         let Some((send, _)) = self.stream.as_mut() else { return Err(ClientError::Closed) };
@@ -373,14 +391,18 @@ impl PartitionTask {
         let partition = self.partition;
         match resp {
             Ok(Some(Message::ProduceOk { base_offset, .. })) => {
+                self.backoff = MIN_BACKOFF;
                 complete(flight, |i| Ok(RecordMetadata { partition, offset: Some(base_offset + i as u64) }))
             }
             Ok(Some(Message::Error { code, message })) if !code.is_retriable() => {
                 complete(flight, |_| Err(ClientError::Broker { code, message: message.clone() }))
             }
             Ok(Some(Message::Error { .. })) | Ok(None) | Err(_) => {
-                // Lost connection or a retriable error: every batch in flight goes again, in order.
+                // Lost connection, a retriable error or no answer in time: after a pause, every
+                // batch in flight goes again, in order.
                 self.in_flight.push_front(flight);
+                tokio::time::sleep(self.backoff).await;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.resend_all().await;
             }
             Ok(Some(other)) => complete(flight, |_| Err(unexpected(other.clone()))),
@@ -389,7 +411,6 @@ impl PartitionTask {
 
     /// Reconnects and resends every in-flight batch, in order, until each batch's deadline.
     async fn resend_all(&mut self) {
-        let mut backoff = Duration::from_millis(50);
         loop {
             self.stream = None;
             let now = Instant::now();
@@ -414,8 +435,8 @@ impl PartitionTask {
             if ok {
                 return;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
@@ -431,10 +452,15 @@ fn complete(flight: InFlight, result: impl Fn(usize) -> Result<RecordMetadata, C
 
 async fn next_response(
     stream: &mut Option<(quinn::SendStream, FrameReader)>,
+    by: Option<Instant>,
 ) -> Result<Option<Message>, ClientError> {
-    match stream {
-        Some((_, reader)) => Ok(reader.next().await?),
-        None => std::future::pending().await,
+    let Some((_, reader)) = stream else { return std::future::pending().await };
+    match by {
+        Some(by) => match tokio::time::timeout_at(by, reader.next()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ClientError::Timeout(0)),
+        },
+        None => Ok(reader.next().await?),
     }
 }
 

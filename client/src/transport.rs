@@ -58,7 +58,13 @@ pub struct FrameReader {
     budgets: Vec<Arc<Semaphore>>,
     /// Permits taken for the frame being buffered.
     held: Vec<OwnedSemaphorePermit>,
+    /// When the frame being buffered must be complete (set at its first byte).
+    deadline: Option<tokio::time::Instant>,
 }
+
+/// Frames up to this size skip the budgets: acks, hellos and subscribes must never queue
+/// behind large produce frames, and their memory is bounded by the stream limits anyway.
+pub const UNBUDGETED_FRAME_BYTES: u32 = 64 * 1024;
 
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
@@ -68,6 +74,7 @@ impl FrameReader {
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             budgets: Vec::new(),
             held: Vec::new(),
+            deadline: None,
         }
     }
 
@@ -93,12 +100,17 @@ impl FrameReader {
         loop {
             self.reserve_budget().await?;
             if let Some(raw) = decode_frame(&mut self.buf)? {
+                self.deadline = None;
                 return Ok(Some(Frame { raw, permits: std::mem::take(&mut self.held) }));
             }
             let chunk = if self.buf.is_empty() {
                 self.recv.read_chunk(READ_CHUNK_BYTES, true).await?
             } else {
-                tokio::time::timeout(self.frame_timeout, self.recv.read_chunk(READ_CHUNK_BYTES, true))
+                // One deadline for the whole frame, from its first byte: trickling a byte at a
+                // time does not extend it.
+                let deadline =
+                    *self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.frame_timeout);
+                tokio::time::timeout_at(deadline, self.recv.read_chunk(READ_CHUNK_BYTES, true))
                     .await
                     .map_err(|_| ReadError::Timeout(self.frame_timeout))??
             };
@@ -119,6 +131,9 @@ impl FrameReader {
         let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         if len as usize > quiver_protocol::limits::MAX_FRAME_BYTES {
             return Err(FrameError::TooLarge(len as u64).into());
+        }
+        if len <= UNBUDGETED_FRAME_BYTES {
+            return Ok(());
         }
         // One budget at a time, recording each permit as it is taken, so a cancelled call
         // resumes where it stopped.

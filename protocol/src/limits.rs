@@ -13,8 +13,10 @@ pub const MAX_HEADERS_PER_RECORD: usize = 1024;
 pub const MAX_TOPIC_NAME_BYTES: usize = 249;
 /// Most partitions in one topic.
 pub const MAX_PARTITIONS: u32 = 4096;
-/// Longest string field other than a topic name.
-pub const MAX_STRING_BYTES: usize = 64 * 1024;
+/// Longest string field other than a topic or group name (the u16 length prefix's maximum).
+pub const MAX_STRING_BYTES: usize = u16::MAX as usize;
+/// Longest consumer group name.
+pub const MAX_GROUP_NAME_BYTES: usize = 255;
 /// Most items in any list on the wire.
 pub const MAX_LIST_ITEMS: usize = 65_536;
 /// Frame header on the wire: u32 length, u8 version, u8 kind.

@@ -522,6 +522,14 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Group names: 1..=MAX_GROUP_NAME_BYTES bytes.
+pub fn validate_group_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > crate::limits::MAX_GROUP_NAME_BYTES {
+        return Err(format!("group name must be 1 to {} bytes", crate::limits::MAX_GROUP_NAME_BYTES));
+    }
+    Ok(())
+}
+
 /// Partition counts: 1..=MAX_PARTITIONS.
 pub fn validate_partition_count(n: u32) -> Result<(), String> {
     if n == 0 || n > MAX_PARTITIONS {

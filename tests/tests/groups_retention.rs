@@ -143,3 +143,22 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_request_streams_are_released() -> anyhow::Result<()> {
+    // Each admin request uses a stream of its own; the broker allows 4,096 open streams per
+    // connection, so 5,000 sequential requests only work if finished streams are closed.
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |c| c.max_streams_per_connection = 64).await?;
+        client.admin().create_topic("s", 1, TopicConfig::default()).await?;
+        for _ in 0..500 {
+            client.admin().describe_topic("s").await?;
+        }
+        client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
