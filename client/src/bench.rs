@@ -2,18 +2,20 @@
 //! `kafka-producer-perf-test`. Producers and consumers each use their own connection; every
 //! message carries its send time so consumers measure publish-to-deliver latency.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use hdrhistogram::Histogram;
 use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig};
 use serde::Serialize;
 
 use crate::{
-    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerConfig,
+    ProducerRecord,
 };
 
 /// What to run.
@@ -215,7 +217,9 @@ async fn produce(
     );
     let filler = Bytes::from(vec![b'x'; config.message_size.saturating_sub(8)]);
     let mut hist = new_histogram();
-    let mut in_flight = FuturesUnordered::new();
+    // Acknowledgements are observed in send order (they complete in order per partition), so
+    // only the oldest future is polled: no per-message waker bookkeeping.
+    let mut in_flight: VecDeque<(Instant, DeliveryFuture)> = VecDeque::new();
     let mut sent = 0u64;
     let done = |sent: u64| match deadline {
         Some(d) => Instant::now() >= d,
@@ -232,16 +236,24 @@ async fn produce(
             bar.inc(1);
             continue;
         }
-        in_flight.push(async move { ack.await.map(|_| t0.elapsed()) });
+        in_flight.push_back((t0, ack));
         // Settle what completed, without waiting.
-        while let Some(Some(r)) = futures::FutureExt::now_or_never(in_flight.next()) {
-            record_us(&mut hist, r?);
-            bar.inc(1);
+        while let Some((t0, front)) = in_flight.front_mut() {
+            match futures::FutureExt::now_or_never(&mut *front) {
+                Some(r) => {
+                    r?;
+                    record_us(&mut hist, t0.elapsed());
+                    in_flight.pop_front();
+                    bar.inc(1);
+                }
+                None => break,
+            }
         }
     }
     producer.flush().await?;
-    while let Some(r) = in_flight.next().await {
-        record_us(&mut hist, r?);
+    for (t0, ack) in in_flight {
+        ack.await?;
+        record_us(&mut hist, t0.elapsed());
         bar.inc(1);
     }
     client.close().await;

@@ -87,6 +87,9 @@ impl ConsumedMessage {
     }
 }
 
+/// Deliveries (from all partitions) queued between the partition tasks and the application.
+const DELIVERIES_BUFFERED: usize = 64;
+
 /// Acknowledgements of one partition.
 #[derive(Debug)]
 struct AckState {
@@ -187,7 +190,10 @@ impl AckFloor {
 pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
-    rx: mpsc::Receiver<Result<ConsumedMessage, ClientError>>,
+    /// One item per delivery (a whole `Deliver` frame's records), so the channel costs one
+    /// send and wake-up per delivery, not per message.
+    rx: mpsc::Receiver<Result<Vec<ConsumedMessage>, ClientError>>,
+    buffered: std::collections::VecDeque<ConsumedMessage>,
     partitions: Vec<(u32, Arc<AckState>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -213,7 +219,7 @@ impl Consumer {
                 ps.clone()
             }
         };
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(DELIVERIES_BUFFERED);
         let topic: Arc<str> = Arc::from(config.topic.as_str());
         let mut partitions = Vec::new();
         let mut tasks = Vec::new();
@@ -244,7 +250,7 @@ impl Consumer {
                 Err(_) => return Err(ClientError::Closed),
             }
         }
-        Ok(Consumer { client, config, rx, partitions, tasks })
+        Ok(Consumer { client, config, rx, buffered: Default::default(), partitions, tasks })
     }
 
     /// Durably commits each partition's ack floor for the group. Without a group, does nothing.
@@ -276,7 +282,17 @@ impl Drop for Consumer {
 impl Stream for Consumer {
     type Item = Result<ConsumedMessage, ClientError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Poll::Ready(Some(Ok(m)));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.buffered.extend(batch),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -286,7 +302,7 @@ struct PartitionConsumer {
     topic: Arc<str>,
     partition: u32,
     acks: Arc<AckState>,
-    tx: mpsc::Sender<Result<ConsumedMessage, ClientError>>,
+    tx: mpsc::Sender<Result<Vec<ConsumedMessage>, ClientError>>,
 }
 
 impl PartitionConsumer {
@@ -406,6 +422,9 @@ impl PartitionConsumer {
     async fn deliver(&self, batches: Bytes) -> Result<Option<(u64, u64)>, ClientError> {
         let mut next = 0;
         let mut count = 0;
+        let mut out = Vec::new();
+        // Only this task moves `next_expected`, so it is read once and written back once.
+        let mut expected = self.acks.inner.lock().next_expected;
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
@@ -413,14 +432,11 @@ impl PartitionConsumer {
                 let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
                 next = r.offset + 1;
                 count += 1;
-                {
-                    let mut a = self.acks.inner.lock();
-                    if r.offset < a.next_expected {
-                        continue; // the batch began before our position, or a redelivery
-                    }
-                    a.next_expected = r.offset + 1;
+                if r.offset < expected {
+                    continue; // the batch began before our position, or a redelivery
                 }
-                let msg = ConsumedMessage {
+                expected = r.offset + 1;
+                out.push(ConsumedMessage {
                     topic: self.topic.clone(),
                     partition: self.partition,
                     offset: r.offset,
@@ -429,11 +445,12 @@ impl PartitionConsumer {
                     value: r.value,
                     headers: r.headers,
                     acks: self.acks.clone(),
-                };
-                if self.tx.send(Ok(msg)).await.is_err() {
-                    return Ok(None);
-                }
+                });
             }
+        }
+        self.acks.inner.lock().next_expected = expected;
+        if !out.is_empty() && self.tx.send(Ok(out)).await.is_err() {
+            return Ok(None);
         }
         Ok(Some((next, count)))
     }

@@ -4,7 +4,7 @@ use quiver_protocol::ErrorCode;
 
 use crate::transport::{ReadError, WriteError};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     /// The broker address could not be parsed or resolved.
     #[error("bad broker address '{addr}': {reason}")]

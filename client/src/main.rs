@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use quiver_client::connection::default_ca_path;
 use quiver_client::{
@@ -303,7 +302,8 @@ async fn publish(client: &Client, a: PublishArgs) -> anyhow::Result<()> {
         }
         r
     };
-    let mut pending = FuturesUnordered::new();
+    // Acknowledgements are settled in send order; only the oldest is polled.
+    let mut pending = std::collections::VecDeque::new();
     let mut sent = 0u64;
     let mut first_error: Option<String> = None;
     let mut failed = 0u64;
@@ -316,22 +316,23 @@ async fn publish(client: &Client, a: PublishArgs) -> anyhow::Result<()> {
     if a.messages.is_empty() {
         let mut lines = tokio::io::BufReader::with_capacity(1 << 20, tokio::io::stdin()).lines();
         while let Some(line) = lines.next_line().await.context("reading stdin")? {
-            pending.push(producer.enqueue(&a.topic, make(line)).await?);
+            pending.push_back(producer.enqueue(&a.topic, make(line)).await?);
             sent += 1;
             // Settle finished acknowledgements as we go so memory stays flat.
-            while let Some(Some(r)) = pending.next().now_or_never() {
+            while let Some(r) = pending.front_mut().and_then(|f| f.now_or_never()) {
                 settle(r);
+                pending.pop_front();
             }
         }
     } else {
         for m in a.messages.clone() {
-            pending.push(producer.enqueue(&a.topic, make(m)).await?);
+            pending.push_back(producer.enqueue(&a.topic, make(m)).await?);
             sent += 1;
         }
     }
     producer.flush().await?;
-    while let Some(r) = pending.next().await {
-        settle(r);
+    for ack in pending {
+        settle(ack.await);
     }
     if let Some(e) = first_error {
         bail!("{failed} of {sent} message(s) were not acknowledged: {e}");

@@ -1,19 +1,26 @@
-//! The producer: per-partition batching with linger and a byte limit, pipelined produce
-//! requests on one stream per partition, and retries on a new connection after a loss.
+//! The producer: records are appended under a short lock into a per-partition accumulator
+//! (Kafka's RecordAccumulator design), so `enqueue` costs a copy into the open batch and no
+//! channel send or task wake-up per record. One sender task per partition closes batches when
+//! they are full or their linger expires, pipelines them as produce requests on one stream,
+//! completes every record of a batch at once from the batch's acknowledgement, and resends
+//! in order on a new connection after a loss.
 //!
 //! Delivery is at-least-once: a batch whose acknowledgement was lost with the connection is
 //! sent again (idempotent sequence numbers arrive with issue 4 and make it exactly-once).
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch::BatchBuilder;
 use quiver_protocol::limits::MAX_BATCH_BYTES;
-use quiver_protocol::message::{Acks, Message};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use quiver_protocol::message::{Acks, Encoded, Message};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::connection::{unexpected, Client};
@@ -77,11 +84,6 @@ impl ProducerRecord {
         self.partition = Some(p);
         self
     }
-
-    fn size(&self) -> usize {
-        let headers: Vec<(&str, &[u8])> = self.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-        BatchBuilder::record_size(self.key.as_deref(), &self.value, &headers)
-    }
 }
 
 /// Where an acknowledged record landed. `offset` is `None` under `acks = none`.
@@ -91,19 +93,71 @@ pub struct RecordMetadata {
     pub offset: Option<u64>,
 }
 
+/// The shared outcome of one batch: every record's future reads it.
+#[derive(Debug, Default)]
+struct BatchCompletion {
+    /// Base offset (`None` under acks = none) or the error.
+    result: OnceLock<Result<Option<u64>, ClientError>>,
+    wakers: parking_lot::Mutex<Vec<Option<Waker>>>,
+}
+
+impl BatchCompletion {
+    fn complete(&self, result: Result<Option<u64>, ClientError>) {
+        let _ = self.result.set(result);
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
+}
+
 /// Resolves when the broker acknowledged the record (or it failed).
 #[derive(Debug)]
 pub struct DeliveryFuture {
-    rx: oneshot::Receiver<Result<RecordMetadata, ClientError>>,
+    completion: Arc<BatchCompletion>,
+    index: u32,
+    partition: u32,
+    /// Our slot in the completion's waker list, once registered.
+    slot: Option<usize>,
 }
 
-impl std::future::Future for DeliveryFuture {
+impl DeliveryFuture {
+    /// The partition the record was assigned to.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    fn output(&self, r: &Result<Option<u64>, ClientError>) -> Result<RecordMetadata, ClientError> {
+        match r {
+            Ok(base) => {
+                Ok(RecordMetadata { partition: self.partition, offset: base.map(|b| b + self.index as u64) })
+            }
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ClientError>;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(r) = self.completion.result.get() {
+            return Poll::Ready(self.output(r));
+        }
+        let completion = self.completion.clone();
+        let mut wakers = completion.wakers.lock();
+        // Re-check under the lock: `complete` sets the result before taking the wakers.
+        if let Some(r) = completion.result.get() {
+            drop(wakers);
+            return Poll::Ready(self.output(r));
+        }
+        match self.slot {
+            Some(i) if i < wakers.len() => wakers[i] = Some(cx.waker().clone()),
+            _ => {
+                wakers.push(Some(cx.waker().clone()));
+                self.slot = Some(wakers.len() - 1);
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -135,19 +189,52 @@ pub struct Producer {
 
 #[derive(Debug)]
 struct TopicSender {
-    partitions: Vec<mpsc::Sender<Command>>,
+    partitions: Vec<Arc<PartitionQueue>>,
     next: AtomicU32,
 }
 
-enum Command {
-    Record(Pending),
-    Flush(oneshot::Sender<()>),
+/// The accumulator of one partition, shared by `enqueue` callers and the sender task.
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    state: parking_lot::Mutex<Accumulator>,
+    /// Wakes the sender: a batch was opened, closed, flushed, or the producer closed.
+    wake: Notify,
 }
 
-struct Pending {
-    record: ProducerRecord,
-    reply: oneshot::Sender<Result<RecordMetadata, ClientError>>,
-    _permit: OwnedSemaphorePermit,
+#[derive(Debug, Default)]
+struct Accumulator {
+    open: Option<OpenBatch>,
+    /// Closed batches waiting for an in-flight slot, oldest first.
+    ready: VecDeque<OpenBatch>,
+    /// Batches closed so far, and completed so far (they complete in order).
+    closed_count: u64,
+    completed_count: u64,
+    /// Flushes waiting for `completed_count` to reach their target.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct OpenBatch {
+    builder: BatchBuilder,
+    completion: Arc<BatchCompletion>,
+    count: u32,
+    /// Buffer permits (bytes) the batch holds; returned when it completes.
+    permits: u32,
+    linger_until: Instant,
+}
+
+impl Accumulator {
+    fn close_open(&mut self) -> bool {
+        match self.open.take() {
+            Some(b) => {
+                self.ready.push_back(b);
+                self.closed_count += 1;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Producer {
@@ -163,7 +250,8 @@ impl Producer {
 
     /// Queues a record; waits only for buffer space. The returned future resolves on ack.
     pub async fn enqueue(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
-        let size = record.size();
+        let headers: Vec<(&str, &[u8])> = record.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        let size = BatchBuilder::record_size(record.key.as_deref(), &record.value, &headers);
         if size + quiver_protocol::batch::BATCH_HEADER_BYTES > MAX_BATCH_BYTES {
             return Err(ClientError::Protocol(format!("record of {size} bytes exceeds the batch limit")));
         }
@@ -177,27 +265,64 @@ impl Producer {
             (None, Some(key)) => (murmur2(key) & 0x7fff_ffff) % n,
             (None, None) => sender.next.fetch_add(1, Ordering::Relaxed) % n,
         };
-        let permit =
-            self.buffer.clone().acquire_many_owned(size as u32).await.map_err(|_| ClientError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        sender.partitions[partition as usize]
-            .send(Command::Record(Pending { record, reply, _permit: permit }))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        Ok(DeliveryFuture { rx })
+        // Buffer space is counted in bytes and given back when the record's batch completes.
+        self.buffer.acquire_many(size as u32).await.map_err(|_| ClientError::Closed)?.forget();
+        let queue = &sender.partitions[partition as usize];
+        let max_batch = self.config.max_batch_bytes.clamp(1, MAX_BATCH_BYTES);
+        let ts = record.timestamp_ms.unwrap_or_else(now_ms);
+        let (completion, index, wake) = {
+            let mut acc = queue.state.lock();
+            if acc.closing {
+                self.buffer.add_permits(size);
+                return Err(ClientError::Closed);
+            }
+            let mut wake = false;
+            if acc.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > max_batch) {
+                wake |= acc.close_open();
+            }
+            let open = acc.open.get_or_insert_with(|| {
+                wake = true; // the sender starts this batch's linger timer
+                OpenBatch {
+                    builder: BatchBuilder::new(max_batch.min(64 * 1024)),
+                    completion: Arc::new(BatchCompletion::default()),
+                    count: 0,
+                    permits: 0,
+                    linger_until: Instant::now() + self.config.linger,
+                }
+            });
+            open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
+            let index = open.count;
+            open.count += 1;
+            open.permits += size as u32;
+            let completion = open.completion.clone();
+            if open.builder.size_bytes() >= max_batch || self.config.linger.is_zero() {
+                wake |= acc.close_open();
+            }
+            (completion, index, wake)
+        };
+        if wake {
+            queue.wake.notify_one();
+        }
+        Ok(DeliveryFuture { completion, index, partition, slot: None })
     }
 
     /// Sends every queued record now and waits until all of them are acknowledged or failed.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        let senders: Vec<_> = self.topics.lock().values().cloned().collect();
+        let queues: Vec<_> = self.topics.lock().values().flat_map(|t| t.partitions.iter().cloned()).collect();
         let mut waits = Vec::new();
-        for s in senders {
-            for p in &s.partitions {
-                let (tx, rx) = oneshot::channel();
-                if p.send(Command::Flush(tx)).await.is_ok() {
-                    waits.push(rx);
+        for q in queues {
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut acc = q.state.lock();
+                acc.close_open();
+                let target = acc.closed_count;
+                if acc.completed_count >= target {
+                    continue;
                 }
+                acc.flushes.push((target, tx));
             }
+            q.wake.notify_one();
+            waits.push(rx);
         }
         for w in waits {
             let _ = w.await;
@@ -205,11 +330,9 @@ impl Producer {
         Ok(())
     }
 
-    /// Flushes and stops the partition tasks.
+    /// Flushes; the sender tasks end once the producer is dropped and nothing is left.
     pub async fn close(self) -> Result<(), ClientError> {
-        self.flush().await?;
-        self.topics.lock().clear();
-        Ok(())
+        self.flush().await
     }
 
     async fn topic(&self, topic: &str) -> Result<Arc<TopicSender>, ClientError> {
@@ -224,10 +347,17 @@ impl Producer {
         let name: Arc<str> = Arc::from(topic);
         let partitions = (0..info.partitions.len() as u32)
             .map(|p| {
-                let (tx, rx) = mpsc::channel(1024);
-                let task = PartitionTask::new(self.client.clone(), self.config.clone(), name.clone(), p);
-                tokio::spawn(task.run(rx));
-                tx
+                let queue = Arc::new(PartitionQueue::default());
+                let task = Sender::new(
+                    self.client.clone(),
+                    self.config.clone(),
+                    name.clone(),
+                    p,
+                    queue.clone(),
+                    self.buffer.clone(),
+                );
+                tokio::spawn(task.run());
+                queue
             })
             .collect();
         let sender = Arc::new(TopicSender { partitions, next: AtomicU32::new(0) });
@@ -236,27 +366,33 @@ impl Producer {
     }
 }
 
-type Reply = oneshot::Sender<Result<RecordMetadata, ClientError>>;
+impl Drop for Producer {
+    /// Queued records are still sent; the sender tasks end once nothing is left.
+    fn drop(&mut self) {
+        for t in self.topics.lock().values() {
+            for q in &t.partitions {
+                q.state.lock().closing = true;
+                q.wake.notify_one();
+            }
+        }
+    }
+}
 
 struct InFlight {
-    frame: quiver_protocol::message::Encoded,
-    replies: Vec<(Reply, OwnedSemaphorePermit)>,
-    flushes: Vec<oneshot::Sender<()>>,
+    frame: Encoded,
+    completion: Arc<BatchCompletion>,
+    permits: u32,
     deadline: Instant,
 }
 
-struct Open {
-    records: Vec<(Reply, OwnedSemaphorePermit)>,
-    builder: BatchBuilder,
-    linger_until: Instant,
-}
-
-struct PartitionTask {
+/// The per-partition sender task.
+struct Sender {
     client: Client,
     config: Arc<ProducerConfig>,
     topic: Arc<str>,
     partition: u32,
-    open: Option<Open>,
+    queue: Arc<PartitionQueue>,
+    buffer: Arc<Semaphore>,
     in_flight: VecDeque<InFlight>,
     stream: Option<(quinn::SendStream, FrameReader)>,
     /// Delay before the next retry; doubles per consecutive failure, reset by a success.
@@ -266,97 +402,76 @@ struct PartitionTask {
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-impl PartitionTask {
-    fn new(client: Client, config: Arc<ProducerConfig>, topic: Arc<str>, partition: u32) -> Self {
-        PartitionTask {
+impl Sender {
+    fn new(
+        client: Client,
+        config: Arc<ProducerConfig>,
+        topic: Arc<str>,
+        partition: u32,
+        queue: Arc<PartitionQueue>,
+        buffer: Arc<Semaphore>,
+    ) -> Self {
+        Sender {
             client,
             config,
             topic,
             partition,
-            open: None,
+            queue,
+            buffer,
             in_flight: VecDeque::new(),
             stream: None,
             backoff: MIN_BACKOFF,
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut closing = false;
+    async fn run(mut self) {
+        let max_in_flight = self.config.max_in_flight.max(1);
         loop {
-            if closing && self.open.is_none() && self.in_flight.is_empty() {
+            // Take what can go now; note when the open batch's linger ends.
+            let (to_send, linger, done) = {
+                let mut acc = self.queue.state.lock();
+                let now = Instant::now();
+                if acc.open.as_ref().is_some_and(|o| o.linger_until <= now) || acc.closing {
+                    acc.close_open();
+                }
+                let room = max_in_flight.saturating_sub(self.in_flight.len());
+                let n = room.min(acc.ready.len());
+                let to_send: Vec<OpenBatch> = acc.ready.drain(..n).collect();
+                let done = acc.closing && acc.open.is_none() && acc.ready.is_empty() && to_send.is_empty();
+                (to_send, acc.open.as_ref().map(|o| o.linger_until), done)
+            };
+            if done && self.in_flight.is_empty() {
                 return;
             }
-            let linger = self.open.as_ref().map(|o| o.linger_until);
-            let max_in_flight = self.config.max_in_flight.max(1);
-            let accepting = !closing && self.in_flight.len() < max_in_flight;
+            for batch in to_send {
+                self.send(batch).await;
+            }
             let awaiting_acks = self.stream.is_some() && !self.in_flight.is_empty();
-            // Waiting for an answer is bounded by the oldest batch's delivery deadline.
             let answer_by = self.in_flight.front().map(|f| f.deadline);
+            let has_room = self.in_flight.len() < max_in_flight;
+            let stranded = !self.in_flight.is_empty() && self.stream.is_none();
             tokio::select! {
-                cmd = rx.recv(), if accepting => match cmd {
-                    Some(Command::Record(p)) => self.add(p).await,
-                    Some(Command::Flush(done)) => self.flush(done).await,
-                    None => { closing = true; self.send_open().await; }
-                },
-                _ = sleep_until(linger), if linger.is_some() && self.in_flight.len() < max_in_flight => {
-                    self.send_open().await
-                }
+                _ = self.queue.wake.notified() => {}
+                _ = sleep_until(linger), if linger.is_some() && has_room => {}
                 resp = next_response(&mut self.stream, answer_by), if awaiting_acks => self.on_response(resp).await,
-                else => {
-                    // Nothing can progress (closing with nothing left, or no stream for what is
-                    // in flight): resend what remains, which also expires it when due.
-                    if self.in_flight.is_empty() { return; }
-                    self.resend_all().await;
-                }
+                // Batches in flight without a stream (a resend gave up for now): try again.
+                _ = tokio::time::sleep(self.backoff), if stranded => self.resend_all().await,
             }
         }
     }
 
-    async fn add(&mut self, p: Pending) {
-        let headers: Vec<(&str, &[u8])> =
-            p.record.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-        let size = BatchBuilder::record_size(p.record.key.as_deref(), &p.record.value, &headers);
-        if let Some(o) = &self.open {
-            if o.builder.size_bytes() + size > self.config.max_batch_bytes.min(MAX_BATCH_BYTES) {
-                self.send_open().await;
-            }
-        }
-        let open = self.open.get_or_insert_with(|| Open {
-            records: Vec::new(),
-            builder: BatchBuilder::new(self.config.max_batch_bytes.min(64 * 1024)),
-            linger_until: Instant::now() + self.config.linger,
-        });
-        let ts = p.record.timestamp_ms.unwrap_or_else(now_ms);
-        open.builder.push(ts, p.record.key.as_deref(), &p.record.value, &headers);
-        open.records.push((p.reply, p._permit));
-        if open.builder.size_bytes() >= self.config.max_batch_bytes || self.config.linger.is_zero() {
-            self.send_open().await;
-        }
-    }
-
-    async fn flush(&mut self, done: oneshot::Sender<()>) {
-        self.send_open().await;
-        match self.in_flight.back_mut() {
-            Some(last) => last.flushes.push(done),
-            None => {
-                let _ = done.send(());
-            }
-        }
-    }
-
-    /// Sends the open batch, if any.
-    async fn send_open(&mut self) {
-        let Some(open) = self.open.take() else { return };
+    /// Finishes a closed batch and sends it.
+    async fn send(&mut self, batch: OpenBatch) {
         let msg = Message::Produce {
             topic: self.topic.to_string(),
             partition: self.partition,
             acks: self.config.acks,
-            batch: open.builder.finish(),
+            batch: batch.builder.finish(),
         };
         let flight = InFlight {
             frame: msg.encode(),
-            replies: open.records,
-            flushes: Vec::new(),
+            completion: batch.completion,
+            permits: batch.permits,
             deadline: Instant::now() + self.config.delivery_timeout,
         };
         let frame = flight.frame.clone();
@@ -367,12 +482,12 @@ impl PartitionTask {
         if self.config.acks == Acks::None {
             // No response will come: the write is all there is.
             while let Some(f) = self.in_flight.pop_front() {
-                complete(f, |_| Ok(RecordMetadata { partition: self.partition, offset: None }));
+                self.complete(f, Ok(None));
             }
         }
     }
 
-    async fn write(&mut self, frame: quiver_protocol::message::Encoded) -> Result<(), ClientError> {
+    async fn write(&mut self, frame: Encoded) -> Result<(), ClientError> {
         if self.stream.is_none() {
             let conn = self.client.connection().await?;
             let timeout = self.client.config().request_timeout;
@@ -388,14 +503,13 @@ impl PartitionTask {
 
     async fn on_response(&mut self, resp: Result<Option<Message>, ClientError>) {
         let Some(flight) = self.in_flight.pop_front() else { return };
-        let partition = self.partition;
         match resp {
             Ok(Some(Message::ProduceOk { base_offset, .. })) => {
                 self.backoff = MIN_BACKOFF;
-                complete(flight, |i| Ok(RecordMetadata { partition, offset: Some(base_offset + i as u64) }))
+                self.complete(flight, Ok(Some(base_offset)));
             }
             Ok(Some(Message::Error { code, message })) if !code.is_retriable() => {
-                complete(flight, |_| Err(ClientError::Broker { code, message: message.clone() }))
+                self.complete(flight, Err(ClientError::Broker { code, message }))
             }
             Ok(Some(Message::Error { .. })) | Ok(None) | Err(_) => {
                 // Lost connection, a retriable error or no answer in time: after a pause, every
@@ -405,48 +519,45 @@ impl PartitionTask {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.resend_all().await;
             }
-            Ok(Some(other)) => complete(flight, |_| Err(unexpected(other.clone()))),
+            Ok(Some(other)) => self.complete(flight, Err(unexpected(other))),
+        }
+    }
+
+    /// Completes a batch: its records' futures, buffer space, and flushes waiting for it.
+    fn complete(&self, flight: InFlight, result: Result<Option<u64>, ClientError>) {
+        flight.completion.complete(result);
+        self.buffer.add_permits(flight.permits as usize);
+        let mut acc = self.queue.state.lock();
+        acc.completed_count += 1;
+        let completed = acc.completed_count;
+        let (due, waiting): (Vec<_>, Vec<_>) = acc.flushes.drain(..).partition(|(t, _)| *t <= completed);
+        acc.flushes = waiting;
+        drop(acc);
+        for (_, tx) in due {
+            let _ = tx.send(());
         }
     }
 
     /// Reconnects and resends every in-flight batch, in order, until each batch's deadline.
+    /// Gives up for now (leaving the stream unset) after one failed attempt; `run` retries.
     async fn resend_all(&mut self) {
-        loop {
-            self.stream = None;
-            let now = Instant::now();
-            while self.in_flight.front().is_some_and(|f| f.deadline <= now) {
-                if let Some(f) = self.in_flight.pop_front() {
-                    let timeout = self.config.delivery_timeout.as_millis() as u64;
-                    complete(f, |_| Err(ClientError::Timeout(timeout)));
-                }
+        self.stream = None;
+        let now = Instant::now();
+        while self.in_flight.front().is_some_and(|f| f.deadline <= now) {
+            if let Some(f) = self.in_flight.pop_front() {
+                let timeout = self.config.delivery_timeout.as_millis() as u64;
+                self.complete(f, Err(ClientError::Timeout(timeout)));
             }
-            if self.in_flight.is_empty() {
-                return;
-            }
-            let frames: Vec<_> = self.in_flight.iter().map(|f| f.frame.clone()).collect();
-            let mut ok = true;
-            for frame in frames {
-                if let Err(e) = self.write(frame).await {
-                    tracing::debug!(topic = %self.topic, partition = self.partition, "resend failed: {e}");
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                return;
-            }
-            tokio::time::sleep(self.backoff).await;
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
-    }
-}
-
-fn complete(flight: InFlight, result: impl Fn(usize) -> Result<RecordMetadata, ClientError>) {
-    for (i, (reply, _permit)) in flight.replies.into_iter().enumerate() {
-        let _ = reply.send(result(i));
-    }
-    for f in flight.flushes {
-        let _ = f.send(());
+        let frames: Vec<_> = self.in_flight.iter().map(|f| f.frame.clone()).collect();
+        for frame in frames {
+            if let Err(e) = self.write(frame).await {
+                tracing::debug!(topic = %self.topic, partition = self.partition, "resend failed: {e}");
+                self.stream = None;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                return;
+            }
+        }
     }
 }
 
