@@ -107,14 +107,17 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         };
         admin_client.admin().create_topic(&topic, config.partitions, topic_config).await?;
     }
-    let partitions = admin_client.admin().describe_topic(&topic).await?.partitions.len() as u32;
+    let info = admin_client.admin().describe_topic(&topic).await?;
+    let partitions = info.partitions.len() as u32;
+    // With no producers the consumers read what the topic already holds (consume-only mode).
+    let existing: u64 = info.partitions.iter().map(|p| p.high_watermark - p.log_start_offset).sum();
 
     let bars =
         Bars::new(config.progress, config.duration.is_none().then_some(config.messages), config.consumers);
     let memory = config.broker_pid.map(MemorySampler::start);
 
     // Consumers first, so they see every message from offset 0.
-    let produced_total = Arc::new(AtomicU64::new(u64::MAX));
+    let produced_total = Arc::new(AtomicU64::new(if config.producers == 0 { existing } else { u64::MAX }));
     let mut consumer_tasks = Vec::new();
     for _ in 0..config.consumers {
         let client = Client::connect(config.client.clone()).await?;
@@ -135,7 +138,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     let per_producer = config.messages / config.producers.max(1) as u64;
     let started = Instant::now();
     let mut producer_tasks = Vec::new();
-    for i in 0..config.producers.max(1) {
+    for i in 0..config.producers {
         let client = Client::connect(config.client.clone()).await?;
         let count = if i == 0 {
             config.messages - per_producer * (config.producers.max(1) as u64 - 1)
@@ -159,7 +162,9 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         let _ = produce_hist.add(&hist);
     }
     let produce_secs = started.elapsed().as_secs_f64();
-    produced_total.store(produced, Ordering::Release);
+    if config.producers > 0 {
+        produced_total.store(produced, Ordering::Release);
+    }
 
     let mut e2e_hist = new_histogram();
     let mut consume_secs: f64 = 0.0;
@@ -191,7 +196,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         consume: (config.consumers > 0)
             .then(|| throughput(consumed, consumed * config.message_size as u64, consume_secs)),
         produce_latency: latency(&produce_hist),
-        end_to_end_latency: (config.consumers > 0).then(|| latency(&e2e_hist)),
+        end_to_end_latency: (config.consumers > 0 && config.producers > 0).then(|| latency(&e2e_hist)),
         broker_memory: memory,
     };
     admin_client.close().await;

@@ -230,6 +230,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
 /// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    crate::transport::tune_transport(&mut t);
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());

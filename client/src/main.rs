@@ -139,6 +139,7 @@ struct BenchArgs {
     /// Topic to use; created if missing. Default: a fresh topic per run.
     #[arg(long)]
     topic: Option<String>,
+    /// Producers; 0 with --topic reads what the topic holds (consume-only).
     #[arg(long, default_value_t = 1)]
     producers: usize,
     #[arg(long, default_value_t = 1)]
@@ -422,7 +423,10 @@ async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()
 
 async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    anyhow::ensure!(a.producers > 0, "--producers must be at least 1");
+    anyhow::ensure!(
+        a.producers > 0 || (a.topic.is_some() && a.consumers > 0),
+        "--producers 0 (consume-only) needs --topic with existing messages and --consumers"
+    );
     let config = quiver_client::bench::BenchConfig {
         client,
         topic: a.topic,

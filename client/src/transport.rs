@@ -171,3 +171,16 @@ pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result
         send.write_all_chunks(&mut [enc.head, enc.tail]).await
     }
 }
+
+/// Largest UDP payload MTU discovery may probe for. Loopback and jumbo-frame networks allow
+/// far more than Ethernet's 1,500 bytes; bigger packets mean fewer per-packet costs (headers,
+/// crypto calls, syscalls), which dominate QUIC throughput. Paths that cannot carry them just
+/// fail the probes and stay at the size that works.
+pub const MTU_UPPER_BOUND: u16 = 16 * 1024;
+
+/// Transport settings both ends share.
+pub fn tune_transport(t: &mut quinn::TransportConfig) {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
+}
