@@ -47,6 +47,8 @@ pub struct BrokerConfig {
     pub offsets_flush_ms: u64,
     /// Send QUIC Retry to validate client addresses before allocating connection state.
     pub validate_addresses: bool,
+    /// Newest appended bytes kept in memory per partition for subscribers at the tail.
+    pub tail_cache_bytes_per_partition: usize,
     /// Partitions across all topics; creating more is refused (bounds metadata and files).
     pub max_partitions_total: u32,
     /// TCP address for Prometheus `/metrics` and `/healthz`; off when unset.
@@ -74,6 +76,7 @@ impl Default for BrokerConfig {
             offsets_flush_ms: 1000,
             validate_addresses: true,
             max_partitions_total: 100_000,
+            tail_cache_bytes_per_partition: 8 * 1024 * 1024,
             metrics_listen: None,
         }
     }

@@ -21,6 +21,7 @@ mod requests;
 pub mod server;
 pub mod storage;
 mod subscription;
+mod tail_cache;
 pub mod tls;
 pub mod topics;
 

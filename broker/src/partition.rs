@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
 use crate::storage::Storage;
+use crate::tail_cache::TailCache;
 
 /// Appends queued for one partition before producers wait (backpressure).
 const APPEND_QUEUE_DEPTH: usize = 1024;
@@ -72,6 +73,8 @@ pub struct Partition {
     high_watermark: watch::Sender<u64>,
     log_start: AtomicU64,
     appends: mpsc::Sender<AppendRequest>,
+    /// The newest appended batches, for subscribers at the tail.
+    tail: Arc<Mutex<TailCache>>,
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -99,6 +102,7 @@ impl Partition {
         topic: Arc<str>,
         id: u32,
         config: &TopicConfig,
+        tail_cache_bytes: usize,
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
         let (log, report) = PartitionLog::open(storage, dir, log_config(config), now_ms())?;
@@ -116,9 +120,14 @@ impl Partition {
             high_watermark,
             log_start: AtomicU64::new(start),
             appends,
+            tail: Arc::new(Mutex::new(TailCache::new(tail_cache_bytes))),
         });
-        let writer =
-            Writer { partition: Arc::downgrade(&p), log: p.log.clone(), durability: config.durability };
+        let writer = Writer {
+            partition: Arc::downgrade(&p),
+            log: p.log.clone(),
+            tail: p.tail.clone(),
+            durability: config.durability,
+        };
         let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
         tokio::spawn(writer.run(rx, interval, shutdown));
         Ok(p)
@@ -152,7 +161,20 @@ impl Partition {
     }
 
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch),
-    /// never past the high watermark. Empty at the high watermark.
+    /// never past the high watermark, as one or more buffers: from the tail cache when the
+    /// offset is recent, else from disk. Empty at the high watermark.
+    pub async fn read_parts(&self, offset: u64, max_bytes: usize) -> Result<Vec<Bytes>, PartitionError> {
+        let hw = self.high_watermark();
+        if offset < hw && offset >= self.log_start_offset() {
+            if let Some(parts) = self.tail.lock().read(offset, hw, max_bytes) {
+                return Ok(parts);
+            }
+        }
+        let bytes = self.read(offset, max_bytes).await?;
+        Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
+    }
+
+    /// As `read_parts`, from disk, in one buffer.
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
         let hw = self.high_watermark();
         if offset > hw {
@@ -227,6 +249,7 @@ fn trim_to(bytes: Bytes, hw: u64) -> Bytes {
 struct Writer {
     partition: std::sync::Weak<Partition>,
     log: Arc<Mutex<PartitionLog>>,
+    tail: Arc<Mutex<TailCache>>,
     durability: Durability,
 }
 
@@ -268,6 +291,7 @@ impl Writer {
     /// Appends a group of batches, syncs once if the durability asks for it, then answers all.
     async fn commit(&self, group: Vec<AppendRequest>) {
         let log = self.log.clone();
+        let tail = self.tail.clone();
         let sync = self.durability == Durability::Always;
         let result = tokio::task::spawn_blocking(move || {
             let now = now_ms();
@@ -277,10 +301,14 @@ impl Writer {
                 for mut req in group {
                     let r = log
                         .append(&mut req.batch, 0, now)
-                        .map(|info| Appended {
-                            base_offset: info.base_offset,
-                            last_offset: info.last_offset,
-                            append_time_ms: now,
+                        .map(|info| {
+                            // The stamped bytes, frozen without a copy, serve tail readers.
+                            tail.lock().push(info.base_offset, info.last_offset + 1, req.batch.freeze());
+                            Appended {
+                                base_offset: info.base_offset,
+                                last_offset: info.last_offset,
+                                append_time_ms: now,
+                            }
                         })
                         .map_err(PartitionError::from);
                     results.push((req.reply, r));

@@ -164,8 +164,10 @@ async fn produce(
             .increment(header.records_count as u64);
         metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string())
             .increment(batch.len() as u64);
-        // The frame buffer is shared, so the batch is copied once to stamp its offset.
-        let rx = p.submit(BytesMut::from(&batch[..])).await?;
+        // Large frames own their buffer, so the batch is normally stamped in place; a copy is
+        // the fallback when something else still shares it.
+        let batch = batch.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        let rx = p.submit(batch).await?;
         Ok::<_, PartitionError>(rx)
     }
     .await;

@@ -67,8 +67,9 @@ impl Broker {
         let (topics, offsets) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
+            let tail_cache = config.tail_cache_bytes_per_partition;
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let topics = Topics::load(&dir, storage, token)?;
+                let topics = Topics::load(&dir, storage, token, tail_cache)?;
                 let offsets = OffsetStore::open(&dir.join("offsets"))?;
                 Ok((topics, offsets))
             })

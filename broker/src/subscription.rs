@@ -7,7 +7,7 @@ use std::sync::Arc;
 use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::BatchHeader;
 use quiver_protocol::delivery::DeliveryWindow;
-use quiver_protocol::message::{validate_group_name, Message, StartPosition, Subscribe};
+use quiver_protocol::message::{deliver_head, validate_group_name, Message, StartPosition, Subscribe};
 use quiver_protocol::ErrorCode;
 use tokio::sync::watch;
 
@@ -144,6 +144,8 @@ async fn push(
     mut acks: watch::Receiver<u64>,
 ) -> Result<(), PartitionError> {
     let p = &setup.partition;
+    let messages_out = metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string());
+    let bytes_out = metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string());
     let mut hw = p.watch_high_watermark();
     let mut position = setup.start;
     loop {
@@ -153,16 +155,16 @@ async fn push(
         let high = *hw.borrow_and_update();
         if position < high && window.has_room() {
             let max = window.room_bytes().min(u64::from(state.config.max_deliver_bytes)) as usize;
-            let batches = p.read(position, max).await?;
-            if let Some((next, messages)) = extent(&batches) {
-                let bytes = batches.len() as u64;
-                let msg = Message::Deliver { high_watermark: high, batches };
-                if write_message(send, &msg).await.is_err() {
+            let mut parts = p.read_parts(position, max).await?;
+            if let Some((next, messages)) = extent(&parts) {
+                let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
+                // Head, then the batches as they are (cached or read), without a copy.
+                parts.insert(0, deliver_head(high, bytes as usize));
+                if send.write_all_chunks(&mut parts).await.is_err() {
                     return Ok(()); // the client went away
                 }
-                metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string())
-                    .increment(messages);
-                metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string()).increment(bytes);
+                messages_out.increment(messages);
+                bytes_out.increment(bytes);
                 window.on_delivered(next, bytes, messages);
                 metrics::gauge!("quiver_inflight_delivery_bytes").increment(bytes as f64);
                 position = next;
@@ -200,15 +202,17 @@ fn apply_ack(
 }
 
 /// The offset after the last batch, and the record count, of a read.
-fn extent(batches: &[u8]) -> Option<(u64, u64)> {
-    let mut pos = 0;
+fn extent(parts: &[bytes::Bytes]) -> Option<(u64, u64)> {
     let mut last = None;
     let mut messages = 0;
-    while pos < batches.len() {
-        let h = BatchHeader::parse(&batches[pos..]).ok()?;
-        pos += h.total_len();
-        messages += u64::from(h.records_count);
-        last = Some(h.next_offset());
+    for batches in parts {
+        let mut pos = 0;
+        while pos < batches.len() {
+            let h = BatchHeader::parse(&batches[pos..]).ok()?;
+            pos += h.total_len();
+            messages += u64::from(h.records_count);
+            last = Some(h.next_offset());
+        }
     }
     last.map(|n| (n, messages))
 }

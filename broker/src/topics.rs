@@ -46,6 +46,7 @@ pub struct Topics {
     /// Serialises create and delete so two creates of one name cannot both succeed.
     admin: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
+    tail_cache_bytes: usize,
 }
 
 impl Topics {
@@ -54,12 +55,19 @@ impl Topics {
         data_dir: &Path,
         storage: Arc<dyn Storage>,
         shutdown: CancellationToken,
+        tail_cache_bytes: usize,
     ) -> anyhow::Result<Topics> {
         use anyhow::Context;
         let root = data_dir.join("topics");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let topics =
-            Topics { root: root.clone(), storage, map: DashMap::new(), admin: Default::default(), shutdown };
+        let topics = Topics {
+            root: root.clone(),
+            storage,
+            map: DashMap::new(),
+            admin: Default::default(),
+            shutdown,
+            tail_cache_bytes,
+        };
         for entry in std::fs::read_dir(&root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -82,6 +90,7 @@ impl Topics {
                 &topics.storage,
                 &root,
                 &topics.shutdown,
+                tail_cache_bytes,
                 &file.name,
                 file.partitions,
                 file.config,
@@ -134,12 +143,13 @@ impl Topics {
         }
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
+        let tail_cache_bytes = self.tail_cache_bytes;
         let owned = name.to_string();
         let topic = tokio::task::spawn_blocking(move || -> Result<Arc<Topic>, PartitionError> {
             let storage_err = |e: std::io::Error| PartitionError::new(ErrorCode::StorageError, e.to_string());
             let dir = root.join(&owned);
             std::fs::create_dir_all(&dir).map_err(storage_err)?;
-            let topic = open_topic(&storage, &root, &shutdown, &owned, partitions, config)?;
+            let topic = open_topic(&storage, &root, &shutdown, tail_cache_bytes, &owned, partitions, config)?;
             // The partition directories' entries must be durable before topic.json exists.
             std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(storage_err)?;
             write_topic_file(&dir, &file).map_err(storage_err)?;
@@ -179,6 +189,7 @@ fn open_topic(
     storage: &Arc<dyn Storage>,
     root: &Path,
     shutdown: &CancellationToken,
+    tail_cache_bytes: usize,
     name: &str,
     partitions: u32,
     config: TopicConfig,
@@ -193,6 +204,7 @@ fn open_topic(
                 name.clone(),
                 p,
                 &config,
+                tail_cache_bytes,
                 shutdown.clone(),
             )
         })

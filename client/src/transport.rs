@@ -101,6 +101,12 @@ impl FrameReader {
             self.reserve_budget().await?;
             if let Some(raw) = decode_frame(&mut self.buf)? {
                 self.deadline = None;
+                if raw.payload.len() > UNBUDGETED_FRAME_BYTES as usize {
+                    // Leave a large frame sole owner of its buffer (the few bytes read past it
+                    // move to a new one), so a receiver can take it back as `BytesMut` and
+                    // modify it in place, as the broker does when it stamps offsets.
+                    self.buf = BytesMut::from(&self.buf[..]);
+                }
                 return Ok(Some(Frame { raw, permits: std::mem::take(&mut self.held) }));
             }
             let chunk = if self.buf.is_empty() {

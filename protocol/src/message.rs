@@ -508,6 +508,16 @@ fn truncate_utf8(s: &mut String, max: usize) {
     }
 }
 
+/// The head of a `Deliver` frame whose batches (`batches_len` bytes in all) follow as separate
+/// buffers, so a delivery assembled from several cached batches is sent without a copy.
+pub fn deliver_head(high_watermark: u64, batches_len: usize) -> Bytes {
+    let mut head = BytesMut::with_capacity(18);
+    put_header(&mut head, kind::DELIVER, 12 + batches_len);
+    head.put_u64_le(high_watermark);
+    head.put_u32_le(batches_len as u32);
+    head.freeze()
+}
+
 /// Topic names: 1..=249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`, as in Kafka.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_TOPIC_NAME_BYTES {
@@ -706,6 +716,15 @@ mod tests {
         b.put_u32_le(u32::MAX);
         let err = Message::decode(RawFrame { kind: 14, payload: b.freeze() }).unwrap_err();
         assert!(matches!(err, MessageError::Malformed { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn deliver_head_matches_encode() {
+        let batches = Bytes::from_static(b"abcdefgh");
+        let whole = Message::Deliver { high_watermark: 42, batches: batches.clone() }.encode().to_bytes();
+        let mut parts = deliver_head(42, batches.len()).to_vec();
+        parts.extend_from_slice(&batches);
+        assert_eq!(&whole[..], &parts[..]);
     }
 
     #[test]
