@@ -17,6 +17,7 @@ mod maintenance;
 pub mod observability;
 pub mod offsets;
 pub mod partition;
+pub mod producers;
 mod requests;
 pub mod server;
 pub mod storage;

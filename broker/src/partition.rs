@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::producers::{ProducerStates, SeqCheck};
 use crate::storage::Storage;
 use crate::tail_cache::TailCache;
 
@@ -109,6 +110,7 @@ impl Partition {
         if report.truncated_bytes() > 0 {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
+        let producers = recover_producers(&log)?;
         let next = log.next_offset();
         let start = log.log_start_offset();
         let (appends, rx) = mpsc::channel(APPEND_QUEUE_DEPTH);
@@ -126,6 +128,7 @@ impl Partition {
             partition: Arc::downgrade(&p),
             log: p.log.clone(),
             tail: p.tail.clone(),
+            producers: Arc::new(Mutex::new(producers)),
             durability: config.durability,
         };
         let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
@@ -250,6 +253,8 @@ struct Writer {
     partition: std::sync::Weak<Partition>,
     log: Arc<Mutex<PartitionLog>>,
     tail: Arc<Mutex<TailCache>>,
+    /// Recent batches of idempotent producers; only the writer touches it.
+    producers: Arc<Mutex<ProducerStates>>,
     durability: Durability,
 }
 
@@ -292,25 +297,16 @@ impl Writer {
     async fn commit(&self, group: Vec<AppendRequest>) {
         let log = self.log.clone();
         let tail = self.tail.clone();
+        let producers = self.producers.clone();
         let sync = self.durability == Durability::Always;
         let result = tokio::task::spawn_blocking(move || {
             let now = now_ms();
             let mut results = Vec::with_capacity(group.len());
             let (handle, next) = {
                 let mut log = log.lock();
-                for mut req in group {
-                    let r = log
-                        .append(&mut req.batch, 0, now)
-                        .map(|info| {
-                            // The stamped bytes, frozen without a copy, serve tail readers.
-                            tail.lock().push(info.base_offset, info.last_offset + 1, req.batch.freeze());
-                            Appended {
-                                base_offset: info.base_offset,
-                                last_offset: info.last_offset,
-                                append_time_ms: now,
-                            }
-                        })
-                        .map_err(PartitionError::from);
+                let mut producers = producers.lock();
+                for req in group {
+                    let r = append_one(&mut log, &mut producers, &tail, req.batch, now);
                     results.push((req.reply, r));
                 }
                 (log.sync_handle(), log.next_offset())
@@ -368,6 +364,61 @@ impl Writer {
             Err(_) => false,
         }
     }
+}
+
+/// Appends one validated batch unless it is a retry of one already written (idempotent
+/// producers), which is answered with its original offsets.
+fn append_one(
+    log: &mut PartitionLog,
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    mut batch: BytesMut,
+    now: i64,
+) -> Result<Appended, PartitionError> {
+    let header = BatchHeader::parse(&batch)
+        .map_err(|e| PartitionError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+    match producers.check(&header) {
+        SeqCheck::Duplicate { base_offset, last_offset } => {
+            metrics::counter!("quiver_duplicate_batches_total").increment(1);
+            return Ok(Appended { base_offset, last_offset, append_time_ms: now });
+        }
+        SeqCheck::OutOfOrder { expected, got } => {
+            return Err(PartitionError::new(
+                ErrorCode::OutOfOrderSequence,
+                format!("producer {} sent sequence {got}, expected {expected}", header.producer_id),
+            ));
+        }
+        SeqCheck::Append => {}
+    }
+    let info = log.append(&mut batch, 0, now)?;
+    producers.record(&header, info.base_offset);
+    // The stamped bytes, frozen without a copy, serve tail readers.
+    tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
+    Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+}
+
+/// Rebuilds idempotent-producer state from the batch headers of the active segment. Producers
+/// whose last batches are in older segments are treated as new (their retries could then be
+/// appended again; design.md §10).
+fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionError> {
+    let mut states = ProducerStates::default();
+    let mut offset = log.active_base_offset().max(log.log_start_offset());
+    while offset < log.next_offset() {
+        let plan = log.read_plan(offset, 8 * 1024 * 1024)?;
+        if plan.is_empty() {
+            break;
+        }
+        let bytes =
+            plan.execute().map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let Ok(h) = BatchHeader::parse(&bytes[pos..]) else { break };
+            states.record(&h, h.base_offset);
+            pos += h.total_len();
+        }
+        offset = plan.end_offset();
+    }
+    Ok(states)
 }
 
 pub fn now_ms() -> i64 {

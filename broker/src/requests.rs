@@ -131,6 +131,15 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
                 Err(e) => error(e),
             })
         }),
+        Message::InitProducer => Box::pin(async move {
+            Some(match tokio::task::spawn_blocking(move || st.producer_ids.allocate_blocking()).await {
+                Ok(Ok(producer_id)) => Message::InitProducerOk { producer_id, producer_epoch: 0 },
+                Ok(Err(e)) => {
+                    Message::error(ErrorCode::StorageError, format!("allocating a producer id: {e}"))
+                }
+                Err(e) => Message::error(ErrorCode::Internal, e.to_string()),
+            })
+        }),
         Message::Subscribe(_) => ready(Message::error(
             ErrorCode::UnexpectedKind,
             "Subscribe must be the first frame of its own stream",

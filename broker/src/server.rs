@@ -26,6 +26,7 @@ pub struct BrokerState {
     pub config: BrokerConfig,
     pub topics: Topics,
     pub offsets: OffsetStore,
+    pub producer_ids: crate::producers::ProducerIds,
     /// The live subscription generation for each (group, topic, partition). A newer
     /// subscription takes the partition over; the older one's acks are then ignored.
     pub group_owners: DashMap<OffsetKey, u64>,
@@ -64,14 +65,15 @@ impl Broker {
         let tls_files = crate::tls::ensure_certificates(&config)?;
         let server_config = crate::tls::server_config(&tls_files, &config)?;
         let shutdown = CancellationToken::new();
-        let (topics, offsets) = {
+        let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
             let tail_cache = config.tail_cache_bytes_per_partition;
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let topics = Topics::load(&dir, storage, token, tail_cache)?;
                 let offsets = OffsetStore::open(&dir.join("offsets"))?;
-                Ok((topics, offsets))
+                let producer_ids = crate::producers::ProducerIds::open(&dir)?;
+                Ok((topics, offsets, producer_ids))
             })
             .await??
         };
@@ -90,6 +92,7 @@ impl Broker {
             config,
             topics,
             offsets,
+            producer_ids,
             group_owners: DashMap::new(),
             next_generation: AtomicU64::new(1),
             connections: AtomicUsize::new(0),

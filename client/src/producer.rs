@@ -5,8 +5,11 @@
 //! completes every record of a batch at once from the batch's acknowledgement, and resends
 //! in order on a new connection after a loss.
 //!
-//! Delivery is at-least-once: a batch whose acknowledgement was lost with the connection is
-//! sent again (idempotent sequence numbers arrive with issue 4 and make it exactly-once).
+//! A batch whose acknowledgement was lost with the connection is sent again. With
+//! `idempotent` (the default) each batch carries the producer's id and the sequence number
+//! of its first record in the partition, and the broker answers a batch it already wrote
+//! with the original offsets: each record is written once. Without it, delivery is
+//! at-least-once.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -17,7 +20,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quiver_protocol::batch::BatchBuilder;
+use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
 use quiver_protocol::limits::MAX_BATCH_BYTES;
 use quiver_protocol::message::{Acks, Encoded, Message};
 use tokio::sync::{oneshot, Notify, Semaphore};
@@ -41,6 +44,8 @@ pub struct ProducerConfig {
     pub buffer_bytes: usize,
     /// How long a record may take, retries included, before it fails.
     pub delivery_timeout: Duration,
+    /// Number each partition's records so the broker writes a retried batch only once.
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -52,6 +57,7 @@ impl Default for ProducerConfig {
             max_in_flight: 8,
             buffer_bytes: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(60),
+            idempotent: true,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Producer {
     config: Arc<ProducerConfig>,
     topics: parking_lot::Mutex<HashMap<String, Arc<TopicSender>>>,
     buffer: Arc<Semaphore>,
+    /// From the broker on first use when idempotent; -1 otherwise.
+    producer_id: tokio::sync::OnceCell<i64>,
 }
 
 #[derive(Debug)]
@@ -206,6 +214,8 @@ struct Accumulator {
     open: Option<OpenBatch>,
     /// Closed batches waiting for an in-flight slot, oldest first.
     ready: VecDeque<OpenBatch>,
+    /// Sequence number of the next record (idempotent producers), assigned at batch close.
+    next_sequence: i32,
     /// Batches closed so far, and completed so far (they complete in order).
     closed_count: u64,
     completed_count: u64,
@@ -222,12 +232,17 @@ struct OpenBatch {
     /// Buffer permits (bytes) the batch holds; returned when it completes.
     permits: u32,
     linger_until: Instant,
+    /// Sequence of the first record, set when the batch closes.
+    base_sequence: i32,
 }
 
 impl Accumulator {
     fn close_open(&mut self) -> bool {
         match self.open.take() {
-            Some(b) => {
+            Some(mut b) => {
+                // Batches close in send order, so sequences are dense per partition.
+                b.base_sequence = self.next_sequence;
+                self.next_sequence = self.next_sequence.wrapping_add(b.count as i32);
                 self.ready.push_back(b);
                 self.closed_count += 1;
                 true
@@ -240,7 +255,13 @@ impl Accumulator {
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Self {
         let buffer = Arc::new(Semaphore::new(config.buffer_bytes.max(MAX_BATCH_BYTES)));
-        Producer { client, config: Arc::new(config), topics: Default::default(), buffer }
+        Producer {
+            client,
+            config: Arc::new(config),
+            topics: Default::default(),
+            buffer,
+            producer_id: tokio::sync::OnceCell::new(),
+        }
     }
 
     /// Sends one record and waits for its acknowledgement.
@@ -255,7 +276,8 @@ impl Producer {
         if size + quiver_protocol::batch::BATCH_HEADER_BYTES > MAX_BATCH_BYTES {
             return Err(ClientError::Protocol(format!("record of {size} bytes exceeds the batch limit")));
         }
-        let sender = self.topic(topic).await?;
+        let producer_id = self.producer_id().await?;
+        let sender = self.topic(topic, producer_id).await?;
         let n = sender.partitions.len() as u32;
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if p < n => p,
@@ -288,6 +310,7 @@ impl Producer {
                     count: 0,
                     permits: 0,
                     linger_until: Instant::now() + self.config.linger,
+                    base_sequence: 0,
                 }
             });
             open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
@@ -335,7 +358,24 @@ impl Producer {
         self.flush().await
     }
 
-    async fn topic(&self, topic: &str) -> Result<Arc<TopicSender>, ClientError> {
+    /// The producer id, asked of the broker once (idempotent producers), or -1.
+    async fn producer_id(&self) -> Result<i64, ClientError> {
+        if !self.config.idempotent {
+            return Ok(-1);
+        }
+        let id = self
+            .producer_id
+            .get_or_try_init(|| async {
+                match self.client.request(&Message::InitProducer).await? {
+                    Message::InitProducerOk { producer_id, .. } => Ok(producer_id),
+                    other => Err(unexpected(other)),
+                }
+            })
+            .await?;
+        Ok(*id)
+    }
+
+    async fn topic(&self, topic: &str, producer_id: i64) -> Result<Arc<TopicSender>, ClientError> {
         if let Some(t) = self.topics.lock().get(topic) {
             return Ok(t.clone());
         }
@@ -348,14 +388,18 @@ impl Producer {
         let partitions = (0..info.partitions.len() as u32)
             .map(|p| {
                 let queue = Arc::new(PartitionQueue::default());
-                let task = Sender::new(
-                    self.client.clone(),
-                    self.config.clone(),
-                    name.clone(),
-                    p,
-                    queue.clone(),
-                    self.buffer.clone(),
-                );
+                let task = Sender {
+                    client: self.client.clone(),
+                    config: self.config.clone(),
+                    topic: name.clone(),
+                    partition: p,
+                    producer_id,
+                    queue: queue.clone(),
+                    buffer: self.buffer.clone(),
+                    in_flight: VecDeque::new(),
+                    stream: None,
+                    backoff: MIN_BACKOFF,
+                };
                 tokio::spawn(task.run());
                 queue
             })
@@ -391,6 +435,7 @@ struct Sender {
     config: Arc<ProducerConfig>,
     topic: Arc<str>,
     partition: u32,
+    producer_id: i64,
     queue: Arc<PartitionQueue>,
     buffer: Arc<Semaphore>,
     in_flight: VecDeque<InFlight>,
@@ -403,27 +448,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Sender {
-    fn new(
-        client: Client,
-        config: Arc<ProducerConfig>,
-        topic: Arc<str>,
-        partition: u32,
-        queue: Arc<PartitionQueue>,
-        buffer: Arc<Semaphore>,
-    ) -> Self {
-        Sender {
-            client,
-            config,
-            topic,
-            partition,
-            queue,
-            buffer,
-            in_flight: VecDeque::new(),
-            stream: None,
-            backoff: MIN_BACKOFF,
-        }
-    }
-
     async fn run(mut self) {
         let max_in_flight = self.config.max_in_flight.max(1);
         loop {
@@ -462,11 +486,20 @@ impl Sender {
 
     /// Finishes a closed batch and sends it.
     async fn send(&mut self, batch: OpenBatch) {
+        let identity = if self.producer_id >= 0 {
+            ProducerIdentity {
+                producer_id: self.producer_id,
+                producer_epoch: 0,
+                base_sequence: batch.base_sequence,
+            }
+        } else {
+            ProducerIdentity::default()
+        };
         let msg = Message::Produce {
             topic: self.topic.to_string(),
             partition: self.partition,
             acks: self.config.acks,
-            batch: batch.builder.finish(),
+            batch: batch.builder.with_identity(identity).finish(),
         };
         let flight = InFlight {
             frame: msg.encode(),

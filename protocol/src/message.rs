@@ -101,26 +101,84 @@ pub struct Subscribe {
 /// Every frame payload, by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Error { code: ErrorCode, message: String },
-    Hello { protocol_version: u16, client_id: String },
-    HelloOk { protocol_version: u16, broker_id: u32, server_version: String },
-    Produce { topic: String, partition: u32, acks: Acks, batch: Bytes },
-    ProduceOk { base_offset: u64, log_append_time_ms: i64 },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Hello {
+        protocol_version: u16,
+        client_id: String,
+    },
+    HelloOk {
+        protocol_version: u16,
+        broker_id: u32,
+        server_version: String,
+    },
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        batch: Bytes,
+    },
+    ProduceOk {
+        base_offset: u64,
+        log_append_time_ms: i64,
+    },
     Subscribe(Subscribe),
-    Subscribed { start_offset: u64, log_start_offset: u64, high_watermark: u64 },
-    Deliver { high_watermark: u64, batches: Bytes },
-    Ack { next_offset: u64 },
-    Fetch { topic: String, partition: u32, offset: u64, max_bytes: u32 },
-    FetchOk { log_start_offset: u64, high_watermark: u64, batches: Bytes },
-    CommitOffset { group: String, topic: String, partition: u32, offset: u64 },
+    Subscribed {
+        start_offset: u64,
+        log_start_offset: u64,
+        high_watermark: u64,
+    },
+    Deliver {
+        high_watermark: u64,
+        batches: Bytes,
+    },
+    Ack {
+        next_offset: u64,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    },
+    FetchOk {
+        log_start_offset: u64,
+        high_watermark: u64,
+        batches: Bytes,
+    },
+    CommitOffset {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+    },
     CommitOk,
-    FetchOffsets { group: String, topic: String },
+    FetchOffsets {
+        group: String,
+        topic: String,
+    },
     Offsets(Vec<PartitionOffsets>),
-    Metadata { topic: Option<String> },
+    Metadata {
+        topic: Option<String>,
+    },
     MetadataOk(Vec<TopicInfo>),
-    CreateTopic { name: String, partitions: u32, config: TopicConfig },
-    DeleteTopic { name: String },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
     Done,
+    /// Asks for a producer id for idempotent produce.
+    InitProducer,
+    InitProducerOk {
+        producer_id: i64,
+        producer_epoch: i16,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -185,6 +243,8 @@ mod kind {
     pub const CREATE_TOPIC: u8 = 17;
     pub const DELETE_TOPIC: u8 = 18;
     pub const DONE: u8 = 21;
+    pub const INIT_PRODUCER: u8 = 22;
+    pub const INIT_PRODUCER_OK: u8 = 23;
 }
 
 impl Message {
@@ -217,6 +277,8 @@ impl Message {
             CreateTopic { .. } => kind::CREATE_TOPIC,
             DeleteTopic { .. } => kind::DELETE_TOPIC,
             Done => kind::DONE,
+            InitProducer => kind::INIT_PRODUCER,
+            InitProducerOk { .. } => kind::INIT_PRODUCER_OK,
         }
     }
 
@@ -295,7 +357,11 @@ impl Message {
                 b.put_u32_le(*partition);
                 b.put_u64_le(*offset);
             }
-            CommitOk | Done => {}
+            CommitOk | Done | InitProducer => {}
+            InitProducerOk { producer_id, producer_epoch } => {
+                b.put_i64_le(*producer_id);
+                b.put_u16_le(*producer_epoch as u16);
+            }
             FetchOffsets { group, topic } => {
                 b.put_string(group);
                 b.put_string(topic);
@@ -423,6 +489,8 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::CREATE_TOPIC => CreateTopic { name: topic(r)?, partitions: r.u32()?, config: get_config(r)? },
         kind::DELETE_TOPIC => DeleteTopic { name: topic(r)? },
         kind::DONE => Done,
+        kind::INIT_PRODUCER => InitProducer,
+        kind::INIT_PRODUCER_OK => InitProducerOk { producer_id: r.i64()?, producer_epoch: r.u16()? as i16 },
         _ => return Err(Decoded::Unknown),
     })
 }
@@ -681,6 +749,9 @@ mod tests {
             }),
             name.prop_map(|n| Message::DeleteTopic { name: n }),
             Just(Message::Done),
+            Just(Message::InitProducer),
+            (any::<i64>(), any::<i16>())
+                .prop_map(|(p, e)| Message::InitProducerOk { producer_id: p, producer_epoch: e }),
         ]
     }
 

@@ -411,6 +411,11 @@ impl PartitionLog {
         Ok(report)
     }
 
+    /// Base offset of the active segment (where recovery rebuilds per-producer state from).
+    pub fn active_base_offset(&self) -> u64 {
+        self.active.base
+    }
+
     /// Bytes of all segments.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

@@ -1,0 +1,516 @@
+//! `nats-bench`: the NATS JetStream counterpart of `quiver bench`.
+//!
+//! It runs the same workload and prints the same report (the JSON of `quiver bench --json`, see
+//! `BenchReport` in `client/src/bench.rs`), so `bench/compare.sh` can put the two side by side:
+//!
+//! * one JetStream stream (file storage, one replica, limits retention) on one subject;
+//! * producers publish with `jetstream.publish`, which returns a future of the stream's PubAck;
+//!   up to `--max-inflight` acks are outstanding per producer (pipelined), or exactly one with
+//!   `--one-at-a-time`. Produce latency is publish -> PubAck of each message;
+//! * consumers are created before the producers start and each reads every message from the
+//!   start of the stream. By default each is an ephemeral pull consumer with
+//!   `AckPolicy::Explicit` that acks every message (`--ack-policy explicit`, the usual
+//!   at-least-once consumer); `--ack-policy all` acks cumulatively and `--ack-policy none` uses an
+//!   ordered consumer (no acks, flow-controlled, the fastest kind);
+//! * every payload starts with the send time (nanoseconds since the Unix epoch, 8 bytes,
+//!   little-endian), from which consumers measure publish -> deliver latency.
+//!
+//! Each producer and consumer has its own connection, as in `quiver bench`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context as _, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, ValueEnum};
+use futures::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "NATS JetStream load generator that reports like `quiver bench`")]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// Stream to use (its subject is `<stream>.data`); created if missing. Default: a fresh
+    /// stream per run, deleted at the end unless --keep-stream.
+    #[arg(long)]
+    stream: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Total messages across producers.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Publish acks outstanding per producer (ignored with --one-at-a-time).
+    #[arg(long, default_value_t = 4096)]
+    max_inflight: usize,
+    /// Send one message and wait for its PubAck before the next (latency mode).
+    #[arg(long)]
+    one_at_a_time: bool,
+    /// Consumer kind: explicit = pull consumer acking each message, all = pull consumer with
+    /// cumulative acks (each message acked), none = ordered consumer, no acks.
+    #[arg(long, value_enum, default_value_t = AckPolicyArg::Explicit)]
+    ack_policy: AckPolicyArg,
+    /// Messages requested per pull (pull consumers; the client library's default is 200).
+    #[arg(long)]
+    pull_batch: Option<usize>,
+    /// The pull consumer's max_ack_pending (unacked messages outstanding; server default 1000).
+    #[arg(long)]
+    max_ack_pending: Option<i64>,
+    /// Stream storage.
+    #[arg(long, value_enum, default_value_t = StorageArg::File)]
+    storage: StorageArg,
+    /// Keep the stream after the run (default: delete it, freeing the disk).
+    #[arg(long)]
+    keep_stream: bool,
+    /// Free text put in the report's `durability` field.
+    #[arg(long, default_value = "nats-default")]
+    durability_label: String,
+    /// Sample this local server process's resident memory during the run.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum AckPolicyArg {
+    Explicit,
+    All,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum StorageArg {
+    File,
+    Memory,
+}
+
+// ---- The report: field for field the JSON of `quiver bench --json`. ----
+
+#[derive(Debug, Clone, Serialize)]
+struct Throughput {
+    messages: u64,
+    bytes: u64,
+    seconds: f64,
+    msgs_per_sec: f64,
+    mb_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    samples: u64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Memory {
+    start_kib: u64,
+    peak_kib: u64,
+    end_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct BenchReport {
+    topic: String,
+    producers: usize,
+    consumers: usize,
+    partitions: u32,
+    message_size: usize,
+    acks: String,
+    durability: String,
+    batch_bytes: usize,
+    linger_ms: u64,
+    one_at_a_time: bool,
+    produce: Throughput,
+    consume: Option<Throughput>,
+    produce_latency: Latency,
+    end_to_end_latency: Option<Latency>,
+    broker_memory: Option<Memory>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let report = run(args.clone()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report, &args));
+    }
+    Ok(())
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    async_nats::connect(url).await.with_context(|| format!("connecting to {url}"))
+}
+
+fn context(client: async_nats::Client, max_inflight: usize) -> jetstream::Context {
+    jetstream::context::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        // Our own in-flight bound is `max_inflight`; leave the library's a little room so it
+        // never waits on its semaphore (which would count as produce latency).
+        .max_ack_inflight(max_inflight + 16)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+async fn run(args: Args) -> Result<BenchReport> {
+    let admin = jetstream::new(connect(&args.url).await?);
+    let fresh = args.stream.is_none();
+    let name = match &args.stream {
+        Some(s) => s.clone(),
+        None => format!("bench-{}-{}", std::process::id(), now_ns() % 1_000_000),
+    };
+    let subject = format!("{name}.data");
+    let stream = admin
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: match args.storage {
+                StorageArg::File => stream::StorageType::File,
+                StorageArg::Memory => stream::StorageType::Memory,
+            },
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating stream {name}: {e}"))?;
+
+    let memory = args.broker_pid.map(MemorySampler::start);
+
+    // Consumers first, each from the start of the stream.
+    let produced_total = Arc::new(AtomicU64::new(u64::MAX));
+    let mut consumer_tasks = Vec::new();
+    for i in 0..args.consumers {
+        let client = connect(&args.url).await?;
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream(&name).await.map_err(|e| anyhow!("stream {name}: {e}"))?;
+        let messages: futures::stream::BoxStream<'static, Result<jetstream::Message>> = match args.ack_policy
+        {
+            AckPolicyArg::None => {
+                let c = stream
+                    .create_consumer(consumer::pull::OrderedConfig {
+                        deliver_policy: consumer::DeliverPolicy::All,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| anyhow!("creating ordered consumer: {e}"))?;
+                c.messages()
+                    .await
+                    .map_err(|e| anyhow!("ordered consumer: {e}"))?
+                    .map(|m| m.map_err(|e| anyhow!(e)))
+                    .boxed()
+            }
+            policy => {
+                let c = stream
+                    .create_consumer(consumer::pull::Config {
+                        name: Some(format!("bench-consumer-{i}")),
+                        deliver_policy: consumer::DeliverPolicy::All,
+                        ack_policy: if policy == AckPolicyArg::All {
+                            consumer::AckPolicy::All
+                        } else {
+                            consumer::AckPolicy::Explicit
+                        },
+                        inactive_threshold: Duration::from_secs(60),
+                        max_ack_pending: args.max_ack_pending.unwrap_or(0),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| anyhow!("creating pull consumer: {e}"))?;
+                let mut builder = c.stream();
+                if let Some(b) = args.pull_batch {
+                    builder = builder.max_messages_per_batch(b);
+                }
+                builder
+                    .messages()
+                    .await
+                    .map_err(|e| anyhow!("pull consumer: {e}"))?
+                    .map(|m| m.map_err(|e| anyhow!(e)))
+                    .boxed()
+            }
+        };
+        let ack = args.ack_policy != AckPolicyArg::None;
+        consumer_tasks.push(tokio::spawn(consume(messages, client, ack, produced_total.clone())));
+    }
+
+    let producers = args.producers.max(1);
+    let per_producer = args.messages / producers as u64;
+    let started = Instant::now();
+    let mut producer_tasks = Vec::new();
+    for i in 0..producers {
+        let client = connect(&args.url).await?;
+        let count = if i == 0 { args.messages - per_producer * (producers as u64 - 1) } else { per_producer };
+        producer_tasks.push(tokio::spawn(produce(client, subject.clone(), args.clone(), count)));
+    }
+    let mut produce_hist = new_histogram();
+    let mut produced = 0u64;
+    for t in producer_tasks {
+        let (n, hist) = t.await??;
+        produced += n;
+        let _ = produce_hist.add(&hist);
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    produced_total.store(produced, Ordering::Release);
+
+    let mut e2e_hist = new_histogram();
+    let mut consume_secs: f64 = 0.0;
+    let mut consumed = 0u64;
+    for t in consumer_tasks {
+        let (n, secs, hist) = t.await??;
+        consumed += n;
+        consume_secs = consume_secs.max(secs);
+        let _ = e2e_hist.add(&hist);
+    }
+    let memory = match memory {
+        Some(m) => m.stop().await,
+        None => None,
+    };
+    if fresh && !args.keep_stream {
+        let _ = admin.delete_stream(&name).await;
+    }
+    drop(stream);
+    let bytes = produced * args.message_size as u64;
+    Ok(BenchReport {
+        topic: name,
+        producers,
+        consumers: args.consumers,
+        partitions: 1,
+        message_size: args.message_size,
+        // A single server is the stream's leader: its PubAck means "stored by the leader".
+        acks: "leader".into(),
+        durability: args.durability_label.clone(),
+        batch_bytes: 0,
+        linger_ms: 0,
+        one_at_a_time: args.one_at_a_time,
+        produce: throughput(produced, bytes, produce_secs),
+        consume: (args.consumers > 0)
+            .then(|| throughput(consumed, consumed * args.message_size as u64, consume_secs)),
+        produce_latency: latency(&produce_hist),
+        end_to_end_latency: (args.consumers > 0).then(|| latency(&e2e_hist)),
+        broker_memory: memory,
+    })
+}
+
+async fn produce(
+    client: async_nats::Client,
+    subject: String,
+    args: Args,
+    count: u64,
+) -> Result<(u64, Histogram<u64>)> {
+    let js = context(client.clone(), args.max_inflight.max(1));
+    let filler = Bytes::from(vec![b'x'; args.message_size.saturating_sub(8)]);
+    let mut hist = new_histogram();
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    while sent < count {
+        if !args.one_at_a_time {
+            // Settle what completed, without waiting; wait only at the in-flight bound.
+            while let Some(Some(r)) = futures::FutureExt::now_or_never(in_flight.next()) {
+                record_us(&mut hist, r?);
+            }
+            while in_flight.len() >= args.max_inflight.max(1) {
+                if let Some(r) = in_flight.next().await {
+                    record_us(&mut hist, r?);
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let ack = js
+            .publish(subject.clone(), payload(&filler, args.message_size))
+            .await
+            .map_err(|e| anyhow!("publish: {e}"))?;
+        sent += 1;
+        if args.one_at_a_time {
+            ack.await.map_err(|e| anyhow!("publish ack: {e}"))?;
+            record_us(&mut hist, t0.elapsed());
+            continue;
+        }
+        in_flight
+            .push(async move { ack.await.map(|_| t0.elapsed()).map_err(|e| anyhow!("publish ack: {e}")) });
+    }
+    while let Some(r) = in_flight.next().await {
+        record_us(&mut hist, r?);
+    }
+    client.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
+    Ok((sent, hist))
+}
+
+async fn consume(
+    mut messages: futures::stream::BoxStream<'static, Result<jetstream::Message>>,
+    client: async_nats::Client,
+    ack: bool,
+    total: Arc<AtomicU64>,
+) -> Result<(u64, f64, Histogram<u64>)> {
+    let mut hist = new_histogram();
+    let mut n = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        if n >= total.load(Ordering::Acquire) {
+            break;
+        }
+        let msg = match tokio::time::timeout(Duration::from_millis(200), messages.next()).await {
+            Ok(Some(m)) => m?,
+            Ok(None) => break,
+            Err(_) => continue, // re-check the target
+        };
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        if msg.payload.len() >= 8 {
+            let sent = u64::from_le_bytes(msg.payload[..8].try_into().unwrap_or([0; 8]));
+            let lat = now_ns().saturating_sub(sent);
+            let _ = hist.record((lat / 1000).max(1));
+        }
+        if ack {
+            // Publishes the ack; does not wait for the server (like Quiver's `msg.ack()`).
+            msg.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+        }
+        n += 1;
+    }
+    let secs = first.map(|f| last.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+    drop(messages);
+    let _ = client.flush().await;
+    Ok((n, secs, hist))
+}
+
+fn payload(filler: &Bytes, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(8));
+    b.put_u64_le(now_ns());
+    b.put_slice(&filler[..size.saturating_sub(8).min(filler.len())]);
+    b.freeze()
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 100 s, 3 significant digits (as quiver bench).
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record_us(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record((d.as_micros() as u64).max(1));
+}
+
+fn throughput(messages: u64, bytes: u64, seconds: f64) -> Throughput {
+    let s = seconds.max(1e-9);
+    Throughput {
+        messages,
+        bytes,
+        seconds,
+        msgs_per_sec: messages as f64 / s,
+        mb_per_sec: bytes as f64 / s / 1e6,
+    }
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    Latency {
+        samples: h.len(),
+        p50_us: h.value_at_quantile(0.50) as f64,
+        p90_us: h.value_at_quantile(0.90) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+        max_us: h.max() as f64,
+    }
+}
+
+fn render(r: &BenchReport, args: &Args) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "nats-bench: stream {} | {} producer(s), {} consumer(s) (ack policy {:?}), {}-byte messages, {:?} storage, {} in flight{}",
+        r.topic,
+        r.producers,
+        r.consumers,
+        args.ack_policy,
+        r.message_size,
+        args.storage,
+        args.max_inflight,
+        if r.one_at_a_time { ", one at a time" } else { "" }
+    );
+    let tp = |name: &str, t: &Throughput| {
+        format!(
+            "{name:<8} {:>12} msgs in {:>7.2} s = {:>12.0} msg/s {:>9.1} MB/s\n",
+            t.messages, t.seconds, t.msgs_per_sec, t.mb_per_sec
+        )
+    };
+    s.push_str(&tp("produce", &r.produce));
+    if let Some(c) = &r.consume {
+        s.push_str(&tp("consume", c));
+    }
+    let lat = |name: &str, l: &Latency| {
+        format!(
+            "{name:<24} p50 {:>8.0} µs  p90 {:>8.0}  p99 {:>8.0}  p99.9 {:>8.0}  max {:>8.0}  ({} samples)\n",
+            l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.samples
+        )
+    };
+    s.push_str(&lat("produce->ack latency", &r.produce_latency));
+    if let Some(l) = &r.end_to_end_latency {
+        s.push_str(&lat("publish->deliver latency", l));
+    }
+    if let Some(m) = &r.broker_memory {
+        let _ = writeln!(
+            s,
+            "server RSS: start {:.1} MiB, peak {:.1} MiB, end {:.1} MiB",
+            m.start_kib as f64 / 1024.0,
+            m.peak_kib as f64 / 1024.0,
+            m.end_kib as f64 / 1024.0
+        );
+    }
+    s
+}
+
+/// Samples a process's RSS every 100 ms (as quiver bench).
+struct MemorySampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Memory>,
+}
+
+impl MemorySampler {
+    fn start(pid: u32) -> Self {
+        let (stop, mut rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let start = rss_kib(pid).unwrap_or(0);
+            let mut m = Memory { start_kib: start, peak_kib: start, end_kib: start };
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if let Some(r) = rss_kib(pid) {
+                    m.peak_kib = m.peak_kib.max(r);
+                    m.end_kib = r;
+                }
+            }
+            m
+        });
+        MemorySampler { stop, task }
+    }
+
+    async fn stop(self) -> Option<Memory> {
+        let _ = self.stop.send(());
+        self.task.await.ok()
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,187 @@
+//! Idempotent producers (design.md §10).
+//!
+//! A producer asks once for a producer id; every batch it sends carries that id and the
+//! sequence number of its first record, per partition. Each partition remembers the last
+//! `RECENT_BATCHES` batches of every producer, so a batch sent again after a lost
+//! acknowledgement is answered with the offsets it already has instead of being appended
+//! twice, and a batch that skips ahead (a gap) is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use quiver_protocol::batch::BatchHeader;
+
+/// Batches remembered per producer and partition; must exceed the producer's in-flight limit.
+pub const RECENT_BATCHES: usize = 16;
+/// Producer ids are reserved durably in blocks of this many.
+const ID_BLOCK: i64 = 1000;
+
+/// What to do with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqCheck {
+    Append,
+    /// Already written at these offsets.
+    Duplicate {
+        base_offset: u64,
+        last_offset: u64,
+    },
+    OutOfOrder {
+        expected: i32,
+        got: i32,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct ProducerStates {
+    producers: HashMap<i64, VecDeque<Written>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    first_seq: i32,
+    last_seq: i32,
+    base_offset: u64,
+    last_offset: u64,
+}
+
+impl ProducerStates {
+    pub fn check(&self, h: &BatchHeader) -> SeqCheck {
+        if h.producer_id < 0 || h.base_sequence < 0 {
+            return SeqCheck::Append; // not idempotent
+        }
+        let Some(recent) = self.producers.get(&h.producer_id) else {
+            // A new producer, or one whose state was not recovered: nothing to compare with.
+            return SeqCheck::Append;
+        };
+        let last_seq = h.base_sequence.wrapping_add(h.last_offset_delta);
+        if let Some(w) = recent.iter().find(|w| w.first_seq == h.base_sequence && w.last_seq == last_seq) {
+            return SeqCheck::Duplicate { base_offset: w.base_offset, last_offset: w.last_offset };
+        }
+        let expected = recent.back().map(|w| w.last_seq.wrapping_add(1)).unwrap_or(h.base_sequence);
+        if h.base_sequence == expected {
+            SeqCheck::Append
+        } else {
+            SeqCheck::OutOfOrder { expected, got: h.base_sequence }
+        }
+    }
+
+    /// Records a batch written at `base_offset`.
+    pub fn record(&mut self, h: &BatchHeader, base_offset: u64) {
+        if h.producer_id < 0 || h.base_sequence < 0 {
+            return;
+        }
+        let recent = self.producers.entry(h.producer_id).or_default();
+        recent.push_back(Written {
+            first_seq: h.base_sequence,
+            last_seq: h.base_sequence.wrapping_add(h.last_offset_delta),
+            base_offset,
+            last_offset: base_offset + h.last_offset_delta as u64,
+        });
+        while recent.len() > RECENT_BATCHES {
+            recent.pop_front();
+        }
+    }
+}
+
+/// Hands out producer ids that are never reused, also across restarts: the end of the
+/// reserved block is persisted (tmp, fsync, rename) before any id from it is given out.
+#[derive(Debug)]
+pub struct ProducerIds {
+    path: PathBuf,
+    /// (next id, end of the reserved block)
+    state: Mutex<(i64, i64)>,
+}
+
+impl ProducerIds {
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let path = data_dir.join("producer_ids");
+        let reserved = match std::fs::read(&path) {
+            Ok(b)
+                if b.len() == 12
+                    && crc32c::crc32c(&b[..8]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) =>
+            {
+                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+            }
+            Ok(_) => {
+                return Err(std::io::Error::other(format!("{} is damaged", path.display())));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        // Ids below the persisted block end may have been handed out: start after it.
+        Ok(ProducerIds { path, state: Mutex::new((reserved, reserved)) })
+    }
+
+    /// A fresh id. Blocking (it may persist a new block).
+    pub fn allocate_blocking(&self) -> std::io::Result<i64> {
+        let mut st = self.state.lock();
+        if st.0 >= st.1 {
+            let end = st.1 + ID_BLOCK;
+            let tmp = self.path.with_extension("tmp");
+            let mut body = end.to_le_bytes().to_vec();
+            body.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            st.1 = end;
+        }
+        let id = st.0;
+        st.0 += 1;
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+
+    fn header(pid: i64, seq: i32, n: usize) -> BatchHeader {
+        let mut b = BatchBuilder::new(256).with_identity(ProducerIdentity {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence: seq,
+        });
+        for _ in 0..n {
+            b.push(1, None, b"v", &[]);
+        }
+        BatchHeader::parse(&b.finish()).expect("header")
+    }
+
+    #[test]
+    fn duplicates_are_recognised_and_gaps_refused() {
+        let mut s = ProducerStates::default();
+        let a = header(7, 0, 3);
+        assert_eq!(s.check(&a), SeqCheck::Append);
+        s.record(&a, 100);
+        let b = header(7, 3, 2);
+        assert_eq!(s.check(&b), SeqCheck::Append);
+        s.record(&b, 103);
+        assert_eq!(s.check(&a), SeqCheck::Duplicate { base_offset: 100, last_offset: 102 });
+        assert_eq!(s.check(&b), SeqCheck::Duplicate { base_offset: 103, last_offset: 104 });
+        assert_eq!(s.check(&header(7, 9, 1)), SeqCheck::OutOfOrder { expected: 5, got: 9 });
+        assert_eq!(s.check(&header(7, 5, 1)), SeqCheck::Append);
+        // Other producers and non-idempotent batches are independent.
+        assert_eq!(s.check(&header(8, 42, 1)), SeqCheck::Append);
+        assert_eq!(s.check(&header(-1, -1, 1)), SeqCheck::Append);
+    }
+
+    #[test]
+    fn ids_are_not_reused_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = ProducerIds::open(dir.path()).expect("open");
+        let a = ids.allocate_blocking().expect("id");
+        let b = ids.allocate_blocking().expect("id");
+        assert_ne!(a, b);
+        drop(ids);
+        let ids = ProducerIds::open(dir.path()).expect("reopen");
+        let c = ids.allocate_blocking().expect("id");
+        assert!(c > b, "{c} after {b}");
+    }
+}
