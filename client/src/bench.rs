@@ -37,6 +37,8 @@ pub struct BenchConfig {
     pub flush_interval_ms: u32,
     /// Each producer sends one message and waits for its ack before the next.
     pub one_at_a_time: bool,
+    /// Messages a producer may have unacknowledged; it waits for the oldest beyond this.
+    pub max_inflight: usize,
     /// Sample this process's RSS: a local broker's pid.
     pub broker_pid: Option<u32>,
     pub progress: bool,
@@ -242,6 +244,13 @@ async fn produce(
             continue;
         }
         in_flight.push_back((t0, ack));
+        if in_flight.len() > config.max_inflight.max(1) {
+            if let Some((t0, oldest)) = in_flight.pop_front() {
+                oldest.await?;
+                record_us(&mut hist, t0.elapsed());
+                bar.inc(1);
+            }
+        }
         // Settle what completed, without waiting.
         while let Some((t0, front)) = in_flight.front_mut() {
             match futures::FutureExt::now_or_never(&mut *front) {

@@ -168,6 +168,9 @@ struct BenchArgs {
     /// Send one message and wait for its ack before the next (latency mode).
     #[arg(long)]
     one_at_a_time: bool,
+    /// Unacknowledged messages per producer before it waits (bounds produce->ack latency).
+    #[arg(long, default_value_t = 4096)]
+    max_inflight: usize,
     /// Sample this local broker process's resident memory during the run.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -442,6 +445,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         durability: durability(a.durability),
         flush_interval_ms: a.flush_interval_ms,
         one_at_a_time: a.one_at_a_time,
+        max_inflight: a.max_inflight,
         broker_pid: a.broker_pid,
         progress: !a.json && std::io::stderr().is_terminal(),
     };
