@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         msg.ack();
     }
     consumer.commit().await?;
-    consumer.close();
+    consumer.close().await;
 
     client.close().await;
     broker.shutdown().await;

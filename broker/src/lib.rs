@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+pub mod groups;
 pub mod log;
 mod maintenance;
 pub mod observability;

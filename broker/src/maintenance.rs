@@ -108,3 +108,14 @@ fn resident_bytes() -> Option<u64> {
         status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Expires group members whose session ran out.
+pub(crate) async fn groups_loop(state: Arc<BrokerState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.groups.expire(),
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}

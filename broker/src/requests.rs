@@ -24,9 +24,10 @@ pub(crate) async fn serve(
     first: (Result<Message, MessageError>, Permits),
     mut send: quinn::SendStream,
     mut reader: FrameReader,
+    members: crate::groups::ConnectionMembers,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    pending.push_back(holding(first.1, dispatch(&state, first.0).await));
+    pending.push_back(holding(first.1, dispatch(&state, first.0, &members).await));
     let mut reading = true;
     loop {
         if !reading && pending.is_empty() {
@@ -43,7 +44,7 @@ pub(crate) async fn serve(
                 }
             }
             frame = reader.next_frame(), if can_read => match frame {
-                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw)).await)),
+                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw), &members).await)),
                 Ok(None) => reading = false,
                 Err(e) => {
                     // Answer what is pending, then the error, then end the stream.
@@ -85,7 +86,11 @@ fn error(e: PartitionError) -> Message {
 }
 
 /// Starts handling one request. Returns once the request is queued where order matters.
-async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) -> Pending {
+async fn dispatch(
+    state: &Arc<BrokerState>,
+    msg: Result<Message, MessageError>,
+    members: &crate::groups::ConnectionMembers,
+) -> Pending {
     let msg = match msg {
         Ok(m) => m,
         Err(e) => {
@@ -106,9 +111,16 @@ async fn dispatch(state: &Arc<BrokerState>, msg: Result<Message, MessageError>) 
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
         }),
-        Message::CommitOffset { group, topic, partition, offset } => Box::pin(async move {
-            Some(commit(&st, group, &topic, partition, offset).await.unwrap_or_else(error))
+        Message::CommitOffset { group, topic, partition, offset, member } => Box::pin(async move {
+            Some(commit(&st, group, &topic, partition, offset, member).await.unwrap_or_else(error))
         }),
+        msg @ (Message::JoinGroup { .. }
+        | Message::Heartbeat { .. }
+        | Message::LeaveGroup { .. }
+        | Message::ListGroups
+        | Message::DescribeGroup { .. }) => {
+            ready(crate::groups::handle(state, msg, members).unwrap_or_else(error))
+        }
         Message::FetchOffsets { group, topic } => {
             ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
         }
@@ -238,11 +250,13 @@ async fn commit(
     topic: &str,
     partition: u32,
     offset: u64,
+    member: Option<quiver_protocol::MemberRef>,
 ) -> Result<Message, PartitionError> {
     quiver_protocol::message::validate_group_name(&group)
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
+    state.groups.check_owner(&group, member.as_ref(), partition)?;
     if offset > p.high_watermark() {
         return Err(PartitionError::new(
             ErrorCode::OffsetOutOfRange,

@@ -30,6 +30,8 @@ pub struct BrokerState {
     /// The live subscription generation for each (group, topic, partition). A newer
     /// subscription takes the partition over; the older one's acks are then ignored.
     pub group_owners: DashMap<OffsetKey, u64>,
+    /// Consumer-group membership.
+    pub groups: crate::groups::Groups,
     pub next_generation: AtomicU64,
     pub connections: AtomicUsize,
     /// Bytes of request frames all connections may hold at once.
@@ -94,6 +96,7 @@ impl Broker {
             offsets,
             producer_ids,
             group_owners: DashMap::new(),
+            groups: Default::default(),
             next_generation: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
@@ -156,6 +159,7 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
     background.spawn(crate::maintenance::retention_loop(state.clone()));
     background.spawn(crate::maintenance::offsets_flush_loop(state.clone()));
     background.spawn(crate::maintenance::gauges_loop(state.clone()));
+    background.spawn(crate::maintenance::groups_loop(state.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -198,10 +202,11 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
     let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
+    let members = crate::groups::ConnectionMembers::default();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone())); }
+                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone(), members.clone())); }
                 Err(e) => {
                     tracing::debug!(%remote, "connection closed: {e}");
                     break;
@@ -213,6 +218,7 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     }
     streams.abort_all();
     while streams.join_next().await.is_some() {}
+    state.groups.connection_closed(&members);
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
 }
@@ -224,6 +230,7 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     connection_buffer: Arc<tokio::sync::Semaphore>,
+    members: crate::groups::ConnectionMembers,
 ) {
     let mut reader = FrameReader::new(recv)
         .with_frame_timeout(Duration::from_millis(state.config.frame_timeout_ms))
@@ -240,7 +247,7 @@ async fn handle_stream(
             drop(permits);
             crate::subscription::run(state, sub, send, reader).await
         }
-        first => crate::requests::serve(state, (first, permits), send, reader).await,
+        first => crate::requests::serve(state, (first, permits), send, reader, members).await,
     }
 }
 

@@ -76,6 +76,9 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         Some(g) => Some((Arc::from(g.as_str()), topic.name.clone(), sub.partition)),
         None => None,
     };
+    if let Some(g) = &sub.group {
+        state.groups.check_owner(g, sub.member.as_ref(), sub.partition)?;
+    }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
     // Retention can move the log start past a high watermark that waits for an fsync.
     let hw = hw.max(log_start);

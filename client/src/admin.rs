@@ -1,6 +1,8 @@
 //! Topic administration.
 
-use quiver_protocol::message::{Message, PartitionOffsets, TopicConfig, TopicInfo};
+use std::time::Duration;
+
+use quiver_protocol::message::{MemberInfo, MemberRef, Message, PartitionOffsets, TopicConfig, TopicInfo};
 
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
@@ -74,7 +76,8 @@ impl Admin {
         }
     }
 
-    /// Durably commits `offset` (the next offset to consume) for a group and partition.
+    /// Durably commits `offset` (the next offset to consume) for a group and partition, as a
+    /// tool outside the group's membership (refused while the group has members).
     pub async fn commit_offset(
         &self,
         group: &str,
@@ -82,10 +85,105 @@ impl Admin {
         partition: u32,
         offset: u64,
     ) -> Result<(), ClientError> {
-        let msg = Message::CommitOffset { group: group.into(), topic: topic.into(), partition, offset };
+        self.commit_offset_as(group, topic, partition, offset, None).await
+    }
+
+    /// As `commit_offset`, as a group member (fenced unless it owns the partition).
+    pub async fn commit_offset_as(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        member: Option<MemberRef>,
+    ) -> Result<(), ClientError> {
+        let msg =
+            Message::CommitOffset { group: group.into(), topic: topic.into(), partition, offset, member };
         match self.client.request(&msg).await? {
             Message::CommitOk => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Joins (or re-joins) a group consuming `topic`.
+    pub async fn join_group(
+        &self,
+        group: &str,
+        topic: &str,
+        member_id: Option<&str>,
+        session_timeout: Duration,
+    ) -> Result<GroupAssignment, ClientError> {
+        let msg = Message::JoinGroup {
+            group: group.into(),
+            topic: topic.into(),
+            member_id: member_id.map(Into::into),
+            session_timeout_ms: session_timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        assignment(self.client.request(&msg).await?)
+    }
+
+    /// Keeps a member alive; reports the generation it has applied, returns what it owns now.
+    pub async fn heartbeat(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+    ) -> Result<GroupAssignment, ClientError> {
+        let msg = Message::Heartbeat { group: group.into(), member_id: member_id.into(), generation };
+        assignment(self.client.request(&msg).await?)
+    }
+
+    pub async fn leave_group(&self, group: &str, member_id: &str) -> Result<(), ClientError> {
+        match self
+            .client
+            .request(&Message::LeaveGroup { group: group.into(), member_id: member_id.into() })
+            .await?
+        {
+            Message::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Groups with members or committed offsets.
+    pub async fn list_groups(&self) -> Result<Vec<String>, ClientError> {
+        match self.client.request(&Message::ListGroups).await? {
+            Message::Groups(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A group's topic, generation, members and their partitions.
+    pub async fn describe_group(&self, group: &str) -> Result<GroupDescription, ClientError> {
+        match self.client.request(&Message::DescribeGroup { group: group.into() }).await? {
+            Message::GroupDescription { topic, generation, members } => {
+                Ok(GroupDescription { topic, generation, members })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// A member's current assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAssignment {
+    pub member_id: String,
+    pub generation: u64,
+    pub partitions: Vec<u32>,
+}
+
+/// What `describe_group` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub topic: String,
+    pub generation: u64,
+    pub members: Vec<MemberInfo>,
+}
+
+fn assignment(m: Message) -> Result<GroupAssignment, ClientError> {
+    match m {
+        Message::GroupAssignment { member_id, generation, partitions } => {
+            Ok(GroupAssignment { member_id, generation, partitions })
+        }
+        other => Err(unexpected(other)),
     }
 }

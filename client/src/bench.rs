@@ -309,7 +309,7 @@ async fn consume(
         }
     }
     let secs = first.map(|f| last.duration_since(f).as_secs_f64()).unwrap_or(0.0);
-    consumer.close();
+    consumer.close().await;
     client.close().await;
     Ok((n, secs, hist))
 }

@@ -71,6 +71,8 @@ struct Inner {
     server_name: String,
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<quinn::Connection>>,
+    /// Set by `close`: no reconnecting afterwards.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -79,8 +81,16 @@ impl Client {
         let addr = resolve(&config.broker)?;
         let server_name = config.server_name.clone().unwrap_or_else(|| host_of(&config.broker));
         let endpoint = make_endpoint(&config, addr)?;
-        let client =
-            Client { inner: Arc::new(Inner { config, addr, server_name, endpoint, conn: Mutex::new(None) }) };
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                addr,
+                server_name,
+                endpoint,
+                conn: Mutex::new(None),
+                closed: Default::default(),
+            }),
+        };
         client.connection().await?;
         Ok(client)
     }
@@ -92,6 +102,9 @@ impl Client {
     /// The live connection, reconnecting if the last one was lost.
     pub async fn connection(&self) -> Result<quinn::Connection, ClientError> {
         let mut guard = self.inner.conn.lock().await;
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
         if let Some(c) = guard.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -136,9 +149,12 @@ impl Client {
 
     /// Closes the connection politely.
     pub async fn close(&self) {
-        if let Some(c) = self.inner.conn.lock().await.take() {
+        let mut guard = self.inner.conn.lock().await;
+        self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(c) = guard.take() {
             c.close(0u32.into(), b"bye");
         }
+        drop(guard);
         self.inner.endpoint.wait_idle().await;
     }
 }

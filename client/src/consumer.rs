@@ -17,11 +17,11 @@ use bytes::Bytes;
 use futures::Stream;
 use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchSplitter, RecordIter};
-use quiver_protocol::message::{Message, StartPosition, Subscribe};
+use quiver_protocol::message::{MemberRef, Message, StartPosition, Subscribe};
 use quiver_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, GroupAssignment as AssignmentMsg};
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
 use crate::transport::{write_message, FrameReader};
@@ -42,6 +42,12 @@ pub struct ConsumerConfig {
     pub window_messages: u32,
     /// How often acknowledgements are sent to the broker.
     pub ack_interval: Duration,
+    /// With a group and no fixed `partitions`: join the group and consume the partitions the
+    /// broker assigns, following rebalances. Without it, the consumer reads the partitions it
+    /// is given and commits as the group's only consumer.
+    pub membership: bool,
+    /// A member that sends no heartbeat for this long is removed and its partitions move.
+    pub session_timeout: Duration,
 }
 
 impl ConsumerConfig {
@@ -54,6 +60,8 @@ impl ConsumerConfig {
             window_bytes: 8 * 1024 * 1024,
             window_messages: 100_000,
             ack_interval: Duration::from_millis(100),
+            membership: true,
+            session_timeout: Duration::from_secs(10),
         }
     }
     pub fn group(mut self, g: impl Into<String>) -> Self {
@@ -186,6 +194,14 @@ impl AckFloor {
 /// consumer.commit().await?;
 /// # Ok(()) }
 /// ```
+/// What happened to the partitions of a group member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerEvent {
+    Assigned(Vec<u32>),
+    /// Revoked partitions were committed (their ack floor) before they were given up.
+    Revoked(Vec<u32>),
+}
+
 #[derive(Debug)]
 pub struct Consumer {
     client: Client,
@@ -194,88 +210,265 @@ pub struct Consumer {
     /// send and wake-up per delivery, not per message.
     rx: mpsc::Receiver<Result<Vec<ConsumedMessage>, ClientError>>,
     buffered: std::collections::VecDeque<ConsumedMessage>,
-    partitions: Vec<(u32, Arc<AckState>)>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    membership: Option<tokio::task::JoinHandle<()>>,
+    events: Option<mpsc::UnboundedReceiver<ConsumerEvent>>,
+}
+
+/// State the consumer shares with its membership task.
+#[derive(Debug)]
+struct Shared {
+    topic: Arc<str>,
+    tx: mpsc::Sender<Result<Vec<ConsumedMessage>, ClientError>>,
+    partitions: parking_lot::Mutex<std::collections::BTreeMap<u32, Running>>,
+    /// This consumer's group member id, once joined.
+    member_id: parking_lot::Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    acks: Arc<AckState>,
+    member: Option<MemberRef>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Shared {
+    /// Starts consuming a partition; the receiver says whether the subscription worked.
+    fn start(
+        self: &Arc<Self>,
+        client: &Client,
+        config: &ConsumerConfig,
+        partition: u32,
+        member: Option<MemberRef>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), ClientError>> {
+        let acks = Arc::new(AckState::new());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = PartitionConsumer {
+            client: client.clone(),
+            config: config.clone(),
+            topic: self.topic.clone(),
+            partition,
+            acks: acks.clone(),
+            member: member.clone(),
+            tx: self.tx.clone(),
+        };
+        let task = tokio::spawn(task.run(ready_tx));
+        self.partitions.lock().insert(partition, Running { acks, member, task });
+        ready_rx
+    }
+
+    fn stop_all(&self) {
+        for (_, r) in std::mem::take(&mut *self.partitions.lock()) {
+            r.task.abort();
+        }
+    }
 }
 
 impl Consumer {
-    /// Looks the topic up (failing fast on an unknown topic) and subscribes to its partitions.
+    /// Looks the topic up (failing fast on an unknown topic) and subscribes: with a group (and
+    /// `membership`), to the partitions the group assigns; otherwise to the selected ones.
     pub async fn subscribe(client: Client, config: ConsumerConfig) -> Result<Consumer, ClientError> {
         if let Some(g) = &config.group {
             quiver_protocol::message::validate_group_name(g)
                 .map_err(|message| ClientError::Broker { code: ErrorCode::InvalidGroup, message })?;
         }
-        let info = Admin::new(client.clone()).describe_topic(&config.topic).await?;
+        let admin = Admin::new(client.clone());
+        let info = admin.describe_topic(&config.topic).await?;
         let all: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
-        let selected = match &config.partitions {
-            None => all,
-            Some(ps) => {
+        let (tx, rx) = mpsc::channel(DELIVERIES_BUFFERED);
+        let shared = Arc::new(Shared {
+            topic: Arc::from(config.topic.as_str()),
+            tx,
+            partitions: Default::default(),
+            member_id: Default::default(),
+        });
+        let mut consumer = Consumer {
+            client: client.clone(),
+            config: config.clone(),
+            rx,
+            buffered: Default::default(),
+            shared,
+            membership: None,
+            events: None,
+        };
+        let (selected, member) = match (&config.group, &config.partitions) {
+            (Some(group), None) if config.membership => {
+                let a = admin.join_group(group, &config.topic, None, config.session_timeout).await?;
+                *consumer.shared.member_id.lock() = Some(a.member_id.clone());
+                let member = MemberRef { member_id: a.member_id.clone(), generation: a.generation };
+                (a.partitions, Some(member))
+            }
+            (_, None) => (all, None),
+            (_, Some(ps)) => {
                 if let Some(p) = ps.iter().find(|p| !all.contains(p)) {
                     return Err(ClientError::Broker {
                         code: ErrorCode::UnknownPartition,
                         message: format!("topic '{}' has no partition {p}", config.topic),
                     });
                 }
-                ps.clone()
+                (ps.clone(), None)
             }
         };
-        let (tx, rx) = mpsc::channel(DELIVERIES_BUFFERED);
-        let topic: Arc<str> = Arc::from(config.topic.as_str());
-        let mut partitions = Vec::new();
-        let mut tasks = Vec::new();
-        let mut ready = Vec::new();
-        for p in selected {
-            let acks = Arc::new(AckState::new());
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let task = PartitionConsumer {
-                client: client.clone(),
-                config: config.clone(),
-                topic: topic.clone(),
-                partition: p,
-                acks: acks.clone(),
-                tx: tx.clone(),
-            };
-            tasks.push(tokio::spawn(task.run(ready_tx)));
-            partitions.push((p, acks));
-            ready.push(ready_rx);
-        }
+        let ready: Vec<_> =
+            selected.iter().map(|p| consumer.shared.start(&client, &config, *p, member.clone())).collect();
         // Wait until every partition is subscribed, so errors surface here.
         for r in ready {
             match r.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tasks.iter().for_each(|t| t.abort());
+                    consumer.shared.stop_all();
                     return Err(e);
                 }
                 Err(_) => return Err(ClientError::Closed),
             }
         }
-        Ok(Consumer { client, config, rx, buffered: Default::default(), partitions, tasks })
+        if let Some(m) = member {
+            let (events_tx, events_rx) = mpsc::unbounded_channel();
+            let _ = events_tx.send(ConsumerEvent::Assigned(selected));
+            let task = Membership { client, config, shared: consumer.shared.clone(), events: events_tx };
+            consumer.membership = Some(tokio::spawn(task.run(m)));
+            consumer.events = Some(events_rx);
+        }
+        Ok(consumer)
+    }
+
+    /// Partition assignments and revocations of a group member (once; `None` afterwards or
+    /// without membership).
+    pub fn events(&mut self) -> Option<mpsc::UnboundedReceiver<ConsumerEvent>> {
+        self.events.take()
+    }
+
+    /// Partitions this consumer reads now.
+    pub fn assignment(&self) -> Vec<u32> {
+        self.shared.partitions.lock().keys().copied().collect()
     }
 
     /// Durably commits each partition's ack floor for the group. Without a group, does nothing.
     pub async fn commit(&self) -> Result<(), ClientError> {
         let Some(group) = &self.config.group else { return Ok(()) };
         let admin = Admin::new(self.client.clone());
-        for (p, acks) in &self.partitions {
-            admin.commit_offset(group, &self.config.topic, *p, acks.floor()).await?;
+        let floors: Vec<(u32, u64, Option<MemberRef>)> = self
+            .shared
+            .partitions
+            .lock()
+            .iter()
+            .map(|(p, r)| (*p, r.acks.floor(), r.member.clone()))
+            .collect();
+        for (p, floor, member) in floors {
+            admin.commit_offset_as(group, &self.config.topic, p, floor, member).await?;
         }
         Ok(())
     }
 
-    /// Stops the subscriptions.
-    pub fn close(self) {
-        for t in &self.tasks {
-            t.abort();
+    /// Stops the subscriptions and leaves the group (waiting for the broker to take note, so
+    /// the partitions are free for others at once). Uncommitted acknowledgements are not
+    /// committed here: call `commit` first.
+    pub async fn close(mut self) {
+        if let Some((group, member_id)) = self.stop() {
+            let _ = Admin::new(self.client.clone()).leave_group(&group, &member_id).await;
         }
+    }
+
+    /// Stops everything; returns the membership to leave, if any.
+    fn stop(&mut self) -> Option<(String, String)> {
+        if let Some(m) = self.membership.take() {
+            m.abort();
+        }
+        self.shared.stop_all();
+        let member_id = self.shared.member_id.lock().take()?;
+        Some((self.config.group.clone()?, member_id))
     }
 }
 
 impl Drop for Consumer {
+    /// Dropping without `close` leaves the group in the background.
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        if let Some((group, member_id)) = self.stop() {
+            let admin = Admin::new(self.client.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = admin.leave_group(&group, &member_id).await;
+                });
+            }
         }
+    }
+}
+
+/// Keeps a group member alive and follows rebalances: revoked partitions are committed and
+/// stopped before the member confirms (by heartbeating with the new generation), new ones
+/// are started.
+struct Membership {
+    client: Client,
+    config: ConsumerConfig,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<ConsumerEvent>,
+}
+
+impl Membership {
+    async fn run(self, mut member: MemberRef) {
+        let Some(group) = self.config.group.clone() else { return };
+        let admin = Admin::new(self.client.clone());
+        let interval = (self.config.session_timeout / 3).max(Duration::from_millis(100));
+        let mut wait = interval;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = interval;
+            match admin.heartbeat(&group, &member.member_id, member.generation).await {
+                Ok(a) => {
+                    if self.apply(&admin, &group, &mut member, a).await {
+                        wait = Duration::ZERO; // confirm the change at once
+                    }
+                }
+                Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
+                    // Removed from the group (session expired): what we held is gone. Join again.
+                    tracing::warn!(%group, "left the group ({message}); joining again");
+                    self.shared.stop_all();
+                    match admin
+                        .join_group(&group, &self.config.topic, None, self.config.session_timeout)
+                        .await
+                    {
+                        Ok(a) => {
+                            member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
+                            *self.shared.member_id.lock() = Some(a.member_id.clone());
+                            self.apply(&admin, &group, &mut member, a).await;
+                            wait = Duration::ZERO;
+                        }
+                        Err(e) => tracing::warn!(%group, "joining again failed: {e}"),
+                    }
+                }
+                Err(e) => tracing::debug!(%group, "heartbeat failed: {e}"),
+            }
+        }
+    }
+
+    /// Applies an assignment; returns whether anything changed.
+    async fn apply(&self, admin: &Admin, group: &str, member: &mut MemberRef, a: AssignmentMsg) -> bool {
+        let current: Vec<u32> = self.shared.partitions.lock().keys().copied().collect();
+        let revoked: Vec<u32> = current.iter().copied().filter(|p| !a.partitions.contains(p)).collect();
+        let added: Vec<u32> = a.partitions.iter().copied().filter(|p| !current.contains(p)).collect();
+        for p in &revoked {
+            let running = self.shared.partitions.lock().remove(p);
+            if let Some(r) = running {
+                r.task.abort();
+                // Commit what was acknowledged, so the next owner starts right after it.
+                if let Err(e) =
+                    admin.commit_offset_as(group, &self.config.topic, *p, r.acks.floor(), r.member).await
+                {
+                    tracing::warn!(%group, partition = p, "commit on revocation failed: {e}");
+                }
+            }
+        }
+        member.generation = a.generation;
+        for p in &added {
+            let _ready = self.shared.start(&self.client, &self.config, *p, Some(member.clone()));
+        }
+        if !revoked.is_empty() {
+            let _ = self.events.send(ConsumerEvent::Revoked(revoked.clone()));
+        }
+        if !added.is_empty() {
+            let _ = self.events.send(ConsumerEvent::Assigned(added.clone()));
+        }
+        !revoked.is_empty() || !added.is_empty()
     }
 }
 
@@ -302,6 +495,7 @@ struct PartitionConsumer {
     topic: Arc<str>,
     partition: u32,
     acks: Arc<AckState>,
+    member: Option<MemberRef>,
     tx: mpsc::Sender<Result<Vec<ConsumedMessage>, ClientError>>,
 }
 
@@ -334,7 +528,7 @@ impl PartitionConsumer {
                     start = StartPosition::Offset(floor);
                     if let Some(g) = &self.config.group {
                         let _ = Admin::new(self.client.clone())
-                            .commit_offset(g, &self.topic, self.partition, floor)
+                            .commit_offset_as(g, &self.topic, self.partition, floor, self.member.clone())
                             .await;
                     }
                 }
@@ -355,6 +549,7 @@ impl PartitionConsumer {
             topic: self.topic.to_string(),
             partition: self.partition,
             group: self.config.group.clone(),
+            member: self.member.clone(),
             start,
             window_messages: self.config.window_messages,
             window_bytes: self.config.window_bytes,

@@ -39,11 +39,31 @@ enum Command {
     Tail(TailArgs),
     /// Measure throughput and latency (like `nats bench` / `kafka-producer-perf-test`).
     Bench(BenchArgs),
+    /// List, describe and reset consumer groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// Show a consumer group's committed offsets and lag for a topic.
     Offsets {
         group: String,
         #[arg(long)]
         topic: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Groups with members or committed offsets.
+    List,
+    /// Members, their partitions, committed offsets and lag.
+    Describe { group: String },
+    /// Move a group's committed offsets (only while the group has no members).
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest, or an offset.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -132,6 +152,10 @@ struct TailArgs {
     /// One JSON object per line with topic, partition, offset, timestamp, key, headers, value.
     #[arg(long)]
     json: bool,
+    /// With --group: how long the broker waits for this member's heartbeats before giving its
+    /// partitions to others.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -234,6 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => publish(&client, args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
+        Command::Group(cmd) => group(&client, cmd).await,
         Command::Bench(args) => bench(client.config().clone(), args).await,
     };
     client.close().await;
@@ -358,6 +383,7 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     let mut config = ConsumerConfig::new(a.topic.clone()).start(parse_from(&a.from)?);
     config.group = a.group.clone();
     config.partitions = a.partition.map(|p| vec![p]);
+    config.session_timeout = Duration::from_millis(a.session_timeout_ms);
     let mut consumer = Consumer::subscribe(client.clone(), config).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
@@ -407,7 +433,7 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     if a.group.is_some() {
         consumer.commit().await.context("committing the group's offsets")?;
     }
-    consumer.close();
+    consumer.close().await;
     Ok(())
 }
 
@@ -454,6 +480,59 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    Ok(())
+}
+
+async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
+    let admin = client.admin();
+    match cmd {
+        GroupCmd::List => {
+            for g in admin.list_groups().await? {
+                println!("{g}");
+            }
+        }
+        GroupCmd::Describe { group } => {
+            let d = admin.describe_group(&group).await?;
+            println!(
+                "group {group}: topic {}, generation {}, {} member(s)",
+                d.topic,
+                d.generation,
+                d.members.len()
+            );
+            let mut owner = std::collections::HashMap::new();
+            for m in &d.members {
+                for p in &m.partitions {
+                    owner.insert(*p, m.member_id.clone());
+                }
+            }
+            println!("  partition\tmember\t\tcommitted\tlatest\tlag");
+            for p in admin.group_offsets(&group, &d.topic).await? {
+                let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
+                println!(
+                    "  {}\t\t{}\t{}\t\t{}\t{}",
+                    p.partition,
+                    owner.get(&p.partition).map_or("-", |m| m.as_str()),
+                    p.committed.map_or("-".to_string(), |c| c.to_string()),
+                    p.high_watermark,
+                    lag
+                );
+            }
+        }
+        GroupCmd::ResetOffsets { group, topic, to } => {
+            for p in admin.group_offsets(&group, &topic).await? {
+                let target = match to.as_str() {
+                    "earliest" => p.log_start_offset,
+                    "latest" => p.high_watermark,
+                    n => n
+                        .parse::<u64>()
+                        .with_context(|| format!("--to '{n}': expected earliest, latest or an offset"))?
+                        .clamp(p.log_start_offset, p.high_watermark),
+                };
+                admin.commit_offset(&group, &topic, p.partition, target).await?;
+                println!("{group} {topic}/{}: {target}", p.partition);
+            }
+        }
     }
     Ok(())
 }

@@ -21,6 +21,8 @@ pub enum ErrorCode {
     InvalidGroup,
     /// An idempotent producer's batch does not continue its sequence (a gap).
     OutOfOrderSequence,
+    /// A group member's generation is stale or it does not own the partition.
+    FencedMember,
     StorageError,
     ShuttingDown,
     Internal,
@@ -47,6 +49,7 @@ impl ErrorCode {
             GroupBusy => 18,
             InvalidGroup => 19,
             OutOfOrderSequence => 20,
+            FencedMember => 21,
             StorageError => 30,
             ShuttingDown => 31,
             Internal => 32,
@@ -73,6 +76,7 @@ impl ErrorCode {
             18 => GroupBusy,
             19 => InvalidGroup,
             20 => OutOfOrderSequence,
+            21 => FencedMember,
             30 => StorageError,
             31 => ShuttingDown,
             32 => Internal,

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod delivery;
 pub mod error;
 pub mod frame;
+pub mod group;
 pub mod limits;
 pub mod message;
 
@@ -15,6 +16,6 @@ pub use codec::DecodeError;
 pub use error::ErrorCode;
 pub use frame::{decode_frame, FrameError, RawFrame};
 pub use message::{
-    Acks, Durability, Encoded, Message, MessageError, PartitionInfo, PartitionOffsets, StartPosition,
-    Subscribe, TopicConfig, TopicInfo,
+    Acks, Durability, Encoded, MemberInfo, MemberRef, Message, MessageError, PartitionInfo, PartitionOffsets,
+    StartPosition, Subscribe, TopicConfig, TopicInfo,
 };

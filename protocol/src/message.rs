@@ -93,9 +93,25 @@ pub struct Subscribe {
     pub topic: String,
     pub partition: u32,
     pub group: Option<String>,
+    /// The group member and the generation it was assigned the partition in (membership).
+    pub member: Option<MemberRef>,
     pub start: StartPosition,
     pub window_messages: u32,
     pub window_bytes: u32,
+}
+
+/// A group member as of a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRef {
+    pub member_id: String,
+    pub generation: u64,
+}
+
+/// One member of a group and what it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub member_id: String,
+    pub partitions: Vec<u32>,
 }
 
 /// Every frame payload, by kind.
@@ -153,6 +169,7 @@ pub enum Message {
         topic: String,
         partition: u32,
         offset: u64,
+        member: Option<MemberRef>,
     },
     CommitOk,
     FetchOffsets {
@@ -178,6 +195,36 @@ pub enum Message {
     InitProducerOk {
         producer_id: i64,
         producer_epoch: i16,
+    },
+    JoinGroup {
+        group: String,
+        topic: String,
+        member_id: Option<String>,
+        session_timeout_ms: u32,
+    },
+    Heartbeat {
+        group: String,
+        member_id: String,
+        generation: u64,
+    },
+    GroupAssignment {
+        member_id: String,
+        generation: u64,
+        partitions: Vec<u32>,
+    },
+    LeaveGroup {
+        group: String,
+        member_id: String,
+    },
+    ListGroups,
+    Groups(Vec<String>),
+    DescribeGroup {
+        group: String,
+    },
+    GroupDescription {
+        topic: String,
+        generation: u64,
+        members: Vec<MemberInfo>,
     },
 }
 
@@ -245,6 +292,14 @@ mod kind {
     pub const DONE: u8 = 21;
     pub const INIT_PRODUCER: u8 = 22;
     pub const INIT_PRODUCER_OK: u8 = 23;
+    pub const JOIN_GROUP: u8 = 24;
+    pub const HEARTBEAT: u8 = 25;
+    pub const GROUP_ASSIGNMENT: u8 = 26;
+    pub const LEAVE_GROUP: u8 = 27;
+    pub const LIST_GROUPS: u8 = 28;
+    pub const GROUPS: u8 = 29;
+    pub const DESCRIBE_GROUP: u8 = 30;
+    pub const GROUP_DESCRIPTION: u8 = 31;
 }
 
 impl Message {
@@ -279,6 +334,14 @@ impl Message {
             Done => kind::DONE,
             InitProducer => kind::INIT_PRODUCER,
             InitProducerOk { .. } => kind::INIT_PRODUCER_OK,
+            JoinGroup { .. } => kind::JOIN_GROUP,
+            Heartbeat { .. } => kind::HEARTBEAT,
+            GroupAssignment { .. } => kind::GROUP_ASSIGNMENT,
+            LeaveGroup { .. } => kind::LEAVE_GROUP,
+            ListGroups => kind::LIST_GROUPS,
+            Groups(_) => kind::GROUPS,
+            DescribeGroup { .. } => kind::DESCRIBE_GROUP,
+            GroupDescription { .. } => kind::GROUP_DESCRIPTION,
         }
     }
 
@@ -327,6 +390,7 @@ impl Message {
                 put_start(b, s.start);
                 b.put_u32_le(s.window_messages);
                 b.put_u32_le(s.window_bytes);
+                put_member(b, s.member.as_ref());
             }
             Subscribed { start_offset, log_start_offset, high_watermark } => {
                 b.put_u64_le(*start_offset);
@@ -351,13 +415,50 @@ impl Message {
                 b.put_u32_le(batches.len() as u32);
                 return batches.clone();
             }
-            CommitOffset { group, topic, partition, offset } => {
+            CommitOffset { group, topic, partition, offset, member } => {
                 b.put_string(group);
                 b.put_string(topic);
                 b.put_u32_le(*partition);
                 b.put_u64_le(*offset);
+                put_member(b, member.as_ref());
             }
-            CommitOk | Done | InitProducer => {}
+            CommitOk | Done | InitProducer | ListGroups => {}
+            JoinGroup { group, topic, member_id, session_timeout_ms } => {
+                b.put_string(group);
+                b.put_string(topic);
+                put_option(b, member_id.as_deref(), |b, m| b.put_string(m));
+                b.put_u32_le(*session_timeout_ms);
+            }
+            Heartbeat { group, member_id, generation } => {
+                b.put_string(group);
+                b.put_string(member_id);
+                b.put_u64_le(*generation);
+            }
+            GroupAssignment { member_id, generation, partitions } => {
+                b.put_string(member_id);
+                b.put_u64_le(*generation);
+                put_u32s(b, partitions);
+            }
+            LeaveGroup { group, member_id } => {
+                b.put_string(group);
+                b.put_string(member_id);
+            }
+            Groups(names) => {
+                b.put_u32_le(names.len() as u32);
+                for n in names {
+                    b.put_string(n);
+                }
+            }
+            DescribeGroup { group } => b.put_string(group),
+            GroupDescription { topic, generation, members } => {
+                b.put_string(topic);
+                b.put_u64_le(*generation);
+                b.put_u32_le(members.len() as u32);
+                for m in members {
+                    b.put_string(&m.member_id);
+                    put_u32s(b, &m.partitions);
+                }
+            }
             InitProducerOk { producer_id, producer_epoch } => {
                 b.put_i64_le(*producer_id);
                 b.put_u16_le(*producer_epoch as u16);
@@ -447,6 +548,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             start: get_start(r)?,
             window_messages: r.u32()?,
             window_bytes: r.u32()?,
+            member: get_member(r)?,
         }),
         kind::SUBSCRIBED => {
             Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? }
@@ -459,9 +561,13 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             high_watermark: r.u64()?,
             batches: r.bytes("batches", MAX_FRAME_BYTES)?,
         },
-        kind::COMMIT_OFFSET => {
-            CommitOffset { group: text(r)?, topic: topic(r)?, partition: r.u32()?, offset: r.u64()? }
-        }
+        kind::COMMIT_OFFSET => CommitOffset {
+            group: text(r)?,
+            topic: topic(r)?,
+            partition: r.u32()?,
+            offset: r.u64()?,
+            member: get_member(r)?,
+        },
         kind::COMMIT_OK => CommitOk,
         kind::FETCH_OFFSETS => FetchOffsets { group: text(r)?, topic: topic(r)? },
         kind::OFFSETS => Offsets(r.list("offsets", 21, |r| {
@@ -490,6 +596,26 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::DELETE_TOPIC => DeleteTopic { name: topic(r)? },
         kind::DONE => Done,
         kind::INIT_PRODUCER => InitProducer,
+        kind::JOIN_GROUP => JoinGroup {
+            group: text(r)?,
+            topic: topic(r)?,
+            member_id: r.option(text)?,
+            session_timeout_ms: r.u32()?,
+        },
+        kind::HEARTBEAT => Heartbeat { group: text(r)?, member_id: text(r)?, generation: r.u64()? },
+        kind::GROUP_ASSIGNMENT => {
+            GroupAssignment { member_id: text(r)?, generation: r.u64()?, partitions: get_u32s(r)? }
+        }
+        kind::LEAVE_GROUP => LeaveGroup { group: text(r)?, member_id: text(r)? },
+        kind::LIST_GROUPS => ListGroups,
+        kind::GROUPS => Groups(r.list("groups", 2, text)?),
+        kind::DESCRIBE_GROUP => DescribeGroup { group: text(r)? },
+        kind::GROUP_DESCRIPTION => GroupDescription {
+            topic: topic(r)?,
+            generation: r.u64()?,
+            members: r
+                .list("members", 6, |r| Ok(MemberInfo { member_id: text(r)?, partitions: get_u32s(r)? }))?,
+        },
         kind::INIT_PRODUCER_OK => InitProducerOk { producer_id: r.i64()?, producer_epoch: r.u16()? as i16 },
         _ => return Err(Decoded::Unknown),
     })
@@ -503,6 +629,28 @@ fn put_option<T>(b: &mut BytesMut, v: Option<T>, f: impl FnOnce(&mut BytesMut, T
             f(b, v)
         }
     }
+}
+
+fn put_u32s(b: &mut BytesMut, v: &[u32]) {
+    b.put_u32_le(v.len() as u32);
+    for x in v {
+        b.put_u32_le(*x);
+    }
+}
+
+fn get_u32s(r: &mut Reader) -> Result<Vec<u32>, DecodeError> {
+    r.list("partitions", 4, |r| r.u32())
+}
+
+fn put_member(b: &mut BytesMut, m: Option<&MemberRef>) {
+    put_option(b, m, |b, m| {
+        b.put_string(&m.member_id);
+        b.put_u64_le(m.generation);
+    });
+}
+
+fn get_member(r: &mut Reader) -> Result<Option<MemberRef>, DecodeError> {
+    r.option(|r| Ok(MemberRef { member_id: r.string("member", MAX_STRING_BYTES)?, generation: r.u64()? }))
 }
 
 fn put_start(b: &mut BytesMut, s: StartPosition) {
@@ -677,7 +825,8 @@ mod tests {
                     group: g,
                     start: s,
                     window_messages: wm,
-                    window_bytes: wb
+                    window_bytes: wb,
+                    member: None,
                 })),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Subscribed {
                 start_offset: a,
@@ -702,7 +851,8 @@ mod tests {
                 group: g,
                 topic: t,
                 partition: p,
-                offset: o
+                offset: o,
+                member: Some(MemberRef { member_id: "m-1".into(), generation: 3 }),
             }),
             Just(Message::CommitOk),
             (name, name).prop_map(|(g, t)| Message::FetchOffsets { group: g, topic: t }),
@@ -750,6 +900,32 @@ mod tests {
             name.prop_map(|n| Message::DeleteTopic { name: n }),
             Just(Message::Done),
             Just(Message::InitProducer),
+            Just(Message::ListGroups),
+            (name, name, proptest::option::of(name), any::<u32>()).prop_map(|(g, t, m, s)| {
+                Message::JoinGroup { group: g, topic: t, member_id: m, session_timeout_ms: s }
+            }),
+            (name, proptest::collection::vec(any::<u32>(), 0..5), any::<u64>()).prop_map(|(m, p, g)| {
+                Message::GroupAssignment { member_id: m, generation: g, partitions: p }
+            }),
+            (name, name, any::<u64>()).prop_map(|(g, m, n)| Message::Heartbeat {
+                group: g,
+                member_id: m,
+                generation: n
+            }),
+            proptest::collection::vec(name, 0..3).prop_map(Message::Groups),
+            (
+                name,
+                any::<u64>(),
+                proptest::collection::vec((name, proptest::collection::vec(any::<u32>(), 0..3)), 0..3)
+            )
+                .prop_map(|(t, g, ms)| Message::GroupDescription {
+                    topic: t,
+                    generation: g,
+                    members: ms
+                        .into_iter()
+                        .map(|(m, p)| MemberInfo { member_id: m, partitions: p })
+                        .collect()
+                }),
             (any::<i64>(), any::<i16>())
                 .prop_map(|(p, e)| Message::InitProducerOk { producer_id: p, producer_epoch: e }),
         ]

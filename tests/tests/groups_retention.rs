@@ -59,7 +59,7 @@ async fn group_resumes_exactly_where_it_stopped() -> anyhow::Result<()> {
         let mut first = Consumer::subscribe(client.clone(), config()).await?;
         let a = take(&mut first, 500).await?;
         first.commit().await?;
-        first.close();
+        first.close().await;
 
         let mut second = Consumer::subscribe(client.clone(), config()).await?;
         let b = take(&mut second, 500).await?;
@@ -67,7 +67,7 @@ async fn group_resumes_exactly_where_it_stopped() -> anyhow::Result<()> {
         // Nothing more arrives: the group has consumed everything.
         let extra = tokio::time::timeout(Duration::from_millis(500), second.next()).await;
         assert!(extra.is_err(), "unexpected extra message: {extra:?}");
-        second.close();
+        second.close().await;
 
         let mut all: Vec<u64> = a.iter().chain(b.iter()).map(|v| v.parse()).collect::<Result<_, _>>()?;
         all.sort();
@@ -143,7 +143,7 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
                 .await?;
         let m = c.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
         assert_eq!(m.offset, start);
-        c.close();
+        c.close().await;
         client.close().await;
         broker.shutdown().await;
         Ok(())

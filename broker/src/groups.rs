@@ -1,0 +1,172 @@
+//! Consumer-group membership on the broker: a `GroupCoordinator` (the sans-IO state machine in
+//! `protocol::group`) per group, fed from requests, a timer, and connection closes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use quiver_protocol::group::{Assignment, GroupCoordinator, GroupError};
+use quiver_protocol::message::{validate_group_name, MemberInfo, MemberRef, Message};
+use quiver_protocol::ErrorCode;
+
+use crate::partition::{now_ms, PartitionError};
+use crate::server::BrokerState;
+
+/// Members that joined over one connection; they leave when it closes.
+pub type ConnectionMembers = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Session timeouts a member may ask for.
+const MIN_SESSION_TIMEOUT_MS: u32 = 500;
+const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
+
+#[derive(Debug, Default)]
+pub struct Groups {
+    groups: Mutex<HashMap<String, GroupCoordinator>>,
+}
+
+impl Groups {
+    /// Refuses a consumer or commit that does not own the partition now.
+    pub fn check_owner(
+        &self,
+        group: &str,
+        member: Option<&MemberRef>,
+        partition: u32,
+    ) -> Result<(), PartitionError> {
+        let groups = self.groups.lock();
+        let live = groups.get(group).filter(|g| !g.is_empty());
+        match (live, member) {
+            (Some(g), Some(m)) => g.check_owner(&m.member_id, m.generation, partition).map_err(fenced),
+            (None, Some(m)) => Err(fenced(GroupError::UnknownMember(m.member_id.clone()))),
+            // Outside membership (admin tools, single consumers): only while the group has no
+            // members, so a reset cannot pull offsets from under a live group.
+            (Some(_), None) => Err(PartitionError::new(
+                ErrorCode::FencedMember,
+                format!("group '{group}' has active members; join it to consume or commit"),
+            )),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Drops members whose session expired.
+    pub fn expire(&self) {
+        let now = now_ms().max(0) as u64;
+        let mut groups = self.groups.lock();
+        for (name, g) in groups.iter_mut() {
+            for member in g.expire(now) {
+                tracing::info!(group = %name, %member, "member session expired; rebalancing");
+            }
+        }
+    }
+
+    /// A connection closed: its members leave at once.
+    pub fn connection_closed(&self, members: &ConnectionMembers) {
+        let members = std::mem::take(&mut *members.lock());
+        let mut groups = self.groups.lock();
+        for (group, member) in members {
+            if let Some(g) = groups.get_mut(&group) {
+                if g.leave(&member) {
+                    tracing::info!(%group, %member, "member's connection closed; rebalancing");
+                }
+            }
+        }
+    }
+
+    /// Names of groups with members.
+    pub fn names(&self) -> Vec<String> {
+        self.groups.lock().iter().filter(|(_, g)| !g.is_empty()).map(|(n, _)| n.clone()).collect()
+    }
+}
+
+fn fenced(e: GroupError) -> PartitionError {
+    let code = match e {
+        GroupError::TopicMismatch { .. } => ErrorCode::InvalidGroup,
+        _ => ErrorCode::FencedMember,
+    };
+    PartitionError::new(code, e.to_string())
+}
+
+fn assignment(a: Assignment) -> Message {
+    Message::GroupAssignment { member_id: a.member_id, generation: a.generation, partitions: a.partitions }
+}
+
+/// Handles the group requests.
+pub(crate) fn handle(
+    state: &BrokerState,
+    msg: Message,
+    conn: &ConnectionMembers,
+) -> Result<Message, PartitionError> {
+    let groups = &state.groups;
+    let now = now_ms().max(0) as u64;
+    match msg {
+        Message::JoinGroup { group, topic, member_id, session_timeout_ms } => {
+            validate_group_name(&group).map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
+            let t = state.topics.get(&topic)?;
+            let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
+            let mut map = groups.groups.lock();
+            let g = map
+                .entry(group.clone())
+                .or_insert_with(|| GroupCoordinator::new(topic.clone(), t.partitions.len() as u32));
+            if g.is_empty() && g.topic() != topic {
+                // An empty group may move to another topic.
+                *g = GroupCoordinator::new(topic.clone(), t.partitions.len() as u32);
+            }
+            let a = g.join(&topic, member_id.as_deref(), timeout, now).map_err(fenced)?;
+            tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
+            conn.lock().push((group, a.member_id.clone()));
+            Ok(assignment(a))
+        }
+        Message::Heartbeat { group, member_id, generation } => {
+            let mut map = groups.groups.lock();
+            let g =
+                map.get_mut(&group).ok_or_else(|| fenced(GroupError::UnknownMember(member_id.clone())))?;
+            Ok(assignment(g.heartbeat(&member_id, generation, now).map_err(fenced)?))
+        }
+        Message::LeaveGroup { group, member_id } => {
+            if let Some(g) = groups.groups.lock().get_mut(&group) {
+                g.leave(&member_id);
+            }
+            conn.lock().retain(|(g, m)| !(g == &group && m == &member_id));
+            Ok(Message::Done)
+        }
+        Message::ListGroups => {
+            let mut names = groups.names();
+            for ((g, _, _), _) in state.offsets.all() {
+                names.push(g.to_string());
+            }
+            names.sort();
+            names.dedup();
+            Ok(Message::Groups(names))
+        }
+        Message::DescribeGroup { group } => {
+            let map = groups.groups.lock();
+            let (topic, generation, members) = match map.get(&group) {
+                Some(g) => (
+                    g.topic().to_string(),
+                    g.generation(),
+                    g.members()
+                        .into_iter()
+                        .map(|(member_id, partitions)| MemberInfo { member_id, partitions })
+                        .collect(),
+                ),
+                None => {
+                    // A group known only by its committed offsets.
+                    let topic = state
+                        .offsets
+                        .all()
+                        .into_iter()
+                        .find(|((g, _, _), _)| &**g == group.as_str())
+                        .map(|((_, t, _), _)| t.to_string())
+                        .ok_or_else(|| {
+                            PartitionError::new(ErrorCode::InvalidGroup, format!("unknown group '{group}'"))
+                        })?;
+                    (topic, 0, Vec::new())
+                }
+            };
+            Ok(Message::GroupDescription { topic, generation, members })
+        }
+        other => Err(PartitionError::new(
+            ErrorCode::UnexpectedKind,
+            format!("kind {} is not a group request", other.kind()),
+        )),
+    }
+}

@@ -1,0 +1,348 @@
+//! The consumer-group coordinator of one group, as a sans-IO state machine (design.md §11).
+//!
+//! Inputs are `join`, `heartbeat`, `leave` and `expire`, each with the current time; outputs are
+//! assignments. No clock, no IO: the broker drives it from requests and a timer, and tests
+//! drive it directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why a member's request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("member {0} is not in the group (it left, or its session expired)")]
+    UnknownMember(String),
+    #[error("member {member} is fenced: its generation {generation} is stale (current {current})")]
+    Fenced { member: String, generation: u64, current: u64 },
+    #[error("partition {partition} is not assigned to member {member}")]
+    NotOwner { member: String, partition: u32 },
+    #[error("the group consumes topic '{group_topic}', not '{topic}'")]
+    TopicMismatch { group_topic: String, topic: String },
+}
+
+/// What a member owns now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub member_id: String,
+    pub generation: u64,
+    pub partitions: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    session_timeout_ms: u64,
+    last_seen_ms: u64,
+    /// Partitions the member owns.
+    owned: BTreeSet<u32>,
+    /// The newest generation the member has heartbeated with.
+    seen_generation: u64,
+}
+
+/// One group: its topic, members and who owns which partition.
+#[derive(Debug, Clone)]
+pub struct GroupCoordinator {
+    topic: String,
+    partitions: u32,
+    generation: u64,
+    members: BTreeMap<String, Member>,
+    /// Partitions taken from a member that has not yet confirmed: (from, generation of the
+    /// revocation). Nobody else gets them until then.
+    revoking: BTreeMap<u32, (String, u64)>,
+    next_member: u64,
+}
+
+impl GroupCoordinator {
+    pub fn new(topic: impl Into<String>, partitions: u32) -> Self {
+        GroupCoordinator {
+            topic: topic.into(),
+            partitions,
+            generation: 0,
+            members: BTreeMap::new(),
+            revoking: BTreeMap::new(),
+            next_member: 1,
+        }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Adds a member (or re-joins one that still exists) and rebalances.
+    pub fn join(
+        &mut self,
+        topic: &str,
+        member_id: Option<&str>,
+        session_timeout_ms: u64,
+        now_ms: u64,
+    ) -> Result<Assignment, GroupError> {
+        if topic != self.topic {
+            return Err(GroupError::TopicMismatch {
+                group_topic: self.topic.clone(),
+                topic: topic.to_string(),
+            });
+        }
+        let id = match member_id {
+            Some(id) if self.members.contains_key(id) => id.to_string(),
+            _ => {
+                let id = format!("member-{}", self.next_member);
+                self.next_member += 1;
+                self.members.insert(
+                    id.clone(),
+                    Member {
+                        session_timeout_ms,
+                        last_seen_ms: now_ms,
+                        owned: BTreeSet::new(),
+                        seen_generation: 0,
+                    },
+                );
+                id
+            }
+        };
+        if let Some(m) = self.members.get_mut(&id) {
+            m.last_seen_ms = now_ms;
+            m.session_timeout_ms = session_timeout_ms;
+        }
+        self.rebalance();
+        Ok(self.assignment(&id))
+    }
+
+    /// A member is alive and has applied `generation`; returns what it owns now.
+    pub fn heartbeat(
+        &mut self,
+        member_id: &str,
+        generation: u64,
+        now_ms: u64,
+    ) -> Result<Assignment, GroupError> {
+        let m = self
+            .members
+            .get_mut(member_id)
+            .ok_or_else(|| GroupError::UnknownMember(member_id.to_string()))?;
+        m.last_seen_ms = now_ms;
+        m.seen_generation = m.seen_generation.max(generation);
+        let seen = m.seen_generation;
+        // Revocations this member has now applied can be handed on.
+        let confirmed: Vec<u32> = self
+            .revoking
+            .iter()
+            .filter(|(_, (from, g))| from == member_id && seen >= *g)
+            .map(|(p, _)| *p)
+            .collect();
+        if !confirmed.is_empty() {
+            for p in confirmed {
+                self.revoking.remove(&p);
+            }
+            self.rebalance();
+        }
+        Ok(self.assignment(member_id))
+    }
+
+    /// A member leaves (or its connection closed); its partitions are free at once.
+    pub fn leave(&mut self, member_id: &str) -> bool {
+        if self.members.remove(member_id).is_none() {
+            return false;
+        }
+        self.revoking.retain(|_, (from, _)| from != member_id);
+        self.rebalance();
+        true
+    }
+
+    /// Removes members whose session expired; returns their ids.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
+        let expired: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > m.session_timeout_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            self.leave(id);
+        }
+        expired
+    }
+
+    /// Checks that `member` may consume or commit `partition` at `generation`.
+    pub fn check_owner(&self, member_id: &str, generation: u64, partition: u32) -> Result<(), GroupError> {
+        let m =
+            self.members.get(member_id).ok_or_else(|| GroupError::UnknownMember(member_id.to_string()))?;
+        // A member giving a partition up may still commit it until it confirms.
+        let revoking = self.revoking.get(&partition).is_some_and(|(from, _)| from == member_id);
+        if !m.owned.contains(&partition) && !revoking {
+            return Err(GroupError::NotOwner { member: member_id.to_string(), partition });
+        }
+        // A member that owned the partition before and still does is current for it even if
+        // other partitions moved meanwhile (cooperative rebalancing).
+        if generation > self.generation {
+            return Err(GroupError::Fenced {
+                member: member_id.to_string(),
+                generation,
+                current: self.generation,
+            });
+        }
+        Ok(())
+    }
+
+    /// (member, partitions) for every member, for describe.
+    pub fn members(&self) -> Vec<(String, Vec<u32>)> {
+        self.members.iter().map(|(id, m)| (id.clone(), m.owned.iter().copied().collect())).collect()
+    }
+
+    fn assignment(&self, member_id: &str) -> Assignment {
+        Assignment {
+            member_id: member_id.to_string(),
+            generation: self.generation,
+            partitions: self
+                .members
+                .get(member_id)
+                .map(|m| m.owned.iter().copied().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Sticky, cooperative: members keep up to their fair share; the surplus is revoked (and
+    /// only handed on once confirmed); free partitions go to the members with the fewest.
+    fn rebalance(&mut self) {
+        let before: Vec<(String, BTreeSet<u32>)> =
+            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
+        let revoking_before = self.revoking.len();
+        let n = self.members.len() as u32;
+        if n > 0 {
+            let fair = self.partitions.div_ceil(n) as usize;
+            // Revoke above the fair share.
+            let next_generation = self.generation + 1;
+            for (id, m) in self.members.iter_mut() {
+                while m.owned.len() > fair {
+                    if let Some(p) = m.owned.pop_last() {
+                        self.revoking.insert(p, (id.clone(), next_generation));
+                    }
+                }
+            }
+            // Hand out partitions nobody owns or is giving up.
+            let owned: BTreeSet<u32> = self.members.values().flat_map(|m| m.owned.iter().copied()).collect();
+            for p in 0..self.partitions {
+                if owned.contains(&p) || self.revoking.contains_key(&p) {
+                    continue;
+                }
+                if let Some(m) =
+                    self.members.values_mut().filter(|m| m.owned.len() < fair).min_by_key(|m| m.owned.len())
+                {
+                    m.owned.insert(p);
+                }
+            }
+        }
+        let after: Vec<(String, BTreeSet<u32>)> =
+            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
+        if before != after || self.revoking.len() != revoking_before {
+            self.generation += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn owners(g: &GroupCoordinator) -> BTreeMap<u32, String> {
+        let mut out = BTreeMap::new();
+        for (id, parts) in g.members() {
+            for p in parts {
+                assert!(out.insert(p, id.clone()).is_none(), "partition {p} owned twice");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn three_members_share_six_partitions_and_failover_moves_partitions() {
+        let mut g = GroupCoordinator::new("t", 6);
+        let a = g.join("t", None, 3000, 0).expect("join").member_id;
+        assert_eq!(g.heartbeat(&a, 0, 0).expect("hb").partitions.len(), 6);
+        let b = g.join("t", None, 3000, 10).expect("join").member_id;
+        // A must give up three first; B gets nothing until A confirms.
+        let ha = g.heartbeat(&a, 0, 20).expect("hb");
+        assert_eq!(ha.partitions.len(), 3);
+        assert!(g.heartbeat(&b, 0, 20).expect("hb").partitions.is_empty());
+        let ha = g.heartbeat(&a, ha.generation, 30).expect("hb");
+        assert_eq!(g.heartbeat(&b, ha.generation, 30).expect("hb").partitions.len(), 3);
+        let c = g.join("t", None, 3000, 40).expect("join").member_id;
+        for _ in 0..3 {
+            for m in [&a, &b, &c] {
+                let gen = g.generation();
+                g.heartbeat(m, gen, 50).expect("hb");
+            }
+        }
+        for m in [&a, &b, &c] {
+            assert_eq!(g.heartbeat(m, g.generation(), 60).expect("hb").partitions.len(), 2, "{m}");
+        }
+        owners(&g);
+        // C dies: after its session its two partitions go to A and B.
+        g.heartbeat(&a, g.generation(), 3000).expect("hb");
+        g.heartbeat(&b, g.generation(), 3000).expect("hb");
+        assert_eq!(g.expire(3100), vec![c.clone()]);
+        assert_eq!(owners(&g).len(), 6);
+        assert!(g.check_owner(&c, 1, 0).is_err());
+    }
+
+    #[test]
+    fn fenced_and_unknown_members_are_refused() {
+        let mut g = GroupCoordinator::new("t", 2);
+        let a = g.join("t", None, 1000, 0).expect("join");
+        assert!(g.check_owner(&a.member_id, a.generation, 0).is_ok());
+        assert!(matches!(g.check_owner("member-99", 1, 0), Err(GroupError::UnknownMember(_))));
+        assert!(matches!(g.check_owner(&a.member_id, a.generation + 5, 0), Err(GroupError::Fenced { .. })));
+        assert!(matches!(g.join("other", None, 1000, 0), Err(GroupError::TopicMismatch { .. })));
+        g.leave(&a.member_id);
+        assert!(g.check_owner(&a.member_id, a.generation, 0).is_err());
+    }
+
+    proptest! {
+        /// Whatever the sequence of joins, heartbeats, leaves and expiries: no partition has two
+        /// owners, and once everyone has heartbeated twice every partition has one.
+        #[test]
+        fn single_owner_and_eventually_complete(
+            ops in proptest::collection::vec((0u8..4, 0usize..5), 1..60),
+            partitions in 1u32..12,
+        ) {
+            let mut g = GroupCoordinator::new("t", partitions);
+            let mut ids: Vec<String> = Vec::new();
+            let mut now = 0;
+            for (op, who) in ops {
+                now += 100;
+                match op {
+                    0 => ids.push(g.join("t", None, 1000, now).expect("join").member_id),
+                    1 if !ids.is_empty() => {
+                        let id = ids[who % ids.len()].clone();
+                        let gen = g.generation();
+                        let _ = g.heartbeat(&id, gen, now);
+                    }
+                    2 if !ids.is_empty() => {
+                        let id = ids.remove(who % ids.len());
+                        g.leave(&id);
+                    }
+                    _ => {
+                        for id in g.expire(now) {
+                            ids.retain(|i| *i != id);
+                        }
+                    }
+                }
+                owners(&g);
+            }
+            if !ids.is_empty() {
+                for _ in 0..3 {
+                    for id in &ids {
+                        let gen = g.generation();
+                        g.heartbeat(id, gen, now).expect("hb");
+                    }
+                }
+                prop_assert_eq!(owners(&g).len() as u32, partitions);
+            }
+        }
+    }
+}

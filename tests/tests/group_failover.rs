@@ -1,0 +1,195 @@
+//! Consumer groups, as users run them: three `quiver tail --group` processes share a
+//! 6-partition topic, two partitions each; one is SIGKILLed mid-stream; within its session
+//! timeout its partitions move to the others, which start from the committed offset, so every
+//! message is printed by some member (what the killed one had not committed, again).
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quiver_client::{Producer, ProducerConfig, ProducerRecord, TopicConfig};
+use quiver_tests::{bounded, init_tracing, BrokerProcess};
+
+const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+const CLI: &str = env!("CARGO_BIN_EXE_quiver-under-test");
+const SESSION_MS: u64 = 2000;
+
+struct Tail {
+    child: Child,
+    out: std::path::PathBuf,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(broker: &BrokerProcess, dir: &std::path::Path, n: usize) -> anyhow::Result<Tail> {
+    let out = dir.join(format!("tail-{n}.out"));
+    let child = Command::new(CLI)
+        .args(["--broker", &broker.addr.to_string(), "--ca"])
+        .arg(broker.ca_path())
+        .args(["tail", "orders", "--group", "workers", "--from", "earliest"])
+        .args(["--session-timeout-ms", &SESSION_MS.to_string()])
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Tail { child, out })
+}
+
+fn lines(t: &Tail) -> Vec<String> {
+    std::fs::read_to_string(&t.out).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+async fn wait_for(
+    what: &str,
+    secs: u64,
+    mut f: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_member_partitions_move_and_nothing_is_lost() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, &dir.path().join("broker"), None).await?;
+        let client = broker.client().await?;
+        let admin = client.admin();
+        admin.create_topic("orders", 6, TopicConfig::default()).await?;
+
+        let mut tails = [tail(&broker, dir.path(), 0)?, tail(&broker, dir.path(), 1)?, tail(&broker, dir.path(), 2)?];
+        wait_for("three members with two partitions each", 30, async || {
+            let d = match admin.describe_group("workers").await {
+                Ok(d) => d,
+                Err(_) => return Ok(false),
+            };
+            Ok(d.members.len() == 3 && d.members.iter().all(|m| m.partitions.len() == 2))
+        })
+        .await?;
+
+        // Produce a third, kill one member (SIGKILL: no leave, no commit), produce the rest.
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        const N: u64 = 3000;
+        let send = async |range: std::ops::Range<u64>| -> anyhow::Result<()> {
+            let mut acks = Vec::new();
+            for i in range {
+                acks.push(producer.enqueue("orders", ProducerRecord::new(format!("m-{i}"))).await?);
+            }
+            for a in acks {
+                a.await?;
+            }
+            Ok(())
+        };
+        send(0..N / 3).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let victim = &mut tails[0];
+        victim.child.kill()?;
+        victim.child.wait()?;
+        let killed_at = Instant::now();
+        send(N / 3..2 * N / 3).await?;
+
+        // Within the session timeout (plus a heartbeat or two), the survivors own everything.
+        wait_for("two members with three partitions each", 15, async || {
+            let d = admin.describe_group("workers").await?;
+            Ok(d.members.len() == 2 && d.members.iter().all(|m| m.partitions.len() == 3))
+        })
+        .await?;
+        let moved_after = killed_at.elapsed();
+        assert!(moved_after < Duration::from_millis(SESSION_MS * 3), "took {moved_after:?}");
+        send(2 * N / 3..N).await?;
+
+        // Every message is printed by some member; duplicates only from what was redelivered.
+        let want: HashSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+        wait_for("every message printed", 30, async || {
+            let got: HashSet<String> = tails.iter().flat_map(lines).collect();
+            Ok(want.is_subset(&got))
+        })
+        .await?;
+        let printed: Vec<String> = tails.iter().flat_map(lines).collect();
+        eprintln!(
+            "partitions moved {moved_after:?} after the kill; {} messages, {} lines printed ({} again after the failover), victim printed {}",
+            N,
+            printed.len(),
+            printed.len() as u64 - N,
+            lines(&tails[0]).len()
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_go_to_the_next_owner_and_fenced_commits_fail() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use quiver_client::{ClientError, Consumer, ConsumerConfig, StartPosition};
+    use quiver_protocol::ErrorCode;
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("jobs", 2, TopicConfig::default()).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..100 {
+            producer.send("jobs", ProducerRecord::new(format!("{i}"))).await?;
+        }
+        let config = || {
+            let mut c = ConsumerConfig::new("jobs").group("g").start(StartPosition::Earliest);
+            c.session_timeout = Duration::from_millis(SESSION_MS);
+            c
+        };
+
+        // A member reads everything and acknowledges only the first 10 it sees, then its
+        // connection dies without a commit.
+        let a_client = broker.client().await?;
+        let mut a = Consumer::subscribe(a_client.clone(), config()).await?;
+        let mut acked = HashSet::new();
+        for n in 0..100 {
+            let m = a.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            if n < 10 {
+                m.ack();
+                acked.insert(String::from_utf8(m.value.to_vec())?);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await; // let the acks reach the broker
+        drop(a); // stops without a commit
+        a_client.close().await; // and the connection goes; the broker removes the member
+
+        // The next member gets both partitions and exactly what A did not acknowledge.
+        let mut b = Consumer::subscribe(client.clone(), config()).await?;
+        let mut redelivered = HashSet::new();
+        while redelivered.len() < 90 {
+            let m = tokio::time::timeout(Duration::from_secs(10), b.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            m.ack();
+            redelivered.insert(String::from_utf8(m.value.to_vec())?);
+        }
+        assert!(redelivered.is_disjoint(&acked), "acknowledged messages were delivered again");
+        assert_eq!(redelivered.len() + acked.len(), 100);
+
+        // A stale member cannot commit: its id is gone (A) or it does not own the partition.
+        let admin = client.admin();
+        let stale = quiver_protocol::MemberRef { member_id: "member-1".into(), generation: 1 };
+        let err = admin.commit_offset_as("g", "jobs", 0, 0, Some(stale)).await.err();
+        assert!(
+            matches!(&err, Some(ClientError::Broker { code: ErrorCode::FencedMember, message }) if message.contains("not in the group")),
+            "{err:?}"
+        );
+        // And nobody outside the membership can move a live group's offsets.
+        let err = admin.commit_offset("g", "jobs", 0, 0).await.err();
+        assert!(matches!(&err, Some(ClientError::Broker { code: ErrorCode::FencedMember, .. })), "{err:?}");
+        b.close().await;
+        Ok(())
+    })
+    .await
+}
