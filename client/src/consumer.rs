@@ -48,6 +48,14 @@ pub struct ConsumerConfig {
     pub membership: bool,
     /// A member that sends no heartbeat for this long is removed and its partitions move.
     pub session_timeout: Duration,
+    /// Hand a message out again when it is not acknowledged within this (and when nacked).
+    /// `None` (the default): no redelivery within a session, and no per-message tracking.
+    pub ack_deadline: Option<Duration>,
+    /// With `ack_deadline`: after this many deliveries a message goes to `dead_letter_topic`.
+    pub max_deliveries: Option<u32>,
+    /// Where messages past `max_deliveries` go (created with 1 partition if missing);
+    /// default `<topic>.dlq`.
+    pub dead_letter_topic: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -62,6 +70,9 @@ impl ConsumerConfig {
             ack_interval: Duration::from_millis(100),
             membership: true,
             session_timeout: Duration::from_secs(10),
+            ack_deadline: None,
+            max_deliveries: None,
+            dead_letter_topic: None,
         }
     }
     pub fn group(mut self, g: impl Into<String>) -> Self {
@@ -84,6 +95,8 @@ pub struct ConsumedMessage {
     pub key: Option<Bytes>,
     pub value: Bytes,
     pub headers: Vec<(String, Bytes)>,
+    /// 1 on first delivery; higher when handed out again after a nack or a missed deadline.
+    pub delivery_count: u32,
     acks: Arc<AckState>,
 }
 
@@ -92,6 +105,14 @@ impl ConsumedMessage {
     /// contiguous prefix.
     pub fn ack(&self) {
         self.acks.ack(self.offset);
+    }
+
+    /// Asks for this message again after `delay` (needs `ack_deadline` in the config; without
+    /// it a nack does nothing and the message stays unacknowledged).
+    pub fn nack(&self, delay: Option<Duration>) {
+        if let Some(p) = &self.acks.pending {
+            p.lock().nacked(self.offset, delay.unwrap_or(Duration::ZERO));
+        }
     }
 }
 
@@ -103,6 +124,8 @@ const DELIVERIES_BUFFERED: usize = 64;
 struct AckState {
     inner: Mutex<AckFloor>,
     changed: Notify,
+    /// Unacknowledged messages, when redelivery is on.
+    pending: Option<crate::redelivery::SharedPending>,
 }
 
 #[derive(Debug)]
@@ -116,14 +139,18 @@ struct AckFloor {
 }
 
 impl AckState {
-    fn new() -> Self {
+    fn new(track: bool) -> Self {
         AckState {
             inner: Mutex::new(AckFloor { floor: 0, above: BTreeSet::new(), next_expected: 0 }),
             changed: Notify::new(),
+            pending: track.then(Default::default),
         }
     }
 
     fn ack(&self, offset: u64) {
+        if let Some(p) = &self.pending {
+            p.lock().acked(offset);
+        }
         let mut a = self.inner.lock();
         if offset < a.floor {
             return;
@@ -212,6 +239,7 @@ pub struct Consumer {
     buffered: std::collections::VecDeque<ConsumedMessage>,
     shared: Arc<Shared>,
     membership: Option<tokio::task::JoinHandle<()>>,
+    redelivery: Option<tokio::task::JoinHandle<()>>,
     events: Option<mpsc::UnboundedReceiver<ConsumerEvent>>,
 }
 
@@ -241,7 +269,7 @@ impl Shared {
         partition: u32,
         member: Option<MemberRef>,
     ) -> tokio::sync::oneshot::Receiver<Result<(), ClientError>> {
-        let acks = Arc::new(AckState::new());
+        let acks = Arc::new(AckState::new(config.ack_deadline.is_some()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = PartitionConsumer {
             client: client.clone(),
@@ -289,6 +317,7 @@ impl Consumer {
             buffered: Default::default(),
             shared,
             membership: None,
+            redelivery: None,
             events: None,
         };
         let (selected, member) = match (&config.group, &config.partitions) {
@@ -321,6 +350,14 @@ impl Consumer {
                 }
                 Err(_) => return Err(ClientError::Closed),
             }
+        }
+        if let Some(deadline) = config.ack_deadline {
+            let task = Redeliverer {
+                client: client.clone(),
+                config: config.clone(),
+                shared: consumer.shared.clone(),
+            };
+            consumer.redelivery = Some(tokio::spawn(task.run(deadline)));
         }
         if let Some(m) = member {
             let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -374,6 +411,9 @@ impl Consumer {
         if let Some(m) = self.membership.take() {
             m.abort();
         }
+        if let Some(r) = self.redelivery.take() {
+            r.abort();
+        }
         self.shared.stop_all();
         let member_id = self.shared.member_id.lock().take()?;
         Some((self.config.group.clone()?, member_id))
@@ -389,6 +429,97 @@ impl Drop for Consumer {
                 rt.spawn(async move {
                     let _ = admin.leave_group(&group, &member_id).await;
                 });
+            }
+        }
+    }
+}
+
+/// Hands out due messages again, and dead-letters those past `max_deliveries`.
+struct Redeliverer {
+    client: Client,
+    config: ConsumerConfig,
+    shared: Arc<Shared>,
+}
+
+/// Due messages of one partition.
+type DuePartition = (u32, Arc<AckState>, Vec<(u64, crate::redelivery::Pending)>);
+
+impl Redeliverer {
+    async fn run(self, deadline: Duration) {
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(50).min(deadline).max(Duration::from_millis(1)));
+        let mut dead_letters: Option<crate::producer::Producer> = None;
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            let due: Vec<DuePartition> = self
+                .shared
+                .partitions
+                .lock()
+                .iter()
+                .filter_map(|(p, r)| {
+                    let pending = r.acks.pending.as_ref()?;
+                    let due = pending.lock().take_due(now, deadline);
+                    (!due.is_empty()).then(|| (*p, r.acks.clone(), due))
+                })
+                .collect();
+            for (partition, acks, messages) in due {
+                let mut again = Vec::new();
+                for (offset, p) in messages {
+                    if self.config.max_deliveries.is_some_and(|max| p.delivery_count > max) {
+                        if self.dead_letter(&mut dead_letters, partition, offset, &p).await {
+                            acks.ack(offset);
+                        }
+                        continue;
+                    }
+                    again.push(ConsumedMessage {
+                        topic: self.shared.topic.clone(),
+                        partition,
+                        offset,
+                        timestamp_ms: p.timestamp_ms,
+                        key: p.key,
+                        value: p.value,
+                        headers: p.headers,
+                        delivery_count: p.delivery_count,
+                        acks: acks.clone(),
+                    });
+                }
+                if !again.is_empty() && self.shared.tx.send(Ok(again)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes a copy to the dead-letter topic; true once it is acknowledged there.
+    async fn dead_letter(
+        &self,
+        producer: &mut Option<crate::producer::Producer>,
+        partition: u32,
+        offset: u64,
+        p: &crate::redelivery::Pending,
+    ) -> bool {
+        let topic =
+            self.config.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", self.shared.topic));
+        if producer.is_none() {
+            let admin = Admin::new(self.client.clone());
+            if admin.describe_topic(&topic).await.is_err() {
+                let _ = admin.create_topic(&topic, 1, quiver_protocol::TopicConfig::default()).await;
+            }
+            *producer = Some(crate::producer::Producer::new(self.client.clone(), Default::default()));
+        }
+        let Some(producer) = producer.as_ref() else { return false };
+        let mut record = crate::producer::ProducerRecord::new(p.value.clone());
+        record.key = p.key.clone();
+        record.headers = crate::redelivery::dead_letter_headers(&self.shared.topic, partition, offset, p);
+        match producer.send(&topic, record).await {
+            Ok(_) => {
+                tracing::info!(topic = %self.shared.topic, partition, offset, dead_letter_topic = %topic, deliveries = p.delivery_count - 1, "message dead-lettered");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.shared.topic, partition, offset, "dead-lettering failed: {e}");
+                false
             }
         }
     }
@@ -631,6 +762,19 @@ impl PartitionConsumer {
                     continue; // the batch began before our position, or a redelivery
                 }
                 expected = r.offset + 1;
+                if let (Some(p), Some(deadline)) = (&self.acks.pending, self.config.ack_deadline) {
+                    p.lock().delivered(
+                        r.offset,
+                        crate::redelivery::Pending {
+                            timestamp_ms: r.timestamp,
+                            key: r.key.clone(),
+                            value: r.value.clone(),
+                            headers: r.headers.clone(),
+                            delivery_count: 1,
+                            due: tokio::time::Instant::now() + deadline,
+                        },
+                    );
+                }
                 out.push(ConsumedMessage {
                     topic: self.topic.clone(),
                     partition: self.partition,
@@ -639,6 +783,7 @@ impl PartitionConsumer {
                     key: r.key,
                     value: r.value,
                     headers: r.headers,
+                    delivery_count: 1,
                     acks: self.acks.clone(),
                 });
             }

@@ -9,6 +9,7 @@ pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod producer;
+pub mod redelivery;
 pub mod transport;
 
 pub use admin::Admin;

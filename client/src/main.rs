@@ -137,7 +137,8 @@ struct PublishArgs {
 #[derive(Args)]
 struct TailArgs {
     topic: String,
-    /// earliest, latest, or an offset.
+    /// earliest, latest, an offset, or time:<ms since the epoch> (the first message at or
+    /// after that time, found with the time index).
     #[arg(long, default_value = "latest")]
     from: String,
     /// Exit after this many messages (default: follow until Ctrl-C).
@@ -373,9 +374,16 @@ fn parse_from(s: &str) -> anyhow::Result<StartPosition> {
     Ok(match s {
         "earliest" => StartPosition::Earliest,
         "latest" => StartPosition::Latest,
-        n => StartPosition::Offset(
-            n.parse().with_context(|| format!("--from '{n}': expected earliest, latest or an offset"))?,
+        t if t.starts_with("time:") => StartPosition::Timestamp(
+            t["time:".len()..]
+                .parse()
+                .with_context(|| format!("--from '{t}': expected time:<milliseconds since the epoch>"))?,
         ),
+        n => {
+            StartPosition::Offset(n.parse().with_context(|| {
+                format!("--from '{n}': expected earliest, latest, an offset or time:<ms>")
+            })?)
+        }
     })
 }
 

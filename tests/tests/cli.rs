@@ -77,6 +77,11 @@ async fn publish_tail_groups_and_errors() -> anyhow::Result<()> {
             assert_eq!(v["headers"]["a"], "b");
             assert_eq!(v["offset"], 0);
 
+            // Start at a time: everything from the epoch, nothing from the far future.
+            let out = quiver(&broker, &["tail", "one", "--from", "time:0", "--count", "1"], None)?;
+            ok(&out)?;
+            assert_eq!(lines(&out), vec!["hello".to_string()]);
+
             // Errors: one line, non-zero exit, no panic.
             let out = quiver(&broker, &["tail", "no-such-topic", "--count", "1"], None)?;
             assert!(!out.status.success());

@@ -193,3 +193,87 @@ async fn unacknowledged_messages_go_to_the_next_owner_and_fenced_commits_fail() 
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_and_late_messages_come_back_then_go_to_the_dead_letter_topic() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use quiver_client::redelivery::{DELIVERY_COUNT, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC};
+    use quiver_client::{Consumer, ConsumerConfig, StartPosition};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("work", 1, TopicConfig::default()).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..10 {
+            producer.send("work", ProducerRecord::new(format!("job-{i}"))).await?;
+        }
+        let mut config = ConsumerConfig::new("work").group("crew").start(StartPosition::Earliest);
+        config.ack_deadline = Some(Duration::from_millis(300));
+        config.max_deliveries = Some(3);
+        let mut consumer = Consumer::subscribe(client.clone(), config).await?;
+
+        // job-3 always fails (nack); job-5 is ignored once (deadline), then acknowledged.
+        let mut seen: Vec<(String, u32)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut acked = HashSet::new();
+        while acked.len() < 9 {
+            anyhow::ensure!(Instant::now() < deadline, "stuck; seen {seen:?}");
+            let m = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let v = String::from_utf8(m.value.to_vec())?;
+            seen.push((v.clone(), m.delivery_count));
+            match (v.as_str(), m.delivery_count) {
+                ("job-3", _) => m.nack(None),
+                ("job-5", 1) => {} // neither ack nor nack: the deadline brings it back
+                _ => {
+                    m.ack();
+                    acked.insert(v);
+                }
+            }
+        }
+        let counts = |name: &str| seen.iter().filter(|(v, _)| v == name).map(|(_, c)| *c).collect::<Vec<_>>();
+        assert_eq!(counts("job-3"), vec![1, 2, 3], "{seen:?}");
+        assert_eq!(counts("job-5"), vec![1, 2], "{seen:?}");
+
+        // job-3 lands in work.dlq with its origin, and the group's floor moves past it.
+        let mut dlq = Consumer::subscribe(
+            client.clone(),
+            ConsumerConfig::new("work.dlq").start(StartPosition::Earliest),
+        )
+        .await
+        .ok();
+        for _ in 0..50 {
+            if dlq.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            dlq = Consumer::subscribe(
+                client.clone(),
+                ConsumerConfig::new("work.dlq").start(StartPosition::Earliest),
+            )
+            .await
+            .ok();
+        }
+        let mut dlq = dlq.ok_or_else(|| anyhow::anyhow!("no dead-letter topic"))?;
+        let dead = tokio::time::timeout(Duration::from_secs(10), dlq.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!(&dead.value[..], b"job-3");
+        let header = |k: &str| {
+            dead.headers.iter().find(|(n, _)| n == k).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header(ORIGIN_TOPIC).as_deref(), Some("work"));
+        assert_eq!(header(ORIGIN_PARTITION).as_deref(), Some("0"));
+        assert_eq!(header(ORIGIN_OFFSET).as_deref(), Some("3"));
+        assert_eq!(header(DELIVERY_COUNT).as_deref(), Some("3"));
+        consumer.commit().await?;
+        let committed = client.admin().group_offsets("crew", "work").await?[0].committed;
+        assert_eq!(committed, Some(10), "every message is acknowledged or dead-lettered");
+        consumer.close().await;
+        Ok(())
+    })
+    .await
+}
