@@ -108,7 +108,9 @@ mod tests {
         s.nacked(3, Duration::ZERO);
         let due = s.take_due(now + Duration::from_millis(1), Duration::from_secs(5));
         assert_eq!(due.iter().map(|(o, p)| (*o, p.delivery_count)).collect::<Vec<_>>(), vec![(3, 2)]);
+        // At 4 s nothing is due; at 6 s the deadline of 1 passed and 3 is due again.
+        assert!(s.take_due(now + Duration::from_secs(4), Duration::from_secs(5)).is_empty());
         let due = s.take_due(now + Duration::from_secs(6), Duration::from_secs(5));
-        assert_eq!(due.iter().map(|(o, p)| (*o, p.delivery_count)).collect::<Vec<_>>(), vec![(1, 2)]);
+        assert_eq!(due.iter().map(|(o, p)| (*o, p.delivery_count)).collect::<Vec<_>>(), vec![(1, 2), (3, 3)]);
     }
 }
