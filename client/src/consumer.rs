@@ -639,6 +639,16 @@ impl PartitionConsumer {
             let result = self.session(start, &mut ready).await;
             match result {
                 Ok(()) => return, // application went away
+                Err(e)
+                    if ready.is_none()
+                        && self.member.is_some()
+                        && e.code() == Some(ErrorCode::FencedMember) =>
+                {
+                    // The group moved on (a rebalance, or the broker restarted and forgot the
+                    // member): the membership task rejoins and restarts partitions.
+                    tracing::debug!(topic = %self.topic, partition = self.partition, "partition fenced ({e}); leaving it to the membership task");
+                    return;
+                }
                 Err(e) if ready.is_some() || !e.is_retriable() => {
                     match ready.take() {
                         Some(r) => {
