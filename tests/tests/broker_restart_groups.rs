@@ -33,7 +33,7 @@ async fn committed_offsets_survive_a_broker_crash_and_the_group_carries_on() -> 
         let mut config = ConsumerConfig::new("pay").group("billing").start(StartPosition::Earliest);
         config.session_timeout = Duration::from_secs(2);
         let mut consumer = Consumer::subscribe(client.clone(), config).await?;
-        let mut next = async |consumer: &mut Consumer| -> anyhow::Result<String> {
+        let next = async |consumer: &mut Consumer| -> anyhow::Result<String> {
             let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
