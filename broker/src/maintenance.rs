@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use crate::server::BrokerState;
 
-pub(crate) async fn retention_loop(state: Arc<BrokerState>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(state.config.retention_check_ms.max(10)));
+/// Runs `work` on a blocking thread every `period` until shutdown.
+async fn every(state: Arc<BrokerState>, period: Duration, work: fn(&BrokerState)) {
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -15,31 +16,33 @@ pub(crate) async fn retention_loop(state: Arc<BrokerState>) {
             _ = state.shutdown.cancelled() => return,
         }
         let st = state.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for topic in st.topics.all() {
-                for p in &topic.partitions {
-                    if let Err(e) = p.apply_retention_blocking() {
-                        tracing::warn!(topic = %topic.name, partition = p.id, "retention failed: {e}");
-                    }
-                }
-            }
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || work(&st)).await;
     }
 }
 
-pub(crate) async fn offsets_flush_loop(state: Arc<BrokerState>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(state.config.offsets_flush_ms.max(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = state.shutdown.cancelled() => return,
+/// Starts every periodic job: retention, persisting lazily committed offsets, sampled gauges,
+/// and expiring group members.
+pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinSet<()>) {
+    let c = &state.config;
+    tasks.spawn(every(state.clone(), Duration::from_millis(c.retention_check_ms), apply_retention));
+    tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), flush_offsets));
+    tasks.spawn(every(state.clone(), Duration::from_secs(5), sample_gauges));
+    tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| st.groups.expire()));
+}
+
+fn apply_retention(state: &BrokerState) {
+    for topic in state.topics.all() {
+        for p in &topic.partitions {
+            if let Err(e) = p.apply_retention_blocking() {
+                tracing::warn!(topic = %topic.name, partition = p.id, "retention failed: {e}");
+            }
         }
-        let st = state.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || st.offsets.flush_blocking()).await {
-            tracing::warn!("persisting group offsets failed: {e}");
-        }
+    }
+}
+
+fn flush_offsets(state: &BrokerState) {
+    if let Err(e) = state.offsets.flush_blocking() {
+        tracing::warn!("persisting group offsets failed: {e}");
     }
 }
 
@@ -62,20 +65,7 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
 }
 
 /// Gauges that are sampled rather than counted: partition sizes and high watermarks, group lag,
-/// resident memory. Every few seconds.
-pub(crate) async fn gauges_loop(state: Arc<BrokerState>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = state.shutdown.cancelled() => return,
-        }
-        let st = state.clone();
-        let _ = tokio::task::spawn_blocking(move || sample_gauges(&st)).await;
-    }
-}
-
+/// resident memory.
 fn sample_gauges(state: &BrokerState) {
     for topic in state.topics.all() {
         for p in &topic.partitions {
@@ -107,15 +97,4 @@ fn resident_bytes() -> Option<u64> {
     let kib: u64 =
         status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Expires group members whose session ran out.
-pub(crate) async fn groups_loop(state: Arc<BrokerState>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => state.groups.expire(),
-            _ = state.shutdown.cancelled() => return,
-        }
-    }
 }

@@ -156,10 +156,7 @@ impl Broker {
 async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
     let mut conns = JoinSet::new();
     let mut background = JoinSet::new();
-    background.spawn(crate::maintenance::retention_loop(state.clone()));
-    background.spawn(crate::maintenance::offsets_flush_loop(state.clone()));
-    background.spawn(crate::maintenance::gauges_loop(state.clone()));
-    background.spawn(crate::maintenance::groups_loop(state.clone()));
+    crate::maintenance::spawn_all(&state, &mut background);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
