@@ -397,7 +397,14 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut printed = 0u64;
     let limit = a.count.unwrap_or(u64::MAX);
-    let ctrl_c = tokio::signal::ctrl_c();
+    // Ctrl-C or SIGTERM end a follow cleanly: what was printed is committed, the group left.
+    let ctrl_c = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
     tokio::pin!(ctrl_c);
     while printed < limit {
         // Flush whenever we would wait, so a follower sees lines as they arrive.
