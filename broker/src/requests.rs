@@ -152,6 +152,16 @@ async fn dispatch(
                 Err(e) => Message::error(ErrorCode::Internal, e.to_string()),
             })
         }),
+        Message::OffsetForTime { topic, partition, timestamp_ms } => Box::pin(async move {
+            let r = async {
+                let t = st.topics.get(&topic)?;
+                let p = t.partition(partition)?;
+                Ok::<_, PartitionError>(Message::OffsetIs {
+                    offset: p.offset_for_timestamp(timestamp_ms).await?,
+                })
+            };
+            Some(r.await.unwrap_or_else(error))
+        }),
         Message::Subscribe(_) => ready(Message::error(
             ErrorCode::UnexpectedKind,
             "Subscribe must be the first frame of its own stream",

@@ -105,6 +105,23 @@ impl Admin {
         }
     }
 
+    /// The first offset of `partition` at or after `timestamp_ms` (time index), or the end.
+    pub async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<u64, ClientError> {
+        match self
+            .client
+            .request(&Message::OffsetForTime { topic: topic.into(), partition, timestamp_ms })
+            .await?
+        {
+            Message::OffsetIs { offset } => Ok(offset),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Joins (or re-joins) a group consuming `topic`.
     pub async fn join_group(
         &self,

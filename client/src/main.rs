@@ -61,7 +61,7 @@ enum GroupCmd {
         group: String,
         #[arg(long)]
         topic: String,
-        /// earliest, latest, or an offset.
+        /// earliest, latest, an offset, or time:<ms since the epoch>.
         #[arg(long)]
         to: String,
     },
@@ -539,6 +539,12 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                 let target = match to.as_str() {
                     "earliest" => p.log_start_offset,
                     "latest" => p.high_watermark,
+                    t if t.starts_with("time:") => {
+                        let ts = t["time:".len()..]
+                            .parse::<i64>()
+                            .with_context(|| format!("--to '{t}': expected time:<ms>"))?;
+                        admin.offset_for_time(&topic, p.partition, ts).await?
+                    }
                     n => n
                         .parse::<u64>()
                         .with_context(|| format!("--to '{n}': expected earliest, latest or an offset"))?

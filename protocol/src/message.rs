@@ -226,6 +226,16 @@ pub enum Message {
         generation: u64,
         members: Vec<MemberInfo>,
     },
+    /// The first offset whose batch has a timestamp at or after `timestamp_ms` (the time
+    /// index), or the high watermark.
+    OffsetForTime {
+        topic: String,
+        partition: u32,
+        timestamp_ms: i64,
+    },
+    OffsetIs {
+        offset: u64,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -300,6 +310,8 @@ mod kind {
     pub const GROUPS: u8 = 29;
     pub const DESCRIBE_GROUP: u8 = 30;
     pub const GROUP_DESCRIPTION: u8 = 31;
+    pub const OFFSET_FOR_TIME: u8 = 32;
+    pub const OFFSET_IS: u8 = 33;
 }
 
 impl Message {
@@ -342,6 +354,8 @@ impl Message {
             Groups(_) => kind::GROUPS,
             DescribeGroup { .. } => kind::DESCRIBE_GROUP,
             GroupDescription { .. } => kind::GROUP_DESCRIPTION,
+            OffsetForTime { .. } => kind::OFFSET_FOR_TIME,
+            OffsetIs { .. } => kind::OFFSET_IS,
         }
     }
 
@@ -450,6 +464,12 @@ impl Message {
                 }
             }
             DescribeGroup { group } => b.put_string(group),
+            OffsetForTime { topic, partition, timestamp_ms } => {
+                b.put_string(topic);
+                b.put_u32_le(*partition);
+                b.put_i64_le(*timestamp_ms);
+            }
+            OffsetIs { offset } => b.put_u64_le(*offset),
             GroupDescription { topic, generation, members } => {
                 b.put_string(topic);
                 b.put_u64_le(*generation);
@@ -610,6 +630,10 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::LIST_GROUPS => ListGroups,
         kind::GROUPS => Groups(r.list("groups", 2, text)?),
         kind::DESCRIBE_GROUP => DescribeGroup { group: text(r)? },
+        kind::OFFSET_FOR_TIME => {
+            OffsetForTime { topic: topic(r)?, partition: r.u32()?, timestamp_ms: r.i64()? }
+        }
+        kind::OFFSET_IS => OffsetIs { offset: r.u64()? },
         kind::GROUP_DESCRIPTION => GroupDescription {
             topic: topic(r)?,
             generation: r.u64()?,
@@ -901,6 +925,12 @@ mod tests {
             Just(Message::Done),
             Just(Message::InitProducer),
             Just(Message::ListGroups),
+            (name, any::<u32>(), any::<i64>()).prop_map(|(t, p, ts)| Message::OffsetForTime {
+                topic: t,
+                partition: p,
+                timestamp_ms: ts
+            }),
+            any::<u64>().prop_map(|o| Message::OffsetIs { offset: o }),
             (name, name, proptest::option::of(name), any::<u32>()).prop_map(|(g, t, m, s)| {
                 Message::JoinGroup { group: g, topic: t, member_id: m, session_timeout_ms: s }
             }),

@@ -82,6 +82,20 @@ async fn publish_tail_groups_and_errors() -> anyhow::Result<()> {
             ok(&out)?;
             assert_eq!(lines(&out), vec!["hello".to_string()]);
 
+            // A group's offsets reset by time: time:0 is the start of every partition.
+            ok(&quiver(
+                &broker,
+                &["group", "reset-offsets", "g", "--topic", "cli", "--to", "time:0"],
+                None,
+            )?)?;
+            let out = quiver(&broker, &["group", "describe", "g"], None)?;
+            ok(&out)?;
+            let described = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(described.contains("0 member(s)"), "{described}");
+            let again = quiver(&broker, &["tail", "cli", "--group", "g", "--count", "5000"], None)?;
+            ok(&again)?;
+            assert_eq!(lines(&again).len(), 5000, "after the reset the group reads everything again");
+
             // Errors: one line, non-zero exit, no panic.
             let out = quiver(&broker, &["tail", "no-such-topic", "--count", "1"], None)?;
             assert!(!out.status.success());
