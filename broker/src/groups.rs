@@ -19,9 +19,22 @@ pub type ConnectionMembers = Arc<Mutex<Vec<(String, String)>>>;
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
 const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Groups {
     groups: Mutex<HashMap<String, GroupCoordinator>>,
+    /// Random per broker start: member ids from before a restart never match new ones.
+    nonce: String,
+    coordinators: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 6];
+        let _ = ring::rand::SystemRandom::new().fill(&mut b);
+        let nonce = b.iter().map(|x| format!("{x:02x}")).collect();
+        Groups { groups: Default::default(), nonce, coordinators: Default::default() }
+    }
 }
 
 impl Groups {
@@ -29,11 +42,20 @@ impl Groups {
     pub fn check_owner(
         &self,
         group: &str,
+        topic: &str,
         member: Option<&MemberRef>,
         partition: u32,
     ) -> Result<(), PartitionError> {
         let groups = self.groups.lock();
         let live = groups.get(group).filter(|g| !g.is_empty());
+        if let (Some(g), Some(_)) = (live, member) {
+            if g.topic() != topic {
+                return Err(fenced(GroupError::TopicMismatch {
+                    group_topic: g.topic().to_string(),
+                    topic: topic.into(),
+                }));
+            }
+        }
         match (live, member) {
             (Some(g), Some(m)) => g.check_owner(&m.member_id, m.generation, partition).map_err(fenced),
             (None, Some(m)) => Err(fenced(GroupError::UnknownMember(m.member_id.clone()))),
@@ -56,6 +78,8 @@ impl Groups {
                 tracing::info!(group = %name, %member, "member session expired; rebalancing");
             }
         }
+        // Empty groups live on only as committed offsets.
+        groups.retain(|_, g| !g.is_empty());
     }
 
     /// A connection closed: its members leave at once.
@@ -103,12 +127,16 @@ pub(crate) fn handle(
             let t = state.topics.get(&topic)?;
             let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
             let mut map = groups.groups.lock();
+            let prefix = || {
+                let n = groups.coordinators.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{}-{n}", groups.nonce)
+            };
             let g = map
                 .entry(group.clone())
-                .or_insert_with(|| GroupCoordinator::new(topic.clone(), t.partitions.len() as u32));
+                .or_insert_with(|| GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix()));
             if g.is_empty() && g.topic() != topic {
                 // An empty group may move to another topic.
-                *g = GroupCoordinator::new(topic.clone(), t.partitions.len() as u32);
+                *g = GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix());
             }
             let a = g.join(&topic, member_id.as_deref(), timeout, now).map_err(fenced)?;
             tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");

@@ -80,6 +80,17 @@ impl OffsetStore {
         self.state.lock().offsets.iter().map(|(k, o)| (k.clone(), *o)).collect()
     }
 
+    /// Records an offset in memory unless a higher one is there (acks only move forward);
+    /// `flush` persists it.
+    pub fn set_lazy_max(&self, key: OffsetKey, offset: u64) {
+        let mut st = self.state.lock();
+        let current = st.offsets.get(&key).copied().unwrap_or(0);
+        if offset > current || !st.offsets.contains_key(&key) {
+            st.offsets.insert(key.clone(), offset);
+            st.dirty.insert(key);
+        }
+    }
+
     /// Records an offset in memory; `flush` persists it.
     pub fn set_lazy(&self, key: OffsetKey, offset: u64) {
         let mut st = self.state.lock();

@@ -55,11 +55,11 @@ impl ProducerStates {
             // A new producer, or one whose state was not recovered: nothing to compare with.
             return SeqCheck::Append;
         };
-        let last_seq = h.base_sequence.wrapping_add(h.last_offset_delta);
+        let last_seq = next_seq(h.base_sequence, h.last_offset_delta);
         if let Some(w) = recent.iter().find(|w| w.first_seq == h.base_sequence && w.last_seq == last_seq) {
             return SeqCheck::Duplicate { base_offset: w.base_offset, last_offset: w.last_offset };
         }
-        let expected = recent.back().map(|w| w.last_seq.wrapping_add(1)).unwrap_or(h.base_sequence);
+        let expected = recent.back().map(|w| next_seq(w.last_seq, 1)).unwrap_or(h.base_sequence);
         if h.base_sequence == expected {
             SeqCheck::Append
         } else {
@@ -75,7 +75,7 @@ impl ProducerStates {
         let recent = self.producers.entry(h.producer_id).or_default();
         recent.push_back(Written {
             first_seq: h.base_sequence,
-            last_seq: h.base_sequence.wrapping_add(h.last_offset_delta),
+            last_seq: next_seq(h.base_sequence, h.last_offset_delta),
             base_offset,
             last_offset: base_offset + h.last_offset_delta as u64,
         });
@@ -83,6 +83,11 @@ impl ProducerStates {
             recent.pop_front();
         }
     }
+}
+
+/// Sequence arithmetic modulo 2^31, as Kafka's: sequences are never negative.
+fn next_seq(seq: i32, delta: i32) -> i32 {
+    seq.wrapping_add(delta) & i32::MAX
 }
 
 /// Hands out producer ids that are never reused, also across restarts: the end of the

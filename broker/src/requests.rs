@@ -266,7 +266,7 @@ async fn commit(
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
-    state.groups.check_owner(&group, member.as_ref(), partition)?;
+    state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
     if offset > p.high_watermark() {
         return Err(PartitionError::new(
             ErrorCode::OffsetOutOfRange,
@@ -274,6 +274,12 @@ async fn commit(
         ));
     }
     let key = (Arc::from(group.as_str()), t.name.clone(), partition);
+    // Members only move their group forward (a late commit must not undo a newer one);
+    // tools outside the membership may reset it while the group is empty.
+    let offset = match member {
+        Some(_) => offset.max(state.offsets.get(&key).unwrap_or(0)),
+        None => offset,
+    };
     let st = state.clone();
     tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset))
         .await

@@ -18,6 +18,9 @@ use crate::server::BrokerState;
 /// Where a subscription stands once set up.
 struct Setup {
     partition: Arc<Partition>,
+    /// (group, member) when the subscription belongs to a group member, re-checked while it
+    /// runs: a member that lost the partition stops receiving it.
+    member: Option<(String, quiver_protocol::MemberRef)>,
     start: u64,
     /// Group ownership: the offsets key and this subscription's generation.
     group: Option<(OffsetKey, u64)>,
@@ -77,7 +80,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => None,
     };
     if let Some(g) = &sub.group {
-        state.groups.check_owner(g, sub.member.as_ref(), sub.partition)?;
+        state.groups.check_owner(g, &sub.topic, sub.member.as_ref(), sub.partition)?;
     }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
     // Retention can move the log start past a high watermark that waits for an fsync.
@@ -105,7 +108,8 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         state.group_owners.insert(key.clone(), generation);
         (key, generation)
     });
-    Ok(Setup { partition, start, group })
+    let member = sub.group.clone().zip(sub.member.clone());
+    Ok(Setup { partition, start, group, member })
 }
 
 fn release(state: &BrokerState, setup: &Setup) {
@@ -150,6 +154,7 @@ async fn push(
     let messages_out = metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string());
     let bytes_out = metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string());
     let mut hw = p.watch_high_watermark();
+    let mut fence_check = tokio::time::interval(FENCE_CHECK);
     let mut position = setup.start;
     loop {
         if acks.has_changed().unwrap_or(false) {
@@ -175,6 +180,7 @@ async fn push(
             }
         }
         tokio::select! {
+            _ = fence_check.tick(), if setup.member.is_some() => still_owner(state, setup)?,
             r = hw.changed() => if r.is_err() { return Ok(()) },
             r = acks.changed() => match r {
                 Ok(()) => apply_ack(state, setup, window, *acks.borrow_and_update())?,
@@ -196,12 +202,26 @@ fn apply_ack(
     metrics::gauge!("quiver_inflight_delivery_bytes")
         .decrement(before.saturating_sub(window.in_flight_bytes()) as f64);
     if let (true, Some((key, generation))) = (moved, &setup.group) {
-        // A subscription that was taken over no longer moves the group's offset.
+        // A subscription that was taken over, or whose member lost the partition, no longer
+        // moves the group's offset.
+        still_owner(state, setup)?;
         if state.group_owners.get(key).map(|g| *g == *generation).unwrap_or(false) {
-            state.offsets.set_lazy(key.clone(), next);
+            state.offsets.set_lazy_max(key.clone(), next);
         }
     }
     Ok(())
+}
+
+/// How often a group member's subscription re-checks that it still owns the partition.
+const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn still_owner(state: &BrokerState, setup: &Setup) -> Result<(), PartitionError> {
+    match &setup.member {
+        Some((group, member)) => {
+            state.groups.check_owner(group, &setup.partition.topic, Some(member), setup.partition.id)
+        }
+        None => Ok(()),
+    }
 }
 
 /// The offset after the last batch, and the record count, of a read.

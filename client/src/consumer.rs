@@ -126,6 +126,8 @@ struct AckState {
     changed: Notify,
     /// Unacknowledged messages, when redelivery is on.
     pending: Option<crate::redelivery::SharedPending>,
+    /// Set when the partition was revoked: its messages still buffered are dropped.
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -136,14 +138,23 @@ struct AckFloor {
     above: BTreeSet<u64>,
     /// Next offset to hand to the application (drops redeliveries after a reconnect).
     next_expected: u64,
+    /// Whether the broker has told where consumption starts: until then the floor means
+    /// nothing and is never committed.
+    started: bool,
 }
 
 impl AckState {
     fn new(track: bool) -> Self {
         AckState {
-            inner: Mutex::new(AckFloor { floor: 0, above: BTreeSet::new(), next_expected: 0 }),
+            inner: Mutex::new(AckFloor {
+                floor: 0,
+                above: BTreeSet::new(),
+                next_expected: 0,
+                started: false,
+            }),
             changed: Notify::new(),
             pending: track.then(Default::default),
+            revoked: Default::default(),
         }
     }
 
@@ -171,16 +182,31 @@ impl AckState {
     fn floor(&self) -> u64 {
         self.inner.lock().floor
     }
+
+    /// The floor to commit, once consumption has started.
+    fn committable(&self) -> Option<u64> {
+        let a = self.inner.lock();
+        a.started.then_some(a.floor)
+    }
 }
 
 impl AckFloor {
     /// Aligns local state with where a (re)subscription starts.
-    fn reconcile(&mut self, start: u64, high_watermark: u64, first: bool, topic: &str, partition: u32) {
-        if first {
+    /// Returns true when the log went backwards (what was handed out is void).
+    fn reconcile(
+        &mut self,
+        start: u64,
+        high_watermark: u64,
+        first: bool,
+        topic: &str,
+        partition: u32,
+    ) -> bool {
+        if first || !self.started {
             // The broker decided where we start (committed offset or start position).
             self.floor = start;
             self.next_expected = start;
-            return;
+            self.started = true;
+            return false;
         }
         if self.next_expected > high_watermark.max(start) {
             // The log is shorter than what we handed out: the broker lost unsynced data
@@ -189,7 +215,7 @@ impl AckFloor {
             self.floor = start;
             self.above.clear();
             self.next_expected = start;
-            return;
+            return true;
         }
         if start > self.floor {
             // Retention removed offsets we had not acknowledged: they can never be acked now.
@@ -201,6 +227,7 @@ impl AckFloor {
             }
         }
         self.next_expected = self.next_expected.max(start);
+        false
     }
 }
 
@@ -389,7 +416,7 @@ impl Consumer {
             .partitions
             .lock()
             .iter()
-            .map(|(p, r)| (*p, r.acks.floor(), r.member.clone()))
+            .filter_map(|(p, r)| Some((*p, r.acks.committable()?, r.member.clone())))
             .collect();
         for (p, floor, member) in floors {
             admin.commit_offset_as(group, &self.config.topic, p, floor, member).await?;
@@ -539,7 +566,9 @@ impl Membership {
     async fn run(self, mut member: MemberRef) {
         let Some(group) = self.config.group.clone() else { return };
         let admin = Admin::new(self.client.clone());
-        let interval = (self.config.session_timeout / 3).max(Duration::from_millis(100));
+        // The broker clamps sessions to 0.5..=300 s; heartbeat at a third of what it uses.
+        let session = self.config.session_timeout.clamp(Duration::from_millis(500), Duration::from_secs(300));
+        let interval = session / 3;
         let mut wait = interval;
         loop {
             tokio::time::sleep(wait).await;
@@ -581,17 +610,27 @@ impl Membership {
             let running = self.shared.partitions.lock().remove(p);
             if let Some(r) = running {
                 r.task.abort();
+                // Whatever of it is still buffered is dropped before the application sees it.
+                r.acks.revoked.store(true, std::sync::atomic::Ordering::Release);
+                let Some(floor) = r.acks.committable() else { continue };
                 // Commit what was acknowledged, so the next owner starts right after it.
-                if let Err(e) =
-                    admin.commit_offset_as(group, &self.config.topic, *p, r.acks.floor(), r.member).await
-                {
+                if let Err(e) = admin.commit_offset_as(group, &self.config.topic, *p, floor, r.member).await {
                     tracing::warn!(%group, partition = p, "commit on revocation failed: {e}");
                 }
             }
         }
         member.generation = a.generation;
         for p in &added {
-            let _ready = self.shared.start(&self.client, &self.config, *p, Some(member.clone()));
+            let ready = self.shared.start(&self.client, &self.config, *p, Some(member.clone()));
+            // If its first subscription fails, forget the partition: the next heartbeat sees it
+            // assigned but not running and starts it again.
+            let (shared, partition) = (self.shared.clone(), *p);
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = ready.await {
+                    tracing::debug!(partition, "starting an assigned partition failed ({e}); will retry");
+                    shared.partitions.lock().remove(&partition);
+                }
+            });
         }
         if !revoked.is_empty() {
             let _ = self.events.send(ConsumerEvent::Revoked(revoked.clone()));
@@ -608,6 +647,9 @@ impl Stream for Consumer {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             if let Some(m) = self.buffered.pop_front() {
+                if m.acks.revoked.load(std::sync::atomic::Ordering::Acquire) {
+                    continue; // its partition went to another member
+                }
                 return Poll::Ready(Some(Ok(m)));
             }
             match self.rx.poll_recv(cx) {
@@ -702,13 +744,19 @@ impl PartitionConsumer {
             Some(other) => return Err(unexpected(other)),
             None => return Err(ClientError::ConnectionLost("subscription closed".into())),
         };
-        self.acks.inner.lock().reconcile(
+        let went_back = self.acks.inner.lock().reconcile(
             start_offset,
             high_watermark,
             ready.is_some(),
             &self.topic,
             self.partition,
         );
+        if went_back {
+            // Remembered copies are of records that no longer exist at those offsets.
+            if let Some(p) = &self.acks.pending {
+                *p.lock() = Default::default();
+            }
+        }
         if let Some(r) = ready.take() {
             let _ = r.send(Ok(()));
         }

@@ -214,8 +214,6 @@ struct Accumulator {
     open: Option<OpenBatch>,
     /// Closed batches waiting for an in-flight slot, oldest first.
     ready: VecDeque<OpenBatch>,
-    /// Sequence number of the next record (idempotent producers), assigned at batch close.
-    next_sequence: i32,
     /// Batches closed so far, and completed so far (they complete in order).
     closed_count: u64,
     completed_count: u64,
@@ -232,17 +230,12 @@ struct OpenBatch {
     /// Buffer permits (bytes) the batch holds; returned when it completes.
     permits: u32,
     linger_until: Instant,
-    /// Sequence of the first record, set when the batch closes.
-    base_sequence: i32,
 }
 
 impl Accumulator {
     fn close_open(&mut self) -> bool {
         match self.open.take() {
-            Some(mut b) => {
-                // Batches close in send order, so sequences are dense per partition.
-                b.base_sequence = self.next_sequence;
-                self.next_sequence = self.next_sequence.wrapping_add(b.count as i32);
+            Some(b) => {
                 self.ready.push_back(b);
                 self.closed_count += 1;
                 true
@@ -310,7 +303,6 @@ impl Producer {
                     count: 0,
                     permits: 0,
                     linger_until: Instant::now() + self.config.linger,
-                    base_sequence: 0,
                 }
             });
             open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
@@ -399,6 +391,8 @@ impl Producer {
                     in_flight: VecDeque::new(),
                     stream: None,
                     backoff: MIN_BACKOFF,
+                    sequence_broken: false,
+                    next_sequence: 0,
                 };
                 tokio::spawn(task.run());
                 queue
@@ -442,6 +436,11 @@ struct Sender {
     stream: Option<(quinn::SendStream, FrameReader)>,
     /// Delay before the next retry; doubles per consecutive failure, reset by a success.
     backoff: Duration,
+    /// An idempotent batch failed: sequences must restart under a new producer id.
+    sequence_broken: bool,
+    /// Sequence number of the next record (idempotent producers), assigned when a batch is
+    /// first sent, so sequences are dense in send order.
+    next_sequence: i32,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -451,6 +450,12 @@ impl Sender {
     async fn run(mut self) {
         let max_in_flight = self.config.max_in_flight.max(1);
         loop {
+            if self.sequence_broken {
+                self.restart_sequence().await;
+                if self.sequence_broken {
+                    continue; // no producer id yet: send nothing until there is one
+                }
+            }
             // Take what can go now; note when the open batch's linger ends.
             let (to_send, linger, done) = {
                 let mut acc = self.queue.state.lock();
@@ -487,11 +492,10 @@ impl Sender {
     /// Finishes a closed batch and sends it.
     async fn send(&mut self, batch: OpenBatch) {
         let identity = if self.producer_id >= 0 {
-            ProducerIdentity {
-                producer_id: self.producer_id,
-                producer_epoch: 0,
-                base_sequence: batch.base_sequence,
-            }
+            let base_sequence = self.next_sequence;
+            // Sequences wrap at 2^31, as in Kafka; they are never negative.
+            self.next_sequence = self.next_sequence.wrapping_add(batch.count as i32) & i32::MAX;
+            ProducerIdentity { producer_id: self.producer_id, producer_epoch: 0, base_sequence }
         } else {
             ProducerIdentity::default()
         };
@@ -508,8 +512,10 @@ impl Sender {
             deadline: Instant::now() + self.config.delivery_timeout,
         };
         let frame = flight.frame.clone();
+        let stranded = self.stream.is_none() && !self.in_flight.is_empty();
         self.in_flight.push_back(flight);
-        if self.write(frame).await.is_err() {
+        // With older batches waiting for a resend, the new one goes after them, in order.
+        if stranded || self.write(frame).await.is_err() {
             self.resend_all().await;
         }
         if self.config.acks == Acks::None {
@@ -557,9 +563,23 @@ impl Sender {
     }
 
     /// Completes a batch: its records' futures, buffer space, and flushes waiting for it.
-    fn complete(&self, flight: InFlight, result: Result<Option<u64>, ClientError>) {
-        flight.completion.complete(result);
-        self.buffer.add_permits(flight.permits as usize);
+    fn complete(&mut self, flight: InFlight, result: Result<Option<u64>, ClientError>) {
+        if result.is_err() && self.producer_id >= 0 {
+            // The failed batch's sequence numbers are spent: the broker would refuse every later
+            // batch as a gap. `run` starts this partition over under a new producer id.
+            self.sequence_broken = true;
+        }
+        self.finish(flight.completion, flight.permits, result);
+    }
+
+    fn finish(
+        &self,
+        completion: Arc<BatchCompletion>,
+        permits: u32,
+        result: Result<Option<u64>, ClientError>,
+    ) {
+        completion.complete(result);
+        self.buffer.add_permits(permits as usize);
         let mut acc = self.queue.state.lock();
         acc.completed_count += 1;
         let completed = acc.completed_count;
@@ -568,6 +588,33 @@ impl Sender {
         drop(acc);
         for (_, tx) in due {
             let _ = tx.send(());
+        }
+    }
+
+    /// After a failed idempotent batch: fails what was sent after it (the broker would refuse
+    /// those as a gap, as Kafka does), takes a new producer id and numbers from 0 again. Batches
+    /// not yet sent keep waiting and go out under the new id.
+    async fn restart_sequence(&mut self) {
+        let reason = ClientError::Protocol(format!(
+            "an earlier batch to {}/{} failed, so this one was not sent (its sequence was void)",
+            self.topic, self.partition
+        ));
+        while let Some(f) = self.in_flight.pop_front() {
+            self.finish(f.completion, f.permits, Err(reason.clone()));
+        }
+        match self.client.request(&Message::InitProducer).await {
+            Ok(Message::InitProducerOk { producer_id, .. }) => {
+                self.next_sequence = 0;
+                self.producer_id = producer_id;
+                self.sequence_broken = false;
+                tracing::info!(topic = %self.topic, partition = self.partition, producer_id, "restarted idempotent sequence after a failed batch");
+            }
+            Ok(other) => tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind()),
+            Err(e) => {
+                tracing::debug!("new producer id failed ({e}); retrying");
+                tokio::time::sleep(self.backoff).await;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
 

@@ -48,11 +48,17 @@ pub struct GroupCoordinator {
     /// revocation). Nobody else gets them until then.
     revoking: BTreeMap<u32, (String, u64)>,
     next_member: u64,
+    /// Makes member ids unique across coordinators (and broker restarts), so a client that
+    /// still holds an old id cannot pass for a new member with the same number.
+    id_prefix: String,
 }
 
 impl GroupCoordinator {
-    pub fn new(topic: impl Into<String>, partitions: u32) -> Self {
+    /// `id_prefix` must differ between coordinators of the same group over time (the broker
+    /// uses a random per-start nonce).
+    pub fn new(topic: impl Into<String>, partitions: u32, id_prefix: impl Into<String>) -> Self {
         GroupCoordinator {
+            id_prefix: id_prefix.into(),
             topic: topic.into(),
             partitions,
             generation: 0,
@@ -91,7 +97,7 @@ impl GroupCoordinator {
         let id = match member_id {
             Some(id) if self.members.contains_key(id) => id.to_string(),
             _ => {
-                let id = format!("member-{}", self.next_member);
+                let id = format!("{}-{}", self.id_prefix, self.next_member);
                 self.next_member += 1;
                 self.members.insert(
                     id.clone(),
@@ -120,6 +126,14 @@ impl GroupCoordinator {
         generation: u64,
         now_ms: u64,
     ) -> Result<Assignment, GroupError> {
+        if generation > self.generation {
+            // A generation this coordinator never handed out: a stale client.
+            return Err(GroupError::Fenced {
+                member: member_id.to_string(),
+                generation,
+                current: self.generation,
+            });
+        }
         let m = self
             .members
             .get_mut(member_id)
@@ -261,7 +275,7 @@ mod tests {
 
     #[test]
     fn three_members_share_six_partitions_and_failover_moves_partitions() {
-        let mut g = GroupCoordinator::new("t", 6);
+        let mut g = GroupCoordinator::new("t", 6, "member");
         let a = g.join("t", None, 3000, 0).expect("join").member_id;
         assert_eq!(g.heartbeat(&a, 0, 0).expect("hb").partitions.len(), 6);
         let b = g.join("t", None, 3000, 10).expect("join").member_id;
@@ -292,10 +306,12 @@ mod tests {
 
     #[test]
     fn fenced_and_unknown_members_are_refused() {
-        let mut g = GroupCoordinator::new("t", 2);
+        let mut g = GroupCoordinator::new("t", 2, "member");
         let a = g.join("t", None, 1000, 0).expect("join");
         assert!(g.check_owner(&a.member_id, a.generation, 0).is_ok());
         assert!(matches!(g.check_owner("member-99", 1, 0), Err(GroupError::UnknownMember(_))));
+        assert!(matches!(g.heartbeat(&a.member_id, a.generation + 5, 0), Err(GroupError::Fenced { .. })));
+        assert!(matches!(g.heartbeat(&a.member_id, a.generation + 5, 0), Err(GroupError::Fenced { .. })));
         assert!(matches!(g.check_owner(&a.member_id, a.generation + 5, 0), Err(GroupError::Fenced { .. })));
         assert!(matches!(g.join("other", None, 1000, 0), Err(GroupError::TopicMismatch { .. })));
         g.leave(&a.member_id);
@@ -310,7 +326,7 @@ mod tests {
             ops in proptest::collection::vec((0u8..4, 0usize..5), 1..60),
             partitions in 1u32..12,
         ) {
-            let mut g = GroupCoordinator::new("t", partitions);
+            let mut g = GroupCoordinator::new("t", partitions, "member");
             let mut ids: Vec<String> = Vec::new();
             let mut now = 0;
             for (op, who) in ops {
