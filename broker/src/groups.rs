@@ -12,8 +12,21 @@ use quiver_protocol::ErrorCode;
 use crate::partition::{now_ms, PartitionError};
 use crate::server::BrokerState;
 
-/// Members that joined over one connection; they leave when it closes.
-pub type ConnectionMembers = Arc<Mutex<Vec<(String, String)>>>;
+/// The members a connection speaks for; they leave when it closes, unless they have since
+/// moved to another connection (a client that reconnected).
+pub type ConnectionMembers = Arc<ConnectionInfo>;
+
+#[derive(Debug, Default)]
+pub struct ConnectionInfo {
+    id: u64,
+    members: Mutex<Vec<(String, String)>>,
+}
+
+impl ConnectionInfo {
+    pub fn new(id: u64) -> Arc<Self> {
+        Arc::new(ConnectionInfo { id, members: Mutex::new(Vec::new()) })
+    }
+}
 
 /// Session timeouts a member may ask for.
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
@@ -25,6 +38,8 @@ pub struct Groups {
     /// Random per broker start: member ids from before a restart never match new ones.
     nonce: String,
     coordinators: std::sync::atomic::AtomicU64,
+    /// Which connection each (group, member) last spoke on.
+    member_connection: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl Default for Groups {
@@ -33,7 +48,12 @@ impl Default for Groups {
         let mut b = [0u8; 6];
         let _ = ring::rand::SystemRandom::new().fill(&mut b);
         let nonce = b.iter().map(|x| format!("{x:02x}")).collect();
-        Groups { groups: Default::default(), nonce, coordinators: Default::default() }
+        Groups {
+            groups: Default::default(),
+            nonce,
+            coordinators: Default::default(),
+            member_connection: Default::default(),
+        }
     }
 }
 
@@ -83,15 +103,31 @@ impl Groups {
     }
 
     /// A connection closed: its members leave at once.
-    pub fn connection_closed(&self, members: &ConnectionMembers) {
-        let members = std::mem::take(&mut *members.lock());
+    pub fn connection_closed(&self, conn: &ConnectionMembers) {
+        let members = std::mem::take(&mut *conn.members.lock());
         let mut groups = self.groups.lock();
+        let mut owners = self.member_connection.lock();
         for (group, member) in members {
+            let key = (group.clone(), member.clone());
+            if owners.get(&key) != Some(&conn.id) {
+                continue; // it moved to another connection
+            }
+            owners.remove(&key);
             if let Some(g) = groups.get_mut(&group) {
                 if g.leave(&member) {
                     tracing::info!(%group, %member, "member's connection closed; rebalancing");
                 }
             }
+        }
+    }
+
+    /// Records that a member speaks on this connection (joined, or heartbeated after a
+    /// reconnect).
+    fn speaks_on(&self, conn: &ConnectionMembers, group: &str, member: &str) {
+        let key = (group.to_string(), member.to_string());
+        let previous = self.member_connection.lock().insert(key.clone(), conn.id);
+        if previous != Some(conn.id) {
+            conn.members.lock().push(key);
         }
     }
 
@@ -140,20 +176,24 @@ pub(crate) fn handle(
             }
             let a = g.join(&topic, member_id.as_deref(), timeout, now).map_err(fenced)?;
             tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
-            conn.lock().push((group, a.member_id.clone()));
+            groups.speaks_on(conn, &group, &a.member_id);
             Ok(assignment(a))
         }
         Message::Heartbeat { group, member_id, generation } => {
             let mut map = groups.groups.lock();
             let g =
                 map.get_mut(&group).ok_or_else(|| fenced(GroupError::UnknownMember(member_id.clone())))?;
-            Ok(assignment(g.heartbeat(&member_id, generation, now).map_err(fenced)?))
+            let a = g.heartbeat(&member_id, generation, now).map_err(fenced)?;
+            drop(map);
+            groups.speaks_on(conn, &group, &member_id);
+            Ok(assignment(a))
         }
         Message::LeaveGroup { group, member_id } => {
             if let Some(g) = groups.groups.lock().get_mut(&group) {
                 g.leave(&member_id);
             }
-            conn.lock().retain(|(g, m)| !(g == &group && m == &member_id));
+            conn.members.lock().retain(|(g, m)| !(g == &group && m == &member_id));
+            groups.member_connection.lock().remove(&(group, member_id));
             Ok(Message::Done)
         }
         Message::ListGroups => {

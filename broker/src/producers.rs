@@ -15,6 +15,9 @@ use quiver_protocol::batch::BatchHeader;
 
 /// Batches remembered per producer and partition; must exceed the producer's in-flight limit.
 pub const RECENT_BATCHES: usize = 16;
+/// Producers remembered per partition; beyond it the one that wrote longest ago is forgotten
+/// (its retries would then be appended again).
+pub const MAX_PRODUCERS_PER_PARTITION: usize = 10_000;
 /// Producer ids are reserved durably in blocks of this many.
 const ID_BLOCK: i64 = 1000;
 
@@ -71,6 +74,17 @@ impl ProducerStates {
     pub fn record(&mut self, h: &BatchHeader, base_offset: u64) {
         if h.producer_id < 0 || h.base_sequence < 0 {
             return;
+        }
+        if !self.producers.contains_key(&h.producer_id) && self.producers.len() >= MAX_PRODUCERS_PER_PARTITION
+        {
+            let oldest = self
+                .producers
+                .iter()
+                .min_by_key(|(_, r)| r.back().map(|w| w.last_offset).unwrap_or(0))
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                self.producers.remove(&id);
+            }
         }
         let recent = self.producers.entry(h.producer_id).or_default();
         recent.push_back(Written {

@@ -199,7 +199,7 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
     let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
-    let members = crate::groups::ConnectionMembers::default();
+    let members = crate::groups::ConnectionInfo::new(state.next_generation.fetch_add(1, Ordering::Relaxed));
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
