@@ -21,10 +21,16 @@ use quiver_protocol::message::{MemberRef, Message, StartPosition, Subscribe};
 use quiver_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
 
-use crate::admin::{Admin, GroupAssignment as AssignmentMsg};
+use crate::admin::Admin;
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
 use crate::transport::{write_message, FrameReader};
+
+mod membership;
+mod redeliver;
+
+use membership::Membership;
+use redeliver::Redeliverer;
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
@@ -458,187 +464,6 @@ impl Drop for Consumer {
                 });
             }
         }
-    }
-}
-
-/// Hands out due messages again, and dead-letters those past `max_deliveries`.
-struct Redeliverer {
-    client: Client,
-    config: ConsumerConfig,
-    shared: Arc<Shared>,
-}
-
-/// Due messages of one partition.
-type DuePartition = (u32, Arc<AckState>, Vec<(u64, crate::redelivery::Pending)>);
-
-impl Redeliverer {
-    async fn run(self, deadline: Duration) {
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(50).min(deadline).max(Duration::from_millis(1)));
-        let mut dead_letters: Option<crate::producer::Producer> = None;
-        loop {
-            tick.tick().await;
-            let now = tokio::time::Instant::now();
-            let due: Vec<DuePartition> = self
-                .shared
-                .partitions
-                .lock()
-                .iter()
-                .filter_map(|(p, r)| {
-                    let pending = r.acks.pending.as_ref()?;
-                    let due = pending.lock().take_due(now, deadline);
-                    (!due.is_empty()).then(|| (*p, r.acks.clone(), due))
-                })
-                .collect();
-            for (partition, acks, messages) in due {
-                let mut again = Vec::new();
-                for (offset, p) in messages {
-                    if self.config.max_deliveries.is_some_and(|max| p.delivery_count > max) {
-                        if self.dead_letter(&mut dead_letters, partition, offset, &p).await {
-                            acks.ack(offset);
-                        }
-                        continue;
-                    }
-                    again.push(ConsumedMessage {
-                        topic: self.shared.topic.clone(),
-                        partition,
-                        offset,
-                        timestamp_ms: p.timestamp_ms,
-                        key: p.key,
-                        value: p.value,
-                        headers: p.headers,
-                        delivery_count: p.delivery_count,
-                        acks: acks.clone(),
-                    });
-                }
-                if !again.is_empty() && self.shared.tx.send(Ok(again)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Writes a copy to the dead-letter topic; true once it is acknowledged there.
-    async fn dead_letter(
-        &self,
-        producer: &mut Option<crate::producer::Producer>,
-        partition: u32,
-        offset: u64,
-        p: &crate::redelivery::Pending,
-    ) -> bool {
-        let topic =
-            self.config.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", self.shared.topic));
-        if producer.is_none() {
-            let admin = Admin::new(self.client.clone());
-            if admin.describe_topic(&topic).await.is_err() {
-                let _ = admin.create_topic(&topic, 1, quiver_protocol::TopicConfig::default()).await;
-            }
-            *producer = Some(crate::producer::Producer::new(self.client.clone(), Default::default()));
-        }
-        let Some(producer) = producer.as_ref() else { return false };
-        let mut record = crate::producer::ProducerRecord::new(p.value.clone());
-        record.key = p.key.clone();
-        record.headers = crate::redelivery::dead_letter_headers(&self.shared.topic, partition, offset, p);
-        match producer.send(&topic, record).await {
-            Ok(_) => {
-                tracing::info!(topic = %self.shared.topic, partition, offset, dead_letter_topic = %topic, deliveries = p.delivery_count - 1, "message dead-lettered");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(topic = %self.shared.topic, partition, offset, "dead-lettering failed: {e}");
-                false
-            }
-        }
-    }
-}
-
-/// Keeps a group member alive and follows rebalances: revoked partitions are committed and
-/// stopped before the member confirms (by heartbeating with the new generation), new ones
-/// are started.
-struct Membership {
-    client: Client,
-    config: ConsumerConfig,
-    shared: Arc<Shared>,
-    events: mpsc::UnboundedSender<ConsumerEvent>,
-}
-
-impl Membership {
-    async fn run(self, mut member: MemberRef) {
-        let Some(group) = self.config.group.clone() else { return };
-        let admin = Admin::new(self.client.clone());
-        // The broker clamps sessions to 0.5..=300 s; heartbeat at a third of what it uses.
-        let session = self.config.session_timeout.clamp(Duration::from_millis(500), Duration::from_secs(300));
-        let interval = session / 3;
-        let mut wait = interval;
-        loop {
-            tokio::time::sleep(wait).await;
-            wait = interval;
-            match admin.heartbeat(&group, &member.member_id, member.generation).await {
-                Ok(a) => {
-                    if self.apply(&admin, &group, &mut member, a).await {
-                        wait = Duration::ZERO; // confirm the change at once
-                    }
-                }
-                Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
-                    // Removed from the group (session expired): what we held is gone. Join again.
-                    tracing::warn!(%group, "left the group ({message}); joining again");
-                    self.shared.stop_all();
-                    match admin
-                        .join_group(&group, &self.config.topic, None, self.config.session_timeout)
-                        .await
-                    {
-                        Ok(a) => {
-                            member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
-                            *self.shared.member_id.lock() = Some(a.member_id.clone());
-                            self.apply(&admin, &group, &mut member, a).await;
-                            wait = Duration::ZERO;
-                        }
-                        Err(e) => tracing::warn!(%group, "joining again failed: {e}"),
-                    }
-                }
-                Err(e) => tracing::debug!(%group, "heartbeat failed: {e}"),
-            }
-        }
-    }
-
-    /// Applies an assignment; returns whether anything changed.
-    async fn apply(&self, admin: &Admin, group: &str, member: &mut MemberRef, a: AssignmentMsg) -> bool {
-        let current: Vec<u32> = self.shared.partitions.lock().keys().copied().collect();
-        let revoked: Vec<u32> = current.iter().copied().filter(|p| !a.partitions.contains(p)).collect();
-        let added: Vec<u32> = a.partitions.iter().copied().filter(|p| !current.contains(p)).collect();
-        for p in &revoked {
-            let running = self.shared.partitions.lock().remove(p);
-            if let Some(r) = running {
-                r.task.abort();
-                // Whatever of it is still buffered is dropped before the application sees it.
-                r.acks.revoked.store(true, std::sync::atomic::Ordering::Release);
-                let Some(floor) = r.acks.committable() else { continue };
-                // Commit what was acknowledged, so the next owner starts right after it.
-                if let Err(e) = admin.commit_offset_as(group, &self.config.topic, *p, floor, r.member).await {
-                    tracing::warn!(%group, partition = p, "commit on revocation failed: {e}");
-                }
-            }
-        }
-        member.generation = a.generation;
-        for p in &added {
-            let ready = self.shared.start(&self.client, &self.config, *p, Some(member.clone()));
-            // If its first subscription fails, forget the partition: the next heartbeat sees it
-            // assigned but not running and starts it again.
-            let (shared, partition) = (self.shared.clone(), *p);
-            tokio::spawn(async move {
-                if let Ok(Err(e)) = ready.await {
-                    tracing::debug!(partition, "starting an assigned partition failed ({e}); will retry");
-                    shared.partitions.lock().remove(&partition);
-                }
-            });
-        }
-        if !revoked.is_empty() {
-            let _ = self.events.send(ConsumerEvent::Revoked(revoked.clone()));
-        }
-        if !added.is_empty() {
-            let _ = self.events.send(ConsumerEvent::Assigned(added.clone()));
-        }
-        !revoked.is_empty() || !added.is_empty()
     }
 }
 

@@ -1,0 +1,106 @@
+//! Group membership of a consumer: heartbeats, following rebalances (revoked partitions are
+//! committed and stopped before the member confirms), rejoining after being fenced.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiver_protocol::message::MemberRef;
+use quiver_protocol::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::admin::Admin;
+use crate::admin::GroupAssignment as AssignmentMsg;
+use crate::connection::Client;
+use crate::error::ClientError;
+
+use super::{ConsumerConfig, ConsumerEvent, Shared};
+
+/// Keeps a group member alive and follows rebalances: revoked partitions are committed and
+/// stopped before the member confirms (by heartbeating with the new generation), new ones
+/// are started.
+pub(super) struct Membership {
+    pub(super) client: Client,
+    pub(super) config: ConsumerConfig,
+    pub(super) shared: Arc<Shared>,
+    pub(super) events: mpsc::UnboundedSender<ConsumerEvent>,
+}
+
+impl Membership {
+    pub(super) async fn run(self, mut member: MemberRef) {
+        let Some(group) = self.config.group.clone() else { return };
+        let admin = Admin::new(self.client.clone());
+        // The broker clamps sessions to 0.5..=300 s; heartbeat at a third of what it uses.
+        let session = self.config.session_timeout.clamp(Duration::from_millis(500), Duration::from_secs(300));
+        let interval = session / 3;
+        let mut wait = interval;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = interval;
+            match admin.heartbeat(&group, &member.member_id, member.generation).await {
+                Ok(a) => {
+                    if self.apply(&admin, &group, &mut member, a).await {
+                        wait = Duration::ZERO; // confirm the change at once
+                    }
+                }
+                Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
+                    // Removed from the group (session expired): what we held is gone. Join again.
+                    tracing::warn!(%group, "left the group ({message}); joining again");
+                    self.shared.stop_all();
+                    match admin
+                        .join_group(&group, &self.config.topic, None, self.config.session_timeout)
+                        .await
+                    {
+                        Ok(a) => {
+                            member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
+                            *self.shared.member_id.lock() = Some(a.member_id.clone());
+                            self.apply(&admin, &group, &mut member, a).await;
+                            wait = Duration::ZERO;
+                        }
+                        Err(e) => tracing::warn!(%group, "joining again failed: {e}"),
+                    }
+                }
+                Err(e) => tracing::debug!(%group, "heartbeat failed: {e}"),
+            }
+        }
+    }
+
+    /// Applies an assignment; returns whether anything changed.
+    async fn apply(&self, admin: &Admin, group: &str, member: &mut MemberRef, a: AssignmentMsg) -> bool {
+        let current: Vec<u32> = self.shared.partitions.lock().keys().copied().collect();
+        let revoked: Vec<u32> = current.iter().copied().filter(|p| !a.partitions.contains(p)).collect();
+        let added: Vec<u32> = a.partitions.iter().copied().filter(|p| !current.contains(p)).collect();
+        for p in &revoked {
+            let running = self.shared.partitions.lock().remove(p);
+            if let Some(r) = running {
+                r.task.abort();
+                // Whatever of it is still buffered is dropped before the application sees it.
+                r.acks.revoked.store(true, std::sync::atomic::Ordering::Release);
+                let Some(floor) = r.acks.committable() else { continue };
+                // Commit what was acknowledged, so the next owner starts right after it.
+                if let Err(e) = admin.commit_offset_as(group, &self.config.topic, *p, floor, r.member).await {
+                    tracing::warn!(%group, partition = p, "commit on revocation failed: {e}");
+                }
+            }
+        }
+        member.generation = a.generation;
+        for p in &added {
+            let ready = self.shared.start(&self.client, &self.config, *p, Some(member.clone()));
+            // If its first subscription fails, forget the partition: the next heartbeat sees it
+            // assigned but not running and starts it again.
+            let (shared, partition) = (self.shared.clone(), *p);
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = ready.await {
+                    tracing::debug!(partition, "starting an assigned partition failed ({e}); will retry");
+                    shared.partitions.lock().remove(&partition);
+                }
+            });
+        }
+        if !revoked.is_empty() {
+            let _ = self.events.send(ConsumerEvent::Revoked(revoked.clone()));
+        }
+        if !added.is_empty() {
+            let _ = self.events.send(ConsumerEvent::Assigned(added.clone()));
+        }
+        !revoked.is_empty() || !added.is_empty()
+    }
+}
