@@ -599,7 +599,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             })
         })?),
         kind::METADATA => Metadata { topic: r.option(topic)? },
-        kind::METADATA_OK => MetadataOk(r.list("topics", 40, |r| {
+        kind::METADATA_OK => MetadataOk(r.list("topics", TOPIC_INFO_MIN_BYTES, |r| {
             Ok(TopicInfo {
                 name: topic(r)?,
                 config: get_config(r)?,
@@ -654,6 +654,11 @@ fn put_option<T>(b: &mut BytesMut, v: Option<T>, f: impl FnOnce(&mut BytesMut, T
         }
     }
 }
+
+/// Smallest encoded `TopicInfo`: empty name (2) + config with no options (23) + empty
+/// partition list (4). List counts are checked against this before anything is allocated, so
+/// it must never exceed a real minimum (a property test found 40 did).
+const TOPIC_INFO_MIN_BYTES: usize = 2 + 23 + 4;
 
 fn put_u32s(b: &mut BytesMut, v: &[u32]) {
     b.put_u32_le(v.len() as u32);
