@@ -41,6 +41,10 @@ pub struct ClientConfig {
     pub server_name: Option<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// A connection that hears nothing from the broker for this long is considered lost and
+    /// replaced on the next request (keep-alives go out at a sixth of it). The effective
+    /// timeout is the smaller of this and the broker's.
+    pub idle_timeout: Duration,
     pub client_id: String,
 }
 
@@ -52,6 +56,7 @@ impl ClientConfig {
             server_name: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
             client_id: format!("quiver-client/{}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -230,7 +235,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-    client_config.transport_config(Arc::new(transport_config()));
+    client_config.transport_config(Arc::new(transport_config(config.idle_timeout)));
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
         ClientError::BadAddress { addr: config.broker.clone(), reason: "cannot bind a local socket".into() }
     })?;
@@ -244,15 +249,16 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
 
 /// Client-side transport limits: generous windows for throughput, keep-alives so an idle
 /// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
-fn transport_config() -> quinn::TransportConfig {
+fn transport_config(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     crate::transport::tune_transport(&mut t);
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
+    let idle = idle.max(Duration::from_millis(300));
+    t.keep_alive_interval(Some(idle / 6));
+    if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     t

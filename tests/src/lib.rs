@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use quiver_client::{Client, ClientConfig};
 
+pub mod proxy;
+
 /// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)

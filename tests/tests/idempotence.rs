@@ -78,3 +78,57 @@ async fn without_idempotence_retries_duplicate() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// The scenario literally: the network between producer and broker is cut while
+/// batches are in flight. The broker receives and appends them, every answer is lost, the
+/// client's connection times out and it resends on a new one. Each message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection_mid_batch_writes_exactly_once() -> anyhow::Result<()> {
+    use quiver_client::{Client, ClientConfig};
+    use quiver_tests::proxy::{Mode, UdpProxy};
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        broker.client().await?.admin().create_topic("cut", 2, TopicConfig::default()).await?;
+        let proxy = UdpProxy::start(broker.addr).await?;
+        let mut config = ClientConfig::new(proxy.addr.to_string(), broker.ca_path());
+        config.idle_timeout = Duration::from_millis(1500);
+        let client = Client::connect(config).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+
+        const N: u64 = 20_000;
+        let mut acks = Vec::new();
+        for i in 0..N {
+            acks.push(producer.enqueue("cut", ProducerRecord::new(format!("{i}"))).await?);
+            if i == N / 2 {
+                // Answers stop coming back; requests still arrive and are appended.
+                proxy.set(Mode::DropToClient);
+            }
+            if i == N / 2 + 2000 {
+                // Long enough for the client to give the connection up, then heal.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                proxy.set(Mode::Pass);
+            }
+        }
+        for a in acks {
+            a.await?;
+        }
+
+        let direct = broker.client().await?;
+        let total: u64 =
+            direct.admin().describe_topic("cut").await?.partitions.iter().map(|p| p.high_watermark).sum();
+        let mut consumer =
+            Consumer::subscribe(direct.clone(), ConsumerConfig::new("cut").start(StartPosition::Earliest))
+                .await?;
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for _ in 0..total {
+            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            *counts.entry(std::str::from_utf8(&m.value)?.parse()?).or_default() += 1;
+        }
+        assert_eq!(counts.len() as u64, N, "every acknowledged message is there");
+        assert_eq!(total, N, "and each exactly once ({} stored for {N} sent)", total);
+        Ok(())
+    })
+    .await
+}
