@@ -66,9 +66,13 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
 
 /// Gauges that are sampled rather than counted: partition sizes and high watermarks, group lag,
 /// resident memory.
+/// A partition that received nothing for this long drops its tail cache.
+const IDLE_CACHE: Duration = Duration::from_secs(30);
+
 fn sample_gauges(state: &BrokerState) {
     for topic in state.topics.all() {
         for p in &topic.partitions {
+            p.release_idle_cache(IDLE_CACHE);
             let (bytes, segments) = p.stats();
             let labels = [("topic", topic.name.to_string()), ("partition", p.id.to_string())];
             metrics::gauge!("quiver_partition_bytes", &labels).set(bytes as f64);

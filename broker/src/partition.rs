@@ -224,6 +224,11 @@ impl Partition {
         Ok(())
     }
 
+    /// Gives the tail cache's memory back when the partition has been idle for `idle`.
+    pub fn release_idle_cache(&self, idle: Duration) {
+        self.tail.lock().release_if_idle(idle);
+    }
+
     /// Size on disk and segment count, for describe/metrics.
     pub fn stats(&self) -> (u64, usize) {
         let log = self.log.lock();

@@ -5,6 +5,7 @@
 //! stream. Older offsets come from the segment files.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -12,13 +13,15 @@ use bytes::Bytes;
 pub struct TailCache {
     /// (base offset, next offset, batch), oldest first; offsets are contiguous.
     batches: VecDeque<(u64, u64, Bytes)>,
+    /// When the newest batch was added: an idle partition gives its memory back.
+    last_push: Option<Instant>,
     bytes: usize,
     max_bytes: usize,
 }
 
 impl TailCache {
     pub fn new(max_bytes: usize) -> Self {
-        TailCache { batches: VecDeque::new(), bytes: 0, max_bytes }
+        TailCache { batches: VecDeque::new(), bytes: 0, max_bytes, last_push: None }
     }
 
     /// Adds an appended batch, evicting the oldest past the size limit.
@@ -33,10 +36,20 @@ impl TailCache {
         }
         self.bytes += batch.len();
         self.batches.push_back((base, next, batch));
+        self.last_push = Some(Instant::now());
         while self.bytes > self.max_bytes && self.batches.len() > 1 {
             if let Some((_, _, b)) = self.batches.pop_front() {
                 self.bytes -= b.len();
             }
+        }
+    }
+
+    /// Empties the cache if nothing was appended for `idle` (readers fall back to the files).
+    pub fn release_if_idle(&mut self, idle: Duration) {
+        if self.last_push.is_some_and(|t| t.elapsed() >= idle) {
+            self.batches.clear();
+            self.bytes = 0;
+            self.last_push = None;
         }
     }
 
@@ -80,5 +93,10 @@ mod tests {
         assert_eq!(c.read(20, 40, 100).expect("cached").len(), 2);
         assert_eq!(c.read(20, 100, 1).expect("cached").len(), 1);
         assert_eq!(c.read(50, 100, 100).expect("cached").len(), 0);
+        // Idle: the memory goes back, readers go to the files.
+        c.release_if_idle(Duration::from_secs(3600));
+        assert!(c.read(40, 100, 100).is_some());
+        c.release_if_idle(Duration::ZERO);
+        assert!(c.read(40, 100, 100).is_none());
     }
 }
