@@ -97,8 +97,5 @@ fn sample_gauges(state: &BrokerState) {
 }
 
 fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: u64 =
-        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    Some(quiver_client::bench::rss_kib(std::process::id())? * 1024)
 }

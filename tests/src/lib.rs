@@ -115,9 +115,7 @@ impl BrokerProcess {
 
     /// Resident memory of the broker process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        quiver_client::bench::rss_kib(self.pid()?)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -133,6 +131,23 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Publishes `values` to `topic` (pipelined) and waits until every one is acknowledged.
+pub async fn publish(
+    client: &Client,
+    topic: &str,
+    values: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
+    let producer = quiver_client::Producer::new(client.clone(), Default::default());
+    let mut acks = Vec::new();
+    for v in values {
+        acks.push(producer.enqueue(topic, quiver_client::ProducerRecord::new(v)).await?);
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
 }
 
 /// Installs a test log subscriber once (RUST_LOG-style filter in `QUIVER_TEST_LOG`).

@@ -6,10 +6,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use quiver_client::{
-    Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
-};
-use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_client::{Consumer, ConsumerConfig, StartPosition, TopicConfig};
+use quiver_tests::{bounded, init_tracing, publish, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 
@@ -21,14 +19,7 @@ async fn committed_offsets_survive_a_broker_crash_and_the_group_carries_on() -> 
         let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
         let client = broker.client().await?;
         client.admin().create_topic("pay", 2, TopicConfig::default()).await?;
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        let mut acks = Vec::new();
-        for i in 0..1000 {
-            acks.push(producer.enqueue("pay", ProducerRecord::new(format!("{i}"))).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
+        publish(&client, "pay", (0..1000).map(|i| i.to_string())).await?;
 
         let mut config = ConsumerConfig::new("pay").group("billing").start(StartPosition::Earliest);
         config.session_timeout = Duration::from_secs(2);

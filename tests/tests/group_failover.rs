@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quiver_client::{Producer, ProducerConfig, ProducerRecord, TopicConfig};
-use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_tests::{bounded, init_tracing, publish, BrokerProcess};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 const CLI: &str = env!("CARGO_BIN_EXE_quiver-under-test");
@@ -77,18 +77,8 @@ async fn killed_member_partitions_move_and_nothing_is_lost() -> anyhow::Result<(
         .await?;
 
         // Produce a third, kill one member (SIGKILL: no leave, no commit), produce the rest.
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
         const N: u64 = 3000;
-        let send = async |range: std::ops::Range<u64>| -> anyhow::Result<()> {
-            let mut acks = Vec::new();
-            for i in range {
-                acks.push(producer.enqueue("orders", ProducerRecord::new(format!("m-{i}"))).await?);
-            }
-            for a in acks {
-                a.await?;
-            }
-            Ok(())
-        };
+        let send = async |range: std::ops::Range<u64>| publish(&client, "orders", range.map(|i| format!("m-{i}"))).await;
         send(0..N / 3).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let victim = &mut tails[0];

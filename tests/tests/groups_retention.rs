@@ -10,7 +10,7 @@ use quiver_client::{
     StartPosition, TopicConfig,
 };
 use quiver_protocol::ErrorCode;
-use quiver_tests::{bounded, init_tracing};
+use quiver_tests::{bounded, init_tracing, publish};
 
 async fn embedded(
     dir: &std::path::Path,
@@ -22,18 +22,6 @@ async fn embedded(
     let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no dev CA"))?;
     let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
     Ok((broker, client))
-}
-
-async fn publish(client: &Client, topic: &str, n: u64) -> anyhow::Result<()> {
-    let producer = Producer::new(client.clone(), ProducerConfig::default());
-    let mut acks = Vec::new();
-    for i in 0..n {
-        acks.push(producer.enqueue(topic, ProducerRecord::new(format!("{i}"))).await?);
-    }
-    for a in acks {
-        a.await?;
-    }
-    Ok(())
 }
 
 async fn take(consumer: &mut Consumer, n: usize) -> anyhow::Result<Vec<String>> {
@@ -53,7 +41,7 @@ async fn group_resumes_exactly_where_it_stopped() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("g", 3, TopicConfig::default()).await?;
-        publish(&client, "g", 1000).await?;
+        publish(&client, "g", (0..1000).map(|i| i.to_string())).await?;
 
         let config = || ConsumerConfig::new("g").group("G").start(StartPosition::Earliest);
         let mut first = Consumer::subscribe(client.clone(), config()).await?;
