@@ -1,8 +1,10 @@
-//! Committed offsets of consumer groups (docs/design.md §5.4).
+//! Committed offsets and acknowledgements of consumer groups (docs/design.md §5.4, §12).
 //!
-//! An append-only file of CRC-framed entries; the last entry for a key wins. `commit` returns
-//! after the entry is fsynced; `set_lazy` (acks on a subscription) only marks the key dirty and
-//! `flush` persists dirty keys, so acks cost no IO each. Snapshots bound the file's size.
+//! Each (group, topic, partition) has an `AckLedger`: the ack floor (the committed offset),
+//! acknowledged ranges above it and delivery counts. The file is append-only, of CRC-framed
+//! entries; the last entry for a key wins. `commit` returns after the entry is fsynced; acks on
+//! a subscription only mark the key dirty and `flush` persists dirty keys, so acks cost no IO
+//! each. Snapshots bound the file's size.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -13,12 +15,29 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use quiver_protocol::codec::{Reader, WriteExt};
+use quiver_protocol::ledger::{AckLedger, LedgerSnapshot};
 use quiver_protocol::limits::{MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
 
 /// (group, topic, partition).
 pub type OffsetKey = (Arc<str>, Arc<str>, u32);
 
-const ENTRY_MAX_BYTES: usize = 2 + MAX_STRING_BYTES + 2 + MAX_TOPIC_NAME_BYTES + 4 + 8;
+/// A group's acknowledgement state for one partition, shared with its subscription.
+pub type SharedLedger = Arc<Mutex<AckLedger>>;
+
+/// Acknowledged ranges (and, separately, delivery-count ranges) kept per entry; beyond them a
+/// restart delivers again (design.md §12).
+pub const MAX_PERSISTED_RANGES: usize = 1024;
+
+const ENTRY_MAX_BYTES: usize = 2
+    + MAX_STRING_BYTES
+    + 2
+    + MAX_TOPIC_NAME_BYTES
+    + 4
+    + 8
+    + 4
+    + 16 * MAX_PERSISTED_RANGES
+    + 4
+    + 20 * MAX_PERSISTED_RANGES;
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +56,9 @@ pub struct OffsetStore {
 
 #[derive(Debug, Default)]
 struct State {
-    offsets: HashMap<OffsetKey, u64>,
+    ledgers: HashMap<OffsetKey, SharedLedger>,
+    /// Size of each key's last written entry, to tell when a snapshot pays.
+    entry_bytes: HashMap<OffsetKey, u64>,
     dirty: HashSet<OffsetKey>,
     file_bytes: u64,
 }
@@ -51,64 +72,98 @@ impl OffsetStore {
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io_err)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io_err)?;
-        let (offsets, good) = parse_entries(&data);
+        let (entries, good) = parse_entries(&data);
         if good < data.len() {
             tracing::warn!(path = %path.display(), dropped = data.len() - good, "offsets store: dropped a damaged tail");
             file.set_len(good as u64).map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
         }
-        let state = State { offsets, dirty: HashSet::new(), file_bytes: good as u64 };
+        let mut state = State { file_bytes: good as u64, ..Default::default() };
+        for (key, snapshot) in entries {
+            state.ledgers.insert(key, Arc::new(Mutex::new(AckLedger::restore(&snapshot))));
+        }
         Ok(OffsetStore { path, state: Mutex::new(state), file: Mutex::new(file) })
     }
 
+    /// The committed offset (the ack floor).
     pub fn get(&self, key: &OffsetKey) -> Option<u64> {
-        self.state.lock().offsets.get(key).copied()
+        let l = self.state.lock().ledgers.get(key).cloned()?;
+        let floor = l.lock().floor();
+        Some(floor)
+    }
+
+    /// The key's ledger; a new one with its floor at `start` if it has none.
+    pub fn ledger(&self, key: &OffsetKey, start: u64) -> SharedLedger {
+        self.state
+            .lock()
+            .ledgers
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(AckLedger::new(start))))
+            .clone()
+    }
+
+    /// The key's ledger changed; `flush` persists it.
+    pub fn mark_dirty(&self, key: &OffsetKey) {
+        let mut st = self.state.lock();
+        if !st.dirty.contains(key) {
+            st.dirty.insert(key.clone());
+        }
+    }
+
+    fn floors(&self, filter: impl Fn(&OffsetKey) -> bool) -> Vec<(OffsetKey, u64)> {
+        let ledgers: Vec<(OffsetKey, SharedLedger)> = self
+            .state
+            .lock()
+            .ledgers
+            .iter()
+            .filter(|(k, _)| filter(k))
+            .map(|(k, l)| (k.clone(), l.clone()))
+            .collect();
+        ledgers.into_iter().map(|(k, l)| (k, l.lock().floor())).collect()
     }
 
     /// All committed offsets of one group and topic.
     pub fn for_topic(&self, group: &str, topic: &str) -> HashMap<u32, u64> {
-        let st = self.state.lock();
-        st.offsets
-            .iter()
-            .filter(|((g, t, _), _)| &**g == group && &**t == topic)
-            .map(|((_, _, p), o)| (*p, *o))
+        self.floors(|(g, t, _)| &**g == group && &**t == topic)
+            .into_iter()
+            .map(|((_, _, p), o)| (p, o))
             .collect()
     }
 
     /// Every committed offset (for metrics).
     pub fn all(&self) -> Vec<(OffsetKey, u64)> {
-        self.state.lock().offsets.iter().map(|(k, o)| (k.clone(), *o)).collect()
+        self.floors(|_| true)
     }
 
-    /// Records an offset in memory unless a higher one is there (acks only move forward);
-    /// `flush` persists it.
-    pub fn set_lazy_max(&self, key: OffsetKey, offset: u64) {
-        let mut st = self.state.lock();
-        let current = st.offsets.get(&key).copied().unwrap_or(0);
-        if offset > current || !st.offsets.contains_key(&key) {
-            st.offsets.insert(key.clone(), offset);
-            st.dirty.insert(key);
-        }
-    }
-
-    /// Records an offset in memory; `flush` persists it.
+    /// Sets an offset in memory (an administrative reset); `flush` persists it.
     pub fn set_lazy(&self, key: OffsetKey, offset: u64) {
-        let mut st = self.state.lock();
-        st.offsets.insert(key.clone(), offset);
-        st.dirty.insert(key);
+        self.ledger(&key, offset).lock().reset(offset);
+        self.mark_dirty(&key);
     }
 
-    /// Durably records an offset. Blocking: call from a blocking thread.
-    pub fn commit_blocking(&self, key: OffsetKey, offset: u64) -> Result<(), OffsetsError> {
+    /// Durably commits an offset: everything below it is acknowledged. A commit below the
+    /// current floor resets the ledger when `reset` is allowed (tools on an empty group) and
+    /// is otherwise ignored (members only move forward). Blocking: call from a blocking thread.
+    pub fn commit_blocking(&self, key: OffsetKey, offset: u64, reset: bool) -> Result<(), OffsetsError> {
         // File lock first, for the whole update: a concurrent flush cannot then write an older
         // value after this one.
         let mut file = self.file.lock();
+        let ledger = self.ledger(&key, offset);
+        let snapshot = {
+            let mut l = ledger.lock();
+            if offset >= l.floor() {
+                l.commit(offset);
+            } else if reset {
+                l.reset(offset);
+            }
+            l.snapshot(MAX_PERSISTED_RANGES)
+        };
         let mut buf = BytesMut::new();
-        put_entry(&mut buf, &key, offset);
+        let size = put_entry(&mut buf, &key, &snapshot);
         {
             let mut st = self.state.lock();
-            st.offsets.insert(key.clone(), offset);
             st.dirty.remove(&key);
+            st.entry_bytes.insert(key, size);
         }
         self.append_locked(&mut file, &buf)
     }
@@ -123,8 +178,10 @@ impl OffsetStore {
             }
             let mut buf = BytesMut::new();
             for key in std::mem::take(&mut st.dirty) {
-                if let Some(o) = st.offsets.get(&key) {
-                    put_entry(&mut buf, &key, *o);
+                if let Some(l) = st.ledgers.get(&key) {
+                    let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
+                    let size = put_entry(&mut buf, &key, &snapshot);
+                    st.entry_bytes.insert(key, size);
                 }
             }
             buf
@@ -138,7 +195,8 @@ impl OffsetStore {
     pub fn remove_topic_blocking(&self, topic: &str) -> Result<(), OffsetsError> {
         {
             let mut st = self.state.lock();
-            st.offsets.retain(|(_, t, _), _| &**t != topic);
+            st.ledgers.retain(|(_, t, _), _| &**t != topic);
+            st.entry_bytes.retain(|(_, t, _), _| &**t != topic);
             st.dirty.retain(|(_, t, _)| &**t != topic);
         }
         self.snapshot_blocking()
@@ -158,8 +216,7 @@ impl OffsetStore {
             if st.file_bytes < SNAPSHOT_MIN_BYTES {
                 return Ok(());
             }
-            let live: u64 =
-                st.offsets.keys().map(|(g, t, _)| (8 + 2 + g.len() + 2 + t.len() + 12) as u64).sum();
+            let live: u64 = st.entry_bytes.values().sum();
             (st.file_bytes, live)
         };
         if bytes > 4 * live {
@@ -173,11 +230,14 @@ impl OffsetStore {
         let io_err = |source| OffsetsError::Io { path: self.path.clone(), source };
         let mut file = self.file.lock();
         let buf = {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             let mut buf = BytesMut::new();
-            for (key, o) in &st.offsets {
-                put_entry(&mut buf, key, *o);
+            let mut sizes = HashMap::new();
+            for (key, l) in &st.ledgers {
+                let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
+                sizes.insert(key.clone(), put_entry(&mut buf, key, &snapshot));
             }
+            st.entry_bytes = sizes;
             buf
         };
         let tmp = self.path.with_extension("log.tmp");
@@ -194,19 +254,43 @@ impl OffsetStore {
     }
 }
 
-fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, offset: u64) {
+/// Appends one entry; returns its size.
+fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &LedgerSnapshot) -> u64 {
     let mut body = BytesMut::new();
     body.put_string(group);
     body.put_string(topic);
     body.put_u32_le(*partition);
-    body.put_u64_le(offset);
+    body.put_u64_le(s.floor);
+    body.put_u32_le(s.acked.len() as u32);
+    for r in &s.acked {
+        body.put_u64_le(r.start);
+        body.put_u64_le(r.end);
+    }
+    body.put_u32_le(s.counts.len() as u32);
+    for (r, c) in &s.counts {
+        body.put_u64_le(r.start);
+        body.put_u64_le(r.end);
+        body.put_u32_le(*c);
+    }
     buf.put_u32_le(body.len() as u32);
     buf.put_u32_le(crc32c::crc32c(&body));
     buf.put_slice(&body);
+    8 + body.len() as u64
 }
 
-/// Parses entries until the first damaged one; returns the map and the good length.
-fn parse_entries(data: &[u8]) -> (HashMap<OffsetKey, u64>, usize) {
+/// The snapshot of an entry body after its key: the floor, then the ranges, which are absent
+/// in entries written before acknowledgements above the floor were kept.
+fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::DecodeError> {
+    let mut s = LedgerSnapshot { floor: r.u64()?, ..Default::default() };
+    if r.remaining() > 0 {
+        s.acked = r.list("acked", 16, |r| Ok(r.u64()?..r.u64()?))?;
+        s.counts = r.list("counts", 20, |r| Ok((r.u64()?..r.u64()?, r.u32()?)))?;
+    }
+    Ok(s)
+}
+
+/// Parses entries until the first damaged one; returns the snapshots and the good length.
+fn parse_entries(data: &[u8]) -> (HashMap<OffsetKey, LedgerSnapshot>, usize) {
     let mut map = HashMap::new();
     let mut pos = 0;
     while data.len() - pos >= 8 {
@@ -223,11 +307,12 @@ fn parse_entries(data: &[u8]) -> (HashMap<OffsetKey, u64>, usize) {
         let entry = (|| {
             let g = r.string("group", MAX_STRING_BYTES)?;
             let t = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
-            Ok::<_, quiver_protocol::DecodeError>(((Arc::from(g), Arc::from(t), r.u32()?), r.u64()?))
+            let key: OffsetKey = (Arc::from(g), Arc::from(t), r.u32()?);
+            Ok::<_, quiver_protocol::DecodeError>((key, get_snapshot(&mut r)?))
         })();
         match entry {
-            Ok((k, o)) => {
-                map.insert(k, o);
+            Ok((k, s)) => {
+                map.insert(k, s);
             }
             Err(_) => break,
         }
@@ -249,9 +334,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let s = OffsetStore::open(dir.path()).expect("open");
-            s.commit_blocking(key("g", "t", 0), 5).expect("commit");
-            s.commit_blocking(key("g", "t", 0), 7).expect("commit");
-            s.commit_blocking(key("g", "t", 1), 3).expect("commit");
+            s.commit_blocking(key("g", "t", 0), 5, false).expect("commit");
+            s.commit_blocking(key("g", "t", 0), 7, false).expect("commit");
+            s.commit_blocking(key("g", "t", 1), 3, false).expect("commit");
             s.set_lazy(key("h", "t", 0), 9);
             s.flush_blocking().expect("flush");
         }
@@ -267,6 +352,31 @@ mod tests {
         s.remove_topic_blocking("t").expect("remove");
         let s = OffsetStore::open(dir.path()).expect("reopen");
         assert_eq!(s.get(&key("g", "t", 0)), None);
+    }
+
+    #[test]
+    fn acks_above_the_floor_and_counts_survive_reopen() {
+        use quiver_protocol::ledger::{Piece, NO_DEADLINE};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key("g", "t", 0);
+        {
+            let s = OffsetStore::open(dir.path()).expect("open");
+            let l = s.ledger(&k, 0);
+            {
+                let mut l = l.lock();
+                l.deliver(0..10, NO_DEADLINE);
+                l.ack(0..2);
+                l.ack(5..7);
+            }
+            s.mark_dirty(&k);
+            s.flush_blocking().expect("flush");
+        }
+        let s = OffsetStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.get(&k), Some(2));
+        let l = s.ledger(&k, 0);
+        let pieces = l.lock().deliver(0..12, NO_DEADLINE);
+        let p = |range, count| Piece { range, count };
+        assert_eq!(pieces, vec![p(2..5, 2), p(7..10, 2), p(10..12, 1)]);
     }
 
     #[test]

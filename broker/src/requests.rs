@@ -276,12 +276,9 @@ async fn commit(
     let key = (Arc::from(group.as_str()), t.name.clone(), partition);
     // Members only move their group forward (a late commit must not undo a newer one);
     // tools outside the membership may reset it while the group is empty.
-    let offset = match member {
-        Some(_) => offset.max(state.offsets.get(&key).unwrap_or(0)),
-        None => offset,
-    };
+    let reset = member.is_none();
     let st = state.clone();
-    tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset))
+    tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset, reset))
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;

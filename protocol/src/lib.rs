@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod ledger;
 pub mod limits;
 pub mod message;
 
@@ -17,5 +18,5 @@ pub use error::ErrorCode;
 pub use frame::{decode_frame, FrameError, RawFrame};
 pub use message::{
     Acks, Durability, Encoded, MemberInfo, MemberRef, Message, MessageError, PartitionInfo, PartitionOffsets,
-    StartPosition, Subscribe, TopicConfig, TopicInfo,
+    RedeliveryPolicy, StartPosition, Subscribe, TopicConfig, TopicInfo,
 };

@@ -98,6 +98,28 @@ pub struct Subscribe {
     pub start: StartPosition,
     pub window_messages: u32,
     pub window_bytes: u32,
+    /// Redelivery and dead letters, applied by the broker (design.md §12).
+    pub policy: RedeliveryPolicy,
+}
+
+/// What the broker does with messages that are not acknowledged (design.md §12).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RedeliveryPolicy {
+    /// Hand a message out again when it is not acknowledged within this; 0 = never (only
+    /// nacks and new sessions redeliver).
+    pub ack_wait_ms: u32,
+    /// After this many deliveries a message goes to the dead-letter topic; 0 = unlimited.
+    pub max_deliveries: u32,
+    /// Where dead letters go; default `<topic>.dlq`.
+    pub dead_letter_topic: Option<String>,
+}
+
+/// Records of a delivery handed out with the same delivery count (`DeliverSome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRange {
+    pub start: u64,
+    pub end: u64,
+    pub delivery_count: u32,
 }
 
 /// A group member as of a generation.
@@ -152,6 +174,27 @@ pub enum Message {
     },
     Ack {
         next_offset: u64,
+    },
+    /// A delivery in which only the listed records are handed out, with their delivery counts
+    /// (redeliveries, and batches with acknowledged records to skip).
+    DeliverSome {
+        high_watermark: u64,
+        ranges: Vec<DeliveryRange>,
+        batches: Bytes,
+    },
+    /// Everything below `floor` is acknowledged, and so are the ranges above it.
+    AckRanges {
+        floor: u64,
+        ranges: Vec<std::ops::Range<u64>>,
+    },
+    /// Hand this message out again after `delay_ms`.
+    Nack {
+        offset: u64,
+        delay_ms: u32,
+    },
+    /// The broker settled these offsets itself (dead-lettered): count them as acknowledged.
+    Settled {
+        ranges: Vec<std::ops::Range<u64>>,
     },
     Fetch {
         topic: String,
@@ -312,6 +355,10 @@ mod kind {
     pub const GROUP_DESCRIPTION: u8 = 31;
     pub const OFFSET_FOR_TIME: u8 = 32;
     pub const OFFSET_IS: u8 = 33;
+    pub const DELIVER_SOME: u8 = 34;
+    pub const ACK_RANGES: u8 = 35;
+    pub const NACK: u8 = 36;
+    pub const SETTLED: u8 = 37;
 }
 
 impl Message {
@@ -333,6 +380,10 @@ impl Message {
             Subscribed { .. } => kind::SUBSCRIBED,
             Deliver { .. } => kind::DELIVER,
             Ack { .. } => kind::ACK,
+            DeliverSome { .. } => kind::DELIVER_SOME,
+            AckRanges { .. } => kind::ACK_RANGES,
+            Nack { .. } => kind::NACK,
+            Settled { .. } => kind::SETTLED,
             Fetch { .. } => kind::FETCH,
             FetchOk { .. } => kind::FETCH_OK,
             CommitOffset { .. } => kind::COMMIT_OFFSET,
@@ -405,6 +456,9 @@ impl Message {
                 b.put_u32_le(s.window_messages);
                 b.put_u32_le(s.window_bytes);
                 put_member(b, s.member.as_ref());
+                b.put_u32_le(s.policy.ack_wait_ms);
+                b.put_u32_le(s.policy.max_deliveries);
+                put_option(b, s.policy.dead_letter_topic.as_deref(), |b, t| b.put_string(t));
             }
             Subscribed { start_offset, log_start_offset, high_watermark } => {
                 b.put_u64_le(*start_offset);
@@ -417,6 +471,19 @@ impl Message {
                 return batches.clone();
             }
             Ack { next_offset } => b.put_u64_le(*next_offset),
+            DeliverSome { high_watermark, ranges, batches } => {
+                put_deliver_some(b, *high_watermark, ranges, batches.len());
+                return batches.clone();
+            }
+            AckRanges { floor, ranges } => {
+                b.put_u64_le(*floor);
+                put_ranges(b, ranges);
+            }
+            Nack { offset, delay_ms } => {
+                b.put_u64_le(*offset);
+                b.put_u32_le(*delay_ms);
+            }
+            Settled { ranges } => put_ranges(b, ranges),
             Fetch { topic, partition, offset, max_bytes } => {
                 b.put_string(topic);
                 b.put_u32_le(*partition);
@@ -569,12 +636,27 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             window_messages: r.u32()?,
             window_bytes: r.u32()?,
             member: get_member(r)?,
+            policy: RedeliveryPolicy {
+                ack_wait_ms: r.u32()?,
+                max_deliveries: r.u32()?,
+                dead_letter_topic: r.option(topic)?,
+            },
         }),
         kind::SUBSCRIBED => {
             Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? }
         }
         kind::DELIVER => Deliver { high_watermark: r.u64()?, batches: r.bytes("batches", MAX_FRAME_BYTES)? },
         kind::ACK => Ack { next_offset: r.u64()? },
+        kind::DELIVER_SOME => DeliverSome {
+            high_watermark: r.u64()?,
+            ranges: r.list("ranges", 20, |r| {
+                Ok(DeliveryRange { start: r.u64()?, end: r.u64()?, delivery_count: r.u32()? })
+            })?,
+            batches: r.bytes("batches", MAX_FRAME_BYTES)?,
+        },
+        kind::ACK_RANGES => AckRanges { floor: r.u64()?, ranges: get_ranges(r)? },
+        kind::NACK => Nack { offset: r.u64()?, delay_ms: r.u32()? },
+        kind::SETTLED => Settled { ranges: get_ranges(r)? },
         kind::FETCH => Fetch { topic: topic(r)?, partition: r.u32()?, offset: r.u64()?, max_bytes: r.u32()? },
         kind::FETCH_OK => FetchOk {
             log_start_offset: r.u64()?,
@@ -659,6 +741,47 @@ fn put_option<T>(b: &mut BytesMut, v: Option<T>, f: impl FnOnce(&mut BytesMut, T
 /// partition list (4). List counts are checked against this before anything is allocated, so
 /// it must never exceed a real minimum (a property test found 40 did).
 const TOPIC_INFO_MIN_BYTES: usize = 2 + 23 + 4;
+
+fn put_ranges(b: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
+    b.put_u32_le(ranges.len() as u32);
+    for r in ranges {
+        b.put_u64_le(r.start);
+        b.put_u64_le(r.end);
+    }
+}
+
+/// Offset ranges; an empty or reversed range is malformed.
+fn get_ranges(r: &mut Reader) -> Result<Vec<std::ops::Range<u64>>, DecodeError> {
+    r.list("ranges", 16, |r| {
+        let at = r.position();
+        let (start, end) = (r.u64()?, r.u64()?);
+        if start >= end {
+            return Err(DecodeError::invalid("range", at, format!("{start}..{end} is empty")));
+        }
+        Ok(start..end)
+    })
+}
+
+fn put_deliver_some(b: &mut BytesMut, high_watermark: u64, ranges: &[DeliveryRange], batches_len: usize) {
+    b.put_u64_le(high_watermark);
+    b.put_u32_le(ranges.len() as u32);
+    for r in ranges {
+        b.put_u64_le(r.start);
+        b.put_u64_le(r.end);
+        b.put_u32_le(r.delivery_count);
+    }
+    b.put_u32_le(batches_len as u32);
+}
+
+/// The head of a `DeliverSome` frame whose batches follow as separate buffers.
+pub fn deliver_some_head(high_watermark: u64, ranges: &[DeliveryRange], batches_len: usize) -> Bytes {
+    let mut body = BytesMut::with_capacity(16 + 20 * ranges.len());
+    put_deliver_some(&mut body, high_watermark, ranges, batches_len);
+    let mut head = BytesMut::with_capacity(6 + body.len());
+    put_header(&mut head, kind::DELIVER_SOME, body.len() + batches_len);
+    head.put_slice(&body);
+    head.freeze()
+}
 
 fn put_u32s(b: &mut BytesMut, v: &[u32]) {
     b.put_u32_le(v.len() as u32);
@@ -856,7 +979,33 @@ mod tests {
                     window_messages: wm,
                     window_bytes: wb,
                     member: None,
+                    policy: RedeliveryPolicy {
+                        ack_wait_ms: wm / 3,
+                        max_deliveries: wb / 5,
+                        dead_letter_topic: Some("dead".into()),
+                    },
                 })),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), 1u64..100, any::<u32>()), 0..4),
+                bytes.clone()
+            )
+                .prop_map(|(h, rs, b)| Message::DeliverSome {
+                    high_watermark: h,
+                    ranges: rs
+                        .into_iter()
+                        .map(|(s, n, c)| DeliveryRange { start: s / 2, end: s / 2 + n, delivery_count: c })
+                        .collect(),
+                    batches: b
+                }),
+            (any::<u64>(), proptest::collection::vec((0u64..1 << 60, 1u64..100), 0..4)).prop_map(
+                |(f, rs)| {
+                    Message::AckRanges { floor: f, ranges: rs.into_iter().map(|(s, n)| s..s + n).collect() }
+                }
+            ),
+            (any::<u64>(), any::<u32>()).prop_map(|(o, d)| Message::Nack { offset: o, delay_ms: d }),
+            proptest::collection::vec((0u64..1 << 60, 1u64..100), 0..4)
+                .prop_map(|rs| Message::Settled { ranges: rs.into_iter().map(|(s, n)| s..s + n).collect() }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Subscribed {
                 start_offset: a,
                 log_start_offset: b,
@@ -1005,6 +1154,15 @@ mod tests {
         let batches = Bytes::from_static(b"abcdefgh");
         let whole = Message::Deliver { high_watermark: 42, batches: batches.clone() }.encode().to_bytes();
         let mut parts = deliver_head(42, batches.len()).to_vec();
+        parts.extend_from_slice(&batches);
+        assert_eq!(&whole[..], &parts[..]);
+
+        let ranges = vec![DeliveryRange { start: 3, end: 5, delivery_count: 2 }];
+        let whole =
+            Message::DeliverSome { high_watermark: 42, ranges: ranges.clone(), batches: batches.clone() }
+                .encode()
+                .to_bytes();
+        let mut parts = deliver_some_head(42, &ranges, batches.len()).to_vec();
         parts.extend_from_slice(&batches);
         assert_eq!(&whole[..], &parts[..]);
     }

@@ -68,3 +68,62 @@ async fn committed_offsets_survive_a_broker_crash_and_the_group_carries_on() -> 
     })
     .await
 }
+
+/// Acknowledgements above the ack floor are persisted with it: after a broker crash the group
+/// gets back only what was never acknowledged, with delivery count 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_above_the_floor_survive_a_broker_crash() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(90, async {
+        let dir = tempfile::tempdir()?;
+        let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("q", 1, TopicConfig::default()).await?;
+        publish(&client, "q", (0..100).map(|i| i.to_string())).await?;
+        let config = || {
+            let mut c = ConsumerConfig::new("q").group("g").start(StartPosition::Earliest);
+            c.session_timeout = Duration::from_secs(2);
+            c
+        };
+        let next = async |c: &mut Consumer| -> anyhow::Result<quiver_client::ConsumedMessage> {
+            Ok(tokio::time::timeout(Duration::from_secs(20), c.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??)
+        };
+        let mut consumer = Consumer::subscribe(client.clone(), config()).await?;
+        for _ in 0..100 {
+            let m = next(&mut consumer).await?;
+            if m.offset != 10 && m.offset != 20 {
+                m.ack();
+            }
+        }
+        // Acks reach the broker within the ack interval; commit makes them durable.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        consumer.commit().await?;
+        let committed = client.admin().group_offsets("g", "q").await?[0].committed;
+        assert_eq!(committed, Some(10));
+        // This client and consumer end with the crash (no reconnect, no leave).
+        client.close().await;
+        std::mem::forget(consumer);
+
+        broker.kill9();
+        broker.restart().await?;
+
+        let client = broker.client().await?;
+        let mut consumer = Consumer::subscribe(client.clone(), config()).await?;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = next(&mut consumer).await?;
+            got.push((m.offset, m.delivery_count));
+            m.ack();
+        }
+        assert_eq!(got, vec![(10, 2), (20, 2)]);
+        let extra = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await;
+        assert!(extra.is_err(), "acknowledged before the crash and delivered again: {extra:?}");
+        consumer.commit().await?;
+        assert_eq!(client.admin().group_offsets("g", "q").await?[0].committed, Some(100));
+        consumer.close().await;
+        Ok(())
+    })
+    .await
+}

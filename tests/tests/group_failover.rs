@@ -267,3 +267,62 @@ async fn nacked_and_late_messages_come_back_then_go_to_the_dead_letter_topic() -
     })
     .await
 }
+
+/// The broker tracks acknowledgements per message for the group: when a member goes away, the
+/// next one gets exactly what the first had not acknowledged (not what it acknowledged above
+/// its ack floor), each with its delivery count + 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_member_gets_only_the_unacknowledged_with_higher_counts() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use quiver_client::{Consumer, ConsumerConfig, StartPosition};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        let setup = broker.client().await?;
+        setup.admin().create_topic("jobs", 1, TopicConfig::default()).await?;
+        publish(&setup, "jobs", (0..20).map(|i| i.to_string())).await?;
+        let config = || {
+            let mut c = ConsumerConfig::new("jobs").group("crew").start(StartPosition::Earliest);
+            c.session_timeout = Duration::from_millis(SESSION_MS);
+            c
+        };
+        let next = async |c: &mut Consumer| -> anyhow::Result<quiver_client::ConsumedMessage> {
+            Ok(tokio::time::timeout(Duration::from_secs(10), c.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??)
+        };
+
+        // The first member acknowledges the even offsets only, then its connection dies.
+        let first_client = broker.client().await?;
+        let mut first = Consumer::subscribe(first_client.clone(), config()).await?;
+        for _ in 0..20 {
+            let m = next(&mut first).await?;
+            assert_eq!(m.delivery_count, 1);
+            if m.offset % 2 == 0 {
+                m.ack();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await; // acks reach the broker
+        first_client.close().await;
+        std::mem::forget(first); // no leave: the broker notices the closed connection
+
+        let mut second = Consumer::subscribe(broker.client().await?, config()).await?;
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let m = next(&mut second).await?;
+            got.push((m.offset, m.delivery_count));
+            m.ack();
+        }
+        let expected: Vec<(u64, u32)> = (0..20).filter(|o| o % 2 == 1).map(|o| (o, 2)).collect();
+        assert_eq!(got, expected);
+        // Nothing acknowledged comes back.
+        let extra = tokio::time::timeout(Duration::from_secs(1), second.next()).await;
+        assert!(extra.is_err(), "unexpected delivery: {extra:?}");
+        second.commit().await?;
+        assert_eq!(setup.admin().group_offsets("crew", "jobs").await?[0].committed, Some(20));
+        second.close().await;
+        Ok(())
+    })
+    .await
+}

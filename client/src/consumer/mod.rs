@@ -1,11 +1,13 @@
 //! The consumer: one subscription stream per partition, merged into one `Stream` of messages.
 //!
-//! Each partition tracks what the application acknowledged; the contiguous acknowledged prefix
-//! (the ack floor) is sent to the broker as a cumulative `Ack`, which frees the delivery window
-//! and, for a group, becomes the group's committed offset (persisted lazily by the broker, or
-//! at once with `commit`). After a lost connection each partition re-subscribes from its ack
-//! floor and drops what it already handed out, so the application sees no duplicates from a
-//! reconnect within one consumer.
+//! Each partition tracks what the application acknowledged and sends it to the broker as
+//! `AckRanges` (the contiguous acknowledged prefix, the ack floor, and the ranges above it).
+//! The broker keeps acknowledgements per message (design.md §12): it frees the delivery window,
+//! hands out again what is nacked or past its ack deadline (with a higher delivery count),
+//! dead-letters what passed `max_deliveries`, and for a group persists the floor and the ranges
+//! above it (lazily, or at once with `commit`). After a lost connection each partition
+//! re-subscribes and drops first deliveries of what it already handed out, so the application
+//! sees no duplicates from a reconnect within one consumer; redeliveries (count > 1) pass.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -17,7 +19,9 @@ use bytes::Bytes;
 use futures::Stream;
 use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchSplitter, RecordIter};
-use quiver_protocol::message::{MemberRef, Message, StartPosition, Subscribe};
+use quiver_protocol::message::{
+    DeliveryRange, MemberRef, Message, RedeliveryPolicy, StartPosition, Subscribe,
+};
 use quiver_protocol::ErrorCode;
 use tokio::sync::{mpsc, Notify};
 
@@ -27,10 +31,8 @@ use crate::error::ClientError;
 use crate::transport::{write_message, FrameReader};
 
 mod membership;
-mod redeliver;
 
 use membership::Membership;
-use redeliver::Redeliverer;
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
@@ -54,10 +56,11 @@ pub struct ConsumerConfig {
     pub membership: bool,
     /// A member that sends no heartbeat for this long is removed and its partitions move.
     pub session_timeout: Duration,
-    /// Hand a message out again when it is not acknowledged within this (and when nacked).
-    /// `None` (the default): no redelivery within a session, and no per-message tracking.
+    /// The broker hands a message out again when it is not acknowledged within this.
+    /// `None` (the default): only nacks and a new session (a rebalance, a reconnect) redeliver.
     pub ack_deadline: Option<Duration>,
-    /// With `ack_deadline`: after this many deliveries a message goes to `dead_letter_topic`.
+    /// After this many deliveries the broker moves a message to `dead_letter_topic` instead of
+    /// handing it out again. `None`: unlimited.
     pub max_deliveries: Option<u32>,
     /// Where messages past `max_deliveries` go (created with 1 partition if missing);
     /// default `<topic>.dlq`.
@@ -113,12 +116,10 @@ impl ConsumedMessage {
         self.acks.ack(self.offset);
     }
 
-    /// Asks for this message again after `delay` (needs `ack_deadline` in the config; without
-    /// it a nack does nothing and the message stays unacknowledged).
+    /// Asks the broker to hand this message out again after `delay` (at once with `None`),
+    /// with its delivery count + 1, or to dead-letter it once it reached `max_deliveries`.
     pub fn nack(&self, delay: Option<Duration>) {
-        if let Some(p) = &self.acks.pending {
-            p.lock().nacked(self.offset, delay.unwrap_or(Duration::ZERO));
-        }
+        self.acks.nack(self.offset, delay.unwrap_or(Duration::ZERO));
     }
 }
 
@@ -130,8 +131,6 @@ const DELIVERIES_BUFFERED: usize = 64;
 struct AckState {
     inner: Mutex<AckFloor>,
     changed: Notify,
-    /// Unacknowledged messages, when redelivery is on.
-    pending: Option<crate::redelivery::SharedPending>,
     /// Set when the partition was revoked: its messages still buffered are dropped.
     revoked: std::sync::atomic::AtomicBool,
 }
@@ -147,31 +146,40 @@ struct AckFloor {
     /// Whether the broker has told where consumption starts: until then the floor means
     /// nothing and is never committed.
     started: bool,
+    /// Bumped by every ack, so the session knows when to tell the broker.
+    version: u64,
+    /// Nacks not yet sent: (offset, delay in ms).
+    nacks: Vec<(u64, u32)>,
 }
 
 impl AckState {
-    fn new(track: bool) -> Self {
+    fn new() -> Self {
         AckState {
             inner: Mutex::new(AckFloor {
                 floor: 0,
                 above: BTreeSet::new(),
                 next_expected: 0,
                 started: false,
+                version: 0,
+                nacks: Vec::new(),
             }),
             changed: Notify::new(),
-            pending: track.then(Default::default),
             revoked: Default::default(),
         }
     }
 
+    fn nack(&self, offset: u64, delay: Duration) {
+        let delay_ms = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
+        self.inner.lock().nacks.push((offset, delay_ms));
+        self.changed.notify_one();
+    }
+
     fn ack(&self, offset: u64) {
-        if let Some(p) = &self.pending {
-            p.lock().acked(offset);
-        }
         let mut a = self.inner.lock();
         if offset < a.floor {
             return;
         }
+        a.version += 1;
         if offset == a.floor {
             a.floor += 1;
             while a.above.first() == Some(&a.floor) {
@@ -196,7 +204,41 @@ impl AckState {
     }
 }
 
+/// Acknowledged ranges above the floor sent per `AckRanges` frame; more go in later frames.
+const MAX_RANGES_PER_ACK: usize = 4096;
+/// Offsets of a `Settled` frame taken into account (a broker never sends more than a window).
+const MAX_SETTLED_PER_FRAME: usize = 1 << 20;
+
 impl AckFloor {
+    /// Frames to send to the broker: nacks, and `AckRanges` when acks changed since `sent`
+    /// and it is time (a tick, or `eager_gap` messages acknowledged). Returns the version sent.
+    fn take_frames(&mut self, sent: Option<u64>, on_tick: bool, eager_gap: u64) -> (Vec<Message>, u64) {
+        let mut frames = Vec::new();
+        if !self.started {
+            return (frames, sent.unwrap_or(0));
+        }
+        let changed = sent != Some(self.version);
+        let due = on_tick || sent.is_none() || self.version - sent.unwrap_or(0) >= eager_gap;
+        if changed && due {
+            let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+            for &o in &self.above {
+                if let Some(r) = ranges.last_mut().filter(|r| r.end == o) {
+                    r.end = o + 1;
+                } else if ranges.len() == MAX_RANGES_PER_ACK {
+                    break;
+                } else {
+                    ranges.push(o..o + 1);
+                }
+            }
+            frames.push(Message::AckRanges { floor: self.floor, ranges });
+        }
+        for (offset, delay_ms) in self.nacks.drain(..) {
+            frames.push(Message::Nack { offset, delay_ms });
+        }
+        let version = if changed && due { self.version } else { sent.unwrap_or(0) };
+        (frames, version)
+    }
+
     /// Aligns local state with where a (re)subscription starts.
     /// Returns true when the log went backwards (what was handed out is void).
     fn reconcile(
@@ -272,7 +314,6 @@ pub struct Consumer {
     buffered: std::collections::VecDeque<ConsumedMessage>,
     shared: Arc<Shared>,
     membership: Option<tokio::task::JoinHandle<()>>,
-    redelivery: Option<tokio::task::JoinHandle<()>>,
     events: Option<mpsc::UnboundedReceiver<ConsumerEvent>>,
 }
 
@@ -302,7 +343,7 @@ impl Shared {
         partition: u32,
         member: Option<MemberRef>,
     ) -> tokio::sync::oneshot::Receiver<Result<(), ClientError>> {
-        let acks = Arc::new(AckState::new(config.ack_deadline.is_some()));
+        let acks = Arc::new(AckState::new());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = PartitionConsumer {
             client: client.clone(),
@@ -350,7 +391,6 @@ impl Consumer {
             buffered: Default::default(),
             shared,
             membership: None,
-            redelivery: None,
             events: None,
         };
         let (selected, member) = match (&config.group, &config.partitions) {
@@ -383,14 +423,6 @@ impl Consumer {
                 }
                 Err(_) => return Err(ClientError::Closed),
             }
-        }
-        if let Some(deadline) = config.ack_deadline {
-            let task = Redeliverer {
-                client: client.clone(),
-                config: config.clone(),
-                shared: consumer.shared.clone(),
-            };
-            consumer.redelivery = Some(tokio::spawn(task.run(deadline)));
         }
         if let Some(m) = member {
             let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -443,9 +475,6 @@ impl Consumer {
     fn stop(&mut self) -> Option<(String, String)> {
         if let Some(m) = self.membership.take() {
             m.abort();
-        }
-        if let Some(r) = self.redelivery.take() {
-            r.abort();
         }
         self.shared.stop_all();
         let member_id = self.shared.member_id.lock().take()?;
@@ -561,6 +590,15 @@ impl PartitionConsumer {
             start,
             window_messages: self.config.window_messages,
             window_bytes: self.config.window_bytes,
+            policy: RedeliveryPolicy {
+                ack_wait_ms: self
+                    .config
+                    .ack_deadline
+                    .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1))
+                    .unwrap_or(0),
+                max_deliveries: self.config.max_deliveries.unwrap_or(0),
+                dead_letter_topic: self.config.dead_letter_topic.clone(),
+            },
         };
         write_message(&mut send, &Message::Subscribe(sub)).await?;
         let (start_offset, high_watermark) = match reader.next().await? {
@@ -569,25 +607,18 @@ impl PartitionConsumer {
             Some(other) => return Err(unexpected(other)),
             None => return Err(ClientError::ConnectionLost("subscription closed".into())),
         };
-        let went_back = self.acks.inner.lock().reconcile(
+        self.acks.inner.lock().reconcile(
             start_offset,
             high_watermark,
             ready.is_some(),
             &self.topic,
             self.partition,
         );
-        if went_back {
-            // Remembered copies are of records that no longer exist at those offsets.
-            if let Some(p) = &self.acks.pending {
-                *p.lock() = Default::default();
-            }
-        }
         if let Some(r) = ready.take() {
             let _ = r.send(Ok(()));
         }
-        // Acks are cumulative and may not pass what this session's broker delivered.
-        let mut delivered = start_offset;
-        let mut sent_ack = start_offset;
+        // Tell the broker at once what was acknowledged before this session (after a reconnect).
+        let mut sent = None;
         // Ack at once when about half the window (in messages or, by the average message size so
         // far, in bytes) is waiting for it, so the broker never stalls on a full window.
         let (mut seen_bytes, mut seen_messages) = (0u64, 0u64);
@@ -600,12 +631,22 @@ impl PartitionConsumer {
                 frame = reader.next() => match frame? {
                     Some(Message::Deliver { batches, .. }) => {
                         seen_bytes += batches.len() as u64;
-                        match self.deliver(batches).await? {
-                            Some((next, count)) => {
-                                delivered = delivered.max(next);
-                                seen_messages += count;
-                            }
+                        match self.deliver(batches, None).await? {
+                            Some(count) => seen_messages += count,
                             None => return Ok(()),
+                        }
+                    }
+                    Some(Message::DeliverSome { batches, ranges, .. }) => {
+                        seen_bytes += batches.len() as u64;
+                        match self.deliver(batches, Some(&ranges)).await? {
+                            Some(count) => seen_messages += count,
+                            None => return Ok(()),
+                        }
+                    }
+                    Some(Message::Settled { ranges }) => {
+                        // Dead-lettered by the broker: acknowledged as far as we are concerned.
+                        for o in ranges.into_iter().flatten().take(MAX_SETTLED_PER_FRAME) {
+                            self.acks.ack(o);
                         }
                     }
                     Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
@@ -615,49 +656,52 @@ impl PartitionConsumer {
                 _ = self.acks.changed.notified() => {}
                 _ = tick.tick() => on_tick = true,
             }
-            // Ack on the tick, or at once when half the window is waiting for it.
-            let ack = self.acks.floor().min(delivered);
+            // Ack on the tick, or at once when half the window is waiting for it; nacks at once.
             let average = (seen_bytes / seen_messages.max(1)).max(1);
             let eager_gap = half_window_messages.min(half_window_bytes / average).max(1);
-            if ack > sent_ack && (on_tick || ack - sent_ack >= eager_gap) {
-                write_message(&mut send, &Message::Ack { next_offset: ack }).await?;
-                sent_ack = ack;
+            let (frames, now) = self.acks.inner.lock().take_frames(sent, on_tick, eager_gap);
+            for frame in frames {
+                write_message(&mut send, &frame).await?;
             }
+            sent = Some(now);
         }
     }
 
-    /// Hands a delivery's records to the application. Returns the offset after the last record
-    /// received and the number of records, or `None` once the application is gone.
-    async fn deliver(&self, batches: Bytes) -> Result<Option<(u64, u64)>, ClientError> {
-        let mut next = 0;
+    /// Hands a delivery's records to the application: all of them, or with `ranges` only
+    /// those in a range, with its delivery count. Returns the number of records received, or
+    /// `None` once the application is gone.
+    async fn deliver(
+        &self,
+        batches: Bytes,
+        ranges: Option<&[DeliveryRange]>,
+    ) -> Result<Option<u64>, ClientError> {
         let mut count = 0;
         let mut out = Vec::new();
         // Only this task moves `next_expected`, so it is read once and written back once.
         let mut expected = self.acks.inner.lock().next_expected;
+        let mut range = 0;
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
             for record in RecordIter::new(batch, header) {
                 let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
-                next = r.offset + 1;
                 count += 1;
-                if r.offset < expected {
-                    continue; // the batch began before our position, or a redelivery
+                let delivery_count = match ranges {
+                    None => 1,
+                    Some(ranges) => {
+                        while range < ranges.len() && ranges[range].end <= r.offset {
+                            range += 1;
+                        }
+                        match ranges.get(range) {
+                            Some(d) if d.start <= r.offset => d.delivery_count,
+                            _ => continue, // acknowledged already, or before our position
+                        }
+                    }
+                };
+                if r.offset < expected && delivery_count <= 1 {
+                    continue; // the batch began before our position, or handed out before a reconnect
                 }
-                expected = r.offset + 1;
-                if let (Some(p), Some(deadline)) = (&self.acks.pending, self.config.ack_deadline) {
-                    p.lock().delivered(
-                        r.offset,
-                        crate::redelivery::Pending {
-                            timestamp_ms: r.timestamp,
-                            key: r.key.clone(),
-                            value: r.value.clone(),
-                            headers: r.headers.clone(),
-                            delivery_count: 1,
-                            due: tokio::time::Instant::now() + deadline,
-                        },
-                    );
-                }
+                expected = expected.max(r.offset + 1);
                 out.push(ConsumedMessage {
                     topic: self.topic.clone(),
                     partition: self.partition,
@@ -666,7 +710,7 @@ impl PartitionConsumer {
                     key: r.key,
                     value: r.value,
                     headers: r.headers,
-                    delivery_count: 1,
+                    delivery_count,
                     acks: self.acks.clone(),
                 });
             }
@@ -675,6 +719,6 @@ impl PartitionConsumer {
         if !out.is_empty() && self.tx.send(Ok(out)).await.is_err() {
             return Ok(None);
         }
-        Ok(Some((next, count)))
+        Ok(Some(count))
     }
 }

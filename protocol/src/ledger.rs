@@ -1,0 +1,388 @@
+//! Per-message acknowledgements of one partition for one consumer group (design.md §12), as a
+//! pure state machine: the broker feeds it deliveries, acks, nacks and the time, and it says
+//! what to hand out (with delivery counts), what is due again, and where the ack floor is.
+//!
+//! Everything is kept as ranges of offsets, so a delivery of a thousand records or a run of
+//! in-order acks costs one range operation, not one per message.
+
+use std::ops::Range;
+
+use rangemap::{RangeMap, RangeSet};
+
+/// Header names on dead-lettered records: where the record came from, and how many times it
+/// was handed out.
+pub const ORIGIN_TOPIC: &str = "quiver.origin.topic";
+pub const ORIGIN_PARTITION: &str = "quiver.origin.partition";
+pub const ORIGIN_OFFSET: &str = "quiver.origin.offset";
+pub const DELIVERY_COUNT: &str = "quiver.delivery.count";
+
+/// No deadline: a pending message is handed out again only after a nack or a new session.
+pub const NO_DEADLINE: u64 = u64::MAX;
+
+/// At most this many acknowledged ranges above the floor are remembered; further acks that
+/// would add a range are dropped (those messages are delivered again: at-least-once).
+pub const MAX_ACKED_RANGES: usize = 65_536;
+
+/// Records a delivery should hand out, all with the same delivery count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub range: Range<u64>,
+    /// How many times these records have been handed out, counting this time.
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AckLedger {
+    /// Everything below is acknowledged (or dead-lettered).
+    floor: u64,
+    /// Acknowledged offsets above the floor.
+    acked: RangeSet<u64>,
+    /// How many times each offset at or above the floor has been handed out.
+    counts: RangeMap<u64, u32>,
+    /// Offsets handed out in the current session and not acknowledged, with the time (ms) at
+    /// which they are due again.
+    pending: RangeMap<u64, u64>,
+    /// The end of everything ever handed out; acks beyond it are ignored.
+    delivered_end: u64,
+}
+
+/// What is kept durably of a ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LedgerSnapshot {
+    pub floor: u64,
+    pub acked: Vec<Range<u64>>,
+    pub counts: Vec<(Range<u64>, u32)>,
+}
+
+impl AckLedger {
+    pub fn new(floor: u64) -> Self {
+        AckLedger { floor, delivered_end: floor, ..Default::default() }
+    }
+
+    /// Rebuilds a ledger from a snapshot (ranges below the floor are ignored).
+    pub fn restore(s: &LedgerSnapshot) -> Self {
+        let mut l = AckLedger::new(s.floor);
+        for (r, c) in &s.counts {
+            if r.start < r.end && r.end > s.floor && *c > 0 {
+                let r = r.start.max(s.floor)..r.end;
+                l.delivered_end = l.delivered_end.max(r.end);
+                l.counts.insert(r, *c);
+            }
+        }
+        for r in &s.acked {
+            l.ack(r.clone());
+        }
+        l
+    }
+
+    /// The floor, and up to `max_ranges` acknowledged and delivery-count ranges above it.
+    pub fn snapshot(&self, max_ranges: usize) -> LedgerSnapshot {
+        LedgerSnapshot {
+            floor: self.floor,
+            acked: self.acked.iter().take(max_ranges).cloned().collect(),
+            counts: self.counts.iter().take(max_ranges).map(|(r, c)| (r.clone(), *c)).collect(),
+        }
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    pub fn is_acked(&self, offset: u64) -> bool {
+        offset < self.floor || self.acked.contains(&offset)
+    }
+
+    /// How many times `offset` has been handed out so far.
+    pub fn count(&self, offset: u64) -> u32 {
+        self.counts.get(&offset).copied().unwrap_or(0)
+    }
+
+    /// Offsets in `range` not acknowledged and already handed out at least `max` times.
+    pub fn exhausted(&self, range: Range<u64>, max: u32) -> Vec<Range<u64>> {
+        let range = range.start.max(self.floor)..range.end;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        if range.start >= range.end || max == 0 {
+            return out;
+        }
+        for gap in self.acked.gaps(&range) {
+            for (r, c) in self.counts.overlapping(&gap) {
+                if *c >= max {
+                    let r = r.start.max(gap.start)..r.end.min(gap.end);
+                    match out.last_mut() {
+                        Some(last) if last.end == r.start => last.end = r.end,
+                        _ => out.push(r),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Messages handed out and not acknowledged in this session.
+    pub fn pending_messages(&self) -> u64 {
+        self.pending.iter().map(|(r, _)| r.end - r.start).sum()
+    }
+
+    /// Hands out `range` now: returns the records to hand out (acknowledged ones skipped), with
+    /// their delivery counts, and makes them due at `due_ms`.
+    pub fn deliver(&mut self, range: Range<u64>, due_ms: u64) -> Vec<Piece> {
+        let range = range.start.max(self.floor)..range.end;
+        let mut pieces: Vec<Piece> = Vec::new();
+        if range.start >= range.end {
+            return pieces;
+        }
+        let mut push = |range: Range<u64>, count: u32| match pieces.last_mut() {
+            Some(last) if last.range.end == range.start && last.count == count => last.range.end = range.end,
+            _ => pieces.push(Piece { range, count }),
+        };
+        for gap in self.acked.gaps(&range) {
+            let mut pos = gap.start;
+            for (r, c) in self.counts.overlapping(&gap) {
+                let (s, e) = (r.start.max(gap.start), r.end.min(gap.end));
+                if pos < s {
+                    push(pos..s, 1);
+                }
+                push(s..e, c.saturating_add(1));
+                pos = e;
+            }
+            if pos < gap.end {
+                push(pos..gap.end, 1);
+            }
+        }
+        for p in &pieces {
+            self.counts.insert(p.range.clone(), p.count);
+            self.pending.insert(p.range.clone(), due_ms);
+        }
+        self.delivered_end = self.delivered_end.max(range.end);
+        pieces
+    }
+
+    /// Acknowledges `range` (clipped to what was handed out). Returns whether the floor moved.
+    pub fn ack(&mut self, range: Range<u64>) -> bool {
+        let range = range.start.max(self.floor)..range.end.min(self.delivered_end);
+        if range.start >= range.end {
+            return false;
+        }
+        if self.acked.len() >= MAX_ACKED_RANGES
+            && range.start != self.floor
+            && !self.acked.overlaps(&(range.start.saturating_sub(1)..range.end.saturating_add(1)))
+        {
+            return false;
+        }
+        self.acked.insert(range.clone());
+        self.pending.remove(range);
+        self.advance()
+    }
+
+    /// Everything below `next` is acknowledged (a cumulative ack), clipped to what was handed
+    /// out. Returns whether the floor moved.
+    pub fn ack_below(&mut self, next: u64) -> bool {
+        self.ack(self.floor..next)
+    }
+
+    /// A commit: everything below `next` is done, whether or not this ledger saw it delivered.
+    /// Only moves forward.
+    pub fn commit(&mut self, next: u64) -> bool {
+        if next <= self.floor {
+            return false;
+        }
+        self.floor = next;
+        self.delivered_end = self.delivered_end.max(next);
+        self.trim();
+        self.advance();
+        true
+    }
+
+    /// Sets the floor anywhere and forgets everything else (an administrative reset).
+    pub fn reset(&mut self, floor: u64) {
+        *self = AckLedger::new(floor);
+    }
+
+    /// Asks for `offset` again at `due_ms` (only if it is pending).
+    pub fn nack(&mut self, offset: u64, due_ms: u64) {
+        if self.pending.contains_key(&offset) {
+            self.pending.insert(offset..offset + 1, due_ms);
+        }
+    }
+
+    /// Takes the pending ranges due at `now_ms` out of the pending set. The caller hands them
+    /// out again with `deliver` or settles them with `ack`.
+    pub fn take_due(&mut self, now_ms: u64) -> Vec<Range<u64>> {
+        let mut due: Vec<Range<u64>> = Vec::new();
+        for (r, at) in self.pending.iter() {
+            if *at <= now_ms {
+                match due.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => due.push(r.clone()),
+                }
+            }
+        }
+        for r in &due {
+            self.pending.remove(r.clone());
+        }
+        due
+    }
+
+    /// The earliest time something pending is due, if any has a deadline.
+    pub fn next_due(&self) -> Option<u64> {
+        self.pending.iter().map(|(_, at)| *at).filter(|at| *at != NO_DEADLINE).min()
+    }
+
+    /// The session that handed messages out ended: nothing is pending any more. What it had
+    /// not acknowledged is handed out again by the next session, with higher counts.
+    pub fn end_session(&mut self) {
+        self.pending = RangeMap::new();
+    }
+
+    fn advance(&mut self) -> bool {
+        let Some(r) = self.acked.get(&self.floor).cloned() else { return false };
+        self.floor = r.end;
+        self.trim();
+        true
+    }
+
+    fn trim(&mut self) {
+        if self.floor > 0 {
+            self.acked.remove(0..self.floor);
+            self.counts.remove(0..self.floor);
+            self.pending.remove(0..self.floor);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(range: Range<u64>, count: u32) -> Piece {
+        Piece { range, count }
+    }
+
+    #[test]
+    fn in_order_acks_move_the_floor() {
+        let mut l = AckLedger::new(10);
+        assert_eq!(l.deliver(10..20, NO_DEADLINE), vec![p(10..20, 1)]);
+        assert!(!l.ack(12..15));
+        assert_eq!(l.floor(), 10);
+        assert!(l.ack(10..12));
+        assert_eq!(l.floor(), 15);
+        assert!(l.ack_below(20));
+        assert_eq!(l.floor(), 20);
+        assert_eq!(l.pending_messages(), 0);
+        // Acks beyond what was handed out are ignored.
+        assert!(!l.ack(20..30));
+        assert_eq!(l.floor(), 20);
+    }
+
+    #[test]
+    fn a_new_session_skips_acked_and_counts_up() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..10, NO_DEADLINE);
+        l.ack(3..5);
+        l.end_session();
+        assert_eq!(l.deliver(0..12, NO_DEADLINE), vec![p(0..3, 2), p(5..10, 2), p(10..12, 1)]);
+        assert_eq!(l.count(6), 2);
+        assert_eq!(l.count(11), 1);
+    }
+
+    #[test]
+    fn deadlines_and_nacks_make_messages_due() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..5, 1000);
+        l.nack(2, 100);
+        assert_eq!(l.next_due(), Some(100));
+        assert_eq!(l.take_due(150), vec![2..3]);
+        assert_eq!(l.deliver(2..3, 1150), vec![p(2..3, 2)]);
+        l.ack(0..1);
+        assert_eq!(l.take_due(1000), vec![1..2, 3..5]);
+        assert!(l.take_due(1100).is_empty());
+        assert_eq!(l.take_due(1150), vec![2..3]);
+        // Dead-lettering settles a message like an ack.
+        assert_eq!(l.exhausted(0..10, 2), vec![2..3]);
+        assert_eq!(l.exhausted(0..10, 1), vec![1..5]);
+        l.ack(2..3);
+        assert_eq!(l.floor(), 1);
+        assert!(l.exhausted(0..10, 2).is_empty());
+    }
+
+    #[test]
+    fn snapshots_restore_floor_acks_and_counts() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..10, NO_DEADLINE);
+        l.ack(0..2);
+        l.ack(4..6);
+        let s = l.snapshot(1024);
+        assert_eq!(
+            s,
+            LedgerSnapshot { floor: 2, acked: std::iter::once(4..6).collect(), counts: vec![(2..10, 1)] }
+        );
+        let mut r = AckLedger::restore(&s);
+        assert_eq!(r.floor(), 2);
+        assert_eq!(r.deliver(2..12, NO_DEADLINE), vec![p(2..4, 2), p(6..10, 2), p(10..12, 1)]);
+    }
+
+    #[test]
+    fn commit_and_reset() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..10, NO_DEADLINE);
+        l.ack(6..8);
+        assert!(l.commit(6));
+        assert_eq!(l.floor(), 8);
+        assert!(!l.commit(3));
+        l.reset(3);
+        assert_eq!(l.floor(), 3);
+        assert_eq!(l.deliver(3..5, NO_DEADLINE), vec![p(3..5, 1)]);
+    }
+
+    proptest! {
+        /// Against a model with one entry per offset: the floor is the first unacknowledged
+        /// offset, deliveries skip exactly the acknowledged offsets, and counts add up.
+        #[test]
+        fn matches_a_per_offset_model(ops in proptest::collection::vec((0u8..5, 0u64..60, 1u64..12), 1..200)) {
+            let mut l = AckLedger::new(0);
+            let mut acked = [false; 80];
+            let mut counts = [0u32; 80];
+            let mut now = 0;
+            for (op, at, len) in ops {
+                now += 10;
+                let r = at..(at + len).min(80);
+                match op {
+                    0 | 1 => {
+                        let pieces = l.deliver(r.clone(), now + 50);
+                        let floor = l.floor();
+                        let mut expect: Vec<(u64, u32)> = vec![];
+                        for o in r.clone() {
+                            if o >= floor && !acked[o as usize] {
+                                counts[o as usize] += 1;
+                                expect.push((o, counts[o as usize]));
+                            }
+                        }
+                        let got: Vec<(u64, u32)> = pieces.iter().flat_map(|p| p.range.clone().map(move |o| (o, p.count))).collect();
+                        prop_assert_eq!(got, expect);
+                    }
+                    2 => {
+                        let end = (r.end).min(l.delivered_end);
+                        for o in r.start.max(l.floor())..end {
+                            acked[o as usize] = true;
+                        }
+                        l.ack(r);
+                    }
+                    3 => {
+                        for due in l.take_due(now) {
+                            for o in due {
+                                prop_assert!(!acked[o as usize]);
+                            }
+                        }
+                    }
+                    _ => l.end_session(),
+                }
+                let model_floor = (0..80u64).find(|o| !acked[*o as usize]).unwrap_or(80);
+                prop_assert_eq!(l.floor(), model_floor);
+                for o in 0..80u64 {
+                    prop_assert_eq!(l.is_acked(o), acked[o as usize]);
+                }
+            }
+        }
+    }
+}
