@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
-use crate::producers::{ProducerStates, SeqCheck};
+use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
 use crate::tail_cache::TailCache;
 
@@ -396,17 +396,32 @@ fn append_one(
         SeqCheck::Append => {}
     }
     let info = log.append(&mut batch, 0, now)?;
+    if info.rolled {
+        // The new segment starts with this batch: snapshot the producers as of its start, so a
+        // retry of a batch from the old segment is still recognised after a restart.
+        if let Err(e) = log.write_side_file(SNAPSHOT_EXT, &producers.encode_snapshot()) {
+            tracing::warn!(segment = info.base_offset, "could not write the producer snapshot: {e}");
+        }
+    }
     producers.record(&header, info.base_offset);
     // The stamped bytes, frozen without a copy, serve tail readers.
     tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
 }
 
-/// Rebuilds idempotent-producer state from the batch headers of the active segment. Producers
-/// whose last batches are in older segments are treated as new (their retries could then be
-/// appended again; design.md §10).
+/// Rebuilds idempotent-producer state: the snapshot taken when the active segment began, then
+/// the batch headers of the active segment (design.md §10).
 fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionError> {
-    let mut states = ProducerStates::default();
+    let snapshot = log.read_side_file(SNAPSHOT_EXT, MAX_SNAPSHOT_BYTES)?;
+    let mut states = snapshot
+        .and_then(|b| {
+            let s = ProducerStates::decode_snapshot(&b);
+            if s.is_none() {
+                tracing::warn!(dir = %log.dir().display(), "producer snapshot is damaged; rebuilding from the active segment only");
+            }
+            s
+        })
+        .unwrap_or_default();
     let mut offset = log.active_base_offset().max(log.log_start_offset());
     while offset < log.next_offset() {
         let plan = log.read_plan(offset, 8 * 1024 * 1024)?;
@@ -431,4 +446,58 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogConfig;
+    use crate::storage::{MemStorage, Storage};
+    use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+
+    fn batch(producer_id: i64, base_sequence: i32, records: usize) -> BytesMut {
+        let identity = ProducerIdentity { producer_id, producer_epoch: 0, base_sequence };
+        let mut b = BatchBuilder::new(256).with_identity(identity);
+        for _ in 0..records {
+            b.push(1, None, b"value", &[]);
+        }
+        BytesMut::from(&b.finish()[..])
+    }
+
+    #[test]
+    fn a_retry_from_before_a_segment_roll_is_recognised_after_a_restart() -> anyhow::Result<()> {
+        let storage: Arc<MemStorage> = Arc::new(MemStorage::new());
+        let dir = PathBuf::from("/p");
+        storage.create_dir_all(&dir)?;
+        let cfg = LogConfig {
+            segment_bytes: 400,
+            segment_ms: 1 << 40,
+            retention_bytes: None,
+            retention_ms: None,
+            index_interval_bytes: 300,
+        };
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), cfg.clone(), 0)?;
+        let mut producers = ProducerStates::default();
+        let (mut seq, mut last_before_roll) = (0, None);
+        loop {
+            let a = append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1)?;
+            if log.segment_count() > 1 {
+                break;
+            }
+            last_before_roll = Some((seq, a.base_offset));
+            seq += 3;
+        }
+        let (retry_seq, original_offset) = last_before_roll.ok_or_else(|| anyhow::anyhow!("no roll"))?;
+        log.sync()?;
+        let next = log.next_offset();
+        drop(log);
+
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir, cfg, 0)?;
+        let mut producers = recover_producers(&log)?;
+        let retried = append_one(&mut log, &mut producers, &tail, batch(7, retry_seq, 3), 2)?;
+        assert_eq!(retried.base_offset, original_offset, "answered with the original offsets");
+        assert_eq!(log.next_offset(), next, "nothing appended");
+        Ok(())
+    }
 }

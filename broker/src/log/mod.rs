@@ -412,6 +412,48 @@ impl PartitionLog {
     }
 
     /// Base offset of the active segment (where recovery rebuilds per-producer state from).
+    /// Writes a side file of the active segment (`<base>.<ext>`), replacing an older version,
+    /// and syncs it. A torn write must be detectable by the caller's format (a checksum).
+    pub fn write_side_file(&self, ext: &str, bytes: &[u8]) -> Result<(), LogError> {
+        let path = self.dir.join(segment::file_name(self.active.base, ext));
+        let f = self.storage.open(&path).map_err(LogError::io("open side file", &path))?;
+        f.truncate(0).map_err(LogError::io("truncate side file", &path))?;
+        f.append(bytes).map_err(LogError::io("write side file", &path))?;
+        f.sync().map_err(LogError::io("sync side file", &path))?;
+        // Side files of older segments are superseded.
+        let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
+        let suffix = format!(".{ext}");
+        for name in names {
+            let older = name
+                .strip_suffix(&suffix)
+                .and_then(|stem| stem.parse::<u64>().ok())
+                .is_some_and(|base| base < self.active.base);
+            if older {
+                let _ = self.storage.remove(&self.dir.join(&name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The active segment's side file `<base>.<ext>`, if there is one of at most `max_bytes`.
+    pub fn read_side_file(&self, ext: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LogError> {
+        let name = segment::file_name(self.active.base, ext);
+        let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
+        if !names.contains(&name) {
+            return Ok(None);
+        }
+        let path = self.dir.join(&name);
+        let f = self.storage.open(&path).map_err(LogError::io("open side file", &path))?;
+        let len = f.len().map_err(LogError::io("side file length", &path))?;
+        if len > max_bytes {
+            tracing::warn!(path = %path.display(), len, "side file too large; ignoring it");
+            return Ok(None);
+        }
+        let mut buf = vec![0; len as usize];
+        f.read_exact_at(0, &mut buf).map_err(LogError::io("read side file", &path))?;
+        Ok(Some(buf))
+    }
+
     pub fn active_base_offset(&self) -> u64 {
         self.active.base
     }

@@ -90,6 +90,9 @@ pub(crate) fn recover(
 enum FileKind {
     Log,
     Index,
+    /// Idempotent-producer state as of the segment's start (`<base>.producers`), kept by the
+    /// partition, not the log.
+    Producers,
 }
 
 /// Parses `<20 digits>.log|index|timeindex`.
@@ -102,6 +105,7 @@ fn parse_name(name: &str) -> Option<(u64, FileKind)> {
     match ext {
         "log" => Some((base, FileKind::Log)),
         "index" | "timeindex" => Some((base, FileKind::Index)),
+        "producers" => Some((base, FileKind::Producers)),
         _ => None,
     }
 }
@@ -122,6 +126,7 @@ fn find_segments(
                 logs.insert(base);
             }
             Some((base, FileKind::Index)) => indexes.push((base, name)),
+            Some((_, FileKind::Producers)) => {}
             None => {
                 tracing::warn!(dir = %dir.display(), file = %name, "skipping a file that is not part of a segment");
                 report.skipped_files.push(name);
