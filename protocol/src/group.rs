@@ -31,8 +31,8 @@ pub struct Assignment {
 struct Member {
     session_timeout_ms: u64,
     last_seen_ms: u64,
-    /// Partitions the member owns.
-    owned: BTreeSet<u32>,
+    /// Partitions the member owns, with the generation it was given each in.
+    owned: BTreeMap<u32, u64>,
     /// The newest generation the member has heartbeated with.
     seen_generation: u64,
 }
@@ -104,7 +104,7 @@ impl GroupCoordinator {
                     Member {
                         session_timeout_ms,
                         last_seen_ms: now_ms,
-                        owned: BTreeSet::new(),
+                        owned: BTreeMap::new(),
                         seen_generation: 0,
                     },
                 );
@@ -187,12 +187,14 @@ impl GroupCoordinator {
             self.members.get(member_id).ok_or_else(|| GroupError::UnknownMember(member_id.to_string()))?;
         // A member giving a partition up may still commit it until it confirms.
         let revoking = self.revoking.get(&partition).is_some_and(|(from, _)| from == member_id);
-        if !m.owned.contains(&partition) && !revoking {
+        if !m.owned.contains_key(&partition) && !revoking {
             return Err(GroupError::NotOwner { member: member_id.to_string(), partition });
         }
         // A member that owned the partition before and still does is current for it even if
-        // other partitions moved meanwhile (cooperative rebalancing).
-        if generation > self.generation {
+        // other partitions moved meanwhile (cooperative rebalancing), but not with a generation
+        // from before it was given the partition (it may have lost it and got it back since).
+        let since = m.owned.get(&partition).copied().unwrap_or(0);
+        if generation > self.generation || generation < since {
             return Err(GroupError::Fenced {
                 member: member_id.to_string(),
                 generation,
@@ -204,7 +206,7 @@ impl GroupCoordinator {
 
     /// (member, partitions) for every member, for describe.
     pub fn members(&self) -> Vec<(String, Vec<u32>)> {
-        self.members.iter().map(|(id, m)| (id.clone(), m.owned.iter().copied().collect())).collect()
+        self.members.iter().map(|(id, m)| (id.clone(), m.owned.keys().copied().collect())).collect()
     }
 
     fn assignment(&self, member_id: &str) -> Assignment {
@@ -214,7 +216,7 @@ impl GroupCoordinator {
             partitions: self
                 .members
                 .get(member_id)
-                .map(|m| m.owned.iter().copied().collect())
+                .map(|m| m.owned.keys().copied().collect())
                 .unwrap_or_default(),
         }
     }
@@ -222,7 +224,7 @@ impl GroupCoordinator {
     /// Sticky, cooperative: members keep up to their fair share; the surplus is revoked (and
     /// only handed on once confirmed); free partitions go to the members with the fewest.
     fn rebalance(&mut self) {
-        let before: Vec<(String, BTreeSet<u32>)> =
+        let before: Vec<(String, BTreeMap<u32, u64>)> =
             self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
         let revoking_before = self.revoking.len();
         let n = self.members.len() as u32;
@@ -232,13 +234,13 @@ impl GroupCoordinator {
             let next_generation = self.generation + 1;
             for (id, m) in self.members.iter_mut() {
                 while m.owned.len() > fair {
-                    if let Some(p) = m.owned.pop_last() {
+                    if let Some((p, _)) = m.owned.pop_last() {
                         self.revoking.insert(p, (id.clone(), next_generation));
                     }
                 }
             }
             // Hand out partitions nobody owns or is giving up.
-            let owned: BTreeSet<u32> = self.members.values().flat_map(|m| m.owned.iter().copied()).collect();
+            let owned: BTreeSet<u32> = self.members.values().flat_map(|m| m.owned.keys().copied()).collect();
             for p in 0..self.partitions {
                 if owned.contains(&p) || self.revoking.contains_key(&p) {
                     continue;
@@ -246,11 +248,12 @@ impl GroupCoordinator {
                 if let Some(m) =
                     self.members.values_mut().filter(|m| m.owned.len() < fair).min_by_key(|m| m.owned.len())
                 {
-                    m.owned.insert(p);
+                    // Given in the generation this rebalance creates.
+                    m.owned.insert(p, next_generation);
                 }
             }
         }
-        let after: Vec<(String, BTreeSet<u32>)> =
+        let after: Vec<(String, BTreeMap<u32, u64>)> =
             self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
         if before != after || self.revoking.len() != revoking_before {
             self.generation += 1;
@@ -302,6 +305,26 @@ mod tests {
         assert_eq!(g.expire(3100), vec![c.clone()]);
         assert_eq!(owners(&g).len(), 6);
         assert!(g.check_owner(&c, 1, 0).is_err());
+    }
+
+    #[test]
+    fn a_partition_lost_and_regained_refuses_the_older_generation() {
+        let mut g = GroupCoordinator::new("t", 2, "member");
+        let a = g.join("t", None, 1000, 0).expect("join");
+        assert_eq!(a.partitions, vec![0, 1]);
+        let first = a.generation;
+        let b = g.join("t", None, 1000, 0).expect("join").member_id;
+        let ha = g.heartbeat(&a.member_id, g.generation(), 0).expect("hb");
+        assert_eq!(ha.partitions, vec![0]);
+        assert_eq!(g.heartbeat(&b, g.generation(), 0).expect("hb").partitions, vec![1]);
+        g.leave(&b);
+        let back = g.heartbeat(&a.member_id, g.generation(), 0).expect("hb");
+        assert_eq!(back.partitions, vec![0, 1]);
+        // Partition 0 never left A: its first generation is still good for it.
+        assert!(g.check_owner(&a.member_id, first, 0).is_ok());
+        // Partition 1 went to B and came back: only the generation that gave it back counts.
+        assert!(matches!(g.check_owner(&a.member_id, first, 1), Err(GroupError::Fenced { .. })));
+        assert!(g.check_owner(&a.member_id, back.generation, 1).is_ok());
     }
 
     #[test]
