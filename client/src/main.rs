@@ -150,7 +150,8 @@ struct TailArgs {
     /// Only this partition.
     #[arg(long)]
     partition: Option<u32>,
-    /// One JSON object per line with topic, partition, offset, timestamp, key, headers, value.
+    /// One JSON object per line with topic, partition, offset, delivery_count, timestamp, key,
+    /// headers, value.
     #[arg(long)]
     json: bool,
     /// With --group: how long the broker waits for this member's heartbeats before giving its
@@ -430,6 +431,7 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
                 "topic": &*msg.topic,
                 "partition": msg.partition,
                 "offset": msg.offset,
+                "delivery_count": msg.delivery_count,
                 "timestamp": msg.timestamp_ms,
                 "key": msg.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
                 "headers": headers,
