@@ -148,6 +148,9 @@ struct AckFloor {
     started: bool,
     /// Bumped by every ack, so the session knows when to tell the broker.
     version: u64,
+    /// The version at which an ack wakes the session to send at once (between ticks); acks
+    /// before it wait for the tick, so acking costs no wake-up per message.
+    wake_at: u64,
     /// Nacks not yet sent: (offset, delay in ms).
     nacks: Vec<(u64, u32)>,
 }
@@ -161,6 +164,7 @@ impl AckState {
                 next_expected: 0,
                 started: false,
                 version: 0,
+                wake_at: 0,
                 nacks: Vec::new(),
             }),
             changed: Notify::new(),
@@ -189,8 +193,11 @@ impl AckState {
         } else {
             a.above.insert(offset);
         }
+        let wake = a.version >= a.wake_at;
         drop(a);
-        self.changed.notify_one();
+        if wake {
+            self.changed.notify_one();
+        }
     }
 
     fn floor(&self) -> u64 {
@@ -236,6 +243,7 @@ impl AckFloor {
             frames.push(Message::Nack { offset, delay_ms });
         }
         let version = if changed && due { self.version } else { sent.unwrap_or(0) };
+        self.wake_at = version + eager_gap;
         (frames, version)
     }
 
