@@ -314,7 +314,9 @@ fn parse_entries(data: &[u8]) -> (HashMap<OffsetKey, LedgerSnapshot>, usize) {
             Ok((k, s)) => {
                 map.insert(k, s);
             }
-            Err(_) => break,
+            // Intact (the checksum holds) but not understood: skip it rather than drop what
+            // follows.
+            Err(e) => tracing::warn!("offsets store: skipping an entry that does not decode: {e}"),
         }
         pos += 8 + len;
     }

@@ -111,8 +111,9 @@ async fn dispatch(
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
         }),
-        Message::CommitOffset { group, topic, partition, offset, member } => Box::pin(async move {
-            Some(commit(&st, group, &topic, partition, offset, member).await.unwrap_or_else(error))
+        Message::CommitOffset { group, topic, partition, offset, member, reset } => Box::pin(async move {
+            let reset = reset && member.is_none();
+            Some(commit(&st, group, &topic, partition, offset, member, reset).await.unwrap_or_else(error))
         }),
         msg @ (Message::JoinGroup { .. }
         | Message::Heartbeat { .. }
@@ -261,6 +262,7 @@ async fn commit(
     partition: u32,
     offset: u64,
     member: Option<quiver_protocol::MemberRef>,
+    reset: bool,
 ) -> Result<Message, PartitionError> {
     quiver_protocol::message::validate_group_name(&group)
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
@@ -274,9 +276,8 @@ async fn commit(
         ));
     }
     let key = (Arc::from(group.as_str()), t.name.clone(), partition);
-    // Members only move their group forward (a late commit must not undo a newer one);
-    // tools outside the membership may reset it while the group is empty.
-    let reset = member.is_none();
+    // Commits only move the group forward (a late commit must not undo a newer one); tools
+    // outside the membership may reset it while the group is empty (`check_owner` above).
     let st = state.clone();
     tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset, reset))
         .await

@@ -38,6 +38,8 @@ struct Setup {
     /// The group's ledger, or this subscription's own without a group.
     ledger: SharedLedger,
     policy: RedeliveryPolicy,
+    /// Where dead letters go, with `max_deliveries`.
+    dead_letter_topic: Option<String>,
 }
 
 /// An acknowledgement frame from the client.
@@ -46,6 +48,9 @@ enum ClientAck {
     Acked(u64, Vec<Range<u64>>),
     Nack(u64, u32),
 }
+
+/// Ranges per `Settled` frame (16 bytes each).
+const MAX_SETTLED_RANGES: usize = 65_536;
 
 /// Milliseconds on a process-wide monotonic clock (ledger deadlines).
 fn clock_ms() -> u64 {
@@ -74,6 +79,13 @@ pub(crate) async fn run(
         high_watermark: p.high_watermark(),
     };
     if write_message(&mut send, &subscribed).await.is_err() {
+        release(&state, &setup);
+        return;
+    }
+    // What the group acknowledged above its floor (other members, earlier sessions): the
+    // consumer counts it as acknowledged, as the deliveries skip it.
+    let acked = setup.ledger.lock().acked_ranges(MAX_SETTLED_RANGES);
+    if !acked.is_empty() && write_message(&mut send, &Message::Settled { ranges: acked }).await.is_err() {
         release(&state, &setup);
         return;
     }
@@ -114,7 +126,8 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
     // Retention can move the log start past a high watermark that waits for an fsync.
     let hw = hw.max(log_start);
     let committed = key.as_ref().and_then(|k| state.offsets.get(k));
-    let start = match (committed, sub.start) {
+    // Where to start without a committed offset (a group's is read again under its lock).
+    let requested = match (committed, sub.start) {
         (Some(c), _) => c.max(log_start).min(hw),
         (None, StartPosition::Earliest) => log_start,
         (None, StartPosition::Latest) => hw,
@@ -129,38 +142,59 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         }
         (None, StartPosition::Timestamp(ts)) => partition.offset_for_timestamp(ts).await?.max(log_start),
     };
+    let dead_letter_topic = dead_letter_topic(&topic.name, &sub.policy)?;
     // Only now, with nothing left to fail, does a group subscription take the partition over
     // (single active consumer per partition until group membership arrives).
-    let (group, ledger) = match key {
+    let (group, ledger, start) = match key {
         Some(key) => {
+            let ledger = state.offsets.ledger(&key, requested);
+            let mut l = ledger.lock();
+            // The floor, read under the lock: acks and commits may have moved it meanwhile.
+            let floor = l.floor();
+            let start = floor.max(log_start).min(hw);
+            if floor > hw {
+                // The log is shorter than the group's position (a crash lost unsynced records,
+                // whose offsets are reused): what the ledger knows is void.
+                l.reset(start);
+            } else if start > floor {
+                l.commit(start); // retention removed what the group had not consumed
+            }
+            // What an earlier session handed out and did not get acknowledged is handed out
+            // again by this one, with higher delivery counts.
+            l.end_session();
             let generation = state.next_generation.fetch_add(1, Ordering::Relaxed);
             state.group_owners.insert(key.clone(), generation);
-            let ledger = state.offsets.ledger(&key, start);
-            {
-                let mut l = ledger.lock();
-                // What an earlier session handed out and did not get acknowledged is handed out
-                // again by this one, with higher delivery counts.
-                l.end_session();
-                if start > l.floor() {
-                    l.commit(start); // retention removed what the group had not consumed
-                } else if start < l.floor() {
-                    // The log is shorter than the group's position (a crash lost unsynced
-                    // records, whose offsets are reused): what the ledger knows is void.
-                    l.reset(start);
-                }
-            }
-            (Some((key, generation)), ledger)
+            drop(l);
+            (Some((key, generation)), ledger, start)
         }
-        None => (None, Arc::new(Mutex::new(AckLedger::new(start)))),
+        None => (None, Arc::new(Mutex::new(AckLedger::new(requested))), requested),
     };
     let member = sub.group.clone().zip(sub.member.clone());
-    Ok(Setup { partition, start, group, member, ledger, policy: sub.policy.clone() })
+    Ok(Setup { partition, start, group, member, ledger, policy: sub.policy.clone(), dead_letter_topic })
+}
+
+/// Where dead letters of `topic` go under `policy`: checked at subscribe, so a bad name fails
+/// the subscription instead of every dead letter.
+fn dead_letter_topic(topic: &str, policy: &RedeliveryPolicy) -> Result<Option<String>, PartitionError> {
+    if policy.max_deliveries == 0 {
+        return Ok(None);
+    }
+    let name = policy.dead_letter_topic.clone().unwrap_or_else(|| format!("{topic}.dlq"));
+    let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, format!("dead-letter topic: {m}"));
+    quiver_protocol::message::validate_topic_name(&name).map_err(invalid)?;
+    if name == topic {
+        return Err(invalid(format!("'{name}' is the topic itself")));
+    }
+    Ok(Some(name))
 }
 
 fn release(state: &BrokerState, setup: &Setup) {
     if let Some((key, generation)) = &setup.group {
+        // Under the ledger's lock, so a subscription taking over (which ends the session under
+        // the same lock) cannot have its fresh session ended by this one.
+        let mut l = setup.ledger.lock();
         if state.group_owners.remove_if(key, |_, g| g == generation).is_some() {
-            setup.ledger.lock().end_session();
+            l.end_session();
         }
     }
 }
@@ -212,14 +246,23 @@ impl Session<'_> {
                 deadlines |= self.apply_ack(ack)?;
             }
             let high = *hw.borrow_and_update();
-            position = position.max(self.setup.ledger.lock().floor());
+            // The floor also moves by dead letters and commits: free the window by it.
+            let floor = self.setup.ledger.lock().floor();
+            self.free_window(floor);
+            position = position.max(floor);
             if position < high && self.window.has_room() {
                 let max =
                     self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize;
                 let mut parts = p.read_parts(position, max).await?;
                 if let Some(ext) = extent(&parts) {
                     self.check_not_taken_over()?;
+                    // Records handed out `max_deliveries` times already (by earlier sessions)
+                    // go to the dead letters instead.
+                    if !self.settle_exhausted(&parts, position..ext.next).await? {
+                        return Ok(());
+                    }
                     let pieces = self.setup.ledger.lock().deliver(position..ext.next, self.due());
+                    self.dirty();
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     let messages: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
                     if !pieces.is_empty() {
@@ -266,8 +309,31 @@ impl Session<'_> {
         }
     }
 
+    /// The group's ledger changed: persist it with the next flush.
+    fn dirty(&self) {
+        if let Some((key, _)) = &self.setup.group {
+            self.state.offsets.mark_dirty(key);
+        }
+    }
+
+    /// Frees the delivery window up to the ledger's floor.
+    fn free_window(&mut self, floor: u64) {
+        if floor <= self.window.acked() {
+            return;
+        }
+        let before = self.window.in_flight_bytes();
+        let _ = self.window.on_ack(floor.min(self.window.delivered()));
+        metrics::gauge!("quiver_inflight_delivery_bytes")
+            .decrement(before.saturating_sub(self.window.in_flight_bytes()) as f64);
+    }
+
     /// Applies an acknowledgement; returns whether it set a deadline (a nack).
     fn apply_ack(&mut self, ack: ClientAck) -> Result<bool, PartitionError> {
+        // A subscription that was taken over, or whose member lost the partition, no longer
+        // counts for the group: its acks are refused, not applied.
+        if self.setup.group.is_some() {
+            self.check_not_taken_over()?;
+        }
         let nacked = matches!(ack, ClientAck::Nack(..));
         let (moved, floor) = {
             let mut l = self.setup.ledger.lock();
@@ -283,18 +349,12 @@ impl Session<'_> {
             }
             (l.floor() != before, l.floor())
         };
-        if !moved {
-            return Ok(nacked);
-        }
-        let before = self.window.in_flight_bytes();
-        let _ = self.window.on_ack(floor.min(self.window.delivered()));
-        metrics::gauge!("quiver_inflight_delivery_bytes")
-            .decrement(before.saturating_sub(self.window.in_flight_bytes()) as f64);
-        if let Some((key, _)) = &self.setup.group {
-            // A subscription that was taken over, or whose member lost the partition, no longer
-            // counts for the group.
-            self.check_owner()?;
-            self.state.offsets.mark_dirty(key);
+        self.dirty();
+        if moved {
+            if self.setup.member.is_some() {
+                still_owner(self.state, self.setup)?;
+            }
+            self.free_window(floor);
         }
         Ok(nacked)
     }
@@ -327,33 +387,27 @@ impl Session<'_> {
         for range in due {
             let mut at = range.start;
             while at < range.end {
-                if at < p.log_start_offset() {
-                    // Retention removed them: nothing left to deliver.
-                    at = p.log_start_offset();
+                let log_start = p.log_start_offset();
+                if at < log_start {
+                    // Retention removed them: nothing left to deliver, nothing to wait for.
+                    let gone = at..log_start.min(range.end);
+                    self.setup.ledger.lock().ack(gone.clone());
+                    self.dirty();
+                    if write_message(self.send, &Message::Settled { ranges: vec![gone] }).await.is_err() {
+                        return Ok(false);
+                    }
+                    at = log_start;
                     continue;
                 }
                 let max = self.state.config.max_deliver_bytes as usize;
                 let mut parts = p.read_parts(at, max).await?;
                 let Some(ext) = extent(&parts) else { break };
                 let end = ext.next.min(range.end);
-                let max_deliveries = self.setup.policy.max_deliveries;
-                let dead = self.setup.ledger.lock().exhausted(at..end, max_deliveries);
-                if !dead.is_empty() {
-                    self.dead_letter(&parts, &dead).await?;
-                    {
-                        let mut l = self.setup.ledger.lock();
-                        for r in &dead {
-                            l.ack(r.clone());
-                        }
-                    }
-                    if write_message(self.send, &Message::Settled { ranges: dead }).await.is_err() {
-                        return Ok(false);
-                    }
-                    if let Some((key, _)) = &self.setup.group {
-                        self.state.offsets.mark_dirty(key);
-                    }
+                if !self.settle_exhausted(&parts, at..end).await? {
+                    return Ok(false);
                 }
                 let pieces = self.setup.ledger.lock().deliver(at..end, self.due());
+                self.dirty();
                 if !pieces.is_empty() {
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     let messages: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
@@ -370,19 +424,48 @@ impl Session<'_> {
         Ok(true)
     }
 
+    /// Dead-letters the records of `range` (found in `parts`) that were handed out
+    /// `max_deliveries` times, marks them acknowledged and tells the client (`Settled`).
+    /// Returns false once the client is gone. A dead letter that cannot be written is logged
+    /// and its record stays pending (it is handed out again).
+    async fn settle_exhausted(&mut self, parts: &[Bytes], range: Range<u64>) -> Result<bool, PartitionError> {
+        let Some(target) = &self.setup.dead_letter_topic else { return Ok(true) };
+        let dead = self.setup.ledger.lock().exhausted(range, self.setup.policy.max_deliveries);
+        if dead.is_empty() {
+            return Ok(true);
+        }
+        if let Err(e) = self.dead_letter(target, parts, &dead).await {
+            let p = &self.setup.partition;
+            tracing::warn!(topic = %p.topic, partition = p.id, dead_letter_topic = %target, "could not write dead letters ({e}); they stay pending");
+            return Ok(true);
+        }
+        {
+            let mut l = self.setup.ledger.lock();
+            for r in &dead {
+                l.ack(r.clone());
+            }
+        }
+        self.dirty();
+        Ok(write_message(self.send, &Message::Settled { ranges: dead }).await.is_ok())
+    }
+
     /// Writes the records of `dead` (found in `parts`) to the dead-letter topic, with headers
     /// naming their origin, and waits until they are appended there.
-    async fn dead_letter(&self, parts: &[Bytes], dead: &[Range<u64>]) -> Result<(), PartitionError> {
+    async fn dead_letter(
+        &self,
+        name: &str,
+        parts: &[Bytes],
+        dead: &[Range<u64>],
+    ) -> Result<(), PartitionError> {
         let p = &self.setup.partition;
-        let name = self.setup.policy.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", p.topic));
-        let topic = match self.state.topics.get(&name) {
+        let topic = match self.state.topics.get(name) {
             Ok(t) => t,
             Err(_) => {
                 let config = TopicConfig::default();
-                match self.state.topics.create(&name, 1, config, self.state.config.max_partitions_total).await
+                match self.state.topics.create(name, 1, config, self.state.config.max_partitions_total).await
                 {
                     Ok(t) => t,
-                    Err(e) if e.code == ErrorCode::TopicExists => self.state.topics.get(&name)?,
+                    Err(e) if e.code == ErrorCode::TopicExists => self.state.topics.get(name)?,
                     Err(e) => return Err(e),
                 }
             }
@@ -417,8 +500,10 @@ impl Session<'_> {
         if builder.is_empty() {
             return Ok(());
         }
-        let batch = bytes::BytesMut::from(&builder.finish()[..]);
-        let appended = target.submit(batch).await?;
+        let batch = builder.finish();
+        quiver_protocol::batch::validate(&batch)
+            .map_err(|e| PartitionError::new(ErrorCode::BatchTooLarge, format!("dead-letter batch: {e}")))?;
+        let appended = target.submit(bytes::BytesMut::from(&batch[..])).await?;
         appended
             .await
             .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))??;

@@ -77,7 +77,9 @@ impl Admin {
     }
 
     /// Durably commits `offset` (the next offset to consume) for a group and partition, as a
-    /// tool outside the group's membership (refused while the group has members).
+    /// tool outside the group's membership (refused while the group has members). This is an
+    /// administrative reset: it sets the offset anywhere, also backwards, and drops what the
+    /// broker knew of acknowledgements above it.
     pub async fn commit_offset(
         &self,
         group: &str,
@@ -85,7 +87,7 @@ impl Admin {
         partition: u32,
         offset: u64,
     ) -> Result<(), ClientError> {
-        self.commit_offset_as(group, topic, partition, offset, None).await
+        self.commit(group, topic, partition, offset, None, true).await
     }
 
     /// As `commit_offset`, as a group member (fenced unless it owns the partition).
@@ -97,8 +99,26 @@ impl Admin {
         offset: u64,
         member: Option<MemberRef>,
     ) -> Result<(), ClientError> {
-        let msg =
-            Message::CommitOffset { group: group.into(), topic: topic.into(), partition, offset, member };
+        self.commit(group, topic, partition, offset, member, false).await
+    }
+
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        member: Option<MemberRef>,
+        reset: bool,
+    ) -> Result<(), ClientError> {
+        let msg = Message::CommitOffset {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+            offset,
+            member,
+            reset,
+        };
         match self.client.request(&msg).await? {
             Message::CommitOk => Ok(()),
             other => Err(unexpected(other)),

@@ -69,6 +69,10 @@ impl AckLedger {
                 l.counts.insert(r, *c);
             }
         }
+        // Acks are clipped to what was handed out: the end of what the snapshot knows.
+        if let Some(end) = s.acked.iter().map(|r| r.end).max() {
+            l.delivered_end = l.delivered_end.max(end);
+        }
         for r in &s.acked {
             l.ack(r.clone());
         }
@@ -82,6 +86,11 @@ impl AckLedger {
             acked: self.acked.iter().take(max_ranges).cloned().collect(),
             counts: self.counts.iter().take(max_ranges).map(|(r, c)| (r.clone(), *c)).collect(),
         }
+    }
+
+    /// Up to `max` acknowledged ranges above the floor.
+    pub fn acked_ranges(&self, max: usize) -> Vec<Range<u64>> {
+        self.acked.iter().take(max).cloned().collect()
     }
 
     pub fn floor(&self) -> u64 {
@@ -199,8 +208,10 @@ impl AckLedger {
     }
 
     /// Asks for `offset` again at `due_ms` (only if it is pending).
+    /// A nack that would split the pending set beyond `MAX_ACKED_RANGES` ranges is dropped
+    /// (the message still comes back with its ack wait or the next session).
     pub fn nack(&mut self, offset: u64, due_ms: u64) {
-        if self.pending.contains_key(&offset) {
+        if self.pending.contains_key(&offset) && self.pending.len() < MAX_ACKED_RANGES {
             self.pending.insert(offset..offset + 1, due_ms);
         }
     }

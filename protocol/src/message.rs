@@ -213,6 +213,9 @@ pub enum Message {
         partition: u32,
         offset: u64,
         member: Option<MemberRef>,
+        /// Set the offset even below the current one (an administrative reset of an empty
+        /// group); otherwise a commit only moves the group forward.
+        reset: bool,
     },
     CommitOk,
     FetchOffsets {
@@ -496,12 +499,13 @@ impl Message {
                 b.put_u32_le(batches.len() as u32);
                 return batches.clone();
             }
-            CommitOffset { group, topic, partition, offset, member } => {
+            CommitOffset { group, topic, partition, offset, member, reset } => {
                 b.put_string(group);
                 b.put_string(topic);
                 b.put_u32_le(*partition);
                 b.put_u64_le(*offset);
                 put_member(b, member.as_ref());
+                b.put_u8(u8::from(*reset));
             }
             CommitOk | Done | InitProducer | ListGroups => {}
             JoinGroup { group, topic, member_id, session_timeout_ms } => {
@@ -636,10 +640,14 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             window_messages: r.u32()?,
             window_bytes: r.u32()?,
             member: get_member(r)?,
-            policy: RedeliveryPolicy {
-                ack_wait_ms: r.u32()?,
-                max_deliveries: r.u32()?,
-                dead_letter_topic: r.option(topic)?,
+            // Absent in subscriptions from clients that predate it.
+            policy: match r.remaining() {
+                0 => RedeliveryPolicy::default(),
+                _ => RedeliveryPolicy {
+                    ack_wait_ms: r.u32()?,
+                    max_deliveries: r.u32()?,
+                    dead_letter_topic: r.option(topic)?,
+                },
             },
         }),
         kind::SUBSCRIBED => {
@@ -669,6 +677,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             partition: r.u32()?,
             offset: r.u64()?,
             member: get_member(r)?,
+            reset: r.bool()?,
         },
         kind::COMMIT_OK => CommitOk,
         kind::FETCH_OFFSETS => FetchOffsets { group: text(r)?, topic: topic(r)? },
@@ -1031,6 +1040,7 @@ mod tests {
                 partition: p,
                 offset: o,
                 member: Some(MemberRef { member_id: "m-1".into(), generation: 3 }),
+                reset: o % 2 == 0,
             }),
             Just(Message::CommitOk),
             (name, name).prop_map(|(g, t)| Message::FetchOffsets { group: g, topic: t }),

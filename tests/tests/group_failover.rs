@@ -326,3 +326,58 @@ async fn the_next_member_gets_only_the_unacknowledged_with_higher_counts() -> an
     })
     .await
 }
+
+/// `max_deliveries` counts deliveries across sessions: a message that every consumer takes and
+/// never acknowledges (each one dies with it) goes to the dead letters once it was handed out
+/// that many times, instead of being handed out for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_kills_every_consumer_ends_in_the_dead_letters() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use quiver_client::{Consumer, ConsumerConfig, StartPosition};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        let setup = broker.client().await?;
+        setup.admin().create_topic("poison", 1, TopicConfig::default()).await?;
+        publish(&setup, "poison", ["bad".to_string()]).await?;
+        let config = || {
+            let mut c = ConsumerConfig::new("poison").group("crew").start(StartPosition::Earliest);
+            c.session_timeout = Duration::from_millis(SESSION_MS);
+            c.max_deliveries = Some(2);
+            c
+        };
+        for attempt in 1..=2u32 {
+            let client = broker.client().await?;
+            let mut c = Consumer::subscribe(client.clone(), config()).await?;
+            let m = tokio::time::timeout(Duration::from_secs(10), c.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            assert_eq!((&m.value[..], m.delivery_count), (&b"bad"[..], attempt));
+            client.close().await; // dies holding it
+            std::mem::forget(c);
+        }
+        // Every message handed out counts, processed or not: publish the next one only now.
+        publish(&setup, "poison", ["good".to_string()]).await?;
+        let mut c = Consumer::subscribe(broker.client().await?, config()).await?;
+        let m = tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!((&m.value[..], m.delivery_count), (&b"good"[..], 1));
+        m.ack();
+        let mut dlq = Consumer::subscribe(
+            broker.client().await?,
+            ConsumerConfig::new("poison.dlq").start(StartPosition::Earliest),
+        )
+        .await?;
+        let dead = tokio::time::timeout(Duration::from_secs(10), dlq.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!(&dead.value[..], b"bad");
+        c.commit().await?;
+        assert_eq!(setup.admin().group_offsets("crew", "poison").await?[0].committed, Some(2));
+        c.close().await;
+        Ok(())
+    })
+    .await
+}

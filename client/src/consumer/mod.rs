@@ -6,8 +6,9 @@
 //! hands out again what is nacked or past its ack deadline (with a higher delivery count),
 //! dead-letters what passed `max_deliveries`, and for a group persists the floor and the ranges
 //! above it (lazily, or at once with `commit`). After a lost connection each partition
-//! re-subscribes and drops first deliveries of what it already handed out, so the application
-//! sees no duplicates from a reconnect within one consumer; redeliveries (count > 1) pass.
+//! re-subscribes. Without a group it drops first deliveries of what it already handed out; with
+//! a group, what it handed out and had not acknowledged comes back as a redelivery (count + 1),
+//! as it would to another member.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -23,6 +24,7 @@ use quiver_protocol::message::{
     DeliveryRange, MemberRef, Message, RedeliveryPolicy, StartPosition, Subscribe,
 };
 use quiver_protocol::ErrorCode;
+use rangemap::RangeSet;
 use tokio::sync::{mpsc, Notify};
 
 use crate::admin::Admin;
@@ -140,7 +142,10 @@ struct AckFloor {
     /// Everything below is acknowledged.
     floor: u64,
     /// Acknowledged offsets above the floor.
-    above: BTreeSet<u64>,
+    above: RangeSet<u64>,
+    /// Nacked offsets not acknowledged since: they pass the reconnect filter when they come back
+    /// (even as a first delivery, if the broker lost the nack with the connection).
+    nacked: BTreeSet<u64>,
     /// Next offset to hand to the application (drops redeliveries after a reconnect).
     next_expected: u64,
     /// Whether the broker has told where consumption starts: until then the floor means
@@ -160,7 +165,8 @@ impl AckState {
         AckState {
             inner: Mutex::new(AckFloor {
                 floor: 0,
-                above: BTreeSet::new(),
+                above: RangeSet::new(),
+                nacked: BTreeSet::new(),
                 next_expected: 0,
                 started: false,
                 version: 0,
@@ -174,7 +180,12 @@ impl AckState {
 
     fn nack(&self, offset: u64, delay: Duration) {
         let delay_ms = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
-        self.inner.lock().nacks.push((offset, delay_ms));
+        let mut a = self.inner.lock();
+        if offset >= a.floor && !a.above.contains(&offset) {
+            a.nacks.push((offset, delay_ms));
+            a.nacked.insert(offset);
+        }
+        drop(a);
         self.changed.notify_one();
     }
 
@@ -186,12 +197,12 @@ impl AckState {
         a.version += 1;
         if offset == a.floor {
             a.floor += 1;
-            while a.above.first() == Some(&a.floor) {
-                a.above.pop_first();
-                a.floor += 1;
-            }
+            a.merge_above();
         } else {
-            a.above.insert(offset);
+            a.above.insert(offset..offset + 1);
+        }
+        if !a.nacked.is_empty() {
+            a.nacked.remove(&offset);
         }
         let wake = a.version >= a.wake_at;
         drop(a);
@@ -213,10 +224,37 @@ impl AckState {
 
 /// Acknowledged ranges above the floor sent per `AckRanges` frame; more go in later frames.
 const MAX_RANGES_PER_ACK: usize = 4096;
-/// Offsets of a `Settled` frame taken into account (a broker never sends more than a window).
-const MAX_SETTLED_PER_FRAME: usize = 1 << 20;
 
 impl AckFloor {
+    /// Moves the floor over acknowledged ranges that now touch it.
+    fn merge_above(&mut self) {
+        if let Some(r) = self.above.get(&self.floor).cloned() {
+            self.floor = r.end;
+        }
+        if self.above.first().is_some_and(|r| r.start < self.floor) {
+            self.above.remove(0..self.floor);
+        }
+        if self.nacked.first().is_some_and(|o| *o < self.floor) {
+            self.nacked = self.nacked.split_off(&self.floor);
+        }
+    }
+
+    /// The broker settled these offsets (dead letters, or acknowledged by the group before).
+    fn settle(&mut self, ranges: Vec<std::ops::Range<u64>>) {
+        for r in ranges {
+            if r.end <= self.floor {
+                continue;
+            }
+            if r.start <= self.floor {
+                self.floor = r.end;
+            } else {
+                self.above.insert(r);
+            }
+            self.merge_above();
+        }
+        self.version += 1;
+    }
+
     /// Frames to send to the broker: nacks, and `AckRanges` when acks changed since `sent`
     /// and it is time (a tick, or `eager_gap` messages acknowledged). Returns the version sent.
     fn take_frames(&mut self, sent: Option<u64>, on_tick: bool, eager_gap: u64) -> (Vec<Message>, u64) {
@@ -227,16 +265,8 @@ impl AckFloor {
         let changed = sent != Some(self.version);
         let due = on_tick || sent.is_none() || self.version - sent.unwrap_or(0) >= eager_gap;
         if changed && due {
-            let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
-            for &o in &self.above {
-                if let Some(r) = ranges.last_mut().filter(|r| r.end == o) {
-                    r.end = o + 1;
-                } else if ranges.len() == MAX_RANGES_PER_ACK {
-                    break;
-                } else {
-                    ranges.push(o..o + 1);
-                }
-            }
+            let ranges: Vec<std::ops::Range<u64>> =
+                self.above.iter().take(MAX_RANGES_PER_ACK).cloned().collect();
             frames.push(Message::AckRanges { floor: self.floor, ranges });
         }
         for (offset, delay_ms) in self.nacks.drain(..) {
@@ -269,18 +299,16 @@ impl AckFloor {
             // (durability interval/os) and will reuse those offsets. Start over from the broker.
             tracing::warn!(%topic, partition, handed_out = self.next_expected, high_watermark, "partition log went backwards; resuming from the broker's position");
             self.floor = start;
-            self.above.clear();
+            self.above = RangeSet::new();
+            self.nacked.clear();
             self.next_expected = start;
             return true;
         }
         if start > self.floor {
-            // Retention removed offsets we had not acknowledged: they can never be acked now.
+            // Retention removed offsets we had not acknowledged (they can never be acked now),
+            // or the group acknowledged them in other sessions.
             self.floor = start;
-            self.above.retain(|o| *o >= start);
-            while self.above.first() == Some(&self.floor) {
-                self.above.pop_first();
-                self.floor += 1;
-            }
+            self.merge_above();
         }
         self.next_expected = self.next_expected.max(start);
         false
@@ -652,10 +680,9 @@ impl PartitionConsumer {
                         }
                     }
                     Some(Message::Settled { ranges }) => {
-                        // Dead-lettered by the broker: acknowledged as far as we are concerned.
-                        for o in ranges.into_iter().flatten().take(MAX_SETTLED_PER_FRAME) {
-                            self.acks.ack(o);
-                        }
+                        // Dead-lettered by the broker, or acknowledged by the group before:
+                        // acknowledged as far as we are concerned.
+                        self.acks.inner.lock().settle(ranges);
                     }
                     Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
                     Some(other) => return Err(unexpected(other)),
@@ -686,7 +713,10 @@ impl PartitionConsumer {
         let mut count = 0;
         let mut out = Vec::new();
         // Only this task moves `next_expected`, so it is read once and written back once.
-        let mut expected = self.acks.inner.lock().next_expected;
+        let (mut expected, nacked) = {
+            let a = self.acks.inner.lock();
+            (a.next_expected, if a.nacked.is_empty() { BTreeSet::new() } else { a.nacked.clone() })
+        };
         let mut range = 0;
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
@@ -706,7 +736,7 @@ impl PartitionConsumer {
                         }
                     }
                 };
-                if r.offset < expected && delivery_count <= 1 {
+                if r.offset < expected && delivery_count <= 1 && !nacked.contains(&r.offset) {
                     continue; // the batch began before our position, or handed out before a reconnect
                 }
                 expected = expected.max(r.offset + 1);
