@@ -121,19 +121,22 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     // Consumers first, so they see every message from offset 0.
     let produced_total = Arc::new(AtomicU64::new(if config.producers == 0 { existing } else { u64::MAX }));
     let mut consumer_tasks = Vec::new();
-    for _ in 0..config.consumers {
-        let client = Client::connect(config.client.clone()).await?;
-        let consumer = Consumer::subscribe(
-            client.clone(),
-            ConsumerConfig::new(topic.clone()).start(StartPosition::Earliest),
-        )
-        .await?;
-        consumer_tasks.push(tokio::spawn(consume(
-            consumer,
-            client,
-            produced_total.clone(),
-            bars.consumed.clone(),
-        )));
+    for i in 0..config.consumers {
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let (client_config, topic, total, bar) =
+            (config.client.clone(), topic.clone(), produced_total.clone(), bars.consumed.clone());
+        consumer_tasks.push(on_own_thread(format!("bench-consumer-{i}"), async move || {
+            let client = Client::connect(client_config).await?;
+            let consumer = Consumer::subscribe(
+                client.clone(),
+                ConsumerConfig::new(topic).start(StartPosition::Earliest),
+            )
+            .await?;
+            let _ = ready_tx.send(());
+            consume(consumer, client, total, bar).await
+        })?);
+        // Subscribed before anything is produced, so it sees every message from offset 0.
+        let _ = ready.await;
     }
 
     let deadline = config.duration.map(|d| Instant::now() + d);
@@ -141,20 +144,16 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     let started = Instant::now();
     let mut producer_tasks = Vec::new();
     for i in 0..config.producers {
-        let client = Client::connect(config.client.clone()).await?;
         let count = if i == 0 {
             config.messages - per_producer * (config.producers.max(1) as u64 - 1)
         } else {
             per_producer
         };
-        producer_tasks.push(tokio::spawn(produce(
-            client,
-            topic.clone(),
-            config.clone(),
-            count,
-            deadline,
-            bars.produced.clone(),
-        )));
+        let (config, topic, bar) = (config.clone(), topic.clone(), bars.produced.clone());
+        producer_tasks.push(on_own_thread(format!("bench-producer-{i}"), async move || {
+            let client = Client::connect(config.client.clone()).await?;
+            produce(client, topic, config, count, deadline, bar).await
+        })?);
     }
     let mut produce_hist = new_histogram();
     let mut produced = 0u64;
@@ -203,6 +202,33 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     };
     admin_client.close().await;
     Ok(report)
+}
+
+/// Runs one load-generating client on a thread of its own with a single-threaded runtime, as a
+/// separate client process would. Its connection's tasks (the quinn drivers, the partition
+/// tasks, the loop here) then never wake each other across threads; on a 2-core machine a
+/// shared multi-threaded runtime costs about a quarter of the consume throughput in cross-thread
+/// wake-ups (BENCHMARKS.md).
+fn on_own_thread<T, F>(
+    name: String,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<Result<T, ClientError>>, ClientError>
+where
+    F: std::future::Future<Output = Result<T, ClientError>>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(f()),
+                Err(e) => Err(ClientError::Protocol(format!("cannot start a runtime: {e}"))),
+            };
+            let _ = tx.send(result);
+        })
+        .map_err(|e| ClientError::Protocol(format!("cannot start a bench thread: {e}")))?;
+    Ok(rx)
 }
 
 async fn produce(

@@ -239,10 +239,14 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
         ClientError::BadAddress { addr: config.broker.clone(), reason: "cannot bind a local socket".into() }
     })?;
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+    let local = |e: std::io::Error| ClientError::Connect {
         addr: config.broker.clone(),
         reason: format!("local socket: {e}"),
-    })?;
+    };
+    let socket = crate::transport::udp_socket(bind).map_err(local)?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .map_err(local)?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }

@@ -232,7 +232,11 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: a command drives one connection, whose tasks (quinn's drivers, the
+    // consumer's partition tasks, the command's loop) then never wake each other across
+    // threads, which costs a quarter of consume throughput on two cores (BENCHMARKS.md).
+    // `quiver bench` gives each of its clients a thread of its own.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

@@ -187,6 +187,36 @@ pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result
     }
 }
 
+/// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
+/// `wmem_max` (often 4 MiB; it doubles what it grants for bookkeeping). Linux's default of about
+/// 208 KiB holds only a dozen 16 KiB datagrams: a receiver that is busy for a moment drops
+/// packets, and every drop halves QUIC's congestion window.
+pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// A UDP socket bound to `addr` with large send and receive buffers, for a quinn endpoint.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual-stack where the address allows it, as std's bind would leave it.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller grant only costs throughput.
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES) {
+        tracing::debug!("could not enlarge the UDP receive buffer: {e}");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES) {
+        tracing::debug!("could not enlarge the UDP send buffer: {e}");
+    }
+    socket.bind(&addr.into())?;
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
+}
+
 /// Largest UDP payload MTU discovery may probe for. Loopback and jumbo-frame networks allow
 /// far more than Ethernet's 1,500 bytes; bigger packets mean fewer per-packet costs (headers,
 /// crypto calls, syscalls), which dominate QUIC throughput. Paths that cannot carry them just
