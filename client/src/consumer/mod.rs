@@ -222,6 +222,18 @@ impl AckState {
     }
 }
 
+/// The record count of a delivery, from its batch headers (an estimate for sizing only).
+fn records_in(batches: &[u8]) -> usize {
+    let mut pos = 0;
+    let mut n = 0;
+    while let Some(h) = batches.get(pos..).and_then(|b| quiver_protocol::BatchHeader::parse(b).ok()) {
+        n += h.records_count as usize;
+        pos += h.total_len();
+    }
+    // A record takes at least 8 bytes: a broker cannot make us reserve more than that allows.
+    n.min(batches.len() / 8 + 1)
+}
+
 /// Acknowledged ranges above the floor sent per `AckRanges` frame; more go in later frames.
 const MAX_RANGES_PER_ACK: usize = 4096;
 
@@ -347,7 +359,8 @@ pub struct Consumer {
     /// One item per delivery (a whole `Deliver` frame's records), so the channel costs one
     /// send and wake-up per delivery, not per message.
     rx: mpsc::Receiver<Result<Vec<ConsumedMessage>, ClientError>>,
-    buffered: std::collections::VecDeque<ConsumedMessage>,
+    /// The delivery being handed out (moved here whole, not copied message by message).
+    buffered: std::vec::IntoIter<ConsumedMessage>,
     shared: Arc<Shared>,
     membership: Option<tokio::task::JoinHandle<()>>,
     events: Option<mpsc::UnboundedReceiver<ConsumerEvent>>,
@@ -536,14 +549,14 @@ impl Stream for Consumer {
     type Item = Result<ConsumedMessage, ClientError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(m) = self.buffered.pop_front() {
+            if let Some(m) = self.buffered.next() {
                 if m.acks.revoked.load(std::sync::atomic::Ordering::Acquire) {
                     continue; // its partition went to another member
                 }
                 return Poll::Ready(Some(Ok(m)));
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(batch))) => self.buffered.extend(batch),
+                Poll::Ready(Some(Ok(batch))) => self.buffered = batch.into_iter(),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
@@ -711,7 +724,8 @@ impl PartitionConsumer {
         ranges: Option<&[DeliveryRange]>,
     ) -> Result<Option<u64>, ClientError> {
         let mut count = 0;
-        let mut out = Vec::new();
+        // Sized once from the batch headers, so the vector never grows by copying.
+        let mut out = Vec::with_capacity(records_in(&batches));
         // Only this task moves `next_expected`, so it is read once and written back once.
         let (mut expected, nacked) = {
             let a = self.acks.inner.lock();
