@@ -273,11 +273,27 @@ impl Writer {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = false;
+        // The periodic fsync runs beside the appends, not between them: syncing a second of
+        // writes can take hundreds of milliseconds, and producers would wait for all of it.
+        let mut syncing: Option<tokio::task::JoinHandle<bool>> = None;
         loop {
             let first = tokio::select! {
                 r = rx.recv() => match r { Some(r) => r, None => break },
-                _ = tick.tick(), if dirty && self.durability == Durability::Interval => {
-                    dirty = !self.sync().await;
+                _ = tick.tick(), if dirty && syncing.is_none() && self.durability == Durability::Interval => {
+                    syncing = Some(self.start_sync());
+                    dirty = false;
+                    continue;
+                }
+                r = async {
+                    match syncing.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                }, if syncing.is_some() => {
+                    syncing = None;
+                    if !matches!(r, Ok(true)) {
+                        dirty = true;
+                    }
                     continue;
                 }
                 _ = shutdown.cancelled() => break,
@@ -293,8 +309,11 @@ impl Writer {
             dirty = true;
         }
         // Shutdown or partition dropped: make everything written durable.
+        if let Some(s) = syncing {
+            let _ = s.await;
+        }
         if dirty {
-            self.sync().await;
+            let _ = self.start_sync().await;
         }
     }
 
@@ -357,17 +376,25 @@ impl Writer {
         }
     }
 
-    async fn sync(&self) -> bool {
+    /// Starts an fsync of what is written so far, on a blocking thread; the handle says
+    /// whether it worked. A failure stops appends to the partition.
+    fn start_sync(&self) -> tokio::task::JoinHandle<bool> {
         let handle = self.log.lock().sync_handle();
-        match tokio::task::spawn_blocking(move || handle.sync()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::error!("periodic fsync failed: {e}; stopping appends to this partition");
-                self.log.lock().mark_failed();
-                false
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match handle.sync() {
+                Ok(()) => {
+                    metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
+                    true
+                }
+                Err(e) => {
+                    tracing::error!("periodic fsync failed: {e}; stopping appends to this partition");
+                    log.lock().mark_failed();
+                    false
+                }
             }
-            Err(_) => false,
-        }
+        })
     }
 }
 
