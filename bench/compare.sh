@@ -19,6 +19,8 @@
 #        QUIVER_ALWAYS=0 skips it
 #   (b)  1 producer + 1 consumer reading every message, MESSAGES messages
 #   (c)  one at a time (each publish waits for its ack), OAT_MESSAGES messages
+#   (d)  consume only: 1 consumer reads CONSUME_MESSAGES messages that a producer wrote before
+#        (the topic / stream is filled once per system, not timed)
 #
 # Durability, honestly: Quiver runs with --durability interval (the log is fsynced every
 # 1000 ms; acks do not wait for it). NATS JetStream acks once the message is in the stream's
@@ -27,7 +29,7 @@
 # `sync_interval: always`). Neither waits for the disk in (a), (b), (c); (a') shows what the
 # disk costs Quiver.
 #
-# Environment: MESSAGES (500000), OAT_MESSAGES (5000), MESSAGE_SIZE (1024), RUNS (3),
+# Environment: MESSAGES (500000), OAT_MESSAGES (5000), CONSUME_MESSAGES (2000000), MESSAGE_SIZE (1024), RUNS (3),
 # WARMUP (1: one short unrecorded run per system first), QUIVER_ALWAYS (1),
 # NATS_ACK_POLICY (explicit | all | none, see nats-bench --help), NATS_MAX_INFLIGHT (4096),
 # RESULTS_DIR (keep the raw JSON reports there), QUIVER_BIN_DIR (target/release),
@@ -38,6 +40,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 MESSAGES="${MESSAGES:-500000}"
 OAT_MESSAGES="${OAT_MESSAGES:-5000}"
+CONSUME_MESSAGES="${CONSUME_MESSAGES:-2000000}"
 MESSAGE_SIZE="${MESSAGE_SIZE:-1024}"
 RUNS="${RUNS:-3}"
 WARMUP="${WARMUP:-1}"
@@ -178,10 +181,15 @@ bench_wait() {
 }
 
 # run_quiver OUT ARGS...: one `quiver bench --json` run; the JSON report goes to OUT.
+# --keep-topic (ours, not quiver bench's) keeps the topic for later runs.
 run_quiver() {
     local out="$1"; shift
+    local keep="" args=()
+    for a in "$@"; do
+        if [[ "$a" == --keep-topic ]]; then keep=1; else args+=("$a"); fi
+    done
     timeout "$RUN_TIMEOUT" "${QCLI[@]}" bench --json --message-size "$MESSAGE_SIZE" \
-        --broker-pid "$QUIVERD_PID" "$@" >"$out.raw" 2>"$out.err" &
+        --broker-pid "$QUIVERD_PID" "${args[@]}" >"$out.raw" 2>"$out.err" &
     bench_wait || { cat "$out.err" >&2; die "quiver bench $* failed"; }
     python3 - "$out.raw" "$out" <<'PY'
 import json, sys
@@ -189,6 +197,7 @@ text = open(sys.argv[1]).read()
 report = json.loads(text[text.index("{"):])
 json.dump(report, open(sys.argv[2], "w"), indent=1)
 PY
+    [[ -n "$keep" ]] && return 0
     # Free the disk: each run writes a fresh topic.
     local topic
     topic="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["topic"])' "$out")"
@@ -255,6 +264,14 @@ for _ in $(seq "$RUNS"); do
     scenario c nats --consumers 0 --messages "$OAT_MESSAGES" --one-at-a-time
 done
 
+log "scenario (d): consume only, $CONSUME_MESSAGES messages written before"
+run_quiver "$WORK/fill-quiver.json" --durability interval --topic consume-only --consumers 0 --messages "$CONSUME_MESSAGES" --keep-topic
+run_nats "$WORK/fill-nats.json" --stream consumeonly --consumers 0 --messages "$CONSUME_MESSAGES"
+for _ in $(seq "$RUNS"); do
+    scenario d quiver --topic consume-only --producers 0 --consumers 1 --keep-topic
+    scenario d nats --stream consumeonly --producers 0 --consumers 1
+done
+
 # ---- the table -------------------------------------------------------------------------
 python3 - "$WORK/results" "$MESSAGES" "$OAT_MESSAGES" <<'PY'
 import json, os, statistics, sys
@@ -280,6 +297,7 @@ FIG = {
     "produce MB/s": (("produce", "mb_per_sec"), 1.0, "{:.1f}"),
     "consume MB/s": (("consume", "mb_per_sec"), 1.0, "{:.1f}"),
     "produce msgs/s": (("produce", "msgs_per_sec"), 1.0, "{:.0f}"),
+    "consume msgs/s": (("consume", "msgs_per_sec"), 1.0, "{:.0f}"),
     "produce->ack p50 µs": (("produce_latency", "p50_us"), 1.0, "{:.0f}"),
     "produce->ack p99 µs": (("produce_latency", "p99_us"), 1.0, "{:.0f}"),
     "e2e p50 µs": (("end_to_end_latency", "p50_us"), 1.0, "{:.0f}"),
@@ -302,6 +320,7 @@ rows = [
     ("(a') produce only, Quiver fsync always", "a", "quiver-always", ["produce MB/s", "produce->ack p50 µs", "produce->ack p99 µs"]),
     ("(b) 1 producer + 1 consumer", "b", "quiver", ["produce MB/s", "consume MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "e2e p50 µs", "e2e p99 µs", "server peak RSS MiB"]),
     ("(c) one at a time", "c", "quiver", ["produce msgs/s", "one-at-a-time p50 µs", "one-at-a-time p99 µs"]),
+    ("(d) consume only", "d", "quiver", ["consume MB/s", "consume msgs/s"]),
 ]
 
 print("| Scenario | Figure | Quiver median | Quiver range | NATS median | NATS range | Quiver/NATS |")
@@ -310,7 +329,8 @@ for title, sc, qsys, figures in rows:
     q, n = load(sc, qsys), load(sc, "nats")
     if not q or not n:
         continue
-    title = f"{title} ({len(q)}+{len(n)} runs, {q[0]['produce']['messages']} msgs)"
+    msgs = q[0]['consume']['messages'] if sc == "d" else q[0]['produce']['messages']
+    title = f"{title} ({len(q)}+{len(n)} runs, {msgs} msgs)"
     for i, fig in enumerate(figures):
         qm, qmed, qrange = cell(q, fig)
         nm, nmed, nrange = cell(n, fig)

@@ -39,6 +39,7 @@ struct Args {
     /// stream per run, deleted at the end unless --keep-stream.
     #[arg(long)]
     stream: Option<String>,
+    /// Producers; 0 with --stream reads what the stream already holds (consume-only).
     #[arg(long, default_value_t = 1)]
     producers: usize,
     #[arg(long, default_value_t = 1)]
@@ -192,8 +193,16 @@ async fn run(args: Args) -> Result<BenchReport> {
 
     let memory = args.broker_pid.map(MemorySampler::start);
 
+    // With no producers the consumers read what the stream already holds (consume-only).
+    let existing = if args.producers == 0 {
+        let mut s = admin.get_stream(&name).await.map_err(|e| anyhow!("stream {name}: {e}"))?;
+        s.info().await.map_err(|e| anyhow!("stream {name}: {e}"))?.state.messages
+    } else {
+        u64::MAX
+    };
     // Consumers first, each from the start of the stream.
-    let produced_total = Arc::new(AtomicU64::new(u64::MAX));
+    let produced_total = Arc::new(AtomicU64::new(existing));
+    let e2e = args.producers > 0;
     let mut consumer_tasks = Vec::new();
     for i in 0..args.consumers {
         let client = connect(&args.url).await?;
@@ -218,7 +227,9 @@ async fn run(args: Args) -> Result<BenchReport> {
             policy => {
                 let c = stream
                     .create_consumer(consumer::pull::Config {
-                        name: Some(format!("bench-consumer-{i}")),
+                        // A fresh durable per run: a stream kept between runs (consume-only)
+                        // must be read from the start each time.
+                        name: Some(format!("bench-consumer-{}-{i}", std::process::id())),
                         deliver_policy: consumer::DeliverPolicy::All,
                         ack_policy: if policy == AckPolicyArg::All {
                             consumer::AckPolicy::All
@@ -244,11 +255,11 @@ async fn run(args: Args) -> Result<BenchReport> {
             }
         };
         let ack = args.ack_policy != AckPolicyArg::None;
-        consumer_tasks.push(tokio::spawn(consume(messages, client, ack, produced_total.clone())));
+        consumer_tasks.push(tokio::spawn(consume(messages, client, ack, produced_total.clone(), e2e)));
     }
 
-    let producers = args.producers.max(1);
-    let per_producer = args.messages / producers as u64;
+    let producers = args.producers;
+    let per_producer = args.messages / producers.max(1) as u64;
     let started = Instant::now();
     let mut producer_tasks = Vec::new();
     for i in 0..producers {
@@ -264,7 +275,9 @@ async fn run(args: Args) -> Result<BenchReport> {
         let _ = produce_hist.add(&hist);
     }
     let produce_secs = started.elapsed().as_secs_f64();
-    produced_total.store(produced, Ordering::Release);
+    if producers > 0 {
+        produced_total.store(produced, Ordering::Release);
+    }
 
     let mut e2e_hist = new_histogram();
     let mut consume_secs: f64 = 0.0;
@@ -354,13 +367,15 @@ async fn consume(
     client: async_nats::Client,
     ack: bool,
     total: Arc<AtomicU64>,
+    e2e: bool,
 ) -> Result<(u64, f64, Histogram<u64>)> {
     let mut hist = new_histogram();
     let mut n = 0u64;
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
+    let mut first: Option<u64> = None;
+    let mut last = 0;
     loop {
-        if n >= total.load(Ordering::Acquire) {
+        let target = total.load(Ordering::Acquire);
+        if n >= target {
             break;
         }
         let msg = match tokio::time::timeout(Duration::from_millis(200), messages.next()).await {
@@ -368,21 +383,24 @@ async fn consume(
             Ok(None) => break,
             Err(_) => continue, // re-check the target
         };
-        let now = Instant::now();
-        first.get_or_insert(now);
-        last = now;
-        if msg.payload.len() >= 8 {
-            let sent = u64::from_le_bytes(msg.payload[..8].try_into().unwrap_or([0; 8]));
-            let lat = now_ns().saturating_sub(sent);
-            let _ = hist.record((lat / 1000).max(1));
-        }
         if ack {
             // Publishes the ack; does not wait for the server (like Quiver's `msg.ack()`).
             msg.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
         }
         n += 1;
+        // As `quiver bench`: the clock per message only when publish->deliver latency is
+        // recorded; reading a full stream reads it at the first, every 1,024th and last.
+        if e2e || first.is_none() || n.is_multiple_of(1024) || n >= target {
+            let now = now_ns();
+            first.get_or_insert(now);
+            last = now;
+            if e2e && msg.payload.len() >= 8 {
+                let sent = u64::from_le_bytes(msg.payload[..8].try_into().unwrap_or([0; 8]));
+                let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
+            }
+        }
     }
-    let secs = first.map(|f| last.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+    let secs = first.map(|f| last.saturating_sub(f) as f64 / 1e9).unwrap_or(0.0);
     drop(messages);
     let _ = client.flush().await;
     Ok((n, secs, hist))
