@@ -219,7 +219,9 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 s = f"produce {r['produce']['mb_per_sec']:.1f} MB/s, p50 {r['produce_latency']['p50_us']:.0f} us"
 if r.get("consume"):
-    s += f"; consume {r['consume']['mb_per_sec']:.1f} MB/s, e2e p50 {r['end_to_end_latency']['p50_us']:.0f} us"
+    s += f"; consume {r['consume']['mb_per_sec']:.1f} MB/s"
+if r.get("end_to_end_latency"):
+    s += f", e2e p50 {r['end_to_end_latency']['p50_us']:.0f} us"
 print(s)
 PY
 }

@@ -189,7 +189,7 @@ pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result
 
 /// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
 /// `wmem_max` (often 4 MiB; it doubles what it grants for bookkeeping). Linux's default of about
-/// 208 KiB holds only a dozen 16 KiB datagrams: a receiver that is busy for a moment drops
+/// 208 KiB holds only a few large datagrams: a receiver that is busy for a moment drops
 /// packets, and every drop halves QUIC's congestion window.
 pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
@@ -221,7 +221,7 @@ pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSo
 /// far more than Ethernet's 1,500 bytes; bigger packets mean fewer per-packet costs (headers,
 /// crypto calls, syscalls), which dominate QUIC throughput. Paths that cannot carry them just
 /// fail the probes and stay at the size that works.
-pub const MTU_UPPER_BOUND: u16 = 16 * 1024;
+pub const MTU_UPPER_BOUND: u16 = 60 * 1024;
 
 /// Transport settings both ends share.
 pub fn tune_transport(t: &mut quinn::TransportConfig) {
