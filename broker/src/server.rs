@@ -79,7 +79,7 @@ impl Broker {
             })
             .await??
         };
-        let socket = quiver_client::transport::udp_socket(config.listen)
+        let socket = quiver_client::transport::udp_socket(config.listen, true)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let endpoint_config = crate::tls::endpoint_config(&config)?;
         let total_buffer = config.max_total_buffer_bytes as usize;

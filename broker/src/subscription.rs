@@ -149,8 +149,11 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         Some(key) => {
             let ledger = state.offsets.ledger(&key, requested);
             let mut l = ledger.lock();
-            // The floor, read under the lock: acks and commits may have moved it meanwhile.
+            // The floor and the log's ends, read under the lock: acks, commits and appends may
+            // have moved them meanwhile.
             let floor = l.floor();
+            let log_start = partition.log_start_offset();
+            let hw = partition.high_watermark().max(log_start);
             let start = floor.max(log_start).min(hw);
             if floor > hw {
                 // The log is shorter than the group's position (a crash lost unsynced records,
@@ -332,7 +335,7 @@ impl Session<'_> {
         // A subscription that was taken over, or whose member lost the partition, no longer
         // counts for the group: its acks are refused, not applied.
         if self.setup.group.is_some() {
-            self.check_not_taken_over()?;
+            self.check_owner()?;
         }
         let nacked = matches!(ack, ClientAck::Nack(..));
         let (moved, floor) = {
@@ -351,9 +354,6 @@ impl Session<'_> {
         };
         self.dirty();
         if moved {
-            if self.setup.member.is_some() {
-                still_owner(self.state, self.setup)?;
-            }
             self.free_window(floor);
         }
         Ok(nacked)

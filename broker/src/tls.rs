@@ -112,7 +112,6 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
 
     let mut t = quinn::TransportConfig::default();
-    quiver_client::transport::tune_transport(&mut t);
     t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Finite windows: quinn holds at most `receive_window` unread bytes per connection; what

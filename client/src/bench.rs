@@ -126,7 +126,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         let (client_config, topic, total, bar) =
             (config.client.clone(), topic.clone(), produced_total.clone(), bars.consumed.clone());
         let e2e = config.producers > 0;
-        consumer_tasks.push(on_own_thread(format!("bench-consumer-{i}"), async move || {
+        let task = on_own_thread(format!("bench-consumer-{i}"), async move || {
             let client = Client::connect(client_config).await?;
             let consumer = Consumer::subscribe(
                 client.clone(),
@@ -135,9 +135,16 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
             .await?;
             let _ = ready_tx.send(());
             consume(consumer, client, total, bar, e2e).await
-        })?);
-        // Subscribed before anything is produced, so it sees every message from offset 0.
-        let _ = ready.await;
+        })?;
+        // Subscribed before anything is produced, so it sees every message from offset 0. A
+        // consumer that could not subscribe fails the bench now, not after the produce run.
+        if ready.await.is_err() {
+            return match task.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(ClientError::Protocol("a bench consumer stopped before it subscribed".into())),
+            };
+        }
+        consumer_tasks.push(task);
     }
 
     let deadline = config.duration.map(|d| Instant::now() + d);

@@ -243,7 +243,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
         addr: config.broker.clone(),
         reason: format!("local socket: {e}"),
     };
-    let socket = crate::transport::udp_socket(bind).map_err(local)?;
+    let socket = crate::transport::udp_socket(bind, false).map_err(local)?;
     let mut endpoint =
         quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
             .map_err(local)?;
@@ -255,7 +255,6 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
 /// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
 fn transport_config(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    crate::transport::tune_transport(&mut t);
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());

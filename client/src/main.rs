@@ -1,6 +1,5 @@
 //! `quiver`: the command-line client. Errors are one line on stderr and a non-zero exit.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use quiver_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
     ProducerRecord, StartPosition, TopicConfig,
 };
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Command-line client for the Quiver event broker")]
@@ -398,8 +397,9 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     config.partitions = a.partition.map(|p| vec![p]);
     config.session_timeout = Duration::from_millis(a.session_timeout_ms);
     let mut consumer = Consumer::subscribe(client.clone(), config).await?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    // Tokio's stdout: a slow reader (a pipe into `less`) must not block the one runtime thread,
+    // which also drives the connection and the group heartbeats.
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 16, tokio::io::stdout());
     let mut printed = 0u64;
     let limit = a.count.unwrap_or(u64::MAX);
     // Ctrl-C or SIGTERM end a follow cleanly: what was printed is committed, the group left.
@@ -416,7 +416,7 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
         let next = match consumer.next().now_or_never() {
             Some(m) => m,
             None => {
-                out.flush()?;
+                out.flush().await?;
                 tokio::select! {
                     m = consumer.next() => m,
                     _ = &mut ctrl_c => break,
@@ -441,15 +441,15 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
                 "headers": headers,
                 "value": String::from_utf8_lossy(&msg.value),
             });
-            writeln!(out, "{line}")?;
+            out.write_all(format!("{line}\n").as_bytes()).await?;
         } else {
-            out.write_all(&msg.value)?;
-            out.write_all(b"\n")?;
+            out.write_all(&msg.value).await?;
+            out.write_all(b"\n").await?;
         }
         msg.ack();
         printed += 1;
     }
-    out.flush()?;
+    out.flush().await?;
     drop(out);
     if a.group.is_some() {
         consumer.commit().await.context("committing the group's offsets")?;

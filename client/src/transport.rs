@@ -188,13 +188,14 @@ pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result
 }
 
 /// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
-/// `wmem_max` (often 4 MiB; it doubles what it grants for bookkeeping). Linux's default of about
-/// 208 KiB holds only a few large datagrams: a receiver that is busy for a moment drops
-/// packets, and every drop halves QUIC's congestion window.
+/// `wmem_max` (stock kernels: about 208 KiB; it doubles what it grants for bookkeeping).
+/// 208 KiB holds only a few GRO-coalesced datagrams: a receiver that is busy for a moment
+/// drops packets, and every drop halves QUIC's congestion window.
 pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// A UDP socket bound to `addr` with large send and receive buffers, for a quinn endpoint.
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// With `warn_if_small`, a kernel that grants much less logs a warning naming the sysctl.
+pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -209,23 +210,19 @@ pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSo
         tracing::debug!("could not enlarge the UDP send buffer: {e}");
     }
     socket.bind(&addr.into())?;
-    tracing::debug!(
-        recv = socket.recv_buffer_size().unwrap_or(0),
-        send = socket.send_buffer_size().unwrap_or(0),
-        "UDP socket buffers"
-    );
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    tracing::debug!(recv = granted, send = socket.send_buffer_size().unwrap_or(0), "UDP socket buffers");
+    if warn_if_small && granted < SOCKET_BUFFER_BYTES / 2 {
+        tracing::warn!(
+            granted,
+            "the kernel granted a small UDP receive buffer; for full throughput raise it with \
+             `sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608`"
+        );
+    }
     Ok(socket.into())
 }
 
-/// Largest UDP payload MTU discovery may probe for. Loopback and jumbo-frame networks allow
-/// far more than Ethernet's 1,500 bytes; bigger packets mean fewer per-packet costs (headers,
-/// crypto calls, syscalls), which dominate QUIC throughput. Paths that cannot carry them just
-/// fail the probes and stay at the size that works.
-pub const MTU_UPPER_BOUND: u16 = 60 * 1024;
-
-/// Transport settings both ends share.
-pub fn tune_transport(t: &mut quinn::TransportConfig) {
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MTU_UPPER_BOUND);
-    t.mtu_discovery_config(Some(mtu));
-}
+// Datagram size: quinn's defaults (1,472-byte UDP payloads, which is also what each endpoint
+// accepts, so MTU discovery stays there). GSO and GRO already batch many datagrams per system
+// call; raising the accepted payload on both ends to 16 or 60 KiB made loopback slower here
+// (consume 810-870 against 1,000 MB/s, produce 520-560 against 630; BENCHMARKS.md).

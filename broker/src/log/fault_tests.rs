@@ -135,3 +135,25 @@ fn a_failed_sync_during_a_roll_poisons_the_log() -> TestResult {
     assert!(matches!(log.sync(), Err(LogError::Io { .. })));
     Ok(())
 }
+
+/// Linux reports a writeback error to one fsync only. A sync that failed on another thread (the
+/// periodic sync beside the appends) must stop a later roll from sealing the segment, even
+/// when the storage would now report success.
+#[test]
+fn a_sync_that_failed_on_another_thread_stops_appends_and_rolls() -> TestResult {
+    let flaky = Arc::new(Flaky::default());
+    let storage: Arc<dyn Storage> = flaky.clone();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(300))?;
+    append_n(&mut log, 1, |_| 0)?;
+    let handle = log.sync_handle();
+    flaky.set_failing(true);
+    let failed = std::thread::spawn(move || handle.sync().is_err()).join().map_err(|_| "sync thread")?;
+    assert!(failed);
+    flaky.set_failing(false); // the error was reported once; the file would sync "fine" now
+                              // A batch that would roll the segment, and one that would not: both refused.
+    assert!(matches!(log.append(&mut batch(5, 4, 0), 0, 0), Err(LogError::Poisoned)));
+    assert!(matches!(log.append(&mut batch(0, 1, 0), 0, 0), Err(LogError::Poisoned)));
+    assert_eq!(log.segment_count(), 1, "the segment was not sealed");
+    assert!(log.sync_handle().sync().is_err());
+    Ok(())
+}

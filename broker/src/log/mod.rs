@@ -178,6 +178,30 @@ pub struct SyncHandle {
     /// `None` when the log is poisoned: syncing then must not report success.
     file: Option<Arc<dyn StorageFile>>,
     durable_offset: u64,
+    /// The log's sync lock and failure flag: syncs of the log never overlap, and one that failed
+    /// fails every later one. Linux reports a writeback error to one `fsync` only, so a sync
+    /// racing with the failed one (a roll sealing the segment) could otherwise succeed over
+    /// pages the kernel dropped.
+    failed: SyncState,
+}
+
+/// Serialises a log's syncs, and records a failed one (read without the lock by appends).
+#[derive(Debug, Default)]
+struct SyncGate {
+    lock: parking_lot::Mutex<()>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+type SyncState = Arc<SyncGate>;
+
+impl SyncGate {
+    fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl SyncHandle {
@@ -185,10 +209,18 @@ impl SyncHandle {
     /// If this fails, the caller must not acknowledge anything and should call
     /// [`PartitionLog::mark_failed`].
     pub fn sync(&self) -> io::Result<()> {
-        match &self.file {
+        let _serial = self.failed.lock.lock();
+        if self.failed.failed() {
+            return Err(io::Error::other(LogError::Poisoned));
+        }
+        let result = match &self.file {
             Some(file) => file.sync(),
             None => Err(io::Error::other(LogError::Poisoned)),
+        };
+        if result.is_err() {
+            self.failed.fail();
         }
+        result
     }
 
     /// Every offset below this is durable once [`sync`](SyncHandle::sync) returned `Ok`.
@@ -253,6 +285,8 @@ pub struct PartitionLog {
     size_bytes: u64,
     /// Set when a write or fsync failed; see [`LogError::Poisoned`].
     poisoned: bool,
+    /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
+    sync_failed: SyncState,
 }
 
 impl PartitionLog {
@@ -275,6 +309,7 @@ impl PartitionLog {
             active: recovered.active,
             size_bytes,
             poisoned: false,
+            sync_failed: Default::default(),
         };
         Ok((log, recovered.report))
     }
@@ -289,7 +324,7 @@ impl PartitionLog {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, LogError> {
-        if self.poisoned {
+        if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
         let header = BatchHeader::parse(batch)?;
@@ -320,8 +355,8 @@ impl PartitionLog {
 
     /// A handle that syncs everything appended so far; see the module docs for group commit.
     pub fn sync_handle(&self) -> SyncHandle {
-        let file = (!self.poisoned).then(|| self.active.log.clone());
-        SyncHandle { file, durable_offset: self.next_offset() }
+        let file = (!self.is_poisoned()).then(|| self.active.log.clone());
+        SyncHandle { file, durable_offset: self.next_offset(), failed: self.sync_failed.clone() }
     }
 
     /// Syncs everything appended so far, holding `&mut self` (shutdown, tests).
@@ -454,6 +489,11 @@ impl PartitionLog {
         Ok(Some(buf))
     }
 
+    /// Whether a write or sync failed (here or on a sync thread); appends are refused.
+    fn is_poisoned(&self) -> bool {
+        self.poisoned || self.sync_failed.failed()
+    }
+
     pub fn active_base_offset(&self) -> u64 {
         self.active.base
     }
@@ -507,9 +547,20 @@ impl PartitionLog {
     /// Seals the active segment and starts a new one at the next offset (design.md §6: the
     /// old segment and the directory are synced before anything goes into the new one).
     fn roll(&mut self) -> Result<(), LogError> {
-        if let Err(err) = self.active.seal() {
-            self.poisoned = true;
-            return Err(err);
+        {
+            // No periodic sync runs meanwhile (a roll waits for one in progress), and a failed
+            // one stops the roll.
+            let gate = self.sync_failed.clone();
+            let _serial = gate.lock.lock();
+            if gate.failed() {
+                self.poisoned = true;
+                return Err(LogError::Poisoned);
+            }
+            if let Err(err) = self.active.seal() {
+                gate.fail();
+                self.poisoned = true;
+                return Err(err);
+            }
         }
         // A failure from here on leaves the old segment active and intact; the next append
         // retries the roll (sealing again is harmless).

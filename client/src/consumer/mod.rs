@@ -230,8 +230,8 @@ fn records_in(batches: &[u8]) -> usize {
         n += h.records_count as usize;
         pos += h.total_len();
     }
-    // A record takes at least 8 bytes: a broker cannot make us reserve more than that allows.
-    n.min(batches.len() / 8 + 1)
+    // A record takes at least 7 bytes: a broker cannot make us reserve more than that allows.
+    n.min(batches.len() / 7 + 1)
 }
 
 /// Acknowledged ranges above the floor sent per `AckRanges` frame; more go in later frames.
@@ -725,7 +725,13 @@ impl PartitionConsumer {
     ) -> Result<Option<u64>, ClientError> {
         let mut count = 0;
         // Sized once from the batch headers, so the vector never grows by copying.
-        let mut out = Vec::with_capacity(records_in(&batches));
+        let mut out = Vec::with_capacity(match ranges {
+            // A redelivery may carry a whole batch for one record.
+            Some(ranges) => {
+                ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum::<u64>().min(1 << 16) as usize
+            }
+            None => records_in(&batches),
+        });
         // Only this task moves `next_expected`, so it is read once and written back once.
         let (mut expected, nacked) = {
             let a = self.acks.inner.lock();
