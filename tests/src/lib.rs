@@ -151,6 +151,18 @@ pub async fn publish(
 }
 
 /// Installs a test log subscriber once (RUST_LOG-style filter in `QUIVER_TEST_LOG`).
+/// The consumer's next message within `within`; an error if it ends, fails or times out.
+pub async fn next_message(
+    consumer: &mut quiver_client::Consumer,
+    within: std::time::Duration,
+) -> anyhow::Result<quiver_client::ConsumedMessage> {
+    use futures::StreamExt;
+    let next = tokio::time::timeout(within, consumer.next())
+        .await
+        .map_err(|_| anyhow::anyhow!("no message within {within:?}"))?;
+    Ok(next.ok_or_else(|| anyhow::anyhow!("stream ended"))??)
+}
+
 pub fn init_tracing() {
     let filter = std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();

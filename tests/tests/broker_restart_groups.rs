@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use quiver_client::{Consumer, ConsumerConfig, StartPosition, TopicConfig};
-use quiver_tests::{bounded, init_tracing, publish, BrokerProcess};
+use quiver_tests::{bounded, init_tracing, next_message, publish, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 
@@ -25,9 +25,7 @@ async fn committed_offsets_survive_a_broker_crash_and_the_group_carries_on() -> 
         config.session_timeout = Duration::from_secs(2);
         let mut consumer = Consumer::subscribe(client.clone(), config).await?;
         let next = async |consumer: &mut Consumer| -> anyhow::Result<String> {
-            let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let m = next_message(consumer, Duration::from_secs(20)).await?;
             m.ack();
             Ok(String::from_utf8(m.value.to_vec())?)
         };
@@ -85,14 +83,9 @@ async fn acks_above_the_floor_survive_a_broker_crash() -> anyhow::Result<()> {
             c.session_timeout = Duration::from_secs(2);
             c
         };
-        let next = async |c: &mut Consumer| -> anyhow::Result<quiver_client::ConsumedMessage> {
-            Ok(tokio::time::timeout(Duration::from_secs(20), c.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??)
-        };
         let mut consumer = Consumer::subscribe(client.clone(), config()).await?;
         for _ in 0..100 {
-            let m = next(&mut consumer).await?;
+            let m = next_message(&mut consumer, Duration::from_secs(20)).await?;
             if m.offset != 10 && m.offset != 20 {
                 m.ack();
             }
@@ -113,7 +106,7 @@ async fn acks_above_the_floor_survive_a_broker_crash() -> anyhow::Result<()> {
         let mut consumer = Consumer::subscribe(client.clone(), config()).await?;
         let mut got = Vec::new();
         for _ in 0..2 {
-            let m = next(&mut consumer).await?;
+            let m = next_message(&mut consumer, Duration::from_secs(20)).await?;
             got.push((m.offset, m.delivery_count));
             m.ack();
         }

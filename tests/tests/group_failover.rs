@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quiver_client::{Producer, ProducerConfig, ProducerRecord, TopicConfig};
-use quiver_tests::{bounded, init_tracing, publish, BrokerProcess};
+use quiver_tests::{bounded, init_tracing, next_message, publish, BrokerProcess};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 const CLI: &str = env!("CARGO_BIN_EXE_quiver-under-test");
@@ -158,9 +158,7 @@ async fn unacknowledged_messages_go_to_the_next_owner_and_fenced_commits_fail() 
         let mut b = Consumer::subscribe(client.clone(), config()).await?;
         let mut redelivered = HashSet::new();
         while redelivered.len() < 90 {
-            let m = tokio::time::timeout(Duration::from_secs(10), b.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let m = next_message(&mut b, Duration::from_secs(10)).await?;
             m.ack();
             redelivered.insert(String::from_utf8(m.value.to_vec())?);
         }
@@ -186,7 +184,6 @@ async fn unacknowledged_messages_go_to_the_next_owner_and_fenced_commits_fail() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nacked_and_late_messages_come_back_then_go_to_the_dead_letter_topic() -> anyhow::Result<()> {
-    use futures::StreamExt;
     use quiver_client::redelivery::{DELIVERY_COUNT, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC};
     use quiver_client::{Consumer, ConsumerConfig, StartPosition};
     init_tracing();
@@ -210,9 +207,7 @@ async fn nacked_and_late_messages_come_back_then_go_to_the_dead_letter_topic() -
         let mut acked = HashSet::new();
         while acked.len() < 9 {
             anyhow::ensure!(Instant::now() < deadline, "stuck; seen {seen:?}");
-            let m = tokio::time::timeout(Duration::from_secs(5), consumer.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let m = next_message(&mut consumer, Duration::from_secs(5)).await?;
             let v = String::from_utf8(m.value.to_vec())?;
             seen.push((v.clone(), m.delivery_count));
             match (v.as_str(), m.delivery_count) {
@@ -248,9 +243,7 @@ async fn nacked_and_late_messages_come_back_then_go_to_the_dead_letter_topic() -
             .ok();
         }
         let mut dlq = dlq.ok_or_else(|| anyhow::anyhow!("no dead-letter topic"))?;
-        let dead = tokio::time::timeout(Duration::from_secs(10), dlq.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        let dead = next_message(&mut dlq, Duration::from_secs(10)).await?;
         assert_eq!(&dead.value[..], b"job-3");
         let header = |k: &str| {
             dead.headers.iter().find(|(n, _)| n == k).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
@@ -287,17 +280,12 @@ async fn the_next_member_gets_only_the_unacknowledged_with_higher_counts() -> an
             c.session_timeout = Duration::from_millis(SESSION_MS);
             c
         };
-        let next = async |c: &mut Consumer| -> anyhow::Result<quiver_client::ConsumedMessage> {
-            Ok(tokio::time::timeout(Duration::from_secs(10), c.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??)
-        };
 
         // The first member acknowledges the even offsets only, then its connection dies.
         let first_client = broker.client().await?;
         let mut first = Consumer::subscribe(first_client.clone(), config()).await?;
         for _ in 0..20 {
-            let m = next(&mut first).await?;
+            let m = next_message(&mut first, Duration::from_secs(10)).await?;
             assert_eq!(m.delivery_count, 1);
             if m.offset % 2 == 0 {
                 m.ack();
@@ -310,7 +298,7 @@ async fn the_next_member_gets_only_the_unacknowledged_with_higher_counts() -> an
         let mut second = Consumer::subscribe(broker.client().await?, config()).await?;
         let mut got = Vec::new();
         for _ in 0..10 {
-            let m = next(&mut second).await?;
+            let m = next_message(&mut second, Duration::from_secs(10)).await?;
             got.push((m.offset, m.delivery_count));
             m.ack();
         }
@@ -332,7 +320,6 @@ async fn the_next_member_gets_only_the_unacknowledged_with_higher_counts() -> an
 /// that many times, instead of being handed out for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_kills_every_consumer_ends_in_the_dead_letters() -> anyhow::Result<()> {
-    use futures::StreamExt;
     use quiver_client::{Consumer, ConsumerConfig, StartPosition};
     init_tracing();
     bounded(60, async {
@@ -350,9 +337,7 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letters() -> anyho
         for attempt in 1..=2u32 {
             let client = broker.client().await?;
             let mut c = Consumer::subscribe(client.clone(), config()).await?;
-            let m = tokio::time::timeout(Duration::from_secs(10), c.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let m = next_message(&mut c, Duration::from_secs(10)).await?;
             assert_eq!((&m.value[..], m.delivery_count), (&b"bad"[..], attempt));
             client.close().await; // dies holding it
             std::mem::forget(c);
@@ -360,9 +345,7 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letters() -> anyho
         // Every message handed out counts, processed or not: publish the next one only now.
         publish(&setup, "poison", ["good".to_string()]).await?;
         let mut c = Consumer::subscribe(broker.client().await?, config()).await?;
-        let m = tokio::time::timeout(Duration::from_secs(10), c.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        let m = next_message(&mut c, Duration::from_secs(10)).await?;
         assert_eq!((&m.value[..], m.delivery_count), (&b"good"[..], 1));
         m.ack();
         let mut dlq = Consumer::subscribe(
@@ -370,9 +353,7 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letters() -> anyho
             ConsumerConfig::new("poison.dlq").start(StartPosition::Earliest),
         )
         .await?;
-        let dead = tokio::time::timeout(Duration::from_secs(10), dlq.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        let dead = next_message(&mut dlq, Duration::from_secs(10)).await?;
         assert_eq!(&dead.value[..], b"bad");
         c.commit().await?;
         assert_eq!(setup.admin().group_offsets("crew", "poison").await?[0].committed, Some(2));

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use quiver_client::{
     Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
 };
-use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_tests::{bounded, init_tracing, next_message, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 
@@ -43,9 +43,7 @@ async fn producer_and_consumer_survive_a_broker_restart() -> anyhow::Result<()> 
         }
         tracing::info!("sent 100 more");
         while seen.len() < 200 {
-            let m = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            let m = next_message(&mut consumer, Duration::from_secs(30)).await?;
             m.ack();
             seen.push(String::from_utf8(m.value.to_vec())?.parse::<u64>()?);
         }
