@@ -411,12 +411,24 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(ctrl_c);
+    // Messages are acknowledged once their lines are flushed to stdout, not when buffered: a
+    // reader that goes away (`| head`) leaves what it never got unacknowledged.
+    let mut unflushed: Vec<quiver_client::ConsumedMessage> = Vec::new();
+    let mut reader_gone = false;
     while printed < limit {
-        // Flush whenever we would wait, so a follower sees lines as they arrive.
+        // Flush whenever we would wait (so a follower sees lines as they arrive), and every
+        // few thousand lines.
+        if unflushed.len() >= 4096 && !flush_and_ack(&mut out, &mut unflushed).await? {
+            reader_gone = true;
+            break;
+        }
         let next = match consumer.next().now_or_never() {
             Some(m) => m,
             None => {
-                out.flush().await?;
+                if !flush_and_ack(&mut out, &mut unflushed).await? {
+                    reader_gone = true;
+                    break;
+                }
                 tokio::select! {
                     m = consumer.next() => m,
                     _ = &mut ctrl_c => break,
@@ -441,21 +453,50 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
                 "headers": headers,
                 "value": String::from_utf8_lossy(&msg.value),
             });
-            out.write_all(format!("{line}\n").as_bytes()).await?;
+            out.write_all(format!("{line}\n").as_bytes()).await.or_else(reader_went_away)?;
         } else {
-            out.write_all(&msg.value).await?;
-            out.write_all(b"\n").await?;
+            out.write_all(&msg.value).await.or_else(reader_went_away)?;
+            out.write_all(b"\n").await.or_else(reader_went_away)?;
         }
-        msg.ack();
+        unflushed.push(msg);
         printed += 1;
     }
-    out.flush().await?;
+    if !reader_gone {
+        flush_and_ack(&mut out, &mut unflushed).await?;
+    }
     drop(out);
     if a.group.is_some() {
         consumer.commit().await.context("committing the group's offsets")?;
     }
     consumer.close().await;
     Ok(())
+}
+
+/// Flushes stdout and acknowledges the messages whose lines it held. `Ok(false)` when the
+/// reader went away (a closed pipe): those messages stay unacknowledged.
+async fn flush_and_ack(
+    out: &mut tokio::io::BufWriter<tokio::io::Stdout>,
+    unflushed: &mut Vec<quiver_client::ConsumedMessage>,
+) -> anyhow::Result<bool> {
+    match out.flush().await {
+        Ok(()) => {
+            for m in unflushed.drain(..) {
+                m.ack();
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A write to a closed pipe is not an error here: the flush after it tells the loop to stop.
+fn reader_went_away(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()> {
