@@ -304,18 +304,21 @@ fn parse_entries(data: &[u8]) -> (HashMap<OffsetKey, LedgerSnapshot>, usize) {
             break;
         }
         let mut r = Reader::new(Bytes::copy_from_slice(body));
-        let entry = (|| {
+        let key = (|| {
             let g = r.string("group", MAX_STRING_BYTES)?;
             let t = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
-            let key: OffsetKey = (Arc::from(g), Arc::from(t), r.u32()?);
-            Ok::<_, quiver_protocol::DecodeError>((key, get_snapshot(&mut r)?))
+            Ok::<OffsetKey, quiver_protocol::DecodeError>((Arc::from(g), Arc::from(t), r.u32()?))
         })();
-        match entry {
-            Ok((k, s)) => {
+        // An entry that is intact (the checksum holds) but not understood is skipped rather
+        // than dropping what follows; its key's older entries are void too (it replaced them).
+        match key.map(|k| (get_snapshot(&mut r), k)) {
+            Ok((Ok(s), k)) => {
                 map.insert(k, s);
             }
-            // Intact (the checksum holds) but not understood: skip it rather than drop what
-            // follows.
+            Ok((Err(e), k)) => {
+                tracing::warn!(group = %k.0, topic = %k.1, partition = k.2, "offsets store: skipping an entry that does not decode: {e}");
+                map.remove(&k);
+            }
             Err(e) => tracing::warn!("offsets store: skipping an entry that does not decode: {e}"),
         }
         pos += 8 + len;
