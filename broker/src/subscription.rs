@@ -51,6 +51,10 @@ enum ClientAck {
 
 /// Ranges per `Settled` frame (16 bytes each).
 const MAX_SETTLED_RANGES: usize = 65_536;
+/// Acknowledged ranges applied in one step of a subscription's loop.
+const ACK_RANGES_PER_STEP: usize = 1024;
+/// Acknowledgement steps applied before the loop delivers (or waits) again.
+const ACK_STEPS_PER_PASS: usize = 4;
 
 /// Milliseconds on a process-wide monotonic clock (ledger deadlines).
 fn clock_ms() -> u64 {
@@ -207,7 +211,18 @@ async fn read_acks(mut reader: FrameReader, acks: mpsc::Sender<ClientAck>) {
     loop {
         let ack = match reader.next().await {
             Ok(Some(Message::Ack { next_offset })) => ClientAck::Acked(next_offset, vec![]),
-            Ok(Some(Message::AckRanges { floor, ranges })) => ClientAck::Acked(floor, ranges),
+            Ok(Some(Message::AckRanges { floor, mut ranges })) => {
+                // A frame may carry 65,536 ranges: hand them on in slices, so applying them
+                // never holds the subscription's task (and a runtime thread) for long.
+                while ranges.len() > ACK_RANGES_PER_STEP {
+                    let rest = ranges.split_off(ACK_RANGES_PER_STEP);
+                    if acks.send(ClientAck::Acked(floor, ranges)).await.is_err() {
+                        return;
+                    }
+                    ranges = rest;
+                }
+                ClientAck::Acked(floor, ranges)
+            }
             Ok(Some(Message::Nack { offset, delay_ms })) => ClientAck::Nack(offset, delay_ms),
             Ok(Some(other)) => {
                 tracing::debug!("unexpected frame kind {} on a subscription; closing it", other.kind());
@@ -245,8 +260,12 @@ impl Session<'_> {
         // Deadlines only exist with an ack wait or after a nack.
         let mut deadlines = self.setup.policy.ack_wait_ms > 0;
         loop {
-            while let Ok(ack) = acks.try_recv() {
-                deadlines |= self.apply_ack(ack)?;
+            // What the client sent meanwhile, a bounded amount per pass.
+            for _ in 0..ACK_STEPS_PER_PASS {
+                match acks.try_recv() {
+                    Ok(ack) => deadlines |= self.apply_ack(ack)?,
+                    Err(_) => break,
+                }
             }
             let high = *hw.borrow_and_update();
             // The floor also moves by dead letters and commits: free the window by it.
