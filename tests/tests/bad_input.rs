@@ -164,3 +164,69 @@ async fn half_sent_huge_frames_do_not_grow_memory_without_bound() -> anyhow::Res
     })
     .await
 }
+
+/// A subscriber that floods the broker with the largest acknowledgement frames it may send
+/// (65,536 scattered ranges each) and nacks: other clients' round trips stay quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_flood_does_not_starve_other_clients() -> anyhow::Result<()> {
+    use quiver_protocol::message::{RedeliveryPolicy, StartPosition, Subscribe};
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BIN, dir.path(), Some(CONFIG)).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("acks", 1, TopicConfig::default()).await?;
+        quiver_tests::publish(&client, "acks", (0..140_000).map(|i| i.to_string())).await?;
+
+        let (mut send, mut reader) = raw_stream(&client).await?;
+        let sub = Subscribe {
+            topic: "acks".into(),
+            partition: 0,
+            group: Some("flood".into()),
+            member: None,
+            start: StartPosition::Earliest,
+            window_messages: 1_000_000,
+            window_bytes: 64 * 1024 * 1024,
+            policy: RedeliveryPolicy { ack_wait_ms: 60_000, ..Default::default() },
+        };
+        write_message(&mut send, &Message::Subscribe(sub)).await?;
+        // Take deliveries until every offset was handed out, so the ranges all count.
+        let mut delivered = 0u64;
+        while delivered < 140_000 {
+            match tokio::time::timeout(Duration::from_secs(10), reader.next()).await?? {
+                Some(Message::Subscribed { .. }) => {}
+                Some(Message::Deliver { batches, .. }) => {
+                    for item in quiver_protocol::BatchSplitter::new(batches) {
+                        delivered = delivered.max(item?.0.next_offset());
+                    }
+                }
+                other => anyhow::bail!("unexpected {other:?}"),
+            }
+        }
+        let ranges: Vec<std::ops::Range<u64>> = (0..65_536u64).map(|i| 2 * i + 1..2 * i + 2).collect();
+        let flood = tokio::spawn(async move {
+            for round in 0..40u64 {
+                write_message(&mut send, &Message::AckRanges { floor: 0, ranges: ranges.clone() }).await?;
+                write_message(&mut send, &Message::Nack { offset: 2 * round, delay_ms: 0 }).await?;
+            }
+            anyhow::Ok(send)
+        });
+
+        let other = broker.client().await?;
+        let producer = Producer::new(other.clone(), ProducerConfig::default());
+        let mut slowest = Duration::ZERO;
+        for i in 0..30 {
+            let t0 = std::time::Instant::now();
+            producer.send("acks", ProducerRecord::new(format!("during-{i}"))).await?;
+            other.admin().describe_topic("acks").await?;
+            slowest = slowest.max(t0.elapsed());
+        }
+        let _send = flood.await??;
+        assert!(slowest < Duration::from_secs(2), "a produce and a metadata round trip took {slowest:?}");
+        // Only odd offsets were acknowledged: the floor (the committed offset) stays at 0.
+        let committed = other.admin().group_offsets("flood", "acks").await?[0].committed;
+        assert_eq!(committed, Some(0));
+        Ok(())
+    })
+    .await
+}
