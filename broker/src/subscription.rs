@@ -268,6 +268,11 @@ impl Session<'_> {
                 }
             }
             let high = *hw.borrow_and_update();
+            // What is due goes out before new messages, even while new ones keep coming.
+            let due_now = deadlines && self.setup.ledger.lock().next_due().is_some_and(|at| at <= clock_ms());
+            if due_now && !self.redeliver_due(&p, high).await? {
+                return Ok(());
+            }
             // The floor also moves by dead letters and commits: free the window by it.
             let floor = self.setup.ledger.lock().floor();
             self.free_window(floor);
