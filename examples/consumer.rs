@@ -1,5 +1,7 @@
 //! Consume a topic as a member of a group, printing and acknowledging each message, and commit
-//! every second so a restart resumes where this one stopped.
+//! every second so a restart resumes where this one stopped. A message whose value starts with
+//! `fail` is nacked: the broker hands it out again a second later with its delivery count + 1,
+//! and after 3 deliveries moves it to `<TOPIC>.dlq`.
 //!
 //!     cargo run -p quiver-examples --example consumer -- [TOPIC] [GROUP]
 
@@ -9,7 +11,8 @@ use futures::StreamExt;
 use quiver_client::connection::default_ca_path;
 use quiver_client::{Client, ClientConfig, Consumer, ConsumerConfig, StartPosition};
 
-#[tokio::main]
+// One thread: the connection's tasks and this loop never wake each other across threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let topic = args.next().unwrap_or_else(|| "events".into());
@@ -18,7 +21,9 @@ async fn main() -> anyhow::Result<()> {
     let ca = std::env::var("QUIVER_CA").map(Into::into).unwrap_or_else(|_| default_ca_path());
 
     let client = Client::connect(ClientConfig::new(broker, ca)).await?;
-    let config = ConsumerConfig::new(topic).group(group).start(StartPosition::Earliest);
+    let mut config = ConsumerConfig::new(topic).group(group).start(StartPosition::Earliest);
+    config.ack_deadline = Some(Duration::from_secs(30)); // not acked in 30 s: handed out again
+    config.max_deliveries = Some(3); // then to the dead-letter topic
     let mut consumer = Consumer::subscribe(client, config).await?;
     let mut commit = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -26,8 +31,13 @@ async fn main() -> anyhow::Result<()> {
             msg = consumer.next() => {
                 let Some(msg) = msg else { break };
                 let msg = msg?;
-                println!("{}/{}: {}", msg.partition, msg.offset, String::from_utf8_lossy(&msg.value));
-                msg.ack();
+                let value = String::from_utf8_lossy(&msg.value);
+                println!("{}/{} (delivery {}): {value}", msg.partition, msg.offset, msg.delivery_count);
+                if value.starts_with("fail") {
+                    msg.nack(Some(Duration::from_secs(1)));
+                } else {
+                    msg.ack();
+                }
             }
             _ = commit.tick() => consumer.commit().await?,
             _ = tokio::signal::ctrl_c() => break,
