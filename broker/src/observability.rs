@@ -112,7 +112,13 @@ fn describe() {
         "Produce request latency (queue, append, sync)"
     );
     describe_histogram!("quiver_fetch_seconds", Unit::Seconds, "Fetch request latency");
-    describe_histogram!("quiver_fsync_seconds", Unit::Seconds, "Group-commit fsync latency");
+    describe_histogram!("quiver_fsync_seconds", Unit::Seconds, "Group-commit and periodic fsync latency");
+    describe_counter!(
+        "quiver_redeliveries_total",
+        "Records handed out again (nack or ack deadline), by topic"
+    );
+    describe_counter!("quiver_dead_letters_total", "Records moved to a dead-letter topic, by topic");
+    describe_counter!("quiver_duplicate_batches_total", "Idempotent retries answered without appending");
     describe_counter!("quiver_protocol_errors_total", "Malformed, oversized or unexpected frames");
     describe_gauge!("quiver_connections", "Open client connections");
     describe_gauge!("quiver_subscriptions", "Live subscription streams");

@@ -387,7 +387,13 @@ impl Session<'_> {
     /// newer subscription, or its member lost the partition.
     fn check_owner(&self) -> Result<(), PartitionError> {
         self.check_not_taken_over()?;
-        still_owner(self.state, self.setup)
+        match &self.setup.member {
+            Some((group, member)) => {
+                let p = &self.setup.partition;
+                self.state.groups.check_owner(group, &p.topic, Some(member), p.id)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Fails once a newer subscription of the group took the partition over (cheap: one map
@@ -553,17 +559,7 @@ fn head(high: u64, pieces: &[Piece], bytes: u64, whole: bool) -> Bytes {
 /// How often a group member's subscription re-checks that it still owns the partition.
 const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-fn still_owner(state: &BrokerState, setup: &Setup) -> Result<(), PartitionError> {
-    match &setup.member {
-        Some((group, member)) => {
-            state.groups.check_owner(group, &setup.partition.topic, Some(member), setup.partition.id)
-        }
-        None => Ok(()),
-    }
-}
-
-/// The first batch's base offset, the offset after the last batch, and the record count, of
-/// a read.
+/// The first batch's base offset and the offset after the last batch, of a read.
 struct Extent {
     base: u64,
     next: u64,

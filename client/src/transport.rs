@@ -99,15 +99,8 @@ impl FrameReader {
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             self.reserve_budget().await?;
-            if self.buf.len() >= 4 {
-                // Room for the whole frame at once (its length is checked by now), so the
-                // buffer never grows by doubling and copying what it holds.
-                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-                let frame = 4 + len.min(quiver_protocol::limits::MAX_FRAME_BYTES);
-                if frame > self.buf.capacity() {
-                    self.buf.reserve(frame - self.buf.len());
-                }
-            }
+            // Once the length is known (and checked), `decode_frame` reserves room for the
+            // whole frame, so the buffer never grows by doubling and copying what it holds.
             if let Some(raw) = decode_frame(&mut self.buf)? {
                 self.deadline = None;
                 if raw.payload.len() > UNBUDGETED_FRAME_BYTES as usize {

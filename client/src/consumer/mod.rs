@@ -290,21 +290,13 @@ impl AckFloor {
     }
 
     /// Aligns local state with where a (re)subscription starts.
-    /// Returns true when the log went backwards (what was handed out is void).
-    fn reconcile(
-        &mut self,
-        start: u64,
-        high_watermark: u64,
-        first: bool,
-        topic: &str,
-        partition: u32,
-    ) -> bool {
+    fn reconcile(&mut self, start: u64, high_watermark: u64, first: bool, topic: &str, partition: u32) {
         if first || !self.started {
             // The broker decided where we start (committed offset or start position).
             self.floor = start;
             self.next_expected = start;
             self.started = true;
-            return false;
+            return;
         }
         if self.next_expected > high_watermark.max(start) {
             // The log is shorter than what we handed out: the broker lost unsynced data
@@ -314,7 +306,7 @@ impl AckFloor {
             self.above = RangeSet::new();
             self.nacked.clear();
             self.next_expected = start;
-            return true;
+            return;
         }
         if start > self.floor {
             // Retention removed offsets we had not acknowledged (they can never be acked now),
@@ -323,7 +315,6 @@ impl AckFloor {
             self.merge_above();
         }
         self.next_expected = self.next_expected.max(start);
-        false
     }
 }
 
