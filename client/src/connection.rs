@@ -226,8 +226,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     if n == 0 {
         return Err(bad_ca("no PEM certificate in the file".into()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::transport::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .with_root_certificates(roots)
@@ -244,9 +243,10 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
         reason: format!("local socket: {e}"),
     };
     let socket = crate::transport::udp_socket(bind, false).map_err(local)?;
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    crate::transport::limit_datagrams(&mut endpoint_config);
     let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-            .map_err(local)?;
+        quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(local)?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }
@@ -259,6 +259,7 @@ fn transport_config(idle: Duration) -> quinn::TransportConfig {
     t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());
     t.send_window(64 * 1024 * 1024);
+    crate::transport::discover_mtu(&mut t);
     let idle = idle.max(Duration::from_millis(300));
     t.keep_alive_interval(Some(idle / 6));
     if let Ok(idle) = idle.try_into() {

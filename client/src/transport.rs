@@ -180,6 +180,16 @@ pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result
     }
 }
 
+/// The TLS crypto provider of both ends: *ring*, with the TLS 1.3 suites ordered AES-128-GCM
+/// first. rustls lists AES-256-GCM first; AES-128 runs 10 AES rounds per block instead of 14,
+/// and every byte on a QUIC connection is encrypted once and decrypted once.
+pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(provider)
+}
+
 /// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
 /// `wmem_max` (stock kernels: about 208 KiB; it doubles what it grants for bookkeeping).
 /// 208 KiB holds only a few GRO-coalesced datagrams: a receiver that is busy for a moment
@@ -215,7 +225,47 @@ pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::R
     Ok(socket.into())
 }
 
-// Datagram size: quinn's defaults (1,472-byte UDP payloads, which is also what each endpoint
-// accepts, so MTU discovery stays there). GSO and GRO already batch many datagrams per system
-// call; raising the accepted payload on both ends to 16 or 60 KiB made loopback slower here
-// (consume 810-870 against 1,000 MB/s, produce 520-560 against 630; BENCHMARKS.md).
+/// Largest UDP payload either end accepts and MTU discovery searches up to. Connections start
+/// at 1,200 bytes (safe on any path) and probe upwards; on an ordinary 1,500-byte network they
+/// settle near 1,452, on loopback (MTU 64 KiB) at this bound. Per-packet work (header
+/// protection, AEAD setup, loss tracking, acks) is most of QUIC's cost, so bigger packets move
+/// more bytes per CPU cycle: a raw quinn stream on this machine carries 1.2 GB/s with 1,452-byte
+/// packets and 2.3–2.7 GB/s with 5,000–6,500 (BENCHMARKS.md).
+///
+/// The bound is not higher because quinn sends up to 10 packets in one GSO system call, and
+/// Linux caps a GSO send at 64 KiB: at 6,600 bytes and above the send fails with `EMSGSIZE`
+/// and the connection stalls.
+pub const MAX_UDP_PAYLOAD: u16 = 6000;
+
+/// Applies the datagram limits above to an endpoint configuration.
+pub fn limit_datagrams(endpoint: &mut quinn::EndpointConfig) {
+    // MAX_UDP_PAYLOAD lies within quinn's accepted range (1,200..=65,527).
+    let _ = endpoint.max_udp_payload_size(MAX_UDP_PAYLOAD);
+}
+
+/// Turns on MTU discovery up to [`MAX_UDP_PAYLOAD`] in a transport configuration.
+pub fn discover_mtu(transport: &mut quinn::TransportConfig) {
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MAX_UDP_PAYLOAD);
+    transport.mtu_discovery_config(Some(mtud));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first() {
+        let provider = crypto_provider();
+        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        // Nothing dropped: the other TLS 1.3 suites stay available to peers that prefer them.
+        assert_eq!(suites.len(), rustls::crypto::ring::default_provider().cipher_suites.len());
+    }
+
+    #[test]
+    fn datagram_bound_fits_one_gso_send() {
+        // quinn batches up to 10 packets per GSO send; Linux allows 64 KiB per send.
+        assert!(usize::from(MAX_UDP_PAYLOAD) * 10 <= 65_507);
+    }
+}
