@@ -257,9 +257,12 @@ async fn produce(
         },
     );
     let filler = Bytes::from(vec![b'x'; config.message_size.saturating_sub(8)]);
+    let clock = Clock::new();
     let mut hist = new_histogram();
     // Acknowledgements are observed in send order (they complete in order per partition), so
-    // only the oldest future is polled: no per-message waker bookkeeping.
+    // only the oldest future is polled: no per-message waker bookkeeping. The clock is read
+    // once per message sent and once per pass over what completed, not once per message
+    // acknowledged: a whole batch completes at the same instant.
     let mut in_flight: VecDeque<(Instant, DeliveryFuture)> = VecDeque::new();
     let mut sent = 0u64;
     let done = |sent: u64| match deadline {
@@ -267,8 +270,8 @@ async fn produce(
         None => sent >= count,
     };
     while !done(sent) {
-        let record = ProducerRecord::new(payload(&filler, config.message_size));
         let t0 = Instant::now();
+        let record = ProducerRecord::new(payload(&filler, config.message_size, clock.wall_ns(t0)));
         let ack = producer.enqueue(&topic, record).await?;
         sent += 1;
         if config.one_at_a_time {
@@ -286,16 +289,22 @@ async fn produce(
             }
         }
         // Settle what completed, without waiting.
+        let mut now = None;
+        let mut settled = 0;
         while let Some((t0, front)) = in_flight.front_mut() {
             match futures::FutureExt::now_or_never(&mut *front) {
                 Some(r) => {
                     r?;
-                    record_us(&mut hist, t0.elapsed());
+                    let now = *now.get_or_insert_with(Instant::now);
+                    record_us(&mut hist, now.saturating_duration_since(*t0));
                     in_flight.pop_front();
-                    bar.inc(1);
+                    settled += 1;
                 }
                 None => break,
             }
+        }
+        if settled > 0 {
+            bar.inc(settled);
         }
     }
     producer.flush().await?;
@@ -360,9 +369,26 @@ async fn consume(
     Ok((n, secs, hist))
 }
 
-fn payload(filler: &Bytes, size: usize) -> Bytes {
+/// Wall-clock time derived from `Instant`s, so a message's send time costs one clock read for
+/// both its produce→ack latency and the timestamp its consumer compares against.
+struct Clock {
+    instant: Instant,
+    wall_ns: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { instant: Instant::now(), wall_ns: now_ns() }
+    }
+
+    fn wall_ns(&self, at: Instant) -> u64 {
+        self.wall_ns + at.saturating_duration_since(self.instant).as_nanos() as u64
+    }
+}
+
+fn payload(filler: &Bytes, size: usize, wall_ns: u64) -> Bytes {
     let mut b = BytesMut::with_capacity(size.max(8));
-    b.put_u64_le(now_ns());
+    b.put_u64_le(wall_ns);
     b.put_slice(&filler[..size.saturating_sub(8).min(filler.len())]);
     b.freeze()
 }
