@@ -165,12 +165,14 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     }
     let mut produce_hist = new_histogram();
     let mut produced = 0u64;
+    let mut finished = started;
     for t in producer_tasks {
-        let (n, hist) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let (n, hist, done) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
         produced += n;
+        finished = finished.max(done);
         let _ = produce_hist.add(&hist);
     }
-    let produce_secs = started.elapsed().as_secs_f64();
+    let produce_secs = finished.saturating_duration_since(started).as_secs_f64();
     if config.producers > 0 {
         produced_total.store(produced, Ordering::Release);
     }
@@ -246,7 +248,7 @@ async fn produce(
     count: u64,
     deadline: Option<Instant>,
     bar: indicatif::ProgressBar,
-) -> Result<(u64, Histogram<u64>), ClientError> {
+) -> Result<(u64, Histogram<u64>, Instant), ClientError> {
     let producer = Producer::new(
         client.clone(),
         ProducerConfig {
@@ -313,8 +315,11 @@ async fn produce(
         record_us(&mut hist, t0.elapsed());
         bar.inc(1);
     }
+    // The run ends with the last acknowledgement, as nats-bench's does; closing the
+    // connection (QUIC drains it for three probe timeouts) is not part of it.
+    let finished = Instant::now();
     client.close().await;
-    Ok((sent, hist))
+    Ok((sent, hist, finished))
 }
 
 async fn consume(
