@@ -233,8 +233,8 @@ pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::R
 /// packets and 2.3–2.7 GB/s with 5,000–6,500 (BENCHMARKS.md).
 ///
 /// The bound is not higher because quinn sends up to 10 packets in one GSO system call, and
-/// Linux caps a GSO send at 64 KiB: at 6,600 bytes and above the send fails with `EMSGSIZE`
-/// and the connection stalls.
+/// Linux caps a GSO send at 64 KiB: with packets above about 6,550 bytes the send fails
+/// with `EMSGSIZE` and the connection stalls (6,500 works here, 6,600 stalls).
 pub const MAX_UDP_PAYLOAD: u16 = 6000;
 
 /// Applies the datagram limits above to an endpoint configuration.
