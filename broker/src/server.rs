@@ -53,7 +53,8 @@ pub struct Broker {
 impl Broker {
     /// Recovers the data directory, binds the endpoint and starts serving.
     pub async fn start(config: BrokerConfig) -> anyhow::Result<Broker> {
-        Self::start_with_storage(config, Arc::new(FsStorage::new())).await
+        let storage = FsStorage::new().direct_writes(config.direct_writes);
+        Self::start_with_storage(config, Arc::new(storage)).await
     }
 
     /// As `start`, with partition logs on the given storage backend.

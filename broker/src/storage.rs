@@ -23,6 +23,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Opens `path` for reading and appending, creating it empty if missing. Never truncates.
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Opens a segment's log file, like [`open`](Storage::open), for large sequential appends.
+    /// The file may be longer than [`len`](StorageFile::len) says (padding that the log cuts
+    /// when it seals the segment and that recovery drops), and only one handle may be open.
+    fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        self.open(path)
+    }
     /// Deletes a file. Handles already open stay readable (as with unlinked files on Unix).
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes the creation and deletion of entries in `dir` durable.
@@ -48,14 +54,34 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> io::Result<()>;
 }
 
+mod direct;
+
+/// Largest zero padding a segment file may carry past its last batch (one block).
+pub const PADDING_BLOCK: usize = direct::BLOCK;
+
 /// Real files through `std::fs`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FsStorage;
+#[derive(Debug, Clone, Copy)]
+pub struct FsStorage {
+    direct_writes: bool,
+}
+
+impl Default for FsStorage {
+    fn default() -> Self {
+        FsStorage::new()
+    }
+}
 
 impl FsStorage {
-    /// The storage of the local file system.
+    /// The storage of the local file system, every write through the page cache.
     pub fn new() -> Self {
-        FsStorage
+        FsStorage { direct_writes: false }
+    }
+
+    /// With `true`, large segment appends bypass the page cache (`O_DIRECT`, `direct.rs`)
+    /// where the file system allows it; other files and small appends stay buffered.
+    pub fn direct_writes(mut self, on: bool) -> Self {
+        self.direct_writes = on;
+        self
     }
 }
 
@@ -80,6 +106,15 @@ impl Storage for FsStorage {
         // O_APPEND: every write lands at the end, whatever a concurrent pread does.
         let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         Ok(Arc::new(FsFile { file }))
+    }
+
+    fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        if self.direct_writes {
+            if let Some(file) = direct::open(path)? {
+                return Ok(Arc::new(file));
+            }
+        }
+        self.open(path)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

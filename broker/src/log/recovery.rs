@@ -215,6 +215,19 @@ fn trust_indexes(
     Ok(true)
 }
 
+/// Whether `from..len` of the segment looks like the padding of a direct write: fewer than one
+/// block of zero bytes, ending the file at a block boundary (a torn write ends anywhere).
+fn is_padding(seg: &Segment, from: u64, len: u64) -> Result<bool, LogError> {
+    let block = crate::storage::PADDING_BLOCK as u64;
+    let n = len - from;
+    if n == 0 || n >= block || !len.is_multiple_of(block) {
+        return Ok(false);
+    }
+    let mut bytes = vec![0u8; n as usize];
+    seg.log.read_exact_at(from, &mut bytes).map_err(LogError::io("read segment", &seg.log_path))?;
+    Ok(bytes.iter().all(|&b| b == 0))
+}
+
 /// Opens the last segment: scans every batch with its CRC, cuts the file at the first bad one
 /// and rewrites the indexes if they differ from what the scan built.
 fn open_last(
@@ -228,7 +241,12 @@ fn open_last(
     let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
     let walker = seg.walker(Check::Crc);
     let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
-    if let Some(reason) = end.defect {
+    if end.defect.is_some() && is_padding(&seg, end.pos, len)? {
+        // The zeros after the last block written with O_DIRECT (storage/direct.rs), left by a
+        // crash or a clean shutdown alike: not damage.
+        tracing::debug!(segment = %seg.log_path.display(), bytes = len - end.pos, "cutting block padding");
+        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+    } else if let Some(reason) = end.defect {
         let dropped = len - end.pos;
         tracing::warn!(
             segment = %seg.log_path.display(),

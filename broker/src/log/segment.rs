@@ -117,7 +117,7 @@ impl Segment {
     /// segment starts out empty in memory.
     pub(crate) fn open_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
         let log_path = dir.join(file_name(base, "log"));
-        let log = storage.open(&log_path).map_err(LogError::io("open segment", &log_path))?;
+        let log = storage.open_segment(&log_path).map_err(LogError::io("open segment", &log_path))?;
         Ok(Segment {
             base,
             log,
@@ -183,6 +183,9 @@ impl Segment {
 
     /// Makes the segment durable before it stops being the active one.
     pub(crate) fn seal(&mut self) -> Result<(), LogError> {
+        // A closed segment must end exactly where its last batch ends (recovery checks it):
+        // cut any padding a direct-write file carries.
+        self.log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
         self.log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
         self.offsets.sync()?;
         self.times.sync()
