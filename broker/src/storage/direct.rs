@@ -16,9 +16,10 @@
 //!   reports the logical length. The log cuts the padding when it seals a segment, and
 //!   recovery drops it from the last segment on open (`recovery::open_last`), after a crash
 //!   or a clean shutdown alike.
-//! - Reads of the partial block are served from memory; reads below it go through the page
-//!   cache (buffered `pread`, with readahead). Complete blocks are never rewritten, and the
-//!   kernel invalidates cached pages of a range after a direct write to it.
+//! - Reads of the partial block are served from memory; reads below it use `O_DIRECT` too,
+//!   through a pooled aligned buffer (complete blocks are never rewritten). Buffered appends
+//!   and direct reads stay coherent: the kernel writes back dirty pages of a range before a
+//!   direct read of it, and invalidates cached pages of a range after a direct write to it.
 //!
 //! One handle per file: the in-memory tail is not shared between handles, which is how the
 //! log uses segment files (one `Segment` per file).
@@ -43,7 +44,13 @@ const STAGE_BYTES: usize = 1024 * 1024;
 /// Opens `path` for direct writes, or `None` where the file system refuses `O_DIRECT`
 /// (tmpfs, for one): the caller then falls back to buffered writes.
 pub(crate) fn open(path: &Path) -> io::Result<Option<DirectFile>> {
-    let direct = match OpenOptions::new().write(true).create(true).custom_flags(libc::O_DIRECT).open(path) {
+    let direct = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
         Err(e) => return Err(e),
@@ -162,6 +169,32 @@ impl DirectFile {
         Ok(())
     }
 
+    /// Reads `buf.len()` bytes at `pos`, all below the partial last block, with `O_DIRECT`
+    /// into a pooled aligned buffer: no page-cache pages to allocate, which on the development
+    /// VM is what limits a buffered read of data that is not cached (`dd`: 531 MB/s buffered,
+    /// 2.6 GB/s direct). The kernel writes back dirty pages of the range first, so bytes that
+    /// small appends put in the page cache are read correctly too.
+    fn read_blocks(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut stage = Stage::take();
+        let mut done = 0;
+        let result = (|| {
+            while done < buf.len() {
+                let at = pos + done as u64;
+                let start = align_down(at);
+                let skip = (at - start) as usize;
+                let n = (buf.len() - done).min(STAGE_BYTES + BLOCK - skip);
+                let span = align_up(skip + n);
+                let region = stage.region();
+                self.direct.read_exact_at(&mut region[..span], start)?;
+                buf[done..done + n].copy_from_slice(&region[skip..skip + n]);
+                done += n;
+            }
+            Ok(())
+        })();
+        stage.give_back();
+        result
+    }
+
     /// Writes `data` through the page cache at the end and mirrors it into the tail block.
     fn append_buffered(&self, data: &[u8]) -> io::Result<()> {
         let len = self.tail.lock().len;
@@ -205,7 +238,7 @@ impl StorageFile for DirectFile {
         };
         // Below `split` lie only complete blocks, never rewritten once written.
         if split > pos {
-            self.buffered.read_exact_at(&mut buf[..(split - pos) as usize], pos)?;
+            self.read_blocks(pos, &mut buf[..(split - pos) as usize])?;
         }
         Ok(())
     }
