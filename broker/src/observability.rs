@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// Largest request head read from a scraper.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Installs the process-wide Prometheus recorder once; later calls reuse it.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -51,6 +53,19 @@ pub async fn serve(
     let listener =
         TcpListener::bind(addr).await.with_context(|| format!("binding metrics listener {addr}"))?;
     let local = listener.local_addr()?;
+    // Histogram samples pile up in the recorder until something drains them: a scrape or
+    // this upkeep. Without it, a broker nobody scrapes would grow by every sample recorded.
+    let upkeep = handle.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => upkeep.run_upkeep(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
