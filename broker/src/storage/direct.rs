@@ -120,7 +120,7 @@ impl Stage {
     }
 }
 
-/// Idle stages kept for reuse (one per concurrent large append is enough).
+/// Idle stages kept for reuse; more are allocated while more appends and reads run at once.
 const POOLED_STAGES: usize = 4;
 static STAGES: Mutex<Vec<Stage>> = Mutex::new(Vec::new());
 
