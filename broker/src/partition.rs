@@ -177,6 +177,11 @@ impl Partition {
         Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
     }
 
+    /// Whether `read_parts(offset, ..)` would be served from memory, not from disk.
+    pub fn is_cached(&self, offset: u64) -> bool {
+        self.tail.lock().holds(offset)
+    }
+
     /// As `read_parts`, from disk, in one buffer.
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
         let hw = self.high_watermark();
@@ -457,13 +462,17 @@ fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionErro
         }
         let bytes =
             plan.execute().map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
-        let mut pos = 0;
+        let (mut pos, mut next) = (0, offset);
         while pos < bytes.len() {
             let Ok(h) = BatchHeader::parse(&bytes[pos..]) else { break };
             states.record(&h, h.base_offset);
             pos += h.total_len();
+            next = h.next_offset();
         }
-        offset = plan.end_offset();
+        if next <= offset {
+            break; // a plan reads at least one batch, so this is not expected
+        }
+        offset = next;
     }
     Ok(states)
 }

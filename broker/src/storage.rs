@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 /// A directory tree of append-only files.
@@ -46,6 +47,12 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
     /// Reads exactly `buf.len()` bytes at `pos`; `UnexpectedEof` if the file is shorter.
     fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads `len` bytes at `pos` into a buffer of their own (what deliveries send).
+    fn read_bytes(&self, pos: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(pos, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
     /// Writes `data` at the end of the file.
     fn append(&self, data: &[u8]) -> io::Result<()>;
     /// Cuts the file to `len` bytes.

@@ -99,7 +99,8 @@ pub(crate) async fn run(
     let acks = tokio::spawn(read_acks(reader, ack_tx));
     let window_bytes = u64::from(sub.window_bytes.clamp(1, state.config.max_window_bytes));
     let mut window = DeliveryWindow::new(setup.start, window_bytes, u64::from(sub.window_messages.max(1)));
-    let mut session = Session { state: &state, setup: &setup, send: &mut send, window: &mut window };
+    let mut session =
+        Session { state: &state, setup: &setup, send: &mut send, window: &mut window, read_ahead: None };
     if let Err(e) = session.push(ack_rx).await {
         let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
     }
@@ -247,9 +248,65 @@ struct Session<'a> {
     setup: &'a Setup,
     send: &'a mut quinn::SendStream,
     window: &'a mut DeliveryWindow,
+    /// The disk read of the next delivery, started before the current one is sent.
+    read_ahead: Option<ReadAhead>,
 }
 
+/// A read of up to `max_bytes` at `offset`, running on its own task. Reads from disk and
+/// sends to the client then overlap: a subscription catching up on history does not wait for
+/// the disk and the network in turn.
+struct ReadAhead {
+    offset: u64,
+    max_bytes: usize,
+    task: tokio::task::JoinHandle<Result<Vec<Bytes>, PartitionError>>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort(); // nobody will use it (a no-op once it finished)
+    }
+}
+
+/// Read ahead only when the window leaves room for at least this much of the next delivery.
+const MIN_READ_AHEAD_BYTES: usize = 64 * 1024;
+
 impl Session<'_> {
+    /// The batches at `position`, up to `max` bytes: the read started ahead when it matches,
+    /// else a fresh read.
+    async fn read_next(
+        &mut self,
+        p: &Arc<Partition>,
+        position: u64,
+        max: usize,
+    ) -> Result<Vec<Bytes>, PartitionError> {
+        if let Some(mut ahead) = self.read_ahead.take() {
+            // A failed read ahead (retention deleted the segment meanwhile, say) is repeated,
+            // so the error the subscription reports is a current one.
+            if ahead.offset == position && ahead.max_bytes <= max {
+                if let Ok(Ok(parts)) = (&mut ahead.task).await {
+                    return Ok(parts);
+                }
+            }
+        }
+        p.read_parts(position, max).await
+    }
+
+    /// Starts reading the delivery after the one at `next` from disk, when there is more below
+    /// `high` that the tail cache cannot serve and the window leaves room for it. The window's
+    /// room only grows until the next delivery, so the read ahead fits it when its turn comes.
+    fn start_read_ahead(&mut self, p: &Arc<Partition>, next: u64, high: u64) {
+        let max_bytes = self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize;
+        if next >= high || max_bytes < MIN_READ_AHEAD_BYTES || p.is_cached(next) {
+            return;
+        }
+        let p = p.clone();
+        let task = tokio::spawn(async move {
+            let bytes = p.read(next, max_bytes).await?;
+            Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
+        });
+        self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task });
+    }
+
     async fn push(&mut self, mut acks: mpsc::Receiver<ClientAck>) -> Result<(), PartitionError> {
         let p = self.setup.partition.clone();
         let messages_out = metrics::counter!("quiver_messages_out_total", "topic" => p.topic.to_string());
@@ -280,7 +337,7 @@ impl Session<'_> {
             if position < high && self.window.has_room() {
                 let max =
                     self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize;
-                let mut parts = p.read_parts(position, max).await?;
+                let mut parts = self.read_next(&p, position, max).await?;
                 if let Some(ext) = extent(&parts) {
                     self.check_not_taken_over()?;
                     // Records handed out `max_deliveries` times already (by earlier sessions)
@@ -297,12 +354,13 @@ impl Session<'_> {
                             ext.base == position && pieces == [Piece { range: position..ext.next, count: 1 }];
                         // Head, then the batches as they are (cached or read), without a copy.
                         parts.insert(0, head(high, &pieces, bytes, whole));
+                        self.window.on_delivered(ext.next, bytes, messages);
+                        self.start_read_ahead(&p, ext.next, high);
                         if self.send.write_all_chunks(&mut parts).await.is_err() {
                             return Ok(()); // the client went away
                         }
                         messages_out.increment(messages);
                         bytes_out.increment(bytes);
-                        self.window.on_delivered(ext.next, bytes, messages);
                         metrics::gauge!("quiver_inflight_delivery_bytes").increment(bytes as f64);
                     }
                     position = ext.next;

@@ -53,6 +53,11 @@ impl TailCache {
         }
     }
 
+    /// Whether a read at `offset` would be served from the cache.
+    pub fn holds(&self, offset: u64) -> bool {
+        self.batches.front().is_some_and(|(first, _, _)| *first <= offset)
+    }
+
     /// Whole batches from the one containing `offset`, below `limit`, up to `max_bytes` (at
     /// least one). `None` when `offset` is older than the cache.
     pub fn read(&self, offset: u64, limit: u64, max_bytes: usize) -> Option<Vec<Bytes>> {
@@ -96,7 +101,9 @@ mod tests {
         // Idle: the memory goes back, readers go to the files.
         c.release_if_idle(Duration::from_secs(3600));
         assert!(c.read(40, 100, 100).is_some());
+        assert!(c.holds(20) && !c.holds(19));
         c.release_if_idle(Duration::ZERO);
         assert!(c.read(40, 100, 100).is_none());
+        assert!(!c.holds(40));
     }
 }

@@ -229,12 +229,6 @@ impl IndexFile<OffsetEntry> {
         let n = self.entries.partition_point(|e| e.rel <= rel);
         n.checked_sub(1).and_then(|i| self.entries.get(i).copied()).unwrap_or(OffsetEntry { rel: 0, pos: 0 })
     }
-
-    /// The last entry whose position is at most `pos`, if any.
-    pub(crate) fn floor_pos(&self, pos: u64) -> Option<OffsetEntry> {
-        let n = self.entries.partition_point(|e| u64::from(e.pos) <= pos);
-        n.checked_sub(1).and_then(|i| self.entries.get(i).copied())
-    }
 }
 
 impl IndexFile<TimeEntry> {
@@ -388,8 +382,6 @@ mod tests {
         assert_eq!(index.floor(0), OffsetEntry { rel: 0, pos: 0 });
         assert_eq!(index.floor(15), OffsetEntry { rel: 10, pos: 5000 });
         assert_eq!(index.floor(99), OffsetEntry { rel: 20, pos: 10_000 });
-        assert_eq!(index.floor_pos(4999), Some(OffsetEntry { rel: 0, pos: 0 }));
-        assert_eq!(index.floor_pos(5000), Some(OffsetEntry { rel: 10, pos: 5000 }));
         Ok(())
     }
 }

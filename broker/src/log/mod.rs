@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quiver_protocol::batch::{self, BatchError, BatchHeader};
+use quiver_protocol::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
 use quiver_protocol::limits::MAX_BATCH_BYTES;
 
 use crate::storage::{Storage, StorageFile};
@@ -229,28 +229,44 @@ impl SyncHandle {
     }
 }
 
-/// Whole batches located under the log's lock, read with [`execute`](ReadPlan::execute)
-/// without it.
+/// A span of a segment that starts at a batch, located under the log's lock and read with
+/// [`execute`](ReadPlan::execute) without it.
 #[derive(Debug, Clone)]
 pub struct ReadPlan {
     file: Option<Arc<dyn StorageFile>>,
     position: u64,
     len: usize,
     first_offset: u64,
-    end_offset: u64,
 }
 
 impl ReadPlan {
-    /// Reads the planned bytes: one or more whole batches, or nothing for an empty plan.
+    /// Reads the span in one read and returns the whole batches in it (at least one), or
+    /// nothing for an empty plan. Batch ends are found in the bytes read, not by reading each
+    /// header from the file first: with `direct_writes` every file read is a device round trip.
     pub fn execute(&self) -> io::Result<Bytes> {
         let Some(file) = &self.file else { return Ok(Bytes::new()) };
         // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
-        let mut buf = vec![0u8; self.len];
-        file.read_exact_at(self.position, &mut buf)?;
-        Ok(Bytes::from(buf))
+        let bytes = file.read_bytes(self.position, self.len)?;
+        let mut end = 0;
+        while bytes.len() - end >= BATCH_HEADER_BYTES {
+            let header = BatchHeader::parse(&bytes[end..]).map_err(|e| {
+                let at = self.position + end as u64;
+                io::Error::new(io::ErrorKind::InvalidData, format!("damaged batch at byte {at}: {e}"))
+            })?;
+            if header.total_len() > bytes.len() - end {
+                break; // the span ends inside this batch
+            }
+            end += header.total_len();
+        }
+        if end == 0 {
+            // The plan covers its first batch whole, so the file changed under it.
+            let at = self.position;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("no whole batch at byte {at}")));
+        }
+        Ok(bytes.slice(..end))
     }
 
-    /// Bytes the plan reads.
+    /// Bytes the plan reads: whole batches and possibly the start of one more.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -263,11 +279,6 @@ impl ReadPlan {
     /// Base offset of the first batch; at most the offset asked for.
     pub fn first_offset(&self) -> u64 {
         self.first_offset
-    }
-
-    /// Offset after the last batch: where the next read continues.
-    pub fn end_offset(&self) -> u64 {
-        self.end_offset
     }
 }
 
@@ -383,18 +394,19 @@ impl PartitionLog {
             return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
         }
         if offset == next {
-            return Ok(ReadPlan { file: None, position: 0, len: 0, first_offset: next, end_offset: next });
+            return Ok(ReadPlan { file: None, position: 0, len: 0, first_offset: next });
         }
         let seg = self.segment_for(offset);
         let (start, first) = seg.find_batch(offset)?;
-        let (end, end_offset) = seg.plan_end(start, &first, max_bytes.min(MAX_READ_BYTES))?;
+        // The first batch whole, then up to the budget; `execute` drops a batch cut short.
+        let budget = max_bytes.min(MAX_READ_BYTES).max(first.total_len()) as u64;
+        let end = start.saturating_add(budget).min(seg.size);
         Ok(ReadPlan {
             file: Some(seg.log.clone()),
             position: start,
             // At most MAX_READ_BYTES or one batch, so it fits in usize.
             len: usize::try_from(end - start).unwrap_or(usize::MAX),
             first_offset: first.base_offset,
-            end_offset,
         })
     }
 

@@ -220,38 +220,6 @@ impl Segment {
         }
     }
 
-    /// End position and next offset of a read that starts with `first` at `start`: whole
-    /// batches up to `max_bytes` in total, but at least `first`.
-    pub(crate) fn plan_end(
-        &self,
-        start: u64,
-        first: &BatchHeader,
-        max_bytes: usize,
-    ) -> Result<(u64, u64), LogError> {
-        let budget = (max_bytes as u64).max(first.total_len() as u64);
-        let limit = start.saturating_add(budget).min(self.size);
-        let mut pos = start + first.total_len() as u64;
-        let mut next = first.next_offset();
-        // Index positions are batch boundaries: jump to the last one within the limit, so the
-        // header walk below is at most one index interval long.
-        if let Some(entry) = self.offsets.floor_pos(limit) {
-            if u64::from(entry.pos) > pos {
-                pos = u64::from(entry.pos);
-                next = self.base + u64::from(entry.rel);
-            }
-        }
-        while pos < limit {
-            let header = self.read_header(pos)?;
-            let end = pos + header.total_len() as u64;
-            if end > limit {
-                break;
-            }
-            pos = end;
-            next = header.next_offset();
-        }
-        Ok((pos, next))
-    }
-
     /// Base offset of the first batch whose max timestamp is at least `ts`, if any.
     pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>, LogError> {
         if self.max_timestamp < ts {

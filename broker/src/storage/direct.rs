@@ -29,6 +29,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::StorageFile;
@@ -195,6 +196,24 @@ impl DirectFile {
         result
     }
 
+    /// Copies what `pos..pos + buf.len()` holds of the partial last block, from memory, to the
+    /// end of `buf`, and returns where that part starts: below it lie complete blocks only,
+    /// never rewritten once written, which the caller reads from the file.
+    fn copy_tail(&self, pos: u64, buf: &mut [u8]) -> io::Result<u64> {
+        let end = pos.checked_add(buf.len() as u64).ok_or(io::ErrorKind::InvalidInput)?;
+        let tail = self.tail.lock();
+        if end > tail.len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the segment"));
+        }
+        let split = tail.base.clamp(pos, end);
+        if split < end {
+            let from = (split - tail.base) as usize;
+            let n = (end - split) as usize;
+            buf[(split - pos) as usize..].copy_from_slice(&tail.block[from..from + n]);
+        }
+        Ok(split)
+    }
+
     /// Writes `data` through the page cache at the end and mirrors it into the tail block.
     fn append_buffered(&self, data: &[u8]) -> io::Result<()> {
         let len = self.tail.lock().len;
@@ -222,25 +241,30 @@ impl StorageFile for DirectFile {
     }
 
     fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = pos.checked_add(buf.len() as u64).ok_or(io::ErrorKind::InvalidInput)?;
-        let split = {
-            let tail = self.tail.lock();
-            if end > tail.len {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the segment"));
-            }
-            let split = tail.base.clamp(pos, end);
-            if split < end {
-                let from = (split - tail.base) as usize;
-                let n = (end - split) as usize;
-                buf[(split - pos) as usize..].copy_from_slice(&tail.block[from..from + n]);
-            }
-            split
-        };
-        // Below `split` lie only complete blocks, never rewritten once written.
+        let split = self.copy_tail(pos, buf)?;
         if split > pos {
             self.read_blocks(pos, &mut buf[..(split - pos) as usize])?;
         }
         Ok(())
+    }
+
+    /// Reads straight into an over-allocated buffer at a block-aligned address inside it and
+    /// returns the bytes asked for as a slice of it: no staging copy.
+    fn read_bytes(&self, pos: u64, len: usize) -> io::Result<Bytes> {
+        let start = align_down(pos);
+        let skip = (pos - start) as usize;
+        let mut buf = vec![0u8; align_up(skip + len) + BLOCK];
+        let at = buf.as_ptr().align_offset(BLOCK);
+        // `region[i]` holds the file's byte `start + i`.
+        let region = &mut buf[at..];
+        let split = self.copy_tail(pos, &mut region[skip..skip + len])?;
+        if split > pos {
+            // `split` is the partial block's (aligned) start or lies below it, so the aligned
+            // span covers complete blocks only and ends before the bytes copied from memory.
+            let span = align_up((split - start) as usize);
+            self.direct.read_exact_at(&mut region[..span], start)?;
+        }
+        Ok(Bytes::from(buf).slice(at + skip..at + skip + len))
     }
 
     fn append(&self, data: &[u8]) -> io::Result<()> {
@@ -287,6 +311,7 @@ mod tests {
         let mut all = vec![0u8; model.len()];
         file.read_exact_at(0, &mut all)?;
         assert!(all == model, "contents differ");
+        assert!(file.read_bytes(0, model.len())? == model, "contents differ (read_bytes)");
         // Ranges around block boundaries and the partial last block.
         let len = model.len();
         for (from, to) in
@@ -296,11 +321,20 @@ mod tests {
                 let mut buf = vec![0u8; to - from];
                 file.read_exact_at(from as u64, &mut buf)?;
                 assert_eq!(&buf[..], &model[from..to], "range {from}..{to}");
+                assert_eq!(
+                    &file.read_bytes(from as u64, to - from)?[..],
+                    &model[from..to],
+                    "range {from}..{to}"
+                );
             }
         }
         let mut past = [0u8; 2];
         assert_eq!(
             file.read_exact_at(len as u64 - 1, &mut past).map_err(|e| e.kind()),
+            Err(io::ErrorKind::UnexpectedEof)
+        );
+        assert_eq!(
+            file.read_bytes(len as u64 - 1, 2).map_err(|e| e.kind()),
             Err(io::ErrorKind::UnexpectedEof)
         );
         Ok(())
