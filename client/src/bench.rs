@@ -73,6 +73,17 @@ pub struct Memory {
     pub end_kib: u64,
 }
 
+/// The first producer's QUIC path at the end of its run: on loopback the packet size should
+/// have reached `MAX_UDP_PAYLOAD` (transport.rs), which roughly doubles throughput over
+/// Ethernet-sized packets; lost packets cost retransmissions and a smaller congestion window.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathStats {
+    pub mtu: u16,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub black_holes_detected: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub topic: String,
@@ -91,6 +102,7 @@ pub struct BenchReport {
     pub produce_latency: Latency,
     pub end_to_end_latency: Option<Latency>,
     pub broker_memory: Option<Memory>,
+    pub producer_path: Option<PathStats>,
 }
 
 /// Runs the benchmark and reports.
@@ -166,11 +178,13 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     let mut produce_hist = new_histogram();
     let mut produced = 0u64;
     let mut finished = started;
+    let mut producer_path = None;
     for t in producer_tasks {
-        let (n, hist, done) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
+        let (n, hist, done, path) = t.await.map_err(|e| ClientError::Protocol(e.to_string()))??;
         produced += n;
         finished = finished.max(done);
         let _ = produce_hist.add(&hist);
+        producer_path = producer_path.or(path);
     }
     let produce_secs = finished.saturating_duration_since(started).as_secs_f64();
     if config.producers > 0 {
@@ -209,6 +223,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         produce_latency: latency(&produce_hist),
         end_to_end_latency: (config.consumers > 0 && config.producers > 0).then(|| latency(&e2e_hist)),
         broker_memory: memory,
+        producer_path,
     };
     admin_client.close().await;
     Ok(report)
@@ -248,7 +263,7 @@ async fn produce(
     count: u64,
     deadline: Option<Instant>,
     bar: indicatif::ProgressBar,
-) -> Result<(u64, Histogram<u64>, Instant), ClientError> {
+) -> Result<(u64, Histogram<u64>, Instant, Option<PathStats>), ClientError> {
     let producer = Producer::new(
         client.clone(),
         ProducerConfig {
@@ -318,8 +333,17 @@ async fn produce(
     // The run ends with the last acknowledgement, as nats-bench's does; closing the
     // connection (QUIC drains it for three probe timeouts) is not part of it.
     let finished = Instant::now();
+    let path = client.connection().await.ok().map(|c| {
+        let stats = c.stats().path;
+        PathStats {
+            mtu: stats.current_mtu,
+            sent_packets: stats.sent_packets,
+            lost_packets: stats.lost_packets,
+            black_holes_detected: stats.black_holes_detected,
+        }
+    });
     client.close().await;
-    Ok((sent, hist, finished))
+    Ok((sent, hist, finished, path))
 }
 
 async fn consume(
@@ -472,6 +496,13 @@ impl BenchReport {
         s.push_str(&lat("produce->ack latency", &self.produce_latency));
         if let Some(l) = &self.end_to_end_latency {
             s.push_str(&lat("publish->deliver latency", l));
+        }
+        if let Some(p) = &self.producer_path {
+            let _ = writeln!(
+                s,
+                "producer connection: {}-byte packets, {} sent, {} lost",
+                p.mtu, p.sent_packets, p.lost_packets
+            );
         }
         if let Some(m) = &self.broker_memory {
             let _ = writeln!(

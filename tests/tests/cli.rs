@@ -126,3 +126,53 @@ async fn publish_tail_groups_and_errors() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// `quiver bench` as a user runs it: a produce+consume run, then a consume-only run of what the
+/// first left in the topic; the JSON report must count what really went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_what_went_through() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        let pid = broker.pid().ok_or_else(|| anyhow::anyhow!("no broker pid"))?.to_string();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let run = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+                let mut all =
+                    vec!["bench", "--json", "--topic", "b", "--message-size", "300", "--broker-pid", &pid];
+                all.extend_from_slice(args);
+                let out = quiver(&broker, &all, None)?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "bench failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = String::from_utf8_lossy(&out.stdout);
+                let json = text.find('{').map(|i| &text[i..]).unwrap_or_default();
+                Ok(serde_json::from_str(json)?)
+            };
+            let count = |r: &serde_json::Value, path: &[&str]| {
+                path.iter().try_fold(r, |v, k| v.get(k)).and_then(|v| v.as_u64()).unwrap_or(0)
+            };
+
+            let r = run(&["--messages", "3000", "--consumers", "1"])?;
+            assert_eq!(count(&r, &["produce", "messages"]), 3000, "{r}");
+            assert_eq!(count(&r, &["produce", "bytes"]), 3000 * 300, "{r}");
+            assert_eq!(count(&r, &["consume", "messages"]), 3000, "{r}");
+            assert_eq!(count(&r, &["produce_latency", "samples"]), 3000, "{r}");
+            assert_eq!(count(&r, &["end_to_end_latency", "samples"]), 3000, "{r}");
+            assert!(count(&r, &["broker_memory", "peak_kib"]) > 0, "{r}");
+            let mtu = count(&r, &["producer_path", "mtu"]);
+            assert!((1200..=u64::from(quiver_client::transport::MAX_UDP_PAYLOAD)).contains(&mtu), "{r}");
+            assert!(count(&r, &["producer_path", "sent_packets"]) > 0, "{r}");
+
+            // Consume-only: the 3,000 messages the first run left.
+            let r = run(&["--producers", "0", "--consumers", "1"])?;
+            assert_eq!(count(&r, &["consume", "messages"]), 3000, "{r}");
+            assert!(r.get("producer_path").is_some_and(|p| p.is_null()), "{r}");
+            Ok(())
+        })
+        .await?
+    })
+    .await
+}
