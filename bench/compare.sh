@@ -222,6 +222,8 @@ if r.get("consume"):
     s += f"; consume {r['consume']['mb_per_sec']:.1f} MB/s"
 if r.get("end_to_end_latency"):
     s += f", e2e p50 {r['end_to_end_latency']['p50_us']:.0f} us"
+if r.get("producer_path"):
+    s += f"; {r['producer_path']['mtu']}-byte packets, {r['producer_path']['lost_packets']} lost"
 print(s)
 PY
 }
