@@ -173,6 +173,11 @@ impl Partition {
                 return Ok(parts);
             }
         }
+        self.read_disk_parts(offset, max_bytes).await
+    }
+
+    /// As `read_parts`, always from disk (what a subscription reads ahead).
+    pub async fn read_disk_parts(&self, offset: u64, max_bytes: usize) -> Result<Vec<Bytes>, PartitionError> {
         let bytes = self.read(offset, max_bytes).await?;
         Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
     }
@@ -199,13 +204,12 @@ impl Partition {
         // Locating batches reads index and headers from disk, so it happens on a blocking
         // thread, like the read itself; the lock is held only while planning.
         let log = self.log.clone();
-        let bytes = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let plan = log.lock().read_plan(offset, max_bytes)?;
-            plan.execute().map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
+            plan.execute_below(hw).map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
         })
         .await
-        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))??;
-        Ok(trim_to(bytes, hw))
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
     }
 
     /// First offset whose batch has a timestamp at or after `ts_ms`, or the high watermark.
@@ -245,18 +249,6 @@ impl Partition {
         let handle = self.log.lock().sync_handle();
         handle.sync()
     }
-}
-
-/// Drops whole batches at or past `hw` from the end of a read.
-fn trim_to(bytes: Bytes, hw: u64) -> Bytes {
-    let mut pos = 0;
-    while pos < bytes.len() {
-        match BatchHeader::parse(&bytes[pos..]) {
-            Ok(h) if h.base_offset < hw && pos + h.total_len() <= bytes.len() => pos += h.total_len(),
-            _ => break,
-        }
-    }
-    bytes.slice(..pos)
 }
 
 struct Writer {

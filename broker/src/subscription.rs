@@ -295,16 +295,18 @@ impl Session<'_> {
     /// `high` that the tail cache cannot serve and the window leaves room for it. The window's
     /// room only grows until the next delivery, so the read ahead fits it when its turn comes.
     fn start_read_ahead(&mut self, p: &Arc<Partition>, next: u64, high: u64) {
-        let max_bytes = self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize;
+        let max_bytes = self.delivery_budget();
         if next >= high || max_bytes < MIN_READ_AHEAD_BYTES || p.is_cached(next) {
             return;
         }
         let p = p.clone();
-        let task = tokio::spawn(async move {
-            let bytes = p.read(next, max_bytes).await?;
-            Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
-        });
+        let task = tokio::spawn(async move { p.read_disk_parts(next, max_bytes).await });
         self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task });
+    }
+
+    /// Bytes the next delivery may carry: what the window has left, at most `max_deliver_bytes`.
+    fn delivery_budget(&self) -> usize {
+        self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize
     }
 
     async fn push(&mut self, mut acks: mpsc::Receiver<ClientAck>) -> Result<(), PartitionError> {
@@ -335,8 +337,7 @@ impl Session<'_> {
             self.free_window(floor);
             position = position.max(floor);
             if position < high && self.window.has_room() {
-                let max =
-                    self.window.room_bytes().min(u64::from(self.state.config.max_deliver_bytes)) as usize;
+                let max = self.delivery_budget();
                 let mut parts = self.read_next(&p, position, max).await?;
                 if let Some(ext) = extent(&parts) {
                     self.check_not_taken_over()?;

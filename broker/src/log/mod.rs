@@ -244,6 +244,12 @@ impl ReadPlan {
     /// nothing for an empty plan. Batch ends are found in the bytes read, not by reading each
     /// header from the file first: with `direct_writes` every file read is a device round trip.
     pub fn execute(&self) -> io::Result<Bytes> {
+        self.execute_below(u64::MAX)
+    }
+
+    /// As [`execute`](ReadPlan::execute), keeping only the batches that start below offset
+    /// `limit` (a high watermark, which lags the log's end while an fsync runs).
+    pub fn execute_below(&self, limit: u64) -> io::Result<Bytes> {
         let Some(file) = &self.file else { return Ok(Bytes::new()) };
         // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
         let bytes = file.read_bytes(self.position, self.len)?;
@@ -253,12 +259,12 @@ impl ReadPlan {
                 let at = self.position + end as u64;
                 io::Error::new(io::ErrorKind::InvalidData, format!("damaged batch at byte {at}: {e}"))
             })?;
-            if header.total_len() > bytes.len() - end {
-                break; // the span ends inside this batch
+            if header.base_offset >= limit || header.total_len() > bytes.len() - end {
+                break; // past the limit, or the span ends inside this batch
             }
             end += header.total_len();
         }
-        if end == 0 {
+        if end == 0 && self.first_offset < limit {
             // The plan covers its first batch whole, so the file changed under it.
             let at = self.position;
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("no whole batch at byte {at}")));
