@@ -33,7 +33,9 @@
 # WARMUP (1: one short unrecorded run per system first), QUIVER_ALWAYS (1),
 # NATS_ACK_POLICY (explicit | all | none, see nats-bench --help), NATS_MAX_INFLIGHT (4096),
 # RESULTS_DIR (keep the raw JSON reports there), QUIVER_BIN_DIR (target/release),
-# NATS_SERVER (path of nats-server), RUN_TIMEOUT (seconds per bench run, 900).
+# NATS_SERVER (path of nats-server), RUN_TIMEOUT (seconds per bench run, 900),
+# QUIVERD_CONFIG (a quiverd config file to start the broker with, e.g. one holding
+# `direct_writes = true`; none by default).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -136,7 +138,12 @@ done
 grep -q "Server is ready" "$WORK/nats.log" || die "nats-server did not start (log: $WORK/nats.log)"
 
 QUIVER_PORT="$(free_port udp)"
-"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" >"$WORK/quiverd.log" 2>&1 &
+QUIVERD_ARGS=()
+if [[ -n "${QUIVERD_CONFIG:-}" ]]; then
+    [[ -f "$QUIVERD_CONFIG" ]] || die "QUIVERD_CONFIG: no file $QUIVERD_CONFIG"
+    QUIVERD_ARGS=(--config "$QUIVERD_CONFIG")
+fi
+"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" "${QUIVERD_ARGS[@]}" >"$WORK/quiverd.log" 2>&1 &
 QUIVERD_PID=$!
 QCLI=("$QUIVER" --broker "127.0.0.1:$QUIVER_PORT" --ca "$WORK/quiver/tls/ca.pem")
 ready=""
@@ -161,7 +168,7 @@ cat <<EOF
 # Quiver vs NATS JetStream
 
 - Machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem_total RAM, Linux $(uname -r)
-- Quiver: $quiver_rev, quiverd on 127.0.0.1:$QUIVER_PORT (QUIC), data in a temp dir, \`--durability interval\` (fsync every 1000 ms)
+- Quiver: $quiver_rev, quiverd on 127.0.0.1:$QUIVER_PORT (QUIC), data in a temp dir, \`--durability interval\` (fsync every 1000 ms)$([[ -n "${QUIVERD_CONFIG:-}" ]] && printf '; broker config: %s' "$(grep -v '^[[:space:]]*#' "$QUIVERD_CONFIG" | grep . | tr '\n' ' ' | sed 's/ $//')")
 - NATS: $("$NATS_SERVER" --version 2>&1 | head -1) with JetStream, file storage in a temp dir, 127.0.0.1:$NATS_PORT (TCP, no TLS); client async-nats ${async_nats_ver:-?}; default file store sync (background fsync every 2 min)
 - Workload: 1 producer, 1 partition / 1 stream, $MESSAGE_SIZE-byte messages; $MESSAGES messages in (a), (a'), (b), $OAT_MESSAGES in (c); $RUNS runs per system, alternating
 - NATS producer: up to $NATS_MAX_INFLIGHT PubAcks in flight; NATS consumer: $nats_consumer
@@ -180,6 +187,21 @@ bench_wait() {
     return "$rc"
 }
 
+# CPU time (user and system clock ticks) a server process has used so far.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+
+# add_cpu OUT PID "USER SYS": adds the server's CPU seconds since that reading to the report.
+# System time is where this VM's expensive fresh memory shows (see BENCHMARKS.md, Machine).
+add_cpu() {
+    python3 - "$1" "$(getconf CLK_TCK)" $3 $(cpu_ticks "$2") <<'PY'
+import json, sys
+path, hz, u0, s0, u1, s1 = sys.argv[1], *map(int, sys.argv[2:])
+report = json.load(open(path))
+report["server_cpu"] = {"user_s": (u1 - u0) / hz, "sys_s": (s1 - s0) / hz}
+json.dump(report, open(path, "w"), indent=1)
+PY
+}
+
 # run_quiver OUT ARGS...: one `quiver bench --json` run; the JSON report goes to OUT.
 # --keep-topic (ours, not quiver bench's) keeps the topic for later runs.
 run_quiver() {
@@ -188,6 +210,8 @@ run_quiver() {
     for a in "$@"; do
         if [[ "$a" == --keep-topic ]]; then keep=1; else args+=("$a"); fi
     done
+    local cpu
+    cpu="$(cpu_ticks "$QUIVERD_PID")"
     timeout "$RUN_TIMEOUT" "${QCLI[@]}" bench --json --message-size "$MESSAGE_SIZE" \
         --broker-pid "$QUIVERD_PID" "${args[@]}" >"$out.raw" 2>"$out.err" &
     bench_wait || { cat "$out.err" >&2; die "quiver bench $* failed"; }
@@ -197,6 +221,7 @@ text = open(sys.argv[1]).read()
 report = json.loads(text[text.index("{"):])
 json.dump(report, open(sys.argv[2], "w"), indent=1)
 PY
+    add_cpu "$out" "$QUIVERD_PID" "$cpu"
     [[ -n "$keep" ]] && return 0
     # Free the disk: each run writes a fresh topic.
     local topic
@@ -207,10 +232,13 @@ PY
 # run_nats OUT ARGS...: one nats-bench run (it deletes its stream at the end).
 run_nats() {
     local out="$1"; shift
+    local cpu
+    cpu="$(cpu_ticks "$NATS_PID")"
     timeout "$RUN_TIMEOUT" "$NATS_BENCH" --json --url "$NATS_URL" --message-size "$MESSAGE_SIZE" \
         --broker-pid "$NATS_PID" --ack-policy "$NATS_ACK_POLICY" --max-inflight "$NATS_MAX_INFLIGHT" \
         --durability-label "nats-default (background fsync every 2 min)" "$@" >"$out" 2>"$out.err" &
     bench_wait || { cat "$out.err" >&2; die "nats-bench $* failed"; }
+    add_cpu "$out" "$NATS_PID" "$cpu"
 }
 
 summary() {
@@ -222,6 +250,9 @@ if r.get("consume"):
     s += f"; consume {r['consume']['mb_per_sec']:.1f} MB/s"
 if r.get("end_to_end_latency"):
     s += f", e2e p50 {r['end_to_end_latency']['p50_us']:.0f} us"
+if r.get("server_cpu"):
+    c = r["server_cpu"]
+    s += f"; server CPU {c['user_s']:.2f} s user + {c['sys_s']:.2f} s sys"
 if r.get("producer_path"):
     s += f"; {r['producer_path']['mtu']}-byte packets, {r['producer_path']['lost_packets']} lost"
 print(s)
@@ -309,6 +340,8 @@ FIG = {
     "one-at-a-time p50 µs": (("produce_latency", "p50_us"), 1.0, "{:.0f}"),
     "one-at-a-time p99 µs": (("produce_latency", "p99_us"), 1.0, "{:.0f}"),
     "server peak RSS MiB": (("broker_memory", "peak_kib"), 1 / 1024, "{:.0f}"),
+    "server CPU s (user)": (("server_cpu", "user_s"), 1.0, "{:.2f}"),
+    "server CPU s (sys)": (("server_cpu", "sys_s"), 1.0, "{:.2f}"),
 }
 
 def cell(reports, figure):
@@ -320,11 +353,11 @@ def cell(reports, figure):
     return med, fmt.format(med), f"{fmt.format(min(vals))}–{fmt.format(max(vals))}"
 
 rows = [
-    ("(a) produce only", "a", "quiver", ["produce MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "server peak RSS MiB"]),
-    ("(a') produce only, Quiver fsync always", "a", "quiver-always", ["produce MB/s", "produce->ack p50 µs", "produce->ack p99 µs"]),
-    ("(b) 1 producer + 1 consumer", "b", "quiver", ["produce MB/s", "consume MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "e2e p50 µs", "e2e p99 µs", "server peak RSS MiB"]),
+    ("(a) produce only", "a", "quiver", ["produce MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "server peak RSS MiB", "server CPU s (user)", "server CPU s (sys)"]),
+    ("(a') produce only, Quiver fsync always", "a", "quiver-always", ["produce MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "server CPU s (user)", "server CPU s (sys)"]),
+    ("(b) 1 producer + 1 consumer", "b", "quiver", ["produce MB/s", "consume MB/s", "produce->ack p50 µs", "produce->ack p99 µs", "e2e p50 µs", "e2e p99 µs", "server peak RSS MiB", "server CPU s (user)", "server CPU s (sys)"]),
     ("(c) one at a time", "c", "quiver", ["produce msgs/s", "one-at-a-time p50 µs", "one-at-a-time p99 µs"]),
-    ("(d) consume only", "d", "quiver", ["consume MB/s", "consume msgs/s"]),
+    ("(d) consume only", "d", "quiver", ["consume MB/s", "consume msgs/s", "server CPU s (user)", "server CPU s (sys)"]),
 ]
 
 print("| Scenario | Figure | Quiver median | Quiver range | NATS median | NATS range | Quiver/NATS |")
@@ -346,4 +379,6 @@ print("e2e = publish -> deliver (timestamp in the payload). Pipelined produce->a
 print("how deep each client queues (NATS: a fixed number of PubAcks in flight; Quiver: its producer's batching),")
 print("so compare it with the throughput beside it; one-at-a-time latency is the round trip itself.")
 print("Server peak RSS is sampled from /proc during each run of a long-lived server (it carries over between runs).")
+print("Server CPU: seconds of user and system time the server process used during each run (/proc); on a VM that")
+print("makes fresh memory expensive, system time is where it shows (BENCHMARKS.md, Machine).")
 PY
