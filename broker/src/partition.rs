@@ -28,8 +28,8 @@ const APPEND_QUEUE_DEPTH: usize = 1024;
 const MAX_GROUP_COMMIT: usize = 256;
 /// A group commit of at most this many bytes and no fsync runs on the writer's own thread
 /// (`block_in_place`) instead of being handed to a blocking thread and back: the two thread
-/// wake-ups cost more than the write (one-at-a-time p50 105 -> 80 µs, p99 about 300 -> 180 µs
-/// on the development VM). Larger groups keep the hand-off, which lets both runtime threads
+/// wake-ups cost more than the write (one-at-a-time p50 115 -> 84 µs, p99 262 -> 210 µs on
+/// the development VM, BENCHMARKS.md). Larger groups keep the hand-off, which lets both runtime threads
 /// go on with the network while a megabyte is copied into the page cache.
 const INLINE_GROUP_BYTES: usize = 64 * 1024;
 

@@ -167,10 +167,13 @@ struct BenchArgs {
     /// Producers; 0 with --topic reads what the topic holds (consume-only).
     #[arg(long, default_value_t = 1)]
     producers: usize,
+    /// Consumers, each reading every message from the start (no group); 0: produce only.
     #[arg(long, default_value_t = 1)]
     consumers: usize,
+    /// Partitions of the topic the bench creates; producers spread messages over them.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Bytes of each message's value (the first 8 carry the send time).
     #[arg(long, default_value_t = 1024)]
     message_size: usize,
     /// Total messages across producers.
@@ -179,15 +182,19 @@ struct BenchArgs {
     /// Run producers for this many seconds instead of a message count.
     #[arg(long)]
     duration: Option<f64>,
+    /// leader: wait for the broker to store each batch; none: fire and forget.
     #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
     acks: AcksArg,
+    /// A producer sends a partition's batch once it holds this many bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     batch_bytes: usize,
+    /// ...or once its oldest record has waited this many milliseconds.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
     /// Durability of the topic the bench creates.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Interval)]
     durability: DurabilityArg,
+    /// Milliseconds between fsyncs of the topic the bench creates, with --durability interval.
     #[arg(long, default_value_t = 1000)]
     flush_interval_ms: u32,
     /// Send one message and wait for its ack before the next (latency mode).
