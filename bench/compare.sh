@@ -143,7 +143,7 @@ if [[ -n "${QUIVERD_CONFIG:-}" ]]; then
     [[ -f "$QUIVERD_CONFIG" ]] || die "QUIVERD_CONFIG: no file $QUIVERD_CONFIG"
     QUIVERD_ARGS=(--config "$QUIVERD_CONFIG")
 fi
-"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" "${QUIVERD_ARGS[@]}" >"$WORK/quiverd.log" 2>&1 &
+"$QUIVERD" --data-dir "$WORK/quiver" --listen "127.0.0.1:$QUIVER_PORT" ${QUIVERD_ARGS[@]+"${QUIVERD_ARGS[@]}"} >"$WORK/quiverd.log" 2>&1 &
 QUIVERD_PID=$!
 QCLI=("$QUIVER" --broker "127.0.0.1:$QUIVER_PORT" --ca "$WORK/quiver/tls/ca.pem")
 ready=""
@@ -187,13 +187,19 @@ bench_wait() {
     return "$rc"
 }
 
-# CPU time (user and system clock ticks) a server process has used so far.
-cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# CPU time (user and system clock ticks) a server process has used so far: fields 14 and 15
+# of /proc/PID/stat, counted after the command name, which may hold spaces.
+cpu_ticks() {
+    [[ -r "/proc/$1/stat" ]] || die "server process $1 exited"
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
+}
 
 # add_cpu OUT PID "USER SYS": adds the server's CPU seconds since that reading to the report.
 # System time is where this VM's expensive fresh memory shows (see BENCHMARKS.md, Machine).
 add_cpu() {
-    python3 - "$1" "$(getconf CLK_TCK)" $3 $(cpu_ticks "$2") <<'PY'
+    local after
+    after="$(cpu_ticks "$2")"
+    python3 - "$1" "$(getconf CLK_TCK)" $3 $after <<'PY'
 import json, sys
 path, hz, u0, s0, u1, s1 = sys.argv[1], *map(int, sys.argv[2:])
 report = json.load(open(path))

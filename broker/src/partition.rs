@@ -26,11 +26,14 @@ use crate::tail_cache::TailCache;
 const APPEND_QUEUE_DEPTH: usize = 1024;
 /// Most appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
-/// A group commit of at most this many bytes and no fsync runs on the writer's own thread
-/// (`block_in_place`) instead of being handed to a blocking thread and back: the two thread
-/// wake-ups cost more than the write (one-at-a-time p50 115 -> 84 µs, p99 262 -> 210 µs on
-/// the development VM, BENCHMARKS.md). Larger groups keep the hand-off, which lets both runtime threads
-/// go on with the network while a megabyte is copied into the page cache.
+/// A group commit of fewer than this many bytes that needs no fsync runs on the writer's own
+/// thread (`block_in_place`) instead of being handed to a blocking thread and back: the
+/// hand-off's thread wake-ups cost more than copying a few kilobytes into the page cache
+/// (one-at-a-time p50 115 -> 84 µs, p99 262 -> 210 µs on the development VM, BENCHMARKS.md).
+/// Larger groups keep the hand-off, which lets both runtime threads go on with the network
+/// while megabytes are copied. The same size as `direct_writes`' threshold, so a group run in
+/// place never waits for a direct write. (A group that rolls the segment syncs the old one in
+/// place; `block_in_place` moves the worker's other tasks to another thread meanwhile.)
 const INLINE_GROUP_BYTES: usize = 64 * 1024;
 
 /// What went wrong serving a partition, with the wire code to report.
@@ -327,7 +330,7 @@ impl Writer {
         let producers = self.producers.clone();
         let sync = self.durability == Durability::Always;
         let bytes: usize = group.iter().map(|r| r.batch.len()).sum();
-        let inline = !sync && bytes <= INLINE_GROUP_BYTES && multi_thread_runtime();
+        let inline = !sync && bytes < INLINE_GROUP_BYTES && multi_thread_runtime();
         let work = move || {
             let now = now_ms();
             let mut results = Vec::with_capacity(group.len());
@@ -345,12 +348,21 @@ impl Writer {
             if sync {
                 metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
             }
+            if synced.is_err() {
+                // The kernel may have dropped the dirty pages: a later fsync could succeed
+                // without them, so the log refuses further appends until the broker reopens
+                // it. (Here, not on the runtime: the log's lock can be held across disk work.)
+                log.lock().mark_failed();
+            }
             (results, synced, next)
         };
         let result = if inline {
-            Ok(tokio::task::block_in_place(work))
+            // As a blocking thread's panic would be, a panic here is the group's failure,
+            // not the writer's end.
+            tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)))
+                .map_err(|_| "append panicked".to_string())
         } else {
-            tokio::task::spawn_blocking(work).await
+            tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())
         };
         let (results, synced, next) = match result {
             Ok(r) => r,
@@ -360,10 +372,7 @@ impl Writer {
             }
         };
         if let Err(e) = &synced {
-            // The kernel may have dropped the dirty pages: a later fsync could succeed without
-            // them, so the log refuses further appends until the broker reopens it.
             tracing::error!(topic = ?self.partition.upgrade().map(|p| p.topic.clone()), "fsync failed: {e}; failing the appends it covered and stopping appends to this partition");
-            self.log.lock().mark_failed();
         }
         if let Some(p) = self.partition.upgrade() {
             if synced.is_ok() {
@@ -388,9 +397,11 @@ impl Writer {
     /// Starts an fsync of what is written so far, on a blocking thread; the handle says
     /// whether it worked. A failure stops appends to the partition.
     fn start_sync(&self) -> tokio::task::JoinHandle<bool> {
-        let handle = self.log.lock().sync_handle();
         let log = self.log.clone();
         tokio::task::spawn_blocking(move || {
+            // Taken here, not on the runtime: the log's lock can be held across disk work
+            // (retention, read planning).
+            let handle = log.lock().sync_handle();
             let started = std::time::Instant::now();
             match handle.sync() {
                 Ok(()) => {
