@@ -356,6 +356,8 @@ impl Writer {
             }
             (results, synced, next)
         };
+        let path = if inline { "in_place" } else { "blocking_thread" };
+        metrics::counter!("quiver_group_commits_total", "path" => path).increment(1);
         let result = if inline {
             // As a blocking thread's panic would be, a panic here is the group's failure,
             // not the writer's end.

@@ -3,6 +3,9 @@
 //! it (`block_in_place`, multi-thread runtimes only) and hands them to a blocking thread
 //! elsewhere; both must store and deliver every message.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
 use futures::StreamExt;
 use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{
@@ -11,19 +14,38 @@ use quiver_client::{
 };
 use quiver_tests::{bounded, init_tracing};
 
+/// Group commits run in place so far, from the broker's Prometheus endpoint (the recorder is
+/// process-wide, shared by every broker of this test binary).
+fn in_place_commits(metrics: SocketAddr) -> anyhow::Result<f64> {
+    let mut s = TcpStream::connect(metrics)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("quiver_group_commits_total{path=\"in_place\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// Sends small records one at a time (each its own small group commit), then a burst of
-/// large batches, and reads everything back in order. For every durability: only groups that
-/// need no fsync may run in place.
-async fn produce_and_read_back() -> anyhow::Result<()> {
+/// large batches, and reads everything back in order, for every durability. With
+/// `expect_in_place`, checks that the small commits ran in place exactly where they need no
+/// fsync.
+async fn produce_and_read_back(expect_in_place: bool) -> anyhow::Result<()> {
     for durability in [Durability::Interval, Durability::Os, Durability::Always] {
-        produce_and_read_back_with(durability).await?;
+        produce_and_read_back_with(durability, expect_in_place).await?;
     }
     Ok(())
 }
 
-async fn produce_and_read_back_with(durability: Durability) -> anyhow::Result<()> {
+async fn produce_and_read_back_with(durability: Durability, expect_in_place: bool) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
-    let broker = Broker::start(BrokerConfig::new(data.path()).listen("127.0.0.1:0".parse()?)).await?;
+    let mut config = BrokerConfig::new(data.path()).listen("127.0.0.1:0".parse()?);
+    config.metrics_listen = Some("127.0.0.1:0".parse()?);
+    let broker = Broker::start(config).await?;
+    let metrics = broker.metrics_addr().ok_or_else(|| anyhow::anyhow!("metrics not served"))?;
+    let before = tokio::task::spawn_blocking(move || in_place_commits(metrics)).await??;
     let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
     let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
     client.admin().create_topic("embedded", 1, TopicConfig { durability, ..TopicConfig::default() }).await?;
@@ -46,6 +68,13 @@ async fn produce_and_read_back_with(durability: Durability) -> anyhow::Result<()
     for ack in acks {
         ack.await?;
     }
+    if expect_in_place {
+        let in_place = tokio::task::spawn_blocking(move || in_place_commits(metrics)).await?? - before;
+        match durability {
+            Durability::Always => assert_eq!(in_place, 0.0, "fsync groups must be handed off"),
+            _ => assert!(in_place >= 200.0, "{in_place} of 200 small {durability:?} commits ran in place"),
+        }
+    }
 
     let config = ConsumerConfig::new("embedded").start(StartPosition::Earliest);
     let mut consumer = Consumer::subscribe(client.clone(), config).await?;
@@ -64,11 +93,11 @@ async fn produce_and_read_back_with(durability: Durability) -> anyhow::Result<()
 #[tokio::test(flavor = "current_thread")]
 async fn an_embedded_broker_works_on_a_current_thread_runtime() -> anyhow::Result<()> {
     init_tracing();
-    bounded(60, produce_and_read_back()).await
+    bounded(60, produce_and_read_back(false)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_broker_works_on_a_multi_thread_runtime() -> anyhow::Result<()> {
     init_tracing();
-    bounded(60, produce_and_read_back()).await
+    bounded(60, produce_and_read_back(true)).await
 }
