@@ -198,7 +198,7 @@ cpu_ticks() {
 # System time is where this VM's expensive fresh memory shows (see BENCHMARKS.md, Machine).
 add_cpu() {
     local after
-    after="$(cpu_ticks "$2")"
+    after="$(cpu_ticks "$2")" || exit 1
     python3 - "$1" "$(getconf CLK_TCK)" $3 $after <<'PY'
 import json, sys
 path, hz, u0, s0, u1, s1 = sys.argv[1], *map(int, sys.argv[2:])
@@ -217,7 +217,7 @@ run_quiver() {
         if [[ "$a" == --keep-topic ]]; then keep=1; else args+=("$a"); fi
     done
     local cpu
-    cpu="$(cpu_ticks "$QUIVERD_PID")"
+    cpu="$(cpu_ticks "$QUIVERD_PID")" || exit 1
     timeout "$RUN_TIMEOUT" "${QCLI[@]}" bench --json --message-size "$MESSAGE_SIZE" \
         --broker-pid "$QUIVERD_PID" "${args[@]}" >"$out.raw" 2>"$out.err" &
     bench_wait || { cat "$out.err" >&2; die "quiver bench $* failed"; }
@@ -239,7 +239,7 @@ PY
 run_nats() {
     local out="$1"; shift
     local cpu
-    cpu="$(cpu_ticks "$NATS_PID")"
+    cpu="$(cpu_ticks "$NATS_PID")" || exit 1
     timeout "$RUN_TIMEOUT" "$NATS_BENCH" --json --url "$NATS_URL" --message-size "$MESSAGE_SIZE" \
         --broker-pid "$NATS_PID" --ack-policy "$NATS_ACK_POLICY" --max-inflight "$NATS_MAX_INFLIGHT" \
         --durability-label "nats-default (background fsync every 2 min)" "$@" >"$out" 2>"$out.err" &

@@ -121,6 +121,10 @@ fn describe() {
         "Record batch bytes pushed to subscribers, by topic"
     );
     describe_counter!("quiver_fetch_bytes_total", Unit::Bytes, "Bytes returned by Fetch requests, by topic");
+    describe_counter!(
+        "quiver_group_commits_total",
+        "Partition group commits, by where they ran: in_place (small, no fsync) or blocking_thread"
+    );
     describe_histogram!(
         "quiver_produce_seconds",
         Unit::Seconds,

@@ -34,7 +34,7 @@ const MAX_GROUP_COMMIT: usize = 256;
 /// while megabytes are copied. The same size as `direct_writes`' threshold, so a group run in
 /// place never waits for a direct write. (A group that rolls the segment syncs the old one in
 /// place; `block_in_place` moves the worker's other tasks to another thread meanwhile.)
-const INLINE_GROUP_BYTES: usize = 64 * 1024;
+const INLINE_GROUP_BYTES: usize = crate::storage::DIRECT_MIN_BYTES;
 
 /// What went wrong serving a partition, with the wire code to report.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -139,6 +139,8 @@ impl Partition {
             tail: p.tail.clone(),
             producers: Arc::new(Mutex::new(producers)),
             durability: config.durability,
+            commits_in_place: metrics::counter!("quiver_group_commits_total", "path" => "in_place"),
+            commits_handed_off: metrics::counter!("quiver_group_commits_total", "path" => "blocking_thread"),
         };
         let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
         tokio::spawn(writer.run(rx, interval, shutdown));
@@ -267,6 +269,9 @@ struct Writer {
     /// Recent batches of idempotent producers; only the writer touches it.
     producers: Arc<Mutex<ProducerStates>>,
     durability: Durability,
+    /// `quiver_group_commits_total` by path, looked up once.
+    commits_in_place: metrics::Counter,
+    commits_handed_off: metrics::Counter,
 }
 
 impl Writer {
@@ -356,20 +361,24 @@ impl Writer {
             }
             (results, synced, next)
         };
-        let path = if inline { "in_place" } else { "blocking_thread" };
-        metrics::counter!("quiver_group_commits_total", "path" => path).increment(1);
         let result = if inline {
-            // As a blocking thread's panic would be, a panic here is the group's failure,
-            // not the writer's end.
+            self.commits_in_place.increment(1);
+            // As a blocking thread's panic would be, a panic here fails the group, not the
+            // writer task.
             tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)))
-                .map_err(|_| "append panicked".to_string())
+                .map_err(|payload| panic_message(payload.as_ref()))
         } else {
+            self.commits_handed_off.increment(1);
             tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())
         };
         let (results, synced, next) = match result {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!("append task failed: {e}");
+                // The log or the producer states may be half updated: no more appends until the
+                // partition is reopened. The group's producers get errors (their replies drop).
+                tracing::error!("append task failed: {e}; stopping appends to this partition");
+                let log = self.log.clone();
+                let _ = tokio::task::spawn_blocking(move || log.lock().mark_failed()).await;
                 return;
             }
         };
@@ -418,6 +427,16 @@ impl Writer {
             }
         })
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("append panicked: {text}")
 }
 
 /// Whether the current runtime can run blocking work in place (`block_in_place` panics on a

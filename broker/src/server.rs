@@ -68,6 +68,11 @@ impl Broker {
         let tls_files = crate::tls::ensure_certificates(&config)?;
         let server_config = crate::tls::server_config(&tls_files, &config)?;
         let shutdown = CancellationToken::new();
+        // Before anything records or keeps a metric handle (partitions do, when they load).
+        let recorder = match config.metrics_listen {
+            Some(_) => Some(crate::observability::install_recorder()?),
+            None => None,
+        };
         let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
@@ -103,12 +108,11 @@ impl Broker {
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
         });
-        let metrics_addr = match state.config.metrics_listen {
-            Some(addr) => {
-                let handle = crate::observability::install_recorder()?;
+        let metrics_addr = match (state.config.metrics_listen, recorder) {
+            (Some(addr), Some(handle)) => {
                 Some(crate::observability::serve(addr, handle, state.shutdown.clone()).await?)
             }
-            None => None,
+            _ => None,
         };
         let tasks = tokio::spawn(run(state.clone(), endpoint.clone()));
         Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, metrics_addr, tasks })

@@ -65,6 +65,8 @@ mod direct;
 
 /// Largest zero padding a segment file may carry past its last batch (one block).
 pub const PADDING_BLOCK: usize = direct::BLOCK;
+/// With `direct_writes`, writes of at least this many bytes bypass the page cache.
+pub const DIRECT_MIN_BYTES: usize = direct::DIRECT_MIN_BYTES;
 
 /// Real files through `std::fs`.
 #[derive(Debug, Clone, Copy)]

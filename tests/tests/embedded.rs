@@ -2,6 +2,10 @@
 //! The partition writer runs small group commits on its own thread where the runtime allows
 //! it (`block_in_place`, multi-thread runtimes only) and hands them to a blocking thread
 //! elsewhere; both must store and deliver every message.
+//!
+//! The metrics recorder is process-wide: the check that fsync groups never run in place holds
+//! only while no other multi-thread-runtime broker in this test binary appends meanwhile, so
+//! keep such tests out of this file.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

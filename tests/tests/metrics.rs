@@ -56,3 +56,39 @@ async fn metrics_endpoint_shows_traffic() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Partitions that exist when the broker starts keep metric handles from the moment they load;
+/// the recorder must be installed before that, or their counters stay at zero. A fresh
+/// `quiverd` process (its own recorder) restarted over an existing topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_loaded_at_startup_are_counted() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(90, async {
+        const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+        let dir = tempfile::tempdir()?;
+        let metrics: std::net::SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?
+        };
+        let config = format!("metrics_listen = \"{metrics}\"\n");
+        let mut broker = quiver_tests::BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
+        let client = broker.client().await?;
+        let topic = TopicConfig { durability: quiver_client::Durability::Interval, ..TopicConfig::default() };
+        client.admin().create_topic("loaded", 1, topic).await?;
+        client.close().await;
+        broker.restart().await?;
+
+        let client = broker.client().await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..20 {
+            producer.send("loaded", ProducerRecord::new(format!("{i}"))).await?;
+        }
+        let body = tokio::task::spawn_blocking(move || get(metrics, "/metrics")).await??;
+        assert_eq!(counter(&body, "quiver_messages_in_total{topic=\"loaded\"}"), 20.0, "{body}");
+        assert!(counter(&body, "quiver_group_commits_total{path=\"in_place\"}") >= 20.0, "{body}");
+        client.close().await;
+        broker.kill9();
+        Ok(())
+    })
+    .await
+}
