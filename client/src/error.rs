@@ -30,9 +30,17 @@ pub enum ClientError {
     /// A request did not complete in time.
     #[error("request timed out after {0} ms")]
     Timeout(u64),
+    /// A produced batch was not acknowledged within the producer's delivery timeout, retries
+    /// included; `last` is why the last attempt failed, when one did.
+    #[error("not acknowledged within {after_ms} ms{}", last_error_suffix(.last))]
+    DeliveryTimeout { after_ms: u64, last: Option<String> },
     /// The producer or consumer was closed.
     #[error("closed")]
     Closed,
+}
+
+fn last_error_suffix(last: &Option<String>) -> String {
+    last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
 }
 
 fn broker_message(code: ErrorCode, message: &str) -> String {

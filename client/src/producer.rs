@@ -391,6 +391,7 @@ impl Producer {
                     in_flight: VecDeque::new(),
                     stream: None,
                     backoff: MIN_BACKOFF,
+                    last_error: None,
                     sequence_broken: false,
                     next_sequence: 0,
                 };
@@ -436,6 +437,8 @@ struct Sender {
     stream: Option<(quinn::SendStream, FrameReader)>,
     /// Delay before the next retry; doubles per consecutive failure, reset by a success.
     backoff: Duration,
+    /// Why the last attempt failed, reported if a batch's delivery timeout then expires.
+    last_error: Option<String>,
     /// An idempotent batch failed: sequences must restart under a new producer id.
     sequence_broken: bool,
     /// Sequence number of the next record (idempotent producers), assigned when a batch is
@@ -515,7 +518,10 @@ impl Sender {
         let stranded = self.stream.is_none() && !self.in_flight.is_empty();
         self.in_flight.push_back(flight);
         // With older batches waiting for a resend, the new one goes after them, in order.
-        if stranded || self.write(frame).await.is_err() {
+        if stranded {
+            self.resend_all().await;
+        } else if let Err(e) = self.write(frame).await {
+            self.last_error = Some(e.to_string());
             self.resend_all().await;
         }
         if self.config.acks == Acks::None {
@@ -545,6 +551,7 @@ impl Sender {
         match resp {
             Ok(Some(Message::ProduceOk { base_offset, .. })) => {
                 self.backoff = MIN_BACKOFF;
+                self.last_error = None;
                 self.complete(flight, Ok(Some(base_offset)));
             }
             Ok(Some(Message::Error { code, message })) if !code.is_retriable() => {
@@ -553,6 +560,15 @@ impl Sender {
             Ok(Some(Message::Error { .. })) | Ok(None) | Err(_) => {
                 // Lost connection, a retriable error or no answer in time: after a pause, every
                 // batch in flight goes again, in order.
+                let why = match resp {
+                    Ok(Some(Message::Error { code, message })) => {
+                        ClientError::Broker { code, message }.to_string()
+                    }
+                    Ok(_) => "the stream ended without an answer".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
+                self.last_error = Some(why);
                 self.in_flight.push_front(flight);
                 tokio::time::sleep(self.backoff).await;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -625,14 +641,18 @@ impl Sender {
         let now = Instant::now();
         while self.in_flight.front().is_some_and(|f| f.deadline <= now) {
             if let Some(f) = self.in_flight.pop_front() {
-                let timeout = self.config.delivery_timeout.as_millis() as u64;
-                self.complete(f, Err(ClientError::Timeout(timeout)));
+                let after_ms = self.config.delivery_timeout.as_millis() as u64;
+                self.complete(
+                    f,
+                    Err(ClientError::DeliveryTimeout { after_ms, last: self.last_error.clone() }),
+                );
             }
         }
         let frames: Vec<_> = self.in_flight.iter().map(|f| f.frame.clone()).collect();
         for frame in frames {
             if let Err(e) = self.write(frame).await {
                 tracing::debug!(topic = %self.topic, partition = self.partition, "resend failed: {e}");
+                self.last_error = Some(e.to_string());
                 self.stream = None;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 return;
