@@ -122,6 +122,10 @@ fn describe() {
     );
     describe_counter!("quiver_fetch_bytes_total", Unit::Bytes, "Bytes returned by Fetch requests, by topic");
     describe_counter!(
+        "quiver_retention_skipped_total",
+        "Offsets a subscription skipped because retention deleted them before it consumed them, by topic"
+    );
+    describe_counter!(
         "quiver_group_commits_total",
         "Partition group commits, by where they ran: in_place (small, no fsync) or blocking_thread"
     );

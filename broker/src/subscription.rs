@@ -336,9 +336,23 @@ impl Session<'_> {
             let floor = self.setup.ledger.lock().floor();
             self.free_window(floor);
             position = position.max(floor);
+            if position < p.log_start_offset() {
+                // Retention deleted records this subscription had not consumed (it fell behind).
+                match self.skip_deleted(&p).await? {
+                    Some(next) => position = next,
+                    None => return Ok(()),
+                }
+                continue;
+            }
             if position < high && self.window.has_room() {
                 let max = self.delivery_budget();
-                let mut parts = self.read_next(&p, position, max).await?;
+                let mut parts = match self.read_next(&p, position, max).await {
+                    // Retention moved the log start past `position` since the check above.
+                    Err(e) if e.code == ErrorCode::OffsetOutOfRange && position < p.log_start_offset() => {
+                        continue;
+                    }
+                    r => r?,
+                };
                 if let Some(ext) = extent(&parts) {
                     self.check_not_taken_over()?;
                     // Records handed out `max_deliveries` times already (by earlier sessions)
@@ -400,6 +414,38 @@ impl Session<'_> {
         if let Some((key, _)) = &self.setup.group {
             self.state.offsets.mark_dirty(key);
         }
+    }
+
+    /// Moves past records that retention deleted before this subscription consumed them, as a
+    /// Kafka consumer resets to the earliest offset: everything below the log start counts as
+    /// settled (delivered-but-unacknowledged records there can never be handed out again), the
+    /// client is told so (`Settled`), and a group commits past them. Returns the position to
+    /// go on from, or `None` once the client is gone.
+    async fn skip_deleted(&mut self, p: &Partition) -> Result<Option<u64>, PartitionError> {
+        self.check_owner()?;
+        let log_start = p.log_start_offset();
+        let floor = {
+            let mut ledger = self.setup.ledger.lock();
+            let floor = ledger.floor();
+            ledger.commit(log_start);
+            floor
+        };
+        if floor >= log_start {
+            return Ok(Some(floor));
+        }
+        self.dirty();
+        self.free_window(log_start);
+        tracing::warn!(
+            topic = %p.topic, partition = p.id, skipped = log_start - floor,
+            "subscription fell behind retention: offsets {floor}..{log_start} were deleted before it consumed them"
+        );
+        metrics::counter!("quiver_retention_skipped_total", "topic" => p.topic.to_string())
+            .increment(log_start - floor);
+        let gone = floor..log_start;
+        if write_message(self.send, &Message::Settled { ranges: vec![gone] }).await.is_err() {
+            return Ok(None);
+        }
+        Ok(Some(log_start))
     }
 
     /// Frees the delivery window up to the ledger's floor.

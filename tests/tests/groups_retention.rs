@@ -139,6 +139,80 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
     .await
 }
 
+/// A consumer that falls behind retention (here: it holds its first delivery unacknowledged
+/// while retention deletes what it has not read) goes on from the new log start, as a Kafka
+/// consumer resets to the earliest offset, instead of ending with an error; its group commits
+/// past the deleted records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_overtaken_by_retention_goes_on_from_the_log_start() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
+        let config =
+            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
+        client.admin().create_topic("behind", 1, config).await?;
+        let producer =
+            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
+        producer.send("behind", ProducerRecord::new(format!("{:0>100}", 0))).await?;
+
+        let consumer_config = ConsumerConfig { window_messages: 10, ..ConsumerConfig::new("behind") }
+            .group("slow")
+            .start(StartPosition::Earliest);
+        let mut consumer = Consumer::subscribe(client.clone(), consumer_config).await?;
+        let first = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!(first.offset, 0);
+
+        // With the window full, retention deletes everything the consumer has not read.
+        const N: u64 = 2000;
+        let mut acks = Vec::new();
+        for i in 1..N {
+            acks.push(producer.enqueue("behind", ProducerRecord::new(format!("{i:0>100}"))).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let log_start = loop {
+            let start = client.admin().describe_topic("behind").await?.partitions[0].log_start_offset;
+            if start > 100 {
+                break start;
+            }
+            assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+
+        // Acknowledged, the consumer goes on: from the log start (or later, if retention ran
+        // again), in order, to the end.
+        first.ack();
+        let mut next = None;
+        let mut last = 0;
+        while last < N - 1 {
+            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            if m.offset < log_start {
+                // Records of the first delivery, read before retention ran.
+                m.ack();
+                continue;
+            }
+            let want = *next.get_or_insert(m.offset);
+            assert_eq!(m.offset, want, "records out of order after the skip");
+            assert_eq!(std::str::from_utf8(&m.value)?, format!("{:0>100}", m.offset));
+            next = Some(want + 1);
+            last = m.offset;
+            m.ack();
+        }
+        assert!(next.is_some_and(|n| n > log_start), "nothing read after the skip");
+        consumer.commit().await?;
+        let offsets = client.admin().group_offsets("slow", "behind").await?;
+        assert_eq!(offsets.first().and_then(|o| o.committed), Some(N), "{offsets:?}");
+        consumer.close().await;
+        client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_request_streams_are_released() -> anyhow::Result<()> {
     // Each admin request uses a stream of its own; the broker allows 4,096 open streams per
