@@ -77,6 +77,8 @@ impl From<ReadError> for ClientError {
         match e {
             ReadError::Read(e) => ClientError::ConnectionLost(e.to_string()),
             ReadError::Truncated => ClientError::ConnectionLost(e.to_string()),
+            // A stalled peer or path: worth a new stream, as a lost connection is.
+            ReadError::Timeout(_) => ClientError::ConnectionLost(e.to_string()),
             other => ClientError::Protocol(other.to_string()),
         }
     }
@@ -91,5 +93,26 @@ impl From<WriteError> for ClientError {
 impl From<quinn::ConnectionError> for ClientError {
     fn from(e: quinn::ConnectionError) -> Self {
         ClientError::ConnectionLost(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_frame_is_worth_a_new_stream() {
+        let e = ClientError::from(ReadError::Timeout(std::time::Duration::from_secs(30)));
+        assert!(e.is_retriable(), "{e:?}");
+        assert!(!ClientError::from(ReadError::Truncated).to_string().is_empty());
+    }
+
+    #[test]
+    fn a_delivery_timeout_names_the_last_error() {
+        let e = ClientError::DeliveryTimeout { after_ms: 2000, last: Some("storage error".into()) };
+        assert_eq!(e.to_string(), "not acknowledged within 2000 ms (last error: storage error)");
+        let e = ClientError::DeliveryTimeout { after_ms: 5, last: None };
+        assert_eq!(e.to_string(), "not acknowledged within 5 ms");
+        assert!(!e.is_retriable());
     }
 }

@@ -44,7 +44,10 @@ pub struct ProducerConfig {
     pub buffer_bytes: usize,
     /// How long a record may take, retries included, before it fails.
     pub delivery_timeout: Duration,
-    /// Number each partition's records so the broker writes a retried batch only once.
+    /// Number each partition's records so the broker writes a retried batch only once. Only
+    /// with `acks = leader`: with `acks = none` nothing tells the producer that a batch failed,
+    /// and every later batch of the partition would then be refused as a sequence gap, unseen
+    /// (Kafka likewise requires acknowledgements for idempotence).
     pub idempotent: bool,
 }
 
@@ -302,7 +305,7 @@ impl Producer {
                     completion: Arc::new(BatchCompletion::default()),
                     count: 0,
                     permits: 0,
-                    linger_until: Instant::now() + self.config.linger,
+                    linger_until: after(self.config.linger),
                 }
             });
             open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
@@ -352,7 +355,7 @@ impl Producer {
 
     /// The producer id, asked of the broker once (idempotent producers), or -1.
     async fn producer_id(&self) -> Result<i64, ClientError> {
-        if !self.config.idempotent {
+        if !self.config.idempotent || self.config.acks == Acks::None {
             return Ok(-1);
         }
         let id = self
@@ -512,7 +515,7 @@ impl Sender {
             frame: msg.encode(),
             completion: batch.completion,
             permits: batch.permits,
-            deadline: Instant::now() + self.config.delivery_timeout,
+            deadline: after(self.config.delivery_timeout),
         };
         let frame = flight.frame.clone();
         let stranded = self.stream.is_none() && !self.in_flight.is_empty();
@@ -625,7 +628,11 @@ impl Sender {
                 self.sequence_broken = false;
                 tracing::info!(topic = %self.topic, partition = self.partition, producer_id, "restarted idempotent sequence after a failed batch");
             }
-            Ok(other) => tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind()),
+            Ok(other) => {
+                tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind());
+                tokio::time::sleep(self.backoff).await;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            }
             Err(e) => {
                 tracing::debug!("new producer id failed ({e}); retrying");
                 tokio::time::sleep(self.backoff).await;
@@ -719,6 +726,13 @@ pub fn murmur2(data: &[u8]) -> u32 {
     h = h.wrapping_mul(M);
     h ^= h >> 15;
     h
+}
+
+/// `now + d`, where a huge `d` (`Duration::MAX` for "no limit") means about a century rather
+/// than an overflow panic in the sender task.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]

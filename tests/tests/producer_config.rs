@@ -1,0 +1,85 @@
+//! Producer settings at their edges, against an embedded broker.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use quiver_broker::{Broker, BrokerConfig};
+use quiver_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    StartPosition, TopicConfig,
+};
+use quiver_tests::{bounded, init_tracing};
+
+async fn embedded() -> anyhow::Result<(Broker, Client, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(BrokerConfig::new(dir.path()).listen("127.0.0.1:0".parse()?)).await?;
+    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
+    let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
+    Ok((broker, client, dir))
+}
+
+/// `Duration::MAX` is how a user says "no limit"; it used to overflow `Instant` arithmetic in
+/// the sender task, which panicked and left every record's future pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlimited_linger_and_delivery_timeout_work() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(30, async {
+        let (broker, client, _dir) = embedded().await?;
+        client.admin().create_topic("unlimited", 1, TopicConfig::default()).await?;
+        let config = ProducerConfig {
+            linger: Duration::MAX,
+            delivery_timeout: Duration::MAX,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client.clone(), config);
+        let mut acks = Vec::new();
+        for i in 0..3 {
+            acks.push(producer.enqueue("unlimited", ProducerRecord::new(format!("{i}"))).await?);
+        }
+        producer.flush().await?; // the batch waits for its linger, or for this
+        for (i, a) in acks.into_iter().enumerate() {
+            assert_eq!(a.await?.offset, Some(i as u64));
+        }
+        client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+/// `acks = none` with the default `idempotent = true`: the producer does not number its
+/// batches (it could never learn that one failed), and everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fire_and_forget_with_default_settings_delivers_everything() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(30, async {
+        let (broker, client, _dir) = embedded().await?;
+        client.admin().create_topic("ff", 1, TopicConfig::default()).await?;
+        let config = ProducerConfig { acks: Acks::None, max_batch_bytes: 4096, ..ProducerConfig::default() };
+        let producer = Producer::new(client.clone(), config);
+        const N: u64 = 2000;
+        for i in 0..N {
+            producer.enqueue("ff", ProducerRecord::new(format!("{i}"))).await?;
+        }
+        producer.flush().await?;
+        // Nothing is acknowledged; wait until the broker has it all.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while client.admin().describe_topic("ff").await?.partitions[0].high_watermark < N {
+            assert!(std::time::Instant::now() < deadline, "not everything arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut consumer =
+            Consumer::subscribe(client.clone(), ConsumerConfig::new("ff").start(StartPosition::Earliest))
+                .await?;
+        for i in 0..N {
+            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            assert_eq!((m.offset, std::str::from_utf8(&m.value)?), (i, i.to_string().as_str()));
+            m.ack();
+        }
+        consumer.close().await;
+        client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
