@@ -152,6 +152,11 @@ impl Client {
         request_on(&conn, msg, self.inner.config.request_timeout).await
     }
 
+    /// Whether [`close`](Client::close) was called: every request fails with `Closed` from then.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Closes the connection politely.
     pub async fn close(&self) {
         let mut guard = self.inner.conn.lock().await;

@@ -272,6 +272,9 @@ impl Producer {
         if size + quiver_protocol::batch::BATCH_HEADER_BYTES > MAX_BATCH_BYTES {
             return Err(ClientError::Protocol(format!("record of {size} bytes exceeds the batch limit")));
         }
+        if self.client.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let producer_id = self.producer_id().await?;
         let sender = self.topic(topic, producer_id).await?;
         let n = sender.partitions.len() as u32;
@@ -456,6 +459,13 @@ impl Sender {
     async fn run(mut self) {
         let max_in_flight = self.config.max_in_flight.max(1);
         loop {
+            if self.client.is_closed() {
+                // Nothing can be sent any more: fail what waits instead of retrying until each
+                // delivery timeout (and, for idempotent batches, asking for a producer id
+                // forever).
+                self.fail_all(ClientError::Closed);
+                return;
+            }
             if self.sequence_broken {
                 self.restart_sequence().await;
                 if self.sequence_broken {
@@ -578,6 +588,22 @@ impl Sender {
                 self.resend_all().await;
             }
             Ok(Some(other)) => self.complete(flight, Err(unexpected(other))),
+        }
+    }
+
+    /// Fails every batch in flight and queued, oldest first, and refuses new records.
+    fn fail_all(&mut self, err: ClientError) {
+        while let Some(f) = self.in_flight.pop_front() {
+            self.finish(f.completion, f.permits, Err(err.clone()));
+        }
+        let queued: Vec<OpenBatch> = {
+            let mut acc = self.queue.state.lock();
+            acc.closing = true;
+            acc.close_open();
+            acc.ready.drain(..).collect()
+        };
+        for b in queued {
+            self.finish(b.completion, b.permits, Err(err.clone()));
         }
     }
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{
-    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
-    StartPosition, TopicConfig,
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, StartPosition, TopicConfig,
 };
 use quiver_tests::{bounded, init_tracing};
 
@@ -78,6 +78,36 @@ async fn fire_and_forget_with_default_settings_delivers_everything() -> anyhow::
         }
         consumer.close().await;
         client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+/// Closing the client fails what the producer still holds at once, and later sends too,
+/// instead of retrying each batch until its delivery timeout (then idempotent ones forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_client_fails_pending_records_at_once() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(20, async {
+        let (broker, client, _dir) = embedded().await?;
+        client.admin().create_topic("closing", 1, TopicConfig::default()).await?;
+        let config = ProducerConfig { linger: Duration::from_millis(200), ..ProducerConfig::default() };
+        let producer = Producer::new(client.clone(), config);
+        producer.send("closing", ProducerRecord::new("first")).await?;
+        let mut pending = Vec::new();
+        for i in 0..10 {
+            pending.push(producer.enqueue("closing", ProducerRecord::new(format!("{i}"))).await?);
+        }
+        client.close().await; // before the batch's linger ends
+        let started = std::time::Instant::now();
+        for p in pending {
+            assert!(matches!(p.await, Err(ClientError::Closed)), "a pending record did not fail with Closed");
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        let later = producer.send("closing", ProducerRecord::new("later")).await;
+        assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
+        producer.flush().await?;
         broker.shutdown().await;
         Ok(())
     })
