@@ -19,10 +19,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Installs the process-wide Prometheus recorder once; later calls reuse it.
+/// Installs the process-wide Prometheus recorder once; later calls reuse it. Brokers that
+/// start at the same time in one process (an application's, or tests) all get the handle of
+/// the recorder that was installed: the check and the installation happen under one lock.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    if let Some(h) = HANDLE.get() {
+    static HANDLE: parking_lot::Mutex<Option<PrometheusHandle>> = parking_lot::Mutex::new(None);
+    let mut slot = HANDLE.lock();
+    if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
     let buckets = [
@@ -32,16 +35,13 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder =
         PrometheusBuilder::new().set_buckets(&buckets).context("histogram buckets")?.build_recorder();
     let handle = recorder.handle();
-    match metrics::set_global_recorder(recorder) {
-        Ok(()) => {
-            let _ = HANDLE.set(handle.clone());
-            describe();
-            Ok(handle)
-        }
-        // Another recorder (e.g. an embedding application's) is installed: use it for
-        // recording, and still serve our handle (which will then stay empty).
-        Err(_) => Ok(HANDLE.get_or_init(|| handle).clone()),
+    // Another recorder (e.g. an embedding application's) may be installed already: then it
+    // records, and our handle is still served (and stays empty).
+    if metrics::set_global_recorder(recorder).is_ok() {
+        describe();
     }
+    *slot = Some(handle.clone());
+    Ok(handle)
 }
 
 /// Serves `/metrics` and `/healthz` until shutdown.
