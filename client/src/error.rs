@@ -30,6 +30,10 @@ pub enum ClientError {
     /// A request did not complete in time.
     #[error("request timed out after {0} ms")]
     Timeout(u64),
+    /// A produced batch was sent but its fate is unknown and it will not be retried: it may or
+    /// may not have been written.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// A produced batch was not acknowledged within the producer's delivery timeout, retries
     /// included; `last` is why the last attempt failed, when one did.
     #[error("not acknowledged within {after_ms} ms{}", last_error_suffix(.last))]

@@ -638,10 +638,13 @@ impl Sender {
 
     /// After a failed idempotent batch: fails what was sent after it (the broker would refuse
     /// those as a gap, as Kafka does), takes a new producer id and numbers from 0 again. Batches
-    /// not yet sent keep waiting and go out under the new id.
+    /// not yet sent keep waiting and go out under the new id. The failed ones were sent at
+    /// least once, so they may have been written: the error says the outcome is unknown, not
+    /// that they were not sent (a caller that retries may store them twice).
     async fn restart_sequence(&mut self) {
-        let reason = ClientError::Protocol(format!(
-            "an earlier batch to {}/{} failed, so this one was not sent (its sequence was void)",
+        let reason = ClientError::OutcomeUnknown(format!(
+            "an earlier batch to {}/{} failed while this one was in flight; it may or may not have been \
+             written, and it is not retried (its sequence number is void)",
             self.topic, self.partition
         ));
         while let Some(f) = self.in_flight.pop_front() {
@@ -680,6 +683,11 @@ impl Sender {
                     Err(ClientError::DeliveryTimeout { after_ms, last: self.last_error.clone() }),
                 );
             }
+        }
+        if self.sequence_broken {
+            // An idempotent batch failed: the ones after it carry void sequence numbers, and
+            // `run` fails them (outcome unknown) before anything is resent.
+            return;
         }
         let frames: Vec<_> = self.in_flight.iter().map(|f| f.frame.clone()).collect();
         for frame in frames {

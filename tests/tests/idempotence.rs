@@ -132,3 +132,44 @@ async fn cut_connection_mid_batch_writes_exactly_once() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Answers stop coming back while two idempotent batches are in flight: both reach the broker
+/// and are written. The first fails by its delivery timeout; the second, whose sequence number
+/// is then void, must not be reported as "not sent" (a caller would retry it and store it
+/// twice) but as of unknown outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_after_a_timed_out_one_are_of_unknown_outcome_not_unsent() -> anyhow::Result<()> {
+    use quiver_client::{Client, ClientConfig, ClientError};
+    use quiver_tests::proxy::{Mode, UdpProxy};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let direct = broker.client().await?;
+        direct.admin().create_topic("fate", 1, TopicConfig::default()).await?;
+        let proxy = UdpProxy::start(broker.addr).await?;
+        let client = Client::connect(ClientConfig::new(proxy.addr.to_string(), broker.ca_path())).await?;
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            delivery_timeout: Duration::from_millis(1500),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client.clone(), config);
+        producer.send("fate", ProducerRecord::new("a")).await?;
+
+        proxy.set(Mode::DropToClient);
+        let b = producer.enqueue("fate", ProducerRecord::new("b")).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = producer.enqueue("fate", ProducerRecord::new("c")).await?;
+        let b = b.await;
+        assert!(matches!(b, Err(ClientError::DeliveryTimeout { .. })), "{b:?}");
+        let c = c.await;
+        assert!(matches!(c, Err(ClientError::OutcomeUnknown(_))), "{c:?}");
+
+        // Both were written: "not sent" would have been false.
+        let hw = direct.admin().describe_topic("fate").await?.partitions[0].high_watermark;
+        assert_eq!(hw, 3, "a, b and c reached the broker");
+        Ok(())
+    })
+    .await
+}
