@@ -213,6 +213,80 @@ async fn a_consumer_overtaken_by_retention_goes_on_from_the_log_start() -> anyho
     .await
 }
 
+/// The same without a group, across a lost connection: the consumer resumes at its ack floor,
+/// which retention deleted meanwhile; it goes on from the log start instead of ending with
+/// `OffsetOutOfRange`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_without_group_resumes_after_retention_passed_it() -> anyhow::Result<()> {
+    use quiver_tests::proxy::{Mode, UdpProxy};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
+        let config =
+            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
+        client.admin().create_topic("gap", 1, config).await?;
+        let producer =
+            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
+        producer.send("gap", ProducerRecord::new(format!("{:0>100}", 0))).await?;
+
+        let proxy = UdpProxy::start(broker.local_addr()).await?;
+        let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no dev CA"))?;
+        let mut via_proxy = ClientConfig::new(proxy.addr.to_string(), ca);
+        via_proxy.idle_timeout = Duration::from_millis(1000);
+        let behind = Client::connect(via_proxy).await?;
+        let consumer_config = ConsumerConfig { window_messages: 10, ..ConsumerConfig::new("gap") };
+        let mut consumer =
+            Consumer::subscribe(behind.clone(), consumer_config.start(StartPosition::Earliest)).await?;
+        let first = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!(first.offset, 0);
+
+        // The consumer's network goes away while retention deletes what it has not read.
+        proxy.set(Mode::DropAll);
+        const N: u64 = 2000;
+        let mut acks = Vec::new();
+        for i in 1..N {
+            acks.push(producer.enqueue("gap", ProducerRecord::new(format!("{i:0>100}"))).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let log_start = loop {
+            let start = client.admin().describe_topic("gap").await?.partitions[0].log_start_offset;
+            if start > 100 {
+                break start;
+            }
+            assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await; // the connection times out
+        proxy.set(Mode::Pass);
+        first.ack();
+
+        let mut next = None;
+        let mut last = 0;
+        while last < N - 1 {
+            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            if m.offset < log_start {
+                m.ack(); // the first delivery, read before the cut
+                continue;
+            }
+            let want = *next.get_or_insert(m.offset);
+            assert_eq!(m.offset, want, "records out of order after the skip");
+            next = Some(want + 1);
+            last = m.offset;
+            m.ack();
+        }
+        consumer.close().await;
+        behind.close().await;
+        client.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_request_streams_are_released() -> anyhow::Result<()> {
     // Each admin request uses a stream of its own; the broker allows 4,096 open streams per

@@ -585,6 +585,35 @@ impl PartitionConsumer {
                     tracing::debug!(topic = %self.topic, partition = self.partition, "partition fenced ({e}); leaving it to the membership task");
                     return;
                 }
+                Err(e)
+                    if ready.is_none()
+                        && self.config.group.is_none()
+                        && e.code() == Some(ErrorCode::OffsetOutOfRange)
+                        && matches!(start, StartPosition::Offset(_)) =>
+                {
+                    // Resuming where the acknowledgements stand failed: retention deleted that
+                    // offset while the connection was down (or a broker that lost unsynced
+                    // records has not reached it). Go on from the nearest end, as a Kafka
+                    // consumer resets; what lies below counts as settled.
+                    let floor = self.acks.floor();
+                    match Admin::new(self.client.clone()).describe_topic(&self.topic).await {
+                        Ok(info) => {
+                            if let Some(p) = info.partitions.iter().find(|p| p.partition == self.partition) {
+                                let next =
+                                    floor.clamp(p.log_start_offset, p.high_watermark.max(p.log_start_offset));
+                                if next > floor {
+                                    let gone = floor..next;
+                                    self.acks.inner.lock().settle(vec![gone]);
+                                }
+                                tracing::warn!(topic = %self.topic, partition = self.partition, "cannot resume at offset {floor} ({e}); going on from {next}");
+                                start = StartPosition::Offset(next);
+                            }
+                        }
+                        Err(d) => tracing::debug!("describing {} to resume failed: {d}", self.topic),
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
                 Err(e) if ready.is_some() || !e.is_retriable() => {
                     match ready.take() {
                         Some(r) => {
