@@ -234,7 +234,7 @@ fn records_in(batches: &[u8]) -> usize {
     n.min(batches.len() / 7 + 1)
 }
 
-/// Acknowledged ranges above the floor sent per `AckRanges` frame; more go in later frames.
+/// Acknowledged ranges above the floor per `AckRanges` frame; more go in further frames.
 const MAX_RANGES_PER_ACK: usize = 4096;
 
 impl AckFloor {
@@ -277,9 +277,17 @@ impl AckFloor {
         let changed = sent != Some(self.version);
         let due = on_tick || sent.is_none() || self.version - sent.unwrap_or(0) >= eager_gap;
         if changed && due {
-            let ranges: Vec<std::ops::Range<u64>> =
-                self.above.iter().take(MAX_RANGES_PER_ACK).cloned().collect();
-            frames.push(Message::AckRanges { floor: self.floor, ranges });
+            // All ranges the broker can remember (`MAX_ACKED_RANGES`), a frame per
+            // `MAX_RANGES_PER_ACK`; the first frame also carries the floor alone if none.
+            let mut ranges =
+                self.above.iter().take(quiver_protocol::ledger::MAX_ACKED_RANGES).cloned().peekable();
+            loop {
+                let chunk: Vec<std::ops::Range<u64>> = ranges.by_ref().take(MAX_RANGES_PER_ACK).collect();
+                frames.push(Message::AckRanges { floor: self.floor, ranges: chunk });
+                if ranges.peek().is_none() {
+                    break;
+                }
+            }
         }
         for (offset, delay_ms) in self.nacks.drain(..) {
             frames.push(Message::Nack { offset, delay_ms });
@@ -798,5 +806,44 @@ impl PartitionConsumer {
             return Ok(None);
         }
         Ok(Some(count))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_acknowledged_range_reaches_the_broker() {
+        let state = AckState::new();
+        let mut a = state.inner.lock();
+        a.started = true;
+        // 5,000 disjoint acknowledged offsets above the floor: more than one frame holds.
+        for i in 0..5_000u64 {
+            a.above.insert(2 * i + 1..2 * i + 2);
+        }
+        a.version = 1;
+        let (frames, version) = a.take_frames(None, true, 1);
+        assert_eq!(version, 1);
+        let mut sent = Vec::new();
+        for f in &frames {
+            match f {
+                Message::AckRanges { floor, ranges } => {
+                    assert_eq!(*floor, 0);
+                    assert!(ranges.len() <= MAX_RANGES_PER_ACK);
+                    sent.extend(ranges.iter().cloned());
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert_eq!(sent, a.above.iter().cloned().collect::<Vec<_>>(), "every range, in order");
+
+        // With nothing above the floor, one frame carries the floor alone.
+        a.above = RangeSet::new();
+        a.floor = 7;
+        a.version = 2;
+        let (frames, _) = a.take_frames(Some(1), true, 1);
+        assert_eq!(frames, vec![Message::AckRanges { floor: 7, ranges: Vec::new() }]);
     }
 }
