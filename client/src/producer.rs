@@ -42,7 +42,8 @@ pub struct ProducerConfig {
     pub max_in_flight: usize,
     /// Bytes of records buffered (queued or in flight) before `send` waits.
     pub buffer_bytes: usize,
-    /// How long a record may take, retries included, before it fails.
+    /// How long a record may take, from `send`/`enqueue` to its acknowledgement, waiting for
+    /// an in-flight slot and retries included, before it fails.
     pub delivery_timeout: Duration,
     /// Number each partition's records so the broker writes a retried batch only once. Only
     /// with `acks = leader`: with `acks = none` nothing tells the producer that a batch failed,
@@ -233,6 +234,9 @@ struct OpenBatch {
     /// Buffer permits (bytes) the batch holds; returned when it completes.
     permits: u32,
     linger_until: Instant,
+    /// When the batch fails if not acknowledged: `delivery_timeout` after its first record was
+    /// queued (as Kafka counts it), not after it was first sent.
+    deadline: Instant,
 }
 
 impl Accumulator {
@@ -309,6 +313,7 @@ impl Producer {
                     count: 0,
                     permits: 0,
                     linger_until: after(self.config.linger),
+                    deadline: after(self.config.delivery_timeout),
                 }
             });
             open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
@@ -525,7 +530,7 @@ impl Sender {
             frame: msg.encode(),
             completion: batch.completion,
             permits: batch.permits,
-            deadline: after(self.config.delivery_timeout),
+            deadline: batch.deadline,
         };
         let frame = flight.frame.clone();
         let stranded = self.stream.is_none() && !self.in_flight.is_empty();

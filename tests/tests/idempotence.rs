@@ -173,3 +173,45 @@ async fn batches_after_a_timed_out_one_are_of_unknown_outcome_not_unsent() -> an
     })
     .await
 }
+
+/// `delivery_timeout` runs from when a record is queued, not from when its batch is first sent:
+/// a batch that waits for an in-flight slot behind one that is never answered fails by its own
+/// deadline, not a whole timeout later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_timeout_counts_from_the_send_call() -> anyhow::Result<()> {
+    use quiver_client::{Client, ClientConfig, ClientError};
+    use quiver_tests::proxy::{Mode, UdpProxy};
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        broker.client().await?.admin().create_topic("slots", 1, TopicConfig::default()).await?;
+        let proxy = UdpProxy::start(broker.addr).await?;
+        let client = Client::connect(ClientConfig::new(proxy.addr.to_string(), broker.ca_path())).await?;
+        let timeout = Duration::from_millis(1500);
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            max_in_flight: 1,
+            delivery_timeout: timeout,
+            idempotent: false,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client.clone(), config);
+        producer.send("slots", ProducerRecord::new("warm-up")).await?;
+
+        proxy.set(Mode::DropToClient);
+        let queued_at = std::time::Instant::now();
+        let first = producer.enqueue("slots", ProducerRecord::new("first")).await?;
+        let second = producer.enqueue("slots", ProducerRecord::new("second")).await?; // waits for the slot
+        let first = first.await;
+        assert!(matches!(first, Err(ClientError::DeliveryTimeout { .. })), "{first:?}");
+        let second = second.await;
+        let waited = queued_at.elapsed();
+        assert!(matches!(second, Err(ClientError::DeliveryTimeout { .. })), "{second:?}");
+        // Its own deadline (1.5 s after the call) plus a resend round, well before the 3 s it
+        // took when the clock started at its first send.
+        assert!(waited < timeout * 2, "the queued record failed after {waited:?}");
+        Ok(())
+    })
+    .await
+}
