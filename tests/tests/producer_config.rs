@@ -1,4 +1,4 @@
-//! Producer settings at their edges, against an embedded broker.
+//! Producer and consumer settings at their edges, against an embedded broker.
 
 use std::time::Duration;
 
@@ -108,6 +108,53 @@ async fn closing_the_client_fails_pending_records_at_once() -> anyhow::Result<()
         let later = producer.send("closing", ProducerRecord::new("later")).await;
         assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
         producer.flush().await?;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+/// A message whose ack deadline passes after the application acknowledged it, but before the
+/// acknowledgement reached the broker (acks go out on a tick), comes back from the broker. The
+/// consumer does not hand it to the application a second time; it repeats the ack instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_message_redelivered_before_its_ack_arrived_is_not_handed_out_again(
+) -> anyhow::Result<()> {
+    init_tracing();
+    bounded(30, async {
+        let (broker, client, _dir) = embedded().await?;
+        client.admin().create_topic("late-acks", 1, TopicConfig::default()).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..100 {
+            producer.enqueue("late-acks", ProducerRecord::new(format!("{i}"))).await?;
+        }
+        producer.flush().await?;
+        let config = ConsumerConfig {
+            ack_interval: Duration::from_secs(2),
+            ack_deadline: Some(Duration::from_millis(200)),
+            ..ConsumerConfig::new("late-acks")
+        };
+        let mut consumer = Consumer::subscribe(client.clone(), config.start(StartPosition::Earliest)).await?;
+        let mut received = Vec::new();
+        while received.len() < 100 {
+            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            assert_eq!(m.offset, received.len() as u64);
+            received.push(m);
+        }
+        // The session's first ack goes out at once; once it has, the rest wait for the tick.
+        received[0].ack();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for m in &received[1..] {
+            m.ack();
+        }
+        // Deadlines (200 ms) pass before those acks go out (2 s tick), and after.
+        let again = tokio::time::timeout(Duration::from_millis(3000), consumer.next()).await;
+        if let Ok(Some(m)) = again {
+            let m = m?;
+            anyhow::bail!("offset {} handed out again (delivery {})", m.offset, m.delivery_count);
+        }
+        consumer.close().await;
+        client.close().await;
         broker.shutdown().await;
         Ok(())
     })

@@ -766,6 +766,7 @@ impl PartitionConsumer {
             (a.next_expected, if a.nacked.is_empty() { BTreeSet::new() } else { a.nacked.clone() })
         };
         let mut range = 0;
+        let mut reacked = false;
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
@@ -784,8 +785,19 @@ impl PartitionConsumer {
                         }
                     }
                 };
-                if r.offset < expected && delivery_count <= 1 && !nacked.contains(&r.offset) {
-                    continue; // the batch began before our position, or handed out before a reconnect
+                if r.offset < expected && !nacked.contains(&r.offset) {
+                    if delivery_count <= 1 {
+                        continue; // the batch began before our position, or handed out before a reconnect
+                    }
+                    // Handed out again (its ack deadline passed, or a new session began) after
+                    // the application acknowledged it, before the broker heard: say it again
+                    // instead of handing the message out twice. Only redeliveries get here.
+                    let mut a = self.acks.inner.lock();
+                    if r.offset < a.floor || a.above.contains(&r.offset) {
+                        a.version += 1;
+                        reacked = true;
+                        continue;
+                    }
                 }
                 expected = expected.max(r.offset + 1);
                 out.push(ConsumedMessage {
@@ -802,6 +814,9 @@ impl PartitionConsumer {
             }
         }
         self.acks.inner.lock().next_expected = expected;
+        if reacked {
+            self.acks.changed.notify_one();
+        }
         if !out.is_empty() && self.tx.send(Ok(out)).await.is_err() {
             return Ok(None);
         }
