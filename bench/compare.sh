@@ -31,7 +31,8 @@
 #
 # Environment: MESSAGES (500000), OAT_MESSAGES (5000), CONSUME_MESSAGES (2000000), MESSAGE_SIZE (1024), RUNS (3),
 # WARMUP (1: one short unrecorded run per system first), QUIVER_ALWAYS (1),
-# NATS_ACK_POLICY (explicit | all | none, see nats-bench --help), NATS_MAX_INFLIGHT (4096),
+# NATS_ACK_POLICY (explicit | all | none, see nats-bench --help), NATS_MAX_INFLIGHT (4096: unacked
+# messages per producer, for both systems),
 # RESULTS_DIR (keep the raw JSON reports there), QUIVER_BIN_DIR (target/release),
 # NATS_SERVER (path of nats-server), RUN_TIMEOUT (seconds per bench run, 900),
 # QUIVERD_CONFIG (a quiverd config file to start the broker with, e.g. one holding
@@ -162,7 +163,7 @@ git -C "$ROOT" diff --quiet HEAD 2>/dev/null || quiver_rev="$quiver_rev (+ uncom
 async_nats_ver="$(awk '/^name = "async-nats"/ {getline; gsub(/"/, "", $3); print $3}' "$NATS_BENCH_DIR/Cargo.lock" 2>/dev/null || true)"
 case "$NATS_ACK_POLICY" in
     none) nats_consumer="ordered pull consumer (no acks)" ;;
-    *) nats_consumer="pull consumer, ack policy \`$NATS_ACK_POLICY\`, each message acked (not awaited, like Quiver's \`msg.ack()\`)" ;;
+    *) nats_consumer="pull consumer, ack policy \`$NATS_ACK_POLICY\`, each message acked with its own ack message, not awaited (Quiver's \`msg.ack()\` is local; acks travel as ranges)" ;;
 esac
 cat <<EOF
 # Quiver vs NATS JetStream
@@ -171,7 +172,8 @@ cat <<EOF
 - Quiver: $quiver_rev, quiverd on 127.0.0.1:$QUIVER_PORT (QUIC), data in a temp dir, \`--durability interval\` (fsync every 1000 ms)$([[ -n "${QUIVERD_CONFIG:-}" ]] && printf '; broker config: %s' "$(grep -v '^[[:space:]]*#' "$QUIVERD_CONFIG" | grep . | tr '\n' ' ' | sed 's/ $//')")
 - NATS: $("$NATS_SERVER" --version 2>&1 | head -1) with JetStream, file storage in a temp dir, 127.0.0.1:$NATS_PORT (TCP, no TLS); client async-nats ${async_nats_ver:-?}; default file store sync (background fsync every 2 min)
 - Workload: 1 producer, 1 partition / 1 stream, $MESSAGE_SIZE-byte messages; $MESSAGES messages in (a), (a'), (b), $OAT_MESSAGES in (c); $RUNS runs per system, alternating
-- NATS producer: up to $NATS_MAX_INFLIGHT PubAcks in flight; NATS consumer: $nats_consumer
+- Producers: up to $NATS_MAX_INFLIGHT unacknowledged messages each (NATS: PubAcks in flight); NATS consumer: $nats_consumer
+- Each client runs on a thread of its own with a single-threaded runtime, in both bench clients
 - Clients and servers share the same $(nproc) CPUs; load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) (anything else busy on the machine skews the figures)
 
 EOF
@@ -219,7 +221,7 @@ run_quiver() {
     local cpu
     cpu="$(cpu_ticks "$QUIVERD_PID")" || exit 1
     timeout "$RUN_TIMEOUT" "${QCLI[@]}" bench --json --message-size "$MESSAGE_SIZE" \
-        --broker-pid "$QUIVERD_PID" "${args[@]}" >"$out.raw" 2>"$out.err" &
+        --max-inflight "$NATS_MAX_INFLIGHT" --broker-pid "$QUIVERD_PID" "${args[@]}" >"$out.raw" 2>"$out.err" &
     bench_wait || { cat "$out.err" >&2; die "quiver bench $* failed"; }
     python3 - "$out.raw" "$out" <<'PY'
 import json, sys
@@ -385,6 +387,7 @@ print("e2e = publish -> deliver (timestamp in the payload). Pipelined produce->a
 print("how deep each client queues (NATS: a fixed number of PubAcks in flight; Quiver: its producer's batching),")
 print("so compare it with the throughput beside it; one-at-a-time latency is the round trip itself.")
 print("Server peak RSS is sampled from /proc during each run of a long-lived server (it carries over between runs).")
-print("Server CPU: seconds of user and system time the server process used during each run (/proc); on a VM that")
+print("Server CPU: seconds of user and system time the server process used during each run (/proc; NATS's includes")
+print("deleting its stream at the end of each run, Quiver's topic is deleted after the reading); on a VM that")
 print("makes fresh memory expensive, system time is where it shows (BENCHMARKS.md, Machine).")
 PY

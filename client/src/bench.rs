@@ -287,6 +287,15 @@ async fn produce(
         None => sent >= count,
     };
     while !done(sent) {
+        // At the in-flight bound, wait for the oldest before sending more (as nats-bench
+        // does): at most `max_inflight` messages are ever unacknowledged.
+        if in_flight.len() >= config.max_inflight.max(1) {
+            if let Some((t0, oldest)) = in_flight.pop_front() {
+                oldest.await?;
+                record_us(&mut hist, t0.elapsed());
+                bar.inc(1);
+            }
+        }
         let t0 = Instant::now();
         let record = ProducerRecord::new(payload(&filler, config.message_size, clock.wall_ns(t0)));
         let ack = producer.enqueue(&topic, record).await?;
@@ -298,13 +307,6 @@ async fn produce(
             continue;
         }
         in_flight.push_back((t0, ack));
-        if in_flight.len() > config.max_inflight.max(1) {
-            if let Some((t0, oldest)) = in_flight.pop_front() {
-                oldest.await?;
-                record_us(&mut hist, t0.elapsed());
-                bar.inc(1);
-            }
-        }
         // Settle what completed, without waiting.
         let mut now = None;
         let mut settled = 0;
@@ -385,7 +387,7 @@ async fn consume(
             if e2e && msg.value.len() >= 8 {
                 let sent = u64::from_le_bytes(msg.value[..8].try_into().unwrap_or([0; 8]));
                 let lat = now.saturating_sub(sent);
-                let _ = hist.record((lat / 1000).max(1));
+                hist.saturating_record((lat / 1000).max(1));
             }
         }
         if n.is_multiple_of(1024) {
@@ -433,7 +435,7 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 fn record_us(h: &mut Histogram<u64>, d: Duration) {
-    let _ = h.record((d.as_micros() as u64).max(1));
+    h.saturating_record((d.as_micros() as u64).max(1));
 }
 
 fn throughput(messages: u64, bytes: u64, seconds: f64) -> Throughput {

@@ -203,59 +203,25 @@ async fn run(args: Args) -> Result<BenchReport> {
     // Consumers first, each from the start of the stream.
     let produced_total = Arc::new(AtomicU64::new(existing));
     let e2e = args.producers > 0;
+    // Each client runs on a thread of its own with a single-threaded runtime, as each client of
+    // `quiver bench` does (separate client processes would not share a runtime either); a
+    // consumer reports ready once subscribed, and producers start after all are.
     let mut consumer_tasks = Vec::new();
+    let mut ready = Vec::new();
     for i in 0..args.consumers {
-        let client = connect(&args.url).await?;
-        let js = jetstream::new(client.clone());
-        let stream = js.get_stream(&name).await.map_err(|e| anyhow!("stream {name}: {e}"))?;
-        let messages: futures::stream::BoxStream<'static, Result<jetstream::Message>> = match args.ack_policy
-        {
-            AckPolicyArg::None => {
-                let c = stream
-                    .create_consumer(consumer::pull::OrderedConfig {
-                        deliver_policy: consumer::DeliverPolicy::All,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| anyhow!("creating ordered consumer: {e}"))?;
-                c.messages()
-                    .await
-                    .map_err(|e| anyhow!("ordered consumer: {e}"))?
-                    .map(|m| m.map_err(|e| anyhow!(e)))
-                    .boxed()
-            }
-            policy => {
-                let c = stream
-                    .create_consumer(consumer::pull::Config {
-                        // A fresh durable per run: a stream kept between runs (consume-only)
-                        // must be read from the start each time.
-                        name: Some(format!("bench-consumer-{}-{i}", std::process::id())),
-                        deliver_policy: consumer::DeliverPolicy::All,
-                        ack_policy: if policy == AckPolicyArg::All {
-                            consumer::AckPolicy::All
-                        } else {
-                            consumer::AckPolicy::Explicit
-                        },
-                        inactive_threshold: Duration::from_secs(60),
-                        max_ack_pending: args.max_ack_pending.unwrap_or(0),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| anyhow!("creating pull consumer: {e}"))?;
-                let mut builder = c.stream();
-                if let Some(b) = args.pull_batch {
-                    builder = builder.max_messages_per_batch(b);
-                }
-                builder
-                    .messages()
-                    .await
-                    .map_err(|e| anyhow!("pull consumer: {e}"))?
-                    .map(|m| m.map_err(|e| anyhow!(e)))
-                    .boxed()
-            }
-        };
-        let ack = args.ack_policy != AckPolicyArg::None;
-        consumer_tasks.push(tokio::spawn(consume(messages, client, ack, produced_total.clone(), e2e)));
+        let (args, name, total) = (args.clone(), name.clone(), produced_total.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        ready.push(ready_rx);
+        consumer_tasks.push(on_own_thread(format!("nats-consumer-{i}"), move || async move {
+            let (messages, client) = open_consumer(&args, &name, i).await?;
+            let _ = ready_tx.send(());
+            let ack = args.ack_policy != AckPolicyArg::None;
+            consume(messages, client, ack, total, e2e).await
+        }));
+    }
+    for r in ready {
+        // A consumer that failed to subscribe reports its error through its task below.
+        let _ = r.await;
     }
 
     let producers = args.producers;
@@ -263,18 +229,24 @@ async fn run(args: Args) -> Result<BenchReport> {
     let started = Instant::now();
     let mut producer_tasks = Vec::new();
     for i in 0..producers {
-        let client = connect(&args.url).await?;
         let count = if i == 0 { args.messages - per_producer * (producers as u64 - 1) } else { per_producer };
-        producer_tasks.push(tokio::spawn(produce(client, subject.clone(), args.clone(), count)));
+        let (args, subject) = (args.clone(), subject.clone());
+        producer_tasks.push(on_own_thread(format!("nats-producer-{i}"), move || async move {
+            let client = connect(&args.url).await?;
+            produce(client, subject, args, count).await
+        }));
     }
     let mut produce_hist = new_histogram();
     let mut produced = 0u64;
+    // As `quiver bench`: from before the producers connect to the last acknowledgement.
+    let mut last_ack = started;
     for t in producer_tasks {
-        let (n, hist) = t.await??;
+        let (n, hist, done) = t.await.map_err(|_| anyhow!("a producer thread died"))??;
         produced += n;
+        last_ack = last_ack.max(done);
         let _ = produce_hist.add(&hist);
     }
-    let produce_secs = started.elapsed().as_secs_f64();
+    let produce_secs = last_ack.duration_since(started).as_secs_f64();
     if producers > 0 {
         produced_total.store(produced, Ordering::Release);
     }
@@ -283,7 +255,7 @@ async fn run(args: Args) -> Result<BenchReport> {
     let mut consume_secs: f64 = 0.0;
     let mut consumed = 0u64;
     for t in consumer_tasks {
-        let (n, secs, hist) = t.await??;
+        let (n, secs, hist) = t.await.map_err(|_| anyhow!("a consumer thread died"))??;
         consumed += n;
         consume_secs = consume_secs.max(secs);
         let _ = e2e_hist.add(&hist);
@@ -318,12 +290,91 @@ async fn run(args: Args) -> Result<BenchReport> {
     })
 }
 
+/// Subscribes consumer `i` to the stream from its start: the message stream and its client.
+async fn open_consumer(
+    args: &Args,
+    name: &str,
+    i: usize,
+) -> Result<(futures::stream::BoxStream<'static, Result<jetstream::Message>>, async_nats::Client)> {
+    let client = connect(&args.url).await?;
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(&name).await.map_err(|e| anyhow!("stream {name}: {e}"))?;
+    let messages: futures::stream::BoxStream<'static, Result<jetstream::Message>> = match args.ack_policy {
+        AckPolicyArg::None => {
+            let c = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("creating ordered consumer: {e}"))?;
+            c.messages()
+                .await
+                .map_err(|e| anyhow!("ordered consumer: {e}"))?
+                .map(|m| m.map_err(|e| anyhow!(e)))
+                .boxed()
+        }
+        policy => {
+            let c = stream
+                .create_consumer(consumer::pull::Config {
+                    // A fresh durable per run: a stream kept between runs (consume-only)
+                    // must be read from the start each time.
+                    name: Some(format!("bench-consumer-{}-{i}", std::process::id())),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ack_policy: if policy == AckPolicyArg::All {
+                        consumer::AckPolicy::All
+                    } else {
+                        consumer::AckPolicy::Explicit
+                    },
+                    inactive_threshold: Duration::from_secs(60),
+                    max_ack_pending: args.max_ack_pending.unwrap_or(0),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("creating pull consumer: {e}"))?;
+            let mut builder = c.stream();
+            if let Some(b) = args.pull_batch {
+                builder = builder.max_messages_per_batch(b);
+            }
+            builder
+                .messages()
+                .await
+                .map_err(|e| anyhow!("pull consumer: {e}"))?
+                .map(|m| m.map_err(|e| anyhow!(e)))
+                .boxed()
+        }
+    };
+    Ok((messages, client))
+}
+
+/// Runs the future `make` returns on a thread of its own with a single-threaded runtime.
+fn on_own_thread<T, F, Fut>(name: String, make: F) -> tokio::sync::oneshot::Receiver<Result<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow!("client runtime: {e}"))
+            .and_then(|rt| rt.block_on(make()));
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        eprintln!("nats-bench: starting a client thread: {e}");
+    }
+    rx
+}
+
 async fn produce(
     client: async_nats::Client,
     subject: String,
     args: Args,
     count: u64,
-) -> Result<(u64, Histogram<u64>)> {
+) -> Result<(u64, Histogram<u64>, Instant)> {
     let js = context(client.clone(), args.max_inflight.max(1));
     let filler = Bytes::from(vec![b'x'; args.message_size.saturating_sub(8)]);
     let mut hist = new_histogram();
@@ -358,8 +409,9 @@ async fn produce(
     while let Some(r) = in_flight.next().await {
         record_us(&mut hist, r?);
     }
+    let done = Instant::now();
     client.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
-    Ok((sent, hist))
+    Ok((sent, hist, done))
 }
 
 async fn consume(
@@ -378,7 +430,13 @@ async fn consume(
         if n >= target {
             break;
         }
-        let msg = match tokio::time::timeout(Duration::from_millis(200), messages.next()).await {
+        // A message already waiting costs no timer (as in `quiver bench`); only an empty
+        // stream waits with one, to re-check the target.
+        let next = match futures::FutureExt::now_or_never(messages.next()) {
+            Some(next) => Ok(next),
+            None => tokio::time::timeout(Duration::from_millis(200), messages.next()).await,
+        };
+        let msg = match next {
             Ok(Some(m)) => m?,
             Ok(None) => break,
             Err(_) => continue, // re-check the target
@@ -396,7 +454,7 @@ async fn consume(
             last = now;
             if e2e && msg.payload.len() >= 8 {
                 let sent = u64::from_le_bytes(msg.payload[..8].try_into().unwrap_or([0; 8]));
-                let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
+                hist.saturating_record((now.saturating_sub(sent) / 1000).max(1));
             }
         }
     }
@@ -423,7 +481,7 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 fn record_us(h: &mut Histogram<u64>, d: Duration) {
-    let _ = h.record((d.as_micros() as u64).max(1));
+    h.saturating_record((d.as_micros() as u64).max(1));
 }
 
 fn throughput(messages: u64, bytes: u64, seconds: f64) -> Throughput {
