@@ -588,19 +588,23 @@ impl Sender {
                 tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
                 self.last_error = Some(why);
                 self.in_flight.push_front(flight);
-                tokio::time::sleep(self.backoff).await;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.pause().await;
                 self.resend_all().await;
             }
             Ok(Some(other)) => self.complete(flight, Err(unexpected(other))),
         }
     }
 
-    /// Fails every batch in flight and queued, oldest first, and refuses new records.
-    fn fail_all(&mut self, err: ClientError) {
+    /// Fails every batch in flight, oldest first (without touching the sequence state).
+    fn fail_in_flight(&mut self, err: &ClientError) {
         while let Some(f) = self.in_flight.pop_front() {
             self.finish(f.completion, f.permits, Err(err.clone()));
         }
+    }
+
+    /// Fails every batch in flight and queued, oldest first, and refuses new records.
+    fn fail_all(&mut self, err: ClientError) {
+        self.fail_in_flight(&err);
         let queued: Vec<OpenBatch> = {
             let mut acc = self.queue.state.lock();
             acc.closing = true;
@@ -652,9 +656,7 @@ impl Sender {
              written, and it is not retried (its sequence number is void)",
             self.topic, self.partition
         ));
-        while let Some(f) = self.in_flight.pop_front() {
-            self.finish(f.completion, f.permits, Err(reason.clone()));
-        }
+        self.fail_in_flight(&reason);
         match self.client.request(&Message::InitProducer).await {
             Ok(Message::InitProducerOk { producer_id, .. }) => {
                 self.next_sequence = 0;
@@ -664,15 +666,19 @@ impl Sender {
             }
             Ok(other) => {
                 tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind());
-                tokio::time::sleep(self.backoff).await;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.pause().await;
             }
             Err(e) => {
                 tracing::debug!("new producer id failed ({e}); retrying");
-                tokio::time::sleep(self.backoff).await;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.pause().await;
             }
         }
+    }
+
+    /// Waits out the current backoff, and doubles it for the next failure.
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 
     /// Reconnects and resends every in-flight batch, in order, until each batch's deadline.

@@ -2,15 +2,54 @@
 //! temp data directories, SIGKILL and restart, and small helpers. Everything is real: the
 //! `quiverd` code in a child process, QUIC with TLS on 127.0.0.1, files on disk.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{Client, ClientConfig};
 
 pub mod proxy;
+
+/// 127.0.0.1 with an ephemeral port: for the listeners an embedded broker's config names.
+pub const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+
+/// A broker in this process (the embedding API) on an ephemeral loopback port with its data in
+/// `dir`, and a client connected to it. `tweak` adjusts the config before the start.
+pub async fn embedded(dir: &Path, tweak: impl FnOnce(&mut BrokerConfig)) -> anyhow::Result<(Broker, Client)> {
+    let mut config = BrokerConfig::new(dir).listen(LOOPBACK_ANY_PORT);
+    tweak(&mut config);
+    let broker = Broker::start(config).await?;
+    let client = client_of(&broker).await?;
+    Ok((broker, client))
+}
+
+/// A client of an embedded broker, trusting its development CA.
+pub async fn client_of(broker: &Broker) -> anyhow::Result<Client> {
+    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
+    Ok(Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?)
+}
+
+/// One HTTP GET of `path` from a broker's metrics listener: the whole response. Blocking.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The sum of the Prometheus samples in `body` whose line starts with `prefix` (a name, or a
+/// name with labels).
+pub fn metric_sum(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 /// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_udp_port() -> u16 {

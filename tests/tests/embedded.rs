@@ -7,29 +7,17 @@
 //! only while no other multi-thread-runtime broker in this test binary appends meanwhile, so
 //! keep such tests out of this file.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-
 use futures::StreamExt;
-use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{
-    Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig, ProducerRecord,
-    StartPosition, TopicConfig,
+    Consumer, ConsumerConfig, Durability, Producer, ProducerConfig, ProducerRecord, StartPosition,
+    TopicConfig,
 };
-use quiver_tests::{bounded, init_tracing};
+use quiver_tests::{bounded, embedded, http_get, init_tracing, metric_sum, LOOPBACK_ANY_PORT};
 
 /// Group commits run in place so far, from the broker's Prometheus endpoint (the recorder is
 /// process-wide, shared by every broker of this test binary).
-fn in_place_commits(metrics: SocketAddr) -> anyhow::Result<f64> {
-    let mut s = TcpStream::connect(metrics)?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with("quiver_group_commits_total{path=\"in_place\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+fn in_place_commits(metrics: std::net::SocketAddr) -> anyhow::Result<f64> {
+    Ok(metric_sum(&http_get(metrics, "/metrics")?, "quiver_group_commits_total{path=\"in_place\"}"))
 }
 
 /// Sends small records one at a time (each its own small group commit), then a burst of
@@ -45,13 +33,9 @@ async fn produce_and_read_back(expect_in_place: bool) -> anyhow::Result<()> {
 
 async fn produce_and_read_back_with(durability: Durability, expect_in_place: bool) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
-    let mut config = BrokerConfig::new(data.path()).listen("127.0.0.1:0".parse()?);
-    config.metrics_listen = Some("127.0.0.1:0".parse()?);
-    let broker = Broker::start(config).await?;
+    let (broker, client) = embedded(data.path(), |c| c.metrics_listen = Some(LOOPBACK_ANY_PORT)).await?;
     let metrics = broker.metrics_addr().ok_or_else(|| anyhow::anyhow!("metrics not served"))?;
     let before = tokio::task::spawn_blocking(move || in_place_commits(metrics)).await??;
-    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
-    let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
     client.admin().create_topic("embedded", 1, TopicConfig { durability, ..TopicConfig::default() }).await?;
 
     let producer = Producer::new(client.clone(), ProducerConfig::default());

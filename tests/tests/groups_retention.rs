@@ -4,24 +4,75 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{
     Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
     StartPosition, TopicConfig,
 };
 use quiver_protocol::ErrorCode;
-use quiver_tests::{bounded, init_tracing, publish};
+use quiver_tests::{bounded, embedded, init_tracing, publish};
 
-async fn embedded(
-    dir: &std::path::Path,
-    tweak: impl FnOnce(&mut BrokerConfig),
-) -> anyhow::Result<(Broker, Client)> {
-    let mut config = BrokerConfig::new(dir).listen("127.0.0.1:0".parse()?);
-    tweak(&mut config);
-    let broker = Broker::start(config).await?;
-    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no dev CA"))?;
-    let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
-    Ok((broker, client))
+/// Records in the retention tests: 2,000 of about 110 bytes, numbered in their values.
+const RECORDS: u64 = 2000;
+
+fn record(i: u64) -> ProducerRecord {
+    ProducerRecord::new(format!("{i:0>100}"))
+}
+
+/// A one-partition topic whose retention keeps about 64 KiB in 16 KiB segments, and a
+/// producer of small (4 KiB) batches, so a few thousand records make retention delete.
+async fn small_retention_topic(client: &Client, topic: &str) -> anyhow::Result<Producer> {
+    let config =
+        TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
+    client.admin().create_topic(topic, 1, config).await?;
+    Ok(Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() }))
+}
+
+/// Produces `record(i)` for every `i` in `range` and waits for all acknowledgements.
+async fn produce_range(producer: &Producer, topic: &str, range: std::ops::Range<u64>) -> anyhow::Result<()> {
+    let mut acks = Vec::new();
+    for i in range {
+        acks.push(producer.enqueue(topic, record(i)).await?);
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+/// Waits (20 s at most) until retention has moved the log start past offset 100; returns it.
+async fn log_start_after_retention(client: &Client, topic: &str) -> anyhow::Result<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let start = client.admin().describe_topic(topic).await?.partitions[0].log_start_offset;
+        if start > 100 {
+            return Ok(start);
+        }
+        assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads on to the last record: offsets below `log_start` (the delivery read before retention
+/// ran) are acknowledged and passed over; from there, records must come in order without a
+/// gap. Returns what was read after the skip, as (offset, value).
+async fn read_on_after_skip(consumer: &mut Consumer, log_start: u64) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut read = Vec::new();
+    let mut next = None;
+    let mut last = 0;
+    while last < RECORDS - 1 {
+        let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        if m.offset < log_start {
+            m.ack();
+            continue;
+        }
+        let want = *next.get_or_insert(m.offset);
+        assert_eq!(m.offset, want, "records out of order after the skip");
+        next = Some(want + 1);
+        last = m.offset;
+        read.push((m.offset, String::from_utf8(m.value.to_vec())?));
+        m.ack();
+    }
+    Ok(read)
 }
 
 async fn take(consumer: &mut Consumer, n: usize) -> anyhow::Result<Vec<String>> {
@@ -81,18 +132,8 @@ async fn retention_deletes_old_segments_and_reports_the_new_start() -> anyhow::R
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
-        let config =
-            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
-        client.admin().create_topic("r", 1, config).await?;
-        let producer =
-            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
-        let mut acks = Vec::new();
-        for i in 0..2000 {
-            acks.push(producer.enqueue("r", ProducerRecord::new(format!("{i:0>100}"))).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
+        let producer = small_retention_topic(&client, "r").await?;
+        produce_range(&producer, "r", 0..RECORDS).await?;
 
         // Wait for retention to catch up with everything written (2000 records of ~110 bytes in
         // 16 KiB segments are ~14 segments, of which 64 KiB, ~5, are kept) and for the reported
@@ -149,12 +190,8 @@ async fn a_consumer_overtaken_by_retention_goes_on_from_the_log_start() -> anyho
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
-        let config =
-            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
-        client.admin().create_topic("behind", 1, config).await?;
-        let producer =
-            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
-        producer.send("behind", ProducerRecord::new(format!("{:0>100}", 0))).await?;
+        let producer = small_retention_topic(&client, "behind").await?;
+        producer.send("behind", record(0)).await?;
 
         let consumer_config = ConsumerConfig { window_messages: 10, ..ConsumerConfig::new("behind") }
             .group("slow")
@@ -164,47 +201,20 @@ async fn a_consumer_overtaken_by_retention_goes_on_from_the_log_start() -> anyho
         assert_eq!(first.offset, 0);
 
         // With the window full, retention deletes everything the consumer has not read.
-        const N: u64 = 2000;
-        let mut acks = Vec::new();
-        for i in 1..N {
-            acks.push(producer.enqueue("behind", ProducerRecord::new(format!("{i:0>100}"))).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let log_start = loop {
-            let start = client.admin().describe_topic("behind").await?.partitions[0].log_start_offset;
-            if start > 100 {
-                break start;
-            }
-            assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        produce_range(&producer, "behind", 1..RECORDS).await?;
+        let log_start = log_start_after_retention(&client, "behind").await?;
 
         // Acknowledged, the consumer goes on: from the log start (or later, if retention ran
         // again), in order, to the end.
         first.ack();
-        let mut next = None;
-        let mut last = 0;
-        while last < N - 1 {
-            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-            if m.offset < log_start {
-                // Records of the first delivery, read before retention ran.
-                m.ack();
-                continue;
-            }
-            let want = *next.get_or_insert(m.offset);
-            assert_eq!(m.offset, want, "records out of order after the skip");
-            assert_eq!(std::str::from_utf8(&m.value)?, format!("{:0>100}", m.offset));
-            next = Some(want + 1);
-            last = m.offset;
-            m.ack();
+        let read = read_on_after_skip(&mut consumer, log_start).await?;
+        for (offset, value) in &read {
+            assert_eq!(value, &format!("{offset:0>100}"));
         }
-        assert!(next.is_some_and(|n| n > log_start), "nothing read after the skip");
+        assert!(read.last().is_some_and(|(o, _)| o + 1 > log_start), "nothing read after the skip");
         consumer.commit().await?;
         let offsets = client.admin().group_offsets("slow", "behind").await?;
-        assert_eq!(offsets.first().and_then(|o| o.committed), Some(N), "{offsets:?}");
+        assert_eq!(offsets.first().and_then(|o| o.committed), Some(RECORDS), "{offsets:?}");
         consumer.close().await;
         client.close().await;
         broker.shutdown().await;
@@ -223,15 +233,11 @@ async fn a_consumer_without_group_resumes_after_retention_passed_it() -> anyhow:
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |c| c.retention_check_ms = 100).await?;
-        let config =
-            TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
-        client.admin().create_topic("gap", 1, config).await?;
-        let producer =
-            Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() });
-        producer.send("gap", ProducerRecord::new(format!("{:0>100}", 0))).await?;
+        let producer = small_retention_topic(&client, "gap").await?;
+        producer.send("gap", record(0)).await?;
 
         let proxy = UdpProxy::start(broker.local_addr()).await?;
-        let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no dev CA"))?;
+        let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
         let mut via_proxy = ClientConfig::new(proxy.addr.to_string(), ca);
         via_proxy.idle_timeout = Duration::from_millis(1000);
         let behind = Client::connect(via_proxy).await?;
@@ -243,41 +249,12 @@ async fn a_consumer_without_group_resumes_after_retention_passed_it() -> anyhow:
 
         // The consumer's network goes away while retention deletes what it has not read.
         proxy.set(Mode::DropAll);
-        const N: u64 = 2000;
-        let mut acks = Vec::new();
-        for i in 1..N {
-            acks.push(producer.enqueue("gap", ProducerRecord::new(format!("{i:0>100}"))).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let log_start = loop {
-            let start = client.admin().describe_topic("gap").await?.partitions[0].log_start_offset;
-            if start > 100 {
-                break start;
-            }
-            assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        produce_range(&producer, "gap", 1..RECORDS).await?;
+        let log_start = log_start_after_retention(&client, "gap").await?;
         tokio::time::sleep(Duration::from_millis(1500)).await; // the connection times out
         proxy.set(Mode::Pass);
         first.ack();
-
-        let mut next = None;
-        let mut last = 0;
-        while last < N - 1 {
-            let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-            if m.offset < log_start {
-                m.ack(); // the first delivery, read before the cut
-                continue;
-            }
-            let want = *next.get_or_insert(m.offset);
-            assert_eq!(m.offset, want, "records out of order after the skip");
-            next = Some(want + 1);
-            last = m.offset;
-            m.ack();
-        }
+        read_on_after_skip(&mut consumer, log_start).await?;
         consumer.close().await;
         behind.close().await;
         client.close().await;

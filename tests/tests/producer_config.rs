@@ -3,20 +3,11 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{
-    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, StartPosition, TopicConfig,
+    Acks, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
+    TopicConfig,
 };
-use quiver_tests::{bounded, init_tracing};
-
-async fn embedded() -> anyhow::Result<(Broker, Client, tempfile::TempDir)> {
-    let dir = tempfile::tempdir()?;
-    let broker = Broker::start(BrokerConfig::new(dir.path()).listen("127.0.0.1:0".parse()?)).await?;
-    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
-    let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
-    Ok((broker, client, dir))
-}
+use quiver_tests::{bounded, embedded, init_tracing};
 
 /// `Duration::MAX` is how a user says "no limit"; it used to overflow `Instant` arithmetic in
 /// the sender task, which panicked and left every record's future pending.
@@ -24,7 +15,8 @@ async fn embedded() -> anyhow::Result<(Broker, Client, tempfile::TempDir)> {
 async fn unlimited_linger_and_delivery_timeout_work() -> anyhow::Result<()> {
     init_tracing();
     bounded(30, async {
-        let (broker, client, _dir) = embedded().await?;
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("unlimited", 1, TopicConfig::default()).await?;
         let config = ProducerConfig {
             linger: Duration::MAX,
@@ -53,7 +45,8 @@ async fn unlimited_linger_and_delivery_timeout_work() -> anyhow::Result<()> {
 async fn fire_and_forget_with_default_settings_delivers_everything() -> anyhow::Result<()> {
     init_tracing();
     bounded(30, async {
-        let (broker, client, _dir) = embedded().await?;
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("ff", 1, TopicConfig::default()).await?;
         let config = ProducerConfig { acks: Acks::None, max_batch_bytes: 4096, ..ProducerConfig::default() };
         let producer = Producer::new(client.clone(), config);
@@ -90,7 +83,8 @@ async fn fire_and_forget_with_default_settings_delivers_everything() -> anyhow::
 async fn closing_the_client_fails_pending_records_at_once() -> anyhow::Result<()> {
     init_tracing();
     bounded(20, async {
-        let (broker, client, _dir) = embedded().await?;
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("closing", 1, TopicConfig::default()).await?;
         let config = ProducerConfig { linger: Duration::from_millis(200), ..ProducerConfig::default() };
         let producer = Producer::new(client.clone(), config);
@@ -122,7 +116,8 @@ async fn an_acknowledged_message_redelivered_before_its_ack_arrived_is_not_hande
 ) -> anyhow::Result<()> {
     init_tracing();
     bounded(30, async {
-        let (broker, client, _dir) = embedded().await?;
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("late-acks", 1, TopicConfig::default()).await?;
         let producer = Producer::new(client.clone(), ProducerConfig::default());
         for i in 0..100 {

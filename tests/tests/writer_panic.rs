@@ -11,10 +11,8 @@ use std::time::Duration;
 
 use quiver_broker::storage::{FsStorage, Storage, StorageFile};
 use quiver_broker::{Broker, BrokerConfig};
-use quiver_client::{
-    Client, ClientConfig, Durability, Producer, ProducerConfig, ProducerRecord, TopicConfig,
-};
-use quiver_tests::{bounded, init_tracing};
+use quiver_client::{Durability, Producer, ProducerConfig, ProducerRecord, TopicConfig};
+use quiver_tests::{bounded, client_of, init_tracing, LOOPBACK_ANY_PORT};
 
 const MARK: &[u8] = b"panic-in-append";
 
@@ -69,10 +67,9 @@ impl Storage for PanickyStorage {
 
 async fn a_panicking_commit_fails_its_partition_only() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
-    let config = BrokerConfig::new(data.path()).listen("127.0.0.1:0".parse()?);
+    let config = BrokerConfig::new(data.path()).listen(LOOPBACK_ANY_PORT);
     let broker = Broker::start_with_storage(config, Arc::new(PanickyStorage(FsStorage::new()))).await?;
-    let ca = broker.ca_path().cloned().ok_or_else(|| anyhow::anyhow!("no development CA"))?;
-    let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
+    let client = client_of(&broker).await?;
     // Interval: small groups run in place where the runtime allows it.
     let topic = TopicConfig { durability: Durability::Interval, ..TopicConfig::default() };
     client.admin().create_topic("bug", 1, topic.clone()).await?;

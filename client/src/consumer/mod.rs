@@ -599,25 +599,8 @@ impl PartitionConsumer {
                         && e.code() == Some(ErrorCode::OffsetOutOfRange)
                         && matches!(start, StartPosition::Offset(_)) =>
                 {
-                    // Resuming where the acknowledgements stand failed: retention deleted that
-                    // offset while the connection was down (or a broker that lost unsynced
-                    // records has not reached it). Go on from the nearest end, as a Kafka
-                    // consumer resets; what lies below counts as settled.
-                    let floor = self.acks.floor();
-                    match Admin::new(self.client.clone()).describe_topic(&self.topic).await {
-                        Ok(info) => {
-                            if let Some(p) = info.partitions.iter().find(|p| p.partition == self.partition) {
-                                let next =
-                                    floor.clamp(p.log_start_offset, p.high_watermark.max(p.log_start_offset));
-                                if next > floor {
-                                    let gone = floor..next;
-                                    self.acks.inner.lock().settle(vec![gone]);
-                                }
-                                tracing::warn!(topic = %self.topic, partition = self.partition, "cannot resume at offset {floor} ({e}); going on from {next}");
-                                start = StartPosition::Offset(next);
-                            }
-                        }
-                        Err(d) => tracing::debug!("describing {} to resume failed: {d}", self.topic),
+                    if let Some(next) = self.resume_within_log(&e).await {
+                        start = StartPosition::Offset(next);
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -648,6 +631,29 @@ impl PartitionConsumer {
                 }
             }
         }
+    }
+
+    /// Where to resume after the broker refused the ack floor as out of range: retention deleted
+    /// it while the connection was down (or a broker that lost unsynced records has not reached
+    /// it). The nearest end of the partition, as a Kafka consumer resets; what lies below
+    /// counts as settled. `None` when the partition's range could not be read.
+    async fn resume_within_log(&self, refused: &ClientError) -> Option<u64> {
+        let floor = self.acks.floor();
+        let info = match Admin::new(self.client.clone()).describe_topic(&self.topic).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!("describing {} to resume failed: {e}", self.topic);
+                return None;
+            }
+        };
+        let p = info.partitions.iter().find(|p| p.partition == self.partition)?;
+        let next = floor.clamp(p.log_start_offset, p.high_watermark.max(p.log_start_offset));
+        if next > floor {
+            let gone = floor..next;
+            self.acks.inner.lock().settle(vec![gone]);
+        }
+        tracing::warn!(topic = %self.topic, partition = self.partition, "cannot resume at offset {floor} ({refused}); going on from {next}");
+        Some(next)
     }
 
     /// One subscription stream until it fails. `Ok` means the application dropped the consumer.
