@@ -32,6 +32,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Deletes a file. Handles already open stay readable (as with unlinked files on Unix).
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Atomically renames a file, replacing `to` if it exists. Like creation, the new name is
+    /// durable only after [`sync_dir`](Storage::sync_dir) of its directory; a crash before that
+    /// may leave the old names (the temp-file, fsync, rename, fsync-directory pattern).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the creation and deletion of entries in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
@@ -130,6 +134,10 @@ impl Storage for FsStorage {
         std::fs::remove_file(path)
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
@@ -165,8 +173,9 @@ impl StorageFile for FsFile {
 
 /// In-memory storage that models what survives a power loss.
 ///
-/// Each file keeps its bytes and how many of them a `sync` made durable; a new file's name is
-/// durable only after `sync_dir` of its directory. [`crash`](MemStorage::crash) keeps exactly
+/// Each file keeps its bytes and how many of them a `sync` made durable; a directory's entries
+/// (new names, renames) are durable only after `sync_dir` of that directory, until when a
+/// crash brings back the entries of its last sync. [`crash`](MemStorage::crash) keeps exactly
 /// the durable state. Simplifications, chosen because the log never relies on the opposite:
 /// directories, truncations and removals are durable at once.
 ///
@@ -180,14 +189,11 @@ pub struct MemStorage {
 #[derive(Debug, Default)]
 struct MemState {
     dirs: BTreeSet<PathBuf>,
-    files: BTreeMap<PathBuf, MemEntry>,
-}
-
-#[derive(Debug)]
-struct MemEntry {
-    file: Arc<MemFile>,
-    /// The directory entry survives a crash (its directory was synced after creation).
-    durable_name: bool,
+    /// The directory entries as the running system sees them.
+    files: BTreeMap<PathBuf, Arc<MemFile>>,
+    /// The directory entries a crash keeps: as of each directory's last `sync_dir` (removals
+    /// apply at once).
+    durable: BTreeMap<PathBuf, Arc<MemFile>>,
 }
 
 #[derive(Debug, Default)]
@@ -217,21 +223,35 @@ impl MemStorage {
     /// `keep_unsynced` of its unsynced bytes, a torn tail.
     pub fn crash_torn(&self, keep_unsynced: usize) {
         let mut state = self.state.lock();
-        state.files.retain(|_, entry| entry.durable_name);
-        for entry in state.files.values_mut() {
-            let old = entry.file.data.lock().clone();
-            let keep = old.synced + keep_unsynced.min(old.bytes.len().saturating_sub(old.synced));
-            let bytes = old.bytes[..keep.min(old.bytes.len())].to_vec();
-            let synced = bytes.len();
-            entry.file = Arc::new(MemFile { data: Mutex::new(MemData { bytes, synced }) });
+        let durable = std::mem::take(&mut state.durable);
+        // One file under two durable names (a rename over a synced directory) stays one file.
+        let mut fresh: Vec<(*const MemFile, Arc<MemFile>)> = Vec::new();
+        let mut files = BTreeMap::new();
+        for (path, file) in durable {
+            let key = Arc::as_ptr(&file);
+            let new = match fresh.iter().find(|(k, _)| *k == key) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let old = file.data.lock().clone();
+                    let keep = old.synced + keep_unsynced.min(old.bytes.len().saturating_sub(old.synced));
+                    let bytes = old.bytes[..keep.min(old.bytes.len())].to_vec();
+                    let synced = bytes.len();
+                    let f = Arc::new(MemFile { data: Mutex::new(MemData { bytes, synced }) });
+                    fresh.push((key, f.clone()));
+                    f
+                }
+            };
+            files.insert(path, new);
         }
+        state.durable = files.clone();
+        state.files = files;
     }
 
     /// All bytes of a file, synced or not; `None` if it does not exist. For tests.
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         let state = self.state.lock();
-        let entry = state.files.get(path)?;
-        let bytes = entry.file.data.lock().bytes.clone();
+        let file = state.files.get(path)?;
+        let bytes = file.data.lock().bytes.clone();
         Some(bytes)
     }
 
@@ -242,7 +262,8 @@ impl MemStorage {
         check_parent(&state, path)?;
         let data = MemData { bytes: bytes.to_vec(), synced: bytes.len() };
         let file = Arc::new(MemFile { data: Mutex::new(data) });
-        state.files.insert(path.to_path_buf(), MemEntry { file, durable_name: true });
+        state.files.insert(path.to_path_buf(), file.clone());
+        state.durable.insert(path.to_path_buf(), file);
         Ok(())
     }
 }
@@ -279,19 +300,35 @@ impl Storage for MemStorage {
 
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         let mut state = self.state.lock();
-        if let Some(entry) = state.files.get(path) {
-            return Ok(entry.file.clone());
+        if let Some(file) = state.files.get(path) {
+            return Ok(file.clone());
         }
         check_parent(&state, path)?;
         let file = Arc::new(MemFile::default());
-        state.files.insert(path.to_path_buf(), MemEntry { file: file.clone(), durable_name: false });
+        state.files.insert(path.to_path_buf(), file.clone());
         Ok(file)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
-        match self.state.lock().files.remove(path) {
-            Some(_) => Ok(()),
+        let mut state = self.state.lock();
+        match state.files.remove(path) {
+            Some(_) => {
+                state.durable.remove(path);
+                Ok(())
+            }
             None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no file {}", path.display()))),
+        }
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state.lock();
+        check_parent(&state, to)?;
+        match state.files.remove(from) {
+            Some(file) => {
+                state.files.insert(to.to_path_buf(), file);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::NotFound, format!("no file {}", from.display()))),
         }
     }
 
@@ -300,9 +337,11 @@ impl Storage for MemStorage {
         if !state.dirs.contains(dir) {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory {}", dir.display())));
         }
-        for (path, entry) in state.files.iter_mut() {
+        let MemState { files, durable, .. } = &mut *state;
+        durable.retain(|path, _| path.parent() != Some(dir) || files.contains_key(path));
+        for (path, file) in files.iter() {
             if path.parent() == Some(dir) {
-                entry.durable_name = true;
+                durable.insert(path.clone(), file.clone());
             }
         }
         Ok(())
@@ -427,6 +466,37 @@ mod tests {
         assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
         storage.crash_torn(100);
         assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn rename_is_durable_only_after_sync_dir() -> io::Result<()> {
+        let storage = MemStorage::new();
+        let dir = Path::new("/d");
+        storage.create_dir_all(dir)?;
+        let (old, tmp, dst) = (dir.join("f"), dir.join("f.tmp"), dir.join("f"));
+        let f = storage.open(&old)?;
+        f.append(b"old")?;
+        f.sync()?;
+        storage.sync_dir(dir)?;
+        let t = storage.open(&tmp)?;
+        t.append(b"new")?;
+        t.sync()?;
+        storage.rename(&tmp, &dst)?;
+        assert_eq!(storage.contents(&dst).as_deref(), Some(&b"new"[..]));
+        assert_eq!(storage.contents(&tmp), None);
+        storage.crash();
+        // The rename was never made durable: the old name and contents come back.
+        assert_eq!(storage.contents(&dst).as_deref(), Some(&b"old"[..]));
+        assert_eq!(storage.contents(&tmp), None);
+        let t = storage.open(&tmp)?;
+        t.append(b"new")?;
+        t.sync()?;
+        storage.rename(&tmp, &dst)?;
+        storage.sync_dir(dir)?;
+        storage.crash();
+        assert_eq!(storage.contents(&dst).as_deref(), Some(&b"new"[..]));
+        assert_eq!(storage.contents(&tmp), None);
         Ok(())
     }
 

@@ -60,6 +60,9 @@ impl Storage for PanickyStorage {
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.0.remove(path)
     }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.0.rename(from, to)
+    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.0.sync_dir(dir)
     }
