@@ -12,6 +12,7 @@
 //! ```
 
 pub mod config;
+pub mod data_dir;
 pub mod groups;
 pub mod log;
 mod maintenance;

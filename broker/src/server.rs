@@ -65,6 +65,8 @@ impl Broker {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        // Before anything in the directory is read or written; held until the broker stopped.
+        let dir_lock = crate::data_dir::DataDirLock::acquire(&config.data_dir)?;
         let tls_files = crate::tls::ensure_certificates(&config)?;
         let server_config = crate::tls::server_config(&tls_files, &config)?;
         let shutdown = CancellationToken::new();
@@ -114,7 +116,7 @@ impl Broker {
             }
             _ => None,
         };
-        let tasks = tokio::spawn(run(state.clone(), endpoint.clone()));
+        let tasks = tokio::spawn(run(state.clone(), endpoint.clone(), dir_lock));
         Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, metrics_addr, tasks })
     }
 
@@ -158,7 +160,7 @@ impl Broker {
     }
 }
 
-async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
+async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate::data_dir::DataDirLock) {
     let mut conns = JoinSet::new();
     let mut background = JoinSet::new();
     crate::maintenance::spawn_all(&state, &mut background);
@@ -187,6 +189,8 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint) {
     while background.join_next().await.is_some() {}
     crate::maintenance::final_flush(&state).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // Every file write is done: another broker may have the directory now.
+    drop(dir_lock);
     tracing::info!("broker stopped");
 }
 
