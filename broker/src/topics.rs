@@ -41,6 +41,8 @@ struct TopicFile {
 #[derive(Debug)]
 pub struct Topics {
     root: PathBuf,
+    /// Where deleted topics go (renamed, atomically) before their files are removed.
+    trash: PathBuf,
     storage: Arc<dyn Storage>,
     map: DashMap<String, Arc<Topic>>,
     /// Serialises create and delete so two creates of one name cannot both succeed.
@@ -62,23 +64,31 @@ impl Topics {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let topics = Topics {
             root: root.clone(),
+            trash: data_dir.join(TRASH_DIR),
             storage,
             map: DashMap::new(),
             admin: Default::default(),
             shutdown,
             tail_cache_bytes,
         };
-        for entry in std::fs::read_dir(&root)? {
+        // Deletes interrupted by a crash finish here. Trash names never collide with topic
+        // names: they live in their own directory.
+        let trash = data_dir.join(TRASH_DIR);
+        std::fs::create_dir_all(&trash).with_context(|| format!("creating {}", trash.display()))?;
+        empty_trash(&trash);
+        for entry in std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
             let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".deleting") {
-                tracing::info!(%name, "finishing an interrupted topic delete");
-                std::fs::remove_dir_all(entry.path())?;
-                continue;
-            }
+            let dir_name = entry.file_name().to_string_lossy().into_owned();
             let meta = entry.path().join("topic.json");
             let text = match std::fs::read_to_string(&meta) {
                 Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && entry.path().is_dir() => {
+                    // topic.json is written last: this is a create that a crash interrupted,
+                    // which never acknowledged anything.
+                    tracing::warn!(dir = %entry.path().display(), "removing an interrupted topic create (no topic.json)");
+                    discard(&entry.path(), &trash)?;
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(dir = %entry.path().display(), "skipping a directory without a readable topic.json: {e}");
                     continue;
@@ -86,6 +96,16 @@ impl Topics {
             };
             let file: TopicFile =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", meta.display()))?;
+            if file.name != dir_name {
+                if dir_name == format!("{}.deleting", file.name) {
+                    // Versions before 0.2 renamed a deleted topic to `<name>.deleting` in place.
+                    tracing::info!(dir = %dir_name, "finishing an interrupted topic delete (old layout)");
+                    discard(&entry.path(), &trash)?;
+                } else {
+                    tracing::warn!(dir = %entry.path().display(), topic = %file.name, "skipping a topic directory whose topic.json names another topic");
+                }
+                continue;
+            }
             let topic = open_topic(
                 &topics.storage,
                 &root,
@@ -127,7 +147,7 @@ impl Topics {
         let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, m);
         validate_topic_name(name).map_err(invalid)?;
         validate_partition_count(partitions).map_err(invalid)?;
-        validate_config(&config).map_err(invalid)?;
+        config.validate().map_err(invalid)?;
         let _guard = self.admin.lock().await;
         if self.map.contains_key(name) {
             return Err(PartitionError::new(
@@ -145,15 +165,35 @@ impl Topics {
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
         let tail_cache_bytes = self.tail_cache_bytes;
         let owned = name.to_string();
+        let trash = self.trash.clone();
         let topic = tokio::task::spawn_blocking(move || -> Result<Arc<Topic>, PartitionError> {
-            let storage_err = |e: std::io::Error| PartitionError::new(ErrorCode::StorageError, e.to_string());
+            let storage_err = |what: &str, e: std::io::Error| {
+                PartitionError::new(ErrorCode::StorageError, format!("creating topic '{owned}': {what}: {e}"))
+            };
             let dir = root.join(&owned);
-            std::fs::create_dir_all(&dir).map_err(storage_err)?;
-            let topic = open_topic(&storage, &root, &shutdown, tail_cache_bytes, &owned, partitions, config)?;
-            // The partition directories' entries must be durable before topic.json exists.
-            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(storage_err)?;
-            write_topic_file(&dir, &file).map_err(storage_err)?;
-            Ok(topic)
+            if dir.exists() {
+                // Not in the map, so not a topic: what a failed create left (load removes
+                // these too). Nothing in it was ever acknowledged.
+                discard(&dir, &trash).map_err(|e| storage_err("removing a leftover directory", e))?;
+            }
+            let created = (|| {
+                std::fs::create_dir(&dir).map_err(|e| storage_err("create directory", e))?;
+                let topic =
+                    open_topic(&storage, &root, &shutdown, tail_cache_bytes, &owned, partitions, config)?;
+                // The partition directories' entries must be durable before topic.json exists.
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| storage_err("sync directory", e))?;
+                write_topic_file(&dir, &file).map_err(|e| storage_err("write topic.json", e))?;
+                Ok(topic)
+            })();
+            if created.is_err() {
+                // Nothing of a failed create stays behind (its files close as `topic` drops).
+                if let Err(e) = discard(&dir, &trash) {
+                    tracing::warn!(dir = %dir.display(), "could not remove what a failed create left: {e}");
+                }
+            }
+            created
         })
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))??;
@@ -162,25 +202,58 @@ impl Topics {
         Ok(topic)
     }
 
-    /// Deletes a topic: rename its directory (atomic), forget it, remove the files.
+    /// Deletes a topic: rename its directory into the trash (atomic, durable once both
+    /// directories are synced), forget it, remove the files.
     pub async fn delete(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
         let _guard = self.admin.lock().await;
         let topic = self.get(name)?;
         let dir = self.root.join(name);
-        let doomed = self.root.join(format!("{name}.deleting"));
-        let storage_err = |e: std::io::Error| PartitionError::new(ErrorCode::StorageError, e.to_string());
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::rename(&dir, &doomed)?;
-            std::fs::File::open(&root)?.sync_all()?;
-            std::fs::remove_dir_all(&doomed)
-        })
-        .await
-        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(storage_err)?;
+        let trash = self.trash.clone();
+        tokio::task::spawn_blocking(move || discard(&dir, &trash))
+            .await
+            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| {
+                PartitionError::new(ErrorCode::StorageError, format!("deleting topic '{name}': {e}"))
+            })?;
         self.map.remove(name);
         tracing::info!(topic = name, "deleted topic");
         Ok(topic)
+    }
+}
+
+/// Directory (beside `topics/`) that deleted topics are renamed into before removal.
+const TRASH_DIR: &str = "trash";
+
+/// Removes `dir` for good: a rename into `trash` under a fresh name (so a crash leaves either
+/// the whole directory or none of it under `topics/`), both directories synced, then the
+/// files. Blocking.
+fn discard(dir: &Path, trash: &Path) -> std::io::Result<()> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let doomed = trash.join(format!("{nanos}-{}-{seq}", std::process::id()));
+    std::fs::create_dir_all(trash)?;
+    std::fs::rename(dir, &doomed)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    std::fs::File::open(trash)?.sync_all()?;
+    std::fs::remove_dir_all(&doomed)
+}
+
+/// Removes whatever a crash left in the trash. Failures are logged: the next start retries.
+fn empty_trash(trash: &Path) {
+    let Ok(entries) = std::fs::read_dir(trash) else { return };
+    for entry in entries.flatten() {
+        tracing::info!(dir = %entry.path().display(), "finishing an interrupted topic delete");
+        let removed = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(entry.path()),
+            _ => std::fs::remove_file(entry.path()),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(dir = %entry.path().display(), "could not empty the trash: {e}");
+        }
     }
 }
 
@@ -210,16 +283,6 @@ fn open_topic(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Arc::new(Topic { name, config, partitions: parts }))
-}
-
-fn validate_config(c: &TopicConfig) -> Result<(), String> {
-    if c.segment_bytes < 4096 {
-        return Err("segment_bytes must be at least 4096".into());
-    }
-    if c.segment_bytes > u32::MAX as u64 {
-        return Err("segment_bytes must fit in 32 bits (index positions are u32)".into());
-    }
-    Ok(())
 }
 
 fn write_topic_file(dir: &Path, file: &TopicFile) -> std::io::Result<()> {

@@ -13,6 +13,11 @@ pub const MAX_HEADERS_PER_RECORD: usize = 1024;
 pub const MAX_TOPIC_NAME_BYTES: usize = 249;
 /// Most partitions in one topic.
 pub const MAX_PARTITIONS: u32 = 4096;
+/// Smallest `segment_bytes` a topic may set.
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+/// Largest `segment_bytes` a topic may set: index entries hold u32 positions, and this leaves
+/// room for the one batch that may start just below the limit.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 31;
 /// Longest string field other than a topic or group name (the u16 length prefix's maximum).
 pub const MAX_STRING_BYTES: usize = u16::MAX as usize;
 /// Longest consumer group name.

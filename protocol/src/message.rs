@@ -53,6 +53,24 @@ pub struct TopicConfig {
     pub flush_interval_ms: u32,
 }
 
+impl TopicConfig {
+    /// Checks every setting against its named limit (docs/design.md §2); the broker refuses a
+    /// topic whose config fails this, before anything is created.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::limits::{MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return Err(format!(
+                "segment_bytes must be {MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}, got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms == 0 {
+            return Err("segment_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for TopicConfig {
     fn default() -> Self {
         TopicConfig {

@@ -36,9 +36,8 @@ use segment::{BatchAt, Segment};
 pub use recovery::{RecoveryReport, Truncation};
 pub use segment::TailDefect;
 
-/// Largest `segment_bytes`. Index entries hold u32 positions; this leaves room for the one
-/// batch that may start just below the limit.
-pub const MAX_SEGMENT_BYTES: u64 = 1 << 31;
+/// Largest `segment_bytes` (one limit for topics and the log).
+pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
 
 /// Most bytes one read plan covers, unless its first batch alone is larger. Half of
 /// `MAX_FRAME_BYTES`, so a plan always fits in one `Deliver` or `FetchOk` frame.
