@@ -26,6 +26,8 @@ pub enum ErrorCode {
     StorageError,
     ShuttingDown,
     Internal,
+    /// A batch names a producer id this broker never issued, or an epoch it was not issued with.
+    UnknownProducer,
     Unknown(u16),
 }
 
@@ -53,6 +55,7 @@ impl ErrorCode {
             StorageError => 30,
             ShuttingDown => 31,
             Internal => 32,
+            UnknownProducer => 22,
             Unknown(c) => c,
         }
     }
@@ -80,6 +83,7 @@ impl ErrorCode {
             30 => StorageError,
             31 => ShuttingDown,
             32 => Internal,
+            22 => UnknownProducer,
             c => Unknown(c),
         }
     }

@@ -172,6 +172,34 @@ impl RetentionReport {
     }
 }
 
+/// A file written at every roll, durably and before the new segment exists, as
+/// `<new base>.<ext>` (the partition's idempotent-producer snapshot as of the new segment's
+/// first batch).
+pub struct RollFile<'a> {
+    /// The file's extension.
+    pub ext: &'a str,
+    /// Its contents, asked for only when the log rolls.
+    pub contents: &'a dyn Fn() -> Vec<u8>,
+}
+
+/// Replaces the file at `path` with `bytes`: writes `<path>.tmp`, fsyncs it and renames it over
+/// `path`. The caller fsyncs the directory to make the new name durable.
+pub(crate) fn replace_file(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    // A fresh file: one left by an earlier failed attempt may hold pages a failed fsync dropped.
+    match storage.remove(&tmp) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(LogError::io("remove temp file", &tmp)(err)),
+    }
+    let f = storage.open(&tmp).map_err(LogError::io("create temp file", &tmp))?;
+    f.append(bytes).map_err(LogError::io("write temp file", &tmp))?;
+    f.sync().map_err(LogError::io("sync temp file", &tmp))?;
+    storage.rename(&tmp, path).map_err(LogError::io("rename temp file", path))
+}
+
 /// Makes everything appended before it was taken durable, without the log's lock.
 #[derive(Debug, Clone)]
 pub struct SyncHandle {
@@ -341,6 +369,20 @@ impl PartitionLog {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, LogError> {
+        self.append_with(batch, leader_epoch, now_ms, None)
+    }
+
+    /// As [`append`](Self::append); if the batch rolls the log, `roll_file` is written
+    /// durably as the new segment's side file before the new segment exists. If that write
+    /// fails, the roll fails: nothing is appended, the old segment stays active, and the next
+    /// append tries the roll again. So a segment never has data without its side file.
+    pub fn append_with(
+        &mut self,
+        batch: &mut [u8],
+        leader_epoch: i32,
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
         if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
@@ -354,7 +396,7 @@ impl PartitionLog {
         let header = BatchHeader { base_offset, leader_epoch, ..header };
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
-            self.roll()?;
+            self.roll(roll_file)?;
         }
         let Some(at) = BatchAt::new(self.active.base, self.active.size, header) else {
             // A fresh segment always fits one batch (at most MAX_RECORDS_PER_BATCH offsets).
@@ -464,33 +506,23 @@ impl PartitionLog {
         Ok(report)
     }
 
-    /// Base offset of the active segment (where recovery rebuilds per-producer state from).
-    /// Writes a side file of the active segment (`<base>.<ext>`), replacing an older version,
-    /// and syncs it. A torn write must be detectable by the caller's format (a checksum).
-    pub fn write_side_file(&self, ext: &str, bytes: &[u8]) -> Result<(), LogError> {
-        let path = self.dir.join(segment::file_name(self.active.base, ext));
-        let f = self.storage.open(&path).map_err(LogError::io("open side file", &path))?;
-        f.truncate(0).map_err(LogError::io("truncate side file", &path))?;
-        f.append(bytes).map_err(LogError::io("write side file", &path))?;
-        f.sync().map_err(LogError::io("sync side file", &path))?;
-        // Side files of older segments are superseded.
+    /// Base offsets of the side files `<base>.<ext>` in the partition directory, ascending.
+    pub fn side_file_bases(&self, ext: &str) -> Result<Vec<u64>, LogError> {
         let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
         let suffix = format!(".{ext}");
-        for name in names {
-            let older = name
-                .strip_suffix(&suffix)
-                .and_then(|stem| stem.parse::<u64>().ok())
-                .is_some_and(|base| base < self.active.base);
-            if older {
-                let _ = self.storage.remove(&self.dir.join(&name));
-            }
-        }
-        Ok(())
+        let mut bases: Vec<u64> = names
+            .iter()
+            .filter_map(|name| name.strip_suffix(&suffix))
+            .filter(|stem| stem.len() == 20)
+            .filter_map(|stem| stem.parse::<u64>().ok())
+            .collect();
+        bases.sort_unstable();
+        Ok(bases)
     }
 
-    /// The active segment's side file `<base>.<ext>`, if there is one of at most `max_bytes`.
-    pub fn read_side_file(&self, ext: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LogError> {
-        let name = segment::file_name(self.active.base, ext);
+    /// The side file `<base>.<ext>`, if there is one of at most `max_bytes`.
+    pub fn read_side_file(&self, base: u64, ext: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LogError> {
+        let name = segment::file_name(base, ext);
         let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
         if !names.contains(&name) {
             return Ok(None);
@@ -507,11 +539,37 @@ impl PartitionLog {
         Ok(Some(buf))
     }
 
+    /// Writes the side file `<base>.<ext>` with the one protocol for files written whole:
+    /// `<name>.tmp`, fsync, rename over the old version, fsync the directory. A crash at any
+    /// point leaves either the old version or the new one, never a mix (a leftover `.tmp` is
+    /// removed when the partition is opened).
+    fn write_side_file(&self, base: u64, ext: &str, bytes: &[u8]) -> Result<(), LogError> {
+        let path = self.dir.join(segment::file_name(base, ext));
+        replace_file(&*self.storage, &path, bytes)?;
+        self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))
+    }
+
+    /// Removes side files `<base>.<ext>` with a base below `below` (best effort: a leftover
+    /// one is only disk space, and the next roll tries again).
+    fn remove_side_files_below(&self, ext: &str, below: u64) {
+        let bases = match self.side_file_bases(ext) {
+            Ok(bases) => bases,
+            Err(err) => return tracing::warn!(%err, "could not list old side files"),
+        };
+        for base in bases.into_iter().filter(|&b| b < below) {
+            let path = self.dir.join(segment::file_name(base, ext));
+            if let Err(err) = self.storage.remove(&path) {
+                tracing::warn!(path = %path.display(), %err, "could not remove an old side file");
+            }
+        }
+    }
+
     /// Whether a write or sync failed (here or on a sync thread); appends are refused.
     fn is_poisoned(&self) -> bool {
         self.poisoned || self.sync_failed.failed()
     }
 
+    /// Base offset of the active segment.
     pub fn active_base_offset(&self) -> u64 {
         self.active.base
     }
@@ -564,7 +622,7 @@ impl PartitionLog {
 
     /// Seals the active segment and starts a new one at the next offset (design.md §6: the
     /// old segment and the directory are synced before anything goes into the new one).
-    fn roll(&mut self) -> Result<(), LogError> {
+    fn roll(&mut self, roll_file: Option<&RollFile<'_>>) -> Result<(), LogError> {
         {
             // No periodic sync runs meanwhile (a roll waits for one in progress), and a failed
             // one stops the roll.
@@ -581,11 +639,18 @@ impl PartitionLog {
             }
         }
         // A failure from here on leaves the old segment active and intact; the next append
-        // retries the roll (sealing again is harmless).
+        // retries the roll (sealing again is harmless, and so is rewriting the side file).
+        if let Some(file) = roll_file {
+            self.write_side_file(self.next_offset(), file.ext, &(file.contents)())?;
+        }
         let new = Segment::create(&*self.storage, &self.dir, self.next_offset())?;
         self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
         let old = std::mem::replace(&mut self.active, new);
         tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");
+        if let Some(file) = roll_file {
+            // The previous segment's side file stays, a fallback should the new one be damaged.
+            self.remove_side_files_below(file.ext, old.base);
+        }
         self.closed.push(old);
         Ok(())
     }

@@ -93,6 +93,9 @@ enum FileKind {
     /// Idempotent-producer state as of the segment's start (`<base>.producers`), kept by the
     /// partition, not the log.
     Producers,
+    /// A file being replaced (`<base>.<ext>.tmp`) when the broker stopped: never renamed, so
+    /// never part of the partition.
+    Temp,
 }
 
 /// Parses `<20 digits>.log|index|timeindex`.
@@ -102,6 +105,9 @@ fn parse_name(name: &str) -> Option<(u64, FileKind)> {
         return None;
     }
     let base = stem.parse().ok()?;
+    if ext.strip_suffix(".tmp").is_some_and(|ext| parse_name(&format!("{stem}.{ext}")).is_some()) {
+        return Some((base, FileKind::Temp));
+    }
     match ext {
         "log" => Some((base, FileKind::Log)),
         "index" | "timeindex" => Some((base, FileKind::Index)),
@@ -127,6 +133,12 @@ fn find_segments(
             }
             Some((base, FileKind::Index)) => indexes.push((base, name)),
             Some((_, FileKind::Producers)) => {}
+            Some((_, FileKind::Temp)) => {
+                if let Err(err) = storage.remove(&dir.join(&name)) {
+                    tracing::warn!(dir = %dir.display(), file = %name, %err, "could not remove a temp file");
+                }
+                report.removed_files.push(name);
+            }
             None => {
                 tracing::warn!(dir = %dir.display(), file = %name, "skipping a file that is not part of a segment");
                 report.skipped_files.push(name);
@@ -304,7 +316,8 @@ mod tests {
         assert_eq!(parse_name("00000000000000000042.timeindex"), Some((42, FileKind::Index)));
         assert_eq!(parse_name("42.log"), None);
         assert_eq!(parse_name("0000000000000000004x.log"), None);
-        assert_eq!(parse_name("00000000000000000042.log.tmp"), None);
+        assert_eq!(parse_name("00000000000000000042.producers.tmp"), Some((42, FileKind::Temp)));
+        assert_eq!(parse_name("00000000000000000042.other.tmp"), None);
         assert_eq!(parse_name("99999999999999999999.log"), None); // over u64::MAX
         assert_eq!(parse_name("+0000000000000000042.log"), None);
     }
