@@ -28,6 +28,9 @@ pub enum ErrorCode {
     Internal,
     /// A batch names a producer id this broker never issued, or an epoch it was not issued with.
     UnknownProducer,
+    /// Stored data failed its checksum: the broker's copy of these offsets is damaged and is
+    /// not served (the error names the segment file and position).
+    CorruptLog,
     Unknown(u16),
 }
 
@@ -56,6 +59,7 @@ impl ErrorCode {
             ShuttingDown => 31,
             Internal => 32,
             UnknownProducer => 22,
+            CorruptLog => 33,
             Unknown(c) => c,
         }
     }
@@ -84,6 +88,7 @@ impl ErrorCode {
             31 => ShuttingDown,
             32 => Internal,
             22 => UnknownProducer,
+            33 => CorruptLog,
             c => Unknown(c),
         }
     }

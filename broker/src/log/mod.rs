@@ -21,6 +21,7 @@ mod recovery;
 mod segment;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,8 +34,9 @@ use quiver_protocol::limits::MAX_BATCH_BYTES;
 use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
-pub use recovery::{RecoveryReport, Truncation};
+pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
+pub use verify::VerifyTarget;
 
 /// Largest `segment_bytes`. Index entries hold u32 positions; this leaves room for the one
 /// batch that may start just below the limit.
@@ -262,6 +264,8 @@ impl SyncHandle {
 #[derive(Debug, Clone)]
 pub struct ReadPlan {
     file: Option<Arc<dyn StorageFile>>,
+    /// The segment file, for errors.
+    path: Arc<Path>,
     position: u64,
     len: usize,
     first_offset: u64,
@@ -271,33 +275,50 @@ impl ReadPlan {
     /// Reads the span in one read and returns the whole batches in it (at least one), or
     /// nothing for an empty plan. Batch ends are found in the bytes read, not by reading each
     /// header from the file first: with `direct_writes` every file read is a device round trip.
-    pub fn execute(&self) -> io::Result<Bytes> {
+    /// Every batch's CRC is checked before it is handed out: bytes that do not match are never
+    /// served.
+    pub fn execute(&self) -> Result<Bytes, LogError> {
         self.execute_below(u64::MAX)
     }
 
     /// As [`execute`](ReadPlan::execute), keeping only the batches that start below offset
-    /// `limit` (a high watermark, which lags the log's end while an fsync runs).
-    pub fn execute_below(&self, limit: u64) -> io::Result<Bytes> {
+    /// `limit` (a high watermark, which lags the log's end while an fsync runs). A damaged batch
+    /// ends the span before it; if it is the first, the read fails with [`LogError::Corrupt`],
+    /// logged and counted in `quiver_corrupt_batches_total`.
+    pub fn execute_below(&self, limit: u64) -> Result<Bytes, LogError> {
         let Some(file) = &self.file else { return Ok(Bytes::new()) };
         // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
-        let bytes = file.read_bytes(self.position, self.len)?;
+        let bytes = file.read_bytes(self.position, self.len).map_err(LogError::io("read", &self.path))?;
         let mut end = 0;
         while bytes.len() - end >= BATCH_HEADER_BYTES {
-            let header = BatchHeader::parse(&bytes[end..]).map_err(|e| {
-                let at = self.position + end as u64;
-                io::Error::new(io::ErrorKind::InvalidData, format!("damaged batch at byte {at}: {e}"))
-            })?;
+            let header = match BatchHeader::parse(&bytes[end..]) {
+                Ok(header) => header,
+                Err(_) if end > 0 => break, // served up to it; the next read reports it
+                Err(e) => return Err(self.damaged(end, e.to_string())),
+            };
             if header.base_offset >= limit || header.total_len() > bytes.len() - end {
                 break; // past the limit, or the span ends inside this batch
             }
-            end += header.total_len();
+            let batch_end = end + header.total_len();
+            match batch::verify_crc(&bytes[end..batch_end], &header) {
+                Ok(()) => end = batch_end,
+                Err(_) if end > 0 => break,
+                Err(e) => return Err(self.damaged(end, e.to_string())),
+            }
         }
         if end == 0 && self.first_offset < limit {
             // The plan covers its first batch whole, so the file changed under it.
-            let at = self.position;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("no whole batch at byte {at}")));
+            return Err(self.damaged(0, "no whole batch".to_string()));
         }
         Ok(bytes.slice(..end))
+    }
+
+    /// A [`LogError::Corrupt`] for the batch at `at` bytes into the span, logged and counted.
+    fn damaged(&self, at: usize, reason: String) -> LogError {
+        let position = self.position + at as u64;
+        metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
+        tracing::error!(segment = %self.path.display(), position, %reason, "refusing to serve a damaged batch");
+        LogError::Corrupt { path: self.path.to_path_buf(), position, reason }
     }
 
     /// Bytes the plan reads: whole batches and possibly the start of one more.
@@ -442,20 +463,41 @@ impl PartitionLog {
             return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
         }
         if offset == next {
-            return Ok(ReadPlan { file: None, position: 0, len: 0, first_offset: next });
+            let path = Arc::from(self.active.log_path.as_path());
+            return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next });
         }
         let seg = self.segment_for(offset);
+        if let Some(range) = seg.damage_at(offset) {
+            metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
+            let reason = format!("offsets {}..{} are damaged (found at start)", range.start, range.end);
+            return Err(seg.corrupt(0, reason));
+        }
         let (start, first) = seg.find_batch(offset)?;
+        if first.base_offset > offset {
+            // Only a damaged span can make the walk skip past the offset asked for.
+            return Err(seg.corrupt(start, format!("no batch holds offset {offset}")));
+        }
         // The first batch whole, then up to the budget; `execute` drops a batch cut short.
         let budget = max_bytes.min(MAX_READ_BYTES).max(first.total_len()) as u64;
         let end = start.saturating_add(budget).min(seg.size);
         Ok(ReadPlan {
             file: Some(seg.log.clone()),
+            path: Arc::from(seg.log_path.as_path()),
             position: start,
             // At most MAX_READ_BYTES or one batch, so it fits in usize.
             len: usize::try_from(end - start).unwrap_or(usize::MAX),
             first_offset: first.base_offset,
         })
+    }
+
+    /// Where reading can go on after a read at `offset` failed with [`LogError::Corrupt`]: the
+    /// end of the damaged span recovery found there, else the next segment.
+    pub fn resume_after_damage(&self, offset: u64) -> u64 {
+        let seg = self.segment_for(offset);
+        match seg.damage_at(offset) {
+            Some(range) => range.end,
+            None => seg.next_offset.max(offset + 1),
+        }
     }
 
     /// The first offset still in the log.

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use super::index::{IndexEntry, IndexFile, OffsetEntry, TimeEntry};
-use super::segment::{Check, Segment, TailDefect};
+use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
 
@@ -27,6 +27,9 @@ pub struct RecoveryReport {
     pub skipped_files: Vec<String>,
     /// Index files without a segment (left by an interrupted deletion), removed.
     pub removed_files: Vec<String>,
+    /// Damaged spans with valid batches after them: corruption, not a torn write. Kept in
+    /// place (reads of them fail with a clear error) and copied to `quarantine/`.
+    pub damaged: Vec<Damage>,
 }
 
 impl RecoveryReport {
@@ -49,6 +52,136 @@ pub struct Truncation {
     pub bytes_dropped: u64,
     /// Why the batch at `position` was not accepted.
     pub reason: TailDefect,
+}
+
+/// A damaged span of a segment followed by valid data (or, in a closed segment, by the next
+/// segment): not a torn write, so never cut (design.md §5.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Where the damage starts: the end of the last good batch before it.
+    pub position: u64,
+    /// Bytes up to the next good batch (or the end of a closed segment).
+    pub len: u64,
+    /// The offsets those bytes held, which reads now refuse.
+    pub offsets: std::ops::Range<u64>,
+    /// What was wrong with the first batch of the span.
+    pub reason: TailDefect,
+}
+
+/// Where a damage-tolerant scan ended: the end of the last good batch, and the defect if
+/// nothing valid follows it; plus the damaged spans it stepped over.
+pub(crate) struct Scan {
+    pub(crate) end: ScanEnd,
+    pub(crate) damage: Vec<Damage>,
+}
+
+/// Walks the batches of a segment file from its start to `len`, calling `on_batch` for each
+/// good one (with `true` for the first after damage); `on_batch` returning false stops the
+/// scan. A defect followed by a valid batch further on is damage: recorded, then stepped over.
+/// A defect with nothing valid after it ends the scan.
+pub(crate) fn scan(
+    walker: &Walker,
+    base: u64,
+    len: u64,
+    mut on_batch: impl FnMut(BatchAt, bool) -> bool,
+) -> Result<Scan, LogError> {
+    let (mut pos, mut offset, mut resumed) = (0, base, false);
+    let mut damage = Vec::new();
+    loop {
+        let mut stopped = false;
+        let end = walker.run(pos, offset, len, |at| {
+            let go_on = on_batch(at, std::mem::take(&mut resumed));
+            stopped = !go_on;
+            go_on
+        })?;
+        let defect = match &end.defect {
+            Some(defect) if !stopped => defect.clone(),
+            _ => return Ok(Scan { end, damage }),
+        };
+        let Some(at) = walker.resync(end.pos, end.next_offset, len)? else {
+            return Ok(Scan { end, damage });
+        };
+        let resume = u64::from(at.pos);
+        damage.push(Damage {
+            path: walker.path().to_path_buf(),
+            position: end.pos,
+            len: resume - end.pos,
+            offsets: end.next_offset..at.header.base_offset,
+            reason: defect,
+        });
+        (pos, offset, resumed) = (resume, at.header.base_offset, true);
+    }
+}
+
+/// Reports damage found in a segment: an error naming the file, position and offsets, the
+/// `quiver_corrupt_batches_total` metric, and a copy of the damaged bytes in `quarantine/`.
+pub(crate) fn report_damage(
+    storage: &dyn Storage,
+    dir: &Path,
+    seg_log: &dyn crate::storage::StorageFile,
+    d: &Damage,
+    found_by: &'static str,
+) {
+    metrics::counter!("quiver_corrupt_batches_total", "found_by" => found_by).increment(1);
+    let copy = quarantine(storage, dir, seg_log, d);
+    tracing::error!(
+        segment = %d.path.display(),
+        position = d.position,
+        bytes = d.len,
+        first_offset = d.offsets.start,
+        end_offset = d.offsets.end,
+        reason = %d.reason,
+        copy = ?copy.as_ref().map(|p| p.display().to_string()),
+        "damaged batches with valid data after them: corruption, not a torn write; kept in place, reads of these offsets fail"
+    );
+}
+
+/// Most bytes of one damaged span copied to `quarantine/`.
+const MAX_QUARANTINE_BYTES: u64 = 64 << 20;
+
+/// Copies a damaged span to `<dir>/quarantine/<segment file>.<position>` (once: an existing
+/// copy is kept). Best effort: the bytes stay in the segment either way.
+fn quarantine(
+    storage: &dyn Storage,
+    dir: &Path,
+    log: &dyn crate::storage::StorageFile,
+    d: &Damage,
+) -> Option<PathBuf> {
+    let qdir = dir.join("quarantine");
+    let name = d.path.file_name()?.to_string_lossy().into_owned();
+    let path = qdir.join(format!("{name}.{}", d.position));
+    let result = (|| -> std::io::Result<()> {
+        storage.create_dir_all(&qdir)?;
+        storage.sync_dir(dir)?;
+        if storage.list(&qdir)?.iter().any(|n| qdir.join(n) == path) {
+            return Ok(());
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = storage.remove(&tmp);
+        let f = storage.open(&tmp)?;
+        let (mut pos, end) = (d.position, d.position + d.len.min(MAX_QUARANTINE_BYTES));
+        let mut buf = vec![0u8; (1 << 20).min((end - pos) as usize)];
+        while pos < end {
+            let n = buf.len().min((end - pos) as usize);
+            log.read_exact_at(pos, &mut buf[..n])?;
+            f.append(&buf[..n])?;
+            pos += n as u64;
+        }
+        f.sync()?;
+        storage.rename(&tmp, &path)?;
+        storage.sync_dir(&qdir)
+    })();
+    match result {
+        Ok(()) => Some(path),
+        Err(err) => {
+            tracing::warn!(path = %path.display(), %err, "could not copy damaged bytes to quarantine");
+            None
+        }
+    }
 }
 
 /// Segments of a recovered partition: the closed ones, oldest first, and the active one.
@@ -182,16 +315,34 @@ fn open_closed(
     tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
     seg.reset();
     let walker = seg.walker(Check::Headers);
-    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    let Scan { end, mut damage } = scan(&walker, base, len, |at, resumed| {
+        seg.track(at, interval, false, resumed);
+        true
+    })?;
     // A closed segment was synced before the next one was created, so damage here is not a
-    // torn write: refuse to guess rather than drop acknowledged data or leave an offset gap.
-    if let Some(defect) = end.defect {
-        return Err(seg.corrupt(end.pos, format!("closed segment: {defect}")));
-    }
-    if end.next_offset != next_base {
+    // torn write: a damaged end is kept in place up to the next segment, never cut.
+    if let Some(reason) = end.defect {
+        if end.next_offset >= next_base {
+            return Err(seg.corrupt(end.pos, format!("closed segment: {reason}")));
+        }
+        damage.push(Damage {
+            path: seg.log_path.clone(),
+            position: end.pos,
+            len: len - end.pos,
+            offsets: end.next_offset..next_base,
+            reason,
+        });
+        seg.size = len;
+        seg.next_offset = next_base;
+    } else if end.next_offset != next_base {
         let reason =
             format!("closed segment ends at offset {}, next segment starts at {next_base}", end.next_offset);
         return Err(seg.corrupt(end.pos, reason));
+    }
+    for d in damage {
+        report_damage(storage, dir, &*seg.log, &d, "recovery");
+        seg.damaged.push(d.offsets.clone());
+        report.damaged.push(d);
     }
     rewrite_indexes(&mut seg, true)?;
     report.rebuilt_indexes.push(base);
@@ -215,6 +366,7 @@ fn trust_indexes(
     let walker = seg.walker(Check::Headers);
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
+        true
     })?;
     if end.defect.is_some() || end.pos != len || end.next_offset != next_base {
         return Ok(false);
@@ -252,7 +404,15 @@ fn open_last(
     let mut seg = Segment::open_files(storage, dir, base)?;
     let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
     let walker = seg.walker(Check::Crc);
-    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    let Scan { end, damage } = scan(&walker, base, len, |at, resumed| {
+        seg.track(at, interval, false, resumed);
+        true
+    })?;
+    for d in damage {
+        report_damage(storage, dir, &*seg.log, &d, "recovery");
+        seg.damaged.push(d.offsets.clone());
+        report.damaged.push(d);
+    }
     if end.defect.is_some() && is_padding(&seg, end.pos, len)? {
         // The zeros after the last block written with O_DIRECT (storage/direct.rs), left by a
         // crash or a clean shutdown alike: not damage.

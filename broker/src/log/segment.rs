@@ -13,6 +13,9 @@ use super::index::{IndexFile, OffsetEntry, TimeEntry};
 use super::LogError;
 use crate::storage::{Storage, StorageFile};
 
+/// Where the magic byte sits in a batch header.
+const MAGIC_AT: usize = 16;
+
 /// Why a scan of a segment stopped before the end of its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TailDefect {
@@ -110,6 +113,9 @@ pub(crate) struct Segment {
     /// it was reopened. Producer timestamps are not used: a skewed client clock would otherwise
     /// roll a segment on every append.
     pub(crate) roll_base_ms: Option<i64>,
+    /// Offset ranges whose bytes recovery found damaged and kept in place (design.md §5.3):
+    /// reads of them fail with [`LogError::Corrupt`].
+    pub(crate) damaged: Vec<std::ops::Range<u64>>,
 }
 
 impl Segment {
@@ -128,6 +134,7 @@ impl Segment {
             next_offset: base,
             max_timestamp: i64::MIN,
             roll_base_ms: None,
+            damaged: Vec::new(),
         })
     }
 
@@ -158,19 +165,20 @@ impl Segment {
         now_ms: i64,
     ) -> Result<(), LogError> {
         self.log.append(bytes).map_err(LogError::io("append", &self.log_path))?;
-        self.track(at, interval, true);
+        self.track(at, interval, true, false);
         self.roll_base_ms.get_or_insert(now_ms);
         Ok(())
     }
 
     /// Accounts for a batch that is in the file at `at.pos`: sizes, offsets, and index entries
-    /// (written to the index files too if `write`).
-    pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool) {
+    /// (written to the index files too if `write`). `after_damage` forces an index entry: the
+    /// first batch after a damaged span must be found without walking through it.
+    pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool, after_damage: bool) {
         let header = &at.header;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         // An entry once `interval` bytes were appended since the last one; the first batch of
         // a segment always. Derived from positions only, so a rebuild gives the same entries.
-        let due = self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
+        let due = after_damage || self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
         if due {
             self.offsets.push(OffsetEntry { rel: at.rel, pos: at.pos }, write);
             if self.times.last().is_none_or(|t| self.max_timestamp > t.max_ts) {
@@ -251,6 +259,12 @@ impl Segment {
         self.size = 0;
         self.next_offset = self.base;
         self.max_timestamp = i64::MIN;
+        self.damaged.clear();
+    }
+
+    /// The damaged range holding `offset`, if recovery found one.
+    pub(crate) fn damage_at(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        self.damaged.iter().find(|r| r.contains(&offset)).cloned()
     }
 
     /// A [`LogError::Corrupt`] for this segment.
@@ -269,14 +283,20 @@ pub(crate) struct Walker {
 }
 
 impl Walker {
+    /// The segment file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Walks the batches from `pos` (a batch boundary holding `offset`) to `end`, calling
-    /// `on_batch` for each good one, and stops at the first defect.
+    /// `on_batch` for each good one, and stops at the first defect, or early (with no defect)
+    /// when `on_batch` returns false.
     pub(crate) fn run(
         &self,
         mut pos: u64,
         mut offset: u64,
         end: u64,
-        mut on_batch: impl FnMut(BatchAt),
+        mut on_batch: impl FnMut(BatchAt) -> bool,
     ) -> Result<ScanEnd, LogError> {
         let mut buf = Vec::new();
         while pos < end {
@@ -284,12 +304,81 @@ impl Walker {
                 Ok(at) => {
                     pos += at.header.total_len() as u64;
                     offset = at.header.next_offset();
-                    on_batch(at);
+                    if !on_batch(at) {
+                        break;
+                    }
                 }
                 Err(defect) => return Ok(ScanEnd { pos, next_offset: offset, defect: Some(defect) }),
             }
         }
         Ok(ScanEnd { pos, next_offset: offset, defect: None })
+    }
+
+    /// The first position after `from` (before `end`) holding a whole batch with a valid CRC
+    /// and a base offset from `min_offset` on that the segment can index, with its header:
+    /// where valid data resumes after damage at `from`. The end of the damaged batch as its
+    /// header says is tried first (a flipped bit usually leaves the length intact); then every
+    /// position, in bounded windows.
+    pub(crate) fn resync(&self, from: u64, min_offset: u64, end: u64) -> Result<Option<BatchAt>, LogError> {
+        let mut buf = Vec::new();
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        let hint = match end - from >= BATCH_HEADER_BYTES as u64 {
+            true => {
+                self.log.read_exact_at(from, &mut head).map_err(LogError::io("read", &self.path))?;
+                BatchHeader::parse(&head).ok().map(|h| from + h.total_len() as u64)
+            }
+            false => None,
+        };
+        if let Some(pos) = hint.filter(|&p| p > from && p < end) {
+            if let Some(at) = self.valid_batch_at(pos, min_offset, end, &mut buf)? {
+                return Ok(Some(at));
+            }
+        }
+        const WINDOW: u64 = 64 * 1024;
+        let mut window = Vec::new();
+        let mut start = from + 1;
+        while start + BATCH_HEADER_BYTES as u64 <= end {
+            let len = (WINDOW + BATCH_HEADER_BYTES as u64).min(end - start);
+            window.resize(len as usize, 0);
+            self.log.read_exact_at(start, &mut window).map_err(LogError::io("read", &self.path))?;
+            let candidates = window.len().saturating_sub(BATCH_HEADER_BYTES - 1).min(WINDOW as usize);
+            for i in 0..candidates {
+                // The magic byte first: a cheap filter before a header parse.
+                if window[i + MAGIC_AT] != 2 {
+                    continue;
+                }
+                let pos = start + i as u64;
+                if let Some(at) = self.valid_batch_at(pos, min_offset, end, &mut buf)? {
+                    return Ok(Some(at));
+                }
+            }
+            start += candidates as u64;
+        }
+        Ok(None)
+    }
+
+    /// The batch at `pos` if it is whole, has a valid CRC and a base offset from `min_offset`
+    /// on that the segment can index.
+    fn valid_batch_at(
+        &self,
+        pos: u64,
+        min_offset: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<BatchAt>, LogError> {
+        if end - pos < BATCH_HEADER_BYTES as u64 {
+            return Ok(None);
+        }
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        self.log.read_exact_at(pos, &mut head).map_err(LogError::io("read", &self.path))?;
+        let Ok(header) = BatchHeader::parse(&head) else { return Ok(None) };
+        if header.base_offset < min_offset || header.total_len() as u64 > end - pos {
+            return Ok(None);
+        }
+        let Some(at) = BatchAt::new(self.base, pos, header) else { return Ok(None) };
+        buf.resize(header.total_len(), 0);
+        self.log.read_exact_at(pos, buf).map_err(LogError::io("read", &self.path))?;
+        Ok(batch::verify_crc(buf, &header).is_ok().then_some(at))
     }
 
     /// Checks the batch at `pos`. `Err` is an IO failure, `Ok(Err)` a defect in the bytes.
