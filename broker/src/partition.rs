@@ -249,14 +249,14 @@ impl Partition {
 
     /// CRC-checks the closed segments (design.md §5.3), calling `pace` with each batch's length
     /// (it bounds the rate; false stops). Returns the number of damaged spans found, which are
-    /// logged, counted and quarantined. Blocking; holds the log's lock only to list segments.
+    /// logged, counted and quarantined. Blocking; holds the log's lock only to pick each segment.
     pub fn verify_closed_blocking(&self, mut pace: impl FnMut(u64) -> bool) -> Result<usize, PartitionError> {
-        let targets = self.log.lock().verify_targets()?;
-        let mut found = 0;
-        for target in targets {
+        let (mut found, mut after) = (0, None);
+        loop {
+            let Some(target) = self.log.lock().verify_target(after)? else { return Ok(found) };
+            after = Some(target.base());
             found += target.verify(&mut pace)?.len();
         }
-        Ok(found)
     }
 
     /// Gives the tail cache's memory back when the partition has been idle for `idle`.

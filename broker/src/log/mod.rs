@@ -353,7 +353,16 @@ pub struct PartitionLog {
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
     sync_failed: SyncState,
+    /// Base offsets of the closed segments whose log file is open, least recently used first;
+    /// at most [`OPEN_CLOSED_SEGMENTS`]. (Under the owner's lock already; the mutex is for
+    /// `&self` readers.)
+    open_closed: parking_lot::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// Closed segments per partition whose log file may be open at once (their index files are
+/// never open: lookups use the entries in memory). A partition holds at most 3 (the active
+/// segment's files) + this many descriptors, plus files that in-flight reads still hold.
+pub const OPEN_CLOSED_SEGMENTS: usize = 2;
 
 impl PartitionLog {
     /// Opens the partition in `dir` (creating it if missing) and recovers it (design.md §5.3).
@@ -365,7 +374,7 @@ impl PartitionLog {
         now_ms: i64,
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
-        let recovered = recovery::recover(&*storage, &dir, &config, now_ms)?;
+        let recovered = recovery::recover(&storage, &dir, &config, now_ms)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let log = PartitionLog {
             storage,
@@ -376,6 +385,7 @@ impl PartitionLog {
             size_bytes,
             poisoned: false,
             sync_failed: Default::default(),
+            open_closed: Default::default(),
         };
         Ok((log, recovered.report))
     }
@@ -435,7 +445,8 @@ impl PartitionLog {
 
     /// A handle that syncs everything appended so far; see the module docs for group commit.
     pub fn sync_handle(&self) -> SyncHandle {
-        let file = (!self.is_poisoned()).then(|| self.active.log.clone());
+        // The active segment's file is always open, so this does not fail in practice.
+        let file = if self.is_poisoned() { None } else { self.active.log().ok() };
         SyncHandle { file, durable_offset: self.next_offset(), failed: self.sync_failed.clone() }
     }
 
@@ -472,6 +483,7 @@ impl PartitionLog {
             let reason = format!("offsets {}..{} are damaged (found at start)", range.start, range.end);
             return Err(seg.corrupt(0, reason));
         }
+        let file = self.open_log(seg)?;
         let (start, first) = seg.find_batch(offset)?;
         if first.base_offset > offset {
             // Only a damaged span can make the walk skip past the offset asked for.
@@ -481,7 +493,7 @@ impl PartitionLog {
         let budget = max_bytes.min(MAX_READ_BYTES).max(first.total_len()) as u64;
         let end = start.saturating_add(budget).min(seg.size);
         Ok(ReadPlan {
-            file: Some(seg.log.clone()),
+            file: Some(file),
             path: Arc::from(seg.log_path.as_path()),
             position: start,
             // At most MAX_READ_BYTES or one batch, so it fits in usize.
@@ -514,6 +526,10 @@ impl PartitionLog {
     /// batch is older (a subscriber then starts at the next offset).
     pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<u64>, LogError> {
         for seg in self.segments() {
+            if seg.max_timestamp < ts_ms {
+                continue; // answered from memory, without opening the file
+            }
+            self.open_log(seg)?;
             if let Some(offset) = seg.offset_for_timestamp(ts_ms)? {
                 return Ok(Some(offset));
             }
@@ -649,6 +665,25 @@ impl PartitionLog {
         i.checked_sub(1).and_then(|i| self.closed.get(i)).unwrap_or(&self.active)
     }
 
+    /// The log file of `seg`, opening it if it is a released closed segment, and closing the
+    /// least recently used one if that makes more than [`OPEN_CLOSED_SEGMENTS`] open.
+    fn open_log(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>, LogError> {
+        if seg.base == self.active.base {
+            return seg.log();
+        }
+        let file = seg.log()?;
+        let mut open = self.open_closed.lock();
+        open.retain(|&b| b != seg.base);
+        open.push_back(seg.base);
+        while open.len() > OPEN_CLOSED_SEGMENTS {
+            let Some(evict) = open.pop_front() else { break };
+            if let Ok(i) = self.closed.binary_search_by_key(&evict, |s| s.base) {
+                self.closed[i].release_log();
+            }
+        }
+        Ok(file)
+    }
+
     /// Whether `header` must go into a new segment. An empty segment always takes the batch.
     fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
         let seg = &self.active;
@@ -685,7 +720,7 @@ impl PartitionLog {
         if let Some(file) = roll_file {
             self.write_side_file(self.next_offset(), file.ext, &(file.contents)())?;
         }
-        let new = Segment::create(&*self.storage, &self.dir, self.next_offset())?;
+        let new = Segment::create(&self.storage, &self.dir, self.next_offset())?;
         self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
         let old = std::mem::replace(&mut self.active, new);
         tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");
@@ -693,6 +728,8 @@ impl PartitionLog {
             // The previous segment's side file stays, a fallback should the new one be damaged.
             self.remove_side_files_below(file.ext, old.base);
         }
+        let mut old = old;
+        old.release(); // reopened on demand, within the bound of open closed segments
         self.closed.push(old);
         Ok(())
     }
@@ -715,6 +752,7 @@ impl PartitionLog {
             }
         }
         let removed = self.closed.remove(0);
+        self.open_closed.lock().retain(|&b| b != removed.base);
         self.size_bytes -= removed.size;
         Ok(())
     }

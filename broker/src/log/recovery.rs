@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::index::{IndexEntry, IndexFile, OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
@@ -193,14 +194,14 @@ pub(crate) struct Recovered {
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
 pub(crate) fn recover(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     config: &LogConfig,
     now_ms: i64,
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
-    let bases = find_segments(storage, dir, &mut report)?;
+    let bases = find_segments(&**storage, dir, &mut report)?;
     let Some((&last, closed_bases)) = bases.split_last() else {
         let active = Segment::create(storage, dir, 0)?;
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
@@ -210,7 +211,11 @@ pub(crate) fn recover(
     let mut closed = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
         let next_base = bases.get(i + 1).copied().unwrap_or(last);
-        closed.push(open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?);
+        let mut seg = open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?;
+        // Closed segments' files open on demand (a bounded number at a time), so a broker's
+        // file descriptors do not grow with the number of segments.
+        seg.release();
+        closed.push(seg);
     }
     let mut active = open_last(storage, dir, last, config.index_interval_bytes, &mut report)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
@@ -294,7 +299,7 @@ fn find_segments(
 
 /// Opens a closed segment that must end exactly at `next_base`.
 fn open_closed(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     next_base: u64,
@@ -302,7 +307,7 @@ fn open_closed(
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
-    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
     let span = next_base - base;
     let why = match (seg.offsets.load(len, span), seg.times.load(len, span)) {
         (Ok(offsets), Ok(times)) => match trust_indexes(&mut seg, offsets, times, len, next_base)? {
@@ -314,7 +319,7 @@ fn open_closed(
     };
     tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
     seg.reset();
-    let walker = seg.walker(Check::Headers);
+    let walker = seg.walker(Check::Headers)?;
     let Scan { end, mut damage } = scan(&walker, base, len, |at, resumed| {
         seg.track(at, interval, false, resumed);
         true
@@ -340,7 +345,7 @@ fn open_closed(
         return Err(seg.corrupt(end.pos, reason));
     }
     for d in damage {
-        report_damage(storage, dir, &*seg.log, &d, "recovery");
+        report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
         seg.damaged.push(d.offsets.clone());
         report.damaged.push(d);
     }
@@ -363,7 +368,7 @@ fn trust_indexes(
     // so the walk below supplies the rest of the segment's max timestamp, which retention by
     // age relies on.
     let mut max_ts = times.last().map_or(i64::MIN, |t| t.max_ts);
-    let walker = seg.walker(Check::Headers);
+    let walker = seg.walker(Check::Headers)?;
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
         true
@@ -388,28 +393,28 @@ fn is_padding(seg: &Segment, from: u64, len: u64) -> Result<bool, LogError> {
         return Ok(false);
     }
     let mut bytes = vec![0u8; n as usize];
-    seg.log.read_exact_at(from, &mut bytes).map_err(LogError::io("read segment", &seg.log_path))?;
+    seg.log()?.read_exact_at(from, &mut bytes).map_err(LogError::io("read segment", &seg.log_path))?;
     Ok(bytes.iter().all(|&b| b == 0))
 }
 
 /// Opens the last segment: scans every batch with its CRC, cuts the file at the first bad one
 /// and rewrites the indexes if they differ from what the scan built.
 fn open_last(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     interval: u32,
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
-    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
-    let walker = seg.walker(Check::Crc);
+    let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let walker = seg.walker(Check::Crc)?;
     let Scan { end, damage } = scan(&walker, base, len, |at, resumed| {
         seg.track(at, interval, false, resumed);
         true
     })?;
     for d in damage {
-        report_damage(storage, dir, &*seg.log, &d, "recovery");
+        report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
         seg.damaged.push(d.offsets.clone());
         report.damaged.push(d);
     }
@@ -417,7 +422,7 @@ fn open_last(
         // The zeros after the last block written with O_DIRECT (storage/direct.rs), left by a
         // crash or a clean shutdown alike: not damage.
         tracing::debug!(segment = %seg.log_path.display(), bytes = len - end.pos, "cutting block padding");
-        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
     } else if let Some(reason) = end.defect {
         let dropped = len - end.pos;
         tracing::warn!(
@@ -427,8 +432,8 @@ fn open_last(
             %reason,
             "truncating a damaged tail"
         );
-        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
-        seg.log.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
+        seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        seg.log()?.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
         report.truncation = Some(Truncation {
             segment_base: base,
             path: seg.log_path.clone(),

@@ -99,7 +99,10 @@ pub(crate) fn file_name(base: u64, ext: &str) -> String {
 pub(crate) struct Segment {
     /// Offset of the first batch; also the file name.
     pub(crate) base: u64,
-    pub(crate) log: Arc<dyn StorageFile>,
+    /// The log file while open: always for the active segment; for a closed one, while the
+    /// partition's bounded set of open closed segments holds it (design.md §5.6).
+    log: parking_lot::Mutex<Option<Arc<dyn StorageFile>>>,
+    storage: Arc<dyn Storage>,
     pub(crate) log_path: PathBuf,
     pub(crate) offsets: IndexFile<OffsetEntry>,
     pub(crate) times: IndexFile<TimeEntry>,
@@ -121,15 +124,16 @@ pub(crate) struct Segment {
 impl Segment {
     /// Opens the three files of a segment (creating missing ones) without reading them; the
     /// segment starts out empty in memory.
-    pub(crate) fn open_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+    pub(crate) fn open_files(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
         let log_path = dir.join(file_name(base, "log"));
         let log = storage.open_segment(&log_path).map_err(LogError::io("open segment", &log_path))?;
         Ok(Segment {
             base,
-            log,
+            log: parking_lot::Mutex::new(Some(log)),
+            storage: storage.clone(),
             log_path,
-            offsets: IndexFile::open(storage, dir.join(file_name(base, "index")), base)?,
-            times: IndexFile::open(storage, dir.join(file_name(base, "timeindex")), base)?,
+            offsets: IndexFile::open(&**storage, dir.join(file_name(base, "index")), base)?,
+            times: IndexFile::open(&**storage, dir.join(file_name(base, "timeindex")), base)?,
             size: 0,
             next_offset: base,
             max_timestamp: i64::MIN,
@@ -139,9 +143,9 @@ impl Segment {
     }
 
     /// Creates a new empty segment. The caller syncs the directory.
-    pub(crate) fn create(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+    pub(crate) fn create(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
         let mut seg = Segment::open_files(storage, dir, base)?;
-        let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+        let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
         // Names only grow, so a non-empty file here is one we must not overwrite.
         if len != 0 {
             return Err(seg.corrupt(0, format!("new segment already holds {len} bytes")));
@@ -149,6 +153,34 @@ impl Segment {
         seg.offsets.rewrite()?;
         seg.times.rewrite()?;
         Ok(seg)
+    }
+
+    /// The log file, opened if it was released. The caller of a closed segment's file tells
+    /// the partition's open-file bound ([`PartitionLog`](super::PartitionLog) does).
+    pub(crate) fn log(&self) -> Result<Arc<dyn StorageFile>, LogError> {
+        let mut slot = self.log.lock();
+        if let Some(file) = &*slot {
+            return Ok(file.clone());
+        }
+        let file = self
+            .storage
+            .open_segment(&self.log_path)
+            .map_err(LogError::io("open segment", &self.log_path))?;
+        *slot = Some(file.clone());
+        Ok(file)
+    }
+
+    /// Closes the segment's files (a closed segment's indexes live in memory; its log file
+    /// reopens on demand). Readers holding the file keep it open until they finish.
+    pub(crate) fn release(&mut self) {
+        self.release_log();
+        self.offsets.release();
+        self.times.release();
+    }
+
+    /// Closes the log file (reopened on demand).
+    pub(crate) fn release_log(&self) {
+        *self.log.lock() = None;
     }
 
     /// Paths of the three files.
@@ -164,7 +196,7 @@ impl Segment {
         interval: u32,
         now_ms: i64,
     ) -> Result<(), LogError> {
-        self.log.append(bytes).map_err(LogError::io("append", &self.log_path))?;
+        self.log()?.append(bytes).map_err(LogError::io("append", &self.log_path))?;
         self.track(at, interval, true, false);
         self.roll_base_ms.get_or_insert(now_ms);
         Ok(())
@@ -193,8 +225,9 @@ impl Segment {
     pub(crate) fn seal(&mut self) -> Result<(), LogError> {
         // A closed segment must end exactly where its last batch ends (recovery checks it):
         // cut any padding a direct-write file carries.
-        self.log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
-        self.log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
+        let log = self.log()?;
+        log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
+        log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
         self.offsets.sync()?;
         self.times.sync()
     }
@@ -206,7 +239,7 @@ impl Segment {
             return Err(self.corrupt(pos, format!("{left} bytes left, no batch header")));
         }
         let mut buf = [0u8; BATCH_HEADER_BYTES];
-        self.log.read_exact_at(pos, &mut buf).map_err(LogError::io("read", &self.log_path))?;
+        self.log()?.read_exact_at(pos, &mut buf).map_err(LogError::io("read", &self.log_path))?;
         let header = BatchHeader::parse(&buf).map_err(|e| self.corrupt(pos, e.to_string()))?;
         if header.total_len() as u64 > left {
             return Err(self.corrupt(pos, format!("batch of {} bytes, {left} left", header.total_len())));
@@ -248,8 +281,8 @@ impl Segment {
 
     /// A scanner over this segment's file that does not borrow the segment, so the callback
     /// of [`Walker::run`] may update it.
-    pub(crate) fn walker(&self, check: Check) -> Walker {
-        Walker { log: self.log.clone(), path: self.log_path.clone(), base: self.base, check }
+    pub(crate) fn walker(&self, check: Check) -> Result<Walker, LogError> {
+        Ok(Walker { log: self.log()?, path: self.log_path.clone(), base: self.base, check })
     }
 
     /// Forgets everything in memory about the segment's content (before a rebuild).

@@ -604,6 +604,16 @@ fn damaged_end_of_a_closed_segment_is_kept_and_refused_on_read() -> TestResult {
     Ok(())
 }
 
+/// Runs the background verification over every closed segment.
+fn verify_all(log: &PartitionLog) -> Result<Vec<Damage>, LogError> {
+    let (mut found, mut after) = (Vec::new(), None);
+    while let Some(target) = log.verify_target(after)? {
+        after = Some(target.base());
+        found.extend(target.verify(|_| true)?);
+    }
+    Ok(found)
+}
+
 /// A closed segment is trusted at start (its headers, not its CRCs, are read): a flipped bit
 /// in it is never served, and the background check finds it.
 #[test]
@@ -615,9 +625,7 @@ fn corrupt_closed_segment_is_refused_on_read_and_found_by_verification() -> Test
     let model = append_n(&mut log, 30, |_| 0)?;
     log.sync()?;
     assert!(log.segment_count() > 2);
-    for target in log.verify_targets()? {
-        assert!(target.verify(|_| true)?.is_empty(), "a clean log verifies clean");
-    }
+    assert!(verify_all(&log)?.is_empty(), "a clean log verifies clean");
     drop(log);
     let path = segment_path(dir, 0, "log");
     let mut bytes = mem.contents(&path).ok_or("no segment")?;
@@ -630,8 +638,7 @@ fn corrupt_closed_segment_is_refused_on_read_and_found_by_verification() -> Test
     // A read from before it stops short of it.
     let got = log.read_plan(0, 1 << 20)?.execute()?;
     assert_eq!(got, model[0]);
-    let found: Vec<Damage> =
-        log.verify_targets()?.iter().map(|t| t.verify(|_| true)).collect::<Result<Vec<_>, _>>()?.concat();
+    let found = verify_all(&log)?;
     let [d] = &found[..] else { return Err(format!("{found:?}").into()) };
     assert_eq!(d.offsets, h1.base_offset..h1.next_offset());
     assert!(matches!(d.reason, TailDefect::Crc(_)));
@@ -874,4 +881,106 @@ proptest! {
             prop_assert!(log.append(&mut batch(9, 1, 0), 0, 0).is_ok());
         }
     }
+}
+
+/// Storage that counts the files it has open (handles not yet dropped), and the most at once.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemStorage,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct CountedFile {
+    inner: Arc<dyn crate::storage::StorageFile>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for CountedFile {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Storage for Counting {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn crate::storage::StorageFile>> {
+        let inner = self.inner.open(path)?;
+        let now = self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        Ok(Arc::new(CountedFile { inner, open: self.open.clone() }))
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+impl crate::storage::StorageFile for CountedFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_exact_at(pos, buf)
+    }
+    fn append(&self, data: &[u8]) -> std::io::Result<()> {
+        self.inner.append(data)
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+/// A partition with many segments holds a bounded number of files open, whatever is done
+/// with it: open (recovery), appends across rolls, reads of every offset, time lookups,
+/// verification, retention. (It held 3 per segment.)
+#[test]
+fn open_files_are_bounded_whatever_the_number_of_segments() -> TestResult {
+    use std::sync::atomic::Ordering::SeqCst;
+    let counting = Arc::new(Counting::default());
+    let storage: Arc<dyn Storage> = counting.clone();
+    let dir = Path::new(DIR);
+    let cfg = config(400);
+    // At most the active segment's 3 files, OPEN_CLOSED_SEGMENTS closed logs, and the one or
+    // two a single operation has in hand (a roll opens the new segment before closing the old).
+    let bound = 3 + OPEN_CLOSED_SEGMENTS + 3;
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 200, |s| s as i64)?;
+    log.sync()?;
+    assert!(log.segment_count() > 40, "{} segments", log.segment_count());
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS);
+    drop(log);
+    assert_eq!(counting.open.load(SeqCst), 0, "every file closed with the log");
+
+    let (log, _) = open(&storage, dir, &cfg)?;
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after recovery");
+    check_reads(&log, &model)?;
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after reads");
+    for ts in [0, 50, 150, 199] {
+        log.offset_for_timestamp(ts)?;
+    }
+    assert!(verify_all(&log)?.is_empty());
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after verification");
+    // A read plan keeps its file readable after its segment is closed or deleted.
+    let plan = log.read_plan(0, 1 << 20)?;
+    let mut log = log;
+    log.config.retention_bytes = Some(1);
+    log.apply_retention(0)?;
+    assert_eq!(plan.execute()?.slice(..model[0].len()), model[0]);
+    assert!(counting.peak.load(SeqCst) <= bound, "peak {} open files", counting.peak.load(SeqCst));
+    Ok(())
 }

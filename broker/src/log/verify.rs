@@ -24,21 +24,21 @@ pub struct VerifyTarget {
 }
 
 impl PartitionLog {
-    /// The closed segments, oldest first, for [`VerifyTarget::verify`].
-    pub fn verify_targets(&self) -> Result<Vec<VerifyTarget>, LogError> {
-        let mut targets = Vec::with_capacity(self.closed.len());
-        for seg in &self.closed {
-            targets.push(VerifyTarget {
-                storage: self.storage.clone(),
-                dir: self.dir.clone(),
-                log: seg.log.clone(),
-                walker: seg.walker(Check::Crc),
-                base: seg.base,
-                size: seg.size,
-                next_offset: seg.next_offset,
-            });
-        }
-        Ok(targets)
+    /// The first closed segment with a base offset above `after` (from the oldest if `None`),
+    /// for [`VerifyTarget::verify`]. One at a time, so verification opens one file at a time.
+    pub fn verify_target(&self, after: Option<u64>) -> Result<Option<VerifyTarget>, LogError> {
+        let i = after.map_or(0, |a| self.closed.partition_point(|s| s.base <= a));
+        let Some(seg) = self.closed.get(i) else { return Ok(None) };
+        let log = self.open_log(seg)?;
+        Ok(Some(VerifyTarget {
+            storage: self.storage.clone(),
+            dir: self.dir.clone(),
+            walker: seg.walker(Check::Crc)?,
+            log,
+            base: seg.base,
+            size: seg.size,
+            next_offset: seg.next_offset,
+        }))
     }
 }
 
@@ -71,5 +71,10 @@ impl VerifyTarget {
     /// Bytes of the segment.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Base offset of the segment.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 }
