@@ -28,6 +28,65 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
     tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), flush_offsets));
     tasks.spawn(every(state.clone(), Duration::from_secs(5), sample_gauges));
     tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| st.groups.expire()));
+    let st = state.clone();
+    tasks.spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || verify_closed_segments(&st)).await;
+    });
+}
+
+/// Bytes per second the background check of closed segments reads at most.
+const VERIFY_BYTES_PER_SEC: u64 = 32 << 20;
+
+/// Once after start, CRC-checks every closed segment of every partition at a bounded rate
+/// (recovery read only their headers), until done or shutdown.
+fn verify_closed_segments(state: &BrokerState) {
+    let started = std::time::Instant::now();
+    let mut budget = Pacer::new(VERIFY_BYTES_PER_SEC);
+    let (mut damaged, mut bytes) = (0, 0u64);
+    for topic in state.topics.all() {
+        for p in &topic.partitions {
+            let pace = |n: u64| {
+                bytes += n;
+                budget.take(n);
+                !state.shutdown.is_cancelled()
+            };
+            match p.verify_closed_blocking(pace) {
+                Ok(n) => damaged += n,
+                Err(e) => {
+                    tracing::warn!(topic = %topic.name, partition = p.id, "verifying closed segments: {e}")
+                }
+            }
+            if state.shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+    tracing::info!(
+        bytes,
+        damaged,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "verified the checksums of closed segments"
+    );
+}
+
+/// Sleeps to keep a blocking loop under `rate` bytes per second, in steps of at least 1 MiB.
+struct Pacer {
+    rate: u64,
+    owed: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer { rate: rate.max(1), owed: 0 }
+    }
+
+    fn take(&mut self, n: u64) {
+        self.owed += n;
+        if self.owed >= 1 << 20 {
+            std::thread::sleep(Duration::from_micros(self.owed.saturating_mul(1_000_000) / self.rate));
+            self.owed = 0;
+        }
+    }
 }
 
 fn apply_retention(state: &BrokerState) {

@@ -17,7 +17,7 @@ use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::log::{LogConfig, LogError, PartitionLog, RollFile};
 use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
 use crate::tail_cache::TailCache;
@@ -57,6 +57,9 @@ impl From<LogError> for PartitionError {
                 ErrorCode::OffsetOutOfRange,
                 format!("offset {requested} is out of range: earliest={log_start} latest={next}"),
             ),
+            corrupt @ LogError::Corrupt { .. } => {
+                PartitionError::new(ErrorCode::CorruptLog, corrupt.to_string())
+            }
             other => PartitionError::new(ErrorCode::StorageError, other.to_string()),
         }
     }
@@ -217,7 +220,7 @@ impl Partition {
         let log = self.log.clone();
         tokio::task::spawn_blocking(move || {
             let plan = log.lock().read_plan(offset, max_bytes)?;
-            plan.execute_below(hw).map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
+            Ok(plan.execute_below(hw)?)
         })
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
@@ -242,6 +245,18 @@ impl Partition {
             tracing::info!(topic = %self.topic, partition = self.id, ?report, "retention deleted segments");
         }
         Ok(())
+    }
+
+    /// CRC-checks the closed segments (design.md §5.3), calling `pace` with each batch's length
+    /// (it bounds the rate; false stops). Returns the number of damaged spans found, which are
+    /// logged, counted and quarantined. Blocking; holds the log's lock only to pick each segment.
+    pub fn verify_closed_blocking(&self, mut pace: impl FnMut(u64) -> bool) -> Result<usize, PartitionError> {
+        let (mut found, mut after) = (0, None);
+        loop {
+            let Some(target) = self.log.lock().verify_target(after)? else { return Ok(found) };
+            after = Some(target.base());
+            found += target.verify(&mut pace)?.len();
+        }
     }
 
     /// Gives the tail cache's memory back when the partition has been idle for `idle`.
@@ -470,41 +485,70 @@ fn append_one(
         }
         SeqCheck::Append => {}
     }
-    let info = log.append(&mut batch, 0, now)?;
-    if info.rolled {
-        // The new segment starts with this batch: snapshot the producers as of its start, so a
-        // retry of a batch from the old segment is still recognised after a restart.
-        if let Err(e) = log.write_side_file(SNAPSHOT_EXT, &producers.encode_snapshot()) {
-            tracing::warn!(segment = info.base_offset, "could not write the producer snapshot: {e}");
-        }
-    }
+    // If the batch rolls the log, the producers as of the new segment's start are snapshot
+    // durably before the segment exists, so a retry of a batch from the old segment is still
+    // recognised after a restart. A failed snapshot fails the roll and this append (retriable):
+    // the dedup state is never silently lost.
+    let encode = || producers.encode_snapshot();
+    let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
+    let info = log.append_with(&mut batch, 0, now, Some(&snapshot))?;
     producers.record(&header, info.base_offset);
     // The stamped bytes, frozen without a copy, serve tail readers.
     tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
 }
 
-/// Rebuilds idempotent-producer state: the snapshot taken when the active segment began, then
-/// the batch headers of the active segment (design.md §10).
+/// Rebuilds idempotent-producer state: the newest valid snapshot at or below the active
+/// segment's base (normally the active segment's own), then the batch headers from there to the
+/// end of the log (design.md §10).
 fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionError> {
-    let snapshot = log.read_side_file(SNAPSHOT_EXT, MAX_SNAPSHOT_BYTES)?;
-    let mut states = snapshot
-        .and_then(|b| {
-            let s = ProducerStates::decode_snapshot(&b);
-            if s.is_none() {
-                tracing::warn!(dir = %log.dir().display(), "producer snapshot is damaged; rebuilding from the active segment only");
+    let (log_start, active) = (log.log_start_offset(), log.active_base_offset());
+    let mut bases = log.side_file_bases(SNAPSHOT_EXT)?;
+    bases.retain(|&b| b >= log_start && b <= active);
+    for &base in bases.iter().rev() {
+        let Some(bytes) = log.read_side_file(base, SNAPSHOT_EXT, MAX_SNAPSHOT_BYTES)? else { continue };
+        match ProducerStates::decode_snapshot(&bytes) {
+            Some(mut states) => {
+                if base < active {
+                    tracing::warn!(dir = %log.dir().display(), base, active, "using an older producer snapshot; replaying the segments after it");
+                }
+                replay_producers(log, base, &mut states)?;
+                return Ok(states);
             }
-            s
-        })
-        .unwrap_or_default();
-    let mut offset = log.active_base_offset().max(log.log_start_offset());
-    while offset < log.next_offset() {
-        let plan = log.read_plan(offset, 8 * 1024 * 1024)?;
-        if plan.is_empty() {
-            break;
+            None => tracing::warn!(dir = %log.dir().display(), base, "producer snapshot is damaged"),
         }
-        let bytes =
-            plan.execute().map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+    }
+    if active > log_start {
+        // Every roll writes the snapshot before the new segment exists, so only damage or a
+        // data directory of an older version gets here.
+        tracing::warn!(dir = %log.dir().display(), "no valid producer snapshot; replaying the whole log");
+    }
+    let mut states = ProducerStates::default();
+    replay_producers(log, log_start, &mut states)?;
+    Ok(states)
+}
+
+/// Records in `states` every batch from `offset` to the end of the log.
+fn replay_producers(
+    log: &PartitionLog,
+    mut offset: u64,
+    states: &mut ProducerStates,
+) -> Result<(), PartitionError> {
+    while offset < log.next_offset() {
+        let read = log.read_plan(offset, 8 * 1024 * 1024).and_then(|plan| plan.execute());
+        let bytes = match read {
+            Ok(bytes) if bytes.is_empty() => break,
+            Ok(bytes) => bytes,
+            Err(LogError::Corrupt { .. }) => {
+                // Damaged batches were never acknowledged as they are now; their producers'
+                // retries would be appended again. Reported where the damage was found.
+                let resume = log.resume_after_damage(offset);
+                tracing::warn!(dir = %log.dir().display(), offset, resume, "skipping damaged batches while rebuilding producer state");
+                offset = resume;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (mut pos, mut next) = (0, offset);
         while pos < bytes.len() {
             let Ok(h) = BatchHeader::parse(&bytes[pos..]) else { break };
@@ -517,7 +561,7 @@ fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionErro
         }
         offset = next;
     }
-    Ok(states)
+    Ok(())
 }
 
 pub fn now_ms() -> i64 {
@@ -531,8 +575,10 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use crate::log::LogConfig;
-    use crate::storage::{MemStorage, Storage};
+    use crate::storage::{MemStorage, Storage, StorageFile};
     use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
 
     fn batch(producer_id: i64, base_sequence: i32, records: usize) -> BytesMut {
         let identity = ProducerIdentity { producer_id, producer_epoch: 0, base_sequence };
@@ -541,6 +587,169 @@ mod tests {
             b.push(1, None, b"value", &[]);
         }
         BytesMut::from(&b.finish()[..])
+    }
+
+    /// Memory storage whose producer snapshots (any file with `.producers` in its name) fail
+    /// to be written or synced while `fail` is set.
+    #[derive(Debug, Default)]
+    struct FailingSnapshots {
+        inner: MemStorage,
+        fail: Arc<AtomicBool>,
+    }
+
+    #[derive(Debug)]
+    struct FailingFile {
+        inner: Arc<dyn StorageFile>,
+        fail: Option<Arc<AtomicBool>>,
+    }
+
+    impl FailingFile {
+        fn check(&self) -> std::io::Result<()> {
+            match &self.fail {
+                Some(fail) if fail.load(Ordering::SeqCst) => {
+                    Err(std::io::Error::other("injected snapshot failure"))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl Storage for FailingSnapshots {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            self.inner.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            self.inner.list(dir)
+        }
+        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn StorageFile>> {
+            let snapshot = path.to_string_lossy().contains(".producers");
+            Ok(Arc::new(FailingFile {
+                inner: self.inner.open(path)?,
+                fail: snapshot.then(|| self.fail.clone()),
+            }))
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            self.inner.remove(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            self.inner.sync_dir(dir)
+        }
+    }
+
+    impl StorageFile for FailingFile {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read_exact_at(pos, buf)
+        }
+        fn append(&self, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.append(data)
+        }
+        fn truncate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(len)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync()
+        }
+    }
+
+    fn small_segments() -> LogConfig {
+        LogConfig {
+            segment_bytes: 400,
+            segment_ms: 1 << 40,
+            retention_bytes: None,
+            retention_ms: None,
+            index_interval_bytes: 300,
+        }
+    }
+
+    /// A roll whose producer snapshot cannot be written fails the append, and the retried
+    /// append rolls with a durable snapshot: after a power loss, a retry of a batch written
+    /// before the roll is recognised, not appended twice.
+    #[test]
+    fn a_failed_snapshot_write_fails_the_roll_and_a_crash_keeps_dedup_state() -> anyhow::Result<()> {
+        let storage = Arc::new(FailingSnapshots::default());
+        let dyn_storage: Arc<dyn Storage> = storage.clone();
+        let dir = PathBuf::from("/p");
+        let cfg = small_segments();
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(dyn_storage.clone(), dir.clone(), cfg.clone(), 0)?;
+        let mut producers = ProducerStates::default();
+        let (mut seq, mut last_before_roll) = (0, None);
+        loop {
+            let before = log.next_offset();
+            storage.fail.store(true, Ordering::SeqCst);
+            match append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1) {
+                Ok(_) if log.segment_count() > 1 => break, // rolled although the snapshot failed
+                Ok(a) => {
+                    last_before_roll = Some((seq, a.base_offset));
+                    seq += 3;
+                }
+                Err(e) => {
+                    // The roll failed: nothing appended, the producer is told to retry.
+                    assert_eq!(e.code, ErrorCode::StorageError, "{e}");
+                    assert_eq!(log.next_offset(), before);
+                    storage.fail.store(false, Ordering::SeqCst);
+                    append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1)?;
+                    assert_eq!(log.segment_count(), 2);
+                    break;
+                }
+            }
+        }
+        storage.fail.store(false, Ordering::SeqCst);
+        let (retry_seq, original_offset) = last_before_roll.ok_or_else(|| anyhow::anyhow!("no roll"))?;
+        log.sync()?;
+        let next = log.next_offset();
+        drop(log);
+        storage.inner.crash();
+
+        let (mut log, _) = PartitionLog::open(dyn_storage, dir, cfg, 0)?;
+        assert_eq!(log.next_offset(), next, "synced batches survive");
+        let mut producers = recover_producers(&log)?;
+        let retried = append_one(&mut log, &mut producers, &tail, batch(7, retry_seq, 3), 2)?;
+        assert_eq!(retried.base_offset, original_offset, "answered with the original offsets");
+        assert_eq!(log.next_offset(), next, "nothing appended");
+        Ok(())
+    }
+
+    /// A damaged snapshot of the active segment falls back to the previous one and replays the
+    /// segments after it.
+    #[test]
+    fn a_damaged_snapshot_falls_back_to_the_previous_one() -> anyhow::Result<()> {
+        let mem = Arc::new(MemStorage::new());
+        let storage: Arc<dyn Storage> = mem.clone();
+        let dir = PathBuf::from("/p");
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), small_segments(), 0)?;
+        let mut producers = ProducerStates::default();
+        // Producer 1 writes only in the first segment; producer 2 keeps the log rolling.
+        let first = append_one(&mut log, &mut producers, &tail, batch(1, 0, 1), 1)?;
+        let mut seq = 0;
+        while log.segment_count() < 3 {
+            append_one(&mut log, &mut producers, &tail, batch(2, seq, 3), 1)?;
+            seq += 3;
+        }
+        log.sync()?;
+        let active = log.active_base_offset();
+        let snapshot = dir.join(format!("{active:020}.producers"));
+        let mut bytes = mem.contents(&snapshot).ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+        bytes[5] ^= 0x40;
+        mem.set_contents(&snapshot, &bytes)?;
+        drop(log);
+
+        let (mut log, _) = PartitionLog::open(storage, dir, small_segments(), 0)?;
+        let next = log.next_offset();
+        let mut producers = recover_producers(&log)?;
+        let retried = append_one(&mut log, &mut producers, &tail, batch(1, 0, 1), 2)?;
+        assert_eq!(retried.base_offset, first.base_offset);
+        assert_eq!(log.next_offset(), next, "nothing appended");
+        Ok(())
     }
 
     #[test]

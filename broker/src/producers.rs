@@ -6,9 +6,10 @@
 //! acknowledgement is answered with the offsets it already has instead of being appended
 //! twice, and a batch that skips ahead (a gap) is refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::Mutex;
 use quiver_protocol::batch::BatchHeader;
@@ -45,9 +46,13 @@ pub enum SeqCheck {
     },
 }
 
+/// Per producer, the batches it wrote last, and an index by the offset of each producer's
+/// newest batch, so forgetting the producer that wrote longest ago costs O(log n).
 #[derive(Debug, Default)]
 pub struct ProducerStates {
     producers: HashMap<i64, VecDeque<Written>>,
+    /// `(last offset of the producer's newest batch, producer id)`, one entry per producer.
+    by_last_offset: BTreeSet<(u64, i64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,25 +91,44 @@ impl ProducerStates {
         }
         if !self.producers.contains_key(&h.producer_id) && self.producers.len() >= MAX_PRODUCERS_PER_PARTITION
         {
-            let oldest = self
-                .producers
-                .iter()
-                .min_by_key(|(_, r)| r.back().map(|w| w.last_offset).unwrap_or(0))
-                .map(|(id, _)| *id);
-            if let Some(id) = oldest {
+            if let Some((_, id)) = self.by_last_offset.pop_first() {
                 self.producers.remove(&id);
             }
         }
-        let recent = self.producers.entry(h.producer_id).or_default();
-        recent.push_back(Written {
+        let written = Written {
             first_seq: h.base_sequence,
             last_seq: next_seq(h.base_sequence, h.last_offset_delta),
             base_offset,
             last_offset: base_offset + h.last_offset_delta as u64,
-        });
+        };
+        let recent = self.producers.entry(h.producer_id).or_default();
+        if let Some(newest) = recent.back() {
+            self.by_last_offset.remove(&(newest.last_offset, h.producer_id));
+        }
+        recent.push_back(written);
         while recent.len() > RECENT_BATCHES {
             recent.pop_front();
         }
+        self.by_last_offset.insert((written.last_offset, h.producer_id));
+    }
+
+    /// Producers remembered.
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    /// Whether no producer is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    /// Adds a producer read from a snapshot.
+    fn insert(&mut self, id: i64, recent: VecDeque<Written>) {
+        if let Some(old) = self.producers.get(&id).and_then(|r| r.back()) {
+            self.by_last_offset.remove(&(old.last_offset, id));
+        }
+        self.by_last_offset.insert((recent.back().map_or(0, |w| w.last_offset), id));
+        self.producers.insert(id, recent);
     }
 }
 
@@ -160,7 +184,7 @@ impl ProducerStates {
                     last_offset: r.u64().ok()?,
                 });
             }
-            states.producers.insert(id, recent);
+            states.insert(id, recent);
         }
         r.finish().ok()?;
         Some(states)
@@ -179,6 +203,28 @@ pub struct ProducerIds {
     path: PathBuf,
     /// (next id, end of the reserved block)
     state: Mutex<(i64, i64)>,
+    /// Every id below this may have been handed out (this run or an earlier one); read without
+    /// the lock by every produce request.
+    issued_below: AtomicI64,
+}
+
+/// The epoch every producer id is issued with (there is no fencing by epoch yet).
+pub const PRODUCER_EPOCH: i16 = 0;
+
+/// Why a batch's producer identity is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProducerIdError {
+    /// The id was never handed out by `InitProducer` on this broker's data directory.
+    #[error("producer id {0} was never issued by this broker; ask for one with InitProducer")]
+    NeverIssued(i64),
+    /// The id was issued, but not with this epoch.
+    #[error("producer {id} sent epoch {epoch}; its id was issued with epoch {PRODUCER_EPOCH}")]
+    WrongEpoch {
+        /// The producer id.
+        id: i64,
+        /// The epoch in the batch.
+        epoch: i16,
+    },
 }
 
 impl ProducerIds {
@@ -198,7 +244,28 @@ impl ProducerIds {
             Err(e) => return Err(e),
         };
         // Ids below the persisted block end may have been handed out: start after it.
-        Ok(ProducerIds { path, state: Mutex::new((reserved, reserved)) })
+        Ok(ProducerIds {
+            path,
+            state: Mutex::new((reserved, reserved)),
+            issued_below: AtomicI64::new(reserved),
+        })
+    }
+
+    /// Checks a batch's producer identity: a negative id is a batch without one (not
+    /// idempotent); any other must be an id this broker handed out, with its epoch. Without
+    /// this, a client could write under a sequence it made up, or under another producer's
+    /// state by naming an id it was never given.
+    pub fn check(&self, producer_id: i64, epoch: i16) -> Result<(), ProducerIdError> {
+        if producer_id < 0 {
+            return Ok(());
+        }
+        if producer_id >= self.issued_below.load(Ordering::Acquire) {
+            return Err(ProducerIdError::NeverIssued(producer_id));
+        }
+        if epoch != PRODUCER_EPOCH {
+            return Err(ProducerIdError::WrongEpoch { id: producer_id, epoch });
+        }
+        Ok(())
     }
 
     /// A fresh id. Blocking (it may persist a new block).
@@ -220,6 +287,7 @@ impl ProducerIds {
         }
         let id = st.0;
         st.0 += 1;
+        self.issued_below.fetch_max(st.0, Ordering::AcqRel);
         Ok(id)
     }
 }
@@ -276,6 +344,49 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[6] ^= 1;
         assert!(ProducerStates::decode_snapshot(&flipped).is_none());
+    }
+
+    #[test]
+    fn the_producer_that_wrote_longest_ago_is_forgotten() {
+        let mut s = ProducerStates::default();
+        for id in 0..MAX_PRODUCERS_PER_PARTITION as i64 {
+            s.record(&header(id, 0, 1), id as u64 * 10);
+        }
+        // Producer 0 writes again, so producer 1 is now the one that wrote longest ago.
+        s.record(&header(0, 1, 1), 1_000_000);
+        s.record(&header(-1, -1, 1), 1_000_001); // not idempotent: not remembered
+        s.record(&header(100_000, 0, 1), 1_000_002);
+        assert_eq!(s.len(), MAX_PRODUCERS_PER_PARTITION);
+        assert_eq!(s.check(&header(1, 0, 1)), SeqCheck::Append, "producer 1 forgotten");
+        assert!(matches!(s.check(&header(0, 1, 1)), SeqCheck::Duplicate { .. }));
+        assert!(matches!(s.check(&header(2, 0, 1)), SeqCheck::Duplicate { .. }));
+        s.record(&header(100_001, 0, 1), 1_000_003);
+        assert_eq!(s.check(&header(2, 0, 1)), SeqCheck::Append, "then producer 2");
+        // The index survives a snapshot round trip.
+        let mut back = ProducerStates::decode_snapshot(&s.encode_snapshot()).expect("decodes");
+        back.record(&header(100_002, 0, 1), 1_000_004);
+        assert_eq!(back.len(), MAX_PRODUCERS_PER_PARTITION);
+        assert_eq!(back.check(&header(3, 0, 1)), SeqCheck::Append, "producer 3 forgotten after reload");
+        assert!(matches!(back.check(&header(0, 1, 1)), SeqCheck::Duplicate { .. }));
+    }
+
+    #[test]
+    fn only_issued_ids_and_epochs_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = ProducerIds::open(dir.path()).expect("open");
+        assert_eq!(ids.check(0, 0), Err(ProducerIdError::NeverIssued(0)));
+        assert_eq!(ids.check(-1, -1), Ok(()), "no producer id: not idempotent");
+        let a = ids.allocate_blocking().expect("id");
+        assert_eq!(ids.check(a, PRODUCER_EPOCH), Ok(()));
+        assert_eq!(ids.check(a, 3), Err(ProducerIdError::WrongEpoch { id: a, epoch: 3 }));
+        assert_eq!(ids.check(a + 1, 0), Err(ProducerIdError::NeverIssued(a + 1)));
+        assert_eq!(ids.check(i64::MAX, 0), Err(ProducerIdError::NeverIssued(i64::MAX)));
+        drop(ids);
+        // After a restart, every id of the persisted block may have been handed out.
+        let ids = ProducerIds::open(dir.path()).expect("reopen");
+        assert_eq!(ids.check(a, 0), Ok(()));
+        assert_eq!(ids.check(ID_BLOCK - 1, 0), Ok(()));
+        assert_eq!(ids.check(ID_BLOCK, 0), Err(ProducerIdError::NeverIssued(ID_BLOCK)));
     }
 
     #[test]

@@ -146,7 +146,9 @@ async fn dispatch(
         }),
         Message::InitProducer => Box::pin(async move {
             Some(match tokio::task::spawn_blocking(move || st.producer_ids.allocate_blocking()).await {
-                Ok(Ok(producer_id)) => Message::InitProducerOk { producer_id, producer_epoch: 0 },
+                Ok(Ok(producer_id)) => {
+                    Message::InitProducerOk { producer_id, producer_epoch: crate::producers::PRODUCER_EPOCH }
+                }
                 Ok(Err(e)) => {
                     Message::error(ErrorCode::StorageError, format!("allocating a producer id: {e}"))
                 }
@@ -192,6 +194,10 @@ async fn produce(
             };
             PartitionError::new(code, format!("rejected batch for {topic}/{partition}: {e}"))
         })?;
+        state
+            .producer_ids
+            .check(header.producer_id, header.producer_epoch)
+            .map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
         metrics::counter!("quiver_messages_in_total", "topic" => t.name.to_string())
             .increment(header.records_count as u64);
         metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string())

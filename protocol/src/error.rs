@@ -26,6 +26,11 @@ pub enum ErrorCode {
     StorageError,
     ShuttingDown,
     Internal,
+    /// A batch names a producer id this broker never issued, or an epoch it was not issued with.
+    UnknownProducer,
+    /// Stored data failed its checksum: the broker's copy of these offsets is damaged and is
+    /// not served (the error names the segment file and position).
+    CorruptLog,
     Unknown(u16),
 }
 
@@ -53,6 +58,8 @@ impl ErrorCode {
             StorageError => 30,
             ShuttingDown => 31,
             Internal => 32,
+            UnknownProducer => 22,
+            CorruptLog => 33,
             Unknown(c) => c,
         }
     }
@@ -80,6 +87,8 @@ impl ErrorCode {
             30 => StorageError,
             31 => ShuttingDown,
             32 => Internal,
+            22 => UnknownProducer,
+            33 => CorruptLog,
             c => Unknown(c),
         }
     }

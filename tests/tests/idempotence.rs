@@ -215,3 +215,49 @@ async fn the_delivery_timeout_counts_from_the_send_call() -> anyhow::Result<()> 
     })
     .await
 }
+
+/// A batch under a producer id the broker never issued, or under an issued id with another
+/// epoch, is refused with `UnknownProducer`: a client cannot make up an identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_producer_id_is_refused() -> anyhow::Result<()> {
+    use quiver_client::ClientError;
+    use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+    use quiver_protocol::message::{Acks, Message};
+    use quiver_protocol::ErrorCode;
+
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (_broker, client) = quiver_tests::embedded(dir.path(), |_| {}).await?;
+        client.admin().create_topic("forge", 1, TopicConfig::default()).await?;
+        let produce = |producer_id: i64, producer_epoch: i16| {
+            let identity = ProducerIdentity { producer_id, producer_epoch, base_sequence: 0 };
+            let mut b = BatchBuilder::new(64).with_identity(identity);
+            b.push(1, None, b"forged", &[]);
+            Message::Produce { topic: "forge".into(), partition: 0, acks: Acks::Leader, batch: b.finish() }
+        };
+        let refused = |r: Result<Message, ClientError>| match r {
+            Err(ClientError::Broker { code: ErrorCode::UnknownProducer, message }) => Ok(message),
+            other => Err(anyhow::anyhow!("expected UnknownProducer, got {other:?}")),
+        };
+        let message = refused(client.request(&produce(4242, 0)).await)?;
+        assert!(message.contains("4242") && message.contains("never issued"), "{message}");
+
+        let issued = match client.request(&Message::InitProducer).await? {
+            Message::InitProducerOk { producer_id, .. } => producer_id,
+            other => anyhow::bail!("expected InitProducerOk, got kind {}", other.kind()),
+        };
+        let message = refused(client.request(&produce(issued, 7)).await)?;
+        assert!(message.contains("epoch"), "{message}");
+        refused(client.request(&produce(issued + 1, 0)).await)?;
+        let hw = client.admin().describe_topic("forge").await?.partitions[0].high_watermark;
+        assert_eq!(hw, 0, "nothing appended");
+
+        match client.request(&produce(issued, 0)).await? {
+            Message::ProduceOk { base_offset: 0, .. } => {}
+            other => anyhow::bail!("expected ProduceOk at 0, got kind {}", other.kind()),
+        }
+        Ok(())
+    })
+    .await
+}

@@ -6,6 +6,7 @@
 //! Indexes are never the truth: a file that fails any check here is rebuilt from the log.
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -135,7 +136,8 @@ pub(crate) enum IndexDefect {
 #[derive(Debug)]
 pub(crate) struct IndexFile<E> {
     path: PathBuf,
-    file: Arc<dyn StorageFile>,
+    /// `None` once released (a closed segment's index is only read from memory).
+    file: Option<Arc<dyn StorageFile>>,
     base: u64,
     entries: Vec<E>,
     /// An append to the file failed, so the file no longer matches `entries`; it is rewritten
@@ -147,13 +149,23 @@ impl<E: IndexEntry> IndexFile<E> {
     /// Opens (or creates) the file without reading it; entries start empty.
     pub(crate) fn open(storage: &dyn Storage, path: PathBuf, base: u64) -> Result<Self, LogError> {
         let file = storage.open(&path).map_err(LogError::io("open index", &path))?;
-        Ok(IndexFile { path, file, base, entries: Vec::new(), stale: false })
+        Ok(IndexFile { path, file: Some(file), base, entries: Vec::new(), stale: false })
+    }
+
+    /// Closes the file; lookups keep working from memory, writes fail.
+    pub(crate) fn release(&mut self) {
+        self.file = None;
+    }
+
+    fn file(&self) -> io::Result<&Arc<dyn StorageFile>> {
+        self.file.as_ref().ok_or_else(|| io::Error::other("index file is closed"))
     }
 
     /// Reads and checks the file against a segment of `log_len` bytes spanning `span` offsets.
     /// Does not change `self`.
     pub(crate) fn load(&self, log_len: u64, span: u64) -> Result<Vec<E>, IndexDefect> {
-        let len = self.file.len().map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
+        let file = self.file().map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
+        let len = file.len().map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
         // Each entry names a distinct batch, so a longer file cannot be ours: check before
         // allocating anything from a length found on disk.
         let max_entries = log_len / quiver_protocol::batch::BATCH_HEADER_BYTES as u64 + 1;
@@ -165,7 +177,7 @@ impl<E: IndexEntry> IndexFile<E> {
             return Err(IndexDefect::TooShort(len));
         }
         let mut bytes = vec![0u8; len as usize];
-        self.file.read_exact_at(0, &mut bytes).map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
+        file.read_exact_at(0, &mut bytes).map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
         decode_entries(&bytes, self.base, log_len, span)
     }
 
@@ -194,7 +206,7 @@ impl<E: IndexEntry> IndexFile<E> {
         }
         let mut buf = Vec::with_capacity(E::BYTES);
         entry.encode(&mut buf);
-        if let Err(err) = self.file.append(&buf) {
+        if let Err(err) = self.file().and_then(|f| f.append(&buf)) {
             tracing::warn!(path = %self.path.display(), %err, "index append failed; will rewrite it");
             self.stale = true;
         }
@@ -203,8 +215,9 @@ impl<E: IndexEntry> IndexFile<E> {
     /// Writes the header and every entry in memory over the file's previous content.
     pub(crate) fn rewrite(&mut self) -> Result<(), LogError> {
         let bytes = encode_file::<E>(self.base, &self.entries);
-        self.file.truncate(0).map_err(LogError::io("truncate index", &self.path))?;
-        self.file.append(&bytes).map_err(LogError::io("write index", &self.path))?;
+        let file = self.file().map_err(LogError::io("truncate index", &self.path))?;
+        file.truncate(0).map_err(LogError::io("truncate index", &self.path))?;
+        file.append(&bytes).map_err(LogError::io("write index", &self.path))?;
         self.stale = false;
         Ok(())
     }
@@ -214,7 +227,7 @@ impl<E: IndexEntry> IndexFile<E> {
         if self.stale {
             self.rewrite()?;
         }
-        self.file.sync().map_err(LogError::io("sync index", &self.path))
+        self.file().and_then(|f| f.sync()).map_err(LogError::io("sync index", &self.path))
     }
 
     /// Path of the file.

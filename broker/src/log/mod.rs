@@ -21,6 +21,7 @@ mod recovery;
 mod segment;
 #[cfg(test)]
 mod tests;
+mod verify;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,8 +34,9 @@ use quiver_protocol::limits::MAX_BATCH_BYTES;
 use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
-pub use recovery::{RecoveryReport, Truncation};
+pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
+pub use verify::VerifyTarget;
 
 /// Largest `segment_bytes` (one limit for topics and the log).
 pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
@@ -171,6 +173,34 @@ impl RetentionReport {
     }
 }
 
+/// A file written at every roll, durably and before the new segment exists, as
+/// `<new base>.<ext>` (the partition's idempotent-producer snapshot as of the new segment's
+/// first batch).
+pub struct RollFile<'a> {
+    /// The file's extension.
+    pub ext: &'a str,
+    /// Its contents, asked for only when the log rolls.
+    pub contents: &'a dyn Fn() -> Vec<u8>,
+}
+
+/// Replaces the file at `path` with `bytes`: writes `<path>.tmp`, fsyncs it and renames it over
+/// `path`. The caller fsyncs the directory to make the new name durable.
+pub(crate) fn replace_file(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    // A fresh file: one left by an earlier failed attempt may hold pages a failed fsync dropped.
+    match storage.remove(&tmp) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(LogError::io("remove temp file", &tmp)(err)),
+    }
+    let f = storage.open(&tmp).map_err(LogError::io("create temp file", &tmp))?;
+    f.append(bytes).map_err(LogError::io("write temp file", &tmp))?;
+    f.sync().map_err(LogError::io("sync temp file", &tmp))?;
+    storage.rename(&tmp, path).map_err(LogError::io("rename temp file", path))
+}
+
 /// Makes everything appended before it was taken durable, without the log's lock.
 #[derive(Debug, Clone)]
 pub struct SyncHandle {
@@ -233,6 +263,8 @@ impl SyncHandle {
 #[derive(Debug, Clone)]
 pub struct ReadPlan {
     file: Option<Arc<dyn StorageFile>>,
+    /// The segment file, for errors.
+    path: Arc<Path>,
     position: u64,
     len: usize,
     first_offset: u64,
@@ -242,33 +274,50 @@ impl ReadPlan {
     /// Reads the span in one read and returns the whole batches in it (at least one), or
     /// nothing for an empty plan. Batch ends are found in the bytes read, not by reading each
     /// header from the file first: with `direct_writes` every file read is a device round trip.
-    pub fn execute(&self) -> io::Result<Bytes> {
+    /// Every batch's CRC is checked before it is handed out: bytes that do not match are never
+    /// served.
+    pub fn execute(&self) -> Result<Bytes, LogError> {
         self.execute_below(u64::MAX)
     }
 
     /// As [`execute`](ReadPlan::execute), keeping only the batches that start below offset
-    /// `limit` (a high watermark, which lags the log's end while an fsync runs).
-    pub fn execute_below(&self, limit: u64) -> io::Result<Bytes> {
+    /// `limit` (a high watermark, which lags the log's end while an fsync runs). A damaged batch
+    /// ends the span before it; if it is the first, the read fails with [`LogError::Corrupt`],
+    /// logged and counted in `quiver_corrupt_batches_total`.
+    pub fn execute_below(&self, limit: u64) -> Result<Bytes, LogError> {
         let Some(file) = &self.file else { return Ok(Bytes::new()) };
         // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
-        let bytes = file.read_bytes(self.position, self.len)?;
+        let bytes = file.read_bytes(self.position, self.len).map_err(LogError::io("read", &self.path))?;
         let mut end = 0;
         while bytes.len() - end >= BATCH_HEADER_BYTES {
-            let header = BatchHeader::parse(&bytes[end..]).map_err(|e| {
-                let at = self.position + end as u64;
-                io::Error::new(io::ErrorKind::InvalidData, format!("damaged batch at byte {at}: {e}"))
-            })?;
+            let header = match BatchHeader::parse(&bytes[end..]) {
+                Ok(header) => header,
+                Err(_) if end > 0 => break, // served up to it; the next read reports it
+                Err(e) => return Err(self.damaged(end, e.to_string())),
+            };
             if header.base_offset >= limit || header.total_len() > bytes.len() - end {
                 break; // past the limit, or the span ends inside this batch
             }
-            end += header.total_len();
+            let batch_end = end + header.total_len();
+            match batch::verify_crc(&bytes[end..batch_end], &header) {
+                Ok(()) => end = batch_end,
+                Err(_) if end > 0 => break,
+                Err(e) => return Err(self.damaged(end, e.to_string())),
+            }
         }
         if end == 0 && self.first_offset < limit {
             // The plan covers its first batch whole, so the file changed under it.
-            let at = self.position;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("no whole batch at byte {at}")));
+            return Err(self.damaged(0, "no whole batch".to_string()));
         }
         Ok(bytes.slice(..end))
+    }
+
+    /// A [`LogError::Corrupt`] for the batch at `at` bytes into the span, logged and counted.
+    fn damaged(&self, at: usize, reason: String) -> LogError {
+        let position = self.position + at as u64;
+        metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
+        tracing::error!(segment = %self.path.display(), position, %reason, "refusing to serve a damaged batch");
+        LogError::Corrupt { path: self.path.to_path_buf(), position, reason }
     }
 
     /// Bytes the plan reads: whole batches and possibly the start of one more.
@@ -303,7 +352,16 @@ pub struct PartitionLog {
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
     sync_failed: SyncState,
+    /// Base offsets of the closed segments whose log file is open, least recently used first;
+    /// at most [`OPEN_CLOSED_SEGMENTS`]. (Under the owner's lock already; the mutex is for
+    /// `&self` readers.)
+    open_closed: parking_lot::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// Closed segments per partition whose log file may be open at once (their index files are
+/// never open: lookups use the entries in memory). A partition holds at most 3 (the active
+/// segment's files) + this many descriptors, plus files that in-flight reads still hold.
+pub const OPEN_CLOSED_SEGMENTS: usize = 2;
 
 impl PartitionLog {
     /// Opens the partition in `dir` (creating it if missing) and recovers it (design.md §5.3).
@@ -315,7 +373,7 @@ impl PartitionLog {
         now_ms: i64,
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
-        let recovered = recovery::recover(&*storage, &dir, &config, now_ms)?;
+        let recovered = recovery::recover(&storage, &dir, &config, now_ms)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let log = PartitionLog {
             storage,
@@ -326,6 +384,7 @@ impl PartitionLog {
             size_bytes,
             poisoned: false,
             sync_failed: Default::default(),
+            open_closed: Default::default(),
         };
         Ok((log, recovered.report))
     }
@@ -340,6 +399,20 @@ impl PartitionLog {
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, LogError> {
+        self.append_with(batch, leader_epoch, now_ms, None)
+    }
+
+    /// As [`append`](Self::append); if the batch rolls the log, `roll_file` is written
+    /// durably as the new segment's side file before the new segment exists. If that write
+    /// fails, the roll fails: nothing is appended, the old segment stays active, and the next
+    /// append tries the roll again. So a segment never has data without its side file.
+    pub fn append_with(
+        &mut self,
+        batch: &mut [u8],
+        leader_epoch: i32,
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
         if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
@@ -353,7 +426,7 @@ impl PartitionLog {
         let header = BatchHeader { base_offset, leader_epoch, ..header };
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
-            self.roll()?;
+            self.roll(roll_file)?;
         }
         let Some(at) = BatchAt::new(self.active.base, self.active.size, header) else {
             // A fresh segment always fits one batch (at most MAX_RECORDS_PER_BATCH offsets).
@@ -371,7 +444,8 @@ impl PartitionLog {
 
     /// A handle that syncs everything appended so far; see the module docs for group commit.
     pub fn sync_handle(&self) -> SyncHandle {
-        let file = (!self.is_poisoned()).then(|| self.active.log.clone());
+        // The active segment's file is always open, so this does not fail in practice.
+        let file = if self.is_poisoned() { None } else { self.active.log().ok() };
         SyncHandle { file, durable_offset: self.next_offset(), failed: self.sync_failed.clone() }
     }
 
@@ -399,20 +473,42 @@ impl PartitionLog {
             return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
         }
         if offset == next {
-            return Ok(ReadPlan { file: None, position: 0, len: 0, first_offset: next });
+            let path = Arc::from(self.active.log_path.as_path());
+            return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next });
         }
         let seg = self.segment_for(offset);
+        if let Some(range) = seg.damage_at(offset) {
+            metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
+            let reason = format!("offsets {}..{} are damaged (found at start)", range.start, range.end);
+            return Err(seg.corrupt(0, reason));
+        }
+        let file = self.open_log(seg)?;
         let (start, first) = seg.find_batch(offset)?;
+        if first.base_offset > offset {
+            // Only a damaged span can make the walk skip past the offset asked for.
+            return Err(seg.corrupt(start, format!("no batch holds offset {offset}")));
+        }
         // The first batch whole, then up to the budget; `execute` drops a batch cut short.
         let budget = max_bytes.min(MAX_READ_BYTES).max(first.total_len()) as u64;
         let end = start.saturating_add(budget).min(seg.size);
         Ok(ReadPlan {
-            file: Some(seg.log.clone()),
+            file: Some(file),
+            path: Arc::from(seg.log_path.as_path()),
             position: start,
             // At most MAX_READ_BYTES or one batch, so it fits in usize.
             len: usize::try_from(end - start).unwrap_or(usize::MAX),
             first_offset: first.base_offset,
         })
+    }
+
+    /// Where reading can go on after a read at `offset` failed with [`LogError::Corrupt`]: the
+    /// end of the damaged span recovery found there, else the next segment.
+    pub fn resume_after_damage(&self, offset: u64) -> u64 {
+        let seg = self.segment_for(offset);
+        match seg.damage_at(offset) {
+            Some(range) => range.end,
+            None => seg.next_offset.max(offset + 1),
+        }
     }
 
     /// The first offset still in the log.
@@ -429,6 +525,10 @@ impl PartitionLog {
     /// batch is older (a subscriber then starts at the next offset).
     pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<u64>, LogError> {
         for seg in self.segments() {
+            if seg.max_timestamp < ts_ms {
+                continue; // answered from memory, without opening the file
+            }
+            self.open_log(seg)?;
             if let Some(offset) = seg.offset_for_timestamp(ts_ms)? {
                 return Ok(Some(offset));
             }
@@ -463,33 +563,23 @@ impl PartitionLog {
         Ok(report)
     }
 
-    /// Base offset of the active segment (where recovery rebuilds per-producer state from).
-    /// Writes a side file of the active segment (`<base>.<ext>`), replacing an older version,
-    /// and syncs it. A torn write must be detectable by the caller's format (a checksum).
-    pub fn write_side_file(&self, ext: &str, bytes: &[u8]) -> Result<(), LogError> {
-        let path = self.dir.join(segment::file_name(self.active.base, ext));
-        let f = self.storage.open(&path).map_err(LogError::io("open side file", &path))?;
-        f.truncate(0).map_err(LogError::io("truncate side file", &path))?;
-        f.append(bytes).map_err(LogError::io("write side file", &path))?;
-        f.sync().map_err(LogError::io("sync side file", &path))?;
-        // Side files of older segments are superseded.
+    /// Base offsets of the side files `<base>.<ext>` in the partition directory, ascending.
+    pub fn side_file_bases(&self, ext: &str) -> Result<Vec<u64>, LogError> {
         let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
         let suffix = format!(".{ext}");
-        for name in names {
-            let older = name
-                .strip_suffix(&suffix)
-                .and_then(|stem| stem.parse::<u64>().ok())
-                .is_some_and(|base| base < self.active.base);
-            if older {
-                let _ = self.storage.remove(&self.dir.join(&name));
-            }
-        }
-        Ok(())
+        let mut bases: Vec<u64> = names
+            .iter()
+            .filter_map(|name| name.strip_suffix(&suffix))
+            .filter(|stem| stem.len() == 20)
+            .filter_map(|stem| stem.parse::<u64>().ok())
+            .collect();
+        bases.sort_unstable();
+        Ok(bases)
     }
 
-    /// The active segment's side file `<base>.<ext>`, if there is one of at most `max_bytes`.
-    pub fn read_side_file(&self, ext: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LogError> {
-        let name = segment::file_name(self.active.base, ext);
+    /// The side file `<base>.<ext>`, if there is one of at most `max_bytes`.
+    pub fn read_side_file(&self, base: u64, ext: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, LogError> {
+        let name = segment::file_name(base, ext);
         let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
         if !names.contains(&name) {
             return Ok(None);
@@ -506,11 +596,37 @@ impl PartitionLog {
         Ok(Some(buf))
     }
 
+    /// Writes the side file `<base>.<ext>` with the one protocol for files written whole:
+    /// `<name>.tmp`, fsync, rename over the old version, fsync the directory. A crash at any
+    /// point leaves either the old version or the new one, never a mix (a leftover `.tmp` is
+    /// removed when the partition is opened).
+    fn write_side_file(&self, base: u64, ext: &str, bytes: &[u8]) -> Result<(), LogError> {
+        let path = self.dir.join(segment::file_name(base, ext));
+        replace_file(&*self.storage, &path, bytes)?;
+        self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))
+    }
+
+    /// Removes side files `<base>.<ext>` with a base below `below` (best effort: a leftover
+    /// one is only disk space, and the next roll tries again).
+    fn remove_side_files_below(&self, ext: &str, below: u64) {
+        let bases = match self.side_file_bases(ext) {
+            Ok(bases) => bases,
+            Err(err) => return tracing::warn!(%err, "could not list old side files"),
+        };
+        for base in bases.into_iter().filter(|&b| b < below) {
+            let path = self.dir.join(segment::file_name(base, ext));
+            if let Err(err) = self.storage.remove(&path) {
+                tracing::warn!(path = %path.display(), %err, "could not remove an old side file");
+            }
+        }
+    }
+
     /// Whether a write or sync failed (here or on a sync thread); appends are refused.
     fn is_poisoned(&self) -> bool {
         self.poisoned || self.sync_failed.failed()
     }
 
+    /// Base offset of the active segment.
     pub fn active_base_offset(&self) -> u64 {
         self.active.base
     }
@@ -548,6 +664,25 @@ impl PartitionLog {
         i.checked_sub(1).and_then(|i| self.closed.get(i)).unwrap_or(&self.active)
     }
 
+    /// The log file of `seg`, opening it if it is a released closed segment, and closing the
+    /// least recently used one if that makes more than [`OPEN_CLOSED_SEGMENTS`] open.
+    fn open_log(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>, LogError> {
+        if seg.base == self.active.base {
+            return seg.log();
+        }
+        let file = seg.log()?;
+        let mut open = self.open_closed.lock();
+        open.retain(|&b| b != seg.base);
+        open.push_back(seg.base);
+        while open.len() > OPEN_CLOSED_SEGMENTS {
+            let Some(evict) = open.pop_front() else { break };
+            if let Ok(i) = self.closed.binary_search_by_key(&evict, |s| s.base) {
+                self.closed[i].release_log();
+            }
+        }
+        Ok(file)
+    }
+
     /// Whether `header` must go into a new segment. An empty segment always takes the batch.
     fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
         let seg = &self.active;
@@ -563,7 +698,7 @@ impl PartitionLog {
 
     /// Seals the active segment and starts a new one at the next offset (design.md §6: the
     /// old segment and the directory are synced before anything goes into the new one).
-    fn roll(&mut self) -> Result<(), LogError> {
+    fn roll(&mut self, roll_file: Option<&RollFile<'_>>) -> Result<(), LogError> {
         {
             // No periodic sync runs meanwhile (a roll waits for one in progress), and a failed
             // one stops the roll.
@@ -580,11 +715,20 @@ impl PartitionLog {
             }
         }
         // A failure from here on leaves the old segment active and intact; the next append
-        // retries the roll (sealing again is harmless).
-        let new = Segment::create(&*self.storage, &self.dir, self.next_offset())?;
+        // retries the roll (sealing again is harmless, and so is rewriting the side file).
+        if let Some(file) = roll_file {
+            self.write_side_file(self.next_offset(), file.ext, &(file.contents)())?;
+        }
+        let new = Segment::create(&self.storage, &self.dir, self.next_offset())?;
         self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
         let old = std::mem::replace(&mut self.active, new);
         tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");
+        if let Some(file) = roll_file {
+            // The previous segment's side file stays, a fallback should the new one be damaged.
+            self.remove_side_files_below(file.ext, old.base);
+        }
+        let mut old = old;
+        old.release(); // reopened on demand, within the bound of open closed segments
         self.closed.push(old);
         Ok(())
     }
@@ -607,6 +751,7 @@ impl PartitionLog {
             }
         }
         let removed = self.closed.remove(0);
+        self.open_closed.lock().retain(|&b| b != removed.base);
         self.size_bytes -= removed.size;
         Ok(())
     }

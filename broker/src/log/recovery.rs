@@ -8,9 +8,10 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::index::{IndexEntry, IndexFile, OffsetEntry, TimeEntry};
-use super::segment::{Check, Segment, TailDefect};
+use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
 
@@ -27,6 +28,9 @@ pub struct RecoveryReport {
     pub skipped_files: Vec<String>,
     /// Index files without a segment (left by an interrupted deletion), removed.
     pub removed_files: Vec<String>,
+    /// Damaged spans with valid batches after them: corruption, not a torn write. Kept in
+    /// place (reads of them fail with a clear error) and copied to `quarantine/`.
+    pub damaged: Vec<Damage>,
 }
 
 impl RecoveryReport {
@@ -51,6 +55,136 @@ pub struct Truncation {
     pub reason: TailDefect,
 }
 
+/// A damaged span of a segment followed by valid data (or, in a closed segment, by the next
+/// segment): not a torn write, so never cut (design.md §5.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Where the damage starts: the end of the last good batch before it.
+    pub position: u64,
+    /// Bytes up to the next good batch (or the end of a closed segment).
+    pub len: u64,
+    /// The offsets those bytes held, which reads now refuse.
+    pub offsets: std::ops::Range<u64>,
+    /// What was wrong with the first batch of the span.
+    pub reason: TailDefect,
+}
+
+/// Where a damage-tolerant scan ended: the end of the last good batch, and the defect if
+/// nothing valid follows it; plus the damaged spans it stepped over.
+pub(crate) struct Scan {
+    pub(crate) end: ScanEnd,
+    pub(crate) damage: Vec<Damage>,
+}
+
+/// Walks the batches of a segment file from its start to `len`, calling `on_batch` for each
+/// good one (with `true` for the first after damage); `on_batch` returning false stops the
+/// scan. A defect followed by a valid batch further on is damage: recorded, then stepped over.
+/// A defect with nothing valid after it ends the scan.
+pub(crate) fn scan(
+    walker: &Walker,
+    base: u64,
+    len: u64,
+    mut on_batch: impl FnMut(BatchAt, bool) -> bool,
+) -> Result<Scan, LogError> {
+    let (mut pos, mut offset, mut resumed) = (0, base, false);
+    let mut damage = Vec::new();
+    loop {
+        let mut stopped = false;
+        let end = walker.run(pos, offset, len, |at| {
+            let go_on = on_batch(at, std::mem::take(&mut resumed));
+            stopped = !go_on;
+            go_on
+        })?;
+        let defect = match &end.defect {
+            Some(defect) if !stopped => defect.clone(),
+            _ => return Ok(Scan { end, damage }),
+        };
+        let Some(at) = walker.resync(end.pos, end.next_offset, len)? else {
+            return Ok(Scan { end, damage });
+        };
+        let resume = u64::from(at.pos);
+        damage.push(Damage {
+            path: walker.path().to_path_buf(),
+            position: end.pos,
+            len: resume - end.pos,
+            offsets: end.next_offset..at.header.base_offset,
+            reason: defect,
+        });
+        (pos, offset, resumed) = (resume, at.header.base_offset, true);
+    }
+}
+
+/// Reports damage found in a segment: an error naming the file, position and offsets, the
+/// `quiver_corrupt_batches_total` metric, and a copy of the damaged bytes in `quarantine/`.
+pub(crate) fn report_damage(
+    storage: &dyn Storage,
+    dir: &Path,
+    seg_log: &dyn crate::storage::StorageFile,
+    d: &Damage,
+    found_by: &'static str,
+) {
+    metrics::counter!("quiver_corrupt_batches_total", "found_by" => found_by).increment(1);
+    let copy = quarantine(storage, dir, seg_log, d);
+    tracing::error!(
+        segment = %d.path.display(),
+        position = d.position,
+        bytes = d.len,
+        first_offset = d.offsets.start,
+        end_offset = d.offsets.end,
+        reason = %d.reason,
+        copy = ?copy.as_ref().map(|p| p.display().to_string()),
+        "damaged batches with valid data after them: corruption, not a torn write; kept in place, reads of these offsets fail"
+    );
+}
+
+/// Most bytes of one damaged span copied to `quarantine/`.
+const MAX_QUARANTINE_BYTES: u64 = 64 << 20;
+
+/// Copies a damaged span to `<dir>/quarantine/<segment file>.<position>` (once: an existing
+/// copy is kept). Best effort: the bytes stay in the segment either way.
+fn quarantine(
+    storage: &dyn Storage,
+    dir: &Path,
+    log: &dyn crate::storage::StorageFile,
+    d: &Damage,
+) -> Option<PathBuf> {
+    let qdir = dir.join("quarantine");
+    let name = d.path.file_name()?.to_string_lossy().into_owned();
+    let path = qdir.join(format!("{name}.{}", d.position));
+    let result = (|| -> std::io::Result<()> {
+        storage.create_dir_all(&qdir)?;
+        storage.sync_dir(dir)?;
+        if storage.list(&qdir)?.iter().any(|n| qdir.join(n) == path) {
+            return Ok(());
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = storage.remove(&tmp);
+        let f = storage.open(&tmp)?;
+        let (mut pos, end) = (d.position, d.position + d.len.min(MAX_QUARANTINE_BYTES));
+        let mut buf = vec![0u8; (1 << 20).min((end - pos) as usize)];
+        while pos < end {
+            let n = buf.len().min((end - pos) as usize);
+            log.read_exact_at(pos, &mut buf[..n])?;
+            f.append(&buf[..n])?;
+            pos += n as u64;
+        }
+        f.sync()?;
+        storage.rename(&tmp, &path)?;
+        storage.sync_dir(&qdir)
+    })();
+    match result {
+        Ok(()) => Some(path),
+        Err(err) => {
+            tracing::warn!(path = %path.display(), %err, "could not copy damaged bytes to quarantine");
+            None
+        }
+    }
+}
+
 /// Segments of a recovered partition: the closed ones, oldest first, and the active one.
 pub(crate) struct Recovered {
     pub(crate) closed: Vec<Segment>,
@@ -60,14 +194,14 @@ pub(crate) struct Recovered {
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
 pub(crate) fn recover(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     config: &LogConfig,
     now_ms: i64,
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
-    let bases = find_segments(storage, dir, &mut report)?;
+    let bases = find_segments(&**storage, dir, &mut report)?;
     let Some((&last, closed_bases)) = bases.split_last() else {
         let active = Segment::create(storage, dir, 0)?;
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
@@ -77,7 +211,11 @@ pub(crate) fn recover(
     let mut closed = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
         let next_base = bases.get(i + 1).copied().unwrap_or(last);
-        closed.push(open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?);
+        let mut seg = open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?;
+        // Closed segments' files open on demand (a bounded number at a time), so a broker's
+        // file descriptors do not grow with the number of segments.
+        seg.release();
+        closed.push(seg);
     }
     let mut active = open_last(storage, dir, last, config.index_interval_bytes, &mut report)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
@@ -93,6 +231,9 @@ enum FileKind {
     /// Idempotent-producer state as of the segment's start (`<base>.producers`), kept by the
     /// partition, not the log.
     Producers,
+    /// A file being replaced (`<base>.<ext>.tmp`) when the broker stopped: never renamed, so
+    /// never part of the partition.
+    Temp,
 }
 
 /// Parses `<20 digits>.log|index|timeindex`.
@@ -102,6 +243,9 @@ fn parse_name(name: &str) -> Option<(u64, FileKind)> {
         return None;
     }
     let base = stem.parse().ok()?;
+    if ext.strip_suffix(".tmp").is_some_and(|ext| parse_name(&format!("{stem}.{ext}")).is_some()) {
+        return Some((base, FileKind::Temp));
+    }
     match ext {
         "log" => Some((base, FileKind::Log)),
         "index" | "timeindex" => Some((base, FileKind::Index)),
@@ -127,6 +271,12 @@ fn find_segments(
             }
             Some((base, FileKind::Index)) => indexes.push((base, name)),
             Some((_, FileKind::Producers)) => {}
+            Some((_, FileKind::Temp)) => {
+                if let Err(err) = storage.remove(&dir.join(&name)) {
+                    tracing::warn!(dir = %dir.display(), file = %name, %err, "could not remove a temp file");
+                }
+                report.removed_files.push(name);
+            }
             None => {
                 tracing::warn!(dir = %dir.display(), file = %name, "skipping a file that is not part of a segment");
                 report.skipped_files.push(name);
@@ -149,7 +299,7 @@ fn find_segments(
 
 /// Opens a closed segment that must end exactly at `next_base`.
 fn open_closed(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     next_base: u64,
@@ -157,7 +307,7 @@ fn open_closed(
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
-    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
     let span = next_base - base;
     let why = match (seg.offsets.load(len, span), seg.times.load(len, span)) {
         (Ok(offsets), Ok(times)) => match trust_indexes(&mut seg, offsets, times, len, next_base)? {
@@ -169,17 +319,35 @@ fn open_closed(
     };
     tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
     seg.reset();
-    let walker = seg.walker(Check::Headers);
-    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    let walker = seg.walker(Check::Headers)?;
+    let Scan { end, mut damage } = scan(&walker, base, len, |at, resumed| {
+        seg.track(at, interval, false, resumed);
+        true
+    })?;
     // A closed segment was synced before the next one was created, so damage here is not a
-    // torn write: refuse to guess rather than drop acknowledged data or leave an offset gap.
-    if let Some(defect) = end.defect {
-        return Err(seg.corrupt(end.pos, format!("closed segment: {defect}")));
-    }
-    if end.next_offset != next_base {
+    // torn write: a damaged end is kept in place up to the next segment, never cut.
+    if let Some(reason) = end.defect {
+        if end.next_offset >= next_base {
+            return Err(seg.corrupt(end.pos, format!("closed segment: {reason}")));
+        }
+        damage.push(Damage {
+            path: seg.log_path.clone(),
+            position: end.pos,
+            len: len - end.pos,
+            offsets: end.next_offset..next_base,
+            reason,
+        });
+        seg.size = len;
+        seg.next_offset = next_base;
+    } else if end.next_offset != next_base {
         let reason =
             format!("closed segment ends at offset {}, next segment starts at {next_base}", end.next_offset);
         return Err(seg.corrupt(end.pos, reason));
+    }
+    for d in damage {
+        report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
+        seg.damaged.push(d.offsets.clone());
+        report.damaged.push(d);
     }
     rewrite_indexes(&mut seg, true)?;
     report.rebuilt_indexes.push(base);
@@ -200,9 +368,10 @@ fn trust_indexes(
     // so the walk below supplies the rest of the segment's max timestamp, which retention by
     // age relies on.
     let mut max_ts = times.last().map_or(i64::MIN, |t| t.max_ts);
-    let walker = seg.walker(Check::Headers);
+    let walker = seg.walker(Check::Headers)?;
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
+        true
     })?;
     if end.defect.is_some() || end.pos != len || end.next_offset != next_base {
         return Ok(false);
@@ -224,28 +393,36 @@ fn is_padding(seg: &Segment, from: u64, len: u64) -> Result<bool, LogError> {
         return Ok(false);
     }
     let mut bytes = vec![0u8; n as usize];
-    seg.log.read_exact_at(from, &mut bytes).map_err(LogError::io("read segment", &seg.log_path))?;
+    seg.log()?.read_exact_at(from, &mut bytes).map_err(LogError::io("read segment", &seg.log_path))?;
     Ok(bytes.iter().all(|&b| b == 0))
 }
 
 /// Opens the last segment: scans every batch with its CRC, cuts the file at the first bad one
 /// and rewrites the indexes if they differ from what the scan built.
 fn open_last(
-    storage: &dyn Storage,
+    storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     interval: u32,
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
-    let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
-    let walker = seg.walker(Check::Crc);
-    let end = walker.run(0, base, len, |at| seg.track(at, interval, false))?;
+    let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    let walker = seg.walker(Check::Crc)?;
+    let Scan { end, damage } = scan(&walker, base, len, |at, resumed| {
+        seg.track(at, interval, false, resumed);
+        true
+    })?;
+    for d in damage {
+        report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
+        seg.damaged.push(d.offsets.clone());
+        report.damaged.push(d);
+    }
     if end.defect.is_some() && is_padding(&seg, end.pos, len)? {
         // The zeros after the last block written with O_DIRECT (storage/direct.rs), left by a
         // crash or a clean shutdown alike: not damage.
         tracing::debug!(segment = %seg.log_path.display(), bytes = len - end.pos, "cutting block padding");
-        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
     } else if let Some(reason) = end.defect {
         let dropped = len - end.pos;
         tracing::warn!(
@@ -255,8 +432,8 @@ fn open_last(
             %reason,
             "truncating a damaged tail"
         );
-        seg.log.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
-        seg.log.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
+        seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        seg.log()?.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
         report.truncation = Some(Truncation {
             segment_base: base,
             path: seg.log_path.clone(),
@@ -304,7 +481,8 @@ mod tests {
         assert_eq!(parse_name("00000000000000000042.timeindex"), Some((42, FileKind::Index)));
         assert_eq!(parse_name("42.log"), None);
         assert_eq!(parse_name("0000000000000000004x.log"), None);
-        assert_eq!(parse_name("00000000000000000042.log.tmp"), None);
+        assert_eq!(parse_name("00000000000000000042.producers.tmp"), Some((42, FileKind::Temp)));
+        assert_eq!(parse_name("00000000000000000042.other.tmp"), None);
         assert_eq!(parse_name("99999999999999999999.log"), None); // over u64::MAX
         assert_eq!(parse_name("+0000000000000000042.log"), None);
     }

@@ -13,6 +13,9 @@ use super::index::{IndexFile, OffsetEntry, TimeEntry};
 use super::LogError;
 use crate::storage::{Storage, StorageFile};
 
+/// Where the magic byte sits in a batch header.
+const MAGIC_AT: usize = 16;
+
 /// Why a scan of a segment stopped before the end of its file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TailDefect {
@@ -96,7 +99,10 @@ pub(crate) fn file_name(base: u64, ext: &str) -> String {
 pub(crate) struct Segment {
     /// Offset of the first batch; also the file name.
     pub(crate) base: u64,
-    pub(crate) log: Arc<dyn StorageFile>,
+    /// The log file while open: always for the active segment; for a closed one, while the
+    /// partition's bounded set of open closed segments holds it (design.md §5.6).
+    log: parking_lot::Mutex<Option<Arc<dyn StorageFile>>>,
+    storage: Arc<dyn Storage>,
     pub(crate) log_path: PathBuf,
     pub(crate) offsets: IndexFile<OffsetEntry>,
     pub(crate) times: IndexFile<TimeEntry>,
@@ -110,31 +116,36 @@ pub(crate) struct Segment {
     /// it was reopened. Producer timestamps are not used: a skewed client clock would otherwise
     /// roll a segment on every append.
     pub(crate) roll_base_ms: Option<i64>,
+    /// Offset ranges whose bytes recovery found damaged and kept in place (design.md §5.3):
+    /// reads of them fail with [`LogError::Corrupt`].
+    pub(crate) damaged: Vec<std::ops::Range<u64>>,
 }
 
 impl Segment {
     /// Opens the three files of a segment (creating missing ones) without reading them; the
     /// segment starts out empty in memory.
-    pub(crate) fn open_files(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+    pub(crate) fn open_files(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
         let log_path = dir.join(file_name(base, "log"));
         let log = storage.open_segment(&log_path).map_err(LogError::io("open segment", &log_path))?;
         Ok(Segment {
             base,
-            log,
+            log: parking_lot::Mutex::new(Some(log)),
+            storage: storage.clone(),
             log_path,
-            offsets: IndexFile::open(storage, dir.join(file_name(base, "index")), base)?,
-            times: IndexFile::open(storage, dir.join(file_name(base, "timeindex")), base)?,
+            offsets: IndexFile::open(&**storage, dir.join(file_name(base, "index")), base)?,
+            times: IndexFile::open(&**storage, dir.join(file_name(base, "timeindex")), base)?,
             size: 0,
             next_offset: base,
             max_timestamp: i64::MIN,
             roll_base_ms: None,
+            damaged: Vec::new(),
         })
     }
 
     /// Creates a new empty segment. The caller syncs the directory.
-    pub(crate) fn create(storage: &dyn Storage, dir: &Path, base: u64) -> Result<Segment, LogError> {
+    pub(crate) fn create(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
         let mut seg = Segment::open_files(storage, dir, base)?;
-        let len = seg.log.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+        let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
         // Names only grow, so a non-empty file here is one we must not overwrite.
         if len != 0 {
             return Err(seg.corrupt(0, format!("new segment already holds {len} bytes")));
@@ -142,6 +153,34 @@ impl Segment {
         seg.offsets.rewrite()?;
         seg.times.rewrite()?;
         Ok(seg)
+    }
+
+    /// The log file, opened if it was released. The caller of a closed segment's file tells
+    /// the partition's open-file bound ([`PartitionLog`](super::PartitionLog) does).
+    pub(crate) fn log(&self) -> Result<Arc<dyn StorageFile>, LogError> {
+        let mut slot = self.log.lock();
+        if let Some(file) = &*slot {
+            return Ok(file.clone());
+        }
+        let file = self
+            .storage
+            .open_segment(&self.log_path)
+            .map_err(LogError::io("open segment", &self.log_path))?;
+        *slot = Some(file.clone());
+        Ok(file)
+    }
+
+    /// Closes the segment's files (a closed segment's indexes live in memory; its log file
+    /// reopens on demand). Readers holding the file keep it open until they finish.
+    pub(crate) fn release(&mut self) {
+        self.release_log();
+        self.offsets.release();
+        self.times.release();
+    }
+
+    /// Closes the log file (reopened on demand).
+    pub(crate) fn release_log(&self) {
+        *self.log.lock() = None;
     }
 
     /// Paths of the three files.
@@ -157,20 +196,21 @@ impl Segment {
         interval: u32,
         now_ms: i64,
     ) -> Result<(), LogError> {
-        self.log.append(bytes).map_err(LogError::io("append", &self.log_path))?;
-        self.track(at, interval, true);
+        self.log()?.append(bytes).map_err(LogError::io("append", &self.log_path))?;
+        self.track(at, interval, true, false);
         self.roll_base_ms.get_or_insert(now_ms);
         Ok(())
     }
 
     /// Accounts for a batch that is in the file at `at.pos`: sizes, offsets, and index entries
-    /// (written to the index files too if `write`).
-    pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool) {
+    /// (written to the index files too if `write`). `after_damage` forces an index entry: the
+    /// first batch after a damaged span must be found without walking through it.
+    pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool, after_damage: bool) {
         let header = &at.header;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         // An entry once `interval` bytes were appended since the last one; the first batch of
         // a segment always. Derived from positions only, so a rebuild gives the same entries.
-        let due = self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
+        let due = after_damage || self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
         if due {
             self.offsets.push(OffsetEntry { rel: at.rel, pos: at.pos }, write);
             if self.times.last().is_none_or(|t| self.max_timestamp > t.max_ts) {
@@ -185,8 +225,9 @@ impl Segment {
     pub(crate) fn seal(&mut self) -> Result<(), LogError> {
         // A closed segment must end exactly where its last batch ends (recovery checks it):
         // cut any padding a direct-write file carries.
-        self.log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
-        self.log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
+        let log = self.log()?;
+        log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
+        log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
         self.offsets.sync()?;
         self.times.sync()
     }
@@ -198,7 +239,7 @@ impl Segment {
             return Err(self.corrupt(pos, format!("{left} bytes left, no batch header")));
         }
         let mut buf = [0u8; BATCH_HEADER_BYTES];
-        self.log.read_exact_at(pos, &mut buf).map_err(LogError::io("read", &self.log_path))?;
+        self.log()?.read_exact_at(pos, &mut buf).map_err(LogError::io("read", &self.log_path))?;
         let header = BatchHeader::parse(&buf).map_err(|e| self.corrupt(pos, e.to_string()))?;
         if header.total_len() as u64 > left {
             return Err(self.corrupt(pos, format!("batch of {} bytes, {left} left", header.total_len())));
@@ -240,8 +281,8 @@ impl Segment {
 
     /// A scanner over this segment's file that does not borrow the segment, so the callback
     /// of [`Walker::run`] may update it.
-    pub(crate) fn walker(&self, check: Check) -> Walker {
-        Walker { log: self.log.clone(), path: self.log_path.clone(), base: self.base, check }
+    pub(crate) fn walker(&self, check: Check) -> Result<Walker, LogError> {
+        Ok(Walker { log: self.log()?, path: self.log_path.clone(), base: self.base, check })
     }
 
     /// Forgets everything in memory about the segment's content (before a rebuild).
@@ -251,6 +292,12 @@ impl Segment {
         self.size = 0;
         self.next_offset = self.base;
         self.max_timestamp = i64::MIN;
+        self.damaged.clear();
+    }
+
+    /// The damaged range holding `offset`, if recovery found one.
+    pub(crate) fn damage_at(&self, offset: u64) -> Option<std::ops::Range<u64>> {
+        self.damaged.iter().find(|r| r.contains(&offset)).cloned()
     }
 
     /// A [`LogError::Corrupt`] for this segment.
@@ -269,14 +316,20 @@ pub(crate) struct Walker {
 }
 
 impl Walker {
+    /// The segment file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Walks the batches from `pos` (a batch boundary holding `offset`) to `end`, calling
-    /// `on_batch` for each good one, and stops at the first defect.
+    /// `on_batch` for each good one, and stops at the first defect, or early (with no defect)
+    /// when `on_batch` returns false.
     pub(crate) fn run(
         &self,
         mut pos: u64,
         mut offset: u64,
         end: u64,
-        mut on_batch: impl FnMut(BatchAt),
+        mut on_batch: impl FnMut(BatchAt) -> bool,
     ) -> Result<ScanEnd, LogError> {
         let mut buf = Vec::new();
         while pos < end {
@@ -284,12 +337,81 @@ impl Walker {
                 Ok(at) => {
                     pos += at.header.total_len() as u64;
                     offset = at.header.next_offset();
-                    on_batch(at);
+                    if !on_batch(at) {
+                        break;
+                    }
                 }
                 Err(defect) => return Ok(ScanEnd { pos, next_offset: offset, defect: Some(defect) }),
             }
         }
         Ok(ScanEnd { pos, next_offset: offset, defect: None })
+    }
+
+    /// The first position after `from` (before `end`) holding a whole batch with a valid CRC
+    /// and a base offset from `min_offset` on that the segment can index, with its header:
+    /// where valid data resumes after damage at `from`. The end of the damaged batch as its
+    /// header says is tried first (a flipped bit usually leaves the length intact); then every
+    /// position, in bounded windows.
+    pub(crate) fn resync(&self, from: u64, min_offset: u64, end: u64) -> Result<Option<BatchAt>, LogError> {
+        let mut buf = Vec::new();
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        let hint = match end - from >= BATCH_HEADER_BYTES as u64 {
+            true => {
+                self.log.read_exact_at(from, &mut head).map_err(LogError::io("read", &self.path))?;
+                BatchHeader::parse(&head).ok().map(|h| from + h.total_len() as u64)
+            }
+            false => None,
+        };
+        if let Some(pos) = hint.filter(|&p| p > from && p < end) {
+            if let Some(at) = self.valid_batch_at(pos, min_offset, end, &mut buf)? {
+                return Ok(Some(at));
+            }
+        }
+        const WINDOW: u64 = 64 * 1024;
+        let mut window = Vec::new();
+        let mut start = from + 1;
+        while start + BATCH_HEADER_BYTES as u64 <= end {
+            let len = (WINDOW + BATCH_HEADER_BYTES as u64).min(end - start);
+            window.resize(len as usize, 0);
+            self.log.read_exact_at(start, &mut window).map_err(LogError::io("read", &self.path))?;
+            let candidates = window.len().saturating_sub(BATCH_HEADER_BYTES - 1).min(WINDOW as usize);
+            for i in 0..candidates {
+                // The magic byte first: a cheap filter before a header parse.
+                if window[i + MAGIC_AT] != 2 {
+                    continue;
+                }
+                let pos = start + i as u64;
+                if let Some(at) = self.valid_batch_at(pos, min_offset, end, &mut buf)? {
+                    return Ok(Some(at));
+                }
+            }
+            start += candidates as u64;
+        }
+        Ok(None)
+    }
+
+    /// The batch at `pos` if it is whole, has a valid CRC and a base offset from `min_offset`
+    /// on that the segment can index.
+    fn valid_batch_at(
+        &self,
+        pos: u64,
+        min_offset: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<BatchAt>, LogError> {
+        if end - pos < BATCH_HEADER_BYTES as u64 {
+            return Ok(None);
+        }
+        let mut head = [0u8; BATCH_HEADER_BYTES];
+        self.log.read_exact_at(pos, &mut head).map_err(LogError::io("read", &self.path))?;
+        let Ok(header) = BatchHeader::parse(&head) else { return Ok(None) };
+        if header.base_offset < min_offset || header.total_len() as u64 > end - pos {
+            return Ok(None);
+        }
+        let Some(at) = BatchAt::new(self.base, pos, header) else { return Ok(None) };
+        buf.resize(header.total_len(), 0);
+        self.log.read_exact_at(pos, buf).map_err(LogError::io("read", &self.path))?;
+        Ok(batch::verify_crc(buf, &header).is_ok().then_some(at))
     }
 
     /// Checks the batch at `pos`. `Err` is an IO failure, `Ok(Err)` a defect in the bytes.

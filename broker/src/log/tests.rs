@@ -402,21 +402,96 @@ fn flip_in_batch(path: &Path, model: &[Bytes], from_end: usize) -> TestResult {
     Ok(())
 }
 
+/// Reads of every offset of `model` but those of `damaged` (which must fail as corrupt).
+fn check_reads_around(log: &PartitionLog, model: &[Bytes], damaged: usize) -> TestResult {
+    for (i, b) in model.iter().enumerate() {
+        let h = BatchHeader::parse(b)?;
+        for offset in h.base_offset..=h.last_offset() {
+            let read = log.read_plan(offset, 1 << 20).and_then(|plan| plan.execute());
+            if i == damaged {
+                assert!(matches!(read, Err(LogError::Corrupt { .. })), "offset {offset}: {read:?}");
+                continue;
+            }
+            let got: Vec<(BatchHeader, Bytes)> = BatchSplitter::new(read?).collect::<Result<_, _>>()?;
+            assert_eq!(got.first().map(|(_, b)| b), Some(b), "offset {offset}");
+            // A read that starts before the damage stops at it: nothing damaged is served.
+            let expected_len = if i < damaged { damaged - i } else { model.len() - i };
+            assert_eq!(got.len(), expected_len, "offset {offset}");
+            for (j, (_, got)) in got.iter().enumerate() {
+                assert_eq!(got, &model[i + j]);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
-fn flipped_byte_drops_from_that_batch_on() -> TestResult {
-    for from_end in [1, 2] {
+fn flipped_bit_in_the_last_batch_is_a_torn_tail_and_cut() -> TestResult {
+    let cfg = config(1 << 20);
+    let (tmp, storage, model) = fs_log(10, &cfg)?;
+    let dir = tmp.path().join("p");
+    flip_in_batch(&last_segment(&*storage, &dir)?, &model, 1)?;
+    let (log, report) = open(&storage, &dir, &cfg)?;
+    let cut = report.truncation.ok_or("no truncation reported")?;
+    assert!(matches!(cut.reason, TailDefect::Crc(_)), "{:?}", cut.reason);
+    assert_eq!(cut.bytes_dropped, model[model.len() - 1].len() as u64);
+    assert!(report.damaged.is_empty());
+    check_reads(&log, &model[..model.len() - 1])
+}
+
+/// A flipped bit in a synced batch with valid batches after it is corruption, not a torn
+/// write: nothing after it is dropped, the damaged batch is refused on read with a clear error,
+/// and its bytes are copied to `quarantine/`. Appends go on after the valid data.
+#[test]
+fn flipped_bit_mid_active_segment_keeps_everything_after_it() -> TestResult {
+    for from_end in [2, 5] {
         let cfg = config(1 << 20);
         let (tmp, storage, model) = fs_log(10, &cfg)?;
         let dir = tmp.path().join("p");
         flip_in_batch(&last_segment(&*storage, &dir)?, &model, from_end)?;
+        let (mut log, report) = open(&storage, &dir, &cfg)?;
+        assert_eq!(report.truncation, None, "acknowledged data after the damage was cut");
+        let damaged = model.len() - from_end;
+        let h = BatchHeader::parse(&model[damaged])?;
+        let [d] = &report.damaged[..] else { return Err(format!("{:?}", report.damaged).into()) };
+        assert_eq!(d.offsets, h.base_offset..h.next_offset());
+        assert_eq!(d.len, model[damaged].len() as u64);
+        assert_eq!(log.next_offset(), BatchHeader::parse(&model[9])?.next_offset());
+        check_reads_around(&log, &model, damaged)?;
+        let copy = dir.join("quarantine").join(format!("{:020}.log.{}", 0, d.position));
+        let mut original = model[damaged].to_vec();
+        original[70] ^= 0x40;
+        assert_eq!(std::fs::read(&copy)?, original, "the damaged bytes are kept aside");
+        let more = append_n(&mut log, 2, |s| s as i64)?;
+        drop(log);
+        // Reopening finds the same damage again, and keeps it.
         let (log, report) = open(&storage, &dir, &cfg)?;
-        let cut = report.truncation.ok_or("no truncation reported")?;
-        assert!(matches!(cut.reason, TailDefect::Crc(_)), "{:?}", cut.reason);
-        let dropped: usize = model[model.len() - from_end..].iter().map(|b| b.len()).sum();
-        assert_eq!(cut.bytes_dropped, dropped as u64);
-        check_reads(&log, &model[..model.len() - from_end])?;
+        assert_eq!(report.damaged.len(), 1);
+        let all: Vec<Bytes> = model.iter().chain(&more).cloned().collect();
+        check_reads_around(&log, &all, damaged)?;
     }
     Ok(())
+}
+
+/// A damaged length field hides where the next batch starts: recovery finds it by scanning.
+#[test]
+fn damaged_length_mid_segment_resyncs_on_the_next_valid_batch() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1 << 20);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 6, |_| 0)?;
+    log.sync()?;
+    drop(log);
+    let path = segment_path(dir, 0, "log");
+    let mut bytes = mem.contents(&path).ok_or("no segment")?;
+    let at: usize = model[..2].iter().map(|b| b.len()).sum();
+    bytes[at + 9] ^= 0x10; // the batch length (bytes 8..12)
+    mem.set_contents(&path, &bytes)?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(report.truncation, None);
+    assert_eq!(report.damaged.len(), 1, "{:?}", report.damaged);
+    check_reads_around(&log, &model, 2)
 }
 
 #[test]
@@ -502,19 +577,73 @@ fn index_entry_past_the_log_is_rebuilt() -> TestResult {
 }
 
 #[test]
-fn damaged_closed_segment_is_an_error_not_a_silent_cut() -> TestResult {
+fn damaged_end_of_a_closed_segment_is_kept_and_refused_on_read() -> TestResult {
     let (mem, storage) = mem();
     let dir = Path::new(DIR);
     let cfg = config(1000);
     let (mut log, _) = open(&storage, dir, &cfg)?;
-    append_n(&mut log, 30, |_| 0)?;
+    let model = append_n(&mut log, 30, |_| 0)?;
+    log.sync()?;
     drop(log);
     let path = segment_path(dir, 0, "log");
     let mut bytes = mem.contents(&path).ok_or("no segment")?;
     let len = bytes.len();
     bytes.truncate(len - 5);
     mem.set_contents(&path, &bytes)?;
-    assert!(matches!(open(&storage, dir, &cfg), Err(LogError::Corrupt { .. })));
+    let (log, report) = open(&storage, dir, &cfg)?;
+    let [d] = &report.damaged[..] else { return Err(format!("{:?}", report.damaged).into()) };
+    // The last batch of the first segment: its offsets are refused, the rest reads.
+    let last =
+        model.iter().position(|b| BatchHeader::parse(b).is_ok_and(|h| h.next_offset() == d.offsets.end));
+    let last = last.ok_or("damage does not end at a batch")?;
+    check_reads_around(&log, &model[..=last], last)?;
+    for b in &model[last + 1..] {
+        let got = log.read_plan(BatchHeader::parse(b)?.base_offset, 0)?.execute()?;
+        assert_eq!(&got, b);
+    }
+    Ok(())
+}
+
+/// Runs the background verification over every closed segment.
+fn verify_all(log: &PartitionLog) -> Result<Vec<Damage>, LogError> {
+    let (mut found, mut after) = (Vec::new(), None);
+    while let Some(target) = log.verify_target(after)? {
+        after = Some(target.base());
+        found.extend(target.verify(|_| true)?);
+    }
+    Ok(found)
+}
+
+/// A closed segment is trusted at start (its headers, not its CRCs, are read): a flipped bit
+/// in it is never served, and the background check finds it.
+#[test]
+fn corrupt_closed_segment_is_refused_on_read_and_found_by_verification() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1000);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 30, |_| 0)?;
+    log.sync()?;
+    assert!(log.segment_count() > 2);
+    assert!(verify_all(&log)?.is_empty(), "a clean log verifies clean");
+    drop(log);
+    let path = segment_path(dir, 0, "log");
+    let mut bytes = mem.contents(&path).ok_or("no segment")?;
+    bytes[model[0].len() + 70] ^= 0x01; // inside the second batch's records
+    mem.set_contents(&path, &bytes)?;
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert!(report.damaged.is_empty() && report.truncation.is_none(), "closed segments are trusted");
+    let h1 = BatchHeader::parse(&model[1])?;
+    assert!(matches!(log.read_plan(h1.base_offset, 1 << 20)?.execute(), Err(LogError::Corrupt { .. })));
+    // A read from before it stops short of it.
+    let got = log.read_plan(0, 1 << 20)?.execute()?;
+    assert_eq!(got, model[0]);
+    let found = verify_all(&log)?;
+    let [d] = &found[..] else { return Err(format!("{found:?}").into()) };
+    assert_eq!(d.offsets, h1.base_offset..h1.next_offset());
+    assert!(matches!(d.reason, TailDefect::Crc(_)));
+    let copy = dir.join("quarantine").join(format!("{:020}.log.{}", 0, d.position));
+    assert_eq!(mem.contents(&copy).map(|c| c.len()), Some(model[1].len()));
     Ok(())
 }
 
@@ -743,15 +872,115 @@ proptest! {
             prop_assert!(set(segment_path(dir, 2, "log"), &[]).is_ok());
         }
         if let Ok((mut log, _)) = open(&storage, dir, &cfg) {
+            // Every offset reads, or (damage kept in place) fails as corrupt.
             for offset in log.log_start_offset()..log.next_offset() {
-                let plan = log.read_plan(offset, 100);
-                prop_assert!(plan.is_ok());
-                if let Ok(plan) = plan {
-                    prop_assert!(plan.execute().is_ok());
-                }
+                let read = log.read_plan(offset, 100).and_then(|plan| plan.execute());
+                prop_assert!(matches!(read, Ok(_) | Err(LogError::Corrupt { .. })), "{:?}", read);
             }
             let _ = log.offset_for_timestamp(0);
             prop_assert!(log.append(&mut batch(9, 1, 0), 0, 0).is_ok());
         }
     }
+}
+
+/// Storage that counts the files it has open (handles not yet dropped), and the most at once.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemStorage,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct CountedFile {
+    inner: Arc<dyn crate::storage::StorageFile>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for CountedFile {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Storage for Counting {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn crate::storage::StorageFile>> {
+        let inner = self.inner.open(path)?;
+        let now = self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        Ok(Arc::new(CountedFile { inner, open: self.open.clone() }))
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+impl crate::storage::StorageFile for CountedFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_exact_at(pos, buf)
+    }
+    fn append(&self, data: &[u8]) -> std::io::Result<()> {
+        self.inner.append(data)
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+/// A partition with many segments holds a bounded number of files open, whatever is done
+/// with it: open (recovery), appends across rolls, reads of every offset, time lookups,
+/// verification, retention. (It held 3 per segment.)
+#[test]
+fn open_files_are_bounded_whatever_the_number_of_segments() -> TestResult {
+    use std::sync::atomic::Ordering::SeqCst;
+    let counting = Arc::new(Counting::default());
+    let storage: Arc<dyn Storage> = counting.clone();
+    let dir = Path::new(DIR);
+    let cfg = config(400);
+    // At most the active segment's 3 files, OPEN_CLOSED_SEGMENTS closed logs, and the one or
+    // two a single operation has in hand (a roll opens the new segment before closing the old).
+    let bound = 3 + OPEN_CLOSED_SEGMENTS + 3;
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let model = append_n(&mut log, 200, |s| s as i64)?;
+    log.sync()?;
+    assert!(log.segment_count() > 40, "{} segments", log.segment_count());
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS);
+    drop(log);
+    assert_eq!(counting.open.load(SeqCst), 0, "every file closed with the log");
+
+    let (log, _) = open(&storage, dir, &cfg)?;
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after recovery");
+    check_reads(&log, &model)?;
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after reads");
+    for ts in [0, 50, 150, 199] {
+        log.offset_for_timestamp(ts)?;
+    }
+    assert!(verify_all(&log)?.is_empty());
+    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after verification");
+    // A read plan keeps its file readable after its segment is closed or deleted.
+    let plan = log.read_plan(0, 1 << 20)?;
+    let mut log = log;
+    log.config.retention_bytes = Some(1);
+    log.apply_retention(0)?;
+    assert_eq!(plan.execute()?.slice(..model[0].len()), model[0]);
+    assert!(counting.peak.load(SeqCst) <= bound, "peak {} open files", counting.peak.load(SeqCst));
+    Ok(())
 }
