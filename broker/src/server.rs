@@ -81,6 +81,9 @@ impl Broker {
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let topics = Topics::load(&dir, storage, token, tail_cache)?;
                 let offsets = OffsetStore::open(offsets_storage, &dir.join("offsets"))?;
+                offsets.cut_to_logs_blocking(|t, p| {
+                    Some(topics.get(t).ok()?.partition(p).ok()?.high_watermark())
+                })?;
                 let producer_ids = crate::producers::ProducerIds::open(&dir)?;
                 Ok((topics, offsets, producer_ids))
             })

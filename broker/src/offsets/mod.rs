@@ -48,7 +48,8 @@ const ENTRY_MAX_BYTES: usize = 2
     + 4
     + 16 * MAX_PERSISTED_RANGES
     + 4
-    + 20 * MAX_PERSISTED_RANGES;
+    + 20 * MAX_PERSISTED_RANGES
+    + 8;
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
 /// Bytes read from the file at a time at open.
 const READ_CHUNK_BYTES: usize = 1024 * 1024;
@@ -199,6 +200,32 @@ impl OffsetStore {
         self.floors(|_| true)
     }
 
+    /// Cuts every group's ledger to the end of its partition's log as recovered at start
+    /// (`log_end` of a topic and partition; `None` for one that no longer exists): nothing at
+    /// or past it was handed out, so the delivered horizon does not reach over records
+    /// written after the restart (design.md §12). Persists the cut horizons, so a later
+    /// crash does not bring them back. Call before serving. Blocking.
+    pub fn cut_to_logs_blocking(
+        &self,
+        log_end: impl Fn(&str, u32) -> Option<u64>,
+    ) -> Result<(), OffsetsError> {
+        let ledgers: Vec<(OffsetKey, SharedLedger)> =
+            self.state.lock().ledgers.iter().map(|(k, l)| (k.clone(), l.clone())).collect();
+        for (key, l) in ledgers {
+            let Some(end) = log_end(&key.1, key.2) else { continue };
+            let cut = {
+                let mut l = l.lock();
+                let cut = l.horizon() > end.max(l.floor());
+                l.cut_at(end);
+                cut
+            };
+            if cut {
+                self.mark_dirty(&key);
+            }
+        }
+        self.flush_blocking()
+    }
+
     /// Sets an offset in memory (an administrative reset); `flush` persists it.
     pub fn set_lazy(&self, key: OffsetKey, offset: u64) {
         self.ledger(&key, offset).lock().reset(offset);
@@ -236,7 +263,12 @@ impl OffsetStore {
             return Err(e);
         }
         // The same operation on the live ledger (acks may have moved it meanwhile).
-        apply_commit(&mut self.ledger(&key, offset).lock(), offset, reset);
+        {
+            let ledger = self.ledger(&key, offset);
+            let mut l = ledger.lock();
+            apply_commit(&mut l, offset, reset);
+            l.persisted(snapshot.horizon);
+        }
         self.state.lock().entry_bytes.insert(key, size);
         Ok(())
     }
@@ -246,7 +278,7 @@ impl OffsetStore {
     pub fn flush_blocking(&self) -> Result<(), OffsetsError> {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
-        let (buf, keys, sizes) = {
+        let (buf, keys, sizes, written) = {
             let mut st = self.state.lock();
             if st.dirty.is_empty() {
                 return Ok(());
@@ -254,19 +286,22 @@ impl OffsetStore {
             let keys = std::mem::take(&mut st.dirty);
             let mut buf = BytesMut::new();
             let mut sizes = Vec::with_capacity(keys.len());
+            let mut written = Vec::with_capacity(keys.len());
             for key in &keys {
                 if let Some(l) = st.ledgers.get(key) {
                     let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
                     sizes.push((key.clone(), put_entry(&mut buf, key, &snapshot)));
+                    written.push((l.clone(), snapshot.horizon));
                 }
             }
-            (buf, keys, sizes)
+            (buf, keys, sizes, written)
         };
         if let Err(e) = self.append_locked(&mut w, &buf) {
             self.state.lock().dirty.extend(keys);
             return Err(e);
         }
         self.state.lock().entry_bytes.extend(sizes);
+        persisted(written);
         self.maybe_snapshot_locked(&mut w)
     }
 
@@ -337,16 +372,18 @@ impl OffsetStore {
     /// rename on, it poisons the store.
     fn rewrite_locked(&self, w: &mut Writer, keep: impl Fn(&OffsetKey) -> bool) -> Result<(), OffsetsError> {
         // Every key is written, so none stays dirty (taken before the snapshots, see commit).
-        let (buf, sizes, dirty) = {
+        let (buf, sizes, dirty, written) = {
             let mut st = self.state.lock();
             let dirty = std::mem::take(&mut st.dirty);
             let mut buf = BytesMut::new();
             let mut sizes = HashMap::new();
+            let mut written = Vec::new();
             for (key, l) in st.ledgers.iter().filter(|(k, _)| keep(k)) {
                 let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
                 sizes.insert(key.clone(), put_entry(&mut buf, key, &snapshot));
+                written.push((l.clone(), snapshot.horizon));
             }
-            (buf, sizes, dirty)
+            (buf, sizes, dirty, written)
         };
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
@@ -361,8 +398,7 @@ impl OffsetStore {
             }));
         }
         let tmp = self.dir.join(TMP_NAME);
-        let written = self.write_new_file(&tmp, &buf);
-        if let Err(e) = written {
+        if let Err(e) = self.write_new_file(&tmp, &buf) {
             let _ = self.storage.remove(&tmp);
             return Err(restore_dirty(self.io_err()(e)));
         }
@@ -378,9 +414,12 @@ impl OffsetStore {
                 return Err(restore_dirty(self.io_err()(e)));
             }
         }
-        let mut st = self.state.lock();
-        st.file_bytes = buf.len() as u64;
-        st.entry_bytes = sizes;
+        {
+            let mut st = self.state.lock();
+            st.file_bytes = buf.len() as u64;
+            st.entry_bytes = sizes;
+        }
+        persisted(written);
         Ok(())
     }
 
@@ -393,6 +432,13 @@ impl OffsetStore {
         let f = self.storage.open(path)?;
         f.append(buf)?;
         f.sync()
+    }
+}
+
+/// Tells ledgers which horizons their entries made durable.
+fn persisted(written: Vec<(SharedLedger, u64)>) {
+    for (l, horizon) in written {
+        l.lock().persisted(horizon);
     }
 }
 
@@ -414,6 +460,7 @@ fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &Ledg
         body.put_u64_le(r.end);
         body.put_u32_le(*c);
     }
+    body.put_u64_le(s.horizon);
     buf.put_u32_le(body.len() as u32);
     buf.put_u32_le(crc32c::crc32c(&body));
     buf.put_slice(&body);
@@ -427,6 +474,9 @@ fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::Decod
     if r.remaining() > 0 {
         s.acked = r.list("acked", 16, |r| Ok(r.u64()?..r.u64()?))?;
         s.counts = r.list("counts", 20, |r| Ok((r.u64()?..r.u64()?, r.u32()?)))?;
+    }
+    if r.remaining() > 0 {
+        s.horizon = r.u64()?;
     }
     Ok(s)
 }

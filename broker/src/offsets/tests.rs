@@ -333,3 +333,110 @@ fn a_leftover_snapshot_temp_file_is_removed_at_open() -> TestResult {
     assert_eq!(storage.contents(&dir.join(TMP_NAME)), None);
     Ok(())
 }
+
+/// What a subscription does before handing out `range` (subscription.rs `hand_out`): the ledger
+/// is written first when a count is above 1 or the delivery passes the durable horizon.
+fn hand_out(s: &OffsetStore, k: &OffsetKey, range: std::ops::Range<u64>) -> Result<Vec<Piece>, OffsetsError> {
+    let ledger = s.ledger(k, 0);
+    let (pieces, write) = {
+        let mut l = ledger.lock();
+        let pieces = l.deliver(range.clone(), NO_DEADLINE);
+        let mut write = pieces.iter().any(|p| p.count > 1);
+        if pieces.last().is_some_and(|p| l.durable_horizon() < p.range.end) {
+            l.raise_horizon(range.end + 64);
+            write = true;
+        }
+        (pieces, write)
+    };
+    s.mark_dirty(k);
+    if write {
+        s.flush_blocking()?;
+    }
+    Ok(pieces)
+}
+
+/// Deliveries, acks that are never flushed, new sessions and power losses at every point: no
+/// record is ever handed out with a count not above every count it was handed out with before.
+#[test]
+fn delivery_counts_never_go_down_across_crashes() -> TestResult {
+    const LOG_END: u64 = 3000;
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let mut sent = vec![0u32; LOG_END as usize];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (mut crashes, mut redelivered) = (0, 0u64);
+    let mut s = OffsetStore::open(storage.clone(), dir)?;
+    let mut position = 0;
+    for step in 0..3000 {
+        match next(10) {
+            0..=5 if position < LOG_END => {
+                let end = (position + 1 + next(40)).min(LOG_END);
+                for p in hand_out(&s, &k, position..end)? {
+                    for o in p.range {
+                        assert!(
+                            p.count > sent[o as usize],
+                            "step {step}: offset {o} count {} after {}",
+                            p.count,
+                            sent[o as usize]
+                        );
+                        redelivered += u64::from(sent[o as usize] > 0);
+                        sent[o as usize] = p.count;
+                    }
+                }
+                position = end;
+            }
+            6 | 7 => {
+                // An ack of a few delivered records, persisted only by a later write.
+                let at = next(position.max(1));
+                s.ledger(&k, 0).lock().ack(at..at + 1 + next(3));
+                s.mark_dirty(&k);
+            }
+            8 => {
+                // A new session: everything unacknowledged is handed out again.
+                s.ledger(&k, 0).lock().end_session();
+                position = s.get(&k).unwrap_or(0);
+            }
+            _ => {
+                drop(s);
+                storage.crash_torn(next(200) as usize);
+                crashes += 1;
+                s = OffsetStore::open(storage.clone(), dir)?;
+                s.cut_to_logs_blocking(|_, _| Some(LOG_END))?;
+                position = s.get(&k).unwrap_or(0);
+            }
+        }
+    }
+    assert!(crashes > 100 && redelivered > 1000, "{crashes} crashes, {redelivered} redeliveries");
+    Ok(())
+}
+
+/// The horizon is cut to the log's end at start: records written after a restart are not
+/// counted as handed out, however far the horizon was raised before the crash.
+#[test]
+fn records_after_the_log_end_are_not_counted_as_handed_out() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    hand_out(&s, &k, 0..10)?;
+    assert!(s.ledger(&k, 0).lock().durable_horizon() > 20);
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    s.cut_to_logs_blocking(|t, p| (t == "t" && p == 0).then_some(12))?;
+    // The cut is durable: a crash right after it does not bring the old horizon back.
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    assert_eq!(s.ledger(&k, 0).lock().horizon(), 12);
+    let pieces = hand_out(&s, &k, 0..14)?;
+    assert_eq!(pieces, vec![Piece { range: 0..12, count: 2 }, Piece { range: 12..14, count: 1 }]);
+    Ok(())
+}
