@@ -79,9 +79,13 @@ impl Broker {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
             let tail_cache = config.tail_cache_bytes_per_partition;
+            let offsets_storage = storage.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let topics = Topics::load(&dir, storage, token, tail_cache)?;
-                let offsets = OffsetStore::open(&dir.join("offsets"))?;
+                let offsets = OffsetStore::open(offsets_storage, &dir.join("offsets"))?;
+                offsets.cut_to_logs_blocking(|t, p| {
+                    Some(topics.get(t).ok()?.partition(p).ok()?.high_watermark())
+                })?;
                 let producer_ids = crate::producers::ProducerIds::open(&dir)?;
                 Ok((topics, offsets, producer_ids))
             })

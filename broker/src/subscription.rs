@@ -244,7 +244,7 @@ async fn read_acks(mut reader: FrameReader, acks: mpsc::Sender<ClientAck>) {
 
 /// One running subscription.
 struct Session<'a> {
-    state: &'a BrokerState,
+    state: &'a Arc<BrokerState>,
     setup: &'a Setup,
     send: &'a mut quinn::SendStream,
     window: &'a mut DeliveryWindow,
@@ -360,8 +360,10 @@ impl Session<'_> {
                     if !self.settle_exhausted(&parts, position..ext.next).await? {
                         return Ok(());
                     }
-                    let pieces = self.setup.ledger.lock().deliver(position..ext.next, self.due());
-                    self.dirty();
+                    let (pieces, write) = self.hand_out(position..ext.next);
+                    if write {
+                        self.write_ledger().await?;
+                    }
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     let messages: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
                     if !pieces.is_empty() {
@@ -407,6 +409,48 @@ impl Session<'_> {
             0 => NO_DEADLINE,
             wait => clock_ms() + u64::from(wait),
         }
+    }
+
+    /// Hands out `range` in the ledger: the records to send, with their counts, and whether
+    /// the group's ledger must be written before they go out (design.md §12): a redelivery
+    /// (a count above 1) waits until its raised count is durable, and a first delivery past
+    /// the durable horizon until the horizon, raised a step ahead, is. A delivery in the last
+    /// half of the step raises the horizon again and starts that write without waiting for it,
+    /// so a steady stream of first deliveries never waits.
+    fn hand_out(&self, range: Range<u64>) -> (Vec<Piece>, bool) {
+        let due = self.due();
+        let mut l = self.setup.ledger.lock();
+        let pieces = l.deliver(range.clone(), due);
+        let (mut wait, mut ahead) = (false, false);
+        if let (Some(_), Some(last)) = (&self.setup.group, pieces.last()) {
+            let (end, step) = (last.range.end, HORIZON_STEP.max(range.end - range.start));
+            wait = pieces.iter().any(|p| p.count > 1);
+            if l.durable_horizon() < end {
+                l.raise_horizon(end + step);
+                wait = true;
+            } else if l.horizon() < end + step / 2 {
+                l.raise_horizon(end + step);
+                ahead = true;
+            }
+        }
+        drop(l);
+        self.dirty();
+        if ahead && !wait {
+            let st = self.state.clone();
+            // A failure poisons the store, which the next delivery that must wait reports.
+            drop(tokio::task::spawn_blocking(move || st.offsets.flush_blocking()));
+        }
+        (pieces, wait)
+    }
+
+    /// Makes the group's ledger durable (with everything else dirty in the offsets store, one
+    /// fsync). Fails the subscription if the store cannot write.
+    async fn write_ledger(&self) -> Result<(), PartitionError> {
+        let st = self.state.clone();
+        tokio::task::spawn_blocking(move || st.offsets.flush_blocking())
+            .await
+            .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| PartitionError::new(ErrorCode::StorageError, format!("recording deliveries: {e}")))
     }
 
     /// The group's ledger changed: persist it with the next flush.
@@ -541,8 +585,10 @@ impl Session<'_> {
                 if !self.settle_exhausted(&parts, at..end).await? {
                     return Ok(false);
                 }
-                let pieces = self.setup.ledger.lock().deliver(at..end, self.due());
-                self.dirty();
+                let (pieces, write) = self.hand_out(at..end);
+                if write {
+                    self.write_ledger().await?;
+                }
                 if !pieces.is_empty() {
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     let messages: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
@@ -660,6 +706,11 @@ fn head(high: u64, pieces: &[Piece], bytes: u64, whole: bool) -> Bytes {
         .collect();
     deliver_some_head(high, &ranges, bytes as usize)
 }
+
+/// How far past a delivery the delivered horizon is raised (at least; a longer delivery raises
+/// it by its own length): one write of the offsets store covers this many first deliveries,
+/// and after a crash up to this many records not yet handed out count as handed out once.
+const HORIZON_STEP: u64 = 1024;
 
 /// How often a group member's subscription re-checks that it still owns the partition.
 const FENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);

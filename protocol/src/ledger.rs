@@ -44,6 +44,12 @@ pub struct AckLedger {
     pending: RangeMap<u64, u64>,
     /// The end of everything ever handed out; acks beyond it are ignored.
     delivered_end: u64,
+    /// The delivered horizon: everything below may have been handed out. The broker raises
+    /// it ahead of deliveries and persists it, so that a crash cannot forget a first delivery
+    /// (design.md §12).
+    horizon: u64,
+    /// The horizon as last persisted (at least): deliveries below it need no write.
+    durable_horizon: u64,
 }
 
 /// What is kept durably of a ledger.
@@ -52,14 +58,24 @@ pub struct LedgerSnapshot {
     pub floor: u64,
     pub acked: Vec<Range<u64>>,
     pub counts: Vec<(Range<u64>, u32)>,
+    /// The delivered horizon (0 in snapshots from before it existed).
+    pub horizon: u64,
 }
 
 impl AckLedger {
     pub fn new(floor: u64) -> Self {
-        AckLedger { floor, delivered_end: floor, ..Default::default() }
+        AckLedger {
+            floor,
+            delivered_end: floor,
+            horizon: floor,
+            durable_horizon: floor,
+            ..Default::default()
+        }
     }
 
-    /// Rebuilds a ledger from a snapshot (ranges below the floor are ignored).
+    /// Rebuilds a ledger from a snapshot (ranges below the floor are ignored). Every offset
+    /// below the snapshot's horizon without a count counts as handed out once: it may have
+    /// been, just before a crash.
     pub fn restore(s: &LedgerSnapshot) -> Self {
         let mut l = AckLedger::new(s.floor);
         for (r, c) in &s.counts {
@@ -68,6 +84,15 @@ impl AckLedger {
                 l.delivered_end = l.delivered_end.max(r.end);
                 l.counts.insert(r, *c);
             }
+        }
+        if s.horizon > s.floor {
+            let gaps: Vec<Range<u64>> = l.counts.gaps(&(s.floor..s.horizon)).collect();
+            for gap in gaps {
+                l.counts.insert(gap, 1);
+            }
+            l.delivered_end = l.delivered_end.max(s.horizon);
+            l.horizon = s.horizon;
+            l.durable_horizon = s.horizon;
         }
         // Acks are clipped to what was handed out: the end of what the snapshot knows.
         if let Some(end) = s.acked.iter().map(|r| r.end).max() {
@@ -79,13 +104,61 @@ impl AckLedger {
         l
     }
 
-    /// The floor, and up to `max_ranges` acknowledged and delivery-count ranges above it.
+    /// The floor, the horizon, and up to `max_ranges` acknowledged and delivery-count ranges
+    /// above the floor. Count ranges past the last one kept are folded into it, with the
+    /// highest count among them: a snapshot never holds a count lower than the ledger's.
     pub fn snapshot(&self, max_ranges: usize) -> LedgerSnapshot {
+        let mut counts: Vec<(Range<u64>, u32)> = Vec::with_capacity(self.counts.len().min(max_ranges));
+        for (r, c) in self.counts.iter() {
+            if max_ranges == 0 {
+                break;
+            }
+            if counts.len() < max_ranges {
+                counts.push((r.clone(), *c));
+            } else if let Some(last) = counts.last_mut() {
+                last.0.end = r.end;
+                last.1 = last.1.max(*c);
+            }
+        }
         LedgerSnapshot {
             floor: self.floor,
             acked: self.acked.iter().take(max_ranges).cloned().collect(),
-            counts: self.counts.iter().take(max_ranges).map(|(r, c)| (r.clone(), *c)).collect(),
+            counts,
+            horizon: self.horizon,
         }
+    }
+
+    /// The delivered horizon: everything below may have been handed out.
+    pub fn horizon(&self) -> u64 {
+        self.horizon
+    }
+
+    /// The horizon known to be persisted: handing out below it first time needs no write.
+    pub fn durable_horizon(&self) -> u64 {
+        self.durable_horizon
+    }
+
+    /// Raises the horizon to `end` (never lowers it); the caller persists it.
+    pub fn raise_horizon(&mut self, end: u64) {
+        self.horizon = self.horizon.max(end);
+    }
+
+    /// A snapshot with horizon `horizon` was persisted.
+    pub fn persisted(&mut self, horizon: u64) {
+        self.durable_horizon = self.durable_horizon.max(horizon);
+    }
+
+    /// The log ends at `end` (as recovered after a restart): nothing at or past it was handed
+    /// out by this log, so what the ledger says of those offsets is void (new records take
+    /// them).
+    pub fn cut_at(&mut self, end: u64) {
+        let end = end.max(self.floor);
+        self.counts.remove(end..u64::MAX);
+        self.acked.remove(end..u64::MAX);
+        self.pending.remove(end..u64::MAX);
+        self.horizon = self.horizon.min(end);
+        self.durable_horizon = self.durable_horizon.min(end);
+        self.delivered_end = self.delivered_end.min(end);
     }
 
     /// Up to `max` acknowledged ranges above the floor.
@@ -326,11 +399,65 @@ mod tests {
         let s = l.snapshot(1024);
         assert_eq!(
             s,
-            LedgerSnapshot { floor: 2, acked: std::iter::once(4..6).collect(), counts: vec![(2..10, 1)] }
+            LedgerSnapshot {
+                floor: 2,
+                acked: std::iter::once(4..6).collect(),
+                counts: vec![(2..10, 1)],
+                horizon: 0
+            }
         );
         let mut r = AckLedger::restore(&s);
         assert_eq!(r.floor(), 2);
         assert_eq!(r.deliver(2..12, NO_DEADLINE), vec![p(2..4, 2), p(6..10, 2), p(10..12, 1)]);
+    }
+
+    #[test]
+    fn offsets_below_the_horizon_count_as_handed_out_after_a_restore() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..3, NO_DEADLINE);
+        l.deliver(0..1, NO_DEADLINE);
+        l.raise_horizon(10);
+        assert_eq!((l.horizon(), l.durable_horizon()), (10, 0));
+        l.persisted(10);
+        assert_eq!(l.durable_horizon(), 10);
+        // A crash: deliveries of 3..10 may have happened after the snapshot.
+        let mut r = AckLedger::restore(&l.snapshot(1024));
+        assert_eq!(r.durable_horizon(), 10);
+        assert_eq!(r.deliver(0..12, NO_DEADLINE), vec![p(0..1, 3), p(1..10, 2), p(10..12, 1)]);
+        // Acks may name anything below the horizon.
+        assert!(r.ack(0..10));
+        assert_eq!(r.floor(), 10);
+    }
+
+    #[test]
+    fn cut_at_voids_what_lies_past_the_log_end() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..4, NO_DEADLINE);
+        l.raise_horizon(10);
+        l.persisted(10);
+        let mut r = AckLedger::restore(&l.snapshot(1024));
+        r.ack(2..3);
+        r.cut_at(6);
+        assert_eq!((r.horizon(), r.durable_horizon()), (6, 6));
+        assert_eq!(r.deliver(0..8, NO_DEADLINE), vec![p(0..2, 2), p(3..6, 2), p(6..8, 1)]);
+    }
+
+    #[test]
+    fn snapshots_fold_extra_count_ranges_upwards() {
+        let mut l = AckLedger::new(0);
+        for o in 0..10u64 {
+            for _ in 0..=(o % 3) + (o / 9) * 5 {
+                l.end_session();
+                l.deliver(o..o + 1, NO_DEADLINE);
+            }
+        }
+        let s = l.snapshot(3);
+        assert_eq!(s.counts.len(), 3);
+        assert_eq!(s.counts[2], (2..10, 6));
+        let r = AckLedger::restore(&s);
+        for o in 0..10 {
+            assert!(r.count(o) >= l.count(o), "offset {o}");
+        }
     }
 
     #[test]
@@ -350,7 +477,7 @@ mod tests {
         /// Against a model with one entry per offset: the floor is the first unacknowledged
         /// offset, deliveries skip exactly the acknowledged offsets, and counts add up.
         #[test]
-        fn matches_a_per_offset_model(ops in proptest::collection::vec((0u8..5, 0u64..60, 1u64..12), 1..200)) {
+        fn matches_a_per_offset_model(ops in proptest::collection::vec((0u8..6, 0u64..60, 1u64..12), 1..200)) {
             let mut l = AckLedger::new(0);
             let mut acked = [false; 80];
             let mut counts = [0u32; 80];
@@ -386,7 +513,17 @@ mod tests {
                             }
                         }
                     }
-                    _ => l.end_session(),
+                    4 => l.end_session(),
+                    _ => {
+                        // A restore never gives an unacknowledged offset a lower count, even
+                        // with few ranges persisted.
+                        let r = AckLedger::restore(&l.snapshot(3));
+                        for o in l.floor()..80 {
+                            if !acked[o as usize] {
+                                prop_assert!(r.count(o) >= counts[o as usize], "offset {}", o);
+                            }
+                        }
+                    }
                 }
                 let model_floor = (0..80u64).find(|o| !acked[*o as usize]).unwrap_or(80);
                 prop_assert_eq!(l.floor(), model_floor);

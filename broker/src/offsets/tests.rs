@@ -1,0 +1,442 @@
+//! The offsets store on real files and under the storage crash model: every acknowledged
+//! commit survives a crash, and a failed write or fsync poisons the store.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+use quiver_protocol::ledger::{Piece, NO_DEADLINE};
+
+use super::*;
+use crate::storage::{FsStorage, MemStorage};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const DIR: &str = "/data/offsets";
+
+fn key(g: &str, t: &str, p: u32) -> OffsetKey {
+    (Arc::from(g), Arc::from(t), p)
+}
+
+fn fs() -> Arc<dyn Storage> {
+    Arc::new(FsStorage::new())
+}
+
+/// Storage whose files fail on demand: a failing append writes half its bytes first (a short
+/// write), a failing sync or directory sync changes nothing.
+#[derive(Debug, Default)]
+struct Faulty {
+    inner: MemStorage,
+    fail_append: Arc<AtomicBool>,
+    fail_sync: Arc<AtomicBool>,
+    fail_sync_dir: AtomicBool,
+}
+
+#[derive(Debug)]
+struct FaultyFile {
+    inner: Arc<dyn StorageFile>,
+    fail_append: Arc<AtomicBool>,
+    fail_sync: Arc<AtomicBool>,
+}
+
+impl Storage for Faulty {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(FaultyFile {
+            inner: self.inner.open(path)?,
+            fail_append: self.fail_append.clone(),
+            fail_sync: self.fail_sync.clone(),
+        }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        match self.fail_sync_dir.load(SeqCst) {
+            true => Err(io::Error::other("injected directory sync failure")),
+            false => self.inner.sync_dir(dir),
+        }
+    }
+}
+
+impl StorageFile for FaultyFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact_at(pos, buf)
+    }
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        if self.fail_append.load(SeqCst) {
+            self.inner.append(&data[..data.len() / 2])?;
+            return Err(io::Error::other("injected write failure"));
+        }
+        self.inner.append(data)
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        match self.fail_sync.load(SeqCst) {
+            true => Err(io::Error::other("injected sync failure")),
+            false => self.inner.sync(),
+        }
+    }
+}
+
+#[test]
+fn commits_survive_reopen_and_damaged_tail_is_dropped() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let s = OffsetStore::open(fs(), dir.path())?;
+        s.commit_blocking(key("g", "t", 0), 5, false)?;
+        s.commit_blocking(key("g", "t", 0), 7, false)?;
+        s.commit_blocking(key("g", "t", 1), 3, false)?;
+        s.set_lazy(key("h", "t", 0), 9);
+        s.flush_blocking()?;
+    }
+    // A torn entry at the end.
+    let path = dir.path().join("offsets.log");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+    f.write_all(&[20, 0, 0, 0, 1, 2])?;
+    drop(f);
+    let s = OffsetStore::open(fs(), dir.path())?;
+    assert_eq!(s.get(&key("g", "t", 0)), Some(7));
+    assert_eq!(s.get(&key("g", "t", 1)), Some(3));
+    assert_eq!(s.get(&key("h", "t", 0)), Some(9));
+    s.remove_topic_blocking("t")?;
+    let s = OffsetStore::open(fs(), dir.path())?;
+    assert_eq!(s.get(&key("g", "t", 0)), None);
+    Ok(())
+}
+
+#[test]
+fn acks_above_the_floor_and_counts_survive_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let k = key("g", "t", 0);
+    {
+        let s = OffsetStore::open(fs(), dir.path())?;
+        let l = s.ledger(&k, 0);
+        {
+            let mut l = l.lock();
+            l.deliver(0..10, NO_DEADLINE);
+            l.ack(0..2);
+            l.ack(5..7);
+        }
+        s.mark_dirty(&k);
+        s.flush_blocking()?;
+    }
+    let s = OffsetStore::open(fs(), dir.path())?;
+    assert_eq!(s.get(&k), Some(2));
+    let l = s.ledger(&k, 0);
+    let pieces = l.lock().deliver(0..12, NO_DEADLINE);
+    let p = |range, count| Piece { range, count };
+    assert_eq!(pieces, vec![p(2..5, 2), p(7..10, 2), p(10..12, 1)]);
+    Ok(())
+}
+
+#[test]
+fn garbage_never_panics() {
+    for seed in 0u32..200 {
+        let data: Vec<u8> =
+            (0..64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect();
+        let _ = parse_entries(&data, &mut HashMap::new());
+    }
+}
+
+#[test]
+fn a_file_over_the_limit_is_refused_without_reading_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // Sparse: no disk space, and the store must not try to read it into memory.
+    std::fs::File::create(dir.path().join("offsets.log"))?.set_len(MAX_OFFSETS_FILE_BYTES + 1)?;
+    match OffsetStore::open(fs(), dir.path()) {
+        Err(e @ OffsetsError::TooLarge { .. }) => assert!(e.to_string().contains("offsets.log"), "{e}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn entries_across_read_chunks_are_all_read() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    // Entries of varying sizes, more than two read chunks in all, none aligned to a chunk.
+    let entries = 3 * READ_CHUNK_BYTES / 40;
+    let mut buf = BytesMut::new();
+    for i in 0..entries {
+        let k = key(&"g".repeat(1 + i % 7), "t", (i % 3) as u32);
+        put_entry(&mut buf, &k, &LedgerSnapshot { floor: i as u64, ..Default::default() });
+    }
+    drop(s);
+    storage.set_contents(&dir.join("offsets.log"), &buf)?;
+    let s = OffsetStore::open(storage, dir)?;
+    for i in entries - 21..entries {
+        assert_eq!(s.get(&key(&"g".repeat(1 + i % 7), "t", (i % 3) as u32)), Some(i as u64));
+    }
+    Ok(())
+}
+
+/// Every acknowledged commit, flush and snapshot survives a power loss at any point after it,
+/// starting with the first commit into a file just created.
+#[test]
+fn acknowledged_commits_survive_crashes() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let mut acknowledged: HashMap<OffsetKey, u64> = HashMap::new();
+    for round in 0u64..40 {
+        let s = OffsetStore::open(storage.clone(), dir)?;
+        for (k, o) in &acknowledged {
+            assert_eq!(s.get(k), Some(*o), "round {round}: {k:?}");
+        }
+        let k = key("g", &format!("t{}", round % 3), (round % 2) as u32);
+        let next = acknowledged.get(&k).copied().unwrap_or(0) + 1 + round;
+        s.commit_blocking(k.clone(), next, false)?;
+        acknowledged.insert(k, next);
+        if round % 4 == 1 {
+            let lazy = key("lazy", "t0", 0);
+            s.set_lazy(lazy.clone(), round);
+            s.flush_blocking()?;
+            acknowledged.insert(lazy, round);
+        }
+        if round % 10 == 9 {
+            // Forget a topic through a snapshot rewrite.
+            s.remove_topic_blocking("t2")?;
+            acknowledged.retain(|(_, t, _), _| &**t != "t2");
+        }
+        // Unacknowledged work in flight when the power goes: a torn tail of varying length.
+        s.set_lazy(key("in-flight", "t0", 0), round);
+        storage.crash_torn(round as usize % 13);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_write_poisons_the_store_and_nothing_acknowledged_is_lost() -> TestResult {
+    let faulty = Arc::new(Faulty::default());
+    let dir = Path::new(DIR);
+    let (a, b) = (key("g", "t", 0), key("g", "t", 1));
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    s.commit_blocking(a.clone(), 5, false)?;
+    faulty.fail_append.store(true, SeqCst);
+    let failed = s.commit_blocking(a.clone(), 9, false);
+    assert!(matches!(failed, Err(OffsetsError::Io { .. })), "{failed:?}");
+    // The failed commit is not visible.
+    assert_eq!(s.get(&a), Some(5));
+    faulty.fail_append.store(false, SeqCst);
+    // Poisoned: nothing more is written or acknowledged, though the storage works again.
+    let refused = s.commit_blocking(b.clone(), 3, false);
+    assert!(matches!(refused, Err(OffsetsError::Poisoned { .. })), "{refused:?}");
+    assert!(refused.map_err(|e| e.to_string()).unwrap_err().contains("restart"));
+    assert_eq!(s.get(&b), None);
+    s.set_lazy(b.clone(), 4);
+    assert!(matches!(s.flush_blocking(), Err(OffsetsError::Poisoned { .. })));
+    assert!(matches!(s.remove_topic_blocking("t"), Err(OffsetsError::Poisoned { .. })));
+    assert_eq!(s.get(&a), Some(5));
+    drop(s);
+    // The half-written entry is on disk; reopening drops it, and the store works again.
+    faulty.inner.crash_torn(usize::MAX);
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    assert_eq!(s.get(&a), Some(5));
+    s.commit_blocking(b.clone(), 3, false)?;
+    s.commit_blocking(a.clone(), 9, false)?;
+    drop(s);
+    faulty.inner.crash();
+    let s = OffsetStore::open(faulty, dir)?;
+    assert_eq!(s.get(&a), Some(9));
+    assert_eq!(s.get(&b), Some(3));
+    Ok(())
+}
+
+#[test]
+fn a_failed_fsync_leaves_the_commit_invisible() -> TestResult {
+    let faulty = Arc::new(Faulty::default());
+    let dir = Path::new(DIR);
+    let a = key("g", "t", 0);
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    s.commit_blocking(a.clone(), 5, false)?;
+    faulty.fail_sync.store(true, SeqCst);
+    assert!(matches!(s.commit_blocking(a.clone(), 8, false), Err(OffsetsError::Io { .. })));
+    assert_eq!(s.get(&a), Some(5), "a commit whose fsync failed is not visible");
+    faulty.fail_sync.store(false, SeqCst);
+    assert!(matches!(s.commit_blocking(a.clone(), 8, false), Err(OffsetsError::Poisoned { .. })));
+    drop(s);
+    // Bytes written before the failed fsync may or may not be on disk; either way the last
+    // acknowledged commit is.
+    for keep in [0, usize::MAX] {
+        faulty.inner.crash_torn(keep);
+        let s = OffsetStore::open(faulty.clone(), dir)?;
+        assert!(matches!(s.get(&a), Some(5) | Some(8)), "{:?}", s.get(&a));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_failed_flush_leaves_its_keys_dirty() -> TestResult {
+    let faulty = Arc::new(Faulty::default());
+    let s = OffsetStore::open(faulty.clone(), Path::new(DIR))?;
+    let b = key("g", "t", 1);
+    s.ledger(&b, 0).lock().deliver(0..4, NO_DEADLINE);
+    s.mark_dirty(&b);
+    faulty.fail_sync.store(true, SeqCst);
+    assert!(matches!(s.flush_blocking(), Err(OffsetsError::Io { .. })));
+    assert!(s.state.lock().dirty.contains(&b), "a failed flush leaves its keys dirty");
+    faulty.fail_sync.store(false, SeqCst);
+    assert!(matches!(s.flush_blocking(), Err(OffsetsError::Poisoned { .. })));
+    Ok(())
+}
+
+#[test]
+fn a_snapshot_whose_directory_sync_fails_loses_nothing() -> TestResult {
+    let faulty = Arc::new(Faulty::default());
+    let dir = Path::new(DIR);
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    s.commit_blocking(key("g", "keep", 0), 4, false)?;
+    s.commit_blocking(key("g", "gone", 0), 6, false)?;
+    faulty.fail_sync_dir.store(true, SeqCst);
+    assert!(s.remove_topic_blocking("gone").is_err());
+    // Not forgotten in memory, since that was not made durable; and poisoned.
+    assert_eq!(s.get(&key("g", "gone", 0)), Some(6));
+    assert!(matches!(s.commit_blocking(key("g", "keep", 0), 5, false), Err(OffsetsError::Poisoned { .. })));
+    drop(s);
+    faulty.fail_sync_dir.store(false, SeqCst);
+    faulty.inner.crash();
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    assert_eq!(s.get(&key("g", "keep", 0)), Some(4));
+    s.remove_topic_blocking("gone")?;
+    drop(s);
+    faulty.inner.crash();
+    let s = OffsetStore::open(faulty.clone(), dir)?;
+    assert_eq!(s.get(&key("g", "keep", 0)), Some(4));
+    assert_eq!(s.get(&key("g", "gone", 0)), None);
+    assert!(!faulty.inner.list(dir)?.iter().any(|n| n == TMP_NAME));
+    Ok(())
+}
+
+#[test]
+fn a_leftover_snapshot_temp_file_is_removed_at_open() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    s.commit_blocking(key("g", "t", 0), 4, false)?;
+    drop(s);
+    storage.set_contents(&dir.join(TMP_NAME), b"half a snapshot")?;
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    assert_eq!(s.get(&key("g", "t", 0)), Some(4));
+    assert_eq!(storage.contents(&dir.join(TMP_NAME)), None);
+    Ok(())
+}
+
+/// What a subscription does before handing out `range` (subscription.rs `hand_out`): the ledger
+/// is written first when a count is above 1 or the delivery passes the durable horizon.
+fn hand_out(s: &OffsetStore, k: &OffsetKey, range: std::ops::Range<u64>) -> Result<Vec<Piece>, OffsetsError> {
+    let ledger = s.ledger(k, 0);
+    let (pieces, write) = {
+        let mut l = ledger.lock();
+        let pieces = l.deliver(range.clone(), NO_DEADLINE);
+        let mut write = pieces.iter().any(|p| p.count > 1);
+        if pieces.last().is_some_and(|p| l.durable_horizon() < p.range.end) {
+            l.raise_horizon(range.end + 64);
+            write = true;
+        }
+        (pieces, write)
+    };
+    s.mark_dirty(k);
+    if write {
+        s.flush_blocking()?;
+    }
+    Ok(pieces)
+}
+
+/// Deliveries, acks that are never flushed, new sessions and power losses at every point: no
+/// record is ever handed out with a count not above every count it was handed out with before.
+#[test]
+fn delivery_counts_never_go_down_across_crashes() -> TestResult {
+    const LOG_END: u64 = 3000;
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let mut sent = vec![0u32; LOG_END as usize];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (mut crashes, mut redelivered) = (0, 0u64);
+    let mut s = OffsetStore::open(storage.clone(), dir)?;
+    let mut position = 0;
+    for step in 0..3000 {
+        match next(10) {
+            0..=5 if position < LOG_END => {
+                let end = (position + 1 + next(40)).min(LOG_END);
+                for p in hand_out(&s, &k, position..end)? {
+                    for o in p.range {
+                        assert!(
+                            p.count > sent[o as usize],
+                            "step {step}: offset {o} count {} after {}",
+                            p.count,
+                            sent[o as usize]
+                        );
+                        redelivered += u64::from(sent[o as usize] > 0);
+                        sent[o as usize] = p.count;
+                    }
+                }
+                position = end;
+            }
+            6 | 7 => {
+                // An ack of a few delivered records, persisted only by a later write.
+                let at = next(position.max(1));
+                s.ledger(&k, 0).lock().ack(at..at + 1 + next(3));
+                s.mark_dirty(&k);
+            }
+            8 => {
+                // A new session: everything unacknowledged is handed out again.
+                s.ledger(&k, 0).lock().end_session();
+                position = s.get(&k).unwrap_or(0);
+            }
+            _ => {
+                drop(s);
+                storage.crash_torn(next(200) as usize);
+                crashes += 1;
+                s = OffsetStore::open(storage.clone(), dir)?;
+                s.cut_to_logs_blocking(|_, _| Some(LOG_END))?;
+                position = s.get(&k).unwrap_or(0);
+            }
+        }
+    }
+    assert!(crashes > 100 && redelivered > 1000, "{crashes} crashes, {redelivered} redeliveries");
+    Ok(())
+}
+
+/// The horizon is cut to the log's end at start: records written after a restart are not
+/// counted as handed out, however far the horizon was raised before the crash.
+#[test]
+fn records_after_the_log_end_are_not_counted_as_handed_out() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    hand_out(&s, &k, 0..10)?;
+    assert!(s.ledger(&k, 0).lock().durable_horizon() > 20);
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    s.cut_to_logs_blocking(|t, p| (t == "t" && p == 0).then_some(12))?;
+    // The cut is durable: a crash right after it does not bring the old horizon back.
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    assert_eq!(s.ledger(&k, 0).lock().horizon(), 12);
+    let pieces = hand_out(&s, &k, 0..14)?;
+    assert_eq!(pieces, vec![Piece { range: 0..12, count: 2 }, Piece { range: 12..14, count: 1 }]);
+    Ok(())
+}
