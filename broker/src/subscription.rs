@@ -430,6 +430,8 @@ impl Session<'_> {
                     }
                 }
                 _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
+                // Its topic was deleted (the broker shutting down is the arm above).
+                _ = p.closed() => return Err(p.closed_error()),
             }
         }
     }

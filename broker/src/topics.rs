@@ -179,6 +179,9 @@ impl Topics {
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
         .map_err(storage_err)?;
         self.map.remove(name);
+        // Ends its subscriptions ("topic 'x' was deleted") and stops its writers, so its files
+        // close.
+        topic.partitions.iter().for_each(|p| p.close_deleted());
         tracing::info!(topic = name, "deleted topic");
         Ok(topic)
     }
