@@ -88,6 +88,12 @@ pub struct Partition {
     appends: mpsc::Sender<AppendRequest>,
     /// The newest appended batches, for subscribers at the tail.
     tail: Arc<Mutex<TailCache>>,
+    /// Cancelled when the partition closes: at shutdown (a child of the broker's token) or when
+    /// its topic is deleted. Its writer stops, its subscriptions end, and its files close once
+    /// the last of them lets go of it.
+    closed: CancellationToken,
+    /// Set (before `closed` is cancelled) when the topic was deleted.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -135,6 +141,8 @@ impl Partition {
             log_start: AtomicU64::new(start),
             appends,
             tail: Arc::new(Mutex::new(TailCache::new(tail_cache_bytes))),
+            closed: shutdown.child_token(),
+            deleted: Default::default(),
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
@@ -146,8 +154,29 @@ impl Partition {
             commits_handed_off: metrics::counter!("quiver_group_commits_total", "path" => "blocking_thread"),
         };
         let interval = Duration::from_millis(u64::from(config.flush_interval_ms.max(1)));
-        tokio::spawn(writer.run(rx, interval, shutdown));
+        tokio::spawn(writer.run(rx, interval, p.closed.clone()));
         Ok(p)
+    }
+
+    /// Closes the partition of a deleted topic: its writer stops, subscriptions end with
+    /// `TopicDeleted`, and its files close once nothing uses the partition any more.
+    pub fn close_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
+        self.closed.cancel();
+    }
+
+    /// Resolves once the partition is closed (shutdown, or its topic deleted).
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Why the partition is closed: `TopicDeleted` or `ShuttingDown`.
+    pub fn closed_error(&self) -> PartitionError {
+        if self.deleted.load(Ordering::Acquire) {
+            PartitionError::new(ErrorCode::TopicDeleted, format!("topic '{}' was deleted", self.topic))
+        } else {
+            PartitionError::new(ErrorCode::ShuttingDown, "partition is closing")
+        }
     }
 
     /// Queues a validated batch; the returned receiver resolves once it is appended and, under
@@ -158,10 +187,7 @@ impl Partition {
         batch: BytesMut,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
-        self.appends
-            .send(AppendRequest { batch, reply })
-            .await
-            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?;
+        self.appends.send(AppendRequest { batch, reply }).await.map_err(|_| self.closed_error())?;
         Ok(rx)
     }
 

@@ -188,14 +188,44 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
         }
     }
     state.shutdown.cancel();
-    endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.code() as u32), b"broker shutting down");
+    // Every connection closes itself with `ShuttingDown` (clients reconnect). Handshakes that
+    // arrive while the broker drains are completed and closed the same way, not refused: a
+    // client reconnecting at once learns the broker is restarting and tries again.
+    let turn_away = tokio::spawn(turn_away(endpoint.clone()));
     while tokio::time::timeout(Duration::from_secs(5), conns.join_next()).await.ok().flatten().is_some() {}
     while background.join_next().await.is_some() {}
     crate::maintenance::final_flush(&state).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    turn_away.abort();
+    endpoint.close(shutting_down_code(), SHUTTING_DOWN_REASON);
     // Every file write is done: another broker may have the directory now.
     drop(dir_lock);
     tracing::info!("broker stopped");
+}
+
+/// The application close code of connections a stopping broker closes: `ShuttingDown`.
+fn shutting_down_code() -> quinn::VarInt {
+    quinn::VarInt::from_u32(u32::from(ErrorCode::ShuttingDown.code()))
+}
+
+const SHUTTING_DOWN_REASON: &[u8] = b"broker shutting down; reconnect";
+
+/// While the broker drains: completes each new handshake and closes it with `ShuttingDown`.
+async fn turn_away(endpoint: quinn::Endpoint) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                handshakes.spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        conn.close(shutting_down_code(), SHUTTING_DOWN_REASON);
+                    }
+                });
+            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+        }
+    }
 }
 
 async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
@@ -223,7 +253,10 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
                 }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            _ = state.shutdown.cancelled() => break,
+            _ = state.shutdown.cancelled() => {
+                conn.close(shutting_down_code(), SHUTTING_DOWN_REASON);
+                break;
+            }
         }
     }
     streams.abort_all();

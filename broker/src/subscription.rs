@@ -76,39 +76,70 @@ pub(crate) async fn run(
             return;
         }
     };
-    let p = setup.partition.clone();
+    let window_bytes = u64::from(sub.window_bytes.clamp(1, state.config.max_window_bytes));
+    let window = DeliveryWindow::new(setup.start, window_bytes, u64::from(sub.window_messages.max(1)));
+    // From here on the accounting is the guard's: it is settled when the guard drops, however
+    // the task ends (its connection closing aborts it).
+    let mut active = Active::new(state, setup, window);
+    let p = active.setup.partition.clone();
     let subscribed = Message::Subscribed {
-        start_offset: setup.start,
+        start_offset: active.setup.start,
         log_start_offset: p.log_start_offset(),
         high_watermark: p.high_watermark(),
     };
     if write_message(&mut send, &subscribed).await.is_err() {
-        release(&state, &setup);
         return;
     }
     // What the group acknowledged above its floor (other members, earlier sessions): the
     // consumer counts it as acknowledged, as the deliveries skip it.
-    let acked = setup.ledger.lock().acked_ranges(MAX_SETTLED_RANGES);
+    let acked = active.setup.ledger.lock().acked_ranges(MAX_SETTLED_RANGES);
     if !acked.is_empty() && write_message(&mut send, &Message::Settled { ranges: acked }).await.is_err() {
-        release(&state, &setup);
         return;
     }
-    tracing::debug!(topic = %p.topic, partition = p.id, start = setup.start, group = ?sub.group, "subscription started");
-    metrics::gauge!("quiver_subscriptions").increment(1.0);
+    tracing::debug!(topic = %p.topic, partition = p.id, start = active.setup.start, group = ?sub.group, "subscription started");
     let (ack_tx, ack_rx) = mpsc::channel(16);
-    let acks = tokio::spawn(read_acks(reader, ack_tx));
-    let window_bytes = u64::from(sub.window_bytes.clamp(1, state.config.max_window_bytes));
-    let mut window = DeliveryWindow::new(setup.start, window_bytes, u64::from(sub.window_messages.max(1)));
-    let mut session =
-        Session { state: &state, setup: &setup, send: &mut send, window: &mut window, read_ahead: None };
+    active.acks = Some(tokio::spawn(read_acks(reader, ack_tx)));
+    let mut session = Session {
+        state: &active.state,
+        setup: &active.setup,
+        send: &mut send,
+        window: &mut active.window,
+        read_ahead: None,
+    };
     if let Err(e) = session.push(ack_rx).await {
         let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
     }
-    metrics::gauge!("quiver_inflight_delivery_bytes").decrement(window.in_flight_bytes() as f64);
     let _ = send.finish();
-    acks.abort();
-    release(&state, &setup);
-    metrics::gauge!("quiver_subscriptions").decrement(1.0);
+}
+
+/// A subscription's share of the broker's accounting: the `quiver_subscriptions` gauge, its
+/// delivery window's bytes in `quiver_inflight_delivery_bytes`, the group ownership and the
+/// acknowledgement reader. Settled in `Drop`, so it is settled whether the subscription ends by
+/// itself or its task is aborted (a closing connection aborts its streams' tasks).
+struct Active {
+    state: Arc<BrokerState>,
+    setup: Setup,
+    /// Every byte in it is counted in `quiver_inflight_delivery_bytes`.
+    window: DeliveryWindow,
+    acks: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Active {
+    fn new(state: Arc<BrokerState>, setup: Setup, window: DeliveryWindow) -> Active {
+        metrics::gauge!("quiver_subscriptions").increment(1.0);
+        Active { state, setup, window, acks: None }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        metrics::gauge!("quiver_inflight_delivery_bytes").decrement(self.window.in_flight_bytes() as f64);
+        metrics::gauge!("quiver_subscriptions").decrement(1.0);
+        if let Some(acks) = &self.acks {
+            acks.abort();
+        }
+        release(&self.state, &self.setup);
+    }
 }
 
 async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> {
@@ -371,14 +402,16 @@ impl Session<'_> {
                             ext.base == position && pieces == [Piece { range: position..ext.next, count: 1 }];
                         // Head, then the batches as they are (cached or read), without a copy.
                         parts.insert(0, head(high, &pieces, bytes, whole));
+                        // The gauge moves with the window, so the guard's final decrement
+                        // (`Active`) matches what was added, whenever the task ends.
                         self.window.on_delivered(ext.next, bytes, messages);
+                        metrics::gauge!("quiver_inflight_delivery_bytes").increment(bytes as f64);
                         self.start_read_ahead(&p, ext.next, high);
                         if self.send.write_all_chunks(&mut parts).await.is_err() {
                             return Ok(()); // the client went away
                         }
                         messages_out.increment(messages);
                         bytes_out.increment(bytes);
-                        metrics::gauge!("quiver_inflight_delivery_bytes").increment(bytes as f64);
                     }
                     position = ext.next;
                     continue;
@@ -399,6 +432,8 @@ impl Session<'_> {
                     }
                 }
                 _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
+                // Its topic was deleted (the broker shutting down is the arm above).
+                _ = p.closed() => return Err(p.closed_error()),
             }
         }
     }

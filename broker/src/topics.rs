@@ -216,6 +216,9 @@ impl Topics {
                 PartitionError::new(ErrorCode::StorageError, format!("deleting topic '{name}': {e}"))
             })?;
         self.map.remove(name);
+        // Ends its subscriptions ("topic 'x' was deleted") and stops its writers, so its files
+        // close.
+        topic.partitions.iter().for_each(|p| p.close_deleted());
         tracing::info!(topic = name, "deleted topic");
         Ok(topic)
     }

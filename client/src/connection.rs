@@ -193,7 +193,21 @@ pub(crate) fn unexpected(m: Message) -> ClientError {
 }
 
 fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
+    let addr = addr.to_string();
     let reason = match &e {
+        // A broker that is shutting down (a restart) or at its connection limit turns
+        // handshakes away: worth retrying, as when it does not answer at all.
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            let reason = "it is shutting down or at its connection limit".into();
+            return ClientError::Refused { addr, reason };
+        }
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::Reset
+        | quinn::ConnectionError::TimedOut => {
+            return ClientError::ConnectionLost(crate::error::describe_lost(&e));
+        }
         quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
             format!("TLS: {t} (check --ca / QUIVER_CA points at the broker's ca.pem)")
         }
@@ -204,7 +218,7 @@ fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
         }
         _ => e.to_string(),
     };
-    ClientError::Connect { addr: addr.to_string(), reason }
+    ClientError::Connect { addr, reason }
 }
 
 fn resolve(broker: &str) -> Result<SocketAddr, ClientError> {
@@ -271,4 +285,28 @@ fn transport_config(idle: Duration) -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_handshake_is_worth_retrying_and_a_bad_certificate_is_not() {
+        let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        });
+        let e = connect_error("127.0.0.1:1", refused);
+        assert!(matches!(e, ClientError::Refused { .. }), "{e:?}");
+        assert!(e.is_retriable());
+
+        let tls = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(42), // bad_certificate
+            frame_type: None,
+            reason: bytes::Bytes::from_static(b"invalid peer certificate: UnknownIssuer"),
+        });
+        assert!(!connect_error("127.0.0.1:1", tls).is_retriable());
+    }
 }

@@ -18,7 +18,11 @@ pub enum ClientError {
     /// The connection failed, including TLS failures such as an untrusted certificate.
     #[error("connection to {addr} failed: {reason}")]
     Connect { addr: String, reason: String },
-    /// The connection was lost mid-request.
+    /// The broker turned the connection away at the handshake: it is shutting down (a restart)
+    /// or at its connection limit. Worth retrying.
+    #[error("broker {addr} refused the connection: {reason}")]
+    Refused { addr: String, reason: String },
+    /// The connection was lost mid-request (including a broker shutting down).
     #[error("connection lost: {0}")]
     ConnectionLost(String),
     /// The broker answered with an error.
@@ -67,9 +71,10 @@ impl ClientError {
     /// Whether a retry on a new connection may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            ClientError::ConnectionLost(_) | ClientError::Timeout(_) | ClientError::Unreachable { .. } => {
-                true
-            }
+            ClientError::ConnectionLost(_)
+            | ClientError::Refused { .. }
+            | ClientError::Timeout(_)
+            | ClientError::Unreachable { .. } => true,
             ClientError::Broker { code, .. } => code.is_retriable(),
             _ => false,
         }
@@ -96,7 +101,19 @@ impl From<WriteError> for ClientError {
 
 impl From<quinn::ConnectionError> for ClientError {
     fn from(e: quinn::ConnectionError) -> Self {
-        ClientError::ConnectionLost(e.to_string())
+        ClientError::ConnectionLost(describe_lost(&e))
+    }
+}
+
+/// Why a connection ended, in words: a broker shutting down says so with its close code.
+pub(crate) fn describe_lost(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code.into_inner() == u64::from(ErrorCode::ShuttingDown.code()) =>
+        {
+            "the broker is shutting down".into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -109,6 +126,19 @@ mod tests {
         let e = ClientError::from(ReadError::Timeout(std::time::Duration::from_secs(30)));
         assert!(e.is_retriable(), "{e:?}");
         assert!(!ClientError::from(ReadError::Truncated).to_string().is_empty());
+    }
+
+    #[test]
+    fn a_broker_going_away_is_worth_a_reconnect() {
+        let refused = ClientError::Refused { addr: "b:1".into(), reason: "shutting down".into() };
+        assert!(refused.is_retriable());
+        let close = quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(u32::from(ErrorCode::ShuttingDown.code())),
+            reason: bytes::Bytes::from_static(b"broker shutting down"),
+        };
+        let e = ClientError::from(quinn::ConnectionError::ApplicationClosed(close));
+        assert!(e.is_retriable());
+        assert_eq!(e.to_string(), "connection lost: the broker is shutting down");
     }
 
     #[test]

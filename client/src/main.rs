@@ -60,7 +60,8 @@ enum GroupCmd {
         group: String,
         #[arg(long)]
         topic: String,
-        /// earliest, latest, an offset, or time:<ms since the epoch>.
+        /// earliest, latest, an offset, or time:<when> (as `tail --from`: RFC 3339, -10m, or
+        /// milliseconds since the epoch).
         #[arg(long)]
         to: String,
     },
@@ -136,8 +137,9 @@ struct PublishArgs {
 #[derive(Args)]
 struct TailArgs {
     topic: String,
-    /// earliest, latest, an offset, or time:<ms since the epoch> (the first message at or
-    /// after that time, found with the time index).
+    /// earliest, latest, an offset, or time:<when> (the first message at or after that time,
+    /// found with the time index): an RFC 3339 time (time:2026-12-04T10:00:00Z), a time before
+    /// now (time:-10m; units ms, s, m, h, d) or milliseconds since the epoch.
     #[arg(long, default_value = "latest")]
     from: String,
     /// Exit after this many messages (default: follow until Ctrl-C).
@@ -386,16 +388,70 @@ fn parse_from(s: &str) -> anyhow::Result<StartPosition> {
         "earliest" => StartPosition::Earliest,
         "latest" => StartPosition::Latest,
         t if t.starts_with("time:") => StartPosition::Timestamp(
-            t["time:".len()..]
-                .parse()
-                .with_context(|| format!("--from '{t}': expected time:<milliseconds since the epoch>"))?,
+            parse_time(&t["time:".len()..], now_ms()).map_err(|e| anyhow::anyhow!("--from '{t}': {e}"))?,
         ),
         n => {
             StartPosition::Offset(n.parse().with_context(|| {
-                format!("--from '{n}': expected earliest, latest, an offset or time:<ms>")
+                format!("--from '{n}': expected earliest, latest, an offset or time:<when>")
             })?)
         }
     })
+}
+
+/// Epoch milliseconds below this (March 1973) are refused: such a number is almost surely
+/// seconds (`$(date +%s)` is about 1.7e9), which read as milliseconds would mean January 1970
+/// and replay the whole topic.
+const MIN_EPOCH_MS: i64 = 100_000_000_000;
+
+/// The time a `time:<when>` names, in milliseconds since the epoch: an RFC 3339 time
+/// (`2026-12-04T10:00:00Z`, `2026-12-04T11:00:00.250+01:00`), a time relative to `now_ms`
+/// (`-30s`, `-10m`, `-2h`, `-1d`, `-500ms`), or milliseconds since the epoch (0, or from 10^11;
+/// a number that can only be seconds is refused).
+fn parse_time(when: &str, now_ms: i64) -> Result<i64, String> {
+    const EXPECTED: &str = "expected time:<RFC 3339 time> (e.g. time:2026-12-04T10:00:00Z), \
+         time:-<N><ms|s|m|h|d> (before now, e.g. time:-10m) or time:<milliseconds since the epoch>";
+    if let Some(ago) = when.strip_prefix('-') {
+        let split = ago.find(|c: char| !c.is_ascii_digit()).unwrap_or(ago.len());
+        let (n, unit) = ago.split_at(split);
+        let unit_ms: i64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(EXPECTED.into()),
+        };
+        let n: i64 = n.parse().map_err(|_| EXPECTED.to_string())?;
+        return n
+            .checked_mul(unit_ms)
+            .and_then(|ago| now_ms.checked_sub(ago))
+            .ok_or_else(|| format!("'{when}' is too far back"));
+    }
+    if !when.is_empty() && when.bytes().all(|b| b.is_ascii_digit()) {
+        let n: i64 =
+            when.parse().map_err(|_| format!("{when} is too large for milliseconds since the epoch"))?;
+        if n != 0 && n < MIN_EPOCH_MS {
+            let as_seconds = time::OffsetDateTime::from_unix_timestamp(n)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_else(|| "?".into());
+            return Err(format!(
+                "{n} looks like seconds since the epoch ({as_seconds}), but the number is read as \
+                 milliseconds; give time:{n}000 or an RFC 3339 time such as time:{as_seconds}"
+            ));
+        }
+        return Ok(n);
+    }
+    let t = time::OffsetDateTime::parse(when, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("'{when}' is not a time ({e}); {EXPECTED}"))?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("'{when}' is out of range"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
@@ -594,9 +650,8 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                     "earliest" => p.log_start_offset,
                     "latest" => p.high_watermark,
                     t if t.starts_with("time:") => {
-                        let ts = t["time:".len()..]
-                            .parse::<i64>()
-                            .with_context(|| format!("--to '{t}': expected time:<ms>"))?;
+                        let ts = parse_time(&t["time:".len()..], now_ms())
+                            .map_err(|e| anyhow::anyhow!("--to '{t}': {e}"))?;
                         admin.offset_for_time(&topic, p.partition, ts).await?
                     }
                     n => n
@@ -610,4 +665,56 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_796_378_400_000; // 2026-12-04T10:00:00Z
+
+    #[test]
+    fn rfc_3339_times() {
+        assert_eq!(parse_time("2026-12-04T10:00:00Z", NOW), Ok(NOW));
+        assert_eq!(parse_time("2026-12-04T11:00:00.250+01:00", NOW), Ok(NOW + 250));
+        assert_eq!(parse_time("1970-01-01T00:00:00Z", NOW), Ok(0));
+        assert!(parse_time("2026-12-04", NOW).is_err_and(|e| e.contains("RFC 3339")));
+        assert!(parse_time("2026-12-04T10:00:00", NOW).is_err(), "an offset is required");
+    }
+
+    #[test]
+    fn relative_times() {
+        assert_eq!(parse_time("-30s", NOW), Ok(NOW - 30_000));
+        assert_eq!(parse_time("-10m", NOW), Ok(NOW - 600_000));
+        assert_eq!(parse_time("-2h", NOW), Ok(NOW - 7_200_000));
+        assert_eq!(parse_time("-1d", NOW), Ok(NOW - 86_400_000));
+        assert_eq!(parse_time("-500ms", NOW), Ok(NOW - 500));
+        for bad in ["-10", "-m", "-10w", "-1.5h", "-", "-99999999999999999999d"] {
+            assert!(parse_time(bad, NOW).is_err(), "{bad}");
+        }
+        assert!(parse_time("-9223372036854775807d", NOW).is_err_and(|e| e.contains("too far back")));
+    }
+
+    #[test]
+    fn milliseconds_are_kept_and_seconds_refused() {
+        assert_eq!(parse_time("1796378400000", NOW), Ok(NOW));
+        assert_eq!(parse_time("0", NOW), Ok(0), "the epoch is the same in either unit");
+        assert_eq!(parse_time("100000000000", NOW), Ok(MIN_EPOCH_MS));
+        let e = parse_time("1796378400", NOW).err().unwrap_or_default();
+        assert!(e.contains("seconds"), "{e}");
+        assert!(e.contains("time:1796378400000"), "{e}");
+        assert!(e.contains("time:2026-12-04T10:00:00Z"), "{e}");
+        assert!(parse_time("99999999999", NOW).is_err());
+        assert!(parse_time("", NOW).is_err());
+        assert!(parse_time("99999999999999999999", NOW).is_err());
+    }
+
+    #[test]
+    fn from_positions() {
+        assert!(matches!(parse_from("time:-1h"), Ok(StartPosition::Timestamp(_))));
+        assert!(matches!(parse_from("time:2026-12-04T10:00:00Z"), Ok(StartPosition::Timestamp(NOW))));
+        let e = parse_from("time:1796378400").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.starts_with("--from 'time:1796378400': 1796378400 looks like seconds"), "{e}");
+        assert!(matches!(parse_from("42"), Ok(StartPosition::Offset(42))));
+    }
 }

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     /// Stored data failed its checksum: the broker's copy of these offsets is damaged and is
     /// not served (the error names the segment file and position).
     CorruptLog,
+    /// The topic was deleted under a subscription (or an append): final, not retriable.
+    TopicDeleted,
     Unknown(u16),
 }
 
@@ -60,6 +62,7 @@ impl ErrorCode {
             Internal => 32,
             UnknownProducer => 22,
             CorruptLog => 33,
+            TopicDeleted => 34,
             Unknown(c) => c,
         }
     }
@@ -89,6 +92,7 @@ impl ErrorCode {
             32 => Internal,
             22 => UnknownProducer,
             33 => CorruptLog,
+            34 => TopicDeleted,
             c => Unknown(c),
         }
     }

@@ -152,6 +152,38 @@ impl BrokerProcess {
         self.spawn().await
     }
 
+    /// SIGTERM (a graceful shutdown, as a service manager stops it), then waits up to 30 s
+    /// for the process to exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", child.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("broker did not exit within 30 s of SIGTERM; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// A graceful restart: SIGTERM, wait for the exit, start again on the same address and
+    /// data directory.
+    pub async fn restart_graceful(&mut self) -> anyhow::Result<()> {
+        self.terminate().await?;
+        self.spawn().await
+    }
+
+    /// The `quiver` CLI at `bin`, pointed at this broker (`--broker`, `--ca`); add the command.
+    pub fn cli(&self, bin: &str) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--broker").arg(self.addr.to_string()).arg("--ca").arg(self.ca_path());
+        cmd
+    }
+
     /// Resident memory of the broker process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         quiver_client::bench::rss_kib(self.pid()?)

@@ -1,0 +1,167 @@
+//! A graceful broker restart (SIGTERM, start again on the same port) ends no client: running
+//! `quiver tail` processes, plain and in a group, stay alive and print what is published after
+//! the restart, and a `quiver publish` fed across the restart gets every message acknowledged.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use quiver_client::TopicConfig;
+use quiver_tests::{bounded, init_tracing, BrokerProcess};
+
+const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+const CLI: &str = env!("CARGO_BIN_EXE_quiver-under-test");
+
+/// A `quiver tail` process writing to files; killed when dropped.
+struct Tail {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Tail {
+    fn start(broker: &BrokerProcess, dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Tail> {
+        let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
+        let child = broker
+            .cli(CLI)
+            .arg("tail")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()?;
+        Ok(Tail { child, out, err })
+    }
+
+    fn lines(&self) -> BTreeSet<String> {
+        std::fs::read_to_string(&self.out).unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
+    /// `Err` with its exit status and stderr once the process has ended.
+    fn alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => anyhow::bail!(
+                "tail exited ({status}): {}",
+                std::fs::read_to_string(&self.err).unwrap_or_default().trim()
+            ),
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until every plain tail printed all of `want` and the group tails together
+/// did, failing at once if a tail exits.
+async fn wait_for(
+    plain: &mut [Tail],
+    group: &mut [Tail],
+    want: &BTreeSet<String>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for t in plain.iter_mut().chain(group.iter_mut()) {
+            t.alive()?;
+        }
+        let plain_done = plain.iter().all(|t| t.lines().is_superset(want));
+        let group_lines: BTreeSet<String> = group.iter().flat_map(Tail::lines).collect();
+        if plain_done && group_lines.is_superset(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<usize> = plain.iter().map(|t| want.difference(&t.lines()).count()).collect();
+            anyhow::bail!(
+                "{what}: plain tails miss {missing:?} of {}, the group misses {}",
+                want.len(),
+                want.difference(&group_lines).count()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn values(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tails_and_a_publisher_ride_through_a_graceful_restart() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(240, async {
+        let dir = tempfile::tempdir()?;
+        let mut broker = BrokerProcess::start(BROKER, &dir.path().join("data"), None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("follow", 2, TopicConfig::default()).await?;
+        client.close().await;
+
+        let mut plain = Vec::new();
+        let mut group = Vec::new();
+        for i in 0..3 {
+            plain.push(Tail::start(
+                &broker,
+                dir.path(),
+                &format!("plain{i}"),
+                &["follow", "--from", "earliest"],
+            )?);
+            let args = ["follow", "--from", "earliest", "--group", "g", "--session-timeout-ms", "3000"];
+            group.push(Tail::start(&broker, dir.path(), &format!("group{i}"), &args)?);
+        }
+
+        let before = values("before", 20);
+        let out = broker.cli(CLI).arg("publish").arg("follow").args(&before).output()?;
+        anyhow::ensure!(out.status.success(), "publish: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for(&mut plain, &mut group, &before.into_iter().collect(), "before the restart").await?;
+
+        // A publisher fed a line every 50 ms across the restart.
+        let mut publisher = broker
+            .cli(CLI)
+            .args(["publish", "follow"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut stdin = publisher.stdin.take().ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        let mid = values("mid", 60);
+        let feed = {
+            let mid = mid.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                for v in mid {
+                    writeln!(stdin, "{v}")?;
+                    stdin.flush()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(()) // stdin closes: the publisher flushes and exits
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        broker.restart_graceful().await?;
+        tracing::info!("broker restarted gracefully");
+
+        let after = values("after", 20);
+        let out = broker.cli(CLI).arg("publish").arg("follow").args(&after).output()?;
+        anyhow::ensure!(out.status.success(), "publish: {}", String::from_utf8_lossy(&out.stderr));
+
+        feed.join().map_err(|_| anyhow::anyhow!("feeder panicked"))??;
+        let published = tokio::task::spawn_blocking(move || publisher.wait_with_output()).await??;
+        anyhow::ensure!(
+            published.status.success(),
+            "the publisher across the restart failed: {}",
+            String::from_utf8_lossy(&published.stderr)
+        );
+
+        let want: BTreeSet<String> = after.into_iter().chain(mid).collect();
+        wait_for(&mut plain, &mut group, &want, "after the restart").await?;
+        broker.kill9();
+        Ok(())
+    })
+    .await
+}
