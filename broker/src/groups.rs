@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use quiver_protocol::group::{Assignment, GroupCoordinator, GroupError};
 use quiver_protocol::message::{validate_group_name, MemberInfo, MemberRef, Message};
 use quiver_protocol::ErrorCode;
 
-use crate::partition::{now_ms, PartitionError};
+use crate::partition::PartitionError;
 use crate::server::BrokerState;
 
 /// The members a connection speaks for; they leave when it closes, unless they have since
@@ -32,8 +33,34 @@ impl ConnectionInfo {
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
 const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
 
+/// Where group timeouts read the time. Monotonic, so a step of the wall clock neither expires
+/// every member nor keeps dead ones; tests pass their own.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    pub fn new(now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new(Instant::now)
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 #[derive(Debug)]
 pub struct Groups {
+    clock: Clock,
+    /// The coordinators count time in milliseconds since this instant.
+    epoch: Instant,
     groups: Mutex<HashMap<String, GroupCoordinator>>,
     /// Random per broker start: member ids from before a restart never match new ones.
     nonce: String,
@@ -44,20 +71,33 @@ pub struct Groups {
 
 impl Default for Groups {
     fn default() -> Self {
+        Groups::with_clock(Clock::default())
+    }
+}
+
+impl Groups {
+    /// Groups whose session timeouts follow `clock`.
+    pub fn with_clock(clock: Clock) -> Self {
         use ring::rand::SecureRandom;
         let mut b = [0u8; 6];
         let _ = ring::rand::SystemRandom::new().fill(&mut b);
         let nonce = b.iter().map(|x| format!("{x:02x}")).collect();
+        let epoch = (clock.0)();
         Groups {
+            clock,
+            epoch,
             groups: Default::default(),
             nonce,
             coordinators: Default::default(),
             member_connection: Default::default(),
         }
     }
-}
 
-impl Groups {
+    /// Milliseconds on the monotonic clock, as the coordinators take the time.
+    fn now_ms(&self) -> u64 {
+        (self.clock.0)().saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     /// Refuses a consumer or commit that does not own the partition now.
     pub fn check_owner(
         &self,
@@ -91,7 +131,7 @@ impl Groups {
 
     /// Drops members whose session expired.
     pub fn expire(&self) {
-        let now = now_ms().max(0) as u64;
+        let now = self.now_ms();
         let mut groups = self.groups.lock();
         for (name, g) in groups.iter_mut() {
             for member in g.expire(now) {
@@ -119,6 +159,54 @@ impl Groups {
                 }
             }
         }
+    }
+
+    /// Adds a member to `group` (creating the group), or re-joins one that still exists.
+    pub fn join(
+        &self,
+        conn: &ConnectionMembers,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+        member_id: Option<&str>,
+        session_timeout_ms: u32,
+    ) -> Result<Assignment, PartitionError> {
+        let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
+        let now = self.now_ms();
+        let mut map = self.groups.lock();
+        let prefix = || {
+            let n = self.coordinators.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{}-{n}", self.nonce)
+        };
+        let g = map
+            .entry(group.to_string())
+            .or_insert_with(|| GroupCoordinator::new(topic, partitions, prefix()));
+        if g.is_empty() && g.topic() != topic {
+            // An empty group may move to another topic.
+            *g = GroupCoordinator::new(topic, partitions, prefix());
+        }
+        let a = g.join(topic, member_id, timeout, now).map_err(fenced)?;
+        drop(map);
+        tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
+        self.speaks_on(conn, group, &a.member_id);
+        Ok(a)
+    }
+
+    /// A member is alive and has applied `generation`: what it owns now.
+    pub fn heartbeat(
+        &self,
+        conn: &ConnectionMembers,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+    ) -> Result<Assignment, PartitionError> {
+        let now = self.now_ms();
+        let mut map = self.groups.lock();
+        let g = map.get_mut(group).ok_or_else(|| fenced(GroupError::UnknownMember(member_id.to_string())))?;
+        let a = g.heartbeat(member_id, generation, now).map_err(fenced)?;
+        drop(map);
+        self.speaks_on(conn, group, member_id);
+        Ok(a)
     }
 
     /// Records that a member speaks on this connection (joined, or heartbeated after a
@@ -156,37 +244,16 @@ pub(crate) fn handle(
     conn: &ConnectionMembers,
 ) -> Result<Message, PartitionError> {
     let groups = &state.groups;
-    let now = now_ms().max(0) as u64;
     match msg {
         Message::JoinGroup { group, topic, member_id, session_timeout_ms } => {
             validate_group_name(&group).map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
-            let t = state.topics.get(&topic)?;
-            let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
-            let mut map = groups.groups.lock();
-            let prefix = || {
-                let n = groups.coordinators.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                format!("{}-{n}", groups.nonce)
-            };
-            let g = map
-                .entry(group.clone())
-                .or_insert_with(|| GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix()));
-            if g.is_empty() && g.topic() != topic {
-                // An empty group may move to another topic.
-                *g = GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix());
-            }
-            let a = g.join(&topic, member_id.as_deref(), timeout, now).map_err(fenced)?;
-            tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
-            groups.speaks_on(conn, &group, &a.member_id);
+            let partitions = state.topics.get(&topic)?.partitions.len() as u32;
+            let a =
+                groups.join(conn, &group, &topic, partitions, member_id.as_deref(), session_timeout_ms)?;
             Ok(assignment(a))
         }
         Message::Heartbeat { group, member_id, generation } => {
-            let mut map = groups.groups.lock();
-            let g =
-                map.get_mut(&group).ok_or_else(|| fenced(GroupError::UnknownMember(member_id.clone())))?;
-            let a = g.heartbeat(&member_id, generation, now).map_err(fenced)?;
-            drop(map);
-            groups.speaks_on(conn, &group, &member_id);
-            Ok(assignment(a))
+            Ok(assignment(groups.heartbeat(conn, &group, &member_id, generation)?))
         }
         Message::LeaveGroup { group, member_id } => {
             if let Some(g) = groups.groups.lock().get_mut(&group) {
@@ -236,5 +303,45 @@ pub(crate) fn handle(
             ErrorCode::UnexpectedKind,
             format!("kind {} is not a group request", other.kind()),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Session expiry follows the monotonic clock the broker gives the groups: a member expires
+    /// once that clock passed its session timeout without a heartbeat, whatever the wall clock
+    /// does meanwhile (here it barely moves).
+    #[test]
+    fn sessions_expire_by_the_monotonic_clock() {
+        let start = Instant::now();
+        let elapsed_ms = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let elapsed_ms = elapsed_ms.clone();
+            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
+        };
+        let groups = Groups::with_clock(clock);
+        let conn = ConnectionInfo::new(1);
+        let a = groups.join(&conn, "g", "t", 2, None, 1_000).expect("join");
+        let b = groups.join(&conn, "g", "t", 2, None, 5_000).expect("join");
+
+        elapsed_ms.store(900, Ordering::Relaxed);
+        groups.expire();
+        assert_eq!(groups.names(), vec!["g".to_string()]);
+        groups.heartbeat(&conn, "g", &a.member_id, a.generation).expect("a is alive");
+
+        // A's last heartbeat was at 900 ms; 1 s later it is gone, B (5 s) is not.
+        elapsed_ms.store(1_950, Ordering::Relaxed);
+        groups.expire();
+        groups.heartbeat(&conn, "g", &b.member_id, b.generation).expect("b is alive");
+        elapsed_ms.store(1_901 + 1_000, Ordering::Relaxed);
+        groups.expire();
+        let refused = groups.heartbeat(&conn, "g", &a.member_id, a.generation);
+        assert!(matches!(refused, Err(ref e) if e.code == ErrorCode::FencedMember), "{refused:?}");
+        groups.heartbeat(&conn, "g", &b.member_id, b.generation).expect("b is alive");
     }
 }

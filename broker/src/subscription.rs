@@ -385,7 +385,7 @@ impl Session<'_> {
             let next_due = if deadlines { self.setup.ledger.lock().next_due() } else { None };
             let due_in = next_due.map(|at| std::time::Duration::from_millis(at.saturating_sub(clock_ms())));
             tokio::select! {
-                _ = fence_check.tick(), if self.setup.member.is_some() => self.check_owner()?,
+                _ = fence_check.tick(), if self.setup.group.is_some() => self.check_owner()?,
                 r = hw.changed() => if r.is_err() { return Ok(()) },
                 ack = acks.recv() => match ack {
                     Some(ack) => deadlines |= self.apply_ack(ack)?,
@@ -489,15 +489,17 @@ impl Session<'_> {
     }
 
     /// Fails once this subscription no longer owns its group's partition: taken over by a
-    /// newer subscription, or its member lost the partition.
+    /// newer subscription, its member lost the partition, or (without a member) the group
+    /// gained members.
     fn check_owner(&self) -> Result<(), PartitionError> {
         self.check_not_taken_over()?;
-        match &self.setup.member {
-            Some((group, member)) => {
-                let p = &self.setup.partition;
-                self.state.groups.check_owner(group, &p.topic, Some(member), p.id)
-            }
-            None => Ok(()),
+        let p = &self.setup.partition;
+        match (&self.setup.member, &self.setup.group) {
+            (Some((group, member)), _) => self.state.groups.check_owner(group, &p.topic, Some(member), p.id),
+            // Outside the membership (a plain `--group` consumer): only while the group has no
+            // members; once one joins, its acks no longer move the group's offset.
+            (None, Some(((group, _, _), _))) => self.state.groups.check_owner(group, &p.topic, None, p.id),
+            (None, None) => Ok(()),
         }
     }
 
