@@ -26,6 +26,8 @@ pub enum ErrorCode {
     StorageError,
     ShuttingDown,
     Internal,
+    /// A named limit (protocol/src/limits.rs, design.md §2) would be exceeded.
+    LimitExceeded,
     Unknown(u16),
 }
 
@@ -53,6 +55,7 @@ impl ErrorCode {
             StorageError => 30,
             ShuttingDown => 31,
             Internal => 32,
+            LimitExceeded => 33,
             Unknown(c) => c,
         }
     }
@@ -80,6 +83,7 @@ impl ErrorCode {
             30 => StorageError,
             31 => ShuttingDown,
             32 => Internal,
+            33 => LimitExceeded,
             c => Unknown(c),
         }
     }

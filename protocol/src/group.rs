@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::limits::MAX_MEMBERS_PER_GROUP;
+
 /// Why a member's request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GroupError {
@@ -17,6 +19,8 @@ pub enum GroupError {
     NotOwner { member: String, partition: u32 },
     #[error("the group consumes topic '{group_topic}', not '{topic}'")]
     TopicMismatch { group_topic: String, topic: String },
+    #[error("the group has {max} members, the most a group may have (MAX_MEMBERS_PER_GROUP)")]
+    GroupFull { max: usize },
 }
 
 /// What a member owns now.
@@ -90,6 +94,10 @@ impl GroupCoordinator {
         self.members.is_empty()
     }
 
+    pub fn contains(&self, member_id: &str) -> bool {
+        self.members.contains_key(member_id)
+    }
+
     /// Adds a member (or re-joins one that still exists) and rebalances.
     pub fn join(
         &mut self,
@@ -104,11 +112,16 @@ impl GroupCoordinator {
                 topic: topic.to_string(),
             });
         }
+        let mut joined = false;
         let id = match member_id {
             Some(id) if self.members.contains_key(id) => id.to_string(),
+            _ if self.members.len() >= MAX_MEMBERS_PER_GROUP => {
+                return Err(GroupError::GroupFull { max: MAX_MEMBERS_PER_GROUP })
+            }
             _ => {
                 let id = format!("{}-{}", self.id_prefix, self.next_member);
                 self.next_member += 1;
+                joined = true;
                 self.members.insert(
                     id.clone(),
                     Member {
@@ -125,7 +138,7 @@ impl GroupCoordinator {
             m.last_seen_ms = now_ms;
             m.session_timeout_ms = session_timeout_ms;
         }
-        self.rebalance();
+        self.rebalance(joined);
         Ok(self.assignment(&id))
     }
 
@@ -162,7 +175,7 @@ impl GroupCoordinator {
             for p in confirmed {
                 self.revoking.remove(&p);
             }
-            self.rebalance();
+            self.rebalance(true);
         }
         Ok(self.assignment(member_id))
     }
@@ -173,7 +186,7 @@ impl GroupCoordinator {
             return false;
         }
         self.revoking.retain(|_, r| r.from != member_id);
-        self.rebalance();
+        self.rebalance(true);
         true
     }
 
@@ -234,10 +247,10 @@ impl GroupCoordinator {
 
     /// Sticky, cooperative: members keep up to their fair share; the surplus is revoked (and
     /// only handed on once confirmed); free partitions go to the members with the fewest.
-    fn rebalance(&mut self) {
-        let before: Vec<(String, BTreeMap<u32, u64>)> =
-            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
-        let revoking_before = self.revoking.len();
+    /// `changed`: the membership or the revocations changed, so the generation moves even if
+    /// no partition does. Costs O(members + partitions) per free partition handed out, with no
+    /// copies of the members.
+    fn rebalance(&mut self, mut changed: bool) {
         let n = self.members.len() as u32;
         if n > 0 {
             let fair = self.partitions.div_ceil(n) as usize;
@@ -247,6 +260,7 @@ impl GroupCoordinator {
                 while m.owned.len() > fair {
                     if let Some((p, since)) = m.owned.pop_last() {
                         self.revoking.insert(p, Revoking { from: id.clone(), since, at: next_generation });
+                        changed = true;
                     }
                 }
             }
@@ -261,12 +275,11 @@ impl GroupCoordinator {
                 {
                     // Given in the generation this rebalance creates.
                     m.owned.insert(p, next_generation);
+                    changed = true;
                 }
             }
         }
-        let after: Vec<(String, BTreeMap<u32, u64>)> =
-            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
-        if before != after || self.revoking.len() != revoking_before {
+        if changed {
             self.generation += 1;
         }
     }
@@ -392,6 +405,21 @@ mod tests {
         let hc = g.heartbeat(&c, g.generation(), 0).expect("hb");
         assert_eq!(hc.partitions, vec![1]);
         assert!(g.check_owner(&c, hc.generation, 1).is_ok());
+    }
+
+    /// A group takes at most `MAX_MEMBERS_PER_GROUP` members; a rejoin of one it has still
+    /// works, and a place frees up when one leaves.
+    #[test]
+    fn a_full_group_refuses_new_members() {
+        let mut g = GroupCoordinator::new("t", 8, "member");
+        let mut ids = Vec::new();
+        for _ in 0..MAX_MEMBERS_PER_GROUP {
+            ids.push(g.join("t", None, 1000, 0).expect("join").member_id);
+        }
+        assert_eq!(g.join("t", None, 1000, 0), Err(GroupError::GroupFull { max: MAX_MEMBERS_PER_GROUP }));
+        assert!(g.join("t", Some(&ids[0]), 1000, 0).is_ok());
+        g.leave(&ids[1]);
+        assert!(g.join("t", None, 1000, 0).is_ok());
     }
 
     proptest! {

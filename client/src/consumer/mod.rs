@@ -64,8 +64,8 @@ pub struct ConsumerConfig {
     /// After this many deliveries the broker moves a message to `dead_letter_topic` instead of
     /// handing it out again. `None`: unlimited.
     pub max_deliveries: Option<u32>,
-    /// Where messages past `max_deliveries` go (created with 1 partition if missing);
-    /// default `<topic>.dlq`.
+    /// Where messages past `max_deliveries` go: default `<topic>.dlq`, which the broker creates
+    /// with 1 partition if missing; another topic must exist before subscribing.
     pub dead_letter_topic: Option<String>,
 }
 
