@@ -39,10 +39,14 @@ async fn main() -> anyhow::Result<()> {
                     msg.ack();
                 }
             }
-            _ = commit.tick() => consumer.commit().await?,
+            _ = commit.tick() => {
+                let report = consumer.commit().await?;
+                println!("committed {:?} (not started: {:?}, moved away: {:?})", report.committed, report.skipped, report.revoked);
+            }
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    consumer.commit().await?;
+    let report = consumer.commit().await?;
+    println!("committed {:?}", report.committed);
     Ok(())
 }

@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
         );
         msg.ack();
     }
-    consumer.commit().await?;
+    let report = consumer.commit().await?;
+    println!("committed (partition -> next offset): {:?}", report.committed);
     consumer.close().await;
 
     client.close().await;

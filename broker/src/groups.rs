@@ -1,15 +1,18 @@
 //! Consumer-group membership on the broker: a `GroupCoordinator` (the sans-IO state machine in
 //! `protocol::group`) per group, fed from requests, a timer, and connection closes.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
+use dashmap::DashMap;
 use parking_lot::Mutex;
 use quiver_protocol::group::{Assignment, GroupCoordinator, GroupError};
+use quiver_protocol::limits::{MAX_GROUPS, MAX_MEMBERS_PER_CONNECTION};
 use quiver_protocol::message::{validate_group_name, MemberInfo, MemberRef, Message};
 use quiver_protocol::ErrorCode;
 
-use crate::partition::{now_ms, PartitionError};
+use crate::partition::PartitionError;
 use crate::server::BrokerState;
 
 /// The members a connection speaks for; they leave when it closes, unless they have since
@@ -19,12 +22,15 @@ pub type ConnectionMembers = Arc<ConnectionInfo>;
 #[derive(Debug, Default)]
 pub struct ConnectionInfo {
     id: u64,
+    /// At most `MAX_MEMBERS_PER_CONNECTION`.
     members: Mutex<Vec<(String, String)>>,
+    /// Producer ids handed out on this connection (at most `MAX_PRODUCER_IDS_PER_CONNECTION`).
+    pub producer_ids: std::sync::atomic::AtomicU32,
 }
 
 impl ConnectionInfo {
     pub fn new(id: u64) -> Arc<Self> {
-        Arc::new(ConnectionInfo { id, members: Mutex::new(Vec::new()) })
+        Arc::new(ConnectionInfo { id, ..Default::default() })
     }
 }
 
@@ -32,32 +38,77 @@ impl ConnectionInfo {
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
 const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
 
+/// Where group timeouts read the time. Monotonic, so a step of the wall clock neither expires
+/// every member nor keeps dead ones; tests pass their own.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    pub fn new(now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new(Instant::now)
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 #[derive(Debug)]
 pub struct Groups {
-    groups: Mutex<HashMap<String, GroupCoordinator>>,
+    clock: Clock,
+    /// The coordinators count time in milliseconds since this instant.
+    epoch: Instant,
+    /// One lock per shard, not one for every group.
+    groups: DashMap<String, GroupCoordinator>,
+    /// Names of the groups the broker knows (members or committed offsets), to bound them by
+    /// `MAX_GROUPS`; read from the offsets store at first use. It may still hold groups whose
+    /// offsets were removed since: it is read again before a new group is refused.
+    known: Mutex<Option<HashSet<Arc<str>>>>,
     /// Random per broker start: member ids from before a restart never match new ones.
     nonce: String,
     coordinators: std::sync::atomic::AtomicU64,
     /// Which connection each (group, member) last spoke on.
-    member_connection: Mutex<HashMap<(String, String), u64>>,
+    member_connection: DashMap<(String, String), u64>,
 }
 
 impl Default for Groups {
     fn default() -> Self {
+        Groups::with_clock(Clock::default())
+    }
+}
+
+impl Groups {
+    /// Groups whose session timeouts follow `clock`.
+    pub fn with_clock(clock: Clock) -> Self {
         use ring::rand::SecureRandom;
         let mut b = [0u8; 6];
         let _ = ring::rand::SystemRandom::new().fill(&mut b);
         let nonce = b.iter().map(|x| format!("{x:02x}")).collect();
+        let epoch = (clock.0)();
         Groups {
+            clock,
+            epoch,
             groups: Default::default(),
+            known: Default::default(),
             nonce,
             coordinators: Default::default(),
             member_connection: Default::default(),
         }
     }
-}
 
-impl Groups {
+    /// Milliseconds on the monotonic clock, as the coordinators take the time.
+    fn now_ms(&self) -> u64 {
+        (self.clock.0)().saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     /// Refuses a consumer or commit that does not own the partition now.
     pub fn check_owner(
         &self,
@@ -66,8 +117,8 @@ impl Groups {
         member: Option<&MemberRef>,
         partition: u32,
     ) -> Result<(), PartitionError> {
-        let groups = self.groups.lock();
-        let live = groups.get(group).filter(|g| !g.is_empty());
+        let entry = self.groups.get(group);
+        let live = entry.as_deref().filter(|g| !g.is_empty());
         if let (Some(g), Some(_)) = (live, member) {
             if g.topic() != topic {
                 return Err(fenced(GroupError::TopicMismatch {
@@ -91,29 +142,25 @@ impl Groups {
 
     /// Drops members whose session expired.
     pub fn expire(&self) {
-        let now = now_ms().max(0) as u64;
-        let mut groups = self.groups.lock();
-        for (name, g) in groups.iter_mut() {
+        let now = self.now_ms();
+        self.groups.retain(|name, g| {
             for member in g.expire(now) {
                 tracing::info!(group = %name, %member, "member session expired; rebalancing");
             }
-        }
-        // Empty groups live on only as committed offsets.
-        groups.retain(|_, g| !g.is_empty());
+            // Empty groups live on only as committed offsets.
+            !g.is_empty()
+        });
     }
 
     /// A connection closed: its members leave at once.
     pub fn connection_closed(&self, conn: &ConnectionMembers) {
         let members = std::mem::take(&mut *conn.members.lock());
-        let mut groups = self.groups.lock();
-        let mut owners = self.member_connection.lock();
         for (group, member) in members {
             let key = (group.clone(), member.clone());
-            if owners.get(&key) != Some(&conn.id) {
+            if self.member_connection.remove_if(&key, |_, c| *c == conn.id).is_none() {
                 continue; // it moved to another connection
             }
-            owners.remove(&key);
-            if let Some(g) = groups.get_mut(&group) {
+            if let Some(mut g) = self.groups.get_mut(&group) {
                 if g.leave(&member) {
                     tracing::info!(%group, %member, "member's connection closed; rebalancing");
                 }
@@ -121,28 +168,147 @@ impl Groups {
         }
     }
 
+    /// Adds a member to `group` (creating the group), or re-joins one that still exists.
+    pub fn join(
+        &self,
+        conn: &ConnectionMembers,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+        member_id: Option<&str>,
+        session_timeout_ms: u32,
+    ) -> Result<Assignment, PartitionError> {
+        let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
+        self.has_room_for_a_member(conn)?;
+        let now = self.now_ms();
+        let prefix = || {
+            let n = self.coordinators.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{}-{n}", self.nonce)
+        };
+        let mut g = self
+            .groups
+            .entry(group.to_string())
+            .or_insert_with(|| GroupCoordinator::new(topic, partitions, prefix()));
+        if g.is_empty() && g.topic() != topic {
+            // An empty group may move to another topic.
+            *g = GroupCoordinator::new(topic, partitions, prefix());
+        }
+        let a = g.join(topic, member_id, timeout, now).map_err(fenced)?;
+        drop(g);
+        tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
+        self.speaks_on(conn, group, &a.member_id);
+        Ok(a)
+    }
+
+    /// A member is alive and has applied `generation`: what it owns now.
+    pub fn heartbeat(
+        &self,
+        conn: &ConnectionMembers,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+    ) -> Result<Assignment, PartitionError> {
+        let now = self.now_ms();
+        let mut g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| fenced(GroupError::UnknownMember(member_id.to_string())))?;
+        let a = g.heartbeat(member_id, generation, now).map_err(fenced)?;
+        drop(g);
+        if self.has_room_for_a_member(conn).is_ok() || self.speaks_on_already(conn, group, member_id) {
+            self.speaks_on(conn, group, member_id);
+        } else {
+            // It stays a member, but leaves only by its session, not when this connection closes.
+            tracing::warn!(%group, member = %member_id, "connection speaks for too many members; not tracking this one");
+        }
+        Ok(a)
+    }
+
     /// Records that a member speaks on this connection (joined, or heartbeated after a
     /// reconnect).
     fn speaks_on(&self, conn: &ConnectionMembers, group: &str, member: &str) {
         let key = (group.to_string(), member.to_string());
-        let previous = self.member_connection.lock().insert(key.clone(), conn.id);
+        let previous = self.member_connection.insert(key.clone(), conn.id);
         if previous != Some(conn.id) {
             conn.members.lock().push(key);
         }
     }
 
+    fn speaks_on_already(&self, conn: &ConnectionMembers, group: &str, member: &str) -> bool {
+        self.member_connection.get(&(group.to_string(), member.to_string())).is_some_and(|c| *c == conn.id)
+    }
+
+    /// Whether `conn` may speak for one more member: its list is pruned of members that left,
+    /// expired or moved to another connection before it counts as full.
+    fn has_room_for_a_member(&self, conn: &ConnectionMembers) -> Result<(), PartitionError> {
+        let mut members = conn.members.lock();
+        if members.len() < MAX_MEMBERS_PER_CONNECTION {
+            return Ok(());
+        }
+        members.retain(|key| {
+            self.member_connection.get(key).is_some_and(|c| *c == conn.id)
+                && self.groups.get(&key.0).is_some_and(|g| g.contains(&key.1))
+        });
+        if members.len() < MAX_MEMBERS_PER_CONNECTION {
+            return Ok(());
+        }
+        Err(PartitionError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "this connection already speaks for {MAX_MEMBERS_PER_CONNECTION} group members \
+                 (MAX_MEMBERS_PER_CONNECTION); leave some groups or use another connection"
+            ),
+        ))
+    }
+
+    /// Admits `group` before the broker keeps anything for it (members, offsets, metrics):
+    /// a group it knows always, a new one while it knows fewer than `MAX_GROUPS`. `stored`
+    /// lists the groups with committed offsets.
+    pub fn admit(&self, group: &str, stored: impl Fn() -> Vec<Arc<str>>) -> Result<(), PartitionError> {
+        let mut known = self.known.lock();
+        let known = known.get_or_insert_with(|| stored().into_iter().collect());
+        if known.contains(group) {
+            return Ok(());
+        }
+        if known.len() >= MAX_GROUPS {
+            // Offsets of deleted topics (and so groups) may be gone: count again.
+            *known = stored().into_iter().collect();
+            known.extend(self.groups.iter().map(|g| Arc::from(g.key().as_str())));
+            if known.contains(group) {
+                return Ok(());
+            }
+            if known.len() >= MAX_GROUPS {
+                return Err(PartitionError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the broker already has {MAX_GROUPS} consumer groups (MAX_GROUPS); \
+                         cannot create group '{group}'"
+                    ),
+                ));
+            }
+        }
+        known.insert(Arc::from(group));
+        Ok(())
+    }
+
     /// Names of groups with members.
     pub fn names(&self) -> Vec<String> {
-        self.groups.lock().iter().filter(|(_, g)| !g.is_empty()).map(|(n, _)| n.clone()).collect()
+        self.groups.iter().filter(|g| !g.is_empty()).map(|g| g.key().clone()).collect()
     }
 }
 
 fn fenced(e: GroupError) -> PartitionError {
     let code = match e {
         GroupError::TopicMismatch { .. } => ErrorCode::InvalidGroup,
+        GroupError::GroupFull { .. } => ErrorCode::LimitExceeded,
         _ => ErrorCode::FencedMember,
     };
     PartitionError::new(code, e.to_string())
+}
+
+/// Names of the groups with committed offsets.
+pub(crate) fn stored_groups(state: &BrokerState) -> Vec<Arc<str>> {
+    state.offsets.all().into_iter().map(|((g, _, _), _)| g).collect()
 }
 
 fn assignment(a: Assignment) -> Message {
@@ -156,44 +322,24 @@ pub(crate) fn handle(
     conn: &ConnectionMembers,
 ) -> Result<Message, PartitionError> {
     let groups = &state.groups;
-    let now = now_ms().max(0) as u64;
     match msg {
         Message::JoinGroup { group, topic, member_id, session_timeout_ms } => {
             validate_group_name(&group).map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
-            let t = state.topics.get(&topic)?;
-            let timeout = session_timeout_ms.clamp(MIN_SESSION_TIMEOUT_MS, MAX_SESSION_TIMEOUT_MS) as u64;
-            let mut map = groups.groups.lock();
-            let prefix = || {
-                let n = groups.coordinators.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                format!("{}-{n}", groups.nonce)
-            };
-            let g = map
-                .entry(group.clone())
-                .or_insert_with(|| GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix()));
-            if g.is_empty() && g.topic() != topic {
-                // An empty group may move to another topic.
-                *g = GroupCoordinator::new(topic.clone(), t.partitions.len() as u32, prefix());
-            }
-            let a = g.join(&topic, member_id.as_deref(), timeout, now).map_err(fenced)?;
-            tracing::info!(%group, member = %a.member_id, generation = a.generation, partitions = ?a.partitions, "member joined");
-            groups.speaks_on(conn, &group, &a.member_id);
+            let partitions = state.topics.get(&topic)?.partitions.len() as u32;
+            groups.admit(&group, || stored_groups(state))?;
+            let a =
+                groups.join(conn, &group, &topic, partitions, member_id.as_deref(), session_timeout_ms)?;
             Ok(assignment(a))
         }
         Message::Heartbeat { group, member_id, generation } => {
-            let mut map = groups.groups.lock();
-            let g =
-                map.get_mut(&group).ok_or_else(|| fenced(GroupError::UnknownMember(member_id.clone())))?;
-            let a = g.heartbeat(&member_id, generation, now).map_err(fenced)?;
-            drop(map);
-            groups.speaks_on(conn, &group, &member_id);
-            Ok(assignment(a))
+            Ok(assignment(groups.heartbeat(conn, &group, &member_id, generation)?))
         }
         Message::LeaveGroup { group, member_id } => {
-            if let Some(g) = groups.groups.lock().get_mut(&group) {
+            if let Some(mut g) = groups.groups.get_mut(&group) {
                 g.leave(&member_id);
             }
             conn.members.lock().retain(|(g, m)| !(g == &group && m == &member_id));
-            groups.member_connection.lock().remove(&(group, member_id));
+            groups.member_connection.remove(&(group, member_id));
             Ok(Message::Done)
         }
         Message::ListGroups => {
@@ -206,8 +352,7 @@ pub(crate) fn handle(
             Ok(Message::Groups(names))
         }
         Message::DescribeGroup { group } => {
-            let map = groups.groups.lock();
-            let (topic, generation, members) = match map.get(&group) {
+            let (topic, generation, members) = match groups.groups.get(&group) {
                 Some(g) => (
                     g.topic().to_string(),
                     g.generation(),
@@ -236,5 +381,92 @@ pub(crate) fn handle(
             ErrorCode::UnexpectedKind,
             format!("kind {} is not a group request", other.kind()),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Session expiry follows the monotonic clock the broker gives the groups: a member expires
+    /// once that clock passed its session timeout without a heartbeat, whatever the wall clock
+    /// does meanwhile (here it barely moves).
+    #[test]
+    fn sessions_expire_by_the_monotonic_clock() {
+        let start = Instant::now();
+        let elapsed_ms = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let elapsed_ms = elapsed_ms.clone();
+            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
+        };
+        let groups = Groups::with_clock(clock);
+        let conn = ConnectionInfo::new(1);
+        let a = groups.join(&conn, "g", "t", 2, None, 1_000).expect("join");
+        let b = groups.join(&conn, "g", "t", 2, None, 5_000).expect("join");
+
+        elapsed_ms.store(900, Ordering::Relaxed);
+        groups.expire();
+        assert_eq!(groups.names(), vec!["g".to_string()]);
+        groups.heartbeat(&conn, "g", &a.member_id, a.generation).expect("a is alive");
+
+        // A's last heartbeat was at 900 ms; 1 s later it is gone, B (5 s) is not.
+        elapsed_ms.store(1_950, Ordering::Relaxed);
+        groups.expire();
+        groups.heartbeat(&conn, "g", &b.member_id, b.generation).expect("b is alive");
+        elapsed_ms.store(1_901 + 1_000, Ordering::Relaxed);
+        groups.expire();
+        let refused = groups.heartbeat(&conn, "g", &a.member_id, a.generation);
+        assert!(matches!(refused, Err(ref e) if e.code == ErrorCode::FencedMember), "{refused:?}");
+        groups.heartbeat(&conn, "g", &b.member_id, b.generation).expect("b is alive");
+    }
+
+    /// At most `MAX_GROUPS` groups; groups the broker has are always admitted, and groups whose
+    /// offsets were removed since (a deleted topic) stop counting.
+    #[test]
+    fn new_groups_beyond_the_limit_are_refused() {
+        let groups = Groups::default();
+        let stored: Arc<Mutex<Vec<Arc<str>>>> =
+            Arc::new(Mutex::new((0..MAX_GROUPS - 1).map(|i| Arc::from(format!("stored-{i}"))).collect()));
+        let list = || stored.lock().clone();
+        groups.admit("stored-7", list).expect("a stored group");
+        groups.admit("new-1", list).expect("the last place");
+        stored.lock().push(Arc::from("new-1")); // it committed
+        groups.admit("new-1", list).expect("known by now");
+        let refused = groups.admit("new-2", list).expect_err("over the limit");
+        assert_eq!(refused.code, ErrorCode::LimitExceeded);
+        assert!(refused.message.contains("MAX_GROUPS"), "{}", refused.message);
+        groups.admit("stored-8", list).expect("a stored group is still admitted");
+        // A topic delete removed the offsets of half the groups: room again.
+        stored.lock().truncate(MAX_GROUPS / 2);
+        groups.admit("new-2", list).expect("room after the offsets went");
+    }
+
+    /// A connection speaks for at most `MAX_MEMBERS_PER_CONNECTION` members; members that
+    /// expired no longer count.
+    #[test]
+    fn a_connection_speaks_for_a_bounded_number_of_members() {
+        let start = Instant::now();
+        let elapsed_ms = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let elapsed_ms = elapsed_ms.clone();
+            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
+        };
+        let groups = Groups::with_clock(clock);
+        let conn = ConnectionInfo::new(1);
+        for i in 0..MAX_MEMBERS_PER_CONNECTION {
+            groups.join(&conn, &format!("g{i}"), "t", 1, None, 500).expect("join");
+        }
+        let refused = groups.join(&conn, "one-more", "t", 1, None, 500).expect_err("over the limit");
+        assert_eq!(refused.code, ErrorCode::LimitExceeded);
+        assert!(refused.message.contains("MAX_MEMBERS_PER_CONNECTION"), "{}", refused.message);
+        // Another connection is not affected.
+        groups.join(&ConnectionInfo::new(2), "one-more", "t", 1, None, 500).expect("join");
+        elapsed_ms.store(1_000, Ordering::Relaxed);
+        groups.expire();
+        groups.join(&conn, "one-more", "t", 1, None, 500).expect("the expired members left");
+        assert_eq!(conn.members.lock().len(), 1);
     }
 }

@@ -99,6 +99,7 @@ async fn dispatch(
         }
     };
     let st = state.clone();
+    let members = members.clone();
     match msg {
         Message::Hello { .. } => ready(Message::HelloOk {
             protocol_version: quiver_protocol::limits::PROTOCOL_VERSION as u16,
@@ -120,7 +121,7 @@ async fn dispatch(
         | Message::LeaveGroup { .. }
         | Message::ListGroups
         | Message::DescribeGroup { .. }) => {
-            ready(crate::groups::handle(state, msg, members).unwrap_or_else(error))
+            ready(crate::groups::handle(state, msg, &members).unwrap_or_else(error))
         }
         Message::FetchOffsets { group, topic } => {
             ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
@@ -145,6 +146,17 @@ async fn dispatch(
             })
         }),
         Message::InitProducer => Box::pin(async move {
+            use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
+            let handed_out = members.producer_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if handed_out >= MAX_PRODUCER_IDS_PER_CONNECTION {
+                return Some(Message::error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "this connection already obtained {MAX_PRODUCER_IDS_PER_CONNECTION} producer ids \
+                         (MAX_PRODUCER_IDS_PER_CONNECTION); reuse a producer"
+                    ),
+                ));
+            }
             Some(match tokio::task::spawn_blocking(move || st.producer_ids.allocate_blocking()).await {
                 Ok(Ok(producer_id)) => {
                     Message::InitProducerOk { producer_id, producer_epoch: crate::producers::PRODUCER_EPOCH }
@@ -274,6 +286,7 @@ async fn commit(
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
+    state.groups.admit(&group, || crate::groups::stored_groups(state))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
     if offset > p.high_watermark() {
         return Err(PartitionError::new(

@@ -156,6 +156,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => None,
     };
     if let Some(g) = &sub.group {
+        state.groups.admit(g, || crate::groups::stored_groups(state))?;
         state.groups.check_owner(g, &sub.topic, sub.member.as_ref(), sub.partition)?;
     }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
@@ -178,7 +179,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         }
         (None, StartPosition::Timestamp(ts)) => partition.offset_for_timestamp(ts).await?.max(log_start),
     };
-    let dead_letter_topic = dead_letter_topic(&topic.name, &sub.policy)?;
+    let dead_letter_topic = dead_letter_topic(state, &topic.name, &sub.policy)?;
     // Only now, with nothing left to fail, does a group subscription take the partition over
     // (single active consumer per partition until group membership arrives).
     let (group, ledger, start) = match key {
@@ -213,18 +214,33 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
 }
 
 /// Where dead letters of `topic` go under `policy`: checked at subscribe, so a bad name fails
-/// the subscription instead of every dead letter.
-fn dead_letter_topic(topic: &str, policy: &RedeliveryPolicy) -> Result<Option<String>, PartitionError> {
+/// the subscription instead of every dead letter. Only the default `<topic>.dlq` is created by
+/// the broker; a subscriber cannot make it create topics of any other name (design.md §12).
+fn dead_letter_topic(
+    state: &BrokerState,
+    topic: &str,
+    policy: &RedeliveryPolicy,
+) -> Result<Option<String>, PartitionError> {
     if policy.max_deliveries == 0 {
         return Ok(None);
     }
-    let name = policy.dead_letter_topic.clone().unwrap_or_else(|| format!("{topic}.dlq"));
+    let name = policy.dead_letter_topic.clone().unwrap_or_else(|| default_dead_letter_topic(topic));
     let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, format!("dead-letter topic: {m}"));
     quiver_protocol::message::validate_topic_name(&name).map_err(invalid)?;
     if name == topic {
         return Err(invalid(format!("'{name}' is the topic itself")));
     }
+    if name != default_dead_letter_topic(topic) && state.topics.get(&name).is_err() {
+        return Err(PartitionError::new(
+            ErrorCode::UnknownTopic,
+            format!("dead-letter topic '{name}' does not exist: create it first (only '{topic}.dlq' is created on demand)"),
+        ));
+    }
     Ok(Some(name))
+}
+
+fn default_dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
 }
 
 fn release(state: &BrokerState, setup: &Setup) {
@@ -420,7 +436,7 @@ impl Session<'_> {
             let next_due = if deadlines { self.setup.ledger.lock().next_due() } else { None };
             let due_in = next_due.map(|at| std::time::Duration::from_millis(at.saturating_sub(clock_ms())));
             tokio::select! {
-                _ = fence_check.tick(), if self.setup.member.is_some() => self.check_owner()?,
+                _ = fence_check.tick(), if self.setup.group.is_some() => self.check_owner()?,
                 r = hw.changed() => if r.is_err() { return Ok(()) },
                 ack = acks.recv() => match ack {
                     Some(ack) => deadlines |= self.apply_ack(ack)?,
@@ -568,15 +584,17 @@ impl Session<'_> {
     }
 
     /// Fails once this subscription no longer owns its group's partition: taken over by a
-    /// newer subscription, or its member lost the partition.
+    /// newer subscription, its member lost the partition, or (without a member) the group
+    /// gained members.
     fn check_owner(&self) -> Result<(), PartitionError> {
         self.check_not_taken_over()?;
-        match &self.setup.member {
-            Some((group, member)) => {
-                let p = &self.setup.partition;
-                self.state.groups.check_owner(group, &p.topic, Some(member), p.id)
-            }
-            None => Ok(()),
+        let p = &self.setup.partition;
+        match (&self.setup.member, &self.setup.group) {
+            (Some((group, member)), _) => self.state.groups.check_owner(group, &p.topic, Some(member), p.id),
+            // Outside the membership (a plain `--group` consumer): only while the group has no
+            // members; once one joins, its acks no longer move the group's offset.
+            (None, Some(((group, _, _), _))) => self.state.groups.check_owner(group, &p.topic, None, p.id),
+            (None, None) => Ok(()),
         }
     }
 
@@ -676,6 +694,7 @@ impl Session<'_> {
         let p = &self.setup.partition;
         let topic = match self.state.topics.get(name) {
             Ok(t) => t,
+            Err(e) if name != default_dead_letter_topic(&p.topic) => return Err(e),
             Err(_) => {
                 let config = TopicConfig::default();
                 match self.state.topics.create(name, 1, config, self.state.config.max_partitions_total).await

@@ -78,6 +78,8 @@ struct Inner {
     conn: Mutex<Option<quinn::Connection>>,
     /// Set by `close`: no reconnecting afterwards.
     closed: std::sync::atomic::AtomicBool,
+    /// Bumped each time a lost connection is replaced (the broker may have restarted).
+    reconnects: tokio::sync::watch::Sender<u64>,
 }
 
 impl Client {
@@ -94,6 +96,7 @@ impl Client {
                 endpoint,
                 conn: Mutex::new(None),
                 closed: Default::default(),
+                reconnects: tokio::sync::watch::Sender::new(0),
             }),
         };
         client.connection().await?;
@@ -117,8 +120,16 @@ impl Client {
             tracing::debug!("connection to {} lost; reconnecting", self.inner.config.broker);
         }
         let conn = self.dial().await?;
-        *guard = Some(conn.clone());
+        if guard.replace(conn.clone()).is_some() {
+            self.inner.reconnects.send_modify(|n| *n += 1);
+        }
         Ok(conn)
+    }
+
+    /// Changes each time a lost connection is re-established: state the broker keeps per
+    /// client (a group membership) may be gone, if the broker restarted.
+    pub fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.reconnects.subscribe()
     }
 
     async fn dial(&self) -> Result<quinn::Connection, ClientError> {

@@ -14,7 +14,7 @@ pub mod transport;
 
 pub use admin::Admin;
 pub use connection::{Client, ClientConfig, DEFAULT_PORT};
-pub use consumer::{ConsumedMessage, Consumer, ConsumerConfig, ConsumerEvent};
+pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, ConsumerEvent};
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig, TopicInfo};

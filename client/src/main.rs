@@ -529,7 +529,14 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     }
     drop(out);
     if a.group.is_some() {
-        consumer.commit().await.context("committing the group's offsets")?;
+        let report = consumer.commit().await.context("committing the group's offsets")?;
+        if !report.revoked.is_empty() {
+            eprintln!(
+                "partitions {:?} moved to another member before their acknowledgements were committed; \
+                 that member reads them again from the group's last commit",
+                report.revoked
+            );
+        }
     }
     consumer.close().await;
     Ok(())

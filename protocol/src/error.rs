@@ -33,6 +33,8 @@ pub enum ErrorCode {
     CorruptLog,
     /// The topic was deleted under a subscription (or an append): final, not retriable.
     TopicDeleted,
+    /// A named limit (protocol/src/limits.rs, design.md §2) would be exceeded.
+    LimitExceeded,
     Unknown(u16),
 }
 
@@ -63,6 +65,7 @@ impl ErrorCode {
             UnknownProducer => 22,
             CorruptLog => 33,
             TopicDeleted => 34,
+            LimitExceeded => 35,
             Unknown(c) => c,
         }
     }
@@ -93,6 +96,7 @@ impl ErrorCode {
             22 => UnknownProducer,
             33 => CorruptLog,
             34 => TopicDeleted,
+            35 => LimitExceeded,
             c => Unknown(c),
         }
     }

@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::limits::MAX_MEMBERS_PER_GROUP;
+
 /// Why a member's request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GroupError {
@@ -17,6 +19,8 @@ pub enum GroupError {
     NotOwner { member: String, partition: u32 },
     #[error("the group consumes topic '{group_topic}', not '{topic}'")]
     TopicMismatch { group_topic: String, topic: String },
+    #[error("the group has {max} members, the most a group may have (MAX_MEMBERS_PER_GROUP)")]
+    GroupFull { max: usize },
 }
 
 /// What a member owns now.
@@ -37,6 +41,16 @@ struct Member {
     seen_generation: u64,
 }
 
+/// A partition being taken from a member: it owned it in generations `since..at`.
+#[derive(Debug, Clone)]
+struct Revoking {
+    from: String,
+    /// The generation the member was given the partition in.
+    since: u64,
+    /// The generation of the revocation: from it on, the member no longer owns the partition.
+    at: u64,
+}
+
 /// One group: its topic, members and who owns which partition.
 #[derive(Debug, Clone)]
 pub struct GroupCoordinator {
@@ -44,9 +58,9 @@ pub struct GroupCoordinator {
     partitions: u32,
     generation: u64,
     members: BTreeMap<String, Member>,
-    /// Partitions taken from a member that has not yet confirmed: (from, generation of the
-    /// revocation). Nobody else gets them until then.
-    revoking: BTreeMap<u32, (String, u64)>,
+    /// Partitions taken from a member that has not yet confirmed. Nobody else gets them until
+    /// then.
+    revoking: BTreeMap<u32, Revoking>,
     next_member: u64,
     /// Makes member ids unique across coordinators (and broker restarts), so a client that
     /// still holds an old id cannot pass for a new member with the same number.
@@ -80,6 +94,10 @@ impl GroupCoordinator {
         self.members.is_empty()
     }
 
+    pub fn contains(&self, member_id: &str) -> bool {
+        self.members.contains_key(member_id)
+    }
+
     /// Adds a member (or re-joins one that still exists) and rebalances.
     pub fn join(
         &mut self,
@@ -94,11 +112,16 @@ impl GroupCoordinator {
                 topic: topic.to_string(),
             });
         }
+        let mut joined = false;
         let id = match member_id {
             Some(id) if self.members.contains_key(id) => id.to_string(),
+            _ if self.members.len() >= MAX_MEMBERS_PER_GROUP => {
+                return Err(GroupError::GroupFull { max: MAX_MEMBERS_PER_GROUP })
+            }
             _ => {
                 let id = format!("{}-{}", self.id_prefix, self.next_member);
                 self.next_member += 1;
+                joined = true;
                 self.members.insert(
                     id.clone(),
                     Member {
@@ -115,7 +138,7 @@ impl GroupCoordinator {
             m.last_seen_ms = now_ms;
             m.session_timeout_ms = session_timeout_ms;
         }
-        self.rebalance();
+        self.rebalance(joined);
         Ok(self.assignment(&id))
     }
 
@@ -145,14 +168,14 @@ impl GroupCoordinator {
         let confirmed: Vec<u32> = self
             .revoking
             .iter()
-            .filter(|(_, (from, g))| from == member_id && seen >= *g)
+            .filter(|(_, r)| r.from == member_id && seen >= r.at)
             .map(|(p, _)| *p)
             .collect();
         if !confirmed.is_empty() {
             for p in confirmed {
                 self.revoking.remove(&p);
             }
-            self.rebalance();
+            self.rebalance(true);
         }
         Ok(self.assignment(member_id))
     }
@@ -162,8 +185,8 @@ impl GroupCoordinator {
         if self.members.remove(member_id).is_none() {
             return false;
         }
-        self.revoking.retain(|_, (from, _)| from != member_id);
-        self.rebalance();
+        self.revoking.retain(|_, r| r.from != member_id);
+        self.rebalance(true);
         true
     }
 
@@ -181,20 +204,21 @@ impl GroupCoordinator {
         expired
     }
 
-    /// Checks that `member` may consume or commit `partition` at `generation`.
+    /// Checks that `member` may consume or commit `partition` at `generation`: the member must
+    /// have owned the partition in that generation and still hold it. It holds it while it owns
+    /// it, and while it is being revoked from it until it confirms (so it can commit what it
+    /// consumed); it owned it from the generation it was given it in (a member that lost it and
+    /// got it back cannot use a generation from before) up to the current generation, or, while
+    /// being revoked, up to the one before the revocation (design.md §11).
     pub fn check_owner(&self, member_id: &str, generation: u64, partition: u32) -> Result<(), GroupError> {
         let m =
             self.members.get(member_id).ok_or_else(|| GroupError::UnknownMember(member_id.to_string()))?;
-        // A member giving a partition up may still commit it until it confirms.
-        let revoking = self.revoking.get(&partition).is_some_and(|(from, _)| from == member_id);
-        if !m.owned.contains_key(&partition) && !revoking {
-            return Err(GroupError::NotOwner { member: member_id.to_string(), partition });
-        }
-        // A member that owned the partition before and still does is current for it even if
-        // other partitions moved meanwhile (cooperative rebalancing), but not with a generation
-        // from before it was given the partition (it may have lost it and got it back since).
-        let since = m.owned.get(&partition).copied().unwrap_or(0);
-        if generation > self.generation || generation < since {
+        let owned_in = match (m.owned.get(&partition), self.revoking.get(&partition)) {
+            (Some(&since), _) => since..=self.generation,
+            (None, Some(r)) if r.from == member_id => r.since..=r.at.saturating_sub(1),
+            _ => return Err(GroupError::NotOwner { member: member_id.to_string(), partition }),
+        };
+        if !owned_in.contains(&generation) {
             return Err(GroupError::Fenced {
                 member: member_id.to_string(),
                 generation,
@@ -223,10 +247,10 @@ impl GroupCoordinator {
 
     /// Sticky, cooperative: members keep up to their fair share; the surplus is revoked (and
     /// only handed on once confirmed); free partitions go to the members with the fewest.
-    fn rebalance(&mut self) {
-        let before: Vec<(String, BTreeMap<u32, u64>)> =
-            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
-        let revoking_before = self.revoking.len();
+    /// `changed`: the membership or the revocations changed, so the generation moves even if
+    /// no partition does. Costs O(members + partitions) per free partition handed out, with no
+    /// copies of the members.
+    fn rebalance(&mut self, mut changed: bool) {
         let n = self.members.len() as u32;
         if n > 0 {
             let fair = self.partitions.div_ceil(n) as usize;
@@ -234,8 +258,9 @@ impl GroupCoordinator {
             let next_generation = self.generation + 1;
             for (id, m) in self.members.iter_mut() {
                 while m.owned.len() > fair {
-                    if let Some((p, _)) = m.owned.pop_last() {
-                        self.revoking.insert(p, (id.clone(), next_generation));
+                    if let Some((p, since)) = m.owned.pop_last() {
+                        self.revoking.insert(p, Revoking { from: id.clone(), since, at: next_generation });
+                        changed = true;
                     }
                 }
             }
@@ -250,12 +275,11 @@ impl GroupCoordinator {
                 {
                     // Given in the generation this rebalance creates.
                     m.owned.insert(p, next_generation);
+                    changed = true;
                 }
             }
         }
-        let after: Vec<(String, BTreeMap<u32, u64>)> =
-            self.members.iter().map(|(id, m)| (id.clone(), m.owned.clone())).collect();
-        if before != after || self.revoking.len() != revoking_before {
+        if changed {
             self.generation += 1;
         }
     }
@@ -339,6 +363,63 @@ mod tests {
         assert!(matches!(g.join("other", None, 1000, 0), Err(GroupError::TopicMismatch { .. })));
         g.leave(&a.member_id);
         assert!(g.check_owner(&a.member_id, a.generation, 0).is_err());
+    }
+
+    /// While a partition is being revoked its member may still commit it, but only with a
+    /// generation in which it owned it: not one from before it was given the partition, nor
+    /// one from the revocation on.
+    #[test]
+    fn a_revoking_member_passes_only_with_a_generation_it_owned_the_partition_in() {
+        let mut g = GroupCoordinator::new("t", 2, "member");
+        let a = g.join("t", None, 1000, 0).expect("join");
+        assert_eq!((a.generation, a.partitions.clone()), (1, vec![0, 1]));
+        // B takes partition 1 from A and gives it back: A owns it again since generation 4.
+        let b = g.join("t", None, 1000, 0).expect("join").member_id;
+        g.heartbeat(&a.member_id, g.generation(), 0).expect("hb"); // A confirms: 1 goes to B
+        g.leave(&b);
+        let regained = g.heartbeat(&a.member_id, g.generation(), 0).expect("hb");
+        assert_eq!(regained.partitions, vec![0, 1]);
+        let since = regained.generation;
+        assert!(g.check_owner(&a.member_id, since, 1).is_ok());
+        // C joins: partition 1 is being revoked from A, which has not confirmed yet.
+        let c = g.join("t", None, 1000, 0).expect("join").member_id;
+        let revoked_at = g.generation();
+        assert!(revoked_at > since);
+        assert!(g.heartbeat(&c, revoked_at, 0).expect("hb").partitions.is_empty());
+        // A's generations in which it owned 1 pass ...
+        for gen in since..revoked_at {
+            assert!(g.check_owner(&a.member_id, gen, 1).is_ok(), "generation {gen}");
+        }
+        // ... one from before it got it back does not, nor the revocation's or a later one.
+        for gen in [a.generation, since - 1, revoked_at, revoked_at + 1] {
+            assert!(
+                matches!(g.check_owner(&a.member_id, gen, 1), Err(GroupError::Fenced { .. })),
+                "generation {gen}"
+            );
+        }
+        // Nobody else passes for it while it is being revoked.
+        assert!(matches!(g.check_owner(&c, revoked_at, 1), Err(GroupError::NotOwner { .. })));
+        // Once A confirms, A is refused and C owns it.
+        g.heartbeat(&a.member_id, revoked_at, 0).expect("hb");
+        assert!(matches!(g.check_owner(&a.member_id, since, 1), Err(GroupError::NotOwner { .. })));
+        let hc = g.heartbeat(&c, g.generation(), 0).expect("hb");
+        assert_eq!(hc.partitions, vec![1]);
+        assert!(g.check_owner(&c, hc.generation, 1).is_ok());
+    }
+
+    /// A group takes at most `MAX_MEMBERS_PER_GROUP` members; a rejoin of one it has still
+    /// works, and a place frees up when one leaves.
+    #[test]
+    fn a_full_group_refuses_new_members() {
+        let mut g = GroupCoordinator::new("t", 8, "member");
+        let mut ids = Vec::new();
+        for _ in 0..MAX_MEMBERS_PER_GROUP {
+            ids.push(g.join("t", None, 1000, 0).expect("join").member_id);
+        }
+        assert_eq!(g.join("t", None, 1000, 0), Err(GroupError::GroupFull { max: MAX_MEMBERS_PER_GROUP }));
+        assert!(g.join("t", Some(&ids[0]), 1000, 0).is_ok());
+        g.leave(&ids[1]);
+        assert!(g.join("t", None, 1000, 0).is_ok());
     }
 
     proptest! {

@@ -22,6 +22,15 @@ pub const MAX_SEGMENT_BYTES: u64 = 1 << 31;
 pub const MAX_STRING_BYTES: usize = u16::MAX as usize;
 /// Longest consumer group name.
 pub const MAX_GROUP_NAME_BYTES: usize = 255;
+/// Most members in one consumer group (Kafka's `group.max.size` plays this part).
+pub const MAX_MEMBERS_PER_GROUP: usize = 1_000;
+/// Most group members one connection speaks for.
+pub const MAX_MEMBERS_PER_CONNECTION: usize = 1_000;
+/// Most consumer groups a broker knows (with members or committed offsets); a new group name
+/// in `JoinGroup`, `Subscribe` or `CommitOffset` beyond it is refused.
+pub const MAX_GROUPS: usize = 10_000;
+/// Most producer ids one connection may obtain with `InitProducer`.
+pub const MAX_PRODUCER_IDS_PER_CONNECTION: u32 = 1_024;
 /// Most items in any list on the wire.
 pub const MAX_LIST_ITEMS: usize = 65_536;
 /// Frame header on the wire: u32 length, u8 version, u8 kind.

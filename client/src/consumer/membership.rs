@@ -25,43 +25,100 @@ pub(super) struct Membership {
     pub(super) events: mpsc::UnboundedSender<ConsumerEvent>,
 }
 
+/// A request for a membership round now (a heartbeat, and a rejoin if the broker forgot the
+/// member), with where to say it is done.
+/// The reply says whether the member is in the group after the round.
+pub(super) type RoundRequest = Option<tokio::sync::oneshot::Sender<bool>>;
+
 impl Membership {
-    pub(super) async fn run(self, mut member: MemberRef) {
+    /// Heartbeats every third of the session, and at once when asked (a partition or a commit
+    /// was fenced) or when the connection was re-established (the broker may have restarted
+    /// and forgotten the member): a forgotten member rejoins then, not a heartbeat later.
+    pub(super) async fn run(self, mut member: MemberRef, mut requests: mpsc::Receiver<RoundRequest>) {
         let Some(group) = self.config.group.clone() else { return };
         let admin = Admin::new(self.client.clone());
+        let mut reconnects = self.client.reconnects();
         // The broker clamps sessions to 0.5..=300 s; heartbeat at a third of what it uses.
         let session = self.config.session_timeout.clamp(Duration::from_millis(500), Duration::from_secs(300));
         let interval = session / 3;
         let mut wait = interval;
+        let mut waiting: Vec<tokio::sync::oneshot::Sender<bool>> = Vec::new();
         loop {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = reconnects.changed() => {
+                    if changed.is_err() {
+                        return; // the client is gone
+                    }
+                }
+                request = requests.recv() => match request {
+                    Some(reply) => waiting.extend(reply),
+                    None => return, // the consumer is gone
+                },
+            }
+            while let Ok(reply) = requests.try_recv() {
+                waiting.extend(reply);
+            }
             wait = interval;
-            match admin.heartbeat(&group, &member.member_id, member.generation).await {
+            let joined = match admin.heartbeat(&group, &member.member_id, member.generation).await {
                 Ok(a) => {
                     if self.apply(&admin, &group, &mut member, a).await {
                         wait = Duration::ZERO; // confirm the change at once
                     }
+                    true
                 }
                 Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
-                    // Removed from the group (session expired): what we held is gone. Join again.
+                    // Removed from the group (session expired, or the broker restarted): what we
+                    // held is gone. Join again.
                     tracing::warn!(%group, "left the group ({message}); joining again");
-                    self.shared.stop_all();
-                    match admin
-                        .join_group(&group, &self.config.topic, None, self.config.session_timeout)
-                        .await
-                    {
-                        Ok(a) => {
-                            member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
-                            *self.shared.member_id.lock() = Some(a.member_id.clone());
-                            self.apply(&admin, &group, &mut member, a).await;
-                            wait = Duration::ZERO;
-                        }
-                        Err(e) => tracing::warn!(%group, "joining again failed: {e}"),
+                    let joined = self.rejoin(&admin, &group, &mut member).await;
+                    if joined {
+                        wait = Duration::ZERO;
                     }
+                    joined
                 }
-                Err(e) => tracing::debug!(%group, "heartbeat failed: {e}"),
+                Err(e) => {
+                    tracing::debug!(%group, "heartbeat failed: {e}");
+                    false
+                }
+            };
+            for reply in waiting.drain(..) {
+                let _ = reply.send(joined);
             }
         }
+    }
+
+    /// Joins again as a new member. What the application acknowledged under the old member is
+    /// committed as the new one for the partitions it gets back, so those acknowledgements are
+    /// not lost with the old membership. Returns whether the join worked.
+    async fn rejoin(&self, admin: &Admin, group: &str, member: &mut MemberRef) -> bool {
+        let floors: Vec<(u32, u64)> = self
+            .shared
+            .partitions
+            .lock()
+            .iter()
+            .filter_map(|(p, r)| Some((*p, r.acks.committable()?)))
+            .collect();
+        self.shared.stop_all();
+        let a = match admin.join_group(group, &self.config.topic, None, self.config.session_timeout).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%group, "joining again failed: {e}");
+                return false;
+            }
+        };
+        let new = MemberRef { member_id: a.member_id.clone(), generation: a.generation };
+        for (p, floor) in floors.into_iter().filter(|(p, _)| a.partitions.contains(p)) {
+            if let Err(e) =
+                admin.commit_offset_as(group, &self.config.topic, p, floor, Some(new.clone())).await
+            {
+                tracing::warn!(%group, partition = p, "committing acknowledgements after rejoining failed: {e}");
+            }
+        }
+        *member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
+        *self.shared.member_id.lock() = Some(a.member_id.clone());
+        self.apply(admin, group, member, a).await;
+        true
     }
 
     /// Applies an assignment; returns whether anything changed.

@@ -34,7 +34,7 @@ use crate::transport::{write_message, FrameReader};
 
 mod membership;
 
-use membership::Membership;
+use membership::{Membership, RoundRequest};
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
@@ -64,8 +64,8 @@ pub struct ConsumerConfig {
     /// After this many deliveries the broker moves a message to `dead_letter_topic` instead of
     /// handing it out again. `None`: unlimited.
     pub max_deliveries: Option<u32>,
-    /// Where messages past `max_deliveries` go (created with 1 partition if missing);
-    /// default `<topic>.dlq`.
+    /// Where messages past `max_deliveries` go: default `<topic>.dlq`, which the broker creates
+    /// with 1 partition if missing; another topic must exist before subscribing.
     pub dead_letter_topic: Option<String>,
 }
 
@@ -127,6 +127,8 @@ impl ConsumedMessage {
 
 /// Deliveries (from all partitions) queued between the partition tasks and the application.
 const DELIVERIES_BUFFERED: usize = 64;
+/// Requests for a membership round queued for the membership task (one round answers all).
+const ROUND_REQUESTS_QUEUED: usize = 64;
 
 /// Acknowledgements of one partition.
 #[derive(Debug)]
@@ -343,6 +345,28 @@ impl AckFloor {
 /// consumer.commit().await?;
 /// # Ok(()) }
 /// ```
+/// What [`Consumer::commit`] did, per partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Partitions committed, with the offset committed (everything below it is acknowledged;
+    /// the group resumes there).
+    pub committed: std::collections::BTreeMap<u32, u64>,
+    /// Partitions read by this consumer whose subscription has not started yet (just assigned,
+    /// or still subscribing): nothing was acknowledged there, nothing was committed.
+    pub skipped: Vec<u32>,
+    /// Partitions that moved to another member before their acknowledgements could be
+    /// committed: what was acknowledged there since the last commit is delivered again to the
+    /// new owner.
+    pub revoked: Vec<u32>,
+}
+
+impl CommitReport {
+    /// Whether every partition this consumer reads was committed.
+    pub fn is_complete(&self) -> bool {
+        self.skipped.is_empty() && self.revoked.is_empty()
+    }
+}
+
 /// What happened to the partitions of a group member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerEvent {
@@ -373,6 +397,9 @@ struct Shared {
     partitions: parking_lot::Mutex<std::collections::BTreeMap<u32, Running>>,
     /// This consumer's group member id, once joined.
     member_id: parking_lot::Mutex<Option<String>>,
+    /// Asks the membership task (if any) for a heartbeat, and a rejoin if the broker forgot
+    /// the member, now rather than at the next interval.
+    rounds: mpsc::Sender<RoundRequest>,
 }
 
 #[derive(Debug)]
@@ -401,6 +428,7 @@ impl Shared {
             acks: acks.clone(),
             member: member.clone(),
             tx: self.tx.clone(),
+            rounds: self.rounds.clone(),
         };
         let task = tokio::spawn(task.run(ready_tx));
         self.partitions.lock().insert(partition, Running { acks, member, task });
@@ -426,11 +454,13 @@ impl Consumer {
         let info = admin.describe_topic(&config.topic).await?;
         let all: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
         let (tx, rx) = mpsc::channel(DELIVERIES_BUFFERED);
+        let (rounds, round_requests) = mpsc::channel(ROUND_REQUESTS_QUEUED);
         let shared = Arc::new(Shared {
             topic: Arc::from(config.topic.as_str()),
             tx,
             partitions: Default::default(),
             member_id: Default::default(),
+            rounds,
         });
         let mut consumer = Consumer {
             client: client.clone(),
@@ -476,7 +506,7 @@ impl Consumer {
             let (events_tx, events_rx) = mpsc::unbounded_channel();
             let _ = events_tx.send(ConsumerEvent::Assigned(selected));
             let task = Membership { client, config, shared: consumer.shared.clone(), events: events_tx };
-            consumer.membership = Some(tokio::spawn(task.run(m)));
+            consumer.membership = Some(tokio::spawn(task.run(m, round_requests)));
             consumer.events = Some(events_rx);
         }
         Ok(consumer)
@@ -493,21 +523,65 @@ impl Consumer {
         self.shared.partitions.lock().keys().copied().collect()
     }
 
-    /// Durably commits each partition's ack floor for the group. Without a group, does nothing.
-    pub async fn commit(&self) -> Result<(), ClientError> {
-        let Some(group) = &self.config.group else { return Ok(()) };
+    /// Durably commits each partition's ack floor for the group and reports, per partition,
+    /// what was committed (nothing without a group). A partition whose subscription has not
+    /// started yet has nothing to commit and is listed in `skipped`; one that moved to another
+    /// member before its acknowledgements could be committed is listed in `revoked`. When the
+    /// broker no longer knows this member (it restarted, or the session expired), the consumer
+    /// rejoins at once and commits as the new member; an error means a partition could not be
+    /// committed (those before it may have been).
+    pub async fn commit(&self) -> Result<CommitReport, ClientError> {
+        let mut report = CommitReport::default();
+        let Some(group) = &self.config.group else { return Ok(report) };
         let admin = Admin::new(self.client.clone());
-        let floors: Vec<(u32, u64, Option<MemberRef>)> = self
+        let running: Vec<(u32, Arc<AckState>, Option<MemberRef>)> = self
             .shared
             .partitions
             .lock()
             .iter()
-            .filter_map(|(p, r)| Some((*p, r.acks.committable()?, r.member.clone())))
+            .map(|(p, r)| (*p, r.acks.clone(), r.member.clone()))
             .collect();
-        for (p, floor, member) in floors {
-            admin.commit_offset_as(group, &self.config.topic, p, floor, member).await?;
+        for (p, acks, member) in running {
+            let Some(floor) = acks.committable() else {
+                report.skipped.push(p);
+                continue;
+            };
+            let refused =
+                match admin.commit_offset_as(group, &self.config.topic, p, floor, member.clone()).await {
+                    Ok(()) => {
+                        report.committed.insert(p, floor);
+                        continue;
+                    }
+                    Err(e) if member.is_some() && e.code() == Some(ErrorCode::FencedMember) => e,
+                    Err(e) => return Err(e),
+                };
+            // Forgotten by the broker, or the partition moved: let the membership catch up, then
+            // commit as the member that holds the partition now.
+            match self.member_after_round(p).await {
+                Some(Some(now)) if Some(&now) != member.as_ref() => {
+                    let floor = acks.floor();
+                    admin.commit_offset_as(group, &self.config.topic, p, floor, Some(now)).await?;
+                    report.committed.insert(p, floor);
+                }
+                Some(None) => report.revoked.push(p),
+                _ => return Err(refused),
+            }
         }
-        Ok(())
+        Ok(report)
+    }
+
+    /// Runs a membership round (heartbeat, rejoin if forgotten). `None` when it failed or there
+    /// is no membership; else the member that now reads `partition`, if this consumer does.
+    async fn member_after_round(&self, partition: u32) -> Option<Option<MemberRef>> {
+        self.membership.as_ref()?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.shared.rounds.send(Some(reply)).await.ok()?;
+        let bound = self.client.config().request_timeout * 3;
+        let joined = tokio::time::timeout(bound, done).await.ok()?.ok()?;
+        if !joined {
+            return None;
+        }
+        Some(self.shared.partitions.lock().get(&partition).and_then(|r| r.member.clone()))
     }
 
     /// Stops the subscriptions and leaves the group (waiting for the broker to take note, so
@@ -572,6 +646,7 @@ struct PartitionConsumer {
     acks: Arc<AckState>,
     member: Option<MemberRef>,
     tx: mpsc::Sender<Result<Vec<ConsumedMessage>, ClientError>>,
+    rounds: mpsc::Sender<RoundRequest>,
 }
 
 impl PartitionConsumer {
@@ -591,6 +666,9 @@ impl PartitionConsumer {
                     // The group moved on (a rebalance, or the broker restarted and forgot the
                     // member): the membership task rejoins and restarts partitions.
                     tracing::debug!(topic = %self.topic, partition = self.partition, "partition fenced ({e}); leaving it to the membership task");
+                    // At once: after a broker restart the member must rejoin before anything
+                    // (commits included) works again. A full queue means a round is coming.
+                    let _ = self.rounds.try_send(None);
                     return;
                 }
                 Err(e)
