@@ -18,6 +18,7 @@ pub mod log;
 mod maintenance;
 pub mod observability;
 pub mod offsets;
+pub mod open_files;
 pub mod partition;
 pub mod producers;
 mod requests;

@@ -39,6 +39,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Partitions hold files open (docs/design.md §5.7): take what the hard limit allows.
+    match quiver_broker::open_files::raise_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "raised the open-file limit (RLIMIT_NOFILE) to the hard limit")
+        }
+        Ok((_, limit)) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -161,6 +161,19 @@ impl Topics {
                 "the broker holds {existing} partitions; {partitions} more would pass max_partitions_total={max_partitions_total}"
             )));
         }
+        if let Some(limit) = crate::open_files::limit() {
+            let most = crate::open_files::partitions_within(limit);
+            if existing + u64::from(partitions) > most {
+                return Err(PartitionError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the broker holds {existing} partitions; {partitions} more would pass the {most} its open-file limit of {limit} allows ({} files each, {} kept for the rest); raise the limit (ulimit -n) of quiverd",
+                        crate::open_files::FDS_PER_PARTITION,
+                        crate::open_files::RESERVED_FDS
+                    ),
+                ));
+            }
+        }
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
         let tail_cache_bytes = self.tail_cache_bytes;
@@ -176,7 +189,7 @@ impl Topics {
                 // these too). Nothing in it was ever acknowledged.
                 discard(&dir, &trash).map_err(|e| storage_err("removing a leftover directory", e))?;
             }
-            let created = (|| {
+            let created: Result<Arc<Topic>, PartitionError> = (|| {
                 std::fs::create_dir(&dir).map_err(|e| storage_err("create directory", e))?;
                 let topic =
                     open_topic(&storage, &root, &shutdown, tail_cache_bytes, &owned, partitions, config)?;
@@ -187,7 +200,8 @@ impl Topics {
                 write_topic_file(&dir, &file).map_err(|e| storage_err("write topic.json", e))?;
                 Ok(topic)
             })();
-            if created.is_err() {
+            if let Err(e) = &created {
+                tracing::warn!(topic = %owned, partitions, "creating a topic failed: {}", e.message);
                 // Nothing of a failed create stays behind (its files close as `topic` drops).
                 if let Err(e) = discard(&dir, &trash) {
                     tracing::warn!(dir = %dir.display(), "could not remove what a failed create left: {e}");

@@ -156,3 +156,41 @@ async fn segment_bytes_past_the_limit_is_refused_and_leaves_nothing_behind() -> 
     })
     .await
 }
+
+/// Issue 15, item 13: a broker whose partitions once fit a higher open-file limit still starts
+/// under a lower one (idle partitions hold one file each), and a topic that would not fit the
+/// limit is refused with a clear error, leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_on_disk_never_stop_a_start_and_topics_past_the_file_limit_are_refused(
+) -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let mut broker = BrokerProcess::start(BIN, &data, None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("wide", 300, TopicConfig::default()).await?;
+        publish(&client, "wide", values("w", 900)).await?;
+        client.close().await;
+        broker.kill9();
+
+        // The same broker under a 512-file limit, hard and soft, so it cannot raise it: three
+        // files per partition (as before) would need 900.
+        let low = dir.path().join("quiverd-ulimit-512");
+        std::fs::write(&low, format!("#!/bin/sh\nulimit -n 512 || exit 97\nexec '{BIN}' \"$@\"\n"))?;
+        std::fs::set_permissions(&low, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let mut low_broker = BrokerProcess::start(low.to_str().unwrap_or_default(), &data, None).await?;
+        let client = low_broker.client().await?;
+        assert_eq!(read_all(&client, "wide", 900).await?, values("w", 900));
+
+        let err =
+            client.admin().create_topic("more", 10, TopicConfig::default()).await.expect_err("accepted");
+        assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
+        assert!(err.to_string().contains("open-file limit of 512"), "{err}");
+        assert!(!data.join("topics").join("more").exists(), "a directory stayed behind");
+        client.close().await;
+        low_broker.kill9();
+        Ok(())
+    })
+    .await
+}

@@ -132,12 +132,14 @@ pub(crate) enum IndexDefect {
     Unreadable(String),
 }
 
-/// An index file plus its entries in memory.
+/// An index file plus its entries in memory. The file is opened only while it is written or
+/// read, so an index costs no file descriptor at rest.
 #[derive(Debug)]
 pub(crate) struct IndexFile<E> {
     path: PathBuf,
-    /// `None` once released (a closed segment's index is only read from memory).
-    file: Option<Arc<dyn StorageFile>>,
+    storage: Arc<dyn Storage>,
+    /// Open while in use: between a load or write and the next [`release`](Self::release).
+    file: parking_lot::Mutex<Option<Arc<dyn StorageFile>>>,
     base: u64,
     entries: Vec<E>,
     /// An append to the file failed, so the file no longer matches `entries`; it is rewritten
@@ -146,19 +148,32 @@ pub(crate) struct IndexFile<E> {
 }
 
 impl<E: IndexEntry> IndexFile<E> {
-    /// Opens (or creates) the file without reading it; entries start empty.
-    pub(crate) fn open(storage: &dyn Storage, path: PathBuf, base: u64) -> Result<Self, LogError> {
-        let file = storage.open(&path).map_err(LogError::io("open index", &path))?;
-        Ok(IndexFile { path, file: Some(file), base, entries: Vec::new(), stale: false })
+    /// An index at `path` with no entries in memory; the file is not opened (nor created) yet.
+    pub(crate) fn open(storage: &Arc<dyn Storage>, path: PathBuf, base: u64) -> Result<Self, LogError> {
+        Ok(IndexFile {
+            path,
+            storage: storage.clone(),
+            file: parking_lot::Mutex::new(None),
+            base,
+            entries: Vec::new(),
+            stale: false,
+        })
     }
 
-    /// Closes the file; lookups keep working from memory, writes fail.
+    /// Closes the file; lookups keep working from memory, and a later write reopens it.
     pub(crate) fn release(&mut self) {
-        self.file = None;
+        *self.file.get_mut() = None;
     }
 
-    fn file(&self) -> io::Result<&Arc<dyn StorageFile>> {
-        self.file.as_ref().ok_or_else(|| io::Error::other("index file is closed"))
+    /// The file, opened (and created empty if missing) on first use.
+    fn file(&self) -> io::Result<Arc<dyn StorageFile>> {
+        let mut slot = self.file.lock();
+        if let Some(f) = &*slot {
+            return Ok(f.clone());
+        }
+        let f = self.storage.open(&self.path)?;
+        *slot = Some(f.clone());
+        Ok(f)
     }
 
     /// Reads and checks the file against a segment of `log_len` bytes spanning `span` offsets.
@@ -179,11 +194,6 @@ impl<E: IndexEntry> IndexFile<E> {
         let mut bytes = vec![0u8; len as usize];
         file.read_exact_at(0, &mut bytes).map_err(|e| IndexDefect::Unreadable(e.to_string()))?;
         decode_entries(&bytes, self.base, log_len, span)
-    }
-
-    /// Entries in memory.
-    pub(crate) fn entries(&self) -> &[E] {
-        &self.entries
     }
 
     /// Last entry, if any.
@@ -219,6 +229,15 @@ impl<E: IndexEntry> IndexFile<E> {
         file.truncate(0).map_err(LogError::io("truncate index", &self.path))?;
         file.append(&bytes).map_err(LogError::io("write index", &self.path))?;
         self.stale = false;
+        Ok(())
+    }
+
+    /// Writes every entry in memory over the file, makes it durable and closes it (a segment
+    /// that stops being the active one).
+    pub(crate) fn write_out(&mut self) -> Result<(), LogError> {
+        self.rewrite()?;
+        self.sync()?;
+        self.release();
         Ok(())
     }
 
@@ -371,9 +390,9 @@ mod tests {
 
     #[test]
     fn load_refuses_implausible_lengths_before_reading() -> Result<(), LogError> {
-        let storage = MemStorage::new();
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(MemStorage::new());
         let dir = Path::new("/p");
-        crate::storage::Storage::create_dir_all(&storage, dir).map_err(LogError::io("mkdir", dir))?;
+        storage.create_dir_all(dir).map_err(LogError::io("mkdir", dir))?;
         let mut index = IndexFile::<OffsetEntry>::open(&storage, dir.join("i"), BASE)?;
         index.rewrite()?;
         for i in 0..10 {
@@ -387,9 +406,8 @@ mod tests {
 
     #[test]
     fn lookups() -> Result<(), LogError> {
-        let storage = MemStorage::new();
-        crate::storage::Storage::create_dir_all(&storage, Path::new("/p"))
-            .map_err(LogError::io("mkdir", Path::new("/p")))?;
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(MemStorage::new());
+        storage.create_dir_all(Path::new("/p")).map_err(LogError::io("mkdir", Path::new("/p")))?;
         let mut index = IndexFile::<OffsetEntry>::open(&storage, PathBuf::from("/p/i"), 0)?;
         index.set_entries(offsets(&[(0, 0), (10, 5000), (20, 10_000)]));
         assert_eq!(index.floor(0), OffsetEntry { rel: 0, pos: 0 });

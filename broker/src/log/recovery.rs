@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::index::{IndexEntry, IndexFile, OffsetEntry, TimeEntry};
+use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
@@ -442,21 +442,9 @@ fn open_last(
             reason,
         });
     }
-    let span = seg.next_offset - base;
-    let offsets_ok = index_matches(&seg.offsets, seg.size, span);
-    let times_ok = index_matches(&seg.times, seg.size, span);
-    if !(offsets_ok && times_ok) {
-        // The active segment's indexes are not synced, so after a crash this is routine.
-        tracing::debug!(segment = %seg.log_path.display(), "rewriting the indexes of the last segment");
-        rewrite_indexes(&mut seg, false)?;
-        report.rebuilt_indexes.push(base);
-    }
+    // The last segment's index files are not read: the scan above rebuilt its entries, and
+    // `seal` writes the files when the segment is closed (design.md §5.2).
     Ok(seg)
-}
-
-/// Whether the file holds exactly the entries in memory.
-fn index_matches<E: IndexEntry>(index: &IndexFile<E>, log_len: u64, span: u64) -> bool {
-    matches!(index.load(log_len, span), Ok(entries) if entries == index.entries())
 }
 
 /// Writes both index files from memory, and syncs them if asked.

@@ -132,8 +132,8 @@ impl Segment {
             log: parking_lot::Mutex::new(Some(log)),
             storage: storage.clone(),
             log_path,
-            offsets: IndexFile::open(&**storage, dir.join(file_name(base, "index")), base)?,
-            times: IndexFile::open(&**storage, dir.join(file_name(base, "timeindex")), base)?,
+            offsets: IndexFile::open(storage, dir.join(file_name(base, "index")), base)?,
+            times: IndexFile::open(storage, dir.join(file_name(base, "timeindex")), base)?,
             size: 0,
             next_offset: base,
             max_timestamp: i64::MIN,
@@ -144,14 +144,13 @@ impl Segment {
 
     /// Creates a new empty segment. The caller syncs the directory.
     pub(crate) fn create(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
-        let mut seg = Segment::open_files(storage, dir, base)?;
+        let seg = Segment::open_files(storage, dir, base)?;
         let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
         // Names only grow, so a non-empty file here is one we must not overwrite.
         if len != 0 {
             return Err(seg.corrupt(0, format!("new segment already holds {len} bytes")));
         }
-        seg.offsets.rewrite()?;
-        seg.times.rewrite()?;
+        // The index files are written when the segment is sealed (design.md §5.2).
         Ok(seg)
     }
 
@@ -197,7 +196,8 @@ impl Segment {
         now_ms: i64,
     ) -> Result<(), LogError> {
         self.log()?.append(bytes).map_err(LogError::io("append", &self.log_path))?;
-        self.track(at, interval, true, false);
+        // The active segment's index lives in memory; `seal` writes the files.
+        self.track(at, interval, false, false);
         self.roll_base_ms.get_or_insert(now_ms);
         Ok(())
     }
@@ -228,8 +228,8 @@ impl Segment {
         let log = self.log()?;
         log.truncate(self.size).map_err(LogError::io("truncate segment", &self.log_path))?;
         log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
-        self.offsets.sync()?;
-        self.times.sync()
+        self.offsets.write_out()?;
+        self.times.write_out()
     }
 
     /// Reads and checks the header of the batch at `pos`, which must lie within `size`.

@@ -1,0 +1,35 @@
+//! The process's open-file limit and what the broker's partitions need of it
+//! (docs/design.md §5.7).
+//!
+//! QUIC serves every connection over one UDP socket, so a broker's file descriptors go to its
+//! partitions: one for the active segment's log (its index files are written when it is
+//! sealed), and up to [`OPEN_CLOSED_SEGMENTS`] closed segments' logs that reads opened. A topic
+//! is created only if every partition could hold all of them within the limit, less
+//! [`RESERVED_FDS`] for everything else; starting never depends on it.
+
+use crate::log::OPEN_CLOSED_SEGMENTS;
+
+/// Most file descriptors one partition holds at once (not counting reads in flight).
+pub const FDS_PER_PARTITION: u64 = 1 + OPEN_CLOSED_SEGMENTS as u64;
+
+/// Descriptors kept for everything but partitions: the offsets store, the data directory's
+/// lock, snapshots and index files being written, the metrics listener's connections, the
+/// runtime.
+pub const RESERVED_FDS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard limit; returns the limit before and after.
+pub fn raise_limit() -> std::io::Result<(u64, u64)> {
+    let (before, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let after = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok((before, after))
+}
+
+/// The soft open-file limit now, `None` if it cannot be read (no check is made then).
+pub fn limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft)
+}
+
+/// Most partitions a broker can hold under an open-file limit of `limit`.
+pub fn partitions_within(limit: u64) -> u64 {
+    limit.saturating_sub(RESERVED_FDS) / FDS_PER_PARTITION
+}
