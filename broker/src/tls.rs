@@ -68,6 +68,9 @@ fn generate_dev_certificates(dir: &Path) -> anyhow::Result<()> {
     write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())?;
     write_atomic(&dir.join("server.pem"), cert.pem().as_bytes())?;
     write_atomic(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 
@@ -160,6 +163,10 @@ pub fn endpoint_config(config: &BrokerConfig) -> anyhow::Result<quinn::EndpointC
                 .map_err(|_| anyhow::anyhow!("no system randomness for the reset key"))?;
             std::fs::create_dir_all(config.tls_dir())?;
             write_private(&path, &bytes)?;
+            let dir = config.tls_dir();
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", dir.display()))?;
             bytes
         }
     };
