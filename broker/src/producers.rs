@@ -196,17 +196,34 @@ fn next_seq(seq: i32, delta: i32) -> i32 {
     seq.wrapping_add(delta) & i32::MAX
 }
 
-/// Hands out producer ids that are never reused, also across restarts: the end of the
-/// reserved block is persisted (tmp, fsync, rename) before any id from it is given out.
+/// Hands out producer ids that are never reused, also across restarts, and that a client cannot
+/// derive from another (design.md §10).
+///
+/// An id is `counter << 31 | tag`, where `tag` is 31 bits of an HMAC-SHA256 of the counter under
+/// a key kept in the data directory. The end of the reserved block of counters is persisted
+/// (tmp, fsync, rename, directory fsync) before any id from it is given out, so counters never
+/// repeat; the tag means an id is accepted only as it was issued, so a client that knows its
+/// own id cannot name its neighbours' (it would have to guess 31 bits, one refused produce
+/// request per guess).
 #[derive(Debug)]
 pub struct ProducerIds {
     path: PathBuf,
-    /// (next id, end of the reserved block)
+    key: ring::hmac::Key,
+    key_bytes: [u8; 32],
+    /// (next counter, end of the reserved block)
     state: Mutex<(i64, i64)>,
-    /// Every id below this may have been handed out (this run or an earlier one); read without
-    /// the lock by every produce request.
+    /// Every counter below this may have been handed out (this run or an earlier one); read
+    /// without the lock by every produce request.
     issued_below: AtomicI64,
 }
+
+/// Counters are below 2^32, so `counter << 31 | tag` stays a positive i64.
+const MAX_COUNTER: i64 = 1 << 32;
+const TAG_MASK: i64 = (1 << 31) - 1;
+const IDS_MAGIC: &[u8; 4] = b"QVPI";
+const IDS_VERSION: u16 = 1;
+/// magic, version, reserved, u64 block end, key, crc32c of what precedes it.
+const IDS_FILE_BYTES: usize = 4 + 2 + 2 + 8 + 32 + 4;
 
 /// The epoch every producer id is issued with (there is no fencing by epoch yet).
 pub const PRODUCER_EPOCH: i16 = 0;
@@ -230,25 +247,77 @@ pub enum ProducerIdError {
 impl ProducerIds {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let path = data_dir.join("producer_ids");
-        let reserved = match std::fs::read(&path) {
+        let damaged = || std::io::Error::other(format!("{} is damaged", path.display()));
+        let (reserved, key, fresh) = match std::fs::read(&path) {
+            Ok(b) if b.len() == IDS_FILE_BYTES => {
+                let body = &b[..IDS_FILE_BYTES - 4];
+                let crc = u32::from_le_bytes([b[48], b[49], b[50], b[51]]);
+                if &b[..4] != IDS_MAGIC
+                    || u16::from_le_bytes([b[4], b[5]]) != IDS_VERSION
+                    || crc32c::crc32c(body) != crc
+                {
+                    return Err(damaged());
+                }
+                let mut end = [0u8; 8];
+                end.copy_from_slice(&b[8..16]);
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&b[16..48]);
+                (i64::from_le_bytes(end), key, false)
+            }
+            // The first layout: a u64 block end of sequential ids and its crc, no key. Ids it
+            // handed out are not accepted any more (producers take new ones); counters start
+            // above them.
             Ok(b)
                 if b.len() == 12
                     && crc32c::crc32c(&b[..8]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) =>
             {
-                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                let mut end = [0u8; 8];
+                end.copy_from_slice(&b[..8]);
+                (i64::from_le_bytes(end).clamp(0, MAX_COUNTER), new_key()?, true)
             }
-            Ok(_) => {
-                return Err(std::io::Error::other(format!("{} is damaged", path.display())));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Ok(_) => return Err(damaged()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, new_key()?, true),
             Err(e) => return Err(e),
         };
-        // Ids below the persisted block end may have been handed out: start after it.
-        Ok(ProducerIds {
+        let ids = ProducerIds {
             path,
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            key_bytes: key,
+            // Counters below the persisted block end may have been handed out: start after it.
             state: Mutex::new((reserved, reserved)),
             issued_below: AtomicI64::new(reserved),
-        })
+        };
+        if fresh {
+            // The key must be durable before any id made with it is handed out.
+            ids.persist(reserved)?;
+        }
+        Ok(ids)
+    }
+
+    fn tag(&self, counter: i64) -> i64 {
+        let mac = ring::hmac::sign(&self.key, &counter.to_le_bytes());
+        let b = mac.as_ref();
+        i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) & TAG_MASK
+    }
+
+    /// Writes the block end and the key: tmp, fsync, rename, fsync of the directory.
+    fn persist(&self, block_end: i64) -> std::io::Result<()> {
+        let mut body = Vec::with_capacity(IDS_FILE_BYTES);
+        body.extend_from_slice(IDS_MAGIC);
+        body.extend_from_slice(&IDS_VERSION.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&block_end.to_le_bytes());
+        body.extend_from_slice(&self.key_bytes);
+        body.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Checks a batch's producer identity: a negative id is a batch without one (not
@@ -259,7 +328,9 @@ impl ProducerIds {
         if producer_id < 0 {
             return Ok(());
         }
-        if producer_id >= self.issued_below.load(Ordering::Acquire) {
+        let counter = producer_id >> 31;
+        if counter >= self.issued_below.load(Ordering::Acquire) || producer_id & TAG_MASK != self.tag(counter)
+        {
             return Err(ProducerIdError::NeverIssued(producer_id));
         }
         if epoch != PRODUCER_EPOCH {
@@ -273,23 +344,27 @@ impl ProducerIds {
         let mut st = self.state.lock();
         if st.0 >= st.1 {
             let end = st.1 + ID_BLOCK;
-            let tmp = self.path.with_extension("tmp");
-            let mut body = end.to_le_bytes().to_vec();
-            body.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
+            if end > MAX_COUNTER {
+                return Err(std::io::Error::other("every producer id this broker can issue was issued"));
             }
+            self.persist(end)?;
             st.1 = end;
         }
-        let id = st.0;
+        let counter = st.0;
         st.0 += 1;
         self.issued_below.fetch_max(st.0, Ordering::AcqRel);
-        Ok(id)
+        Ok(counter << 31 | self.tag(counter))
     }
+}
+
+/// A new random key for producer-id tags.
+fn new_key() -> std::io::Result<[u8; 32]> {
+    use ring::rand::SecureRandom;
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| std::io::Error::other("no system randomness for the producer-id key"))?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -377,16 +452,41 @@ mod tests {
         assert_eq!(ids.check(0, 0), Err(ProducerIdError::NeverIssued(0)));
         assert_eq!(ids.check(-1, -1), Ok(()), "no producer id: not idempotent");
         let a = ids.allocate_blocking().expect("id");
+        let b = ids.allocate_blocking().expect("id");
         assert_eq!(ids.check(a, PRODUCER_EPOCH), Ok(()));
+        assert_eq!(ids.check(b, PRODUCER_EPOCH), Ok(()));
         assert_eq!(ids.check(a, 3), Err(ProducerIdError::WrongEpoch { id: a, epoch: 3 }));
-        assert_eq!(ids.check(a + 1, 0), Err(ProducerIdError::NeverIssued(a + 1)));
-        assert_eq!(ids.check(i64::MAX, 0), Err(ProducerIdError::NeverIssued(i64::MAX)));
+        // Neighbours of an issued id are not ids: another producer's cannot be derived.
+        for forged in [a + 1, a - 1, a ^ 1, b - (1 << 31), a + (1 << 31), i64::MAX] {
+            if forged != a && forged != b {
+                assert_eq!(ids.check(forged, 0), Err(ProducerIdError::NeverIssued(forged)), "{forged}");
+            }
+        }
         drop(ids);
-        // After a restart, every id of the persisted block may have been handed out.
+        // After a restart the key and the issued ids are the same.
         let ids = ProducerIds::open(dir.path()).expect("reopen");
         assert_eq!(ids.check(a, 0), Ok(()));
-        assert_eq!(ids.check(ID_BLOCK - 1, 0), Ok(()));
-        assert_eq!(ids.check(ID_BLOCK, 0), Err(ProducerIdError::NeverIssued(ID_BLOCK)));
+        assert_eq!(ids.check(b, 0), Ok(()));
+        let c = ids.allocate_blocking().expect("id");
+        assert_eq!(ids.check(c, 0), Ok(()));
+        assert_eq!(ids.check(c + 1, 0), Err(ProducerIdError::NeverIssued(c + 1)));
+    }
+
+    #[test]
+    fn a_file_of_the_first_layout_moves_to_keyed_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut old = 2000i64.to_le_bytes().to_vec();
+        old.extend_from_slice(&crc32c::crc32c(&old).to_le_bytes());
+        std::fs::write(dir.path().join("producer_ids"), &old).expect("write");
+        let ids = ProducerIds::open(dir.path()).expect("open");
+        assert_eq!(ids.check(5, 0), Err(ProducerIdError::NeverIssued(5)), "old ids are void");
+        let a = ids.allocate_blocking().expect("id");
+        assert!(a >> 31 >= 2000, "counters start above the old ids");
+        drop(ids);
+        let ids = ProducerIds::open(dir.path()).expect("reopen");
+        assert_eq!(ids.check(a, 0), Ok(()));
+        std::fs::write(dir.path().join("producer_ids"), b"garbage").expect("write");
+        assert!(ProducerIds::open(dir.path()).is_err(), "damage is refused, not reset");
     }
 
     #[test]

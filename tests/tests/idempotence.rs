@@ -250,6 +250,13 @@ async fn a_forged_producer_id_is_refused() -> anyhow::Result<()> {
         let message = refused(client.request(&produce(issued, 7)).await)?;
         assert!(message.contains("epoch"), "{message}");
         refused(client.request(&produce(issued + 1, 0)).await)?;
+        // Another producer's id cannot be derived from one's own.
+        let other = match client.request(&Message::InitProducer).await? {
+            Message::InitProducerOk { producer_id, .. } => producer_id,
+            other => anyhow::bail!("expected InitProducerOk, got kind {}", other.kind()),
+        };
+        refused(client.request(&produce(issued + (1 << 31), 0)).await)?;
+        refused(client.request(&produce(other - (1 << 31), 0)).await)?;
         let hw = client.admin().describe_topic("forge").await?.partitions[0].high_watermark;
         assert_eq!(hw, 0, "nothing appended");
 
