@@ -3,14 +3,17 @@
 //!
 //! QUIC serves every connection over one UDP socket, so a broker's file descriptors go to its
 //! partitions: one for the active segment's log (its index files are written when it is
-//! sealed), and up to [`OPEN_CLOSED_SEGMENTS`] closed segments' logs that reads opened. A topic
+//! sealed), and up to [`OPEN_CLOSED_SEGMENTS`] closed segments' logs that reads opened (twice
+//! that with `direct_writes`). A topic
 //! is created only if every partition could hold all of them within the limit, less
 //! [`RESERVED_FDS`] for everything else; starting never depends on it.
 
 use crate::log::OPEN_CLOSED_SEGMENTS;
 
-/// Most file descriptors one partition holds at once (not counting reads in flight).
-pub const FDS_PER_PARTITION: u64 = 1 + OPEN_CLOSED_SEGMENTS as u64;
+/// Most segment log files one partition holds open at once (not counting reads in flight):
+/// the active one and the closed ones reads opened. Each is one descriptor, or two with
+/// `direct_writes` ([`Storage::fds_per_segment_file`](crate::storage::Storage::fds_per_segment_file)).
+pub const FILES_PER_PARTITION: u64 = 1 + OPEN_CLOSED_SEGMENTS as u64;
 
 /// Descriptors kept for everything but partitions: the offsets store, the data directory's
 /// lock, snapshots and index files being written, the metrics listener's connections, the
@@ -29,7 +32,24 @@ pub fn limit() -> Option<u64> {
     rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft)
 }
 
-/// Most partitions a broker can hold under an open-file limit of `limit`.
-pub fn partitions_within(limit: u64) -> u64 {
-    limit.saturating_sub(RESERVED_FDS) / FDS_PER_PARTITION
+/// Most partitions a broker can hold under an open-file limit of `limit`, with `fds_per_file`
+/// descriptors per segment log file.
+pub fn partitions_within(limit: u64, fds_per_file: u64) -> u64 {
+    limit.saturating_sub(RESERVED_FDS) / (FILES_PER_PARTITION * fds_per_file.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{FsStorage, Storage};
+
+    #[test]
+    fn direct_writes_halve_the_partitions_a_limit_allows() {
+        let buffered = FsStorage::new().fds_per_segment_file();
+        let direct = FsStorage::new().direct_writes(true).fds_per_segment_file();
+        assert_eq!((buffered, direct), (1, 2));
+        assert_eq!(partitions_within(20_000, buffered), (20_000 - RESERVED_FDS) / 3);
+        assert_eq!(partitions_within(20_000, direct), (20_000 - RESERVED_FDS) / 6);
+        assert_eq!(partitions_within(100, 1), 0, "a limit below the reserve allows none");
+    }
 }

@@ -30,6 +30,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         self.open(path)
     }
+    /// Most file descriptors one file from [`open_segment`](Storage::open_segment) holds (the
+    /// open-file budget of docs/design.md §5.6 counts with it).
+    fn fds_per_segment_file(&self) -> u64 {
+        1
+    }
     /// Deletes a file. Handles already open stay readable (as with unlinked files on Unix).
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Atomically renames a file, replacing `to` if it exists. Like creation, the new name is
@@ -119,6 +124,15 @@ impl Storage for FsStorage {
         // O_APPEND: every write lands at the end, whatever a concurrent pread does.
         let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         Ok(Arc::new(FsFile { file }))
+    }
+
+    fn fds_per_segment_file(&self) -> u64 {
+        // A direct file is two descriptors: O_DIRECT for large appends, buffered for the rest.
+        if self.direct_writes {
+            2
+        } else {
+            1
+        }
     }
 
     fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {

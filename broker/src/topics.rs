@@ -162,13 +162,14 @@ impl Topics {
             )));
         }
         if let Some(limit) = crate::open_files::limit() {
-            let most = crate::open_files::partitions_within(limit);
+            let per_file = self.storage.fds_per_segment_file();
+            let most = crate::open_files::partitions_within(limit, per_file);
             if existing + u64::from(partitions) > most {
                 return Err(PartitionError::new(
                     ErrorCode::LimitExceeded,
                     format!(
                         "the broker holds {existing} partitions; {partitions} more would pass the {most} its open-file limit of {limit} allows ({} files each, {} kept for the rest); raise the limit (ulimit -n) of quiverd",
-                        crate::open_files::FDS_PER_PARTITION,
+                        crate::open_files::FILES_PER_PARTITION * per_file,
                         crate::open_files::RESERVED_FDS
                     ),
                 ));
