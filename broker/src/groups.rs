@@ -72,6 +72,9 @@ pub struct Groups {
     /// `MAX_GROUPS`; read from the offsets store at first use. It may still hold groups whose
     /// offsets were removed since: it is read again before a new group is refused.
     known: Mutex<Option<HashSet<Arc<str>>>>,
+    /// When `known` was last read again at the limit: at most once a second, so a client
+    /// naming new groups in a loop does not make every request scan the offsets store.
+    recounted: Mutex<Option<Instant>>,
     /// Random per broker start: member ids from before a restart never match new ones.
     nonce: String,
     coordinators: std::sync::atomic::AtomicU64,
@@ -98,6 +101,7 @@ impl Groups {
             epoch,
             groups: Default::default(),
             known: Default::default(),
+            recounted: Default::default(),
             nonce,
             coordinators: Default::default(),
             member_connection: Default::default(),
@@ -271,11 +275,18 @@ impl Groups {
             return Ok(());
         }
         if known.len() >= MAX_GROUPS {
-            // Offsets of deleted topics (and so groups) may be gone: count again.
-            *known = stored().into_iter().collect();
-            known.extend(self.groups.iter().map(|g| Arc::from(g.key().as_str())));
-            if known.contains(group) {
-                return Ok(());
+            // Offsets of deleted topics (and so groups) may be gone: count again, at most once
+            // a second.
+            let mut recounted = self.recounted.lock();
+            let now = (self.clock.0)();
+            if recounted.is_none_or(|t| now.saturating_duration_since(t) >= std::time::Duration::from_secs(1))
+            {
+                *recounted = Some(now);
+                *known = stored().into_iter().collect();
+                known.extend(self.groups.iter().map(|g| Arc::from(g.key().as_str())));
+                if known.contains(group) {
+                    return Ok(());
+                }
             }
             if known.len() >= MAX_GROUPS {
                 return Err(PartitionError::new(
@@ -427,10 +438,20 @@ mod tests {
     /// offsets were removed since (a deleted topic) stop counting.
     #[test]
     fn new_groups_beyond_the_limit_are_refused() {
-        let groups = Groups::default();
+        let start = Instant::now();
+        let elapsed_ms = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let elapsed_ms = elapsed_ms.clone();
+            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
+        };
+        let groups = Groups::with_clock(clock);
         let stored: Arc<Mutex<Vec<Arc<str>>>> =
             Arc::new(Mutex::new((0..MAX_GROUPS - 1).map(|i| Arc::from(format!("stored-{i}"))).collect()));
-        let list = || stored.lock().clone();
+        let reads = AtomicU64::new(0);
+        let list = || {
+            reads.fetch_add(1, Ordering::Relaxed);
+            stored.lock().clone()
+        };
         groups.admit("stored-7", list).expect("a stored group");
         groups.admit("new-1", list).expect("the last place");
         stored.lock().push(Arc::from("new-1")); // it committed
@@ -439,8 +460,15 @@ mod tests {
         assert_eq!(refused.code, ErrorCode::LimitExceeded);
         assert!(refused.message.contains("MAX_GROUPS"), "{}", refused.message);
         groups.admit("stored-8", list).expect("a stored group is still admitted");
-        // A topic delete removed the offsets of half the groups: room again.
+        // A client naming new groups in a loop does not make each request read the store.
+        let before = reads.load(Ordering::Relaxed);
+        for i in 0..100 {
+            groups.admit(&format!("loop-{i}"), list).expect_err("over the limit");
+        }
+        assert_eq!(reads.load(Ordering::Relaxed), before, "the store was read within a second");
+        // A topic delete removed the offsets of half the groups: room again, a second later.
         stored.lock().truncate(MAX_GROUPS / 2);
+        elapsed_ms.store(1_000, Ordering::Relaxed);
         groups.admit("new-2", list).expect("room after the offsets went");
     }
 
