@@ -26,6 +26,7 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
     let c = &state.config;
     tasks.spawn(every(state.clone(), Duration::from_millis(c.retention_check_ms), apply_retention));
     tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), flush_offsets));
+    tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), write_recovery_points));
     tasks.spawn(every(state.clone(), Duration::from_secs(5), sample_gauges));
     tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| st.groups.expire()));
     let st = state.clone();
@@ -99,13 +100,25 @@ fn apply_retention(state: &BrokerState) {
     }
 }
 
+/// Checkpoints the recovery point of every partition whose completed fsyncs moved it
+/// (design.md §5.3); partitions that did not change write nothing.
+fn write_recovery_points(state: &BrokerState) {
+    for topic in state.topics.all() {
+        for p in &topic.partitions {
+            if let Err(e) = p.checkpoint_blocking() {
+                tracing::warn!(topic = %topic.name, partition = p.id, "writing the recovery point failed: {e}");
+            }
+        }
+    }
+}
+
 fn flush_offsets(state: &BrokerState) {
     if let Err(e) = state.offsets.flush_blocking() {
         tracing::warn!("persisting group offsets failed: {e}");
     }
 }
 
-/// Persists offsets and syncs every partition, at shutdown.
+/// Persists offsets, syncs every partition and checkpoints its recovery point, at shutdown.
 pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || {

@@ -94,6 +94,8 @@ pub struct Partition {
     closed: CancellationToken,
     /// Set (before `closed` is cancelled) when the topic was deleted.
     deleted: std::sync::atomic::AtomicBool,
+    /// The log's recovery point and its checkpoint file, written without the log's lock.
+    recovery: crate::log::RecoveryCheckpoint,
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -129,6 +131,7 @@ impl Partition {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
         let producers = recover_producers(&log)?;
+        let recovery = log.recovery_checkpoint();
         let next = log.next_offset();
         let start = log.log_start_offset();
         let (appends, rx) = mpsc::channel(APPEND_QUEUE_DEPTH);
@@ -143,6 +146,7 @@ impl Partition {
             tail: Arc::new(Mutex::new(TailCache::new(tail_cache_bytes))),
             closed: shutdown.child_token(),
             deleted: Default::default(),
+            recovery,
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
@@ -296,10 +300,22 @@ impl Partition {
         (log.size_bytes(), log.segment_count())
     }
 
-    /// Syncs everything written. Blocking.
+    /// Syncs everything written and checkpoints the recovery point (at shutdown). Blocking.
     pub fn sync_blocking(&self) -> std::io::Result<()> {
         let handle = self.log.lock().sync_handle();
-        handle.sync()
+        handle.sync()?;
+        self.checkpoint_blocking().map_err(std::io::Error::other)?;
+        Ok(())
+    }
+
+    /// Writes the recovery-point checkpoint if completed fsyncs moved it since the last write
+    /// (no data fsync of its own). Not for a deleted topic, whose directory is going away.
+    /// Blocking.
+    pub fn checkpoint_blocking(&self) -> Result<bool, LogError> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.recovery.write()
     }
 }
 
@@ -775,6 +791,37 @@ mod tests {
         let retried = append_one(&mut log, &mut producers, &tail, batch(1, 0, 1), 2)?;
         assert_eq!(retried.base_offset, first.base_offset);
         assert_eq!(log.next_offset(), next, "nothing appended");
+        Ok(())
+    }
+
+    /// An idempotent producer's batch A is lost in a crash while its next batch B, written
+    /// after it but before any fsync covered either, survives (reordered writeback). Recovery
+    /// cuts at A, so the producer's retry of A is appended at A's offset, not refused with
+    /// `OutOfOrderSequence` for a B it was never told about.
+    #[test]
+    fn a_retry_of_a_batch_lost_before_a_surviving_one_is_appended() -> anyhow::Result<()> {
+        let mem = Arc::new(MemStorage::new());
+        let storage: Arc<dyn Storage> = mem.clone();
+        let dir = PathBuf::from("/p");
+        let cfg = LogConfig { segment_bytes: 1 << 20, ..small_segments() };
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), cfg.clone(), 0)?;
+        let mut producers = ProducerStates::default();
+        append_one(&mut log, &mut producers, &tail, batch(7, 0, 3), 1)?;
+        log.sync()?;
+        log.recovery_checkpoint().write()?;
+        let a = append_one(&mut log, &mut producers, &tail, batch(7, 3, 3), 1)?;
+        append_one(&mut log, &mut producers, &tail, batch(7, 6, 3), 1)?;
+        drop(log);
+        mem.crash_reordered(0..batch(7, 3, 3).len());
+
+        let (mut log, report) = PartitionLog::open(storage, dir, cfg, 0)?;
+        assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+        assert_eq!(log.next_offset(), a.base_offset);
+        let mut producers = recover_producers(&log)?;
+        let retried = append_one(&mut log, &mut producers, &tail, batch(7, 3, 3), 2)?;
+        assert_eq!(retried.base_offset, a.base_offset);
+        append_one(&mut log, &mut producers, &tail, batch(7, 6, 3), 2)?;
         Ok(())
     }
 

@@ -236,6 +236,30 @@ impl MemStorage {
     /// Power loss during a write: like [`crash`](MemStorage::crash), but each file keeps up to
     /// `keep_unsynced` of its unsynced bytes, a torn tail.
     pub fn crash_torn(&self, keep_unsynced: usize) {
+        self.crash_with(|data| {
+            let keep = data.synced + keep_unsynced.min(data.bytes.len().saturating_sub(data.synced));
+            data.bytes[..keep.min(data.bytes.len())].to_vec()
+        });
+    }
+
+    /// Power loss with writes reaching the disk out of order (buffered writeback in any order,
+    /// or a direct write overtaking buffered ones, or a disk cache that reorders): every file
+    /// keeps all its unsynced bytes except those in `lost`, counted from the end of its synced
+    /// bytes, which read back as zeros. Later unsynced bytes survive a lost block before them.
+    pub fn crash_reordered(&self, lost: std::ops::Range<usize>) {
+        self.crash_with(|data| {
+            let mut bytes = data.bytes.clone();
+            let end = bytes.len();
+            let from = data.synced.saturating_add(lost.start).min(end);
+            let to = data.synced.saturating_add(lost.end).min(end);
+            bytes[from..to.max(from)].fill(0);
+            bytes
+        });
+    }
+
+    /// Power loss: every durable name keeps a fresh file holding `survive(old contents)`, all of
+    /// it synced.
+    fn crash_with(&self, survive: impl Fn(&MemData) -> Vec<u8>) {
         let mut state = self.state.lock();
         let durable = std::mem::take(&mut state.durable);
         // One file under two durable names (a rename over a synced directory) stays one file.
@@ -246,9 +270,7 @@ impl MemStorage {
             let new = match fresh.iter().find(|(k, _)| *k == key) {
                 Some((_, f)) => f.clone(),
                 None => {
-                    let old = file.data.lock().clone();
-                    let keep = old.synced + keep_unsynced.min(old.bytes.len().saturating_sub(old.synced));
-                    let bytes = old.bytes[..keep.min(old.bytes.len())].to_vec();
+                    let bytes = survive(&file.data.lock());
                     let synced = bytes.len();
                     let f = Arc::new(MemFile { data: Mutex::new(MemData { bytes, synced }) });
                     fresh.push((key, f.clone()));
@@ -480,6 +502,21 @@ mod tests {
         assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
         storage.crash_torn(100);
         assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcde"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn reordered_crash_loses_a_block_in_the_middle() -> io::Result<()> {
+        let storage = MemStorage::new();
+        let dir = Path::new("/d");
+        storage.create_dir_all(dir)?;
+        let a = storage.open(&dir.join("a"))?;
+        storage.sync_dir(dir)?;
+        a.append(b"abc")?;
+        a.sync()?;
+        a.append(b"defgh")?;
+        storage.crash_reordered(1..3);
+        assert_eq!(storage.contents(&dir.join("a")).as_deref(), Some(&b"abcd\0\0gh"[..]));
         Ok(())
     }
 

@@ -1,13 +1,18 @@
 //! Recovery from a damaged tail: truncate the last segment mid-batch, or flip a byte in its
-//! last batch; the broker starts, drops only the damaged tail, says so in its log, and serves
-//! everything before it.
+//! last batch. Without a recovery point covering it (a power loss before any was
+//! checkpointed), the broker starts, drops only the damaged tail, says so in its log, keeps the
+//! cut bytes in `quarantine/`, and serves everything before it. Once the periodic checkpoint
+//! covers the batch, the same damage is corruption of acknowledged data: kept and refused.
 
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use quiver_client::{
-    Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
+    ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
+    TopicConfig,
 };
+use quiver_protocol::message::Message;
+use quiver_protocol::ErrorCode;
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -85,10 +90,18 @@ async fn damage_and_check(damage: impl FnOnce(&Path, (usize, usize))) -> anyhow:
     assert_eq!(ranges.len() as u64, BATCHES, "one batch per send round");
     let last = *ranges.last().ok_or_else(|| anyhow::anyhow!("empty segment"))?;
     damage(&seg, last);
+    // As if the power failed before any recovery point was checkpointed: the whole last
+    // segment counts as possibly torn.
+    let point = seg.with_file_name("recovery-point");
+    if point.exists() {
+        std::fs::remove_file(&point)?;
+    }
 
     broker.restart().await?;
     let log = broker.log();
     assert!(log.contains("truncat"), "the broker should log what it dropped; log:\n{log}");
+    let quarantine = seg.with_file_name("quarantine");
+    assert_eq!(std::fs::read_dir(&quarantine)?.count(), 1, "the cut bytes are kept aside");
     let values = read_all(&broker).await?;
     // Everything before the damaged batch, nothing after.
     let expected: Vec<String> =
@@ -127,5 +140,57 @@ async fn flipped_byte_in_last_batch_is_dropped() -> anyhow::Result<()> {
             std::fs::write(seg, &bytes).expect("write segment");
         }),
     )
+    .await
+}
+
+/// The recovery point `<partition>/recovery-point` says: (segment base, byte position).
+fn recovery_point(seg: &Path) -> Option<(u64, u64)> {
+    let b = std::fs::read(seg.with_file_name("recovery-point")).ok()?;
+    let u64_at = |at: usize| b.get(at..at + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+    Some((u64_at(8)?, u64_at(16)?))
+}
+
+/// Acknowledged batches (durability `always`) are checkpointed by the maintenance loop; after a
+/// SIGKILL, a flipped byte in the last of them is corruption: nothing is cut, reads of that
+/// batch fail with `CorruptLog`, everything else reads, and new appends get new offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_byte_below_the_recovery_point_is_kept_and_refused() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        fill(&broker).await?;
+        let seg = segment(dir.path())?;
+        let len = std::fs::metadata(&seg)?.len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while recovery_point(&seg).map(|p| p.1) != Some(len) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "no checkpoint of {len} bytes");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        broker.kill9();
+        let mut bytes = std::fs::read(&seg)?;
+        let (start, end) = *batch_ranges(&bytes).last().ok_or_else(|| anyhow::anyhow!("empty"))?;
+        bytes[(start + end) / 2 + 10] ^= 0x40;
+        std::fs::write(&seg, &bytes)?;
+
+        broker.restart().await?;
+        assert_eq!(std::fs::metadata(&seg)?.len(), len, "acknowledged bytes were cut");
+        let client = broker.client().await?;
+        let last = (BATCHES - 1) * PER_BATCH;
+        let fetch =
+            |offset| Message::Fetch { topic: "torn".into(), partition: 0, offset, max_bytes: 1 << 20 };
+        match client.request(&fetch(last + 1)).await {
+            Err(ClientError::Broker { code: ErrorCode::CorruptLog, .. }) => {}
+            other => anyhow::bail!("expected CorruptLog, got {other:?}"),
+        }
+        match client.request(&fetch(0)).await? {
+            Message::FetchOk { batches, .. } => assert!(!batches.is_empty()),
+            other => anyhow::bail!("expected FetchOk, got kind {}", other.kind()),
+        }
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let meta = producer.send("torn", ProducerRecord::new("after")).await?;
+        assert_eq!(meta.offset, Some(BATCHES * PER_BATCH), "the damaged offsets are not reused");
+        Ok(())
+    })
     .await
 }

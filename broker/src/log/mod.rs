@@ -14,6 +14,7 @@
 //!   log only appends; recovery truncates only before the log is shared), and a plan holds its
 //!   file open, so retention deleting the segment meanwhile does not break it.
 
+mod checkpoint;
 #[cfg(test)]
 mod fault_tests;
 mod index;
@@ -34,6 +35,7 @@ use quiver_protocol::limits::MAX_BATCH_BYTES;
 use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
+pub use checkpoint::{RecoveryCheckpoint, RecoveryPoint};
 pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
@@ -207,6 +209,9 @@ pub struct SyncHandle {
     /// `None` when the log is poisoned: syncing then must not report success.
     file: Option<Arc<dyn StorageFile>>,
     durable_offset: u64,
+    /// What a successful sync covers, recorded as the partition's recovery point.
+    point: RecoveryPoint,
+    recovery: RecoveryCheckpoint,
     /// The log's sync lock and failure flag: syncs of the log never overlap, and one that failed
     /// fails every later one. Linux reports a writeback error to one `fsync` only, so a sync
     /// racing with the failed one (a roll sealing the segment) could otherwise succeed over
@@ -246,8 +251,9 @@ impl SyncHandle {
             Some(file) => file.sync(),
             None => Err(io::Error::other(LogError::Poisoned)),
         };
-        if result.is_err() {
-            self.failed.fail();
+        match &result {
+            Ok(()) => self.recovery.record(self.point),
+            Err(_) => self.failed.fail(),
         }
         result
     }
@@ -356,6 +362,8 @@ pub struct PartitionLog {
     /// at most [`OPEN_CLOSED_SEGMENTS`]. (Under the owner's lock already; the mutex is for
     /// `&self` readers.)
     open_closed: parking_lot::Mutex<std::collections::VecDeque<u64>>,
+    /// How far completed fsyncs cover the active segment, and its checkpoint file.
+    recovery: RecoveryCheckpoint,
 }
 
 /// Closed segments per partition whose log file may be open at once (their index files are
@@ -375,7 +383,10 @@ impl PartitionLog {
         config.validate()?;
         let recovered = recovery::recover(&storage, &dir, &config, now_ms)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
+        let recovery =
+            RecoveryCheckpoint::new(storage.clone(), dir.clone(), recovered.synced, recovered.written);
         let log = PartitionLog {
+            recovery,
             storage,
             dir,
             config,
@@ -446,7 +457,28 @@ impl PartitionLog {
     pub fn sync_handle(&self) -> SyncHandle {
         // The active segment's file is always open, so this does not fail in practice.
         let file = if self.is_poisoned() { None } else { self.active.log().ok() };
-        SyncHandle { file, durable_offset: self.next_offset(), failed: self.sync_failed.clone() }
+        SyncHandle {
+            file,
+            durable_offset: self.next_offset(),
+            point: self.active_point(),
+            recovery: self.recovery.clone(),
+            failed: self.sync_failed.clone(),
+        }
+    }
+
+    /// The end of the active segment as a recovery point.
+    fn active_point(&self) -> RecoveryPoint {
+        RecoveryPoint {
+            segment_base: self.active.base,
+            position: self.active.size,
+            next_offset: self.active.next_offset,
+        }
+    }
+
+    /// The partition's recovery point: what completed fsyncs cover, and the writer of its
+    /// checkpoint file (design.md §5.3), usable without the log's lock.
+    pub fn recovery_checkpoint(&self) -> RecoveryCheckpoint {
+        self.recovery.clone()
     }
 
     /// Syncs everything appended so far, holding `&mut self` (shutdown, tests).
@@ -713,6 +745,7 @@ impl PartitionLog {
                 self.poisoned = true;
                 return Err(err);
             }
+            self.recovery.record(self.active_point());
         }
         // A failure from here on leaves the old segment active and intact; the next append
         // retries the roll (sealing again is harmless, and so is rewriting the side file).
@@ -723,6 +756,12 @@ impl PartitionLog {
         self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
         let old = std::mem::replace(&mut self.active, new);
         tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");
+        // The sealed segment is wholly below the new point, 0 of the new segment. Not writing
+        // it loses nothing: a checkpoint of an older segment means the same to recovery.
+        self.recovery.record(self.active_point());
+        if let Err(err) = self.recovery.write() {
+            tracing::warn!(dir = %self.dir.display(), %err, "could not write the recovery point at a roll");
+        }
         if let Some(file) = roll_file {
             // The previous segment's side file stays, a fallback should the new one be damaged.
             self.remove_side_files_below(file.ext, old.base);

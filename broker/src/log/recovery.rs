@@ -3,13 +3,15 @@
 //!
 //! Closed segments were synced (with their indexes) when they were rolled, so they are trusted
 //! when their indexes check out; a cheap header walk from the last index entry to the end of the
-//! file confirms they end where the next segment begins. The last segment may hold a torn
-//! write, so it is always scanned with CRCs and cut at the first bad batch.
+//! file confirms they end where the next segment begins. The last segment is always scanned
+//! with CRCs: damage below its recovery point (what a completed fsync covered) is corruption
+//! and kept; from the recovery point on, the first defect is a torn write and is cut.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::checkpoint::{self, RecoveryPoint};
 use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
@@ -31,6 +33,8 @@ pub struct RecoveryReport {
     /// Damaged spans with valid batches after them: corruption, not a torn write. Kept in
     /// place (reads of them fail with a clear error) and copied to `quarantine/`.
     pub damaged: Vec<Damage>,
+    /// The checkpointed recovery point recovery used for the last segment, if one applied.
+    pub recovery_point: Option<RecoveryPoint>,
 }
 
 impl RecoveryReport {
@@ -53,6 +57,13 @@ pub struct Truncation {
     pub bytes_dropped: u64,
     /// Why the batch at `position` was not accepted.
     pub reason: TailDefect,
+    /// Whether a whole valid batch was among the bytes cut (written after the last completed
+    /// fsync, so never acknowledged under `durability = always`).
+    pub cut_valid_batch: bool,
+    /// Whether every byte cut was zero (lost pages).
+    pub all_zero: bool,
+    /// Where the cut bytes were copied (at most 64 MiB), if the copy succeeded.
+    pub copy: Option<PathBuf>,
 }
 
 /// A damaged span of a segment followed by valid data (or, in a closed segment, by the next
@@ -150,6 +161,9 @@ fn quarantine(
     log: &dyn crate::storage::StorageFile,
     d: &Damage,
 ) -> Option<PathBuf> {
+    if d.len == 0 {
+        return None;
+    }
     let qdir = dir.join("quarantine");
     let name = d.path.file_name()?.to_string_lossy().into_owned();
     let path = qdir.join(format!("{name}.{}", d.position));
@@ -190,6 +204,10 @@ pub(crate) struct Recovered {
     pub(crate) closed: Vec<Segment>,
     pub(crate) active: Segment,
     pub(crate) report: RecoveryReport,
+    /// What is durable of the active segment after recovery.
+    pub(crate) synced: RecoveryPoint,
+    /// What the checkpoint file said, if it checked out.
+    pub(crate) written: Option<RecoveryPoint>,
 }
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
@@ -201,12 +219,14 @@ pub(crate) fn recover(
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
-    let bases = find_segments(&**storage, dir, &mut report)?;
+    let (bases, names) = find_segments(&**storage, dir, &mut report)?;
+    let written = checkpoint::read(&**storage, dir, &names);
     let Some((&last, closed_bases)) = bases.split_last() else {
         let active = Segment::create(storage, dir, 0)?;
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
         report.segments = 1;
-        return Ok(Recovered { closed: Vec::new(), active, report });
+        let synced = RecoveryPoint::default();
+        return Ok(Recovered { closed: Vec::new(), active, report, synced, written });
     };
     let mut closed = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
@@ -217,10 +237,11 @@ pub(crate) fn recover(
         seg.release();
         closed.push(seg);
     }
-    let mut active = open_last(storage, dir, last, config.index_interval_bytes, &mut report)?;
+    let mut active = open_last(storage, dir, last, config.index_interval_bytes, written, &mut report)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
-    Ok(Recovered { closed, active, report })
+    let synced = RecoveryPoint { segment_base: last, position: active.size, next_offset: active.next_offset };
+    Ok(Recovered { closed, active, report, synced, written })
 }
 
 /// The kinds of file a partition directory holds.
@@ -254,18 +275,25 @@ fn parse_name(name: &str) -> Option<(u64, FileKind)> {
     }
 }
 
-/// Base offsets of the segments in `dir`, sorted. Skips foreign files and removes index files
-/// whose segment is gone.
+/// Base offsets of the segments in `dir`, sorted, and the names in it. Skips foreign files and
+/// removes index files whose segment is gone.
 fn find_segments(
     storage: &dyn Storage,
     dir: &Path,
     report: &mut RecoveryReport,
-) -> Result<Vec<u64>, LogError> {
+) -> Result<(Vec<u64>, Vec<String>), LogError> {
     let names = storage.list(dir).map_err(LogError::io("list directory", dir))?;
     let mut logs = BTreeSet::new();
     let mut indexes = Vec::new();
-    for name in names {
-        match parse_name(&name) {
+    for name in names.iter().cloned() {
+        if name == checkpoint::FILE {
+            continue;
+        }
+        let kind = match name == checkpoint::TEMP_FILE {
+            true => Some((0, FileKind::Temp)),
+            false => parse_name(&name),
+        };
+        match kind {
             Some((base, FileKind::Log)) => {
                 logs.insert(base);
             }
@@ -294,7 +322,7 @@ fn find_segments(
         }
         report.removed_files.push(name);
     }
-    Ok(logs.into_iter().collect())
+    Ok((logs.into_iter().collect(), names))
 }
 
 /// Opens a closed segment that must end exactly at `next_base`.
@@ -397,54 +425,204 @@ fn is_padding(seg: &Segment, from: u64, len: u64) -> Result<bool, LogError> {
     Ok(bytes.iter().all(|&b| b == 0))
 }
 
-/// Opens the last segment: scans every batch with its CRC, cuts the file at the first bad one
-/// and rewrites the indexes if they differ from what the scan built.
+/// Opens the last segment (design.md §5.3) and scans every batch with its CRC. `point` is the
+/// checkpointed recovery point: bytes below it were covered by a completed fsync, so a defect
+/// there is corruption, kept in place (reads of it fail) and quarantined. From it on, bytes may
+/// be a torn write: the first defect is cut, even if valid batches follow (no fsync covered
+/// them, so none was acknowledged under `durability = always`), and the cut bytes are copied
+/// to `quarantine/` and counted. Leaves the segment synced to its end.
 fn open_last(
     storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     interval: u32,
+    point: Option<RecoveryPoint>,
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
     let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
+    // Where the region that may be torn starts, and the offset there if the checkpoint says.
+    let (limit, limit_next) = match point {
+        Some(p) if p.segment_base == base => {
+            report.recovery_point = Some(p);
+            (p.position, Some(p.next_offset))
+        }
+        Some(p) if p.segment_base > base => {
+            // This segment was sealed (synced) before that one was created: all of it is below
+            // the point. The segment the point names is gone.
+            point_mismatch(
+                &seg,
+                format!("the recovery point names segment {}, which is missing", p.segment_base),
+            );
+            (len, None)
+        }
+        // None, or an older segment's (written before the last roll): nothing here is known
+        // to be synced.
+        _ => (0, None),
+    };
     let walker = seg.walker(Check::Crc)?;
-    let Scan { end, damage } = scan(&walker, base, len, |at, resumed| {
-        seg.track(at, interval, false, resumed);
+    let (mut pos, mut offset, mut resumed) = (0u64, base, false);
+    let mut damage = Vec::new();
+    // Below the recovery point.
+    while pos < limit {
+        let end = walker.run(pos, offset, len, |at| {
+            seg.track(at, interval, false, std::mem::take(&mut resumed));
+            u64::from(at.pos) + (at.header.total_len() as u64) < limit
+        })?;
+        (pos, offset) = (end.pos, end.next_offset);
+        let Some(defect) = end.defect else {
+            // The scan reached the recovery point (a batch ended at or past it) or the file end.
+            if pos == limit && limit_next.is_some_and(|n| n != offset) {
+                point_mismatch(&seg, format!("the recovery point says offset {limit_next:?} at byte {limit}, the scan found {offset}"));
+            } else if pos > limit {
+                point_mismatch(
+                    &seg,
+                    format!("the recovery point at byte {limit} is inside the batch ending at {pos}"),
+                );
+            } else if pos < limit {
+                // The file ends at a batch boundary before the point: synced batches are gone.
+                let end_offset = limit_next.unwrap_or(offset).max(offset);
+                let reason = TailDefect::Missing { end: len, point: limit };
+                damage.push(Damage {
+                    path: seg.log_path.clone(),
+                    position: len,
+                    len: 0,
+                    offsets: offset..end_offset,
+                    reason,
+                });
+                (seg.next_offset, offset) = (end_offset, end_offset);
+            }
+            break;
+        };
+        if is_padding(&seg, pos, len)? {
+            break; // cut quietly below
+        }
+        // A defect below the point: corruption. Valid data resumes at a whole batch below it,
+        // or at the point itself.
+        let bound = limit.min(len);
+        if let Some(at) = walker.resync(pos, offset, bound)? {
+            let resume = u64::from(at.pos);
+            let offsets = offset..at.header.base_offset;
+            damage.push(Damage {
+                path: seg.log_path.clone(),
+                position: pos,
+                len: resume - pos,
+                offsets,
+                reason: defect,
+            });
+            (pos, offset, resumed) = (resume, at.header.base_offset, true);
+            continue;
+        }
+        let end_offset = limit_next.unwrap_or(offset).max(offset);
+        let reason = match limit > len {
+            true => TailDefect::Missing { end: len, point: limit },
+            false => defect,
+        };
+        damage.push(Damage {
+            path: seg.log_path.clone(),
+            position: pos,
+            len: bound - pos,
+            offsets: offset..end_offset,
+            reason,
+        });
+        (seg.size, seg.next_offset) = (bound, end_offset);
+        (pos, offset, resumed) = (bound, end_offset, true);
+        break;
+    }
+    // From the recovery point on: the first defect ends the log.
+    let end = walker.run(pos, offset, len, |at| {
+        seg.track(at, interval, false, std::mem::take(&mut resumed));
         true
     })?;
     for d in damage {
+        if matches!(d.reason, TailDefect::Missing { .. }) {
+            tracing::error!(segment = %d.path.display(), file_end = len, recovery_point = limit, "the segment ends before its recovery point: synced (acknowledged) data is missing; keeping what is there, reads of the missing offsets fail");
+        }
         report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
         seg.damaged.push(d.offsets.clone());
         report.damaged.push(d);
     }
+    let mut cut = false;
     if end.defect.is_some() && is_padding(&seg, end.pos, len)? {
         // The zeros after the last block written with O_DIRECT (storage/direct.rs), left by a
         // crash or a clean shutdown alike: not damage.
         tracing::debug!(segment = %seg.log_path.display(), bytes = len - end.pos, "cutting block padding");
         seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        cut = true;
     } else if let Some(reason) = end.defect {
-        let dropped = len - end.pos;
-        tracing::warn!(
-            segment = %seg.log_path.display(),
-            position = end.pos,
-            bytes_dropped = dropped,
-            %reason,
-            "truncating a damaged tail"
-        );
-        seg.log()?.truncate(end.pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+        report.truncation =
+            Some(cut_torn_tail(&**storage, dir, &seg, &walker, end.pos, end.next_offset, len, reason)?);
+        cut = true;
+    }
+    if cut || seg.size > limit {
+        // What the recovered log holds is made durable, so the recovery point can be its end.
         seg.log()?.sync().map_err(LogError::io("sync segment", &seg.log_path))?;
-        report.truncation = Some(Truncation {
-            segment_base: base,
-            path: seg.log_path.clone(),
-            position: end.pos,
-            bytes_dropped: dropped,
-            reason,
-        });
     }
     // The last segment's index files are not read: the scan above rebuilt its entries, and
     // `seal` writes the files when the segment is closed (design.md §5.2).
     Ok(seg)
+}
+
+/// A checkpointed recovery point that does not match the segment: logged and counted; recovery
+/// goes on without cutting anything below it.
+fn point_mismatch(seg: &Segment, why: String) {
+    metrics::counter!("quiver_corrupt_batches_total", "found_by" => "recovery_point").increment(1);
+    tracing::error!(segment = %seg.log_path.display(), %why, "the recovery point does not match the segment");
+}
+
+/// Cuts the last segment at `pos`, a defect at or after the recovery point (a torn write):
+/// copies the cut bytes to `quarantine/`, counts them (`found_by="recovery_cut"`), and logs
+/// (`error` if they held a valid batch or any non-zero byte, else `warn`).
+#[allow(clippy::too_many_arguments)]
+fn cut_torn_tail(
+    storage: &dyn Storage,
+    dir: &Path,
+    seg: &Segment,
+    walker: &Walker,
+    pos: u64,
+    offset: u64,
+    len: u64,
+    reason: TailDefect,
+) -> Result<Truncation, LogError> {
+    let log = seg.log()?;
+    let dropped = len - pos;
+    let valid = walker.resync(pos, offset, len)?;
+    let mut all_zero = true;
+    let mut buf = vec![0u8; (1 << 20).min(dropped as usize)];
+    let mut at = pos;
+    while at < len && all_zero {
+        let n = buf.len().min((len - at) as usize);
+        log.read_exact_at(at, &mut buf[..n]).map_err(LogError::io("read segment", &seg.log_path))?;
+        all_zero = buf[..n].iter().all(|&b| b == 0);
+        at += n as u64;
+    }
+    metrics::counter!("quiver_corrupt_batches_total", "found_by" => "recovery_cut").increment(1);
+    let span = Damage {
+        path: seg.log_path.clone(),
+        position: pos,
+        len: dropped,
+        offsets: offset..offset,
+        reason: reason.clone(),
+    };
+    let copy = quarantine(storage, dir, &*log, &span);
+    let copy_name = copy.as_ref().map(|p| p.display().to_string());
+    let valid_offset = valid.map(|at| at.header.base_offset);
+    if valid.is_some() || !all_zero {
+        tracing::error!(segment = %seg.log_path.display(), position = pos, bytes_dropped = dropped, %reason, valid_batch_cut = ?valid_offset, copy = ?copy_name, "truncating a damaged tail after the recovery point: a torn write (never covered by a completed fsync)");
+    } else {
+        tracing::warn!(segment = %seg.log_path.display(), position = pos, bytes_dropped = dropped, %reason, copy = ?copy_name, "truncating a damaged tail of zeros after the recovery point");
+    }
+    log.truncate(pos).map_err(LogError::io("truncate segment", &seg.log_path))?;
+    Ok(Truncation {
+        segment_base: seg.base,
+        path: seg.log_path.clone(),
+        position: pos,
+        bytes_dropped: dropped,
+        reason,
+        cut_valid_batch: valid.is_some(),
+        all_zero,
+        copy,
+    })
 }
 
 /// Writes both index files from memory, and syncs them if asked.

@@ -50,6 +50,14 @@ pub enum TailDefect {
     /// A position or relative offset no longer fits the u32 fields of the index.
     #[error("segment grew past what its index can address")]
     TooLarge,
+    /// The file ends before the recovery point: bytes a completed fsync covered are gone.
+    #[error("the file ends at byte {end}, before the recovery point at byte {point}")]
+    Missing {
+        /// Length of the file.
+        end: u64,
+        /// The checkpointed recovery point.
+        point: u64,
+    },
 }
 
 /// A batch at a position that the segment's index can address: both the position and the
@@ -347,13 +355,21 @@ impl Walker {
         Ok(ScanEnd { pos, next_offset: offset, defect: None })
     }
 
-    /// The first position after `from` (before `end`) holding a whole batch with a valid CRC
+    /// The first position from `from` (before `end`) holding a whole batch with a valid CRC
     /// and a base offset from `min_offset` on that the segment can index, with its header:
     /// where valid data resumes after damage at `from`. The end of the damaged batch as its
     /// header says is tried first (a flipped bit usually leaves the length intact); then every
     /// position, in bounded windows.
     pub(crate) fn resync(&self, from: u64, min_offset: u64, end: u64) -> Result<Option<BatchAt>, LogError> {
         let mut buf = Vec::new();
+        if from >= end {
+            return Ok(None);
+        }
+        // A whole valid batch at `from` itself can only have failed the scan by starting past
+        // the expected offset: offsets are missing, no bytes are damaged.
+        if let Some(at) = self.valid_batch_at(from, min_offset, end, &mut buf)? {
+            return Ok(Some(at));
+        }
         let mut head = [0u8; BATCH_HEADER_BYTES];
         let hint = match end - from >= BATCH_HEADER_BYTES as u64 {
             true => {

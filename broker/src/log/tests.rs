@@ -283,13 +283,18 @@ fn torn_crashes_recover_to_a_prefix() -> TestResult {
 /// A closed log on real files in a temp dir, and the batches it holds.
 type FsLog = (tempfile::TempDir, Arc<dyn Storage>, Vec<Bytes>);
 
-/// Appends `n` batches to a log in a fresh temp dir on real files, syncs and closes it.
-fn fs_log(n: u64, cfg: &LogConfig) -> Result<FsLog, Box<dyn Error>> {
+/// Appends `n` batches to a log in a fresh temp dir on real files, syncs and closes it; with
+/// `clean`, as a clean shutdown does, also checkpoints the recovery point (else it is as if the
+/// power failed before any checkpoint was written).
+fn fs_log(n: u64, cfg: &LogConfig, clean: bool) -> Result<FsLog, Box<dyn Error>> {
     let tmp = tempfile::tempdir()?;
     let storage: Arc<dyn Storage> = Arc::new(FsStorage::new());
     let (mut log, _) = open(&storage, &tmp.path().join("p"), cfg)?;
     let model = append_n(&mut log, n, |s| s as i64)?;
     log.sync()?;
+    if clean {
+        assert!(log.recovery_checkpoint().write()?);
+    }
     Ok((tmp, storage, model))
 }
 
@@ -362,7 +367,7 @@ fn direct_writes_round_trip_across_rolls_and_reopen_without_padding() -> TestRes
 #[test]
 fn torn_tail_on_disk_drops_only_the_last_batch() -> TestResult {
     let cfg = config(2000);
-    let (tmp, storage, model) = fs_log(20, &cfg)?;
+    let (tmp, storage, model) = fs_log(20, &cfg, false)?;
     let dir = tmp.path().join("p");
     let path = last_segment(&*storage, &dir)?;
     let file = std::fs::OpenOptions::new().write(true).open(&path)?;
@@ -425,18 +430,56 @@ fn check_reads_around(log: &PartitionLog, model: &[Bytes], damaged: usize) -> Te
     Ok(())
 }
 
+/// Without a recovery point (the power failed before any was checkpointed), the whole last
+/// segment may be torn: a damaged last batch is cut, and the cut bytes are kept aside.
 #[test]
-fn flipped_bit_in_the_last_batch_is_a_torn_tail_and_cut() -> TestResult {
+fn flipped_bit_in_the_last_batch_after_the_recovery_point_is_cut_and_kept_aside() -> TestResult {
     let cfg = config(1 << 20);
-    let (tmp, storage, model) = fs_log(10, &cfg)?;
+    let (tmp, storage, model) = fs_log(10, &cfg, false)?;
     let dir = tmp.path().join("p");
     flip_in_batch(&last_segment(&*storage, &dir)?, &model, 1)?;
     let (log, report) = open(&storage, &dir, &cfg)?;
+    assert_eq!(report.recovery_point, None);
     let cut = report.truncation.ok_or("no truncation reported")?;
     assert!(matches!(cut.reason, TailDefect::Crc(_)), "{:?}", cut.reason);
     assert_eq!(cut.bytes_dropped, model[model.len() - 1].len() as u64);
+    assert!(!cut.cut_valid_batch && !cut.all_zero);
+    let mut original = model[model.len() - 1].to_vec();
+    original[70] ^= 0x40;
+    assert_eq!(std::fs::read(cut.copy.ok_or("no copy")?)?, original, "the cut bytes are kept aside");
     assert!(report.damaged.is_empty());
     check_reads(&log, &model[..model.len() - 1])
+}
+
+/// Bit rot in the last batch below the recovery point (a clean shutdown checkpointed it) is
+/// corruption of acknowledged data: kept in place, copied aside, refused on read; never cut.
+#[test]
+fn flipped_bit_in_the_last_batch_below_the_recovery_point_is_kept_as_corruption() -> TestResult {
+    let cfg = config(1 << 20);
+    let (tmp, storage, model) = fs_log(10, &cfg, true)?;
+    let dir = tmp.path().join("p");
+    let path = last_segment(&*storage, &dir)?;
+    let len = std::fs::metadata(&path)?.len();
+    flip_in_batch(&path, &model, 1)?;
+    let (mut log, report) = open(&storage, &dir, &cfg)?;
+    assert_eq!(report.recovery_point.map(|p| p.position), Some(len));
+    assert_eq!(report.truncation, None, "acknowledged data was cut");
+    let last = model.len() - 1;
+    let h = BatchHeader::parse(&model[last])?;
+    let [d] = &report.damaged[..] else { return Err(format!("{:?}", report.damaged).into()) };
+    assert_eq!((d.offsets.clone(), d.len), (h.base_offset..h.next_offset(), model[last].len() as u64));
+    assert_eq!(std::fs::metadata(&path)?.len(), len);
+    assert_eq!(log.next_offset(), h.next_offset(), "the damaged offsets are not handed out again");
+    check_reads_around(&log, &model, last)?;
+    assert!(dir.join("quarantine").join(format!("{:020}.log.{}", 0, d.position)).exists());
+    // Appends go on after it; a reopen finds the same damage and keeps it.
+    let more = append_n(&mut log, 2, |s| s as i64)?;
+    log.sync()?;
+    drop(log);
+    let (log, report) = open(&storage, &dir, &cfg)?;
+    assert_eq!((report.damaged.len(), report.truncation), (1, None));
+    let all: Vec<Bytes> = model.iter().chain(&more).cloned().collect();
+    check_reads_around(&log, &all, last)
 }
 
 /// A flipped bit in a synced batch with valid batches after it is corruption, not a torn
@@ -446,7 +489,7 @@ fn flipped_bit_in_the_last_batch_is_a_torn_tail_and_cut() -> TestResult {
 fn flipped_bit_mid_active_segment_keeps_everything_after_it() -> TestResult {
     for from_end in [2, 5] {
         let cfg = config(1 << 20);
-        let (tmp, storage, model) = fs_log(10, &cfg)?;
+        let (tmp, storage, model) = fs_log(10, &cfg, true)?;
         let dir = tmp.path().join("p");
         flip_in_batch(&last_segment(&*storage, &dir)?, &model, from_end)?;
         let (mut log, report) = open(&storage, &dir, &cfg)?;
@@ -482,6 +525,7 @@ fn damaged_length_mid_segment_resyncs_on_the_next_valid_batch() -> TestResult {
     let (mut log, _) = open(&storage, dir, &cfg)?;
     let model = append_n(&mut log, 6, |_| 0)?;
     log.sync()?;
+    log.recovery_checkpoint().write()?;
     drop(log);
     let path = segment_path(dir, 0, "log");
     let mut bytes = mem.contents(&path).ok_or("no segment")?;
@@ -706,8 +750,9 @@ fn retention_by_bytes() -> TestResult {
     let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) > start).cloned().collect();
     check_reads(&log, &kept)?;
     assert_eq!(bases(&*storage, dir)?.first(), Some(&start));
-    // Three files per closed segment; the active one has only its log until it is sealed.
-    assert_eq!(storage.list(dir)?.len(), 3 * log.segment_count() - 2);
+    // Three files per closed segment; the active one has only its log until it is sealed; and
+    // the recovery point, written at each roll.
+    assert_eq!(storage.list(dir)?.len(), 3 * log.segment_count() - 2 + 1);
     assert_eq!(log.apply_retention(0)?.deleted_segments(), 0);
     drop(log);
     let (log, _) = open(&storage, dir, &cfg)?;
@@ -989,5 +1034,81 @@ fn open_files_are_bounded_whatever_the_number_of_segments() -> TestResult {
     log.apply_retention(0)?;
     assert_eq!(plan.execute()?.slice(..model[0].len()), model[0]);
     assert!(counting.peak.load(SeqCst) <= bound, "peak {} open files", counting.peak.load(SeqCst));
+    Ok(())
+}
+
+/// Batches A and B are written after the last completed fsync; the power fails with A's
+/// block lost (zeros) and B on disk, as reordered writeback or a direct write overtaking
+/// buffered ones can leave them. Neither was acknowledged: recovery cuts at A, so B goes too,
+/// nothing is kept as corruption, and the log takes appends at A's offset.
+#[test]
+fn a_lost_block_before_a_surviving_one_after_the_recovery_point_is_cut() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(1 << 20);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let mut model = append_n(&mut log, 4, |_| 0)?;
+    log.sync()?;
+    log.recovery_checkpoint().write()?;
+    let synced_next = log.next_offset();
+    let unsynced = append_n(&mut log, 2, |_| 0)?;
+    let (a, b) = (unsynced[0].len(), unsynced[1].len());
+    drop(log);
+    mem.crash_reordered(0..a);
+    let path = segment_path(dir, 0, "log");
+    let synced_len: usize = model.iter().map(|b| b.len()).sum();
+    let on_disk = mem.contents(&path).ok_or("no segment")?;
+    assert_eq!(&on_disk[synced_len + a..], &unsynced[1][..], "B survived the crash");
+
+    let (mut log, report) = open(&storage, dir, &cfg)?;
+    assert!(report.damaged.is_empty(), "unacknowledged bytes kept as corruption: {:?}", report.damaged);
+    let cut = report.truncation.ok_or("nothing cut")?;
+    assert_eq!((cut.position, cut.bytes_dropped), (synced_len as u64, (a + b) as u64));
+    assert!(cut.cut_valid_batch, "B was valid and cut");
+    let copy = mem.contents(&cut.copy.ok_or("no copy")?).ok_or("copy missing")?;
+    assert_eq!(&copy[a..], &unsynced[1][..], "the cut bytes are kept aside");
+    assert_eq!(log.next_offset(), synced_next);
+    check_reads(&log, &model)?;
+    model.extend(append_n(&mut log, 2, |_| 0)?);
+    log.sync()?;
+    drop(log);
+    let (log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!((report.truncation, report.damaged.len()), (None, 0));
+    check_reads(&log, &model)
+}
+
+/// A clean shutdown checkpoints the recovery point at the end of the log; after a later crash
+/// that tears the unsynced appends, everything below it is kept, damage there included.
+#[test]
+fn clean_shutdown_checkpoint_keeps_everything_below_it_after_a_torn_crash() -> TestResult {
+    for keep in [0, 30, 200] {
+        let (mem, storage) = mem();
+        let dir = Path::new(DIR);
+        let cfg = config(1 << 20);
+        let (mut log, _) = open(&storage, dir, &cfg)?;
+        let model = append_n(&mut log, 6, |_| 0)?;
+        log.sync()?;
+        assert!(log.recovery_checkpoint().write()?, "the clean-shutdown checkpoint was not written");
+        drop(log);
+        let path = segment_path(dir, 0, "log");
+        let synced_len = mem.contents(&path).ok_or("no segment")?.len() as u64;
+        let point = RecoveryPoint::decode(&mem.contents(&dir.join("recovery-point")).ok_or("no file")?)?;
+        let next = BatchHeader::parse(&model[5])?.next_offset();
+        assert_eq!(point, RecoveryPoint { segment_base: 0, position: synced_len, next_offset: next });
+        // Bit rot in the last synced batch, then more appends that a crash tears.
+        let mut bytes = mem.contents(&path).ok_or("no segment")?;
+        bytes[synced_len as usize - 5] ^= 0x01;
+        mem.set_contents(&path, &bytes)?;
+        let (mut log, _) = open(&storage, dir, &cfg)?;
+        append_n(&mut log, 3, |_| 0)?;
+        drop(log);
+        mem.crash_torn(keep);
+        let (log, report) = open(&storage, dir, &cfg)?;
+        let [d] = &report.damaged[..] else { return Err(format!("{:?}", report.damaged).into()) };
+        assert_eq!(d.offsets, BatchHeader::parse(&model[5])?.base_offset..next);
+        assert_eq!(report.truncated_bytes(), keep as u64, "keep {keep}");
+        assert_eq!(log.next_offset(), next);
+        check_reads_around(&log, &model, 5)?;
+    }
     Ok(())
 }
