@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     pub retention_check_ms: u64,
     /// How often lazily committed (acked) group offsets are persisted.
     pub offsets_flush_ms: u64,
+    /// How often each partition's recovery point (how far a completed fsync reached) is
+    /// written, when it moved (design.md §5.3): one small file write and two fsyncs per
+    /// partition. Damage after the last written point is treated as a torn write at start.
+    pub recovery_point_ms: u64,
     /// Send QUIC Retry to validate client addresses before allocating connection state.
     pub validate_addresses: bool,
     /// Newest appended bytes kept in memory per partition for subscribers at the tail.
@@ -78,6 +82,7 @@ impl Default for BrokerConfig {
             max_deliver_bytes: 1024 * 1024,
             retention_check_ms: 30_000,
             offsets_flush_ms: 1000,
+            recovery_point_ms: 10_000,
             validate_addresses: true,
             max_partitions_total: 100_000,
             tail_cache_bytes_per_partition: 8 * 1024 * 1024,
@@ -119,6 +124,7 @@ impl BrokerConfig {
         anyhow::ensure!(self.max_window_bytes > 0, "max_window_bytes must be positive");
         anyhow::ensure!(self.max_deliver_bytes > 0, "max_deliver_bytes must be positive");
         anyhow::ensure!(self.max_partitions_total > 0, "max_partitions_total must be positive");
+        anyhow::ensure!(self.recovery_point_ms > 0, "recovery_point_ms must be positive");
         let frame = quiver_protocol::limits::MAX_FRAME_BYTES;
         anyhow::ensure!(
             self.max_connection_buffer_bytes as usize >= frame

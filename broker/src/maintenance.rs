@@ -26,7 +26,7 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
     let c = &state.config;
     tasks.spawn(every(state.clone(), Duration::from_millis(c.retention_check_ms), apply_retention));
     tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), flush_offsets));
-    tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), write_recovery_points));
+    tasks.spawn(every(state.clone(), Duration::from_millis(c.recovery_point_ms), write_recovery_points));
     tasks.spawn(every(state.clone(), Duration::from_secs(5), sample_gauges));
     tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| st.groups.expire()));
     let st = state.clone();

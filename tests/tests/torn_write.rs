@@ -158,7 +158,7 @@ async fn flipped_byte_below_the_recovery_point_is_kept_and_refused() -> anyhow::
     init_tracing();
     bounded(120, async {
         let dir = tempfile::tempdir()?;
-        let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let mut broker = BrokerProcess::start(BIN, dir.path(), Some("recovery_point_ms = 100")).await?;
         fill(&broker).await?;
         let seg = segment(dir.path())?;
         let len = std::fs::metadata(&seg)?.len();
