@@ -100,7 +100,7 @@ fn apply_retention(state: &BrokerState) {
 }
 
 fn flush_offsets(state: &BrokerState) {
-    if let Err(e) = state.offsets.flush_blocking() {
+    if let Err(e) = state.offsets.maintain_blocking() {
         tracing::warn!("persisting group offsets failed: {e}");
     }
 }

@@ -78,6 +78,8 @@ pub struct OffsetStore {
     state: Mutex<State>,
     /// Serialises file writers (commits, flushes, snapshots); held only on blocking threads.
     writer: Mutex<Writer>,
+    /// [`MAX_OFFSETS_FILE_BYTES`], smaller in tests.
+    max_file_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -109,6 +111,15 @@ impl OffsetStore {
     /// Opens (or creates) `<dir>/offsets.log` on `storage`, recovering up to the first damaged
     /// entry. Refuses a file larger than [`MAX_OFFSETS_FILE_BYTES`].
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Self, OffsetsError> {
+        Self::open_with_limit(storage, dir, MAX_OFFSETS_FILE_BYTES)
+    }
+
+    /// `open` with another size limit than [`MAX_OFFSETS_FILE_BYTES`] (tests).
+    pub(crate) fn open_with_limit(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        max_file_bytes: u64,
+    ) -> Result<Self, OffsetsError> {
         let path = dir.join(FILE_NAME);
         let io_err = |source| OffsetsError::Io { path: path.clone(), source };
         storage.create_dir_all(dir).map_err(io_err)?;
@@ -128,8 +139,8 @@ impl OffsetStore {
             }
         }
         let len = file.len().map_err(io_err)?;
-        if len > MAX_OFFSETS_FILE_BYTES {
-            return Err(OffsetsError::TooLarge { path, bytes: len, limit: MAX_OFFSETS_FILE_BYTES });
+        if len > max_file_bytes {
+            return Err(OffsetsError::TooLarge { path, bytes: len, limit: max_file_bytes });
         }
         let (entries, good) = read_entries(&*file, len).map_err(io_err)?;
         if good < len {
@@ -147,6 +158,7 @@ impl OffsetStore {
             path,
             state: Mutex::new(state),
             writer: Mutex::new(Writer { file, poisoned: false }),
+            max_file_bytes,
         })
     }
 
@@ -241,35 +253,51 @@ impl OffsetStore {
         // older value after this one.
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
-        // Out of the dirty set before the snapshot: a change made after it marks the key again.
-        let (was_dirty, existing) = {
-            let mut st = self.state.lock();
-            (st.dirty.remove(&key), st.ledgers.get(&key).cloned())
-        };
-        let snapshot = match &existing {
-            Some(l) => {
-                let mut next = l.lock().clone();
-                apply_commit(&mut next, offset, reset);
-                next.snapshot(MAX_PERSISTED_RANGES)
+        let mut compacted = false;
+        let size = loop {
+            // Out of the dirty set before the snapshot: a change made after it marks the key
+            // again.
+            let (was_dirty, existing) = {
+                let mut st = self.state.lock();
+                (st.dirty.remove(&key), st.ledgers.get(&key).cloned())
+            };
+            let snapshot = match &existing {
+                Some(l) => {
+                    let mut next = l.lock().clone();
+                    apply_commit(&mut next, offset, reset);
+                    next.snapshot(MAX_PERSISTED_RANGES)
+                }
+                None => AckLedger::new(offset).snapshot(MAX_PERSISTED_RANGES),
+            };
+            let mut buf = BytesMut::new();
+            let size = put_entry(&mut buf, &key, &snapshot);
+            let restore = |e| {
+                if was_dirty {
+                    self.state.lock().dirty.insert(key.clone());
+                }
+                e
+            };
+            if !compacted && self.would_pass_limit(buf.len()) {
+                // Make room first, then take the snapshot again (the rewrite took the dirty set).
+                self.state.lock().dirty.extend(was_dirty.then(|| key.clone()));
+                self.rewrite_locked(&mut w, |_| true)?;
+                compacted = true;
+                continue;
             }
-            None => AckLedger::new(offset).snapshot(MAX_PERSISTED_RANGES),
-        };
-        let mut buf = BytesMut::new();
-        let size = put_entry(&mut buf, &key, &snapshot);
-        if let Err(e) = self.append_locked(&mut w, &buf) {
-            if was_dirty {
-                self.state.lock().dirty.insert(key);
+            self.append_locked(&mut w, &buf).map_err(restore)?;
+            // The same operation on the live ledger (acks may have moved it meanwhile).
+            {
+                let ledger = self.ledger(&key, offset);
+                let mut l = ledger.lock();
+                apply_commit(&mut l, offset, reset);
+                l.persisted(snapshot.horizon);
             }
-            return Err(e);
-        }
-        // The same operation on the live ledger (acks may have moved it meanwhile).
-        {
-            let ledger = self.ledger(&key, offset);
-            let mut l = ledger.lock();
-            apply_commit(&mut l, offset, reset);
-            l.persisted(snapshot.horizon);
-        }
+            break size;
+        };
         self.state.lock().entry_bytes.insert(key, size);
+        // The commit is durable: a failed compaction only logs (the file stays as it was, or
+        // the store is poisoned and the next write reports it).
+        self.compact_locked(&mut w);
         Ok(())
     }
 
@@ -278,6 +306,19 @@ impl OffsetStore {
     pub fn flush_blocking(&self) -> Result<(), OffsetsError> {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
+        self.flush_locked(&mut w)
+    }
+
+    /// The periodic flush: persists every dirty key, then compacts the file when a snapshot
+    /// is due, also when nothing was dirty (a file left large by an earlier run). Blocking.
+    pub fn maintain_blocking(&self) -> Result<(), OffsetsError> {
+        let mut w = self.writer.lock();
+        self.check_usable(&w)?;
+        self.flush_locked(&mut w)?;
+        self.maybe_snapshot_locked(&mut w)
+    }
+
+    fn flush_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         let (buf, keys, sizes, written) = {
             let mut st = self.state.lock();
             if st.dirty.is_empty() {
@@ -296,13 +337,20 @@ impl OffsetStore {
             }
             (buf, keys, sizes, written)
         };
-        if let Err(e) = self.append_locked(&mut w, &buf) {
+        if self.would_pass_limit(buf.len()) {
+            // A rewrite writes every key as it is now (newer than these snapshots), so it
+            // replaces the append; it takes the dirty set itself.
+            self.state.lock().dirty.extend(keys);
+            return self.rewrite_locked(w, |_| true);
+        }
+        if let Err(e) = self.append_locked(w, &buf) {
             self.state.lock().dirty.extend(keys);
             return Err(e);
         }
         self.state.lock().entry_bytes.extend(sizes);
         persisted(written);
-        self.maybe_snapshot_locked(&mut w)
+        self.compact_locked(w);
+        Ok(())
     }
 
     /// Forgets every offset of a deleted topic, durably (by rewriting the snapshot). The
@@ -335,16 +383,21 @@ impl OffsetStore {
         tracing::error!(path = %self.path.display(), "offsets store: a write or sync failed ({e}); no offsets are stored or acknowledged until the broker restarts");
     }
 
+    /// Whether appending `len` bytes would take the file past its limit.
+    fn would_pass_limit(&self, len: usize) -> bool {
+        self.state.lock().file_bytes + len as u64 > self.max_file_bytes
+    }
+
+    fn too_large(&self, bytes: u64) -> OffsetsError {
+        OffsetsError::TooLarge { path: self.path.clone(), bytes, limit: self.max_file_bytes }
+    }
+
     /// Appends and fsyncs `buf`; the store is poisoned if either fails.
     fn append_locked(&self, w: &mut Writer, buf: &[u8]) -> Result<(), OffsetsError> {
         let file_bytes = self.state.lock().file_bytes;
         let bytes = file_bytes + buf.len() as u64;
-        if bytes > MAX_OFFSETS_FILE_BYTES {
-            return Err(OffsetsError::TooLarge {
-                path: self.path.clone(),
-                bytes,
-                limit: MAX_OFFSETS_FILE_BYTES,
-            });
+        if bytes > self.max_file_bytes {
+            return Err(self.too_large(bytes));
         }
         if let Err(e) = w.file.append(buf).and_then(|()| w.file.sync()) {
             self.poison(w, &e);
@@ -354,13 +407,21 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// Compacts when a snapshot is due, after a durable write: a failure is logged, not
+    /// returned (what the caller wrote is durable either way).
+    fn compact_locked(&self, w: &mut Writer) {
+        if let Err(e) = self.maybe_snapshot_locked(w) {
+            tracing::warn!(path = %self.path.display(), "offsets store: compaction failed: {e}");
+        }
+    }
+
     fn maybe_snapshot_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         let (bytes, live) = {
             let st = self.state.lock();
             (st.file_bytes, st.entry_bytes.values().sum::<u64>())
         };
         let due = (bytes >= SNAPSHOT_MIN_BYTES && bytes > 4 * live)
-            || (bytes > MAX_OFFSETS_FILE_BYTES / 2 && bytes > 2 * live);
+            || (bytes > self.max_file_bytes / 2 && bytes > 2 * live);
         if due {
             self.rewrite_locked(w, |_| true)?;
         }
@@ -389,13 +450,8 @@ impl OffsetStore {
             self.state.lock().dirty.extend(dirty.iter().cloned());
             e
         };
-        if buf.len() as u64 > MAX_OFFSETS_FILE_BYTES {
-            let bytes = buf.len() as u64;
-            return Err(restore_dirty(OffsetsError::TooLarge {
-                path: self.path.clone(),
-                bytes,
-                limit: MAX_OFFSETS_FILE_BYTES,
-            }));
+        if buf.len() as u64 > self.max_file_bytes {
+            return Err(restore_dirty(self.too_large(buf.len() as u64)));
         }
         let tmp = self.dir.join(TMP_NAME);
         if let Err(e) = self.write_new_file(&tmp, &buf) {

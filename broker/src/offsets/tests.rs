@@ -440,3 +440,63 @@ fn records_after_the_log_end_are_not_counted_as_handed_out() -> TestResult {
     assert_eq!(pieces, vec![Piece { range: 0..12, count: 2 }, Piece { range: 12..14, count: 1 }]);
     Ok(())
 }
+
+/// A commit-only workload (CommitOffset, group resets) never wedges at the size limit: commits
+/// compact the file themselves, and every acknowledged commit survives a crash.
+#[test]
+fn commits_alone_never_fill_the_file() -> TestResult {
+    const LIMIT: u64 = 4096;
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, LIMIT)?;
+    for i in 1..=2000u64 {
+        s.commit_blocking(key("g", "t", (i % 4) as u32), i, false)?;
+        assert!(s.state.lock().file_bytes <= LIMIT);
+    }
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open_with_limit(storage, dir, LIMIT)?;
+    for p in 0..4u32 {
+        assert_eq!(s.get(&key("g", "t", p)), Some(2000 - ((2000 - u64::from(p)) % 4)));
+    }
+    Ok(())
+}
+
+/// A file left near the limit (by an earlier run) is compacted by the periodic flush with
+/// nothing dirty, and a write that would pass the limit rewrites the file first.
+#[test]
+fn a_full_file_is_compacted_not_refused() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    {
+        let s = OffsetStore::open(storage.clone(), dir)?;
+        for i in 1..=100u64 {
+            s.commit_blocking(k.clone(), i, false)?;
+        }
+    }
+    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    // A limit the next commit would pass: it compacts first.
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
+    s.commit_blocking(k.clone(), 101, false)?;
+    assert_eq!(s.get(&k), Some(101));
+    drop(s);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    assert_eq!(s.get(&k), Some(101));
+    drop(s);
+    // The same full file, nothing dirty: the periodic flush compacts it.
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    for i in 102..=200u64 {
+        s.commit_blocking(k.clone(), i, false)?;
+    }
+    drop(s);
+    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
+    s.maintain_blocking()?;
+    assert!(s.state.lock().file_bytes < full / 10, "not compacted: {} bytes", s.state.lock().file_bytes);
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    assert_eq!(s.get(&k), Some(200));
+    Ok(())
+}
