@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -80,6 +81,12 @@ pub struct OffsetStore {
     writer: Mutex<Writer>,
     /// [`MAX_OFFSETS_FILE_BYTES`], smaller in tests.
     max_file_bytes: u64,
+    /// Bumped by every `mark_dirty` (under the state lock): a change marked with epoch `e` is
+    /// in every flush that takes the dirty set at epoch `e` or later.
+    epoch: AtomicU64,
+    /// Every change marked at or below this epoch is durable: a flush that needs no more
+    /// returns without writing (concurrent flushes share one fsync).
+    durable_epoch: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -159,6 +166,8 @@ impl OffsetStore {
             state: Mutex::new(state),
             writer: Mutex::new(Writer { file, poisoned: false }),
             max_file_bytes,
+            epoch: AtomicU64::new(0),
+            durable_epoch: AtomicU64::new(0),
         })
     }
 
@@ -179,12 +188,14 @@ impl OffsetStore {
             .clone()
     }
 
-    /// The key's ledger changed; `flush` persists it.
-    pub fn mark_dirty(&self, key: &OffsetKey) {
+    /// The key's ledger changed; `flush` persists it. Returns the change's epoch, for
+    /// [`flush_to_blocking`](Self::flush_to_blocking).
+    pub fn mark_dirty(&self, key: &OffsetKey) -> u64 {
         let mut st = self.state.lock();
         if !st.dirty.contains(key) {
             st.dirty.insert(key.clone());
         }
+        self.epoch.fetch_add(1, SeqCst) + 1
     }
 
     fn floors(&self, filter: impl Fn(&OffsetKey) -> bool) -> Vec<(OffsetKey, u64)> {
@@ -304,7 +315,20 @@ impl OffsetStore {
     /// Persists every dirty key. After it returns `Ok`, every change marked dirty before the
     /// call is durable; after an error the keys stay dirty. Blocking.
     pub fn flush_blocking(&self) -> Result<(), OffsetsError> {
+        self.flush_to_blocking(self.epoch.load(SeqCst))
+    }
+
+    /// Makes every change marked dirty with an epoch up to `epoch` durable. Returns at once
+    /// when a completed write already covered them, so waiters queued behind one fsync do not
+    /// each write again (changes marked meanwhile wait for the next flush). Blocking.
+    pub fn flush_to_blocking(&self, epoch: u64) -> Result<(), OffsetsError> {
+        if self.durable_epoch.load(SeqCst) >= epoch {
+            return Ok(());
+        }
         let mut w = self.writer.lock();
+        if self.durable_epoch.load(SeqCst) >= epoch {
+            return Ok(()); // written while this call waited for the lock
+        }
         self.check_usable(&w)?;
         self.flush_locked(&mut w)
     }
@@ -319,9 +343,13 @@ impl OffsetStore {
     }
 
     fn flush_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
-        let (buf, keys, sizes, written) = {
+        let (buf, keys, sizes, written, epoch) = {
             let mut st = self.state.lock();
+            // Every change marked up to here is in the dirty set or was written (writers hold
+            // the writer lock, and a failed one puts its keys back before releasing it).
+            let epoch = self.epoch.load(SeqCst);
             if st.dirty.is_empty() {
+                self.durable_epoch.fetch_max(epoch, SeqCst);
                 return Ok(());
             }
             let keys = std::mem::take(&mut st.dirty);
@@ -335,7 +363,7 @@ impl OffsetStore {
                     written.push((l.clone(), snapshot.horizon));
                 }
             }
-            (buf, keys, sizes, written)
+            (buf, keys, sizes, written, epoch)
         };
         if self.would_pass_limit(buf.len()) {
             // A rewrite writes every key as it is now (newer than these snapshots), so it
@@ -349,6 +377,7 @@ impl OffsetStore {
         }
         self.state.lock().entry_bytes.extend(sizes);
         persisted(written);
+        self.durable_epoch.fetch_max(epoch, SeqCst);
         self.compact_locked(w);
         Ok(())
     }
@@ -433,8 +462,9 @@ impl OffsetStore {
     /// rename on, it poisons the store.
     fn rewrite_locked(&self, w: &mut Writer, keep: impl Fn(&OffsetKey) -> bool) -> Result<(), OffsetsError> {
         // Every key is written, so none stays dirty (taken before the snapshots, see commit).
-        let (buf, sizes, dirty, written) = {
+        let (buf, sizes, dirty, written, epoch) = {
             let mut st = self.state.lock();
+            let epoch = self.epoch.load(SeqCst);
             let dirty = std::mem::take(&mut st.dirty);
             let mut buf = BytesMut::new();
             let mut sizes = HashMap::new();
@@ -444,7 +474,7 @@ impl OffsetStore {
                 sizes.insert(key.clone(), put_entry(&mut buf, key, &snapshot));
                 written.push((l.clone(), snapshot.horizon));
             }
-            (buf, sizes, dirty, written)
+            (buf, sizes, dirty, written, epoch)
         };
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
@@ -476,6 +506,7 @@ impl OffsetStore {
             st.entry_bytes = sizes;
         }
         persisted(written);
+        self.durable_epoch.fetch_max(epoch, SeqCst);
         Ok(())
     }
 

@@ -500,3 +500,112 @@ fn a_full_file_is_compacted_not_refused() -> TestResult {
     assert_eq!(s.get(&k), Some(200));
     Ok(())
 }
+
+/// Storage that counts file syncs, each taking a while (so concurrent flushes queue up).
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemStorage,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct CountingFile {
+    inner: Arc<dyn StorageFile>,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Storage for Counting {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(CountingFile { inner: self.inner.open(path)?, syncs: self.syncs.clone() }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+impl StorageFile for CountingFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact_at(pos, buf)
+    }
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        self.inner.append(data)
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.inner.sync()
+    }
+}
+
+/// Many subscriptions each wait for their own change while acks keep marking keys dirty: the
+/// waiters share fsyncs instead of writing one each, and what each waited for is durable.
+#[test]
+fn concurrent_flushes_share_fsyncs() -> TestResult {
+    const WAITERS: u64 = 32;
+    let storage = Arc::new(Counting::default());
+    let dir = Path::new(DIR);
+    let s = Arc::new(OffsetStore::open(storage.clone(), dir)?);
+    let start = Arc::new(std::sync::Barrier::new(WAITERS as usize + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    // Acks on another key, marking it dirty all along.
+    let noise = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let k = key("noise", "t", 0);
+            let mut n = 0;
+            while !done.load(SeqCst) {
+                n += 1;
+                s.ledger(&k, 0).lock().commit(n);
+                s.mark_dirty(&k);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let (s, start) = (s.clone(), start.clone());
+            std::thread::spawn(move || {
+                let k = key("g", "t", i as u32);
+                s.ledger(&k, 0).lock().commit(100 + i);
+                let epoch = s.mark_dirty(&k);
+                start.wait();
+                s.flush_to_blocking(epoch)
+            })
+        })
+        .collect();
+    let before = storage.syncs.load(SeqCst);
+    start.wait();
+    for w in waiters {
+        w.join().map_err(|_| "waiter panicked")??;
+    }
+    let syncs = storage.syncs.load(SeqCst) - before;
+    done.store(true, SeqCst);
+    noise.join().map_err(|_| "noise panicked")?;
+    assert!(syncs <= 4, "{WAITERS} waiters after one change each took {syncs} fsyncs");
+    // Each waiter's change is durable.
+    drop(s);
+    storage.inner.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    for i in 0..WAITERS {
+        assert_eq!(s.get(&key("g", "t", i as u32)), Some(100 + i));
+    }
+    Ok(())
+}
