@@ -50,7 +50,9 @@ const ENTRY_MAX_BYTES: usize = 2
     + 16 * MAX_PERSISTED_RANGES
     + 4
     + 20 * MAX_PERSISTED_RANGES
-    + 8;
+    + 8
+    + 4
+    + 16 * MAX_PERSISTED_RANGES;
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
 /// Bytes read from the file at a time at open.
 const READ_CHUNK_BYTES: usize = 1024 * 1024;
@@ -548,14 +550,19 @@ fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &Ledg
         body.put_u32_le(*c);
     }
     body.put_u64_le(s.horizon);
+    body.put_u32_le(s.maybe.len() as u32);
+    for r in &s.maybe {
+        body.put_u64_le(r.start);
+        body.put_u64_le(r.end);
+    }
     buf.put_u32_le(body.len() as u32);
     buf.put_u32_le(crc32c::crc32c(&body));
     buf.put_slice(&body);
     8 + body.len() as u64
 }
 
-/// The snapshot of an entry body after its key: the floor, then the ranges, which are absent
-/// in entries written before acknowledgements above the floor were kept.
+/// The snapshot of an entry body after its key: the floor, then the ranges, the horizon and the
+/// maybe-delivered ranges, each absent in entries written by versions before it.
 fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::DecodeError> {
     let mut s = LedgerSnapshot { floor: r.u64()?, ..Default::default() };
     if r.remaining() > 0 {
@@ -564,6 +571,9 @@ fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::Decod
     }
     if r.remaining() > 0 {
         s.horizon = r.u64()?;
+    }
+    if r.remaining() > 0 {
+        s.maybe = r.list("maybe", 16, |r| Ok(r.u64()?..r.u64()?))?;
     }
     Ok(s)
 }

@@ -609,3 +609,31 @@ fn concurrent_flushes_share_fsyncs() -> TestResult {
     }
     Ok(())
 }
+
+/// A ledger with more count ranges than an entry keeps: the folded tail is persisted as maybe
+/// delivered, so after a reopen nothing in it is dead-lettered before it is handed out again.
+#[test]
+fn folded_counts_are_persisted_as_maybe_delivered() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    {
+        let l = s.ledger(&k, 0);
+        let mut l = l.lock();
+        for o in (0..3 * MAX_PERSISTED_RANGES as u64).step_by(2) {
+            l.deliver(o..o + 1, NO_DEADLINE);
+        }
+        l.end_session();
+        l.deliver(3000..3001, NO_DEADLINE);
+    }
+    s.mark_dirty(&k);
+    s.flush_blocking()?;
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    let l = s.ledger(&k, 0);
+    assert_eq!(l.lock().count(2500), 2);
+    assert_eq!(l.lock().exhausted(0..4000, 2), Vec::<std::ops::Range<u64>>::new());
+    Ok(())
+}
