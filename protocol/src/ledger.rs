@@ -81,8 +81,9 @@ impl AckLedger {
     }
 
     /// Rebuilds a ledger from a snapshot (ranges below the floor are ignored). Every offset
-    /// below the snapshot's horizon without a count counts as handed out once: it may have
-    /// been, just before a crash.
+    /// below the snapshot's horizon without a count counts as handed out once, maybe: it may
+    /// have been, just before a crash, so it comes back with count 2, but it is not
+    /// dead-lettered for that count before it is handed out again.
     pub fn restore(s: &LedgerSnapshot) -> Self {
         let mut l = AckLedger::new(s.floor);
         for (r, c) in &s.counts {
@@ -100,7 +101,8 @@ impl AckLedger {
         if s.horizon > s.floor {
             let gaps: Vec<Range<u64>> = l.counts.gaps(&(s.floor..s.horizon)).collect();
             for gap in gaps {
-                l.counts.insert(gap, 1);
+                l.counts.insert(gap.clone(), 1);
+                l.maybe.insert(gap);
             }
             l.delivered_end = l.delivered_end.max(s.horizon);
             l.horizon = s.horizon;
@@ -180,6 +182,18 @@ impl AckLedger {
     /// Raises the horizon to `end` (never lowers it); the caller persists it.
     pub fn raise_horizon(&mut self, end: u64) {
         self.horizon = self.horizon.max(end);
+    }
+
+    /// Lowers the horizon to the end of what was really handed out (at a clean shutdown, so
+    /// a restart does not count records never sent as delivered). Returns whether it moved.
+    pub fn settle_horizon(&mut self) -> bool {
+        let end = self.delivered_end.max(self.floor);
+        if self.horizon <= end {
+            return false;
+        }
+        self.horizon = end;
+        self.durable_horizon = self.durable_horizon.min(end);
+        true
     }
 
     /// A snapshot with horizon `horizon` was persisted.
@@ -477,6 +491,26 @@ mod tests {
         // Acks may name anything below the horizon.
         assert!(r.ack(0..10));
         assert_eq!(r.floor(), 10);
+    }
+
+    /// After a crash, offsets below the horizon that were maybe never handed out come back
+    /// with count 2 but are not dead-lettered at max_deliveries = 1 before a delivery; after a
+    /// clean shutdown (horizon settled to what was handed out) they come back with count 1.
+    #[test]
+    fn the_horizon_gap_is_maybe_delivered_and_a_clean_stop_settles_it() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..3, NO_DEADLINE);
+        l.raise_horizon(10);
+        l.persisted(10);
+        let mut crashed = AckLedger::restore(&l.snapshot(1024));
+        assert_eq!(crashed.exhausted(0..12, 1), vec![0..3]);
+        assert_eq!(crashed.deliver(3..12, NO_DEADLINE), vec![p(3..10, 2), p(10..12, 1)]);
+        assert_eq!(crashed.exhausted(0..12, 1), vec![0..12]);
+        assert!(l.settle_horizon());
+        assert_eq!((l.horizon(), l.durable_horizon()), (3, 3));
+        let mut clean = AckLedger::restore(&l.snapshot(1024));
+        assert_eq!(clean.exhausted(0..12, 1), vec![0..3]);
+        assert_eq!(clean.deliver(3..12, NO_DEADLINE), vec![p(3..12, 1)]);
     }
 
     #[test]

@@ -384,6 +384,22 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// The flush at a clean shutdown: lowers every ledger's delivered horizon to what was
+    /// really handed out (design.md §12), then persists every dirty key. Under the writer
+    /// lock, so no write in flight can report an older horizon durable afterwards. Blocking.
+    pub fn close_blocking(&self) -> Result<(), OffsetsError> {
+        let mut w = self.writer.lock();
+        self.check_usable(&w)?;
+        let ledgers: Vec<(OffsetKey, SharedLedger)> =
+            self.state.lock().ledgers.iter().map(|(k, l)| (k.clone(), l.clone())).collect();
+        for (key, l) in ledgers {
+            if l.lock().settle_horizon() {
+                self.mark_dirty(&key);
+            }
+        }
+        self.flush_locked(&mut w)
+    }
+
     /// Forgets every offset of a deleted topic, durably (by rewriting the snapshot). The
     /// offsets are forgotten in memory only once the rewrite is durable.
     pub fn remove_topic_blocking(&self, topic: &str) -> Result<(), OffsetsError> {
