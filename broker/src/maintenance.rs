@@ -113,7 +113,7 @@ fn write_recovery_points(state: &BrokerState) {
 }
 
 fn flush_offsets(state: &BrokerState) {
-    if let Err(e) = state.offsets.flush_blocking() {
+    if let Err(e) = state.offsets.maintain_blocking() {
         tracing::warn!("persisting group offsets failed: {e}");
     }
 }
@@ -122,7 +122,7 @@ fn flush_offsets(state: &BrokerState) {
 pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        if let Err(e) = st.offsets.flush_blocking() {
+        if let Err(e) = st.offsets.close_blocking() {
             tracing::warn!("persisting group offsets at shutdown failed: {e}");
         }
         for topic in st.topics.all() {

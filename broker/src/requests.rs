@@ -134,14 +134,10 @@ async fn dispatch(
             })
         }),
         Message::DeleteTopic { name } => Box::pin(async move {
-            let r = st.topics.delete(&name).await;
-            Some(match r {
-                Ok(_) => {
-                    let st2 = st.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || st2.offsets.remove_topic_blocking(&name)).await;
-                    Message::Done
-                }
+            let (st2, topic) = (st.clone(), name.clone());
+            let forget = move || st2.offsets.remove_topic_blocking(&topic).map_err(|e| e.to_string());
+            Some(match st.topics.delete(&name, forget).await {
+                Ok(_) => Message::Done,
                 Err(e) => error(e),
             })
         }),

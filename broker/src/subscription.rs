@@ -408,8 +408,8 @@ impl Session<'_> {
                         return Ok(());
                     }
                     let (pieces, write) = self.hand_out(position..ext.next);
-                    if write {
-                        self.write_ledger().await?;
+                    if let Some(epoch) = write {
+                        self.write_ledger(epoch).await?;
                     }
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     let messages: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
@@ -468,7 +468,7 @@ impl Session<'_> {
     /// the durable horizon until the horizon, raised a step ahead, is. A delivery in the last
     /// half of the step raises the horizon again and starts that write without waiting for it,
     /// so a steady stream of first deliveries never waits.
-    fn hand_out(&self, range: Range<u64>) -> (Vec<Piece>, bool) {
+    fn hand_out(&self, range: Range<u64>) -> (Vec<Piece>, Option<u64>) {
         let due = self.due();
         let mut l = self.setup.ledger.lock();
         let pieces = l.deliver(range.clone(), due);
@@ -485,29 +485,32 @@ impl Session<'_> {
             }
         }
         drop(l);
-        self.dirty();
+        let epoch = self.dirty();
         if ahead && !wait {
             let st = self.state.clone();
             // A failure poisons the store, which the next delivery that must wait reports.
-            drop(tokio::task::spawn_blocking(move || st.offsets.flush_blocking()));
+            drop(tokio::task::spawn_blocking(move || st.offsets.flush_to_blocking(epoch)));
         }
-        (pieces, wait)
+        (pieces, wait.then_some(epoch))
     }
 
-    /// Makes the group's ledger durable (with everything else dirty in the offsets store, one
-    /// fsync). Fails the subscription if the store cannot write.
-    async fn write_ledger(&self) -> Result<(), PartitionError> {
+    /// Makes the group's ledger durable up to the change of `epoch` (with everything else
+    /// dirty in the offsets store, one fsync, shared with concurrent waiters). Fails the
+    /// subscription if the store cannot write.
+    async fn write_ledger(&self, epoch: u64) -> Result<(), PartitionError> {
         let st = self.state.clone();
-        tokio::task::spawn_blocking(move || st.offsets.flush_blocking())
+        tokio::task::spawn_blocking(move || st.offsets.flush_to_blocking(epoch))
             .await
             .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
             .map_err(|e| PartitionError::new(ErrorCode::StorageError, format!("recording deliveries: {e}")))
     }
 
-    /// The group's ledger changed: persist it with the next flush.
-    fn dirty(&self) {
-        if let Some((key, _)) = &self.setup.group {
-            self.state.offsets.mark_dirty(key);
+    /// The group's ledger changed: persist it with the next flush. Returns the change's epoch
+    /// in the offsets store (0 without a group).
+    fn dirty(&self) -> u64 {
+        match &self.setup.group {
+            Some((key, _)) => self.state.offsets.mark_dirty(key),
+            None => 0,
         }
     }
 
@@ -639,8 +642,8 @@ impl Session<'_> {
                     return Ok(false);
                 }
                 let (pieces, write) = self.hand_out(at..end);
-                if write {
-                    self.write_ledger().await?;
+                if let Some(epoch) = write {
+                    self.write_ledger(epoch).await?;
                 }
                 if !pieces.is_empty() {
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();

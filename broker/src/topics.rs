@@ -218,8 +218,14 @@ impl Topics {
     }
 
     /// Deletes a topic: rename its directory into the trash (atomic, durable once both
-    /// directories are synced), forget it, remove the files.
-    pub async fn delete(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
+    /// directories are synced), forget it, remove the files, then run `forget` (blocking: the
+    /// group offsets' removal), still under the admin lock, so the name cannot be created again
+    /// before it is done. A failed `forget` is logged and reported (the topic is gone).
+    pub async fn delete(
+        &self,
+        name: &str,
+        forget: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<Arc<Topic>, PartitionError> {
         let _guard = self.admin.lock().await;
         let topic = self.get(name)?;
         let dir = self.root.join(name);
@@ -235,6 +241,14 @@ impl Topics {
         // close.
         topic.partitions.iter().for_each(|p| p.close_deleted());
         tracing::info!(topic = name, "deleted topic");
+        let forgotten = tokio::task::spawn_blocking(forget).await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = forgotten {
+            tracing::error!(topic = name, "deleted topic, but could not remove its group offsets ({e}): a topic created again under this name would inherit them");
+            return Err(PartitionError::new(
+                ErrorCode::StorageError,
+                format!("topic '{name}' was deleted, but its group offsets could not be removed: {e}"),
+            ));
+        }
         Ok(topic)
     }
 }

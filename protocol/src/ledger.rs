@@ -39,6 +39,10 @@ pub struct AckLedger {
     acked: RangeSet<u64>,
     /// How many times each offset at or above the floor has been handed out.
     counts: RangeMap<u64, u32>,
+    /// Offsets whose count is only an upper bound: they may never have been handed out (a
+    /// snapshot folded their count ranges; design.md §12). They come back with a count above
+    /// it, but are not dead-lettered until handed out once more.
+    maybe: RangeSet<u64>,
     /// Offsets handed out in the current session and not acknowledged, with the time (ms) at
     /// which they are due again.
     pending: RangeMap<u64, u64>,
@@ -60,6 +64,9 @@ pub struct LedgerSnapshot {
     pub counts: Vec<(Range<u64>, u32)>,
     /// The delivered horizon (0 in snapshots from before it existed).
     pub horizon: u64,
+    /// Offsets whose count is only an upper bound (see [`AckLedger`]); empty in snapshots
+    /// from before it existed.
+    pub maybe: Vec<Range<u64>>,
 }
 
 impl AckLedger {
@@ -74,8 +81,9 @@ impl AckLedger {
     }
 
     /// Rebuilds a ledger from a snapshot (ranges below the floor are ignored). Every offset
-    /// below the snapshot's horizon without a count counts as handed out once: it may have
-    /// been, just before a crash.
+    /// below the snapshot's horizon without a count counts as handed out once, maybe: it may
+    /// have been, just before a crash, so it comes back with count 2, but it is not
+    /// dead-lettered for that count before it is handed out again.
     pub fn restore(s: &LedgerSnapshot) -> Self {
         let mut l = AckLedger::new(s.floor);
         for (r, c) in &s.counts {
@@ -85,10 +93,16 @@ impl AckLedger {
                 l.counts.insert(r, *c);
             }
         }
+        for r in &s.maybe {
+            if r.start < r.end && r.end > s.floor {
+                l.maybe.insert(r.start.max(s.floor)..r.end);
+            }
+        }
         if s.horizon > s.floor {
             let gaps: Vec<Range<u64>> = l.counts.gaps(&(s.floor..s.horizon)).collect();
             for gap in gaps {
-                l.counts.insert(gap, 1);
+                l.counts.insert(gap.clone(), 1);
+                l.maybe.insert(gap);
             }
             l.delivered_end = l.delivered_end.max(s.horizon);
             l.horizon = s.horizon;
@@ -104,20 +118,46 @@ impl AckLedger {
         l
     }
 
-    /// The floor, the horizon, and up to `max_ranges` acknowledged and delivery-count ranges
-    /// above the floor. Count ranges past the last one kept are folded into it, with the
-    /// highest count among them: a snapshot never holds a count lower than the ledger's.
+    /// The floor, the horizon, and up to `max_ranges` acknowledged, delivery-count and
+    /// maybe-delivered ranges above the floor. With more count ranges, the first
+    /// `max_ranges - 1` are kept and the rest folded into one range with the highest count among
+    /// them (a snapshot never holds a count lower than the ledger's), which is marked maybe
+    /// delivered: no record is dead-lettered for a folded count before it is handed out again.
+    /// Maybe-delivered ranges past the last kept one are folded into it (a wider set only
+    /// delays dead letters by one delivery).
     pub fn snapshot(&self, max_ranges: usize) -> LedgerSnapshot {
         let mut counts: Vec<(Range<u64>, u32)> = Vec::with_capacity(self.counts.len().min(max_ranges));
-        for (r, c) in self.counts.iter() {
-            if max_ranges == 0 {
-                break;
+        let mut folded: Option<Range<u64>> = None;
+        if max_ranges > 0 {
+            let fold = self.counts.len() > max_ranges;
+            for (r, c) in self.counts.iter() {
+                match (&mut folded, counts.last_mut()) {
+                    (Some(f), Some(last)) => {
+                        f.end = r.end;
+                        last.0.end = r.end;
+                        last.1 = last.1.max(*c);
+                    }
+                    _ => {
+                        if fold && counts.len() + 1 == max_ranges {
+                            folded = Some(r.clone());
+                        }
+                        counts.push((r.clone(), *c));
+                    }
+                }
             }
-            if counts.len() < max_ranges {
-                counts.push((r.clone(), *c));
-            } else if let Some(last) = counts.last_mut() {
-                last.0.end = r.end;
-                last.1 = last.1.max(*c);
+        }
+        let mut maybe = self.maybe.clone();
+        if let Some(f) = folded {
+            maybe.insert(f);
+        }
+        let mut maybe_ranges: Vec<Range<u64>> = Vec::with_capacity(maybe.len().min(max_ranges));
+        if max_ranges > 0 {
+            for r in maybe.iter() {
+                let full = maybe_ranges.len() >= max_ranges;
+                match maybe_ranges.last_mut() {
+                    Some(last) if full => last.end = r.end,
+                    _ => maybe_ranges.push(r.clone()),
+                }
             }
         }
         LedgerSnapshot {
@@ -125,6 +165,7 @@ impl AckLedger {
             acked: self.acked.iter().take(max_ranges).cloned().collect(),
             counts,
             horizon: self.horizon,
+            maybe: maybe_ranges,
         }
     }
 
@@ -143,6 +184,18 @@ impl AckLedger {
         self.horizon = self.horizon.max(end);
     }
 
+    /// Lowers the horizon to the end of what was really handed out (at a clean shutdown, so
+    /// a restart does not count records never sent as delivered). Returns whether it moved.
+    pub fn settle_horizon(&mut self) -> bool {
+        let end = self.delivered_end.max(self.floor);
+        if self.horizon <= end {
+            return false;
+        }
+        self.horizon = end;
+        self.durable_horizon = self.durable_horizon.min(end);
+        true
+    }
+
     /// A snapshot with horizon `horizon` was persisted.
     pub fn persisted(&mut self, horizon: u64) {
         self.durable_horizon = self.durable_horizon.max(horizon);
@@ -154,6 +207,7 @@ impl AckLedger {
     pub fn cut_at(&mut self, end: u64) {
         let end = end.max(self.floor);
         self.counts.remove(end..u64::MAX);
+        self.maybe.remove(end..u64::MAX);
         self.acked.remove(end..u64::MAX);
         self.pending.remove(end..u64::MAX);
         self.horizon = self.horizon.min(end);
@@ -179,7 +233,8 @@ impl AckLedger {
         self.counts.get(&offset).copied().unwrap_or(0)
     }
 
-    /// Offsets in `range` not acknowledged and already handed out at least `max` times.
+    /// Offsets in `range` not acknowledged and already handed out at least `max` times (not
+    /// counting maybe-delivered ones: they are handed out once more first).
     pub fn exhausted(&self, range: Range<u64>, max: u32) -> Vec<Range<u64>> {
         let range = range.start.max(self.floor)..range.end;
         let mut out: Vec<Range<u64>> = Vec::new();
@@ -190,9 +245,11 @@ impl AckLedger {
             for (r, c) in self.counts.overlapping(&gap) {
                 if *c >= max {
                     let r = r.start.max(gap.start)..r.end.min(gap.end);
-                    match out.last_mut() {
-                        Some(last) if last.end == r.start => last.end = r.end,
-                        _ => out.push(r),
+                    for r in self.maybe.gaps(&r) {
+                        match out.last_mut() {
+                            Some(last) if last.end == r.start => last.end = r.end,
+                            _ => out.push(r),
+                        }
                     }
                 }
             }
@@ -234,6 +291,11 @@ impl AckLedger {
         for p in &pieces {
             self.counts.insert(p.range.clone(), p.count);
             self.pending.insert(p.range.clone(), due_ms);
+        }
+        if !self.maybe.is_empty() {
+            for p in &pieces {
+                self.maybe.remove(p.range.clone()); // handed out for sure now
+            }
         }
         self.delivered_end = self.delivered_end.max(range.end);
         pieces
@@ -329,6 +391,7 @@ impl AckLedger {
         if self.floor > 0 {
             self.acked.remove(0..self.floor);
             self.counts.remove(0..self.floor);
+            self.maybe.remove(0..self.floor);
             self.pending.remove(0..self.floor);
         }
     }
@@ -403,7 +466,8 @@ mod tests {
                 floor: 2,
                 acked: std::iter::once(4..6).collect(),
                 counts: vec![(2..10, 1)],
-                horizon: 0
+                horizon: 0,
+                maybe: vec![],
             }
         );
         let mut r = AckLedger::restore(&s);
@@ -427,6 +491,26 @@ mod tests {
         // Acks may name anything below the horizon.
         assert!(r.ack(0..10));
         assert_eq!(r.floor(), 10);
+    }
+
+    /// After a crash, offsets below the horizon that were maybe never handed out come back
+    /// with count 2 but are not dead-lettered at max_deliveries = 1 before a delivery; after a
+    /// clean shutdown (horizon settled to what was handed out) they come back with count 1.
+    #[test]
+    fn the_horizon_gap_is_maybe_delivered_and_a_clean_stop_settles_it() {
+        let mut l = AckLedger::new(0);
+        l.deliver(0..3, NO_DEADLINE);
+        l.raise_horizon(10);
+        l.persisted(10);
+        let mut crashed = AckLedger::restore(&l.snapshot(1024));
+        assert_eq!(crashed.exhausted(0..12, 1), vec![0..3]);
+        assert_eq!(crashed.deliver(3..12, NO_DEADLINE), vec![p(3..10, 2), p(10..12, 1)]);
+        assert_eq!(crashed.exhausted(0..12, 1), vec![0..12]);
+        assert!(l.settle_horizon());
+        assert_eq!((l.horizon(), l.durable_horizon()), (3, 3));
+        let mut clean = AckLedger::restore(&l.snapshot(1024));
+        assert_eq!(clean.exhausted(0..12, 1), vec![0..3]);
+        assert_eq!(clean.deliver(3..12, NO_DEADLINE), vec![p(3..12, 1)]);
     }
 
     #[test]
@@ -458,6 +542,45 @@ mod tests {
         for o in 0..10 {
             assert!(r.count(o) >= l.count(o), "offset {o}");
         }
+    }
+
+    /// More count ranges than a snapshot keeps (out-of-order acks, nacks): the folded tail
+    /// takes the highest count among it, but nothing in it is dead-lettered before it is
+    /// handed out again, however high that count; the counts never go down.
+    #[test]
+    fn folded_counts_never_make_records_exhausted() {
+        const MAX: u32 = 3;
+        let mut l = AckLedger::new(0);
+        // Every other offset of 0..40 handed out once (20 count ranges), then offset 30 twice
+        // more: it is exhausted, nothing else is.
+        for o in (0..40u64).step_by(2) {
+            l.deliver(o..o + 1, NO_DEADLINE);
+        }
+        for _ in 1..MAX {
+            l.end_session();
+            l.deliver(30..31, NO_DEADLINE);
+        }
+        l.ack(4..5);
+        assert_eq!(l.exhausted(0..50, MAX), vec![30..31]);
+        let s = l.snapshot(8);
+        assert_eq!(s.counts.len(), 8);
+        let mut r = AckLedger::restore(&s);
+        for o in 0..40 {
+            assert!(r.count(o) >= l.count(o), "offset {o}");
+        }
+        // The folded tail (and offset 30 in it) is maybe delivered: not dead-lettered yet.
+        let exhausted = r.exhausted(0..50, MAX);
+        assert!(exhausted.is_empty(), "exhausted after a fold: {exhausted:?}");
+        // Handed out once more, each with a count above any it had; afterwards the folded
+        // count applies.
+        let pieces = r.deliver(0..40, NO_DEADLINE);
+        for p in &pieces {
+            for o in p.range.clone() {
+                assert!(p.count > l.count(o), "offset {o}: {} after {}", p.count, l.count(o));
+            }
+        }
+        assert!(r.exhausted(0..14, MAX).is_empty());
+        assert_eq!(r.exhausted(0..50, MAX), vec![14..39]);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -49,7 +50,9 @@ const ENTRY_MAX_BYTES: usize = 2
     + 16 * MAX_PERSISTED_RANGES
     + 4
     + 20 * MAX_PERSISTED_RANGES
-    + 8;
+    + 8
+    + 4
+    + 16 * MAX_PERSISTED_RANGES;
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
 /// Bytes read from the file at a time at open.
 const READ_CHUNK_BYTES: usize = 1024 * 1024;
@@ -78,6 +81,14 @@ pub struct OffsetStore {
     state: Mutex<State>,
     /// Serialises file writers (commits, flushes, snapshots); held only on blocking threads.
     writer: Mutex<Writer>,
+    /// [`MAX_OFFSETS_FILE_BYTES`], smaller in tests.
+    max_file_bytes: u64,
+    /// Bumped by every `mark_dirty` (under the state lock): a change marked with epoch `e` is
+    /// in every flush that takes the dirty set at epoch `e` or later.
+    epoch: AtomicU64,
+    /// Every change marked at or below this epoch is durable: a flush that needs no more
+    /// returns without writing (concurrent flushes share one fsync).
+    durable_epoch: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -109,6 +120,15 @@ impl OffsetStore {
     /// Opens (or creates) `<dir>/offsets.log` on `storage`, recovering up to the first damaged
     /// entry. Refuses a file larger than [`MAX_OFFSETS_FILE_BYTES`].
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Self, OffsetsError> {
+        Self::open_with_limit(storage, dir, MAX_OFFSETS_FILE_BYTES)
+    }
+
+    /// `open` with another size limit than [`MAX_OFFSETS_FILE_BYTES`] (tests).
+    pub(crate) fn open_with_limit(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        max_file_bytes: u64,
+    ) -> Result<Self, OffsetsError> {
         let path = dir.join(FILE_NAME);
         let io_err = |source| OffsetsError::Io { path: path.clone(), source };
         storage.create_dir_all(dir).map_err(io_err)?;
@@ -128,8 +148,8 @@ impl OffsetStore {
             }
         }
         let len = file.len().map_err(io_err)?;
-        if len > MAX_OFFSETS_FILE_BYTES {
-            return Err(OffsetsError::TooLarge { path, bytes: len, limit: MAX_OFFSETS_FILE_BYTES });
+        if len > max_file_bytes {
+            return Err(OffsetsError::TooLarge { path, bytes: len, limit: max_file_bytes });
         }
         let (entries, good) = read_entries(&*file, len).map_err(io_err)?;
         if good < len {
@@ -147,6 +167,9 @@ impl OffsetStore {
             path,
             state: Mutex::new(state),
             writer: Mutex::new(Writer { file, poisoned: false }),
+            max_file_bytes,
+            epoch: AtomicU64::new(0),
+            durable_epoch: AtomicU64::new(0),
         })
     }
 
@@ -167,12 +190,14 @@ impl OffsetStore {
             .clone()
     }
 
-    /// The key's ledger changed; `flush` persists it.
-    pub fn mark_dirty(&self, key: &OffsetKey) {
+    /// The key's ledger changed; `flush` persists it. Returns the change's epoch, for
+    /// [`flush_to_blocking`](Self::flush_to_blocking).
+    pub fn mark_dirty(&self, key: &OffsetKey) -> u64 {
         let mut st = self.state.lock();
         if !st.dirty.contains(key) {
             st.dirty.insert(key.clone());
         }
+        self.epoch.fetch_add(1, SeqCst) + 1
     }
 
     fn floors(&self, filter: impl Fn(&OffsetKey) -> bool) -> Vec<(OffsetKey, u64)> {
@@ -241,46 +266,92 @@ impl OffsetStore {
         // older value after this one.
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
-        // Out of the dirty set before the snapshot: a change made after it marks the key again.
-        let (was_dirty, existing) = {
-            let mut st = self.state.lock();
-            (st.dirty.remove(&key), st.ledgers.get(&key).cloned())
-        };
-        let snapshot = match &existing {
-            Some(l) => {
-                let mut next = l.lock().clone();
-                apply_commit(&mut next, offset, reset);
-                next.snapshot(MAX_PERSISTED_RANGES)
+        let mut compacted = false;
+        let size = loop {
+            // Out of the dirty set before the snapshot: a change made after it marks the key
+            // again.
+            let (was_dirty, existing) = {
+                let mut st = self.state.lock();
+                (st.dirty.remove(&key), st.ledgers.get(&key).cloned())
+            };
+            let snapshot = match &existing {
+                Some(l) => {
+                    let mut next = l.lock().clone();
+                    apply_commit(&mut next, offset, reset);
+                    next.snapshot(MAX_PERSISTED_RANGES)
+                }
+                None => AckLedger::new(offset).snapshot(MAX_PERSISTED_RANGES),
+            };
+            let mut buf = BytesMut::new();
+            let size = put_entry(&mut buf, &key, &snapshot);
+            let restore = |e| {
+                if was_dirty {
+                    self.state.lock().dirty.insert(key.clone());
+                }
+                e
+            };
+            if !compacted && self.would_pass_limit(buf.len()) {
+                // Make room first, then take the snapshot again (the rewrite took the dirty set).
+                self.state.lock().dirty.extend(was_dirty.then(|| key.clone()));
+                self.rewrite_locked(&mut w, |_| true)?;
+                compacted = true;
+                continue;
             }
-            None => AckLedger::new(offset).snapshot(MAX_PERSISTED_RANGES),
-        };
-        let mut buf = BytesMut::new();
-        let size = put_entry(&mut buf, &key, &snapshot);
-        if let Err(e) = self.append_locked(&mut w, &buf) {
-            if was_dirty {
-                self.state.lock().dirty.insert(key);
+            self.append_locked(&mut w, &buf).map_err(restore)?;
+            // The same operation on the live ledger (acks may have moved it meanwhile).
+            {
+                let ledger = self.ledger(&key, offset);
+                let mut l = ledger.lock();
+                apply_commit(&mut l, offset, reset);
+                l.persisted(snapshot.horizon);
             }
-            return Err(e);
-        }
-        // The same operation on the live ledger (acks may have moved it meanwhile).
-        {
-            let ledger = self.ledger(&key, offset);
-            let mut l = ledger.lock();
-            apply_commit(&mut l, offset, reset);
-            l.persisted(snapshot.horizon);
-        }
+            break size;
+        };
         self.state.lock().entry_bytes.insert(key, size);
+        // The commit is durable: a failed compaction only logs (the file stays as it was, or
+        // the store is poisoned and the next write reports it).
+        self.compact_locked(&mut w);
         Ok(())
     }
 
     /// Persists every dirty key. After it returns `Ok`, every change marked dirty before the
     /// call is durable; after an error the keys stay dirty. Blocking.
     pub fn flush_blocking(&self) -> Result<(), OffsetsError> {
+        self.flush_to_blocking(self.epoch.load(SeqCst))
+    }
+
+    /// Makes every change marked dirty with an epoch up to `epoch` durable. Returns at once
+    /// when a completed write already covered them, so waiters queued behind one fsync do not
+    /// each write again (changes marked meanwhile wait for the next flush). Blocking.
+    pub fn flush_to_blocking(&self, epoch: u64) -> Result<(), OffsetsError> {
+        if self.durable_epoch.load(SeqCst) >= epoch {
+            return Ok(());
+        }
+        let mut w = self.writer.lock();
+        if self.durable_epoch.load(SeqCst) >= epoch {
+            return Ok(()); // written while this call waited for the lock
+        }
+        self.check_usable(&w)?;
+        self.flush_locked(&mut w)
+    }
+
+    /// The periodic flush: persists every dirty key, then compacts the file when a snapshot
+    /// is due, also when nothing was dirty (a file left large by an earlier run). Blocking.
+    pub fn maintain_blocking(&self) -> Result<(), OffsetsError> {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
-        let (buf, keys, sizes, written) = {
+        self.flush_locked(&mut w)?;
+        self.maybe_snapshot_locked(&mut w)
+    }
+
+    fn flush_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
+        let (buf, keys, sizes, written, epoch) = {
             let mut st = self.state.lock();
+            // Every change marked up to here is in the dirty set or was written (writers hold
+            // the writer lock, and a failed one puts its keys back before releasing it).
+            let epoch = self.epoch.load(SeqCst);
             if st.dirty.is_empty() {
+                self.durable_epoch.fetch_max(epoch, SeqCst);
                 return Ok(());
             }
             let keys = std::mem::take(&mut st.dirty);
@@ -294,15 +365,39 @@ impl OffsetStore {
                     written.push((l.clone(), snapshot.horizon));
                 }
             }
-            (buf, keys, sizes, written)
+            (buf, keys, sizes, written, epoch)
         };
-        if let Err(e) = self.append_locked(&mut w, &buf) {
+        if self.would_pass_limit(buf.len()) {
+            // A rewrite writes every key as it is now (newer than these snapshots), so it
+            // replaces the append; it takes the dirty set itself.
+            self.state.lock().dirty.extend(keys);
+            return self.rewrite_locked(w, |_| true);
+        }
+        if let Err(e) = self.append_locked(w, &buf) {
             self.state.lock().dirty.extend(keys);
             return Err(e);
         }
         self.state.lock().entry_bytes.extend(sizes);
         persisted(written);
-        self.maybe_snapshot_locked(&mut w)
+        self.durable_epoch.fetch_max(epoch, SeqCst);
+        self.compact_locked(w);
+        Ok(())
+    }
+
+    /// The flush at a clean shutdown: lowers every ledger's delivered horizon to what was
+    /// really handed out (design.md §12), then persists every dirty key. Under the writer
+    /// lock, so no write in flight can report an older horizon durable afterwards. Blocking.
+    pub fn close_blocking(&self) -> Result<(), OffsetsError> {
+        let mut w = self.writer.lock();
+        self.check_usable(&w)?;
+        let ledgers: Vec<(OffsetKey, SharedLedger)> =
+            self.state.lock().ledgers.iter().map(|(k, l)| (k.clone(), l.clone())).collect();
+        for (key, l) in ledgers {
+            if l.lock().settle_horizon() {
+                self.mark_dirty(&key);
+            }
+        }
+        self.flush_locked(&mut w)
     }
 
     /// Forgets every offset of a deleted topic, durably (by rewriting the snapshot). The
@@ -335,16 +430,21 @@ impl OffsetStore {
         tracing::error!(path = %self.path.display(), "offsets store: a write or sync failed ({e}); no offsets are stored or acknowledged until the broker restarts");
     }
 
+    /// Whether appending `len` bytes would take the file past its limit.
+    fn would_pass_limit(&self, len: usize) -> bool {
+        self.state.lock().file_bytes + len as u64 > self.max_file_bytes
+    }
+
+    fn too_large(&self, bytes: u64) -> OffsetsError {
+        OffsetsError::TooLarge { path: self.path.clone(), bytes, limit: self.max_file_bytes }
+    }
+
     /// Appends and fsyncs `buf`; the store is poisoned if either fails.
     fn append_locked(&self, w: &mut Writer, buf: &[u8]) -> Result<(), OffsetsError> {
         let file_bytes = self.state.lock().file_bytes;
         let bytes = file_bytes + buf.len() as u64;
-        if bytes > MAX_OFFSETS_FILE_BYTES {
-            return Err(OffsetsError::TooLarge {
-                path: self.path.clone(),
-                bytes,
-                limit: MAX_OFFSETS_FILE_BYTES,
-            });
+        if bytes > self.max_file_bytes {
+            return Err(self.too_large(bytes));
         }
         if let Err(e) = w.file.append(buf).and_then(|()| w.file.sync()) {
             self.poison(w, &e);
@@ -354,13 +454,21 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// Compacts when a snapshot is due, after a durable write: a failure is logged, not
+    /// returned (what the caller wrote is durable either way).
+    fn compact_locked(&self, w: &mut Writer) {
+        if let Err(e) = self.maybe_snapshot_locked(w) {
+            tracing::warn!(path = %self.path.display(), "offsets store: compaction failed: {e}");
+        }
+    }
+
     fn maybe_snapshot_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         let (bytes, live) = {
             let st = self.state.lock();
             (st.file_bytes, st.entry_bytes.values().sum::<u64>())
         };
         let due = (bytes >= SNAPSHOT_MIN_BYTES && bytes > 4 * live)
-            || (bytes > MAX_OFFSETS_FILE_BYTES / 2 && bytes > 2 * live);
+            || (bytes > self.max_file_bytes / 2 && bytes > 2 * live);
         if due {
             self.rewrite_locked(w, |_| true)?;
         }
@@ -372,8 +480,9 @@ impl OffsetStore {
     /// rename on, it poisons the store.
     fn rewrite_locked(&self, w: &mut Writer, keep: impl Fn(&OffsetKey) -> bool) -> Result<(), OffsetsError> {
         // Every key is written, so none stays dirty (taken before the snapshots, see commit).
-        let (buf, sizes, dirty, written) = {
+        let (buf, sizes, dirty, written, epoch) = {
             let mut st = self.state.lock();
+            let epoch = self.epoch.load(SeqCst);
             let dirty = std::mem::take(&mut st.dirty);
             let mut buf = BytesMut::new();
             let mut sizes = HashMap::new();
@@ -383,19 +492,14 @@ impl OffsetStore {
                 sizes.insert(key.clone(), put_entry(&mut buf, key, &snapshot));
                 written.push((l.clone(), snapshot.horizon));
             }
-            (buf, sizes, dirty, written)
+            (buf, sizes, dirty, written, epoch)
         };
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
             e
         };
-        if buf.len() as u64 > MAX_OFFSETS_FILE_BYTES {
-            let bytes = buf.len() as u64;
-            return Err(restore_dirty(OffsetsError::TooLarge {
-                path: self.path.clone(),
-                bytes,
-                limit: MAX_OFFSETS_FILE_BYTES,
-            }));
+        if buf.len() as u64 > self.max_file_bytes {
+            return Err(restore_dirty(self.too_large(buf.len() as u64)));
         }
         let tmp = self.dir.join(TMP_NAME);
         if let Err(e) = self.write_new_file(&tmp, &buf) {
@@ -420,6 +524,7 @@ impl OffsetStore {
             st.entry_bytes = sizes;
         }
         persisted(written);
+        self.durable_epoch.fetch_max(epoch, SeqCst);
         Ok(())
     }
 
@@ -461,14 +566,19 @@ fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &Ledg
         body.put_u32_le(*c);
     }
     body.put_u64_le(s.horizon);
+    body.put_u32_le(s.maybe.len() as u32);
+    for r in &s.maybe {
+        body.put_u64_le(r.start);
+        body.put_u64_le(r.end);
+    }
     buf.put_u32_le(body.len() as u32);
     buf.put_u32_le(crc32c::crc32c(&body));
     buf.put_slice(&body);
     8 + body.len() as u64
 }
 
-/// The snapshot of an entry body after its key: the floor, then the ranges, which are absent
-/// in entries written before acknowledgements above the floor were kept.
+/// The snapshot of an entry body after its key: the floor, then the ranges, the horizon and the
+/// maybe-delivered ranges, each absent in entries written by versions before it.
 fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::DecodeError> {
     let mut s = LedgerSnapshot { floor: r.u64()?, ..Default::default() };
     if r.remaining() > 0 {
@@ -477,6 +587,9 @@ fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::Decod
     }
     if r.remaining() > 0 {
         s.horizon = r.u64()?;
+    }
+    if r.remaining() > 0 {
+        s.maybe = r.list("maybe", 16, |r| Ok(r.u64()?..r.u64()?))?;
     }
     Ok(s)
 }

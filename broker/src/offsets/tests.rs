@@ -440,3 +440,200 @@ fn records_after_the_log_end_are_not_counted_as_handed_out() -> TestResult {
     assert_eq!(pieces, vec![Piece { range: 0..12, count: 2 }, Piece { range: 12..14, count: 1 }]);
     Ok(())
 }
+
+/// A commit-only workload (CommitOffset, group resets) never wedges at the size limit: commits
+/// compact the file themselves, and every acknowledged commit survives a crash.
+#[test]
+fn commits_alone_never_fill_the_file() -> TestResult {
+    const LIMIT: u64 = 4096;
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, LIMIT)?;
+    for i in 1..=2000u64 {
+        s.commit_blocking(key("g", "t", (i % 4) as u32), i, false)?;
+        assert!(s.state.lock().file_bytes <= LIMIT);
+    }
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open_with_limit(storage, dir, LIMIT)?;
+    for p in 0..4u32 {
+        assert_eq!(s.get(&key("g", "t", p)), Some(2000 - ((2000 - u64::from(p)) % 4)));
+    }
+    Ok(())
+}
+
+/// A file left near the limit (by an earlier run) is compacted by the periodic flush with
+/// nothing dirty, and a write that would pass the limit rewrites the file first.
+#[test]
+fn a_full_file_is_compacted_not_refused() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    {
+        let s = OffsetStore::open(storage.clone(), dir)?;
+        for i in 1..=100u64 {
+            s.commit_blocking(k.clone(), i, false)?;
+        }
+    }
+    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    // A limit the next commit would pass: it compacts first.
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
+    s.commit_blocking(k.clone(), 101, false)?;
+    assert_eq!(s.get(&k), Some(101));
+    drop(s);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    assert_eq!(s.get(&k), Some(101));
+    drop(s);
+    // The same full file, nothing dirty: the periodic flush compacts it.
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    for i in 102..=200u64 {
+        s.commit_blocking(k.clone(), i, false)?;
+    }
+    drop(s);
+    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
+    s.maintain_blocking()?;
+    assert!(s.state.lock().file_bytes < full / 10, "not compacted: {} bytes", s.state.lock().file_bytes);
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    assert_eq!(s.get(&k), Some(200));
+    Ok(())
+}
+
+/// Storage that counts file syncs, each taking a while (so concurrent flushes queue up).
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemStorage,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct CountingFile {
+    inner: Arc<dyn StorageFile>,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Storage for Counting {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(CountingFile { inner: self.inner.open(path)?, syncs: self.syncs.clone() }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+impl StorageFile for CountingFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact_at(pos, buf)
+    }
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        self.inner.append(data)
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.inner.sync()
+    }
+}
+
+/// Many subscriptions each wait for their own change while acks keep marking keys dirty: the
+/// waiters share fsyncs instead of writing one each, and what each waited for is durable.
+#[test]
+fn concurrent_flushes_share_fsyncs() -> TestResult {
+    const WAITERS: u64 = 32;
+    let storage = Arc::new(Counting::default());
+    let dir = Path::new(DIR);
+    let s = Arc::new(OffsetStore::open(storage.clone(), dir)?);
+    let start = Arc::new(std::sync::Barrier::new(WAITERS as usize + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    // Acks on another key, marking it dirty all along.
+    let noise = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let k = key("noise", "t", 0);
+            let mut n = 0;
+            while !done.load(SeqCst) {
+                n += 1;
+                s.ledger(&k, 0).lock().commit(n);
+                s.mark_dirty(&k);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let (s, start) = (s.clone(), start.clone());
+            std::thread::spawn(move || {
+                let k = key("g", "t", i as u32);
+                s.ledger(&k, 0).lock().commit(100 + i);
+                let epoch = s.mark_dirty(&k);
+                start.wait();
+                s.flush_to_blocking(epoch)
+            })
+        })
+        .collect();
+    let before = storage.syncs.load(SeqCst);
+    start.wait();
+    for w in waiters {
+        w.join().map_err(|_| "waiter panicked")??;
+    }
+    let syncs = storage.syncs.load(SeqCst) - before;
+    done.store(true, SeqCst);
+    noise.join().map_err(|_| "noise panicked")?;
+    assert!(syncs <= 4, "{WAITERS} waiters after one change each took {syncs} fsyncs");
+    // Each waiter's change is durable.
+    drop(s);
+    storage.inner.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    for i in 0..WAITERS {
+        assert_eq!(s.get(&key("g", "t", i as u32)), Some(100 + i));
+    }
+    Ok(())
+}
+
+/// A ledger with more count ranges than an entry keeps: the folded tail is persisted as maybe
+/// delivered, so after a reopen nothing in it is dead-lettered before it is handed out again.
+#[test]
+fn folded_counts_are_persisted_as_maybe_delivered() -> TestResult {
+    let storage = Arc::new(MemStorage::new());
+    let dir = Path::new(DIR);
+    let k = key("g", "t", 0);
+    let s = OffsetStore::open(storage.clone(), dir)?;
+    {
+        let l = s.ledger(&k, 0);
+        let mut l = l.lock();
+        for o in (0..3 * MAX_PERSISTED_RANGES as u64).step_by(2) {
+            l.deliver(o..o + 1, NO_DEADLINE);
+        }
+        l.end_session();
+        l.deliver(3000..3001, NO_DEADLINE);
+    }
+    s.mark_dirty(&k);
+    s.flush_blocking()?;
+    drop(s);
+    storage.crash();
+    let s = OffsetStore::open(storage, dir)?;
+    let l = s.ledger(&k, 0);
+    assert_eq!(l.lock().count(2500), 2);
+    assert_eq!(l.lock().exhausted(0..4000, 2), Vec::<std::ops::Range<u64>>::new());
+    Ok(())
+}
