@@ -24,7 +24,9 @@ pub struct BrokerConfig {
     /// Connections beyond this are refused.
     pub max_connections: usize,
     /// Concurrent bidirectional streams per connection (one per subscribed partition plus the
-    /// producer's per-partition streams and short request streams).
+    /// producer's per-partition streams and short request streams). The default lets one client
+    /// produce to and consume every partition of the widest topic (`MAX_PARTITIONS`) at once;
+    /// below that, a client subscribing to more partitions waits for streams that never come.
     pub max_streams_per_connection: u32,
     /// Pipelined requests a stream may have outstanding before the broker stops reading it.
     pub max_inflight_requests_per_stream: usize,
@@ -72,7 +74,7 @@ impl Default for BrokerConfig {
             tls_cert: None,
             tls_key: None,
             max_connections: 4096,
-            max_streams_per_connection: 4096,
+            max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
             frame_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,

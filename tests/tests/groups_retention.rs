@@ -266,8 +266,8 @@ async fn a_consumer_without_group_resumes_after_retention_passed_it() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_request_streams_are_released() -> anyhow::Result<()> {
-    // Each admin request uses a stream of its own; the broker allows 4,096 open streams per
-    // connection, so 5,000 sequential requests only work if finished streams are closed.
+    // Each admin request uses a stream of its own; this broker allows 64 open streams per
+    // connection, so 500 sequential requests only work if finished streams are closed.
     init_tracing();
     bounded(120, async {
         let dir = tempfile::tempdir()?;
