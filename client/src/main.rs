@@ -232,6 +232,29 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not K=V"))
 }
 
+/// Writes to standard output. A closed pipe (`quiver topic list | head -1`) ends the process
+/// quietly, as SIGPIPE ends other tools; any other failure (a full disk) is an error, not a
+/// panic.
+fn write_stdout(args: std::fmt::Arguments) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_fmt(args).and_then(|()| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(anyhow::anyhow!("writing to standard output: {e}")),
+    }
+}
+
+/// `println!` through [`write_stdout`], returning its error from the enclosing function.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*)))? };
+}
+
+/// `print!` through [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*))? };
+}
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -295,18 +318,18 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
             config.durability = durability(a.durability);
             config.flush_interval_ms = a.flush_interval_ms;
             admin.create_topic(&a.name, a.partitions, config).await?;
-            println!("created topic {} with {} partition(s)", a.name, a.partitions);
+            outln!("created topic {} with {} partition(s)", a.name, a.partitions);
         }
         TopicCmd::List => {
             for t in admin.list_topics().await? {
-                println!("{}\t{} partition(s)", t.name, t.partitions.len());
+                outln!("{}\t{} partition(s)", t.name, t.partitions.len());
             }
         }
         TopicCmd::Describe { name } => {
             let t = admin.describe_topic(&name).await?;
             let c = &t.config;
-            println!("topic {}", t.name);
-            println!(
+            outln!("topic {}", t.name);
+            outln!(
                 "  durability={:?} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
                 c.durability,
                 c.segment_bytes,
@@ -314,14 +337,14 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
                 c.retention_bytes.map_or("none".into(), |v| v.to_string()),
                 c.retention_ms.map_or("none".into(), |v| v.to_string()),
             );
-            println!("  partition\tearliest\tlatest");
+            outln!("  partition\tearliest\tlatest");
             for p in t.partitions {
-                println!("  {}\t\t{}\t\t{}", p.partition, p.log_start_offset, p.high_watermark);
+                outln!("  {}\t\t{}\t\t{}", p.partition, p.log_start_offset, p.high_watermark);
             }
         }
         TopicCmd::Delete { name } => {
             admin.delete_topic(&name).await?;
-            println!("deleted topic {name}");
+            outln!("deleted topic {name}");
         }
     }
     Ok(())
@@ -570,14 +593,11 @@ fn reader_went_away(e: std::io::Error) -> std::io::Result<()> {
 }
 
 async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()> {
-    println!("partition\tcommitted\tearliest\tlatest\tlag");
+    outln!("partition\tcommitted\tearliest\tlatest\tlag");
     for p in client.admin().group_offsets(group, topic).await? {
         let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
         let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-        println!(
-            "{}\t\t{}\t\t{}\t\t{}\t{}",
-            p.partition, committed, p.log_start_offset, p.high_watermark, lag
-        );
+        outln!("{}\t\t{}\t\t{}\t\t{}\t{}", p.partition, committed, p.log_start_offset, p.high_watermark, lag);
     }
     Ok(())
 }
@@ -609,9 +629,9 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
     };
     let report = quiver_client::bench::run(config).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.render());
+        out!("{}", report.render());
     }
     Ok(())
 }
@@ -621,12 +641,12 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
     match cmd {
         GroupCmd::List => {
             for g in admin.list_groups().await? {
-                println!("{g}");
+                outln!("{g}");
             }
         }
         GroupCmd::Describe { group } => {
             let d = admin.describe_group(&group).await?;
-            println!(
+            outln!(
                 "group {group}: topic {}, generation {}, {} member(s)",
                 d.topic,
                 d.generation,
@@ -638,10 +658,10 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                     owner.insert(*p, m.member_id.clone());
                 }
             }
-            println!("  partition\tmember\t\tcommitted\tlatest\tlag");
+            outln!("  partition\tmember\t\tcommitted\tlatest\tlag");
             for p in admin.group_offsets(&group, &d.topic).await? {
                 let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
-                println!(
+                outln!(
                     "  {}\t\t{}\t{}\t\t{}\t{}",
                     p.partition,
                     owner.get(&p.partition).map_or("-", |m| m.as_str()),
@@ -667,7 +687,7 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                         .clamp(p.log_start_offset, p.high_watermark),
                 };
                 admin.commit_offset(&group, &topic, p.partition, target).await?;
-                println!("{group} {topic}/{}: {target}", p.partition);
+                outln!("{group} {topic}/{}: {target}", p.partition);
             }
         }
     }

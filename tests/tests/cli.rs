@@ -176,3 +176,42 @@ async fn bench_reports_what_went_through() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Output that cannot be written is an error line or a quiet end, never a panic: a reader that
+/// went away (`quiver topic list | head -1`) ends the command with status 0, a full device with
+/// one error line and a non-zero status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_output_is_not_a_panic() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for i in 0..50 {
+                let o = quiver(&broker, &["topic", "create", &format!("t{i}")], None)?;
+                anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            }
+            let run = |stdout: Stdio| -> anyhow::Result<Output> {
+                let mut cmd = Command::new(CLI);
+                cmd.arg("--broker").arg(broker.addr.to_string()).arg("--ca").arg(broker.ca_path());
+                cmd.args(["topic", "list"]).stdin(Stdio::null()).stdout(stdout).stderr(Stdio::piped());
+                Ok(cmd.spawn()?.wait_with_output()?)
+            };
+            // A pipe whose reader is gone before anything is written.
+            let (reader, writer) = std::io::pipe()?;
+            drop(reader);
+            let closed = run(Stdio::from(writer))?;
+            let err = String::from_utf8_lossy(&closed.stderr);
+            assert!(closed.status.success(), "closed pipe: {:?} {err}", closed.status);
+            assert!(!err.contains("panicked"), "{err}");
+            let full = run(Stdio::from(std::fs::OpenOptions::new().write(true).open("/dev/full")?))?;
+            let err = String::from_utf8_lossy(&full.stderr);
+            assert!(!full.status.success(), "a full device is an error");
+            assert!(!err.contains("panicked") && err.lines().count() == 1, "{err}");
+            assert!(err.contains("standard output"), "{err}");
+            Ok(())
+        })
+        .await?
+    })
+    .await
+}
