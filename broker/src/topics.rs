@@ -168,7 +168,7 @@ impl Topics {
                 return Err(PartitionError::new(
                     ErrorCode::LimitExceeded,
                     format!(
-                        "the broker holds {existing} partitions; {partitions} more would pass the {most} its open-file limit of {limit} allows ({} files each, {} kept for the rest); raise the limit (ulimit -n) of quiverd",
+                        "topic '{name}' needs {partitions} partitions and the broker holds {existing}: its open-file limit of {limit} allows {most} partitions (counting {} descriptors each at most, and {} kept for the rest); raise the limit (ulimit -n) of quiverd",
                         crate::open_files::FILES_PER_PARTITION * per_file,
                         crate::open_files::RESERVED_FDS
                     ),
@@ -185,9 +185,20 @@ impl Topics {
                 PartitionError::new(ErrorCode::StorageError, format!("creating topic '{owned}': {what}: {e}"))
             };
             let dir = root.join(&owned);
+            if dir.join("topic.json").exists() {
+                // A topic the broker could not load at start (its log says why): its data may
+                // be all someone has, so it is never discarded to make room for a new one.
+                return Err(PartitionError::new(
+                    ErrorCode::TopicExists,
+                    format!(
+                        "{} holds a topic that could not be loaded at start (see the broker's log); move it away to create '{owned}' anew",
+                        dir.display()
+                    ),
+                ));
+            }
             if dir.exists() {
-                // Not in the map, so not a topic: what a failed create left (load removes
-                // these too). Nothing in it was ever acknowledged.
+                // Not a topic (no topic.json): what a failed create left (load removes these
+                // too). Nothing in it was ever acknowledged.
                 discard(&dir, &trash).map_err(|e| storage_err("removing a leftover directory", e))?;
             }
             let created: Result<Arc<Topic>, PartitionError> = (|| {

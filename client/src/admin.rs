@@ -36,6 +36,13 @@ impl Admin {
         partitions: u32,
         config: TopicConfig,
     ) -> Result<(), ClientError> {
+        // The broker checks the same; a name too long for the wire would otherwise come back
+        // as a malformed frame instead of saying what is wrong with it.
+        let invalid =
+            |message| ClientError::Broker { code: quiver_protocol::ErrorCode::InvalidTopic, message };
+        quiver_protocol::message::validate_topic_name(name).map_err(invalid)?;
+        quiver_protocol::message::validate_partition_count(partitions).map_err(invalid)?;
+        config.validate().map_err(invalid)?;
         match self.client.request(&Message::CreateTopic { name: name.into(), partitions, config }).await? {
             Message::Done => Ok(()),
             other => Err(unexpected(other)),

@@ -194,3 +194,38 @@ async fn partitions_on_disk_never_stop_a_start_and_topics_past_the_file_limit_ar
     })
     .await
 }
+
+/// A topic directory that could not be loaded at start is never discarded by a create of the
+/// same name (new-user review: create removed any directory of the name it did not know).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_could_not_be_loaded_is_not_discarded_by_a_create() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("keep", 1, TopicConfig::default()).await?;
+        publish(&client, "keep", values("k", 10)).await?;
+        client.close().await;
+        broker.kill9();
+        // topic.json unreadable (here: a directory in its place): the start skips the topic.
+        let topic_dir = dir.path().join("topics").join("keep");
+        std::fs::rename(topic_dir.join("topic.json"), dir.path().join("topic.json.saved"))?;
+        std::fs::create_dir(topic_dir.join("topic.json"))?;
+        broker.restart().await?;
+        let client = broker.client().await?;
+        let err = client.admin().create_topic("keep", 1, TopicConfig::default()).await.expect_err("created");
+        assert_eq!(err.code(), Some(ErrorCode::TopicExists), "{err}");
+        assert!(err.to_string().contains("could not be loaded"), "{err}");
+        // The data is still there: put topic.json back and it loads.
+        client.close().await;
+        broker.kill9();
+        std::fs::remove_dir(topic_dir.join("topic.json"))?;
+        std::fs::rename(dir.path().join("topic.json.saved"), topic_dir.join("topic.json"))?;
+        broker.restart().await?;
+        let client = broker.client().await?;
+        assert_eq!(read_all(&client, "keep", 10).await?, values("k", 10));
+        Ok(())
+    })
+    .await
+}

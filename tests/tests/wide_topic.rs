@@ -21,7 +21,8 @@ async fn the_widest_topic_is_published_to_and_tailed_from_one_connection() -> an
         let values: Vec<String> = (0..2000).map(|i| format!("v-{i}")).collect();
         publish(&client, "wide", values.clone()).await?;
         let mut consumer =
-            Consumer::subscribe(client.clone(), ConsumerConfig::new("wide").start(StartPosition::Earliest)).await?;
+            Consumer::subscribe(client.clone(), ConsumerConfig::new("wide").start(StartPosition::Earliest))
+                .await?;
         let mut got = Vec::new();
         while got.len() < values.len() {
             let msg = tokio::time::timeout(Duration::from_secs(60), consumer.next())
