@@ -1,7 +1,7 @@
 //! Consumer-group membership on the broker: a `GroupCoordinator` (the sans-IO state machine in
 //! `protocol::group`) per group, fed from requests, a timer, and connection closes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +37,44 @@ impl ConnectionInfo {
 /// Session timeouts a member may ask for.
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
 const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
+
+/// How long the broker remembers the members of groups dropped with their topic (twice the
+/// longest session), and at most how many: a member that comes back within it is told
+/// `TopicDeleted`.
+const DELETED_MEMBER_TTL_MS: u64 = 2 * MAX_SESSION_TIMEOUT_MS as u64;
+const MAX_DELETED_MEMBERS: usize = 100_000;
+
+/// Members of groups dropped because their topic was deleted, oldest first.
+#[derive(Debug, Default)]
+struct DeletedMembers {
+    /// (group, member id) to the deleted topic.
+    topic_of: HashMap<(String, String), Arc<str>>,
+    /// When each was dropped (ms on the groups' clock).
+    order: VecDeque<(u64, (String, String))>,
+}
+
+impl DeletedMembers {
+    fn insert(&mut self, key: (String, String), topic: Arc<str>, now_ms: u64) {
+        if self.topic_of.insert(key.clone(), topic).is_none() {
+            self.order.push_back((now_ms, key));
+        }
+        while self.order.len() > MAX_DELETED_MEMBERS {
+            self.pop_oldest();
+        }
+    }
+
+    fn prune(&mut self, now_ms: u64) {
+        while self.order.front().is_some_and(|(at, _)| now_ms.saturating_sub(*at) > DELETED_MEMBER_TTL_MS) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, key)) = self.order.pop_front() {
+            self.topic_of.remove(&key);
+        }
+    }
+}
 
 /// Where group timeouts read the time. Monotonic, so a step of the wall clock neither expires
 /// every member nor keeps dead ones; tests pass their own.
@@ -80,6 +118,9 @@ pub struct Groups {
     coordinators: std::sync::atomic::AtomicU64,
     /// Which connection each (group, member) last spoke on.
     member_connection: DashMap<(String, String), u64>,
+    /// Members of groups dropped with their topic: their requests are answered `TopicDeleted`
+    /// (final), so they end instead of rejoining a topic re-created under the name.
+    deleted_members: Mutex<DeletedMembers>,
 }
 
 impl Default for Groups {
@@ -105,6 +146,7 @@ impl Groups {
             nonce,
             coordinators: Default::default(),
             member_connection: Default::default(),
+            deleted_members: Default::default(),
         }
     }
 
@@ -132,8 +174,15 @@ impl Groups {
             }
         }
         match (live, member) {
-            (Some(g), Some(m)) => g.check_owner(&m.member_id, m.generation, partition).map_err(fenced),
-            (None, Some(m)) => Err(fenced(GroupError::UnknownMember(m.member_id.clone()))),
+            (Some(g), Some(m)) => {
+                let checked = g.check_owner(&m.member_id, m.generation, partition);
+                drop(entry);
+                checked.map_err(|e| self.refused(group, &m.member_id, e))
+            }
+            (None, Some(m)) => {
+                drop(entry);
+                Err(self.refused(group, &m.member_id, GroupError::UnknownMember(m.member_id.clone())))
+            }
             // Outside membership (admin tools, single consumers): only while the group has no
             // members, so a reset cannot pull offsets from under a live group.
             (Some(_), None) => Err(PartitionError::new(
@@ -144,9 +193,49 @@ impl Groups {
         }
     }
 
+    /// Why a request of `member_id` was refused: `TopicDeleted` if its group was dropped with
+    /// its topic (member ids are never reused, so it cannot be a member of anything since),
+    /// else what the coordinator said.
+    fn refused(&self, group: &str, member_id: &str, e: GroupError) -> PartitionError {
+        let key = (group.to_string(), member_id.to_string());
+        match self.deleted_members.lock().topic_of.get(&key) {
+            Some(topic) => {
+                PartitionError::new(ErrorCode::TopicDeleted, format!("topic '{topic}' was deleted"))
+            }
+            None => fenced(e),
+        }
+    }
+
+    /// `topic` was deleted: its groups go (members and all), and their members are told
+    /// `TopicDeleted` when they next heartbeat, consume or commit. A member joining after
+    /// this starts a new group (of a topic created again under the name). Called once the
+    /// topic is out of the registry, under the topics' admin lock.
+    pub fn topic_deleted(&self, topic: &str) {
+        let now = self.now_ms();
+        let mut dropped = Vec::new();
+        self.groups.retain(|name, g| {
+            if g.topic() != topic {
+                return true;
+            }
+            dropped.extend(g.members().into_iter().map(|(member, _)| (name.clone(), member)));
+            tracing::info!(group = %name, topic, "topic deleted; dropping its group");
+            false
+        });
+        if dropped.is_empty() {
+            return;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        let mut deleted = self.deleted_members.lock();
+        for key in dropped {
+            self.member_connection.remove(&key);
+            deleted.insert(key, topic.clone(), now);
+        }
+    }
+
     /// Drops members whose session expired.
     pub fn expire(&self) {
         let now = self.now_ms();
+        self.deleted_members.lock().prune(now);
         self.groups.retain(|name, g| {
             for member in g.expire(now) {
                 tracing::info!(group = %name, %member, "member session expired; rebalancing");
@@ -213,12 +302,11 @@ impl Groups {
         generation: u64,
     ) -> Result<Assignment, PartitionError> {
         let now = self.now_ms();
-        let mut g = self
-            .groups
-            .get_mut(group)
-            .ok_or_else(|| fenced(GroupError::UnknownMember(member_id.to_string())))?;
-        let a = g.heartbeat(member_id, generation, now).map_err(fenced)?;
-        drop(g);
+        let beat = match self.groups.get_mut(group) {
+            Some(mut g) => g.heartbeat(member_id, generation, now),
+            None => Err(GroupError::UnknownMember(member_id.to_string())),
+        };
+        let a = beat.map_err(|e| self.refused(group, member_id, e))?;
         if self.has_room_for_a_member(conn).is_ok() || self.speaks_on_already(conn, group, member_id) {
             self.speaks_on(conn, group, member_id);
         } else {
@@ -226,6 +314,15 @@ impl Groups {
             tracing::warn!(%group, member = %member_id, "connection speaks for too many members; not tracking this one");
         }
         Ok(a)
+    }
+
+    /// A member leaves the group (asked to, or it joined a topic deleted meanwhile).
+    pub fn leave(&self, conn: &ConnectionMembers, group: &str, member_id: &str) {
+        if let Some(mut g) = self.groups.get_mut(group) {
+            g.leave(member_id);
+        }
+        conn.members.lock().retain(|(g, m)| !(g == group && m == member_id));
+        self.member_connection.remove(&(group.to_string(), member_id.to_string()));
     }
 
     /// Records that a member speaks on this connection (joined, or heartbeated after a
@@ -336,21 +433,28 @@ pub(crate) fn handle(
     match msg {
         Message::JoinGroup { group, topic, member_id, session_timeout_ms } => {
             validate_group_name(&group).map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
-            let partitions = state.topics.get(&topic)?.partitions.len() as u32;
+            let t = state.topics.get(&topic)?;
+            let partitions = t.partitions.len() as u32;
             groups.admit(&group, || stored_groups(state))?;
             let a =
                 groups.join(conn, &group, &topic, partitions, member_id.as_deref(), session_timeout_ms)?;
+            // A delete removes the topic from the registry before it drops the topic's groups:
+            // a join that raced it either was dropped with the group or sees the topic gone
+            // (or another topic of the name) here, and must not stay in a group of it.
+            if !state.topics.get(&topic).is_ok_and(|now| Arc::ptr_eq(&now, &t)) {
+                groups.leave(conn, &group, &a.member_id);
+                return Err(PartitionError::new(
+                    ErrorCode::TopicDeleted,
+                    format!("topic '{topic}' was deleted"),
+                ));
+            }
             Ok(assignment(a))
         }
         Message::Heartbeat { group, member_id, generation } => {
             Ok(assignment(groups.heartbeat(conn, &group, &member_id, generation)?))
         }
         Message::LeaveGroup { group, member_id } => {
-            if let Some(mut g) = groups.groups.get_mut(&group) {
-                g.leave(&member_id);
-            }
-            conn.members.lock().retain(|(g, m)| !(g == &group && m == &member_id));
-            groups.member_connection.remove(&(group, member_id));
+            groups.leave(conn, &group, &member_id);
             Ok(Message::Done)
         }
         Message::ListGroups => {
@@ -496,5 +600,57 @@ mod tests {
         groups.expire();
         groups.join(&conn, "one-more", "t", 1, None, 500).expect("the expired members left");
         assert_eq!(conn.members.lock().len(), 1);
+    }
+    /// A deleted topic's groups go with it: their members, idle ones included, are told
+    /// `TopicDeleted` (not fenced, which would make them join again) on their next heartbeat,
+    /// consume or commit, also once a topic of the name exists again; a new member of the group
+    /// starts a fresh group of the new topic. The broker forgets them after a while.
+    #[test]
+    fn members_of_a_deleted_topics_group_are_told_so() {
+        let start = Instant::now();
+        let elapsed_ms = Arc::new(AtomicU64::new(0));
+        let clock = {
+            let elapsed_ms = elapsed_ms.clone();
+            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
+        };
+        let groups = Groups::with_clock(clock);
+        let conn = ConnectionInfo::new(1);
+        let busy = groups.join(&conn, "g", "t", 1, None, 10_000).expect("join");
+        let idle = groups.join(&conn, "g", "t", 1, None, 10_000).expect("join");
+        let idle = groups.heartbeat(&conn, "g", &idle.member_id, idle.generation).expect("alive");
+        assert!(idle.partitions.is_empty());
+        let other = groups.join(&conn, "h", "other", 1, None, 10_000).expect("join");
+
+        groups.topic_deleted("t");
+        let deleted = |r: Result<Assignment, PartitionError>| match r {
+            Err(e) => {
+                assert_eq!((e.code, e.message.as_str()), (ErrorCode::TopicDeleted, "topic 't' was deleted"))
+            }
+            Ok(a) => panic!("still a member: {a:?}"),
+        };
+        deleted(groups.heartbeat(&conn, "g", &idle.member_id, idle.generation));
+        deleted(groups.heartbeat(&conn, "g", &busy.member_id, busy.generation));
+        assert_eq!(groups.names(), vec!["h".to_string()], "only the other topic's group is left");
+        groups
+            .heartbeat(&conn, "h", &other.member_id, other.generation)
+            .expect("another topic's group stays");
+
+        // The topic exists again and the group has a new member: the old ones are still told.
+        let fresh = groups.join(&conn, "g", "t", 1, None, 10_000).expect("a new member");
+        assert_eq!(fresh.generation, 1, "a fresh group");
+        assert_eq!(fresh.partitions, vec![0]);
+        deleted(groups.heartbeat(&conn, "g", &idle.member_id, fresh.generation));
+        deleted(groups.heartbeat(&conn, "g", &busy.member_id, busy.generation));
+        let refused = groups
+            .check_owner("g", "t", Some(&MemberRef { member_id: busy.member_id.clone(), generation: 1 }), 0)
+            .expect_err("not a member");
+        assert_eq!(refused.code, ErrorCode::TopicDeleted);
+
+        // Remembered for twice the longest session only.
+        elapsed_ms.store(DELETED_MEMBER_TTL_MS + 1, Ordering::Relaxed);
+        groups.expire();
+        let refused = groups.heartbeat(&conn, "g", &idle.member_id, 1).expect_err("gone");
+        assert_eq!(refused.code, ErrorCode::FencedMember);
+        assert!(groups.deleted_members.lock().order.is_empty());
     }
 }

@@ -136,7 +136,8 @@ async fn dispatch(
         Message::DeleteTopic { name } => Box::pin(async move {
             let (st2, topic) = (st.clone(), name.clone());
             let forget = move || st2.offsets.remove_topic_blocking(&topic).map_err(|e| e.to_string());
-            Some(match st.topics.delete(&name, forget).await {
+            let dropped = || st.groups.topic_deleted(&name);
+            Some(match st.topics.delete(&name, dropped, forget).await {
                 Ok(_) => Message::Done,
                 Err(e) => error(e),
             })

@@ -229,12 +229,14 @@ impl Topics {
     }
 
     /// Deletes a topic: rename its directory into the trash (atomic, durable once both
-    /// directories are synced), forget it, remove the files, then run `forget` (blocking: the
-    /// group offsets' removal), still under the admin lock, so the name cannot be created again
-    /// before it is done. A failed `forget` is logged and reported (the topic is gone).
+    /// directories are synced), forget it, run `dropped` (the groups' removal), remove the
+    /// files, then run `forget` (blocking: the group offsets' removal), still under the admin
+    /// lock, so the name cannot be created again before it is done. A failed `forget` is
+    /// logged and reported (the topic is gone).
     pub async fn delete(
         &self,
         name: &str,
+        dropped: impl FnOnce(),
         forget: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> Result<Arc<Topic>, PartitionError> {
         let _guard = self.admin.lock().await;
@@ -248,6 +250,7 @@ impl Topics {
                 PartitionError::new(ErrorCode::StorageError, format!("deleting topic '{name}': {e}"))
             })?;
         self.map.remove(name);
+        dropped();
         // Ends its subscriptions ("topic 'x' was deleted") and stops its writers, so its files
         // close.
         topic.partitions.iter().for_each(|p| p.close_deleted());

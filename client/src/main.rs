@@ -646,6 +646,14 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
         }
         GroupCmd::Describe { group } => {
             let d = admin.describe_group(&group).await?;
+            // Everything is read before anything is printed: an error is one line, not half
+            // a table.
+            let offsets = match admin.group_offsets(&group, &d.topic).await {
+                Err(e) if e.code() == Some(quiver_protocol::ErrorCode::UnknownTopic) => {
+                    bail!("group {group}: its topic '{}' no longer exists", d.topic)
+                }
+                r => r?,
+            };
             outln!(
                 "group {group}: topic {}, generation {}, {} member(s)",
                 d.topic,
@@ -659,7 +667,7 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                 }
             }
             outln!("  partition\tmember\t\tcommitted\tlatest\tlag");
-            for p in admin.group_offsets(&group, &d.topic).await? {
+            for p in offsets {
                 let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
                 outln!(
                     "  {}\t\t{}\t{}\t\t{}\t{}",

@@ -126,3 +126,83 @@ async fn deleting_a_topic_ends_its_tails_and_closes_its_files() -> anyhow::Resul
     })
     .await
 }
+
+/// A group member that holds no partition ends too when its topic is deleted (at its next
+/// heartbeat: the broker dropped the group with the topic), with the same final error as the
+/// member that held the partition, and never moves to a topic re-created under the name; a
+/// new member of the group reads the new topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_ends_idle_group_members() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
+        run(&broker, &["topic", "create", "z", "--partitions", "1"])?;
+        run(&broker, &["publish", "z", "1", "2", "3"])?;
+        let describe = || -> anyhow::Result<Output> {
+            Ok(broker.cli(CLI).args(["group", "describe", "gz"]).stdin(Stdio::null()).output()?)
+        };
+
+        // Two members of a 1-partition topic: one holds it, the other is idle.
+        let mut tails = Vec::new();
+        for members in ["1 member(s)", "2 member(s)"] {
+            tails.push(
+                broker
+                    .cli(CLI)
+                    .args(["tail", "z", "--from", "earliest", "--group", "gz"])
+                    .args(["--session-timeout-ms", "1500"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !String::from_utf8_lossy(&describe()?.stdout).contains(members) {
+                anyhow::ensure!(Instant::now() < deadline, "the group never had {members}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        run(&broker, &["topic", "delete", "z"])?;
+        let mut printed = Vec::new();
+        for tail in tails {
+            // Heartbeats every 0.5 s: well within this.
+            let out = exit_of(tail, Duration::from_secs(15)).await?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "tail exited 0; stderr: {stderr}");
+            assert_eq!(stderr.trim(), "error: topic 'z' was deleted");
+            printed.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string));
+        }
+        printed.sort();
+        assert_eq!(
+            printed,
+            ["1", "2", "3"],
+            "printed before the delete, by the member holding the partition"
+        );
+
+        // The group went with the topic: describe says so in one line, no half table.
+        let out = describe()?;
+        assert!(!out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no table for a group that is gone");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one error line: {stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains("gz"), "{stderr}");
+
+        // Re-created, the name is a new topic; a new member of the group reads it.
+        run(&broker, &["topic", "create", "z", "--partitions", "1"])?;
+        let tail = broker
+            .cli(CLI)
+            .args(["tail", "z", "--from", "earliest", "--group", "gz", "--count", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        run(&broker, &["publish", "z", "fresh"])?;
+        let out = exit_of(tail, Duration::from_secs(15)).await?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "fresh\n");
+        Ok(())
+    })
+    .await
+}

@@ -67,11 +67,17 @@ impl Membership {
                     }
                     true
                 }
+                Err(e @ ClientError::Broker { code: ErrorCode::TopicDeleted, .. }) => {
+                    return self.topic_deleted(&group, e, waiting).await;
+                }
                 Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
                     // Removed from the group (session expired, or the broker restarted): what we
                     // held is gone. Join again.
                     tracing::warn!(%group, "left the group ({message}); joining again");
-                    let joined = self.rejoin(&admin, &group, &mut member).await;
+                    let joined = match self.rejoin(&admin, &group, &mut member).await {
+                        Ok(joined) => joined,
+                        Err(e) => return self.topic_deleted(&group, e, waiting).await,
+                    };
                     if joined {
                         wait = Duration::ZERO;
                     }
@@ -88,10 +94,31 @@ impl Membership {
         }
     }
 
+    /// The group's topic was deleted: final. The partitions stop and the consumer's stream
+    /// ends with `error` (after what was delivered before); the member never joins again, so
+    /// it cannot move to a topic created again under the name.
+    async fn topic_deleted(
+        &self,
+        group: &str,
+        error: ClientError,
+        waiting: Vec<tokio::sync::oneshot::Sender<bool>>,
+    ) {
+        tracing::debug!(%group, topic = %self.config.topic, "the group's topic was deleted: {error}");
+        self.shared.stop_all();
+        // The broker dropped the group with the topic: nothing to leave.
+        *self.shared.member_id.lock() = None;
+        for reply in waiting {
+            let _ = reply.send(false);
+        }
+        let _ = self.shared.tx.send(Err(error)).await;
+    }
+
     /// Joins again as a new member. What the application acknowledged under the old member is
     /// committed as the new one for the partitions it gets back, so those acknowledgements are
-    /// not lost with the old membership. Returns whether the join worked.
-    async fn rejoin(&self, admin: &Admin, group: &str, member: &mut MemberRef) -> bool {
+    /// not lost with the old membership. Returns whether the join worked; an error when the
+    /// topic is gone (deleted, or unknown: the broker forgot the group across a restart after
+    /// the delete), which is final.
+    async fn rejoin(&self, admin: &Admin, group: &str, member: &mut MemberRef) -> Result<bool, ClientError> {
         let floors: Vec<(u32, u64)> = self
             .shared
             .partitions
@@ -102,9 +129,16 @@ impl Membership {
         self.shared.stop_all();
         let a = match admin.join_group(group, &self.config.topic, None, self.config.session_timeout).await {
             Ok(a) => a,
+            Err(e @ ClientError::Broker { code: ErrorCode::TopicDeleted, .. }) => return Err(e),
+            Err(ClientError::Broker { code: ErrorCode::UnknownTopic, .. }) => {
+                return Err(ClientError::Broker {
+                    code: ErrorCode::TopicDeleted,
+                    message: format!("topic '{}' was deleted", self.config.topic),
+                })
+            }
             Err(e) => {
                 tracing::warn!(%group, "joining again failed: {e}");
-                return false;
+                return Ok(false);
             }
         };
         let new = MemberRef { member_id: a.member_id.clone(), generation: a.generation };
@@ -118,7 +152,7 @@ impl Membership {
         *member = MemberRef { member_id: a.member_id.clone(), generation: 0 };
         *self.shared.member_id.lock() = Some(a.member_id.clone());
         self.apply(admin, group, member, a).await;
-        true
+        Ok(true)
     }
 
     /// Applies an assignment; returns whether anything changed.
