@@ -20,7 +20,6 @@ const PER_BATCH: u64 = 50;
 const BATCHES: u64 = 20;
 const DAMAGED: u64 = 10;
 const GOOD: u64 = DAMAGED * PER_BATCH;
-const TOTAL: u64 = BATCHES * PER_BATCH;
 
 fn value(offset: u64) -> String {
     format!("m{offset:04}-{}", "x".repeat(100))
@@ -158,6 +157,22 @@ async fn check_damaged(
     assert_eq!(committed(broker, "sdk", topic).await?, Some(GOOD), "the SDK group's commit");
     client.close().await;
 
+    for run in 0..20 {
+        let args: &[&str] = match run % 2 {
+            0 => &["tail", topic, "--from", "earliest"],
+            _ => &["tail", topic, "--from", "earliest", "--count", "1000"],
+        };
+        let out = quiver(broker, args).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let got = lines(&out);
+        assert!(
+            got == values(0..GOOD),
+            "run {run}: {} lines printed, want {GOOD} (stderr: {stderr})",
+            got.len()
+        );
+        assert!(!out.status.success(), "run {run}: the tail must fail");
+        assert!(stderr.contains(&at), "run {run}: the error names the damage ({at}): {stderr}");
+    }
     Ok(())
 }
 
