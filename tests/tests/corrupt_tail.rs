@@ -20,6 +20,7 @@ const PER_BATCH: u64 = 50;
 const BATCHES: u64 = 20;
 const DAMAGED: u64 = 10;
 const GOOD: u64 = DAMAGED * PER_BATCH;
+const TOTAL: u64 = BATCHES * PER_BATCH;
 
 fn value(offset: u64) -> String {
     format!("m{offset:04}-{}", "x".repeat(100))
@@ -141,6 +142,11 @@ async fn check_damaged(
         match err {
             ClientError::Broker { code: ErrorCode::CorruptLog, message } => {
                 assert!(message.contains(&at), "run {run}: the error names the damage ({at}): {message}");
+                let span = format!("offsets {GOOD}..{}", GOOD + PER_BATCH);
+                assert!(
+                    message.contains(&span),
+                    "run {run}: the error names the offsets ({span}): {message}"
+                );
             }
             other => anyhow::bail!("run {run}: expected CorruptLog, got {other:?}"),
         }
@@ -172,6 +178,33 @@ async fn check_damaged(
         );
         assert!(!out.status.success(), "run {run}: the tail must fail");
         assert!(stderr.contains(&at), "run {run}: the error names the damage ({at}): {stderr}");
+    }
+
+    // A group tail stops at the damage, but first commits what it printed: the group does not
+    // start over from 0, and the next tail fails at once at the damage.
+    let out = quiver(broker, &["tail", topic, "--from", "earliest", "--group", "gg"]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let got = lines(&out);
+    assert!(got == values(0..GOOD), "group tail: {} lines printed, want {GOOD} ({stderr})", got.len());
+    assert!(!out.status.success() && stderr.contains(&at), "group tail: {stderr}");
+    assert_eq!(committed(broker, "gg", topic).await?, Some(GOOD), "the group tail's commit");
+    let out = quiver(broker, &["tail", topic, "--from", "earliest", "--group", "gg"]).await?;
+    assert!(lines(&out).is_empty() && !out.status.success(), "the group resumes at the damage");
+
+    // Getting past the damage: reset the group's offset to the end of the damaged span (the
+    // error names it for a span found at start), or tail from there without a group.
+    let end = (DAMAGED + 1) * PER_BATCH;
+    let to = end.to_string();
+    let out = quiver(broker, &["group", "reset-offsets", "gg", "--topic", topic, "--to", &to]).await?;
+    assert!(out.status.success(), "reset-offsets: {}", String::from_utf8_lossy(&out.stderr));
+    let rest = (TOTAL - end).to_string();
+    for extra in [&["--group", "gg"][..], &["--from", &to][..]] {
+        let mut args = vec!["tail", topic, "--count", &rest];
+        args.extend_from_slice(extra);
+        let out = quiver(broker, &args).await?;
+        let got = lines(&out);
+        assert!(got == values(end..TOTAL), "{extra:?}: {} lines past the damage", got.len());
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
