@@ -308,7 +308,12 @@ impl ReadPlan {
             match batch::verify_crc(&bytes[end..batch_end], &header) {
                 Ok(()) => end = batch_end,
                 Err(_) if end > 0 => break,
-                Err(e) => return Err(self.damaged(end, e.to_string())),
+                Err(e) => {
+                    // The header's offsets may be damaged too: a hint, not a promise.
+                    let (first, next) = (header.base_offset, header.next_offset());
+                    let reason = format!("{e} (batch header says offsets {first}..{next})");
+                    return Err(self.damaged(end, reason));
+                }
             }
         }
         if end == 0 && self.first_offset < limit {
