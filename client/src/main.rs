@@ -501,6 +501,9 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     // reader that goes away (`| head`) leaves what it never got unacknowledged.
     let mut unflushed: Vec<quiver_client::ConsumedMessage> = Vec::new();
     let mut reader_gone = false;
+    // A final error from the consumer (damaged data, a deleted topic) ends the tail, but only
+    // after what came before it is printed, acknowledged and (with a group) committed.
+    let mut failed = None;
     while printed < limit {
         // Flush whenever we would wait (so a follower sees lines as they arrive), and every
         // few thousand lines.
@@ -521,8 +524,14 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        let Some(msg) = next else { break };
-        let msg = msg?;
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                failed = Some(e);
+                break;
+            }
+            None => break,
+        };
         if a.json {
             let headers: serde_json::Map<String, serde_json::Value> = msg
                 .headers
@@ -552,7 +561,11 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
     }
     drop(out);
     if a.group.is_some() {
-        let report = consumer.commit().await.context("committing the group's offsets")?;
+        let report = match (consumer.commit().await, &failed) {
+            (Ok(report), _) => report,
+            (Err(c), Some(e)) => anyhow::bail!("{e} (and committing the group's offsets failed: {c})"),
+            (Err(c), None) => return Err(anyhow::Error::new(c).context("committing the group's offsets")),
+        };
         if !report.revoked.is_empty() {
             eprintln!(
                 "partitions {:?} moved to another member before their acknowledgements were committed; \
@@ -562,7 +575,10 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
         }
     }
     consumer.close().await;
-    Ok(())
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Flushes stdout and acknowledges the messages whose lines it held. `Ok(false)` when the

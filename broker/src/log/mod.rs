@@ -308,7 +308,12 @@ impl ReadPlan {
             match batch::verify_crc(&bytes[end..batch_end], &header) {
                 Ok(()) => end = batch_end,
                 Err(_) if end > 0 => break,
-                Err(e) => return Err(self.damaged(end, e.to_string())),
+                Err(e) => {
+                    // The header's offsets may be damaged too: a hint, not a promise.
+                    let (first, next) = (header.base_offset, header.next_offset());
+                    let reason = format!("{e} (batch header says offsets {first}..{next})");
+                    return Err(self.damaged(end, reason));
+                }
             }
         }
         if end == 0 && self.first_offset < limit {
@@ -509,10 +514,13 @@ impl PartitionLog {
             return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next });
         }
         let seg = self.segment_for(offset);
-        if let Some(range) = seg.damage_at(offset) {
+        if let Some(d) = seg.damage_at(offset) {
             metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
-            let reason = format!("offsets {}..{} are damaged (found at start)", range.start, range.end);
-            return Err(seg.corrupt(0, reason));
+            let (start, end) = (d.offsets.start, d.offsets.end);
+            let reason = format!(
+                "offsets {start}..{end} are damaged (found at start); reading can go on from offset {end}"
+            );
+            return Err(seg.corrupt(d.position, reason));
         }
         let file = self.open_log(seg)?;
         let (start, first) = seg.find_batch(offset)?;
@@ -538,7 +546,7 @@ impl PartitionLog {
     pub fn resume_after_damage(&self, offset: u64) -> u64 {
         let seg = self.segment_for(offset);
         match seg.damage_at(offset) {
-            Some(range) => range.end,
+            Some(d) => d.offsets.end,
             None => seg.next_offset.max(offset + 1),
         }
     }

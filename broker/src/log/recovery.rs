@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::checkpoint::{self, RecoveryPoint};
 use super::index::{OffsetEntry, TimeEntry};
-use super::segment::{BatchAt, Check, ScanEnd, Segment, TailDefect, Walker};
+use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
 
@@ -374,7 +374,7 @@ fn open_closed(
     }
     for d in damage {
         report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
-        seg.damaged.push(d.offsets.clone());
+        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position });
         report.damaged.push(d);
     }
     rewrite_indexes(&mut seg, true)?;
@@ -539,7 +539,7 @@ fn open_last(
             tracing::error!(segment = %d.path.display(), file_end = len, recovery_point = limit, "the segment ends before its recovery point: synced (acknowledged) data is missing; keeping what is there, reads of the missing offsets fail");
         }
         report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
-        seg.damaged.push(d.offsets.clone());
+        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position });
         report.damaged.push(d);
     }
     let mut cut = false;

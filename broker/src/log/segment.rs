@@ -124,9 +124,17 @@ pub(crate) struct Segment {
     /// it was reopened. Producer timestamps are not used: a skewed client clock would otherwise
     /// roll a segment on every append.
     pub(crate) roll_base_ms: Option<i64>,
-    /// Offset ranges whose bytes recovery found damaged and kept in place (design.md §5.3):
-    /// reads of them fail with [`LogError::Corrupt`].
-    pub(crate) damaged: Vec<std::ops::Range<u64>>,
+    /// Spans whose bytes recovery found damaged and kept in place (design.md §5.3): reads of
+    /// their offsets fail with [`LogError::Corrupt`].
+    pub(crate) damaged: Vec<DamagedSpan>,
+}
+
+/// A damaged span recovery kept in place: the offsets it held and where its bytes start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DamagedSpan {
+    pub(crate) offsets: std::ops::Range<u64>,
+    /// Byte position of the damage in the segment file.
+    pub(crate) position: u64,
 }
 
 impl Segment {
@@ -303,9 +311,9 @@ impl Segment {
         self.damaged.clear();
     }
 
-    /// The damaged range holding `offset`, if recovery found one.
-    pub(crate) fn damage_at(&self, offset: u64) -> Option<std::ops::Range<u64>> {
-        self.damaged.iter().find(|r| r.contains(&offset)).cloned()
+    /// The damaged span holding `offset`, if recovery found one.
+    pub(crate) fn damage_at(&self, offset: u64) -> Option<&DamagedSpan> {
+        self.damaged.iter().find(|d| d.offsets.contains(&offset))
     }
 
     /// A [`LogError::Corrupt`] for this segment.

@@ -529,7 +529,9 @@ impl Consumer {
     /// member before its acknowledgements could be committed is listed in `revoked`. When the
     /// broker no longer knows this member (it restarted, or the session expired), the consumer
     /// rejoins at once and commits as the new member; an error means a partition could not be
-    /// committed (those before it may have been).
+    /// committed (those before it may have been). A partition whose stream ended with a final
+    /// error (damaged data, say) is still committed up to what the application acknowledged:
+    /// call this after the error, before closing, so the group resumes there.
     pub async fn commit(&self) -> Result<CommitReport, ClientError> {
         let mut report = CommitReport::default();
         let Some(group) = &self.config.group else { return Ok(report) };
