@@ -560,7 +560,10 @@ async fn tail(client: &Client, a: TailArgs) -> anyhow::Result<()> {
         flush_and_ack(&mut out, &mut unflushed).await?;
     }
     drop(out);
-    if a.group.is_some() {
+    // A deleted topic has no offsets left to commit to (the delete removed them).
+    let topic_gone =
+        failed.as_ref().is_some_and(|e| e.code() == Some(quiver_protocol::ErrorCode::TopicDeleted));
+    if a.group.is_some() && !topic_gone {
         let report = match (consumer.commit().await, &failed) {
             (Ok(report), _) => report,
             (Err(c), Some(e)) => anyhow::bail!("{e} (and committing the group's offsets failed: {c})"),
