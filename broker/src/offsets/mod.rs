@@ -547,6 +547,15 @@ fn persisted(written: Vec<(SharedLedger, u64)>) {
     }
 }
 
+/// `u32 count, count x {u64 start, u64 end}`.
+fn put_ranges(body: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
+    body.put_u32_le(ranges.len() as u32);
+    for r in ranges {
+        body.put_u64_le(r.start);
+        body.put_u64_le(r.end);
+    }
+}
+
 /// Appends one entry; returns its size.
 fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &LedgerSnapshot) -> u64 {
     let mut body = BytesMut::new();
@@ -554,11 +563,7 @@ fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &Ledg
     body.put_string(topic);
     body.put_u32_le(*partition);
     body.put_u64_le(s.floor);
-    body.put_u32_le(s.acked.len() as u32);
-    for r in &s.acked {
-        body.put_u64_le(r.start);
-        body.put_u64_le(r.end);
-    }
+    put_ranges(&mut body, &s.acked);
     body.put_u32_le(s.counts.len() as u32);
     for (r, c) in &s.counts {
         body.put_u64_le(r.start);
@@ -566,11 +571,7 @@ fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &Ledg
         body.put_u32_le(*c);
     }
     body.put_u64_le(s.horizon);
-    body.put_u32_le(s.maybe.len() as u32);
-    for r in &s.maybe {
-        body.put_u64_le(r.start);
-        body.put_u64_le(r.end);
-    }
+    put_ranges(&mut body, &s.maybe);
     buf.put_u32_le(body.len() as u32);
     buf.put_u32_le(crc32c::crc32c(&body));
     buf.put_slice(&body);
