@@ -617,7 +617,7 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use crate::log::LogConfig;
-    use crate::storage::{MemStorage, Storage, StorageFile};
+    use crate::storage::{FileWrapper, MemStorage, Storage, StorageFile, Wrapped};
     use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
     use std::path::Path;
     use std::sync::atomic::AtomicBool;
@@ -631,13 +631,19 @@ mod tests {
         BytesMut::from(&b.finish()[..])
     }
 
-    /// Memory storage whose producer snapshots (any file with `.producers` in its name) fail
-    /// to be written or synced while `fail` is set.
+    /// Makes producer snapshots (any file with `.producers` in its name) fail to be written or
+    /// synced while set.
     #[derive(Debug, Default)]
-    struct FailingSnapshots {
-        inner: MemStorage,
-        fail: Arc<AtomicBool>,
+    struct SnapshotFailure(Arc<AtomicBool>);
+
+    impl FileWrapper for SnapshotFailure {
+        fn wrap(&self, path: &Path, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+            let snapshot = path.to_string_lossy().contains(".producers");
+            Arc::new(FailingFile { inner, fail: snapshot.then(|| self.0.clone()) })
+        }
     }
+
+    type FailingSnapshots = Wrapped<MemStorage, SnapshotFailure>;
 
     #[derive(Debug)]
     struct FailingFile {
@@ -653,31 +659,6 @@ mod tests {
                 }
                 _ => Ok(()),
             }
-        }
-    }
-
-    impl Storage for FailingSnapshots {
-        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-            self.inner.create_dir_all(dir)
-        }
-        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-            self.inner.list(dir)
-        }
-        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn StorageFile>> {
-            let snapshot = path.to_string_lossy().contains(".producers");
-            Ok(Arc::new(FailingFile {
-                inner: self.inner.open(path)?,
-                fail: snapshot.then(|| self.fail.clone()),
-            }))
-        }
-        fn remove(&self, path: &Path) -> std::io::Result<()> {
-            self.inner.remove(path)
-        }
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            self.inner.rename(from, to)
-        }
-        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-            self.inner.sync_dir(dir)
         }
     }
 
@@ -726,7 +707,7 @@ mod tests {
         let (mut seq, mut last_before_roll) = (0, None);
         loop {
             let before = log.next_offset();
-            storage.fail.store(true, Ordering::SeqCst);
+            storage.wrapper.0.store(true, Ordering::SeqCst);
             match append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1) {
                 Ok(_) if log.segment_count() > 1 => break, // rolled although the snapshot failed
                 Ok(a) => {
@@ -737,14 +718,14 @@ mod tests {
                     // The roll failed: nothing appended, the producer is told to retry.
                     assert_eq!(e.code, ErrorCode::StorageError, "{e}");
                     assert_eq!(log.next_offset(), before);
-                    storage.fail.store(false, Ordering::SeqCst);
+                    storage.wrapper.0.store(false, Ordering::SeqCst);
                     append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1)?;
                     assert_eq!(log.segment_count(), 2);
                     break;
                 }
             }
         }
-        storage.fail.store(false, Ordering::SeqCst);
+        storage.wrapper.0.store(false, Ordering::SeqCst);
         let (retry_seq, original_offset) = last_before_roll.ok_or_else(|| anyhow::anyhow!("no roll"))?;
         log.sync()?;
         let next = log.next_offset();

@@ -185,6 +185,49 @@ impl StorageFile for FsFile {
     }
 }
 
+/// Wraps every file a storage opens: the shape of the test doubles that fail, count or panic
+/// on chosen file operations (see [`Wrapped`]).
+pub trait FileWrapper: Send + Sync + std::fmt::Debug + 'static {
+    /// The file handed out for `path`, built around the inner storage's `file`.
+    fn wrap(&self, path: &Path, file: Arc<dyn StorageFile>) -> Arc<dyn StorageFile>;
+}
+
+/// A storage that forwards to `inner` and passes every file it opens through `wrapper`.
+#[derive(Debug, Default)]
+pub struct Wrapped<S, W> {
+    /// The storage that does the work.
+    pub inner: S,
+    /// What every opened file is wrapped with (its state is the test's handle).
+    pub wrapper: W,
+}
+
+impl<S: Storage, W: FileWrapper> Storage for Wrapped<S, W> {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(self.wrapper.wrap(path, self.inner.open(path)?))
+    }
+    fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(self.wrapper.wrap(path, self.inner.open_segment(path)?))
+    }
+    fn fds_per_segment_file(&self) -> u64 {
+        self.inner.fds_per_segment_file()
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
 /// In-memory storage that models what survives a power loss.
 ///
 /// Each file keeps its bytes and how many of them a `sync` made durable; a directory's entries

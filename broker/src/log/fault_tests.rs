@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::tests::{append_n, batch, check_reads, config, mem, open, segment_path, TestResult, DIR};
 use super::*;
-use crate::storage::{MemStorage, Storage, StorageFile};
+use crate::storage::{FileWrapper, MemStorage, Storage, StorageFile, Wrapped};
 
 #[test]
 fn sync_handle_covers_appends_made_before_it() -> TestResult {
@@ -29,10 +29,15 @@ fn sync_handle_covers_appends_made_before_it() -> TestResult {
 /// Storage whose files fail on demand: a failing append writes half its bytes first (a short
 /// write), a failing sync writes nothing.
 #[derive(Debug, Default)]
-struct Flaky {
-    inner: MemStorage,
-    fail: Arc<AtomicBool>,
+struct FailSwitch(Arc<AtomicBool>);
+
+impl FileWrapper for FailSwitch {
+    fn wrap(&self, _: &Path, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+        Arc::new(FlakyFile { inner, fail: self.0.clone() })
+    }
 }
+
+type Flaky = Wrapped<MemStorage, FailSwitch>;
 
 #[derive(Debug)]
 struct FlakyFile {
@@ -42,31 +47,10 @@ struct FlakyFile {
 
 impl Flaky {
     fn failing(&self) -> bool {
-        self.fail.load(SeqCst)
+        self.wrapper.0.load(SeqCst)
     }
     fn set_failing(&self, on: bool) {
-        self.fail.store(on, SeqCst);
-    }
-}
-
-impl Storage for Flaky {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        Ok(Arc::new(FlakyFile { inner: self.inner.open(path)?, fail: self.fail.clone() }))
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.inner.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.inner.sync_dir(dir)
+        self.wrapper.0.store(on, SeqCst);
     }
 }
 

@@ -935,13 +935,26 @@ proptest! {
     }
 }
 
-/// Storage that counts the files it has open (handles not yet dropped), and the most at once.
+/// Counts the files a storage has open (handles not yet dropped), and the most at once.
 #[derive(Debug, Default)]
-struct Counting {
-    inner: MemStorage,
+struct OpenFiles {
     open: Arc<std::sync::atomic::AtomicUsize>,
     peak: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+impl crate::storage::FileWrapper for OpenFiles {
+    fn wrap(
+        &self,
+        _: &Path,
+        inner: Arc<dyn crate::storage::StorageFile>,
+    ) -> Arc<dyn crate::storage::StorageFile> {
+        let now = self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(CountedFile { inner, open: self.open.clone() })
+    }
+}
+
+type Counting = crate::storage::Wrapped<MemStorage, OpenFiles>;
 
 #[derive(Debug)]
 struct CountedFile {
@@ -952,30 +965,6 @@ struct CountedFile {
 impl Drop for CountedFile {
     fn drop(&mut self) {
         self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Storage for Counting {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn crate::storage::StorageFile>> {
-        let inner = self.inner.open(path)?;
-        let now = self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-        Ok(Arc::new(CountedFile { inner, open: self.open.clone() }))
-    }
-    fn remove(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(dir)
     }
 }
 
@@ -1014,26 +1003,30 @@ fn open_files_are_bounded_whatever_the_number_of_segments() -> TestResult {
     let model = append_n(&mut log, 200, |s| s as i64)?;
     log.sync()?;
     assert!(log.segment_count() > 40, "{} segments", log.segment_count());
-    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS);
+    assert!(counting.wrapper.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS);
     drop(log);
-    assert_eq!(counting.open.load(SeqCst), 0, "every file closed with the log");
+    assert_eq!(counting.wrapper.open.load(SeqCst), 0, "every file closed with the log");
 
     let (log, _) = open(&storage, dir, &cfg)?;
-    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after recovery");
+    assert!(counting.wrapper.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after recovery");
     check_reads(&log, &model)?;
-    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after reads");
+    assert!(counting.wrapper.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after reads");
     for ts in [0, 50, 150, 199] {
         log.offset_for_timestamp(ts)?;
     }
     assert!(verify_all(&log)?.is_empty());
-    assert!(counting.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after verification");
+    assert!(counting.wrapper.open.load(SeqCst) <= 3 + OPEN_CLOSED_SEGMENTS, "after verification");
     // A read plan keeps its file readable after its segment is closed or deleted.
     let plan = log.read_plan(0, 1 << 20)?;
     let mut log = log;
     log.config.retention_bytes = Some(1);
     log.apply_retention(0)?;
     assert_eq!(plan.execute()?.slice(..model[0].len()), model[0]);
-    assert!(counting.peak.load(SeqCst) <= bound, "peak {} open files", counting.peak.load(SeqCst));
+    assert!(
+        counting.wrapper.peak.load(SeqCst) <= bound,
+        "peak {} open files",
+        counting.wrapper.peak.load(SeqCst)
+    );
     Ok(())
 }
 

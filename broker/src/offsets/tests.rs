@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use quiver_protocol::ledger::{Piece, NO_DEADLINE};
 
 use super::*;
-use crate::storage::{FsStorage, MemStorage};
+use crate::storage::{FileWrapper, FsStorage, MemStorage, Wrapped};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -501,38 +501,22 @@ fn a_full_file_is_compacted_not_refused() -> TestResult {
     Ok(())
 }
 
-/// Storage that counts file syncs, each taking a while (so concurrent flushes queue up).
+/// Counts file syncs, each taking a while (so concurrent flushes queue up).
 #[derive(Debug, Default)]
-struct Counting {
-    inner: MemStorage,
-    syncs: Arc<std::sync::atomic::AtomicUsize>,
+struct Syncs(Arc<std::sync::atomic::AtomicUsize>);
+
+impl FileWrapper for Syncs {
+    fn wrap(&self, _: &Path, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+        Arc::new(CountingFile { inner, syncs: self.0.clone() })
+    }
 }
+
+type Counting = Wrapped<MemStorage, Syncs>;
 
 #[derive(Debug)]
 struct CountingFile {
     inner: Arc<dyn StorageFile>,
     syncs: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Storage for Counting {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        Ok(Arc::new(CountingFile { inner: self.inner.open(path)?, syncs: self.syncs.clone() }))
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.inner.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.inner.sync_dir(dir)
-    }
 }
 
 impl StorageFile for CountingFile {
@@ -591,12 +575,12 @@ fn concurrent_flushes_share_fsyncs() -> TestResult {
             })
         })
         .collect();
-    let before = storage.syncs.load(SeqCst);
+    let before = storage.wrapper.0.load(SeqCst);
     start.wait();
     for w in waiters {
         w.join().map_err(|_| "waiter panicked")??;
     }
-    let syncs = storage.syncs.load(SeqCst) - before;
+    let syncs = storage.wrapper.0.load(SeqCst) - before;
     done.store(true, SeqCst);
     noise.join().map_err(|_| "noise panicked")?;
     assert!(syncs <= 4, "{WAITERS} waiters after one change each took {syncs} fsyncs");
