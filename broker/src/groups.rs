@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -24,15 +24,34 @@ pub struct ConnectionInfo {
     id: u64,
     /// At most `MAX_MEMBERS_PER_CONNECTION`.
     members: Mutex<Vec<(String, String)>>,
-    /// Producer ids handed out on this connection (at most `MAX_PRODUCER_IDS_PER_CONNECTION`).
-    pub producer_ids: std::sync::atomic::AtomicU32,
+    /// Producer ids handed out on this connection in the current minute (at most
+    /// `MAX_PRODUCER_IDS_PER_CONNECTION`), and when that minute began.
+    producer_ids: Mutex<(Option<Instant>, u32)>,
 }
 
 impl ConnectionInfo {
     pub fn new(id: u64) -> Arc<Self> {
         Arc::new(ConnectionInfo { id, ..Default::default() })
     }
+
+    /// Counts one more producer id for this connection at `now`; false once it obtained
+    /// `MAX_PRODUCER_IDS_PER_CONNECTION` within the last minute. A rate, not a lifetime
+    /// count: a long-lived producer takes a new id after every failed batch.
+    pub fn take_producer_id(&self, now: Instant) -> bool {
+        let mut w = self.producer_ids.lock();
+        if w.0.is_none_or(|start| now.saturating_duration_since(start) >= PRODUCER_ID_WINDOW) {
+            *w = (Some(now), 0);
+        }
+        if w.1 >= quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION {
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
 }
+
+/// The window `MAX_PRODUCER_IDS_PER_CONNECTION` counts producer ids in.
+pub const PRODUCER_ID_WINDOW: Duration = Duration::from_secs(60);
 
 /// Session timeouts a member may ask for.
 const MIN_SESSION_TIMEOUT_MS: u32 = 500;
@@ -540,6 +559,17 @@ mod tests {
 
     /// At most `MAX_GROUPS` groups; groups the broker has are always admitted, and groups whose
     /// offsets were removed since (a deleted topic) stop counting.
+    #[test]
+    fn producer_ids_per_connection_are_a_rate_not_a_lifetime_count() {
+        let conn = ConnectionInfo::new(1);
+        let t0 = Instant::now();
+        for _ in 0..quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION {
+            assert!(conn.take_producer_id(t0));
+        }
+        assert!(!conn.take_producer_id(t0 + Duration::from_secs(59)), "over the limit within a minute");
+        assert!(conn.take_producer_id(t0 + PRODUCER_ID_WINDOW), "a new minute, new ids");
+    }
+
     #[test]
     fn new_groups_beyond_the_limit_are_refused() {
         let start = Instant::now();

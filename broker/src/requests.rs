@@ -144,12 +144,11 @@ async fn dispatch(
         }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
-            let handed_out = members.producer_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if handed_out >= MAX_PRODUCER_IDS_PER_CONNECTION {
+            if !members.take_producer_id(std::time::Instant::now()) {
                 return Some(Message::error(
                     ErrorCode::LimitExceeded,
                     format!(
-                        "this connection already obtained {MAX_PRODUCER_IDS_PER_CONNECTION} producer ids \
+                        "this connection obtained {MAX_PRODUCER_IDS_PER_CONNECTION} producer ids within a minute \
                          (MAX_PRODUCER_IDS_PER_CONNECTION); reuse a producer"
                     ),
                 ));

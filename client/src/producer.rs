@@ -604,10 +604,15 @@ impl Sender {
 
     /// Fails every batch in flight and queued, oldest first, and refuses new records.
     fn fail_all(&mut self, err: ClientError) {
+        self.queue.state.lock().closing = true;
+        self.fail_pending(err);
+    }
+
+    /// Fails every batch in flight or queued (the partition stays open for later records).
+    fn fail_pending(&mut self, err: ClientError) {
         self.fail_in_flight(&err);
         let queued: Vec<OpenBatch> = {
             let mut acc = self.queue.state.lock();
-            acc.closing = true;
             acc.close_open();
             acc.ready.drain(..).collect()
         };
@@ -666,6 +671,13 @@ impl Sender {
             }
             Ok(other) => {
                 tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind());
+                self.pause().await;
+            }
+            Err(e) if !e.is_retriable() => {
+                // Refused for good (a limit on producer ids): what waits cannot be sent under
+                // a valid sequence, so it fails now instead of waiting for an id forever.
+                tracing::warn!(topic = %self.topic, partition = self.partition, "no new producer id: {e}");
+                self.fail_pending(e);
                 self.pause().await;
             }
             Err(e) => {

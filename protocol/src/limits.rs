@@ -29,7 +29,7 @@ pub const MAX_MEMBERS_PER_CONNECTION: usize = 1_000;
 /// Most consumer groups a broker knows (with members or committed offsets); a new group name
 /// in `JoinGroup`, `Subscribe` or `CommitOffset` beyond it is refused.
 pub const MAX_GROUPS: usize = 10_000;
-/// Most producer ids one connection may obtain with `InitProducer`.
+/// Most producer ids one connection may obtain with `InitProducer` within a minute.
 pub const MAX_PRODUCER_IDS_PER_CONNECTION: u32 = 1_024;
 /// Most items in any list on the wire.
 pub const MAX_LIST_ITEMS: usize = 65_536;

@@ -15,7 +15,11 @@ async fn a_connection_gets_a_bounded_number_of_producer_ids() -> anyhow::Result<
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
-        for _ in 0..MAX_PRODUCER_IDS_PER_CONNECTION {
+        // A producer that got its id before the connection ran out (used at the end).
+        client.admin().create_topic("gone", 1, TopicConfig::default()).await?;
+        let producer = quiver_client::Producer::new(client.clone(), Default::default());
+        producer.send("gone", quiver_client::ProducerRecord::new("first")).await?;
+        for _ in 0..MAX_PRODUCER_IDS_PER_CONNECTION - 1 {
             let ok = client.request(&Message::InitProducer).await?;
             assert!(matches!(ok, Message::InitProducerOk { .. }), "{ok:?}");
         }
@@ -29,6 +33,33 @@ async fn a_connection_gets_a_bounded_number_of_producer_ids() -> anyhow::Result<
         // Another connection gets its own.
         let other = client_of(&broker).await?;
         assert!(matches!(other.request(&Message::InitProducer).await?, Message::InitProducerOk { .. }));
+
+        // A producer on the exhausted connection whose batch fails for good needs a new id to
+        // go on; refused one, it fails what waits instead of hanging (new-user test: a publish
+        // whose topic was deleted under it hung forever once 1,024 batches had failed).
+        client.admin().delete_topic("gone").await?;
+        // The first records fail (the topic is gone) and spend the sequence; the next ones wait
+        // for a new producer id, which this connection cannot get.
+        for round in 0..2 {
+            let failed = tokio::time::timeout(Duration::from_secs(20), async {
+                let mut acks = Vec::new();
+                for i in 0..10 {
+                    let record = quiver_client::ProducerRecord::new(format!("r{round}-{i}"));
+                    acks.push(producer.enqueue("gone", record).await);
+                }
+                let mut failed = 0;
+                for a in acks {
+                    match a {
+                        Ok(fut) => failed += usize::from(fut.await.is_err()),
+                        Err(_) => failed += 1,
+                    }
+                }
+                failed
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("round {round}: the producer hung after its topic was deleted"))?;
+            assert_eq!(failed, 10, "every record to a deleted topic fails");
+        }
         broker.shutdown().await;
         Ok(())
     })
