@@ -525,18 +525,23 @@ mod tests {
 
     use super::*;
 
-    /// Session expiry follows the monotonic clock the broker gives the groups: a member expires
-    /// once that clock passed its session timeout without a heartbeat, whatever the wall clock
-    /// does meanwhile (here it barely moves).
-    #[test]
-    fn sessions_expire_by_the_monotonic_clock() {
+    /// Groups on a clock that moves only when the test stores milliseconds into the counter.
+    fn groups_with_manual_clock() -> (Groups, Arc<AtomicU64>) {
         let start = Instant::now();
         let elapsed_ms = Arc::new(AtomicU64::new(0));
         let clock = {
             let elapsed_ms = elapsed_ms.clone();
             Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
         };
-        let groups = Groups::with_clock(clock);
+        (Groups::with_clock(clock), elapsed_ms)
+    }
+
+    /// Session expiry follows the monotonic clock the broker gives the groups: a member expires
+    /// once that clock passed its session timeout without a heartbeat, whatever the wall clock
+    /// does meanwhile (here it barely moves).
+    #[test]
+    fn sessions_expire_by_the_monotonic_clock() {
+        let (groups, elapsed_ms) = groups_with_manual_clock();
         let conn = ConnectionInfo::new(1);
         let a = groups.join(&conn, "g", "t", 2, None, 1_000).expect("join");
         let b = groups.join(&conn, "g", "t", 2, None, 5_000).expect("join");
@@ -572,13 +577,7 @@ mod tests {
 
     #[test]
     fn new_groups_beyond_the_limit_are_refused() {
-        let start = Instant::now();
-        let elapsed_ms = Arc::new(AtomicU64::new(0));
-        let clock = {
-            let elapsed_ms = elapsed_ms.clone();
-            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
-        };
-        let groups = Groups::with_clock(clock);
+        let (groups, elapsed_ms) = groups_with_manual_clock();
         let stored: Arc<Mutex<Vec<Arc<str>>>> =
             Arc::new(Mutex::new((0..MAX_GROUPS - 1).map(|i| Arc::from(format!("stored-{i}"))).collect()));
         let reads = AtomicU64::new(0);
@@ -610,13 +609,7 @@ mod tests {
     /// expired no longer count.
     #[test]
     fn a_connection_speaks_for_a_bounded_number_of_members() {
-        let start = Instant::now();
-        let elapsed_ms = Arc::new(AtomicU64::new(0));
-        let clock = {
-            let elapsed_ms = elapsed_ms.clone();
-            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
-        };
-        let groups = Groups::with_clock(clock);
+        let (groups, elapsed_ms) = groups_with_manual_clock();
         let conn = ConnectionInfo::new(1);
         for i in 0..MAX_MEMBERS_PER_CONNECTION {
             groups.join(&conn, &format!("g{i}"), "t", 1, None, 500).expect("join");
@@ -637,13 +630,7 @@ mod tests {
     /// starts a fresh group of the new topic. The broker forgets them after a while.
     #[test]
     fn members_of_a_deleted_topics_group_are_told_so() {
-        let start = Instant::now();
-        let elapsed_ms = Arc::new(AtomicU64::new(0));
-        let clock = {
-            let elapsed_ms = elapsed_ms.clone();
-            Clock::new(move || start + Duration::from_millis(elapsed_ms.load(Ordering::Relaxed)))
-        };
-        let groups = Groups::with_clock(clock);
+        let (groups, elapsed_ms) = groups_with_manual_clock();
         let conn = ConnectionInfo::new(1);
         let busy = groups.join(&conn, "g", "t", 1, None, 10_000).expect("join");
         let idle = groups.join(&conn, "g", "t", 1, None, 10_000).expect("join");

@@ -249,3 +249,34 @@ pub async fn bounded<T>(
         Err(_) => bail!("test did not finish within {secs} s"),
     }
 }
+
+/// What a partition with a damaged span serves: a fetch at `damaged` fails with `CorruptLog`,
+/// one at offset 0 returns batches, and a new record lands at `next` (damaged offsets are
+/// never reused).
+pub async fn check_damaged_partition(
+    client: &Client,
+    topic: &str,
+    damaged: u64,
+    next: u64,
+) -> anyhow::Result<()> {
+    use quiver_client::ClientError;
+    use quiver_protocol::message::Message;
+    use quiver_protocol::ErrorCode;
+    let fetch = |offset| Message::Fetch { topic: topic.into(), partition: 0, offset, max_bytes: 1 << 20 };
+    match client.request(&fetch(damaged)).await {
+        Err(ClientError::Broker { code: ErrorCode::CorruptLog, .. }) => {}
+        other => bail!("expected CorruptLog, got {other:?}"),
+    }
+    match client.request(&fetch(0)).await? {
+        Message::FetchOk { batches, .. } => anyhow::ensure!(!batches.is_empty(), "no batches at offset 0"),
+        other => bail!("expected FetchOk, got kind {}", other.kind()),
+    }
+    let producer = quiver_client::Producer::new(client.clone(), Default::default());
+    let meta = producer.send(topic, quiver_client::ProducerRecord::new("after")).await?;
+    anyhow::ensure!(
+        meta.offset == Some(next),
+        "new record at {:?}, want {next}: damaged offsets reused?",
+        meta.offset
+    );
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use quiver_client::{ClientError, Producer, ProducerConfig, ProducerRecord, TopicConfig};
 use quiver_protocol::message::Message;
 use quiver_protocol::{BatchHeader, ErrorCode};
-use quiver_tests::{bounded, embedded, init_tracing};
+use quiver_tests::{bounded, check_damaged_partition, embedded, init_tracing};
 
 /// A flipped bit in a closed segment, which recovery trusts without reading its CRCs: a
 /// fetch of the damaged batch fails with `CorruptLog` naming the file; a fetch from before it
@@ -80,18 +80,7 @@ async fn bit_rot_in_the_last_batch_after_a_clean_shutdown_is_kept_and_refused() 
 
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
         assert_eq!(std::fs::metadata(&seg)?.len() as usize, len, "acknowledged bytes were cut");
-        let fetch = |offset| Message::Fetch { topic: "rot".into(), partition: 0, offset, max_bytes: 1 << 20 };
-        match client.request(&fetch(9)).await {
-            Err(ClientError::Broker { code: ErrorCode::CorruptLog, .. }) => {}
-            other => anyhow::bail!("expected CorruptLog, got {other:?}"),
-        }
-        match client.request(&fetch(0)).await? {
-            Message::FetchOk { batches, .. } => assert!(!batches.is_empty()),
-            other => anyhow::bail!("expected FetchOk, got kind {}", other.kind()),
-        }
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        let meta = producer.send("rot", ProducerRecord::new("after")).await?;
-        assert_eq!(meta.offset, Some(10));
+        check_damaged_partition(&client, "rot", 9, 10).await?;
         client.close().await;
         broker.shutdown().await;
         Ok(())

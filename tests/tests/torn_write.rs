@@ -8,12 +8,9 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use quiver_client::{
-    ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
-    TopicConfig,
+    Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
 };
-use quiver_protocol::message::Message;
-use quiver_protocol::ErrorCode;
-use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_tests::{bounded, check_damaged_partition, init_tracing, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 const BATCHES: u64 = 20;
@@ -177,19 +174,7 @@ async fn flipped_byte_below_the_recovery_point_is_kept_and_refused() -> anyhow::
         assert_eq!(std::fs::metadata(&seg)?.len(), len, "acknowledged bytes were cut");
         let client = broker.client().await?;
         let last = (BATCHES - 1) * PER_BATCH;
-        let fetch =
-            |offset| Message::Fetch { topic: "torn".into(), partition: 0, offset, max_bytes: 1 << 20 };
-        match client.request(&fetch(last + 1)).await {
-            Err(ClientError::Broker { code: ErrorCode::CorruptLog, .. }) => {}
-            other => anyhow::bail!("expected CorruptLog, got {other:?}"),
-        }
-        match client.request(&fetch(0)).await? {
-            Message::FetchOk { batches, .. } => assert!(!batches.is_empty()),
-            other => anyhow::bail!("expected FetchOk, got kind {}", other.kind()),
-        }
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        let meta = producer.send("torn", ProducerRecord::new("after")).await?;
-        assert_eq!(meta.offset, Some(BATCHES * PER_BATCH), "the damaged offsets are not reused");
+        check_damaged_partition(&client, "torn", last + 1, BATCHES * PER_BATCH).await?;
         Ok(())
     })
     .await
