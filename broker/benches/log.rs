@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use quiver_broker::log::{LogConfig, PartitionLog};
 use quiver_broker::storage::{FsStorage, MemStorage, Storage};
-use quiver_protocol::BatchBuilder;
+use quiver_protocol::{BatchBuilder, ValidatedBatch};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -35,7 +35,7 @@ const LOG_CAP: u64 = 256 * MIB as u64;
 const NOW_MS: i64 = 1_700_000_000_000;
 
 /// A batch of at most `bytes`, made of records with an 8-byte key and a 1000-byte value.
-fn batch_of(bytes: usize) -> Vec<u8> {
+fn batch_of(bytes: usize) -> ValidatedBatch {
     let value = [0x5a; 1000];
     let mut b = BatchBuilder::new(bytes);
     for i in 0u64.. {
@@ -45,7 +45,7 @@ fn batch_of(bytes: usize) -> Vec<u8> {
         }
         b.push(NOW_MS, Some(&key), &value, &[]);
     }
-    b.finish().to_vec()
+    ValidatedBatch::new(b.finish()).expect("valid batch")
 }
 
 /// A partition log that starts over, in a fresh directory, once it reaches `LOG_CAP`.
@@ -75,7 +75,7 @@ impl BenchLog {
         }
     }
 
-    fn append(&mut self, batch: &mut [u8]) {
+    fn append(&mut self, batch: &mut ValidatedBatch) {
         self.log.append(batch, 0, NOW_MS).expect("append");
     }
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use parking_lot::Mutex;
-use quiver_protocol::batch::BatchHeader;
+use quiver_protocol::batch::{BatchHeader, ValidatedBatch};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -74,7 +74,7 @@ pub struct Appended {
 }
 
 struct AppendRequest {
-    batch: BytesMut,
+    batch: ValidatedBatch,
     reply: oneshot::Sender<Result<Appended, PartitionError>>,
 }
 
@@ -183,12 +183,12 @@ impl Partition {
         }
     }
 
-    /// Queues a validated batch; the returned receiver resolves once it is appended and, under
+    /// Queues a batch; the returned receiver resolves once it is appended and, under
     /// `durability = always`, synced. Queueing in call order keeps pipelined produce requests
     /// in order.
     pub async fn submit(
         &self,
-        batch: BytesMut,
+        batch: ValidatedBatch,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
         self.appends.send(AppendRequest { batch, reply }).await.map_err(|_| self.closed_error())?;
@@ -503,17 +503,16 @@ fn multi_thread_runtime() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
-/// Appends one validated batch unless it is a retry of one already written (idempotent
+/// Appends one batch unless it is a retry of one already written (idempotent
 /// producers), which is answered with its original offsets.
 fn append_one(
     log: &mut PartitionLog,
     producers: &mut ProducerStates,
     tail: &Mutex<TailCache>,
-    mut batch: BytesMut,
+    mut batch: ValidatedBatch,
     now: i64,
 ) -> Result<Appended, PartitionError> {
-    let header = BatchHeader::parse(&batch)
-        .map_err(|e| PartitionError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+    let header = *batch.header();
     match producers.check(&header) {
         SeqCheck::Duplicate { base_offset, last_offset } => {
             metrics::counter!("quiver_duplicate_batches_total").increment(1);
@@ -622,13 +621,13 @@ mod tests {
     use std::path::Path;
     use std::sync::atomic::AtomicBool;
 
-    fn batch(producer_id: i64, base_sequence: i32, records: usize) -> BytesMut {
+    fn batch(producer_id: i64, base_sequence: i32, records: usize) -> ValidatedBatch {
         let identity = ProducerIdentity { producer_id, producer_epoch: 0, base_sequence };
         let mut b = BatchBuilder::new(256).with_identity(identity);
         for _ in 0..records {
             b.push(1, None, b"value", &[]);
         }
-        BytesMut::from(&b.finish()[..])
+        ValidatedBatch::new(b.finish()).expect("valid batch")
     }
 
     /// Makes producer snapshots (any file with `.producers` in its name) fail to be written or

@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use quiver_client::transport::{write_message, FrameReader};
-use quiver_protocol::batch::{self, BatchError};
+use quiver_protocol::batch::{BatchError, ValidatedBatch};
 use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
 use quiver_protocol::ErrorCode;
 
@@ -194,7 +193,7 @@ async fn produce(
     let result = async {
         let t = state.topics.get(topic)?;
         let p = t.partition(partition)?.clone();
-        let header = batch::validate(&batch).map_err(|e| {
+        let batch = ValidatedBatch::new(batch).map_err(|e| {
             let code = match e {
                 BatchError::UnsupportedCompression(_) => ErrorCode::UnsupportedCompression,
                 BatchError::BadLength(_) => ErrorCode::BatchTooLarge,
@@ -202,6 +201,7 @@ async fn produce(
             };
             PartitionError::new(code, format!("rejected batch for {topic}/{partition}: {e}"))
         })?;
+        let header = batch.header();
         state
             .producer_ids
             .check(header.producer_id, header.producer_epoch)
@@ -210,9 +210,6 @@ async fn produce(
             .increment(header.records_count as u64);
         metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string())
             .increment(batch.len() as u64);
-        // Large frames own their buffer, so the batch is normally stamped in place; a copy is
-        // the fallback when something else still shares it.
-        let batch = batch.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let rx = p.submit(batch).await?;
         Ok::<_, PartitionError>(rx)
     }

@@ -738,10 +738,9 @@ impl Session<'_> {
         if builder.is_empty() {
             return Ok(());
         }
-        let batch = builder.finish();
-        quiver_protocol::batch::validate(&batch)
+        let batch = quiver_protocol::batch::ValidatedBatch::new(builder.finish())
             .map_err(|e| PartitionError::new(ErrorCode::BatchTooLarge, format!("dead-letter batch: {e}")))?;
-        let appended = target.submit(bytes::BytesMut::from(&batch[..])).await?;
+        let appended = target.submit(batch).await?;
         appended
             .await
             .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))??;

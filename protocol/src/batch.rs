@@ -168,6 +168,64 @@ pub fn stamp(batch: &mut [u8], base_offset: u64, leader_epoch: i32) {
     batch[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
 }
 
+/// One whole batch that passed [`validate`], with its parsed header. Only the validating
+/// constructors make one, so holding it proves the bytes were checked: the produce path
+/// validates once, in the request handler, and the partition and the log use the header
+/// without parsing the bytes again. The bytes are owned and mutable only through
+/// [`stamp`](Self::stamp), which keeps the header and the bytes in step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedBatch {
+    header: BatchHeader,
+    bytes: BytesMut,
+}
+
+impl ValidatedBatch {
+    /// Validates `bytes` (exactly one batch). Large frames own their buffer, so the batch is
+    /// normally kept without a copy; a copy is the fallback when something else still shares it.
+    pub fn new(bytes: Bytes) -> Result<Self, BatchError> {
+        let header = validate(&bytes)?;
+        let bytes = bytes.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        Ok(ValidatedBatch { header, bytes })
+    }
+
+    /// As [`new`](Self::new), for a buffer already owned.
+    pub fn from_mut(bytes: BytesMut) -> Result<Self, BatchError> {
+        let header = validate(&bytes)?;
+        Ok(ValidatedBatch { header, bytes })
+    }
+
+    /// The header, as of the last [`stamp`](Self::stamp).
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// Writes the base offset and leader epoch into the bytes and the header (both outside the
+    /// CRC, so the batch stays valid).
+    pub fn stamp(&mut self, base_offset: u64, leader_epoch: i32) {
+        stamp(&mut self.bytes, base_offset, leader_epoch);
+        self.header.base_offset = base_offset;
+        self.header.leader_epoch = leader_epoch;
+    }
+
+    /// The batch's bytes, frozen without a copy.
+    pub fn freeze(self) -> Bytes {
+        self.bytes.freeze()
+    }
+}
+
+impl std::ops::Deref for ValidatedBatch {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl AsRef<[u8]> for ValidatedBatch {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// One decoded record, with absolute offset and timestamp. Key, value and header values are
 /// slices of the batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -578,6 +636,29 @@ mod tests {
         assert_eq!(h.base_offset, 42);
         assert_eq!(h.leader_epoch, 7);
         assert_eq!(h.records_count, 1);
+    }
+
+    #[test]
+    fn a_validated_batch_is_checked_once_and_stamps_header_and_bytes_together() {
+        let batch =
+            build(&[(1000, Some(b"k".to_vec()), b"v".to_vec(), vec![]), (1001, None, b"w".to_vec(), vec![])]);
+        let mut v = ValidatedBatch::new(batch.clone()).expect("valid");
+        assert_eq!(v.header(), &validate(&batch).expect("valid"));
+        v.stamp(42, 7);
+        assert_eq!((v.header().base_offset, v.header().leader_epoch), (42, 7));
+        assert_eq!(v.header().last_offset(), 43);
+        assert_eq!(&validate(&v).expect("still valid"), v.header());
+        assert_eq!(v.clone().freeze().len(), batch.len());
+
+        // Everything `validate` refuses, the constructors refuse.
+        let mut flipped = batch.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(matches!(ValidatedBatch::new(Bytes::from(flipped)), Err(BatchError::CrcMismatch { .. })));
+        let mut two = BytesMut::from(&batch[..]);
+        two.extend_from_slice(&batch);
+        assert!(matches!(ValidatedBatch::from_mut(two), Err(BatchError::Inconsistent(_))));
+        assert!(ValidatedBatch::new(Bytes::from_static(&[0; 10])).is_err());
     }
 
     #[test]

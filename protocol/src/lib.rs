@@ -12,7 +12,7 @@ pub mod ledger;
 pub mod limits;
 pub mod message;
 
-pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchSplitter, Record, RecordIter};
+pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchSplitter, Record, RecordIter, ValidatedBatch};
 pub use codec::DecodeError;
 pub use error::ErrorCode;
 pub use frame::{decode_frame, FrameError, RawFrame};

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quiver_protocol::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
+use quiver_protocol::batch::{self, BatchError, BatchHeader, ValidatedBatch, BATCH_HEADER_BYTES};
 use quiver_protocol::limits::MAX_BATCH_BYTES;
 
 use crate::storage::{Storage, StorageFile};
@@ -405,13 +405,12 @@ impl PartitionLog {
         Ok((log, recovered.report))
     }
 
-    /// Appends one batch, which the caller has validated (`batch::validate`) and which must
-    /// span `batch` exactly. Stamps the next offset and `leader_epoch` into its header (outside
-    /// the CRC), rolling to a new segment first if the active one is full or too old. Does not
-    /// fsync the data: use [`sync_handle`](Self::sync_handle).
+    /// Appends one validated batch. Stamps the next offset and `leader_epoch` into it (outside
+    /// the CRC, in its bytes and its header), rolling to a new segment first if the active one
+    /// is full or too old. Does not fsync the data: use [`sync_handle`](Self::sync_handle).
     pub fn append(
         &mut self,
-        batch: &mut [u8],
+        batch: &mut ValidatedBatch,
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendInfo, LogError> {
@@ -424,7 +423,7 @@ impl PartitionLog {
     /// append tries the roll again. So a segment never has data without its side file.
     pub fn append_with(
         &mut self,
-        batch: &mut [u8],
+        batch: &mut ValidatedBatch,
         leader_epoch: i32,
         now_ms: i64,
         roll_file: Option<&RollFile<'_>>,
@@ -432,14 +431,9 @@ impl PartitionLog {
         if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
-        let header = BatchHeader::parse(batch)?;
-        if header.total_len() != batch.len() {
-            let msg = format!("batch length says {} bytes, buffer holds {}", header.total_len(), batch.len());
-            return Err(BatchError::Inconsistent(msg).into());
-        }
         let base_offset = self.next_offset();
-        batch::stamp(batch, base_offset, leader_epoch);
-        let header = BatchHeader { base_offset, leader_epoch, ..header };
+        batch.stamp(base_offset, leader_epoch);
+        let header = *batch.header();
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
             self.roll(roll_file)?;
