@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use quiver_protocol::batch::{BatchHeader, ValidatedBatch};
+use quiver_protocol::batch::{Batches, ValidatedBatch};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -590,12 +590,10 @@ fn replay_producers(
             }
             Err(e) => return Err(e.into()),
         };
-        let (mut pos, mut next) = (0, offset);
-        while pos < bytes.len() {
-            let Ok(h) = BatchHeader::parse(&bytes[pos..]) else { break };
-            states.record(&h, h.base_offset);
-            pos += h.total_len();
-            next = h.next_offset();
+        let mut next = offset;
+        for span in Batches::new(&bytes).map_while(Result::ok) {
+            states.record(&span.header, span.header.base_offset);
+            next = span.header.next_offset();
         }
         if next <= offset {
             break; // a plan reads at least one batch, so this is not expected

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use quiver_client::transport::{write_message, FrameReader};
-use quiver_protocol::batch::{BatchBuilder, BatchHeader, BatchSplitter, RecordIter};
+use quiver_protocol::batch::{BatchBuilder, BatchSplitter, Batches, RecordIter};
 use quiver_protocol::delivery::DeliveryWindow;
 use quiver_protocol::ledger::{
     AckLedger, Piece, DELIVERY_COUNT, NO_DEADLINE, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC,
@@ -780,10 +780,8 @@ struct Extent {
 fn extent(parts: &[Bytes]) -> Option<Extent> {
     let mut ext: Option<Extent> = None;
     for batches in parts {
-        let mut pos = 0;
-        while pos < batches.len() {
-            let h = BatchHeader::parse(&batches[pos..]).ok()?;
-            pos += h.total_len();
+        for span in Batches::new(batches) {
+            let h = span.ok()?.header;
             match &mut ext {
                 Some(e) => e.next = h.next_offset(),
                 None => ext = Some(Extent { base: h.base_offset, next: h.next_offset() }),

@@ -570,43 +570,147 @@ impl BatchBuilder {
     }
 }
 
+/// One batch found by [`Batches`]: its header, where it starts in the buffer, and its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSpan<'a> {
+    pub header: BatchHeader,
+    /// Where the batch starts in the buffer walked.
+    pub position: usize,
+    /// The whole batch, header included (`header.total_len()` bytes).
+    pub bytes: &'a [u8],
+}
+
+impl BatchSpan<'_> {
+    /// The batch's bytes as a range of the buffer walked.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.position..self.position + self.bytes.len()
+    }
+}
+
+/// Why [`Batches`] stopped early.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    /// The buffer ends inside a batch (its header or its body). A read span may end so; a
+    /// delivery must not.
+    #[error("batch at byte {position} is cut off: it needs {need} bytes, {have} are left")]
+    Truncated { position: usize, need: usize, have: usize },
+    /// The bytes at `position` are not a batch: a bad header, or a bad CRC when checked.
+    #[error("batch at byte {position}: {error}")]
+    Invalid { position: usize, error: BatchError },
+}
+
+impl From<WalkError> for BatchError {
+    fn from(e: WalkError) -> Self {
+        match e {
+            WalkError::Truncated { need, have, .. } => {
+                BatchError::Decode(DecodeError::Truncated { offset: 0, need, have })
+            }
+            WalkError::Invalid { error, .. } => error,
+        }
+    }
+}
+
+/// Walks a buffer of back-to-back batches (a segment read, a `Deliver` or `FetchOk` payload),
+/// yielding each whole batch with its parsed header. Every length is checked before use: the
+/// header's against `MAX_BATCH_BYTES` (by [`BatchHeader::parse`]), then against the bytes left.
+/// CRCs are checked only when asked ([`checking_crc`](Self::checking_crc)). After an error the
+/// walk ends; [`position`](Self::position) is where the unwalked bytes start.
+#[derive(Debug, Clone)]
+pub struct Batches<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    check_crc: bool,
+    done: bool,
+}
+
+impl<'a> Batches<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Batches { buf, pos: 0, check_crc: false, done: false }
+    }
+
+    /// Also verifies each batch's CRC before yielding it.
+    pub fn checking_crc(mut self) -> Self {
+        self.check_crc = true;
+        self
+    }
+
+    /// Bytes walked so far: the end of the last batch yielded.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}
+
+impl<'a> Iterator for Batches<'a> {
+    type Item = Result<BatchSpan<'a>, WalkError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = &self.buf[self.pos.min(self.buf.len())..];
+        if self.done || rest.is_empty() {
+            return None;
+        }
+        let position = self.pos;
+        let truncated = |need| WalkError::Truncated { position, need, have: rest.len() };
+        let result = if rest.len() < BATCH_HEADER_BYTES {
+            Err(truncated(BATCH_HEADER_BYTES))
+        } else {
+            match BatchHeader::parse(rest) {
+                Err(error) => Err(WalkError::Invalid { position, error }),
+                Ok(header) if header.total_len() > rest.len() => Err(truncated(header.total_len())),
+                Ok(header) => {
+                    let bytes = &rest[..header.total_len()];
+                    match self.check_crc.then(|| verify_crc(bytes, &header)) {
+                        Some(Err(error)) => Err(WalkError::Invalid { position, error }),
+                        _ => Ok(BatchSpan { header, position, bytes }),
+                    }
+                }
+            }
+        };
+        match &result {
+            Ok(span) => self.pos += span.bytes.len(),
+            Err(_) => self.done = true,
+        }
+        Some(result)
+    }
+}
+
+impl std::iter::FusedIterator for Batches<'_> {}
+
 /// Splits a buffer of back-to-back batches (as in `Deliver`/`FetchOk` or a segment file) into
-/// whole batches, verifying each CRC. A trailing partial batch is an error.
+/// whole batches, verifying each CRC: [`Batches`] over an owned buffer, yielding zero-copy
+/// slices of it. A trailing partial batch is an error.
 #[derive(Debug)]
 pub struct BatchSplitter {
     buf: Bytes,
+    pos: usize,
+    done: bool,
 }
 
 impl BatchSplitter {
     pub fn new(buf: Bytes) -> Self {
-        BatchSplitter { buf }
+        BatchSplitter { buf, pos: 0, done: false }
     }
 }
 
 impl Iterator for BatchSplitter {
     type Item = Result<(BatchHeader, Bytes), BatchError>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.buf.is_empty() {
+        if self.done {
             return None;
         }
-        let result = (|| {
-            let header = BatchHeader::parse(&self.buf)?;
-            let len = header.total_len();
-            if len > self.buf.len() {
-                return Err(BatchError::Decode(DecodeError::Truncated {
-                    offset: 0,
-                    need: len,
-                    have: self.buf.len(),
-                }));
+        let rest = self.buf.get(self.pos..)?;
+        let item = Batches::new(rest).checking_crc().next()?;
+        Some(match item {
+            Ok(span) => {
+                let range = span.range();
+                let batch = self.buf.slice(self.pos + range.start..self.pos + range.end);
+                self.pos += range.end;
+                Ok((span.header, batch))
             }
-            let batch = self.buf.split_to(len);
-            verify_crc(&batch, &header)?;
-            Ok((header, batch))
-        })();
-        if result.is_err() {
-            self.buf.clear();
-        }
-        Some(result)
+            Err(e) => {
+                self.done = true;
+                Err(e.into())
+            }
+        })
     }
 }
 
@@ -661,6 +765,52 @@ mod tests {
         assert!(ValidatedBatch::new(Bytes::from_static(&[0; 10])).is_err());
     }
 
+    /// The one batch walk: whole batches in order, a cut-off tail and a bad header or CRC as
+    /// typed errors with their position, nothing after an error.
+    #[test]
+    fn batches_walks_whole_batches_and_stops_at_the_first_bad_one() {
+        let a = build(&[(1, None, b"a".to_vec(), vec![])]);
+        let b = build(&[(2, None, b"bb".to_vec(), vec![]), (3, None, b"c".to_vec(), vec![])]);
+        let mut buf = a.to_vec();
+        buf.extend_from_slice(&b);
+        let spans: Vec<_> = Batches::new(&buf).collect::<Result<_, _>>().expect("whole batches");
+        assert_eq!(spans.len(), 2);
+        assert_eq!((spans[0].range(), spans[1].range()), (0..a.len(), a.len()..buf.len()));
+        assert_eq!(spans[1].header.records_count, 2);
+        assert_eq!(spans[1].bytes, &b[..]);
+
+        // A tail cut inside the header, then inside the body.
+        for cut in [a.len() + 10, buf.len() - 1] {
+            let mut walk = Batches::new(&buf[..cut]);
+            assert!(walk.next().is_some_and(|r| r.is_ok()));
+            let err = walk.next().and_then(Result::err);
+            assert!(
+                matches!(err, Some(WalkError::Truncated { position, have, .. }) if position == a.len() && have == cut - a.len()),
+                "{err:?}"
+            );
+            assert_eq!((walk.next(), walk.position()), (None, a.len()));
+        }
+
+        // A bad CRC only counts when checked; a bad header always does.
+        let mut damaged = buf.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert_eq!(Batches::new(&damaged).filter(Result::is_ok).count(), 2);
+        let mut walk = Batches::new(&damaged).checking_crc();
+        assert!(walk.next().is_some_and(|r| r.is_ok()));
+        assert!(matches!(
+            walk.next(),
+            Some(Err(WalkError::Invalid { error: BatchError::CrcMismatch { .. }, .. }))
+        ));
+        damaged[a.len() + 16] = 9; // magic
+        let mut walk = Batches::new(&damaged);
+        walk.next();
+        assert!(
+            matches!(walk.next(), Some(Err(WalkError::Invalid { error: BatchError::BadMagic(9), position })) if position == a.len())
+        );
+        assert!(walk.next().is_none());
+    }
+
     #[test]
     fn flipped_byte_fails_crc() {
         let batch = build(&[(1, None, b"hello".to_vec(), vec![])]);
@@ -693,7 +843,10 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = validate(&data);
-            for item in BatchSplitter::new(Bytes::from(data)) { let _ = item; }
+            for item in BatchSplitter::new(Bytes::from(data.clone())) { let _ = item; }
+            let mut walk = Batches::new(&data).checking_crc();
+            for item in walk.by_ref() { let _ = item; }
+            prop_assert!(walk.position() <= data.len());
         }
 
         #[test]

@@ -12,7 +12,10 @@ pub mod ledger;
 pub mod limits;
 pub mod message;
 
-pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchSplitter, Record, RecordIter, ValidatedBatch};
+pub use batch::{
+    BatchBuilder, BatchError, BatchHeader, BatchSpan, BatchSplitter, Batches, Record, RecordIter,
+    ValidatedBatch, WalkError,
+};
 pub use codec::DecodeError;
 pub use error::ErrorCode;
 pub use frame::{decode_frame, FrameError, RawFrame};

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quiver_protocol::batch::{self, BatchError, BatchHeader, ValidatedBatch, BATCH_HEADER_BYTES};
+use quiver_protocol::batch::{self, BatchError, BatchHeader, Batches, ValidatedBatch, WalkError};
 use quiver_protocol::limits::MAX_BATCH_BYTES;
 
 use crate::storage::{Storage, StorageFile};
@@ -295,18 +295,18 @@ impl ReadPlan {
         // `len` is at most MAX_READ_BYTES or one batch, which the header parse bounded.
         let bytes = file.read_bytes(self.position, self.len).map_err(LogError::io("read", &self.path))?;
         let mut end = 0;
-        while bytes.len() - end >= BATCH_HEADER_BYTES {
-            let header = match BatchHeader::parse(&bytes[end..]) {
-                Ok(header) => header,
-                Err(_) if end > 0 => break, // served up to it; the next read reports it
-                Err(e) => return Err(self.damaged(end, e.to_string())),
+        for span in Batches::new(&bytes) {
+            let (header, batch) = match span {
+                Ok(span) => (span.header, span.bytes),
+                Err(WalkError::Truncated { .. }) => break, // the span ends inside this batch
+                Err(_) if end > 0 => break,                // served up to it; the next read reports it
+                Err(WalkError::Invalid { error, .. }) => return Err(self.damaged(end, error.to_string())),
             };
-            if header.base_offset >= limit || header.total_len() > bytes.len() - end {
-                break; // past the limit, or the span ends inside this batch
+            if header.base_offset >= limit {
+                break;
             }
-            let batch_end = end + header.total_len();
-            match batch::verify_crc(&bytes[end..batch_end], &header) {
-                Ok(()) => end = batch_end,
+            match batch::verify_crc(batch, &header) {
+                Ok(()) => end += batch.len(),
                 Err(_) if end > 0 => break,
                 Err(e) => {
                     // The header's offsets may be damaged too: a hint, not a promise.

@@ -226,12 +226,10 @@ impl AckState {
 
 /// The record count of a delivery, from its batch headers (an estimate for sizing only).
 fn records_in(batches: &[u8]) -> usize {
-    let mut pos = 0;
-    let mut n = 0;
-    while let Some(h) = batches.get(pos..).and_then(|b| quiver_protocol::BatchHeader::parse(b).ok()) {
-        n += h.records_count as usize;
-        pos += h.total_len();
-    }
+    let n: usize = quiver_protocol::Batches::new(batches)
+        .map_while(Result::ok)
+        .map(|b| b.header.records_count as usize)
+        .sum();
     // A record takes at least 7 bytes: a broker cannot make us reserve more than that allows.
     n.min(batches.len() / 7 + 1)
 }
