@@ -1,9 +1,11 @@
 //! One partition served by the broker: its on-disk log behind a lock, a writer task that
 //! group-commits appends, and a high-watermark channel that wakes subscribers.
 //!
-//! The high watermark is what consumers may read. Under `durability = always` it moves only
-//! after the fsync that covers a batch, so no consumer ever sees data a crash could take back.
-//! Under `interval` and `os` it moves after the write.
+//! The high watermark is what consumers may read; it is the partition's commit offset, and a
+//! produce is acknowledged when the commit offset passes its batch (`partition/commit.rs`), not
+//! inline in the group commit. On one node the commit offset is the durable offset: under
+//! `durability = always` it moves only after the fsync that covers a batch, so no consumer ever
+//! sees data a crash could take back; under `interval` and `os` it moves after the write.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +23,9 @@ use crate::log::{LogConfig, LogError, PartitionLog, RollFile};
 use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
 use crate::tail_cache::TailCache;
+use commit::CommitQueue;
+
+mod commit;
 
 /// Appends queued for one partition before producers wait (backpressure).
 const APPEND_QUEUE_DEPTH: usize = 1024;
@@ -73,9 +78,11 @@ pub struct Appended {
     pub append_time_ms: i64,
 }
 
+type Reply = oneshot::Sender<Result<Appended, PartitionError>>;
+
 struct AppendRequest {
     batch: ValidatedBatch,
-    reply: oneshot::Sender<Result<Appended, PartitionError>>,
+    reply: Reply,
 }
 
 #[derive(Debug)]
@@ -150,6 +157,7 @@ impl Partition {
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
+            acks: CommitQueue::new(next),
             log: p.log.clone(),
             tail: p.tail.clone(),
             producers: Arc::new(Mutex::new(producers)),
@@ -321,6 +329,8 @@ impl Partition {
 
 struct Writer {
     partition: std::sync::Weak<Partition>,
+    /// The commit offset (also the high watermark) and the produce acks waiting for it.
+    acks: CommitQueue<(Reply, Appended)>,
     log: Arc<Mutex<PartitionLog>>,
     tail: Arc<Mutex<TailCache>>,
     /// Recent batches of idempotent producers; only the writer touches it.
@@ -333,7 +343,7 @@ struct Writer {
 
 impl Writer {
     async fn run(
-        self,
+        mut self,
         mut rx: mpsc::Receiver<AppendRequest>,
         interval: Duration,
         shutdown: CancellationToken,
@@ -385,8 +395,10 @@ impl Writer {
         }
     }
 
-    /// Appends a group of batches, syncs once if the durability asks for it, then answers all.
-    async fn commit(&self, group: Vec<AppendRequest>) {
+    /// Appends a group of batches and syncs once if the durability asks for it. The appends
+    /// wait in the ack queue; the commit offset then moves to what is durable, which answers
+    /// them (or the failed sync fails them).
+    async fn commit(&mut self, group: Vec<AppendRequest>) {
         let log = self.log.clone();
         let tail = self.tail.clone();
         let producers = self.producers.clone();
@@ -439,26 +451,41 @@ impl Writer {
                 return;
             }
         };
-        if let Err(e) = &synced {
-            tracing::error!(topic = ?self.partition.upgrade().map(|p| p.topic.clone()), "fsync failed: {e}; failing the appends it covered and stopping appends to this partition");
-        }
-        if let Some(p) = self.partition.upgrade() {
-            if synced.is_ok() {
-                p.high_watermark.send_if_modified(|hw| {
-                    let moved = *hw != next;
-                    *hw = next;
-                    moved
-                });
+        for (reply, r) in results {
+            match r {
+                Ok(appended) => self.acks.push(appended.last_offset, (reply, appended)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             }
         }
-        for (reply, r) in results {
-            let r = match (&synced, r) {
-                (Err(e), Ok(_)) => {
-                    Err(PartitionError::new(ErrorCode::StorageError, format!("fsync failed: {e}")))
+        match synced {
+            // One node: what this group wrote (and, under `always`, synced) is committed.
+            Ok(()) => self.advance_commit(next, next),
+            Err(e) => {
+                tracing::error!(topic = ?self.partition.upgrade().map(|p| p.topic.clone()), "fsync failed: {e}; failing the appends it covered and stopping appends to this partition");
+                for (reply, _) in self.acks.fail_all() {
+                    let error = PartitionError::new(ErrorCode::StorageError, format!("fsync failed: {e}"));
+                    let _ = reply.send(Err(error));
                 }
-                (_, r) => r,
-            };
-            let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Moves the commit offset to `commit` (at most `log_end`, never back; asserted): the high
+    /// watermark follows, then the acks it passes are sent, here, on the writer's task (a
+    /// producer told its offset can read it).
+    fn advance_commit(&mut self, commit: u64, log_end: u64) {
+        let released = self.acks.advance(commit, log_end);
+        if let Some(p) = self.partition.upgrade() {
+            p.high_watermark.send_if_modified(|hw| {
+                let moved = *hw != commit;
+                *hw = commit;
+                moved
+            });
+        }
+        for (reply, appended) in released {
+            let _ = reply.send(Ok(appended));
         }
     }
 
@@ -677,6 +704,82 @@ mod tests {
             self.check()?;
             self.inner.sync()
         }
+    }
+
+    /// Segment files whose fsync fails while set (nothing else fails).
+    #[derive(Debug, Default)]
+    struct SyncFailure(Arc<AtomicBool>);
+
+    impl FileWrapper for SyncFailure {
+        fn wrap(&self, path: &Path, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+            let segment = path.extension().is_some_and(|e| e == "log");
+            Arc::new(FailingSync { inner, fail: segment.then(|| self.0.clone()) })
+        }
+    }
+
+    #[derive(Debug)]
+    struct FailingSync {
+        inner: Arc<dyn StorageFile>,
+        fail: Option<Arc<AtomicBool>>,
+    }
+
+    impl StorageFile for FailingSync {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read_exact_at(pos, buf)
+        }
+        fn append(&self, data: &[u8]) -> std::io::Result<()> {
+            self.inner.append(data)
+        }
+        fn truncate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(len)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            if self.fail.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            self.inner.sync()
+        }
+    }
+
+    /// Under `durability = always` a produce is acknowledged once the commit offset (the
+    /// fsynced offset) passes it, after the high watermark moved, so the producer can read what
+    /// it was told about; a failed fsync fails the appends it covered, keeps the high watermark
+    /// and the commit offset, and stops further appends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_wait_for_the_commit_offset_and_a_failed_fsync_fails_them() -> anyhow::Result<()> {
+        let storage = Arc::new(Wrapped { inner: MemStorage::new(), wrapper: SyncFailure::default() });
+        let fail = storage.wrapper.0.clone();
+        let config = TopicConfig::default();
+        assert_eq!(config.durability, Durability::Always);
+        let closed = CancellationToken::new();
+        let p =
+            Partition::open(storage, PathBuf::from("/p"), "t".into(), 0, &config, 1 << 20, closed.clone())?;
+        let bounded = |rx| tokio::time::timeout(Duration::from_secs(10), rx);
+
+        for seq in [0, 2] {
+            let a = bounded(p.submit(batch(7, seq, 2)).await?).await???;
+            assert_eq!(a.base_offset, seq as u64);
+            assert!(p.high_watermark() > a.last_offset, "acknowledged offset {} not readable", a.last_offset);
+        }
+        let (hw, pending) = (p.high_watermark(), p.watch_high_watermark());
+        assert_eq!(hw, 4);
+
+        fail.store(true, Ordering::SeqCst);
+        let e =
+            bounded(p.submit(batch(7, 4, 1)).await?).await??.err().ok_or_else(|| anyhow::anyhow!("acked"))?;
+        assert_eq!(e.code, ErrorCode::StorageError, "{e}");
+        assert!(e.message.contains("fsync failed"), "{e}");
+        fail.store(false, Ordering::SeqCst);
+        let e =
+            bounded(p.submit(batch(7, 4, 1)).await?).await??.err().ok_or_else(|| anyhow::anyhow!("acked"))?;
+        assert_eq!(e.code, ErrorCode::StorageError, "appends stop after a failed fsync: {e}");
+        assert_eq!(p.high_watermark(), hw);
+        assert!(!pending.has_changed()?, "the high watermark never moved");
+        closed.cancel();
+        Ok(())
     }
 
     fn small_segments() -> LogConfig {
