@@ -1,0 +1,56 @@
+//! Per-topic settings: on the wire in `CreateTopic`/`MetadataOk`, and serialized (serde) to
+//! the topic's on-disk `topic.json`.
+
+/// When appended data is synced to disk (docs/design.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before acknowledging, with group commit.
+    Always,
+    /// fsync every `flush_interval_ms`; acknowledgements do not wait.
+    Interval,
+    /// Never sync explicitly.
+    Os,
+}
+
+/// Per-topic settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicConfig {
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    pub durability: Durability,
+    pub flush_interval_ms: u32,
+}
+
+impl TopicConfig {
+    /// Checks every setting against its named limit (docs/design.md §2); the broker refuses a
+    /// topic whose config fails this, before anything is created.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::limits::{MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return Err(format!(
+                "segment_bytes must be {MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}, got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms == 0 {
+            return Err("segment_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            segment_bytes: 256 * 1024 * 1024,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            durability: Durability::Always,
+            flush_interval_ms: 1000,
+        }
+    }
+}

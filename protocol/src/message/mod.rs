@@ -1,0 +1,311 @@
+//! Requests and responses (docs/design.md §4.3): one enum, one kind byte per variant.
+//!
+//! Encoding splits a frame into a head and an optional zero-copy tail, so that record batches
+//! (always the last field) go to the socket without being copied into the frame buffer.
+//!
+//! One file per job: `types` (the structs and enums frames carry), `config` (topic settings,
+//! also serialized to the on-disk `topic.json`), `encode`, `decode`, `heads` (the zero-copy
+//! `Deliver`/`DeliverSome` heads the broker sends before cached batches), `validate` (name and
+//! count checks).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::codec::DecodeError;
+use crate::error::ErrorCode;
+use crate::limits::MAX_STRING_BYTES;
+
+mod config;
+mod decode;
+mod encode;
+mod heads;
+#[cfg(test)]
+mod tests;
+mod types;
+mod validate;
+
+pub use config::{Durability, TopicConfig};
+pub use heads::{deliver_head, deliver_some_head};
+pub use types::{
+    Acks, DeliveryRange, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, RedeliveryPolicy,
+    StartPosition, Subscribe, TopicInfo,
+};
+use validate::truncate_utf8;
+pub use validate::{validate_group_name, validate_partition_count, validate_topic_name};
+
+/// Every frame payload, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Hello {
+        protocol_version: u16,
+        client_id: String,
+    },
+    HelloOk {
+        protocol_version: u16,
+        broker_id: u32,
+        server_version: String,
+    },
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        batch: Bytes,
+    },
+    ProduceOk {
+        base_offset: u64,
+        log_append_time_ms: i64,
+    },
+    Subscribe(Subscribe),
+    Subscribed {
+        start_offset: u64,
+        log_start_offset: u64,
+        high_watermark: u64,
+    },
+    Deliver {
+        high_watermark: u64,
+        batches: Bytes,
+    },
+    Ack {
+        next_offset: u64,
+    },
+    /// A delivery in which only the listed records are handed out, with their delivery counts
+    /// (redeliveries, and batches with acknowledged records to skip).
+    DeliverSome {
+        high_watermark: u64,
+        ranges: Vec<DeliveryRange>,
+        batches: Bytes,
+    },
+    /// Everything below `floor` is acknowledged, and so are the ranges above it.
+    AckRanges {
+        floor: u64,
+        ranges: Vec<std::ops::Range<u64>>,
+    },
+    /// Hand this message out again after `delay_ms`.
+    Nack {
+        offset: u64,
+        delay_ms: u32,
+    },
+    /// The broker settled these offsets itself (dead-lettered): count them as acknowledged.
+    Settled {
+        ranges: Vec<std::ops::Range<u64>>,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    },
+    FetchOk {
+        log_start_offset: u64,
+        high_watermark: u64,
+        batches: Bytes,
+    },
+    CommitOffset {
+        group: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        member: Option<MemberRef>,
+        /// Set the offset even below the current one (an administrative reset of an empty
+        /// group); otherwise a commit only moves the group forward.
+        reset: bool,
+    },
+    CommitOk,
+    FetchOffsets {
+        group: String,
+        topic: String,
+    },
+    Offsets(Vec<PartitionOffsets>),
+    Metadata {
+        topic: Option<String>,
+    },
+    MetadataOk(Vec<TopicInfo>),
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    Done,
+    /// Asks for a producer id for idempotent produce.
+    InitProducer,
+    InitProducerOk {
+        producer_id: i64,
+        producer_epoch: i16,
+    },
+    JoinGroup {
+        group: String,
+        topic: String,
+        member_id: Option<String>,
+        session_timeout_ms: u32,
+    },
+    Heartbeat {
+        group: String,
+        member_id: String,
+        generation: u64,
+    },
+    GroupAssignment {
+        member_id: String,
+        generation: u64,
+        partitions: Vec<u32>,
+    },
+    LeaveGroup {
+        group: String,
+        member_id: String,
+    },
+    ListGroups,
+    Groups(Vec<String>),
+    DescribeGroup {
+        group: String,
+    },
+    GroupDescription {
+        topic: String,
+        generation: u64,
+        members: Vec<MemberInfo>,
+    },
+    /// The first offset whose batch has a timestamp at or after `timestamp_ms` (the time
+    /// index), or the high watermark.
+    OffsetForTime {
+        topic: String,
+        partition: u32,
+        timestamp_ms: i64,
+    },
+    OffsetIs {
+        offset: u64,
+    },
+}
+
+/// Why a frame's payload could not become a `Message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed frame of kind {kind}: {source}")]
+    Malformed { kind: u8, source: DecodeError },
+}
+
+impl MessageError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MessageError::UnknownKind(_) => ErrorCode::UnknownKind,
+            MessageError::Malformed { .. } => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// An encoded frame: `head` then `tail` on the wire. `tail` is the zero-copy batch field.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded {
+    pub head: Bytes,
+    pub tail: Bytes,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Both parts in one buffer (for tests and small frames).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.len());
+        b.put_slice(&self.head);
+        b.put_slice(&self.tail);
+        b.freeze()
+    }
+}
+
+mod kind {
+    pub const ERROR: u8 = 0;
+    pub const HELLO: u8 = 1;
+    pub const HELLO_OK: u8 = 2;
+    pub const PRODUCE: u8 = 3;
+    pub const PRODUCE_OK: u8 = 4;
+    pub const SUBSCRIBE: u8 = 5;
+    pub const SUBSCRIBED: u8 = 6;
+    pub const DELIVER: u8 = 7;
+    pub const ACK: u8 = 8;
+    pub const FETCH: u8 = 9;
+    pub const FETCH_OK: u8 = 10;
+    pub const COMMIT_OFFSET: u8 = 11;
+    pub const COMMIT_OK: u8 = 12;
+    pub const FETCH_OFFSETS: u8 = 13;
+    pub const OFFSETS: u8 = 14;
+    pub const METADATA: u8 = 15;
+    pub const METADATA_OK: u8 = 16;
+    pub const CREATE_TOPIC: u8 = 17;
+    pub const DELETE_TOPIC: u8 = 18;
+    pub const DONE: u8 = 21;
+    pub const INIT_PRODUCER: u8 = 22;
+    pub const INIT_PRODUCER_OK: u8 = 23;
+    pub const JOIN_GROUP: u8 = 24;
+    pub const HEARTBEAT: u8 = 25;
+    pub const GROUP_ASSIGNMENT: u8 = 26;
+    pub const LEAVE_GROUP: u8 = 27;
+    pub const LIST_GROUPS: u8 = 28;
+    pub const GROUPS: u8 = 29;
+    pub const DESCRIBE_GROUP: u8 = 30;
+    pub const GROUP_DESCRIPTION: u8 = 31;
+    pub const OFFSET_FOR_TIME: u8 = 32;
+    pub const OFFSET_IS: u8 = 33;
+    pub const DELIVER_SOME: u8 = 34;
+    pub const ACK_RANGES: u8 = 35;
+    pub const NACK: u8 = 36;
+    pub const SETTLED: u8 = 37;
+}
+
+impl Message {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        truncate_utf8(&mut message, MAX_STRING_BYTES);
+        Message::Error { code, message }
+    }
+
+    pub fn kind(&self) -> u8 {
+        use Message::*;
+        match self {
+            Error { .. } => kind::ERROR,
+            Hello { .. } => kind::HELLO,
+            HelloOk { .. } => kind::HELLO_OK,
+            Produce { .. } => kind::PRODUCE,
+            ProduceOk { .. } => kind::PRODUCE_OK,
+            Subscribe(_) => kind::SUBSCRIBE,
+            Subscribed { .. } => kind::SUBSCRIBED,
+            Deliver { .. } => kind::DELIVER,
+            Ack { .. } => kind::ACK,
+            DeliverSome { .. } => kind::DELIVER_SOME,
+            AckRanges { .. } => kind::ACK_RANGES,
+            Nack { .. } => kind::NACK,
+            Settled { .. } => kind::SETTLED,
+            Fetch { .. } => kind::FETCH,
+            FetchOk { .. } => kind::FETCH_OK,
+            CommitOffset { .. } => kind::COMMIT_OFFSET,
+            CommitOk => kind::COMMIT_OK,
+            FetchOffsets { .. } => kind::FETCH_OFFSETS,
+            Offsets(_) => kind::OFFSETS,
+            Metadata { .. } => kind::METADATA,
+            MetadataOk(_) => kind::METADATA_OK,
+            CreateTopic { .. } => kind::CREATE_TOPIC,
+            DeleteTopic { .. } => kind::DELETE_TOPIC,
+            Done => kind::DONE,
+            InitProducer => kind::INIT_PRODUCER,
+            InitProducerOk { .. } => kind::INIT_PRODUCER_OK,
+            JoinGroup { .. } => kind::JOIN_GROUP,
+            Heartbeat { .. } => kind::HEARTBEAT,
+            GroupAssignment { .. } => kind::GROUP_ASSIGNMENT,
+            LeaveGroup { .. } => kind::LEAVE_GROUP,
+            ListGroups => kind::LIST_GROUPS,
+            Groups(_) => kind::GROUPS,
+            DescribeGroup { .. } => kind::DESCRIBE_GROUP,
+            GroupDescription { .. } => kind::GROUP_DESCRIPTION,
+            OffsetForTime { .. } => kind::OFFSET_FOR_TIME,
+            OffsetIs { .. } => kind::OFFSET_IS,
+        }
+    }
+}

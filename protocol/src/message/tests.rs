@@ -1,0 +1,273 @@
+use super::*;
+use crate::frame::{decode_frame, RawFrame};
+use proptest::prelude::*;
+
+fn arb_config() -> impl Strategy<Value = TopicConfig> {
+    (
+        any::<Option<u64>>(),
+        any::<Option<u64>>(),
+        any::<u64>(),
+        any::<u64>(),
+        prop_oneof![Just(Durability::Always), Just(Durability::Interval), Just(Durability::Os)],
+        any::<u32>(),
+    )
+        .prop_map(|(rb, rm, sb, sm, durability, fi)| TopicConfig {
+            retention_bytes: rb,
+            retention_ms: rm,
+            segment_bytes: sb,
+            segment_ms: sm,
+            durability,
+            flush_interval_ms: fi,
+        })
+}
+
+fn arb_start() -> impl Strategy<Value = StartPosition> {
+    prop_oneof![
+        Just(StartPosition::Earliest),
+        Just(StartPosition::Latest),
+        any::<u64>().prop_map(StartPosition::Offset),
+        any::<i64>().prop_map(StartPosition::Timestamp),
+    ]
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let name = "[a-z0-9._-]{1,20}";
+    let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
+    prop_oneof![
+        (any::<u16>(), ".{0,20}")
+            .prop_map(|(c, m)| Message::Error { code: ErrorCode::from_code(c), message: m }),
+        (any::<u16>(), ".{0,10}").prop_map(|(v, c)| Message::Hello { protocol_version: v, client_id: c }),
+        (any::<u16>(), any::<u32>(), ".{0,10}").prop_map(|(v, b, s)| Message::HelloOk {
+            protocol_version: v,
+            broker_id: b,
+            server_version: s
+        }),
+        (name, any::<u32>(), any::<bool>(), bytes.clone()).prop_map(|(t, p, a, b)| Message::Produce {
+            topic: t,
+            partition: p,
+            acks: if a { Acks::Leader } else { Acks::None },
+            batch: b
+        }),
+        (any::<u64>(), any::<i64>())
+            .prop_map(|(o, t)| Message::ProduceOk { base_offset: o, log_append_time_ms: t }),
+        (name, any::<u32>(), proptest::option::of(name), arb_start(), any::<u32>(), any::<u32>()).prop_map(
+            |(t, p, g, s, wm, wb)| Message::Subscribe(Subscribe {
+                topic: t,
+                partition: p,
+                group: g,
+                start: s,
+                window_messages: wm,
+                window_bytes: wb,
+                member: None,
+                policy: RedeliveryPolicy {
+                    ack_wait_ms: wm / 3,
+                    max_deliveries: wb / 5,
+                    dead_letter_topic: Some("dead".into()),
+                },
+            })
+        ),
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), 1u64..100, any::<u32>()), 0..4),
+            bytes.clone()
+        )
+            .prop_map(|(h, rs, b)| Message::DeliverSome {
+                high_watermark: h,
+                ranges: rs
+                    .into_iter()
+                    .map(|(s, n, c)| DeliveryRange { start: s / 2, end: s / 2 + n, delivery_count: c })
+                    .collect(),
+                batches: b
+            }),
+        (any::<u64>(), proptest::collection::vec((0u64..1 << 60, 1u64..100), 0..4)).prop_map(|(f, rs)| {
+            Message::AckRanges { floor: f, ranges: rs.into_iter().map(|(s, n)| s..s + n).collect() }
+        }),
+        (any::<u64>(), any::<u32>()).prop_map(|(o, d)| Message::Nack { offset: o, delay_ms: d }),
+        proptest::collection::vec((0u64..1 << 60, 1u64..100), 0..4)
+            .prop_map(|rs| Message::Settled { ranges: rs.into_iter().map(|(s, n)| s..s + n).collect() }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Subscribed {
+            start_offset: a,
+            log_start_offset: b,
+            high_watermark: c
+        }),
+        (any::<u64>(), bytes.clone()).prop_map(|(h, b)| Message::Deliver { high_watermark: h, batches: b }),
+        any::<u64>().prop_map(|o| Message::Ack { next_offset: o }),
+        (name, any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(t, p, o, m)| Message::Fetch {
+            topic: t,
+            partition: p,
+            offset: o,
+            max_bytes: m
+        }),
+        (any::<u64>(), any::<u64>(), bytes).prop_map(|(a, b, c)| Message::FetchOk {
+            log_start_offset: a,
+            high_watermark: b,
+            batches: c
+        }),
+        (name, name, any::<u32>(), any::<u64>()).prop_map(|(g, t, p, o)| Message::CommitOffset {
+            group: g,
+            topic: t,
+            partition: p,
+            offset: o,
+            member: Some(MemberRef { member_id: "m-1".into(), generation: 3 }),
+            reset: o % 2 == 0,
+        }),
+        Just(Message::CommitOk),
+        (name, name).prop_map(|(g, t)| Message::FetchOffsets { group: g, topic: t }),
+        proptest::collection::vec((any::<u32>(), any::<Option<u64>>(), any::<u64>(), any::<u64>()), 0..4)
+            .prop_map(|v| Message::Offsets(
+                v.into_iter()
+                    .map(|(p, c, l, h)| PartitionOffsets {
+                        partition: p,
+                        committed: c,
+                        log_start_offset: l,
+                        high_watermark: h
+                    })
+                    .collect()
+            )),
+        proptest::option::of(name).prop_map(|t| Message::Metadata { topic: t }),
+        proptest::collection::vec(
+            (name, arb_config(), proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4)),
+            0..3
+        )
+        .prop_map(|v| Message::MetadataOk(
+            v.into_iter()
+                .map(|(n, c, ps)| TopicInfo {
+                    name: n,
+                    config: c,
+                    partitions: ps
+                        .into_iter()
+                        .map(|(p, l, h)| PartitionInfo {
+                            partition: p,
+                            log_start_offset: l,
+                            high_watermark: h
+                        })
+                        .collect()
+                })
+                .collect()
+        )),
+        (name, any::<u32>(), arb_config()).prop_map(|(n, p, c)| Message::CreateTopic {
+            name: n,
+            partitions: p,
+            config: c
+        }),
+        name.prop_map(|n| Message::DeleteTopic { name: n }),
+        Just(Message::Done),
+        Just(Message::InitProducer),
+        Just(Message::ListGroups),
+        (name, any::<u32>(), any::<i64>()).prop_map(|(t, p, ts)| Message::OffsetForTime {
+            topic: t,
+            partition: p,
+            timestamp_ms: ts
+        }),
+        any::<u64>().prop_map(|o| Message::OffsetIs { offset: o }),
+        (name, name, proptest::option::of(name), any::<u32>()).prop_map(|(g, t, m, s)| {
+            Message::JoinGroup { group: g, topic: t, member_id: m, session_timeout_ms: s }
+        }),
+        (name, proptest::collection::vec(any::<u32>(), 0..5), any::<u64>()).prop_map(|(m, p, g)| {
+            Message::GroupAssignment { member_id: m, generation: g, partitions: p }
+        }),
+        (name, name, any::<u64>()).prop_map(|(g, m, n)| Message::Heartbeat {
+            group: g,
+            member_id: m,
+            generation: n
+        }),
+        proptest::collection::vec(name, 0..3).prop_map(Message::Groups),
+        (
+            name,
+            any::<u64>(),
+            proptest::collection::vec((name, proptest::collection::vec(any::<u32>(), 0..3)), 0..3)
+        )
+            .prop_map(|(t, g, ms)| Message::GroupDescription {
+                topic: t,
+                generation: g,
+                members: ms.into_iter().map(|(m, p)| MemberInfo { member_id: m, partitions: p }).collect()
+            }),
+        (any::<i64>(), any::<i16>())
+            .prop_map(|(p, e)| Message::InitProducerOk { producer_id: p, producer_epoch: e }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(msg in arb_message()) {
+        let mut buf = BytesMut::from(&msg.encode().to_bytes()[..]);
+        let frame = decode_frame(&mut buf).expect("frame ok").expect("whole frame");
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!(Message::decode(frame).expect("decodes"), msg);
+    }
+
+    #[test]
+    fn arbitrary_payload_never_panics(kind in any::<u8>(), data in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = Message::decode(RawFrame { kind, payload: Bytes::from(data) });
+    }
+
+    #[test]
+    fn truncated_frames_are_errors(msg in arb_message(), cut in 1usize..32) {
+        let full = msg.encode().to_bytes();
+        let payload = full.slice(6..);
+        if cut <= payload.len() {
+            let short = payload.slice(..payload.len() - cut);
+            // An error, except where a trailing field may be absent (older peers): then the
+            // message without it, and only when the cut is exactly there.
+            if let Ok(m) = Message::decode(RawFrame { kind: msg.kind(), payload: short }) {
+                prop_assert_eq!(m, without_optional_tail(&msg));
+            }
+        }
+    }
+}
+
+/// `msg` as decoded from a frame cut just before its optional trailing fields.
+fn without_optional_tail(msg: &Message) -> Message {
+    match msg.clone() {
+        Message::Subscribe(mut s) => {
+            s.policy = RedeliveryPolicy::default();
+            Message::Subscribe(s)
+        }
+        Message::CommitOffset { group, topic, partition, offset, member, .. } => {
+            Message::CommitOffset { group, topic, partition, offset, member, reset: false }
+        }
+        // No optional tail: no truncation of it may decode at all.
+        _ => Message::Done,
+    }
+}
+
+#[test]
+fn huge_list_count_is_rejected_without_allocating() {
+    let mut b = BytesMut::new();
+    b.put_u32_le(u32::MAX);
+    let err = Message::decode(RawFrame { kind: 14, payload: b.freeze() }).unwrap_err();
+    assert!(matches!(err, MessageError::Malformed { .. }), "{err:?}");
+}
+
+#[test]
+fn deliver_head_matches_encode() {
+    let batches = Bytes::from_static(b"abcdefgh");
+    let whole = Message::Deliver { high_watermark: 42, batches: batches.clone() }.encode().to_bytes();
+    let mut parts = deliver_head(42, batches.len()).to_vec();
+    parts.extend_from_slice(&batches);
+    assert_eq!(&whole[..], &parts[..]);
+
+    let ranges = vec![DeliveryRange { start: 3, end: 5, delivery_count: 2 }];
+    let whole = Message::DeliverSome { high_watermark: 42, ranges: ranges.clone(), batches: batches.clone() }
+        .encode()
+        .to_bytes();
+    let mut parts = deliver_some_head(42, &ranges, batches.len()).to_vec();
+    parts.extend_from_slice(&batches);
+    assert_eq!(&whole[..], &parts[..]);
+}
+
+#[test]
+fn unknown_kind() {
+    let err = Message::decode(RawFrame { kind: 200, payload: Bytes::new() }).unwrap_err();
+    assert_eq!(err, MessageError::UnknownKind(200));
+    assert_eq!(err.code(), ErrorCode::UnknownKind);
+}
+
+#[test]
+fn topic_names() {
+    assert!(validate_topic_name("orders.v1_x-2").is_ok());
+    assert!(validate_topic_name("").is_err());
+    assert!(validate_topic_name("..").is_err());
+    assert!(validate_topic_name("a/b").is_err());
+    assert!(validate_topic_name(&"x".repeat(250)).is_err());
+}
