@@ -15,10 +15,13 @@
 //!   file open, so retention deleting the segment meanwhile does not break it.
 
 mod checkpoint;
+mod epochs;
 #[cfg(test)]
 mod fault_tests;
 mod index;
 mod recovery;
+#[cfg(test)]
+mod replication_tests;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -36,6 +39,7 @@ use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
 pub use checkpoint::{RecoveryCheckpoint, RecoveryPoint};
+pub use epochs::{EpochEntry, MAX_EPOCH_ENTRIES};
 pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
@@ -137,6 +141,17 @@ pub enum LogError {
     /// recovers from what is really on disk.
     #[error("an earlier write or sync of this partition failed; it must be reopened")]
     Poisoned,
+    /// A leader epoch below the latest one: epochs never decrease.
+    #[error("leader epoch {requested} is below the latest epoch {latest}")]
+    EpochRegressed {
+        /// The log's latest epoch.
+        latest: i32,
+        /// The epoch asked for.
+        requested: i32,
+    },
+    /// The epoch record is full (see [`MAX_EPOCH_ENTRIES`]).
+    #[error("more than {MAX_EPOCH_ENTRIES} leader epochs in one partition")]
+    TooManyEpochs,
 }
 
 impl LogError {
@@ -359,6 +374,8 @@ pub struct PartitionLog {
     active: Segment,
     /// Sum of all segment sizes.
     size_bytes: u64,
+    /// Which leader epoch wrote which offsets; durable in `leader-epochs` (design.md §5.7).
+    epochs: epochs::Epochs,
     /// Set when a write or fsync failed; see [`LogError::Poisoned`].
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
@@ -390,7 +407,7 @@ impl PartitionLog {
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let recovery =
             RecoveryCheckpoint::new(storage.clone(), dir.clone(), recovered.synced, recovered.written);
-        let log = PartitionLog {
+        let mut log = PartitionLog {
             recovery,
             storage,
             dir,
@@ -398,11 +415,183 @@ impl PartitionLog {
             closed: recovered.closed,
             active: recovered.active,
             size_bytes,
+            epochs: Default::default(),
             poisoned: false,
             sync_failed: Default::default(),
             open_closed: Default::default(),
         };
+        log.load_epochs(&recovered.names)?;
         Ok((log, recovered.report))
+    }
+
+    /// Reads the epoch record and reconciles it with the recovered log (design.md §5.7):
+    /// entries from the log end on are dropped (epochs that began and kept no batch, or a
+    /// truncation the crash interrupted before the record was rewritten), the first entry is
+    /// moved up to the log start, and the epoch of the last batch must be the record's epoch
+    /// for it. A missing, damaged or contradicted record is rebuilt from the batches' headers.
+    fn load_epochs(&mut self, names: &[String]) -> Result<(), LogError> {
+        let (start, end) = (self.log_start_offset(), self.next_offset());
+        let loaded = match epochs::read(&*self.storage, &self.dir, names) {
+            Ok(loaded) => loaded,
+            Err(why) => {
+                metrics::counter!("quiver_corrupt_batches_total", "found_by" => "leader_epochs").increment(1);
+                tracing::error!(dir = %self.dir.display(), %why, "the leader-epoch record is damaged; rebuilding it from the batches");
+                None
+            }
+        };
+        // Entries dropped or moved here are not written back: the next open derives the same,
+        // and a partition that is only opened (10,000 idle ones at start) writes nothing.
+        let trusted = match loaded {
+            Some(mut e) => {
+                e.truncate_from_end(end);
+                e.truncate_from_start(start);
+                let last = match end > start {
+                    true => self.last_batch_epoch().ok().flatten(),
+                    false => None,
+                };
+                match (end > start, last) {
+                    (false, _) => Some(e),
+                    (true, Some(epoch))
+                        if e.epoch_at(end - 1) == Some(epoch) && e.epoch_at(start).is_some() =>
+                    {
+                        Some(e)
+                    }
+                    _ => {
+                        tracing::warn!(dir = %self.dir.display(), last_batch_epoch = ?last, record = ?e.entries(), "the leader-epoch record does not match the log's last batch; rebuilding it");
+                        None
+                    }
+                }
+            }
+            None if end > start => {
+                if !names.iter().any(|n| n == epochs::FILE) {
+                    tracing::info!(dir = %self.dir.display(), "no leader-epoch record; building it from the batches");
+                }
+                None
+            }
+            None => Some(Default::default()),
+        };
+        self.epochs = match trusted {
+            Some(e) => e,
+            None => {
+                let rebuilt = self.rebuild_epochs()?;
+                epochs::write(&*self.storage, &self.dir, &rebuilt)?;
+                rebuilt
+            }
+        };
+        Ok(())
+    }
+
+    /// The epoch stamped in the last batch of the log, if it has one that can be read.
+    fn last_batch_epoch(&self) -> Result<Option<i32>, LogError> {
+        let Some(seg) = std::iter::once(&self.active).chain(self.closed.iter().rev()).find(|s| s.size > 0)
+        else {
+            return Ok(None);
+        };
+        if seg.next_offset == seg.base || seg.damage_at(seg.next_offset - 1).is_some() {
+            return Ok(None);
+        }
+        self.open_log(seg)?;
+        let (_, header) = seg.find_batch(seg.next_offset - 1)?;
+        Ok(Some(header.leader_epoch))
+    }
+
+    /// The epoch record as the batches' headers say: a segment whose first and last batch carry
+    /// the epoch already current is skipped (epochs never decrease along the log), any other is
+    /// walked header by header. Damaged spans are stepped over.
+    fn rebuild_epochs(&self) -> Result<epochs::Epochs, LogError> {
+        let mut entries: Vec<EpochEntry> = Vec::new();
+        let note = |epoch: i32, offset: u64, entries: &mut Vec<EpochEntry>| {
+            if epoch < 0 || entries.last().is_some_and(|e| epoch <= e.epoch) {
+                if entries.last().is_some_and(|e| epoch < e.epoch) {
+                    tracing::warn!(offset, epoch, "a batch's leader epoch is below an earlier one; ignored");
+                }
+                return;
+            }
+            entries.push(EpochEntry { epoch, start: offset });
+        };
+        for seg in self.segments() {
+            if seg.size == 0 {
+                continue;
+            }
+            self.open_log(seg)?;
+            let current = entries.last().map(|e| e.epoch);
+            let ends = seg.read_header(0).and_then(|first| {
+                let (_, last) = seg.find_batch(seg.next_offset.saturating_sub(1))?;
+                Ok((first.leader_epoch, last.leader_epoch))
+            });
+            if let Ok((first, last)) = ends {
+                if first == last && Some(first) == current && seg.damaged.is_empty() {
+                    continue;
+                }
+            }
+            let walker = seg.walker(segment::Check::Headers)?;
+            recovery::scan(&walker, seg.base, seg.size, |at, _| {
+                note(at.header.leader_epoch, at.header.base_offset, &mut entries);
+                true
+            })?;
+        }
+        if entries.len() > MAX_EPOCH_ENTRIES {
+            return Err(LogError::TooManyEpochs);
+        }
+        // The first epoch covers the log from its start.
+        if let Some(first) = entries.first_mut() {
+            first.start = self.log_start_offset();
+        }
+        epochs::Epochs::from_entries(entries).map_err(|why| LogError::Corrupt {
+            path: self.dir.clone(),
+            position: 0,
+            reason: format!("leader epochs: {why}"),
+        })
+    }
+
+    /// The latest leader epoch (the one the last batch or [`begin_epoch`](Self::begin_epoch)
+    /// has); `None` for a log that never had a batch.
+    pub fn latest_epoch(&self) -> Option<i32> {
+        self.epochs.latest()
+    }
+
+    /// The leader epoch of the batch holding `offset`; `None` outside `log_start..next`.
+    pub fn epoch_at(&self, offset: u64) -> Option<i32> {
+        if offset < self.log_start_offset() || offset >= self.next_offset() {
+            return None;
+        }
+        self.epochs.epoch_at(offset)
+    }
+
+    /// Kafka's `OffsetsForLeaderEpoch`: the largest epoch at most `epoch` the log knows, and
+    /// the offset after its last batch (the start of the next epoch; the log end for the
+    /// latest). For an epoch below every known one, that epoch and the first known start.
+    /// `None` for an epoch above the latest or a log without epochs. A follower truncates to
+    /// the leader's answer for its own latest epoch.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.epochs.end_offset_for(epoch, self.next_offset())
+    }
+
+    /// The epoch record, oldest first.
+    pub fn epoch_entries(&self) -> &[EpochEntry] {
+        self.epochs.entries()
+    }
+
+    /// Starts leader epoch `epoch` at the log end, durably (the record is rewritten and
+    /// synced before this returns). The same epoch again does nothing; a lower one is
+    /// [`LogError::EpochRegressed`].
+    pub fn begin_epoch(&mut self, epoch: i32) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        match self.epochs.latest() {
+            Some(latest) if latest == epoch => return Ok(()), // every append: no allocation
+            Some(latest) if epoch < latest => {
+                return Err(LogError::EpochRegressed { latest, requested: epoch })
+            }
+            _ => {}
+        }
+        let mut next = self.epochs.clone();
+        if next.begin(epoch, self.next_offset())? {
+            epochs::write(&*self.storage, &self.dir, &next)?;
+            self.epochs = next;
+        }
+        Ok(())
     }
 
     /// Appends one batch, which the caller has validated (`batch::validate`) and which must
@@ -437,9 +626,24 @@ impl PartitionLog {
             let msg = format!("batch length says {} bytes, buffer holds {}", header.total_len(), batch.len());
             return Err(BatchError::Inconsistent(msg).into());
         }
+        // A new epoch is recorded durably before its first batch; epochs never go back.
+        self.begin_epoch(leader_epoch)?;
         let base_offset = self.next_offset();
         batch::stamp(batch, base_offset, leader_epoch);
         let header = BatchHeader { base_offset, leader_epoch, ..header };
+        self.append_stamped(batch, header, now_ms, roll_file)
+    }
+
+    /// Appends a batch whose header (`header`, parsed from it) holds its final offsets and
+    /// epoch, rolling first if needed.
+    fn append_stamped(
+        &mut self,
+        batch: &[u8],
+        header: BatchHeader,
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
+        let base_offset = header.base_offset;
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
             self.roll(roll_file)?;
@@ -597,6 +801,16 @@ impl PartitionLog {
         }
         if !report.deleted_bases.is_empty() {
             self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            // Epochs wholly before the new start go (best effort: reconciled at open anyway).
+            let mut next = self.epochs.clone();
+            if next.truncate_from_start(self.log_start_offset()) {
+                match epochs::write(&*self.storage, &self.dir, &next) {
+                    Ok(()) => self.epochs = next,
+                    Err(err) => {
+                        tracing::warn!(%err, "could not rewrite the leader-epoch record after retention")
+                    }
+                }
+            }
             tracing::info!(dir = %self.dir.display(), segments = ?report.deleted_bases, "retention deleted segments");
         }
         report.log_start_offset = self.log_start_offset();

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::checkpoint::{self, RecoveryPoint};
+use super::epochs;
 use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
@@ -208,6 +209,8 @@ pub(crate) struct Recovered {
     pub(crate) synced: RecoveryPoint,
     /// What the checkpoint file said, if it checked out.
     pub(crate) written: Option<RecoveryPoint>,
+    /// The names in the partition directory when it was opened.
+    pub(crate) names: Vec<String>,
 }
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
@@ -226,7 +229,7 @@ pub(crate) fn recover(
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
         report.segments = 1;
         let synced = RecoveryPoint::default();
-        return Ok(Recovered { closed: Vec::new(), active, report, synced, written });
+        return Ok(Recovered { closed: Vec::new(), active, report, synced, written, names });
     };
     let mut closed = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
@@ -241,7 +244,7 @@ pub(crate) fn recover(
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
     let synced = RecoveryPoint { segment_base: last, position: active.size, next_offset: active.next_offset };
-    Ok(Recovered { closed, active, report, synced, written })
+    Ok(Recovered { closed, active, report, synced, written, names })
 }
 
 /// The kinds of file a partition directory holds.
@@ -286,10 +289,10 @@ fn find_segments(
     let mut logs = BTreeSet::new();
     let mut indexes = Vec::new();
     for name in names.iter().cloned() {
-        if name == checkpoint::FILE {
+        if name == checkpoint::FILE || name == epochs::FILE {
             continue;
         }
-        let kind = match name == checkpoint::TEMP_FILE {
+        let kind = match name == checkpoint::TEMP_FILE || name == epochs::TEMP_FILE {
             true => Some((0, FileKind::Temp)),
             false => parse_name(&name),
         };
