@@ -540,6 +540,32 @@ fn append_one(
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
 }
 
+/// Truncates the partition's log at `offset` (a follower's uncommitted suffix, design.md §5.7),
+/// then drops the cut batches from the tail cache and rebuilds the producer state from the
+/// newest snapshot at or below the cut, replaying the batches after it. Never below `commit`
+/// (the high watermark: what consumers may have read and producers were told is stored).
+/// Not wired to a partition yet: replication (issue 17) drives it.
+#[allow(dead_code)]
+pub(crate) fn truncate_one(
+    log: &mut PartitionLog,
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    offset: u64,
+    commit: u64,
+) -> Result<(), PartitionError> {
+    if offset < commit {
+        return Err(PartitionError::new(
+            ErrorCode::Internal,
+            format!("refusing to truncate at {offset}, below the commit offset {commit}"),
+        ));
+    }
+    // The cache first: whatever happens next, it never serves a batch past the cut.
+    tail.lock().truncate(offset);
+    log.truncate_to(offset)?;
+    *producers = recover_producers(log)?;
+    Ok(())
+}
+
 /// Rebuilds idempotent-producer state: the newest valid snapshot at or below the active
 /// segment's base (normally the active segment's own), then the batch headers from there to the
 /// end of the log (design.md §10).
@@ -803,6 +829,48 @@ mod tests {
         let retried = append_one(&mut log, &mut producers, &tail, batch(7, 3, 3), 2)?;
         assert_eq!(retried.base_offset, a.base_offset);
         append_one(&mut log, &mut producers, &tail, batch(7, 6, 3), 2)?;
+        Ok(())
+    }
+
+    /// Truncation into an earlier segment rebuilds the producer state from that segment's
+    /// snapshot and the batches kept after it: a retry of a kept batch is a duplicate, a
+    /// retry of a cut one is appended again at the cut, and the tail cache serves no cut batch.
+    #[test]
+    fn truncation_rewinds_producer_state_and_the_tail_cache() -> anyhow::Result<()> {
+        let mem = Arc::new(MemStorage::new());
+        let storage: Arc<dyn Storage> = mem.clone();
+        let dir = PathBuf::from("/p");
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), small_segments(), 0)?;
+        let mut producers = ProducerStates::default();
+        let mut written = Vec::new();
+        let mut seq = 0;
+        while log.segment_count() < 4 {
+            written.push((seq, append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1)?));
+            seq += 3;
+        }
+        // Cut at the second batch of the second segment.
+        let second = log.side_file_bases("log")?[1];
+        let at = written
+            .iter()
+            .position(|(_, a)| a.base_offset > second)
+            .ok_or_else(|| anyhow::anyhow!("no batch"))?;
+        let (cut_seq, cut) = written[at];
+        let refused = truncate_one(&mut log, &mut producers, &tail, cut.base_offset, cut.base_offset + 1);
+        assert!(refused.is_err(), "never below the commit offset");
+        truncate_one(&mut log, &mut producers, &tail, cut.base_offset, cut.base_offset)?;
+        assert_eq!(log.next_offset(), cut.base_offset);
+        assert_eq!(tail.lock().read(cut.base_offset, u64::MAX, 1 << 20).map(|r| r.len()), Some(0));
+        let (kept_seq, kept) = written[at - 1];
+        let dup = append_one(&mut log, &mut producers, &tail, batch(7, kept_seq, 3), 2)?;
+        assert_eq!(dup.base_offset, kept.base_offset, "a kept batch is still a duplicate");
+        assert_eq!(log.next_offset(), cut.base_offset);
+        let again = append_one(&mut log, &mut producers, &tail, batch(7, cut_seq, 3), 2)?;
+        assert_eq!(again.base_offset, cut.base_offset, "a cut batch is appended again");
+        let after = append_one(&mut log, &mut producers, &tail, batch(7, cut_seq + 3, 3), 2)?;
+        assert_eq!(after.base_offset, cut.last_offset + 1);
+        let cached = tail.lock().read(cut.base_offset, u64::MAX, 1 << 20).unwrap_or_default();
+        assert_eq!(cached.len(), 2);
         Ok(())
     }
 

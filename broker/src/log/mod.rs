@@ -152,6 +152,18 @@ pub enum LogError {
     /// The epoch record is full (see [`MAX_EPOCH_ENTRIES`]).
     #[error("more than {MAX_EPOCH_ENTRIES} leader epochs in one partition")]
     TooManyEpochs,
+    /// A truncation offset that is not the first offset of a batch.
+    #[error("offset {offset} is inside the batch starting at {batch_base}, not at a batch boundary")]
+    NotBatchBoundary {
+        /// The offset asked for.
+        offset: u64,
+        /// The base offset of the batch holding it.
+        batch_base: u64,
+    },
+    /// The log was truncated after this sync handle was taken: what it covered is gone, so its
+    /// sync proves nothing about its `durable_offset`.
+    #[error("the log was truncated after this sync was requested")]
+    TruncatedSince,
 }
 
 impl LogError {
@@ -224,6 +236,8 @@ pub struct SyncHandle {
     /// `None` when the log is poisoned: syncing then must not report success.
     file: Option<Arc<dyn StorageFile>>,
     durable_offset: u64,
+    /// The log's truncation count when the handle was taken.
+    generation: u64,
     /// What a successful sync covers, recorded as the partition's recovery point.
     point: RecoveryPoint,
     recovery: RecoveryCheckpoint,
@@ -239,6 +253,9 @@ pub struct SyncHandle {
 struct SyncGate {
     lock: parking_lot::Mutex<()>,
     failed: std::sync::atomic::AtomicBool,
+    /// Truncations so far (changed under `lock`): a handle from before one must not record
+    /// its recovery point, which may be past the cut.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 type SyncState = Arc<SyncGate>;
@@ -251,6 +268,10 @@ impl SyncGate {
     fn fail(&self) {
         self.failed.store(true, std::sync::atomic::Ordering::Release);
     }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl SyncHandle {
@@ -261,6 +282,10 @@ impl SyncHandle {
         let _serial = self.failed.lock.lock();
         if self.failed.failed() {
             return Err(io::Error::other(LogError::Poisoned));
+        }
+        if self.failed.generation() != self.generation {
+            // Not a storage failure: the log stays usable, this handle's offsets are gone.
+            return Err(io::Error::other(LogError::TruncatedSince));
         }
         let result = match &self.file {
             Some(file) => file.sync(),
@@ -662,6 +687,152 @@ impl PartitionLog {
         Ok(AppendInfo { base_offset, last_offset: header.last_offset(), rolled })
     }
 
+    /// Removes every batch from `offset` on: a follower's uncommitted suffix that diverged from
+    /// the leader (design.md §5.7). `offset` must be the first offset of a batch, at least the
+    /// log start and at most the log end ([`LogError::NotBatchBoundary`],
+    /// [`LogError::OffsetOutOfRange`]). Cuts the segments, their indexes and side files
+    /// (`<base>.<ext>` above the cut) and the epoch record. Sync handles taken before it fail
+    /// with [`LogError::TruncatedSince`]. The caller never truncates below its commit offset
+    /// and drops what it caches above the cut (tail cache, producer state).
+    ///
+    /// Crash safety, in this order: the recovery point is lowered to the cut durably first
+    /// (recovery trusts bytes below it, and new appends will rewrite the bytes above); later
+    /// segments are deleted newest first and the directory synced; the cut segment's file is
+    /// truncated and synced; the epoch record is rewritten. A crash at any step leaves a prefix
+    /// of the old log that recovery opens like any other, and the epoch record is reconciled
+    /// with it at open. A failure after the first step poisons the log (reopen to recover).
+    pub fn truncate_to(&mut self, offset: u64) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let (log_start, next) = (self.log_start_offset(), self.next_offset());
+        if offset < log_start || offset > next {
+            return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
+        }
+        if offset == next {
+            // Nothing to cut but epochs that began here and got no batch.
+            return self.truncate_epochs(offset);
+        }
+        let index = match offset >= self.active.base {
+            true => self.closed.len(),
+            false => self.closed.partition_point(|s| s.base <= offset).saturating_sub(1),
+        };
+        let seg = match self.closed.get(index) {
+            Some(seg) => seg,
+            None => &self.active,
+        };
+        let position = self.batch_position(seg, offset)?;
+        let point = RecoveryPoint { segment_base: seg.base, position, next_offset: offset };
+        let gate = self.sync_failed.clone();
+        let _serial = gate.lock.lock();
+        if gate.failed() {
+            self.poisoned = true;
+            return Err(LogError::Poisoned);
+        }
+        // From here on a sync handle taken before would record a point past the cut.
+        gate.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.recovery.lower_to(point)?;
+        let result = self.cut(index, position, offset);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        self.truncate_epochs(offset)?;
+        tracing::info!(dir = %self.dir.display(), offset, removed_from = next, "truncated the log");
+        Ok(())
+    }
+
+    /// Byte position of the batch starting at `offset` in `seg`.
+    fn batch_position(&self, seg: &Segment, offset: u64) -> Result<u64, LogError> {
+        if offset == seg.base {
+            return Ok(0);
+        }
+        if let Some(d) = seg.damage_at(offset) {
+            return match d.offsets.start == offset {
+                true => Ok(d.position),
+                false => Err(LogError::NotBatchBoundary { offset, batch_base: d.offsets.start }),
+            };
+        }
+        self.open_log(seg)?;
+        let (position, header) = seg.find_batch(offset)?;
+        if header.base_offset != offset {
+            return Err(LogError::NotBatchBoundary { offset, batch_base: header.base_offset });
+        }
+        Ok(position)
+    }
+
+    /// Deletes the segments after `closed[index]` (or the active one) and cuts that one at
+    /// `position`, making it the active segment.
+    fn cut(&mut self, index: usize, position: u64, offset: u64) -> Result<(), LogError> {
+        let keep_base = self.closed.get(index).map_or(self.active.base, |s| s.base);
+        if index < self.closed.len() {
+            // Newest first, so a crash leaves the segments a prefix of the old ones.
+            let [log, ..] = self.active.paths();
+            let log = log.to_path_buf();
+            self.remove_segment_files(self.active.base, &log)?;
+            while self.closed.len() > index + 1 {
+                let Some(seg) = self.closed.pop() else { break };
+                let log = seg.log_path.clone();
+                self.remove_segment_files(seg.base, &log)?;
+            }
+            self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            let Some(seg) = self.closed.pop() else {
+                return Err(LogError::Corrupt {
+                    path: self.dir.clone(),
+                    position,
+                    reason: "no segment to keep".into(),
+                });
+            };
+            self.active = seg;
+            self.open_closed.lock().retain(|&b| b < keep_base);
+        }
+        // Side files of the kept segment's base stay (a producer snapshot as of its start).
+        self.remove_files_above(keep_base)?;
+        self.active.truncate(position, offset)?;
+        self.size_bytes = self.closed.iter().map(|s| s.size).sum::<u64>() + self.active.size;
+        Ok(())
+    }
+
+    /// Removes a segment's log file, then its indexes and side files.
+    fn remove_segment_files(&self, base: u64, log: &Path) -> Result<(), LogError> {
+        match self.storage.remove(log) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(LogError::io("delete segment", log)(err)),
+        }
+        self.remove_files_above(base.saturating_sub(1))
+    }
+
+    /// Removes every `<base>.<ext>` file with a base above `base` (indexes, side files).
+    fn remove_files_above(&self, base: u64) -> Result<(), LogError> {
+        let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
+        for name in names {
+            let Some((stem, _)) = name.split_once('.') else { continue };
+            if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if stem.parse::<u64>().is_ok_and(|b| b > base) {
+                let path = self.dir.join(&name);
+                match self.storage.remove(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(LogError::io("delete file", &path)(err)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops epoch entries from `offset` on, durably if any was.
+    fn truncate_epochs(&mut self, offset: u64) -> Result<(), LogError> {
+        let mut next = self.epochs.clone();
+        if next.truncate_from_end(offset) {
+            epochs::write(&*self.storage, &self.dir, &next)?;
+            self.epochs = next;
+        }
+        Ok(())
+    }
+
     /// A handle that syncs everything appended so far; see the module docs for group commit.
     pub fn sync_handle(&self) -> SyncHandle {
         // The active segment's file is always open, so this does not fail in practice.
@@ -669,6 +840,7 @@ impl PartitionLog {
         SyncHandle {
             file,
             durable_offset: self.next_offset(),
+            generation: self.sync_failed.generation(),
             point: self.active_point(),
             recovery: self.recovery.clone(),
             failed: self.sync_failed.clone(),
