@@ -540,6 +540,27 @@ fn append_one(
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
 }
 
+/// A follower's append (docs/design.md §5.7): the leader's batch, with its offsets and epoch,
+/// stored as it is; the producer state and the tail cache follow it as they follow a leader's
+/// append. Not wired to a partition yet: replication (issue 17) drives it.
+#[allow(dead_code)]
+pub(crate) fn append_replicated_one(
+    log: &mut PartitionLog,
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    batch: Bytes,
+    now: i64,
+) -> Result<Appended, PartitionError> {
+    let encode = || producers.encode_snapshot();
+    let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
+    let info = log.append_replicated(&batch, now, Some(&snapshot))?;
+    let header = BatchHeader::parse(&batch)
+        .map_err(|e| PartitionError::new(ErrorCode::CorruptBatch, e.to_string()))?;
+    producers.record(&header, info.base_offset);
+    tail.lock().push(info.base_offset, info.last_offset + 1, batch);
+    Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+}
+
 /// Truncates the partition's log at `offset` (a follower's uncommitted suffix, design.md §5.7),
 /// then drops the cut batches from the tail cache and rebuilds the producer state from the
 /// newest snapshot at or below the cut, replaying the batches after it. Never below `commit`
@@ -871,6 +892,24 @@ mod tests {
         assert_eq!(after.base_offset, cut.last_offset + 1);
         let cached = tail.lock().read(cut.base_offset, u64::MAX, 1 << 20).unwrap_or_default();
         assert_eq!(cached.len(), 2);
+        // A follower of this log appends its bytes as they are, with the same producer state.
+        let follower_dir = PathBuf::from("/f");
+        let (mut follower, _) = PartitionLog::open(storage, follower_dir, small_segments(), 0)?;
+        let (mut f_producers, f_tail) = (ProducerStates::default(), Mutex::new(TailCache::new(1 << 20)));
+        let mut offset = 0;
+        while offset < log.next_offset() {
+            let bytes = log.read_plan(offset, 1)?.execute()?;
+            let header = BatchHeader::parse(&bytes)?;
+            append_replicated_one(
+                &mut follower,
+                &mut f_producers,
+                &f_tail,
+                bytes.slice(..header.total_len()),
+                3,
+            )?;
+            offset = header.next_offset();
+        }
+        assert_eq!(f_producers.encode_snapshot(), producers.encode_snapshot());
         Ok(())
     }
 

@@ -152,6 +152,14 @@ pub enum LogError {
     /// The epoch record is full (see [`MAX_EPOCH_ENTRIES`]).
     #[error("more than {MAX_EPOCH_ENTRIES} leader epochs in one partition")]
     TooManyEpochs,
+    /// A replicated batch does not start at the log end.
+    #[error("replicated batch starts at offset {got}, the log ends at {expected}")]
+    NotAtLogEnd {
+        /// The log end offset.
+        expected: u64,
+        /// The batch's base offset.
+        got: u64,
+    },
     /// A truncation offset that is not the first offset of a batch.
     #[error("offset {offset} is inside the batch starting at {batch_base}, not at a batch boundary")]
     NotBatchBoundary {
@@ -656,6 +664,29 @@ impl PartitionLog {
         let base_offset = self.next_offset();
         batch::stamp(batch, base_offset, leader_epoch);
         let header = BatchHeader { base_offset, leader_epoch, ..header };
+        self.append_stamped(batch, header, now_ms, roll_file)
+    }
+
+    /// A follower's append (design.md §5.7): `batch` already carries its offsets and the leader
+    /// epoch it was written in, and is stored byte for byte. It is validated as a produced
+    /// batch is (length, CRC, framing), must start at the log end
+    /// ([`LogError::NotAtLogEnd`]) and carry an epoch at least the latest
+    /// ([`LogError::EpochRegressed`]); a higher epoch is begun durably first. `roll_file` as
+    /// for [`append_with`](Self::append_with).
+    pub fn append_replicated(
+        &mut self,
+        batch: &[u8],
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let header = batch::validate(batch)?;
+        if header.base_offset != self.next_offset() {
+            return Err(LogError::NotAtLogEnd { expected: self.next_offset(), got: header.base_offset });
+        }
+        self.begin_epoch(header.leader_epoch)?;
         self.append_stamped(batch, header, now_ms, roll_file)
     }
 

@@ -416,3 +416,50 @@ fn power_loss_at_any_step_of_a_truncation_leaves_a_prefix() -> TestResult {
     assert!(steps_seen > 10, "the truncation took {steps_seen} steps");
     Ok(())
 }
+
+#[test]
+fn a_follower_appends_the_leaders_bytes_as_they_are() -> TestResult {
+    let (mem, leader_storage) = mem();
+    let (_, follower_storage) = super::tests::mem();
+    let dir = Path::new(DIR);
+    let cfg = config(300);
+    let (mut leader, _) = open(&leader_storage, dir, &cfg)?;
+    let (mut follower, _) = open(&follower_storage, dir, &cfg)?;
+    let mut model = Vec::new();
+    for epoch in [0, 0, 1, 1, 1, 3, 3] {
+        let b = lead(&mut leader, epoch, 2)?;
+        follower.append_replicated(&b, 0, None)?;
+        model.push(b);
+    }
+    check_reads(&follower, &model)?;
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    assert_eq!(follower.segment_count(), leader.segment_count());
+    // Wrong offset, lower epoch, damaged bytes: refused, nothing appended.
+    let next = follower.next_offset();
+    let mut b = batch(0, 1, 0);
+    batch::stamp(&mut b, next + 1, 3);
+    assert!(
+        matches!(follower.append_replicated(&b, 0, None), Err(LogError::NotAtLogEnd { expected, got }) if expected == next && got == next + 1)
+    );
+    batch::stamp(&mut b, next, 2);
+    assert!(matches!(
+        follower.append_replicated(&b, 0, None),
+        Err(LogError::EpochRegressed { latest: 3, requested: 2 })
+    ));
+    batch::stamp(&mut b, next, 3);
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    assert!(matches!(follower.append_replicated(&b, 0, None), Err(LogError::InvalidBatch(_))));
+    assert_eq!(follower.next_offset(), next);
+    // A higher epoch begins durably with its first batch.
+    b[last] ^= 1;
+    batch::stamp(&mut b, next, 6);
+    follower.append_replicated(&b, 0, None)?;
+    model.push(b.freeze());
+    follower.sync()?;
+    drop(follower);
+    let _ = mem; // the leader's storage
+    let (follower, _) = open(&follower_storage, dir, &cfg)?;
+    assert_eq!(follower.latest_epoch(), Some(6));
+    check_reads(&follower, &model)
+}
