@@ -19,6 +19,8 @@ mod epochs;
 #[cfg(test)]
 mod fault_tests;
 mod index;
+#[cfg(test)]
+mod model_tests;
 mod recovery;
 #[cfg(test)]
 mod replication_tests;
