@@ -574,6 +574,8 @@ pub(crate) fn truncate_one(
     offset: u64,
     commit: u64,
 ) -> Result<(), PartitionError> {
+    // The commit offset never passes the log end, and nothing committed is ever cut.
+    assert!(commit <= log.next_offset(), "commit offset {commit} past the log end {}", log.next_offset());
     if offset < commit {
         return Err(PartitionError::new(
             ErrorCode::Internal,

@@ -201,6 +201,11 @@ impl<E: IndexEntry> IndexFile<E> {
         self.entries.last()
     }
 
+    /// The entries in memory.
+    pub(crate) fn entries(&self) -> &[E] {
+        &self.entries
+    }
+
     /// Drops the entries in memory from relative offset `rel` on (a truncation; the file is
     /// rewritten when the segment is sealed, and the active segment's file is never read).
     pub(crate) fn truncate_from(&mut self, rel: u32) {

@@ -456,6 +456,7 @@ impl PartitionLog {
             open_closed: Default::default(),
         };
         log.load_epochs(&recovered.names)?;
+        log.check_invariants(true);
         Ok((log, recovered.report))
     }
 
@@ -702,6 +703,10 @@ impl PartitionLog {
         roll_file: Option<&RollFile<'_>>,
     ) -> Result<AppendInfo, LogError> {
         let base_offset = header.base_offset;
+        // Offsets are contiguous, and the epoch record covers the batch (both checked by the
+        // callers; a violation here is a bug that would corrupt the log).
+        assert_eq!(base_offset, self.next_offset(), "append must start at the log end");
+        assert_eq!(self.epochs.latest(), Some(header.leader_epoch), "append in the latest epoch");
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
             self.roll(roll_file)?;
@@ -771,6 +776,7 @@ impl PartitionLog {
         }
         result?;
         self.truncate_epochs(offset)?;
+        self.check_invariants(true);
         tracing::info!(dir = %self.dir.display(), offset, removed_from = next, "truncated the log");
         Ok(())
     }
@@ -864,6 +870,38 @@ impl PartitionLog {
             self.epochs = next;
         }
         Ok(())
+    }
+
+    /// The log's structural invariants: contiguous segments, the active one at the end, epoch
+    /// entries within the log and increasing, index entries below each segment's end. Cheap
+    /// ones always (a violation is a bug); with `deep` (open, truncation), in debug builds,
+    /// a walk over every segment's index entries.
+    fn check_invariants(&self, deep: bool) {
+        let last = self.closed.last().map_or(self.active.base, |s| s.next_offset);
+        assert_eq!(last, self.active.base, "the active segment starts where the last closed one ends");
+        assert!(self.active.next_offset >= self.active.base);
+        if let Some(e) = self.epochs.entries().last() {
+            assert!(e.start <= self.next_offset(), "epoch {} starts past the log end", e.epoch);
+        }
+        if cfg!(debug_assertions) && deep {
+            let mut expected = self.log_start_offset();
+            for seg in self.segments() {
+                assert_eq!(seg.base, expected, "segments are contiguous");
+                expected = seg.next_offset;
+                let rel_end = seg.next_offset - seg.base;
+                assert!(seg
+                    .offsets
+                    .entries()
+                    .iter()
+                    .all(|e| u64::from(e.rel) < rel_end && u64::from(e.pos) < seg.size));
+                assert!(seg.times.entries().iter().all(|e| u64::from(e.rel) < rel_end));
+            }
+            assert!(self
+                .epochs
+                .entries()
+                .windows(2)
+                .all(|w| w[0].epoch < w[1].epoch && w[0].start < w[1].start));
+        }
     }
 
     /// A handle that syncs everything appended so far; see the module docs for group commit.
@@ -1196,6 +1234,7 @@ impl PartitionLog {
         let mut old = old;
         old.release(); // reopened on demand, within the bound of open closed segments
         self.closed.push(old);
+        self.check_invariants(false);
         Ok(())
     }
 

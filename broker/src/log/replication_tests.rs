@@ -463,3 +463,32 @@ fn a_follower_appends_the_leaders_bytes_as_they_are() -> TestResult {
     assert_eq!(follower.latest_epoch(), Some(6));
     check_reads(&follower, &model)
 }
+
+/// The log's invariants are checked, not assumed: an epoch entry past the log end, or (in
+/// debug builds) an index entry past a segment's end, is a bug that stops the log.
+#[test]
+fn broken_invariants_are_caught() -> TestResult {
+    let (_, storage) = mem();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(300))?;
+    for _ in 0..4 {
+        lead(&mut log, 0, 2)?;
+    }
+    let end = log.next_offset();
+    let caught = |log: &PartitionLog| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.check_invariants(true))).is_err()
+    };
+    assert!(!caught(&log));
+    let good = log.epochs.clone();
+    log.epochs = epochs::Epochs::from_entries(vec![
+        EpochEntry { epoch: 0, start: 0 },
+        EpochEntry { epoch: 1, start: end + 1 },
+    ])?;
+    assert!(caught(&log), "an epoch past the log end");
+    log.epochs = good;
+    if cfg!(debug_assertions) {
+        let size = log.active.size as u32;
+        log.active.offsets.push(index::OffsetEntry { rel: 1000, pos: size + 1 }, false);
+        assert!(caught(&log), "an index entry past the segment");
+    }
+    Ok(())
+}
