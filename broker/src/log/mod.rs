@@ -10,9 +10,12 @@
 //!   it. A group-commit writer locks, appends every queued batch, takes the handle, unlocks,
 //!   syncs once, and then acknowledges everything below [`SyncHandle::durable_offset`].
 //! * reads: [`PartitionLog::read_plan`] under the lock locates whole batches, and
-//!   [`ReadPlan::execute`] reads them outside it. The bytes a plan names never change (the
-//!   log only appends; recovery truncates only before the log is shared), and a plan holds its
-//!   file open, so retention deleting the segment meanwhile does not break it.
+//!   [`ReadPlan::execute`] reads them outside it. The bytes a plan names below the commit
+//!   offset never change (the log appends; recovery truncates only before the log is shared;
+//!   [`PartitionLog::truncate_to`] cuts only above the commit offset, so
+//!   [`ReadPlan::execute_below`] the commit serves unchanged batches, or fails with an IO
+//!   error if the file was cut shorter than its span: read again), and a plan holds its file
+//!   open, so retention deleting the segment meanwhile does not break it.
 
 mod checkpoint;
 mod epochs;
