@@ -440,8 +440,21 @@ impl PartitionLog {
         config: LogConfig,
         now_ms: i64,
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
+        Self::open_observed(storage, dir, config, now_ms, &mut |_, _| {})
+    }
+
+    /// As [`open`](Self::open), calling `observer(segment base, header)` for every batch of the
+    /// active segment that recovery keeps, in order, as its CRC scan reads them: what the
+    /// partition replays into its producer state without reading the segment again.
+    pub fn open_observed(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        config: LogConfig,
+        now_ms: i64,
+        observer: &mut dyn FnMut(u64, &BatchHeader),
+    ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
-        let recovered = recovery::recover(&storage, &dir, &config, now_ms)?;
+        let recovered = recovery::recover(&storage, &dir, &config, now_ms, observer)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let recovery =
             RecoveryCheckpoint::new(storage.clone(), dir.clone(), recovered.synced, recovered.written);

@@ -17,6 +17,7 @@ use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
+use quiver_protocol::batch::BatchHeader;
 
 /// What [`PartitionLog::open`](super::PartitionLog::open) found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -219,6 +220,7 @@ pub(crate) fn recover(
     dir: &Path,
     config: &LogConfig,
     now_ms: i64,
+    observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
@@ -240,7 +242,8 @@ pub(crate) fn recover(
         seg.release();
         closed.push(seg);
     }
-    let mut active = open_last(storage, dir, last, config.index_interval_bytes, written, &mut report)?;
+    let mut active =
+        open_last(storage, dir, last, config.index_interval_bytes, written, &mut report, observer)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
     let synced = RecoveryPoint { segment_base: last, position: active.size, next_offset: active.next_offset };
@@ -441,6 +444,7 @@ fn open_last(
     interval: u32,
     point: Option<RecoveryPoint>,
     report: &mut RecoveryReport,
+    observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
     let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
@@ -470,6 +474,7 @@ fn open_last(
     while pos < limit {
         let end = walker.run(pos, offset, len, |at| {
             seg.track(at, interval, false, std::mem::take(&mut resumed));
+            observer(base, &at.header);
             u64::from(at.pos) + (at.header.total_len() as u64) < limit
         })?;
         (pos, offset) = (end.pos, end.next_offset);
@@ -535,6 +540,7 @@ fn open_last(
     // From the recovery point on: the first defect ends the log.
     let end = walker.run(pos, offset, len, |at| {
         seg.track(at, interval, false, std::mem::take(&mut resumed));
+        observer(base, &at.header);
         true
     })?;
     for d in damage {
