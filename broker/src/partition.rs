@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use quiver_protocol::batch::{Batches, ValidatedBatch};
+use quiver_protocol::batch::{BatchHeader, Batches, ValidatedBatch};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -133,11 +133,10 @@ impl Partition {
         tail_cache_bytes: usize,
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
-        let (log, report) = PartitionLog::open(storage, dir, log_config(config), now_ms())?;
+        let (log, report, producers) = open_log(storage, dir, log_config(config), now_ms())?;
         if report.truncated_bytes() > 0 {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
-        let producers = recover_producers(&log)?;
         let recovery = log.recovery_checkpoint();
         let next = log.next_offset();
         let start = log.log_start_offset();
@@ -566,6 +565,105 @@ fn append_one(
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
 }
 
+/// A follower's append (docs/design.md §5.7): the leader's batch, with its offsets and epoch,
+/// stored as it is; the producer state and the tail cache follow it as they follow a leader's
+/// append. Not wired to a partition yet: replication (issue 17) drives it.
+#[allow(dead_code)]
+pub(crate) fn append_replicated_one(
+    log: &mut PartitionLog,
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    batch: ValidatedBatch,
+    now: i64,
+) -> Result<Appended, PartitionError> {
+    let encode = || producers.encode_snapshot();
+    let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
+    let info = log.append_replicated(&batch, now, Some(&snapshot))?;
+    producers.record(batch.header(), info.base_offset);
+    tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
+    Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+}
+
+/// Truncates the partition's log at `offset` (a follower's uncommitted suffix, design.md §5.7),
+/// then drops the cut batches from the tail cache and rebuilds the producer state from the
+/// newest snapshot at or below the cut, replaying the batches after it. Never below `commit`
+/// (the high watermark: what consumers may have read and producers were told is stored).
+/// Not wired to a partition yet: replication (issue 17) drives it.
+#[allow(dead_code)]
+pub(crate) fn truncate_one(
+    log: &mut PartitionLog,
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    offset: u64,
+    commit: u64,
+) -> Result<(), PartitionError> {
+    // The commit offset never passes the log end, and nothing committed is ever cut.
+    assert!(commit <= log.next_offset(), "commit offset {commit} past the log end {}", log.next_offset());
+    if offset < commit {
+        return Err(PartitionError::new(
+            ErrorCode::Internal,
+            format!("refusing to truncate at {offset}, below the commit offset {commit}"),
+        ));
+    }
+    // The cache first: whatever happens next, it never serves a batch past the cut.
+    tail.lock().truncate(offset);
+    log.truncate_to(offset)?;
+    *producers = recover_producers(log)?;
+    Ok(())
+}
+
+/// Opens (recovers) a partition's log and rebuilds its producer state in the same pass over the
+/// active segment: the batches recovery's CRC scan keeps are replayed onto the active
+/// segment's snapshot as they are read. Only if that snapshot is missing or damaged is the log
+/// read again ([`recover_producers`]).
+fn open_log(
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    config: LogConfig,
+    now: i64,
+) -> Result<(PartitionLog, crate::log::RecoveryReport, ProducerStates), PartitionError> {
+    // (segment base, its snapshot with the batches so far recorded; `None` if it did not
+    // decode; empty if there was no snapshot file, which is right only for the first segment)
+    let mut replayed: Option<(u64, Option<ProducerStates>, bool)> = None;
+    let snapshot_at = |base: u64| -> (Option<ProducerStates>, bool) {
+        let name = format!("{base:020}.{SNAPSHOT_EXT}");
+        match storage.list(&dir) {
+            Ok(names) if !names.contains(&name) => return (Some(ProducerStates::default()), false),
+            Ok(_) => {}
+            Err(_) => return (None, true),
+        }
+        let read = || -> Option<ProducerStates> {
+            let f = storage.open(&dir.join(&name)).ok()?;
+            let len = f.len().ok().filter(|&l| l <= MAX_SNAPSHOT_BYTES)?;
+            let mut buf = vec![0; len as usize];
+            f.read_exact_at(0, &mut buf).ok()?;
+            ProducerStates::decode_snapshot(&buf)
+        };
+        (read(), true)
+    };
+    let mut observer = |base: u64, header: &BatchHeader| {
+        let (_, states, _) = replayed.get_or_insert_with(|| {
+            let (states, file) = snapshot_at(base);
+            (base, states, file)
+        });
+        if let Some(states) = states {
+            states.record(header, header.base_offset);
+        }
+    };
+    let (log, report) =
+        PartitionLog::open_observed(storage.clone(), dir.clone(), config, now, &mut observer)?;
+    let producers = match replayed {
+        Some((base, Some(states), file))
+            if base == log.active_base_offset() && (file || base == log.log_start_offset()) =>
+        {
+            states
+        }
+        // An empty active segment (its snapshot is all there is), or no usable snapshot.
+        _ => recover_producers(&log)?,
+    };
+    Ok((log, report, producers))
+}
+
 /// Rebuilds idempotent-producer state: the newest valid snapshot at or below the active
 /// segment's base (normally the active segment's own), then the batch headers from there to the
 /// end of the log (design.md §10).
@@ -644,7 +742,7 @@ mod tests {
     use crate::storage::{FileWrapper, MemStorage, Storage, StorageFile, Wrapped};
     use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
     use std::path::Path;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
 
     fn batch(producer_id: i64, base_sequence: i32, records: usize) -> ValidatedBatch {
         let identity = ProducerIdentity { producer_id, producer_epoch: 0, base_sequence };
@@ -903,6 +1001,157 @@ mod tests {
         let retried = append_one(&mut log, &mut producers, &tail, batch(7, 3, 3), 2)?;
         assert_eq!(retried.base_offset, a.base_offset);
         append_one(&mut log, &mut producers, &tail, batch(7, 6, 3), 2)?;
+        Ok(())
+    }
+
+    /// Truncation into an earlier segment rebuilds the producer state from that segment's
+    /// snapshot and the batches kept after it: a retry of a kept batch is a duplicate, a
+    /// retry of a cut one is appended again at the cut, and the tail cache serves no cut batch.
+    #[test]
+    fn truncation_rewinds_producer_state_and_the_tail_cache() -> anyhow::Result<()> {
+        let mem = Arc::new(MemStorage::new());
+        let storage: Arc<dyn Storage> = mem.clone();
+        let dir = PathBuf::from("/p");
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), small_segments(), 0)?;
+        let mut producers = ProducerStates::default();
+        let mut written = Vec::new();
+        let mut seq = 0;
+        while log.segment_count() < 4 {
+            written.push((seq, append_one(&mut log, &mut producers, &tail, batch(7, seq, 3), 1)?));
+            seq += 3;
+        }
+        // Cut at the second batch of the second segment.
+        let second = log.side_file_bases("log")?[1];
+        let at = written
+            .iter()
+            .position(|(_, a)| a.base_offset > second)
+            .ok_or_else(|| anyhow::anyhow!("no batch"))?;
+        let (cut_seq, cut) = written[at];
+        let refused = truncate_one(&mut log, &mut producers, &tail, cut.base_offset, cut.base_offset + 1);
+        assert!(refused.is_err(), "never below the commit offset");
+        truncate_one(&mut log, &mut producers, &tail, cut.base_offset, cut.base_offset)?;
+        assert_eq!(log.next_offset(), cut.base_offset);
+        assert_eq!(tail.lock().read(cut.base_offset, u64::MAX, 1 << 20).map(|r| r.len()), Some(0));
+        let (kept_seq, kept) = written[at - 1];
+        let dup = append_one(&mut log, &mut producers, &tail, batch(7, kept_seq, 3), 2)?;
+        assert_eq!(dup.base_offset, kept.base_offset, "a kept batch is still a duplicate");
+        assert_eq!(log.next_offset(), cut.base_offset);
+        let again = append_one(&mut log, &mut producers, &tail, batch(7, cut_seq, 3), 2)?;
+        assert_eq!(again.base_offset, cut.base_offset, "a cut batch is appended again");
+        let after = append_one(&mut log, &mut producers, &tail, batch(7, cut_seq + 3, 3), 2)?;
+        assert_eq!(after.base_offset, cut.last_offset + 1);
+        let cached = tail.lock().read(cut.base_offset, u64::MAX, 1 << 20).unwrap_or_default();
+        assert_eq!(cached.len(), 2);
+        // A follower of this log appends its bytes as they are, with the same producer state.
+        let follower_dir = PathBuf::from("/f");
+        let (mut follower, _) = PartitionLog::open(storage, follower_dir, small_segments(), 0)?;
+        let (mut f_producers, f_tail) = (ProducerStates::default(), Mutex::new(TailCache::new(1 << 20)));
+        let mut offset = 0;
+        while offset < log.next_offset() {
+            let bytes = log.read_plan(offset, 1)?.execute()?;
+            let header = BatchHeader::parse(&bytes)?;
+            append_replicated_one(
+                &mut follower,
+                &mut f_producers,
+                &f_tail,
+                ValidatedBatch::new(bytes.slice(..header.total_len()))?,
+                3,
+            )?;
+            offset = header.next_offset();
+        }
+        assert_eq!(f_producers.encode_snapshot(), producers.encode_snapshot());
+        Ok(())
+    }
+
+    /// Counts the bytes read from files whose name ends in `.log`.
+    #[derive(Debug, Default)]
+    struct CountReads(Arc<AtomicU64>);
+
+    impl FileWrapper for CountReads {
+        fn wrap(&self, path: &Path, inner: Arc<dyn StorageFile>) -> Arc<dyn StorageFile> {
+            let count = path.to_string_lossy().ends_with(".log").then(|| self.0.clone());
+            Arc::new(CountingFile { inner, count })
+        }
+    }
+
+    #[derive(Debug)]
+    struct CountingFile {
+        inner: Arc<dyn StorageFile>,
+        count: Option<Arc<AtomicU64>>,
+    }
+
+    impl StorageFile for CountingFile {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            if let Some(count) = &self.count {
+                count.fetch_add(buf.len() as u64, Ordering::SeqCst);
+            }
+            self.inner.read_exact_at(pos, buf)
+        }
+        fn append(&self, data: &[u8]) -> std::io::Result<()> {
+            self.inner.append(data)
+        }
+        fn truncate(&self, len: u64) -> std::io::Result<()> {
+            self.inner.truncate(len)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    /// Opening a partition reads its active segment once: the producer state is replayed from
+    /// the batches recovery's CRC scan reads, not by reading the segment again; and it is the
+    /// state a separate replay gives, with and without a usable snapshot.
+    #[test]
+    fn opening_reads_the_active_segment_once() -> anyhow::Result<()> {
+        let storage = Arc::new(Wrapped::<MemStorage, CountReads>::default());
+        let dyn_storage: Arc<dyn Storage> = storage.clone();
+        let dir = PathBuf::from("/p");
+        let tail = Mutex::new(TailCache::new(1 << 20));
+        for first_segment in [true, false] {
+            let cfg =
+                LogConfig { segment_bytes: if first_segment { 1 << 20 } else { 20_000 }, ..small_segments() };
+            let dir = dir.join(first_segment.to_string());
+            let (mut log, _) = PartitionLog::open(dyn_storage.clone(), dir.clone(), cfg.clone(), 0)?;
+            let mut producers = ProducerStates::default();
+            for i in 0..300 {
+                append_one(&mut log, &mut producers, &tail, batch(i % 5, (i / 5 * 3) as i32, 3), 1)?;
+            }
+            assert_eq!(log.segment_count() == 1, first_segment);
+            log.sync()?;
+            let active = log.side_file_bases("log")?.last().copied().unwrap_or(0);
+            let active_size =
+                storage.inner.contents(&dir.join(format!("{active:020}.log"))).map_or(0, |b| b.len());
+            let expected = producers.sorted();
+            drop(log);
+
+            // What recovering the log alone reads (its CRC scan reads each header, then the batch).
+            storage.wrapper.0.store(0, Ordering::SeqCst);
+            drop(PartitionLog::open(dyn_storage.clone(), dir.clone(), cfg.clone(), 0)?);
+            let log_alone = storage.wrapper.0.swap(0, Ordering::SeqCst) as usize;
+            let (log, _, reopened) = open_log(dyn_storage.clone(), dir.clone(), cfg.clone(), 0)?;
+            let read = storage.wrapper.0.load(Ordering::SeqCst) as usize;
+            assert!(
+                read < log_alone + active_size / 10,
+                "read {read} bytes, recovery alone {log_alone}, the active segment is {active_size}"
+            );
+            assert_eq!(reopened.sorted(), expected);
+            assert_eq!(recover_producers(&log)?.sorted(), expected);
+            drop(log);
+            if !first_segment {
+                // A damaged snapshot: the state comes from the older segments, read again.
+                let snapshot = dir.join(format!("{active:020}.producers"));
+                let mut bytes =
+                    storage.inner.contents(&snapshot).ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+                bytes[5] ^= 0x40;
+                storage.inner.set_contents(&snapshot, &bytes)?;
+                let (_, _, reopened) = open_log(dyn_storage.clone(), dir.clone(), cfg, 0)?;
+                assert_eq!(reopened.sorted(), expected);
+            }
+        }
         Ok(())
     }
 

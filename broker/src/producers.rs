@@ -112,6 +112,26 @@ impl ProducerStates {
         self.by_last_offset.insert((written.last_offset, h.producer_id));
     }
 
+    /// Every producer's recent batches `[first seq, last seq, base offset, last offset]`, by
+    /// producer id: a comparable form (the map's order is not).
+    #[cfg(test)]
+    pub fn sorted(&self) -> Vec<(i64, Vec<[u64; 4]>)> {
+        let mut out: Vec<_> = self
+            .producers
+            .iter()
+            .map(|(&id, r)| {
+                (
+                    id,
+                    r.iter()
+                        .map(|w| [w.first_seq as u64, w.last_seq as u64, w.base_offset, w.last_offset])
+                        .collect(),
+                )
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     /// Producers remembered.
     pub fn len(&self) -> usize {
         self.producers.len()

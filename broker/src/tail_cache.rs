@@ -44,6 +44,16 @@ impl TailCache {
         }
     }
 
+    /// Drops the batches from offset `offset` on (the log was truncated there). A batch that
+    /// holds `offset` goes too, though truncation cuts at batch boundaries.
+    pub fn truncate(&mut self, offset: u64) {
+        while self.batches.back().is_some_and(|(_, next, _)| *next > offset) {
+            if let Some((_, _, b)) = self.batches.pop_back() {
+                self.bytes -= b.len();
+            }
+        }
+    }
+
     /// Empties the cache if nothing was appended for `idle` (readers fall back to the files).
     pub fn release_if_idle(&mut self, idle: Duration) {
         if self.last_push.is_some_and(|t| t.elapsed() >= idle) {
@@ -105,5 +115,22 @@ mod tests {
         c.release_if_idle(Duration::ZERO);
         assert!(c.read(40, 100, 100).is_none());
         assert!(!c.holds(40));
+    }
+
+    #[test]
+    fn truncation_drops_the_cut_batches() {
+        let mut c = TailCache::new(100);
+        for i in 0..5u64 {
+            c.push(i * 10, i * 10 + 10, Bytes::from(vec![i as u8; 10]));
+        }
+        c.truncate(30);
+        assert_eq!(c.read(0, 100, 100).map(|r| r.len()), Some(3));
+        assert_eq!(c.read(30, 100, 100).map(|r| r.len()), Some(0));
+        // Appends go on from the cut, contiguous again.
+        c.push(30, 31, Bytes::from_static(b"new"));
+        assert_eq!(c.read(30, 100, 100), Some(vec![Bytes::from_static(b"new")]));
+        assert_eq!(c.read(0, 100, 1000).map(|r| r.len()), Some(4), "the older batches stay");
+        c.truncate(0);
+        assert!(c.read(0, 100, 100).is_none());
     }
 }

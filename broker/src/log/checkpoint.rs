@@ -134,6 +134,30 @@ impl RecoveryCheckpoint {
         }
     }
 
+    /// Moves the point back to `point` if it is further (a truncation is about to cut the log
+    /// there) and writes the file durably before returning, so that a crash during or after the
+    /// cut never finds a recovery point above bytes that were rewritten and not synced.
+    pub(crate) fn lower_to(&self, point: RecoveryPoint) -> Result<(), LogError> {
+        let mut written = self.inner.written.lock();
+        let lowered = {
+            let mut synced = self.inner.synced.lock();
+            *synced = (*synced).min(point);
+            *synced
+        };
+        // The file may say more than memory (written from an older point it never does, but
+        // a stale file is cheap to rewrite): it is written whenever it is not exactly this.
+        if *written == Some(lowered) {
+            return Ok(());
+        }
+        let Inner { storage, dir, .. } = &*self.inner;
+        // If the write fails the file may still hold the higher point: nobody may cut then.
+        *written = None;
+        replace_file(&**storage, &dir.join(FILE), &lowered.encode())?;
+        storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
+        *written = Some(lowered);
+        Ok(())
+    }
+
     /// The furthest point a completed fsync covered.
     pub fn synced(&self) -> RecoveryPoint {
         *self.inner.synced.lock()

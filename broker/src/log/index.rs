@@ -201,6 +201,18 @@ impl<E: IndexEntry> IndexFile<E> {
         self.entries.last()
     }
 
+    /// The entries in memory.
+    pub(crate) fn entries(&self) -> &[E] {
+        &self.entries
+    }
+
+    /// Drops the entries in memory from relative offset `rel` on (a truncation; the file is
+    /// rewritten when the segment is sealed, and the active segment's file is never read).
+    pub(crate) fn truncate_from(&mut self, rel: u32) {
+        let keep = self.entries.partition_point(|e| e.rel() < rel);
+        self.entries.truncate(keep);
+    }
+
     /// Replaces the entries in memory without touching the file.
     pub(crate) fn set_entries(&mut self, entries: Vec<E>) {
         self.entries = entries;

@@ -10,15 +10,23 @@
 //!   it. A group-commit writer locks, appends every queued batch, takes the handle, unlocks,
 //!   syncs once, and then acknowledges everything below [`SyncHandle::durable_offset`].
 //! * reads: [`PartitionLog::read_plan`] under the lock locates whole batches, and
-//!   [`ReadPlan::execute`] reads them outside it. The bytes a plan names never change (the
-//!   log only appends; recovery truncates only before the log is shared), and a plan holds its
-//!   file open, so retention deleting the segment meanwhile does not break it.
+//!   [`ReadPlan::execute`] reads them outside it. The bytes a plan names below the commit
+//!   offset never change (the log appends; recovery truncates only before the log is shared;
+//!   [`PartitionLog::truncate_to`] cuts only above the commit offset, so
+//!   [`ReadPlan::execute_below`] the commit serves unchanged batches, or fails with an IO
+//!   error if the file was cut shorter than its span: read again), and a plan holds its file
+//!   open, so retention deleting the segment meanwhile does not break it.
 
 mod checkpoint;
+mod epochs;
 #[cfg(test)]
 mod fault_tests;
 mod index;
+#[cfg(test)]
+mod model_tests;
 mod recovery;
+#[cfg(test)]
+mod replication_tests;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -36,6 +44,7 @@ use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
 pub use checkpoint::{RecoveryCheckpoint, RecoveryPoint};
+pub use epochs::{EpochEntry, MAX_EPOCH_ENTRIES};
 pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
@@ -137,6 +146,37 @@ pub enum LogError {
     /// recovers from what is really on disk.
     #[error("an earlier write or sync of this partition failed; it must be reopened")]
     Poisoned,
+    /// A leader epoch below the latest one: epochs never decrease.
+    #[error("leader epoch {requested} is below the latest epoch {latest}")]
+    EpochRegressed {
+        /// The log's latest epoch.
+        latest: i32,
+        /// The epoch asked for.
+        requested: i32,
+    },
+    /// The epoch record is full (see [`MAX_EPOCH_ENTRIES`]).
+    #[error("more than {MAX_EPOCH_ENTRIES} leader epochs in one partition")]
+    TooManyEpochs,
+    /// A replicated batch does not start at the log end.
+    #[error("replicated batch starts at offset {got}, the log ends at {expected}")]
+    NotAtLogEnd {
+        /// The log end offset.
+        expected: u64,
+        /// The batch's base offset.
+        got: u64,
+    },
+    /// A truncation offset that is not the first offset of a batch.
+    #[error("offset {offset} is inside the batch starting at {batch_base}, not at a batch boundary")]
+    NotBatchBoundary {
+        /// The offset asked for.
+        offset: u64,
+        /// The base offset of the batch holding it.
+        batch_base: u64,
+    },
+    /// The log was truncated after this sync handle was taken: what it covered is gone, so its
+    /// sync proves nothing about its `durable_offset`.
+    #[error("the log was truncated after this sync was requested")]
+    TruncatedSince,
 }
 
 impl LogError {
@@ -209,6 +249,8 @@ pub struct SyncHandle {
     /// `None` when the log is poisoned: syncing then must not report success.
     file: Option<Arc<dyn StorageFile>>,
     durable_offset: u64,
+    /// The log's truncation count when the handle was taken.
+    generation: u64,
     /// What a successful sync covers, recorded as the partition's recovery point.
     point: RecoveryPoint,
     recovery: RecoveryCheckpoint,
@@ -224,6 +266,9 @@ pub struct SyncHandle {
 struct SyncGate {
     lock: parking_lot::Mutex<()>,
     failed: std::sync::atomic::AtomicBool,
+    /// Truncations so far (changed under `lock`): a handle from before one must not record
+    /// its recovery point, which may be past the cut.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 type SyncState = Arc<SyncGate>;
@@ -236,6 +281,10 @@ impl SyncGate {
     fn fail(&self) {
         self.failed.store(true, std::sync::atomic::Ordering::Release);
     }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl SyncHandle {
@@ -246,6 +295,10 @@ impl SyncHandle {
         let _serial = self.failed.lock.lock();
         if self.failed.failed() {
             return Err(io::Error::other(LogError::Poisoned));
+        }
+        if self.failed.generation() != self.generation {
+            // Not a storage failure: the log stays usable, this handle's offsets are gone.
+            return Err(io::Error::other(LogError::TruncatedSince));
         }
         let result = match &self.file {
             Some(file) => file.sync(),
@@ -359,6 +412,8 @@ pub struct PartitionLog {
     active: Segment,
     /// Sum of all segment sizes.
     size_bytes: u64,
+    /// Which leader epoch wrote which offsets; durable in `leader-epochs` (design.md §5.7).
+    epochs: epochs::Epochs,
     /// Set when a write or fsync failed; see [`LogError::Poisoned`].
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
@@ -385,12 +440,25 @@ impl PartitionLog {
         config: LogConfig,
         now_ms: i64,
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
+        Self::open_observed(storage, dir, config, now_ms, &mut |_, _| {})
+    }
+
+    /// As [`open`](Self::open), calling `observer(segment base, header)` for every batch of the
+    /// active segment that recovery keeps, in order, as its CRC scan reads them: what the
+    /// partition replays into its producer state without reading the segment again.
+    pub fn open_observed(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        config: LogConfig,
+        now_ms: i64,
+        observer: &mut dyn FnMut(u64, &BatchHeader),
+    ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
-        let recovered = recovery::recover(&storage, &dir, &config, now_ms)?;
+        let recovered = recovery::recover(&storage, &dir, &config, now_ms, observer)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let recovery =
             RecoveryCheckpoint::new(storage.clone(), dir.clone(), recovered.synced, recovered.written);
-        let log = PartitionLog {
+        let mut log = PartitionLog {
             recovery,
             storage,
             dir,
@@ -398,11 +466,184 @@ impl PartitionLog {
             closed: recovered.closed,
             active: recovered.active,
             size_bytes,
+            epochs: Default::default(),
             poisoned: false,
             sync_failed: Default::default(),
             open_closed: Default::default(),
         };
+        log.load_epochs(&recovered.names)?;
+        log.check_invariants(true);
         Ok((log, recovered.report))
+    }
+
+    /// Reads the epoch record and reconciles it with the recovered log (design.md §5.7):
+    /// entries from the log end on are dropped (epochs that began and kept no batch, or a
+    /// truncation the crash interrupted before the record was rewritten), the first entry is
+    /// moved up to the log start, and the epoch of the last batch must be the record's epoch
+    /// for it. A missing, damaged or contradicted record is rebuilt from the batches' headers.
+    fn load_epochs(&mut self, names: &[String]) -> Result<(), LogError> {
+        let (start, end) = (self.log_start_offset(), self.next_offset());
+        let loaded = match epochs::read(&*self.storage, &self.dir, names) {
+            Ok(loaded) => loaded,
+            Err(why) => {
+                metrics::counter!("quiver_corrupt_batches_total", "found_by" => "leader_epochs").increment(1);
+                tracing::error!(dir = %self.dir.display(), %why, "the leader-epoch record is damaged; rebuilding it from the batches");
+                None
+            }
+        };
+        // Entries dropped or moved here are not written back: the next open derives the same,
+        // and a partition that is only opened (10,000 idle ones at start) writes nothing.
+        let trusted = match loaded {
+            Some(mut e) => {
+                e.truncate_from_end(end);
+                e.truncate_from_start(start);
+                let last = match end > start {
+                    true => self.last_batch_epoch().ok().flatten(),
+                    false => None,
+                };
+                match (end > start, last) {
+                    (false, _) => Some(e),
+                    (true, Some(epoch))
+                        if e.epoch_at(end - 1) == Some(epoch) && e.epoch_at(start).is_some() =>
+                    {
+                        Some(e)
+                    }
+                    _ => {
+                        tracing::warn!(dir = %self.dir.display(), last_batch_epoch = ?last, record = ?e.entries(), "the leader-epoch record does not match the log's last batch; rebuilding it");
+                        None
+                    }
+                }
+            }
+            None if end > start => {
+                if !names.iter().any(|n| n == epochs::FILE) {
+                    tracing::info!(dir = %self.dir.display(), "no leader-epoch record; building it from the batches");
+                }
+                None
+            }
+            None => Some(Default::default()),
+        };
+        self.epochs = match trusted {
+            Some(e) => e,
+            None => {
+                let rebuilt = self.rebuild_epochs()?;
+                epochs::write(&*self.storage, &self.dir, &rebuilt)?;
+                rebuilt
+            }
+        };
+        Ok(())
+    }
+
+    /// The epoch stamped in the last batch of the log, if it has one that can be read.
+    fn last_batch_epoch(&self) -> Result<Option<i32>, LogError> {
+        let Some(seg) = std::iter::once(&self.active).chain(self.closed.iter().rev()).find(|s| s.size > 0)
+        else {
+            return Ok(None);
+        };
+        if seg.next_offset == seg.base || seg.damage_at(seg.next_offset - 1).is_some() {
+            return Ok(None);
+        }
+        self.open_log(seg)?;
+        let (_, header) = seg.find_batch(seg.next_offset - 1)?;
+        Ok(Some(header.leader_epoch))
+    }
+
+    /// The epoch record as the batches' headers say: a segment whose first and last batch carry
+    /// the epoch already current is skipped (epochs never decrease along the log), any other is
+    /// walked header by header. Damaged spans are stepped over.
+    fn rebuild_epochs(&self) -> Result<epochs::Epochs, LogError> {
+        let mut entries: Vec<EpochEntry> = Vec::new();
+        let note = |epoch: i32, offset: u64, entries: &mut Vec<EpochEntry>| {
+            if epoch < 0 || entries.last().is_some_and(|e| epoch <= e.epoch) {
+                if entries.last().is_some_and(|e| epoch < e.epoch) {
+                    tracing::warn!(offset, epoch, "a batch's leader epoch is below an earlier one; ignored");
+                }
+                return;
+            }
+            entries.push(EpochEntry { epoch, start: offset });
+        };
+        for seg in self.segments() {
+            if seg.size == 0 {
+                continue;
+            }
+            self.open_log(seg)?;
+            let current = entries.last().map(|e| e.epoch);
+            let ends = seg.read_header(0).and_then(|first| {
+                let (_, last) = seg.find_batch(seg.next_offset.saturating_sub(1))?;
+                Ok((first.leader_epoch, last.leader_epoch))
+            });
+            if let Ok((first, last)) = ends {
+                if first == last && Some(first) == current && seg.damaged.is_empty() {
+                    continue;
+                }
+            }
+            let walker = seg.walker(segment::Check::Headers)?;
+            recovery::scan(&walker, seg.base, seg.size, |at, _| {
+                note(at.header.leader_epoch, at.header.base_offset, &mut entries);
+                true
+            })?;
+        }
+        if entries.len() > MAX_EPOCH_ENTRIES {
+            return Err(LogError::TooManyEpochs);
+        }
+        // The first epoch covers the log from its start.
+        if let Some(first) = entries.first_mut() {
+            first.start = self.log_start_offset();
+        }
+        epochs::Epochs::from_entries(entries).map_err(|why| LogError::Corrupt {
+            path: self.dir.clone(),
+            position: 0,
+            reason: format!("leader epochs: {why}"),
+        })
+    }
+
+    /// The latest leader epoch (the one the last batch or [`begin_epoch`](Self::begin_epoch)
+    /// has); `None` for a log that never had a batch.
+    pub fn latest_epoch(&self) -> Option<i32> {
+        self.epochs.latest()
+    }
+
+    /// The leader epoch of the batch holding `offset`; `None` outside `log_start..next`.
+    pub fn epoch_at(&self, offset: u64) -> Option<i32> {
+        if offset < self.log_start_offset() || offset >= self.next_offset() {
+            return None;
+        }
+        self.epochs.epoch_at(offset)
+    }
+
+    /// Kafka's `OffsetsForLeaderEpoch`: the largest epoch at most `epoch` the log knows, and
+    /// the offset after its last batch (the start of the next epoch; the log end for the
+    /// latest). For an epoch below every known one, that epoch and the first known start.
+    /// `None` for an epoch above the latest or a log without epochs. A follower truncates to
+    /// the leader's answer for its own latest epoch.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.epochs.end_offset_for(epoch, self.next_offset())
+    }
+
+    /// The epoch record, oldest first.
+    pub fn epoch_entries(&self) -> &[EpochEntry] {
+        self.epochs.entries()
+    }
+
+    /// Starts leader epoch `epoch` at the log end, durably (the record is rewritten and
+    /// synced before this returns). The same epoch again does nothing; a lower one is
+    /// [`LogError::EpochRegressed`].
+    pub fn begin_epoch(&mut self, epoch: i32) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        match self.epochs.latest() {
+            Some(latest) if latest == epoch => return Ok(()), // every append: no allocation
+            Some(latest) if epoch < latest => {
+                return Err(LogError::EpochRegressed { latest, requested: epoch })
+            }
+            _ => {}
+        }
+        let mut next = self.epochs.clone();
+        if next.begin(epoch, self.next_offset())? {
+            epochs::write(&*self.storage, &self.dir, &next)?;
+            self.epochs = next;
+        }
+        Ok(())
     }
 
     /// Appends one validated batch. Stamps the next offset and `leader_epoch` into it (outside
@@ -431,9 +672,51 @@ impl PartitionLog {
         if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
+        // A new epoch is recorded durably before its first batch; epochs never go back.
+        self.begin_epoch(leader_epoch)?;
         let base_offset = self.next_offset();
         batch.stamp(base_offset, leader_epoch);
         let header = *batch.header();
+        self.append_stamped(batch, header, now_ms, roll_file)
+    }
+
+    /// A follower's append (design.md §5.7): `batch` already carries its offsets and the leader
+    /// epoch it was written in, and is stored byte for byte. It was validated as a produced
+    /// batch is (length, CRC, framing: holding a [`ValidatedBatch`] proves it), must start at
+    /// the log end ([`LogError::NotAtLogEnd`]) and carry an epoch at least the latest
+    /// ([`LogError::EpochRegressed`]); a higher epoch is begun durably first. `roll_file` as
+    /// for [`append_with`](Self::append_with).
+    pub fn append_replicated(
+        &mut self,
+        batch: &ValidatedBatch,
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let header = *batch.header();
+        if header.base_offset != self.next_offset() {
+            return Err(LogError::NotAtLogEnd { expected: self.next_offset(), got: header.base_offset });
+        }
+        self.begin_epoch(header.leader_epoch)?;
+        self.append_stamped(batch, header, now_ms, roll_file)
+    }
+
+    /// Appends a batch whose header (`header`, parsed from it) holds its final offsets and
+    /// epoch, rolling first if needed.
+    fn append_stamped(
+        &mut self,
+        batch: &[u8],
+        header: BatchHeader,
+        now_ms: i64,
+        roll_file: Option<&RollFile<'_>>,
+    ) -> Result<AppendInfo, LogError> {
+        let base_offset = header.base_offset;
+        // Offsets are contiguous, and the epoch record covers the batch (both checked by the
+        // callers; a violation here is a bug that would corrupt the log).
+        assert_eq!(base_offset, self.next_offset(), "append must start at the log end");
+        assert_eq!(self.epochs.latest(), Some(header.leader_epoch), "append in the latest epoch");
         let rolled = self.should_roll(&header, now_ms);
         if rolled {
             self.roll(roll_file)?;
@@ -452,6 +735,185 @@ impl PartitionLog {
         Ok(AppendInfo { base_offset, last_offset: header.last_offset(), rolled })
     }
 
+    /// Removes every batch from `offset` on: a follower's uncommitted suffix that diverged from
+    /// the leader (design.md §5.7). `offset` must be the first offset of a batch, at least the
+    /// log start and at most the log end ([`LogError::NotBatchBoundary`],
+    /// [`LogError::OffsetOutOfRange`]). Cuts the segments, their indexes and side files
+    /// (`<base>.<ext>` above the cut) and the epoch record. Sync handles taken before it fail
+    /// with [`LogError::TruncatedSince`]. The caller never truncates below its commit offset
+    /// and drops what it caches above the cut (tail cache, producer state).
+    ///
+    /// Crash safety, in this order: the recovery point is lowered to the cut durably first
+    /// (recovery trusts bytes below it, and new appends will rewrite the bytes above); later
+    /// segments are deleted newest first and the directory synced; the cut segment's file is
+    /// truncated and synced; the epoch record is rewritten. A crash at any step leaves a prefix
+    /// of the old log that recovery opens like any other, and the epoch record is reconciled
+    /// with it at open. A failure after the first step poisons the log (reopen to recover).
+    pub fn truncate_to(&mut self, offset: u64) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let (log_start, next) = (self.log_start_offset(), self.next_offset());
+        if offset < log_start || offset > next {
+            return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
+        }
+        if offset == next {
+            // Nothing to cut but epochs that began here and got no batch.
+            return self.truncate_epochs(offset);
+        }
+        let index = match offset >= self.active.base {
+            true => self.closed.len(),
+            false => self.closed.partition_point(|s| s.base <= offset).saturating_sub(1),
+        };
+        let seg = match self.closed.get(index) {
+            Some(seg) => seg,
+            None => &self.active,
+        };
+        let position = self.batch_position(seg, offset)?;
+        let point = RecoveryPoint { segment_base: seg.base, position, next_offset: offset };
+        let gate = self.sync_failed.clone();
+        let _serial = gate.lock.lock();
+        if gate.failed() {
+            self.poisoned = true;
+            return Err(LogError::Poisoned);
+        }
+        // From here on a sync handle taken before would record a point past the cut.
+        gate.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.recovery.lower_to(point)?;
+        let result = self.cut(index, position, offset);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        self.truncate_epochs(offset)?;
+        self.check_invariants(true);
+        tracing::info!(dir = %self.dir.display(), offset, removed_from = next, "truncated the log");
+        Ok(())
+    }
+
+    /// Byte position of the batch starting at `offset` in `seg`.
+    fn batch_position(&self, seg: &Segment, offset: u64) -> Result<u64, LogError> {
+        if offset == seg.base {
+            return Ok(0);
+        }
+        if let Some(d) = seg.damage_at(offset) {
+            return match d.offsets.start == offset {
+                true => Ok(d.position),
+                false => Err(LogError::NotBatchBoundary { offset, batch_base: d.offsets.start }),
+            };
+        }
+        self.open_log(seg)?;
+        let (position, header) = seg.find_batch(offset)?;
+        if header.base_offset != offset {
+            return Err(LogError::NotBatchBoundary { offset, batch_base: header.base_offset });
+        }
+        Ok(position)
+    }
+
+    /// Deletes the segments after `closed[index]` (or the active one) and cuts that one at
+    /// `position`, making it the active segment.
+    fn cut(&mut self, index: usize, position: u64, offset: u64) -> Result<(), LogError> {
+        let keep_base = self.closed.get(index).map_or(self.active.base, |s| s.base);
+        if index < self.closed.len() {
+            // Newest first, so a crash leaves the segments a prefix of the old ones.
+            let [log, ..] = self.active.paths();
+            let log = log.to_path_buf();
+            self.remove_segment_files(self.active.base, &log)?;
+            while self.closed.len() > index + 1 {
+                let Some(seg) = self.closed.pop() else { break };
+                let log = seg.log_path.clone();
+                self.remove_segment_files(seg.base, &log)?;
+            }
+            self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            let Some(seg) = self.closed.pop() else {
+                return Err(LogError::Corrupt {
+                    path: self.dir.clone(),
+                    position,
+                    reason: "no segment to keep".into(),
+                });
+            };
+            self.active = seg;
+            self.open_closed.lock().retain(|&b| b < keep_base);
+        }
+        // Side files of the kept segment's base stay (a producer snapshot as of its start).
+        self.remove_files_above(keep_base)?;
+        self.active.truncate(position, offset)?;
+        self.size_bytes = self.closed.iter().map(|s| s.size).sum::<u64>() + self.active.size;
+        Ok(())
+    }
+
+    /// Removes a segment's log file, then its indexes and side files.
+    fn remove_segment_files(&self, base: u64, log: &Path) -> Result<(), LogError> {
+        match self.storage.remove(log) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(LogError::io("delete segment", log)(err)),
+        }
+        self.remove_files_above(base.saturating_sub(1))
+    }
+
+    /// Removes every `<base>.<ext>` file with a base above `base` (indexes, side files).
+    fn remove_files_above(&self, base: u64) -> Result<(), LogError> {
+        let names = self.storage.list(&self.dir).map_err(LogError::io("list directory", &self.dir))?;
+        for name in names {
+            let Some((stem, _)) = name.split_once('.') else { continue };
+            if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if stem.parse::<u64>().is_ok_and(|b| b > base) {
+                let path = self.dir.join(&name);
+                match self.storage.remove(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(LogError::io("delete file", &path)(err)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops epoch entries from `offset` on, durably if any was.
+    fn truncate_epochs(&mut self, offset: u64) -> Result<(), LogError> {
+        let mut next = self.epochs.clone();
+        if next.truncate_from_end(offset) {
+            epochs::write(&*self.storage, &self.dir, &next)?;
+            self.epochs = next;
+        }
+        Ok(())
+    }
+
+    /// The log's structural invariants: contiguous segments, the active one at the end, epoch
+    /// entries within the log and increasing, index entries below each segment's end. Cheap
+    /// ones always (a violation is a bug); with `deep` (open, truncation), in debug builds,
+    /// a walk over every segment's index entries.
+    fn check_invariants(&self, deep: bool) {
+        let last = self.closed.last().map_or(self.active.base, |s| s.next_offset);
+        assert_eq!(last, self.active.base, "the active segment starts where the last closed one ends");
+        assert!(self.active.next_offset >= self.active.base);
+        if let Some(e) = self.epochs.entries().last() {
+            assert!(e.start <= self.next_offset(), "epoch {} starts past the log end", e.epoch);
+        }
+        if cfg!(debug_assertions) && deep {
+            let mut expected = self.log_start_offset();
+            for seg in self.segments() {
+                assert_eq!(seg.base, expected, "segments are contiguous");
+                expected = seg.next_offset;
+                let rel_end = seg.next_offset - seg.base;
+                assert!(seg
+                    .offsets
+                    .entries()
+                    .iter()
+                    .all(|e| u64::from(e.rel) < rel_end && u64::from(e.pos) < seg.size));
+                assert!(seg.times.entries().iter().all(|e| u64::from(e.rel) < rel_end));
+            }
+            assert!(self
+                .epochs
+                .entries()
+                .windows(2)
+                .all(|w| w[0].epoch < w[1].epoch && w[0].start < w[1].start));
+        }
+    }
+
     /// A handle that syncs everything appended so far; see the module docs for group commit.
     pub fn sync_handle(&self) -> SyncHandle {
         // The active segment's file is always open, so this does not fail in practice.
@@ -459,6 +921,7 @@ impl PartitionLog {
         SyncHandle {
             file,
             durable_offset: self.next_offset(),
+            generation: self.sync_failed.generation(),
             point: self.active_point(),
             recovery: self.recovery.clone(),
             failed: self.sync_failed.clone(),
@@ -591,6 +1054,16 @@ impl PartitionLog {
         }
         if !report.deleted_bases.is_empty() {
             self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            // Epochs wholly before the new start go (best effort: reconciled at open anyway).
+            let mut next = self.epochs.clone();
+            if next.truncate_from_start(self.log_start_offset()) {
+                match epochs::write(&*self.storage, &self.dir, &next) {
+                    Ok(()) => self.epochs = next,
+                    Err(err) => {
+                        tracing::warn!(%err, "could not rewrite the leader-epoch record after retention")
+                    }
+                }
+            }
             tracing::info!(dir = %self.dir.display(), segments = ?report.deleted_bases, "retention deleted segments");
         }
         report.log_start_offset = self.log_start_offset();
@@ -771,6 +1244,7 @@ impl PartitionLog {
         let mut old = old;
         old.release(); // reopened on demand, within the bound of open closed segments
         self.closed.push(old);
+        self.check_invariants(false);
         Ok(())
     }
 

@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::checkpoint::{self, RecoveryPoint};
+use super::epochs;
 use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use crate::storage::Storage;
+use quiver_protocol::batch::BatchHeader;
 
 /// What [`PartitionLog::open`](super::PartitionLog::open) found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,6 +210,8 @@ pub(crate) struct Recovered {
     pub(crate) synced: RecoveryPoint,
     /// What the checkpoint file said, if it checked out.
     pub(crate) written: Option<RecoveryPoint>,
+    /// The names in the partition directory when it was opened.
+    pub(crate) names: Vec<String>,
 }
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
@@ -216,6 +220,7 @@ pub(crate) fn recover(
     dir: &Path,
     config: &LogConfig,
     now_ms: i64,
+    observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
     let mut report = RecoveryReport::default();
@@ -226,7 +231,7 @@ pub(crate) fn recover(
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
         report.segments = 1;
         let synced = RecoveryPoint::default();
-        return Ok(Recovered { closed: Vec::new(), active, report, synced, written });
+        return Ok(Recovered { closed: Vec::new(), active, report, synced, written, names });
     };
     let mut closed = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
@@ -237,11 +242,12 @@ pub(crate) fn recover(
         seg.release();
         closed.push(seg);
     }
-    let mut active = open_last(storage, dir, last, config.index_interval_bytes, written, &mut report)?;
+    let mut active =
+        open_last(storage, dir, last, config.index_interval_bytes, written, &mut report, observer)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
     let synced = RecoveryPoint { segment_base: last, position: active.size, next_offset: active.next_offset };
-    Ok(Recovered { closed, active, report, synced, written })
+    Ok(Recovered { closed, active, report, synced, written, names })
 }
 
 /// The kinds of file a partition directory holds.
@@ -286,10 +292,10 @@ fn find_segments(
     let mut logs = BTreeSet::new();
     let mut indexes = Vec::new();
     for name in names.iter().cloned() {
-        if name == checkpoint::FILE {
+        if name == checkpoint::FILE || name == epochs::FILE {
             continue;
         }
-        let kind = match name == checkpoint::TEMP_FILE {
+        let kind = match name == checkpoint::TEMP_FILE || name == epochs::TEMP_FILE {
             true => Some((0, FileKind::Temp)),
             false => parse_name(&name),
         };
@@ -438,6 +444,7 @@ fn open_last(
     interval: u32,
     point: Option<RecoveryPoint>,
     report: &mut RecoveryReport,
+    observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
     let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
@@ -467,6 +474,7 @@ fn open_last(
     while pos < limit {
         let end = walker.run(pos, offset, len, |at| {
             seg.track(at, interval, false, std::mem::take(&mut resumed));
+            observer(base, &at.header);
             u64::from(at.pos) + (at.header.total_len() as u64) < limit
         })?;
         (pos, offset) = (end.pos, end.next_offset);
@@ -532,6 +540,7 @@ fn open_last(
     // From the recovery point on: the first defect ends the log.
     let end = walker.run(pos, offset, len, |at| {
         seg.track(at, interval, false, std::mem::take(&mut resumed));
+        observer(base, &at.header);
         true
     })?;
     for d in damage {

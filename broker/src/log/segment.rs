@@ -248,6 +248,36 @@ impl Segment {
         self.times.write_out()
     }
 
+    /// Cuts the segment at byte `pos`, where the batch at `offset` starts, and syncs the cut
+    /// (so appends after it never land on a file that a crash could lengthen again). Index
+    /// entries from `offset` on and damaged spans after it are dropped.
+    pub(crate) fn truncate(&mut self, pos: u64, offset: u64) -> Result<(), LogError> {
+        let log = self.log()?;
+        log.truncate(pos).map_err(LogError::io("truncate segment", &self.log_path))?;
+        log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
+        let rel = u32::try_from(offset - self.base).unwrap_or(u32::MAX);
+        self.offsets.truncate_from(rel);
+        self.times.truncate_from(rel);
+        self.damaged.retain(|d| d.offsets.end <= offset);
+        (self.size, self.next_offset) = (pos, offset);
+        // The running max timestamp: the last time entry covers every batch up to the last
+        // offset entry (they are pushed together); the batches after it are read.
+        self.max_timestamp = self.times.last().map_or(i64::MIN, |t| t.max_ts);
+        if pos == 0 {
+            self.roll_base_ms = None;
+            return Ok(());
+        }
+        let from = self.offsets.last().copied().unwrap_or(OffsetEntry { rel: 0, pos: 0 });
+        let mut max_ts = self.max_timestamp;
+        let walker = self.walker(Check::Headers)?;
+        walker.run(u64::from(from.pos), self.base + u64::from(from.rel), pos, |at| {
+            max_ts = max_ts.max(at.header.max_timestamp);
+            true
+        })?;
+        self.max_timestamp = max_ts;
+        Ok(())
+    }
+
     /// Reads and checks the header of the batch at `pos`, which must lie within `size`.
     pub(crate) fn read_header(&self, pos: u64) -> Result<BatchHeader, LogError> {
         let left = self.size.saturating_sub(pos);
