@@ -26,6 +26,9 @@ use crate::offsets::{OffsetKey, SharedLedger};
 use crate::partition::{Partition, PartitionError};
 use crate::server::BrokerState;
 
+#[allow(dead_code)] // driven by the loop below from the next commit
+mod engine;
+
 /// Where a subscription stands once set up.
 struct Setup {
     partition: Arc<Partition>,
