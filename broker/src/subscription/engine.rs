@@ -16,11 +16,6 @@ use quiver_protocol::ledger::{AckLedger, Piece, NO_DEADLINE};
 /// and after a crash up to this many records not yet handed out count as handed out once.
 pub(crate) const HORIZON_STEP: u64 = 1024;
 
-/// Dead-letter writes one subscription may have outstanding; past it, it reads nothing more
-/// until one finishes, so a slow dead-letter topic holds back its subscriptions instead of
-/// growing memory (each write holds at most one delivery's batches).
-pub(crate) const MAX_DEAD_LETTER_WRITES: usize = 4;
-
 /// What the engine is set up with.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -118,9 +113,21 @@ pub(crate) enum Action {
 enum Reading {
     /// A first delivery at the position.
     First(u64),
-    /// Handing out again from `at` (the front of `redo`), up to `end`; dead-lettering what is
-    /// exhausted, or not.
-    Redo { at: u64, end: u64, dead_letter: bool },
+    /// Handing out again from `at` (the front of `redo`), up to `end`.
+    Redo { at: u64, end: u64 },
+}
+
+/// A read whose delivery waits for its dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Deferred {
+    reading: Reading,
+    /// The first batch's base offset, and where what it hands out ends.
+    base: u64,
+    to: u64,
+    bytes: u64,
+    /// The offsets being dead-lettered: neither handed out nor acknowledged until the write
+    /// finishes.
+    dead: Vec<Range<u64>>,
 }
 
 /// One subscription's delivery state.
@@ -132,14 +139,13 @@ pub(crate) struct Engine {
     position: u64,
     /// Whether anything may have a deadline (an ack wait, or a nack was applied).
     deadlines: bool,
-    /// Ranges due again, taken out of the ledger, handed out before new deliveries; false:
-    /// their dead letters failed, they are handed out instead.
-    redo: VecDeque<(Range<u64>, bool)>,
+    /// Ranges due again, taken out of the ledger, handed out before new deliveries.
+    redo: VecDeque<Range<u64>>,
     /// The read asked for and not answered yet.
     reading: Option<Reading>,
-    /// Offsets whose dead letters are being written, one entry per write: neither handed out
-    /// nor acknowledged until the write finishes.
-    dead_lettering: Vec<Vec<Range<u64>>>,
+    /// The read waiting for its dead letters (at most one: the client gets `Settled` for the
+    /// dead letters of a read before its delivery, as when they were written in line).
+    deferred: Option<Deferred>,
     /// The driver confirmed ownership for the next step that needs it.
     owner_confirmed: bool,
     /// Nothing to read until the next event or the log's ends move (the last read, at these
@@ -162,7 +168,7 @@ impl Engine {
             cfg,
             redo: VecDeque::new(),
             reading: None,
-            dead_lettering: Vec::new(),
+            deferred: None,
             owner_confirmed: false,
             stalled: None,
             ends: Ends { log_start: 0, high: 0 },
@@ -176,20 +182,16 @@ impl Engine {
         self.window.in_flight_bytes()
     }
 
-    /// Messages delivered first time and not yet below the ack floor (a window holds at most
-    /// `window_messages` of them, plus the one delivery always allowed).
+    /// The delivery window (first deliveries not yet below the ack floor).
+    #[cfg(test)]
     pub fn window(&self) -> &DeliveryWindow {
         &self.window
     }
 
     /// Where the next first delivery reads.
+    #[cfg(test)]
     pub fn position(&self) -> u64 {
         self.position
-    }
-
-    /// Offsets whose dead letters are being written.
-    pub fn dead_lettering(&self) -> impl Iterator<Item = &Range<u64>> {
-        self.dead_lettering.iter().flatten()
     }
 
     /// Whether the ledger changed since the last call (the driver marks it dirty in the
@@ -223,13 +225,18 @@ impl Engine {
         self.free_window(ledger.floor());
     }
 
-    /// A dead-letter write asked for by [`Action::DeadLetter`] finished: on success its
-    /// records count as acknowledged (and the client is told); on failure they stay pending
-    /// and are handed out again.
-    pub fn on_dead_lettered(&mut self, ledger: &mut AckLedger, ranges: &[Range<u64>], written: bool) {
-        if let Some(i) = self.dead_lettering.iter().position(|d| d == ranges) {
-            self.dead_lettering.swap_remove(i);
-        }
+    /// The dead-letter write asked for by [`Action::DeadLetter`] finished at `now`: on success
+    /// its records count as acknowledged (and the client is told) before the rest of their
+    /// read is delivered; on failure they stay pending and go out with it (with a higher
+    /// count).
+    pub fn on_dead_lettered(
+        &mut self,
+        ledger: &mut AckLedger,
+        ranges: &[Range<u64>],
+        written: bool,
+        now: u64,
+    ) {
+        let Some(d) = self.deferred.take_if(|d| d.dead == ranges) else { return };
         self.stalled = None;
         if written {
             for r in ranges {
@@ -238,9 +245,8 @@ impl Engine {
             self.dirty = true;
             self.free_window(ledger.floor());
             self.out.push_back(Action::Settled(ranges.to_vec(), Settle::DeadLettered));
-        } else {
-            self.redo.extend(ranges.iter().map(|r| (r.clone(), false)));
         }
+        self.hand_out_read(ledger, d.reading, d.base, d.to, d.bytes, now);
     }
 
     /// The next thing to do, given the log's ends and the time (ms).
@@ -248,60 +254,55 @@ impl Engine {
         // Retention can move the log start past a high watermark that waits for an fsync.
         let ends = Ends { log_start: ends.log_start, high: ends.high.max(ends.log_start) };
         self.ends = ends;
-        loop {
-            if let Some(a) = self.out.pop_front() {
-                return a;
-            }
-            if self.reading.is_some() {
-                return Action::Wait { until: None }; // the driver answers the read first
-            }
-            // What is due goes out before new messages, even while new ones keep coming.
-            if self.deadlines && self.redo.is_empty() && ledger.next_due().is_some_and(|at| at <= now) {
-                if !self.owned() {
-                    return Action::CheckOwner;
-                }
-                self.redo.extend(ledger.take_due(now).into_iter().map(|r| (r, true)));
-            }
-            if let Some(a) = self.next_redo(ledger, ends) {
-                return a;
-            }
-            // The floor also moves by dead letters and commits: free the window by it.
-            let floor = ledger.floor();
-            self.free_window(floor);
-            self.position = self.position.max(floor);
-            if self.position < ends.log_start {
-                // Retention deleted records this subscription had not consumed (it fell behind).
-                if !self.owned() {
-                    return Action::CheckOwner;
-                }
-                // Everything below the log start counts as settled, also what was delivered
-                // and not acknowledged (it can never be handed out again).
-                let gone = floor..ends.log_start;
-                ledger.commit(ends.log_start);
-                self.dirty = true;
-                self.free_window(ends.log_start);
-                self.position = ends.log_start;
-                return Action::Settled(vec![gone], Settle::FellBehind);
-            }
-            if self.stalled.is_some_and(|at| at != ends) {
-                self.stalled = None;
-            }
-            if self.position < ends.high
-                && self.window.has_room()
-                && self.stalled.is_none()
-                && self.dead_lettering.len() < MAX_DEAD_LETTER_WRITES
-            {
-                self.reading = Some(Reading::First(self.position));
-                return Action::Read { offset: self.position, max_bytes: self.budget() };
-            }
-            let until = if self.deadlines { ledger.next_due() } else { None };
-            return Action::Wait { until };
+        if let Some(a) = self.out.pop_front() {
+            return a;
         }
+        if self.reading.is_some() || self.deferred.is_some() {
+            // The driver answers the read, or the dead letters, first.
+            return Action::Wait { until: None };
+        }
+        // What is due goes out before new messages, even while new ones keep coming.
+        if self.deadlines && self.redo.is_empty() && ledger.next_due().is_some_and(|at| at <= now) {
+            if !self.owned() {
+                return Action::CheckOwner;
+            }
+            self.redo.extend(ledger.take_due(now));
+        }
+        if let Some(a) = self.next_redo(ledger, ends) {
+            return a;
+        }
+        // The floor also moves by dead letters and commits: free the window by it.
+        let floor = ledger.floor();
+        self.free_window(floor);
+        self.position = self.position.max(floor);
+        if self.position < ends.log_start {
+            // Retention deleted records this subscription had not consumed (it fell behind).
+            if !self.owned() {
+                return Action::CheckOwner;
+            }
+            // Everything below the log start counts as settled, also what was delivered and
+            // not acknowledged (it can never be handed out again).
+            let gone = floor..ends.log_start;
+            ledger.commit(ends.log_start);
+            self.dirty = true;
+            self.free_window(ends.log_start);
+            self.position = ends.log_start;
+            return Action::Settled(vec![gone], Settle::FellBehind);
+        }
+        if self.stalled.is_some_and(|at| at != ends) {
+            self.stalled = None;
+        }
+        if self.position < ends.high && self.window.has_room() && self.stalled.is_none() {
+            self.reading = Some(Reading::First(self.position));
+            return Action::Read { offset: self.position, max_bytes: self.budget() };
+        }
+        let until = if self.deadlines { ledger.next_due() } else { None };
+        Action::Wait { until }
     }
 
     /// The next step of handing out what is due again, if any.
     fn next_redo(&mut self, ledger: &mut AckLedger, ends: Ends) -> Option<Action> {
-        while let Some((r, dead_letter)) = self.redo.front_mut() {
+        while let Some(r) = self.redo.front_mut() {
             if r.start >= r.end {
                 self.redo.pop_front();
                 continue;
@@ -314,10 +315,7 @@ impl Engine {
                 self.dirty = true;
                 return Some(Action::Settled(vec![gone], Settle::Deleted));
             }
-            if self.dead_lettering.len() >= MAX_DEAD_LETTER_WRITES {
-                return Some(Action::Wait { until: None });
-            }
-            self.reading = Some(Reading::Redo { at: r.start, end: r.end, dead_letter: *dead_letter });
+            self.reading = Some(Reading::Redo { at: r.start, end: r.end });
             return Some(Action::Read { offset: r.start, max_bytes: self.cfg.max_deliver_bytes });
         }
         None
@@ -328,22 +326,83 @@ impl Engine {
     /// over before it answers.
     pub fn on_read(&mut self, ledger: &mut AckLedger, read: Option<(u64, u64)>, bytes: u64, now: u64) {
         let Some(reading) = self.reading.take() else { return };
-        match (reading, read) {
-            (Reading::First(at), None) => {
-                debug_assert_eq!(at, self.position);
+        let to = match (reading, read) {
+            (Reading::First(_), None) => {
                 self.stalled = Some(self.ends);
+                return;
             }
-            (Reading::First(at), Some((base, next))) => {
+            (Reading::Redo { at, .. }, None) => {
+                // Nothing there any more: what was left of the range is not handed out again
+                // by this session.
+                if self.redo.front().is_some_and(|r| r.start == at) {
+                    self.redo.pop_front();
+                }
+                return;
+            }
+            (Reading::First(at), Some((_, next))) => {
                 if at != self.position || next <= at {
                     return; // the position moved meanwhile (retention): read again
                 }
-                self.dead_letter(ledger, at..next);
-                let (pieces, persist) = self.hand_out(ledger, at..next, now);
+                next
+            }
+            (Reading::Redo { at, end }, Some((_, next))) => {
+                let to = next.min(end);
+                if to <= at {
+                    self.redo.pop_front();
+                    return;
+                }
+                to
+            }
+        };
+        let base = read.map(|r| r.0).unwrap_or_default();
+        let at = match reading {
+            Reading::First(at) | Reading::Redo { at, .. } => at,
+        };
+        // Records handed out `max_deliveries` times already go to the dead letters instead;
+        // the rest of the read waits for them.
+        let dead = self.exhausted(ledger, at..to);
+        if !dead.is_empty() {
+            let records = with_counts(ledger, &dead);
+            self.deferred = Some(Deferred { reading, base, to, bytes, dead });
+            self.out.push_back(Action::DeadLetter(records));
+            return;
+        }
+        self.hand_out_read(ledger, reading, base, to, bytes, now);
+    }
+
+    /// The read asked for failed because retention deleted its offsets meanwhile: the next
+    /// `poll` settles them.
+    pub fn read_gone(&mut self) {
+        self.reading = None;
+    }
+
+    /// Offsets in `range` to dead-letter.
+    fn exhausted(&self, ledger: &AckLedger, range: Range<u64>) -> Vec<Range<u64>> {
+        match self.cfg.max_deliveries {
+            0 => Vec::new(),
+            max => ledger.exhausted(range, max),
+        }
+    }
+
+    /// Hands out what a read found, from where it was read up to `to`, and asks for the
+    /// delivery.
+    fn hand_out_read(
+        &mut self,
+        ledger: &mut AckLedger,
+        reading: Reading,
+        base: u64,
+        to: u64,
+        bytes: u64,
+        now: u64,
+    ) {
+        match reading {
+            Reading::First(at) => {
+                let (pieces, persist) = self.hand_out(ledger, at..to, now);
                 if !pieces.is_empty() {
                     let messages = pieces.iter().map(|p| p.range.end - p.range.start).sum();
-                    let whole = base == at && pieces == [Piece { range: at..next, count: 1 }];
-                    self.window.on_delivered(next, bytes, messages);
-                    let next_read = self.window.has_room().then(|| (next, self.budget()));
+                    let whole = base == at && pieces == [Piece { range: at..to, count: 1 }];
+                    self.window.on_delivered(to, bytes, messages);
+                    let next_read = self.window.has_room().then(|| (to, self.budget()));
                     self.out.push_back(Action::Deliver(Delivery {
                         pieces,
                         whole,
@@ -354,24 +413,9 @@ impl Engine {
                         next_read,
                     }));
                 }
-                self.position = next;
+                self.position = self.position.max(to);
             }
-            (Reading::Redo { at, .. }, None) => {
-                // Nothing there any more: what was left of the range is not handed out again
-                // by this session.
-                if self.redo.front().is_some_and(|(r, _)| r.start == at) {
-                    self.redo.pop_front();
-                }
-            }
-            (Reading::Redo { at, end, dead_letter }, Some((_, next))) => {
-                let to = next.min(end);
-                if to <= at {
-                    self.redo.pop_front();
-                    return;
-                }
-                if dead_letter {
-                    self.dead_letter(ledger, at..to);
-                }
+            Reading::Redo { at, .. } => {
                 let (pieces, persist) = self.hand_out(ledger, at..to, now);
                 if !pieces.is_empty() {
                     let messages = pieces.iter().map(|p| p.range.end - p.range.start).sum();
@@ -385,67 +429,25 @@ impl Engine {
                         next_read: None,
                     }));
                 }
-                if let Some((r, _)) = self.redo.front_mut().filter(|(r, _)| r.start == at) {
+                if let Some(r) = self.redo.front_mut().filter(|r| r.start == at) {
                     r.start = to;
                 }
             }
         }
     }
 
-    /// The read asked for failed because retention deleted its offsets meanwhile: the next
-    /// `poll` settles them.
-    pub fn read_gone(&mut self) {
-        self.reading = None;
-    }
-
-    /// Asks for the dead letters of the records in `range` handed out `max_deliveries` times
-    /// already; they are not handed out meanwhile.
-    fn dead_letter(&mut self, ledger: &AckLedger, range: Range<u64>) {
-        if self.cfg.max_deliveries == 0 {
-            return;
-        }
-        let mut dead = Vec::new();
-        for r in ledger.exhausted(range, self.cfg.max_deliveries) {
-            for r in gaps(&r, self.dead_lettering.iter().flatten()) {
-                dead.push(r);
-            }
-        }
-        if dead.is_empty() {
-            return;
-        }
-        let mut with_counts: Vec<(Range<u64>, u32)> = Vec::new();
-        for r in &dead {
-            // Counts are ranges too: one entry per run of equal counts.
-            let mut at = r.start;
-            while at < r.end {
-                let count = ledger.count(at);
-                let mut end = at + 1;
-                while end < r.end && ledger.count(end) == count {
-                    end += 1;
-                }
-                with_counts.push((at..end, count));
-                at = end;
-            }
-        }
-        self.dead_lettering.push(dead);
-        self.out.push_back(Action::DeadLetter(with_counts));
-    }
-
-    /// Hands out `range` in the ledger, except what is being dead-lettered: the records to
-    /// send, with their counts, and whether the group's ledger must be written before they go
-    /// out (design.md §12): a redelivery (a count above 1) waits until its raised count is
-    /// durable, and a first delivery past the durable horizon until the horizon, raised a step
-    /// ahead, is. A delivery in the last half of the step raises the horizon again and starts
-    /// that write without waiting for it, so a steady stream of first deliveries never waits.
+    /// Hands out `range` in the ledger: the records to send, with their counts, and whether
+    /// the group's ledger must be written before they go out (design.md §12): a redelivery (a
+    /// count above 1) waits until its raised count is durable, and a first delivery past the
+    /// durable horizon until the horizon, raised a step ahead, is. A delivery in the last half
+    /// of the step raises the horizon again and starts that write without waiting for it, so a
+    /// steady stream of first deliveries never waits.
     fn hand_out(&mut self, ledger: &mut AckLedger, range: Range<u64>, now: u64) -> (Vec<Piece>, Persist) {
         let due = match self.cfg.ack_wait_ms {
             0 => NO_DEADLINE,
             wait => now.saturating_add(u64::from(wait)),
         };
-        let mut pieces = Vec::new();
-        for r in gaps(&range, self.dead_lettering.iter().flatten()) {
-            pieces.extend(ledger.deliver(r, due));
-        }
+        let pieces = ledger.deliver(range.clone(), due);
         self.dirty = true;
         let mut persist = Persist::Lazily;
         if let (true, Some(last)) = (self.cfg.group, pieces.last()) {
@@ -485,21 +487,30 @@ impl Engine {
     }
 }
 
-/// The parts of `range` outside every range of `holes`.
-fn gaps<'a>(range: &Range<u64>, holes: impl Iterator<Item = &'a Range<u64>>) -> Vec<Range<u64>> {
-    let mut out = vec![range.clone()];
-    for h in holes {
-        if h.start >= range.end || h.end <= range.start {
-            continue;
+/// The dead ranges with their delivery counts, one entry per run of equal counts.
+fn with_counts(ledger: &AckLedger, dead: &[Range<u64>]) -> Vec<(Range<u64>, u32)> {
+    let mut out: Vec<(Range<u64>, u32)> = Vec::new();
+    for r in dead {
+        for o in r.clone() {
+            let count = ledger.count(o);
+            match out.last_mut() {
+                Some((last, c)) if last.end == o && *c == count => last.end = o + 1,
+                _ => out.push((o..o + 1, count)),
+            }
         }
-        out = out
-            .into_iter()
-            .flat_map(|r| {
-                let left = r.start..h.start.min(r.end);
-                let right = h.end.max(r.start)..r.end;
-                [left, right].into_iter().filter(|x| x.start < x.end)
-            })
-            .collect();
+    }
+    out
+}
+
+/// The ranges of a dead-letter write's records, merged (what [`Engine::on_dead_lettered`]
+/// takes back).
+pub(crate) fn merged_ranges(records: &[(Range<u64>, u32)]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (r, _) in records {
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r.clone()),
+        }
     }
     out
 }
