@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::BatchHeader;
-use quiver_protocol::ledger::Piece;
+use quiver_protocol::ledger::{AckLedger, Piece};
 use quiver_protocol::message::{deliver_head, deliver_some_head, DeliveryRange, Message, Subscribe};
 use quiver_protocol::ErrorCode;
 use tokio::sync::mpsc;
@@ -89,6 +89,7 @@ struct Active {
     engine: Engine,
     /// The window's bytes as counted in `quiver_inflight_delivery_bytes`.
     counted: u64,
+    inflight: metrics::Gauge,
     /// The offsets store's epoch of the ledger's last change (0 without a group).
     epoch: u64,
     acks: Option<tokio::task::JoinHandle<()>>,
@@ -99,13 +100,14 @@ struct Active {
 impl Active {
     fn new(state: Arc<BrokerState>, setup: Setup, engine: Engine) -> Active {
         metrics::gauge!("quiver_subscriptions").increment(1.0);
-        Active { state, setup, engine, counted: 0, epoch: 0, acks: None, read_ahead: None }
+        let inflight = metrics::gauge!("quiver_inflight_delivery_bytes");
+        Active { state, setup, engine, counted: 0, inflight, epoch: 0, acks: None, read_ahead: None }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        metrics::gauge!("quiver_inflight_delivery_bytes").decrement(self.counted as f64);
+        self.inflight.decrement(self.counted as f64);
         metrics::gauge!("quiver_subscriptions").decrement(1.0);
         if let Some(acks) = &self.acks {
             acks.abort();
@@ -191,8 +193,7 @@ impl Active {
             }
             let high = *hw.borrow_and_update();
             let ends = Ends { log_start: p.log_start_offset(), high };
-            let action = self.engine.poll(&mut self.setup.ledger.lock(), ends, clock_ms());
-            self.settle_changes();
+            let action = self.with_ledger(|e, l| e.poll(l, ends, clock_ms()));
             match action {
                 Action::CheckOwner => {
                     check_owner(&self.state, &self.setup)?;
@@ -213,8 +214,7 @@ impl Active {
                     }
                     let bytes = parts.iter().map(|b| b.len() as u64).sum();
                     let read = ext.map(|e| (e.base, e.next));
-                    self.engine.on_read(&mut self.setup.ledger.lock(), read, bytes, clock_ms());
-                    self.settle_changes();
+                    self.with_ledger(|e, l| e.on_read(l, read, bytes, clock_ms()));
                 }
                 Action::DeadLetter(records) => {
                     let Some(target) = self.setup.dead_letter_topic.clone() else { continue };
@@ -303,35 +303,38 @@ impl Active {
         if self.setup.group.is_some() {
             check_owner(&self.state, &self.setup)?;
         }
-        self.engine.on_ack(&mut self.setup.ledger.lock(), ack, clock_ms());
-        self.settle_changes();
+        self.with_ledger(|e, l| e.on_ack(l, ack, clock_ms()));
         Ok(())
     }
 
     /// A dead-letter write finished.
     fn dead_lettered(&mut self, (ranges, written): Written) {
-        self.engine.on_dead_lettered(&mut self.setup.ledger.lock(), &ranges, written, clock_ms());
-        self.settle_changes();
+        self.with_ledger(|e, l| e.on_dead_lettered(l, &ranges, written, clock_ms()));
     }
 
-    /// After the engine ran: marks the group's ledger dirty in the offsets store if it changed,
-    /// and moves the in-flight gauge with the window.
-    fn settle_changes(&mut self) {
-        if self.engine.take_dirty() {
-            if let Some((key, _)) = &self.setup.group {
-                self.epoch = self.state.offsets.mark_dirty(key);
+    /// Runs the engine on the ledger, locked; then, if the ledger changed, marks it dirty in
+    /// the offsets store (under the ledger's lock: no broker-wide lock, design.md §12), and
+    /// moves the in-flight gauge with the window.
+    fn with_ledger<R>(&mut self, f: impl FnOnce(&mut Engine, &mut AckLedger) -> R) -> R {
+        let Active { state, setup, engine, epoch, .. } = self;
+        let mut l = setup.ledger.lock();
+        let r = f(engine, &mut l);
+        if engine.take_dirty() {
+            if let Some((key, _)) = &setup.group {
+                *epoch = state.offsets.mark_dirty_locked(key, &mut l);
             }
         }
+        drop(l);
         let now = self.engine.in_flight_bytes();
         if now != self.counted {
-            let g = metrics::gauge!("quiver_inflight_delivery_bytes");
             if now > self.counted {
-                g.increment((now - self.counted) as f64);
+                self.inflight.increment((now - self.counted) as f64);
             } else {
-                g.decrement((self.counted - now) as f64);
+                self.inflight.decrement((self.counted - now) as f64);
             }
             self.counted = now;
         }
+        r
     }
 
     /// Makes the group's ledger durable up to the change of `epoch` (with everything else

@@ -125,7 +125,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
             drop(l);
             (Some((key, generation)), ledger, start)
         }
-        None => (None, Arc::new(Mutex::new(AckLedger::new(requested))), requested),
+        None => (None, Arc::new(Mutex::new(AckLedger::new(requested).into())), requested),
     };
     let member = sub.group.clone().zip(sub.member.clone());
     Ok(Setup { partition, start, group, member, ledger, policy: sub.policy.clone(), dead_letter_topic })
