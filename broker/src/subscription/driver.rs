@@ -217,7 +217,12 @@ impl Active {
                     self.with_ledger(|e, l| e.on_read(l, read, bytes, clock_ms()));
                 }
                 Action::DeadLetter(records) => {
-                    let Some(target) = self.setup.dead_letter_topic.clone() else { continue };
+                    let Some(target) = self.setup.dead_letter_topic.clone() else {
+                        // Not asked for without a dead-letter topic; if it were, the records
+                        // stay pending and go out again.
+                        self.dead_lettered((engine::merged_ranges(&records), false));
+                        continue;
+                    };
                     let job = Job {
                         state: self.state.clone(),
                         target,
