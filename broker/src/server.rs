@@ -37,6 +37,8 @@ pub struct BrokerState {
     /// Bytes of request frames all connections may hold at once.
     pub total_buffer: Arc<tokio::sync::Semaphore>,
     pub shutdown: CancellationToken,
+    /// Appends dead letters for the subscriptions, outside their delivery loops.
+    pub dead_letters: crate::subscription::DeadLetterWriter,
 }
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
@@ -113,6 +115,7 @@ impl Broker {
             connections: AtomicUsize::new(0),
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
+            dead_letters: crate::subscription::DeadLetterWriter::start(),
         });
         let metrics_addr = match (state.config.metrics_listen, recorder) {
             (Some(addr), Some(handle)) => {

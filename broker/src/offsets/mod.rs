@@ -29,7 +29,37 @@ use crate::storage::{Storage, StorageFile};
 pub type OffsetKey = (Arc<str>, Arc<str>, u32);
 
 /// A group's acknowledgement state for one partition, shared with its subscription.
-pub type SharedLedger = Arc<Mutex<AckLedger>>;
+pub type SharedLedger = Arc<Mutex<LedgerEntry>>;
+
+/// A ledger, and whether its key is in the store's dirty set: only the change that sets the
+/// flag takes the store's lock, so acks and deliveries mark a ledger dirty without a
+/// broker-wide lock (design.md §12). The flag is set and cleared under the ledger's lock;
+/// while it is set, the key is in the dirty set or taken by a flush that has yet to snapshot
+/// the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerEntry {
+    ledger: AckLedger,
+    dirty: bool,
+}
+
+impl From<AckLedger> for LedgerEntry {
+    fn from(ledger: AckLedger) -> Self {
+        LedgerEntry { ledger, dirty: false }
+    }
+}
+
+impl std::ops::Deref for LedgerEntry {
+    type Target = AckLedger;
+    fn deref(&self) -> &AckLedger {
+        &self.ledger
+    }
+}
+
+impl std::ops::DerefMut for LedgerEntry {
+    fn deref_mut(&mut self) -> &mut AckLedger {
+        &mut self.ledger
+    }
+}
 
 /// Acknowledged ranges (and, separately, delivery-count ranges) kept per entry; beyond them a
 /// restart delivers again (design.md §12).
@@ -107,6 +137,28 @@ struct State {
     file_bytes: u64,
 }
 
+/// The entries of `ledgers` as they are now, each taken out of the dirty set (its flag
+/// cleared under its lock, before its snapshot): the bytes, each entry's size, and each
+/// ledger with the horizon written.
+#[allow(clippy::type_complexity)]
+fn snapshot_entries(
+    ledgers: &[(OffsetKey, SharedLedger)],
+) -> (BytesMut, Vec<(OffsetKey, u64)>, Vec<(SharedLedger, u64)>) {
+    let mut buf = BytesMut::new();
+    let mut sizes = Vec::with_capacity(ledgers.len());
+    let mut written = Vec::with_capacity(ledgers.len());
+    for (key, l) in ledgers {
+        let snapshot = {
+            let mut l = l.lock();
+            l.dirty = false;
+            l.snapshot(MAX_PERSISTED_RANGES)
+        };
+        sizes.push((key.clone(), put_entry(&mut buf, key, &snapshot)));
+        written.push((l.clone(), snapshot.horizon));
+    }
+    (buf, sizes, written)
+}
+
 /// What a commit does to a ledger: move it forward, or reset it when allowed.
 fn apply_commit(l: &mut AckLedger, offset: u64, reset: bool) {
     if offset >= l.floor() {
@@ -159,7 +211,7 @@ impl OffsetStore {
         }
         let mut state = State { file_bytes: good, ..Default::default() };
         for (key, snapshot) in entries {
-            state.ledgers.insert(key, Arc::new(Mutex::new(AckLedger::restore(&snapshot))));
+            state.ledgers.insert(key, Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
         }
         Ok(OffsetStore {
             storage,
@@ -186,16 +238,29 @@ impl OffsetStore {
             .lock()
             .ledgers
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(AckLedger::new(start))))
+            .or_insert_with(|| Arc::new(Mutex::new(AckLedger::new(start).into())))
             .clone()
     }
 
     /// The key's ledger changed; `flush` persists it. Returns the change's epoch, for
     /// [`flush_to_blocking`](Self::flush_to_blocking).
     pub fn mark_dirty(&self, key: &OffsetKey) -> u64 {
-        let mut st = self.state.lock();
-        if !st.dirty.contains(key) {
-            st.dirty.insert(key.clone());
+        let ledger = self.state.lock().ledgers.get(key).cloned();
+        match ledger {
+            Some(l) => self.mark_dirty_locked(key, &mut l.lock()),
+            None => {
+                self.state.lock().dirty.insert(key.clone());
+                self.epoch.fetch_add(1, SeqCst) + 1
+            }
+        }
+    }
+
+    /// [`mark_dirty`](Self::mark_dirty) for a ledger its caller changed and still holds
+    /// locked: takes the store's lock only if the key is not dirty already.
+    pub fn mark_dirty_locked(&self, key: &OffsetKey, entry: &mut LedgerEntry) -> u64 {
+        if !entry.dirty {
+            entry.dirty = true;
+            self.state.lock().dirty.insert(key.clone());
         }
         self.epoch.fetch_add(1, SeqCst) + 1
     }
@@ -276,7 +341,11 @@ impl OffsetStore {
             };
             let snapshot = match &existing {
                 Some(l) => {
-                    let mut next = l.lock().clone();
+                    let mut next = {
+                        let mut l = l.lock();
+                        l.dirty = false; // out of the dirty set, and snapshotted now
+                        l.ledger.clone()
+                    };
                     apply_commit(&mut next, offset, reset);
                     next.snapshot(MAX_PERSISTED_RANGES)
                 }
@@ -345,7 +414,7 @@ impl OffsetStore {
     }
 
     fn flush_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
-        let (buf, keys, sizes, written, epoch) = {
+        let (keys, ledgers, epoch) = {
             let mut st = self.state.lock();
             // Every change marked up to here is in the dirty set or was written (writers hold
             // the writer lock, and a failed one puts its keys back before releasing it).
@@ -355,18 +424,12 @@ impl OffsetStore {
                 return Ok(());
             }
             let keys = std::mem::take(&mut st.dirty);
-            let mut buf = BytesMut::new();
-            let mut sizes = Vec::with_capacity(keys.len());
-            let mut written = Vec::with_capacity(keys.len());
-            for key in &keys {
-                if let Some(l) = st.ledgers.get(key) {
-                    let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
-                    sizes.push((key.clone(), put_entry(&mut buf, key, &snapshot)));
-                    written.push((l.clone(), snapshot.horizon));
-                }
-            }
-            (buf, keys, sizes, written, epoch)
+            let ledgers: Vec<(OffsetKey, SharedLedger)> =
+                keys.iter().filter_map(|k| Some((k.clone(), st.ledgers.get(k)?.clone()))).collect();
+            (keys, ledgers, epoch)
         };
+        // Snapshots outside the store's lock (a marker holds its ledger's lock, then the store's).
+        let (buf, sizes, written) = snapshot_entries(&ledgers);
         if self.would_pass_limit(buf.len()) {
             // A rewrite writes every key as it is now (newer than these snapshots), so it
             // replaces the append; it takes the dirty set itself.
@@ -480,20 +543,16 @@ impl OffsetStore {
     /// rename on, it poisons the store.
     fn rewrite_locked(&self, w: &mut Writer, keep: impl Fn(&OffsetKey) -> bool) -> Result<(), OffsetsError> {
         // Every key is written, so none stays dirty (taken before the snapshots, see commit).
-        let (buf, sizes, dirty, written, epoch) = {
+        let (ledgers, dirty, epoch) = {
             let mut st = self.state.lock();
             let epoch = self.epoch.load(SeqCst);
             let dirty = std::mem::take(&mut st.dirty);
-            let mut buf = BytesMut::new();
-            let mut sizes = HashMap::new();
-            let mut written = Vec::new();
-            for (key, l) in st.ledgers.iter().filter(|(k, _)| keep(k)) {
-                let snapshot = l.lock().snapshot(MAX_PERSISTED_RANGES);
-                sizes.insert(key.clone(), put_entry(&mut buf, key, &snapshot));
-                written.push((l.clone(), snapshot.horizon));
-            }
-            (buf, sizes, dirty, written, epoch)
+            let ledgers: Vec<(OffsetKey, SharedLedger)> =
+                st.ledgers.iter().filter(|(k, _)| keep(k)).map(|(k, l)| (k.clone(), l.clone())).collect();
+            (ledgers, dirty, epoch)
         };
+        let (buf, sizes, written) = snapshot_entries(&ledgers);
+        let sizes: HashMap<OffsetKey, u64> = sizes.into_iter().collect();
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
             e

@@ -621,3 +621,61 @@ fn folded_counts_are_persisted_as_maybe_delivered() -> TestResult {
     assert_eq!(l.lock().exhausted(0..4000, 2), Vec::<std::ops::Range<u64>>::new());
     Ok(())
 }
+
+/// The per-ack path: marking a ledger that is dirty already takes only its own lock, never
+/// the store's (design.md §12).
+#[test]
+fn marking_a_dirty_ledger_takes_no_store_lock() {
+    let s = OffsetStore::open(Arc::new(MemStorage::default()), Path::new(DIR)).expect("open");
+    let k = key("g", "t", 0);
+    let l = s.ledger(&k, 0);
+    let first = s.mark_dirty_locked(&k, &mut l.lock());
+    std::thread::scope(|scope| {
+        // Inside the scope, so a failing assertion drops it before the scope joins the thread.
+        let store_lock = s.state.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s, k, l) = (&s, &k, &l);
+        scope.spawn(move || {
+            let mut ledger = l.lock();
+            ledger.deliver(0..10, NO_DEADLINE);
+            let _ = tx.send(s.mark_dirty_locked(k, &mut ledger));
+        });
+        let epoch = rx.recv_timeout(std::time::Duration::from_secs(5));
+        drop(store_lock);
+        assert!(epoch.is_ok_and(|e| e > first), "an ack on a dirty ledger waited for the store's lock");
+    });
+}
+
+/// A change marked after a flush took the key is in the next flush: the flag is cleared when
+/// the flush snapshots the ledger, so the next change takes the store's lock again.
+#[test]
+fn a_change_after_a_flush_is_written_by_the_next() -> TestResult {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::default());
+    let k = key("g", "t", 0);
+    {
+        let s = OffsetStore::open(storage.clone(), Path::new(DIR))?;
+        let l = s.ledger(&k, 0);
+        for end in [5, 7] {
+            let epoch = {
+                let mut l = l.lock();
+                l.deliver(0..end, NO_DEADLINE);
+                l.ack_below(end);
+                s.mark_dirty_locked(&k, &mut l)
+            };
+            s.flush_to_blocking(epoch)?;
+            assert!(s.state.lock().dirty.is_empty());
+        }
+        // Marked twice without a flush between: in the set once, written once.
+        for end in [8, 9] {
+            let mut l = l.lock();
+            l.deliver(0..end, NO_DEADLINE);
+            l.ack_below(end);
+            s.mark_dirty_locked(&k, &mut l);
+        }
+        assert_eq!(s.state.lock().dirty.len(), 1);
+        s.flush_blocking()?;
+    }
+    let s = OffsetStore::open(storage, Path::new(DIR))?;
+    assert_eq!(s.get(&k), Some(9));
+    Ok(())
+}

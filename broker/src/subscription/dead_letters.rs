@@ -1,0 +1,154 @@
+//! Dead-letter writes, out of the delivery loops (design.md §12). A subscription hands the
+//! writer the batches holding its exhausted records; the writer decodes them, rebuilds a batch
+//! with the origin headers, creates `<topic>.dlq` if needed, appends, and reports back. Only
+//! then does the subscription count the records as done: a record is never both unacknowledged
+//! and missing from the dead letters.
+//!
+//! One broker-wide writer of a few shards, each a task with a bounded queue; a dead-letter
+//! topic always goes to the same shard, so its letters keep their order, and a slow one holds
+//! back only the subscriptions that write to its shard (each has at most one write, of one
+//! delivery's batches, outstanding), never memory.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{BatchBuilder, BatchSplitter, RecordIter};
+use quiver_protocol::ledger::{DELIVERY_COUNT, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC};
+use quiver_protocol::{ErrorCode, TopicConfig};
+use tokio::sync::mpsc;
+
+use super::default_dead_letter_topic;
+use crate::partition::{Partition, PartitionError};
+use crate::server::BrokerState;
+
+/// Writer tasks; a dead-letter topic's name picks one.
+const SHARDS: usize = 4;
+/// Writes queued per shard before a subscription that adds one waits.
+const QUEUE: usize = 16;
+
+/// The outcome of one write: its ranges, and whether they are appended.
+pub(crate) type Written = (Vec<Range<u64>>, bool);
+
+/// Records of one delivery to dead-letter.
+pub(crate) struct Job {
+    pub state: Arc<BrokerState>,
+    /// The dead-letter topic (checked at subscribe: `<topic>.dlq` or one that existed).
+    pub target: String,
+    /// Where the records come from.
+    pub source: Arc<Partition>,
+    /// The batches holding them, as read.
+    pub parts: Vec<Bytes>,
+    /// The offsets to dead-letter, with their delivery counts.
+    pub records: Vec<(Range<u64>, u32)>,
+    /// Where the outcome goes (the subscription; gone if it ended).
+    pub done: mpsc::Sender<Written>,
+}
+
+#[derive(Debug)]
+pub struct DeadLetterWriter {
+    shards: Vec<mpsc::Sender<Job>>,
+}
+
+impl DeadLetterWriter {
+    /// Starts the writer's tasks (on the current runtime; they end with it, or when the writer
+    /// is dropped).
+    pub fn start() -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(run(rx));
+                tx
+            })
+            .collect();
+        DeadLetterWriter { shards }
+    }
+
+    /// Queues a write; waits while its shard's queue is full. The outcome goes to `job.done`.
+    pub(crate) async fn submit(&self, job: Job) -> Result<(), PartitionError> {
+        let shard =
+            job.target.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % SHARDS;
+        self.shards[shard]
+            .send(job)
+            .await
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "dead-letter writer stopped"))
+    }
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("target", &self.target).field("records", &self.records).finish()
+    }
+}
+
+async fn run(mut jobs: mpsc::Receiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        let ranges = super::engine::merged_ranges(&job.records);
+        let written = match write(&job).await {
+            Ok(()) => true,
+            Err(e) => {
+                let p = &job.source;
+                tracing::warn!(topic = %p.topic, partition = p.id, dead_letter_topic = %job.target, "could not write dead letters ({e}); they stay pending");
+                false
+            }
+        };
+        // The subscription may have ended meanwhile: its records are then handed out again by
+        // the next session (and may be dead-lettered twice: at-least-once).
+        let _ = job.done.send((ranges, written)).await;
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> PartitionError {
+    PartitionError::new(ErrorCode::CorruptBatch, e.to_string())
+}
+
+/// Writes the records of the job to the dead-letter topic, with headers naming their origin,
+/// and waits until they are appended there.
+async fn write(job: &Job) -> Result<(), PartitionError> {
+    let (state, name, p) = (&job.state, job.target.as_str(), &job.source);
+    let topic = match state.topics.get(name) {
+        Ok(t) => t,
+        Err(e) if name != default_dead_letter_topic(&p.topic) => return Err(e),
+        Err(_) => {
+            let config = TopicConfig::default();
+            match state.topics.create(name, 1, config, state.config.max_partitions_total).await {
+                Ok(t) => t,
+                Err(e) if e.code == ErrorCode::TopicExists => state.topics.get(name)?,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let target = topic.partition(0)?.clone();
+    let mut builder = BatchBuilder::new(4096);
+    let (topic_name, partition) = (p.topic.to_string(), p.id.to_string());
+    for part in &job.parts {
+        for item in BatchSplitter::new(part.clone()) {
+            let (header, batch) = item.map_err(corrupt)?;
+            for record in RecordIter::new(batch, header) {
+                let r = record.map_err(corrupt)?;
+                let Some((_, count)) = job.records.iter().find(|(d, _)| d.contains(&r.offset)) else {
+                    continue;
+                };
+                let (offset, count) = (r.offset.to_string(), count.to_string());
+                let mut headers: Vec<(&str, &[u8])> =
+                    r.headers.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+                headers.push((ORIGIN_TOPIC, topic_name.as_bytes()));
+                headers.push((ORIGIN_PARTITION, partition.as_bytes()));
+                headers.push((ORIGIN_OFFSET, offset.as_bytes()));
+                headers.push((DELIVERY_COUNT, count.as_bytes()));
+                builder.push(r.timestamp, r.key.as_deref(), &r.value, &headers);
+                tracing::info!(topic = %p.topic, partition = p.id, offset = r.offset, dead_letter_topic = %name, deliveries = %count, "message dead-lettered");
+            }
+        }
+    }
+    if builder.is_empty() {
+        return Ok(());
+    }
+    let batch = quiver_protocol::batch::ValidatedBatch::new(builder.finish())
+        .map_err(|e| PartitionError::new(ErrorCode::BatchTooLarge, format!("dead-letter batch: {e}")))?;
+    let appended = target.submit(batch).await?;
+    appended.await.map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))??;
+    metrics::counter!("quiver_dead_letters_total", "topic" => p.topic.to_string())
+        .increment(job.records.iter().map(|(r, _)| r.end - r.start).sum());
+    Ok(())
+}
