@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::log::{LogConfig, LogError, PartitionLog, RollFile};
 use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
-use crate::tail_cache::TailCache;
+use crate::tail_cache::{TailCache, TailCacheSettings};
 
 /// Appends queued for one partition before producers wait (backpressure).
 const APPEND_QUEUE_DEPTH: usize = 1024;
@@ -123,7 +123,7 @@ impl Partition {
         topic: Arc<str>,
         id: u32,
         config: &TopicConfig,
-        tail_cache_bytes: usize,
+        tail_cache: &TailCacheSettings,
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
         let (log, report) = PartitionLog::open(storage, dir, log_config(config), now_ms())?;
@@ -143,7 +143,7 @@ impl Partition {
             high_watermark,
             log_start: AtomicU64::new(start),
             appends,
-            tail: Arc::new(Mutex::new(TailCache::new(tail_cache_bytes))),
+            tail: Arc::new(Mutex::new(TailCache::with_settings(tail_cache))),
             closed: shutdown.child_token(),
             deleted: Default::default(),
             recovery,
