@@ -78,6 +78,12 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Appended, PartitionError>>,
 }
 
+/// Bytes of fsynced log after which the recovery point is checkpointed at once rather than at
+/// the next `recovery_point_ms` tick: bounds what recovery scans after a crash (about this much
+/// per partition written, plus what was written since the last fsync), so a broker with many
+/// gigabytes of log serves within about a second of a kill -9 (BENCHMARKS.md).
+const RECOVERY_POINT_LAG_BYTES: u64 = 64 * 1024 * 1024;
+
 #[derive(Debug)]
 pub struct Partition {
     pub topic: Arc<str>,
@@ -308,6 +314,17 @@ impl Partition {
         Ok(())
     }
 
+    /// Writes the recovery-point checkpoint at once if completed fsyncs moved it
+    /// `RECOVERY_POINT_LAG_BYTES` or more past the file (after a periodic fsync). Blocking.
+    fn checkpoint_if_behind(&self) {
+        if self.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.recovery.write_if_behind(RECOVERY_POINT_LAG_BYTES) {
+            tracing::warn!(topic = %self.topic, partition = self.id, "writing the recovery point: {e}");
+        }
+    }
+
     /// Writes the recovery-point checkpoint if completed fsyncs moved it since the last write
     /// (no data fsync of its own). Not for a deleted topic, whose directory is going away.
     /// Blocking.
@@ -466,6 +483,7 @@ impl Writer {
     /// whether it worked. A failure stops appends to the partition.
     fn start_sync(&self) -> tokio::task::JoinHandle<bool> {
         let log = self.log.clone();
+        let partition = self.partition.clone();
         tokio::task::spawn_blocking(move || {
             // Taken here, not on the runtime: the log's lock can be held across disk work
             // (retention, read planning).
@@ -474,6 +492,9 @@ impl Writer {
             match handle.sync() {
                 Ok(()) => {
                     metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
+                    if let Some(p) = partition.upgrade() {
+                        p.checkpoint_if_behind();
+                    }
                     true
                 }
                 Err(e) => {
