@@ -17,6 +17,7 @@ use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::log::ClosedSegmentFiles;
 use crate::log::{LogConfig, LogError, PartitionLog, RollFile};
 use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
@@ -110,13 +111,22 @@ impl std::fmt::Debug for AppendRequest {
     }
 }
 
-pub fn log_config(c: &TopicConfig) -> LogConfig {
+/// What all partitions of a broker share: the tail caches' memory budget and the bound on
+/// open closed-segment files.
+#[derive(Debug, Clone)]
+pub struct SharedBudgets {
+    pub tail_cache: TailCacheSettings,
+    pub closed_files: Arc<ClosedSegmentFiles>,
+}
+
+pub fn log_config(c: &TopicConfig, closed_files: Arc<ClosedSegmentFiles>) -> LogConfig {
     LogConfig {
         segment_bytes: c.segment_bytes,
         segment_ms: c.segment_ms,
         retention_bytes: c.retention_bytes,
         retention_ms: c.retention_ms,
         index_interval_bytes: 4096,
+        closed_files,
     }
 }
 
@@ -129,10 +139,11 @@ impl Partition {
         topic: Arc<str>,
         id: u32,
         config: &TopicConfig,
-        tail_cache: &TailCacheSettings,
+        budgets: &SharedBudgets,
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
-        let (log, report) = PartitionLog::open(storage, dir, log_config(config), now_ms())?;
+        let (log, report) =
+            PartitionLog::open(storage, dir, log_config(config, budgets.closed_files.clone()), now_ms())?;
         if report.truncated_bytes() > 0 {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
@@ -149,7 +160,7 @@ impl Partition {
             high_watermark,
             log_start: AtomicU64::new(start),
             appends,
-            tail: Arc::new(Mutex::new(TailCache::with_settings(tail_cache))),
+            tail: Arc::new(Mutex::new(TailCache::with_settings(&budgets.tail_cache))),
             closed: shutdown.child_token(),
             deleted: Default::default(),
             recovery,
@@ -710,6 +721,7 @@ mod tests {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 300,
+            ..Default::default()
         }
     }
 
@@ -838,6 +850,7 @@ mod tests {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 300,
+            ..Default::default()
         };
         let tail = Mutex::new(TailCache::new(1 << 20));
         let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), cfg.clone(), 0)?;

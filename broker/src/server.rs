@@ -78,13 +78,16 @@ impl Broker {
         let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
-            let tail_cache = crate::tail_cache::TailCacheSettings::new(
-                config.tail_cache_bytes_per_partition,
-                config.tail_cache_bytes_total,
-            );
+            let budgets = crate::partition::SharedBudgets {
+                tail_cache: crate::tail_cache::TailCacheSettings::new(
+                    config.tail_cache_bytes_per_partition,
+                    config.tail_cache_bytes_total,
+                ),
+                closed_files: crate::log::ClosedSegmentFiles::new(crate::open_files::CLOSED_SEGMENT_FILES),
+            };
             let offsets_storage = storage.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let topics = Topics::load(&dir, storage, token, tail_cache)?;
+                let topics = Topics::load(&dir, storage, token, budgets)?;
                 let offsets = OffsetStore::open(offsets_storage, &dir.join("offsets"))?;
                 offsets.cut_to_logs_blocking(|t, p| {
                     Some(topics.get(t).ok()?.partition(p).ok()?.high_watermark())

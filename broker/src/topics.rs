@@ -11,9 +11,8 @@ use quiver_protocol::{ErrorCode, TopicConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::partition::{Partition, PartitionError};
+use crate::partition::{Partition, PartitionError, SharedBudgets};
 use crate::storage::Storage;
-use crate::tail_cache::TailCacheSettings;
 
 #[derive(Debug)]
 pub struct Topic {
@@ -50,7 +49,7 @@ pub struct Topics {
     /// Serialises create and delete so two creates of one name cannot both succeed.
     admin: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
-    tail_cache: TailCacheSettings,
+    budgets: SharedBudgets,
 }
 
 impl Topics {
@@ -59,7 +58,7 @@ impl Topics {
         data_dir: &Path,
         storage: Arc<dyn Storage>,
         shutdown: CancellationToken,
-        tail_cache: TailCacheSettings,
+        budgets: SharedBudgets,
     ) -> anyhow::Result<Topics> {
         use anyhow::Context;
         let root = data_dir.join("topics");
@@ -71,7 +70,7 @@ impl Topics {
             map: DashMap::new(),
             admin: Default::default(),
             shutdown,
-            tail_cache,
+            budgets,
         };
         // Deletes interrupted by a crash finish here. Trash names never collide with topic
         // names: they live in their own directory.
@@ -112,7 +111,7 @@ impl Topics {
                 &topics.storage,
                 &root,
                 &topics.shutdown,
-                &topics.tail_cache,
+                &topics.budgets,
                 &file.name,
                 file.partitions,
                 file.config,
@@ -125,7 +124,7 @@ impl Topics {
 
     /// Bytes all tail caches hold now.
     pub fn tail_cache_bytes(&self) -> usize {
-        self.tail_cache.budget.used()
+        self.budgets.tail_cache.budget.used()
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
@@ -175,8 +174,9 @@ impl Topics {
                 return Err(PartitionError::new(
                     ErrorCode::LimitExceeded,
                     format!(
-                        "topic '{name}' needs {partitions} partitions and the broker holds {existing}: its open-file limit of {limit} allows {most} partitions (counting {} descriptors each at most, and {} kept for the rest); raise the limit (ulimit -n) of quiverd",
+                        "topic '{name}' needs {partitions} partitions and the broker holds {existing}: its open-file limit of {limit} allows {most} partitions (counting {} descriptors each, {} for older segments being read, and {} kept for the rest); raise the limit (ulimit -n) of quiverd",
                         crate::open_files::FILES_PER_PARTITION * per_file,
+                        crate::open_files::CLOSED_SEGMENT_FILES as u64 * per_file,
                         crate::open_files::RESERVED_FDS
                     ),
                 ));
@@ -184,7 +184,7 @@ impl Topics {
         }
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
-        let tail_cache = self.tail_cache.clone();
+        let budgets = self.budgets.clone();
         let owned = name.to_string();
         let trash = self.trash.clone();
         let topic = tokio::task::spawn_blocking(move || -> Result<Arc<Topic>, PartitionError> {
@@ -211,7 +211,7 @@ impl Topics {
             let created: Result<Arc<Topic>, PartitionError> = (|| {
                 std::fs::create_dir(&dir).map_err(|e| storage_err("create directory", e))?;
                 let topic =
-                    open_topic(&storage, &root, &shutdown, &tail_cache, &owned, partitions, config)?;
+                    open_topic(&storage, &root, &shutdown, &budgets, &owned, partitions, config)?;
                 // The partition directories' entries must be durable before topic.json exists.
                 std::fs::File::open(&dir)
                     .and_then(|d| d.sync_all())
@@ -320,7 +320,7 @@ fn open_topic(
     storage: &Arc<dyn Storage>,
     root: &Path,
     shutdown: &CancellationToken,
-    tail_cache: &TailCacheSettings,
+    budgets: &SharedBudgets,
     name: &str,
     partitions: u32,
     config: TopicConfig,
@@ -334,7 +334,7 @@ fn open_topic(
             name.clone(),
             p,
             &config,
-            tail_cache,
+            budgets,
             shutdown.clone(),
         )
     };

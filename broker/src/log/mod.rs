@@ -17,6 +17,7 @@
 mod checkpoint;
 #[cfg(test)]
 mod fault_tests;
+mod file_cache;
 mod index;
 mod recovery;
 mod segment;
@@ -36,6 +37,7 @@ use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
 
 pub use checkpoint::{RecoveryCheckpoint, RecoveryPoint};
+pub use file_cache::ClosedSegmentFiles;
 pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
@@ -48,7 +50,7 @@ pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
 pub const MAX_READ_BYTES: usize = MAX_BATCH_BYTES;
 
 /// Per-partition settings (the storage part of `TopicConfig`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LogConfig {
     /// Roll to a new segment before the active one would grow past this (1..=MAX_SEGMENT_BYTES).
     /// A batch larger than this still gets a segment of its own.
@@ -61,6 +63,9 @@ pub struct LogConfig {
     pub retention_ms: Option<u64>,
     /// Bytes appended between two index entries.
     pub index_interval_bytes: u32,
+    /// The bound on closed segments' log files open at once; the broker shares one among all
+    /// partitions. By default each log has its own of [`OPEN_CLOSED_SEGMENTS`].
+    pub closed_files: Arc<ClosedSegmentFiles>,
 }
 
 impl Default for LogConfig {
@@ -71,6 +76,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 4096,
+            closed_files: ClosedSegmentFiles::new(OPEN_CLOSED_SEGMENTS),
         }
     }
 }
@@ -363,17 +369,14 @@ pub struct PartitionLog {
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
     sync_failed: SyncState,
-    /// Base offsets of the closed segments whose log file is open, least recently used first;
-    /// at most [`OPEN_CLOSED_SEGMENTS`]. (Under the owner's lock already; the mutex is for
-    /// `&self` readers.)
-    open_closed: parking_lot::Mutex<std::collections::VecDeque<u64>>,
     /// How far completed fsyncs cover the active segment, and its checkpoint file.
     recovery: RecoveryCheckpoint,
 }
 
-/// Closed segments per partition whose log file may be open at once (their index files are
-/// never open: lookups use the entries in memory). A partition holds at most 3 (the active
-/// segment's files) + this many descriptors, plus files that in-flight reads still hold.
+/// Closed segments whose log file may be open at once for a log with a bound of its own
+/// (their index files are never open: lookups use the entries in memory). Such a partition
+/// holds at most 3 (the active segment's files) + this many descriptors, plus files that
+/// in-flight reads still hold. A broker shares one bound among all partitions instead.
 pub const OPEN_CLOSED_SEGMENTS: usize = 2;
 
 impl PartitionLog {
@@ -400,7 +403,6 @@ impl PartitionLog {
             size_bytes,
             poisoned: false,
             sync_failed: Default::default(),
-            open_closed: Default::default(),
         };
         Ok((log, recovered.report))
     }
@@ -705,21 +707,13 @@ impl PartitionLog {
     }
 
     /// The log file of `seg`, opening it if it is a released closed segment, and closing the
-    /// least recently used one if that makes more than [`OPEN_CLOSED_SEGMENTS`] open.
+    /// least recently used closed segment files beyond the bound (`config.closed_files`).
     fn open_log(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>, LogError> {
         if seg.base == self.active.base {
             return seg.log();
         }
         let file = seg.log()?;
-        let mut open = self.open_closed.lock();
-        open.retain(|&b| b != seg.base);
-        open.push_back(seg.base);
-        while open.len() > OPEN_CLOSED_SEGMENTS {
-            let Some(evict) = open.pop_front() else { break };
-            if let Ok(i) = self.closed.binary_search_by_key(&evict, |s| s.base) {
-                self.closed[i].release_log();
-            }
-        }
+        self.config.closed_files.touch(seg.slot());
         Ok(file)
     }
 
@@ -798,7 +792,7 @@ impl PartitionLog {
             }
         }
         let removed = self.closed.remove(0);
-        self.open_closed.lock().retain(|&b| b != removed.base);
+        self.config.closed_files.forget(removed.slot());
         self.size_bytes -= removed.size;
         Ok(())
     }
