@@ -44,7 +44,7 @@ impl ClosedSegmentFiles {
     }
 
     /// Files registered now (at least the open ones; a deleted segment counts until it ages out).
-    pub fn len(&self) -> usize {
+    pub fn registered(&self) -> usize {
         self.lru.lock().latest.len()
     }
 
@@ -103,12 +103,12 @@ mod tests {
         assert_eq!(open(), [true, true, true], "2 registered, the third was never registered");
         cache.touch(&slots[2]);
         assert_eq!(open(), [true, false, true], "the least recently used is closed");
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.registered(), 2);
         cache.forget(&slots[0]);
         for _ in 0..100 {
             cache.touch(&slots[2]);
         }
-        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.registered(), 1);
         assert!(cache.lru.lock().queue.len() <= 2 * 16 + 1, "stale entries are dropped");
         Ok(())
     }
