@@ -27,6 +27,8 @@ pub struct BrokerConfig {
     /// producer's per-partition streams and short request streams). The default lets one client
     /// produce to and consume every partition of the widest topic (`MAX_PARTITIONS`) at once;
     /// below that, a client subscribing to more partitions waits for streams that never come.
+    /// A connection starts at `INITIAL_STREAMS_PER_CONNECTION` and is raised toward this as it
+    /// opens streams (quinn keeps state per allowed stream: an idle connection stays small).
     pub max_streams_per_connection: u32,
     /// Pipelined requests a stream may have outstanding before the broker stops reading it.
     pub max_inflight_requests_per_stream: usize,
@@ -55,6 +57,9 @@ pub struct BrokerConfig {
     pub validate_addresses: bool,
     /// Newest appended bytes kept in memory per partition for subscribers at the tail.
     pub tail_cache_bytes_per_partition: usize,
+    /// Bytes all tail caches together may hold: the bound on their memory however many
+    /// partitions are written (design.md §8). Batches beyond it are read from the files.
+    pub tail_cache_bytes_total: usize,
     /// Large segment appends (64 KiB and more) bypass the page cache (`O_DIRECT`) where the
     /// file system allows. Sustains more produce throughput where the page cache, not the
     /// disk, is the limit; history is then read from disk on its first read (BENCHMARKS.md).
@@ -73,7 +78,7 @@ impl Default for BrokerConfig {
             broker_id: 0,
             tls_cert: None,
             tls_key: None,
-            max_connections: 4096,
+            max_connections: 10_000,
             max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
             frame_timeout_ms: 30_000,
@@ -88,13 +93,22 @@ impl Default for BrokerConfig {
             validate_addresses: true,
             max_partitions_total: 100_000,
             tail_cache_bytes_per_partition: 8 * 1024 * 1024,
+            tail_cache_bytes_total: 256 * 1024 * 1024,
             direct_writes: false,
             metrics_listen: None,
         }
     }
 }
 
+/// Streams a new connection may open at first; the broker doubles the limit (up to
+/// `max_streams_per_connection`) as the client's open streams approach it.
+pub const INITIAL_STREAMS_PER_CONNECTION: u32 = 128;
+
 impl BrokerConfig {
+    pub fn initial_streams_per_connection(&self) -> u32 {
+        INITIAL_STREAMS_PER_CONNECTION.min(self.max_streams_per_connection)
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BrokerConfig { data_dir: data_dir.into(), ..Default::default() }
     }

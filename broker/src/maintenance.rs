@@ -142,6 +142,7 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
 const IDLE_CACHE: Duration = Duration::from_secs(30);
 
 fn sample_gauges(state: &BrokerState) {
+    metrics::gauge!("quiver_tail_cache_bytes").set(state.topics.tail_cache_bytes() as f64);
     for topic in state.topics.all() {
         for p in &topic.partitions {
             p.release_idle_cache(IDLE_CACHE);

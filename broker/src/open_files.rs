@@ -2,18 +2,20 @@
 //! (docs/design.md §5.7).
 //!
 //! QUIC serves every connection over one UDP socket, so a broker's file descriptors go to its
-//! partitions: one for the active segment's log (its index files are written when it is
-//! sealed), and up to [`OPEN_CLOSED_SEGMENTS`] closed segments' logs that reads opened (twice
-//! that with `direct_writes`). A topic
-//! is created only if every partition could hold all of them within the limit, less
+//! partitions: one per partition for the active segment's log (its index files are written
+//! when it is sealed), and up to [`CLOSED_SEGMENT_FILES`] closed segments' logs that reads
+//! opened, shared by all partitions (each twice with `direct_writes`). A topic is created
+//! only if every partition could hold its file within the limit, less the shared ones and
 //! [`RESERVED_FDS`] for everything else; starting never depends on it.
 
-use crate::log::OPEN_CLOSED_SEGMENTS;
+/// Segment log files one partition holds open (not counting reads in flight): the active
+/// one. Each is one descriptor, or two with `direct_writes`
+/// ([`Storage::fds_per_segment_file`](crate::storage::Storage::fds_per_segment_file)).
+pub const FILES_PER_PARTITION: u64 = 1;
 
-/// Most segment log files one partition holds open at once (not counting reads in flight):
-/// the active one and the closed ones reads opened. Each is one descriptor, or two with
-/// `direct_writes` ([`Storage::fds_per_segment_file`](crate::storage::Storage::fds_per_segment_file)).
-pub const FILES_PER_PARTITION: u64 = 1 + OPEN_CLOSED_SEGMENTS as u64;
+/// Closed segments' log files open at once across all partitions (least recently read ones
+/// are closed beyond it): the files reads of history opened.
+pub const CLOSED_SEGMENT_FILES: usize = 1024;
 
 /// Descriptors kept for everything but partitions: the offsets store, the data directory's
 /// lock, snapshots and index files being written, the metrics listener's connections, the
@@ -35,7 +37,9 @@ pub fn limit() -> Option<u64> {
 /// Most partitions a broker can hold under an open-file limit of `limit`, with `fds_per_file`
 /// descriptors per segment log file.
 pub fn partitions_within(limit: u64, fds_per_file: u64) -> u64 {
-    limit.saturating_sub(RESERVED_FDS) / (FILES_PER_PARTITION * fds_per_file.max(1))
+    let per_file = fds_per_file.max(1);
+    limit.saturating_sub(RESERVED_FDS + CLOSED_SEGMENT_FILES as u64 * per_file)
+        / (FILES_PER_PARTITION * per_file)
 }
 
 #[cfg(test)]
@@ -48,8 +52,9 @@ mod tests {
         let buffered = FsStorage::new().fds_per_segment_file();
         let direct = FsStorage::new().direct_writes(true).fds_per_segment_file();
         assert_eq!((buffered, direct), (1, 2));
-        assert_eq!(partitions_within(20_000, buffered), (20_000 - RESERVED_FDS) / 3);
-        assert_eq!(partitions_within(20_000, direct), (20_000 - RESERVED_FDS) / 6);
+        let shared = CLOSED_SEGMENT_FILES as u64;
+        assert_eq!(partitions_within(20_000, buffered), 20_000 - RESERVED_FDS - shared);
+        assert_eq!(partitions_within(20_000, direct), (20_000 - RESERVED_FDS - 2 * shared) / 2);
         assert_eq!(partitions_within(100, 1), 0, "a limit below the reserve allows none");
     }
 }

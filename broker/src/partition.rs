@@ -19,10 +19,11 @@ use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::log::ClosedSegmentFiles;
 use crate::log::{LogConfig, LogError, PartitionLog, RollFile};
 use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EXT};
 use crate::storage::Storage;
-use crate::tail_cache::TailCache;
+use crate::tail_cache::{TailCache, TailCacheSettings};
 use commit::CommitQueue;
 
 mod commit;
@@ -85,6 +86,12 @@ struct AppendRequest {
     reply: Reply,
 }
 
+/// Bytes of fsynced log after which the recovery point is checkpointed at once rather than at
+/// the next `recovery_point_ms` tick: bounds what recovery scans after a crash (about this much
+/// per partition written, plus what was written since the last fsync), so a broker with many
+/// gigabytes of log serves within about a second of a kill -9 (BENCHMARKS.md).
+const RECOVERY_POINT_LAG_BYTES: u64 = 64 * 1024 * 1024;
+
 #[derive(Debug)]
 pub struct Partition {
     pub topic: Arc<str>,
@@ -111,13 +118,33 @@ impl std::fmt::Debug for AppendRequest {
     }
 }
 
-pub fn log_config(c: &TopicConfig) -> LogConfig {
+/// What all partitions of a broker share: the tail caches' memory budget and the bound on
+/// open closed-segment files.
+#[derive(Debug, Clone)]
+pub struct SharedBudgets {
+    pub tail_cache: TailCacheSettings,
+    pub closed_files: Arc<ClosedSegmentFiles>,
+}
+
+impl SharedBudgets {
+    /// Tail caches of `tail_per_partition` bytes each and `tail_total` together; at most
+    /// `closed_files` closed segment files open.
+    pub fn new(tail_per_partition: usize, tail_total: usize, closed_files: usize) -> SharedBudgets {
+        SharedBudgets {
+            tail_cache: TailCacheSettings::new(tail_per_partition, tail_total),
+            closed_files: ClosedSegmentFiles::new(closed_files),
+        }
+    }
+}
+
+pub fn log_config(c: &TopicConfig, closed_files: Arc<ClosedSegmentFiles>) -> LogConfig {
     LogConfig {
         segment_bytes: c.segment_bytes,
         segment_ms: c.segment_ms,
         retention_bytes: c.retention_bytes,
         retention_ms: c.retention_ms,
         index_interval_bytes: 4096,
+        closed_files,
     }
 }
 
@@ -130,10 +157,11 @@ impl Partition {
         topic: Arc<str>,
         id: u32,
         config: &TopicConfig,
-        tail_cache_bytes: usize,
+        budgets: &SharedBudgets,
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
-        let (log, report, producers) = open_log(storage, dir, log_config(config), now_ms())?;
+        let (log, report, producers) =
+            open_log(storage, dir, log_config(config, budgets.closed_files.clone()), now_ms())?;
         if report.truncated_bytes() > 0 {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
@@ -149,7 +177,7 @@ impl Partition {
             high_watermark,
             log_start: AtomicU64::new(start),
             appends,
-            tail: Arc::new(Mutex::new(TailCache::new(tail_cache_bytes))),
+            tail: Arc::new(Mutex::new(TailCache::with_settings(&budgets.tail_cache))),
             closed: shutdown.child_token(),
             deleted: Default::default(),
             recovery,
@@ -313,6 +341,17 @@ impl Partition {
         handle.sync()?;
         self.checkpoint_blocking().map_err(std::io::Error::other)?;
         Ok(())
+    }
+
+    /// Writes the recovery-point checkpoint at once if completed fsyncs moved it
+    /// `RECOVERY_POINT_LAG_BYTES` or more past the file (after a periodic fsync). Blocking.
+    fn checkpoint_if_behind(&self) {
+        if self.deleted.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = self.recovery.write_if_behind(RECOVERY_POINT_LAG_BYTES) {
+            tracing::warn!(topic = %self.topic, partition = self.id, "writing the recovery point: {e}");
+        }
     }
 
     /// Writes the recovery-point checkpoint if completed fsyncs moved it since the last write
@@ -492,6 +531,7 @@ impl Writer {
     /// whether it worked. A failure stops appends to the partition.
     fn start_sync(&self) -> tokio::task::JoinHandle<bool> {
         let log = self.log.clone();
+        let partition = self.partition.clone();
         tokio::task::spawn_blocking(move || {
             // Taken here, not on the runtime: the log's lock can be held across disk work
             // (retention, read planning).
@@ -500,6 +540,9 @@ impl Writer {
             match handle.sync() {
                 Ok(()) => {
                     metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
+                    if let Some(p) = partition.upgrade() {
+                        p.checkpoint_if_behind();
+                    }
                     true
                 }
                 Err(e) => {
@@ -853,8 +896,15 @@ mod tests {
         let config = TopicConfig::default();
         assert_eq!(config.durability, Durability::Always);
         let closed = CancellationToken::new();
-        let p =
-            Partition::open(storage, PathBuf::from("/p"), "t".into(), 0, &config, 1 << 20, closed.clone())?;
+        let p = Partition::open(
+            storage,
+            PathBuf::from("/p"),
+            "t".into(),
+            0,
+            &config,
+            &SharedBudgets::new(1 << 20, 1 << 20, 2),
+            closed.clone(),
+        )?;
         let bounded = |rx| tokio::time::timeout(Duration::from_secs(10), rx);
 
         for seq in [0, 2] {
@@ -887,6 +937,7 @@ mod tests {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 300,
+            ..Default::default()
         }
     }
 
@@ -1166,6 +1217,7 @@ mod tests {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 300,
+            ..Default::default()
         };
         let tail = Mutex::new(TailCache::new(1 << 20));
         let (mut log, _) = PartitionLog::open(storage.clone(), dir.clone(), cfg.clone(), 0)?;

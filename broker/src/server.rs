@@ -80,10 +80,14 @@ impl Broker {
         let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
-            let tail_cache = config.tail_cache_bytes_per_partition;
+            let budgets = crate::partition::SharedBudgets::new(
+                config.tail_cache_bytes_per_partition,
+                config.tail_cache_bytes_total,
+                crate::open_files::CLOSED_SEGMENT_FILES,
+            );
             let offsets_storage = storage.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let topics = Topics::load(&dir, storage, token, tail_cache)?;
+                let topics = Topics::load(&dir, storage, token, budgets)?;
                 let offsets = OffsetStore::open(offsets_storage, &dir.join("offsets"))?;
                 offsets.cut_to_logs_blocking(|t, p| {
                     Some(topics.get(t).ok()?.partition(p).ok()?.high_watermark())
@@ -246,10 +250,14 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     let mut streams = JoinSet::new();
     let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
     let members = crate::groups::ConnectionInfo::new(state.next_generation.fetch_add(1, Ordering::Relaxed));
+    let mut stream_limit = state.config.initial_streams_per_connection();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => { streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone(), members.clone())); }
+                Ok((send, recv)) => {
+                    streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone(), members.clone()));
+                    stream_limit = raise_stream_limit(&conn, streams.len(), stream_limit, state.config.max_streams_per_connection);
+                }
                 Err(e) => {
                     tracing::debug!(%remote, "connection closed: {e}");
                     break;
@@ -267,6 +275,18 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     state.groups.connection_closed(&members);
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
+}
+
+/// Doubles the connection's stream limit (up to `max`) once its open streams reach half of it,
+/// so a client that needs many streams (one per partition it writes or subscribes to) gets
+/// them a round trip later, and an idle connection keeps the small starting limit.
+fn raise_stream_limit(conn: &quinn::Connection, open: usize, limit: u32, max: u32) -> u32 {
+    if limit >= max || open < (limit / 2) as usize {
+        return limit;
+    }
+    let raised = limit.saturating_mul(2).min(max);
+    conn.set_max_concurrent_bi_streams(raised.into());
+    raised
 }
 
 /// The first frame decides what a stream is: `Subscribe` makes a subscription stream,

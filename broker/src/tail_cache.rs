@@ -4,10 +4,62 @@
 //! thread hand-off; a delivery is a list of `Bytes` handles written straight to the QUIC
 //! stream. Older offsets come from the segment files.
 
+//!
+//! Memory: each cache holds at most its per-partition limit, and all caches together at most
+//! one broker-wide [`TailBudget`] (`tail_cache_bytes_total`). A batch that does not fit in
+//! the budget after this partition evicted its own oldest batches is not cached; readers then
+//! read it from the segment file (the page cache). So the broker's tail-cache memory is
+//! bounded by one number, however many partitions are written.
+
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+/// Bytes that all tail caches of a broker may hold together.
+#[derive(Debug)]
+pub struct TailBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl TailBudget {
+    pub fn new(limit: usize) -> Arc<TailBudget> {
+        Arc::new(TailBudget { limit, used: AtomicUsize::new(0) })
+    }
+
+    /// Bytes held by all caches now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// How big each partition's tail cache may grow, and the budget all of them share.
+#[derive(Debug, Clone)]
+pub struct TailCacheSettings {
+    pub per_partition: usize,
+    pub budget: Arc<TailBudget>,
+}
+
+impl TailCacheSettings {
+    pub fn new(per_partition: usize, total: usize) -> TailCacheSettings {
+        TailCacheSettings { per_partition, budget: TailBudget::new(total) }
+    }
+}
 
 #[derive(Debug)]
 pub struct TailCache {
@@ -15,33 +67,73 @@ pub struct TailCache {
     batches: VecDeque<(u64, u64, Bytes)>,
     /// When the newest batch was added: an idle partition gives its memory back.
     last_push: Option<Instant>,
+    /// Bytes held, all of them taken from `budget`.
     bytes: usize,
     max_bytes: usize,
+    budget: Arc<TailBudget>,
 }
 
 impl TailCache {
+    /// A cache of at most `max_bytes` with a budget of its own.
+    #[cfg(test)]
     pub fn new(max_bytes: usize) -> Self {
-        TailCache { batches: VecDeque::new(), bytes: 0, max_bytes, last_push: None }
+        TailCache::with_settings(&TailCacheSettings::new(max_bytes, max_bytes))
     }
 
-    /// Adds an appended batch, evicting the oldest past the size limit.
+    pub fn with_settings(settings: &TailCacheSettings) -> Self {
+        TailCache {
+            batches: VecDeque::new(),
+            bytes: 0,
+            max_bytes: settings.per_partition,
+            last_push: None,
+            budget: settings.budget.clone(),
+        }
+    }
+
+    /// Adds an appended batch, evicting this partition's oldest past its limit or when the
+    /// shared budget is spent. A batch that still does not fit is not cached (the cache is
+    /// then empty: it only ever holds a contiguous run of the newest batches).
     pub fn push(&mut self, base: u64, next: u64, batch: Bytes) {
-        if self.max_bytes == 0 {
+        if self.batches.back().is_some_and(|(_, n, _)| *n != base) {
+            // Not contiguous (a batch was not cached, or the log was truncated): start over
+            // rather than serve a gap.
+            self.clear();
+        }
+        let len = batch.len();
+        if len > self.max_bytes {
+            self.clear();
             return;
         }
-        if self.batches.back().is_some_and(|(_, n, _)| *n != base) {
-            // Not contiguous (should not happen): start over rather than serve a gap.
-            self.batches.clear();
-            self.bytes = 0;
+        while self.bytes + len > self.max_bytes {
+            self.pop_oldest();
         }
-        self.bytes += batch.len();
-        self.batches.push_back((base, next, batch));
-        self.last_push = Some(Instant::now());
-        while self.bytes > self.max_bytes && self.batches.len() > 1 {
-            if let Some((_, _, b)) = self.batches.pop_front() {
-                self.bytes -= b.len();
+        while !self.budget.try_take(len) {
+            if !self.pop_oldest() {
+                // Other partitions hold the budget: this batch is read from the file.
+                metrics::counter!("quiver_tail_cache_skipped_batches_total").increment(1);
+                return;
             }
         }
+        self.bytes += len;
+        self.batches.push_back((base, next, batch));
+        self.last_push = Some(Instant::now());
+    }
+
+    fn pop_oldest(&mut self) -> bool {
+        match self.batches.pop_front() {
+            Some((_, _, b)) => {
+                self.bytes -= b.len();
+                self.budget.give(b.len());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+        self.budget.give(self.bytes);
+        self.bytes = 0;
     }
 
     /// Drops the batches from offset `offset` on (the log was truncated there). A batch that
@@ -50,6 +142,7 @@ impl TailCache {
         while self.batches.back().is_some_and(|(_, next, _)| *next > offset) {
             if let Some((_, _, b)) = self.batches.pop_back() {
                 self.bytes -= b.len();
+                self.budget.give(b.len());
             }
         }
     }
@@ -57,8 +150,7 @@ impl TailCache {
     /// Empties the cache if nothing was appended for `idle` (readers fall back to the files).
     pub fn release_if_idle(&mut self, idle: Duration) {
         if self.last_push.is_some_and(|t| t.elapsed() >= idle) {
-            self.batches.clear();
-            self.bytes = 0;
+            self.clear();
             self.last_push = None;
         }
     }
@@ -86,6 +178,12 @@ impl TailCache {
             out.push(batch.clone());
         }
         Some(out)
+    }
+}
+
+impl Drop for TailCache {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
     }
 }
 
@@ -132,5 +230,42 @@ mod tests {
         assert_eq!(c.read(0, 100, 1000).map(|r| r.len()), Some(4), "the older batches stay");
         c.truncate(0);
         assert!(c.read(0, 100, 100).is_none());
+    }
+
+    #[test]
+    fn caches_share_one_budget() {
+        let settings = TailCacheSettings::new(40, 50);
+        let mut a = TailCache::with_settings(&settings);
+        let mut b = TailCache::with_settings(&settings);
+        for i in 0..4u64 {
+            a.push(i * 10, i * 10 + 10, Bytes::from(vec![1u8; 10]));
+        }
+        assert_eq!(settings.budget.used(), 40);
+        // b fits one batch in what is left; its second evicts its first; a third still fits.
+        b.push(0, 5, Bytes::from(vec![2u8; 10]));
+        assert_eq!(settings.budget.used(), 50);
+        b.push(5, 9, Bytes::from(vec![2u8; 10]));
+        assert_eq!(settings.budget.used(), 50);
+        assert!(b.holds(5) && !b.holds(4));
+        // A batch larger than what b can free is not cached; b is then empty, a untouched.
+        b.push(9, 12, Bytes::from(vec![2u8; 20]));
+        assert!(!b.holds(9) && b.read(9, 100, 100).is_none());
+        assert_eq!(settings.budget.used(), 40);
+        assert!(a.read(0, 100, 100).is_some_and(|r| r.len() == 4));
+        // The next batch starts a fresh run once there is room.
+        b.push(12, 13, Bytes::from(vec![2u8; 10]));
+        assert!(b.holds(12));
+        drop(a);
+        assert_eq!(settings.budget.used(), 10);
+        b.release_if_idle(Duration::ZERO);
+        assert_eq!(settings.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_batch_over_the_partition_limit_is_not_cached() {
+        let mut c = TailCache::new(30);
+        c.push(0, 1, Bytes::from(vec![0u8; 10]));
+        c.push(1, 2, Bytes::from(vec![0u8; 31]));
+        assert!(c.read(0, 100, 100).is_none() && c.read(1, 100, 100).is_none());
     }
 }

@@ -114,7 +114,10 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
 
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
+    // Start low and let the connection raise it as the client opens streams (server.rs):
+    // quinn keeps state for every stream a peer may open, so a high starting limit costs
+    // every idle connection hundreds of kilobytes.
+    t.max_concurrent_bidi_streams(config.initial_streams_per_connection().into());
     t.max_concurrent_uni_streams(0u32.into());
     // Finite windows: quinn holds at most `receive_window` unread bytes per connection; what
     // the broker has read but not finished with is bounded by its buffer budgets.

@@ -2,6 +2,7 @@
 //! partition) and in memory.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -10,7 +11,7 @@ use quiver_protocol::{ErrorCode, TopicConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::partition::{Partition, PartitionError};
+use crate::partition::{Partition, PartitionError, SharedBudgets};
 use crate::storage::Storage;
 
 #[derive(Debug)]
@@ -48,7 +49,7 @@ pub struct Topics {
     /// Serialises create and delete so two creates of one name cannot both succeed.
     admin: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
-    tail_cache_bytes: usize,
+    budgets: SharedBudgets,
 }
 
 impl Topics {
@@ -57,7 +58,7 @@ impl Topics {
         data_dir: &Path,
         storage: Arc<dyn Storage>,
         shutdown: CancellationToken,
-        tail_cache_bytes: usize,
+        budgets: SharedBudgets,
     ) -> anyhow::Result<Topics> {
         use anyhow::Context;
         let root = data_dir.join("topics");
@@ -69,7 +70,7 @@ impl Topics {
             map: DashMap::new(),
             admin: Default::default(),
             shutdown,
-            tail_cache_bytes,
+            budgets,
         };
         // Deletes interrupted by a crash finish here. Trash names never collide with topic
         // names: they live in their own directory.
@@ -110,7 +111,7 @@ impl Topics {
                 &topics.storage,
                 &root,
                 &topics.shutdown,
-                tail_cache_bytes,
+                &topics.budgets,
                 &file.name,
                 file.partitions,
                 file.config,
@@ -119,6 +120,11 @@ impl Topics {
             topics.map.insert(file.name, topic);
         }
         Ok(topics)
+    }
+
+    /// Bytes all tail caches hold now.
+    pub fn tail_cache_bytes(&self) -> usize {
+        self.budgets.tail_cache.budget.used()
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Topic>, PartitionError> {
@@ -168,8 +174,9 @@ impl Topics {
                 return Err(PartitionError::new(
                     ErrorCode::LimitExceeded,
                     format!(
-                        "topic '{name}' needs {partitions} partitions and the broker holds {existing}: its open-file limit of {limit} allows {most} partitions (counting {} descriptors each at most, and {} kept for the rest); raise the limit (ulimit -n) of quiverd",
+                        "topic '{name}' needs {partitions} partitions and the broker holds {existing}: its open-file limit of {limit} allows {most} partitions (counting {} descriptors each, {} for older segments being read, and {} kept for the rest); raise the limit (ulimit -n) of quiverd",
                         crate::open_files::FILES_PER_PARTITION * per_file,
+                        crate::open_files::CLOSED_SEGMENT_FILES as u64 * per_file,
                         crate::open_files::RESERVED_FDS
                     ),
                 ));
@@ -177,7 +184,7 @@ impl Topics {
         }
         let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
-        let tail_cache_bytes = self.tail_cache_bytes;
+        let budgets = self.budgets.clone();
         let owned = name.to_string();
         let trash = self.trash.clone();
         let topic = tokio::task::spawn_blocking(move || -> Result<Arc<Topic>, PartitionError> {
@@ -204,7 +211,7 @@ impl Topics {
             let created: Result<Arc<Topic>, PartitionError> = (|| {
                 std::fs::create_dir(&dir).map_err(|e| storage_err("create directory", e))?;
                 let topic =
-                    open_topic(&storage, &root, &shutdown, tail_cache_bytes, &owned, partitions, config)?;
+                    open_topic(&storage, &root, &shutdown, &budgets, &owned, partitions, config)?;
                 // The partition directories' entries must be durable before topic.json exists.
                 std::fs::File::open(&dir)
                     .and_then(|d| d.sync_all())
@@ -277,7 +284,7 @@ fn discard(dir: &Path, trash: &Path) -> std::io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let doomed = trash.join(format!("{nanos}-{}-{seq}", std::process::id()));
     std::fs::create_dir_all(trash)?;
     std::fs::rename(dir, &doomed)?;
@@ -303,32 +310,84 @@ fn empty_trash(trash: &Path) {
     }
 }
 
-/// Opens (creating when new) every partition of a topic. Blocking.
+/// Threads that open (recover) partitions at once. Recovery is mostly waiting for the disk
+/// (reading the bytes after each partition's recovery point), so more threads than cores.
+const OPEN_THREADS: usize = 16;
+
+/// Opens (creating when new) every partition of a topic, several at once. Blocking; must be
+/// called where a tokio runtime is current (each partition starts its writer task).
 fn open_topic(
     storage: &Arc<dyn Storage>,
     root: &Path,
     shutdown: &CancellationToken,
-    tail_cache_bytes: usize,
+    budgets: &SharedBudgets,
     name: &str,
     partitions: u32,
     config: TopicConfig,
 ) -> Result<Arc<Topic>, PartitionError> {
     let name: Arc<str> = Arc::from(name);
     let dir = root.join(&*name);
-    let parts = (0..partitions)
-        .map(|p| {
-            Partition::open(
-                storage.clone(),
-                dir.join(p.to_string()),
-                name.clone(),
-                p,
-                &config,
-                tail_cache_bytes,
-                shutdown.clone(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let open = |p: u32| {
+        Partition::open(
+            storage.clone(),
+            dir.join(p.to_string()),
+            name.clone(),
+            p,
+            &config,
+            budgets,
+            shutdown.clone(),
+        )
+    };
+    let parts = parallel_map(partitions, OPEN_THREADS, open)?;
     Ok(Arc::new(Topic { name, config, partitions: parts }))
+}
+
+/// `f(0..n)` on up to `threads` threads (each entering the caller's tokio runtime), results in
+/// order; the first error wins and the remaining items are skipped.
+fn parallel_map<T: Send>(
+    n: u32,
+    threads: usize,
+    f: impl Fn(u32) -> Result<T, PartitionError> + Sync,
+) -> Result<Vec<T>, PartitionError> {
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+    let threads = threads.min(n as usize);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let next = AtomicU32::new(0);
+    let failed = AtomicBool::new(false);
+    let mut results: Vec<(u32, Result<T, PartitionError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let _entered = runtime.as_ref().map(|r| r.enter());
+                    let mut done = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let r = f(i);
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.push((i, r));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(done) => done,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 fn write_topic_file(dir: &Path, file: &TopicFile) -> std::io::Result<()> {

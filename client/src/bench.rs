@@ -41,6 +41,9 @@ pub struct BenchConfig {
     pub max_inflight: usize,
     /// Sample this process's RSS: a local broker's pid.
     pub broker_pid: Option<u32>,
+    /// Connections opened before the run and held, idle, until it ends (what many quiet
+    /// clients cost the broker in memory and latency).
+    pub idle_connections: usize,
     pub progress: bool,
 }
 
@@ -63,6 +66,17 @@ pub struct Latency {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+}
+
+/// Opens `n` connections, a few handshakes at a time, that stay idle (keep-alives only).
+async fn open_idle_connections(client: &ClientConfig, n: usize) -> Result<Vec<Client>, ClientError> {
+    const HANDSHAKES_AT_ONCE: usize = 32;
+    futures::stream::iter((0..n).map(|_| Client::connect(client.clone())))
+        .buffer_unordered(HANDSHAKES_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Resident memory of the broker, when its pid was given.
@@ -96,6 +110,7 @@ pub struct BenchReport {
     pub batch_bytes: usize,
     pub linger_ms: u64,
     pub one_at_a_time: bool,
+    pub idle_connections: usize,
     pub produce: Throughput,
     /// Aggregate over consumers (each consumer reads every message).
     pub consume: Option<Throughput>,
@@ -125,6 +140,8 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
     let partitions = info.partitions.len() as u32;
     // With no producers the consumers read what the topic already holds (consume-only mode).
     let existing: u64 = info.partitions.iter().map(|p| p.high_watermark - p.log_start_offset).sum();
+
+    let idle = open_idle_connections(&config.client, config.idle_connections).await?;
 
     let bars =
         Bars::new(config.progress, config.duration.is_none().then_some(config.messages), config.consumers);
@@ -217,6 +234,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         batch_bytes: config.batch_bytes,
         linger_ms: config.linger.as_millis() as u64,
         one_at_a_time: config.one_at_a_time,
+        idle_connections: idle.len(),
         produce: throughput(produced, bytes, produce_secs),
         consume: (config.consumers > 0)
             .then(|| throughput(consumed, consumed * config.message_size as u64, consume_secs)),
@@ -225,6 +243,9 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         broker_memory: memory,
         producer_path,
     };
+    for c in idle {
+        c.close().await;
+    }
     admin_client.close().await;
     Ok(report)
 }
@@ -467,7 +488,7 @@ impl BenchReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "quiver bench: topic {} | {} producer(s), {} consumer(s), {} partition(s), {}-byte messages, acks={}, durability={}, batch {} B, linger {} ms{}",
+            "quiver bench: topic {} | {} producer(s), {} consumer(s), {} partition(s), {}-byte messages, acks={}, durability={}, batch {} B, linger {} ms{}{}",
             self.topic,
             self.producers,
             self.consumers,
@@ -477,7 +498,8 @@ impl BenchReport {
             self.durability,
             self.batch_bytes,
             self.linger_ms,
-            if self.one_at_a_time { ", one at a time" } else { "" }
+            if self.one_at_a_time { ", one at a time" } else { "" },
+            if self.idle_connections > 0 { format!(", {} idle connections", self.idle_connections) } else { String::new() }
         );
         let tp = |name: &str, t: &Throughput| {
             format!(

@@ -208,6 +208,9 @@ struct BenchArgs {
     /// Sample this local broker process's resident memory during the run.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Open this many extra connections first and keep them idle during the run.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -644,6 +647,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         one_at_a_time: a.one_at_a_time,
         max_inflight: a.max_inflight,
         broker_pid: a.broker_pid,
+        idle_connections: a.idle_connections,
         progress: !a.json && std::io::stderr().is_terminal(),
     };
     let report = quiver_client::bench::run(config).await?;

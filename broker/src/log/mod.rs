@@ -21,6 +21,7 @@ mod checkpoint;
 mod epochs;
 #[cfg(test)]
 mod fault_tests;
+mod file_cache;
 mod index;
 #[cfg(test)]
 mod model_tests;
@@ -45,6 +46,7 @@ use segment::{BatchAt, Segment};
 
 pub use checkpoint::{RecoveryCheckpoint, RecoveryPoint};
 pub use epochs::{EpochEntry, MAX_EPOCH_ENTRIES};
+pub use file_cache::ClosedSegmentFiles;
 pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
@@ -57,7 +59,7 @@ pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
 pub const MAX_READ_BYTES: usize = MAX_BATCH_BYTES;
 
 /// Per-partition settings (the storage part of `TopicConfig`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LogConfig {
     /// Roll to a new segment before the active one would grow past this (1..=MAX_SEGMENT_BYTES).
     /// A batch larger than this still gets a segment of its own.
@@ -70,6 +72,9 @@ pub struct LogConfig {
     pub retention_ms: Option<u64>,
     /// Bytes appended between two index entries.
     pub index_interval_bytes: u32,
+    /// The bound on closed segments' log files open at once; the broker shares one among all
+    /// partitions. By default each log has its own of [`OPEN_CLOSED_SEGMENTS`].
+    pub closed_files: Arc<ClosedSegmentFiles>,
 }
 
 impl Default for LogConfig {
@@ -80,6 +85,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
             index_interval_bytes: 4096,
+            closed_files: ClosedSegmentFiles::new(OPEN_CLOSED_SEGMENTS),
         }
     }
 }
@@ -418,17 +424,14 @@ pub struct PartitionLog {
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
     sync_failed: SyncState,
-    /// Base offsets of the closed segments whose log file is open, least recently used first;
-    /// at most [`OPEN_CLOSED_SEGMENTS`]. (Under the owner's lock already; the mutex is for
-    /// `&self` readers.)
-    open_closed: parking_lot::Mutex<std::collections::VecDeque<u64>>,
     /// How far completed fsyncs cover the active segment, and its checkpoint file.
     recovery: RecoveryCheckpoint,
 }
 
-/// Closed segments per partition whose log file may be open at once (their index files are
-/// never open: lookups use the entries in memory). A partition holds at most 3 (the active
-/// segment's files) + this many descriptors, plus files that in-flight reads still hold.
+/// Closed segments whose log file may be open at once for a log with a bound of its own
+/// (their index files are never open: lookups use the entries in memory). Such a partition
+/// holds at most 3 (the active segment's files) + this many descriptors, plus files that
+/// in-flight reads still hold. A broker shares one bound among all partitions instead.
 pub const OPEN_CLOSED_SEGMENTS: usize = 2;
 
 impl PartitionLog {
@@ -469,7 +472,6 @@ impl PartitionLog {
             epochs: Default::default(),
             poisoned: false,
             sync_failed: Default::default(),
-            open_closed: Default::default(),
         };
         log.load_epochs(&recovered.names)?;
         log.check_invariants(true);
@@ -821,6 +823,7 @@ impl PartitionLog {
             self.remove_segment_files(self.active.base, &log)?;
             while self.closed.len() > index + 1 {
                 let Some(seg) = self.closed.pop() else { break };
+                self.config.closed_files.forget(seg.slot());
                 let log = seg.log_path.clone();
                 self.remove_segment_files(seg.base, &log)?;
             }
@@ -832,8 +835,9 @@ impl PartitionLog {
                     reason: "no segment to keep".into(),
                 });
             };
+            // Active again: its file stays open and leaves the closed-file bound.
+            self.config.closed_files.forget(seg.slot());
             self.active = seg;
-            self.open_closed.lock().retain(|&b| b < keep_base);
         }
         // Side files of the kept segment's base stay (a producer snapshot as of its start).
         self.remove_files_above(keep_base)?;
@@ -1172,21 +1176,13 @@ impl PartitionLog {
     }
 
     /// The log file of `seg`, opening it if it is a released closed segment, and closing the
-    /// least recently used one if that makes more than [`OPEN_CLOSED_SEGMENTS`] open.
+    /// least recently used closed segment files beyond the bound (`config.closed_files`).
     fn open_log(&self, seg: &Segment) -> Result<Arc<dyn StorageFile>, LogError> {
         if seg.base == self.active.base {
             return seg.log();
         }
         let file = seg.log()?;
-        let mut open = self.open_closed.lock();
-        open.retain(|&b| b != seg.base);
-        open.push_back(seg.base);
-        while open.len() > OPEN_CLOSED_SEGMENTS {
-            let Some(evict) = open.pop_front() else { break };
-            if let Ok(i) = self.closed.binary_search_by_key(&evict, |s| s.base) {
-                self.closed[i].release_log();
-            }
-        }
+        self.config.closed_files.touch(seg.slot());
         Ok(file)
     }
 
@@ -1266,7 +1262,7 @@ impl PartitionLog {
             }
         }
         let removed = self.closed.remove(0);
-        self.open_closed.lock().retain(|&b| b != removed.base);
+        self.config.closed_files.forget(removed.slot());
         self.size_bytes -= removed.size;
         Ok(())
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use quiver_protocol::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
 
+use super::file_cache::FileSlot;
 use super::index::{IndexFile, OffsetEntry, TimeEntry};
 use super::LogError;
 use crate::storage::{Storage, StorageFile};
@@ -109,7 +110,7 @@ pub(crate) struct Segment {
     pub(crate) base: u64,
     /// The log file while open: always for the active segment; for a closed one, while the
     /// partition's bounded set of open closed segments holds it (design.md §5.6).
-    log: parking_lot::Mutex<Option<Arc<dyn StorageFile>>>,
+    log: Arc<FileSlot>,
     storage: Arc<dyn Storage>,
     pub(crate) log_path: PathBuf,
     pub(crate) offsets: IndexFile<OffsetEntry>,
@@ -145,7 +146,7 @@ impl Segment {
         let log = storage.open_segment(&log_path).map_err(LogError::io("open segment", &log_path))?;
         Ok(Segment {
             base,
-            log: parking_lot::Mutex::new(Some(log)),
+            log: Arc::new(parking_lot::Mutex::new(Some(log))),
             storage: storage.clone(),
             log_path,
             offsets: IndexFile::open(storage, dir.join(file_name(base, "index")), base)?,
@@ -191,6 +192,11 @@ impl Segment {
         self.release_log();
         self.offsets.release();
         self.times.release();
+    }
+
+    /// Where the log file is kept while open (for the broker's bound on open closed segments).
+    pub(crate) fn slot(&self) -> &Arc<FileSlot> {
+        &self.log
     }
 
     /// Closes the log file (reopened on demand).

@@ -24,6 +24,7 @@ pub(super) fn config(segment_bytes: u64) -> LogConfig {
         retention_bytes: None,
         retention_ms: None,
         index_interval_bytes: 300,
+        ..Default::default()
     }
 }
 
