@@ -30,6 +30,10 @@ use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
 use crate::transport::{write_encoded, FrameReader};
 
+// The sans-IO engine the sender task switches to in the next commit.
+#[cfg_attr(not(test), allow(dead_code))]
+mod engine;
+
 /// Producer settings.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
