@@ -23,8 +23,8 @@ use quiver_protocol::batch::{BatchSplitter, RecordIter};
 use quiver_protocol::message::{
     DeliveryRange, MemberRef, Message, RedeliveryPolicy, StartPosition, Subscribe,
 };
+use quiver_protocol::ledger::{AckLedger, MAX_ACKED_RANGES};
 use quiver_protocol::ErrorCode;
-use rangemap::RangeSet;
 use tokio::sync::{mpsc, Notify};
 
 use crate::admin::Admin;
@@ -141,10 +141,10 @@ struct AckState {
 
 #[derive(Debug)]
 struct AckFloor {
-    /// Everything below is acknowledged.
-    floor: u64,
-    /// Acknowledged offsets above the floor.
-    above: RangeSet<u64>,
+    /// The floor (everything below is acknowledged) and the acknowledged ranges above it: the
+    /// broker's ledger, fed with what this consumer handed out (up to `next_expected`), what
+    /// the application acknowledged and what the broker settled.
+    ledger: AckLedger,
     /// Nacked offsets not acknowledged since: they pass the reconnect filter when they come back
     /// (even as a first delivery, if the broker lost the nack with the connection).
     nacked: BTreeSet<u64>,
@@ -166,8 +166,7 @@ impl AckState {
     fn new() -> Self {
         AckState {
             inner: Mutex::new(AckFloor {
-                floor: 0,
-                above: RangeSet::new(),
+                ledger: AckLedger::new(0),
                 nacked: BTreeSet::new(),
                 next_expected: 0,
                 started: false,
@@ -183,7 +182,7 @@ impl AckState {
     fn nack(&self, offset: u64, delay: Duration) {
         let delay_ms = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
         let mut a = self.inner.lock();
-        if offset >= a.floor && !a.above.contains(&offset) {
+        if !a.ledger.is_acked(offset) {
             a.nacks.push((offset, delay_ms));
             a.nacked.insert(offset);
         }
@@ -193,15 +192,12 @@ impl AckState {
 
     fn ack(&self, offset: u64) {
         let mut a = self.inner.lock();
-        if offset < a.floor {
+        if offset < a.ledger.floor() {
             return;
         }
         a.version += 1;
-        if offset == a.floor {
-            a.floor += 1;
-            a.merge_above();
-        } else {
-            a.above.insert(offset..offset + 1);
+        if a.ledger.ack(offset..offset + 1) {
+            a.prune_nacked();
         }
         if !a.nacked.is_empty() {
             a.nacked.remove(&offset);
@@ -214,13 +210,13 @@ impl AckState {
     }
 
     fn floor(&self) -> u64 {
-        self.inner.lock().floor
+        self.inner.lock().ledger.floor()
     }
 
     /// The floor to commit, once consumption has started.
     fn committable(&self) -> Option<u64> {
         let a = self.inner.lock();
-        a.started.then_some(a.floor)
+        a.started.then_some(a.ledger.floor())
     }
 }
 
@@ -240,33 +236,27 @@ fn records_in(batches: &[u8]) -> usize {
 const MAX_RANGES_PER_ACK: usize = 4096;
 
 impl AckFloor {
-    /// Moves the floor over acknowledged ranges that now touch it.
-    fn merge_above(&mut self) {
-        if let Some(r) = self.above.get(&self.floor).cloned() {
-            self.floor = r.end;
-        }
-        if self.above.first().is_some_and(|r| r.start < self.floor) {
-            self.above.remove(0..self.floor);
-        }
-        if self.nacked.first().is_some_and(|o| *o < self.floor) {
-            self.nacked = self.nacked.split_off(&self.floor);
+    /// Forgets nacks below the floor (acknowledged since).
+    fn prune_nacked(&mut self) {
+        let floor = self.ledger.floor();
+        if self.nacked.first().is_some_and(|o| *o < floor) {
+            self.nacked = self.nacked.split_off(&floor);
         }
     }
 
     /// The broker settled these offsets (dead letters, or acknowledged by the group before).
     fn settle(&mut self, ranges: Vec<std::ops::Range<u64>>) {
         for r in ranges {
-            if r.end <= self.floor {
-                continue;
-            }
-            if r.start <= self.floor {
-                self.floor = r.end;
-            } else {
-                self.above.insert(r);
-            }
-            self.merge_above();
+            self.ledger.settle(r);
         }
+        self.prune_nacked();
         self.version += 1;
+    }
+
+    /// Records below `end` were handed to the application.
+    fn handed_out(&mut self, end: u64) {
+        self.next_expected = end;
+        self.ledger.handed_out(end);
     }
 
     /// Frames to send to the broker: nacks, and `AckRanges` when acks changed since `sent`
@@ -281,11 +271,11 @@ impl AckFloor {
         if changed && due {
             // All ranges the broker can remember (`MAX_ACKED_RANGES`), a frame per
             // `MAX_RANGES_PER_ACK`; the first frame also carries the floor alone if none.
-            let mut ranges =
-                self.above.iter().take(quiver_protocol::ledger::MAX_ACKED_RANGES).cloned().peekable();
+            let floor = self.ledger.floor();
+            let mut ranges = self.ledger.acked_ranges(MAX_ACKED_RANGES).into_iter().peekable();
             loop {
                 let chunk: Vec<std::ops::Range<u64>> = ranges.by_ref().take(MAX_RANGES_PER_ACK).collect();
-                frames.push(Message::AckRanges { floor: self.floor, ranges: chunk });
+                frames.push(Message::AckRanges { floor, ranges: chunk });
                 if ranges.peek().is_none() {
                     break;
                 }
@@ -303,7 +293,7 @@ impl AckFloor {
     fn reconcile(&mut self, start: u64, high_watermark: u64, first: bool, topic: &str, partition: u32) {
         if first || !self.started {
             // The broker decided where we start (committed offset or start position).
-            self.floor = start;
+            self.ledger.reset(start);
             self.next_expected = start;
             self.started = true;
             return;
@@ -312,19 +302,19 @@ impl AckFloor {
             // The log is shorter than what we handed out: the broker lost unsynced data
             // (durability interval/os) and will reuse those offsets. Start over from the broker.
             tracing::warn!(%topic, partition, handed_out = self.next_expected, high_watermark, "partition log went backwards; resuming from the broker's position");
-            self.floor = start;
-            self.above = RangeSet::new();
+            self.ledger.reset(start);
             self.nacked.clear();
             self.next_expected = start;
             return;
         }
-        if start > self.floor {
+        if start > self.ledger.floor() {
             // Retention removed offsets we had not acknowledged (they can never be acked now),
             // or the group acknowledged them in other sessions.
-            self.floor = start;
-            self.merge_above();
+            self.ledger.commit(start);
+            self.prune_nacked();
         }
-        self.next_expected = self.next_expected.max(start);
+        let next = self.next_expected.max(start);
+        self.handed_out(next);
     }
 }
 
@@ -879,7 +869,7 @@ impl PartitionConsumer {
                     // the application acknowledged it, before the broker heard: say it again
                     // instead of handing the message out twice. Only redeliveries get here.
                     let mut a = self.acks.inner.lock();
-                    if r.offset < a.floor || a.above.contains(&r.offset) {
+                    if a.ledger.is_acked(r.offset) {
                         a.version += 1;
                         reacked = true;
                         continue;
@@ -899,7 +889,7 @@ impl PartitionConsumer {
                 });
             }
         }
-        self.acks.inner.lock().next_expected = expected;
+        self.acks.inner.lock().handed_out(expected);
         if reacked {
             self.acks.changed.notify_one();
         }
@@ -919,9 +909,10 @@ mod tests {
         let state = AckState::new();
         let mut a = state.inner.lock();
         a.started = true;
+        a.handed_out(10_001);
         // 5,000 disjoint acknowledged offsets above the floor: more than one frame holds.
         for i in 0..5_000u64 {
-            a.above.insert(2 * i + 1..2 * i + 2);
+            a.ledger.ack(2 * i + 1..2 * i + 2);
         }
         a.version = 1;
         let (frames, version) = a.take_frames(None, true, 1);
@@ -938,13 +929,44 @@ mod tests {
             }
         }
         assert_eq!(frames.len(), 2);
-        assert_eq!(sent, a.above.iter().cloned().collect::<Vec<_>>(), "every range, in order");
+        assert_eq!(sent, a.ledger.acked_ranges(usize::MAX), "every range, in order");
 
         // With nothing above the floor, one frame carries the floor alone.
-        a.above = RangeSet::new();
-        a.floor = 7;
+        a.ledger.reset(7);
         a.version = 2;
         let (frames, _) = a.take_frames(Some(1), true, 1);
         assert_eq!(frames, vec![Message::AckRanges { floor: 7, ranges: Vec::new() }]);
+    }
+
+    #[test]
+    fn acks_move_the_floor_settled_ranges_merge_and_nacks_below_it_are_forgotten() {
+        let state = AckState::new();
+        state.inner.lock().reconcile(10, 100, true, "t", 0);
+        state.inner.lock().handed_out(20);
+        state.nack(12, Duration::ZERO);
+        state.ack(11);
+        state.ack(10);
+        assert_eq!(state.floor(), 12);
+        state.inner.lock().settle(std::iter::once(13..30).collect());
+        assert_eq!(state.floor(), 12, "12 is neither acknowledged nor settled");
+        state.ack(12);
+        assert_eq!(state.floor(), 30, "the settled range beyond what was handed out counts");
+        assert!(state.inner.lock().nacked.is_empty());
+        state.ack(5); // below the floor: nothing
+        assert_eq!(state.committable(), Some(30));
+    }
+
+    #[test]
+    fn a_log_that_went_backwards_voids_acks_of_reused_offsets() {
+        let state = AckState::new();
+        state.inner.lock().reconcile(0, 100, true, "t", 0);
+        state.inner.lock().handed_out(50);
+        state.ack(40);
+        // The broker lost unsynced records: the log ends at 30 and the offsets are reused.
+        state.inner.lock().reconcile(30, 30, false, "t", 0);
+        assert_eq!(state.floor(), 30);
+        state.ack(40); // a message handed out before the loss: its offset now means another record
+        assert_eq!(state.floor(), 30);
+        assert!(!state.inner.lock().ledger.is_acked(40));
     }
 }
