@@ -222,7 +222,10 @@ impl Sim {
     }
 
     fn writes_since(&self, from: usize) -> Vec<(Vec<u64>, i32, bool)> {
-        self.writes[from..].iter().map(|(f, fresh)| (f.ids.clone(), f.identity.base_sequence, *fresh)).collect()
+        self.writes[from..]
+            .iter()
+            .map(|(f, fresh)| (f.ids.clone(), f.identity.base_sequence, *fresh))
+            .collect()
     }
 }
 
@@ -396,7 +399,9 @@ fn a_batch_past_its_delivery_timeout_fails_at_the_resend() {
     s.run();
     s.retry();
     s.advance(50);
-    assert!(matches!(s.outcome(0), Err(ClientError::DeliveryTimeout { last: Some(m), .. }) if m == "not leader"));
+    assert!(
+        matches!(s.outcome(0), Err(ClientError::DeliveryTimeout { last: Some(m), .. }) if m == "not leader")
+    );
     assert_eq!(s.pid_requests, 1, "a failed idempotent batch restarts the sequence");
 }
 
