@@ -4,8 +4,17 @@ use std::time::Duration;
 
 use quiver_protocol::message::StartPosition;
 
-/// Consumer settings.
+/// Consumer settings: `ConsumerConfig::new(topic)` and `with_*` setters (`group` and `start`
+/// too); the fields can be read and set, and more may come (so no struct literals outside this
+/// crate).
+///
+/// ```
+/// use quiver_client::{ConsumerConfig, StartPosition};
+/// let config = ConsumerConfig::new("orders").group("billing").start(StartPosition::Earliest).with_max_deliveries(5);
+/// assert_eq!(config.max_deliveries, Some(5));
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     pub topic: String,
     /// With a group, consumption resumes from the group's committed offsets.
@@ -60,6 +69,51 @@ impl ConsumerConfig {
     }
     pub fn start(mut self, s: StartPosition) -> Self {
         self.start = s;
+        self
+    }
+    pub fn with_group(self, g: impl Into<String>) -> Self {
+        self.group(g)
+    }
+    pub fn with_start(self, s: StartPosition) -> Self {
+        self.start(s)
+    }
+    /// Reads these partitions only (all when never set).
+    pub fn with_partitions(mut self, partitions: impl Into<Vec<u32>>) -> Self {
+        self.partitions = Some(partitions.into());
+        self
+    }
+    pub fn with_window_bytes(mut self, bytes: u32) -> Self {
+        self.window_bytes = bytes;
+        self
+    }
+    pub fn with_window_messages(mut self, messages: u32) -> Self {
+        self.window_messages = messages;
+        self
+    }
+    pub fn with_ack_interval(mut self, interval: Duration) -> Self {
+        self.ack_interval = interval;
+        self
+    }
+    pub fn with_membership(mut self, membership: bool) -> Self {
+        self.membership = membership;
+        self
+    }
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+    /// `None`: no deadline.
+    pub fn with_ack_deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.ack_deadline = deadline.into();
+        self
+    }
+    /// `None`: unlimited.
+    pub fn with_max_deliveries(mut self, max: impl Into<Option<u32>>) -> Self {
+        self.max_deliveries = max.into();
+        self
+    }
+    pub fn with_dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
         self
     }
 }

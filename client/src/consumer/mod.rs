@@ -70,25 +70,9 @@ const DELIVERIES_BUFFERED: usize = 64;
 /// Requests for a membership round queued for the membership task (one round answers all).
 const ROUND_REQUESTS_QUEUED: usize = 64;
 
-/// A stream of messages from every selected partition of a topic.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), quiver_client::ClientError> {
-/// use futures::StreamExt;
-/// use quiver_client::{Client, ClientConfig, Consumer, ConsumerConfig, StartPosition};
-/// let client = Client::connect(ClientConfig::new("127.0.0.1:7420", "ca.pem")).await?;
-/// let config = ConsumerConfig::new("orders").group("billing").start(StartPosition::Earliest);
-/// let mut consumer = Consumer::subscribe(client, config).await?;
-/// while let Some(msg) = consumer.next().await {
-///     let msg = msg?;
-///     println!("{}: {:?}", msg.offset, msg.value);
-///     msg.ack();
-/// }
-/// consumer.commit().await?;
-/// # Ok(()) }
-/// ```
-/// What [`Consumer::commit`] did, per partition.
+/// What [`Consumer::commit`] did, per partition (more may be reported later).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitReport {
     /// Partitions committed, with the offset committed (everything below it is acknowledged;
     /// the group resumes there).
@@ -109,14 +93,32 @@ impl CommitReport {
     }
 }
 
-/// What happened to the partitions of a group member.
+/// What happened to the partitions of a group member (more kinds may come).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsumerEvent {
     Assigned(Vec<u32>),
     /// Revoked partitions were committed (their ack floor) before they were given up.
     Revoked(Vec<u32>),
 }
 
+/// A stream of messages from every selected partition of a topic.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), quiver_client::ClientError> {
+/// use futures::StreamExt;
+/// use quiver_client::{Client, ClientConfig, Consumer, ConsumerConfig, StartPosition};
+/// let client = Client::connect(ClientConfig::new("127.0.0.1:7420", "ca.pem")).await?;
+/// let config = ConsumerConfig::new("orders").group("billing").start(StartPosition::Earliest);
+/// let mut consumer = Consumer::subscribe(client, config).await?;
+/// while let Some(msg) = consumer.next().await {
+///     let msg = msg?;
+///     println!("{}: {:?}", msg.offset, msg.value);
+///     msg.ack();
+/// }
+/// consumer.commit().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Consumer {
     client: Client,

@@ -34,8 +34,17 @@ mod engine;
 
 use engine::{Action, Answer, Done, Engine, EngineConfig};
 
-/// Producer settings.
+/// Producer settings: `ProducerConfig::default()` (or `new()`) and `with_*` setters; the
+/// fields can be read and set, and more may come (so no struct literals outside this crate).
+///
+/// ```
+/// use std::time::Duration;
+/// use quiver_client::ProducerConfig;
+/// let config = ProducerConfig::new().with_linger(Duration::from_millis(20)).with_max_in_flight(4);
+/// assert_eq!(config.max_in_flight, 4);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProducerConfig {
     pub acks: Acks,
     /// How long a partition's batch waits for more records before it is sent.
@@ -67,6 +76,41 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(60),
             idempotent: true,
         }
+    }
+}
+
+impl ProducerConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_acks(mut self, acks: Acks) -> Self {
+        self.acks = acks;
+        self
+    }
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+    pub fn with_max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = bytes;
+        self
+    }
+    pub fn with_max_in_flight(mut self, batches: usize) -> Self {
+        self.max_in_flight = batches;
+        self
+    }
+    pub fn with_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.buffer_bytes = bytes;
+        self
+    }
+    pub fn with_delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+    pub fn with_idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
     }
 }
 
