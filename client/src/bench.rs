@@ -287,12 +287,10 @@ async fn produce(
 ) -> Result<(u64, Histogram<u64>, Instant, Option<PathStats>), ClientError> {
     let producer = Producer::new(
         client.clone(),
-        ProducerConfig {
-            acks: config.acks,
-            linger: if config.one_at_a_time { Duration::ZERO } else { config.linger },
-            max_batch_bytes: config.batch_bytes,
-            ..Default::default()
-        },
+        ProducerConfig::default()
+            .with_acks(config.acks)
+            .with_linger(if config.one_at_a_time { Duration::ZERO } else { config.linger })
+            .with_max_batch_bytes(config.batch_bytes),
     );
     let filler = Bytes::from(vec![b'x'; config.message_size.saturating_sub(8)]);
     let clock = Clock::new();

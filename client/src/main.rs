@@ -354,12 +354,10 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
 }
 
 async fn publish(client: &Client, a: PublishArgs) -> anyhow::Result<()> {
-    let config = ProducerConfig {
-        acks: acks(a.acks),
-        linger: Duration::from_millis(a.linger_ms),
-        max_batch_bytes: a.batch_bytes,
-        ..Default::default()
-    };
+    let config = ProducerConfig::default()
+        .with_acks(acks(a.acks))
+        .with_linger(Duration::from_millis(a.linger_ms))
+        .with_max_batch_bytes(a.batch_bytes);
     let producer = Producer::new(client.clone(), config);
     let make = |value: String| {
         let mut r = ProducerRecord::new(value);

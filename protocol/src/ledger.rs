@@ -307,6 +307,12 @@ impl AckLedger {
         if range.start >= range.end {
             return false;
         }
+        if range.start == self.floor && self.acked.first().is_none_or(|r| r.start > range.end) {
+            // In order: the floor moves without remembering a range (no allocation per ack).
+            self.floor = range.end;
+            self.trim();
+            return true;
+        }
         if self.acked.len() >= MAX_ACKED_RANGES
             && range.start != self.floor
             && !self.acked.overlaps(&(range.start.saturating_sub(1)..range.end.saturating_add(1)))
@@ -316,6 +322,20 @@ impl AckLedger {
         self.acked.insert(range.clone());
         self.pending.remove(range);
         self.advance()
+    }
+
+    /// Everything below `end` was handed out, by a caller that keeps no delivery counts (a
+    /// consumer's own record of what it gave the application): acks up to there count.
+    pub fn handed_out(&mut self, end: u64) {
+        self.delivered_end = self.delivered_end.max(end);
+    }
+
+    /// `range` is settled elsewhere (the broker dead-lettered it, or the group acknowledged it
+    /// in another session): acknowledged, whether or not it was handed out here. Returns
+    /// whether the floor moved.
+    pub fn settle(&mut self, range: Range<u64>) -> bool {
+        self.handed_out(range.end);
+        self.ack(range)
     }
 
     /// Everything below `next` is acknowledged (a cumulative ack), clipped to what was handed
@@ -420,6 +440,34 @@ mod tests {
         // Acks beyond what was handed out are ignored.
         assert!(!l.ack(20..30));
         assert_eq!(l.floor(), 20);
+    }
+
+    #[test]
+    fn acks_count_up_to_what_the_caller_handed_out() {
+        // A consumer keeps no delivery counts: it says how far it handed records out.
+        let mut l = AckLedger::new(5);
+        assert!(!l.ack(5..6), "nothing handed out yet");
+        l.handed_out(10);
+        assert!(!l.ack(7..8));
+        assert!(l.ack(5..6));
+        assert_eq!(l.floor(), 6);
+        assert!(l.ack(6..7), "in order, merging the range above");
+        assert_eq!(l.floor(), 8);
+        assert!(!l.ack(10..11), "beyond what was handed out");
+        assert_eq!(l.acked_ranges(10), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn settled_ranges_count_even_beyond_what_was_handed_out() {
+        let mut l = AckLedger::new(0);
+        l.handed_out(3);
+        assert!(!l.settle(10..20), "above the floor");
+        assert_eq!(l.acked_ranges(10), vec![10..20]);
+        assert!(l.ack(0..3));
+        assert_eq!(l.floor(), 3);
+        assert!(l.settle(2..10), "reaches the floor and merges the settled range");
+        assert_eq!(l.floor(), 20);
+        assert!(l.is_acked(19) && !l.is_acked(20));
     }
 
     #[test]

@@ -24,7 +24,7 @@ async fn small_retention_topic(client: &Client, topic: &str) -> anyhow::Result<P
     let config =
         TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
     client.admin().create_topic(topic, 1, config).await?;
-    Ok(Producer::new(client.clone(), ProducerConfig { max_batch_bytes: 4096, ..Default::default() }))
+    Ok(Producer::new(client.clone(), ProducerConfig::default().with_max_batch_bytes(4096)))
 }
 
 /// Produces `record(i)` for every `i` in `range` and waits for all acknowledgements.
@@ -193,7 +193,8 @@ async fn a_consumer_overtaken_by_retention_goes_on_from_the_log_start() -> anyho
         let producer = small_retention_topic(&client, "behind").await?;
         producer.send("behind", record(0)).await?;
 
-        let consumer_config = ConsumerConfig { window_messages: 10, ..ConsumerConfig::new("behind") }
+        let consumer_config = ConsumerConfig::new("behind")
+            .with_window_messages(10)
             .group("slow")
             .start(StartPosition::Earliest);
         let mut consumer = Consumer::subscribe(client.clone(), consumer_config).await?;
@@ -241,7 +242,7 @@ async fn a_consumer_without_group_resumes_after_retention_passed_it() -> anyhow:
         let mut via_proxy = ClientConfig::new(proxy.addr.to_string(), ca);
         via_proxy.idle_timeout = Duration::from_millis(1000);
         let behind = Client::connect(via_proxy).await?;
-        let consumer_config = ConsumerConfig { window_messages: 10, ..ConsumerConfig::new("gap") };
+        let consumer_config = ConsumerConfig::new("gap").with_window_messages(10);
         let mut consumer =
             Consumer::subscribe(behind.clone(), consumer_config.start(StartPosition::Earliest)).await?;
         let first = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;

@@ -19,7 +19,7 @@ async fn produce_through_a_crash(idempotent: bool, n: u64) -> anyhow::Result<Has
     let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
     let client = broker.client().await?;
     client.admin().create_topic("idem", 2, TopicConfig::default()).await?;
-    let config = ProducerConfig { idempotent, max_batch_bytes: 16 * 1024, ..Default::default() };
+    let config = ProducerConfig::default().with_idempotent(idempotent).with_max_batch_bytes(16 * 1024);
     let producer = Producer::new(client.clone(), config);
     let mut acks = Vec::new();
     for i in 0..n {
@@ -149,11 +149,9 @@ async fn batches_after_a_timed_out_one_are_of_unknown_outcome_not_unsent() -> an
         direct.admin().create_topic("fate", 1, TopicConfig::default()).await?;
         let proxy = UdpProxy::start(broker.addr).await?;
         let client = Client::connect(ClientConfig::new(proxy.addr.to_string(), broker.ca_path())).await?;
-        let config = ProducerConfig {
-            linger: Duration::ZERO,
-            delivery_timeout: Duration::from_millis(1500),
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::default()
+            .with_linger(Duration::ZERO)
+            .with_delivery_timeout(Duration::from_millis(1500));
         let producer = Producer::new(client.clone(), config);
         producer.send("fate", ProducerRecord::new("a")).await?;
 
@@ -189,13 +187,11 @@ async fn the_delivery_timeout_counts_from_the_send_call() -> anyhow::Result<()> 
         let proxy = UdpProxy::start(broker.addr).await?;
         let client = Client::connect(ClientConfig::new(proxy.addr.to_string(), broker.ca_path())).await?;
         let timeout = Duration::from_millis(1500);
-        let config = ProducerConfig {
-            linger: Duration::ZERO,
-            max_in_flight: 1,
-            delivery_timeout: timeout,
-            idempotent: false,
-            ..ProducerConfig::default()
-        };
+        let config = ProducerConfig::default()
+            .with_linger(Duration::ZERO)
+            .with_max_in_flight(1)
+            .with_delivery_timeout(timeout)
+            .with_idempotent(false);
         let producer = Producer::new(client.clone(), config);
         producer.send("slots", ProducerRecord::new("warm-up")).await?;
 

@@ -18,11 +18,8 @@ async fn unlimited_linger_and_delivery_timeout_work() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("unlimited", 1, TopicConfig::default()).await?;
-        let config = ProducerConfig {
-            linger: Duration::MAX,
-            delivery_timeout: Duration::MAX,
-            ..ProducerConfig::default()
-        };
+        let config =
+            ProducerConfig::default().with_linger(Duration::MAX).with_delivery_timeout(Duration::MAX);
         let producer = Producer::new(client.clone(), config);
         let mut acks = Vec::new();
         for i in 0..3 {
@@ -48,7 +45,7 @@ async fn fire_and_forget_with_default_settings_delivers_everything() -> anyhow::
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("ff", 1, TopicConfig::default()).await?;
-        let config = ProducerConfig { acks: Acks::None, max_batch_bytes: 4096, ..ProducerConfig::default() };
+        let config = ProducerConfig::default().with_acks(Acks::None).with_max_batch_bytes(4096);
         let producer = Producer::new(client.clone(), config);
         const N: u64 = 2000;
         for i in 0..N {
@@ -86,7 +83,7 @@ async fn closing_the_client_fails_pending_records_at_once() -> anyhow::Result<()
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
         client.admin().create_topic("closing", 1, TopicConfig::default()).await?;
-        let config = ProducerConfig { linger: Duration::from_millis(200), ..ProducerConfig::default() };
+        let config = ProducerConfig::default().with_linger(Duration::from_millis(200));
         let producer = Producer::new(client.clone(), config);
         producer.send("closing", ProducerRecord::new("first")).await?;
         let mut pending = Vec::new();
@@ -124,11 +121,9 @@ async fn an_acknowledged_message_redelivered_before_its_ack_arrived_is_not_hande
             producer.enqueue("late-acks", ProducerRecord::new(format!("{i}"))).await?;
         }
         producer.flush().await?;
-        let config = ConsumerConfig {
-            ack_interval: Duration::from_secs(2),
-            ack_deadline: Some(Duration::from_millis(200)),
-            ..ConsumerConfig::new("late-acks")
-        };
+        let config = ConsumerConfig::new("late-acks")
+            .with_ack_interval(Duration::from_secs(2))
+            .with_ack_deadline(Some(Duration::from_millis(200)));
         let mut consumer = Consumer::subscribe(client.clone(), config.start(StartPosition::Earliest)).await?;
         let mut received = Vec::new();
         while received.len() < 100 {

@@ -21,7 +21,7 @@ async fn fill(broker: &BrokerProcess) -> anyhow::Result<()> {
     let client = broker.client().await?;
     client.admin().create_topic("torn", 1, TopicConfig::default()).await?;
     // A long linger, so each round becomes exactly one batch when flushed.
-    let config = ProducerConfig { linger: std::time::Duration::from_secs(30), ..Default::default() };
+    let config = ProducerConfig::default().with_linger(std::time::Duration::from_secs(30));
     let producer = Producer::new(client.clone(), config);
     for b in 0..BATCHES {
         let mut acks = Vec::new();

@@ -62,7 +62,7 @@ async fn a_panicking_commit_fails_its_partition_only() -> anyhow::Result<()> {
     let topic = TopicConfig { durability: Durability::Interval, ..TopicConfig::default() };
     client.admin().create_topic("bug", 1, topic.clone()).await?;
     client.admin().create_topic("fine", 1, topic).await?;
-    let config = ProducerConfig { delivery_timeout: Duration::from_secs(2), ..ProducerConfig::default() };
+    let config = ProducerConfig::default().with_delivery_timeout(Duration::from_secs(2));
     let producer = Producer::new(client.clone(), config);
 
     producer.send("bug", ProducerRecord::new("before")).await?;

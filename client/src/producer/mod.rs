@@ -11,7 +11,7 @@
 //! with the original offsets: each record is written once. Without it, delivery is
 //! at-least-once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,8 +30,21 @@ use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
 use crate::transport::{write_encoded, FrameReader};
 
-/// Producer settings.
+mod engine;
+
+use engine::{Action, Answer, Done, Engine, EngineConfig};
+
+/// Producer settings: `ProducerConfig::default()` (or `new()`) and `with_*` setters; the
+/// fields can be read and set, and more may come (so no struct literals outside this crate).
+///
+/// ```
+/// use std::time::Duration;
+/// use quiver_client::ProducerConfig;
+/// let config = ProducerConfig::new().with_linger(Duration::from_millis(20)).with_max_in_flight(4);
+/// assert_eq!(config.max_in_flight, 4);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProducerConfig {
     pub acks: Acks,
     /// How long a partition's batch waits for more records before it is sent.
@@ -63,6 +76,41 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(60),
             idempotent: true,
         }
+    }
+}
+
+impl ProducerConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with_acks(mut self, acks: Acks) -> Self {
+        self.acks = acks;
+        self
+    }
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+    pub fn with_max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.max_batch_bytes = bytes;
+        self
+    }
+    pub fn with_max_in_flight(mut self, batches: usize) -> Self {
+        self.max_in_flight = batches;
+        self
+    }
+    pub fn with_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.buffer_bytes = bytes;
+        self
+    }
+    pub fn with_delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+    pub fn with_idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
     }
 }
 
@@ -205,51 +253,30 @@ struct TopicSender {
     next: AtomicU32,
 }
 
-/// The accumulator of one partition, shared by `enqueue` callers and the sender task.
-#[derive(Debug, Default)]
+/// One partition's engine (its accumulator, in-flight window and sequence state), shared by
+/// `enqueue` callers and the sender task under a short lock.
+#[derive(Debug)]
 struct PartitionQueue {
-    state: parking_lot::Mutex<Accumulator>,
+    state: parking_lot::Mutex<PartitionState>,
     /// Wakes the sender: a batch was opened, closed, flushed, or the producer closed.
     wake: Notify,
 }
 
-#[derive(Debug, Default)]
-struct Accumulator {
-    open: Option<OpenBatch>,
-    /// Closed batches waiting for an in-flight slot, oldest first.
-    ready: VecDeque<OpenBatch>,
-    /// Batches closed so far, and completed so far (they complete in order).
-    closed_count: u64,
-    completed_count: u64,
-    /// Flushes waiting for `completed_count` to reach their target.
-    flushes: Vec<(u64, oneshot::Sender<()>)>,
-    closing: bool,
-}
-
 #[derive(Debug)]
-struct OpenBatch {
-    builder: BatchBuilder,
-    completion: Arc<BatchCompletion>,
-    count: u32,
-    /// Buffer permits (bytes) the batch holds; returned when it completes.
-    permits: u32,
-    linger_until: Instant,
-    /// When the batch fails if not acknowledged: `delivery_timeout` after its first record was
-    /// queued (as Kafka counts it), not after it was first sent.
-    deadline: Instant,
+struct PartitionState {
+    engine: Engine<Body, Encoded>,
+    /// Batches completed so far (they complete in the order they closed).
+    completed: u64,
+    /// Flushes waiting for `completed` to reach their target.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
 }
 
-impl Accumulator {
-    fn close_open(&mut self) -> bool {
-        match self.open.take() {
-            Some(b) => {
-                self.ready.push_back(b);
-                self.closed_count += 1;
-                true
-            }
-            None => false,
-        }
-    }
+/// A batch's records while it is open (the builder, taken when the batch is sealed into its
+/// frame) and the completion its records' futures read.
+#[derive(Debug)]
+struct Body {
+    builder: Option<BatchBuilder>,
+    completion: Arc<BatchCompletion>,
 }
 
 impl Producer {
@@ -295,36 +322,27 @@ impl Producer {
         let queue = &sender.partitions[partition as usize];
         let max_batch = self.config.max_batch_bytes.clamp(1, MAX_BATCH_BYTES);
         let ts = record.timestamp_ms.unwrap_or_else(now_ms);
-        let (completion, index, wake) = {
-            let mut acc = queue.state.lock();
-            if acc.closing {
-                self.buffer.add_permits(size);
-                return Err(ClientError::Closed);
-            }
-            let mut wake = false;
-            if acc.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > max_batch) {
-                wake |= acc.close_open();
-            }
-            let open = acc.open.get_or_insert_with(|| {
-                wake = true; // the sender starts this batch's linger timer
-                OpenBatch {
-                    builder: BatchBuilder::new(max_batch.min(64 * 1024)),
-                    completion: Arc::new(BatchCompletion::default()),
-                    count: 0,
-                    permits: 0,
-                    linger_until: after(self.config.linger),
-                    deadline: after(self.config.delivery_timeout),
+        let new_body = || Body {
+            builder: Some(BatchBuilder::new(max_batch.min(64 * 1024))),
+            completion: Arc::new(BatchCompletion::default()),
+        };
+        let push = |body: &mut Body, index: u32| {
+            let bytes = match body.builder.as_mut() {
+                Some(b) => {
+                    b.push(ts, record.key.as_deref(), &record.value, &headers);
+                    b.size_bytes()
                 }
-            });
-            open.builder.push(ts, record.key.as_deref(), &record.value, &headers);
-            let index = open.count;
-            open.count += 1;
-            open.permits += size as u32;
-            let completion = open.completion.clone();
-            if open.builder.size_bytes() >= max_batch || self.config.linger.is_zero() {
-                wake |= acc.close_open();
+                None => MAX_BATCH_BYTES, // not reached: only open batches take records
+            };
+            ((body.completion.clone(), index), bytes)
+        };
+        let enqueued = queue.state.lock().engine.enqueue(Instant::now(), size, new_body, push);
+        let ((completion, index), wake) = match enqueued {
+            Ok(e) => e,
+            Err(e) => {
+                self.buffer.add_permits(size);
+                return Err(e);
             }
-            (completion, index, wake)
         };
         if wake {
             queue.wake.notify_one();
@@ -339,13 +357,12 @@ impl Producer {
         for q in queues {
             let (tx, rx) = oneshot::channel();
             {
-                let mut acc = q.state.lock();
-                acc.close_open();
-                let target = acc.closed_count;
-                if acc.completed_count >= target {
+                let mut st = q.state.lock();
+                let target = st.engine.flush();
+                if st.completed >= target {
                     continue;
                 }
-                acc.flushes.push((target, tx));
+                st.flushes.push((target, tx));
             }
             q.wake.notify_one();
             waits.push(rx);
@@ -390,21 +407,23 @@ impl Producer {
         let name: Arc<str> = Arc::from(topic);
         let partitions = (0..info.partitions.len() as u32)
             .map(|p| {
-                let queue = Arc::new(PartitionQueue::default());
+                let engine = Engine::new(EngineConfig::new(&self.config, producer_id));
+                let queue = Arc::new(PartitionQueue {
+                    state: parking_lot::Mutex::new(PartitionState {
+                        engine,
+                        completed: 0,
+                        flushes: Vec::new(),
+                    }),
+                    wake: Notify::new(),
+                });
                 let task = Sender {
                     client: self.client.clone(),
-                    config: self.config.clone(),
                     topic: name.clone(),
                     partition: p,
-                    producer_id,
+                    acks: self.config.acks,
                     queue: queue.clone(),
                     buffer: self.buffer.clone(),
-                    in_flight: VecDeque::new(),
                     stream: None,
-                    backoff: MIN_BACKOFF,
-                    last_error: None,
-                    sequence_broken: false,
-                    next_sequence: 0,
                 };
                 tokio::spawn(task.run());
                 queue
@@ -421,131 +440,130 @@ impl Drop for Producer {
     fn drop(&mut self) {
         for t in self.topics.lock().values() {
             for q in &t.partitions {
-                q.state.lock().closing = true;
+                q.state.lock().engine.close();
                 q.wake.notify_one();
             }
         }
     }
 }
 
-struct InFlight {
-    frame: Encoded,
-    completion: Arc<BatchCompletion>,
-    permits: u32,
-    deadline: Instant,
-}
-
-/// The per-partition sender task.
+/// The per-partition sender task: carries out its engine's actions over one stream.
 struct Sender {
     client: Client,
-    config: Arc<ProducerConfig>,
     topic: Arc<str>,
     partition: u32,
-    producer_id: i64,
+    acks: Acks,
     queue: Arc<PartitionQueue>,
     buffer: Arc<Semaphore>,
-    in_flight: VecDeque<InFlight>,
     stream: Option<(quinn::SendStream, FrameReader)>,
-    /// Delay before the next retry; doubles per consecutive failure, reset by a success.
-    backoff: Duration,
-    /// Why the last attempt failed, reported if a batch's delivery timeout then expires.
-    last_error: Option<String>,
-    /// An idempotent batch failed: sequences must restart under a new producer id.
-    sequence_broken: bool,
-    /// Sequence number of the next record (idempotent producers), assigned when a batch is
-    /// first sent, so sequences are dense in send order.
-    next_sequence: i32,
 }
-
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Sender {
     async fn run(mut self) {
-        let max_in_flight = self.config.max_in_flight.max(1);
         loop {
             if self.client.is_closed() {
                 // Nothing can be sent any more: fail what waits instead of retrying until each
                 // delivery timeout (and, for idempotent batches, asking for a producer id
                 // forever).
-                self.fail_all(ClientError::Closed);
+                self.queue.state.lock().engine.shutdown(ClientError::Closed);
+                while let Some(action) = self.poll() {
+                    if let Action::Complete(done) = action {
+                        self.complete(done);
+                    }
+                }
                 return;
             }
-            if self.sequence_broken {
-                self.restart_sequence().await;
-                if self.sequence_broken {
-                    continue; // no producer id yet: send nothing until there is one
+            while let Some(action) = self.poll() {
+                match action {
+                    Action::Send { frame, fresh } => {
+                        if fresh {
+                            self.stream = None;
+                        }
+                        let written = self.write(frame).await;
+                        let mut st = self.queue.state.lock();
+                        match written {
+                            Ok(()) => st.engine.write_ok(),
+                            Err(e) => {
+                                self.stream = None;
+                                tracing::debug!(topic = %self.topic, partition = self.partition, "produce write failed: {e}");
+                                st.engine.write_failed(Instant::now(), e.to_string());
+                            }
+                        }
+                    }
+                    Action::Complete(done) => self.complete(done),
+                    Action::RequestProducerId => self.request_producer_id().await,
                 }
             }
-            // Take what can go now; note when the open batch's linger ends.
-            let (to_send, linger, done) = {
-                let mut acc = self.queue.state.lock();
-                let now = Instant::now();
-                if acc.open.as_ref().is_some_and(|o| o.linger_until <= now) || acc.closing {
-                    acc.close_open();
-                }
-                let room = max_in_flight.saturating_sub(self.in_flight.len());
-                let n = room.min(acc.ready.len());
-                let to_send: Vec<OpenBatch> = acc.ready.drain(..n).collect();
-                let done = acc.closing && acc.open.is_none() && acc.ready.is_empty() && to_send.is_empty();
-                (to_send, acc.open.as_ref().map(|o| o.linger_until), done)
+            let (done, answer_by, timer) = {
+                let st = self.queue.state.lock();
+                (st.engine.is_done(), st.engine.awaiting_answer(), st.engine.next_timer())
             };
-            if done && self.in_flight.is_empty() {
+            if done {
                 return;
             }
-            for batch in to_send {
-                self.send(batch).await;
-            }
-            let awaiting_acks = self.stream.is_some() && !self.in_flight.is_empty();
-            let answer_by = self.in_flight.front().map(|f| f.deadline);
-            let has_room = self.in_flight.len() < max_in_flight;
-            let stranded = !self.in_flight.is_empty() && self.stream.is_none();
+            let awaiting = answer_by.is_some() && self.stream.is_some();
             tokio::select! {
                 _ = self.queue.wake.notified() => {}
-                _ = sleep_until(linger), if linger.is_some() && has_room => {}
-                resp = next_response(&mut self.stream, answer_by), if awaiting_acks => self.on_response(resp).await,
-                // Batches in flight without a stream (a resend gave up for now): try again.
-                _ = tokio::time::sleep(self.backoff), if stranded => self.resend_all().await,
+                _ = sleep_until(timer), if timer.is_some() => {}
+                resp = next_response(&mut self.stream, answer_by), if awaiting => {
+                    let answer = self.answer(resp);
+                    self.queue.state.lock().engine.answer(Instant::now(), answer);
+                }
             }
         }
     }
 
-    /// Finishes a closed batch and sends it.
-    async fn send(&mut self, batch: OpenBatch) {
-        let identity = if self.producer_id >= 0 {
-            let base_sequence = self.next_sequence;
-            // Sequences wrap at 2^31, as in Kafka; they are never negative.
-            self.next_sequence = self.next_sequence.wrapping_add(batch.count as i32) & i32::MAX;
-            ProducerIdentity { producer_id: self.producer_id, producer_epoch: 0, base_sequence }
-        } else {
-            ProducerIdentity::default()
+    /// The engine's next action now.
+    fn poll(&self) -> Option<Action<Body, Encoded>> {
+        let (topic, partition, acks) = (&self.topic, self.partition, self.acks);
+        let mut seal = |body: &mut Body, identity: ProducerIdentity| {
+            let batch = body.builder.take().map(|b| b.with_identity(identity).finish()).unwrap_or_default();
+            Message::Produce { topic: topic.to_string(), partition, acks, batch }.encode()
         };
-        let msg = Message::Produce {
-            topic: self.topic.to_string(),
-            partition: self.partition,
-            acks: self.config.acks,
-            batch: batch.builder.with_identity(identity).finish(),
+        self.queue.state.lock().engine.poll(Instant::now(), &mut seal)
+    }
+
+    /// What a response means for the oldest batch in flight.
+    fn answer(&self, resp: Result<Option<Message>, ClientError>) -> Answer {
+        let why = match resp {
+            Ok(Some(Message::ProduceOk { base_offset, .. })) => return Answer::Written(base_offset),
+            Ok(Some(Message::Error { code, message })) => {
+                let e = ClientError::Broker { code, message };
+                if !code.is_retriable() {
+                    return Answer::Fatal(e);
+                }
+                e.to_string()
+            }
+            Ok(Some(other)) => return Answer::Fatal(unexpected(other)),
+            Ok(None) => "the stream ended without an answer".to_string(),
+            Err(e) => e.to_string(),
         };
-        let flight = InFlight {
-            frame: msg.encode(),
-            completion: batch.completion,
-            permits: batch.permits,
-            deadline: batch.deadline,
-        };
-        let frame = flight.frame.clone();
-        let stranded = self.stream.is_none() && !self.in_flight.is_empty();
-        self.in_flight.push_back(flight);
-        // With older batches waiting for a resend, the new one goes after them, in order.
-        if stranded {
-            self.resend_all().await;
-        } else if let Err(e) = self.write(frame).await {
-            self.last_error = Some(e.to_string());
-            self.resend_all().await;
-        }
-        if self.config.acks == Acks::None {
-            // No response will come: the write is all there is.
-            while let Some(f) = self.in_flight.pop_front() {
-                self.complete(f, Ok(None));
+        // Lost connection, a retriable error or no answer in time: after a pause, every batch in
+        // flight goes again, in order.
+        tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
+        Answer::Retry(why)
+    }
+
+    /// After a failed idempotent batch: a new producer id, so sequences start over.
+    async fn request_producer_id(&mut self) {
+        let result = self.client.request(&Message::InitProducer).await;
+        let mut st = self.queue.state.lock();
+        match result {
+            Ok(Message::InitProducerOk { producer_id, .. }) => {
+                st.engine.producer_id_granted(producer_id);
+                tracing::info!(topic = %self.topic, partition = self.partition, producer_id, "restarted idempotent sequence after a failed batch");
+            }
+            Ok(other) => {
+                tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind());
+                st.engine.producer_id_refused(Instant::now(), unexpected(other), false);
+            }
+            Err(e) if !e.is_retriable() => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, "no new producer id: {e}");
+                st.engine.producer_id_refused(Instant::now(), e, true);
+            }
+            Err(e) => {
+                tracing::debug!("new producer id failed ({e}); retrying");
+                st.engine.producer_id_refused(Instant::now(), e, false);
             }
         }
     }
@@ -564,163 +582,18 @@ impl Sender {
         Ok(())
     }
 
-    async fn on_response(&mut self, resp: Result<Option<Message>, ClientError>) {
-        let Some(flight) = self.in_flight.pop_front() else { return };
-        match resp {
-            Ok(Some(Message::ProduceOk { base_offset, .. })) => {
-                self.backoff = MIN_BACKOFF;
-                self.last_error = None;
-                self.complete(flight, Ok(Some(base_offset)));
-            }
-            Ok(Some(Message::Error { code, message })) if !code.is_retriable() => {
-                self.complete(flight, Err(ClientError::Broker { code, message }))
-            }
-            Ok(Some(Message::Error { .. })) | Ok(None) | Err(_) => {
-                // Lost connection, a retriable error or no answer in time: after a pause, every
-                // batch in flight goes again, in order.
-                let why = match resp {
-                    Ok(Some(Message::Error { code, message })) => {
-                        ClientError::Broker { code, message }.to_string()
-                    }
-                    Ok(_) => "the stream ended without an answer".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
-                self.last_error = Some(why);
-                self.in_flight.push_front(flight);
-                self.pause().await;
-                self.resend_all().await;
-            }
-            Ok(Some(other)) => self.complete(flight, Err(unexpected(other))),
-        }
-    }
-
-    /// Fails every batch in flight, oldest first (without touching the sequence state).
-    fn fail_in_flight(&mut self, err: &ClientError) {
-        while let Some(f) = self.in_flight.pop_front() {
-            self.finish(f.completion, f.permits, Err(err.clone()));
-        }
-    }
-
-    /// Fails every batch in flight and queued, oldest first, and refuses new records.
-    fn fail_all(&mut self, err: ClientError) {
-        self.queue.state.lock().closing = true;
-        self.fail_pending(err);
-    }
-
-    /// Fails every batch in flight or queued (the partition stays open for later records).
-    fn fail_pending(&mut self, err: ClientError) {
-        self.fail_in_flight(&err);
-        let queued: Vec<OpenBatch> = {
-            let mut acc = self.queue.state.lock();
-            acc.close_open();
-            acc.ready.drain(..).collect()
-        };
-        for b in queued {
-            self.finish(b.completion, b.permits, Err(err.clone()));
-        }
-    }
-
     /// Completes a batch: its records' futures, buffer space, and flushes waiting for it.
-    fn complete(&mut self, flight: InFlight, result: Result<Option<u64>, ClientError>) {
-        if result.is_err() && self.producer_id >= 0 {
-            // The failed batch's sequence numbers are spent: the broker would refuse every later
-            // batch as a gap. `run` starts this partition over under a new producer id.
-            self.sequence_broken = true;
-        }
-        self.finish(flight.completion, flight.permits, result);
-    }
-
-    fn finish(
-        &self,
-        completion: Arc<BatchCompletion>,
-        permits: u32,
-        result: Result<Option<u64>, ClientError>,
-    ) {
-        completion.complete(result);
-        self.buffer.add_permits(permits as usize);
-        let mut acc = self.queue.state.lock();
-        acc.completed_count += 1;
-        let completed = acc.completed_count;
-        let (due, waiting): (Vec<_>, Vec<_>) = acc.flushes.drain(..).partition(|(t, _)| *t <= completed);
-        acc.flushes = waiting;
-        drop(acc);
+    fn complete(&self, done: Done<Body>) {
+        done.payload.completion.complete(done.result);
+        self.buffer.add_permits(done.permits as usize);
+        let mut st = self.queue.state.lock();
+        st.completed += 1;
+        let completed = st.completed;
+        let (due, waiting): (Vec<_>, Vec<_>) = st.flushes.drain(..).partition(|(t, _)| *t <= completed);
+        st.flushes = waiting;
+        drop(st);
         for (_, tx) in due {
             let _ = tx.send(());
-        }
-    }
-
-    /// After a failed idempotent batch: fails what was sent after it (the broker would refuse
-    /// those as a gap, as Kafka does), takes a new producer id and numbers from 0 again. Batches
-    /// not yet sent keep waiting and go out under the new id. The failed ones were sent at
-    /// least once, so they may have been written: the error says the outcome is unknown, not
-    /// that they were not sent (a caller that retries may store them twice).
-    async fn restart_sequence(&mut self) {
-        let reason = ClientError::OutcomeUnknown(format!(
-            "an earlier batch to {}/{} failed while this one was in flight; it may or may not have been \
-             written, and it is not retried (its sequence number is void)",
-            self.topic, self.partition
-        ));
-        self.fail_in_flight(&reason);
-        match self.client.request(&Message::InitProducer).await {
-            Ok(Message::InitProducerOk { producer_id, .. }) => {
-                self.next_sequence = 0;
-                self.producer_id = producer_id;
-                self.sequence_broken = false;
-                tracing::info!(topic = %self.topic, partition = self.partition, producer_id, "restarted idempotent sequence after a failed batch");
-            }
-            Ok(other) => {
-                tracing::warn!("unexpected answer to InitProducer: kind {}", other.kind());
-                self.pause().await;
-            }
-            Err(e) if !e.is_retriable() => {
-                // Refused for good (a limit on producer ids): what waits cannot be sent under
-                // a valid sequence, so it fails now instead of waiting for an id forever.
-                tracing::warn!(topic = %self.topic, partition = self.partition, "no new producer id: {e}");
-                self.fail_pending(e);
-                self.pause().await;
-            }
-            Err(e) => {
-                tracing::debug!("new producer id failed ({e}); retrying");
-                self.pause().await;
-            }
-        }
-    }
-
-    /// Waits out the current backoff, and doubles it for the next failure.
-    async fn pause(&mut self) {
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-    }
-
-    /// Reconnects and resends every in-flight batch, in order, until each batch's deadline.
-    /// Gives up for now (leaving the stream unset) after one failed attempt; `run` retries.
-    async fn resend_all(&mut self) {
-        self.stream = None;
-        let now = Instant::now();
-        while self.in_flight.front().is_some_and(|f| f.deadline <= now) {
-            if let Some(f) = self.in_flight.pop_front() {
-                let after_ms = self.config.delivery_timeout.as_millis() as u64;
-                self.complete(
-                    f,
-                    Err(ClientError::DeliveryTimeout { after_ms, last: self.last_error.clone() }),
-                );
-            }
-        }
-        if self.sequence_broken {
-            // An idempotent batch failed: the ones after it carry void sequence numbers, and
-            // `run` fails them (outcome unknown) before anything is resent.
-            return;
-        }
-        let frames: Vec<_> = self.in_flight.iter().map(|f| f.frame.clone()).collect();
-        for frame in frames {
-            if let Err(e) = self.write(frame).await {
-                tracing::debug!(topic = %self.topic, partition = self.partition, "resend failed: {e}");
-                self.last_error = Some(e.to_string());
-                self.stream = None;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                return;
-            }
         }
     }
 }
@@ -783,13 +656,6 @@ pub fn murmur2(data: &[u8]) -> u32 {
     h = h.wrapping_mul(M);
     h ^= h >> 15;
     h
-}
-
-/// `now + d`, where a huge `d` (`Duration::MAX` for "no limit") means about a century rather
-/// than an overflow panic in the sender task.
-fn after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]

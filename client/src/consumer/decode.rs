@@ -1,0 +1,103 @@
+//! Turning a delivery's record batches into messages for the application.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{BatchSplitter, RecordIter};
+use quiver_protocol::message::DeliveryRange;
+
+use super::session::PartitionConsumer;
+use super::ConsumedMessage;
+use crate::error::ClientError;
+
+/// The record count of a delivery, from its batch headers (an estimate for sizing only).
+fn records_in(batches: &[u8]) -> usize {
+    let n: usize = quiver_protocol::Batches::new(batches)
+        .map_while(Result::ok)
+        .map(|b| b.header.records_count as usize)
+        .sum();
+    // A record takes at least 7 bytes: a broker cannot make us reserve more than that allows.
+    n.min(batches.len() / 7 + 1)
+}
+
+impl PartitionConsumer {
+    /// Hands a delivery's records to the application: all of them, or with `ranges` only
+    /// those in a range, with its delivery count. Returns the number of records received, or
+    /// `None` once the application is gone.
+    pub(super) async fn deliver(
+        &self,
+        batches: Bytes,
+        ranges: Option<&[DeliveryRange]>,
+    ) -> Result<Option<u64>, ClientError> {
+        let mut count = 0;
+        // Sized once from the batch headers, so the vector never grows by copying.
+        let mut out = Vec::with_capacity(match ranges {
+            // A redelivery may carry a whole batch for one record.
+            Some(ranges) => {
+                ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum::<u64>().min(1 << 16) as usize
+            }
+            None => records_in(&batches),
+        });
+        // Only this task moves `next_expected`, so it is read once and written back once.
+        let (mut expected, nacked) = {
+            let a = self.acks.inner.lock();
+            (a.next_expected, if a.nacked.is_empty() { BTreeSet::new() } else { a.nacked.clone() })
+        };
+        let mut range = 0;
+        let mut reacked = false;
+        for item in BatchSplitter::new(batches) {
+            let (header, batch) =
+                item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
+            for record in RecordIter::new(batch, header) {
+                let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
+                count += 1;
+                let delivery_count = match ranges {
+                    None => 1,
+                    Some(ranges) => {
+                        while range < ranges.len() && ranges[range].end <= r.offset {
+                            range += 1;
+                        }
+                        match ranges.get(range) {
+                            Some(d) if d.start <= r.offset => d.delivery_count,
+                            _ => continue, // acknowledged already, or before our position
+                        }
+                    }
+                };
+                if r.offset < expected && !nacked.contains(&r.offset) {
+                    if delivery_count <= 1 {
+                        continue; // the batch began before our position, or handed out before a reconnect
+                    }
+                    // Handed out again (its ack deadline passed, or a new session began) after
+                    // the application acknowledged it, before the broker heard: say it again
+                    // instead of handing the message out twice. Only redeliveries get here.
+                    let mut a = self.acks.inner.lock();
+                    if a.ledger.is_acked(r.offset) {
+                        a.version += 1;
+                        reacked = true;
+                        continue;
+                    }
+                }
+                expected = expected.max(r.offset + 1);
+                out.push(ConsumedMessage {
+                    topic: self.topic.clone(),
+                    partition: self.partition,
+                    offset: r.offset,
+                    timestamp_ms: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers: r.headers,
+                    delivery_count,
+                    acks: self.acks.clone(),
+                });
+            }
+        }
+        self.acks.inner.lock().handed_out(expected);
+        if reacked {
+            self.acks.changed.notify_one();
+        }
+        if !out.is_empty() && self.tx.send(Ok(out)).await.is_err() {
+            return Ok(None);
+        }
+        Ok(Some(count))
+    }
+}
