@@ -169,5 +169,5 @@ fn sample_gauges(state: &BrokerState) {
 }
 
 fn resident_bytes() -> Option<u64> {
-    Some(quiver_client::bench::rss_kib(std::process::id())? * 1024)
+    Some(crate::observability::rss_kib(std::process::id())? * 1024)
 }

@@ -156,3 +156,19 @@ fn describe() {
     describe_gauge!("quiver_group_lag", "High watermark minus committed offset per group and partition");
     describe_gauge!("quiver_process_resident_bytes", Unit::Bytes, "Broker resident memory");
 }
+
+/// Resident set size of a process in KiB (`VmRSS` in `/proc/<pid>/status`); `None` where
+/// there is no /proc or the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_resident_set_of_this_process() {
+        let kib = super::rss_kib(std::process::id()).unwrap_or(0);
+        assert!(kib > 0, "VmRSS of this process: {kib} KiB");
+    }
+}

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::{self, BatchError};
 use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
 use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
 
 use crate::partition::PartitionError;
 use crate::server::{fail_stream, BrokerState};

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dashmap::DashMap;
-use quiver_client::transport::{write_message, FrameReader, ReadError};
 use quiver_protocol::message::Message;
 use quiver_protocol::{ErrorCode, FrameError};
+use quiver_transport::{write_message, FrameReader, ReadError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,7 @@ impl Broker {
             })
             .await??
         };
-        let socket = quiver_client::transport::udp_socket(config.listen, true)
+        let socket = quiver_transport::udp_socket(config.listen, true)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let endpoint_config = crate::tls::endpoint_config(&config)?;
         let total_buffer = config.max_total_buffer_bytes as usize;

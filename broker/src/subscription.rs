@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::{BatchBuilder, BatchHeader, BatchSplitter, RecordIter};
 use quiver_protocol::delivery::DeliveryWindow;
 use quiver_protocol::ledger::{
@@ -20,6 +19,7 @@ use quiver_protocol::message::{
     StartPosition, Subscribe,
 };
 use quiver_protocol::{ErrorCode, TopicConfig};
+use quiver_transport::{write_message, FrameReader};
 use tokio::sync::mpsc;
 
 use crate::offsets::{OffsetKey, SharedLedger};

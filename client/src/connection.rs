@@ -10,25 +10,9 @@ use quiver_protocol::limits::{ALPN, PROTOCOL_VERSION};
 use quiver_protocol::message::Message;
 use tokio::sync::Mutex;
 
+use quiver_transport::{write_message, FrameReader};
+
 use crate::error::ClientError;
-use crate::transport::{write_message, FrameReader};
-
-/// The port `quiverd` listens on when given no `--listen`.
-pub const DEFAULT_PORT: u16 = 7420;
-
-/// `$HOME/.quiver/data` (or `./quiver-data` without a home): where `quiverd` keeps its data
-/// by default, so the CLI finds the development CA at `<this>/tls/ca.pem` with no flags.
-pub fn default_data_dir() -> PathBuf {
-    match std::env::var_os("HOME") {
-        Some(home) if !home.is_empty() => PathBuf::from(home).join(".quiver").join("data"),
-        _ => PathBuf::from("quiver-data"),
-    }
-}
-
-/// The development CA a default `quiverd` generates.
-pub fn default_ca_path() -> PathBuf {
-    default_data_dir().join("tls").join("ca.pem")
-}
 
 /// Where to find the broker and how to trust it.
 #[derive(Debug, Clone)]
@@ -256,7 +240,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     if n == 0 {
         return Err(bad_ca("no PEM certificate in the file".into()));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(crate::transport::crypto_provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .with_root_certificates(roots)
@@ -272,24 +256,20 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
         addr: config.broker.clone(),
         reason: format!("local socket: {e}"),
     };
-    let socket = crate::transport::udp_socket(bind, false).map_err(local)?;
+    let socket = quiver_transport::udp_socket(bind, false).map_err(local)?;
     let mut endpoint_config = quinn::EndpointConfig::default();
-    crate::transport::limit_datagrams(&mut endpoint_config);
+    quiver_transport::limit_datagrams(&mut endpoint_config);
     let mut endpoint =
         quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(local)?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }
 
-/// Client-side transport limits: generous windows for throughput, keep-alives so an idle
-/// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
+/// Client-side transport limits: the shared settings, a generous connection window for
+/// throughput, and keep-alives so an idle consumer's connection stays open.
 fn transport_config(idle: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    let mut t = quiver_transport::transport_config();
     t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    crate::transport::discover_mtu(&mut t);
     let idle = idle.max(Duration::from_millis(300));
     t.keep_alive_interval(Some(idle / 6));
     if let Ok(idle) = idle.try_into() {

@@ -2,7 +2,7 @@
 
 use quiver_protocol::ErrorCode;
 
-use crate::transport::{ReadError, WriteError};
+use quiver_transport::{ReadError, WriteError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {

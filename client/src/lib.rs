@@ -10,14 +10,14 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 pub mod redelivery;
-pub mod transport;
 
 pub use admin::Admin;
-pub use connection::{Client, ClientConfig, DEFAULT_PORT};
+pub use connection::{Client, ClientConfig};
 pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, ConsumerEvent};
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig, TopicInfo};
+pub use quiver_transport::{default_ca_path, DEFAULT_PORT};
 
 impl Client {
     pub fn admin(&self) -> Admin {

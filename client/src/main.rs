@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{FutureExt, StreamExt};
-use quiver_client::connection::default_ca_path;
+use quiver_client::default_ca_path;
 use quiver_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
     ProducerRecord, StartPosition, TopicConfig,

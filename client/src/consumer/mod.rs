@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::admin::Admin;
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
-use crate::transport::{write_message, FrameReader};
+use quiver_transport::{write_message, FrameReader};
 
 mod membership;
 

@@ -1,0 +1,23 @@
+//! Quiver's QUIC layer, shared by the broker and the client SDK (and later by links between
+//! brokers): frames over quinn streams with memory budgets ([`FrameReader`],
+//! [`write_message`]), endpoint and socket setup ([`udp_socket`], [`transport_config`],
+//! [`limit_datagrams`], [`discover_mtu`]), the TLS crypto provider ([`crypto_provider`]), and
+//! where a default broker listens and keeps its development CA ([`DEFAULT_PORT`],
+//! [`default_data_dir`], [`default_ca_path`]).
+//!
+//! What travels in the frames (the messages, their encoding and limits) is `quiver-protocol`'s
+//! business; this crate only moves them.
+
+mod defaults;
+mod endpoint;
+mod frame;
+
+pub use defaults::{default_ca_path, default_data_dir, DEFAULT_PORT};
+pub use endpoint::{
+    crypto_provider, discover_mtu, limit_datagrams, transport_config, udp_socket, MAX_UDP_PAYLOAD,
+    SEND_WINDOW_BYTES, SOCKET_BUFFER_BYTES, STREAM_RECEIVE_WINDOW_BYTES,
+};
+pub use frame::{
+    write_encoded, write_message, Frame, FrameReader, ReadError, WriteError, DEFAULT_FRAME_TIMEOUT,
+    UNBUDGETED_FRAME_BYTES,
+};
