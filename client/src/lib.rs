@@ -4,7 +4,6 @@
 //! protocol.
 
 pub mod admin;
-pub mod bench;
 pub mod connection;
 pub mod consumer;
 pub mod error;

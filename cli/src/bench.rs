@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig};
 use serde::Serialize;
 
-use crate::{
+use quiver_client::{
     Client, ClientConfig, ClientError, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerConfig,
     ProducerRecord,
 };
@@ -74,7 +74,7 @@ pub struct Memory {
 }
 
 /// The first producer's QUIC path at the end of its run: on loopback the packet size should
-/// have reached `MAX_UDP_PAYLOAD` (transport.rs), which roughly doubles throughput over
+/// have reached `quiver_transport::MAX_UDP_PAYLOAD`, which roughly doubles throughput over
 /// Ethernet-sized packets; lost packets cost retransmissions and a smaller congestion window.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathStats {
@@ -591,8 +591,9 @@ impl MemorySampler {
     }
 }
 
-/// Resident set size of a process in KiB, from /proc.
-pub fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident set size of a process in KiB, from /proc. (The broker reads its own the same way,
+/// in `quiver_broker::observability`; the CLI does not depend on the broker.)
+fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }

@@ -14,6 +14,8 @@ use quiver_client::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Command-line client for the Quiver event broker")]
 struct Cli {
@@ -627,7 +629,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         a.producers > 0 || (a.topic.is_some() && a.consumers > 0),
         "--producers 0 (consume-only) needs --topic with existing messages and --consumers"
     );
-    let config = quiver_client::bench::BenchConfig {
+    let config = bench::BenchConfig {
         client,
         topic: a.topic,
         producers: a.producers,
@@ -646,7 +648,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         broker_pid: a.broker_pid,
         progress: !a.json && std::io::stderr().is_terminal(),
     };
-    let report = quiver_client::bench::run(config).await?;
+    let report = bench::run(config).await?;
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
