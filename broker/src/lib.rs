@@ -23,6 +23,7 @@ pub mod partition;
 pub mod producers;
 mod requests;
 pub mod server;
+pub mod state;
 pub mod storage;
 mod subscription;
 mod tail_cache;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::BrokerState;
+use crate::state::BrokerState;
 
 /// Runs `work` on a blocking thread every `period` until shutdown.
 async fn every(state: Arc<BrokerState>, period: Duration, work: fn(&BrokerState)) {

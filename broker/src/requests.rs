@@ -13,7 +13,7 @@ use quiver_protocol::ErrorCode;
 use quiver_transport::{write_message, FrameReader};
 
 use crate::partition::PartitionError;
-use crate::server::{fail_stream, BrokerState};
+use crate::state::{fail_stream, BrokerState};
 use crate::topics::Topic;
 
 /// A response that may still be on its way. `None` answers nothing (acks = none).
@@ -120,9 +120,10 @@ async fn dispatch(
         | Message::Heartbeat { .. }
         | Message::LeaveGroup { .. }
         | Message::ListGroups
-        | Message::DescribeGroup { .. }) => {
-            ready(crate::groups::handle(state, msg, &members).unwrap_or_else(error))
-        }
+        | Message::DescribeGroup { .. }) => ready(
+            crate::groups::handle(&state.groups, &state.topics, &state.offsets, msg, &members)
+                .unwrap_or_else(error),
+        ),
         Message::FetchOffsets { group, topic } => {
             ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
         }
@@ -282,7 +283,7 @@ async fn commit(
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
-    state.groups.admit(&group, || crate::groups::stored_groups(state))?;
+    state.groups.admit(&group, || crate::groups::stored_groups(&state.offsets))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
     if offset > p.high_watermark() {
         return Err(PartitionError::new(

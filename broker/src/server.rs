@@ -10,34 +10,16 @@ use std::time::Duration;
 use anyhow::Context;
 use dashmap::DashMap;
 use quiver_protocol::message::Message;
-use quiver_protocol::{ErrorCode, FrameError};
-use quiver_transport::{write_message, FrameReader, ReadError};
+use quiver_protocol::ErrorCode;
+use quiver_transport::FrameReader;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
-use crate::offsets::{OffsetKey, OffsetStore};
+use crate::offsets::OffsetStore;
+use crate::state::{fail_stream, BrokerState};
 use crate::storage::{FsStorage, Storage};
 use crate::topics::Topics;
-
-/// State shared by every connection.
-#[derive(Debug)]
-pub struct BrokerState {
-    pub config: BrokerConfig,
-    pub topics: Topics,
-    pub offsets: OffsetStore,
-    pub producer_ids: crate::producers::ProducerIds,
-    /// The live subscription generation for each (group, topic, partition). A newer
-    /// subscription takes the partition over; the older one's acks are then ignored.
-    pub group_owners: DashMap<OffsetKey, u64>,
-    /// Consumer-group membership.
-    pub groups: crate::groups::Groups,
-    pub next_generation: AtomicU64,
-    pub connections: AtomicUsize,
-    /// Bytes of request frames all connections may hold at once.
-    pub total_buffer: Arc<tokio::sync::Semaphore>,
-    pub shutdown: CancellationToken,
-}
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
 #[derive(Debug)]
@@ -292,22 +274,4 @@ async fn handle_stream(
         }
         first => crate::requests::serve(state, (first, permits), send, reader, members).await,
     }
-}
-
-/// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.
-pub(crate) async fn fail_stream(send: &mut quinn::SendStream, reader: &mut FrameReader, e: ReadError) {
-    let code = match &e {
-        ReadError::Frame(FrameError::TooLarge(_)) => ErrorCode::FrameTooLarge,
-        ReadError::Frame(FrameError::UnsupportedVersion(_)) => ErrorCode::UnsupportedVersion,
-        ReadError::Message(m) => m.code(),
-        _ => ErrorCode::Malformed,
-    };
-    if matches!(e, ReadError::Read(_)) {
-        return; // the peer is gone; nothing to answer
-    }
-    tracing::debug!("closing a stream: {e}");
-    metrics::counter!("quiver_protocol_errors_total").increment(1);
-    let _ = write_message(send, &Message::error(code, e.to_string())).await;
-    let _ = send.finish();
-    reader.stop(code.code() as u32);
 }

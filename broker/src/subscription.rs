@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::offsets::{OffsetKey, SharedLedger};
 use crate::partition::{Partition, PartitionError};
-use crate::server::BrokerState;
+use crate::state::BrokerState;
 
 /// Where a subscription stands once set up.
 struct Setup {
@@ -156,7 +156,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => None,
     };
     if let Some(g) = &sub.group {
-        state.groups.admit(g, || crate::groups::stored_groups(state))?;
+        state.groups.admit(g, || crate::groups::stored_groups(&state.offsets))?;
         state.groups.check_owner(g, &sub.topic, sub.member.as_ref(), sub.partition)?;
     }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
