@@ -335,14 +335,11 @@ async fn produce(
     // The run ends with the last acknowledgement, as nats-bench's does; closing the
     // connection (QUIC drains it for three probe timeouts) is not part of it.
     let finished = Instant::now();
-    let path = client.connection().await.ok().map(|c| {
-        let stats = c.stats().path;
-        PathStats {
-            mtu: stats.current_mtu,
-            sent_packets: stats.sent_packets,
-            lost_packets: stats.lost_packets,
-            black_holes_detected: stats.black_holes_detected,
-        }
+    let path = client.connection_stats().await.map(|c| PathStats {
+        mtu: c.mtu,
+        sent_packets: c.sent_packets,
+        lost_packets: c.lost_packets,
+        black_holes_detected: c.black_holes_detected,
     });
     client.close().await;
     Ok((sent, hist, finished, path))

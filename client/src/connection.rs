@@ -14,8 +14,10 @@ use quiver_transport::{write_message, FrameReader};
 
 use crate::error::ClientError;
 
-/// Where to find the broker and how to trust it.
+/// Where to find the broker and how to trust it. Start from [`ClientConfig::new`] and adjust
+/// with the `with_*` setters; more settings may come, so the struct cannot be built literally.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// `host:port` of the broker.
     pub broker: String,
@@ -23,16 +25,21 @@ pub struct ClientConfig {
     pub ca_file: PathBuf,
     /// TLS server name; defaults to the host part of `broker`.
     pub server_name: Option<String>,
+    /// How long a connection attempt may take.
     pub connect_timeout: Duration,
+    /// How long a request may wait for its response.
     pub request_timeout: Duration,
     /// A connection that hears nothing from the broker for this long is considered lost and
     /// replaced on the next request (keep-alives go out at a sixth of it). The effective
     /// timeout is the smaller of this and the broker's.
     pub idle_timeout: Duration,
+    /// How this client introduces itself to the broker (its logs name it).
     pub client_id: String,
 }
 
 impl ClientConfig {
+    /// The broker at `host:port`, trusted through the CA certificate in `ca_file`, with default
+    /// timeouts (connect 5 s, request 30 s, idle 30 s).
     pub fn new(broker: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
         ClientConfig {
             broker: broker.into(),
@@ -44,6 +51,50 @@ impl ClientConfig {
             client_id: format!("quiver-client/{}", env!("CARGO_PKG_VERSION")),
         }
     }
+
+    /// The TLS server name to expect, when it is not the host part of the address.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// See [`connect_timeout`](ClientConfig::connect_timeout).
+    pub fn with_connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// See [`request_timeout`](ClientConfig::request_timeout).
+    pub fn with_request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// See [`idle_timeout`](ClientConfig::idle_timeout).
+    pub fn with_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = t;
+        self
+    }
+
+    /// See [`client_id`](ClientConfig::client_id).
+    pub fn with_client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+}
+
+/// Counters of a client's current QUIC path, for diagnostics (`quiver bench` prints them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// The packet size the path settled on (MTU discovery starts at 1,200 bytes).
+    pub mtu: u16,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// How often MTU discovery found the packet size too big for the path.
+    pub black_holes_detected: u64,
 }
 
 /// A handle to a broker connection. Cheap to clone; all clones share the connection, which is
@@ -83,7 +134,7 @@ impl Client {
                 reconnects: tokio::sync::watch::Sender::new(0),
             }),
         };
-        client.connection().await?;
+        client.live_connection().await?;
         Ok(client)
     }
 
@@ -91,8 +142,21 @@ impl Client {
         &self.inner.config
     }
 
-    /// The live connection, reconnecting if the last one was lost.
+    /// The live connection, reconnecting if the last one was lost. Raw protocol access is
+    /// for this crate (and, with the `unstable-raw` feature, Quiver's own tests).
+    #[cfg(not(feature = "unstable-raw"))]
+    pub(crate) async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        self.live_connection().await
+    }
+
+    /// The live connection, reconnecting if the last one was lost. Not a stable API.
+    #[cfg(feature = "unstable-raw")]
+    #[doc(hidden)]
     pub async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        self.live_connection().await
+    }
+
+    async fn live_connection(&self) -> Result<quinn::Connection, ClientError> {
         let mut guard = self.inner.conn.lock().await;
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ClientError::Closed);
@@ -108,6 +172,20 @@ impl Client {
             self.inner.reconnects.send_modify(|n| *n += 1);
         }
         Ok(conn)
+    }
+
+    /// The current connection's path counters, or `None` while there is no live connection
+    /// (this does not reconnect).
+    pub async fn connection_stats(&self) -> Option<ConnectionStats> {
+        let guard = self.inner.conn.lock().await;
+        let conn = guard.as_ref().filter(|c| c.close_reason().is_none())?;
+        let path = conn.stats().path;
+        Some(ConnectionStats {
+            mtu: path.current_mtu,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            black_holes_detected: path.black_holes_detected,
+        })
     }
 
     /// Changes each time a lost connection is re-established: state the broker keeps per
@@ -142,8 +220,20 @@ impl Client {
     }
 
     /// One request on a fresh stream, one response.
+    #[cfg(not(feature = "unstable-raw"))]
+    pub(crate) async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        self.request_raw(msg).await
+    }
+
+    /// One request on a fresh stream, one response. Not a stable API.
+    #[cfg(feature = "unstable-raw")]
+    #[doc(hidden)]
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        let conn = self.connection().await?;
+        self.request_raw(msg).await
+    }
+
+    async fn request_raw(&self, msg: &Message) -> Result<Message, ClientError> {
+        let conn = self.live_connection().await?;
         request_on(&conn, msg, self.inner.config.request_timeout).await
     }
 
