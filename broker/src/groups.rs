@@ -3,12 +3,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use quiver_protocol::group::{Assignment, GroupCoordinator, GroupError};
-use quiver_protocol::limits::{MAX_GROUPS, MAX_MEMBERS_PER_CONNECTION};
+use quiver_protocol::limits::{
+    DELETED_MEMBER_TTL_MS, MAX_DELETED_MEMBERS, MAX_GROUPS, MAX_MEMBERS_PER_CONNECTION,
+    MAX_SESSION_TIMEOUT_MS, MIN_SESSION_TIMEOUT_MS, PRODUCER_ID_WINDOW,
+};
 use quiver_protocol::message::{validate_group_name, MemberInfo, MemberRef, Message};
 use quiver_protocol::ErrorCode;
 
@@ -50,19 +53,6 @@ impl ConnectionInfo {
         true
     }
 }
-
-/// The window `MAX_PRODUCER_IDS_PER_CONNECTION` counts producer ids in.
-pub const PRODUCER_ID_WINDOW: Duration = Duration::from_secs(60);
-
-/// Session timeouts a member may ask for.
-const MIN_SESSION_TIMEOUT_MS: u32 = 500;
-const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
-
-/// How long the broker remembers the members of groups dropped with their topic (twice the
-/// longest session), and at most how many: a member that comes back within it is told
-/// `TopicDeleted`.
-const DELETED_MEMBER_TTL_MS: u64 = 2 * MAX_SESSION_TIMEOUT_MS as u64;
-const MAX_DELETED_MEMBERS: usize = 100_000;
 
 /// Members of groups dropped because their topic was deleted, oldest first.
 #[derive(Debug, Default)]

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quiver_protocol::limits::VERIFY_BYTES_PER_SEC;
+
 use crate::state::BrokerState;
 
 /// Runs `work` on a blocking thread every `period` until shutdown.
@@ -34,9 +36,6 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
         let _ = tokio::task::spawn_blocking(move || verify_closed_segments(&st)).await;
     });
 }
-
-/// Bytes per second the background check of closed segments reads at most.
-const VERIFY_BYTES_PER_SEC: u64 = 32 << 20;
 
 /// Once after start, CRC-checks every closed segment of every partition at a bounded rate
 /// (recovery read only their headers), until done or shutdown.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use quiver_protocol::batch::BatchHeader;
+use quiver_protocol::limits::{APPEND_QUEUE_DEPTH, MAX_GROUP_COMMIT};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -22,10 +23,6 @@ use crate::producers::{ProducerStates, SeqCheck, MAX_SNAPSHOT_BYTES, SNAPSHOT_EX
 use crate::storage::Storage;
 use crate::tail_cache::TailCache;
 
-/// Appends queued for one partition before producers wait (backpressure).
-const APPEND_QUEUE_DEPTH: usize = 1024;
-/// Most appends one group commit takes.
-const MAX_GROUP_COMMIT: usize = 256;
 /// A group commit of fewer than this many bytes that needs no fsync runs on the writer's own
 /// thread (`block_in_place`) instead of being handed to a blocking thread and back: the
 /// hand-off's thread wake-ups cost more than copying a few kilobytes into the page cache

@@ -14,6 +14,7 @@ use quiver_protocol::delivery::DeliveryWindow;
 use quiver_protocol::ledger::{
     AckLedger, Piece, DELIVERY_COUNT, NO_DEADLINE, ORIGIN_OFFSET, ORIGIN_PARTITION, ORIGIN_TOPIC,
 };
+use quiver_protocol::limits::MAX_SETTLED_RANGES;
 use quiver_protocol::message::{
     deliver_head, deliver_some_head, validate_group_name, DeliveryRange, Message, RedeliveryPolicy,
     StartPosition, Subscribe,
@@ -49,8 +50,6 @@ enum ClientAck {
     Nack(u64, u32),
 }
 
-/// Ranges per `Settled` frame (16 bytes each).
-const MAX_SETTLED_RANGES: usize = 65_536;
 /// Acknowledged ranges applied in one step of a subscription's loop.
 const ACK_RANGES_PER_STEP: usize = 1024;
 /// Acknowledgement steps applied before the loop delivers (or waits) again.

@@ -81,3 +81,45 @@ fn module_imports_have_no_cycle() {
         visit(m, &graph, &mut Vec::new(), &mut done);
     }
 }
+
+/// Every `MAX_*` bound of the protocol, transport and broker lives in
+/// `quiver_protocol::limits`, where each has its reason (design.md §2).
+///
+/// Not bounds, so they stay by the code they describe: the producer snapshot's largest size,
+/// derived from `MAX_PRODUCERS_PER_PARTITION` and the snapshot's own byte layout; the width
+/// of a producer id's counter field; the subscription's smallest read-ahead (a tuning floor);
+/// the smallest encoding of a record (a fact of the batch format).
+const NOT_BOUNDS: [&str; 4] =
+    ["MAX_SNAPSHOT_BYTES", "MAX_COUNTER", "MIN_READ_AHEAD_BYTES", "MIN_RECORD_BYTES"];
+
+#[test]
+fn bounds_live_in_the_limits_module() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut scattered = Vec::new();
+    for root in ["src", "../protocol/src", "../transport/src"] {
+        let mut stack = vec![manifest.join(root)];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read src") {
+                let path = entry.expect("dir entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !name.ends_with(".rs") || name.ends_with("tests.rs") || name == "limits.rs" {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("read source");
+                let code = text.split("#[cfg(test)]").next().unwrap_or("");
+                for line in code.lines() {
+                    let l = line.trim_start().trim_start_matches("pub ").trim_start_matches("pub(crate) ");
+                    let exempt = NOT_BOUNDS.iter().any(|n| l.starts_with(&format!("const {n}:")));
+                    if (l.starts_with("const MAX_") || l.starts_with("const MIN_")) && !exempt {
+                        scattered.push(format!("{}: {}", path.display(), line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(scattered.is_empty(), "bounds outside quiver_protocol::limits:\n{}", scattered.join("\n"));
+}

@@ -74,7 +74,7 @@ pub struct Memory {
 }
 
 /// The first producer's QUIC path at the end of its run: on loopback the packet size should
-/// have reached `quiver_transport::MAX_UDP_PAYLOAD`, which roughly doubles throughput over
+/// have reached `quiver_protocol::limits::MAX_UDP_PAYLOAD`, which roughly doubles throughput over
 /// Ethernet-sized packets; lost packets cost retransmissions and a smaller congestion window.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathStats {

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use quiver_protocol::limits::MAX_UDP_PAYLOAD;
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
-use quiver_transport::MAX_UDP_PAYLOAD;
 
 const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 

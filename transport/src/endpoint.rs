@@ -3,6 +3,10 @@
 
 use std::sync::Arc;
 
+use quiver_protocol::limits::{
+    MAX_UDP_PAYLOAD, SEND_WINDOW_BYTES, SOCKET_BUFFER_BYTES, STREAM_RECEIVE_WINDOW_BYTES,
+};
+
 /// The TLS crypto provider of both ends: *ring*, with the TLS 1.3 suites ordered AES-128-GCM
 /// first. rustls lists AES-256-GCM first; AES-128 runs 10 AES rounds per block instead of 14,
 /// and every byte on a QUIC connection is encrypted once and decrypted once.
@@ -12,12 +16,6 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     provider.cipher_suites.sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
     Arc::new(provider)
 }
-
-/// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
-/// `wmem_max` (stock kernels: about 208 KiB; it doubles what it grants for bookkeeping).
-/// 208 KiB holds only a few GRO-coalesced datagrams: a receiver that is busy for a moment
-/// drops packets, and every drop halves QUIC's congestion window.
-pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// A UDP socket bound to `addr` with large send and receive buffers, for a quinn endpoint.
 /// With `warn_if_small`, a kernel that grants much less logs a warning naming the sysctl.
@@ -47,23 +45,6 @@ pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::R
     }
     Ok(socket.into())
 }
-
-/// Largest UDP payload either end accepts and MTU discovery searches up to. Connections start
-/// at 1,200 bytes (safe on any path) and probe upwards; on an ordinary 1,500-byte network they
-/// settle near 1,452, on loopback (MTU 64 KiB) at this bound. Per-packet work (header
-/// protection, AEAD setup, loss tracking, acks) is most of QUIC's cost, so bigger packets move
-/// more bytes per CPU cycle: a raw quinn stream on this machine carries 1.2 GB/s with 1,452-byte
-/// packets and 2.3–2.7 GB/s with 5,000–6,500 (BENCHMARKS.md).
-///
-/// The bound is not higher because quinn sends up to 10 packets in one GSO system call, and
-/// Linux caps a GSO send at 64 KiB: with packets above about 6,550 bytes the send fails
-/// with `EMSGSIZE` and the connection stalls (6,500 works here, 6,600 stalls).
-pub const MAX_UDP_PAYLOAD: u16 = 6000;
-
-/// Flow-control window of one stream, both ways: a whole maximal frame fits in flight.
-pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
-/// Bytes sent but not yet acknowledged on one connection.
-pub const SEND_WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The transport settings both ends share: no unidirectional streams (the protocol uses
 /// none), a [`STREAM_RECEIVE_WINDOW_BYTES`] window per stream, a [`SEND_WINDOW_BYTES`] send
@@ -102,11 +83,5 @@ mod tests {
         assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         // Nothing dropped: the other TLS 1.3 suites stay available to peers that prefer them.
         assert_eq!(suites.len(), rustls::crypto::ring::default_provider().cipher_suites.len());
-    }
-
-    #[test]
-    fn datagram_bound_fits_one_gso_send() {
-        // quinn batches up to 10 packets per GSO send; Linux allows 64 KiB per send.
-        assert!(usize::from(MAX_UDP_PAYLOAD) * 10 <= 65_507);
     }
 }

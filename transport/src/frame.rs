@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use quiver_protocol::frame::{decode_frame, FrameError, RawFrame};
+use quiver_protocol::limits::{MAX_FRAME_BYTES, UNBUDGETED_FRAME_BYTES};
 use quiver_protocol::message::{Encoded, Message, MessageError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -65,10 +66,6 @@ pub struct FrameReader {
     /// When the frame being buffered must be complete (set at its first byte).
     deadline: Option<tokio::time::Instant>,
 }
-
-/// Frames up to this size skip the budgets: acks, hellos and subscribes must never queue
-/// behind large produce frames, and their memory is bounded by the stream limits anyway.
-pub const UNBUDGETED_FRAME_BYTES: u32 = 64 * 1024;
 
 impl FrameReader {
     /// A reader with the default frame timeout and no budgets.
@@ -143,7 +140,7 @@ impl FrameReader {
             return Ok(());
         }
         let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-        if len as usize > quiver_protocol::limits::MAX_FRAME_BYTES {
+        if len as usize > MAX_FRAME_BYTES {
             return Err(FrameError::TooLarge(len as u64).into());
         }
         if len <= UNBUDGETED_FRAME_BYTES {

@@ -5,19 +5,15 @@
 //! where a default broker listens and keeps its development CA ([`DEFAULT_PORT`],
 //! [`default_data_dir`], [`default_ca_path`]).
 //!
-//! What travels in the frames (the messages, their encoding and limits) is `quiver-protocol`'s
-//! business; this crate only moves them.
+//! What travels in the frames (the messages, their encoding) and every bound, the QUIC ones
+//! included, are `quiver-protocol`'s (`quiver_protocol::limits`); this crate only moves frames.
 
 mod defaults;
 mod endpoint;
 mod frame;
 
 pub use defaults::{default_ca_path, default_data_dir, DEFAULT_PORT};
-pub use endpoint::{
-    crypto_provider, discover_mtu, limit_datagrams, transport_config, udp_socket, MAX_UDP_PAYLOAD,
-    SEND_WINDOW_BYTES, SOCKET_BUFFER_BYTES, STREAM_RECEIVE_WINDOW_BYTES,
-};
+pub use endpoint::{crypto_provider, discover_mtu, limit_datagrams, transport_config, udp_socket};
 pub use frame::{
     write_encoded, write_message, Frame, FrameReader, ReadError, WriteError, DEFAULT_FRAME_TIMEOUT,
-    UNBUDGETED_FRAME_BYTES,
 };

@@ -21,7 +21,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use quiver_protocol::codec::{Reader, WriteExt};
 use quiver_protocol::ledger::{AckLedger, LedgerSnapshot};
-use quiver_protocol::limits::{MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
+use quiver_protocol::limits::{
+    MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
+};
 
 use crate::storage::{Storage, StorageFile};
 
@@ -30,15 +32,6 @@ pub type OffsetKey = (Arc<str>, Arc<str>, u32);
 
 /// A group's acknowledgement state for one partition, shared with its subscription.
 pub type SharedLedger = Arc<Mutex<AckLedger>>;
-
-/// Acknowledged ranges (and, separately, delivery-count ranges) kept per entry; beyond them a
-/// restart delivers again (design.md §12).
-pub const MAX_PERSISTED_RANGES: usize = 1024;
-
-/// The largest `offsets.log` the broker reads or writes. A larger file is refused at start
-/// with an error naming it; a write that would pass it is refused (and a snapshot is due long
-/// before: at half of it).
-pub const MAX_OFFSETS_FILE_BYTES: u64 = 1 << 30;
 
 const ENTRY_MAX_BYTES: usize = 2
     + MAX_STRING_BYTES

@@ -282,7 +282,7 @@ impl AckFloor {
             // All ranges the broker can remember (`MAX_ACKED_RANGES`), a frame per
             // `MAX_RANGES_PER_ACK`; the first frame also carries the floor alone if none.
             let mut ranges =
-                self.above.iter().take(quiver_protocol::ledger::MAX_ACKED_RANGES).cloned().peekable();
+                self.above.iter().take(quiver_protocol::limits::MAX_ACKED_RANGES).cloned().peekable();
             loop {
                 let chunk: Vec<std::ops::Range<u64>> = ranges.by_ref().take(MAX_RANGES_PER_ACK).collect();
                 frames.push(Message::AckRanges { floor: self.floor, ranges: chunk });
