@@ -99,7 +99,8 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The quinn server configuration: TLS 1.3 only, ALPN `quiver/1`, and transport limits for a
-/// broker facing untrusted clients (STYLE.md item 10).
+/// broker facing untrusted clients: bounded streams per connection and connections, finite
+/// flow-control windows, and an idle timeout (design.md §2 and §8a).
 pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<quinn::ServerConfig> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;

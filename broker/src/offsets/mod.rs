@@ -6,7 +6,7 @@
 //! a subscription only mark the key dirty and `flush` persists dirty keys, so acks cost no IO
 //! each. Snapshots bound the file's size.
 //!
-//! One write protocol (STYLE.md 16): append, then fsync; a failed write or fsync poisons the
+//! One write protocol (design.md §6.1): append, then fsync; a failed write or fsync poisons the
 //! store (nothing more is written or acknowledged until the broker reopens it), and the memory
 //! changes only once the write is durable. The file lives on the broker's [`Storage`], so tests
 //! crash it with the storage's crash model.
