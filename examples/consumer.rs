@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use quiver_client::connection::default_ca_path;
+use quiver_client::default_ca_path;
 use quiver_client::{Client, ClientConfig, Consumer, ConsumerConfig, StartPosition};
 
 // One thread: the connection's tasks and this loop never wake each other across threads.

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use quiver_client::connection::default_ca_path;
+use quiver_client::default_ca_path;
 use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
 
 #[tokio::main]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The port a broker listens on when given none (the CLI's default too).
-pub use quiver_client::DEFAULT_PORT;
+pub use quiver_transport::DEFAULT_PORT;
 
 /// Everything a broker needs to start. Build with `BrokerConfig::new(data_dir)` and adjust.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,9 +100,7 @@ impl Default for BrokerConfig {
     }
 }
 
-/// Streams a new connection may open at first; the broker doubles the limit (up to
-/// `max_streams_per_connection`) as the client's open streams approach it.
-pub const INITIAL_STREAMS_PER_CONNECTION: u32 = 128;
+pub use quiver_protocol::limits::INITIAL_STREAMS_PER_CONNECTION;
 
 impl BrokerConfig {
     pub fn initial_streams_per_connection(&self) -> u32 {
@@ -166,4 +164,4 @@ impl BrokerConfig {
 
 /// The CLI looks for the development CA under the same directory, so a broker and CLI started
 /// with no flags find each other.
-pub use quiver_client::connection::default_data_dir;
+pub use quiver_transport::default_data_dir;

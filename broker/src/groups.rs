@@ -3,17 +3,21 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use quiver_protocol::group::{Assignment, GroupCoordinator, GroupError};
-use quiver_protocol::limits::{MAX_GROUPS, MAX_MEMBERS_PER_CONNECTION};
+use quiver_protocol::limits::{
+    DELETED_MEMBER_TTL_MS, MAX_DELETED_MEMBERS, MAX_GROUPS, MAX_MEMBERS_PER_CONNECTION,
+    MAX_SESSION_TIMEOUT_MS, MIN_SESSION_TIMEOUT_MS, PRODUCER_ID_WINDOW,
+};
 use quiver_protocol::message::{validate_group_name, MemberInfo, MemberRef, Message};
 use quiver_protocol::ErrorCode;
 
+use crate::offsets::OffsetStore;
 use crate::partition::PartitionError;
-use crate::server::BrokerState;
+use crate::topics::Topics;
 
 /// The members a connection speaks for; they leave when it closes, unless they have since
 /// moved to another connection (a client that reconnected).
@@ -49,19 +53,6 @@ impl ConnectionInfo {
         true
     }
 }
-
-/// The window `MAX_PRODUCER_IDS_PER_CONNECTION` counts producer ids in.
-pub const PRODUCER_ID_WINDOW: Duration = Duration::from_secs(60);
-
-/// Session timeouts a member may ask for.
-const MIN_SESSION_TIMEOUT_MS: u32 = 500;
-const MAX_SESSION_TIMEOUT_MS: u32 = 300_000;
-
-/// How long the broker remembers the members of groups dropped with their topic (twice the
-/// longest session), and at most how many: a member that comes back within it is told
-/// `TopicDeleted`.
-const DELETED_MEMBER_TTL_MS: u64 = 2 * MAX_SESSION_TIMEOUT_MS as u64;
-const MAX_DELETED_MEMBERS: usize = 100_000;
 
 /// Members of groups dropped because their topic was deleted, oldest first.
 #[derive(Debug, Default)]
@@ -434,8 +425,8 @@ fn fenced(e: GroupError) -> PartitionError {
 }
 
 /// Names of the groups with committed offsets.
-pub(crate) fn stored_groups(state: &BrokerState) -> Vec<Arc<str>> {
-    state.offsets.all().into_iter().map(|((g, _, _), _)| g).collect()
+pub(crate) fn stored_groups(offsets: &OffsetStore) -> Vec<Arc<str>> {
+    offsets.all().into_iter().map(|((g, _, _), _)| g).collect()
 }
 
 fn assignment(a: Assignment) -> Message {
@@ -444,23 +435,24 @@ fn assignment(a: Assignment) -> Message {
 
 /// Handles the group requests.
 pub(crate) fn handle(
-    state: &BrokerState,
+    groups: &Groups,
+    topics: &Topics,
+    offsets: &OffsetStore,
     msg: Message,
     conn: &ConnectionMembers,
 ) -> Result<Message, PartitionError> {
-    let groups = &state.groups;
     match msg {
         Message::JoinGroup { group, topic, member_id, session_timeout_ms } => {
             validate_group_name(&group).map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
-            let t = state.topics.get(&topic)?;
+            let t = topics.get(&topic)?;
             let partitions = t.partitions.len() as u32;
-            groups.admit(&group, || stored_groups(state))?;
+            groups.admit(&group, || stored_groups(offsets))?;
             let a =
                 groups.join(conn, &group, &topic, partitions, member_id.as_deref(), session_timeout_ms)?;
             // A delete removes the topic from the registry before it drops the topic's groups:
             // a join that raced it either was dropped with the group or sees the topic gone
             // (or another topic of the name) here, and must not stay in a group of it.
-            if !state.topics.get(&topic).is_ok_and(|now| Arc::ptr_eq(&now, &t)) {
+            if !topics.get(&topic).is_ok_and(|now| Arc::ptr_eq(&now, &t)) {
                 groups.leave(conn, &group, &a.member_id);
                 return Err(PartitionError::new(
                     ErrorCode::TopicDeleted,
@@ -478,7 +470,7 @@ pub(crate) fn handle(
         }
         Message::ListGroups => {
             let mut names = groups.names();
-            for ((g, _, _), _) in state.offsets.all() {
+            for ((g, _, _), _) in offsets.all() {
                 names.push(g.to_string());
             }
             names.sort();
@@ -497,8 +489,7 @@ pub(crate) fn handle(
                 ),
                 None => {
                     // A group known only by its committed offsets.
-                    let topic = state
-                        .offsets
+                    let topic = offsets
                         .all()
                         .into_iter()
                         .find(|((g, _, _), _)| &**g == group.as_str())

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod data_dir;
+mod dead_letters;
 pub mod groups;
 pub mod log;
 mod maintenance;
@@ -23,6 +24,7 @@ pub mod partition;
 pub mod producers;
 mod requests;
 pub mod server;
+pub mod state;
 pub mod storage;
 mod subscription;
 mod tail_cache;

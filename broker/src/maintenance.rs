@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::BrokerState;
+use quiver_protocol::limits::VERIFY_BYTES_PER_SEC;
+
+use crate::state::BrokerState;
 
 /// Runs `work` on a blocking thread every `period` until shutdown.
 async fn every(state: Arc<BrokerState>, period: Duration, work: fn(&BrokerState)) {
@@ -34,9 +36,6 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
         let _ = tokio::task::spawn_blocking(move || verify_closed_segments(&st)).await;
     });
 }
-
-/// Bytes per second the background check of closed segments reads at most.
-const VERIFY_BYTES_PER_SEC: u64 = 32 << 20;
 
 /// Once after start, CRC-checks every closed segment of every partition at a bounded rate
 /// (recovery read only their headers), until done or shutdown.
@@ -170,5 +169,5 @@ fn sample_gauges(state: &BrokerState) {
 }
 
 fn resident_bytes() -> Option<u64> {
-    Some(quiver_client::bench::rss_kib(std::process::id())? * 1024)
+    Some(crate::observability::rss_kib(std::process::id())? * 1024)
 }

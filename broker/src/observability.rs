@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use quiver_protocol::limits::MAX_METRICS_REQUEST_BYTES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Largest request head read from a scraper.
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often histogram samples are folded into their buckets when nobody scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -84,7 +83,7 @@ pub async fn serve(
 async fn respond(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_BYTES {
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_METRICS_REQUEST_BYTES {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
@@ -155,4 +154,20 @@ fn describe() {
     describe_gauge!("quiver_partition_high_watermark", "Next offset per partition");
     describe_gauge!("quiver_group_lag", "High watermark minus committed offset per group and partition");
     describe_gauge!("quiver_process_resident_bytes", Unit::Bytes, "Broker resident memory");
+}
+
+/// Resident set size of a process in KiB (`VmRSS` in `/proc/<pid>/status`); `None` where
+/// there is no /proc or the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_resident_set_of_this_process() {
+        let kib = super::rss_kib(std::process::id()).unwrap_or(0);
+        assert!(kib > 0, "VmRSS of this process: {kib} KiB");
+    }
 }

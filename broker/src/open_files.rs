@@ -15,7 +15,7 @@ pub const FILES_PER_PARTITION: u64 = 1;
 
 /// Closed segments' log files open at once across all partitions (least recently read ones
 /// are closed beyond it): the files reads of history opened.
-pub const CLOSED_SEGMENT_FILES: usize = 1024;
+pub use quiver_protocol::limits::MAX_OPEN_CLOSED_SEGMENT_FILES as CLOSED_SEGMENT_FILES;
 
 /// Descriptors kept for everything but partitions: the offsets store, the data directory's
 /// lock, snapshots and index files being written, the metrics listener's connections, the

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchHeader, Batches, ValidatedBatch};
+use quiver_protocol::limits::{APPEND_QUEUE_DEPTH, MAX_GROUP_COMMIT, MAX_UNCHECKPOINTED_BYTES};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -28,10 +29,6 @@ use commit::CommitQueue;
 
 mod commit;
 
-/// Appends queued for one partition before producers wait (backpressure).
-const APPEND_QUEUE_DEPTH: usize = 1024;
-/// Most appends one group commit takes.
-const MAX_GROUP_COMMIT: usize = 256;
 /// A group commit of fewer than this many bytes that needs no fsync runs on the writer's own
 /// thread (`block_in_place`) instead of being handed to a blocking thread and back: the
 /// hand-off's thread wake-ups cost more than copying a few kilobytes into the page cache
@@ -85,12 +82,6 @@ struct AppendRequest {
     batch: ValidatedBatch,
     reply: Reply,
 }
-
-/// Bytes of fsynced log after which the recovery point is checkpointed at once rather than at
-/// the next `recovery_point_ms` tick: bounds what recovery scans after a crash (about this much
-/// per partition written, plus what was written since the last fsync), so a broker with many
-/// gigabytes of log serves within about a second of a kill -9 (BENCHMARKS.md).
-const RECOVERY_POINT_LAG_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct Partition {
@@ -344,12 +335,12 @@ impl Partition {
     }
 
     /// Writes the recovery-point checkpoint at once if completed fsyncs moved it
-    /// `RECOVERY_POINT_LAG_BYTES` or more past the file (after a periodic fsync). Blocking.
+    /// `MAX_UNCHECKPOINTED_BYTES` or more past the file (after a periodic fsync). Blocking.
     fn checkpoint_if_behind(&self) {
         if self.deleted.load(Ordering::Acquire) {
             return;
         }
-        if let Err(e) = self.recovery.write_if_behind(RECOVERY_POINT_LAG_BYTES) {
+        if let Err(e) = self.recovery.write_if_behind(MAX_UNCHECKPOINTED_BYTES) {
             tracing::warn!(topic = %self.topic, partition = self.id, "writing the recovery point: {e}");
         }
     }

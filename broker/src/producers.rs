@@ -13,12 +13,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::Mutex;
 use quiver_protocol::batch::BatchHeader;
+use quiver_protocol::limits::{MAX_PRODUCERS_PER_PARTITION, RECENT_BATCHES};
 
-/// Batches remembered per producer and partition; must exceed the producer's in-flight limit.
-pub const RECENT_BATCHES: usize = 16;
-/// Producers remembered per partition; beyond it the one that wrote longest ago is forgotten
-/// (its retries would then be appended again).
-pub const MAX_PRODUCERS_PER_PARTITION: usize = 10_000;
 /// Producer ids are reserved durably in blocks of this many.
 const ID_BLOCK: i64 = 1000;
 

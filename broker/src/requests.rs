@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::{BatchError, ValidatedBatch};
 use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
 use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
 
 use crate::partition::PartitionError;
-use crate::server::{fail_stream, BrokerState};
+use crate::state::{fail_stream, BrokerState};
 use crate::topics::Topic;
 
 /// A response that may still be on its way. `None` answers nothing (acks = none).
@@ -119,9 +119,10 @@ async fn dispatch(
         | Message::Heartbeat { .. }
         | Message::LeaveGroup { .. }
         | Message::ListGroups
-        | Message::DescribeGroup { .. }) => {
-            ready(crate::groups::handle(state, msg, &members).unwrap_or_else(error))
-        }
+        | Message::DescribeGroup { .. }) => ready(
+            crate::groups::handle(&state.groups, &state.topics, &state.offsets, msg, &members)
+                .unwrap_or_else(error),
+        ),
         Message::FetchOffsets { group, topic } => {
             ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
         }
@@ -279,7 +280,7 @@ async fn commit(
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
-    state.groups.admit(&group, || crate::groups::stored_groups(state))?;
+    state.groups.admit(&group, || crate::groups::stored_groups(&state.offsets))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
     if offset > p.high_watermark() {
         return Err(PartitionError::new(

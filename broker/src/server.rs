@@ -9,37 +9,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dashmap::DashMap;
-use quiver_client::transport::{write_message, FrameReader, ReadError};
 use quiver_protocol::message::Message;
-use quiver_protocol::{ErrorCode, FrameError};
+use quiver_protocol::ErrorCode;
+use quiver_transport::FrameReader;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
-use crate::offsets::{OffsetKey, OffsetStore};
+use crate::offsets::OffsetStore;
+use crate::state::{fail_stream, BrokerState};
 use crate::storage::{FsStorage, Storage};
 use crate::topics::Topics;
-
-/// State shared by every connection.
-#[derive(Debug)]
-pub struct BrokerState {
-    pub config: BrokerConfig,
-    pub topics: Topics,
-    pub offsets: OffsetStore,
-    pub producer_ids: crate::producers::ProducerIds,
-    /// The live subscription generation for each (group, topic, partition). A newer
-    /// subscription takes the partition over; the older one's acks are then ignored.
-    pub group_owners: DashMap<OffsetKey, u64>,
-    /// Consumer-group membership.
-    pub groups: crate::groups::Groups,
-    pub next_generation: AtomicU64,
-    pub connections: AtomicUsize,
-    /// Bytes of request frames all connections may hold at once.
-    pub total_buffer: Arc<tokio::sync::Semaphore>,
-    pub shutdown: CancellationToken,
-    /// Appends dead letters for the subscriptions, outside their delivery loops.
-    pub dead_letters: crate::subscription::DeadLetterWriter,
-}
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
 #[derive(Debug)]
@@ -97,7 +77,7 @@ impl Broker {
             })
             .await??
         };
-        let socket = quiver_client::transport::udp_socket(config.listen, true)
+        let socket = quiver_transport::udp_socket(config.listen, true)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let endpoint_config = crate::tls::endpoint_config(&config)?;
         let total_buffer = config.max_total_buffer_bytes as usize;
@@ -110,7 +90,7 @@ impl Broker {
         let local_addr = endpoint.local_addr()?;
         let state = Arc::new(BrokerState {
             config,
-            topics,
+            topics: Arc::new(topics),
             offsets,
             producer_ids,
             group_owners: DashMap::new(),
@@ -119,7 +99,7 @@ impl Broker {
             connections: AtomicUsize::new(0),
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
-            dead_letters: crate::subscription::DeadLetterWriter::start(),
+            dead_letters: crate::dead_letters::DeadLetterWriter::start(),
         });
         let metrics_addr = match (state.config.metrics_listen, recorder) {
             (Some(addr), Some(handle)) => {
@@ -315,22 +295,4 @@ async fn handle_stream(
         }
         first => crate::requests::serve(state, (first, permits), send, reader, members).await,
     }
-}
-
-/// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.
-pub(crate) async fn fail_stream(send: &mut quinn::SendStream, reader: &mut FrameReader, e: ReadError) {
-    let code = match &e {
-        ReadError::Frame(FrameError::TooLarge(_)) => ErrorCode::FrameTooLarge,
-        ReadError::Frame(FrameError::UnsupportedVersion(_)) => ErrorCode::UnsupportedVersion,
-        ReadError::Message(m) => m.code(),
-        _ => ErrorCode::Malformed,
-    };
-    if matches!(e, ReadError::Read(_)) {
-        return; // the peer is gone; nothing to answer
-    }
-    tracing::debug!("closing a stream: {e}");
-    metrics::counter!("quiver_protocol_errors_total").increment(1);
-    let _ = write_message(send, &Message::error(code, e.to_string())).await;
-    let _ = send.finish();
-    reader.stop(code.code() as u32);
 }

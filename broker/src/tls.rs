@@ -99,11 +99,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The quinn server configuration: TLS 1.3 only, ALPN `quiver/1`, and transport limits for a
-/// broker facing untrusted clients (STYLE.md item 10).
+/// broker facing untrusted clients: bounded streams per connection and connections, finite
+/// flow-control windows, and an idle timeout (design.md §2 and §8a).
 pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<quinn::ServerConfig> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(quiver_client::transport::crypto_provider())
+    let mut tls = rustls::ServerConfig::builder_with_provider(quiver_transport::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -113,18 +114,14 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     let quic = QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
 
-    let mut t = quinn::TransportConfig::default();
+    let mut t = quiver_transport::transport_config();
     // Start low and let the connection raise it as the client opens streams (server.rs):
     // quinn keeps state for every stream a peer may open, so a high starting limit costs
     // every idle connection hundreds of kilobytes.
     t.max_concurrent_bidi_streams(config.initial_streams_per_connection().into());
-    t.max_concurrent_uni_streams(0u32.into());
     // Finite windows: quinn holds at most `receive_window` unread bytes per connection; what
     // the broker has read but not finished with is bounded by its buffer budgets.
-    t.stream_receive_window((16u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    quiver_client::transport::discover_mtu(&mut t);
     t.max_idle_timeout(Some(Duration::from_millis(config.idle_timeout_ms).try_into()?));
     server.transport_config(Arc::new(t));
     server.max_incoming(config.max_connections.saturating_mul(2).max(16));
@@ -175,7 +172,7 @@ pub fn endpoint_config(config: &BrokerConfig) -> anyhow::Result<quinn::EndpointC
     };
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret[..32]);
     let mut endpoint = quinn::EndpointConfig::new(Arc::new(key));
-    quiver_client::transport::limit_datagrams(&mut endpoint);
+    quiver_transport::limit_datagrams(&mut endpoint);
     // Connection ids carry a keyed hash; the same key after a restart lets the endpoint
     // recognise its own old ids and answer them with a reset instead of dropping them.
     let mut cid_key = [0u8; 8];

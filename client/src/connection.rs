@@ -10,28 +10,14 @@ use quiver_protocol::limits::{ALPN, PROTOCOL_VERSION};
 use quiver_protocol::message::Message;
 use tokio::sync::Mutex;
 
+use quiver_transport::{write_message, FrameReader};
+
 use crate::error::ClientError;
-use crate::transport::{write_message, FrameReader};
 
-/// The port `quiverd` listens on when given no `--listen`.
-pub const DEFAULT_PORT: u16 = 7420;
-
-/// `$HOME/.quiver/data` (or `./quiver-data` without a home): where `quiverd` keeps its data
-/// by default, so the CLI finds the development CA at `<this>/tls/ca.pem` with no flags.
-pub fn default_data_dir() -> PathBuf {
-    match std::env::var_os("HOME") {
-        Some(home) if !home.is_empty() => PathBuf::from(home).join(".quiver").join("data"),
-        _ => PathBuf::from("quiver-data"),
-    }
-}
-
-/// The development CA a default `quiverd` generates.
-pub fn default_ca_path() -> PathBuf {
-    default_data_dir().join("tls").join("ca.pem")
-}
-
-/// Where to find the broker and how to trust it.
+/// Where to find the broker and how to trust it. Start from [`ClientConfig::new`] and adjust
+/// with the `with_*` setters; more settings may come, so the struct cannot be built literally.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// `host:port` of the broker.
     pub broker: String,
@@ -39,16 +25,21 @@ pub struct ClientConfig {
     pub ca_file: PathBuf,
     /// TLS server name; defaults to the host part of `broker`.
     pub server_name: Option<String>,
+    /// How long a connection attempt may take.
     pub connect_timeout: Duration,
+    /// How long a request may wait for its response.
     pub request_timeout: Duration,
     /// A connection that hears nothing from the broker for this long is considered lost and
     /// replaced on the next request (keep-alives go out at a sixth of it). The effective
     /// timeout is the smaller of this and the broker's.
     pub idle_timeout: Duration,
+    /// How this client introduces itself to the broker (its logs name it).
     pub client_id: String,
 }
 
 impl ClientConfig {
+    /// The broker at `host:port`, trusted through the CA certificate in `ca_file`, with default
+    /// timeouts (connect 5 s, request 30 s, idle 30 s).
     pub fn new(broker: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
         ClientConfig {
             broker: broker.into(),
@@ -60,6 +51,50 @@ impl ClientConfig {
             client_id: format!("quiver-client/{}", env!("CARGO_PKG_VERSION")),
         }
     }
+
+    /// The TLS server name to expect, when it is not the host part of the address.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// See [`connect_timeout`](ClientConfig::connect_timeout).
+    pub fn with_connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// See [`request_timeout`](ClientConfig::request_timeout).
+    pub fn with_request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// See [`idle_timeout`](ClientConfig::idle_timeout).
+    pub fn with_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = t;
+        self
+    }
+
+    /// See [`client_id`](ClientConfig::client_id).
+    pub fn with_client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+}
+
+/// Counters of a client's current QUIC path, for diagnostics (`quiver bench` prints them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// The packet size the path settled on (MTU discovery starts at 1,200 bytes).
+    pub mtu: u16,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// How often MTU discovery found the packet size too big for the path.
+    pub black_holes_detected: u64,
 }
 
 /// A handle to a broker connection. Cheap to clone; all clones share the connection, which is
@@ -99,7 +134,7 @@ impl Client {
                 reconnects: tokio::sync::watch::Sender::new(0),
             }),
         };
-        client.connection().await?;
+        client.live_connection().await?;
         Ok(client)
     }
 
@@ -107,8 +142,21 @@ impl Client {
         &self.inner.config
     }
 
-    /// The live connection, reconnecting if the last one was lost.
+    /// The live connection, reconnecting if the last one was lost. Raw protocol access is
+    /// for this crate (and, with the `unstable-raw` feature, Quiver's own tests).
+    #[cfg(not(feature = "unstable-raw"))]
+    pub(crate) async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        self.live_connection().await
+    }
+
+    /// The live connection, reconnecting if the last one was lost. Not a stable API.
+    #[cfg(feature = "unstable-raw")]
+    #[doc(hidden)]
     pub async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        self.live_connection().await
+    }
+
+    async fn live_connection(&self) -> Result<quinn::Connection, ClientError> {
         let mut guard = self.inner.conn.lock().await;
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ClientError::Closed);
@@ -124,6 +172,20 @@ impl Client {
             self.inner.reconnects.send_modify(|n| *n += 1);
         }
         Ok(conn)
+    }
+
+    /// The current connection's path counters, or `None` while there is no live connection
+    /// (this does not reconnect).
+    pub async fn connection_stats(&self) -> Option<ConnectionStats> {
+        let guard = self.inner.conn.lock().await;
+        let conn = guard.as_ref().filter(|c| c.close_reason().is_none())?;
+        let path = conn.stats().path;
+        Some(ConnectionStats {
+            mtu: path.current_mtu,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            black_holes_detected: path.black_holes_detected,
+        })
     }
 
     /// Changes each time a lost connection is re-established: state the broker keeps per
@@ -158,8 +220,20 @@ impl Client {
     }
 
     /// One request on a fresh stream, one response.
+    #[cfg(not(feature = "unstable-raw"))]
+    pub(crate) async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        self.request_raw(msg).await
+    }
+
+    /// One request on a fresh stream, one response. Not a stable API.
+    #[cfg(feature = "unstable-raw")]
+    #[doc(hidden)]
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        let conn = self.connection().await?;
+        self.request_raw(msg).await
+    }
+
+    async fn request_raw(&self, msg: &Message) -> Result<Message, ClientError> {
+        let conn = self.live_connection().await?;
         request_on(&conn, msg, self.inner.config.request_timeout).await
     }
 
@@ -256,7 +330,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     if n == 0 {
         return Err(bad_ca("no PEM certificate in the file".into()));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(crate::transport::crypto_provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Protocol(e.to_string()))?
         .with_root_certificates(roots)
@@ -272,24 +346,20 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
         addr: config.broker.clone(),
         reason: format!("local socket: {e}"),
     };
-    let socket = crate::transport::udp_socket(bind, false).map_err(local)?;
+    let socket = quiver_transport::udp_socket(bind, false).map_err(local)?;
     let mut endpoint_config = quinn::EndpointConfig::default();
-    crate::transport::limit_datagrams(&mut endpoint_config);
+    quiver_transport::limit_datagrams(&mut endpoint_config);
     let mut endpoint =
         quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(local)?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }
 
-/// Client-side transport limits: generous windows for throughput, keep-alives so an idle
-/// consumer's connection stays open, and no unidirectional streams (the protocol uses none).
+/// Client-side transport limits: the shared settings, a generous connection window for
+/// throughput, and keep-alives so an idle consumer's connection stays open.
 fn transport_config(idle: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 * 1024 * 1024).into());
+    let mut t = quiver_transport::transport_config();
     t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
-    crate::transport::discover_mtu(&mut t);
     let idle = idle.max(Duration::from_millis(300));
     t.keep_alive_interval(Some(idle / 6));
     if let Ok(idle) = idle.try_into() {

@@ -2,9 +2,11 @@
 
 use quiver_protocol::ErrorCode;
 
-use crate::transport::{ReadError, WriteError};
+use quiver_transport::{ReadError, WriteError};
 
+/// What went wrong; new kinds may be added, so a `match` needs a wildcard arm.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The broker address could not be parsed or resolved.
     #[error("bad broker address '{addr}': {reason}")]
@@ -81,6 +83,8 @@ impl ClientError {
     }
 }
 
+// Conversions for `?` on transport calls inside this crate; hidden, not part of the API.
+#[doc(hidden)]
 impl From<ReadError> for ClientError {
     fn from(e: ReadError) -> Self {
         match e {
@@ -93,12 +97,14 @@ impl From<ReadError> for ClientError {
     }
 }
 
+#[doc(hidden)]
 impl From<WriteError> for ClientError {
     fn from(e: WriteError) -> Self {
         ClientError::ConnectionLost(e.to_string())
     }
 }
 
+#[doc(hidden)]
 impl From<quinn::ConnectionError> for ClientError {
     fn from(e: quinn::ConnectionError) -> Self {
         ClientError::ConnectionLost(describe_lost(&e))

@@ -547,9 +547,13 @@ impl BatchBuilder {
         self.count += 1;
     }
 
-    /// Writes the header and CRC. Panics in debug if empty: an empty batch is a caller bug.
+    /// Writes the header and CRC.
+    ///
+    /// # Panics
+    /// If no record was pushed: an empty batch (`last_offset_delta` -1) is a caller bug, and
+    /// every caller checks `is_empty` first.
     pub fn finish(mut self) -> Bytes {
-        debug_assert!(self.count > 0, "empty batch");
+        assert!(self.count > 0, "BatchBuilder::finish on an empty batch");
         let len = self.buf.len();
         let h = &mut self.buf[..BATCH_HEADER_BYTES];
         h[0..8].copy_from_slice(&0i64.to_be_bytes());
@@ -718,6 +722,12 @@ impl Iterator for BatchSplitter {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    #[should_panic(expected = "empty batch")]
+    fn finishing_an_empty_batch_is_a_bug() {
+        BatchBuilder::new(64).finish();
+    }
 
     /// (timestamp, key, value, headers)
     type TestRecord = (i64, Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);

@@ -164,13 +164,19 @@ pub(crate) fn check_limit(
     Ok(())
 }
 
-/// Writers matching `Reader`. Lengths are the caller's responsibility to keep within limits;
-/// encoders in this crate check them and return `EncodeError`.
+/// Writers matching `Reader`. Keeping fields within their limits is the encoder's job
+/// (`Message::encode` validates names before and truncates free text); the writers below only
+/// guarantee that a length prefix always matches the bytes after it.
 pub trait WriteExt: BufMut {
+    /// A u16 length and the UTF-8 bytes. A string longer than `u16::MAX` bytes is cut at the
+    /// last character boundary within it, so the frame stays well formed.
     fn put_string(&mut self, s: &str) {
-        debug_assert!(s.len() <= u16::MAX as usize);
-        self.put_u16_le(s.len() as u16);
-        self.put_slice(s.as_bytes());
+        let mut len = s.len().min(u16::MAX as usize);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        self.put_u16_le(len as u16);
+        self.put_slice(&s.as_bytes()[..len]);
     }
     fn put_bytes_field(&mut self, b: &[u8]) {
         self.put_u32_le(b.len() as u32);
@@ -183,3 +189,23 @@ pub trait WriteExt: BufMut {
 
 impl WriteExt for BytesMut {}
 impl WriteExt for Vec<u8> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A string past the u16 length prefix is cut at a character boundary, never written with
+    /// a wrapped length that would misframe everything after it.
+    #[test]
+    fn an_overlong_string_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(40_000); // 80,000 bytes
+        let mut buf = BytesMut::new();
+        buf.put_string(&long);
+        buf.put_u8(7);
+        let mut r = Reader::new(buf.freeze());
+        let s = r.string("text", u16::MAX as usize).expect("decodes");
+        assert_eq!(s.len(), 65_534);
+        assert!(long.starts_with(&s));
+        assert_eq!(r.u8().expect("the next field is intact"), 7);
+    }
+}

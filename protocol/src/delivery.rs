@@ -49,8 +49,16 @@ impl DeliveryWindow {
     }
 
     /// A delivery ending before `next_offset` was sent.
+    ///
+    /// # Panics
+    /// If `next_offset` does not move past what was delivered before: deliveries only move
+    /// forward, and a caller that breaks that would corrupt the window's accounting.
     pub fn on_delivered(&mut self, next_offset: u64, bytes: u64, messages: u64) {
-        debug_assert!(next_offset > self.delivered, "deliveries move forward");
+        assert!(
+            next_offset > self.delivered,
+            "deliveries move forward: {next_offset} after {}",
+            self.delivered
+        );
         self.delivered = next_offset;
         self.in_flight.push_back((next_offset, bytes, messages));
         self.bytes += bytes;
@@ -95,6 +103,14 @@ impl DeliveryWindow {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    #[should_panic(expected = "deliveries move forward")]
+    fn a_delivery_that_does_not_move_forward_is_a_bug() {
+        let mut w = DeliveryWindow::new(10, 1000, 100);
+        w.on_delivered(20, 60, 10);
+        w.on_delivered(20, 60, 10);
+    }
 
     #[test]
     fn window_closes_and_reopens() {

@@ -5,6 +5,7 @@
 //! Everything is kept as ranges of offsets, so a delivery of a thousand records or a run of
 //! in-order acks costs one range operation, not one per message.
 
+use crate::limits::MAX_ACKED_RANGES;
 use std::ops::Range;
 
 use rangemap::{RangeMap, RangeSet};
@@ -18,10 +19,6 @@ pub const DELIVERY_COUNT: &str = "quiver.delivery.count";
 
 /// No deadline: a pending message is handed out again only after a nack or a new session.
 pub const NO_DEADLINE: u64 = u64::MAX;
-
-/// At most this many acknowledged ranges above the floor are remembered; further acks that
-/// would add a range are dropped (those messages are delivered again: at-least-once).
-pub const MAX_ACKED_RANGES: usize = 65_536;
 
 /// Records a delivery should hand out, all with the same delivery count.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -186,7 +186,7 @@ impl BrokerProcess {
 
     /// Resident memory of the broker process, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        quiver_client::bench::rss_kib(self.pid()?)
+        quiver_broker::observability::rss_kib(self.pid()?)
     }
 
     pub fn is_running(&mut self) -> bool {

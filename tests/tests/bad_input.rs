@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_client::{Client, Producer, ProducerConfig, ProducerRecord, TopicConfig};
 use quiver_protocol::message::{Acks, Message};
 use quiver_protocol::ErrorCode;
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_transport::{write_message, FrameReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 const CONFIG: &str = "frame_timeout_ms = 1000\n";

@@ -163,7 +163,7 @@ async fn bench_reports_what_went_through() -> anyhow::Result<()> {
             assert_eq!(count(&r, &["end_to_end_latency", "samples"]), 3000, "{r}");
             assert!(count(&r, &["broker_memory", "peak_kib"]) > 0, "{r}");
             let mtu = count(&r, &["producer_path", "mtu"]);
-            assert!((1200..=u64::from(quiver_client::transport::MAX_UDP_PAYLOAD)).contains(&mtu), "{r}");
+            assert!((1200..=u64::from(quiver_protocol::limits::MAX_UDP_PAYLOAD)).contains(&mtu), "{r}");
             assert!(count(&r, &["producer_path", "sent_packets"]) > 0, "{r}");
 
             // Consume-only: the 3,000 messages the first run left.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use quiver_client::transport::MAX_UDP_PAYLOAD;
+use quiver_protocol::limits::MAX_UDP_PAYLOAD;
 use quiver_tests::{bounded, init_tracing, BrokerProcess};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_quiverd-under-test");

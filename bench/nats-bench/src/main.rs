@@ -1,7 +1,7 @@
 //! `nats-bench`: the NATS JetStream counterpart of `quiver bench`.
 //!
 //! It runs the same workload and prints the same report (the JSON of `quiver bench --json`, see
-//! `BenchReport` in `client/src/bench.rs`), so `bench/compare.sh` can put the two side by side:
+//! `BenchReport` in `cli/src/bench.rs`), so `bench/compare.sh` can put the two side by side:
 //!
 //! * one JetStream stream (file storage, one replica, limits retention) on one subject;
 //! * producers publish with `jetstream.publish`, which returns a future of the stream's PubAck;

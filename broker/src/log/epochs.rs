@@ -28,10 +28,7 @@ const ENTRY: usize = 4 + 8;
 /// The trailing crc32c of everything before it.
 const CRC: usize = 4;
 
-/// Most entries the record holds: one per leader change still in the log. A partition that
-/// changed leaders this often without retention removing the old epochs gets
-/// [`LogError::TooManyEpochs`] rather than an unbounded file.
-pub const MAX_EPOCH_ENTRIES: usize = 1 << 16;
+pub use quiver_protocol::limits::MAX_EPOCH_ENTRIES;
 
 /// One epoch and the first offset written in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +184,7 @@ impl Epochs {
 }
 
 /// Largest file a valid record can be; anything longer is refused before it is read.
-const MAX_FILE_BYTES: u64 = (HEADER + MAX_EPOCH_ENTRIES * ENTRY + CRC) as u64;
+const MAX_EPOCHS_FILE_BYTES: u64 = (HEADER + MAX_EPOCH_ENTRIES * ENTRY + CRC) as u64;
 
 /// Reads `<dir>/leader-epochs`: `Ok(None)` if there is none, `Err` (what is wrong) if it does
 /// not check out.
@@ -198,8 +195,8 @@ pub(crate) fn read(storage: &dyn Storage, dir: &Path, names: &[String]) -> Resul
     let path = dir.join(FILE);
     let f = storage.open(&path).map_err(|e| e.to_string())?;
     let len = f.len().map_err(|e| e.to_string())?;
-    if len > MAX_FILE_BYTES {
-        return Err(format!("{len} bytes, more than the {MAX_FILE_BYTES} a record can be"));
+    if len > MAX_EPOCHS_FILE_BYTES {
+        return Err(format!("{len} bytes, more than the {MAX_EPOCHS_FILE_BYTES} a record can be"));
     }
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(0, &mut buf).map_err(|e| e.to_string())?;

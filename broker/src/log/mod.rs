@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use quiver_protocol::batch::{self, BatchError, BatchHeader, Batches, ValidatedBatch, WalkError};
-use quiver_protocol::limits::MAX_BATCH_BYTES;
+use quiver_protocol::limits::MAX_READ_BYTES;
 
 use crate::storage::{Storage, StorageFile};
 use segment::{BatchAt, Segment};
@@ -53,10 +53,6 @@ pub use verify::VerifyTarget;
 
 /// Largest `segment_bytes` (one limit for topics and the log).
 pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
-
-/// Most bytes one read plan covers, unless its first batch alone is larger. Half of
-/// `MAX_FRAME_BYTES`, so a plan always fits in one `Deliver` or `FetchOk` frame.
-pub const MAX_READ_BYTES: usize = MAX_BATCH_BYTES;
 
 /// Per-partition settings (the storage part of `TopicConfig`).
 #[derive(Debug, Clone)]

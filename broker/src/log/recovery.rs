@@ -16,6 +16,8 @@ use super::epochs;
 use super::index::{OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
+use quiver_protocol::limits::MAX_QUARANTINE_BYTES;
+
 use crate::storage::Storage;
 use quiver_protocol::batch::BatchHeader;
 
@@ -151,9 +153,6 @@ pub(crate) fn report_damage(
         "damaged batches with valid data after them: corruption, not a torn write; kept in place, reads of these offsets fail"
     );
 }
-
-/// Most bytes of one damaged span copied to `quarantine/`.
-const MAX_QUARANTINE_BYTES: u64 = 64 << 20;
 
 /// Copies a damaged span to `<dir>/quarantine/<segment file>.<position>` (once: an existing
 /// copy is kept). Best effort: the bytes stay in the segment either way.

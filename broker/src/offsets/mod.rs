@@ -6,7 +6,7 @@
 //! a subscription only mark the key dirty and `flush` persists dirty keys, so acks cost no IO
 //! each. Snapshots bound the file's size.
 //!
-//! One write protocol (STYLE.md 16): append, then fsync; a failed write or fsync poisons the
+//! One write protocol (design.md §6.1): append, then fsync; a failed write or fsync poisons the
 //! store (nothing more is written or acknowledged until the broker reopens it), and the memory
 //! changes only once the write is durable. The file lives on the broker's [`Storage`], so tests
 //! crash it with the storage's crash model.
@@ -21,7 +21,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use quiver_protocol::codec::{Reader, WriteExt};
 use quiver_protocol::ledger::{AckLedger, LedgerSnapshot};
-use quiver_protocol::limits::{MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
+use quiver_protocol::limits::{
+    MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
+};
 
 use crate::storage::{Storage, StorageFile};
 
@@ -60,15 +62,6 @@ impl std::ops::DerefMut for LedgerEntry {
         &mut self.ledger
     }
 }
-
-/// Acknowledged ranges (and, separately, delivery-count ranges) kept per entry; beyond them a
-/// restart delivers again (design.md §12).
-pub const MAX_PERSISTED_RANGES: usize = 1024;
-
-/// The largest `offsets.log` the broker reads or writes. A larger file is refused at start
-/// with an error naming it; a write that would pass it is refused (and a snapshot is due long
-/// before: at half of it).
-pub const MAX_OFFSETS_FILE_BYTES: u64 = 1 << 30;
 
 const ENTRY_MAX_BYTES: usize = 2
     + MAX_STRING_BYTES

@@ -4,21 +4,20 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::batch::Batches;
 use quiver_protocol::ledger::{AckLedger, Piece};
+use quiver_protocol::limits::MAX_SETTLED_RANGES;
 use quiver_protocol::message::{deliver_head, deliver_some_head, DeliveryRange, Message, Subscribe};
 use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
 use tokio::sync::mpsc;
 
-use super::dead_letters::{Job, Written};
 use super::engine::{self, Action, ClientAck, Delivery, Ends, Engine, Persist, Settle};
 use super::{check_not_taken_over, check_owner, release, Setup};
+use crate::dead_letters::{Job, Written};
 use crate::partition::{Partition, PartitionError};
-use crate::server::BrokerState;
+use crate::state::BrokerState;
 
-/// Ranges per `Settled` frame (16 bytes each).
-const MAX_SETTLED_RANGES: usize = 65_536;
 /// Acknowledged ranges applied in one step of a subscription's loop.
 const ACK_RANGES_PER_STEP: usize = 1024;
 /// Acknowledgement steps applied before the loop delivers (or waits) again.
@@ -224,8 +223,11 @@ impl Active {
                         continue;
                     };
                     let job = Job {
-                        state: self.state.clone(),
+                        topics: self.state.topics.clone(),
+                        max_partitions_total: self.state.config.max_partitions_total,
+                        create_if_missing: target == super::default_dead_letter_topic(&p.topic),
                         target,
+                        ranges: engine::merged_ranges(&records),
                         source: p.clone(),
                         parts: parts.clone(),
                         records,

@@ -6,26 +6,23 @@
 //! By job: this file sets a subscription up (start position, group takeover, dead-letter
 //! topic) and fences it; `engine` decides what to deliver, hand out again, settle and
 //! dead-letter (sans-IO); `driver` is the tokio loop that reads the partition, writes frames,
-//! reads acks and feeds the engine; `dead_letters` writes dead letters outside the loop.
+//! reads acks and feeds the engine; `crate::dead_letters` writes dead letters outside the loop.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use quiver_client::transport::{write_message, FrameReader};
 use quiver_protocol::ledger::AckLedger;
 use quiver_protocol::message::{validate_group_name, Message, RedeliveryPolicy, StartPosition, Subscribe};
 use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
 
 use crate::offsets::{OffsetKey, SharedLedger};
 use crate::partition::{Partition, PartitionError};
-use crate::server::BrokerState;
+use crate::state::BrokerState;
 
-mod dead_letters;
 mod driver;
 mod engine;
-
-pub use dead_letters::DeadLetterWriter;
 
 /// Where a subscription stands once set up.
 struct Setup {
@@ -74,7 +71,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => None,
     };
     if let Some(g) = &sub.group {
-        state.groups.admit(g, || crate::groups::stored_groups(state))?;
+        state.groups.admit(g, || crate::groups::stored_groups(&state.offsets))?;
         state.groups.check_owner(g, &sub.topic, sub.member.as_ref(), sub.partition)?;
     }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());

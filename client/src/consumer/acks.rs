@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use quiver_protocol::ledger::{AckLedger, MAX_ACKED_RANGES};
+use quiver_protocol::ledger::AckLedger;
+use quiver_protocol::limits::MAX_ACKED_RANGES;
 use quiver_protocol::message::Message;
 use tokio::sync::Notify;
 

@@ -14,7 +14,7 @@ use super::{ConsumedMessage, ConsumerConfig};
 use crate::admin::Admin;
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
-use crate::transport::{write_message, FrameReader};
+use quiver_transport::{write_message, FrameReader};
 
 pub(super) struct PartitionConsumer {
     pub(super) client: Client,

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
-use crate::transport::{write_encoded, FrameReader};
+use quiver_transport::{write_encoded, FrameReader};
 
 mod engine;
 

@@ -18,8 +18,8 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use quiver_client::transport::{self, FrameReader};
 use quiver_protocol::message::Message;
+use quiver_transport::{self as transport, FrameReader};
 
 #[derive(Parser)]
 enum Cmd {

@@ -1,4 +1,4 @@
-//! Frames over quinn streams, shared by the client and the broker.
+//! Frames over quinn streams: [`FrameReader`] reads them, [`write_message`] writes them.
 //!
 //! `FrameReader` buffers only what one frame needs (its length is checked against
 //! `MAX_FRAME_BYTES` first) and gives a started frame `frame_timeout` to arrive completely, so
@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use quiver_protocol::frame::{decode_frame, FrameError, RawFrame};
+use quiver_protocol::limits::{MAX_FRAME_BYTES, UNBUDGETED_FRAME_BYTES};
 use quiver_protocol::message::{Encoded, Message, MessageError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -27,6 +28,7 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Reading a frame failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReadError {
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -46,10 +48,13 @@ pub type WriteError = quinn::WriteError;
 /// A frame with the memory-budget permits that cover it.
 #[derive(Debug)]
 pub struct Frame {
+    /// The frame as read: kind and payload.
     pub raw: RawFrame,
+    /// Held until the frame's memory is released (dropping returns the bytes to the budgets).
     pub permits: Vec<OwnedSemaphorePermit>,
 }
 
+/// Reads frames from one quinn receive stream; see the module documentation.
 #[derive(Debug)]
 pub struct FrameReader {
     recv: quinn::RecvStream,
@@ -62,11 +67,8 @@ pub struct FrameReader {
     deadline: Option<tokio::time::Instant>,
 }
 
-/// Frames up to this size skip the budgets: acks, hellos and subscribes must never queue
-/// behind large produce frames, and their memory is bounded by the stream limits anyway.
-pub const UNBUDGETED_FRAME_BYTES: u32 = 64 * 1024;
-
 impl FrameReader {
+    /// A reader with the default frame timeout and no budgets.
     pub fn new(recv: quinn::RecvStream) -> Self {
         FrameReader {
             recv,
@@ -78,6 +80,7 @@ impl FrameReader {
         }
     }
 
+    /// How long the rest of a frame may take once its first byte arrived.
     pub fn with_frame_timeout(mut self, t: Duration) -> Self {
         self.frame_timeout = t;
         self
@@ -137,7 +140,7 @@ impl FrameReader {
             return Ok(());
         }
         let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-        if len as usize > quiver_protocol::limits::MAX_FRAME_BYTES {
+        if len as usize > MAX_FRAME_BYTES {
             return Err(FrameError::TooLarge(len as u64).into());
         }
         if len <= UNBUDGETED_FRAME_BYTES {
@@ -172,100 +175,11 @@ pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Resul
     write_encoded(send, msg.encode()).await
 }
 
+/// Writes one encoded message: its head, then its tail (a batch) without copying it.
 pub async fn write_encoded(send: &mut quinn::SendStream, enc: Encoded) -> Result<(), WriteError> {
     if enc.tail.is_empty() {
         send.write_chunk(enc.head).await
     } else {
         send.write_all_chunks(&mut [enc.head, enc.tail]).await
-    }
-}
-
-/// The TLS crypto provider of both ends: *ring*, with the TLS 1.3 suites ordered AES-128-GCM
-/// first. rustls lists AES-256-GCM first; AES-128 runs 10 AES rounds per block instead of 14,
-/// and every byte on a QUIC connection is encrypted once and decrypted once.
-pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
-    std::sync::Arc::new(provider)
-}
-
-/// Socket buffer asked for, each way. The kernel caps it at `net.core.rmem_max` /
-/// `wmem_max` (stock kernels: about 208 KiB; it doubles what it grants for bookkeeping).
-/// 208 KiB holds only a few GRO-coalesced datagrams: a receiver that is busy for a moment
-/// drops packets, and every drop halves QUIC's congestion window.
-pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-
-/// A UDP socket bound to `addr` with large send and receive buffers, for a quinn endpoint.
-/// With `warn_if_small`, a kernel that grants much less logs a warning naming the sysctl.
-pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // Dual-stack where the address allows it, as std's bind would leave it.
-        let _ = socket.set_only_v6(false);
-    }
-    // Best effort: a smaller grant only costs throughput.
-    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES) {
-        tracing::debug!("could not enlarge the UDP receive buffer: {e}");
-    }
-    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES) {
-        tracing::debug!("could not enlarge the UDP send buffer: {e}");
-    }
-    socket.bind(&addr.into())?;
-    let granted = socket.recv_buffer_size().unwrap_or(0);
-    tracing::debug!(recv = granted, send = socket.send_buffer_size().unwrap_or(0), "UDP socket buffers");
-    if warn_if_small && granted < SOCKET_BUFFER_BYTES / 2 {
-        tracing::warn!(
-            granted,
-            "the kernel granted a small UDP receive buffer; for full throughput raise it with \
-             `sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608`"
-        );
-    }
-    Ok(socket.into())
-}
-
-/// Largest UDP payload either end accepts and MTU discovery searches up to. Connections start
-/// at 1,200 bytes (safe on any path) and probe upwards; on an ordinary 1,500-byte network they
-/// settle near 1,452, on loopback (MTU 64 KiB) at this bound. Per-packet work (header
-/// protection, AEAD setup, loss tracking, acks) is most of QUIC's cost, so bigger packets move
-/// more bytes per CPU cycle: a raw quinn stream on this machine carries 1.2 GB/s with 1,452-byte
-/// packets and 2.3–2.7 GB/s with 5,000–6,500 (BENCHMARKS.md).
-///
-/// The bound is not higher because quinn sends up to 10 packets in one GSO system call, and
-/// Linux caps a GSO send at 64 KiB: with packets above about 6,550 bytes the send fails
-/// with `EMSGSIZE` and the connection stalls (6,500 works here, 6,600 stalls).
-pub const MAX_UDP_PAYLOAD: u16 = 6000;
-
-/// Applies the datagram limits above to an endpoint configuration.
-pub fn limit_datagrams(endpoint: &mut quinn::EndpointConfig) {
-    // MAX_UDP_PAYLOAD lies within quinn's accepted range (1,200..=65,527).
-    let _ = endpoint.max_udp_payload_size(MAX_UDP_PAYLOAD);
-}
-
-/// Turns on MTU discovery up to [`MAX_UDP_PAYLOAD`] in a transport configuration.
-pub fn discover_mtu(transport: &mut quinn::TransportConfig) {
-    let mut mtud = quinn::MtuDiscoveryConfig::default();
-    mtud.upper_bound(MAX_UDP_PAYLOAD);
-    transport.mtu_discovery_config(Some(mtud));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aes_128_gcm_is_offered_first() {
-        let provider = crypto_provider();
-        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
-        assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-        // Nothing dropped: the other TLS 1.3 suites stay available to peers that prefer them.
-        assert_eq!(suites.len(), rustls::crypto::ring::default_provider().cipher_suites.len());
-    }
-
-    #[test]
-    fn datagram_bound_fits_one_gso_send() {
-        // quinn batches up to 10 packets per GSO send; Linux allows 64 KiB per send.
-        assert!(usize::from(MAX_UDP_PAYLOAD) * 10 <= 65_507);
     }
 }

@@ -18,9 +18,8 @@ use quiver_protocol::ledger::{DELIVERY_COUNT, ORIGIN_OFFSET, ORIGIN_PARTITION, O
 use quiver_protocol::{ErrorCode, TopicConfig};
 use tokio::sync::mpsc;
 
-use super::default_dead_letter_topic;
 use crate::partition::{Partition, PartitionError};
-use crate::server::BrokerState;
+use crate::topics::Topics;
 
 /// Writer tasks; a dead-letter topic's name picks one.
 const SHARDS: usize = 4;
@@ -32,15 +31,21 @@ pub(crate) type Written = (Vec<Range<u64>>, bool);
 
 /// Records of one delivery to dead-letter.
 pub(crate) struct Job {
-    pub state: Arc<BrokerState>,
+    pub topics: Arc<Topics>,
+    /// Partitions the broker may hold (a default dead-letter topic created here counts).
+    pub max_partitions_total: u32,
     /// The dead-letter topic (checked at subscribe: `<topic>.dlq` or one that existed).
     pub target: String,
+    /// Whether `target` is the source topic's default dead-letter topic, created if missing.
+    pub create_if_missing: bool,
     /// Where the records come from.
     pub source: Arc<Partition>,
     /// The batches holding them, as read.
     pub parts: Vec<Bytes>,
     /// The offsets to dead-letter, with their delivery counts.
     pub records: Vec<(Range<u64>, u32)>,
+    /// The same offsets as merged ranges, reported back with the outcome.
+    pub ranges: Vec<Range<u64>>,
     /// Where the outcome goes (the subscription; gone if it ended).
     pub done: mpsc::Sender<Written>,
 }
@@ -83,7 +88,6 @@ impl std::fmt::Debug for Job {
 
 async fn run(mut jobs: mpsc::Receiver<Job>) {
     while let Some(job) = jobs.recv().await {
-        let ranges = super::engine::merged_ranges(&job.records);
         let written = match write(&job).await {
             Ok(()) => true,
             Err(e) => {
@@ -94,7 +98,7 @@ async fn run(mut jobs: mpsc::Receiver<Job>) {
         };
         // The subscription may have ended meanwhile: its records are then handed out again by
         // the next session (and may be dead-lettered twice: at-least-once).
-        let _ = job.done.send((ranges, written)).await;
+        let _ = job.done.send((job.ranges, written)).await;
     }
 }
 
@@ -105,15 +109,15 @@ fn corrupt(e: impl std::fmt::Display) -> PartitionError {
 /// Writes the records of the job to the dead-letter topic, with headers naming their origin,
 /// and waits until they are appended there.
 async fn write(job: &Job) -> Result<(), PartitionError> {
-    let (state, name, p) = (&job.state, job.target.as_str(), &job.source);
-    let topic = match state.topics.get(name) {
+    let (topics, name, p) = (&job.topics, job.target.as_str(), &job.source);
+    let topic = match topics.get(name) {
         Ok(t) => t,
-        Err(e) if name != default_dead_letter_topic(&p.topic) => return Err(e),
+        Err(e) if !job.create_if_missing => return Err(e),
         Err(_) => {
             let config = TopicConfig::default();
-            match state.topics.create(name, 1, config, state.config.max_partitions_total).await {
+            match topics.create(name, 1, config, job.max_partitions_total).await {
                 Ok(t) => t,
-                Err(e) if e.code == ErrorCode::TopicExists => state.topics.get(name)?,
+                Err(e) if e.code == ErrorCode::TopicExists => topics.get(name)?,
                 Err(e) => return Err(e),
             }
         }

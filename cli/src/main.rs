@@ -7,12 +7,14 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{FutureExt, StreamExt};
-use quiver_client::connection::default_ca_path;
+use quiver_client::default_ca_path;
 use quiver_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
     ProducerRecord, StartPosition, TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Command-line client for the Quiver event broker")]
@@ -628,7 +630,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         a.producers > 0 || (a.topic.is_some() && a.consumers > 0),
         "--producers 0 (consume-only) needs --topic with existing messages and --consumers"
     );
-    let config = quiver_client::bench::BenchConfig {
+    let config = bench::BenchConfig {
         client,
         topic: a.topic,
         producers: a.producers,
@@ -648,7 +650,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         idle_connections: a.idle_connections,
         progress: !a.json && std::io::stderr().is_terminal(),
     };
-    let report = quiver_client::bench::run(config).await?;
+    let report = bench::run(config).await?;
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {

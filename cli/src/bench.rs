@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig};
 use serde::Serialize;
 
-use crate::{
+use quiver_client::{
     Client, ClientConfig, ClientError, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerConfig,
     ProducerRecord,
 };
@@ -88,7 +88,7 @@ pub struct Memory {
 }
 
 /// The first producer's QUIC path at the end of its run: on loopback the packet size should
-/// have reached `MAX_UDP_PAYLOAD` (transport.rs), which roughly doubles throughput over
+/// have reached `quiver_protocol::limits::MAX_UDP_PAYLOAD`, which roughly doubles throughput over
 /// Ethernet-sized packets; lost packets cost retransmissions and a smaller congestion window.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathStats {
@@ -354,14 +354,11 @@ async fn produce(
     // The run ends with the last acknowledgement, as nats-bench's does; closing the
     // connection (QUIC drains it for three probe timeouts) is not part of it.
     let finished = Instant::now();
-    let path = client.connection().await.ok().map(|c| {
-        let stats = c.stats().path;
-        PathStats {
-            mtu: stats.current_mtu,
-            sent_packets: stats.sent_packets,
-            lost_packets: stats.lost_packets,
-            black_holes_detected: stats.black_holes_detected,
-        }
+    let path = client.connection_stats().await.map(|c| PathStats {
+        mtu: c.mtu,
+        sent_packets: c.sent_packets,
+        lost_packets: c.lost_packets,
+        black_holes_detected: c.black_holes_detected,
     });
     client.close().await;
     Ok((sent, hist, finished, path))
@@ -611,8 +608,9 @@ impl MemorySampler {
     }
 }
 
-/// Resident set size of a process in KiB, from /proc.
-pub fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident set size of a process in KiB, from /proc. (The broker reads its own the same way,
+/// in `quiver_broker::observability`; the CLI does not depend on the broker.)
+fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }

@@ -1,0 +1,55 @@
+//! What every connection and background task of a broker shares ([`BrokerState`]), and the
+//! helpers the request, subscription and maintenance code use on it. The server builds the
+//! state and sits on top; nothing here depends on it.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use quiver_protocol::message::Message;
+use quiver_protocol::{ErrorCode, FrameError};
+use quiver_transport::{write_message, FrameReader, ReadError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::offsets::{OffsetKey, OffsetStore};
+use crate::topics::Topics;
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct BrokerState {
+    pub config: BrokerConfig,
+    pub topics: Arc<Topics>,
+    pub offsets: OffsetStore,
+    pub producer_ids: crate::producers::ProducerIds,
+    /// The live subscription generation for each (group, topic, partition). A newer
+    /// subscription takes the partition over; the older one's acks are then ignored.
+    pub group_owners: DashMap<OffsetKey, u64>,
+    /// Consumer-group membership.
+    pub groups: crate::groups::Groups,
+    pub next_generation: AtomicU64,
+    pub connections: AtomicUsize,
+    /// Bytes of request frames all connections may hold at once.
+    pub total_buffer: Arc<tokio::sync::Semaphore>,
+    pub shutdown: CancellationToken,
+    /// Appends dead letters for the subscriptions, outside their delivery loops.
+    pub dead_letters: crate::dead_letters::DeadLetterWriter,
+}
+
+/// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.
+pub(crate) async fn fail_stream(send: &mut quinn::SendStream, reader: &mut FrameReader, e: ReadError) {
+    let code = match &e {
+        ReadError::Frame(FrameError::TooLarge(_)) => ErrorCode::FrameTooLarge,
+        ReadError::Frame(FrameError::UnsupportedVersion(_)) => ErrorCode::UnsupportedVersion,
+        ReadError::Message(m) => m.code(),
+        _ => ErrorCode::Malformed,
+    };
+    if matches!(e, ReadError::Read(_)) {
+        return; // the peer is gone; nothing to answer
+    }
+    tracing::debug!("closing a stream: {e}");
+    metrics::counter!("quiver_protocol_errors_total").increment(1);
+    let _ = write_message(send, &Message::error(code, e.to_string())).await;
+    let _ = send.finish();
+    reader.stop(code.code() as u32);
+}
