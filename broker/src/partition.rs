@@ -434,6 +434,7 @@ impl Writer {
         let sync = self.durability == Durability::Always;
         let bytes: usize = group.iter().map(|r| r.batch.len()).sum();
         let inline = !sync && bytes < INLINE_GROUP_BYTES && multi_thread_runtime();
+        let partition = self.partition.clone();
         let work = move || {
             let now = now_ms();
             let mut results = Vec::with_capacity(group.len());
@@ -450,6 +451,11 @@ impl Writer {
             let synced = if sync { handle.sync() } else { Ok(()) };
             if sync {
                 metrics::histogram!("quiver_fsync_seconds").record(started.elapsed().as_secs_f64());
+                // On the blocking thread the sync ran on: at most once per
+                // MAX_UNCHECKPOINTED_BYTES, so a crash leaves little to CRC-scan.
+                if let Some(p) = partition.upgrade().filter(|_| synced.is_ok()) {
+                    p.checkpoint_if_behind();
+                }
             }
             if synced.is_err() {
                 // The kernel may have dropped the dirty pages: a later fsync could succeed

@@ -6,10 +6,11 @@
 
 //!
 //! Memory: each cache holds at most its per-partition limit, and all caches together at most
-//! one broker-wide [`TailBudget`] (`tail_cache_bytes_total`). A batch that does not fit in
-//! the budget after this partition evicted its own oldest batches is not cached; readers then
-//! read it from the segment file (the page cache). So the broker's tail-cache memory is
-//! bounded by one number, however many partitions are written.
+//! one broker-wide [`TailBudget`] (`tail_cache_bytes_total`). A cache that grows keeps to its
+//! fair share (the budget divided by the caches holding anything), evicting its own oldest
+//! batches; a batch that still does not fit in the budget is not cached, and readers read it
+//! from the segment file (the page cache). So the broker's tail-cache memory is bounded by one
+//! number however many partitions are written, and every written partition keeps a share.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +24,14 @@ use bytes::Bytes;
 pub struct TailBudget {
     limit: usize,
     used: AtomicUsize,
+    /// Caches of partitions being written (appended to since their last idle release): they
+    /// share `limit` fairly.
+    holders: AtomicUsize,
 }
 
 impl TailBudget {
     pub fn new(limit: usize) -> Arc<TailBudget> {
-        Arc::new(TailBudget { limit, used: AtomicUsize::new(0) })
+        Arc::new(TailBudget { limit, used: AtomicUsize::new(0), holders: AtomicUsize::new(0) })
     }
 
     /// Bytes held by all caches now.
@@ -45,6 +49,11 @@ impl TailBudget {
 
     fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// What one cache may hold when `holders` caches hold something.
+    fn share(&self, holders: usize) -> usize {
+        self.limit / holders.max(1)
     }
 }
 
@@ -71,6 +80,8 @@ pub struct TailCache {
     bytes: usize,
     max_bytes: usize,
     budget: Arc<TailBudget>,
+    /// Whether this cache counts among the budget's holders (written since its last release).
+    holding: bool,
 }
 
 impl TailCache {
@@ -87,6 +98,7 @@ impl TailCache {
             max_bytes: settings.per_partition,
             last_push: None,
             budget: settings.budget.clone(),
+            holding: false,
         }
     }
 
@@ -104,19 +116,34 @@ impl TailCache {
             self.clear();
             return;
         }
-        while self.bytes + len > self.max_bytes {
+        let holders = self.budget.holders.load(Ordering::Relaxed) + usize::from(!self.holding);
+        let limit = self.max_bytes.min(self.budget.share(holders));
+        while self.bytes > 0 && self.bytes + len > limit {
             self.pop_oldest();
         }
         while !self.budget.try_take(len) {
             if !self.pop_oldest() {
                 // Other partitions hold the budget: this batch is read from the file.
                 metrics::counter!("quiver_tail_cache_skipped_batches_total").increment(1);
+                self.set_holding(true);
                 return;
             }
         }
         self.bytes += len;
         self.batches.push_back((base, next, batch));
         self.last_push = Some(Instant::now());
+        self.set_holding(true);
+    }
+
+    /// Counts this cache among the budget's holders, or no longer.
+    fn set_holding(&mut self, holding: bool) {
+        if holding != self.holding {
+            match holding {
+                true => self.budget.holders.fetch_add(1, Ordering::Relaxed),
+                false => self.budget.holders.fetch_sub(1, Ordering::Relaxed),
+            };
+            self.holding = holding;
+        }
     }
 
     fn pop_oldest(&mut self) -> bool {
@@ -152,6 +179,7 @@ impl TailCache {
         if self.last_push.is_some_and(|t| t.elapsed() >= idle) {
             self.clear();
             self.last_push = None;
+            self.set_holding(false);
         }
     }
 
@@ -184,6 +212,8 @@ impl TailCache {
 impl Drop for TailCache {
     fn drop(&mut self) {
         self.budget.give(self.bytes);
+        self.bytes = 0;
+        self.set_holding(false);
     }
 }
 
@@ -267,5 +297,31 @@ mod tests {
         c.push(0, 1, Bytes::from(vec![0u8; 10]));
         c.push(1, 2, Bytes::from(vec![0u8; 31]));
         assert!(c.read(0, 100, 100).is_none() && c.read(1, 100, 100).is_none());
+    }
+
+    #[test]
+    fn written_partitions_share_the_budget_fairly() {
+        let settings = TailCacheSettings::new(1000, 100);
+        let mut caches: Vec<TailCache> = (0..4).map(|_| TailCache::with_settings(&settings)).collect();
+        // The first cache alone may take the whole budget.
+        for i in 0..10u64 {
+            caches[0].push(i, i + 1, Bytes::from(vec![0u8; 10]));
+        }
+        assert_eq!(settings.budget.used(), 100);
+        // Three more written partitions: each gets a share, the first gives its excess back
+        // as it goes on writing.
+        for round in 0..10u64 {
+            for (c, cache) in caches.iter_mut().enumerate() {
+                let base = if c == 0 { 10 + round } else { round };
+                cache.push(base, base + 1, Bytes::from(vec![0u8; 10]));
+            }
+        }
+        for (c, cache) in caches.iter().enumerate() {
+            let held = cache.bytes;
+            assert!((10..=30).contains(&held), "cache {c} holds {held} of a 25-byte share");
+        }
+        assert!(settings.budget.used() <= 100);
+        drop(caches);
+        assert_eq!((settings.budget.used(), settings.budget.holders.load(Ordering::Relaxed)), (0, 0));
     }
 }

@@ -77,6 +77,7 @@ impl Topics {
         let trash = data_dir.join(TRASH_DIR);
         std::fs::create_dir_all(&trash).with_context(|| format!("creating {}", trash.display()))?;
         empty_trash(&trash);
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))? {
             let entry = entry?;
             let dir_name = entry.file_name().to_string_lossy().into_owned();
@@ -107,16 +108,31 @@ impl Topics {
                 }
                 continue;
             }
-            let topic = open_topic(
-                &topics.storage,
-                &root,
-                &topics.shutdown,
+            files.push(file);
+        }
+        // Every partition of every topic, several at once (recovery mostly waits for the disk).
+        let jobs: Vec<(usize, u32)> =
+            files.iter().enumerate().flat_map(|(t, f)| (0..f.partitions).map(move |p| (t, p))).collect();
+        let count = u32::try_from(jobs.len()).context("too many partitions")?;
+        let names: Vec<Arc<str>> = files.iter().map(|f| Arc::from(f.name.as_str())).collect();
+        let mut opened = parallel_map(count, OPEN_THREADS, |i| {
+            let (t, p) = jobs[i as usize];
+            let (file, name) = (&files[t], &names[t]);
+            Partition::open(
+                topics.storage.clone(),
+                root.join(&file.name).join(p.to_string()),
+                name.clone(),
+                p,
+                &file.config,
                 &topics.budgets,
-                &file.name,
-                file.partitions,
-                file.config,
-            )?;
+                topics.shutdown.clone(),
+            )
+        })?
+        .into_iter();
+        for (file, name) in files.into_iter().zip(names) {
+            let partitions: Vec<_> = opened.by_ref().take(file.partitions as usize).collect();
             tracing::info!(topic = %file.name, partitions = file.partitions, "loaded topic");
+            let topic = Arc::new(Topic { name, config: file.config, partitions });
             topics.map.insert(file.name, topic);
         }
         Ok(topics)

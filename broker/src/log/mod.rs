@@ -824,15 +824,17 @@ impl PartitionLog {
                 self.remove_segment_files(seg.base, &log)?;
             }
             self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
-            let Some(seg) = self.closed.pop() else {
+            let Some(mut seg) = self.closed.pop() else {
                 return Err(LogError::Corrupt {
                     path: self.dir.clone(),
                     position,
                     reason: "no segment to keep".into(),
                 });
             };
-            // Active again: its file stays open and leaves the closed-file bound.
+            // Active again: its file stays open and leaves the closed-file bound (a slot of its
+            // own, which a concurrent eviction of the old one cannot empty).
             self.config.closed_files.forget(seg.slot());
+            seg.detach_slot();
             self.active = seg;
         }
         // Side files of the kept segment's base stay (a producer snapshot as of its start).

@@ -199,6 +199,13 @@ impl Segment {
         &self.log
     }
 
+    /// Moves the open file (if any) to a slot of its own, so an eviction the closed-file bound
+    /// chose before this segment became active again cannot close it (truncation).
+    pub(crate) fn detach_slot(&mut self) {
+        let file = self.log.lock().take();
+        self.log = Arc::new(parking_lot::Mutex::new(file));
+    }
+
     /// Closes the log file (reopened on demand).
     pub(crate) fn release_log(&self) {
         *self.log.lock() = None;

@@ -1,6 +1,6 @@
-//! Background verification of closed segments (design.md §5.3): recovery trusts closed
-//! segments whose indexes check out and reads only their headers, so their CRCs are checked
-//! after start, slowly, outside the log's lock.
+//! Background verification (design.md §5.3): recovery trusts closed segments whose indexes
+//! check out, and the active segment below its recovery point, reading only their headers, so
+//! their CRCs are checked after start, slowly, outside the log's lock.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +28,24 @@ impl PartitionLog {
     /// for [`VerifyTarget::verify`]. One at a time, so verification opens one file at a time.
     pub fn verify_target(&self, after: Option<u64>) -> Result<Option<VerifyTarget>, LogError> {
         let i = after.map_or(0, |a| self.closed.partition_point(|s| s.base <= a));
-        let Some(seg) = self.closed.get(i) else { return Ok(None) };
+        let Some(seg) = self.closed.get(i) else {
+            // Then the active segment, up to where a completed fsync covered it.
+            let synced = self.recovery.synced();
+            let seg = &self.active;
+            if after.is_some_and(|a| a >= seg.base) || synced.segment_base != seg.base || synced.position == 0
+            {
+                return Ok(None);
+            }
+            return Ok(Some(VerifyTarget {
+                storage: self.storage.clone(),
+                dir: self.dir.clone(),
+                walker: seg.walker(Check::Crc)?,
+                log: seg.log()?,
+                base: seg.base,
+                size: synced.position.min(seg.size),
+                next_offset: synced.next_offset,
+            }));
+        };
         let log = self.open_log(seg)?;
         Ok(Some(VerifyTarget {
             storage: self.storage.clone(),
