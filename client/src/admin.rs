@@ -209,6 +209,7 @@ impl Admin {
 
 /// A member's current assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GroupAssignment {
     pub member_id: String,
     pub generation: u64,
@@ -217,6 +218,7 @@ pub struct GroupAssignment {
 
 /// What `describe_group` returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GroupDescription {
     pub topic: String,
     pub generation: u64,

@@ -15,7 +15,9 @@ pub use connection::{Client, ClientConfig, ConnectionStats};
 pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, ConsumerEvent};
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
-pub use quiver_protocol::message::{Acks, Durability, StartPosition, TopicConfig, TopicInfo};
+pub use quiver_protocol::message::{
+    Acks, Durability, MemberInfo, PartitionInfo, PartitionOffsets, StartPosition, TopicConfig, TopicInfo,
+};
 pub use quiver_transport::{default_ca_path, DEFAULT_PORT};
 
 impl Client {

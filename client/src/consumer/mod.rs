@@ -38,6 +38,7 @@ use session::PartitionConsumer;
 
 /// A consumed message. Key, value and header values share the delivered buffer (no copy).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumedMessage {
     pub topic: Arc<str>,
     pub partition: u32,

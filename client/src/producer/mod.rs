@@ -146,6 +146,7 @@ impl ProducerRecord {
 
 /// Where an acknowledged record landed. `offset` is `None` under `acks = none`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordMetadata {
     pub partition: u32,
     pub offset: Option<u64>,
