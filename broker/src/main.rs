@@ -37,6 +37,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     // Partitions hold files open (docs/design.md §5.7): take what the hard limit allows.

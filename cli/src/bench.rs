@@ -243,8 +243,13 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         broker_memory: memory,
         producer_path,
     };
-    for c in idle {
-        c.close().await;
+    // Together: each close waits for its endpoint to drain.
+    futures::future::join_all(idle.iter().map(|c| c.close())).await;
+    if config.topic.is_none() {
+        // The fresh topic was this run's own: its data goes with it (`--topic` keeps a topic).
+        if let Err(e) = admin_client.admin().delete_topic(&report.topic).await {
+            eprintln!("warning: could not delete the bench topic {}: {e}", report.topic);
+        }
     }
     admin_client.close().await;
     Ok(report)

@@ -165,7 +165,8 @@ struct TailArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Topic to use; created if missing. Default: a fresh topic per run.
+    /// Topic to use; created if missing, kept afterwards. Default: a fresh topic per run,
+    /// deleted when the run ends.
     #[arg(long)]
     topic: Option<String>,
     /// Producers; 0 with --topic reads what the topic holds (consume-only).
@@ -267,6 +268,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // One thread: a command drives one connection, whose tasks (quinn's drivers, the
     // consumer's partition tasks, the command's loop) then never wake each other across

@@ -16,8 +16,10 @@ pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, Cons
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::message::{
-    Acks, Durability, MemberInfo, PartitionInfo, PartitionOffsets, StartPosition, TopicConfig, TopicInfo,
+    Acks, Durability, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, StartPosition, TopicConfig,
+    TopicInfo,
 };
+pub use quiver_protocol::ErrorCode;
 pub use quiver_transport::{default_ca_path, DEFAULT_PORT};
 
 impl Client {

@@ -116,6 +116,7 @@ impl ProducerConfig {
 
 /// A record to send.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ProducerRecord {
     pub key: Option<Bytes>,
     pub value: Bytes,
