@@ -78,7 +78,7 @@ impl Default for BrokerConfig {
             broker_id: 0,
             tls_cert: None,
             tls_key: None,
-            max_connections: 10_000,
+            max_connections: 16_384,
             max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
             frame_timeout_ms: 30_000,

@@ -69,9 +69,23 @@ pub struct Latency {
 }
 
 /// Opens `n` connections, a few handshakes at a time, that stay idle (keep-alives only).
+/// A handshake whose packets were dropped (thousands of connections share the broker's one
+/// UDP socket, and a burst can overflow its receive buffer) waits out QUIC's doubling
+/// retransmission timers and may pass the connect timeout: it is tried again, as a client
+/// reconnecting would.
 async fn open_idle_connections(client: &ClientConfig, n: usize) -> Result<Vec<Client>, ClientError> {
     const HANDSHAKES_AT_ONCE: usize = 32;
-    futures::stream::iter((0..n).map(|_| Client::connect(client.clone())))
+    const ATTEMPTS: usize = 3;
+    let connect = || async {
+        let mut attempt = 1;
+        loop {
+            match Client::connect(client.clone()).await {
+                Err(e) if attempt < ATTEMPTS && e.is_retriable() => attempt += 1,
+                r => return r,
+            }
+        }
+    };
+    futures::stream::iter((0..n).map(|_| connect()))
         .buffer_unordered(HANDSHAKES_AT_ONCE)
         .collect::<Vec<_>>()
         .await
