@@ -67,7 +67,16 @@ impl Broker {
             );
             let offsets_storage = storage.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let started = std::time::Instant::now();
                 let topics = Topics::load(&dir, storage, token, budgets)?;
+                let all = topics.all();
+                let partitions: usize = all.iter().map(|t| t.partitions.len()).sum();
+                tracing::info!(
+                    topics = all.len(),
+                    partitions,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "recovered the partitions"
+                );
                 let offsets = OffsetStore::open(offsets_storage, &dir.join("offsets"))?;
                 offsets.cut_to_logs_blocking(|t, p| {
                     Some(topics.get(t).ok()?.partition(p).ok()?.high_watermark())
