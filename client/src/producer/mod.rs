@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -63,6 +63,11 @@ pub struct ProducerConfig {
     /// and every later batch of the partition would then be refused as a sequence gap, unseen
     /// (Kafka likewise requires acknowledgements for idempotence).
     pub idempotent: bool,
+    /// Records with neither key nor partition stay on one partition for this many bytes, then
+    /// move to the next (Kafka's sticky partitioner, KIP-480 and KIP-794), so a producer over
+    /// many partitions still sends full batches; the batch it leaves is sent at once. 0 sends
+    /// each such record to the next partition in turn.
+    pub sticky_partition_bytes: usize,
 }
 
 impl Default for ProducerConfig {
@@ -75,6 +80,7 @@ impl Default for ProducerConfig {
             buffer_bytes: 64 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(60),
             idempotent: true,
+            sticky_partition_bytes: 64 * 1024,
         }
     }
 }
@@ -110,6 +116,10 @@ impl ProducerConfig {
     }
     pub fn with_idempotent(mut self, idempotent: bool) -> Self {
         self.idempotent = idempotent;
+        self
+    }
+    pub fn with_sticky_partition_bytes(mut self, bytes: usize) -> Self {
+        self.sticky_partition_bytes = bytes;
         self
     }
 }
@@ -252,7 +262,49 @@ pub struct Producer {
 #[derive(Debug)]
 struct TopicSender {
     partitions: Vec<Arc<PartitionQueue>>,
-    next: AtomicU32,
+    /// Keyless records: the sticky partition (high 32 bits) and the bytes it has taken since
+    /// it was chosen (low 32), or with stickiness off the next partition in turn.
+    keyless: AtomicU64,
+}
+
+impl TopicSender {
+    fn new(partitions: Vec<Arc<PartitionQueue>>) -> Self {
+        // Start each producer on its own partition, as Kafka's picks a random one, so that
+        // producers started together do not all begin on partition 0.
+        let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        let first = (seed % partitions.len().max(1) as u64) << 32;
+        TopicSender { partitions, keyless: AtomicU64::new(first) }
+    }
+
+    /// The partition for a keyless record of `size` bytes, and the partition it moved away
+    /// from, if it did.
+    fn keyless(&self, size: usize, sticky_bytes: usize) -> (u32, Option<u32>) {
+        let n = self.partitions.len().max(1) as u64;
+        let mut current = self.keyless.load(Ordering::Relaxed);
+        loop {
+            let (next, chosen, left) = sticky_step(current, n, size as u64, sticky_bytes as u64);
+            match self.keyless.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return (chosen, left),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// One keyless record of `size` bytes over `n` partitions from state `current` (partition in
+/// the high 32 bits, bytes taken in the low 32): the next state, the partition chosen and the
+/// partition left behind, if any.
+fn sticky_step(current: u64, n: u64, size: u64, sticky_bytes: u64) -> (u64, u32, Option<u32>) {
+    let (p, taken) = ((current >> 32) % n, current & 0xffff_ffff);
+    let size = size.min(u32::MAX as u64);
+    if sticky_bytes == 0 {
+        return (((p + 1) % n) << 32, p as u32, None);
+    }
+    if taken > 0 && taken + size > sticky_bytes {
+        let q = (p + 1) % n;
+        return ((q << 32) | size, q as u32, (q != p).then_some(p as u32));
+    }
+    ((p << 32) | (taken + size).min(u32::MAX as u64), p as u32, None)
 }
 
 /// One partition's engine (its accumulator, in-flight window and sequence state), shared by
@@ -317,7 +369,16 @@ impl Producer {
                 return Err(ClientError::Protocol(format!("topic '{topic}' has no partition {p}")))
             }
             (None, Some(key)) => (murmur2(key) & 0x7fff_ffff) % n,
-            (None, None) => sender.next.fetch_add(1, Ordering::Relaxed) % n,
+            (None, None) => {
+                let (partition, left) = sender.keyless(size, self.config.sticky_partition_bytes);
+                if let Some(left) = left {
+                    // The batch just left will not grow for a while: send it now.
+                    let queue = &sender.partitions[left as usize];
+                    queue.state.lock().engine.flush();
+                    queue.wake.notify_one();
+                }
+                partition
+            }
         };
         // Buffer space is counted in bytes and given back when the record's batch completes.
         self.buffer.acquire_many(size as u32).await.map_err(|_| ClientError::Closed)?.forget();
@@ -431,7 +492,7 @@ impl Producer {
                 queue
             })
             .collect();
-        let sender = Arc::new(TopicSender { partitions, next: AtomicU32::new(0) });
+        let sender = Arc::new(TopicSender::new(partitions));
         topics.insert(topic.to_string(), sender.clone());
         Ok(sender)
     }
@@ -673,5 +734,48 @@ mod tests {
         assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
         assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
         assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+}
+
+#[cfg(test)]
+mod sticky_tests {
+    use super::sticky_step;
+
+    /// Walks `records` keyless records of `size` bytes; returns the partition of each and the
+    /// partitions left behind.
+    fn walk(n: u64, size: u64, sticky: u64, records: usize) -> (Vec<u32>, Vec<u32>) {
+        let (mut state, mut chosen, mut left) = (0u64, Vec::new(), Vec::new());
+        for _ in 0..records {
+            let (next, p, l) = sticky_step(state, n, size, sticky);
+            state = next;
+            chosen.push(p);
+            left.extend(l);
+        }
+        (chosen, left)
+    }
+
+    #[test]
+    fn keyless_records_stay_on_a_partition_for_the_sticky_bytes_then_move_on() {
+        let (chosen, left) = walk(3, 100, 1000, 25);
+        // Ten records of 100 bytes fill 1000 bytes; the eleventh moves to the next partition.
+        assert_eq!(&chosen[..10], &[0; 10]);
+        assert_eq!(&chosen[10..20], &[1; 10]);
+        assert_eq!(&chosen[20..], &[2; 5]);
+        assert_eq!(left, vec![0, 1], "the batch left behind is named so it is sent at once");
+        // Round the ring and back to partition 0.
+        let (chosen, _) = walk(3, 100, 1000, 31);
+        assert_eq!(chosen[30], 0);
+    }
+
+    #[test]
+    fn zero_sticky_bytes_is_round_robin_and_big_records_go_alone() {
+        let (chosen, left) = walk(4, 10, 0, 6);
+        assert_eq!(chosen, vec![0, 1, 2, 3, 0, 1]);
+        assert!(left.is_empty());
+        let (chosen, _) = walk(4, 5000, 1000, 3);
+        assert_eq!(chosen, vec![0, 1, 2], "a record above the sticky size still takes a partition to itself");
+        let (chosen, left) = walk(1, 600, 1000, 4);
+        assert_eq!(chosen, vec![0; 4], "one partition: always it");
+        assert!(left.is_empty(), "nothing is left behind when the next partition is the same one");
     }
 }
