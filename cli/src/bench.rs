@@ -142,12 +142,10 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         None => format!("bench-{}-{}", std::process::id(), now_ns() % 1_000_000),
     };
     if config.topic.is_none() || admin_client.admin().describe_topic(&topic).await.is_err() {
-        let topic_config = TopicConfig {
-            durability: config.durability,
-            flush_interval_ms: config.flush_interval_ms,
-            segment_bytes: 1024 * 1024 * 1024,
-            ..Default::default()
-        };
+        let topic_config = TopicConfig::default()
+            .with_durability(config.durability)
+            .with_flush_interval_ms(config.flush_interval_ms)
+            .with_segment_bytes(1024 * 1024 * 1024);
         admin_client.admin().create_topic(&topic, config.partitions, topic_config).await?;
     }
     let info = admin_client.admin().describe_topic(&topic).await?;

@@ -229,7 +229,7 @@ async fn damage_in_a_closed_segment() -> anyhow::Result<()> {
         let mut broker = BrokerProcess::start(BROKER, dir.path(), None).await?;
         // About 5.8 KB per batch: 3 batches per segment, the damaged one the second of a closed
         // segment (its base is 450).
-        let config = TopicConfig { segment_bytes: 18_000, ..TopicConfig::default() };
+        let config = TopicConfig::default().with_segment_bytes(18_000);
         let (segment, position) = damaged_topic(&mut broker, "rot", config).await?;
         anyhow::ensure!(segment != "00000000000000000000.log" && position > 0, "{segment} {position}");
         check_damaged(&broker, "rot", &segment, position).await

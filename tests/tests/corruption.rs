@@ -14,7 +14,7 @@ async fn a_corrupt_closed_segment_gives_readers_a_clear_error() -> anyhow::Resul
     bounded(60, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = embedded(dir.path(), |_| {}).await?;
-        let config = TopicConfig { segment_bytes: 4096, ..TopicConfig::default() };
+        let config = TopicConfig::default().with_segment_bytes(4096);
         client.admin().create_topic("rot", 1, config).await?;
         let producer = Producer::new(client.clone(), ProducerConfig::default());
         for i in 0..40 {

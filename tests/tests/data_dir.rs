@@ -142,13 +142,13 @@ async fn segment_bytes_past_the_limit_is_refused_and_leaves_nothing_behind() -> 
         let client = broker.client().await?;
         let max = quiver_protocol::limits::MAX_SEGMENT_BYTES;
         for bad in [max + 1, u64::from(u32::MAX), 100] {
-            let config = TopicConfig { segment_bytes: bad, ..TopicConfig::default() };
+            let config = TopicConfig::default().with_segment_bytes(bad);
             let err = client.admin().create_topic("big", 1, config).await.expect_err("accepted");
             assert_eq!(err.code(), Some(ErrorCode::InvalidTopic), "{err}");
             assert!(err.to_string().contains("segment_bytes"), "{err}");
             assert!(!dir.path().join("topics").join("big").exists(), "a directory stayed behind");
         }
-        let config = TopicConfig { segment_bytes: max, ..TopicConfig::default() };
+        let config = TopicConfig::default().with_segment_bytes(max);
         client.admin().create_topic("big", 1, config).await?;
         publish(&client, "big", values("x", 10)).await?;
         assert_eq!(read_all(&client, "big", 10).await?, values("x", 10));

@@ -36,7 +36,7 @@ async fn produce_and_read_back_with(durability: Durability, expect_in_place: boo
     let (broker, client) = embedded(data.path(), |c| c.metrics_listen = Some(LOOPBACK_ANY_PORT)).await?;
     let metrics = broker.metrics_addr().ok_or_else(|| anyhow::anyhow!("metrics not served"))?;
     let before = tokio::task::spawn_blocking(move || in_place_commits(metrics)).await??;
-    client.admin().create_topic("embedded", 1, TopicConfig { durability, ..TopicConfig::default() }).await?;
+    client.admin().create_topic("embedded", 1, TopicConfig::default().with_durability(durability)).await?;
 
     let producer = Producer::new(client.clone(), ProducerConfig::default());
     let mut expected = Vec::new();

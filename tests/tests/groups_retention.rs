@@ -21,8 +21,7 @@ fn record(i: u64) -> ProducerRecord {
 /// A one-partition topic whose retention keeps about 64 KiB in 16 KiB segments, and a
 /// producer of small (4 KiB) batches, so a few thousand records make retention delete.
 async fn small_retention_topic(client: &Client, topic: &str) -> anyhow::Result<Producer> {
-    let config =
-        TopicConfig { segment_bytes: 16 * 1024, retention_bytes: Some(64 * 1024), ..Default::default() };
+    let config = TopicConfig::default().with_segment_bytes(16 * 1024).with_retention_bytes(Some(64 * 1024));
     client.admin().create_topic(topic, 1, config).await?;
     Ok(Producer::new(client.clone(), ProducerConfig::default().with_max_batch_bytes(4096)))
 }

@@ -36,7 +36,7 @@ async fn read_history(config: &str) -> anyhow::Result<()> {
         let broker = BrokerProcess::start(BIN, dir.path(), Some(config)).await?;
         let client = broker.client().await?;
         // Small segments: deliveries cross segment ends.
-        let topic = TopicConfig { segment_bytes: 4 * 1024 * 1024, ..TopicConfig::default() };
+        let topic = TopicConfig::default().with_segment_bytes(4 * 1024 * 1024);
         client.admin().create_topic("history", 1, topic).await?;
 
         let n = 12_000u64; // about 30 MB

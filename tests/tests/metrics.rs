@@ -50,7 +50,7 @@ async fn partitions_loaded_at_startup_are_counted() -> anyhow::Result<()> {
         let config = format!("metrics_listen = \"{metrics}\"\n");
         let mut broker = quiver_tests::BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
         let client = broker.client().await?;
-        let topic = TopicConfig { durability: quiver_client::Durability::Interval, ..TopicConfig::default() };
+        let topic = TopicConfig::default().with_durability(quiver_client::Durability::Interval);
         client.admin().create_topic("loaded", 1, topic).await?;
         client.close().await;
         broker.restart().await?;

@@ -15,7 +15,7 @@ async fn the_widest_topic_is_published_to_and_tailed_from_one_connection() -> an
     bounded(180, async {
         let dir = tempfile::tempdir()?;
         let (broker, client) = quiver_tests::embedded(dir.path(), |_| {}).await?;
-        let config = TopicConfig { segment_bytes: 1 << 20, ..TopicConfig::default() };
+        let config = TopicConfig::default().with_segment_bytes(1 << 20);
         client.admin().create_topic("wide", MAX_PARTITIONS, config).await?;
         // Keys spread the records over many partitions; the producer opens a stream for each.
         let values: Vec<String> = (0..2000).map(|i| format!("v-{i}")).collect();

@@ -59,7 +59,7 @@ async fn a_panicking_commit_fails_its_partition_only() -> anyhow::Result<()> {
             .await?;
     let client = client_of(&broker).await?;
     // Interval: small groups run in place where the runtime allows it.
-    let topic = TopicConfig { durability: Durability::Interval, ..TopicConfig::default() };
+    let topic = TopicConfig::default().with_durability(Durability::Interval);
     client.admin().create_topic("bug", 1, topic.clone()).await?;
     client.admin().create_topic("fine", 1, topic).await?;
     let config = ProducerConfig::default().with_delivery_timeout(Duration::from_secs(2));

@@ -13,8 +13,17 @@ pub enum Durability {
     Os,
 }
 
-/// Per-topic settings.
+/// Per-topic settings: `TopicConfig::default()` (or `new()`) and `with_*` setters; the fields
+/// can be read and set, and more will come (replicas, cleanup policy), so no struct literals
+/// outside this crate.
+///
+/// ```
+/// use quiver_protocol::message::{Durability, TopicConfig};
+/// let config = TopicConfig::new().with_durability(Durability::Interval).with_retention_bytes(Some(1 << 30));
+/// assert_eq!(config.retention_bytes, Some(1 << 30));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct TopicConfig {
     pub retention_bytes: Option<u64>,
     pub retention_ms: Option<u64>,
@@ -25,6 +34,41 @@ pub struct TopicConfig {
 }
 
 impl TopicConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Delete the oldest segments once the partition holds more than this; `None`: no limit.
+    pub fn with_retention_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.retention_bytes = bytes;
+        self
+    }
+    /// Delete segments whose newest record is older than this; `None`: kept forever.
+    pub fn with_retention_ms(mut self, ms: Option<u64>) -> Self {
+        self.retention_ms = ms;
+        self
+    }
+    /// Roll to a new segment file at this size.
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+    /// Roll to a new segment file once the active one is this old.
+    pub fn with_segment_ms(mut self, ms: u64) -> Self {
+        self.segment_ms = ms;
+        self
+    }
+    /// When appends are fsynced, and so when they are acknowledged.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+    /// The fsync period with `Durability::Interval`.
+    pub fn with_flush_interval_ms(mut self, ms: u32) -> Self {
+        self.flush_interval_ms = ms;
+        self
+    }
+
     /// Checks every setting against its named limit (docs/design.md §2); the broker refuses a
     /// topic whose config fails this, before anything is created.
     pub fn validate(&self) -> Result<(), String> {
