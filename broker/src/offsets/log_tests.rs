@@ -390,3 +390,19 @@ fn garbage_records_never_panic() {
     assert!(decode_value(Bytes::from(vec![1u8; records::VALUE_MAX_BYTES + 1])).is_err());
     assert!(decode_key(Bytes::from(vec![1u8; records::KEY_MAX_BYTES + 1])).is_err());
 }
+
+/// The migration on real files: a data directory written by an older version opens with its
+/// ledgers, and the old file is gone.
+#[test]
+fn an_old_data_directory_on_disk_migrates() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (bytes, expected) = old_file();
+    std::fs::write(dir.path().join(legacy::FILE_NAME), &bytes)?;
+    let storage: Arc<dyn Storage> = Arc::new(crate::storage::FsStorage::new());
+    let s = OffsetStore::open(storage.clone(), dir.path())?;
+    assert_eq!(snapshots(&s), expected);
+    assert!(!dir.path().join(legacy::FILE_NAME).exists());
+    drop(s);
+    assert_eq!(snapshots(&OffsetStore::open(storage, dir.path())?), expected);
+    Ok(())
+}
