@@ -123,9 +123,10 @@ pub const MAX_SETTLED_RANGES: usize = 65_536;
 /// Acknowledged ranges (and, separately, delivery-count ranges) persisted per offsets entry;
 /// beyond them a restart delivers again (design.md §12).
 pub const MAX_PERSISTED_RANGES: usize = 1024;
-/// The largest `offsets.log` the broker reads or writes. A larger file is refused at start
-/// with an error naming it; a write that would pass it is refused (and a snapshot is due long
-/// before: at half of it).
+/// The most the offsets log holds after a commit or flush (a compaction is due long before: at
+/// half of it); a compaction's snapshot may go on top until the old segments are deleted, so a
+/// log over twice this is refused at start with an error naming it. Also the largest
+/// old-format `offsets.log` migrated at start.
 pub const MAX_OFFSETS_FILE_BYTES: u64 = 1 << 30;
 
 // ---- QUIC and sockets -----------------------------------------------------------------------

@@ -1056,20 +1056,67 @@ impl PartitionLog {
         }
         if !report.deleted_bases.is_empty() {
             self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
-            // Epochs wholly before the new start go (best effort: reconciled at open anyway).
-            let mut next = self.epochs.clone();
-            if next.truncate_from_start(self.log_start_offset()) {
-                match epochs::write(&*self.storage, &self.dir, &next) {
-                    Ok(()) => self.epochs = next,
-                    Err(err) => {
-                        tracing::warn!(%err, "could not rewrite the leader-epoch record after retention")
-                    }
-                }
-            }
-            tracing::info!(dir = %self.dir.display(), segments = ?report.deleted_bases, "retention deleted segments");
+            self.after_deletion(&report);
         }
         report.log_start_offset = self.log_start_offset();
         Ok(report)
+    }
+
+    /// Seals the active segment and starts a new one at the next offset, as a full one would
+    /// be (same crash safety: the old segment and the directory are synced first). Does
+    /// nothing to an empty active segment; returns whether it rolled. A log compacted by
+    /// rewriting its live records (the offsets store, §5.4) rolls first, so that everything
+    /// before the rewrite lies in whole segments [`delete_segments_below`] can drop.
+    ///
+    /// [`delete_segments_below`]: Self::delete_segments_below
+    pub fn roll_now(&mut self) -> Result<bool, LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        if self.active.size == 0 {
+            return Ok(false);
+        }
+        self.roll(None)?;
+        Ok(true)
+    }
+
+    /// Deletes the closed segments that lie wholly below `offset`, oldest first, never the
+    /// active one: Kafka's log start offset moved up by compaction. Each deletion is made
+    /// durable (directory fsync) before the next, so a crash leaves the log a suffix of
+    /// itself, contiguous, and never a gap.
+    pub fn delete_segments_below(&mut self, offset: u64) -> Result<RetentionReport, LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let mut report = RetentionReport::default();
+        while let Some(oldest) = self.closed.first().filter(|s| s.next_offset <= offset) {
+            let (base, size) = (oldest.base, oldest.size);
+            self.delete_oldest()?;
+            self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
+            report.deleted_bases.push(base);
+            report.bytes_deleted += size;
+        }
+        self.after_deletion(&report);
+        report.log_start_offset = self.log_start_offset();
+        Ok(report)
+    }
+
+    /// After segments were deleted from the start: drops the epochs wholly before the new
+    /// start (best effort: reconciled at open anyway).
+    fn after_deletion(&mut self, report: &RetentionReport) {
+        if report.deleted_bases.is_empty() {
+            return;
+        }
+        let mut next = self.epochs.clone();
+        if next.truncate_from_start(self.log_start_offset()) {
+            match epochs::write(&*self.storage, &self.dir, &next) {
+                Ok(()) => self.epochs = next,
+                Err(err) => {
+                    tracing::warn!(%err, "could not rewrite the leader-epoch record after deleting segments")
+                }
+            }
+        }
+        tracing::info!(dir = %self.dir.display(), segments = ?report.deleted_bases, "deleted old segments");
     }
 
     /// Base offsets of the side files `<base>.<ext>` in the partition directory, ascending.

@@ -729,6 +729,44 @@ fn foreign_files_orphans_and_an_empty_last_segment() -> TestResult {
     check_reads(&log, &model)
 }
 
+/// `roll_now` starts a segment at the next offset (not for an empty one), and
+/// `delete_segments_below` drops exactly the closed segments wholly below an offset, durably:
+/// a crash afterwards reopens the log at the new start.
+#[test]
+fn roll_now_and_delete_segments_below() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let (mut log, _) = open(&storage, dir, &config(1 << 20))?;
+    append_n(&mut log, 5, |_| 0)?;
+    assert!(log.roll_now()?);
+    assert!(!log.roll_now()?, "an empty active segment is not rolled");
+    let second_base = log.next_offset();
+    append_n(&mut log, 5, |_| 0)?;
+    assert!(log.roll_now()?);
+    let third_base = log.next_offset();
+    let third = append_n(&mut log, 3, |_| 0)?;
+    log.sync()?;
+    assert_eq!(bases(&*storage, dir)?, vec![0, second_base, third_base]);
+    // Inside the second segment: only the first goes.
+    let report = log.delete_segments_below(second_base + 1)?;
+    assert_eq!(report.deleted_bases, vec![0]);
+    assert_eq!(log.log_start_offset(), second_base);
+    // Past the log end: every closed segment goes, never the active one.
+    let report = log.delete_segments_below(u64::MAX)?;
+    assert_eq!((report.deleted_bases, report.log_start_offset), (vec![second_base], third_base));
+    check_reads(&log, &third)?;
+    drop(log);
+    mem.crash();
+    let (log, _) = open(&storage, dir, &config(1 << 20))?;
+    assert_eq!((log.log_start_offset(), log.next_offset()), (third_base, third_base + count_all(&third)));
+    check_reads(&log, &third)?;
+    Ok(())
+}
+
+fn count_all(batches: &[Bytes]) -> u64 {
+    batches.iter().map(|b| count(b)).sum()
+}
+
 #[test]
 fn retention_by_bytes() -> TestResult {
     let (_, storage) = mem();

@@ -1,15 +1,22 @@
 //! Committed offsets and acknowledgements of consumer groups (docs/design.md §5.4, §12).
 //!
 //! Each (group, topic, partition) has an `AckLedger`: the ack floor (the committed offset),
-//! acknowledged ranges above it and delivery counts. The file is append-only, of CRC-framed
-//! entries; the last entry for a key wins. `commit` returns after the entry is fsynced; acks on
-//! a subscription only mark the key dirty and `flush` persists dirty keys, so acks cost no IO
-//! each. Snapshots bound the file's size.
+//! acknowledged ranges above it and delivery counts. The store keeps them as records in a
+//! partition log of its own, `<dir>/0` (the broker's segment log, Kafka v2 record batches), as
+//! Kafka keeps `__consumer_offsets`: the record key names the ledger, the value is its snapshot,
+//! an empty value deletes the key, and reading the log from its start the last record of a key
+//! wins. So the group state is a partition like any other, which issue 18 replicates as it
+//! replicates topics. `commit` returns after its batch is fsynced; acks on a subscription only
+//! mark the key dirty and `flush` persists dirty keys in one batch, so acks cost no IO each.
+//! Compaction appends every live ledger again and drops the segments wholly below it.
 //!
 //! One write protocol (design.md §6.1): append, then fsync; a failed write or fsync poisons the
 //! store (nothing more is written or acknowledged until the broker reopens it), and the memory
-//! changes only once the write is durable. The file lives on the broker's [`Storage`], so tests
+//! changes only once the write is durable. The log lives on the broker's [`Storage`], so tests
 //! crash it with the storage's crash model.
+
+mod legacy;
+mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -17,15 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
-use quiver_protocol::codec::{Reader, WriteExt};
-use quiver_protocol::ledger::{AckLedger, LedgerSnapshot};
-use quiver_protocol::limits::{
-    MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
-};
+use quiver_protocol::batch::{ValidatedBatch, BATCH_HEADER_BYTES};
+use quiver_protocol::ledger::AckLedger;
+use quiver_protocol::limits::{MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES};
 
-use crate::storage::{Storage, StorageFile};
+use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::storage::Storage;
+use records::{WriteBuilder, LEADER_EPOCH};
 
 /// (group, topic, partition).
 pub type OffsetKey = (Arc<str>, Arc<str>, u32);
@@ -63,49 +69,55 @@ impl std::ops::DerefMut for LedgerEntry {
     }
 }
 
-const ENTRY_MAX_BYTES: usize = 2
-    + MAX_STRING_BYTES
-    + 2
-    + MAX_TOPIC_NAME_BYTES
-    + 4
-    + 8
-    + 4
-    + 16 * MAX_PERSISTED_RANGES
-    + 4
-    + 20 * MAX_PERSISTED_RANGES
-    + 8
-    + 4
-    + 16 * MAX_PERSISTED_RANGES;
+/// Compaction is due once the log holds this much and 4 times the live records (or more than
+/// half its limit and twice the live records).
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
-/// Bytes read from the file at a time at open.
-const READ_CHUNK_BYTES: usize = 1024 * 1024;
-const FILE_NAME: &str = "offsets.log";
-const TMP_NAME: &str = "offsets.log.tmp";
+/// The log's directory in the store's: partition 0 of the internal offsets topic.
+pub const LOG_DIR: &str = "0";
+/// Segment size of the offsets log (at most the store's limit, which tests make small).
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
     #[error("offsets store {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-    /// The file is (or would become) larger than [`MAX_OFFSETS_FILE_BYTES`].
+    /// The log is (or would become) larger than its limit (see [`MAX_OFFSETS_FILE_BYTES`]).
     #[error("offsets store {}: {bytes} bytes is more than the limit of {limit} bytes", path.display())]
     TooLarge { path: PathBuf, bytes: u64, limit: u64 },
     /// An earlier write or fsync failed. Linux reports a writeback error to one fsync only, so a
     /// later fsync proves nothing: nothing more is acknowledged until the broker restarts and
-    /// recovers the file from what is really on disk.
+    /// recovers the log from what is really on disk.
     #[error("offsets store {}: an earlier write or sync failed; nothing more is stored until the broker restarts", path.display())]
     Poisoned { path: PathBuf },
+    /// The log failed for another reason than IO (damage found where it cannot be stepped over).
+    #[error("offsets store {}: {source}", path.display())]
+    Log { path: PathBuf, source: LogError },
+}
+
+impl OffsetsError {
+    /// An error of the log at `path`: its IO errors as [`OffsetsError::Io`] (naming the
+    /// operation), the rest as [`OffsetsError::Log`].
+    fn from_log(path: &Path, e: LogError) -> Self {
+        match e {
+            LogError::Io { op, path, source } => {
+                OffsetsError::Io { path, source: io::Error::new(source.kind(), format!("{op}: {source}")) }
+            }
+            other => OffsetsError::Log { path: path.to_path_buf(), source: other },
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct OffsetStore {
-    storage: Arc<dyn Storage>,
-    dir: PathBuf,
+    /// The log's directory.
     path: PathBuf,
     state: Mutex<State>,
-    /// Serialises file writers (commits, flushes, snapshots); held only on blocking threads.
+    /// Serialises log writers (commits, flushes, snapshots); held only on blocking threads.
     writer: Mutex<Writer>,
-    /// [`MAX_OFFSETS_FILE_BYTES`], smaller in tests.
-    max_file_bytes: u64,
+    /// The most a commit or flush lets the log hold: [`MAX_OFFSETS_FILE_BYTES`], smaller in
+    /// tests. A compaction may add one snapshot of at most as much on top before it drops the
+    /// old segments, so the log never holds more than twice this, which is what open accepts.
+    max_log_bytes: u64,
     /// Bumped by every `mark_dirty` (under the state lock): a change marked with epoch `e` is
     /// in every flush that takes the dirty set at epoch `e` or later.
     epoch: AtomicU64,
@@ -116,7 +128,7 @@ pub struct OffsetStore {
 
 #[derive(Debug)]
 struct Writer {
-    file: Arc<dyn StorageFile>,
+    log: PartitionLog,
     /// Set when a write or fsync failed; see [`OffsetsError::Poisoned`].
     poisoned: bool,
 }
@@ -124,20 +136,29 @@ struct Writer {
 #[derive(Debug, Default)]
 struct State {
     ledgers: HashMap<OffsetKey, SharedLedger>,
-    /// Size of each key's last written entry, to tell when a snapshot pays.
+    /// Size of each key's last record, to tell when a snapshot pays.
     entry_bytes: HashMap<OffsetKey, u64>,
     dirty: HashSet<OffsetKey>,
-    file_bytes: u64,
+    /// Bytes of the log's segments.
+    log_bytes: u64,
 }
 
-/// The entries of `ledgers` as they are now, each taken out of the dirty set (its flag
-/// cleared under its lock, before its snapshot): the bytes, each entry's size, and each
+/// Milliseconds since the Unix epoch: the batches' timestamps (the time a commit was written,
+/// as Kafka's offset commits carry), and the log's segment age.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The records of `ledgers` as they are now, each taken out of the dirty set (its flag
+/// cleared under its lock, before its snapshot): the batches, each record's size, and each
 /// ledger with the horizon written.
 #[allow(clippy::type_complexity)]
 fn snapshot_entries(
     ledgers: &[(OffsetKey, SharedLedger)],
-) -> (BytesMut, Vec<(OffsetKey, u64)>, Vec<(SharedLedger, u64)>) {
-    let mut buf = BytesMut::new();
+) -> (Vec<ValidatedBatch>, Vec<(OffsetKey, u64)>, Vec<(SharedLedger, u64)>) {
+    let mut write = WriteBuilder::new(now_ms());
     let mut sizes = Vec::with_capacity(ledgers.len());
     let mut written = Vec::with_capacity(ledgers.len());
     for (key, l) in ledgers {
@@ -146,10 +167,14 @@ fn snapshot_entries(
             l.dirty = false;
             l.snapshot(MAX_PERSISTED_RANGES)
         };
-        sizes.push((key.clone(), put_entry(&mut buf, key, &snapshot)));
+        sizes.push((key.clone(), write.push(key, Some(&snapshot))));
         written.push((l.clone(), snapshot.horizon));
     }
-    (buf, sizes, written)
+    (write.finish(), sizes, written)
+}
+
+fn batches_bytes(batches: &[ValidatedBatch]) -> u64 {
+    batches.iter().map(|b| b.len() as u64).sum()
 }
 
 /// What a commit does to a ledger: move it forward, or reset it when allowed.
@@ -161,9 +186,24 @@ fn apply_commit(l: &mut AckLedger, offset: u64, reset: bool) {
     }
 }
 
+/// Bytes of the segment files (`<base:020>.log`) in `dir`, read from their lengths only.
+fn segment_bytes_on_disk(storage: &dyn Storage, dir: &Path) -> io::Result<u64> {
+    let mut bytes = 0u64;
+    for name in storage.list(dir)? {
+        let is_segment = name
+            .strip_suffix(".log")
+            .is_some_and(|stem| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()));
+        if is_segment {
+            bytes = bytes.saturating_add(storage.open(&dir.join(&name))?.len()?);
+        }
+    }
+    Ok(bytes)
+}
+
 impl OffsetStore {
-    /// Opens (or creates) `<dir>/offsets.log` on `storage`, recovering up to the first damaged
-    /// entry. Refuses a file larger than [`MAX_OFFSETS_FILE_BYTES`].
+    /// Opens (or creates) the store in `dir`: its log in `<dir>/0`, recovered as any partition
+    /// is (a torn tail is cut), after migrating an `offsets.log` of an older version into it.
+    /// Refuses a log larger than twice [`MAX_OFFSETS_FILE_BYTES`] (see `max_log_bytes`).
     pub fn open(storage: Arc<dyn Storage>, dir: &Path) -> Result<Self, OffsetsError> {
         Self::open_with_limit(storage, dir, MAX_OFFSETS_FILE_BYTES)
     }
@@ -172,47 +212,45 @@ impl OffsetStore {
     pub(crate) fn open_with_limit(
         storage: Arc<dyn Storage>,
         dir: &Path,
-        max_file_bytes: u64,
+        max_log_bytes: u64,
     ) -> Result<Self, OffsetsError> {
-        let path = dir.join(FILE_NAME);
+        let path = dir.join(LOG_DIR);
         let io_err = |source| OffsetsError::Io { path: path.clone(), source };
-        storage.create_dir_all(dir).map_err(io_err)?;
-        let names = storage.list(dir).map_err(io_err)?;
-        if names.iter().any(|n| n == TMP_NAME) {
-            // A snapshot that never replaced the file (a crash before its rename).
-            storage.remove(&dir.join(TMP_NAME)).map_err(io_err)?;
+        let log_err = |e| OffsetsError::from_log(&path, e);
+        storage.create_dir_all(&path).map_err(io_err)?;
+        // New directories (a first start, or the first since the format changed) must survive a
+        // crash before anything is acknowledged from them; the log syncs its own.
+        storage.sync_dir(dir).map_err(io_err)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            storage.sync_dir(parent).map_err(io_err)?;
         }
-        let created = !names.iter().any(|n| n == FILE_NAME);
-        let file = storage.open(&path).map_err(io_err)?;
-        if created {
-            // The new name (and the directory's, on a first start) must survive a crash
-            // before anything is acknowledged from the file.
-            storage.sync_dir(dir).map_err(io_err)?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                storage.sync_dir(parent).map_err(io_err)?;
-            }
+        let hard_limit = max_log_bytes.saturating_mul(2);
+        let bytes = segment_bytes_on_disk(&*storage, &path).map_err(io_err)?;
+        if bytes > hard_limit {
+            return Err(OffsetsError::TooLarge { path, bytes, limit: hard_limit });
         }
-        let len = file.len().map_err(io_err)?;
-        if len > max_file_bytes {
-            return Err(OffsetsError::TooLarge { path, bytes: len, limit: max_file_bytes });
+        let config =
+            LogConfig { segment_bytes: SEGMENT_BYTES.min(max_log_bytes).max(1), ..LogConfig::default() };
+        let (mut log, report) =
+            PartitionLog::open(storage.clone(), path.clone(), config, now_ms()).map_err(log_err)?;
+        if let Some(cut) = &report.truncation {
+            tracing::warn!(path = %cut.path.display(), dropped = cut.bytes_dropped, "offsets store: dropped a torn tail");
         }
-        let (entries, good) = read_entries(&*file, len).map_err(io_err)?;
-        if good < len {
-            tracing::warn!(path = %path.display(), dropped = len - good, "offsets store: dropped a damaged tail");
-            file.truncate(good).map_err(io_err)?;
-            file.sync().map_err(io_err)?;
+        // The log's one epoch is recorded now, not in the first commit's path.
+        log.begin_epoch(LEADER_EPOCH).map_err(log_err)?;
+        legacy::migrate(&*storage, dir, &mut log, max_log_bytes, hard_limit)?;
+        let live = records::read_log(&log).map_err(log_err)?;
+        let mut state = State { log_bytes: log.size_bytes(), ..Default::default() };
+        for (key, (snapshot, size)) in live {
+            state.ledgers.insert(key.clone(), Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
+            state.entry_bytes.insert(key, size);
         }
-        let mut state = State { file_bytes: good, ..Default::default() };
-        for (key, snapshot) in entries {
-            state.ledgers.insert(key, Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
-        }
+        metrics::gauge!("quiver_offsets_log_bytes").set(state.log_bytes as f64);
         Ok(OffsetStore {
-            storage,
-            dir: dir.to_path_buf(),
             path,
             state: Mutex::new(state),
-            writer: Mutex::new(Writer { file, poisoned: false }),
-            max_file_bytes,
+            writer: Mutex::new(Writer { log, poisoned: false }),
+            max_log_bytes,
             epoch: AtomicU64::new(0),
             durable_epoch: AtomicU64::new(0),
         })
@@ -344,22 +382,24 @@ impl OffsetStore {
                 }
                 None => AckLedger::new(offset).snapshot(MAX_PERSISTED_RANGES),
             };
-            let mut buf = BytesMut::new();
-            let size = put_entry(&mut buf, &key, &snapshot);
+            let mut write = WriteBuilder::new(now_ms());
+            let size = write.push(&key, Some(&snapshot));
+            let batches = write.finish();
             let restore = |e| {
                 if was_dirty {
                     self.state.lock().dirty.insert(key.clone());
                 }
                 e
             };
-            if !compacted && self.would_pass_limit(buf.len()) {
-                // Make room first, then take the snapshot again (the rewrite took the dirty set).
+            if !compacted && self.would_pass_limit(&batches) {
+                // Make room first, then take the snapshot again (the compaction took the dirty
+                // set).
                 self.state.lock().dirty.extend(was_dirty.then(|| key.clone()));
-                self.rewrite_locked(&mut w, |_| true)?;
+                self.snapshot_locked(&mut w)?;
                 compacted = true;
                 continue;
             }
-            self.append_locked(&mut w, &buf).map_err(restore)?;
+            self.append_locked(&mut w, batches, self.max_log_bytes).map_err(restore)?;
             // The same operation on the live ledger (acks may have moved it meanwhile).
             {
                 let ledger = self.ledger(&key, offset);
@@ -370,8 +410,8 @@ impl OffsetStore {
             break size;
         };
         self.state.lock().entry_bytes.insert(key, size);
-        // The commit is durable: a failed compaction only logs (the file stays as it was, or
-        // the store is poisoned and the next write reports it).
+        // The commit is durable: a failed compaction only logs (the log keeps every ledger
+        // either way, and a poisoned store reports it at the next write).
         self.compact_locked(&mut w);
         Ok(())
     }
@@ -397,8 +437,8 @@ impl OffsetStore {
         self.flush_locked(&mut w)
     }
 
-    /// The periodic flush: persists every dirty key, then compacts the file when a snapshot
-    /// is due, also when nothing was dirty (a file left large by an earlier run). Blocking.
+    /// The periodic flush: persists every dirty key, then compacts the log when a snapshot
+    /// is due, also when nothing was dirty (a log left large by an earlier run). Blocking.
     pub fn maintain_blocking(&self) -> Result<(), OffsetsError> {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
@@ -422,14 +462,14 @@ impl OffsetStore {
             (keys, ledgers, epoch)
         };
         // Snapshots outside the store's lock (a marker holds its ledger's lock, then the store's).
-        let (buf, sizes, written) = snapshot_entries(&ledgers);
-        if self.would_pass_limit(buf.len()) {
-            // A rewrite writes every key as it is now (newer than these snapshots), so it
+        let (batches, sizes, written) = snapshot_entries(&ledgers);
+        if self.would_pass_limit(&batches) {
+            // A snapshot writes every key as it is now (newer than these records), so it
             // replaces the append; it takes the dirty set itself.
             self.state.lock().dirty.extend(keys);
-            return self.rewrite_locked(w, |_| true);
+            return self.snapshot_locked(w);
         }
-        if let Err(e) = self.append_locked(w, &buf) {
+        if let Err(e) = self.append_locked(w, batches, self.max_log_bytes) {
             self.state.lock().dirty.extend(keys);
             return Err(e);
         }
@@ -456,21 +496,30 @@ impl OffsetStore {
         self.flush_locked(&mut w)
     }
 
-    /// Forgets every offset of a deleted topic, durably (by rewriting the snapshot). The
-    /// offsets are forgotten in memory only once the rewrite is durable.
+    /// Forgets every offset of a deleted topic, durably: a tombstone record (an empty value)
+    /// for each of its keys, in one batch. The offsets are forgotten in memory only once the
+    /// tombstones are durable.
     pub fn remove_topic_blocking(&self, topic: &str) -> Result<(), OffsetsError> {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
-        self.rewrite_locked(&mut w, |(_, t, _)| &**t != topic)?;
+        let mut keys: Vec<OffsetKey> =
+            self.state.lock().ledgers.keys().filter(|(_, t, _)| &**t == topic).cloned().collect();
+        keys.sort();
+        let mut write = WriteBuilder::new(now_ms());
+        for key in &keys {
+            write.push(key, None);
+        }
+        let batches = write.finish();
+        if self.would_pass_limit(&batches) {
+            // Room first; the snapshot still holds the topic's ledgers, the tombstones follow it.
+            self.snapshot_locked(&mut w)?;
+        }
+        self.append_locked(&mut w, batches, self.max_log_bytes)?;
         let mut st = self.state.lock();
         st.ledgers.retain(|(_, t, _), _| &**t != topic);
         st.entry_bytes.retain(|(_, t, _), _| &**t != topic);
         st.dirty.retain(|(_, t, _)| &**t != topic);
         Ok(())
-    }
-
-    fn io_err(&self) -> impl FnOnce(io::Error) -> OffsetsError + '_ {
-        |source| OffsetsError::Io { path: self.path.clone(), source }
     }
 
     fn check_usable(&self, w: &Writer) -> Result<(), OffsetsError> {
@@ -480,34 +529,56 @@ impl OffsetStore {
         }
     }
 
-    fn poison(&self, w: &mut Writer, e: &io::Error) {
+    /// Poisons the store after a failed log operation; returns the error.
+    fn log_failed(&self, w: &mut Writer, e: LogError) -> OffsetsError {
+        let e = OffsetsError::from_log(&self.path, e);
         w.poisoned = true;
         metrics::gauge!("quiver_offsets_store_poisoned").set(1.0);
         tracing::error!(path = %self.path.display(), "offsets store: a write or sync failed ({e}); no offsets are stored or acknowledged until the broker restarts");
+        e
     }
 
-    /// Whether appending `len` bytes would take the file past its limit.
-    fn would_pass_limit(&self, len: usize) -> bool {
-        self.state.lock().file_bytes + len as u64 > self.max_file_bytes
+    /// Whether appending `batches` would take the log past its limit.
+    fn would_pass_limit(&self, batches: &[ValidatedBatch]) -> bool {
+        self.state.lock().log_bytes + batches_bytes(batches) > self.max_log_bytes
     }
 
-    fn too_large(&self, bytes: u64) -> OffsetsError {
-        OffsetsError::TooLarge { path: self.path.clone(), bytes, limit: self.max_file_bytes }
+    fn too_large(&self, bytes: u64, limit: u64) -> OffsetsError {
+        OffsetsError::TooLarge { path: self.path.clone(), bytes, limit }
     }
 
-    /// Appends and fsyncs `buf`; the store is poisoned if either fails.
-    fn append_locked(&self, w: &mut Writer, buf: &[u8]) -> Result<(), OffsetsError> {
-        let file_bytes = self.state.lock().file_bytes;
-        let bytes = file_bytes + buf.len() as u64;
-        if bytes > self.max_file_bytes {
-            return Err(self.too_large(bytes));
+    /// Appends `batches` and fsyncs the log, refusing to take it past `limit`; the store is
+    /// poisoned if a write or the fsync fails.
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        batches: Vec<ValidatedBatch>,
+        limit: u64,
+    ) -> Result<(), OffsetsError> {
+        if batches.is_empty() {
+            return Ok(());
         }
-        if let Err(e) = w.file.append(buf).and_then(|()| w.file.sync()) {
-            self.poison(w, &e);
-            return Err(self.io_err()(e));
+        let bytes = w.log.size_bytes() + batches_bytes(&batches);
+        if bytes > limit {
+            return Err(self.too_large(bytes, limit));
         }
-        self.state.lock().file_bytes = bytes;
+        let now = now_ms();
+        for mut batch in batches {
+            if let Err(e) = w.log.append(&mut batch, LEADER_EPOCH, now) {
+                return Err(self.log_failed(w, e));
+            }
+        }
+        if let Err(e) = w.log.sync() {
+            return Err(self.log_failed(w, e));
+        }
+        self.set_log_bytes(w);
         Ok(())
+    }
+
+    fn set_log_bytes(&self, w: &Writer) {
+        let bytes = w.log.size_bytes();
+        self.state.lock().log_bytes = bytes;
+        metrics::gauge!("quiver_offsets_log_bytes").set(bytes as f64);
     }
 
     /// Compacts when a snapshot is due, after a durable write: a failure is logged, not
@@ -521,192 +592,81 @@ impl OffsetStore {
     fn maybe_snapshot_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         let (bytes, live) = {
             let st = self.state.lock();
-            (st.file_bytes, st.entry_bytes.values().sum::<u64>())
+            (st.log_bytes, st.entry_bytes.values().sum::<u64>() + BATCH_HEADER_BYTES as u64)
         };
         let due = (bytes >= SNAPSHOT_MIN_BYTES && bytes > 4 * live)
-            || (bytes > self.max_file_bytes / 2 && bytes > 2 * live);
+            || (bytes > self.max_log_bytes / 2 && bytes > 2 * live);
         if due {
-            self.rewrite_locked(w, |_| true)?;
+            self.snapshot_locked(w)?;
         }
         Ok(())
     }
 
-    /// Rewrites the file with one entry per live key that `keep` keeps: tmp, fsync, rename,
-    /// fsync the directory. A failure before the rename leaves the file as it was; from the
-    /// rename on, it poisons the store.
-    fn rewrite_locked(&self, w: &mut Writer, keep: impl Fn(&OffsetKey) -> bool) -> Result<(), OffsetsError> {
+    /// Compacts the log (design.md §5.4), a simple form of Kafka's log compaction:
+    ///
+    /// 1. rolls, so everything written before lies in whole segments;
+    /// 2. appends every live ledger as it is now (the snapshot) and fsyncs it;
+    /// 3. deletes the segments wholly below the snapshot, oldest first, each durably.
+    ///
+    /// A crash at any step leaves a log that reads (from its start, the last record of a key
+    /// winning) as the same ledgers: a partial snapshot only repeats them; segments go only
+    /// once the whole snapshot is durable, and oldest first, so a tombstone never outlives
+    /// less than what it deletes. A failure poisons the store (the log may hold part of the
+    /// snapshot); one before anything is written (too large) leaves the store as it was.
+    fn snapshot_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         // Every key is written, so none stays dirty (taken before the snapshots, see commit).
         let (ledgers, dirty, epoch) = {
             let mut st = self.state.lock();
             let epoch = self.epoch.load(SeqCst);
             let dirty = std::mem::take(&mut st.dirty);
             let ledgers: Vec<(OffsetKey, SharedLedger)> =
-                st.ledgers.iter().filter(|(k, _)| keep(k)).map(|(k, l)| (k.clone(), l.clone())).collect();
+                st.ledgers.iter().map(|(k, l)| (k.clone(), l.clone())).collect();
             (ledgers, dirty, epoch)
         };
-        let (buf, sizes, written) = snapshot_entries(&ledgers);
-        let sizes: HashMap<OffsetKey, u64> = sizes.into_iter().collect();
+        let (batches, sizes, written) = snapshot_entries(&ledgers);
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
             e
         };
-        if buf.len() as u64 > self.max_file_bytes {
-            return Err(restore_dirty(self.too_large(buf.len() as u64)));
+        let bytes = batches_bytes(&batches);
+        if bytes > self.max_log_bytes {
+            return Err(restore_dirty(self.too_large(bytes, self.max_log_bytes)));
         }
-        let tmp = self.dir.join(TMP_NAME);
-        if let Err(e) = self.write_new_file(&tmp, &buf) {
-            let _ = self.storage.remove(&tmp);
-            return Err(restore_dirty(self.io_err()(e)));
+        let before = w.log.size_bytes();
+        if let Err(e) = w.log.roll_now() {
+            return Err(restore_dirty(self.log_failed(w, e)));
         }
-        let renamed = self
-            .storage
-            .rename(&tmp, &self.path)
-            .and_then(|()| self.storage.sync_dir(&self.dir))
-            .and_then(|()| self.storage.open(&self.path));
-        match renamed {
-            Ok(file) => w.file = file,
-            Err(e) => {
-                self.poison(w, &e);
-                return Err(restore_dirty(self.io_err()(e)));
-            }
-        }
-        {
-            let mut st = self.state.lock();
-            st.file_bytes = buf.len() as u64;
-            st.entry_bytes = sizes;
-        }
+        let start = w.log.next_offset();
+        self.append_locked(w, batches, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
+        self.state.lock().entry_bytes = sizes.into_iter().collect();
         persisted(written);
         self.durable_epoch.fetch_max(epoch, SeqCst);
+        let deleted = match w.log.delete_segments_below(start) {
+            Ok(report) => report,
+            Err(e) => return Err(self.log_failed(w, e)),
+        };
+        self.set_log_bytes(w);
+        metrics::counter!("quiver_offsets_compactions_total").increment(1);
+        tracing::debug!(
+            path = %self.path.display(),
+            before,
+            after = w.log.size_bytes(),
+            segments_deleted = deleted.deleted_segments(),
+            ledgers = ledgers.len(),
+            "offsets store: compacted"
+        );
         Ok(())
-    }
-
-    fn write_new_file(&self, path: &Path, buf: &[u8]) -> io::Result<()> {
-        // A leftover of an earlier failed rewrite would be appended to.
-        match self.storage.remove(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let f = self.storage.open(path)?;
-        f.append(buf)?;
-        f.sync()
     }
 }
 
-/// Tells ledgers which horizons their entries made durable.
+/// Tells ledgers which horizons their records made durable.
 fn persisted(written: Vec<(SharedLedger, u64)>) {
     for (l, horizon) in written {
         l.lock().persisted(horizon);
     }
 }
 
-/// `u32 count, count x {u64 start, u64 end}`.
-fn put_ranges(body: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
-    body.put_u32_le(ranges.len() as u32);
-    for r in ranges {
-        body.put_u64_le(r.start);
-        body.put_u64_le(r.end);
-    }
-}
-
-/// Appends one entry; returns its size.
-fn put_entry(buf: &mut BytesMut, (group, topic, partition): &OffsetKey, s: &LedgerSnapshot) -> u64 {
-    let mut body = BytesMut::new();
-    body.put_string(group);
-    body.put_string(topic);
-    body.put_u32_le(*partition);
-    body.put_u64_le(s.floor);
-    put_ranges(&mut body, &s.acked);
-    body.put_u32_le(s.counts.len() as u32);
-    for (r, c) in &s.counts {
-        body.put_u64_le(r.start);
-        body.put_u64_le(r.end);
-        body.put_u32_le(*c);
-    }
-    body.put_u64_le(s.horizon);
-    put_ranges(&mut body, &s.maybe);
-    buf.put_u32_le(body.len() as u32);
-    buf.put_u32_le(crc32c::crc32c(&body));
-    buf.put_slice(&body);
-    8 + body.len() as u64
-}
-
-/// The snapshot of an entry body after its key: the floor, then the ranges, the horizon and the
-/// maybe-delivered ranges, each absent in entries written by versions before it.
-fn get_snapshot(r: &mut Reader) -> Result<LedgerSnapshot, quiver_protocol::DecodeError> {
-    let mut s = LedgerSnapshot { floor: r.u64()?, ..Default::default() };
-    if r.remaining() > 0 {
-        s.acked = r.list("acked", 16, |r| Ok(r.u64()?..r.u64()?))?;
-        s.counts = r.list("counts", 20, |r| Ok((r.u64()?..r.u64()?, r.u32()?)))?;
-    }
-    if r.remaining() > 0 {
-        s.horizon = r.u64()?;
-    }
-    if r.remaining() > 0 {
-        s.maybe = r.list("maybe", 16, |r| Ok(r.u64()?..r.u64()?))?;
-    }
-    Ok(s)
-}
-
-/// Reads the entries of a file of `len` bytes a chunk at a time (never more than a chunk and
-/// one entry in memory), until the first damaged one; returns them and the good length.
-fn read_entries(file: &dyn StorageFile, len: u64) -> io::Result<(HashMap<OffsetKey, LedgerSnapshot>, u64)> {
-    let mut map = HashMap::new();
-    let mut unparsed: Vec<u8> = Vec::new();
-    let (mut good, mut read) = (0u64, 0u64);
-    loop {
-        let (used, damaged) = parse_entries(&unparsed, &mut map);
-        good += used as u64;
-        unparsed.drain(..used);
-        if damaged || read == len {
-            return Ok((map, good));
-        }
-        let n = (len - read).min(READ_CHUNK_BYTES as u64) as usize;
-        let old = unparsed.len();
-        unparsed.resize(old + n, 0);
-        file.read_exact_at(read, &mut unparsed[old..])?;
-        read += n as u64;
-    }
-}
-
-/// Parses the whole entries at the start of `data` into `map`; returns the bytes they take and
-/// whether parsing stopped at a damaged entry (rather than at an incomplete one).
-fn parse_entries(data: &[u8], map: &mut HashMap<OffsetKey, LedgerSnapshot>) -> (usize, bool) {
-    let mut pos = 0;
-    while data.len() - pos >= 8 {
-        let len = u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
-        let crc = u32::from_le_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
-        if len > ENTRY_MAX_BYTES {
-            return (pos, true);
-        }
-        if data.len() - pos - 8 < len {
-            return (pos, false);
-        }
-        let body = &data[pos + 8..pos + 8 + len];
-        if crc32c::crc32c(body) != crc {
-            return (pos, true);
-        }
-        let mut r = Reader::new(Bytes::copy_from_slice(body));
-        let key = (|| {
-            let g = r.string("group", MAX_STRING_BYTES)?;
-            let t = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
-            Ok::<OffsetKey, quiver_protocol::DecodeError>((Arc::from(g), Arc::from(t), r.u32()?))
-        })();
-        // An entry that is intact (the checksum holds) but not understood is skipped rather
-        // than dropping what follows; its key's older entries are void too (it replaced them).
-        match key.map(|k| (get_snapshot(&mut r), k)) {
-            Ok((Ok(s), k)) => {
-                map.insert(k, s);
-            }
-            Ok((Err(e), k)) => {
-                tracing::warn!(group = %k.0, topic = %k.1, partition = k.2, "offsets store: skipping an entry that does not decode: {e}");
-                map.remove(&k);
-            }
-            Err(e) => tracing::warn!("offsets store: skipping an entry that does not decode: {e}"),
-        }
-        pos += 8 + len;
-    }
-    (pos, false)
-}
-
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;

@@ -6,14 +6,18 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
 use quiver_protocol::ledger::{Piece, NO_DEADLINE};
 
+use super::legacy::{parse_entries, put_entry, TMP_NAME};
+use super::records::READ_CHUNK_BYTES;
 use super::*;
-use crate::storage::{FileWrapper, FsStorage, MemStorage, Wrapped};
+use crate::storage::{FileWrapper, FsStorage, MemStorage, StorageFile, Wrapped};
+use bytes::BytesMut;
+use quiver_protocol::ledger::LedgerSnapshot;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub(super) type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-const DIR: &str = "/data/offsets";
+pub(super) const DIR: &str = "/data/offsets";
 
-fn key(g: &str, t: &str, p: u32) -> OffsetKey {
+pub(super) fn key(g: &str, t: &str, p: u32) -> OffsetKey {
     (Arc::from(g), Arc::from(t), p)
 }
 
@@ -102,10 +106,10 @@ fn commits_survive_reopen_and_damaged_tail_is_dropped() -> TestResult {
         s.set_lazy(key("h", "t", 0), 9);
         s.flush_blocking()?;
     }
-    // A torn entry at the end.
-    let path = dir.path().join("offsets.log");
+    // A torn batch at the end: the first bytes of its header.
+    let path = dir.path().join(LOG_DIR).join("00000000000000000000.log");
     let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
-    f.write_all(&[20, 0, 0, 0, 1, 2])?;
+    f.write_all(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 80, 0, 0])?;
     drop(f);
     let s = OffsetStore::open(fs(), dir.path())?;
     assert_eq!(s.get(&key("g", "t", 0)), Some(7));
@@ -151,10 +155,20 @@ fn garbage_never_panics() {
     }
 }
 
+/// A log over twice the limit (what a compaction may leave at most), or an old-format file over
+/// the limit, is refused at open without being read.
 #[test]
 fn a_file_over_the_limit_is_refused_without_reading_it() -> TestResult {
     let dir = tempfile::tempdir()?;
     // Sparse: no disk space, and the store must not try to read it into memory.
+    std::fs::create_dir_all(dir.path().join(LOG_DIR))?;
+    let segment = dir.path().join(LOG_DIR).join("00000000000000000000.log");
+    std::fs::File::create(&segment)?.set_len(2 * MAX_OFFSETS_FILE_BYTES + 1)?;
+    match OffsetStore::open(fs(), dir.path()) {
+        Err(e @ OffsetsError::TooLarge { .. }) => assert!(e.to_string().contains("offsets"), "{e}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    std::fs::File::create(&segment)?.set_len(0)?;
     std::fs::File::create(dir.path().join("offsets.log"))?.set_len(MAX_OFFSETS_FILE_BYTES + 1)?;
     match OffsetStore::open(fs(), dir.path()) {
         Err(e @ OffsetsError::TooLarge { .. }) => assert!(e.to_string().contains("offsets.log"), "{e}"),
@@ -163,6 +177,7 @@ fn a_file_over_the_limit_is_refused_without_reading_it() -> TestResult {
     Ok(())
 }
 
+/// Migration reads an old-format file a chunk at a time.
 #[test]
 fn entries_across_read_chunks_are_all_read() -> TestResult {
     let storage = Arc::new(MemStorage::new());
@@ -293,30 +308,39 @@ fn a_failed_flush_leaves_its_keys_dirty() -> TestResult {
     Ok(())
 }
 
+/// A compaction whose roll cannot make the new segment's name durable poisons the store and
+/// loses nothing; after a restart the compaction and a topic's removal complete.
 #[test]
-fn a_snapshot_whose_directory_sync_fails_loses_nothing() -> TestResult {
+fn a_compaction_whose_directory_sync_fails_loses_nothing() -> TestResult {
     let faulty = Arc::new(Faulty::default());
     let dir = Path::new(DIR);
+    let (keep, gone) = (key("g", "keep", 0), key("g", "gone", 0));
     let s = OffsetStore::open(faulty.clone(), dir)?;
-    s.commit_blocking(key("g", "keep", 0), 4, false)?;
-    s.commit_blocking(key("g", "gone", 0), 6, false)?;
+    s.commit_blocking(gone.clone(), 6, false)?;
+    for i in 1..=50 {
+        s.commit_blocking(keep.clone(), i, false)?;
+    }
+    drop(s);
+    // A limit the log holds more than half of: the periodic flush compacts.
+    let full = segment_bytes_on_disk(&faulty.inner, &dir.join(LOG_DIR))?;
+    let limit = full + 200;
+    let s = OffsetStore::open_with_limit(faulty.clone(), dir, limit)?;
     faulty.fail_sync_dir.store(true, SeqCst);
-    assert!(s.remove_topic_blocking("gone").is_err());
-    // Not forgotten in memory, since that was not made durable; and poisoned.
-    assert_eq!(s.get(&key("g", "gone", 0)), Some(6));
-    assert!(matches!(s.commit_blocking(key("g", "keep", 0), 5, false), Err(OffsetsError::Poisoned { .. })));
+    assert!(s.maintain_blocking().is_err());
+    assert_eq!((s.get(&keep), s.get(&gone)), (Some(50), Some(6)));
+    assert!(matches!(s.commit_blocking(keep.clone(), 51, false), Err(OffsetsError::Poisoned { .. })));
     drop(s);
     faulty.fail_sync_dir.store(false, SeqCst);
     faulty.inner.crash();
-    let s = OffsetStore::open(faulty.clone(), dir)?;
-    assert_eq!(s.get(&key("g", "keep", 0)), Some(4));
+    let s = OffsetStore::open_with_limit(faulty.clone(), dir, limit)?;
+    assert_eq!((s.get(&keep), s.get(&gone)), (Some(50), Some(6)));
     s.remove_topic_blocking("gone")?;
+    s.maintain_blocking()?;
+    assert!(s.state.lock().log_bytes < full / 4, "not compacted");
     drop(s);
     faulty.inner.crash();
     let s = OffsetStore::open(faulty.clone(), dir)?;
-    assert_eq!(s.get(&key("g", "keep", 0)), Some(4));
-    assert_eq!(s.get(&key("g", "gone", 0)), None);
-    assert!(!faulty.inner.list(dir)?.iter().any(|n| n == TMP_NAME));
+    assert_eq!((s.get(&keep), s.get(&gone)), (Some(50), None));
     Ok(())
 }
 
@@ -451,7 +475,7 @@ fn commits_alone_never_fill_the_file() -> TestResult {
     let s = OffsetStore::open_with_limit(storage.clone(), dir, LIMIT)?;
     for i in 1..=2000u64 {
         s.commit_blocking(key("g", "t", (i % 4) as u32), i, false)?;
-        assert!(s.state.lock().file_bytes <= LIMIT);
+        assert!(s.state.lock().log_bytes <= LIMIT);
     }
     drop(s);
     storage.crash();
@@ -462,8 +486,8 @@ fn commits_alone_never_fill_the_file() -> TestResult {
     Ok(())
 }
 
-/// A file left near the limit (by an earlier run) is compacted by the periodic flush with
-/// nothing dirty, and a write that would pass the limit rewrites the file first.
+/// A log left near the limit (by an earlier run) is compacted by the periodic flush with
+/// nothing dirty, and a write that would pass the limit compacts the log first.
 #[test]
 fn a_full_file_is_compacted_not_refused() -> TestResult {
     let storage = Arc::new(MemStorage::new());
@@ -475,7 +499,7 @@ fn a_full_file_is_compacted_not_refused() -> TestResult {
             s.commit_blocking(k.clone(), i, false)?;
         }
     }
-    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    let full = segment_bytes_on_disk(&*storage, &dir.join(LOG_DIR))?;
     // A limit the next commit would pass: it compacts first.
     let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
     s.commit_blocking(k.clone(), 101, false)?;
@@ -490,10 +514,12 @@ fn a_full_file_is_compacted_not_refused() -> TestResult {
         s.commit_blocking(k.clone(), i, false)?;
     }
     drop(s);
-    let full = storage.open(&dir.join("offsets.log"))?.len()?;
+    let full = segment_bytes_on_disk(&*storage, &dir.join(LOG_DIR))?;
     let s = OffsetStore::open_with_limit(storage.clone(), dir, full + 8)?;
     s.maintain_blocking()?;
-    assert!(s.state.lock().file_bytes < full / 10, "not compacted: {} bytes", s.state.lock().file_bytes);
+    let bytes = s.state.lock().log_bytes;
+    assert!(bytes < full / 10, "not compacted: {bytes} bytes");
+    assert_eq!(bytes, segment_bytes_on_disk(&*storage, &dir.join(LOG_DIR))?);
     drop(s);
     storage.crash();
     let s = OffsetStore::open(storage, dir)?;

@@ -1,0 +1,271 @@
+//! The offsets store's records (docs/design.md §5.4): one Kafka v2 record per (group, topic,
+//! partition) ledger, in batches appended to a partition log like any other. The record key
+//! names the ledger, the value is its snapshot; an empty value is a tombstone (the key was
+//! deleted). Reading the log from its start, the last record of a key wins.
+//!
+//! Both are little-endian, as our own encodings are (the batch around them is Kafka's,
+//! big-endian), and each starts with a `u16` version, as Kafka's `__consumer_offsets` records
+//! do: the key's version says what kind of record it is (1: a ledger; issue 18 may add group
+//! metadata), the value's how its fields are laid out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quiver_protocol::batch::{self, BatchBuilder, Batches, RecordIter, ValidatedBatch};
+use quiver_protocol::codec::{Reader, WriteExt};
+use quiver_protocol::ledger::LedgerSnapshot;
+use quiver_protocol::limits::{
+    MAX_BATCH_BYTES, MAX_PERSISTED_RANGES, MAX_RECORDS_PER_BATCH, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
+};
+use quiver_protocol::DecodeError;
+
+use super::OffsetKey;
+use crate::log::{LogError, PartitionLog};
+
+/// Key version of a (group, topic, partition) ledger record.
+const LEDGER_KEY: u16 = 1;
+/// Value version: floor, acked, counts, horizon, maybe.
+const LEDGER_VALUE: u16 = 1;
+/// Largest key: version, group, topic, partition.
+pub(super) const KEY_MAX_BYTES: usize = 2 + 2 + MAX_STRING_BYTES + 2 + MAX_TOPIC_NAME_BYTES + 4;
+/// Largest value: version, floor, at most [`MAX_PERSISTED_RANGES`] ranges in each list,
+/// horizon.
+pub(super) const VALUE_MAX_BYTES: usize =
+    2 + 8 + 4 + 16 * MAX_PERSISTED_RANGES + 4 + 20 * MAX_PERSISTED_RANGES + 8 + 4 + 16 * MAX_PERSISTED_RANGES;
+/// Bytes read from the log at a time at open.
+pub(super) const READ_CHUNK_BYTES: usize = 1024 * 1024;
+/// Leader epoch stamped into every batch: one node, one epoch, until issue 18 replicates the
+/// log (its leaders then stamp theirs).
+pub(super) const LEADER_EPOCH: i32 = 0;
+
+/// `u16 version, string group, string topic, u32 partition`.
+pub(super) fn encode_key((group, topic, partition): &OffsetKey) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(2 + 2 + group.len() + 2 + topic.len() + 4);
+    buf.put_u16_le(LEDGER_KEY);
+    buf.put_string(group);
+    buf.put_string(topic);
+    buf.put_u32_le(*partition);
+    buf
+}
+
+/// `u16 version, u64 floor, ranges acked, list<{u64 start, u64 end, u32 count}> counts,
+/// u64 horizon, ranges maybe`; ranges are `u32 count, count x {u64 start, u64 end}`.
+pub(super) fn encode_value(s: &LedgerSnapshot) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(
+        2 + 8 + 8 + 4 + 16 * (s.acked.len() + s.maybe.len()) + 4 + 20 * s.counts.len() + 4,
+    );
+    buf.put_u16_le(LEDGER_VALUE);
+    buf.put_u64_le(s.floor);
+    put_ranges(&mut buf, &s.acked);
+    buf.put_u32_le(s.counts.len() as u32);
+    for (r, c) in &s.counts {
+        buf.put_u64_le(r.start);
+        buf.put_u64_le(r.end);
+        buf.put_u32_le(*c);
+    }
+    buf.put_u64_le(s.horizon);
+    put_ranges(&mut buf, &s.maybe);
+    buf
+}
+
+fn put_ranges(buf: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
+    buf.put_u32_le(ranges.len() as u32);
+    for r in ranges {
+        buf.put_u64_le(r.start);
+        buf.put_u64_le(r.end);
+    }
+}
+
+/// What a record's key names: a ledger, or a kind this version does not know (skipped).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Key {
+    Ledger(OffsetKey),
+    Unknown(u16),
+}
+
+pub(super) fn decode_key(key: Bytes) -> Result<Key, DecodeError> {
+    if key.len() > KEY_MAX_BYTES {
+        return Err(too_large("offsets key", key.len(), KEY_MAX_BYTES));
+    }
+    let mut r = Reader::new(key);
+    let version = r.u16()?;
+    if version != LEDGER_KEY {
+        return Ok(Key::Unknown(version));
+    }
+    let group = r.string("group", MAX_STRING_BYTES)?;
+    let topic = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
+    let partition = r.u32()?;
+    r.finish()?;
+    Ok(Key::Ledger((Arc::from(group), Arc::from(topic), partition)))
+}
+
+fn too_large(field: &'static str, len: usize, limit: usize) -> DecodeError {
+    DecodeError::TooLarge { field, offset: 0, value: len as u64, limit: limit as u64 }
+}
+
+/// Decodes a (non-empty) value. Fields a later version appends are ignored.
+pub(super) fn decode_value(value: Bytes) -> Result<LedgerSnapshot, DecodeError> {
+    if value.len() > VALUE_MAX_BYTES {
+        return Err(too_large("offsets value", value.len(), VALUE_MAX_BYTES));
+    }
+    let mut r = Reader::new(value);
+    let version = r.u16()?;
+    if version != LEDGER_VALUE {
+        let reason = format!("version {version} is unknown");
+        return Err(DecodeError::Invalid { field: "offsets value", offset: 0, reason });
+    }
+    let floor = r.u64()?;
+    let acked = r.list("acked", 16, |r| Ok(r.u64()?..r.u64()?))?;
+    let counts = r.list("counts", 20, |r| Ok((r.u64()?..r.u64()?, r.u32()?)))?;
+    let horizon = r.u64()?;
+    let maybe = r.list("maybe", 16, |r| Ok(r.u64()?..r.u64()?))?;
+    Ok(LedgerSnapshot { floor, acked, counts, horizon, maybe })
+}
+
+/// Builds the batches of one write: one batch, unless the records pass [`MAX_BATCH_BYTES`]
+/// (a snapshot of many ledgers), then as many as they need. The records of one write are
+/// independent (each a whole ledger), so a crash that keeps only some of the batches loses
+/// nothing that was acknowledged: the write was not.
+pub(super) struct WriteBuilder {
+    done: Vec<ValidatedBatch>,
+    current: BatchBuilder,
+    timestamp_ms: i64,
+}
+
+impl WriteBuilder {
+    pub(super) fn new(timestamp_ms: i64) -> Self {
+        WriteBuilder { done: Vec::new(), current: BatchBuilder::new(4096), timestamp_ms }
+    }
+
+    /// Adds the record of a ledger, or a tombstone; returns the record's size in the log.
+    pub(super) fn push(&mut self, key: &OffsetKey, value: Option<&LedgerSnapshot>) -> u64 {
+        let key = encode_key(key);
+        let value = value.map(encode_value).unwrap_or_default();
+        let size = BatchBuilder::record_size(Some(&key), &value, &[]);
+        let full =
+            self.current.size_bytes() + size > MAX_BATCH_BYTES || self.current.len() >= MAX_RECORDS_PER_BATCH;
+        if full && !self.current.is_empty() {
+            self.seal();
+        }
+        self.current.push(self.timestamp_ms, Some(&key), &value, &[]);
+        size as u64
+    }
+
+    fn seal(&mut self) {
+        let builder = std::mem::replace(&mut self.current, BatchBuilder::new(4096));
+        // The builder writes a valid batch (keys and values are bounded well below
+        // MAX_BATCH_BYTES); validating it again is the assertion of design.md's rule 8.
+        match ValidatedBatch::new(builder.finish()) {
+            Ok(batch) => self.done.push(batch),
+            Err(e) => unreachable!("the batch builder wrote an invalid batch: {e}"),
+        }
+    }
+
+    /// The batches, in order; none if nothing was pushed.
+    pub(super) fn finish(mut self) -> Vec<ValidatedBatch> {
+        if !self.current.is_empty() {
+            self.seal();
+        }
+        self.done
+    }
+}
+
+/// A record's size in the log, as [`WriteBuilder::push`] counts it.
+fn record_size(key: &[u8], value: &[u8]) -> u64 {
+    BatchBuilder::record_size(Some(key), value, &[]) as u64
+}
+
+/// Every live ledger in the log, with the size of its record: the log read from its start a
+/// chunk at a time, the last record of a key winning and a tombstone deleting it. A damaged
+/// span (which recovery kept: corruption, not a torn write) is logged and stepped over. An
+/// intact record that does not decode is skipped, and with it what earlier records said of its
+/// key (it replaced them).
+pub(super) fn read_log(log: &PartitionLog) -> Result<HashMap<OffsetKey, (LedgerSnapshot, u64)>, LogError> {
+    let mut map = HashMap::new();
+    let mut offset = log.log_start_offset();
+    while offset < log.next_offset() {
+        let bytes = match log.read_plan(offset, READ_CHUNK_BYTES).and_then(|plan| plan.execute()) {
+            Ok(bytes) => bytes,
+            Err(e @ LogError::Corrupt { .. }) => {
+                let resume = log.resume_after_damage(offset);
+                tracing::error!(from = offset, to = resume, "offsets store: skipping damaged records: {e}");
+                offset = resume;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let before = offset;
+        // `execute` hands out whole batches whose CRCs it checked.
+        for span in Batches::new(&bytes) {
+            let Ok(span) = span else { break };
+            offset = span.header.next_offset();
+            apply_batch(bytes.slice(span.range()), &mut map);
+        }
+        if offset == before {
+            // A read that yields no batch at an offset below the log end: the file changed.
+            return Err(LogError::Corrupt {
+                path: log.dir().to_path_buf(),
+                position: 0,
+                reason: format!("offsets store: no batch at offset {offset}"),
+            });
+        }
+    }
+    Ok(map)
+}
+
+/// Applies the records of one batch (CRC already checked) to `map`.
+pub(super) fn apply_batch(batch: Bytes, map: &mut HashMap<OffsetKey, (LedgerSnapshot, u64)>) {
+    let header = match batch::validate(&batch) {
+        Ok(header) => header,
+        Err(e) => {
+            tracing::error!("offsets store: skipping a batch that does not validate: {e}");
+            return;
+        }
+    };
+    for record in RecordIter::new(batch, header) {
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::error!("offsets store: skipping a record that does not decode: {e}");
+                break;
+            }
+        };
+        let Some(raw_key) = record.key else {
+            tracing::warn!(offset = record.offset, "offsets store: skipping a record without a key");
+            continue;
+        };
+        let size = record_size(&raw_key, &record.value);
+        let key = match decode_key(raw_key) {
+            Ok(Key::Ledger(key)) => key,
+            Ok(Key::Unknown(version)) => {
+                tracing::warn!(
+                    offset = record.offset,
+                    version,
+                    "offsets store: skipping a record of a kind this version does not know"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    offset = record.offset,
+                    "offsets store: skipping a record whose key does not decode: {e}"
+                );
+                continue;
+            }
+        };
+        if record.value.is_empty() {
+            map.remove(&key);
+            continue;
+        }
+        match decode_value(record.value) {
+            Ok(snapshot) => {
+                map.insert(key, (snapshot, size));
+            }
+            Err(e) => {
+                tracing::warn!(group = %key.0, topic = %key.1, partition = key.2, offset = record.offset, "offsets store: skipping a record that does not decode: {e}");
+                map.remove(&key);
+            }
+        }
+    }
+}
