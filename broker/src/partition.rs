@@ -30,14 +30,23 @@ use commit::CommitQueue;
 mod commit;
 
 /// A group commit of fewer than this many bytes that needs no fsync runs on the writer's own
-/// thread (`block_in_place`) instead of being handed to a blocking thread and back: the
-/// hand-off's thread wake-ups cost more than copying a few kilobytes into the page cache
-/// (one-at-a-time p50 115 -> 84 µs, p99 262 -> 210 µs on the development VM, BENCHMARKS.md).
-/// Larger groups keep the hand-off, which lets both runtime threads go on with the network
-/// while megabytes are copied. The same size as `direct_writes`' threshold, so a group run in
-/// place never waits for a direct write. (A group that rolls the segment syncs the old one in
-/// place; `block_in_place` moves the worker's other tasks to another thread meanwhile.)
+/// task, when nothing can make it wait there (see `append_in_place`), instead of being handed
+/// to a blocking thread and back: the hand-off's thread wake-ups cost more than copying a few
+/// kilobytes into the page cache, and were most of a one-at-a-time round trip. (`block_in_place`
+/// did this before, but it hands the worker's core to another thread on every call, which is
+/// the same wake-up.) Larger groups keep the hand-off, which lets both runtime threads go on
+/// with the network while megabytes are copied. The same size as `direct_writes`' threshold,
+/// so a group run in place never waits for a direct write. (A buffered write can still wait
+/// when the kernel throttles dirty pages; that happens under heavy write load, whose groups
+/// are large and go to the hand-off.)
 const INLINE_GROUP_BYTES: usize = crate::storage::DIRECT_MIN_BYTES;
+
+/// A group commit's outcome: each append's reply and result, whether the group's fsync (if
+/// any) worked, and the log end after the group.
+type CommitResult = (Vec<(Reply, Result<Appended, PartitionError>)>, Result<(), String>, u64);
+
+/// The leader epoch of every batch a single node writes (replication, issue 17, brings terms).
+const LEADER_EPOCH: i32 = 0;
 
 /// What went wrong serving a partition, with the wire code to report.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -433,7 +442,18 @@ impl Writer {
         let producers = self.producers.clone();
         let sync = self.durability == Durability::Always;
         let bytes: usize = group.iter().map(|r| r.batch.len()).sum();
-        let inline = !sync && bytes < INLINE_GROUP_BYTES && multi_thread_runtime();
+        let small = !sync && bytes < INLINE_GROUP_BYTES;
+        let group = if small {
+            match self.append_in_place(group) {
+                Ok(result) => {
+                    self.commits_in_place.increment(1);
+                    return self.finish_commit(result).await;
+                }
+                Err(group) => group,
+            }
+        } else {
+            group
+        };
         let partition = self.partition.clone();
         let work = move || {
             let now = now_ms();
@@ -463,18 +483,44 @@ impl Writer {
                 // it. (Here, not on the runtime: the log's lock can be held across disk work.)
                 log.lock().mark_failed();
             }
-            (results, synced, next)
+            (results, synced.map_err(|e| e.to_string()), next)
         };
-        let result = if inline {
-            self.commits_in_place.increment(1);
-            // As a blocking thread's panic would be, a panic here fails the group, not the
-            // writer task.
-            tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)))
-                .map_err(|payload| panic_message(payload.as_ref()))
-        } else {
-            self.commits_handed_off.increment(1);
-            tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())
-        };
+        self.commits_handed_off.increment(1);
+        let result = tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string());
+        self.finish_commit(result).await;
+    }
+
+    /// A small group without fsync, appended here on the writer's task when nothing can make
+    /// it wait: the log and producer locks are free (their holders may be doing disk work)
+    /// and the appends stay in the active segment (a roll fsyncs, a new epoch fsyncs). Then it
+    /// costs copying a few kilobytes into the page cache, less than handing the group to a
+    /// blocking thread and back, whose wake-ups are most of a one-at-a-time round trip.
+    /// Otherwise the group is given back for the hand-off.
+    fn append_in_place(
+        &mut self,
+        group: Vec<AppendRequest>,
+    ) -> Result<Result<CommitResult, String>, Vec<AppendRequest>> {
+        let now = now_ms();
+        let Some(mut log) = self.log.try_lock() else { return Err(group) };
+        if !log.appends_in_active_segment(group.iter().map(|r| r.batch.header()), LEADER_EPOCH, now) {
+            return Err(group);
+        }
+        let Some(mut producers) = self.producers.try_lock() else { return Err(group) };
+        let tail = &self.tail;
+        // As a blocking thread's panic would be, a panic here fails the group, not the writer.
+        Ok(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut results = Vec::with_capacity(group.len());
+            for req in group {
+                let r = append_one(&mut log, &mut producers, tail, req.batch, now);
+                results.push((req.reply, r));
+            }
+            (results, Ok(()), log.next_offset())
+        }))
+        .map_err(|payload| panic_message(payload.as_ref())))
+    }
+
+    /// Answers a group's appends once they are committed (or fails them).
+    async fn finish_commit(&mut self, result: Result<CommitResult, String>) {
         let (results, synced, next) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -562,13 +608,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     format!("append panicked: {text}")
 }
 
-/// Whether the current runtime can run blocking work in place (`block_in_place` panics on a
-/// current-thread runtime, which an embedding application may use).
-fn multi_thread_runtime() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-}
-
 /// Appends one batch unless it is a retry of one already written (idempotent
 /// producers), which is answered with its original offsets.
 fn append_one(
@@ -598,7 +637,7 @@ fn append_one(
     // the dedup state is never silently lost.
     let encode = || producers.encode_snapshot();
     let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
-    let info = log.append_with(&mut batch, 0, now, Some(&snapshot))?;
+    let info = log.append_with(&mut batch, LEADER_EPOCH, now, Some(&snapshot))?;
     producers.record(&header, info.base_offset);
     // The stamped bytes, frozen without a copy, serve tail readers.
     tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());

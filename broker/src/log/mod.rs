@@ -1232,6 +1232,38 @@ impl PartitionLog {
     }
 
     /// Whether `header` must go into a new segment. An empty segment always takes the batch.
+    /// Whether appending batches with these headers in `leader_epoch` at `now_ms` would only
+    /// write to the active segment and its indexes: no roll (which fsyncs and may wait for a
+    /// sync in progress), no new epoch (which fsyncs the epochs file), no poisoned log. What a
+    /// caller on an async task checks before appending there instead of on a blocking thread.
+    pub fn appends_in_active_segment<'a>(
+        &self,
+        headers: impl IntoIterator<Item = &'a BatchHeader>,
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> bool {
+        if self.is_poisoned() || self.latest_epoch() != Some(leader_epoch) {
+            return false;
+        }
+        let seg = &self.active;
+        let segment_ms = i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
+        if seg.size > 0 && seg.roll_base_ms.is_some_and(|t| now_ms.saturating_sub(t) >= segment_ms) {
+            return false;
+        }
+        let (mut size, mut next) = (seg.size, self.next_offset());
+        for header in headers {
+            let records = u64::from(header.last_offset_delta.max(0) as u32) + 1;
+            let stamped = BatchHeader { base_offset: next, ..*header };
+            let fits = size + header.total_len() as u64 <= self.config.segment_bytes;
+            if size > 0 && (!fits || BatchAt::new(seg.base, size, stamped).is_none()) {
+                return false;
+            }
+            size += header.total_len() as u64;
+            next += records;
+        }
+        true
+    }
+
     fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
         let seg = &self.active;
         if seg.size == 0 {

@@ -1152,3 +1152,29 @@ fn clean_shutdown_checkpoint_keeps_everything_below_it_after_a_torn_crash() -> T
     }
     Ok(())
 }
+
+/// What the partition writer asks before appending on its async task: a group that would roll
+/// the segment, begin an epoch or write to a poisoned log must go to a blocking thread.
+#[test]
+fn appends_in_active_segment_says_when_an_append_would_only_write_the_active_segment() -> TestResult {
+    let (_mem, storage) = mem();
+    let (mut log, _) = open(&storage, Path::new(DIR), &config(4096))?;
+    let b = batch(1, 2, 1_000);
+    assert!(
+        !log.appends_in_active_segment([b.header()], 0, 1_000),
+        "the first append begins epoch 0 (an fsync of the epochs file)"
+    );
+    log.append(&mut b.clone(), 0, 1_000)?;
+    assert!(log.appends_in_active_segment([b.header()], 0, 1_000));
+    assert!(!log.appends_in_active_segment([b.header()], 1, 1_000), "a new epoch");
+    // Fill the segment up to just below a roll; the batch that would pass it is refused.
+    let len = b.len() as u64;
+    let room = (4096 - len) / len;
+    assert!(log.appends_in_active_segment(std::iter::repeat_n(b.header(), room as usize), 0, 1_000));
+    assert!(!log.appends_in_active_segment(std::iter::repeat_n(b.header(), room as usize + 1), 0, 1_000));
+    let old = config(4096).segment_ms as i64;
+    assert!(!log.appends_in_active_segment([b.header()], 0, 1_000 + old), "a segment old enough to roll");
+    log.mark_failed();
+    assert!(!log.appends_in_active_segment([b.header()], 0, 1_000), "a poisoned log");
+    Ok(())
+}

@@ -6,7 +6,11 @@
 //! quic_pipe server --dir /tmp/pipe &                      # 2 worker threads, like quiverd
 //! quic_pipe client --ca /tmp/pipe/tls/ca.pem --gb 2       # one thread, like a bench client
 //! quic_pipe client --ca /tmp/pipe/tls/ca.pem --packet 1452  # fixed packet size, both ends
+//! quic_pipe client --ca /tmp/pipe/tls/ca.pem --ping 20000 --chunk 1100  # round trips
 //! ```
+//! `--ping N` sends N `--chunk`-byte messages one at a time on one stream, each answered with
+//! 16 bytes, and reports the round trip's p50/p99: the transport's floor under Quiver's
+//! one-at-a-time produce latency (a 1 KiB record's produce frame is about 1,100 bytes).
 //! `--packet` must be given to the server too; without it both ends discover the MTU up to
 //! `MAX_UDP_PAYLOAD`, as Quiver does.
 
@@ -45,6 +49,9 @@ enum Cmd {
         chunk: usize,
         #[arg(long)]
         packet: Option<u16>,
+        /// Round trips instead of bulk: this many messages, one at a time.
+        #[arg(long)]
+        ping: Option<u64>,
     },
 }
 
@@ -55,10 +62,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(server(dir, listen, packet)),
-        Cmd::Client { ca, connect, gb, chunk, packet } => tokio::runtime::Builder::new_current_thread()
+        Cmd::Client { ca, connect, gb, chunk, packet, ping } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(client(ca, connect, gb, chunk.max(1), packet)),
+            .block_on(client(ca, connect, gb, chunk.max(1), packet, ping)),
     }
 }
 
@@ -99,6 +106,24 @@ async fn server(dir: PathBuf, listen: SocketAddr, packet: Option<u16>) -> anyhow
             transport::write_message(&mut send, &ok).await?;
             send.finish()?;
             let (mut send, mut recv) = conn.accept_bi().await?;
+            let mut head = [0u8; 5];
+            recv.read_exact(&mut head).await?;
+            if head[0] == PING {
+                // Round trips: read each message whole, answer 16 bytes.
+                let size = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                anyhow::ensure!(size <= MAX_PING_BYTES, "ping messages of {size} bytes");
+                let mut buf = vec![0u8; size];
+                loop {
+                    match recv.read_exact(&mut buf).await {
+                        Ok(()) => send.write_all(&[1u8; 16]).await?,
+                        Err(quinn::ReadExactError::FinishedEarly(_)) => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                send.finish()?;
+                let _ = send.stopped().await;
+                return anyhow::Ok(());
+            }
             let mut n = 0u64;
             while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
                 n += chunk.bytes.len() as u64;
@@ -112,12 +137,19 @@ async fn server(dir: PathBuf, listen: SocketAddr, packet: Option<u16>) -> anyhow
     Ok(())
 }
 
+/// First byte of the measured stream: bulk bytes, or round trips.
+const BULK: u8 = 0;
+const PING: u8 = 1;
+/// The largest ping message the server accepts.
+const MAX_PING_BYTES: usize = 1 << 20;
+
 async fn client(
     ca: PathBuf,
     connect: SocketAddr,
     gb: f64,
     chunk: usize,
     packet: Option<u16>,
+    ping: Option<u64>,
 ) -> anyhow::Result<()> {
     let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -151,6 +183,33 @@ async fn client(
     FrameReader::new(recv).next().await?;
 
     let (mut send, mut recv) = conn.open_bi().await?;
+    if let Some(n) = ping {
+        anyhow::ensure!(chunk <= MAX_PING_BYTES, "--chunk is at most {MAX_PING_BYTES} with --ping");
+        let mut head = vec![PING];
+        head.extend_from_slice(&(chunk as u32).to_le_bytes());
+        send.write_all(&head).await?;
+        let data = vec![7u8; chunk];
+        let mut answer = [0u8; 16];
+        let mut rtts = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let t = Instant::now();
+            send.write_all(&data).await?;
+            recv.read_exact(&mut answer).await?;
+            rtts.push(t.elapsed().as_micros() as u64);
+        }
+        send.finish()?;
+        rtts.sort_unstable();
+        let at = |q: f64| rtts.get(((rtts.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
+        println!(
+            "{n} round trips of {chunk} bytes: p50 {} µs, p90 {}, p99 {}, max {}",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
+        return Ok(());
+    }
+    send.write_all(&[BULK, 0, 0, 0, 0]).await?;
     let total = (gb * 1e9) as u64;
     let data = Bytes::from(vec![7u8; chunk]);
     let start = Instant::now();
