@@ -126,7 +126,7 @@ fn describe() {
     );
     describe_counter!(
         "quiver_group_commits_total",
-        "Partition group commits, by where they ran: in_place (small, no fsync) or blocking_thread"
+        "Partition appends, by where they ran: express (one small batch on the request's task, no fsync), in_place (a small group on the writer's task, no fsync) or blocking_thread"
     );
     describe_histogram!(
         "quiver_produce_seconds",

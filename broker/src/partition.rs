@@ -8,7 +8,7 @@
 //! sees data a crash could take back; under `interval` and `os` it moves after the write.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchHeader, Batches, ValidatedBatch};
 use quiver_protocol::limits::{APPEND_QUEUE_DEPTH, MAX_GROUP_COMMIT, MAX_UNCHECKPOINTED_BYTES};
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::log::ClosedSegmentFiles;
@@ -110,6 +110,43 @@ pub struct Partition {
     deleted: std::sync::atomic::AtomicBool,
     /// The log's recovery point and its checkpoint file, written without the log's lock.
     recovery: crate::log::RecoveryCheckpoint,
+    /// What the express produce path shares with the writer.
+    express: Arc<Express>,
+}
+
+/// The express produce path (design.md §6): a small batch without fsync, arriving while the
+/// writer has nothing in hand, is appended by the request's own task, skipping the hop to the
+/// writer task and back (two task wake-ups, often across threads, most of a one-at-a-time
+/// round trip once the transport's own is taken out).
+#[derive(Debug)]
+struct Express {
+    /// Appends handed to the writer and not yet answered, plus one while an express append
+    /// runs. An express append claims it from 0 to 1, so it never overtakes a batch handed to
+    /// the writer (a producer's batches stay in order) and the high watermark it sets is never
+    /// undone by a group written before it.
+    pending: AtomicU64,
+    /// Set (under the log's lock) by an express append: the writer's next fsync must cover
+    /// it. Cleared under the log's lock just before a sync takes its handle.
+    dirty: AtomicBool,
+    /// Tells the writer that `dirty` was set, so its periodic fsync runs.
+    wake: Notify,
+    /// Recent batches of idempotent producers (the writer's too).
+    producers: Arc<Mutex<ProducerStates>>,
+    durability: Durability,
+    /// `quiver_group_commits_total{path="express"}`, looked up once.
+    appends: metrics::Counter,
+}
+
+/// Gives back a writer-pending count taken for a request that never reached the writer (its
+/// `submit` was dropped while the queue was full).
+struct PendingGuard<'a>(Option<&'a AtomicU64>);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0 {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -170,6 +207,14 @@ impl Partition {
         let start = log.log_start_offset();
         let (appends, rx) = mpsc::channel(APPEND_QUEUE_DEPTH);
         let (high_watermark, _) = watch::channel(next);
+        let express = Arc::new(Express {
+            pending: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            wake: Notify::new(),
+            producers: Arc::new(Mutex::new(producers)),
+            durability: config.durability,
+            appends: metrics::counter!("quiver_group_commits_total", "path" => "express"),
+        });
         let p = Arc::new(Partition {
             topic,
             id,
@@ -181,13 +226,15 @@ impl Partition {
             closed: shutdown.child_token(),
             deleted: Default::default(),
             recovery,
+            express: express.clone(),
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
             acks: CommitQueue::new(next),
             log: p.log.clone(),
             tail: p.tail.clone(),
-            producers: Arc::new(Mutex::new(producers)),
+            producers: express.producers.clone(),
+            express,
             durability: config.durability,
             commits_in_place: metrics::counter!("quiver_group_commits_total", "path" => "in_place"),
             commits_handed_off: metrics::counter!("quiver_group_commits_total", "path" => "blocking_thread"),
@@ -226,8 +273,78 @@ impl Partition {
         batch: ValidatedBatch,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
+        let Some((batch, reply)) = self.append_express(batch, reply) else {
+            return Ok(rx); // answered already
+        };
+        self.express.pending.fetch_add(1, Ordering::AcqRel);
+        let mut guard = PendingGuard(Some(&self.express.pending));
         self.appends.send(AppendRequest { batch, reply }).await.map_err(|_| self.closed_error())?;
+        guard.0 = None; // the writer gives it back once the request is answered
         Ok(rx)
+    }
+
+    /// Appends `batch` here and answers `reply` when the express path applies: durability
+    /// `interval` or `os`, a batch under the in-place size, nothing handed to the writer and
+    /// unanswered, the log's and producer states' locks free, and no roll or new epoch due
+    /// (the same tests as the writer's in-place groups). Otherwise gives both back for the
+    /// writer.
+    fn append_express(&self, batch: ValidatedBatch, reply: Reply) -> Option<(ValidatedBatch, Reply)> {
+        let ex = &self.express;
+        if ex.durability == Durability::Always
+            || batch.len() >= INLINE_GROUP_BYTES
+            || self.closed.is_cancelled()
+        {
+            return Some((batch, reply));
+        }
+        if ex.pending.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Some((batch, reply));
+        }
+        let given_back = self.append_claimed(batch, reply);
+        ex.pending.fetch_sub(1, Ordering::AcqRel);
+        given_back
+    }
+
+    fn append_claimed(&self, batch: ValidatedBatch, reply: Reply) -> Option<(ValidatedBatch, Reply)> {
+        let now = now_ms();
+        let Some(mut log) = self.log.try_lock() else { return Some((batch, reply)) };
+        // `closed` is checked again under the log's lock: the writer's last fsync, after
+        // `closed` is cancelled, checks `dirty` under the same lock, so nothing is appended here
+        // that it does not cover.
+        if self.closed.is_cancelled() || !log.appends_in_active_segment([batch.header()], LEADER_EPOCH, now) {
+            return Some((batch, reply));
+        }
+        let Some(mut producers) = self.express.producers.try_lock() else { return Some((batch, reply)) };
+        let appended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            append_one(&mut log, &mut producers, &self.tail, batch, now)
+        }));
+        match appended {
+            Ok(result) => {
+                if result.is_ok() {
+                    // Under the log's lock, so high watermark updates follow the log's order.
+                    let end = log.next_offset();
+                    self.high_watermark.send_if_modified(|hw| {
+                        let moved = end > *hw;
+                        if moved {
+                            *hw = end;
+                        }
+                        moved
+                    });
+                    if !self.express.dirty.swap(true, Ordering::AcqRel) {
+                        self.express.wake.notify_one();
+                    }
+                }
+                drop(producers);
+                drop(log);
+                self.express.appends.increment(1);
+                let _ = reply.send(result);
+            }
+            Err(payload) => {
+                // As for a writer group: the log or the producer states may be half updated.
+                tracing::error!(topic = %self.topic, partition = self.id, "append failed: {}; stopping appends to this partition", panic_message(payload.as_ref()));
+                log.mark_failed();
+            }
+        }
+        None
     }
 
     pub fn high_watermark(&self) -> u64 {
@@ -371,8 +488,9 @@ struct Writer {
     acks: CommitQueue<(Reply, Appended)>,
     log: Arc<Mutex<PartitionLog>>,
     tail: Arc<Mutex<TailCache>>,
-    /// Recent batches of idempotent producers; only the writer touches it.
+    /// Recent batches of idempotent producers (shared with the express path).
     producers: Arc<Mutex<ProducerStates>>,
+    express: Arc<Express>,
     durability: Durability,
     /// `quiver_group_commits_total` by path, looked up once.
     commits_in_place: metrics::Counter,
@@ -396,8 +514,12 @@ impl Writer {
             let first = tokio::select! {
                 r = rx.recv() => match r { Some(r) => r, None => break },
                 _ = tick.tick(), if dirty && syncing.is_none() && self.durability == Durability::Interval => {
-                    syncing = Some(self.start_sync());
+                    syncing = Some(self.start_sync(true));
                     dirty = false;
+                    continue;
+                }
+                _ = self.express.wake.notified() => {
+                    dirty = true; // an express append: the next tick syncs it
                     continue;
                 }
                 r = async {
@@ -424,19 +546,25 @@ impl Writer {
             self.commit(batch).await;
             dirty = true;
         }
-        // Shutdown or partition dropped: make everything written durable.
+        // Shutdown or partition dropped: make everything written durable (an express
+        // append's `dirty` is read under the log's lock, after `closed` was cancelled).
         if let Some(s) = syncing {
             let _ = s.await;
         }
-        if dirty {
-            let _ = self.start_sync().await;
-        }
+        let _ = self.start_sync(dirty).await;
     }
 
     /// Appends a group of batches and syncs once if the durability asks for it. The appends
     /// wait in the ack queue; the commit offset then moves to what is durable, which answers
     /// them (or the failed sync fails them).
     async fn commit(&mut self, group: Vec<AppendRequest>) {
+        let n = group.len() as u64;
+        self.commit_group(group).await;
+        // Answered (or failed): the express path may run again once nothing is pending.
+        self.express.pending.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    async fn commit_group(&mut self, group: Vec<AppendRequest>) {
         let log = self.log.clone();
         let tail = self.tail.clone();
         let producers = self.producers.clone();
@@ -572,13 +700,23 @@ impl Writer {
 
     /// Starts an fsync of what is written so far, on a blocking thread; the handle says
     /// whether it worked. A failure stops appends to the partition.
-    fn start_sync(&self) -> tokio::task::JoinHandle<bool> {
+    fn start_sync(&self, dirty: bool) -> tokio::task::JoinHandle<bool> {
+        let express = self.express.clone();
         let log = self.log.clone();
         let partition = self.partition.clone();
         tokio::task::spawn_blocking(move || {
             // Taken here, not on the runtime: the log's lock can be held across disk work
             // (retention, read planning).
-            let handle = log.lock().sync_handle();
+            let handle = {
+                let log = log.lock();
+                // Cleared before the handle is taken, under the lock express appends set it
+                // under: this sync covers every express append that set it.
+                let express_dirty = express.dirty.swap(false, Ordering::AcqRel);
+                if !dirty && !express_dirty {
+                    return true;
+                }
+                log.sync_handle()
+            };
             let started = std::time::Instant::now();
             match handle.sync() {
                 Ok(()) => {
@@ -919,6 +1057,62 @@ mod tests {
             }
             self.inner.sync()
         }
+    }
+
+    /// Under `interval` a small batch arriving while the writer has nothing in hand is appended
+    /// by the caller and answered before `submit` returns (the express path), moves the high
+    /// watermark, and is covered by the writer's fsyncs (the periodic one or the last, at
+    /// close): a crash after a graceful close keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn express_appends_are_answered_at_once_and_synced_at_close() -> anyhow::Result<()> {
+        let storage = Arc::new(MemStorage::new());
+        // Synced every millisecond: the writer's own appends are synced long before the close, so
+        // only the express path's `dirty` can make the writer sync the express append.
+        let config = TopicConfig::default().with_durability(Durability::Interval).with_flush_interval_ms(1);
+        let open = |closed: &CancellationToken| {
+            Partition::open(
+                storage.clone(),
+                PathBuf::from("/p"),
+                "t".into(),
+                0,
+                &config,
+                &SharedBudgets::new(1 << 20, 1 << 20, 2),
+                closed.clone(),
+            )
+        };
+        let closed = CancellationToken::new();
+        let p = open(&closed)?;
+        let bounded = |rx| tokio::time::timeout(Duration::from_secs(10), rx);
+        // The first append begins epoch 0 (an fsync): the writer's.
+        bounded(p.submit(batch(7, 0, 2)).await?).await???;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while p.express.pending.load(Ordering::Acquire) != 0 {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the writer never gave its request back");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // the writer's periodic sync ran
+        let mut rx = p.submit(batch(7, 2, 3)).await?;
+        let a = rx.try_recv().map_err(|e| anyhow::anyhow!("not answered at once: {e}"))??;
+        assert_eq!((a.base_offset, a.last_offset), (2, 4));
+        assert_eq!(p.high_watermark(), 5);
+        // A producer's next batch out of order is refused on the express path too.
+        let mut rx = p.submit(batch(7, 9, 1)).await?;
+        let e = rx.try_recv()?.err().ok_or_else(|| anyhow::anyhow!("a sequence gap was accepted"))?;
+        assert_eq!(e.code, ErrorCode::OutOfOrderSequence, "{e}");
+
+        closed.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&p.express) > 1 {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the writer did not stop");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(p);
+        storage.crash();
+        let closed = CancellationToken::new();
+        let p = open(&closed)?;
+        assert_eq!(p.high_watermark(), 5, "the express append was not synced at close");
+        closed.cancel();
+        Ok(())
     }
 
     /// Under `durability = always` a produce is acknowledged once the commit offset (the
