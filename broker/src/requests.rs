@@ -207,10 +207,8 @@ async fn produce(
             .producer_ids
             .check(header.producer_id, header.producer_epoch)
             .map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
-        metrics::counter!("quiver_messages_in_total", "topic" => t.name.to_string())
-            .increment(header.records_count as u64);
-        metrics::counter!("quiver_bytes_in_total", "topic" => t.name.to_string())
-            .increment(batch.len() as u64);
+        t.metrics.messages_in.increment(header.records_count as u64);
+        t.metrics.bytes_in.increment(batch.len() as u64);
         let rx = p.submit(batch).await?;
         Ok::<_, PartitionError>(rx)
     }
@@ -258,8 +256,7 @@ async fn fetch(
     let started = std::time::Instant::now();
     let batches = p.read(offset, max).await?;
     metrics::histogram!("quiver_fetch_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("quiver_fetch_bytes_total", "topic" => t.name.to_string())
-        .increment(batches.len() as u64);
+    t.metrics.fetch_bytes.increment(batches.len() as u64);
     Ok(Message::FetchOk {
         log_start_offset: p.log_start_offset(),
         high_watermark: p.high_watermark(),

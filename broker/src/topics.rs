@@ -19,9 +19,34 @@ pub struct Topic {
     pub name: Arc<str>,
     pub config: TopicConfig,
     pub partitions: Vec<Arc<Partition>>,
+    /// Its per-topic counters, looked up once (a lookup allocates the label and hashes it).
+    pub metrics: TopicMetrics,
+}
+
+/// The counters a produce or fetch request bumps, labelled with the topic.
+#[derive(Debug)]
+pub struct TopicMetrics {
+    pub messages_in: metrics::Counter,
+    pub bytes_in: metrics::Counter,
+    pub fetch_bytes: metrics::Counter,
+}
+
+impl TopicMetrics {
+    fn new(topic: &Arc<str>) -> Self {
+        TopicMetrics {
+            messages_in: metrics::counter!("quiver_messages_in_total", "topic" => topic.to_string()),
+            bytes_in: metrics::counter!("quiver_bytes_in_total", "topic" => topic.to_string()),
+            fetch_bytes: metrics::counter!("quiver_fetch_bytes_total", "topic" => topic.to_string()),
+        }
+    }
 }
 
 impl Topic {
+    fn new(name: Arc<str>, config: TopicConfig, partitions: Vec<Arc<Partition>>) -> Self {
+        let metrics = TopicMetrics::new(&name);
+        Topic { name, config, partitions, metrics }
+    }
+
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>, PartitionError> {
         self.partitions.get(id as usize).ok_or_else(|| {
             PartitionError::new(
@@ -132,7 +157,7 @@ impl Topics {
         for (file, name) in files.into_iter().zip(names) {
             let partitions: Vec<_> = opened.by_ref().take(file.partitions as usize).collect();
             tracing::info!(topic = %file.name, partitions = file.partitions, "loaded topic");
-            let topic = Arc::new(Topic { name, config: file.config, partitions });
+            let topic = Arc::new(Topic::new(name, file.config, partitions));
             topics.map.insert(file.name, topic);
         }
         Ok(topics)
@@ -355,7 +380,7 @@ fn open_topic(
         )
     };
     let parts = parallel_map(partitions, OPEN_THREADS, open)?;
-    Ok(Arc::new(Topic { name, config, partitions: parts }))
+    Ok(Arc::new(Topic::new(name, config, parts)))
 }
 
 /// `f(0..n)` on up to `threads` threads (each entering the caller's tokio runtime), results in
