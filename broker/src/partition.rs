@@ -300,7 +300,8 @@ impl Partition {
             return Some((batch, reply));
         }
         let given_back = self.append_claimed(batch, reply);
-        ex.pending.fetch_sub(1, Ordering::AcqRel);
+        let before = ex.pending.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before >= 1, "express claim released twice");
         given_back
     }
 
@@ -561,7 +562,8 @@ impl Writer {
         let n = group.len() as u64;
         self.commit_group(group).await;
         // Answered (or failed): the express path may run again once nothing is pending.
-        self.express.pending.fetch_sub(n, Ordering::AcqRel);
+        let before = self.express.pending.fetch_sub(n, Ordering::AcqRel);
+        debug_assert!(before >= n, "writer pending count {before} below the group's {n}");
     }
 
     async fn commit_group(&mut self, group: Vec<AppendRequest>) {
@@ -687,9 +689,13 @@ impl Writer {
     fn advance_commit(&mut self, commit: u64, log_end: u64) {
         let released = self.acks.advance(commit, log_end);
         if let Some(p) = self.partition.upgrade() {
+            // Forward only: the express path may already have moved it past this group's
+            // end (never while this group was in flight: its `pending` claim excludes that).
             p.high_watermark.send_if_modified(|hw| {
-                let moved = *hw != commit;
-                *hw = commit;
+                let moved = commit > *hw;
+                if moved {
+                    *hw = commit;
+                }
                 moved
             });
         }

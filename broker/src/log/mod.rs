@@ -1231,7 +1231,6 @@ impl PartitionLog {
         Ok(file)
     }
 
-    /// Whether `header` must go into a new segment. An empty segment always takes the batch.
     /// Whether appending batches with these headers in `leader_epoch` at `now_ms` would only
     /// write to the active segment and its indexes: no roll (which fsyncs and may wait for a
     /// sync in progress), no new epoch (which fsyncs the epochs file), no poisoned log. What a
@@ -1264,6 +1263,7 @@ impl PartitionLog {
         true
     }
 
+    /// Whether `header` must go into a new segment. An empty segment always takes the batch.
     fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
         let seg = &self.active;
         if seg.size == 0 {

@@ -72,6 +72,9 @@ impl std::ops::DerefMut for LedgerEntry {
 /// Compaction is due once the log holds this much and 4 times the live records (or more than
 /// half its limit and twice the live records).
 const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
+/// How far the offsets log's fsyncs may run ahead of its written recovery point before the
+/// periodic flush writes it again (a small file, written with its own fsyncs).
+const CHECKPOINT_LAG_BYTES: u64 = 256 * 1024;
 /// The log's directory in the store's: partition 0 of the internal offsets topic.
 pub const LOG_DIR: &str = "0";
 /// Segment size of the offsets log (at most the store's limit, which tests make small).
@@ -239,7 +242,18 @@ impl OffsetStore {
         // The log's one epoch is recorded now, not in the first commit's path.
         log.begin_epoch(LEADER_EPOCH).map_err(log_err)?;
         legacy::migrate(&*storage, dir, &mut log, max_log_bytes, hard_limit)?;
-        let live = records::read_log(&log).map_err(log_err)?;
+        let (mut live, mut snapshots) = records::read_log(&log).map_err(log_err)?;
+        if let Some(begin) = snapshots.unfinished() {
+            // A compaction cut short by a crash: its records only repeat ledgers (with changes
+            // never acknowledged durable), and nothing else was written after its begin marker.
+            tracing::warn!(path = %path.display(), begin, "offsets store: cutting off a snapshot a crash interrupted");
+            log.truncate_to(begin).map_err(log_err)?;
+            (live, snapshots) = records::read_log(&log).map_err(log_err)?;
+        }
+        if let Some(begin) = snapshots.last_complete.filter(|&b| b > log.log_start_offset()) {
+            // A compaction whose old segments a crash kept: they are all below its snapshot.
+            log.delete_segments_below(begin).map_err(log_err)?;
+        }
         let mut state = State { log_bytes: log.size_bytes(), ..Default::default() };
         for (key, (snapshot, size)) in live {
             state.ledgers.insert(key.clone(), Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
@@ -443,7 +457,20 @@ impl OffsetStore {
         let mut w = self.writer.lock();
         self.check_usable(&w)?;
         self.flush_locked(&mut w)?;
-        self.maybe_snapshot_locked(&mut w)
+        self.maybe_snapshot_locked(&mut w)?;
+        self.checkpoint(&w, CHECKPOINT_LAG_BYTES);
+        Ok(())
+    }
+
+    /// Writes the log's recovery point once its fsyncs moved `lag` bytes or more past the last
+    /// one written, so recovery CRC-scans only what came after it: without it, damage anywhere
+    /// in the active segment would be taken for a torn tail and everything after it cut,
+    /// acknowledged commits included (design.md §5.3). A failure only logs (the point stays
+    /// where it was, which is safe).
+    fn checkpoint(&self, w: &Writer, lag: u64) {
+        if let Err(e) = w.log.recovery_checkpoint().write_if_behind(lag) {
+            tracing::warn!(path = %self.path.display(), "offsets store: writing the recovery point: {e}");
+        }
     }
 
     fn flush_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
@@ -493,7 +520,9 @@ impl OffsetStore {
                 self.mark_dirty(&key);
             }
         }
-        self.flush_locked(&mut w)
+        self.flush_locked(&mut w)?;
+        self.checkpoint(&w, 0);
+        Ok(())
     }
 
     /// Forgets every offset of a deleted topic, durably: a tombstone record (an empty value)
@@ -636,8 +665,15 @@ impl OffsetStore {
         if let Err(e) = w.log.roll_now() {
             return Err(restore_dirty(self.log_failed(w, e)));
         }
+        // Begin marker, the snapshot, then (once they are durable) the complete marker: open
+        // cuts off a snapshot without its complete marker, and finishes one that has it.
         let start = w.log.next_offset();
-        self.append_locked(w, batches, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
+        let mut all = Vec::with_capacity(batches.len() + 1);
+        all.push(records::marker_batch(records::SNAPSHOT_BEGIN, start, now_ms()));
+        all.extend(batches);
+        self.append_locked(w, all, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
+        let complete = vec![records::marker_batch(records::SNAPSHOT_COMPLETE, start, now_ms())];
+        self.append_locked(w, complete, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
         self.state.lock().entry_bytes = sizes.into_iter().collect();
         persisted(written);
         self.durable_epoch.fetch_max(epoch, SeqCst);

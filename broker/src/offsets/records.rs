@@ -25,6 +25,14 @@ use crate::log::{LogError, PartitionLog};
 
 /// Key version of a (group, topic, partition) ledger record.
 const LEDGER_KEY: u16 = 1;
+/// Key version of a compaction marker, `u16 2, u8 kind`: kind [`SNAPSHOT_BEGIN`] starts a
+/// snapshot (a batch of its own, the first of a new segment, empty value), kind
+/// [`SNAPSHOT_COMPLETE`] follows its last record once it is durable (value `u64` the offset of
+/// its begin marker). At open, a begin without its complete marker is a snapshot cut short by a
+/// crash and is cut off; a complete one lets everything below it go.
+const SNAPSHOT_KEY: u16 = 2;
+pub(super) const SNAPSHOT_BEGIN: u8 = 0;
+pub(super) const SNAPSHOT_COMPLETE: u8 = 1;
 /// Value version: floor, acked, counts, horizon, maybe.
 const LEDGER_VALUE: u16 = 1;
 /// Largest key: version, group, topic, partition.
@@ -81,6 +89,8 @@ fn put_ranges(buf: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Key {
     Ledger(OffsetKey),
+    /// A compaction marker of this kind.
+    Snapshot(u8),
     Unknown(u16),
 }
 
@@ -90,6 +100,11 @@ pub(super) fn decode_key(key: Bytes) -> Result<Key, DecodeError> {
     }
     let mut r = Reader::new(key);
     let version = r.u16()?;
+    if version == SNAPSHOT_KEY {
+        let kind = r.u8()?;
+        r.finish()?;
+        return Ok(Key::Snapshot(kind));
+    }
     if version != LEDGER_KEY {
         return Ok(Key::Unknown(version));
     }
@@ -171,6 +186,35 @@ impl WriteBuilder {
     }
 }
 
+/// A batch of one compaction marker record (see [`SNAPSHOT_KEY`]).
+pub(super) fn marker_batch(kind: u8, begin: u64, timestamp_ms: i64) -> ValidatedBatch {
+    let mut key = BytesMut::with_capacity(3);
+    key.put_u16_le(SNAPSHOT_KEY);
+    key.put_u8(kind);
+    let value = if kind == SNAPSHOT_COMPLETE { begin.to_le_bytes().to_vec() } else { Vec::new() };
+    let mut builder = BatchBuilder::new(64);
+    builder.push(timestamp_ms, Some(&key), &value, &[]);
+    match ValidatedBatch::new(builder.finish()) {
+        Ok(batch) => batch,
+        Err(e) => unreachable!("the batch builder wrote an invalid batch: {e}"),
+    }
+}
+
+/// The compaction markers found reading the log: the offset of the last begin marker, and the
+/// begin offset the last complete marker names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Snapshots {
+    pub(super) last_begin: Option<u64>,
+    pub(super) last_complete: Option<u64>,
+}
+
+impl Snapshots {
+    /// A snapshot that began and never completed (a crash during a compaction): where to cut.
+    pub(super) fn unfinished(&self) -> Option<u64> {
+        self.last_begin.filter(|&b| self.last_complete.is_none_or(|c| c < b))
+    }
+}
+
 /// A record's size in the log, as [`WriteBuilder::push`] counts it.
 fn record_size(key: &[u8], value: &[u8]) -> u64 {
     BatchBuilder::record_size(Some(key), value, &[]) as u64
@@ -181,8 +225,12 @@ fn record_size(key: &[u8], value: &[u8]) -> u64 {
 /// span (which recovery kept: corruption, not a torn write) is logged and stepped over. An
 /// intact record that does not decode is skipped, and with it what earlier records said of its
 /// key (it replaced them).
-pub(super) fn read_log(log: &PartitionLog) -> Result<HashMap<OffsetKey, (LedgerSnapshot, u64)>, LogError> {
+#[allow(clippy::type_complexity)]
+pub(super) fn read_log(
+    log: &PartitionLog,
+) -> Result<(HashMap<OffsetKey, (LedgerSnapshot, u64)>, Snapshots), LogError> {
     let mut map = HashMap::new();
+    let mut snapshots = Snapshots::default();
     let mut offset = log.log_start_offset();
     while offset < log.next_offset() {
         let bytes = match log.read_plan(offset, READ_CHUNK_BYTES).and_then(|plan| plan.execute()) {
@@ -200,7 +248,7 @@ pub(super) fn read_log(log: &PartitionLog) -> Result<HashMap<OffsetKey, (LedgerS
         for span in Batches::new(&bytes) {
             let Ok(span) = span else { break };
             offset = span.header.next_offset();
-            apply_batch(bytes.slice(span.range()), &mut map);
+            apply_batch(bytes.slice(span.range()), &mut map, &mut snapshots);
         }
         if offset == before {
             // A read that yields no batch at an offset below the log end: the file changed.
@@ -211,11 +259,15 @@ pub(super) fn read_log(log: &PartitionLog) -> Result<HashMap<OffsetKey, (LedgerS
             });
         }
     }
-    Ok(map)
+    Ok((map, snapshots))
 }
 
 /// Applies the records of one batch (CRC already checked) to `map`.
-pub(super) fn apply_batch(batch: Bytes, map: &mut HashMap<OffsetKey, (LedgerSnapshot, u64)>) {
+pub(super) fn apply_batch(
+    batch: Bytes,
+    map: &mut HashMap<OffsetKey, (LedgerSnapshot, u64)>,
+    snapshots: &mut Snapshots,
+) {
     let header = match batch::validate(&batch) {
         Ok(header) => header,
         Err(e) => {
@@ -238,6 +290,28 @@ pub(super) fn apply_batch(batch: Bytes, map: &mut HashMap<OffsetKey, (LedgerSnap
         let size = record_size(&raw_key, &record.value);
         let key = match decode_key(raw_key) {
             Ok(Key::Ledger(key)) => key,
+            Ok(Key::Snapshot(SNAPSHOT_BEGIN)) => {
+                snapshots.last_begin = Some(record.offset);
+                continue;
+            }
+            Ok(Key::Snapshot(SNAPSHOT_COMPLETE)) => {
+                match <[u8; 8]>::try_from(&record.value[..]) {
+                    Ok(begin) => snapshots.last_complete = Some(u64::from_le_bytes(begin)),
+                    Err(_) => tracing::warn!(
+                        offset = record.offset,
+                        "offsets store: a snapshot marker of the wrong size"
+                    ),
+                }
+                continue;
+            }
+            Ok(Key::Snapshot(kind)) => {
+                tracing::warn!(
+                    offset = record.offset,
+                    kind,
+                    "offsets store: skipping a snapshot marker of an unknown kind"
+                );
+                continue;
+            }
             Ok(Key::Unknown(version)) => {
                 tracing::warn!(
                     offset = record.offset,

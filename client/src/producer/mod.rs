@@ -66,7 +66,8 @@ pub struct ProducerConfig {
     /// Records with neither key nor partition stay on one partition for this many bytes, then
     /// move to the next (Kafka's sticky partitioner, KIP-480 and KIP-794), so a producer over
     /// many partitions still sends full batches; the batch it leaves is sent at once. 0 sends
-    /// each such record to the next partition in turn.
+    /// each such record to the next partition in turn. A value below one record's size sends
+    /// every record alone, at once: use 0 for round robin.
     pub sticky_partition_bytes: usize,
 }
 
@@ -282,7 +283,9 @@ impl TopicSender {
         let n = self.partitions.len().max(1) as u64;
         let mut current = self.keyless.load(Ordering::Relaxed);
         loop {
-            let (next, chosen, left) = sticky_step(current, n, size as u64, sticky_bytes as u64);
+            // The bytes taken are counted in 32 bits: a larger setting is as good as u32::MAX.
+            let sticky = (sticky_bytes as u64).min(u32::MAX as u64);
+            let (next, chosen, left) = sticky_step(current, n, size as u64, sticky);
             match self.keyless.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return (chosen, left),
                 Err(actual) => current = actual,
