@@ -11,6 +11,7 @@ pub mod group;
 pub mod ledger;
 pub mod limits;
 pub mod message;
+pub mod raft;
 
 pub use batch::{
     BatchBuilder, BatchError, BatchHeader, BatchSpan, BatchSplitter, Batches, Record, RecordIter,

@@ -129,6 +129,29 @@ pub const MAX_PERSISTED_RANGES: usize = 1024;
 /// old-format `offsets.log` migrated at start.
 pub const MAX_OFFSETS_FILE_BYTES: u64 = 1 << 30;
 
+// ---- Replication (Raft messages between brokers, docs/replication.md) ------------------------
+
+/// Largest Raft term accepted: a term is stamped into each batch as its `i32` partition leader
+/// epoch, so a larger one could not be stored (and raft-rs misbehaves near `u64::MAX`).
+pub const MAX_RAFT_TERM: u64 = i32::MAX as u64;
+/// Most entries in one Raft message: a leader sends at most about `MAX_RAFT_MESSAGE_BYTES` of
+/// batches per append, and most batches are far above 1 KiB, so this only stops a count from
+/// sizing a vector before the entries are there.
+pub const MAX_RAFT_ENTRIES_PER_MESSAGE: usize = 8_192;
+/// Most bytes of entry data in one Raft message: one maximal batch (`MAX_BATCH_BYTES`) always
+/// fits, and the message stays within one frame.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_BATCH_BYTES + 1024 * 1024;
+/// Largest `context` of a message or an entry (raft-rs uses it for read-index and leadership
+/// transfer bookkeeping: a few bytes).
+pub const MAX_RAFT_CONTEXT_BYTES: usize = 1024;
+/// Most ids in each list of a configuration (voters, learners, ...): far more brokers than a
+/// partition will ever have replicas or the controller voters.
+pub const MAX_RAFT_VOTERS: usize = 256;
+/// Largest snapshot payload: a partition snapshot is a position plus the producer-state
+/// snapshot at it (broker/src/producers.rs `MAX_SNAPSHOT_BYTES`, a few MiB), the
+/// controller's its metadata.
+pub const MAX_RAFT_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
 // ---- QUIC and sockets -----------------------------------------------------------------------
 
 /// Largest UDP payload either end accepts and MTU discovery searches up to. Connections start
