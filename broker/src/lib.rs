@@ -21,6 +21,7 @@ pub mod observability;
 pub mod offsets;
 pub mod open_files;
 pub mod partition;
+pub mod placement;
 pub mod producers;
 mod requests;
 pub mod server;
