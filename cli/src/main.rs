@@ -71,15 +71,20 @@ enum GroupCmd {
 
 #[derive(Subcommand)]
 enum TopicCmd {
+    /// Create a topic (its partitions and settings are fixed at creation).
     Create(CreateArgs),
+    /// Topics with their partition counts.
     List,
+    /// A topic's settings and each partition's earliest and latest offsets.
     Describe { name: String },
+    /// Delete a topic, its data and its groups' offsets for it.
     Delete { name: String },
 }
 
 #[derive(Args)]
 struct CreateArgs {
     name: String,
+    /// Number of partitions (1 to 4,096).
     #[arg(long, default_value_t = 1)]
     partitions: u32,
     /// Delete old segments once a partition is larger than this.
@@ -337,16 +342,27 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
             let c = &t.config;
             outln!("topic {}", t.name);
             outln!(
-                "  durability={:?} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
-                c.durability,
+                "  durability={} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
+                match c.durability {
+                    Durability::Always => "always",
+                    Durability::Interval => "interval",
+                    Durability::Os => "os",
+                },
                 c.segment_bytes,
                 c.segment_ms,
                 c.retention_bytes.map_or("none".into(), |v| v.to_string()),
                 c.retention_ms.map_or("none".into(), |v| v.to_string()),
             );
-            outln!("  partition\tearliest\tlatest");
+            let mut rows = vec![["partition", "earliest", "latest"].map(String::from)];
             for p in t.partitions {
-                outln!("  {}\t\t{}\t\t{}", p.partition, p.log_start_offset, p.high_watermark);
+                rows.push([
+                    p.partition.to_string(),
+                    p.log_start_offset.to_string(),
+                    p.high_watermark.to_string(),
+                ]);
+            }
+            for line in aligned(&rows) {
+                outln!("  {line}");
             }
         }
         TopicCmd::Delete { name } => {
@@ -617,11 +633,27 @@ fn reader_went_away(e: std::io::Error) -> std::io::Result<()> {
 }
 
 async fn offsets(client: &Client, group: &str, topic: &str) -> anyhow::Result<()> {
-    outln!("partition\tcommitted\tearliest\tlatest\tlag");
-    for p in client.admin().group_offsets(group, topic).await? {
+    let admin = client.admin();
+    let offsets = admin.group_offsets(group, topic).await?;
+    // A name the broker has never seen has nothing committed anywhere: say so (and fail, as
+    // Kafka's tools do) rather than print a table of dashes.
+    if offsets.iter().all(|p| p.committed.is_none()) && !admin.list_groups().await?.iter().any(|g| g == group)
+    {
+        bail!("unknown group '{group}' (no members and no committed offsets)");
+    }
+    let mut rows = vec![["partition", "committed", "earliest", "latest", "lag"].map(String::from)];
+    for p in offsets {
         let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
-        let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-        outln!("{}\t\t{}\t\t{}\t\t{}\t{}", p.partition, committed, p.log_start_offset, p.high_watermark, lag);
+        rows.push([
+            p.partition.to_string(),
+            p.committed.map_or("-".to_string(), |c| c.to_string()),
+            p.log_start_offset.to_string(),
+            p.high_watermark.to_string(),
+            lag.to_string(),
+        ]);
+    }
+    for line in aligned(&rows) {
+        outln!("{line}");
     }
     Ok(())
 }
@@ -691,17 +723,19 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                     owner.insert(*p, m.member_id.clone());
                 }
             }
-            outln!("  partition\tmember\t\tcommitted\tlatest\tlag");
+            let mut rows = vec![["partition", "member", "committed", "latest", "lag"].map(String::from)];
             for p in offsets {
                 let lag = p.high_watermark - p.committed.unwrap_or(p.log_start_offset).min(p.high_watermark);
-                outln!(
-                    "  {}\t\t{}\t{}\t\t{}\t{}",
-                    p.partition,
-                    owner.get(&p.partition).map_or("-", |m| m.as_str()),
+                rows.push([
+                    p.partition.to_string(),
+                    owner.get(&p.partition).map_or("-".to_string(), |m| m.clone()),
                     p.committed.map_or("-".to_string(), |c| c.to_string()),
-                    p.high_watermark,
-                    lag
-                );
+                    p.high_watermark.to_string(),
+                    lag.to_string(),
+                ]);
+            }
+            for line in aligned(&rows) {
+                outln!("  {line}");
             }
         }
         GroupCmd::ResetOffsets { group, topic, to } => {
@@ -727,11 +761,44 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rows as lines whose columns line up (each padded to its widest cell, two spaces apart; the
+/// last column is not padded).
+fn aligned<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == N {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                }
+            }
+            line
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NOW: i64 = 1_796_378_400_000; // 2026-12-04T10:00:00Z
+
+    #[test]
+    fn aligned_columns_line_up() {
+        let rows = vec![
+            ["partition", "member", "lag"].map(String::from),
+            ["10", "m-1234567890", "5"].map(String::from),
+        ];
+        assert_eq!(aligned(&rows), vec!["partition  member        lag", "10         m-1234567890  5"]);
+    }
 
     #[test]
     fn rfc_3339_times() {
