@@ -25,6 +25,8 @@ mod file_cache;
 mod index;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod ordinal_tests;
 mod recovery;
 #[cfg(test)]
 mod replication_tests;
@@ -179,6 +181,16 @@ pub enum LogError {
     /// sync proves nothing about its `durable_offset`.
     #[error("the log was truncated after this sync was requested")]
     TruncatedSince,
+    /// A batch ordinal outside `first_ordinal..=next_ordinal`.
+    #[error("ordinal {requested} is out of range: first={first} next={next}")]
+    OrdinalOutOfRange {
+        /// The ordinal asked for.
+        requested: u64,
+        /// The ordinal of the first retained batch.
+        first: u64,
+        /// The ordinal the next append gets.
+        next: u64,
+    },
 }
 
 impl LogError {
@@ -897,9 +909,15 @@ impl PartitionLog {
         }
         if cfg!(debug_assertions) && deep {
             let mut expected = self.log_start_offset();
+            let mut ordinal = self.first_ordinal();
             for seg in self.segments() {
                 assert_eq!(seg.base, expected, "segments are contiguous");
                 expected = seg.next_offset;
+                // Equal but for a gap that damage leaves (a span counted as one ordinal).
+                assert!(seg.base_ordinal >= ordinal, "ordinals increase across segments");
+                ordinal = seg.next_ordinal();
+                assert!(seg.batches <= seg.next_offset - seg.base, "every batch holds an offset");
+                assert!(seg.offsets.entries().iter().all(|e| u64::from(e.ord) < seg.batches.max(1)));
                 let rel_end = seg.next_offset - seg.base;
                 assert!(seg
                     .offsets
@@ -1008,6 +1026,72 @@ impl PartitionLog {
             Some(d) => d.offsets.end,
             None => seg.next_offset.max(offset + 1),
         }
+    }
+
+    /// The ordinal (design.md §5.7: the Raft index) of the first retained batch, or
+    /// [`next_ordinal`](Self::next_ordinal) if the log holds none.
+    pub fn first_ordinal(&self) -> u64 {
+        self.closed.first().map_or(self.active.base_ordinal, |s| s.base_ordinal)
+    }
+
+    /// The ordinal the next appended batch gets: one more than the last batch's. Ordinals grow
+    /// by one per batch (a damaged span recovery kept counts as one), are recomputed from the
+    /// log at open, and never change for a batch that stays in the log.
+    pub fn next_ordinal(&self) -> u64 {
+        self.active.next_ordinal()
+    }
+
+    /// The base offset of the batch with ordinal `ordinal`, or the log end offset for
+    /// [`next_ordinal`](Self::next_ordinal); `None` outside `first_ordinal..=next_ordinal`.
+    /// Finds the segment by binary search over base ordinals, then walks batch headers from
+    /// the nearest index entry (index entries carry ordinals): at most an index interval of
+    /// headers, as an offset lookup. A read error is returned (headers come from disk).
+    pub fn offset_of_ordinal(&self, ordinal: u64) -> Result<Option<u64>, LogError> {
+        if ordinal == self.next_ordinal() {
+            return Ok(Some(self.next_offset()));
+        }
+        if ordinal < self.first_ordinal() || ordinal > self.next_ordinal() {
+            return Ok(None);
+        }
+        let seg = match ordinal >= self.active.base_ordinal {
+            true => &self.active,
+            false => {
+                let i = self.closed.partition_point(|s| s.base_ordinal <= ordinal);
+                match i.checked_sub(1).and_then(|i| self.closed.get(i)) {
+                    Some(seg) => seg,
+                    None => return Ok(None),
+                }
+            }
+        };
+        if ordinal >= seg.next_ordinal() {
+            // Only a gap left by damage (design.md §5.7) has no batch.
+            return Ok(None);
+        }
+        self.open_log(seg)?;
+        seg.locate_ordinal(ordinal - seg.base_ordinal).map(Some)
+    }
+
+    /// The ordinal of the batch holding `offset`; `None` outside `log_start..next`.
+    pub fn ordinal_at(&self, offset: u64) -> Result<Option<u64>, LogError> {
+        if offset < self.log_start_offset() || offset >= self.next_offset() {
+            return Ok(None);
+        }
+        let seg = self.segment_for(offset);
+        self.open_log(seg)?;
+        let (rel, _) = seg.locate_offset(offset)?;
+        Ok(Some(seg.base_ordinal + rel))
+    }
+
+    /// Truncates the log so that `ordinal` is the next ordinal: removes the batch with that
+    /// ordinal and every later one ([`truncate_to`](Self::truncate_to) at its base offset). A
+    /// Raft follower's `truncate` of a diverged suffix. [`LogError::OrdinalOutOfRange`]
+    /// outside `first_ordinal..=next_ordinal`.
+    pub fn truncate_to_ordinal(&mut self, ordinal: u64) -> Result<(), LogError> {
+        let (first, next) = (self.first_ordinal(), self.next_ordinal());
+        let Some(offset) = self.offset_of_ordinal(ordinal)? else {
+            return Err(LogError::OrdinalOutOfRange { requested: ordinal, first, next });
+        };
+        self.truncate_to(offset)
     }
 
     /// The first offset still in the log.
@@ -1300,7 +1384,7 @@ impl PartitionLog {
         if let Some(file) = roll_file {
             self.write_side_file(self.next_offset(), file.ext, &(file.contents)())?;
         }
-        let new = Segment::create(&self.storage, &self.dir, self.next_offset())?;
+        let new = Segment::create(&self.storage, &self.dir, self.next_offset(), self.next_ordinal())?;
         self.storage.sync_dir(&self.dir).map_err(LogError::io("sync directory", &self.dir))?;
         let old = std::mem::replace(&mut self.active, new);
         tracing::debug!(segment = %old.log_path.display(), next = self.active.base, "rolled segment");

@@ -1,8 +1,9 @@
-//! The log against a model (a `Vec` of batches with their offsets and epochs): random
-//! sequences of leader and follower appends, truncations, rolls, syncs, reopens and power
-//! losses on the in-memory storage. After every step reads at every offset, the log start and
-//! end, and the epoch record and its lookups match the model; after a power loss the log is a
-//! prefix of the model holding everything synced. Failing cases are saved by proptest in
+//! The log against a model (a `Vec` of batches with their offsets, epochs and ordinals):
+//! random sequences of leader and follower appends, truncations (by offset and by ordinal),
+//! rolls, retention, syncs, reopens and power losses on the in-memory storage. After every step
+//! reads at every offset, the log start and end, the epoch record and its lookups, and the
+//! batch ordinals and their lookups match the model; after a power loss the log is a prefix of
+//! the model holding everything synced, and every batch kept has the ordinal it had. Failing cases are saved by proptest in
 //! `broker/proptest-regressions/log/model_tests.txt` and replay first on the next run.
 
 use std::path::Path;
@@ -28,8 +29,11 @@ enum Op {
     /// An append or begin with an epoch below the latest: refused.
     Regress,
     /// Truncation at the start of the `pick`-th batch (modulo, or the end); `inside` aims one
-    /// offset into the batch instead, which is refused unless it holds one record.
-    Truncate { pick: usize, inside: bool },
+    /// offset into the batch instead, which is refused unless it holds one record;
+    /// `by_ordinal` truncates with `truncate_to_ordinal` (never inside).
+    Truncate { pick: usize, inside: bool, by_ordinal: bool },
+    /// Deletes the closed segments below the start of the `pick`-th batch (modulo, or the end).
+    Retain { pick: usize },
     /// Time passes past `segment_ms`: the next append rolls.
     Roll,
     /// An fsync, and sometimes a recovery-point checkpoint.
@@ -47,7 +51,9 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1..4usize, prop_oneof![8 => Just(0), 2 => Just(1)]).prop_map(|(records, bump)| Op::Follow { records, bump }),
         1 => (1..3i32).prop_map(|bump| Op::Begin { bump }),
         1 => Just(Op::Regress),
-        3 => (any::<usize>(), any::<bool>()).prop_map(|(pick, inside)| Op::Truncate { pick, inside }),
+        3 => (any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(pick, inside, by_ordinal)| Op::Truncate { pick, inside, by_ordinal }),
+        1 => any::<usize>().prop_map(|pick| Op::Retain { pick }),
         1 => Just(Op::Roll),
         2 => any::<bool>().prop_map(|checkpoint| Op::Sync { checkpoint }),
         1 => Just(Op::Reopen),
@@ -55,18 +61,49 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The model: the batches as stored, the epoch entries as Kafka keeps them, and how many
-/// batches a completed fsync covers.
-#[derive(Debug, Default)]
+/// The model: the batches as stored from the log start, the epoch entries as Kafka keeps them,
+/// how many batches a completed fsync covers, and the log start with its ordinal (the ordinal
+/// of `batches[i]` is `first_ordinal + i`).
+#[derive(Debug)]
 struct Model {
     batches: Vec<Bytes>,
     epochs: Vec<EpochEntry>,
     synced: usize,
+    start: u64,
+    first_ordinal: u64,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model { batches: Vec::new(), epochs: Vec::new(), synced: 0, start: 0, first_ordinal: 1 }
+    }
 }
 
 impl Model {
     fn end(&self) -> u64 {
-        self.batches.last().and_then(|b| BatchHeader::parse(b).ok()).map_or(0, |h| h.next_offset())
+        self.batches.last().and_then(|b| BatchHeader::parse(b).ok()).map_or(self.start, |h| h.next_offset())
+    }
+
+    fn next_ordinal(&self) -> u64 {
+        self.first_ordinal + self.batches.len() as u64
+    }
+
+    /// Retention moved the log start to `start` (a batch boundary): the batches before it go,
+    /// and the epochs wholly before it (Kafka's `truncateFromStart`).
+    fn retain_from(&mut self, start: u64) {
+        let gone = self
+            .batches
+            .iter()
+            .take_while(|b| BatchHeader::parse(b).is_ok_and(|h| h.base_offset < start))
+            .count();
+        self.batches.drain(..gone);
+        self.synced = self.synced.saturating_sub(gone);
+        self.first_ordinal += gone as u64;
+        self.start = start;
+        if let Some(covering) = self.epochs.iter().rposition(|e| e.start <= start) {
+            self.epochs.drain(..covering);
+            self.epochs[0].start = start;
+        }
     }
 
     fn latest(&self) -> Option<i32> {
@@ -110,8 +147,26 @@ impl Model {
 }
 
 fn check(log: &PartitionLog, model: &Model) -> Result<(), TestCaseError> {
-    prop_assert_eq!(log.log_start_offset(), 0);
+    let fail = |e: LogError| TestCaseError::fail(e.to_string());
+    prop_assert_eq!(log.log_start_offset(), model.start);
     prop_assert_eq!(log.next_offset(), model.end());
+    prop_assert_eq!(log.first_ordinal(), model.first_ordinal);
+    prop_assert_eq!(log.next_ordinal(), model.next_ordinal());
+    prop_assert_eq!(log.offset_of_ordinal(model.next_ordinal()).map_err(fail)?, Some(model.end()));
+    prop_assert_eq!(log.offset_of_ordinal(model.next_ordinal() + 1).map_err(fail)?, None);
+    prop_assert_eq!(log.offset_of_ordinal(model.first_ordinal - 1).map_err(fail)?, None);
+    prop_assert_eq!(log.ordinal_at(model.end()).map_err(fail)?, None);
+    if model.start > 0 {
+        prop_assert_eq!(log.ordinal_at(model.start - 1).map_err(fail)?, None);
+    }
+    for (i, b) in model.batches.iter().enumerate() {
+        let h = BatchHeader::parse(b).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let ordinal = model.first_ordinal + i as u64;
+        prop_assert_eq!(log.offset_of_ordinal(ordinal).map_err(fail)?, Some(h.base_offset));
+        for offset in h.base_offset..=h.last_offset() {
+            prop_assert_eq!(log.ordinal_at(offset).map_err(fail)?, Some(ordinal), "offset {}", offset);
+        }
+    }
     let got = read_all(log).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert!(got == model.batches, "batches differ");
     for b in &model.batches {
@@ -175,13 +230,28 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     prop_assert!(matches!(refused, Err(LogError::EpochRegressed { .. })), "{:?}", refused);
                 }
             }
-            Op::Truncate { pick, inside } => {
+            Op::Truncate { pick, inside, by_ordinal } => {
                 let keep = pick % (model.batches.len() + 1);
+                if by_ordinal {
+                    log.truncate_to_ordinal(model.first_ordinal + keep as u64).map_err(fail)?;
+                    model.truncate(keep);
+                    let below = log.truncate_to_ordinal(model.first_ordinal.saturating_sub(1));
+                    prop_assert!(
+                        model.first_ordinal == 1 || matches!(below, Err(LogError::OrdinalOutOfRange { .. })),
+                        "{:?}",
+                        below
+                    );
+                    let above = log.truncate_to_ordinal(model.next_ordinal() + 1);
+                    prop_assert!(matches!(above, Err(LogError::OrdinalOutOfRange { .. })), "{:?}", above);
+                    check(&log, &model)?;
+                    continue;
+                }
                 let base = match model.batches.get(keep) {
                     Some(b) => BatchHeader::parse(b).map_err(|e| TestCaseError::fail(e.to_string()))?,
                     None => {
                         log.truncate_to(model.end()).map_err(fail)?;
                         model.truncate(keep);
+                        check(&log, &model)?;
                         continue;
                     }
                 };
@@ -192,6 +262,18 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     log.truncate_to(base.base_offset).map_err(fail)?;
                     model.truncate(keep);
                 }
+            }
+            Op::Retain { pick } => {
+                let pick = pick % (model.batches.len() + 1);
+                let below = match model.batches.get(pick) {
+                    Some(b) => {
+                        BatchHeader::parse(b).map_err(|e| TestCaseError::fail(e.to_string()))?.base_offset
+                    }
+                    None => model.end(),
+                };
+                let report = log.delete_segments_below(below).map_err(fail)?;
+                prop_assert!(report.log_start_offset <= below);
+                model.retain_from(report.log_start_offset);
             }
             Op::Roll => now += 1000,
             Op::Sync { checkpoint } => {
@@ -250,7 +332,7 @@ fn truncation_below_the_recovery_point_then_power_loss() -> TestResult {
         ops.push(Op::Lead { records: 2, bump: 0 });
     }
     ops.push(Op::Sync { checkpoint: true });
-    ops.push(Op::Truncate { pick: 2, inside: false });
+    ops.push(Op::Truncate { pick: 2, inside: false, by_ordinal: false });
     ops.push(Op::Lead { records: 3, bump: 1 });
     ops.push(Op::Lead { records: 3, bump: 0 });
     ops.push(Op::Crash { kind: 2, n: 0 });

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::checkpoint::{self, RecoveryPoint};
 use super::epochs;
-use super::index::{OffsetEntry, TimeEntry};
+use super::index::{IndexDefect, OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
 use quiver_protocol::limits::MAX_QUARANTINE_BYTES;
@@ -226,16 +226,18 @@ pub(crate) fn recover(
     let (bases, names) = find_segments(&**storage, dir, &mut report)?;
     let written = checkpoint::read(&**storage, dir, &names);
     let Some((&last, closed_bases)) = bases.split_last() else {
-        let active = Segment::create(storage, dir, 0)?;
+        let active = Segment::create(storage, dir, 0, unknown_base_ordinal(0))?;
         storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
         report.segments = 1;
         let synced = RecoveryPoint::default();
         return Ok(Recovered { closed: Vec::new(), active, report, synced, written, names });
     };
-    let mut closed = Vec::with_capacity(closed_bases.len());
+    let mut closed: Vec<Segment> = Vec::with_capacity(closed_bases.len());
     for (i, &base) in closed_bases.iter().enumerate() {
         let next_base = bases.get(i + 1).copied().unwrap_or(last);
-        let mut seg = open_closed(storage, dir, base, next_base, config.index_interval_bytes, &mut report)?;
+        let chain = closed.last().map(Segment::next_ordinal);
+        let interval = config.index_interval_bytes;
+        let mut seg = open_closed(storage, dir, base, next_base, interval, chain, &mut report)?;
         // Closed segments' files open on demand (a bounded number at a time), so a broker's
         // file descriptors do not grow with the number of segments.
         seg.release();
@@ -243,10 +245,68 @@ pub(crate) fn recover(
     }
     let mut active =
         open_last(storage, dir, last, config.index_interval_bytes, written, &mut report, observer)?;
+    active_base_ordinal(storage, dir, &mut active, closed.last(), &names)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
     let synced = RecoveryPoint { segment_base: last, position: active.size, next_offset: active.next_offset };
     Ok(Recovered { closed, active, report, synced, written, names })
+}
+
+/// The base ordinal of a first retained segment whose index does not say it (a version-1 or
+/// damaged index, from before ordinals existed): `base + 1`, as if every batch before it had
+/// held one record (design.md §5.7). For a log that starts at 0 that is the true ordinal, 1.
+/// For one whose start retention moved, it is the largest ordinal the first batch could have
+/// had, and it is above 1, so the Raft snapshot before the log (index `first - 1`) is not the
+/// empty one. Deterministic, so a log opened twice before it is written back numbers the same.
+pub(crate) fn unknown_base_ordinal(base: u64) -> u64 {
+    base.saturating_add(1)
+}
+
+/// A segment's base ordinal from what its index header says (`header`, if it had a plausible
+/// one: at least 1 and at most `base + 1`, since every batch holds an offset) and what the
+/// segment before it implies (`chain`: its base ordinal + its batches). The header wins: it is
+/// what was handed out; a chain above it (possible only with damage) wins, so ordinals never
+/// repeat.
+fn reconcile_ordinal(seg: &Segment, header: Option<u64>, chain: Option<u64>) -> u64 {
+    let header = header.filter(|&h| h >= 1 && h <= unknown_base_ordinal(seg.base));
+    match (header, chain) {
+        (Some(h), Some(c)) => {
+            if h != c {
+                tracing::warn!(segment = %seg.log_path.display(), header = h, previous_segment_implies = c, "a segment's base ordinal differs from what the segment before it implies");
+            }
+            h.max(c)
+        }
+        (Some(h), None) => h,
+        (None, Some(c)) => c,
+        (None, None) => unknown_base_ordinal(seg.base),
+    }
+}
+
+/// Sets the base ordinal of the last segment: what the last closed segment implies, else what
+/// the header of its offset index says (written when the segment was created), else
+/// [`unknown_base_ordinal`]. Writes the header back (durably) if it could not be derived the
+/// same way again, so the ordinals survive retention deleting every closed segment.
+fn active_base_ordinal(
+    storage: &Arc<dyn Storage>,
+    dir: &Path,
+    active: &mut Segment,
+    last_closed: Option<&Segment>,
+    names: &[String],
+) -> Result<(), LogError> {
+    let header = match names.iter().any(|n| *n == super::segment::file_name(active.base, "index")) {
+        true => active.offsets.header_ordinal(),
+        false => None,
+    };
+    active.offsets.release();
+    let ordinal = reconcile_ordinal(active, header, last_closed.map(Segment::next_ordinal));
+    active.set_base_ordinal(ordinal);
+    if header.unwrap_or(unknown_base_ordinal(active.base)) != ordinal {
+        // The last segment's entries are never read (recovery rebuilds them): the header is
+        // what matters here.
+        active.offsets.write_out()?;
+        storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
+    }
+    Ok(())
 }
 
 /// The kinds of file a partition directory holds.
@@ -330,27 +390,48 @@ fn find_segments(
     Ok((logs.into_iter().collect(), names))
 }
 
-/// Opens a closed segment that must end exactly at `next_base`.
+/// Opens a closed segment that must end exactly at `next_base`. `chain` is the ordinal after
+/// the previous segment's last batch (`None` for the first segment).
 fn open_closed(
     storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     next_base: u64,
     interval: u32,
+    chain: Option<u64>,
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
     let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
     let span = next_base - base;
-    let why = match (seg.offsets.load(len, span), seg.times.load(len, span)) {
-        (Ok(offsets), Ok(times)) => match trust_indexes(&mut seg, offsets, times, len, next_base)? {
-            true => return Ok(seg),
-            false => "the segment's tail does not match its index".to_string(),
-        },
+    let loaded = seg.offsets.load(len, span);
+    let old_version = matches!(loaded, Err(IndexDefect::OldVersion));
+    let why = match (loaded, seg.times.load(len, span)) {
+        (Ok((offsets, header)), Ok((times, _))) => {
+            match trust_indexes(&mut seg, offsets, times, len, next_base)? {
+                true => {
+                    let ordinal = reconcile_ordinal(&seg, Some(header), chain);
+                    seg.set_base_ordinal(ordinal);
+                    if ordinal != header {
+                        rewrite_indexes(&mut seg, true)?;
+                        report.rebuilt_indexes.push(base);
+                    }
+                    return Ok(seg);
+                }
+                false => "the segment's tail does not match its index".to_string(),
+            }
+        }
         (Err(defect), _) => format!("offset index {defect}"),
         (_, Err(defect)) => format!("time index {defect}"),
     };
-    tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
+    // A header that survived damaged entries still says the base ordinal; a version-1 index
+    // has none.
+    let header = seg.offsets.header_ordinal();
+    if old_version {
+        tracing::info!(segment = %seg.log_path.display(), "rebuilding a version-1 offset index with ordinals");
+    } else {
+        tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
+    }
     seg.reset();
     let walker = seg.walker(Check::Headers)?;
     let Scan { end, mut damage } = scan(&walker, base, len, |at, resumed| {
@@ -370,6 +451,7 @@ fn open_closed(
             offsets: end.next_offset..next_base,
             reason,
         });
+        seg.count_damage(&(end.next_offset..next_base));
         seg.size = len;
         seg.next_offset = next_base;
     } else if end.next_offset != next_base {
@@ -382,6 +464,8 @@ fn open_closed(
         seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position });
         report.damaged.push(d);
     }
+    let ordinal = reconcile_ordinal(&seg, header, chain);
+    seg.set_base_ordinal(ordinal);
     rewrite_indexes(&mut seg, true)?;
     report.rebuilt_indexes.push(base);
     Ok(seg)
@@ -396,14 +480,18 @@ fn trust_indexes(
     len: u64,
     next_base: u64,
 ) -> Result<bool, LogError> {
-    let from = offsets.last().copied().unwrap_or(OffsetEntry { rel: 0, pos: 0 });
+    let from = offsets.last().copied().unwrap_or_default();
     // Time entries cover every batch up to the last offset entry (they are written together),
     // so the walk below supplies the rest of the segment's max timestamp, which retention by
     // age relies on.
     let mut max_ts = times.last().map_or(i64::MIN, |t| t.max_ts);
+    // The last entry's ordinal plus the batches from it on: the segment's count, and so the
+    // next segment's base ordinal, from the walk recovery does anyway.
+    let mut batches = u64::from(from.ord);
     let walker = seg.walker(Check::Headers)?;
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
+        batches += 1;
         true
     })?;
     if end.defect.is_some() || end.pos != len || end.next_offset != next_base {
@@ -413,6 +501,7 @@ fn trust_indexes(
     seg.times.set_entries(times);
     seg.size = len;
     seg.next_offset = next_base;
+    seg.batches = batches;
     seg.max_timestamp = max_ts;
     Ok(true)
 }
@@ -495,6 +584,7 @@ fn open_last(
             } else if pos < limit {
                 // The file ends at a batch boundary before the point: synced batches are gone.
                 let end_offset = limit_next.unwrap_or(offset).max(offset);
+                seg.count_damage(&(offset..end_offset));
                 let reason = TailDefect::Missing { end: len, point: limit };
                 damage.push(Damage {
                     path: seg.log_path.clone(),
@@ -538,6 +628,7 @@ fn open_last(
             offsets: offset..end_offset,
             reason,
         });
+        seg.count_damage(&(offset..end_offset));
         (seg.size, seg.next_offset) = (bound, end_offset);
         (pos, offset, resumed) = (bound, end_offset, true);
         break;

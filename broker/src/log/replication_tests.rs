@@ -488,7 +488,7 @@ fn broken_invariants_are_caught() -> TestResult {
     log.epochs = good;
     if cfg!(debug_assertions) {
         let size = log.active.size as u32;
-        log.active.offsets.push(index::OffsetEntry { rel: 1000, pos: size + 1 }, false);
+        log.active.offsets.push(index::OffsetEntry { rel: 1000, pos: size + 1, ord: 1000 }, false);
         assert!(caught(&log), "an index entry past the segment");
     }
     Ok(())

@@ -119,6 +119,12 @@ pub(crate) struct Segment {
     pub(crate) size: u64,
     /// Offset after the last batch.
     pub(crate) next_offset: u64,
+    /// Ordinal of the first batch (design.md §5.7): the Raft index of issue 17. Written in the
+    /// offset index's header when the segment is created and when it is sealed.
+    pub(crate) base_ordinal: u64,
+    /// Ordinals the segment holds: its batches, plus one for each damaged span recovery kept
+    /// (its batches cannot be counted, and it holds at least one).
+    pub(crate) batches: u64,
     /// Largest batch max timestamp; `i64::MIN` while empty.
     pub(crate) max_timestamp: i64,
     /// Clock time the segment's age (for `segment_ms`) counts from: its first append, or when
@@ -153,22 +159,46 @@ impl Segment {
             times: IndexFile::open(storage, dir.join(file_name(base, "timeindex")), base)?,
             size: 0,
             next_offset: base,
+            base_ordinal: 0,
+            batches: 0,
             max_timestamp: i64::MIN,
             roll_base_ms: None,
             damaged: Vec::new(),
         })
     }
 
-    /// Creates a new empty segment. The caller syncs the directory.
-    pub(crate) fn create(storage: &Arc<dyn Storage>, dir: &Path, base: u64) -> Result<Segment, LogError> {
-        let seg = Segment::open_files(storage, dir, base)?;
+    /// Creates a new empty segment whose first batch will have ordinal `base_ordinal`. The
+    /// caller syncs the directory.
+    pub(crate) fn create(
+        storage: &Arc<dyn Storage>,
+        dir: &Path,
+        base: u64,
+        base_ordinal: u64,
+    ) -> Result<Segment, LogError> {
+        let mut seg = Segment::open_files(storage, dir, base)?;
         let len = seg.log()?.len().map_err(LogError::io("stat segment", &seg.log_path))?;
         // Names only grow, so a non-empty file here is one we must not overwrite.
         if len != 0 {
             return Err(seg.corrupt(0, format!("new segment already holds {len} bytes")));
         }
-        // The index files are written when the segment is sealed (design.md §5.2).
+        // The offset index's header now, durably: it is where the base ordinal of the active
+        // segment survives a restart when no closed segment precedes it (retention deleted
+        // them). The entries are written when the segment is sealed (design.md §5.2).
+        seg.set_base_ordinal(base_ordinal);
+        seg.offsets.write_out()?;
         Ok(seg)
+    }
+
+    /// Sets the ordinal of the first batch (in memory; written to the offset index's header
+    /// when it is next written).
+    pub(crate) fn set_base_ordinal(&mut self, ordinal: u64) {
+        self.base_ordinal = ordinal;
+        self.offsets.set_base_ordinal(ordinal);
+    }
+
+    /// The ordinal the next batch appended to this segment gets.
+    pub(crate) fn next_ordinal(&self) -> u64 {
+        self.base_ordinal + self.batches
     }
 
     /// The log file, opened if it was released. The caller of a closed segment's file tells
@@ -231,23 +261,40 @@ impl Segment {
         Ok(())
     }
 
-    /// Accounts for a batch that is in the file at `at.pos`: sizes, offsets, and index entries
-    /// (written to the index files too if `write`). `after_damage` forces an index entry: the
-    /// first batch after a damaged span must be found without walking through it.
+    /// Accounts for a batch that is in the file at `at.pos`: sizes, offsets, ordinals and index
+    /// entries (written to the index files too if `write`). `after_damage` forces an index
+    /// entry: the first batch after a damaged span must be found without walking through it.
+    /// A damaged span that skipped offsets (the batch starts past `next_offset`) counts as one
+    /// ordinal before it.
     pub(crate) fn track(&mut self, at: BatchAt, interval: u32, write: bool, after_damage: bool) {
         let header = &at.header;
+        if after_damage && header.base_offset > self.next_offset {
+            self.batches += 1;
+        }
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         // An entry once `interval` bytes were appended since the last one; the first batch of
         // a segment always. Derived from positions only, so a rebuild gives the same entries.
         let due = after_damage || self.offsets.last().is_none_or(|e| at.pos - e.pos >= interval);
         if due {
-            self.offsets.push(OffsetEntry { rel: at.rel, pos: at.pos }, write);
+            // Ordinals grow by one per batch and offsets by at least one, so `ord <= rel`,
+            // which `BatchAt` bounded by u32.
+            let ord = u32::try_from(self.batches).unwrap_or(at.rel);
+            self.offsets.push(OffsetEntry { rel: at.rel, pos: at.pos, ord }, write);
             if self.times.last().is_none_or(|t| self.max_timestamp > t.max_ts) {
                 self.times.push(TimeEntry { max_ts: self.max_timestamp, rel: at.rel }, write);
             }
         }
         self.size = u64::from(at.pos) + header.total_len() as u64;
         self.next_offset = header.next_offset();
+        self.batches += 1;
+    }
+
+    /// Counts a damaged span of `offsets` that ends the scanned part of the segment (nothing
+    /// tracked after it yet): one ordinal if it holds any offset.
+    pub(crate) fn count_damage(&mut self, offsets: &std::ops::Range<u64>) {
+        if !offsets.is_empty() {
+            self.batches += 1;
+        }
     }
 
     /// Makes the segment durable before it stops being the active one.
@@ -265,6 +312,11 @@ impl Segment {
     /// (so appends after it never land on a file that a crash could lengthen again). Index
     /// entries from `offset` on and damaged spans after it are dropped.
     pub(crate) fn truncate(&mut self, pos: u64, offset: u64) -> Result<(), LogError> {
+        // The ordinal of the first batch cut is the number kept (read before the entries go).
+        let batches = match offset < self.next_offset {
+            true => self.locate_offset(offset)?.0,
+            false => self.batches,
+        };
         let log = self.log()?;
         log.truncate(pos).map_err(LogError::io("truncate segment", &self.log_path))?;
         log.sync().map_err(LogError::io("sync segment", &self.log_path))?;
@@ -272,7 +324,7 @@ impl Segment {
         self.offsets.truncate_from(rel);
         self.times.truncate_from(rel);
         self.damaged.retain(|d| d.offsets.end <= offset);
-        (self.size, self.next_offset) = (pos, offset);
+        (self.size, self.next_offset, self.batches) = (pos, offset, batches);
         // The running max timestamp: the last time entry covers every batch up to the last
         // offset entry (they are pushed together); the batches after it are read.
         self.max_timestamp = self.times.last().map_or(i64::MIN, |t| t.max_ts);
@@ -280,7 +332,7 @@ impl Segment {
             self.roll_base_ms = None;
             return Ok(());
         }
-        let from = self.offsets.last().copied().unwrap_or(OffsetEntry { rel: 0, pos: 0 });
+        let from = self.offsets.last().copied().unwrap_or_default();
         let mut max_ts = self.max_timestamp;
         let walker = self.walker(Check::Headers)?;
         walker.run(u64::from(from.pos), self.base + u64::from(from.rel), pos, |at| {
@@ -320,6 +372,60 @@ impl Segment {
         }
     }
 
+    /// The relative ordinal (from `base_ordinal`) of what holds `offset` (in
+    /// `base..next_offset`), and where that starts: a batch, from the nearest index entry
+    /// header by header, or a damaged span.
+    pub(crate) fn locate_offset(&self, offset: u64) -> Result<(u64, u64), LogError> {
+        if let Some(d) = self.damage_at(offset) {
+            return Ok((self.damage_ordinal(d), d.offsets.start));
+        }
+        let rel = u32::try_from(offset.saturating_sub(self.base)).unwrap_or(u32::MAX);
+        // No damaged span lies between the entry and `offset`: the first batch after one
+        // always has an entry of its own.
+        let from = self.offsets.floor(rel);
+        let (mut pos, mut ord) = (u64::from(from.pos), u64::from(from.ord));
+        loop {
+            let header = self.read_header(pos)?;
+            if header.next_offset() > offset {
+                return Ok((ord, header.base_offset));
+            }
+            pos += header.total_len() as u64;
+            ord += 1;
+        }
+    }
+
+    /// The base offset of what has relative ordinal `ord` (below `batches`): a batch, found
+    /// from the nearest index entry at or before it header by header, or a damaged span.
+    pub(crate) fn locate_ordinal(&self, ord: u64) -> Result<u64, LogError> {
+        for d in self.damaged.iter().filter(|d| !d.offsets.is_empty()) {
+            if self.damage_ordinal(d) == ord {
+                return Ok(d.offsets.start);
+            }
+        }
+        // As in `locate_offset`, the walk never crosses a damaged span: the batch after one has
+        // an entry, whose ordinal is at most `ord` if the span's is below it.
+        let from = self.offsets.floor_ordinal(ord);
+        let (mut pos, mut at) = (u64::from(from.pos), u64::from(from.ord));
+        loop {
+            let header = self.read_header(pos)?;
+            if at >= ord {
+                return Ok(header.base_offset);
+            }
+            pos += header.total_len() as u64;
+            at += 1;
+        }
+    }
+
+    /// The relative ordinal of a (non-empty) damaged span: one before the batch after it,
+    /// which has an index entry, or the last one if nothing follows it.
+    fn damage_ordinal(&self, d: &DamagedSpan) -> u64 {
+        let rel = u32::try_from(d.offsets.end - self.base).unwrap_or(u32::MAX);
+        match self.offsets.entry_at(rel).filter(|_| d.offsets.end < self.next_offset) {
+            Some(e) => u64::from(e.ord).saturating_sub(1),
+            None => self.batches.saturating_sub(1),
+        }
+    }
+
     /// Base offset of the first batch whose max timestamp is at least `ts`, if any.
     pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<Option<u64>, LogError> {
         if self.max_timestamp < ts {
@@ -350,6 +456,7 @@ impl Segment {
         self.times.set_entries(Vec::new());
         self.size = 0;
         self.next_offset = self.base;
+        self.batches = 0;
         self.max_timestamp = i64::MIN;
         self.damaged.clear();
     }

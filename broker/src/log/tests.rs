@@ -583,9 +583,11 @@ fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
     drop(log);
     let all = bases(&*storage, dir)?;
     assert!(all.len() >= 3, "want two closed segments");
-    // The active segment's index files are written when it is sealed; closed ones have theirs.
+    // The active segment's offset index holds only its header until it is sealed; closed
+    // ones have their entries.
     let (first, last) = (all[0], all[all.len() - 2]);
-    assert!(mem.contents(&segment_path(dir, all[all.len() - 1], "index")).is_none());
+    let active_index = mem.contents(&segment_path(dir, all[all.len() - 1], "index"));
+    assert_eq!(active_index.map(|i| i.len()), Some(24));
     let originals: Vec<(PathBuf, Vec<u8>)> = [
         segment_path(dir, first, "index"),
         segment_path(dir, first, "timeindex"),
@@ -595,7 +597,7 @@ fn missing_or_garbage_indexes_are_rebuilt_identically() -> TestResult {
     .filter_map(|p| mem.contents(&p).map(|c| (p, c)))
     .collect();
     assert_eq!(originals.len(), 3);
-    assert!(originals[0].1.len() > 16 + 8, "want a closed segment with several index entries");
+    assert!(originals[0].1.len() > 24 + 12, "want a closed segment with several index entries");
 
     storage.remove(&originals[0].0)?;
     mem.set_contents(&originals[1].0, b"QVTI garbage that is not an index")?;
@@ -624,6 +626,7 @@ fn index_entry_past_the_log_is_rebuilt() -> TestResult {
     let mut index = mem.contents(&path).ok_or("no index")?;
     index.extend_from_slice(&500u32.to_le_bytes());
     index.extend_from_slice(&1_000_000u32.to_le_bytes());
+    index.extend_from_slice(&400u32.to_le_bytes());
     mem.set_contents(&path, &index)?;
     let (log, report) = open(&storage, dir, &cfg)?;
     assert_eq!(report.rebuilt_indexes, vec![0]);
@@ -795,9 +798,10 @@ fn retention_by_bytes() -> TestResult {
     let kept: Vec<Bytes> = model.iter().filter(|b| count_to(b) > start).cloned().collect();
     check_reads(&log, &kept)?;
     assert_eq!(bases(&*storage, dir)?.first(), Some(&start));
-    // Three files per closed segment; the active one has only its log until it is sealed; and
-    // the recovery point, written at each roll; and the leader-epoch record.
-    assert_eq!(storage.list(dir)?.len(), 3 * log.segment_count() - 2 + 1 + 1);
+    // Three files per closed segment; the active one has its log and its offset index's
+    // header until it is sealed; and the recovery point, written at each roll; and the
+    // leader-epoch record.
+    assert_eq!(storage.list(dir)?.len(), 3 * log.segment_count() - 1 + 1 + 1);
     assert_eq!(log.apply_retention(0)?.deleted_segments(), 0);
     drop(log);
     let (log, _) = open(&storage, dir, &cfg)?;
@@ -882,16 +886,20 @@ fn index_files_follow_the_format() -> TestResult {
         let ts = if k == 3 || k == 4 { 0 } else { 100 * k };
         log.append(&mut fixed(ts), 0, 0)?;
     }
-    // The files are written when the segment is sealed.
-    assert_eq!(mem.contents(&segment_path(dir, 0, "index")), None);
-    log.roll(None)?;
-    let mut offsets = b"QVIX\x01\x00\x00\x00".to_vec();
+    // The offset index's header (with the base ordinal) is written when the segment is
+    // created; the entries, and the time index, when it is sealed.
+    let mut offsets = b"QVIX\x02\x00\x00\x00".to_vec();
     offsets.extend_from_slice(&0u64.to_le_bytes());
+    offsets.extend_from_slice(&1u64.to_le_bytes());
+    assert_eq!(mem.contents(&segment_path(dir, 0, "index")), Some(offsets.clone()));
+    assert_eq!(mem.contents(&segment_path(dir, 0, "timeindex")), None);
+    log.roll(None)?;
     let mut times = b"QVTI\x01\x00\x00\x00".to_vec();
     times.extend_from_slice(&0u64.to_le_bytes());
     for k in [0u32, 2, 4, 6] {
         offsets.extend_from_slice(&(2 * k).to_le_bytes());
         offsets.extend_from_slice(&(k * size as u32).to_le_bytes());
+        offsets.extend_from_slice(&k.to_le_bytes());
         if k != 4 {
             times.extend_from_slice(&(100 * i64::from(k) + 1).to_le_bytes());
             times.extend_from_slice(&(2 * k).to_le_bytes());
@@ -975,6 +983,16 @@ proptest! {
                 prop_assert!(matches!(read, Ok(_) | Err(LogError::Corrupt { .. })), "{:?}", read);
             }
             let _ = log.offset_for_timestamp(0);
+            // Ordinal lookups answer or fail as corrupt, never panic.
+            prop_assert!(log.first_ordinal() <= log.next_ordinal());
+            for offset in log.log_start_offset()..log.next_offset() {
+                let ord = log.ordinal_at(offset);
+                prop_assert!(matches!(ord, Ok(Some(_)) | Err(LogError::Corrupt { .. })), "{:?}", ord);
+            }
+            for ord in log.first_ordinal()..=log.next_ordinal() {
+                let offset = log.offset_of_ordinal(ord);
+                prop_assert!(matches!(offset, Ok(Some(_)) | Err(LogError::Corrupt { .. })), "{:?}", offset);
+            }
             prop_assert!(log.append(&mut batch(9, 1, 0), 0, 0).is_ok());
         }
     }
