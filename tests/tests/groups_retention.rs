@@ -38,15 +38,24 @@ async fn produce_range(producer: &Producer, topic: &str, range: std::ops::Range<
     Ok(())
 }
 
-/// Waits (20 s at most) until retention has moved the log start past offset 100; returns it.
+/// Waits (20 s at most) until retention has moved the log start past offset 100 and it has
+/// stayed put for half a second (several retention passes, with `retention_check_ms` 100: a pass
+/// that ran while the producer was still writing is followed by another); returns it.
 async fn log_start_after_retention(client: &Client, topic: &str) -> anyhow::Result<u64> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen: Option<(u64, std::time::Instant)> = None;
     loop {
         let start = client.admin().describe_topic(topic).await?.partitions[0].log_start_offset;
         if start > 100 {
-            return Ok(start);
+            match seen {
+                Some((s, since)) if s == start && since.elapsed() >= Duration::from_millis(500) => {
+                    return Ok(start)
+                }
+                Some((s, _)) if s == start => {}
+                _ => seen = Some((start, std::time::Instant::now())),
+            }
         }
-        assert!(std::time::Instant::now() < deadline, "retention did not run (log start {start})");
+        assert!(std::time::Instant::now() < deadline, "retention did not settle (log start {start})");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
