@@ -23,6 +23,7 @@ pub mod open_files;
 pub mod partition;
 pub mod placement;
 pub mod producers;
+pub(crate) mod replica;
 mod requests;
 pub mod server;
 pub mod state;

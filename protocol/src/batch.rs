@@ -16,6 +16,9 @@ pub const BATCH_LOG_OVERHEAD: usize = 12;
 const CRC_START: usize = 21;
 const MAGIC: i8 = 2;
 const COMPRESSION_MASK: i16 = 0x07;
+/// Attributes bit 5: a control batch (Kafka's transaction markers and KRaft's `LeaderChange`;
+/// ours also holds Raft's own entries, docs/replication.md §2). Consumers skip its records.
+pub const CONTROL_ATTRIBUTE: i16 = 0x20;
 /// Smallest possible encoded record: length + attributes + ts delta + offset delta + key len +
 /// value len + header count, one byte each.
 const MIN_RECORD_BYTES: usize = 7;
@@ -130,6 +133,11 @@ impl BatchHeader {
 
     pub fn compression(&self) -> u8 {
         (self.attributes & COMPRESSION_MASK) as u8
+    }
+
+    /// Whether attributes bit 5 marks a control batch.
+    pub fn is_control(&self) -> bool {
+        self.attributes & CONTROL_ATTRIBUTE != 0
     }
 }
 
@@ -466,6 +474,7 @@ pub struct BatchBuilder {
     max_timestamp: i64,
     count: u32,
     identity: ProducerIdentity,
+    attributes: i16,
 }
 
 impl BatchBuilder {
@@ -478,7 +487,15 @@ impl BatchBuilder {
             max_timestamp: 0,
             count: 0,
             identity: ProducerIdentity::default(),
+            attributes: 0,
         }
+    }
+
+    /// Makes the batch a control batch ([`CONTROL_ATTRIBUTE`]): what the broker writes for
+    /// Raft's own entries. Producers never send one.
+    pub fn control(mut self) -> Self {
+        self.attributes |= CONTROL_ATTRIBUTE;
+        self
     }
 
     pub fn with_identity(mut self, identity: ProducerIdentity) -> Self {
@@ -560,7 +577,7 @@ impl BatchBuilder {
         h[8..12].copy_from_slice(&((len - BATCH_LOG_OVERHEAD) as i32).to_be_bytes());
         h[12..16].copy_from_slice(&0i32.to_be_bytes());
         h[16] = MAGIC as u8;
-        h[21..23].copy_from_slice(&0i16.to_be_bytes());
+        h[21..23].copy_from_slice(&self.attributes.to_be_bytes());
         h[23..27].copy_from_slice(&(self.count as i32 - 1).to_be_bytes());
         h[27..35].copy_from_slice(&self.base_timestamp.to_be_bytes());
         h[35..43].copy_from_slice(&self.max_timestamp.to_be_bytes());
@@ -750,6 +767,18 @@ mod tests {
         assert_eq!(h.base_offset, 42);
         assert_eq!(h.leader_epoch, 7);
         assert_eq!(h.records_count, 1);
+    }
+
+    #[test]
+    fn a_control_batch_sets_bit_5_and_validates() {
+        let mut b = BatchBuilder::new(64).control();
+        b.push(-1, Some(&[0, 0, 0, 2]), b"", &[]);
+        let batch = b.finish();
+        let v = ValidatedBatch::new(batch).expect("a control batch is a valid batch");
+        assert!(v.header().is_control());
+        assert_eq!(v.header().attributes, CONTROL_ATTRIBUTE);
+        assert_eq!(v.header().compression(), 0);
+        assert!(!validate(&build(&[(1, None, b"v".to_vec(), vec![])])).expect("valid").is_control());
     }
 
     #[test]

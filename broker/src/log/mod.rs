@@ -53,6 +53,12 @@ pub use recovery::{Damage, RecoveryReport, Truncation};
 pub use segment::TailDefect;
 pub use verify::VerifyTarget;
 
+/// The Raft hard state of the partition's replica (broker/src/replica/state.rs), in the
+/// partition directory; recovery leaves it and its temp file alone.
+pub const RAFT_STATE_FILE: &str = "raft-state";
+/// Its temp file while it is replaced (the writer removes a leftover one first).
+pub const RAFT_STATE_TEMP_FILE: &str = "raft-state.tmp";
+
 /// Largest `segment_bytes` (one limit for topics and the log).
 pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;
 

@@ -354,6 +354,9 @@ fn find_segments(
         if name == checkpoint::FILE || name == epochs::FILE {
             continue;
         }
+        if name == super::RAFT_STATE_FILE || name == super::RAFT_STATE_TEMP_FILE {
+            continue; // the replica's, not the log's
+        }
         let kind = match name == checkpoint::TEMP_FILE || name == epochs::TEMP_FILE {
             true => Some((0, FileKind::Temp)),
             false => parse_name(&name),

@@ -1,0 +1,100 @@
+//! One `Ready` of a replica, handled in the order raft-rs documents (raw_node.rs, 0.7): the
+//! entries are appended and fsynced, then the hard state is persisted, and only then may the
+//! messages that depend on them leave; `advance` follows. Plain functions over a `RawNode`, no
+//! IO of their own beyond the log and the state file: the replication loop and the seeded
+//! simulator drive them alike.
+
+use quiver_protocol::batch::ValidatedBatch;
+use raft::eraftpb::{Entry, Message, MessageType};
+use raft::{Config, RawNode, StateRole};
+
+use super::{LogStorage, ReplicaError};
+
+/// What a handled `Ready` leaves for the caller.
+#[derive(Debug, Default)]
+pub(crate) struct ReadyOutput {
+    /// Messages to send, all of them safe to send now: the entries and hard state they depend
+    /// on are durable. (A leader may send its appends before its own fsync, raft-rs'
+    /// `Ready::messages`; this first slice sends everything after it.)
+    pub(crate) messages: Vec<Message>,
+    /// Entries committed and durable locally, in order: the high watermark moves past them.
+    pub(crate) committed: Vec<Entry>,
+    /// The commit index raft-rs reported, if it moved.
+    pub(crate) commit: Option<u64>,
+}
+
+/// The settings a partition's replica runs with (docs/replication.md §4). `applied` is where
+/// committed entries were last handed out: a restarted replica passes its persisted commit,
+/// the log being its own state machine. The election timeout is exactly `election_tick`
+/// ticks: raft-rs randomises it with a thread-local RNG, which a seeded simulation cannot
+/// replay, so the spread comes from when each replica ticks (the ticker staggers groups).
+pub(crate) fn config(id: u64, applied: u64) -> Config {
+    Config {
+        id,
+        applied,
+        election_tick: 10,
+        min_election_tick: 10,
+        max_election_tick: 11,
+        heartbeat_tick: 3,
+        // raft-rs' default 0 means one entry per append message.
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        pre_vote: true,
+        check_quorum: true,
+        ..Config::default()
+    }
+}
+
+/// Proposes one producer batch on the leader, without copying it (the entry shares its bytes).
+/// The batch is stamped with its offsets and the leader's term when it is appended.
+pub(crate) fn propose_batch(
+    node: &mut RawNode<LogStorage>,
+    batch: ValidatedBatch,
+) -> Result<(), ReplicaError> {
+    if node.raft.state != StateRole::Leader {
+        return Err(ReplicaError::NotLeader);
+    }
+    if batch.header().is_control() {
+        return Err(ReplicaError::ControlBatch);
+    }
+    let mut entry = Entry::default();
+    entry.set_data(batch.freeze());
+    // What `RawNode::propose` does, with the payload as shared `Bytes` instead of a `Vec`.
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgPropose);
+    m.set_from(node.raft.id);
+    m.set_entries(vec![entry].into());
+    node.step(m)?;
+    Ok(())
+}
+
+/// Handles one `Ready` if there is one: appends and fsyncs its entries (truncating a
+/// diverged suffix first), persists the hard state, advances, and persists the commit the
+/// advance reports. Returns the messages to send and the newly committed entries. On error the
+/// node must not be used again (its `Ready` was taken but not advanced).
+pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Result<ReadyOutput, ReplicaError> {
+    let mut out = ReadyOutput::default();
+    if !node.has_ready() {
+        return Ok(out);
+    }
+    let mut rd = node.ready();
+    if !rd.snapshot().get_data().is_empty() || rd.snapshot().get_metadata().get_index() != 0 {
+        return Err(ReplicaError::UnsupportedEntry("a snapshot"));
+    }
+    out.messages = rd.take_messages();
+    out.committed = rd.take_committed_entries();
+    node.mut_store().append(rd.entries(), now_ms)?;
+    if let Some(hs) = rd.hs() {
+        node.mut_store().set_hard_state(hs)?;
+    }
+    out.messages.extend(rd.take_persisted_messages());
+    let mut light = node.advance(rd);
+    if let Some(commit) = light.commit_index() {
+        node.mut_store().set_commit(commit)?;
+        out.commit = Some(commit);
+    }
+    out.messages.extend(light.take_messages());
+    out.committed.extend(light.take_committed_entries());
+    node.advance_apply();
+    Ok(out)
+}

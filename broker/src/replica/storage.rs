@@ -1,0 +1,339 @@
+//! raft-rs's read-only `Storage` over a partition's segment log (docs/replication.md §2, §2a),
+//! and the one write path into it ([`LogStorage::append`], driven by `Ready`).
+//!
+//! Raft entry index = batch ordinal; entry term = the batch's leader epoch; entry data = the
+//! batch's bytes, shared with the read buffer. Raft's own entries (a new leader's empty entry,
+//! configuration changes) are one-record control batches, so the log holds only Kafka v2
+//! batches and offsets stay contiguous; reading converts them back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use quiver_protocol::batch::{BatchBuilder, BatchHeader, BatchSplitter, RecordIter, ValidatedBatch};
+use quiver_protocol::limits::MAX_RAFT_TERM;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use super::state::{self, DurableState};
+use super::ReplicaError;
+use crate::log::PartitionLog;
+use crate::storage::Storage;
+
+/// Control record types (the `i16` after the `i16` version 0 in the record key).
+/// Kafka's own value for KRaft's `LeaderChange`: Raft's empty entry of a new leader.
+pub(crate) const CONTROL_LEADER_CHANGE: i16 = 2;
+/// Ours: a configuration change (raft-rs `EntryConfChangeV2`), the payload in the value.
+pub(crate) const CONTROL_CONF_CHANGE: i16 = 5;
+/// Version of the control record key.
+const CONTROL_KEY_VERSION: i16 = 0;
+
+/// One replica's Raft storage: the partition log (shared with the partition, which reads it)
+/// and the durable hard state kept beside it.
+#[derive(Debug)]
+pub(crate) struct LogStorage {
+    log: Arc<Mutex<PartitionLog>>,
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    state: DurableState,
+}
+
+impl LogStorage {
+    /// Opens the replica over an opened (recovered) `log` in directory `dir` of `storage`,
+    /// reading its `raft-state`. A replica that never wrote one starts with `voters` as its
+    /// configuration, written durably before this returns. A persisted commit beyond the log's
+    /// end (the log lost what was committed) is [`ReplicaError::CommitBeyondLog`]: such a
+    /// replica must not vote until repaired (docs/replication.md §7).
+    pub(crate) fn open(
+        log: Arc<Mutex<PartitionLog>>,
+        storage: Arc<dyn Storage>,
+        voters: &[u64],
+    ) -> Result<LogStorage, ReplicaError> {
+        let dir = log.lock().dir().to_path_buf();
+        let state = match state::read(&*storage, &dir)? {
+            Some(state) => state,
+            None => {
+                let mut state = DurableState::default();
+                state.conf_state.set_voters(voters.to_vec());
+                let first = log.lock().first_ordinal();
+                // A log that starts later than ordinal 1 without a state file has no known term
+                // before it; 0 makes raft-rs treat the prefix as compacted.
+                state.snapshot_index = first - 1;
+                state::write(&*storage, &dir, &state)?;
+                state
+            }
+        };
+        let last = log.lock().next_ordinal() - 1;
+        if state.hard_state.get_commit() > last {
+            return Err(ReplicaError::CommitBeyondLog { commit: state.hard_state.get_commit(), last });
+        }
+        Ok(LogStorage { log, storage, dir, state })
+    }
+
+    /// The partition log.
+    pub(crate) fn log(&self) -> &Arc<Mutex<PartitionLog>> {
+        &self.log
+    }
+
+    /// The durable hard state.
+    pub(crate) fn hard_state(&self) -> &HardState {
+        &self.state.hard_state
+    }
+
+    /// Persists a new hard state (term, vote and commit) before returning.
+    pub(crate) fn set_hard_state(&mut self, hs: &HardState) -> Result<(), ReplicaError> {
+        if hs == &self.state.hard_state {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.hard_state = hs.clone();
+        self.replace_state(next)
+    }
+
+    /// Persists a higher commit index (a lower bound: it may lag the one raft-rs knows).
+    pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), ReplicaError> {
+        if commit <= self.state.hard_state.get_commit() {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.hard_state.set_commit(commit);
+        self.replace_state(next)
+    }
+
+    /// Persists a new configuration (after applying a configuration change).
+    pub(crate) fn set_conf_state(&mut self, cs: ConfState) -> Result<(), ReplicaError> {
+        let mut next = self.state.clone();
+        next.conf_state = cs;
+        self.replace_state(next)
+    }
+
+    /// Writes the file first, changes memory after (STYLE.md 16).
+    fn replace_state(&mut self, next: DurableState) -> Result<(), ReplicaError> {
+        state::write(&*self.storage, &self.dir, &next)?;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Appends `entries` (contiguous, from a `Ready`) to the log and fsyncs it. If they start at
+    /// or below the last index, the log is first truncated there: a follower's diverged,
+    /// uncommitted suffix (never at or below the persisted commit:
+    /// [`ReplicaError::TruncateCommitted`]). Each entry's term is stamped into its batch as the
+    /// leader epoch and its offsets are the log's next ones: a leader's fresh proposal (base
+    /// offset 0, epoch 0) is stamped; a batch that already carries offsets and an epoch (a
+    /// follower receiving the leader's stored bytes) must carry exactly these and is stored byte
+    /// for byte, else [`ReplicaError::Diverged`]. Durable when this returns.
+    pub(crate) fn append(&mut self, entries: &[Entry], now_ms: i64) -> Result<(), ReplicaError> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        let mut log = self.log.lock();
+        let next = log.next_ordinal();
+        if first.get_index() < next {
+            let commit = self.state.hard_state.get_commit();
+            if first.get_index() <= commit {
+                return Err(ReplicaError::TruncateCommitted { index: first.get_index(), commit });
+            }
+            tracing::info!(dir = %self.dir.display(), from = first.get_index(), "truncating a diverged Raft suffix");
+            log.truncate_to_ordinal(first.get_index())?;
+        } else if first.get_index() > next {
+            return Err(ReplicaError::Gap { expected: next, got: first.get_index() });
+        }
+        for entry in entries {
+            let expected = log.next_ordinal();
+            if entry.get_index() != expected {
+                return Err(ReplicaError::Gap { expected, got: entry.get_index() });
+            }
+            let epoch = epoch_of_term(entry.get_term())?;
+            let mut batch = entry_batch(entry)?;
+            let h = *batch.header();
+            if (h.base_offset, h.leader_epoch) == (log.next_offset(), epoch) {
+                log.append_replicated(&batch, now_ms, None)?;
+            } else if (h.base_offset, h.leader_epoch) == (0, 0) {
+                log.append(&mut batch, epoch, now_ms)?;
+            } else {
+                return Err(ReplicaError::Diverged {
+                    index: entry.get_index(),
+                    offset: log.next_offset(),
+                    epoch,
+                    batch_offset: h.base_offset,
+                    batch_epoch: h.leader_epoch,
+                });
+            }
+        }
+        log.sync()?;
+        Ok(())
+    }
+
+    /// Entries `[low, high)`, at least one if any, then up to `max_size` bytes of data.
+    fn read_entries(&self, low: u64, high: u64, max_size: u64) -> Result<Vec<Entry>, raft::Error> {
+        let log = self.log.lock();
+        let (first, next) = (log.first_ordinal(), log.next_ordinal());
+        if low < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > next || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = Vec::new();
+        let Some(mut offset) = log.offset_of_ordinal(low).map_err(store_error)? else {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        };
+        let (mut index, mut size) = (low, 0u64);
+        while index < high {
+            let budget = usize::try_from(max_size.saturating_sub(size)).unwrap_or(usize::MAX);
+            // The plan's read is done under the lock: a first slice (the partition's reads
+            // already run plans outside it; the replica's will when it has its own task).
+            let bytes = log.read_plan(offset, budget).and_then(|p| p.execute()).map_err(store_error)?;
+            if bytes.is_empty() {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+            for item in BatchSplitter::new(bytes) {
+                let (header, batch) = item.map_err(|e| store_error(e.to_string()))?;
+                if header.base_offset != offset {
+                    return Err(store_error(format!(
+                        "batch at {} where {offset} was expected",
+                        header.base_offset
+                    )));
+                }
+                let entry = batch_entry(&header, batch, index).map_err(store_error)?;
+                let len = entry.get_data().len() as u64;
+                if !out.is_empty() && size.saturating_add(len) > max_size {
+                    return Ok(out);
+                }
+                size = size.saturating_add(len);
+                out.push(entry);
+                (index, offset) = (index + 1, header.next_offset());
+                if index == high {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl raft::Storage for LogStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.state.hard_state.clone(), self.state.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.read_entries(low, high, max_size.into().unwrap_or(raft::NO_LIMIT))
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let log = self.log.lock();
+        let first = log.first_ordinal();
+        if idx.checked_add(1) == Some(first) {
+            return match idx == self.state.snapshot_index {
+                true => Ok(self.state.snapshot_term),
+                false => Err(raft::Error::Store(StorageError::Compacted)),
+            };
+        }
+        if idx < first {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx >= log.next_ordinal() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let offset = log.offset_of_ordinal(idx).map_err(store_error)?;
+        match offset.and_then(|o| log.epoch_at(o)).map(u64::try_from) {
+            Some(Ok(term)) => Ok(term),
+            _ => Err(store_error(format!("no leader epoch for Raft index {idx}"))),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.log.lock().first_ordinal())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.log.lock().next_ordinal() - 1)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Not built yet (docs/replication.md §2a): raft-rs retries later, no follower is
+        // served from a snapshot.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+/// A read failure as raft-rs sees it. raft-rs panics on anything but `Compacted` and
+/// `Unavailable` from `entries`/`term`; the group's driver runs under `catch_unwind` and fences
+/// the partition (docs/replication.md §1), so the cause is logged here first.
+fn store_error(err: impl ToString) -> raft::Error {
+    let reason = err.to_string();
+    tracing::error!(%reason, "the Raft log could not be read");
+    raft::Error::Store(StorageError::Other(reason.into()))
+}
+
+/// The leader epoch a term is stamped as: terms past [`MAX_RAFT_TERM`] cannot be stored.
+fn epoch_of_term(term: u64) -> Result<i32, ReplicaError> {
+    match i32::try_from(term) {
+        Ok(epoch) if (1..=MAX_RAFT_TERM).contains(&term) => Ok(epoch),
+        _ => Err(ReplicaError::TermOutOfRange(term)),
+    }
+}
+
+/// The batch an entry is stored as (not yet stamped, unless it carries a stored batch).
+pub(crate) fn entry_batch(entry: &Entry) -> Result<ValidatedBatch, ReplicaError> {
+    let control = |kind: i16, value: &[u8]| {
+        let mut key = [0u8; 4];
+        key[..2].copy_from_slice(&CONTROL_KEY_VERSION.to_be_bytes());
+        key[2..].copy_from_slice(&kind.to_be_bytes());
+        // Timestamp -1 (Kafka's "none"): every replica builds the same bytes.
+        let mut b = BatchBuilder::new(64 + value.len()).control();
+        b.push(-1, Some(&key), value, &[]);
+        ValidatedBatch::new(b.finish())
+    };
+    let batch = match (entry.get_entry_type(), entry.get_data().is_empty()) {
+        (EntryType::EntryNormal, true) => control(CONTROL_LEADER_CHANGE, &[])?,
+        (EntryType::EntryConfChangeV2, _) => control(CONTROL_CONF_CHANGE, entry.get_data())?,
+        (EntryType::EntryConfChange, _) => return Err(ReplicaError::UnsupportedEntry("ConfChange (v1)")),
+        (EntryType::EntryNormal, false) => {
+            let batch = ValidatedBatch::new(entry.data.clone())?;
+            if batch.header().is_control() {
+                return Err(ReplicaError::UnsupportedEntry("a control batch as entry data"));
+            }
+            batch
+        }
+    };
+    Ok(batch)
+}
+
+/// The entry a stored batch is, at Raft index `index`.
+pub(crate) fn batch_entry(header: &BatchHeader, batch: Bytes, index: u64) -> Result<Entry, String> {
+    let term = u64::try_from(header.leader_epoch).map_err(|_| format!("negative epoch at index {index}"))?;
+    let mut entry = Entry::default();
+    entry.set_index(index);
+    entry.set_term(term);
+    if !header.is_control() {
+        entry.set_data(batch);
+        return Ok(entry);
+    }
+    let record = match RecordIter::new(batch, *header).next() {
+        Some(Ok(record)) if header.records_count == 1 => record,
+        _ => return Err(format!("control batch at index {index} is not one record")),
+    };
+    let key = record.key.as_deref().unwrap_or_default();
+    let kind = match key {
+        [v0, v1, t0, t1] if i16::from_be_bytes([*v0, *v1]) == CONTROL_KEY_VERSION => {
+            i16::from_be_bytes([*t0, *t1])
+        }
+        _ => return Err(format!("control record key {key:?} at index {index}")),
+    };
+    match kind {
+        CONTROL_LEADER_CHANGE => entry.set_entry_type(EntryType::EntryNormal),
+        CONTROL_CONF_CHANGE => {
+            entry.set_entry_type(EntryType::EntryConfChangeV2);
+            entry.set_data(record.value);
+        }
+        other => return Err(format!("control record type {other} at index {index}")),
+    }
+    Ok(entry)
+}
