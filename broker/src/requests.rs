@@ -203,6 +203,16 @@ async fn produce(
             PartitionError::new(code, format!("rejected batch for {topic}/{partition}: {e}"))
         })?;
         let header = batch.header();
+        if header.is_control() {
+            // Control batches are the brokers' own (Raft's entries are stored as such,
+            // docs/replication.md §2): a client's could later pass for one.
+            return Err(PartitionError::new(
+                ErrorCode::CorruptBatch,
+                format!(
+                    "rejected batch for {topic}/{partition}: control batches are written by brokers only"
+                ),
+            ));
+        }
         state
             .producer_ids
             .check(header.producer_id, header.producer_epoch)

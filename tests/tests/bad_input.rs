@@ -82,6 +82,18 @@ async fn bad_frames_get_clear_errors() -> anyhow::Result<()> {
         expect_error(&mut reader, ErrorCode::CorruptBatch).await?;
         assert_eq!(client.admin().describe_topic("ok").await?.partitions[0].high_watermark, 0);
 
+        // A control batch (attributes bit 5): only brokers write those (Raft's own entries,
+        // docs/replication.md §2); a client's is refused and nothing is appended.
+        let control = {
+            let mut b = quiver_protocol::BatchBuilder::new(64).control();
+            b.push(1, Some(b"\0\0\0\x02"), b"", &[]);
+            b.finish()
+        };
+        write_message(&mut send, &produce("ok", control)).await?;
+        let m = expect_error(&mut reader, ErrorCode::CorruptBatch).await?;
+        assert!(m.contains("control"), "{m}");
+        assert_eq!(client.admin().describe_topic("ok").await?.partitions[0].high_watermark, 0);
+
         // A 4 GiB length prefix: refused before anything is buffered; the stream ends.
         let (mut send, mut reader) = raw_stream(&client).await?;
         send.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 3]).await?;
