@@ -9,6 +9,7 @@
 // Until the replication loop exists, only the simulator calls this module.
 #![cfg_attr(not(test), allow(dead_code))]
 
+mod admit;
 mod logger;
 mod ready;
 mod state;
@@ -23,6 +24,8 @@ use quiver_protocol::batch::BatchError;
 
 use crate::log::LogError;
 
+#[cfg_attr(not(test), allow(unused_imports))]
+pub(crate) use admit::admit;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use logger::raft_logger;
 #[cfg_attr(not(test), allow(unused_imports))]

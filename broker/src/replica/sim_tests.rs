@@ -154,8 +154,12 @@ impl Sim {
             let cut = self.isolated.is_some_and(|i| i == m.from || i == m.to);
             if !cut && self.rng.gen_range(0..100) >= self.drop_percent {
                 if let Some(node) = self.replica(m.to).node.as_mut() {
-                    // Refusals (a response from an unknown peer, a stale message) are normal.
-                    let _ = node.step(m);
+                    // Through the gate every peer message passes (admit.rs); refusals (a
+                    // response from an unknown peer, a stale message) are normal.
+                    let mut m = m;
+                    if crate::replica::admit(node, &mut m).is_ok() {
+                        let _ = node.step(m);
+                    }
                 }
             }
         }
