@@ -23,7 +23,9 @@ pub struct Topic {
     pub metrics: TopicMetrics,
 }
 
-/// The counters a produce or fetch request bumps, labelled with the topic.
+/// The counters a produce or fetch request bumps, labelled with the topic. Looked up from the
+/// metrics recorder installed when the topic is loaded or created: an embedding application
+/// must install its recorder before `Broker::start`, or these count into a no-op recorder.
 #[derive(Debug)]
 pub struct TopicMetrics {
     pub messages_in: metrics::Counter,
