@@ -43,6 +43,9 @@ impl Membership {
         let interval = session / 3;
         let mut wait = interval;
         let mut waiting: Vec<tokio::sync::oneshot::Sender<bool>> = Vec::new();
+        // Whether the connection was re-established since the last heartbeat the broker took:
+        // then a fenced member is what a broker restart does, not a session that expired.
+        let mut reconnected = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -50,6 +53,7 @@ impl Membership {
                     if changed.is_err() {
                         return; // the client is gone
                     }
+                    reconnected = true;
                 }
                 request = requests.recv() => match request {
                     Some(reply) => waiting.extend(reply),
@@ -62,6 +66,7 @@ impl Membership {
             wait = interval;
             let joined = match admin.heartbeat(&group, &member.member_id, member.generation).await {
                 Ok(a) => {
+                    reconnected = false;
                     if self.apply(&admin, &group, &mut member, a).await {
                         wait = Duration::ZERO; // confirm the change at once
                     }
@@ -73,7 +78,15 @@ impl Membership {
                 Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
                     // Removed from the group (session expired, or the broker restarted): what we
                     // held is gone. Join again.
-                    tracing::warn!(%group, "left the group ({message}); joining again");
+                    // (A reconnect made by this very heartbeat has not been seen by the select.)
+                    let restarted = reconnects.has_changed().unwrap_or(false);
+                    reconnects.borrow_and_update();
+                    if std::mem::take(&mut reconnected) || restarted {
+                        // The expected course of a broker restart: memberships live in memory.
+                        tracing::info!(%group, "the broker no longer knows this member (it restarted); joining the group again");
+                    } else {
+                        tracing::warn!(%group, "left the group ({message}); joining again");
+                    }
                     let joined = match self.rejoin(&admin, &group, &mut member).await {
                         Ok(joined) => joined,
                         Err(e) => return self.topic_deleted(&group, e, waiting).await,
