@@ -758,7 +758,7 @@ fn append_one(
     log: &mut PartitionLog,
     producers: &mut ProducerStates,
     tail: &Mutex<TailCache>,
-    mut batch: ValidatedBatch,
+    batch: ValidatedBatch,
     now: i64,
 ) -> Result<Appended, PartitionError> {
     let header = *batch.header();
@@ -775,14 +775,28 @@ fn append_one(
         }
         SeqCheck::Append => {}
     }
-    // If the batch rolls the log, the producers as of the new segment's start are snapshot
-    // durably before the segment exists, so a retry of a batch from the old segment is still
-    // recognised after a restart. A failed snapshot fails the roll and this append (retriable):
-    // the dedup state is never silently lost.
-    let encode = || producers.encode_snapshot();
-    let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
-    let info = log.append_with(&mut batch, LEADER_EPOCH, now, Some(&snapshot))?;
-    producers.record(&header, info.base_offset);
+    append_and_track(producers, tail, batch, now, |batch, snapshot| {
+        log.append_with(batch, LEADER_EPOCH, now, Some(snapshot))
+    })
+}
+
+/// Runs `write` (a leader's or a follower's append of `batch`), then has the producer state and
+/// the tail cache follow it. If the batch rolls the log, the producers as of the new segment's
+/// start are snapshot durably before the segment exists, so a retry of a batch from the old
+/// segment is still recognised after a restart. A failed snapshot fails the roll and this
+/// append (retriable): the dedup state is never silently lost.
+fn append_and_track(
+    producers: &mut ProducerStates,
+    tail: &Mutex<TailCache>,
+    mut batch: ValidatedBatch,
+    now: i64,
+    write: impl FnOnce(&mut ValidatedBatch, &RollFile<'_>) -> Result<crate::log::AppendInfo, LogError>,
+) -> Result<Appended, PartitionError> {
+    let info = {
+        let encode = || producers.encode_snapshot();
+        write(&mut batch, &RollFile { ext: SNAPSHOT_EXT, contents: &encode })?
+    };
+    producers.record(batch.header(), info.base_offset);
     // The stamped bytes, frozen without a copy, serve tail readers.
     tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
     Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
@@ -799,12 +813,9 @@ pub(crate) fn append_replicated_one(
     batch: ValidatedBatch,
     now: i64,
 ) -> Result<Appended, PartitionError> {
-    let encode = || producers.encode_snapshot();
-    let snapshot = RollFile { ext: SNAPSHOT_EXT, contents: &encode };
-    let info = log.append_replicated(&batch, now, Some(&snapshot))?;
-    producers.record(batch.header(), info.base_offset);
-    tail.lock().push(info.base_offset, info.last_offset + 1, batch.freeze());
-    Ok(Appended { base_offset: info.base_offset, last_offset: info.last_offset, append_time_ms: now })
+    append_and_track(producers, tail, batch, now, |batch, snapshot| {
+        log.append_replicated(batch, now, Some(snapshot))
+    })
 }
 
 /// Truncates the partition's log at `offset` (a follower's uncommitted suffix, design.md §5.7),
