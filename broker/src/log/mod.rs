@@ -1334,35 +1334,35 @@ impl PartitionLog {
         if self.is_poisoned() || self.latest_epoch() != Some(leader_epoch) {
             return false;
         }
-        let seg = &self.active;
-        let segment_ms = i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
-        if seg.size > 0 && seg.roll_base_ms.is_some_and(|t| now_ms.saturating_sub(t) >= segment_ms) {
-            return false;
-        }
-        let (mut size, mut next) = (seg.size, self.next_offset());
+        let (mut size, mut next) = (self.active.size, self.next_offset());
         for header in headers {
-            let records = u64::from(header.last_offset_delta.max(0) as u32) + 1;
             let stamped = BatchHeader { base_offset: next, ..*header };
-            let fits = size + header.total_len() as u64 <= self.config.segment_bytes;
-            if size > 0 && (!fits || BatchAt::new(seg.base, size, stamped).is_none()) {
+            if self.rolls_at(size, &stamped, now_ms) {
                 return false;
             }
             size += header.total_len() as u64;
-            next += records;
+            next = stamped.next_offset();
         }
         true
     }
 
     /// Whether `header` must go into a new segment. An empty segment always takes the batch.
     fn should_roll(&self, header: &BatchHeader, now_ms: i64) -> bool {
+        self.rolls_at(self.active.size, header, now_ms)
+    }
+
+    /// Whether the stamped `header`, appended when the active segment holds `size` bytes, must
+    /// go into a new segment: it would pass `segment_bytes`, the segment is old enough, or the
+    /// batch could not be indexed in it. An empty segment always takes the batch.
+    fn rolls_at(&self, size: u64, header: &BatchHeader, now_ms: i64) -> bool {
         let seg = &self.active;
-        if seg.size == 0 {
+        if size == 0 {
             return false;
         }
-        let full = seg.size + header.total_len() as u64 > self.config.segment_bytes;
+        let full = size + header.total_len() as u64 > self.config.segment_bytes;
         let segment_ms = i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
         let old = seg.roll_base_ms.is_some_and(|t| now_ms.saturating_sub(t) >= segment_ms);
-        let unaddressable = BatchAt::new(seg.base, seg.size, *header).is_none();
+        let unaddressable = BatchAt::new(seg.base, size, *header).is_none();
         full || old || unaddressable
     }
 
