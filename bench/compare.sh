@@ -55,8 +55,8 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 NATS_BENCH_DIR="$HERE/nats-bench"
 NATS_BENCH="$NATS_BENCH_DIR/target/release/nats-bench"
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "compare.sh: $*"; exit 1; }
+# shellcheck source=bench/common.sh
+source "$HERE/common.sh"
 
 command -v python3 >/dev/null || die "python3 is needed to read the JSON reports"
 command -v cargo >/dev/null || die "cargo is needed to build nats-bench"
@@ -65,37 +65,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/quiver-compare.XXXXXX")"
 NATS_PID=""
 QUIVERD_PID=""
 BENCH_PID=""
-cleanup() {
-    local rc=$?
-    for pid in "$BENCH_PID" "$QUIVERD_PID" "$NATS_PID"; do
-        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-        fi
-    done
-    if [[ -n "${RESULTS_DIR:-}" && -d "$WORK/results" ]]; then
-        mkdir -p "$RESULTS_DIR" && cp -r "$WORK/results/." "$RESULTS_DIR/" && log "raw reports kept in $RESULTS_DIR"
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# A free loopback port (tcp or udp): bind port 0 and let the kernel choose.
-free_port() {
-    python3 - "$1" <<'PY'
-import socket, sys
-kind = socket.SOCK_DGRAM if sys.argv[1] == "udp" else socket.SOCK_STREAM
-s = socket.socket(socket.AF_INET, kind)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-PY
-}
+CLEANUP_PIDS=(BENCH_PID QUIVERD_PID NATS_PID)
+trap_cleanup
 
 # ---- nats-server -----------------------------------------------------------------------
 NATS_SERVER="${NATS_SERVER:-$(command -v nats-server || true)}"

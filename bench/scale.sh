@@ -36,8 +36,8 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 SCENARIOS=("$@")
 [[ ${#SCENARIOS[@]} -gt 0 ]] || SCENARIOS=(partitions memory latency restart)
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "scale.sh: $*"; exit 1; }
+# shellcheck source=bench/common.sh
+source "$HERE/common.sh"
 command -v python3 >/dev/null || die "python3 is needed to read the JSON reports"
 
 if [[ ! -x "$QUIVER_BIN_DIR/quiverd" || ! -x "$QUIVER_BIN_DIR/quiver" ]]; then
@@ -52,40 +52,8 @@ QUIVERD="$WORK/bin/quiverd"
 QUIVER="$WORK/bin/quiver"
 QUIVERD_PID=""
 BG_PID=""
-stop_pid() {
-    local pid="$1"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
-}
-cleanup() {
-    local rc=$?
-    stop_pid "$BG_PID"
-    stop_pid "$QUIVERD_PID"
-    if [[ -n "${RESULTS_DIR:-}" ]]; then
-        mkdir -p "$RESULTS_DIR" && cp -r "$WORK/results/." "$RESULTS_DIR/" && log "raw reports kept in $RESULTS_DIR"
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-    python3 - <<'PY'
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-PY
-}
-
-rss_mib() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
+CLEANUP_PIDS=(BG_PID QUIVERD_PID)
+trap_cleanup
 
 # start_broker DIR: a quiverd on a free port over DIR (kept: a restart reuses it).
 start_broker() {
