@@ -197,7 +197,7 @@ impl Groups {
             // members, so a reset cannot pull offsets from under a live group.
             (Some(_), None) => Err(PartitionError::new(
                 ErrorCode::FencedMember,
-                format!("group '{group}' has active members; join it to consume or commit"),
+                format!("group '{group}' has active members; stop them first (offsets are reset and set from outside only while a group is empty)"),
             )),
             (None, None) => Ok(()),
         }

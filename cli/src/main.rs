@@ -434,11 +434,9 @@ fn parse_from(s: &str) -> anyhow::Result<StartPosition> {
         t if t.starts_with("time:") => StartPosition::Timestamp(
             parse_time(&t["time:".len()..], now_ms()).map_err(|e| anyhow::anyhow!("--from '{t}': {e}"))?,
         ),
-        n => {
-            StartPosition::Offset(n.parse().with_context(|| {
-                format!("--from '{n}': expected earliest, latest, an offset or time:<when>")
-            })?)
-        }
+        n => StartPosition::Offset(n.parse().map_err(|_| {
+            anyhow::anyhow!("--from '{n}': expected earliest, latest, an offset or time:<when>")
+        })?),
     })
 }
 
@@ -750,7 +748,9 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
                     }
                     n => n
                         .parse::<u64>()
-                        .with_context(|| format!("--to '{n}': expected earliest, latest or an offset"))?
+                        .map_err(|_| {
+                            anyhow::anyhow!("--to '{n}': expected earliest, latest, an offset or time:<when>")
+                        })?
                         .clamp(p.log_start_offset, p.high_watermark),
                 };
                 admin.commit_offset(&group, &topic, p.partition, target).await?;

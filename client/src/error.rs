@@ -33,6 +33,9 @@ pub enum ClientError {
     /// The broker sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A record that cannot fit in a batch, header included: not sent.
+    #[error("record of {bytes} bytes is larger than the largest batch ({limit} bytes with its header)")]
+    RecordTooLarge { bytes: usize, limit: usize },
     /// A request did not complete in time.
     #[error("request timed out after {0} ms")]
     Timeout(u64),
@@ -88,6 +91,10 @@ impl ClientError {
 impl From<ReadError> for ClientError {
     fn from(e: ReadError) -> Self {
         match e {
+            // The connection's own reason, not "connection lost: connection lost".
+            ReadError::Read(quinn::ReadError::ConnectionLost(c)) => {
+                ClientError::ConnectionLost(describe_lost(&c))
+            }
             ReadError::Read(e) => ClientError::ConnectionLost(e.to_string()),
             ReadError::Truncated => ClientError::ConnectionLost(e.to_string()),
             // A stalled peer or path: worth a new stream, as a lost connection is.
@@ -100,7 +107,10 @@ impl From<ReadError> for ClientError {
 #[doc(hidden)]
 impl From<WriteError> for ClientError {
     fn from(e: WriteError) -> Self {
-        ClientError::ConnectionLost(e.to_string())
+        match e {
+            WriteError::ConnectionLost(c) => ClientError::ConnectionLost(describe_lost(&c)),
+            other => ClientError::ConnectionLost(other.to_string()),
+        }
     }
 }
 
@@ -126,6 +136,16 @@ pub(crate) fn describe_lost(e: &quinn::ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_connection_says_why_once() {
+        let closed = quinn::ConnectionError::LocallyClosed;
+        let write = ClientError::from(WriteError::ConnectionLost(closed.clone()));
+        let read = ClientError::from(ReadError::Read(quinn::ReadError::ConnectionLost(closed)));
+        for e in [write, read] {
+            assert_eq!(e.to_string(), "connection lost: closed", "{e:?}");
+        }
+    }
 
     #[test]
     fn a_stalled_frame_is_worth_a_new_stream() {

@@ -358,7 +358,7 @@ impl Producer {
         let headers: Vec<(&str, &[u8])> = record.headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
         let size = BatchBuilder::record_size(record.key.as_deref(), &record.value, &headers);
         if size + quiver_protocol::batch::BATCH_HEADER_BYTES > MAX_BATCH_BYTES {
-            return Err(ClientError::Protocol(format!("record of {size} bytes exceeds the batch limit")));
+            return Err(ClientError::RecordTooLarge { bytes: size, limit: MAX_BATCH_BYTES });
         }
         if self.client.is_closed() {
             return Err(ClientError::Closed);
