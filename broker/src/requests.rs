@@ -225,7 +225,7 @@ async fn produce(
     .await;
     let started = std::time::Instant::now();
     match (result, acks) {
-        (Err(e), Acks::Leader) => ready(error(e)),
+        (Err(e), Acks::Leader | Acks::All) => ready(error(e)),
         (Err(e), Acks::None) => {
             tracing::debug!("acks=none produce failed: {e}");
             Box::pin(async { None })
@@ -237,7 +237,7 @@ async fn produce(
             }
             None
         }),
-        (Ok(rx), Acks::Leader) => Box::pin(async move {
+        (Ok(rx), Acks::Leader | Acks::All) => Box::pin(async move {
             let r = match rx.await {
                 Ok(Ok(a)) => {
                     Message::ProduceOk { base_offset: a.base_offset, log_append_time_ms: a.append_time_ms }
@@ -327,10 +327,10 @@ fn metadata(state: &BrokerState, topic: Option<&str>) -> Result<Message, Partiti
         Some(name) => vec![state.topics.get(name)?],
         None => state.topics.all(),
     };
-    Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t)).collect()))
+    Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t, state.config.broker_id)).collect()))
 }
 
-fn topic_info(t: &Topic) -> TopicInfo {
+fn topic_info(t: &Topic, broker_id: u32) -> TopicInfo {
     TopicInfo {
         name: t.name.to_string(),
         config: t.config.clone(),
@@ -341,6 +341,9 @@ fn topic_info(t: &Topic) -> TopicInfo {
                 partition: p.id,
                 log_start_offset: p.log_start_offset(),
                 high_watermark: p.high_watermark(),
+                leader: Some(broker_id),
+                epoch: 0,
+                replicas: Vec::new(),
             })
             .collect(),
     }

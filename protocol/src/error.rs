@@ -35,6 +35,9 @@ pub enum ErrorCode {
     TopicDeleted,
     /// A named limit (protocol/src/limits.rs, design.md §2) would be exceeded.
     LimitExceeded,
+    /// The broker is not (or no longer) the partition's leader, or none is known yet (an
+    /// election is under way): retry, after refreshing metadata, within a second or two.
+    NotLeader,
     Unknown(u16),
 }
 
@@ -66,6 +69,7 @@ impl ErrorCode {
             CorruptLog => 33,
             TopicDeleted => 34,
             LimitExceeded => 35,
+            NotLeader => 23,
             Unknown(c) => c,
         }
     }
@@ -97,13 +101,14 @@ impl ErrorCode {
             33 => CorruptLog,
             34 => TopicDeleted,
             35 => LimitExceeded,
+            23 => NotLeader,
             c => Unknown(c),
         }
     }
 
     /// Whether retrying the same request on a new connection may succeed.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown)
+        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown | ErrorCode::NotLeader)
     }
 }
 

@@ -31,6 +31,14 @@ pub struct TopicConfig {
     pub segment_ms: u64,
     pub durability: Durability,
     pub flush_interval_ms: u32,
+    /// Brokers holding a copy of each partition (Raft voters, docs/replication.md). 1 on a
+    /// single node; a cluster refuses more than it has brokers.
+    #[serde(default = "one_replica")]
+    pub replicas: u16,
+}
+
+fn one_replica() -> u16 {
+    1
 }
 
 impl TopicConfig {
@@ -69,6 +77,13 @@ impl TopicConfig {
         self
     }
 
+    /// Copies of each partition in a cluster (a majority of them must have a batch durably
+    /// for `Acks::All`).
+    pub fn with_replicas(mut self, replicas: u16) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
     /// Checks every setting against its named limit (docs/design.md §2); the broker refuses a
     /// topic whose config fails this, before anything is created.
     pub fn validate(&self) -> Result<(), String> {
@@ -81,6 +96,13 @@ impl TopicConfig {
         }
         if self.segment_ms == 0 {
             return Err("segment_ms must be at least 1".into());
+        }
+        if self.replicas == 0 || usize::from(self.replicas) > crate::limits::MAX_RAFT_VOTERS {
+            return Err(format!(
+                "replicas must be 1 to {}, got {}",
+                crate::limits::MAX_RAFT_VOTERS,
+                self.replicas
+            ));
         }
         Ok(())
     }
@@ -95,6 +117,7 @@ impl Default for TopicConfig {
             segment_ms: 7 * 24 * 3600 * 1000,
             durability: Durability::Always,
             flush_interval_ms: 1000,
+            replicas: 1,
         }
     }
 }

@@ -44,7 +44,15 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::PRODUCE => Produce {
             topic: topic(r)?,
             partition: r.u32()?,
-            acks: if r.bool()? { Acks::Leader } else { Acks::None },
+            acks: {
+                let at = r.position();
+                match r.u8()? {
+                    0 => Acks::None,
+                    1 => Acks::Leader,
+                    2 => Acks::All,
+                    t => return Err(DecodeError::invalid("acks", at, format!("tag {t}")).into()),
+                }
+            },
             batch: r.bytes("batch", MAX_BATCH_BYTES)?,
         },
         kind::PRODUCE_OK => ProduceOk { base_offset: r.u64()?, log_append_time_ms: r.i64()? },
@@ -111,11 +119,14 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             Ok(TopicInfo {
                 name: topic(r)?,
                 config: get_config(r)?,
-                partitions: r.list("partitions", 20, |r| {
+                partitions: r.list("partitions", 33, |r| {
                     Ok(PartitionInfo {
                         partition: r.u32()?,
                         log_start_offset: r.u64()?,
                         high_watermark: r.u64()?,
+                        leader: r.option(|r| r.u32())?,
+                        epoch: r.u64()?,
+                        replicas: broker_ids(r)?,
                     })
                 })?,
             })
@@ -123,6 +134,24 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::CREATE_TOPIC => CreateTopic { name: topic(r)?, partitions: r.u32()?, config: get_config(r)? },
         kind::DELETE_TOPIC => DeleteTopic { name: topic(r)? },
         kind::DONE => Done,
+        kind::CLUSTER_STATUS => ClusterStatus,
+        kind::CLUSTER_STATUS_OK => ClusterStatusOk {
+            brokers: r.list("brokers", 4 + 4 + 1, |r| {
+                Ok(BrokerStatus { id: r.u32()?, addr: text(r)?, up: r.bool()? })
+            })?,
+            partitions: r.list("partitions", 4 + 4 + 1 + 8 + 4 + 4 + 8, |r| {
+                Ok(ReplicaStatus {
+                    topic: topic(r)?,
+                    partition: r.u32()?,
+                    leader: r.option(|r| r.u32())?,
+                    epoch: r.u64()?,
+                    replicas: broker_ids(r)?,
+                    in_sync: broker_ids(r)?,
+                    commit: r.u64()?,
+                })
+            })?,
+        },
+        kind::RAFT => Raft { payload: r.bytes("raft message", crate::limits::MAX_RAFT_MESSAGE_BYTES)? },
         kind::INIT_PRODUCER => InitProducer,
         kind::JOIN_GROUP => JoinGroup {
             group: text(r)?,
@@ -189,6 +218,16 @@ fn get_start(r: &mut Reader) -> Result<StartPosition, DecodeError> {
     })
 }
 
+/// A list of broker ids (a partition's replicas), at most `MAX_RAFT_VOTERS`.
+fn broker_ids(r: &mut Reader) -> Result<Vec<u32>, DecodeError> {
+    let at = r.position();
+    let ids = r.list("broker ids", 4, |r| r.u32())?;
+    if ids.len() > crate::limits::MAX_RAFT_VOTERS {
+        return Err(DecodeError::invalid("broker ids", at, format!("{} ids", ids.len())));
+    }
+    Ok(ids)
+}
+
 fn get_config(r: &mut Reader) -> Result<TopicConfig, DecodeError> {
     let retention_bytes = r.option(|r| r.u64())?;
     let retention_ms = r.option(|r| r.u64())?;
@@ -208,5 +247,6 @@ fn get_config(r: &mut Reader) -> Result<TopicConfig, DecodeError> {
         segment_ms,
         durability,
         flush_interval_ms: r.u32()?,
+        replicas: r.u16()?,
     })
 }

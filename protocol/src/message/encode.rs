@@ -38,7 +38,11 @@ impl Message {
             Produce { topic, partition, acks, batch } => {
                 b.put_string(topic);
                 b.put_u32_le(*partition);
-                b.put_u8(matches!(acks, Acks::Leader) as u8);
+                b.put_u8(match acks {
+                    Acks::None => 0,
+                    Acks::Leader => 1,
+                    Acks::All => 2,
+                });
                 b.put_u32_le(batch.len() as u32);
                 return batch.clone();
             }
@@ -173,6 +177,9 @@ impl Message {
                         b.put_u32_le(p.partition);
                         b.put_u64_le(p.log_start_offset);
                         b.put_u64_le(p.high_watermark);
+                        put_option(b, p.leader, |b, l| b.put_u32_le(l));
+                        b.put_u64_le(p.epoch);
+                        put_u32s(b, &p.replicas);
                     }
                 }
             }
@@ -182,6 +189,29 @@ impl Message {
                 put_config(b, config);
             }
             DeleteTopic { name } => b.put_string(name),
+            ClusterStatus => {}
+            ClusterStatusOk { brokers, partitions } => {
+                b.put_u32_le(brokers.len() as u32);
+                for x in brokers {
+                    b.put_u32_le(x.id);
+                    b.put_string(&x.addr);
+                    b.put_u8(u8::from(x.up));
+                }
+                b.put_u32_le(partitions.len() as u32);
+                for p in partitions {
+                    b.put_string(&p.topic);
+                    b.put_u32_le(p.partition);
+                    put_option(b, p.leader, |b, l| b.put_u32_le(l));
+                    b.put_u64_le(p.epoch);
+                    put_u32s(b, &p.replicas);
+                    put_u32s(b, &p.in_sync);
+                    b.put_u64_le(p.commit);
+                }
+            }
+            Raft { payload } => {
+                b.put_u32_le(payload.len() as u32);
+                return payload.clone();
+            }
         }
         Bytes::new()
     }
@@ -245,4 +275,5 @@ fn put_config(b: &mut BytesMut, c: &TopicConfig) {
         Durability::Os => 2,
     });
     b.put_u32_le(c.flush_interval_ms);
+    b.put_u16_le(c.replicas);
 }

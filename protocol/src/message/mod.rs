@@ -26,8 +26,8 @@ mod validate;
 pub use config::{Durability, TopicConfig};
 pub use heads::{deliver_head, deliver_some_head};
 pub use types::{
-    Acks, DeliveryRange, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, RedeliveryPolicy,
-    StartPosition, Subscribe, TopicInfo,
+    Acks, BrokerStatus, DeliveryRange, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets,
+    RedeliveryPolicy, ReplicaStatus, StartPosition, Subscribe, TopicInfo,
 };
 use validate::truncate_utf8;
 pub use validate::{validate_group_name, validate_partition_count, validate_topic_name};
@@ -178,6 +178,17 @@ pub enum Message {
     OffsetIs {
         offset: u64,
     },
+    /// Asks a broker of a cluster what it knows of the brokers and the partitions' replicas.
+    ClusterStatus,
+    ClusterStatusOk {
+        brokers: Vec<BrokerStatus>,
+        partitions: Vec<ReplicaStatus>,
+    },
+    /// One Raft message between brokers (protocol::raft's encoding), on broker-to-broker
+    /// connections only (mutual TLS, docs/replication.md §5).
+    Raft {
+        payload: Bytes,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -258,6 +269,9 @@ mod kind {
     pub const ACK_RANGES: u8 = 35;
     pub const NACK: u8 = 36;
     pub const SETTLED: u8 = 37;
+    pub const CLUSTER_STATUS: u8 = 38;
+    pub const CLUSTER_STATUS_OK: u8 = 39;
+    pub const RAFT: u8 = 40;
 }
 
 impl Message {
@@ -306,6 +320,9 @@ impl Message {
             GroupDescription { .. } => kind::GROUP_DESCRIPTION,
             OffsetForTime { .. } => kind::OFFSET_FOR_TIME,
             OffsetIs { .. } => kind::OFFSET_IS,
+            ClusterStatus => kind::CLUSTER_STATUS,
+            ClusterStatusOk { .. } => kind::CLUSTER_STATUS_OK,
+            Raft { .. } => kind::RAFT,
         }
     }
 }

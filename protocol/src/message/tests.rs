@@ -10,14 +10,16 @@ fn arb_config() -> impl Strategy<Value = TopicConfig> {
         any::<u64>(),
         prop_oneof![Just(Durability::Always), Just(Durability::Interval), Just(Durability::Os)],
         any::<u32>(),
+        any::<u16>(),
     )
-        .prop_map(|(rb, rm, sb, sm, durability, fi)| TopicConfig {
+        .prop_map(|(rb, rm, sb, sm, durability, fi, replicas)| TopicConfig {
             retention_bytes: rb,
             retention_ms: rm,
             segment_bytes: sb,
             segment_ms: sm,
             durability,
             flush_interval_ms: fi,
+            replicas,
         })
 }
 
@@ -42,10 +44,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             broker_id: b,
             server_version: s
         }),
-        (name, any::<u32>(), any::<bool>(), bytes.clone()).prop_map(|(t, p, a, b)| Message::Produce {
+        (name, any::<u32>(), 0..3u8, bytes.clone()).prop_map(|(t, p, a, b)| Message::Produce {
             topic: t,
             partition: p,
-            acks: if a { Acks::Leader } else { Acks::None },
+            acks: [Acks::None, Acks::Leader, Acks::All][usize::from(a)],
             batch: b
         }),
         (any::<u64>(), any::<i64>())
@@ -98,7 +100,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             offset: o,
             max_bytes: m
         }),
-        (any::<u64>(), any::<u64>(), bytes).prop_map(|(a, b, c)| Message::FetchOk {
+        (any::<u64>(), any::<u64>(), bytes.clone()).prop_map(|(a, b, c)| Message::FetchOk {
             log_start_offset: a,
             high_watermark: b,
             batches: c
@@ -139,7 +141,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         .map(|(p, l, h)| PartitionInfo {
                             partition: p,
                             log_start_offset: l,
-                            high_watermark: h
+                            high_watermark: h,
+                            leader: (p % 2 == 0).then_some(p / 3),
+                            epoch: l ^ h,
+                            replicas: vec![p, p / 2],
                         })
                         .collect()
                 })
@@ -160,6 +165,30 @@ fn arb_message() -> impl Strategy<Value = Message> {
             timestamp_ms: ts
         }),
         any::<u64>().prop_map(|o| Message::OffsetIs { offset: o }),
+        Just(Message::ClusterStatus),
+        (
+            proptest::collection::vec((any::<u32>(), ".{0,20}", any::<bool>()), 0..4),
+            proptest::collection::vec(
+                (name, any::<u32>(), any::<Option<u32>>(), any::<u64>(), any::<u64>()),
+                0..4
+            )
+        )
+            .prop_map(|(b, p)| Message::ClusterStatusOk {
+                brokers: b.into_iter().map(|(id, addr, up)| BrokerStatus { id, addr, up }).collect(),
+                partitions: p
+                    .into_iter()
+                    .map(|(topic, partition, leader, epoch, commit)| ReplicaStatus {
+                        topic,
+                        partition,
+                        leader,
+                        epoch,
+                        replicas: vec![1, 2, 3],
+                        in_sync: leader.into_iter().collect(),
+                        commit,
+                    })
+                    .collect(),
+            }),
+        bytes.clone().prop_map(|payload| Message::Raft { payload }),
         (name, name, proptest::option::of(name), any::<u32>()).prop_map(|(g, t, m, s)| {
             Message::JoinGroup { group: g, topic: t, member_id: m, session_timeout_ms: s }
         }),

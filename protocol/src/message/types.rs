@@ -16,8 +16,12 @@ pub enum StartPosition {
 pub enum Acks {
     /// The broker answers without waiting for the append.
     None,
-    /// The broker answers after the append is durable per the topic's durability.
+    /// The broker answers after the append is durable per the topic's durability on the
+    /// leader (on a replicated topic: before a majority may have it).
     Leader,
+    /// The broker answers once a majority of the partition's replicas have the batch durably
+    /// (Raft's commit, docs/replication.md §3). The same as `Leader` on one node.
+    All,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +29,36 @@ pub struct PartitionInfo {
     pub partition: u32,
     pub log_start_offset: u64,
     pub high_watermark: u64,
+    /// The broker leading the partition, when known (always the answering broker on one node).
+    pub leader: Option<u32>,
+    /// The leader's Raft term (the batches' leader epoch); 0 on one node.
+    pub epoch: u64,
+    /// The brokers holding a replica (empty on one node).
+    pub replicas: Vec<u32>,
+}
+
+/// One broker of a cluster as another sees it (`ClusterStatusOk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    pub id: u32,
+    pub addr: String,
+    /// Whether the answering broker has a live link to it (itself: always).
+    pub up: bool,
+}
+
+/// One partition's replication as the answering broker knows it (`ClusterStatusOk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: Option<u32>,
+    pub epoch: u64,
+    pub replicas: Vec<u32>,
+    /// Replicas whose log matches the leader's up to its commit (known on the leader; else
+    /// what the answering broker last learned).
+    pub in_sync: Vec<u32>,
+    /// The Raft commit index (the batch ordinal up to which entries are committed).
+    pub commit: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
