@@ -38,6 +38,9 @@ pub enum ErrorCode {
     /// The broker is not (or no longer) the partition's leader, or none is known yet (an
     /// election is under way): retry, after refreshing metadata, within a second or two.
     NotLeader,
+    /// A connection asked for the broker-to-broker protocol (`PEER_ALPN`) without a
+    /// certificate signed by the peer CA: the broker closes it with this code.
+    Unauthenticated,
     Unknown(u16),
 }
 
@@ -70,6 +73,7 @@ impl ErrorCode {
             TopicDeleted => 34,
             LimitExceeded => 35,
             NotLeader => 23,
+            Unauthenticated => 24,
             Unknown(c) => c,
         }
     }
@@ -102,6 +106,7 @@ impl ErrorCode {
             34 => TopicDeleted,
             35 => LimitExceeded,
             23 => NotLeader,
+            24 => Unauthenticated,
             c => Unknown(c),
         }
     }

@@ -20,6 +20,11 @@ pub const UNBUDGETED_FRAME_BYTES: u32 = 64 * 1024;
 pub const PROTOCOL_VERSION: u8 = 1;
 /// ALPN protocol id for QUIC connections.
 pub const ALPN: &[u8] = b"quiver/1";
+/// ALPN protocol id of broker-to-broker connections (same UDP port as clients). Offered by a
+/// broker only when a peer CA is configured; a connection that negotiates it must present a
+/// certificate signed by that CA, or the broker closes it (docs/replication.md, "Broker-to-broker
+/// TLS").
+pub const PEER_ALPN: &[u8] = b"quiver-peer/1";
 /// Longest string field other than a topic or group name (the u16 length prefix's maximum).
 pub const MAX_STRING_BYTES: usize = u16::MAX as usize;
 /// Most items in any list on the wire, so a decoded count cannot ask for unbounded memory.
