@@ -21,6 +21,16 @@ pub struct BrokerConfig {
     /// generated into `<data_dir>/tls/` and reused on restart.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The CA that signs broker certificates (PEM), with `tls_cert`/`tls_key`: this broker
+    /// then accepts broker-to-broker links (ALPN `quiver-peer/1`) from brokers whose
+    /// certificate it signed, and presents `tls_cert` as its own client certificate when it
+    /// dials them (which therefore needs the ClientAuth usage too).
+    pub tls_ca: Option<PathBuf>,
+    /// A development CA shared by the brokers of a cluster (not with `tls_cert`): the first
+    /// broker creates `<dev_ca>/ca.pem` and `ca.key`, each broker issues its own certificate
+    /// signed by it into `<data_dir>/tls/` (`broker.pem`, reissued when the CA changed), and
+    /// that CA authenticates brokers to each other. Clients trust `<dev_ca>/ca.pem`.
+    pub dev_ca: Option<PathBuf>,
     /// Connections beyond this are refused.
     pub max_connections: usize,
     /// Concurrent bidirectional streams per connection (one per subscribed partition plus the
@@ -78,6 +88,8 @@ impl Default for BrokerConfig {
             broker_id: 0,
             tls_cert: None,
             tls_key: None,
+            tls_ca: None,
+            dev_ca: None,
             max_connections: 16_384,
             max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
@@ -130,6 +142,14 @@ impl BrokerConfig {
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "tls_cert and tls_key go together"
         );
+        anyhow::ensure!(
+            self.tls_ca.is_none() || self.tls_cert.is_some(),
+            "tls_ca (the CA of broker certificates) needs tls_cert and tls_key: the broker's own certificate signed by it"
+        );
+        anyhow::ensure!(
+            self.dev_ca.is_none() || self.tls_cert.is_none(),
+            "dev_ca and tls_cert exclude each other: dev_ca generates the broker's certificate"
+        );
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
         anyhow::ensure!(
             self.max_inflight_requests_per_stream > 0,
@@ -156,9 +176,14 @@ impl BrokerConfig {
         self.data_dir.join("tls")
     }
 
-    /// The CA file clients should trust when certificates were generated.
+    /// The CA file clients should trust when certificates were generated: the shared CA's
+    /// with `dev_ca`, else the single node's under `<data_dir>/tls/`.
     pub fn dev_ca_path(&self) -> PathBuf {
-        self.tls_dir().join("ca.pem")
+        match &self.dev_ca {
+            // `tls::dev_ca::CA_CERT_FILE`, spelled out: tls reads the config, not the reverse.
+            Some(dir) => dir.join("ca.pem"),
+            None => self.tls_dir().join("ca.pem"),
+        }
     }
 }
 

@@ -29,6 +29,15 @@ struct Args {
     /// Server private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signs broker certificates: accept broker-to-broker links
+    /// (mutual TLS) from brokers it signed; needs --tls-cert/--tls-key.
+    #[arg(long, env = "QUIVER_TLS_CA", value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Directory of a development CA shared by a cluster's brokers: the first creates
+    /// DIR/ca.pem and DIR/ca.key, each issues its own certificate from it. Clients trust
+    /// DIR/ca.pem. Not with --tls-cert.
+    #[arg(long, env = "QUIVER_DEV_CA", value_name = "DIR", conflicts_with = "tls_cert")]
+    dev_ca: Option<PathBuf>,
 }
 
 fn main() {
@@ -78,6 +87,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.tls_cert.is_some() {
         config.tls_cert = args.tls_cert;
         config.tls_key = args.tls_key;
+    }
+    if args.tls_ca.is_some() {
+        config.tls_ca = args.tls_ca;
+    }
+    if args.dev_ca.is_some() {
+        config.dev_ca = args.dev_ca;
     }
     let broker = Broker::start(config.clone()).await.context("starting the broker")?;
     match broker.ca_path() {

@@ -28,6 +28,7 @@ pub struct Broker {
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
+    peer_tls: Option<crate::tls::PeerTls>,
     metrics_addr: Option<SocketAddr>,
     tasks: tokio::task::JoinHandle<()>,
 }
@@ -49,8 +50,14 @@ impl Broker {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         // Before anything in the directory is read or written; held until the broker stopped.
         let dir_lock = crate::data_dir::DataDirLock::acquire(&config.data_dir)?;
-        let tls_files = crate::tls::ensure_certificates(&config)?;
+        // Blocking: fsyncs, and with --dev-ca a wait for the broker creating the shared CA.
+        let tls_files = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || crate::tls::ensure_certificates(&config)).await??
+        };
         let server_config = crate::tls::server_config(&tls_files, &config)?;
+        let peer_tls =
+            crate::tls::PeerTls::from_files(&tls_files, Duration::from_millis(config.idle_timeout_ms))?;
         let shutdown = CancellationToken::new();
         // Before anything records or keeps a metric handle (partitions do, when they load).
         let recorder = match config.metrics_listen {
@@ -117,7 +124,7 @@ impl Broker {
             _ => None,
         };
         let tasks = tokio::spawn(run(state.clone(), endpoint.clone(), dir_lock));
-        Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, metrics_addr, tasks })
+        Ok(Broker { state, endpoint, local_addr, ca_path: tls_files.ca, peer_tls, metrics_addr, tasks })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -129,9 +136,16 @@ impl Broker {
         self.metrics_addr
     }
 
-    /// The development CA clients should trust, when certificates were generated.
+    /// The development CA clients should trust, when certificates were generated (with
+    /// `--dev-ca DIR`, the shared `DIR/ca.pem`).
     pub fn ca_path(&self) -> Option<&PathBuf> {
         self.ca_path.as_ref()
+    }
+
+    /// How this broker dials its peers (`quiver-peer/1`, mutual TLS) through [`Self::endpoint`],
+    /// when a peer CA is configured (`--dev-ca` or `--tls-ca`).
+    pub fn peer_tls(&self) -> Option<&crate::tls::PeerTls> {
+        self.peer_tls.as_ref()
     }
 
     pub fn state(&self) -> &Arc<BrokerState> {
@@ -233,6 +247,16 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
             return;
         }
     };
+    // A connection asking for the broker-to-broker protocol must be an authenticated broker
+    // (rustls verified any certificate presented, but lets connections without one through so
+    // clients connect): refuse the rest. Authenticated peer links are the cluster's to serve.
+    if crate::tls::is_peer_alpn(&conn) {
+        if let Err(e) = crate::tls::peer_identity(&conn) {
+            tracing::warn!(%remote, "refusing a quiver-peer/1 connection: {e}");
+            crate::tls::close_unauthenticated(&conn, &e);
+            return;
+        }
+    }
     state.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").increment(1.0);
     tracing::debug!(%remote, "connection open");

@@ -1,5 +1,8 @@
 //! TLS for the QUIC endpoint: load configured certificates, or generate a development CA and a
 //! server certificate (rcgen) into `<data_dir>/tls/` on first start and reuse them afterwards.
+//! With a peer CA (`--dev-ca DIR`, whose CA brokers share, or `--tls-ca`), the endpoint also
+//! serves broker-to-broker links (ALPN `quiver-peer/1`, mutual TLS): [`peer_identity`],
+//! [`PeerTls`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,28 +10,60 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use quinn::crypto::rustls::QuicServerConfig;
-use quiver_protocol::limits::ALPN;
+use quiver_protocol::limits::{ALPN, PEER_ALPN};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::BrokerConfig;
 
+pub mod dev_ca;
+mod peer;
+
+pub use peer::{
+    close_unauthenticated, is_peer_alpn, peer_client_config, peer_identity, PeerAuthError, PeerIdentity,
+    PeerTls,
+};
+
 /// Paths of the certificate material in use.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// This broker's certificate chain: its server certificate, and its client certificate
+    /// toward peers.
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// Set when a development CA was generated (or reused).
+    /// Set when a development CA was generated (or reused): the CA clients trust.
     pub ca: Option<PathBuf>,
+    /// The CA that signs broker certificates (`--dev-ca`'s `ca.pem` or `--tls-ca`). When set,
+    /// the endpoint offers `quiver-peer/1` and verifies client certificates against it.
+    pub peer_ca: Option<PathBuf>,
 }
 
-/// Returns the certificate files, generating development ones if none are configured.
+/// Returns the certificate files, generating development ones if none are configured. A
+/// `--dev-ca` broker's certificate names `config.broker_id` (see [`ensure_node_certificates`]).
 pub fn ensure_certificates(config: &BrokerConfig) -> anyhow::Result<TlsFiles> {
+    ensure_node_certificates(config, u64::from(config.broker_id))
+}
+
+/// As [`ensure_certificates`], with the node id a `--dev-ca` certificate names (its CN
+/// `quiver-broker-<id>` and URI name `quiver://broker/<id>`). Blocking: file locks and fsyncs.
+pub fn ensure_node_certificates(config: &BrokerConfig, node_id: u64) -> anyhow::Result<TlsFiles> {
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
+        return Ok(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+            peer_ca: config.tls_ca.clone(),
+        });
+    }
+    if let Some(ca_dir) = &config.dev_ca {
+        return dev_ca::ensure_cluster_certificates(ca_dir, &config.tls_dir(), node_id, config.listen);
     }
     let dir = config.tls_dir();
-    let files =
-        TlsFiles { cert: dir.join("server.pem"), key: dir.join("server.key"), ca: Some(dir.join("ca.pem")) };
+    let files = TlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        ca: Some(dir.join("ca.pem")),
+        peer_ca: None,
+    };
     if files.cert.exists() && files.key.exists() && dir.join("ca.pem").exists() {
         return Ok(files);
     }
@@ -49,14 +84,7 @@ fn generate_dev_certificates(dir: &Path) -> anyhow::Result<()> {
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
-        let host = host.trim();
-        if !host.is_empty() && !names.iter().any(|n| n == host) {
-            names.push(host.to_string());
-        }
-    }
-    let mut params = CertificateParams::new(names)?;
+    let mut params = CertificateParams::new(local_names())?;
     params.distinguished_name.push(DnType::CommonName, "quiverd");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -68,10 +96,24 @@ fn generate_dev_certificates(dir: &Path) -> anyhow::Result<()> {
     write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())?;
     write_atomic(&dir.join("server.pem"), cert.pem().as_bytes())?;
     write_atomic(&dir.join("ca.pem"), ca_cert.pem().as_bytes())?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
+    sync_dir(dir)
+}
+
+/// The names a generated certificate is valid for: localhost, both loopback addresses and the
+/// host's name.
+fn local_names() -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && !names.iter().any(|n| n == host) {
+            names.push(host.to_string());
+        }
+    }
+    names
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -101,15 +143,32 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 /// The quinn server configuration: TLS 1.3 only, ALPN `quiver/1`, and transport limits for a
 /// broker facing untrusted clients: bounded streams per connection and connections, finite
 /// flow-control windows, and an idle timeout (design.md §2 and §8a).
+///
+/// With a peer CA (`files.peer_ca`) it also offers `quiver-peer/1` and asks every connection
+/// for a certificate, verified against that CA when presented but optional at the TLS layer so
+/// clients without one still connect: [`peer_identity`] tells a peer link from a client after
+/// the handshake, and the accept loop closes a `quiver-peer/1` connection it refuses.
 pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<quinn::ServerConfig> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(quiver_transport::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("server certificate and key do not match")?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let provider = quiver_transport::crypto_provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let (builder, alpn) = match &files.peer_ca {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(ca)?),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .with_context(|| format!("peer CA {}", ca.display()))?;
+            (builder.with_client_cert_verifier(verifier), vec![ALPN.to_vec(), PEER_ALPN.to_vec()])
+        }
+        None => (builder.with_no_client_auth(), vec![ALPN.to_vec()]),
+    };
+    let mut tls = builder.with_single_cert(certs, key).context("server certificate and key do not match")?;
+    tls.alpn_protocols = alpn;
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -139,6 +198,15 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// The certificates of a PEM file as the only roots of trust (a CA file).
+fn load_roots(path: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).with_context(|| format!("CA certificate in {}", path.display()))?;
+    }
+    Ok(roots)
+}
+
 fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     let pem = std::fs::read(path).with_context(|| format!("reading key {}", path.display()))?;
     rustls_pemfile::private_key(&mut &pem[..])
@@ -163,10 +231,7 @@ pub fn endpoint_config(config: &BrokerConfig) -> anyhow::Result<quinn::EndpointC
                 .map_err(|_| anyhow::anyhow!("no system randomness for the reset key"))?;
             std::fs::create_dir_all(config.tls_dir())?;
             write_private(&path, &bytes)?;
-            let dir = config.tls_dir();
-            std::fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("syncing {}", dir.display()))?;
+            sync_dir(&config.tls_dir())?;
             bytes
         }
     };
