@@ -1,5 +1,6 @@
 //! Broker configuration: a TOML file and flags, validated once at start-up.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,9 @@ pub struct BrokerConfig {
     pub max_partitions_total: u32,
     /// TCP address for Prometheus `/metrics` and `/healthz`; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Cluster mode (`--node-id`, `--peers`); a single node when unset. Flags only.
+    #[serde(skip)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -108,6 +112,7 @@ impl Default for BrokerConfig {
             tail_cache_bytes_total: 256 * 1024 * 1024,
             direct_writes: false,
             metrics_listen: None,
+            cluster: None,
         }
     }
 }
@@ -184,6 +189,48 @@ impl BrokerConfig {
             Some(dir) => dir.join("ca.pem"),
             None => self.tls_dir().join("ca.pem"),
         }
+    }
+}
+
+/// Who this broker is and who its peers are (`--node-id`, `--peers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    /// Every voter, this broker included: id → address (the address clients and brokers
+    /// reach it at).
+    pub peers: BTreeMap<u64, SocketAddr>,
+}
+
+impl ClusterConfig {
+    /// Parses `--peers 1@HOST:PORT,2@HOST:PORT,...` for broker `node_id`.
+    pub fn parse(node_id: u64, peers: &str) -> Result<ClusterConfig, String> {
+        let mut map = BTreeMap::new();
+        for item in peers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, addr) =
+                item.split_once('@').ok_or_else(|| format!("peer '{item}' is not ID@HOST:PORT"))?;
+            let id: u64 = id.parse().map_err(|_| format!("peer '{item}': '{id}' is not a node id"))?;
+            if id == 0 || id > u64::from(u32::MAX) {
+                return Err(format!("peer '{item}': node ids are 1 to {}", u32::MAX));
+            }
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .map_err(|e| format!("peer '{item}': {e}"))?
+                .next()
+                .ok_or_else(|| format!("peer '{item}': no address"))?;
+            if map.insert(id, addr).is_some() {
+                return Err(format!("node id {id} appears twice in --peers"));
+            }
+        }
+        if map.len() > quiver_protocol::limits::MAX_RAFT_VOTERS {
+            return Err(format!("more than {} peers", quiver_protocol::limits::MAX_RAFT_VOTERS));
+        }
+        if !map.contains_key(&node_id) {
+            return Err(format!("--node-id {node_id} is not in --peers"));
+        }
+        Ok(ClusterConfig { node_id, peers: map })
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.peers.keys().copied().collect()
     }
 }
 

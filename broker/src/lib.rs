@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 mod dead_letters;

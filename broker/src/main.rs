@@ -38,6 +38,33 @@ struct Args {
     /// DIR/ca.pem. Not with --tls-cert.
     #[arg(long, env = "QUIVER_DEV_CA", value_name = "DIR", conflicts_with = "tls_cert")]
     dev_ca: Option<PathBuf>,
+    /// This broker's id in a cluster (with --peers).
+    #[arg(long, env = "QUIVER_NODE_ID", requires = "peers", hide = true)]
+    node_id: Option<u64>,
+    /// Every broker of the cluster, this one included: ID@HOST:PORT,ID@HOST:PORT,...
+    /// (static voters; each address is that broker's --listen).
+    #[arg(long, env = "QUIVER_PEERS", requires = "node_id", hide = true)]
+    peers: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Starts a local cluster of brokers (one process each) on 127.0.0.1 and prints how to
+    /// point the CLI at it; stops them on Ctrl-C.
+    #[command(hide = true)]
+    DevCluster {
+        /// How many brokers.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Where their data (node-1, node-2, ...) and the shared development CA (ca/) go.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Broker N listens on UDP 127.0.0.1:(base-port + N).
+        #[arg(long, default_value_t = 7430)]
+        base_port: u16,
+    },
 }
 
 fn main() {
@@ -71,6 +98,9 @@ fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::DevCluster { nodes, data_dir, base_port }) = args.command {
+        return dev_cluster(nodes, &data_dir, base_port).await;
+    }
     let mut config = match &args.config {
         Some(path) => BrokerConfig::from_toml_file(path)?,
         None => BrokerConfig::default(),
@@ -93,6 +123,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.dev_ca.is_some() {
         config.dev_ca = args.dev_ca;
+    }
+    if let (Some(id), Some(peers)) = (args.node_id, &args.peers) {
+        let cluster = quiver_broker::cluster::ClusterConfig::parse(id, peers)
+            .map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
+        config.broker_id = u32::try_from(id).context("--node-id must fit 32 bits")?;
+        config.cluster = Some(cluster);
     }
     let broker = Broker::start(config.clone()).await.context("starting the broker")?;
     match broker.ca_path() {
@@ -119,6 +155,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     broker.stopped().await;
     Ok(())
+}
+
+/// `quiverd dev-cluster`: N brokers as child processes of this binary, sharing a development CA.
+async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be 1 to 9");
+    let exe = std::env::current_exe().context("finding the quiverd binary")?;
+    let ca_dir = data_dir.join("ca");
+    std::fs::create_dir_all(&ca_dir).with_context(|| format!("creating {}", ca_dir.display()))?;
+    let addr = |i: u32| format!("127.0.0.1:{}", u32::from(base_port) + i);
+    let peers: Vec<String> = (1..=nodes).map(|i| format!("{i}@{}", addr(i))).collect();
+    let peers = peers.join(",");
+    let mut children = Vec::new();
+    for i in 1..=nodes {
+        let child = std::process::Command::new(&exe)
+            .arg("--node-id")
+            .arg(i.to_string())
+            .arg("--listen")
+            .arg(addr(i))
+            .arg("--data-dir")
+            .arg(data_dir.join(format!("node-{i}")))
+            .arg("--peers")
+            .arg(&peers)
+            .arg("--dev-ca")
+            .arg(&ca_dir)
+            .spawn()
+            .with_context(|| format!("starting broker {i}"))?;
+        children.push(child);
+    }
+    let brokers: Vec<String> = (1..=nodes).map(addr).collect();
+    eprintln!(
+        "started {nodes} brokers; point the CLI at them with:\n  export QUIVER_BROKER={} QUIVER_CA={}\n  quiver cluster status",
+        brokers.join(","),
+        ca_dir.join("ca.pem").display()
+    );
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        (done, i) = first_exit(&mut children) => {
+            eprintln!("broker {} exited ({done}); stopping the others", i + 1);
+        }
+    }
+    for c in &children {
+        // SIGTERM: a graceful stop (each syncs and closes its logs).
+        terminate(c.id());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for c in &mut children {
+        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(())
+}
+
+/// Waits for the first child to exit; returns its status text and index.
+async fn first_exit(children: &mut [std::process::Child]) -> (String, usize) {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                return (status.to_string(), i);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Asks a child broker to stop gracefully (SIGTERM, through kill(1): no unsafe here).
+fn terminate(pid: u32) {
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }
 
 async fn wait_for_signal() {

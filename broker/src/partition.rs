@@ -87,6 +87,22 @@ pub struct Appended {
 
 type Reply = oneshot::Sender<Result<Appended, PartitionError>>;
 
+/// What follows a partition's log besides the files: the idempotent producers' state and the
+/// tail cache, kept in step with every append and truncation. A replicated partition's Raft
+/// storage keeps them as the single-node writer does.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracker {
+    pub(crate) producers: Arc<Mutex<ProducerStates>>,
+    pub(crate) tail: Arc<Mutex<TailCache>>,
+}
+
+/// A producer's batch for a replicated partition's Raft group, answered once committed.
+#[derive(Debug)]
+pub(crate) struct Proposal {
+    pub(crate) batch: ValidatedBatch,
+    pub(crate) reply: Reply,
+}
+
 struct AppendRequest {
     batch: ValidatedBatch,
     reply: Reply,
@@ -112,6 +128,10 @@ pub struct Partition {
     recovery: crate::log::RecoveryCheckpoint,
     /// What the express produce path shares with the writer.
     express: Arc<Express>,
+    storage: Arc<dyn Storage>,
+    /// Set when the partition is replicated (cluster mode): produce goes through its Raft
+    /// group's driver instead of the writer, and the group moves the high watermark.
+    replica: std::sync::OnceLock<mpsc::Sender<Proposal>>,
 }
 
 /// The express produce path (design.md §6): a small batch without fsync, arriving while the
@@ -198,7 +218,7 @@ impl Partition {
         shutdown: CancellationToken,
     ) -> Result<Arc<Partition>, PartitionError> {
         let (log, report, producers) =
-            open_log(storage, dir, log_config(config, budgets.closed_files.clone()), now_ms())?;
+            open_log(storage.clone(), dir, log_config(config, budgets.closed_files.clone()), now_ms())?;
         if report.truncated_bytes() > 0 {
             tracing::warn!(%topic, partition = id, ?report, "recovered partition by truncating a damaged tail");
         }
@@ -227,6 +247,8 @@ impl Partition {
             deleted: Default::default(),
             recovery,
             express: express.clone(),
+            storage,
+            replica: std::sync::OnceLock::new(),
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
@@ -267,12 +289,20 @@ impl Partition {
 
     /// Queues a batch; the returned receiver resolves once it is appended and, under
     /// `durability = always`, synced. Queueing in call order keeps pipelined produce requests
-    /// in order.
+    /// in order. On a replicated partition it goes to the Raft group, and resolves once a
+    /// majority has it durably (or with `NotLeader`).
     pub async fn submit(
         &self,
         batch: ValidatedBatch,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
+        if let Some(group) = self.replica.get() {
+            group
+                .send(Proposal { batch, reply })
+                .await
+                .map_err(|_| PartitionError::new(ErrorCode::NotLeader, "the partition's replica stopped"))?;
+            return Ok(rx);
+        }
         let Some((batch, reply)) = self.append_express(batch, reply) else {
             return Ok(rx); // answered already
         };
@@ -350,6 +380,47 @@ impl Partition {
 
     pub fn high_watermark(&self) -> u64 {
         *self.high_watermark.borrow()
+    }
+
+    /// Whether a Raft group serves this partition (cluster mode).
+    pub fn is_replicated(&self) -> bool {
+        self.replica.get().is_some()
+    }
+
+    /// The log, shared with a Raft group's storage.
+    pub(crate) fn shared_log(&self) -> Arc<Mutex<PartitionLog>> {
+        self.log.clone()
+    }
+
+    pub(crate) fn storage(&self) -> Arc<dyn Storage> {
+        self.storage.clone()
+    }
+
+    /// The producer state and tail cache a Raft group keeps in step with the log.
+    pub(crate) fn tracker(&self) -> Tracker {
+        Tracker { producers: self.express.producers.clone(), tail: self.tail.clone() }
+    }
+
+    /// Sets the high watermark to a replica's persisted commit, before the partition serves
+    /// (the log may hold uncommitted entries past it).
+    pub(crate) fn reset_high_watermark(&self, hw: u64) {
+        self.high_watermark.send_replace(hw);
+    }
+
+    /// Moves the high watermark forward to a newly committed offset.
+    pub(crate) fn advance_high_watermark(&self, hw: u64) {
+        self.high_watermark.send_if_modified(|cur| {
+            let moved = hw > *cur;
+            if moved {
+                *cur = hw;
+            }
+            moved
+        });
+    }
+
+    /// Routes produce through a Raft group from now on.
+    pub(crate) fn attach_replica(&self, events: mpsc::Sender<Proposal>) {
+        let _ = self.replica.set(events);
     }
 
     pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
@@ -785,7 +856,7 @@ fn append_one(
 /// start are snapshot durably before the segment exists, so a retry of a batch from the old
 /// segment is still recognised after a restart. A failed snapshot fails the roll and this
 /// append (retriable): the dedup state is never silently lost.
-fn append_and_track(
+pub(crate) fn append_and_track(
     producers: &mut ProducerStates,
     tail: &Mutex<TailCache>,
     mut batch: ValidatedBatch,
@@ -901,7 +972,7 @@ fn open_log(
 /// Rebuilds idempotent-producer state: the newest valid snapshot at or below the active
 /// segment's base (normally the active segment's own), then the batch headers from there to the
 /// end of the log (design.md §10).
-fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionError> {
+pub(crate) fn recover_producers(log: &PartitionLog) -> Result<ProducerStates, PartitionError> {
     let (log_start, active) = (log.log_start_offset(), log.active_base_offset());
     let mut bases = log.side_file_bases(SNAPSHOT_EXT)?;
     bases.retain(|&b| b >= log_start && b <= active);

@@ -128,12 +128,32 @@ async fn dispatch(
         }
         Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
-            Some(match st.topics.create(&name, partitions, config, st.config.max_partitions_total).await {
-                Ok(_) => Message::Done,
+            let result = match &st.cluster {
+                Some(cluster) => create_in_cluster(&st, cluster, name, partitions, config).await,
+                None => st
+                    .topics
+                    .create(&name, partitions, config, st.config.max_partitions_total)
+                    .await
+                    .map(drop),
+            };
+            Some(match result {
+                Ok(()) => Message::Done,
                 Err(e) => error(e),
             })
         }),
         Message::DeleteTopic { name } => Box::pin(async move {
+            if let Some(cluster) = &st.cluster {
+                let request = Message::DeleteTopic { name: name.clone() };
+                if let Err(e) = st.topics.get(&name) {
+                    return Some(error(e));
+                }
+                return Some(
+                    match cluster.run_command(crate::cluster::Command::DeleteTopic { name }, &request).await {
+                        Ok(()) => Message::Done,
+                        Err(e) => error(e),
+                    },
+                );
+            }
             let (st2, topic) = (st.clone(), name.clone());
             let forget = move || st2.offsets.remove_topic_blocking(&topic).map_err(|e| e.to_string());
             let dropped = || st.groups.topic_deleted(&name);
@@ -141,6 +161,10 @@ async fn dispatch(
                 Ok(_) => Message::Done,
                 Err(e) => error(e),
             })
+        }),
+        Message::ClusterStatus => ready(match &state.cluster {
+            Some(cluster) => cluster.status(&state.topics),
+            None => single_node_status(state),
         }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
@@ -191,6 +215,18 @@ async fn produce(
     acks: Acks,
     batch: bytes::Bytes,
 ) -> Pending {
+    // Cluster mode: a broker that does not lead the partition hands the request to the leader
+    // (awaited here, so a stream's produce requests keep their order).
+    if let Some((cluster, group)) =
+        state.cluster.as_ref().and_then(|c| Some((c, c.group(topic, partition)?.0)))
+    {
+        let request = Message::Produce { topic: topic.to_string(), partition, acks, batch: batch.clone() };
+        match cluster.forward_produce(&group, &request).await {
+            Ok(None) => {} // this broker leads: the local path below proposes it
+            Ok(Some(answer)) => return ready_unless_none(acks, answer),
+            Err(e) => return ready_unless_none(acks, error(e)),
+        }
+    }
     let result = async {
         let t = state.topics.get(topic)?;
         let p = t.partition(partition)?.clone();
@@ -213,10 +249,14 @@ async fn produce(
                 ),
             ));
         }
-        state
-            .producer_ids
-            .check(header.producer_id, header.producer_epoch)
-            .map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
+        // In a cluster, ids issued by another broker carry its key: they are checked where they
+        // were issued only (controller-issued ids come with issue 18).
+        if state.cluster.is_none() {
+            state
+                .producer_ids
+                .check(header.producer_id, header.producer_epoch)
+                .map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
+        }
         t.metrics.messages_in.increment(header.records_count as u64);
         t.metrics.bytes_in.increment(batch.len() as u64);
         let rx = p.submit(batch).await?;
@@ -322,28 +362,82 @@ fn fetch_offsets(state: &BrokerState, group: &str, topic: &str) -> Result<Messag
     ))
 }
 
+/// A forwarded answer, or none for `acks = none`.
+fn ready_unless_none(acks: Acks, answer: Message) -> Pending {
+    match acks {
+        Acks::None => Box::pin(async { None }),
+        Acks::Leader | Acks::All => ready(answer),
+    }
+}
+
+/// A topic create in a cluster: checked here, then run through the controller.
+async fn create_in_cluster(
+    state: &BrokerState,
+    cluster: &crate::cluster::Cluster,
+    name: String,
+    partitions: u32,
+    config: quiver_protocol::TopicConfig,
+) -> Result<(), PartitionError> {
+    let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, m);
+    quiver_protocol::message::validate_topic_name(&name).map_err(invalid)?;
+    quiver_protocol::message::validate_partition_count(partitions).map_err(invalid)?;
+    config.validate().map_err(invalid)?;
+    let brokers = cluster.config.peers.len();
+    if usize::from(config.replicas) != brokers {
+        return Err(invalid(format!(
+            "this cluster has {brokers} brokers and this version places every partition on all of them: \
+             create the topic with --replicas {brokers} (fewer replicas per partition come later)"
+        )));
+    }
+    if state.topics.get(&name).is_ok() {
+        return Err(PartitionError::new(ErrorCode::TopicExists, format!("topic '{name}' already exists")));
+    }
+    let request = Message::CreateTopic { name: name.clone(), partitions, config: config.clone() };
+    cluster.run_command(crate::cluster::Command::CreateTopic { name, partitions, config }, &request).await
+}
+
+/// `ClusterStatus` on a single node: itself, and no replicated partitions.
+fn single_node_status(state: &BrokerState) -> Message {
+    let addr =
+        state.local_addr.get().map(|a| a.to_string()).unwrap_or_else(|| state.config.listen.to_string());
+    Message::ClusterStatusOk {
+        brokers: vec![quiver_protocol::message::BrokerStatus { id: state.config.broker_id, addr, up: true }],
+        partitions: Vec::new(),
+    }
+}
+
 fn metadata(state: &BrokerState, topic: Option<&str>) -> Result<Message, PartitionError> {
     let topics = match topic {
         Some(name) => vec![state.topics.get(name)?],
         None => state.topics.all(),
     };
-    Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t, state.config.broker_id)).collect()))
+    Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t, state)).collect()))
 }
 
-fn topic_info(t: &Topic, broker_id: u32) -> TopicInfo {
+fn topic_info(t: &Topic, state: &BrokerState) -> TopicInfo {
     TopicInfo {
         name: t.name.to_string(),
         config: t.config.clone(),
         partitions: t
             .partitions
             .iter()
-            .map(|p| PartitionInfo {
-                partition: p.id,
-                log_start_offset: p.log_start_offset(),
-                high_watermark: p.high_watermark(),
-                leader: Some(broker_id),
-                epoch: 0,
-                replicas: Vec::new(),
+            .map(|p| {
+                let (leader, epoch, replicas) =
+                    match state.cluster.as_ref().and_then(|c| c.group(&t.name, p.id)) {
+                        Some((g, replicas)) => {
+                            let s = g.status.borrow();
+                            (s.leader.map(|l| l as u32), s.term, replicas.iter().map(|&r| r as u32).collect())
+                        }
+                        None => (Some(state.config.broker_id), 0, Vec::new()),
+                    };
+                PartitionInfo {
+                    partition: p.id,
+                    log_start_offset: p.log_start_offset(),
+                    high_watermark: p.high_watermark(),
+                    leader,
+                    epoch,
+                    replicas,
+                }
             })
             .collect(),
     }

@@ -64,6 +64,7 @@ impl Broker {
             Some(_) => Some(crate::observability::install_recorder()?),
             None => None,
         };
+        let cluster_storage = storage.clone();
         let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
             let token = shutdown.clone();
@@ -104,9 +105,33 @@ impl Broker {
             Arc::new(quinn::TokioRuntime),
         )?;
         let local_addr = endpoint.local_addr()?;
+        let topics = Arc::new(topics);
+        // Cluster mode: the controller replays its log (attaching the replicated partitions and
+        // setting their high watermarks to their commits) before any client is served.
+        let cluster = match config.cluster.clone() {
+            Some(cc) => {
+                let client = crate::tls::peer_client_config(
+                    &tls_files,
+                    Duration::from_millis(config.idle_timeout_ms),
+                )?;
+                Some(
+                    crate::cluster::start(
+                        &config,
+                        cc,
+                        cluster_storage,
+                        topics.clone(),
+                        endpoint.clone(),
+                        client,
+                        shutdown.clone(),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
         let state = Arc::new(BrokerState {
             config,
-            topics: Arc::new(topics),
+            topics,
             offsets,
             producer_ids,
             group_owners: DashMap::new(),
@@ -116,7 +141,23 @@ impl Broker {
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
             dead_letters: crate::dead_letters::DeadLetterWriter::start(),
+            cluster,
+            local_addr: local_addr.into(),
         });
+        if let Some(c) = &state.cluster {
+            let (groups, offsets) = (Arc::downgrade(&state), Arc::downgrade(&state));
+            c.set_delete_hooks(crate::cluster::DeleteHooks {
+                dropped: Box::new(move |topic| {
+                    if let Some(st) = groups.upgrade() {
+                        st.groups.topic_deleted(topic);
+                    }
+                }),
+                forget: Arc::new(move |topic| match offsets.upgrade() {
+                    Some(st) => st.offsets.remove_topic_blocking(topic).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }),
+            });
+        }
         let metrics_addr = match (state.config.metrics_listen, recorder) {
             (Some(addr), Some(handle)) => {
                 Some(crate::observability::serve(addr, handle, state.shutdown.clone()).await?)
@@ -257,6 +298,22 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
             return;
         }
     }
+    // A broker of the cluster: Raft frames on unidirectional streams, forwarded requests on
+    // bidirectional ones (served as a client's).
+    let peer = match (&state.cluster, crate::tls::is_peer_alpn(&conn)) {
+        (Some(cluster), true) => match peer_id(cluster, &conn) {
+            Some(id) => {
+                conn.set_max_concurrent_uni_streams(4u32.into());
+                Some((Arc::clone(cluster), id))
+            }
+            None => {
+                tracing::warn!(%remote, "refusing a broker connection: not a verified peer of this cluster");
+                conn.close(quinn::VarInt::from_u32(u32::from(ErrorCode::Malformed.code())), b"not a peer");
+                return;
+            }
+        },
+        _ => None,
+    };
     state.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").increment(1.0);
     tracing::debug!(%remote, "connection open");
@@ -276,6 +333,16 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
                     break;
                 }
             },
+            s = conn.accept_uni(), if peer.is_some() => match (s, &peer) {
+                (Ok(recv), Some((cluster, from))) => {
+                    streams.spawn(read_raft(Arc::clone(cluster), *from, recv));
+                }
+                (Err(e), _) => {
+                    tracing::debug!(%remote, "peer connection closed: {e}");
+                    break;
+                }
+                _ => {}
+            },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
             _ = state.shutdown.cancelled() => {
                 conn.close(shutting_down_code(), SHUTTING_DOWN_REASON);
@@ -288,6 +355,39 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     state.groups.connection_closed(&members);
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
+}
+
+/// Which peer a broker connection is. Brokers dial from the endpoint they serve on, so a
+/// peer's source address is its `--peers` address; its certificate was verified against the
+/// cluster's CA at the handshake (`tls::peer_identity`).
+fn peer_id(cluster: &crate::cluster::Cluster, conn: &quinn::Connection) -> Option<u64> {
+    let identity = crate::tls::peer_identity(conn).ok()?;
+    let remote = conn.remote_address();
+    let by_addr = cluster.config.peers.iter().find(|(_, a)| **a == remote).map(|(id, _)| *id)?;
+    // A certificate that names its broker (`--dev-ca` ones do) must name this one.
+    match identity.node_id {
+        Some(named) if named != by_addr => None,
+        _ => Some(by_addr),
+    }
+}
+
+/// Reads a peer's Raft frames and hands them to their groups.
+async fn read_raft(cluster: Arc<crate::cluster::Cluster>, from: u64, recv: quinn::RecvStream) {
+    let mut reader = FrameReader::new(recv);
+    loop {
+        match reader.next().await {
+            Ok(Some(Message::Raft { payload })) => cluster.deliver(from, payload),
+            Ok(Some(other)) => {
+                tracing::warn!(peer = from, kind = other.kind(), "a non-Raft frame on a Raft stream");
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(peer = from, "Raft stream: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Doubles the connection's stream limit (up to `max`) once its open streams reach half of it,

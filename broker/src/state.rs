@@ -34,6 +34,10 @@ pub struct BrokerState {
     pub shutdown: CancellationToken,
     /// Appends dead letters for the subscriptions, outside their delivery loops.
     pub dead_letters: crate::dead_letters::DeadLetterWriter,
+    /// Cluster mode: the controller, the peer links and the partitions' Raft groups.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The address the endpoint is bound to.
+    pub local_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.

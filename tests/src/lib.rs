@@ -65,6 +65,10 @@ pub struct BrokerProcess {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     config_path: Option<PathBuf>,
+    /// Flags after `--data-dir`/`--listen` (cluster mode's).
+    extra_args: Vec<String>,
+    /// The CA clients trust (`<data>/tls/ca.pem`, or a cluster's shared one).
+    ca: PathBuf,
 }
 
 impl BrokerProcess {
@@ -87,20 +91,65 @@ impl BrokerProcess {
             data_dir: data_dir.to_path_buf(),
             log_path: data_dir.join("quiverd-test.log"),
             config_path,
+            extra_args: Vec::new(),
+            ca: data_dir.join("tls").join("ca.pem"),
         };
         b.spawn().await?;
         Ok(b)
     }
 
-    async fn spawn(&mut self) -> anyhow::Result<()> {
+    /// Starts `bin` as broker `node_id` of a cluster: `--listen addr --peers peers --dev-ca ca_dir`.
+    /// Returns once the process runs (a cluster serves once a quorum is up: see [`Cluster`]).
+    pub fn start_node(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        peers: &str,
+        ca_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let mut b = BrokerProcess {
+            bin: PathBuf::from(bin),
+            child: None,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log_path: data_dir.join("quiverd-test.log"),
+            config_path: None,
+            extra_args: vec![
+                "--node-id".into(),
+                node_id.to_string(),
+                "--peers".into(),
+                peers.into(),
+                "--dev-ca".into(),
+                ca_dir.display().to_string(),
+            ],
+            ca: ca_dir.join("ca.pem"),
+        };
+        b.spawn_process()?;
+        Ok(b)
+    }
+
+    /// Starts the process again (after `kill9` or `terminate`) without waiting for it to serve.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        self.spawn_process()
+    }
+
+    fn spawn_process(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--data-dir").arg(&self.data_dir).arg("--listen").arg(self.addr.to_string());
         if let Some(c) = &self.config_path {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.extra_args);
         cmd.env("QUIVER_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
+        Ok(())
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        self.spawn_process()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -120,7 +169,7 @@ impl BrokerProcess {
     }
 
     pub fn ca_path(&self) -> PathBuf {
-        self.data_dir.join("tls").join("ca.pem")
+        self.ca.clone()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -279,4 +328,81 @@ pub async fn check_damaged_partition(
         meta.offset
     );
     Ok(())
+}
+
+/// A cluster of broker processes on loopback (`--peers`, a shared `--dev-ca`), each with its
+/// own data directory under one temp dir.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: Vec<BrokerProcess>,
+    pub ca: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `n` brokers (ids 1..=n) and waits until a topic can be created through them.
+    pub async fn start(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        let addrs: Vec<SocketAddr> =
+            (0..n).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse()).collect::<Result<_, _>>()?;
+        let peers: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect();
+        let peers = peers.join(",");
+        let ca_dir = dir.join("ca");
+        let mut nodes = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            nodes.push(BrokerProcess::start_node(
+                bin,
+                &dir.join(format!("node-{id}")),
+                id,
+                *addr,
+                &peers,
+                &ca_dir,
+            )?);
+        }
+        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem") })
+    }
+
+    /// `host:port,host:port,...` of every broker.
+    pub fn brokers(&self) -> String {
+        self.nodes.iter().map(|n| n.addr.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// A client given every broker (it uses the first that answers).
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut cfg = ClientConfig::new(self.nodes[0].addr.to_string(), &self.ca);
+            cfg.connect_timeout = Duration::from_secs(2);
+            match Client::connect(cfg).await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() > deadline => bail!("no broker of the cluster answered: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// A client of broker `i` (0-based) alone.
+    pub async fn client_of(&self, i: usize) -> anyhow::Result<Client> {
+        let mut cfg = ClientConfig::new(self.nodes[i].addr.to_string(), &self.ca);
+        cfg.connect_timeout = Duration::from_secs(5);
+        Ok(Client::connect(cfg).await?)
+    }
+
+    /// Creates a topic, retrying while the cluster elects its controller.
+    pub async fn create_topic(
+        &self,
+        client: &Client,
+        name: &str,
+        partitions: u32,
+        replicas: u16,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let config = quiver_client::TopicConfig::default().with_replicas(replicas);
+        loop {
+            match client.admin().create_topic(name, partitions, config.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => bail!("creating {name}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
 }

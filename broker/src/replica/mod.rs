@@ -14,6 +14,7 @@ mod logger;
 mod ready;
 mod state;
 mod storage;
+mod wire;
 
 #[cfg(test)]
 mod sim_tests;
@@ -24,13 +25,15 @@ use quiver_protocol::batch::BatchError;
 
 use crate::log::LogError;
 
+pub(crate) use crate::partition::Tracker;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use admit::admit;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use logger::raft_logger;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use ready::{config, handle_ready, propose_batch};
-pub(crate) use storage::LogStorage;
+pub(crate) use storage::{LogStorage, Placed};
+pub(crate) use wire::{from_wire, to_wire};
 
 /// Why a replica could not take a step. Any of these stops the partition's group: the
 /// replica's log or hard state is no longer known to match what it told its peers.
@@ -77,4 +80,7 @@ pub(crate) enum ReplicaError {
     /// A producer's batch with the control bit: it would read back as a Raft entry.
     #[error("control batches cannot be proposed")]
     ControlBatch,
+    /// The producer state or tail cache could not follow the log (a failed snapshot write).
+    #[error("partition state: {0}")]
+    Tracker(String),
 }

@@ -21,6 +21,8 @@ pub(crate) struct ReadyOutput {
     pub(crate) committed: Vec<Entry>,
     /// The commit index raft-rs reported, if it moved.
     pub(crate) commit: Option<u64>,
+    /// Where this `Ready`'s entries landed in the log (durable).
+    pub(crate) placed: Vec<super::Placed>,
 }
 
 /// The settings a partition's replica runs with (docs/replication.md §4). `applied` is where
@@ -83,7 +85,7 @@ pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Resul
     }
     out.messages = rd.take_messages();
     out.committed = rd.take_committed_entries();
-    node.mut_store().append(rd.entries(), now_ms)?;
+    out.placed = node.mut_store().append(rd.entries(), now_ms)?;
     if let Some(hs) = rd.hs() {
         node.mut_store().set_hard_state(hs)?;
     }

@@ -19,6 +19,7 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use super::state::{self, DurableState};
 use super::ReplicaError;
 use crate::log::PartitionLog;
+use crate::partition::Tracker;
 use crate::storage::Storage;
 
 /// Control record types (the `i16` after the `i16` version 0 in the record key).
@@ -37,6 +38,15 @@ pub(crate) struct LogStorage {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
     state: DurableState,
+    tracker: Option<Tracker>,
+}
+
+/// Where an entry landed in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placed {
+    pub(crate) index: u64,
+    pub(crate) base_offset: u64,
+    pub(crate) last_offset: u64,
 }
 
 impl LogStorage {
@@ -68,7 +78,30 @@ impl LogStorage {
         if state.hard_state.get_commit() > last {
             return Err(ReplicaError::CommitBeyondLog { commit: state.hard_state.get_commit(), last });
         }
-        Ok(LogStorage { log, storage, dir, state })
+        Ok(LogStorage { log, storage, dir, state, tracker: None })
+    }
+
+    /// Keeps `tracker` in step with the log (a served partition).
+    pub(crate) fn with_tracker(mut self, tracker: Tracker) -> Self {
+        self.tracker = Some(tracker);
+        self
+    }
+
+    /// The offset just past Raft index `index` in the log (the high watermark for a commit at
+    /// `index`); `None` if the log does not hold it.
+    pub(crate) fn offset_after(&self, index: u64) -> Result<Option<u64>, ReplicaError> {
+        let log = self.log.lock();
+        let next = log.next_ordinal();
+        if index + 1 == next {
+            return Ok(Some(log.next_offset()));
+        }
+        if index + 1 > next {
+            return Ok(None);
+        }
+        if index + 1 < log.first_ordinal() {
+            return Ok(Some(log.log_start_offset()));
+        }
+        Ok(log.offset_of_ordinal(index + 1)?)
     }
 
     /// The partition log.
@@ -123,8 +156,8 @@ impl LogStorage {
     /// offset 0, epoch 0) is stamped; a batch that already carries offsets and an epoch (a
     /// follower receiving the leader's stored bytes) must carry exactly these and is stored byte
     /// for byte, else [`ReplicaError::Diverged`]. Durable when this returns.
-    pub(crate) fn append(&mut self, entries: &[Entry], now_ms: i64) -> Result<(), ReplicaError> {
-        let Some(first) = entries.first() else { return Ok(()) };
+    pub(crate) fn append(&mut self, entries: &[Entry], now_ms: i64) -> Result<Vec<Placed>, ReplicaError> {
+        let Some(first) = entries.first() else { return Ok(Vec::new()) };
         let mut log = self.log.lock();
         let next = log.next_ordinal();
         if first.get_index() < next {
@@ -133,22 +166,33 @@ impl LogStorage {
                 return Err(ReplicaError::TruncateCommitted { index: first.get_index(), commit });
             }
             tracing::info!(dir = %self.dir.display(), from = first.get_index(), "truncating a diverged Raft suffix");
-            log.truncate_to_ordinal(first.get_index())?;
+            match &self.tracker {
+                None => log.truncate_to_ordinal(first.get_index())?,
+                Some(t) => {
+                    let offset = log.offset_of_ordinal(first.get_index())?.unwrap_or(log.next_offset());
+                    // The cache first: whatever happens next, it never serves a cut batch.
+                    t.tail.lock().truncate(offset);
+                    log.truncate_to_ordinal(first.get_index())?;
+                    *t.producers.lock() = crate::partition::recover_producers(&log)
+                        .map_err(|e| ReplicaError::Tracker(e.to_string()))?;
+                }
+            }
         } else if first.get_index() > next {
             return Err(ReplicaError::Gap { expected: next, got: first.get_index() });
         }
+        let mut placed = Vec::with_capacity(entries.len());
         for entry in entries {
             let expected = log.next_ordinal();
             if entry.get_index() != expected {
                 return Err(ReplicaError::Gap { expected, got: entry.get_index() });
             }
             let epoch = epoch_of_term(entry.get_term())?;
-            let mut batch = entry_batch(entry)?;
+            let batch = entry_batch(entry)?;
             let h = *batch.header();
-            if (h.base_offset, h.leader_epoch) == (log.next_offset(), epoch) {
-                log.append_replicated(&batch, now_ms, None)?;
+            let stamped = if (h.base_offset, h.leader_epoch) == (log.next_offset(), epoch) {
+                true
             } else if (h.base_offset, h.leader_epoch) == (0, 0) {
-                log.append(&mut batch, epoch, now_ms)?;
+                false
             } else {
                 return Err(ReplicaError::Diverged {
                     index: entry.get_index(),
@@ -157,10 +201,40 @@ impl LogStorage {
                     batch_offset: h.base_offset,
                     batch_epoch: h.leader_epoch,
                 });
-            }
+            };
+            let (base_offset, last_offset) = match &self.tracker {
+                Some(t) => {
+                    let mut producers = t.producers.lock();
+                    let a = crate::partition::append_and_track(
+                        &mut producers,
+                        &t.tail,
+                        batch,
+                        now_ms,
+                        |b, roll| {
+                            if stamped {
+                                log.append_replicated(b, now_ms, Some(roll))
+                            } else {
+                                log.append_with(b, epoch, now_ms, Some(roll))
+                            }
+                        },
+                    )
+                    .map_err(|e| ReplicaError::Tracker(e.to_string()))?;
+                    (a.base_offset, a.last_offset)
+                }
+                None => {
+                    let mut batch = batch;
+                    let info = if stamped {
+                        log.append_replicated(&batch, now_ms, None)?
+                    } else {
+                        log.append(&mut batch, epoch, now_ms)?
+                    };
+                    (info.base_offset, info.last_offset)
+                }
+            };
+            placed.push(Placed { index: entry.get_index(), base_offset, last_offset });
         }
         log.sync()?;
-        Ok(())
+        Ok(placed)
     }
 
     /// Entries `[low, high)`, at least one if any, then up to `max_size` bytes of data.

@@ -45,9 +45,17 @@ impl PartitionConsumer {
         };
         let mut range = 0;
         let mut reacked = false;
+        // Control batches (a Raft leader's first entry, docs/replication.md §2) are the brokers'
+        // own: never handed out, acknowledged at once so the group's floor passes them.
+        let mut control = Vec::new();
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
+            if header.is_control() {
+                count += u64::from(header.records_count);
+                control.push(header.base_offset..header.next_offset());
+                continue;
+            }
             for record in RecordIter::new(batch, header) {
                 let r = record.map_err(|e| ClientError::Protocol(format!("corrupt record: {e}")))?;
                 count += 1;
@@ -91,7 +99,23 @@ impl PartitionConsumer {
                 });
             }
         }
-        self.acks.inner.lock().handed_out(expected);
+        if let Some(end) = control.iter().map(|r| r.end).max() {
+            expected = expected.max(end);
+        }
+        {
+            let mut a = self.acks.inner.lock();
+            a.handed_out(expected);
+            if !control.is_empty() {
+                for r in control {
+                    let floor = a.ledger.floor();
+                    if r.end > floor {
+                        a.ledger.ack(r.start.max(floor)..r.end);
+                    }
+                }
+                a.version += 1;
+                reacked = true;
+            }
+        }
         if reacked {
             self.acks.changed.notify_one();
         }

@@ -1,0 +1,269 @@
+//! The controller: one Raft group of every broker whose committed commands every broker applies
+//! in order (docs/replication.md §6). A command is a Kafka v2 batch of one record whose value is
+//! the command as JSON, so the controller's log is a segment log like any partition's.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use quiver_protocol::batch::{BatchBuilder, RecordIter, ValidatedBatch};
+use quiver_protocol::{ErrorCode, TopicConfig};
+use raft::eraftpb::{Entry, EntryType};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{attach, driver, group_id, Cluster, ClusterConfig, PeerLinks, CONTROLLER_GROUP};
+use crate::log::{LogConfig, PartitionLog};
+use crate::partition::PartitionError;
+use crate::storage::Storage;
+use crate::topics::Topics;
+
+/// A metadata change, as the controller's log stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Command {
+    CreateTopic { name: String, partitions: u32, config: TopicConfig },
+    DeleteTopic { name: String },
+}
+
+impl Command {
+    /// The entry data: a one-record batch holding the JSON.
+    pub(crate) fn encode(&self) -> Bytes {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut b = BatchBuilder::new(128 + json.len());
+        b.push(crate::partition::now_ms(), None, &json, &[]);
+        b.finish()
+    }
+
+    fn decode(data: Bytes) -> Result<Command, String> {
+        let batch = ValidatedBatch::new(data).map_err(|e| e.to_string())?;
+        let header = *batch.header();
+        let record = RecordIter::new(batch.freeze(), header)
+            .next()
+            .ok_or("an empty command batch")?
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&record.value).map_err(|e| e.to_string())
+    }
+
+    /// Whether this broker has applied the command's effect.
+    pub(super) fn visible(&self, cluster: &Cluster) -> bool {
+        match self {
+            Command::CreateTopic { name, .. } => cluster.topic_index.contains_key(name),
+            Command::DeleteTopic { name } => !cluster.topic_index.contains_key(name),
+        }
+    }
+}
+
+/// See [`Cluster::set_delete_hooks`].
+pub struct DeleteHooks {
+    pub dropped: Box<dyn Fn(&str) + Send + Sync>,
+    pub forget: Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for DeleteHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeleteHooks")
+    }
+}
+
+/// What a broker's controller keeps besides the group.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The outcome of each command applied this run, by index, for the proposer to answer with.
+    pub(crate) outcomes: DashMap<u64, Result<(), PartitionError>>,
+}
+
+impl Cluster {
+    /// The outcome of the command at `index` (applied by now).
+    pub(super) fn outcome(&self, index: u64) -> Result<(), PartitionError> {
+        self.applied_state.outcomes.remove(&index).map(|(_, r)| r).unwrap_or(Ok(()))
+    }
+
+    /// What a topic delete also does besides removing the files: forget the topic's groups
+    /// (`dropped`) and its committed offsets (`forget`, blocking). Set once the broker's state
+    /// exists; a delete replayed before (at start) only removes files.
+    pub fn set_delete_hooks(&self, hooks: DeleteHooks) {
+        let _ = self.delete_hooks.set(hooks);
+    }
+}
+
+pub(super) async fn start(
+    config: ClusterConfig,
+    data_dir: &std::path::Path,
+    storage: Arc<dyn Storage>,
+    topics: Arc<Topics>,
+    max_partitions_total: u32,
+    links: Arc<PeerLinks>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Cluster>> {
+    use anyhow::Context;
+    let dir = data_dir.join("cluster").join("controller");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (ids, me) = (config.ids(), config.node_id);
+    let (store, commit) = {
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let (log, _) = PartitionLog::open(
+                storage.clone(),
+                dir.clone(),
+                LogConfig::default(),
+                crate::partition::now_ms(),
+            )
+            .with_context(|| format!("opening the controller log {}", dir.display()))?;
+            let store = crate::replica::LogStorage::open(Arc::new(Mutex::new(log)), storage, &ids)
+                .with_context(|| format!("opening the controller's Raft state in {}", dir.display()))?;
+            let commit = store.hard_state().get_commit();
+            Ok((store, commit))
+        })
+        .await??
+    };
+    let fresh = store.hard_state().get_term() == 0;
+    // Applied 0: every committed command is applied again at start (they are idempotent).
+    let node = raft::RawNode::new(&super::live_config(me, 0), store, &crate::replica::raft_logger())?;
+    let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Vec<Entry>>();
+    // Unbounded: metadata commands are few and small, and the driver must not wait on them.
+    let on_commit: driver::OnCommit = Box::new(move |entries, _| {
+        let _ = apply_tx.send(entries);
+    });
+    let handle = driver::spawn(
+        node,
+        CONTROLLER_GROUP,
+        "controller".into(),
+        links.clone(),
+        None,
+        on_commit,
+        shutdown.child_token(),
+    );
+    let (applied_tx, applied) = watch::channel(0u64);
+    let cluster = Arc::new(Cluster {
+        config,
+        links,
+        controller: handle,
+        groups: DashMap::new(),
+        partitions: DashMap::new(),
+        applied,
+        topic_index: DashMap::new(),
+        applied_state: Applied::default(),
+        delete_hooks: OnceLock::new(),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(apply_loop(cluster.clone(), topics, apply_rx, applied_tx, max_partitions_total));
+    if commit > 0 {
+        let mut a = cluster.applied.clone();
+        tokio::time::timeout(Duration::from_secs(120), a.wait_for(|&a| a >= commit))
+            .await
+            .context("replaying the controller log took over 120 s")?
+            .context("the controller stopped while replaying")?;
+        tracing::info!(commands = commit, "replayed the controller log");
+    }
+    // A new cluster's lowest id asks for votes at once rather than after a timeout.
+    if fresh && cluster.config.peers.keys().next() == Some(&me) {
+        let _ = cluster.controller.events.try_send(super::Event::Campaign);
+    }
+    Ok(cluster)
+}
+
+async fn apply_loop(
+    cluster: Arc<Cluster>,
+    topics: Arc<Topics>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Entry>>,
+    applied: watch::Sender<u64>,
+    max_partitions_total: u32,
+) {
+    while let Some(entries) = rx.recv().await {
+        for e in entries {
+            if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+                let outcome = match Command::decode(e.data.clone()) {
+                    Ok(c) => apply(&cluster, &topics, e.index, c, max_partitions_total).await,
+                    Err(why) => {
+                        tracing::error!(index = e.index, "an undecodable controller command: {why}");
+                        Err(PartitionError::new(ErrorCode::Internal, why))
+                    }
+                };
+                if let Err(ref err) = outcome {
+                    tracing::debug!(index = e.index, "controller command: {err}");
+                }
+                cluster.applied_state.outcomes.insert(e.index, outcome);
+                // Outcomes nobody asked for (replays, other brokers' commands) are dropped.
+                if cluster.applied_state.outcomes.len() > 1024 {
+                    let old = e.index.saturating_sub(1024);
+                    cluster.applied_state.outcomes.retain(|&i, _| i > old);
+                }
+            }
+            applied.send_replace(e.index);
+        }
+    }
+}
+
+async fn apply(
+    cluster: &Arc<Cluster>,
+    topics: &Arc<Topics>,
+    index: u64,
+    command: Command,
+    max_partitions_total: u32,
+) -> Result<(), PartitionError> {
+    match command {
+        Command::CreateTopic { name, partitions, config } => {
+            if let Some(existing) = cluster.topic_index.get(&name) {
+                if *existing != index {
+                    return Err(PartitionError::new(
+                        ErrorCode::TopicExists,
+                        format!("topic '{name}' already exists"),
+                    ));
+                }
+            }
+            let topic = match topics.get(&name) {
+                Ok(t) => t,
+                Err(_) => topics.create(&name, partitions, config.clone(), max_partitions_total).await?,
+            };
+            let ids = cluster.config.ids();
+            for p in &topic.partitions {
+                let replicas = crate::placement::replicas(&name, p.id, &ids, usize::from(config.replicas));
+                let group = group_id(index, p.id);
+                cluster.partitions.insert((name.clone(), p.id), (group, replicas.clone()));
+                if !replicas.contains(&cluster.config.node_id) || cluster.groups.contains_key(&group) {
+                    continue;
+                }
+                let handle =
+                    attach(&cluster.links, cluster.config.node_id, p, group, &replicas, &cluster.shutdown)?;
+                cluster.groups.insert(group, handle);
+            }
+            cluster.topic_index.insert(name, index);
+            Ok(())
+        }
+        Command::DeleteTopic { name } => {
+            if cluster.topic_index.remove(&name).is_none() && topics.get(&name).is_err() {
+                return Err(PartitionError::new(ErrorCode::UnknownTopic, format!("unknown topic '{name}'")));
+            }
+            let keys: Vec<_> =
+                cluster.partitions.iter().filter(|e| e.key().0 == name).map(|e| e.key().clone()).collect();
+            for key in keys {
+                if let Some((_, (group, _))) = cluster.partitions.remove(&key) {
+                    // Dropping the handle closes the group's queue; the partition closing below
+                    // ends its driver's reads.
+                    cluster.groups.remove(&group);
+                }
+            }
+            let hooks = cluster.delete_hooks.get();
+            let forget_hook = hooks.map(|h| h.forget.clone());
+            let topic = name.clone();
+            let forget = move || match forget_hook {
+                Some(f) => f(&topic),
+                None => Ok(()),
+            };
+            let dropped = || {
+                if let Some(h) = hooks {
+                    (h.dropped)(&name);
+                }
+            };
+            match topics.delete(&name, dropped, forget).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.code == ErrorCode::UnknownTopic => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! One Raft group's driver (docs/replication.md §4): a task that owns the group's `RawNode`,
+//! ticks it, steps what peers send, proposes what producers (or the controller) hand it, and
+//! performs each `Ready` on a blocking thread (the log's appends and fsyncs are blocking IO).
+//! Committed entries go to the group's `on_commit`; proposals are answered once their entry is
+//! committed in the term they were proposed in.
+//!
+//! A panic inside raft-rs (it panics on storage read errors, docs/replication.md §1) or a
+//! failed `Ready` stops this group only: its waiters are failed, its status says it stopped,
+//! and the broker serves everything else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::ValidatedBatch;
+use quiver_protocol::ErrorCode;
+use raft::eraftpb::{Entry, Message};
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::links::PeerLinks;
+use crate::partition::{Appended, PartitionError, Proposal};
+use crate::producers::SeqCheck;
+use crate::replica::{self, LogStorage, Tracker};
+
+/// How often every group ticks: the heartbeat interval (docs/replication.md §4).
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// Events a group may have queued; senders wait beyond it (produce back-pressure), Raft
+/// messages from peers are dropped beyond it (Raft resends).
+pub(crate) const GROUP_QUEUE: usize = 1024;
+/// Events handled between two `Ready`s: proposals that arrive together are appended and
+/// fsynced together (the group commit of a replicated partition).
+const EVENTS_PER_READY: usize = 256;
+
+/// What a group's driver is asked to do.
+pub(crate) enum Event {
+    /// A message from a peer, decoded by our codec (not yet checked by `admit`).
+    Raft(Message),
+    /// A controller command (opaque bytes), on the leader: answered with its Raft index once
+    /// committed.
+    Command { data: Bytes, reply: oneshot::Sender<Result<u64, PartitionError>> },
+    /// Start an election now (a new group's preferred leader, so a topic serves at once).
+    Campaign,
+}
+
+/// What the rest of the broker may know of a group, published after every step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct GroupStatus {
+    pub(crate) leader: Option<u64>,
+    pub(crate) term: u64,
+    pub(crate) commit: u64,
+    /// On the leader: replicas whose log matches up to the commit; elsewhere empty.
+    pub(crate) in_sync: Vec<u64>,
+    /// Set when the group stopped (a failed fsync, a panic in raft-rs): it serves nothing.
+    pub(crate) stopped: bool,
+}
+
+/// Where committed entries go, with the log offset just past the commit (the new high
+/// watermark). Called on the driver's task, in commit order.
+pub(crate) type OnCommit = Box<dyn FnMut(Vec<Entry>, u64) + Send>;
+
+/// A running group: its event queue and its status.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupHandle {
+    pub(crate) events: mpsc::Sender<Event>,
+    /// Producers' batches (a partition's group), kept apart from Raft traffic so a flood of
+    /// proposals never crowds out heartbeats.
+    pub(crate) proposals: mpsc::Sender<Proposal>,
+    pub(crate) status: watch::Receiver<GroupStatus>,
+}
+
+impl GroupHandle {
+    /// The leader, waiting up to `wait` for one to be elected.
+    pub(crate) async fn leader(&self, wait: Duration) -> Option<u64> {
+        let mut status = self.status.clone();
+        let found = tokio::time::timeout(wait, status.wait_for(|s| s.leader.is_some() || s.stopped)).await;
+        match found {
+            Ok(Ok(s)) => s.leader,
+            _ => None,
+        }
+    }
+}
+
+enum Waiter {
+    Batch { term: u64, placed: Option<(u64, u64)>, reply: oneshot::Sender<Result<Appended, PartitionError>> },
+    Command { term: u64, reply: oneshot::Sender<Result<u64, PartitionError>> },
+}
+
+impl Waiter {
+    fn term(&self) -> u64 {
+        match self {
+            Waiter::Batch { term, .. } | Waiter::Command { term, .. } => *term,
+        }
+    }
+
+    fn fail(self, e: PartitionError) {
+        match self {
+            Waiter::Batch { reply, .. } => drop(reply.send(Err(e))),
+            Waiter::Command { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+/// The driver's state besides the node.
+pub(crate) struct Driver {
+    pub(crate) group: u64,
+    pub(crate) name: String,
+    pub(crate) links: Arc<PeerLinks>,
+    pub(crate) tracker: Option<Tracker>,
+    pub(crate) on_commit: OnCommit,
+    pub(crate) status: watch::Sender<GroupStatus>,
+    waiting: BTreeMap<u64, Waiter>,
+    /// Idempotent producers' last sequence proposed and not yet appended (within one round).
+    inflight: HashMap<i64, i32>,
+    refused: metrics::Counter,
+}
+
+/// Starts a group's driver task over `node`.
+pub(crate) fn spawn(
+    node: RawNode<LogStorage>,
+    group: u64,
+    name: String,
+    links: Arc<PeerLinks>,
+    tracker: Option<Tracker>,
+    on_commit: OnCommit,
+    shutdown: CancellationToken,
+) -> GroupHandle {
+    let (events, rx) = mpsc::channel(GROUP_QUEUE);
+    let (proposals, proposals_rx) = mpsc::channel(GROUP_QUEUE);
+    let (status, status_rx) = watch::channel(GroupStatus::default());
+    let driver = Driver {
+        group,
+        name,
+        links,
+        tracker,
+        on_commit,
+        status,
+        waiting: BTreeMap::new(),
+        inflight: HashMap::new(),
+        refused: metrics::counter!("quiver_raft_messages_refused_total"),
+    };
+    tokio::spawn(driver.run(node, rx, proposals_rx, shutdown));
+    GroupHandle { events, proposals, status: status_rx }
+}
+
+fn not_leader(leader: Option<u64>) -> PartitionError {
+    match leader {
+        Some(l) => PartitionError::new(ErrorCode::NotLeader, format!("not the leader; broker {l} leads")),
+        None => PartitionError::new(ErrorCode::NotLeader, "no leader elected yet; retry"),
+    }
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        node: RawNode<LogStorage>,
+        mut rx: mpsc::Receiver<Event>,
+        mut proposals: mpsc::Receiver<Proposal>,
+        shutdown: CancellationToken,
+    ) {
+        let mut node = Some(node);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while let Some(n) = node.as_mut() {
+            tokio::select! {
+                _ = tick.tick() => { n.tick(); }
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(n, ev),
+                    None => break,
+                },
+                Some(p) = proposals.recv() => self.propose(n, p.batch, p.reply),
+                _ = shutdown.cancelled() => break,
+            }
+            for _ in 0..EVENTS_PER_READY {
+                match rx.try_recv() {
+                    Ok(ev) => self.handle(n, ev),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..EVENTS_PER_READY {
+                match proposals.try_recv() {
+                    Ok(p) => self.propose(n, p.batch, p.reply),
+                    Err(_) => break,
+                }
+            }
+            if n.has_ready() {
+                node = self.ready(node.take()).await;
+            }
+            self.inflight.clear();
+            if let Some(n) = node.as_ref() {
+                self.publish(n);
+            }
+        }
+        let stopped = node.is_none();
+        for (_, w) in std::mem::take(&mut self.waiting) {
+            w.fail(PartitionError::new(ErrorCode::ShuttingDown, "the partition's replica stopped"));
+        }
+        self.status.send_modify(|s| {
+            s.leader = None;
+            s.stopped = stopped;
+        });
+        // A stopped group fails what is queued instead of leaving it to hang.
+        rx.close();
+        proposals.close();
+        while let Some(ev) = rx.recv().await {
+            if let Event::Command { reply, .. } = ev {
+                drop(reply.send(Err(not_leader(None))));
+            }
+        }
+        while let Some(p) = proposals.recv().await {
+            drop(p.reply.send(Err(not_leader(None))));
+        }
+    }
+
+    fn handle(&mut self, node: &mut RawNode<LogStorage>, ev: Event) {
+        match ev {
+            Event::Raft(mut m) => {
+                if let Err(why) = replica::admit(node, &mut m) {
+                    self.refused.increment(1);
+                    tracing::debug!(group = self.group, from = m.from, "refused a Raft message: {why}");
+                    return;
+                }
+                // raft-rs trusts what `admit` let through; a panic here is caught by `ready`'s
+                // caller only, so step under catch_unwind too.
+                let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| node.step(m)));
+                match stepped {
+                    Ok(Ok(()))
+                    | Ok(Err(raft::Error::StepPeerNotFound))
+                    | Ok(Err(raft::Error::StepLocalMsg)) => {}
+                    Ok(Err(e)) => tracing::debug!(group = self.group, "step: {e}"),
+                    Err(_) => {
+                        tracing::error!(group = %self.name, "raft-rs panicked stepping a message; stopping the group");
+                        node.raft.state = StateRole::Follower;
+                    }
+                }
+            }
+            Event::Command { data, reply } => {
+                if node.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(not_leader(leader_of(node))));
+                    return;
+                }
+                match node.propose(Vec::new(), data.to_vec()) {
+                    Ok(()) => {
+                        let index = node.raft.raft_log.last_index();
+                        self.waiting.insert(index, Waiter::Command { term: node.raft.term, reply });
+                    }
+                    Err(e) => drop(reply.send(Err(PartitionError::new(ErrorCode::NotLeader, e.to_string())))),
+                }
+            }
+            Event::Campaign => {
+                if node.raft.state != StateRole::Leader {
+                    let _ = node.campaign();
+                }
+            }
+        }
+    }
+
+    fn propose(
+        &mut self,
+        node: &mut RawNode<LogStorage>,
+        batch: ValidatedBatch,
+        reply: oneshot::Sender<Result<Appended, PartitionError>>,
+    ) {
+        if node.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(not_leader(leader_of(node))));
+            return;
+        }
+        let h = *batch.header();
+        // Idempotent producers: a retry of a batch already in the log is answered with its
+        // offsets, as on one node; one still on its way to the log is to be retried.
+        if h.producer_id >= 0 {
+            let last_seq = h.base_sequence.wrapping_add(h.records_count.max(1) as i32 - 1);
+            match self.inflight.get(&h.producer_id) {
+                Some(&inflight) if h.base_sequence == inflight.wrapping_add(1) => {}
+                Some(_) => {
+                    let _ = reply.send(Err(PartitionError::new(
+                        ErrorCode::NotLeader,
+                        "this batch is already being replicated; retry for its offsets",
+                    )));
+                    return;
+                }
+                None => {
+                    if let Some(t) = &self.tracker {
+                        match t.producers.lock().check(&h) {
+                            SeqCheck::Append => {}
+                            SeqCheck::Duplicate { base_offset, last_offset } => {
+                                metrics::counter!("quiver_duplicate_batches_total").increment(1);
+                                let append_time_ms = crate::partition::now_ms();
+                                let _ = reply.send(Ok(Appended { base_offset, last_offset, append_time_ms }));
+                                return;
+                            }
+                            SeqCheck::OutOfOrder { expected, got } => {
+                                let _ = reply.send(Err(PartitionError::new(
+                                    ErrorCode::OutOfOrderSequence,
+                                    format!(
+                                        "producer {} sent sequence {got}, expected {expected}",
+                                        h.producer_id
+                                    ),
+                                )));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            self.inflight.insert(h.producer_id, last_seq);
+        }
+        match replica::propose_batch(node, batch) {
+            Ok(()) => {
+                let index = node.raft.raft_log.last_index();
+                self.waiting.insert(index, Waiter::Batch { term: node.raft.term, placed: None, reply });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(PartitionError::new(ErrorCode::NotLeader, e.to_string())));
+            }
+        }
+    }
+
+    /// Performs one `Ready` on a blocking thread. `None` when the group must stop.
+    async fn ready(&mut self, node: Option<RawNode<LogStorage>>) -> Option<RawNode<LogStorage>> {
+        let mut node = node?;
+        let now = crate::partition::now_ms();
+        let joined = tokio::task::spawn_blocking(move || {
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let out = replica::handle_ready(&mut node, now)?;
+                let commit = node.raft.raft_log.committed;
+                let hw = node.store().offset_after(commit)?;
+                Ok::<_, replica::ReplicaError>((out, hw))
+            }));
+            (node, out)
+        })
+        .await;
+        let (node, out) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(group = %self.name, "the Ready task failed: {e}; stopping the group");
+                return None;
+            }
+        };
+        let (out, hw) = match out {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::error!(group = %self.name, "Raft ready failed: {e}; stopping the group");
+                return None;
+            }
+            Err(_) => {
+                tracing::error!(group = %self.name, "raft-rs panicked handling a Ready; stopping the group");
+                return None;
+            }
+        };
+        for m in &out.messages {
+            self.links.send(self.group, m);
+        }
+        for p in &out.placed {
+            if let Some(Waiter::Batch { placed, .. }) = self.waiting.get_mut(&p.index) {
+                *placed = Some((p.base_offset, p.last_offset));
+            }
+        }
+        if !out.committed.is_empty() {
+            for e in &out.committed {
+                let Some(w) = self.waiting.remove(&e.index) else { continue };
+                if w.term() != e.term {
+                    w.fail(not_leader(leader_of(&node)));
+                    continue;
+                }
+                match w {
+                    Waiter::Batch { placed: Some((base_offset, last_offset)), reply, .. } => {
+                        let append_time_ms = crate::partition::now_ms();
+                        let _ = reply.send(Ok(Appended { base_offset, last_offset, append_time_ms }));
+                    }
+                    Waiter::Batch { placed: None, reply, .. } => {
+                        let _ = reply.send(Err(PartitionError::new(
+                            ErrorCode::Internal,
+                            "committed entry was never placed in the log",
+                        )));
+                    }
+                    Waiter::Command { reply, .. } => drop(reply.send(Ok(e.index))),
+                }
+            }
+            if let Some(hw) = hw {
+                (self.on_commit)(out.committed, hw);
+            }
+        }
+        // A replica that lost leadership cannot answer what it proposed: its entries may be
+        // kept or cut by the next leader. The producer retries with the same sequence numbers
+        // and the next leader answers from its producer state.
+        if node.raft.state != StateRole::Leader && !self.waiting.is_empty() {
+            let leader = leader_of(&node);
+            for (_, w) in std::mem::take(&mut self.waiting) {
+                w.fail(not_leader(leader));
+            }
+        }
+        Some(node)
+    }
+
+    fn publish(&self, node: &RawNode<LogStorage>) {
+        let leader = leader_of(node);
+        let commit = node.raft.raft_log.committed;
+        let in_sync = if node.raft.state == StateRole::Leader {
+            let mut ids: Vec<u64> =
+                node.raft.prs().iter().filter(|(_, p)| p.matched >= commit).map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids
+        } else {
+            Vec::new()
+        };
+        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, stopped: false };
+        self.status.send_if_modified(|s| {
+            let changed = *s != next;
+            if changed {
+                *s = next;
+            }
+            changed
+        });
+    }
+}
+
+fn leader_of(node: &RawNode<LogStorage>) -> Option<u64> {
+    match node.raft.leader_id {
+        raft::INVALID_ID => None,
+        id => Some(id),
+    }
+}

@@ -1,0 +1,204 @@
+//! Links to the other brokers (docs/replication.md §5): one QUIC connection per peer with
+//! mutual TLS (ALPN `quiver-peer/1`), dialled by this broker and re-dialled with back-off
+//! when lost. Raft messages for every group go out on one unidirectional stream per
+//! connection, in order, as `Message::Raft` frames; a full queue drops (Raft resends what
+//! is lost). Requests this broker forwards (a produce to the leader, a topic create to the
+//! controller's leader) go on bidirectional streams of the same connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quiver_protocol::message::Message;
+use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::partition::PartitionError;
+
+/// Raft frames queued for one peer before new ones are dropped.
+const PEER_QUEUE: usize = 8192;
+/// Frames written to the stream in one go.
+const WRITE_BATCH: usize = 256;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Peer {
+    queue: mpsc::Sender<Bytes>,
+    conn: watch::Receiver<Option<quinn::Connection>>,
+}
+
+/// This broker's links to its peers.
+#[derive(Debug)]
+pub(crate) struct PeerLinks {
+    me: u64,
+    peers: BTreeMap<u64, Peer>,
+    dropped: metrics::Counter,
+}
+
+impl PeerLinks {
+    /// Starts a dialler per peer (every entry of `peers` but `me`).
+    pub(crate) fn start(
+        me: u64,
+        peers: &BTreeMap<u64, SocketAddr>,
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<PeerLinks> {
+        let mut map = BTreeMap::new();
+        for (&id, &addr) in peers.iter().filter(|(&id, _)| id != me) {
+            let (queue, rx) = mpsc::channel(PEER_QUEUE);
+            let (conn_tx, conn) = watch::channel(None);
+            tokio::spawn(dial(id, addr, endpoint.clone(), client.clone(), rx, conn_tx, shutdown.clone()));
+            map.insert(id, Peer { queue, conn });
+        }
+        Arc::new(PeerLinks {
+            me,
+            peers: map,
+            dropped: metrics::counter!("quiver_raft_messages_dropped_total"),
+        })
+    }
+
+    /// Queues a raft-rs message for its recipient; dropped (and counted) if the link's queue
+    /// is full or the recipient is not a peer.
+    pub(crate) fn send(&self, group: u64, m: &raft::eraftpb::Message) {
+        let Some(peer) = self.peers.get(&m.to) else {
+            if m.to != self.me {
+                tracing::debug!(to = m.to, "a Raft message for a broker that is not a peer");
+            }
+            return;
+        };
+        let Some(wire) = crate::replica::to_wire(group, m) else { return };
+        let mut buf = BytesMut::with_capacity(wire.encoded_len());
+        wire.encode(&mut buf);
+        let frame = Message::Raft { payload: buf.freeze() }.encode().to_bytes();
+        if peer.queue.try_send(frame).is_err() {
+            self.dropped.increment(1);
+        }
+    }
+
+    /// Whether the link to `id` is connected (this broker: always).
+    pub(crate) fn is_up(&self, id: u64) -> bool {
+        id == self.me || self.peers.get(&id).is_some_and(|p| p.conn.borrow().is_some())
+    }
+
+    /// Sends `msg` to broker `id` as a client would, and returns its one answer. Waits up to
+    /// `timeout` in all, including for the link to come up.
+    pub(crate) async fn request(
+        &self,
+        id: u64,
+        msg: &Message,
+        timeout: Duration,
+    ) -> Result<Message, PartitionError> {
+        let unavailable = |why: String| {
+            PartitionError::new(ErrorCode::NotLeader, format!("broker {id} is unreachable: {why}"))
+        };
+        let peer = self.peers.get(&id).ok_or_else(|| unavailable("not a peer".into()))?;
+        let attempt = async {
+            let mut conn = peer.conn.clone();
+            let conn = conn.wait_for(Option::is_some).await.map_err(|e| unavailable(e.to_string()))?.clone();
+            let Some(conn) = conn else { return Err(unavailable("no connection".into())) };
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| unavailable(e.to_string()))?;
+            write_message(&mut send, msg).await.map_err(|e| unavailable(e.to_string()))?;
+            let _ = send.finish();
+            let mut reader = FrameReader::new(recv);
+            match reader.next().await {
+                Ok(Some(answer)) => Ok(answer),
+                Ok(None) => Err(unavailable("stream closed without an answer".into())),
+                Err(e) => Err(unavailable(e.to_string())),
+            }
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| unavailable(format!("no answer within {timeout:?}")))?
+    }
+}
+
+/// Keeps one peer connected and writes its queued Raft frames.
+async fn dial(
+    id: u64,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    mut queue: mpsc::Receiver<Bytes>,
+    conn_tx: watch::Sender<Option<quinn::Connection>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let server_name = addr.ip().to_string();
+    loop {
+        let connecting = match endpoint.connect_with(client.clone(), addr, &server_name) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = id, %addr, "cannot dial a peer: {e}");
+                return;
+            }
+        };
+        let conn = tokio::select! {
+            c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => c,
+            _ = shutdown.cancelled() => return,
+        };
+        let conn = match conn {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = id, %addr, "peer link: {e}");
+                // Raft messages for a peer that is down are stale by the time it is back.
+                while queue.try_recv().is_ok() {}
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(_) => {
+                while queue.try_recv().is_ok() {}
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        tracing::info!(peer = id, %addr, "peer link up");
+        conn_tx.send_replace(Some(conn.clone()));
+        let result = pump(&conn, &mut queue, &shutdown).await;
+        conn_tx.send_replace(None);
+        if shutdown.is_cancelled() {
+            conn.close(0u32.into(), b"shutting down");
+            return;
+        }
+        tracing::info!(peer = id, %addr, "peer link down: {}", result.err().unwrap_or_default());
+        conn.close(0u32.into(), b"link reset");
+    }
+}
+
+/// Writes queued frames to one uni stream until the connection fails or the broker stops.
+async fn pump(
+    conn: &quinn::Connection,
+    queue: &mut mpsc::Receiver<Bytes>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let mut chunks = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        tokio::select! {
+            first = queue.recv() => match first {
+                Some(f) => chunks.push(f),
+                None => return Ok(()),
+            },
+            e = conn.closed() => return Err(e.to_string()),
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        while chunks.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(f) => chunks.push(f),
+                Err(_) => break,
+            }
+        }
+        send.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
+        chunks.clear();
+    }
+}

@@ -1,0 +1,330 @@
+//! Cluster mode (issue 17, docs/replication.md): brokers started with `--node-id` and
+//! `--peers` form a cluster of static voters.
+//!
+//! - **The controller** is one Raft group (id 0) of every broker, whose log is a segment log of
+//!   its own (`<data>/cluster/controller`). Its entries are metadata commands (JSON in the
+//!   entry; stored as a record batch's single record like any entry); each broker applies them
+//!   in commit order to its topics. It replays from the start at every start: the commands are
+//!   idempotent on a broker that already has the topic.
+//! - **Each partition** of a replicated topic is one Raft group over the partition's own segment
+//!   log (`replica::LogStorage`), its id derived from the controller index of the topic's
+//!   create (`group_id`). The Raft leader is the partition leader; its high watermark is the
+//!   commit.
+//! - **Routing**: a produce reaching a broker that does not lead the partition is forwarded to
+//!   the leader over the peer link (and retried while an election runs); reads are served by
+//!   any replica up to its commit (never beyond, so never what a failover could cut).
+//!
+//! This first slice places every partition on every broker (replicas = brokers); placement
+//! (`placement::replicas`) orders them, the first being the preferred leader.
+
+mod controller;
+mod driver;
+mod links;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use quiver_protocol::message::{BrokerStatus, Message, ReplicaStatus};
+use quiver_protocol::ErrorCode;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::ClusterConfig;
+pub(crate) use controller::Command;
+pub use controller::DeleteHooks;
+pub(crate) use driver::{Event, GroupHandle};
+pub(crate) use links::PeerLinks;
+
+use crate::partition::{Partition, PartitionError};
+use crate::storage::Storage;
+use crate::topics::Topics;
+
+/// The controller's Raft group id.
+pub(crate) const CONTROLLER_GROUP: u64 = 0;
+/// How long a request waits for a partition's leader to be elected (a failover) before the
+/// client is told `NotLeader` and retries itself.
+pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How long a forwarded request may take.
+pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A broker's view of its cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub(crate) config: ClusterConfig,
+    pub(crate) links: Arc<PeerLinks>,
+    pub(crate) controller: GroupHandle,
+    /// Partition groups by group id, and by (topic, partition).
+    pub(crate) groups: DashMap<u64, GroupHandle>,
+    pub(crate) partitions: DashMap<(String, u32), (u64, Vec<u64>)>,
+    pub(crate) applied: tokio::sync::watch::Receiver<u64>,
+    /// The controller index each topic was created at (its groups' ids derive from it).
+    pub(crate) topic_index: DashMap<String, u64>,
+    pub(crate) applied_state: controller::Applied,
+    pub(crate) delete_hooks: std::sync::OnceLock<controller::DeleteHooks>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Cluster {
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// Hands a Raft frame from peer `from` to its group (dropped if the group is unknown here,
+    /// e.g. a topic this broker has not applied yet: Raft resends).
+    pub(crate) fn deliver(&self, from: u64, payload: bytes::Bytes) {
+        let wire = match quiver_protocol::raft::RaftMessage::decode(payload) {
+            Ok(w) => w,
+            Err(e) => {
+                metrics::counter!("quiver_raft_messages_refused_total").increment(1);
+                tracing::debug!(peer = from, "an undecodable Raft message: {e}");
+                return;
+            }
+        };
+        if wire.from != from {
+            metrics::counter!("quiver_raft_messages_refused_total").increment(1);
+            tracing::warn!(peer = from, claimed = wire.from, "a Raft message claiming another sender");
+            return;
+        }
+        let group = wire.group;
+        let handle = if group == CONTROLLER_GROUP {
+            Some(self.controller.clone())
+        } else {
+            self.groups.get(&group).map(|g| g.clone())
+        };
+        if let Some(h) = handle {
+            let _ = h.events.try_send(Event::Raft(crate::replica::from_wire(wire)));
+        }
+    }
+
+    /// The group serving `topic`/`partition`, if it is replicated.
+    pub(crate) fn group(&self, topic: &str, partition: u32) -> Option<(GroupHandle, Vec<u64>)> {
+        let entry = self.partitions.get(&(topic.to_string(), partition))?;
+        let (id, replicas) = entry.value().clone();
+        Some((self.groups.get(&id)?.clone(), replicas))
+    }
+
+    /// What `ClusterStatus` answers.
+    pub(crate) fn status(&self, topics: &Topics) -> Message {
+        let brokers = self
+            .config
+            .peers
+            .iter()
+            .map(|(&id, addr)| BrokerStatus {
+                id: id as u32,
+                addr: addr.to_string(),
+                up: self.links.is_up(id),
+            })
+            .collect();
+        let mut partitions = Vec::new();
+        for t in topics.all() {
+            for p in &t.partitions {
+                let Some((g, replicas)) = self.group(&t.name, p.id) else { continue };
+                let s = g.status.borrow().clone();
+                partitions.push(ReplicaStatus {
+                    topic: t.name.to_string(),
+                    partition: p.id,
+                    leader: s.leader.map(|l| l as u32),
+                    epoch: s.term,
+                    replicas: replicas.iter().map(|&r| r as u32).collect(),
+                    in_sync: s.in_sync.iter().map(|&r| r as u32).collect(),
+                    commit: s.commit,
+                });
+            }
+        }
+        Message::ClusterStatusOk { brokers, partitions }
+    }
+
+    /// Runs a controller command: proposed on the controller's leader (forwarded there as the
+    /// client's own request when this broker does not lead), and answered once this broker
+    /// applied it, so the caller can use what it created at once.
+    pub(crate) async fn run_command(
+        &self,
+        command: Command,
+        request: &Message,
+    ) -> Result<(), PartitionError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            let leader = self.controller.leader(LEADER_WAIT).await;
+            let outcome = match leader {
+                None => Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "the cluster has no controller leader (no quorum?)",
+                )),
+                Some(l) if l == self.config.node_id => {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    let data = command.encode();
+                    if self.controller.events.send(Event::Command { data, reply }).await.is_err() {
+                        return Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped"));
+                    }
+                    match rx.await {
+                        Ok(Ok(index)) => self.wait_applied(index).await.and_then(|()| self.outcome(index)),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped")),
+                    }
+                }
+                Some(l) => match self.links.request(l, request, FORWARD_TIMEOUT).await {
+                    Ok(Message::Done) => self.wait_visible(&command).await,
+                    Ok(Message::Error { code, message }) => Err(PartitionError::new(code, message)),
+                    Ok(other) => Err(PartitionError::new(
+                        ErrorCode::Internal,
+                        format!("the controller answered with frame kind {}", other.kind()),
+                    )),
+                    Err(e) => Err(e),
+                },
+            };
+            match outcome {
+                Err(e) if e.code == ErrorCode::NotLeader && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), PartitionError> {
+        let mut applied = self.applied.clone();
+        let done = tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|&a| a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match done {
+            true => Ok(()),
+            false => {
+                Err(PartitionError::new(ErrorCode::NotLeader, "the command was not applied in time; retry"))
+            }
+        }
+    }
+
+    /// After the controller's leader answered: waits until this broker applied the command too.
+    async fn wait_visible(&self, command: &Command) -> Result<(), PartitionError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        let mut applied = self.applied.clone();
+        loop {
+            if command.visible(self) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                return Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "the command was not applied here in time; retry",
+                ));
+            }
+        }
+    }
+
+    /// Forwards a produce to the partition's leader, waiting out an election. The answer is the
+    /// leader's (or `NotLeader` if none is reachable in time: the client retries).
+    pub(crate) async fn forward_produce(
+        &self,
+        group: &GroupHandle,
+        request: &Message,
+    ) -> Result<Option<Message>, PartitionError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            let leader = group.leader(LEADER_WAIT).await;
+            let outcome = match leader {
+                None => Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "no leader elected for the partition yet; retry",
+                )),
+                Some(l) if l == self.config.node_id => return Ok(None),
+                Some(l) => match self.links.request(l, request, FORWARD_TIMEOUT).await {
+                    Ok(Message::Error { code: ErrorCode::NotLeader, message }) => {
+                        Err(PartitionError::new(ErrorCode::NotLeader, message))
+                    }
+                    Ok(answer) => return Ok(Some(answer)),
+                    Err(e) => Err(e),
+                },
+            };
+            match outcome {
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("forwarding a produce: {e}; retrying");
+                    // Give the group time to notice a dead leader and elect another.
+                    let mut status = group.status.clone();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), status.changed()).await;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => unreachable!(),
+            }
+        }
+    }
+}
+
+/// Starts cluster mode: the peer links, the controller (replaying its log, which attaches every
+/// replicated partition this broker holds), then returns once the replay is done.
+pub(crate) async fn start(
+    broker: &crate::config::BrokerConfig,
+    config: ClusterConfig,
+    storage: Arc<dyn Storage>,
+    topics: Arc<Topics>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Cluster>> {
+    let links = PeerLinks::start(config.node_id, &config.peers, endpoint, client, shutdown.clone());
+    controller::start(config, &broker.data_dir, storage, topics, broker.max_partitions_total, links, shutdown)
+        .await
+}
+
+/// The Raft group of partition `partition` of the topic created at controller index `index`.
+pub(crate) fn group_id(index: u64, partition: u32) -> u64 {
+    (index << 16) | u64::from(partition + 1)
+}
+
+/// Attaches `p` to a new Raft group with `replicas` as its voters.
+pub(crate) fn attach(
+    cluster_links: &Arc<PeerLinks>,
+    me: u64,
+    p: &Arc<Partition>,
+    group: u64,
+    replicas: &[u64],
+    shutdown: &CancellationToken,
+) -> Result<GroupHandle, PartitionError> {
+    let store = crate::replica::LogStorage::open(p.shared_log(), p.storage(), replicas)
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+        .with_tracker(p.tracker());
+    let commit = store.hard_state().get_commit();
+    let fresh = store.hard_state().get_term() == 0;
+    let hw = store
+        .offset_after(commit)
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+        .unwrap_or(0);
+    // Until the group says otherwise, consumers see only what was committed before.
+    p.reset_high_watermark(hw);
+    let node = raft::RawNode::new(&live_config(me, commit), store, &crate::replica::raft_logger())
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?;
+    let weak = Arc::downgrade(p);
+    let on_commit: driver::OnCommit = Box::new(move |_entries, hw| {
+        if let Some(p) = weak.upgrade() {
+            p.advance_high_watermark(hw);
+        }
+    });
+    let name = format!("{}/{}", p.topic, p.id);
+    let handle = driver::spawn(
+        node,
+        group,
+        name,
+        cluster_links.clone(),
+        Some(p.tracker()),
+        on_commit,
+        shutdown.child_token(),
+    );
+    p.attach_replica(handle.proposals.clone());
+    if fresh && replicas.first() == Some(&me) {
+        let _ = handle.events.try_send(Event::Campaign);
+    }
+    Ok(handle)
+}
+
+/// raft-rs settings for a live group: heartbeat every tick (100 ms), an election after 4 to 8
+/// ticks without one (raft-rs randomises it), pre-vote and check-quorum on
+/// (docs/replication.md §4). The simulator uses `replica::config`, whose timeout a seed can
+/// replay.
+pub(crate) fn live_config(id: u64, applied: u64) -> raft::Config {
+    raft::Config {
+        heartbeat_tick: 1,
+        election_tick: 4,
+        min_election_tick: 4,
+        max_election_tick: 8,
+        ..crate::replica::config(id, applied)
+    }
+}
