@@ -60,8 +60,11 @@ impl Command {
 /// See [`Cluster::set_delete_hooks`].
 pub struct DeleteHooks {
     pub dropped: Box<dyn Fn(&str) + Send + Sync>,
-    pub forget: Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub forget: ForgetTopic,
 }
+
+/// Forgets a deleted topic's committed offsets (blocking).
+pub type ForgetTopic = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for DeleteHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
