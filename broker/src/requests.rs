@@ -7,7 +7,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use quiver_protocol::batch::{BatchError, ValidatedBatch};
-use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
+use quiver_protocol::message::{
+    Acks, BrokerStatus, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo,
+};
 use quiver_protocol::ErrorCode;
 use quiver_transport::{write_message, FrameReader};
 
@@ -127,6 +129,7 @@ async fn dispatch(
             ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
         }
         Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
+        Message::ClusterStatus => ready(cluster_status(state)),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
             Some(match st.topics.create(&name, partitions, config, st.config.max_partitions_total).await {
                 Ok(_) => Message::Done,
@@ -328,6 +331,14 @@ fn metadata(state: &BrokerState, topic: Option<&str>) -> Result<Message, Partiti
         None => state.topics.all(),
     };
     Ok(Message::MetadataOk(topics.iter().map(|t| topic_info(t, state.config.broker_id)).collect()))
+}
+
+/// A single broker's answer: itself, up, and no replicated partitions. Placeholder until the
+/// cluster's membership and replicas answer it (issue 17); `addr` is the configured listen
+/// address (with `:0`, the port as configured, not the one bound).
+fn cluster_status(state: &BrokerState) -> Message {
+    let me = BrokerStatus { id: state.config.broker_id, addr: state.config.listen.to_string(), up: true };
+    Message::ClusterStatusOk { brokers: vec![me], partitions: Vec::new() }
 }
 
 fn topic_info(t: &Topic, broker_id: u32) -> TopicInfo {
