@@ -7,7 +7,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use quiver_protocol::batch::{BatchError, ValidatedBatch};
-use quiver_protocol::message::{Acks, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo};
+use quiver_protocol::message::{
+    Acks, BrokerStatus, Message, MessageError, PartitionInfo, PartitionOffsets, TopicInfo,
+};
 use quiver_protocol::ErrorCode;
 use quiver_transport::{write_message, FrameReader};
 
@@ -401,7 +403,7 @@ fn single_node_status(state: &BrokerState) -> Message {
     let addr =
         state.local_addr.get().map(|a| a.to_string()).unwrap_or_else(|| state.config.listen.to_string());
     Message::ClusterStatusOk {
-        brokers: vec![quiver_protocol::message::BrokerStatus { id: state.config.broker_id, addr, up: true }],
+        brokers: vec![BrokerStatus { id: state.config.broker_id, addr, up: true }],
         partitions: Vec::new(),
     }
 }

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{FutureExt, StreamExt};
 use quiver_client::default_ca_path;
 use quiver_client::{
-    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
-    ProducerRecord, StartPosition, TopicConfig,
+    Acks, BrokerStatus, Client, ClientConfig, Consumer, ConsumerConfig, Durability, Producer, ProducerConfig,
+    ProducerRecord, ReplicaStatus, StartPosition, TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -19,7 +19,8 @@ mod bench;
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Command-line client for the Quiver event broker")]
 struct Cli {
-    /// Broker address (host:port, UDP).
+    /// Broker address (host:port, UDP), or several brokers of a cluster separated by commas
+    /// (host:port,host:port,...): tried in turn until one answers.
     #[arg(long, global = true, env = "QUIVER_BROKER", default_value_t = format!("127.0.0.1:{}", quiver_client::DEFAULT_PORT))]
     broker: String,
     /// CA certificate (PEM) that signed the broker's certificate [default: ~/.quiver/data/tls/ca.pem]
@@ -49,6 +50,21 @@ enum Command {
         #[arg(long)]
         topic: String,
     },
+    /// The cluster's brokers and its partitions' replication.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Brokers (id, addr, up) and partitions (topic, partition, leader, epoch, replicas,
+    /// in_sync, commit) as the answering broker sees them.
+    Status {
+        /// One JSON object: {"brokers":[{"id","addr","up"}],"partitions":[{"topic","partition",
+        /// "leader","epoch","replicas","in_sync","commit"}]} (leader null when unknown).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,7 +91,8 @@ enum TopicCmd {
     Create(CreateArgs),
     /// Topics with their partition counts.
     List,
-    /// A topic's settings and each partition's earliest and latest offsets.
+    /// A topic's settings and each partition's leader, epoch, replicas, log start and high
+    /// watermark.
     Describe { name: String },
     /// Delete a topic, its data and its groups' offsets for it.
     Delete { name: String },
@@ -87,6 +104,9 @@ struct CreateArgs {
     /// Number of partitions (1 to 4,096).
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Brokers holding a copy of each partition (at most the cluster's size; 1 on one broker).
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
     /// Delete old segments once a partition is larger than this.
     #[arg(long)]
     retention_bytes: Option<u64>,
@@ -116,8 +136,12 @@ enum DurabilityArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum AcksArg {
-    None,
+    /// A majority of the partition's replicas stored the batch (on one broker: as leader).
+    All,
+    /// The partition's leader stored the batch.
     Leader,
+    /// No acknowledgement: fire and forget.
+    None,
 }
 
 #[derive(Args)]
@@ -131,7 +155,8 @@ struct PublishArgs {
     /// Header K=V on every message (repeatable).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
-    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    /// What the broker waits for before acknowledging a batch.
+    #[arg(long, value_enum, default_value_t = AcksArg::All)]
     acks: AcksArg,
     /// How long a batch waits for more messages.
     #[arg(long, default_value_t = 5)]
@@ -192,7 +217,8 @@ struct BenchArgs {
     /// Run producers for this many seconds instead of a message count.
     #[arg(long)]
     duration: Option<f64>,
-    /// leader: wait for the broker to store each batch; none: fire and forget.
+    /// all: wait for a majority of replicas to store each batch; leader: for the leader alone;
+    /// none: fire and forget.
     #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
     acks: AcksArg,
     /// A producer sends a partition's batch once it holds this many bytes.
@@ -234,6 +260,7 @@ fn durability(d: DurabilityArg) -> Durability {
 
 fn acks(a: AcksArg) -> Acks {
     match a {
+        AcksArg::All => Acks::All,
         AcksArg::None => Acks::None,
         AcksArg::Leader => Acks::Leader,
     }
@@ -301,17 +328,28 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ca = cli.ca.clone().unwrap_or_else(default_ca_path);
-    let client = Client::connect(ClientConfig::new(cli.broker.clone(), ca)).await?;
+    let config = ClientConfig::new(cli.broker.clone(), ca);
+    let attempt = connect_timeout_per_broker(config.brokers().len());
+    let client = Client::connect(config.with_connect_timeout(attempt)).await?;
     let result = match cli.command {
         Command::Topic(cmd) => topic(&client, cmd).await,
         Command::Publish(args) => publish(&client, args).await,
         Command::Tail(args) => tail(&client, args).await,
         Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
         Command::Group(cmd) => group(&client, cmd).await,
+        Command::Cluster(ClusterCmd::Status { json }) => cluster_status(&client, json).await,
         Command::Bench(args) => bench(client.config().clone(), args).await,
     };
     client.close().await;
     result
+}
+
+/// How long the CLI waits for each broker of `n` to answer: the SDK's 5 s for one, less for
+/// several, so that finding none of up to five answering takes about 10 s, not 5 s each; never
+/// under 2 s, which leaves a lost first handshake packet time to be sent again.
+fn connect_timeout_per_broker(n: usize) -> Duration {
+    const ALL: Duration = Duration::from_secs(10);
+    (ALL / n.max(1) as u32).clamp(Duration::from_secs(2), Duration::from_secs(5))
 }
 
 async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
@@ -329,8 +367,18 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
             config.segment_ms = a.segment_ms.unwrap_or(config.segment_ms);
             config.durability = durability(a.durability);
             config.flush_interval_ms = a.flush_interval_ms;
+            let config = config.with_replicas(a.replicas);
             admin.create_topic(&a.name, a.partitions, config).await?;
-            outln!("created topic {} with {} partition(s)", a.name, a.partitions);
+            if a.replicas > 1 {
+                outln!(
+                    "created topic {} with {} partition(s), {} replicas each",
+                    a.name,
+                    a.partitions,
+                    a.replicas
+                );
+            } else {
+                outln!("created topic {} with {} partition(s)", a.name, a.partitions);
+            }
         }
         TopicCmd::List => {
             for t in admin.list_topics().await? {
@@ -342,7 +390,8 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
             let c = &t.config;
             outln!("topic {}", t.name);
             outln!(
-                "  durability={} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
+                "  replicas={} durability={} segment_bytes={} segment_ms={} retention_bytes={} retention_ms={}",
+                c.replicas,
                 match c.durability {
                     Durability::Always => "always",
                     Durability::Interval => "interval",
@@ -353,10 +402,17 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
                 c.retention_bytes.map_or("none".into(), |v| v.to_string()),
                 c.retention_ms.map_or("none".into(), |v| v.to_string()),
             );
-            let mut rows = vec![["partition", "earliest", "latest"].map(String::from)];
+            // The offsets are the partition's range (log start to high watermark), not a lag:
+            // lag is a group's (`quiver offsets`).
+            let mut rows =
+                vec![["partition", "leader", "epoch", "replicas", "log_start", "high_watermark"]
+                    .map(String::from)];
             for p in t.partitions {
                 rows.push([
                     p.partition.to_string(),
+                    p.leader.map_or("-".into(), |l| l.to_string()),
+                    p.epoch.to_string(),
+                    ids(&p.replicas),
                     p.log_start_offset.to_string(),
                     p.high_watermark.to_string(),
                 ]);
@@ -761,6 +817,72 @@ async fn group(client: &Client, cmd: GroupCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn cluster_status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let status = client.admin().cluster_status().await?;
+    if json {
+        outln!("{}", cluster_json(&status.brokers, &status.partitions));
+        return Ok(());
+    }
+    for line in cluster_table(&status.brokers, &status.partitions) {
+        outln!("{line}");
+    }
+    Ok(())
+}
+
+/// `cluster status --json`: one object, field names as documented (scripts rely on them).
+fn cluster_json(brokers: &[BrokerStatus], partitions: &[ReplicaStatus]) -> serde_json::Value {
+    let brokers: Vec<_> =
+        brokers.iter().map(|b| serde_json::json!({ "id": b.id, "addr": b.addr, "up": b.up })).collect();
+    let partitions: Vec<_> = partitions
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "topic": p.topic,
+                "partition": p.partition,
+                "leader": p.leader,
+                "epoch": p.epoch,
+                "replicas": p.replicas,
+                "in_sync": p.in_sync,
+                "commit": p.commit,
+            })
+        })
+        .collect();
+    serde_json::json!({ "brokers": brokers, "partitions": partitions })
+}
+
+/// `cluster status`: the brokers, a blank line, the partitions, each as aligned columns.
+fn cluster_table(brokers: &[BrokerStatus], partitions: &[ReplicaStatus]) -> Vec<String> {
+    let mut rows = vec![["id", "addr", "up"].map(String::from)];
+    for b in brokers {
+        rows.push([b.id.to_string(), b.addr.clone(), if b.up { "yes" } else { "no" }.to_string()]);
+    }
+    let mut lines = aligned(&rows);
+    lines.push(String::new());
+    let mut rows =
+        vec![["topic", "partition", "leader", "epoch", "replicas", "in_sync", "commit"].map(String::from)];
+    for p in partitions {
+        rows.push([
+            p.topic.clone(),
+            p.partition.to_string(),
+            p.leader.map_or("-".into(), |l| l.to_string()),
+            p.epoch.to_string(),
+            ids(&p.replicas),
+            ids(&p.in_sync),
+            p.commit.to_string(),
+        ]);
+    }
+    lines.extend(aligned(&rows));
+    lines
+}
+
+/// Broker ids as `1,2,3`, or `-` for none.
+fn ids(ids: &[u32]) -> String {
+    if ids.is_empty() {
+        return "-".into();
+    }
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Rows as lines whose columns line up (each padded to its widest cell, two spaces apart; the
 /// last column is not padded).
 fn aligned<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
@@ -798,6 +920,47 @@ mod tests {
             ["10", "m-1234567890", "5"].map(String::from),
         ];
         assert_eq!(aligned(&rows), vec!["partition  member        lag", "10         m-1234567890  5"]);
+    }
+
+    #[test]
+    fn cluster_status_json_has_the_documented_fields() {
+        let brokers = [BrokerStatus { id: 1, addr: "127.0.0.1:7420".into(), up: true }];
+        let partitions = [
+            ReplicaStatus {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(1),
+                epoch: 3,
+                replicas: vec![1, 2, 3],
+                in_sync: vec![1, 2, 3],
+                commit: 42,
+            },
+            ReplicaStatus {
+                topic: "t".into(),
+                partition: 1,
+                leader: None,
+                epoch: 0,
+                replicas: vec![2],
+                in_sync: vec![],
+                commit: 0,
+            },
+        ];
+        let want = r#"{"brokers":[{"addr":"127.0.0.1:7420","id":1,"up":true}],"partitions":[{"commit":42,"epoch":3,"in_sync":[1,2,3],"leader":1,"partition":0,"replicas":[1,2,3],"topic":"t"},{"commit":0,"epoch":0,"in_sync":[],"leader":null,"partition":1,"replicas":[2],"topic":"t"}]}"#;
+        assert_eq!(cluster_json(&brokers, &partitions).to_string(), want);
+        let table = cluster_table(&brokers, &partitions);
+        assert_eq!(table[0], "id  addr            up");
+        assert_eq!(table[1], "1   127.0.0.1:7420  yes");
+        assert_eq!(table[3], "topic  partition  leader  epoch  replicas  in_sync  commit");
+        assert_eq!(table[4], "t      0          1       3      1,2,3     1,2,3    42");
+        assert_eq!(table[5], "t      1          -       0      2         -        0");
+    }
+
+    #[test]
+    fn a_list_of_dead_brokers_is_given_up_on_in_about_ten_seconds() {
+        assert_eq!(connect_timeout_per_broker(1), Duration::from_secs(5));
+        assert_eq!(connect_timeout_per_broker(2), Duration::from_secs(5));
+        assert!(connect_timeout_per_broker(3) * 3 <= Duration::from_secs(10));
+        assert_eq!(connect_timeout_per_broker(50), Duration::from_secs(2));
     }
 
     #[test]

@@ -1,13 +1,17 @@
-//! Topic administration.
+//! Topic administration. Requests that are safe to repeat (reads, and creates and deletes
+//! whose effect is checked) ride out a broker change with bounded retries (`retry.rs`).
 
 use std::time::Duration;
 
-use quiver_protocol::message::{MemberInfo, MemberRef, Message, PartitionOffsets, TopicConfig, TopicInfo};
+use quiver_protocol::message::{
+    BrokerStatus, MemberInfo, MemberRef, Message, PartitionOffsets, ReplicaStatus, TopicConfig, TopicInfo,
+};
+use quiver_protocol::ErrorCode;
 
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
 
-/// Creates, lists, describes and deletes topics.
+/// Creates, lists, describes and deletes topics; consumer-group offsets; the cluster's state.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), quiver_client::ClientError> {
@@ -30,6 +34,9 @@ impl Admin {
         Admin { client }
     }
 
+    /// Creates a topic. Retried across a lost connection or a broker change; if a retry then
+    /// finds the topic, it counts as created when it has the partitions and settings asked for
+    /// (the earlier attempt's doing, or an identical one's).
     pub async fn create_topic(
         &self,
         name: &str,
@@ -43,31 +50,61 @@ impl Admin {
         quiver_protocol::message::validate_topic_name(name).map_err(invalid)?;
         quiver_protocol::message::validate_partition_count(partitions).map_err(invalid)?;
         config.validate().map_err(invalid)?;
-        match self.client.request(&Message::CreateTopic { name: name.into(), partitions, config }).await? {
-            Message::Done => Ok(()),
-            other => Err(unexpected(other)),
+        let msg = Message::CreateTopic { name: name.into(), partitions, config: config.clone() };
+        let retried = self.client.request_retrying(&msg).await;
+        match retried.result {
+            Ok(Message::Done) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) if e.code() == Some(ErrorCode::TopicExists) && retried.maybe_done_before => {
+                match self.describe_topic(name).await {
+                    Ok(t) if t.partitions.len() == partitions as usize && t.config == config => Ok(()),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 
+    /// Deletes a topic. Retried across a lost connection or a broker change; a retry that no
+    /// longer finds the topic after an attempt of unknown outcome counts as deleted.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
-        match self.client.request(&Message::DeleteTopic { name: name.into() }).await? {
-            Message::Done => Ok(()),
-            other => Err(unexpected(other)),
+        let retried = self.client.request_retrying(&Message::DeleteTopic { name: name.into() }).await;
+        match retried.result {
+            Ok(Message::Done) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) if e.code() == Some(ErrorCode::UnknownTopic) && retried.maybe_done_before => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
-        match self.client.request(&Message::Metadata { topic: None }).await? {
+        match self.read(&Message::Metadata { topic: None }).await? {
             Message::MetadataOk(t) => Ok(t),
             other => Err(unexpected(other)),
         }
     }
 
+    /// A topic's settings and, per partition, its offsets, leader, epoch and replicas.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
-        match self.client.request(&Message::Metadata { topic: Some(name.into()) }).await? {
+        match self.read(&Message::Metadata { topic: Some(name.into()) }).await? {
             Message::MetadataOk(mut t) if t.len() == 1 => Ok(t.remove(0)),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// The cluster as the answering broker sees it: its brokers (and whether it has a live link
+    /// to each) and every replicated partition's leader, epoch, replicas, in-sync replicas and
+    /// commit index. A single broker lists itself and no partitions.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.read(&Message::ClusterStatus).await? {
+            Message::ClusterStatusOk { brokers, partitions } => Ok(ClusterStatus { brokers, partitions }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A request that changes nothing, so it is simply sent again after a retriable failure.
+    async fn read(&self, msg: &Message) -> Result<Message, ClientError> {
+        self.client.request_retrying(msg).await.result
     }
 
     /// Committed offsets of `group` for every partition of `topic`, with each partition's range.
@@ -76,8 +113,7 @@ impl Admin {
         group: &str,
         topic: &str,
     ) -> Result<Vec<PartitionOffsets>, ClientError> {
-        match self.client.request(&Message::FetchOffsets { group: group.into(), topic: topic.into() }).await?
-        {
+        match self.read(&Message::FetchOffsets { group: group.into(), topic: topic.into() }).await? {
             Message::Offsets(o) => Ok(o),
             other => Err(unexpected(other)),
         }
@@ -139,11 +175,7 @@ impl Admin {
         partition: u32,
         timestamp_ms: i64,
     ) -> Result<u64, ClientError> {
-        match self
-            .client
-            .request(&Message::OffsetForTime { topic: topic.into(), partition, timestamp_ms })
-            .await?
-        {
+        match self.read(&Message::OffsetForTime { topic: topic.into(), partition, timestamp_ms }).await? {
             Message::OffsetIs { offset } => Ok(offset),
             other => Err(unexpected(other)),
         }
@@ -190,7 +222,7 @@ impl Admin {
 
     /// Groups with members or committed offsets.
     pub async fn list_groups(&self) -> Result<Vec<String>, ClientError> {
-        match self.client.request(&Message::ListGroups).await? {
+        match self.read(&Message::ListGroups).await? {
             Message::Groups(g) => Ok(g),
             other => Err(unexpected(other)),
         }
@@ -198,13 +230,23 @@ impl Admin {
 
     /// A group's topic, generation, members and their partitions.
     pub async fn describe_group(&self, group: &str) -> Result<GroupDescription, ClientError> {
-        match self.client.request(&Message::DescribeGroup { group: group.into() }).await? {
+        match self.read(&Message::DescribeGroup { group: group.into() }).await? {
             Message::GroupDescription { topic, generation, members } => {
                 Ok(GroupDescription { topic, generation, members })
             }
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// What [`Admin::cluster_status`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStatus {
+    /// Every broker of the cluster, the answering one included.
+    pub brokers: Vec<BrokerStatus>,
+    /// Every replicated partition the answering broker knows of.
+    pub partitions: Vec<ReplicaStatus>,
 }
 
 /// A member's current assignment.

@@ -1,6 +1,8 @@
-//! `Client`: one QUIC connection to a broker, re-established on demand after it is lost.
+//! `Client`: one QUIC connection to a broker, re-established on demand after it is lost. Given
+//! several brokers (a cluster), a connection goes to the first that answers, trying them in
+//! turn, and a lost one is replaced through the same list, starting after the broker it was to.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,18 +16,20 @@ use quiver_transport::{write_message, FrameReader};
 
 use crate::error::ClientError;
 
-/// Where to find the broker and how to trust it. Start from [`ClientConfig::new`] and adjust
+/// Where to find the brokers and how to trust them. Start from [`ClientConfig::new`] and adjust
 /// with the `with_*` setters; more settings may come, so the struct cannot be built literally.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// `host:port` of the broker.
+    /// `host:port` of the broker, or of several brokers of a cluster separated by commas
+    /// (`a:7420,b:7420,c:7420`), tried in that order ([`brokers`](ClientConfig::brokers)).
     pub broker: String,
-    /// PEM file with the CA that signed the broker's certificate.
+    /// PEM file with the CA(s) that signed the brokers' certificates.
     pub ca_file: PathBuf,
-    /// TLS server name; defaults to the host part of `broker`.
+    /// TLS server name for every broker; by default each address's own host part.
     pub server_name: Option<String>,
-    /// How long a connection attempt may take.
+    /// How long one connection attempt to one broker may take (handshake and `Hello`). With
+    /// several brokers, finding none answering takes up to this times their number.
     pub connect_timeout: Duration,
     /// How long a request may wait for its response.
     pub request_timeout: Duration,
@@ -38,8 +42,8 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// The broker at `host:port`, trusted through the CA certificate in `ca_file`, with default
-    /// timeouts (connect 5 s, request 30 s, idle 30 s).
+    /// The broker at `host:port` (or several, comma-separated), trusted through the CA
+    /// certificate in `ca_file`, with default timeouts (connect 5 s, request 30 s, idle 30 s).
     pub fn new(broker: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
         ClientConfig {
             broker: broker.into(),
@@ -52,7 +56,27 @@ impl ClientConfig {
         }
     }
 
-    /// The TLS server name to expect, when it is not the host part of the address.
+    /// Several brokers of a cluster (each `host:port`), tried in this order; replaces
+    /// [`broker`](ClientConfig::broker).
+    ///
+    /// ```
+    /// let config = quiver_client::ClientConfig::new("ignored:1", "ca.pem")
+    ///     .with_brokers(vec!["10.0.0.1:7420".to_string(), "10.0.0.2:7420".to_string()]);
+    /// assert_eq!(config.broker, "10.0.0.1:7420,10.0.0.2:7420");
+    /// assert_eq!(config.brokers(), ["10.0.0.1:7420", "10.0.0.2:7420"]);
+    /// ```
+    pub fn with_brokers<S: Into<String>>(mut self, brokers: impl IntoIterator<Item = S>) -> Self {
+        self.broker = brokers.into_iter().map(Into::into).collect::<Vec<_>>().join(",");
+        self
+    }
+
+    /// The broker addresses in the order they are tried: `broker` split at commas, blanks
+    /// trimmed and empty entries dropped. Not checked here; [`Client::connect`] does.
+    pub fn brokers(&self) -> Vec<String> {
+        split_brokers(&self.broker).map(str::to_string).collect()
+    }
+
+    /// The TLS server name to expect, when it is not the host part of each address.
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = Some(name.into());
         self
@@ -107,29 +131,57 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
-    addr: SocketAddr,
-    server_name: String,
-    endpoint: quinn::Endpoint,
-    conn: Mutex<Option<quinn::Connection>>,
+    /// The brokers, in the order given.
+    brokers: Vec<BrokerAddr>,
+    /// TLS and transport settings every connection uses.
+    quic: quinn::ClientConfig,
+    /// One endpoint per address family, bound when a broker of that family is first dialled.
+    endpoints: parking_lot::Mutex<Endpoints>,
+    conn: Mutex<Slot>,
     /// Set by `close`: no reconnecting afterwards.
     closed: std::sync::atomic::AtomicBool,
-    /// Bumped each time a lost connection is replaced (the broker may have restarted).
+    /// Bumped each time a lost connection is replaced (the broker may have restarted, or be
+    /// another one).
     reconnects: tokio::sync::watch::Sender<u64>,
 }
 
+/// The connection, and where the next pass through the broker list starts: after the broker
+/// of the current connection (it is the one to avoid once that connection is lost).
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Option<quinn::Connection>,
+    next: usize,
+}
+
+#[derive(Debug, Default)]
+struct Endpoints {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+/// One broker of the list, checked to be `host:port` once, at `connect`.
+#[derive(Debug, Clone)]
+struct BrokerAddr {
+    /// As given (`host:port`); resolved at each attempt, so a broker's new address is found.
+    text: String,
+    server_name: String,
+}
+
 impl Client {
-    /// Connects and exchanges `Hello`, so a bad address, certificate or broker shows up here.
+    /// Connects to the first broker that answers and exchanges `Hello`, so a bad address,
+    /// certificate or broker shows up here. With several brokers, each is tried in turn (with
+    /// [`connect_timeout`](ClientConfig::connect_timeout) each); the error names every one
+    /// that failed.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let addr = resolve(&config.broker)?;
-        let server_name = config.server_name.clone().unwrap_or_else(|| host_of(&config.broker));
-        let endpoint = make_endpoint(&config, addr)?;
+        let brokers = parse_brokers(&config.broker, config.server_name.as_deref())?;
+        let quic = quic_config(&config)?;
         let client = Client {
             inner: Arc::new(Inner {
                 config,
-                addr,
-                server_name,
-                endpoint,
-                conn: Mutex::new(None),
+                brokers,
+                quic,
+                endpoints: Default::default(),
+                conn: Mutex::new(Slot::default()),
                 closed: Default::default(),
                 reconnects: tokio::sync::watch::Sender::new(0),
             }),
@@ -156,29 +208,57 @@ impl Client {
         self.live_connection().await
     }
 
-    async fn live_connection(&self) -> Result<quinn::Connection, ClientError> {
-        let mut guard = self.inner.conn.lock().await;
+    pub(crate) async fn live_connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut slot = self.inner.conn.lock().await;
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(ClientError::Closed);
         }
-        if let Some(c) = guard.as_ref() {
+        if let Some(c) = slot.conn.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
-            tracing::debug!("connection to {} lost; reconnecting", self.inner.config.broker);
+            tracing::debug!("connection to {} lost; reconnecting", c.remote_address());
         }
-        let conn = self.dial().await?;
-        if guard.replace(conn.clone()).is_some() {
+        let (conn, index) = self.dial_any(slot.next).await?;
+        slot.next = (index + 1) % self.inner.brokers.len();
+        if slot.conn.replace(conn.clone()).is_some() {
             self.inner.reconnects.send_modify(|n| *n += 1);
         }
         Ok(conn)
     }
 
+    /// One pass through the brokers from `start`: the first connection made, with its index,
+    /// or every attempt's error.
+    async fn dial_any(&self, start: usize) -> Result<(quinn::Connection, usize), ClientError> {
+        let n = self.inner.brokers.len();
+        let mut failed = Vec::new();
+        for i in 0..n {
+            let index = (start + i) % n;
+            let broker = &self.inner.brokers[index];
+            match self.dial(broker).await {
+                Ok(conn) => {
+                    if !failed.is_empty() {
+                        tracing::info!(broker = %broker.text, "connected after {} other broker(s) failed", failed.len());
+                    }
+                    return Ok((conn, index));
+                }
+                Err(e) => {
+                    tracing::debug!(broker = %broker.text, "connecting failed: {e}");
+                    failed.push(e);
+                }
+            }
+        }
+        match failed.len() {
+            1 => Err(failed.remove(0)),
+            _ => Err(ClientError::AllBrokersFailed { attempts: failed }),
+        }
+    }
+
     /// The current connection's path counters, or `None` while there is no live connection
     /// (this does not reconnect).
     pub async fn connection_stats(&self) -> Option<ConnectionStats> {
-        let guard = self.inner.conn.lock().await;
-        let conn = guard.as_ref().filter(|c| c.close_reason().is_none())?;
+        let slot = self.inner.conn.lock().await;
+        let conn = slot.conn.as_ref().filter(|c| c.close_reason().is_none())?;
         let path = conn.stats().path;
         Some(ConnectionStats {
             mtu: path.current_mtu,
@@ -194,29 +274,49 @@ impl Client {
         self.inner.reconnects.subscribe()
     }
 
-    async fn dial(&self) -> Result<quinn::Connection, ClientError> {
+    async fn dial(&self, broker: &BrokerAddr) -> Result<quinn::Connection, ClientError> {
         let cfg = &self.inner.config;
-        let connecting = self
-            .inner
-            .endpoint
-            .connect(self.inner.addr, &self.inner.server_name)
-            .map_err(|e| ClientError::Connect { addr: cfg.broker.clone(), reason: e.to_string() })?;
-        let conn = match tokio::time::timeout(cfg.connect_timeout, connecting).await {
-            Err(_) => {
-                return Err(ClientError::Unreachable {
-                    addr: cfg.broker.clone(),
-                    timeout_ms: cfg.connect_timeout.as_millis() as u64,
-                })
+        let timeout = cfg.connect_timeout;
+        let attempt = async {
+            let addr = resolve(&broker.text).await?;
+            let endpoint = self.endpoint_for(&broker.text, addr)?;
+            let connecting = endpoint
+                .connect(addr, &broker.server_name)
+                .map_err(|e| ClientError::Connect { addr: broker.text.clone(), reason: e.to_string() })?;
+            let conn = connecting.await.map_err(|e| connect_error(&broker.text, e))?;
+            let hello = Message::Hello {
+                protocol_version: PROTOCOL_VERSION as u16,
+                client_id: cfg.client_id.clone(),
+            };
+            match request_on(&conn, &hello, timeout).await? {
+                Message::HelloOk { .. } => Ok(conn),
+                other => Err(unexpected(other)),
             }
-            Ok(Err(e)) => return Err(connect_error(&cfg.broker, e)),
-            Ok(Ok(c)) => c,
         };
-        let hello =
-            Message::Hello { protocol_version: PROTOCOL_VERSION as u16, client_id: cfg.client_id.clone() };
-        match request_on(&conn, &hello, cfg.request_timeout).await? {
-            Message::HelloOk { .. } => Ok(conn),
-            other => Err(unexpected(other)),
+        tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| {
+            Err(ClientError::Unreachable {
+                addr: broker.text.clone(),
+                timeout_ms: timeout.as_millis() as u64,
+            })
+        })
+    }
+
+    /// The endpoint for `addr`'s address family, bound on first use.
+    fn endpoint_for(&self, broker: &str, addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        let mut endpoints = self.inner.endpoints.lock();
+        let slot = if addr.is_ipv6() { &mut endpoints.v6 } else { &mut endpoints.v4 };
+        if let Some(e) = slot {
+            return Ok(e.clone());
         }
+        let endpoint = make_endpoint(self.inner.quic.clone(), broker, addr)?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Gives up the connection `conn` (its broker said it is going away): the next request
+    /// connects anew, to the next broker in the list first.
+    pub(crate) fn abandon(&self, conn: &quinn::Connection) {
+        conn.close(0u32.into(), b"moving to another broker");
     }
 
     /// One request on a fresh stream, one response.
@@ -244,17 +344,23 @@ impl Client {
 
     /// Closes the connection politely.
     pub async fn close(&self) {
-        let mut guard = self.inner.conn.lock().await;
+        let mut slot = self.inner.conn.lock().await;
         self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(c) = guard.take() {
+        if let Some(c) = slot.conn.take() {
             c.close(0u32.into(), b"bye");
         }
-        drop(guard);
-        self.inner.endpoint.wait_idle().await;
+        drop(slot);
+        let endpoints: Vec<quinn::Endpoint> = {
+            let e = self.inner.endpoints.lock();
+            e.v4.iter().chain(e.v6.iter()).cloned().collect()
+        };
+        for e in endpoints {
+            e.wait_idle().await;
+        }
     }
 }
 
-async fn request_on(
+pub(crate) async fn request_on(
     conn: &quinn::Connection,
     msg: &Message,
     timeout: Duration,
@@ -306,9 +412,40 @@ fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
     ClientError::Connect { addr, reason }
 }
 
-fn resolve(broker: &str) -> Result<SocketAddr, ClientError> {
+/// The entries of a comma-separated broker list.
+fn split_brokers(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|b| !b.is_empty())
+}
+
+/// The broker list as `host:port` entries, each with its TLS server name.
+fn parse_brokers(list: &str, server_name: Option<&str>) -> Result<Vec<BrokerAddr>, ClientError> {
+    let brokers = split_brokers(list)
+        .map(|b| {
+            let bad = |reason: &str| ClientError::BadAddress { addr: b.to_string(), reason: reason.into() };
+            let (host, port) = b.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
+            port.parse::<u16>().map_err(|_| bad("expected host:port with a port number"))?;
+            if host.trim_start_matches('[').trim_end_matches(']').is_empty() {
+                return Err(bad("expected host:port, with a host"));
+            }
+            let server_name = server_name.map_or_else(|| host_of(b), str::to_string);
+            Ok(BrokerAddr { text: b.to_string(), server_name })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if brokers.is_empty() {
+        return Err(ClientError::BadAddress {
+            addr: list.to_string(),
+            reason: "no broker address (expected host:port, or several separated by commas)".into(),
+        });
+    }
+    Ok(brokers)
+}
+
+/// The first address `broker` resolves to (asked anew at each attempt; without blocking the
+/// runtime on DNS).
+async fn resolve(broker: &str) -> Result<SocketAddr, ClientError> {
     let bad = |reason: String| ClientError::BadAddress { addr: broker.to_string(), reason };
-    let mut addrs = broker.to_socket_addrs().map_err(|e| bad(format!("{e} (expected host:port)")))?;
+    let mut addrs =
+        tokio::net::lookup_host(broker).await.map_err(|e| bad(format!("{e} (expected host:port)")))?;
     addrs.next().ok_or_else(|| bad("resolves to no address".into()))
 }
 
@@ -317,7 +454,8 @@ fn host_of(broker: &str) -> String {
     host.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
-fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+/// TLS 1.3 trusting the CA file's certificates, with the client's transport limits.
+fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     let bad_ca = |reason: String| ClientError::BadCa { path: config.ca_file.display().to_string(), reason };
     let pem = std::fs::read(&config.ca_file).map_err(|e| bad_ca(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -339,11 +477,21 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     client_config.transport_config(Arc::new(transport_config(config.idle_timeout)));
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| {
-        ClientError::BadAddress { addr: config.broker.clone(), reason: "cannot bind a local socket".into() }
-    })?;
+    Ok(client_config)
+}
+
+fn make_endpoint(
+    quic: quinn::ClientConfig,
+    broker: &str,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, ClientError> {
+    let bind = if addr.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
     let local = |e: std::io::Error| ClientError::Connect {
-        addr: config.broker.clone(),
+        addr: broker.to_string(),
         reason: format!("local socket: {e}"),
     };
     let socket = quiver_transport::udp_socket(bind, false).map_err(local)?;
@@ -351,7 +499,7 @@ fn make_endpoint(config: &ClientConfig, addr: SocketAddr) -> Result<quinn::Endpo
     quiver_transport::limit_datagrams(&mut endpoint_config);
     let mut endpoint =
         quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).map_err(local)?;
-    endpoint.set_default_client_config(client_config);
+    endpoint.set_default_client_config(quic);
     Ok(endpoint)
 }
 
@@ -371,6 +519,31 @@ fn transport_config(idle: Duration) -> quinn::TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_list_is_split_at_commas_and_each_entry_has_its_own_server_name() {
+        let b = parse_brokers(" a.example:7420, 10.0.0.2:7421,,[::1]:7422 ", None).expect("valid");
+        let got: Vec<(&str, &str)> = b.iter().map(|b| (b.text.as_str(), b.server_name.as_str())).collect();
+        assert_eq!(
+            got,
+            [("a.example:7420", "a.example"), ("10.0.0.2:7421", "10.0.0.2"), ("[::1]:7422", "::1")]
+        );
+        let named = parse_brokers("10.0.0.1:1,10.0.0.2:2", Some("quiver.internal")).expect("valid");
+        assert!(named.iter().all(|b| b.server_name == "quiver.internal"));
+        let config = ClientConfig::new("x:1, y:2", "ca.pem");
+        assert_eq!(config.brokers(), ["x:1", "y:2"]);
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_and_an_empty_list_refused() {
+        for (list, bad) in [("a:1,b", "b"), ("a:1,b:port", "b:port"), (":7420", ":7420")] {
+            match parse_brokers(list, None) {
+                Err(ClientError::BadAddress { addr, .. }) => assert_eq!(addr, bad, "{list}"),
+                other => panic!("{list}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse_brokers(" , ", None), Err(ClientError::BadAddress { .. })));
+    }
 
     #[test]
     fn a_refused_handshake_is_worth_retrying_and_a_bad_certificate_is_not() {

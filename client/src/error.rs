@@ -24,6 +24,10 @@ pub enum ClientError {
     /// or at its connection limit. Worth retrying.
     #[error("broker {addr} refused the connection: {reason}")]
     Refused { addr: String, reason: String },
+    /// None of several brokers could be connected to: each attempt's error, in the order
+    /// tried (each names its broker).
+    #[error("no broker answered: {}", join_attempts(.attempts))]
+    AllBrokersFailed { attempts: Vec<ClientError> },
     /// The connection was lost mid-request (including a broker shutting down).
     #[error("connection lost: {0}")]
     ConnectionLost(String),
@@ -50,6 +54,10 @@ pub enum ClientError {
     /// The producer or consumer was closed.
     #[error("closed")]
     Closed,
+}
+
+fn join_attempts(attempts: &[ClientError]) -> String {
+    attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 fn last_error_suffix(last: &Option<String>) -> String {
@@ -81,6 +89,9 @@ impl ClientError {
             | ClientError::Timeout(_)
             | ClientError::Unreachable { .. } => true,
             ClientError::Broker { code, .. } => code.is_retriable(),
+            // Worth another pass if any broker might answer then (not if, say, every one
+            // refused the certificate).
+            ClientError::AllBrokersFailed { attempts } => attempts.iter().any(ClientError::is_retriable),
             _ => false,
         }
     }
@@ -165,6 +176,21 @@ mod tests {
         let e = ClientError::from(quinn::ConnectionError::ApplicationClosed(close));
         assert!(e.is_retriable());
         assert_eq!(e.to_string(), "connection lost: the broker is shutting down");
+    }
+
+    #[test]
+    fn failing_every_broker_names_each_and_is_retriable_if_one_may_come_back() {
+        let dead =
+            |port: u16| ClientError::Unreachable { addr: format!("127.0.0.1:{port}"), timeout_ms: 500 };
+        let tls = ClientError::Connect { addr: "127.0.0.1:3".into(), reason: "TLS: bad certificate".into() };
+        let e = ClientError::AllBrokersFailed { attempts: vec![dead(1), dead(2), tls.clone()] };
+        let text = e.to_string();
+        for addr in ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"] {
+            assert!(text.contains(addr), "{text}");
+        }
+        assert!(text.starts_with("no broker answered: broker 127.0.0.1:1 unreachable"), "{text}");
+        assert!(e.is_retriable());
+        assert!(!ClientError::AllBrokersFailed { attempts: vec![tls.clone(), tls] }.is_retriable());
     }
 
     #[test]

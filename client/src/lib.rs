@@ -9,15 +9,16 @@ mod consumer;
 mod error;
 mod producer;
 pub mod redelivery;
+mod retry;
 
-pub use admin::{Admin, GroupAssignment, GroupDescription};
+pub use admin::{Admin, ClusterStatus, GroupAssignment, GroupDescription};
 pub use connection::{Client, ClientConfig, ConnectionStats};
 pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, ConsumerEvent};
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::message::{
-    Acks, Durability, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, StartPosition, TopicConfig,
-    TopicInfo,
+    Acks, BrokerStatus, Durability, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, ReplicaStatus,
+    StartPosition, TopicConfig, TopicInfo,
 };
 pub use quiver_protocol::ErrorCode;
 pub use quiver_transport::{default_ca_path, DEFAULT_PORT};
@@ -61,6 +62,7 @@ impl Client {
 ///         | quiver_client::ClientError::Unreachable { .. }
 ///         | quiver_client::ClientError::Connect { .. }
 ///         | quiver_client::ClientError::Refused { .. }
+///         | quiver_client::ClientError::AllBrokersFailed { .. }
 ///         | quiver_client::ClientError::ConnectionLost(_)
 ///         | quiver_client::ClientError::Broker { .. }
 ///         | quiver_client::ClientError::Protocol(_)

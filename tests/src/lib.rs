@@ -370,7 +370,7 @@ impl Cluster {
     pub async fn client(&self) -> anyhow::Result<Client> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut cfg = ClientConfig::new(self.nodes[0].addr.to_string(), &self.ca);
+            let mut cfg = ClientConfig::new(self.brokers(), &self.ca);
             cfg.connect_timeout = Duration::from_secs(2);
             match Client::connect(cfg).await {
                 Ok(c) => return Ok(c),

@@ -11,7 +11,6 @@ use futures::StreamExt;
 use quiver_client::{
     Acks, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
 };
-use quiver_protocol::message::Message;
 use quiver_tests::{bounded, init_tracing, Cluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -93,8 +92,8 @@ async fn a_leader_killed_under_acks_all_loses_nothing_and_fails_over() -> anyhow
         }
 
         // The cluster's own view, as `quiver cluster status` shows it.
-        let status = client.request(&Message::ClusterStatus).await?;
-        let Message::ClusterStatusOk { brokers, partitions } = status else { anyhow::bail!("status: {status:?}") };
+        let status = client.admin().cluster_status().await?;
+        let (brokers, partitions) = (status.brokers, status.partitions);
         assert_eq!(brokers.len(), 3);
         assert_eq!(partitions.len(), 3);
         assert!(partitions.iter().all(|p| p.replicas.len() == 3 && p.commit > 0), "{partitions:?}");

@@ -1,5 +1,6 @@
 //! Idempotent producer: batches in flight when the broker dies are sent again after it
-//! restarts, and each message is stored exactly once.
+//! restarts, each message is stored exactly once, and each partition keeps the order the
+//! messages were sent in.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,9 +13,16 @@ use quiver_tests::{bounded, init_tracing, BrokerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 
-/// Sends `n` messages while the broker is SIGKILLed and restarted mid-stream; returns how
-/// many times each message index was stored.
-async fn produce_through_a_crash(idempotent: bool, n: u64) -> anyhow::Result<HashMap<u64, u32>> {
+/// What a crash test read back: how many times each message index was stored, and each
+/// partition's message indexes in offset order.
+struct Stored {
+    counts: HashMap<u64, u32>,
+    by_partition: HashMap<u32, Vec<(u64, u64)>>,
+}
+
+/// Sends `n` messages while the broker is SIGKILLed and restarted mid-stream (with the
+/// default `acks = all`); returns what was stored.
+async fn produce_through_a_crash(idempotent: bool, n: u64) -> anyhow::Result<Stored> {
     let dir = tempfile::tempdir()?;
     let mut broker = BrokerProcess::start(BIN, dir.path(), None).await?;
     let client = broker.client().await?;
@@ -41,11 +49,17 @@ async fn produce_through_a_crash(idempotent: bool, n: u64) -> anyhow::Result<Has
     let total: u64 =
         client.admin().describe_topic("idem").await?.partitions.iter().map(|p| p.high_watermark).sum();
     let mut counts: HashMap<u64, u32> = HashMap::new();
+    let mut by_partition: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
     for _ in 0..total {
         let m = consumer.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-        *counts.entry(std::str::from_utf8(&m.value)?.parse()?).or_default() += 1;
+        let index: u64 = std::str::from_utf8(&m.value)?.parse()?;
+        *counts.entry(index).or_default() += 1;
+        by_partition.entry(m.partition).or_default().push((m.offset, index));
     }
-    Ok(counts)
+    for stored in by_partition.values_mut() {
+        stored.sort();
+    }
+    Ok(Stored { counts, by_partition })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +67,13 @@ async fn retried_batches_are_written_exactly_once() -> anyhow::Result<()> {
     init_tracing();
     bounded(180, async {
         const N: u64 = 30_000;
-        let counts = produce_through_a_crash(true, N).await?;
+        let Stored { counts, by_partition } = produce_through_a_crash(true, N).await?;
+        // Resent batches keep their place: a partition's messages were enqueued in index
+        // order, so in offset order their indexes only grow.
+        for (p, stored) in &by_partition {
+            let back = stored.windows(2).find(|w| w[1].1 <= w[0].1);
+            assert!(back.is_none(), "partition {p} out of order at (offset, index) {back:?}");
+        }
         let missing: Vec<u64> = (0..N).filter(|i| !counts.contains_key(i)).collect();
         let dups: Vec<(&u64, &u32)> = counts.iter().filter(|(_, c)| **c > 1).collect();
         assert!(missing.is_empty(), "{} acknowledged messages missing", missing.len());
@@ -70,7 +90,7 @@ async fn retried_batches_are_written_exactly_once() -> anyhow::Result<()> {
 async fn without_idempotence_retries_duplicate() -> anyhow::Result<()> {
     init_tracing();
     bounded(180, async {
-        let counts = produce_through_a_crash(false, 30_000).await?;
+        let counts = produce_through_a_crash(false, 30_000).await?.counts;
         let dups = counts.values().filter(|c| **c > 1).count();
         eprintln!("without idempotence: {dups} messages stored more than once");
         assert!(dups > 0, "expected duplicates from retried batches");

@@ -24,9 +24,8 @@ use tokio::time::Instant;
 
 use crate::error::ClientError;
 
-/// First pause after a failure; doubles per consecutive failure up to `MAX_BACKOFF`.
-pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(50);
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The pauses after failures: the same as for other requests' retries.
+pub(crate) use crate::retry::{MAX_BACKOFF, MIN_BACKOFF};
 
 /// The settings the engine needs (from `ProducerConfig`).
 #[derive(Debug, Clone)]
@@ -37,7 +36,8 @@ pub(crate) struct EngineConfig {
     /// Batches sent and not yet answered, at least 1.
     pub max_in_flight: usize,
     pub delivery_timeout: Duration,
-    /// The broker answers each batch (`acks = leader`); without it a batch is done once written.
+    /// The broker answers each batch (`acks = leader` or `all`); without it a batch is done
+    /// once written.
     pub acks: bool,
     /// The producer id batches carry, or -1 (not idempotent).
     pub producer_id: i64,

@@ -5,7 +5,11 @@
 //! completes every record of a batch at once from the batch's acknowledgement, and resends
 //! in order on a new connection after a loss.
 //!
-//! A batch whose acknowledgement was lost with the connection is sent again. With
+//! A batch refused with a retriable error (`NotLeader` while a partition changes leader,
+//! `ShuttingDown`, a storage error) or whose acknowledgement was lost with the connection is
+//! sent again, unchanged, after a pause (50 ms doubling to 1 s), together with every later
+//! batch in flight and in the same order; a new connection goes to the next broker of the
+//! client's list when the last one is down. Retries stop at the delivery timeout. With
 //! `idempotent` (the default) each batch carries the producer's id and the sequence number
 //! of its first record in the partition, and the broker answers a batch it already wrote
 //! with the original offsets: each record is written once. Without it, delivery is
@@ -46,6 +50,9 @@ use engine::{Action, Answer, Done, Engine, EngineConfig};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ProducerConfig {
+    /// What the broker waits for before it answers a batch: `All` (the default) a majority of
+    /// the partition's replicas, `Leader` the leader alone, `None` nothing (no answer). On a
+    /// single broker `All` is `Leader`.
     pub acks: Acks,
     /// How long a partition's batch waits for more records before it is sent.
     pub linger: Duration,
@@ -59,7 +66,7 @@ pub struct ProducerConfig {
     /// an in-flight slot and retries included, before it fails.
     pub delivery_timeout: Duration,
     /// Number each partition's records so the broker writes a retried batch only once. Only
-    /// with `acks = leader`: with `acks = none` nothing tells the producer that a batch failed,
+    /// with `acks = all` or `leader`: with `acks = none` nothing tells the producer that a batch failed,
     /// and every later batch of the partition would then be refused as a sequence gap, unseen
     /// (Kafka likewise requires acknowledgements for idempotence).
     pub idempotent: bool,
@@ -74,7 +81,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            acks: Acks::Leader,
+            acks: Acks::All,
             linger: Duration::from_millis(5),
             max_batch_bytes: 1024 * 1024,
             max_in_flight: 8,
@@ -452,7 +459,8 @@ impl Producer {
         let id = self
             .producer_id
             .get_or_try_init(|| async {
-                match self.client.request(&Message::InitProducer).await? {
+                // Repeating it costs an unused id at worst.
+                match self.client.request_retrying(&Message::InitProducer).await.result? {
                     Message::InitProducerOk { producer_id, .. } => Ok(producer_id),
                     other => Err(unexpected(other)),
                 }
@@ -572,7 +580,10 @@ impl Sender {
                 _ = self.queue.wake.notified() => {}
                 _ = sleep_until(timer), if timer.is_some() => {}
                 resp = next_response(&mut self.stream, answer_by), if awaiting => {
-                    let answer = self.answer(resp);
+                    let answer = answer_of(resp);
+                    if let Answer::Retry(why) = &answer {
+                        tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
+                    }
                     self.queue.state.lock().engine.answer(Instant::now(), answer);
                 }
             }
@@ -587,27 +598,6 @@ impl Sender {
             Message::Produce { topic: topic.to_string(), partition, acks, batch }.encode()
         };
         self.queue.state.lock().engine.poll(Instant::now(), &mut seal)
-    }
-
-    /// What a response means for the oldest batch in flight.
-    fn answer(&self, resp: Result<Option<Message>, ClientError>) -> Answer {
-        let why = match resp {
-            Ok(Some(Message::ProduceOk { base_offset, .. })) => return Answer::Written(base_offset),
-            Ok(Some(Message::Error { code, message })) => {
-                let e = ClientError::Broker { code, message };
-                if !code.is_retriable() {
-                    return Answer::Fatal(e);
-                }
-                e.to_string()
-            }
-            Ok(Some(other)) => return Answer::Fatal(unexpected(other)),
-            Ok(None) => "the stream ended without an answer".to_string(),
-            Err(e) => e.to_string(),
-        };
-        // Lost connection, a retriable error or no answer in time: after a pause, every batch in
-        // flight goes again, in order.
-        tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
-        Answer::Retry(why)
     }
 
     /// After a failed idempotent batch: a new producer id, so sequences start over.
@@ -662,6 +652,26 @@ impl Sender {
             let _ = tx.send(());
         }
     }
+}
+
+/// What a response means for the oldest batch in flight.
+fn answer_of(resp: Result<Option<Message>, ClientError>) -> Answer {
+    let why = match resp {
+        Ok(Some(Message::ProduceOk { base_offset, .. })) => return Answer::Written(base_offset),
+        Ok(Some(Message::Error { code, message })) => {
+            let e = ClientError::Broker { code, message };
+            if !code.is_retriable() {
+                return Answer::Fatal(e);
+            }
+            e.to_string()
+        }
+        Ok(Some(other)) => return Answer::Fatal(unexpected(other)),
+        Ok(None) => "the stream ended without an answer".to_string(),
+        Err(e) => e.to_string(),
+    };
+    // Lost connection, a retriable error (NotLeader among them) or no answer in time: after a
+    // pause, every batch in flight goes again, in order, with its sequence numbers.
+    Answer::Retry(why)
 }
 
 async fn next_response(
@@ -726,7 +736,23 @@ pub fn murmur2(data: &[u8]) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::murmur2;
+    use super::{answer_of, murmur2, Answer};
+    use quiver_protocol::message::Message;
+    use quiver_protocol::ErrorCode;
+
+    #[test]
+    fn not_leader_and_a_lost_answer_are_retried_and_a_refusal_is_not() {
+        let error = |code: ErrorCode| Ok(Some(Message::error(code, "x")));
+        for code in [ErrorCode::NotLeader, ErrorCode::ShuttingDown, ErrorCode::StorageError] {
+            assert!(matches!(answer_of(error(code)), Answer::Retry(_)), "{code:?}");
+        }
+        assert!(matches!(answer_of(Ok(None)), Answer::Retry(_)));
+        let lost = Err(crate::ClientError::ConnectionLost("reset".into()));
+        assert!(matches!(answer_of(lost), Answer::Retry(_)));
+        assert!(matches!(answer_of(error(ErrorCode::UnknownPartition)), Answer::Fatal(_)));
+        let ok = Ok(Some(Message::ProduceOk { base_offset: 7, log_append_time_ms: -1 }));
+        assert!(matches!(answer_of(ok), Answer::Written(7)));
+    }
 
     #[test]
     fn murmur2_matches_kafka() {
