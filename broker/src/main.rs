@@ -39,11 +39,11 @@ struct Args {
     #[arg(long, env = "QUIVER_DEV_CA", value_name = "DIR", conflicts_with = "tls_cert")]
     dev_ca: Option<PathBuf>,
     /// This broker's id in a cluster (with --peers).
-    #[arg(long, env = "QUIVER_NODE_ID", requires = "peers", hide = true)]
+    #[arg(long, env = "QUIVER_NODE_ID", requires = "peers")]
     node_id: Option<u64>,
     /// Every broker of the cluster, this one included: ID@HOST:PORT,ID@HOST:PORT,...
     /// (static voters; each address is that broker's --listen).
-    #[arg(long, env = "QUIVER_PEERS", requires = "node_id", hide = true)]
+    #[arg(long, env = "QUIVER_PEERS", requires = "node_id")]
     peers: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -53,7 +53,7 @@ struct Args {
 enum Command {
     /// Starts a local cluster of brokers (one process each) on 127.0.0.1 and prints how to
     /// point the CLI at it; stops them on Ctrl-C.
-    #[command(hide = true)]
+    
     DevCluster {
         /// How many brokers.
         #[arg(long, default_value_t = 3)]
