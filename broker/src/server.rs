@@ -357,17 +357,19 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     metrics::gauge!("quiver_connections").decrement(1.0);
 }
 
-/// Which peer a broker connection is. Brokers dial from the endpoint they serve on, so a
-/// peer's source address is its `--peers` address; its certificate was verified against the
-/// cluster's CA at the handshake (`tls::peer_identity`).
+/// Which peer a broker connection is: the node id its certificate names (`--dev-ca`
+/// certificates carry `quiver://broker/<id>`, verified against the cluster's CA at the
+/// handshake), which must be one of `--peers`. A certificate without an id (an operator's,
+/// `--tls-ca`) is matched by its source address: brokers dial from the endpoint they serve on,
+/// so a peer's source address is its `--peers` address unless a proxy sits between.
 fn peer_id(cluster: &crate::cluster::Cluster, conn: &quinn::Connection) -> Option<u64> {
     let identity = crate::tls::peer_identity(conn).ok()?;
-    let remote = conn.remote_address();
-    let by_addr = cluster.config.peers.iter().find(|(_, a)| **a == remote).map(|(id, _)| *id)?;
-    // A certificate that names its broker (`--dev-ca` ones do) must name this one.
     match identity.node_id {
-        Some(named) if named != by_addr => None,
-        _ => Some(by_addr),
+        Some(id) => cluster.config.peers.contains_key(&id).then_some(id),
+        None => {
+            let remote = conn.remote_address();
+            cluster.config.peers.iter().find(|(_, a)| **a == remote).map(|(id, _)| *id)
+        }
     }
 }
 
