@@ -53,7 +53,6 @@ struct Args {
 enum Command {
     /// Starts a local cluster of brokers (one process each) on 127.0.0.1 and prints how to
     /// point the CLI at it; stops them on Ctrl-C.
-    
     DevCluster {
         /// How many brokers.
         #[arg(long, default_value_t = 3)]

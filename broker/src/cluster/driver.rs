@@ -351,7 +351,7 @@ impl Driver {
                 return None;
             }
         };
-        for m in &out.messages {
+        for m in out.messages.iter().filter(|m| replica::may_send(&node, m)) {
             self.links.send(self.group, m);
         }
         for p in &out.placed {

@@ -282,7 +282,7 @@ pub(crate) fn attach(
     let store = crate::replica::LogStorage::open(p.shared_log(), p.storage(), replicas)
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
         .with_tracker(p.tracker());
-    let commit = store.hard_state().get_commit();
+    let commit = store.applied();
     let fresh = store.hard_state().get_term() == 0;
     let hw = store
         .offset_after(commit)

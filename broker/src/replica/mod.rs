@@ -35,6 +35,22 @@ pub(crate) use ready::{config, handle_ready, propose_batch};
 pub(crate) use storage::{LogStorage, Placed};
 pub(crate) use wire::{from_wire, to_wire};
 
+/// Whether `node` may send `m`. A replica repairing lost committed entries (damage found at
+/// recovery, docs/replication.md §7) neither asks for votes nor grants them, so it can neither
+/// lead nor help elect a leader that lacks what it had acknowledged; it still answers appends
+/// and heartbeats, which is how it repairs.
+pub(crate) fn may_send(node: &raft::RawNode<LogStorage>, m: &raft::eraftpb::Message) -> bool {
+    use raft::eraftpb::MessageType::*;
+    if !node.store().repairing() {
+        return true;
+    }
+    match m.get_msg_type() {
+        MsgRequestVote | MsgRequestPreVote => false,
+        MsgRequestVoteResponse | MsgRequestPreVoteResponse => m.reject,
+        _ => true,
+    }
+}
+
 /// Why a replica could not take a step. Any of these stops the partition's group: the
 /// replica's log or hard state is no longer known to match what it told its peers.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +87,6 @@ pub(crate) enum ReplicaError {
          offset {offset} epoch {epoch}"
     )]
     Diverged { index: u64, offset: u64, epoch: i32, batch_offset: u64, batch_epoch: i32 },
-    /// The persisted commit is past the log's last entry: committed data was lost locally.
-    #[error("persisted commit {commit} is past the log's last index {last}")]
-    CommitBeyondLog { commit: u64, last: u64 },
     /// Proposals are made on the leader only (followers would forward them).
     #[error("not the leader")]
     NotLeader,

@@ -39,6 +39,10 @@ pub(crate) struct LogStorage {
     dir: PathBuf,
     state: DurableState,
     tracker: Option<Tracker>,
+    /// Set when the log lost entries below the persisted commit (damage found at recovery,
+    /// docs/replication.md §7): the commit the replica had, which it must hold again before
+    /// it may vote or lead. Persisted commits never go below it meanwhile.
+    repair_until: Option<u64>,
 }
 
 /// Where an entry landed in the log.
@@ -53,8 +57,9 @@ impl LogStorage {
     /// Opens the replica over an opened (recovered) `log` in directory `dir` of `storage`,
     /// reading its `raft-state`. A replica that never wrote one starts with `voters` as its
     /// configuration, written durably before this returns. A persisted commit beyond the log's
-    /// end (the log lost what was committed) is [`ReplicaError::CommitBeyondLog`]: such a
-    /// replica must not vote until repaired (docs/replication.md §7).
+    /// end (the log lost what was committed) opens the replica as repairing
+    /// ([`repairing`](Self::repairing)): it must not vote or lead until it has those entries
+    /// again (docs/replication.md §7).
     pub(crate) fn open(
         log: Arc<Mutex<PartitionLog>>,
         storage: Arc<dyn Storage>,
@@ -75,10 +80,24 @@ impl LogStorage {
             }
         };
         let last = log.lock().next_ordinal() - 1;
-        if state.hard_state.get_commit() > last {
-            return Err(ReplicaError::CommitBeyondLog { commit: state.hard_state.get_commit(), last });
-        }
-        Ok(LogStorage { log, storage, dir, state, tracker: None })
+        let commit = state.hard_state.get_commit();
+        let repair_until = (commit > last).then(|| {
+            tracing::warn!(dir = %dir.display(), commit, last, "the log lost committed entries (damage found at recovery): this replica neither votes nor leads until it has them again from its peers");
+            commit
+        });
+        Ok(LogStorage { log, storage, dir, state, tracker: None, repair_until })
+    }
+
+    /// Where a restarted replica's entries count as applied (its log is its own state
+    /// machine): the persisted commit, or the log end while repairing.
+    pub(crate) fn applied(&self) -> u64 {
+        self.state.hard_state.get_commit().min(self.log.lock().next_ordinal() - 1)
+    }
+
+    /// Whether the replica is repairing lost committed entries: it must not vote or lead
+    /// ([`super::may_send`]).
+    pub(crate) fn repairing(&self) -> bool {
+        self.repair_until.is_some()
     }
 
     /// Keeps `tracker` in step with the log (a served partition).
@@ -114,13 +133,19 @@ impl LogStorage {
         &self.state.hard_state
     }
 
-    /// Persists a new hard state (term, vote and commit) before returning.
+    /// Persists a new hard state (term, vote and commit) before returning. While repairing,
+    /// the persisted commit stays at least the one the replica lost entries below, so a crash
+    /// during the repair still knows it.
     pub(crate) fn set_hard_state(&mut self, hs: &HardState) -> Result<(), ReplicaError> {
-        if hs == &self.state.hard_state {
+        let mut hs = hs.clone();
+        if let Some(mark) = self.repair_until {
+            hs.set_commit(hs.get_commit().max(mark));
+        }
+        if hs == self.state.hard_state {
             return Ok(());
         }
         let mut next = self.state.clone();
-        next.hard_state = hs.clone();
+        next.hard_state = hs;
         self.replace_state(next)
     }
 
@@ -161,7 +186,7 @@ impl LogStorage {
         let mut log = self.log.lock();
         let next = log.next_ordinal();
         if first.get_index() < next {
-            let commit = self.state.hard_state.get_commit();
+            let commit = self.state.hard_state.get_commit().min(next - 1);
             if first.get_index() <= commit {
                 return Err(ReplicaError::TruncateCommitted { index: first.get_index(), commit });
             }
@@ -234,6 +259,10 @@ impl LogStorage {
             placed.push(Placed { index: entry.get_index(), base_offset, last_offset });
         }
         log.sync()?;
+        if self.repair_until.is_some_and(|mark| log.next_ordinal() > mark) {
+            tracing::info!(dir = %self.dir.display(), "repaired: the log holds every committed entry again; voting resumes");
+            self.repair_until = None;
+        }
         Ok(placed)
     }
 
@@ -287,7 +316,12 @@ impl LogStorage {
 
 impl raft::Storage for LogStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.state.hard_state.clone(), self.state.conf_state.clone()))
+        let mut hs = self.state.hard_state.clone();
+        if self.repair_until.is_some() {
+            // raft-rs refuses a commit past the log; the entries come back from the leader.
+            hs.set_commit(hs.get_commit().min(self.log.lock().next_ordinal() - 1));
+        }
+        Ok(RaftState::new(hs, self.state.conf_state.clone()))
     }
 
     fn entries(
