@@ -35,6 +35,8 @@ pub struct BenchConfig {
     pub linger: Duration,
     pub durability: Durability,
     pub flush_interval_ms: u32,
+    /// Replicas of each partition of the topic the bench creates (a cluster's broker count).
+    pub replicas: u16,
     /// Each producer sends one message and waits for its ack before the next.
     pub one_at_a_time: bool,
     /// Messages a producer may have unacknowledged; it waits for the oldest beyond this.
@@ -145,7 +147,8 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport, ClientError> {
         let topic_config = TopicConfig::default()
             .with_durability(config.durability)
             .with_flush_interval_ms(config.flush_interval_ms)
-            .with_segment_bytes(1024 * 1024 * 1024);
+            .with_segment_bytes(1024 * 1024 * 1024)
+            .with_replicas(config.replicas);
         admin_client.admin().create_topic(&topic, config.partitions, topic_config).await?;
     }
     let info = admin_client.admin().describe_topic(&topic).await?;

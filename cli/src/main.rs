@@ -233,6 +233,9 @@ struct BenchArgs {
     /// Milliseconds between fsyncs of the topic the bench creates, with --durability interval.
     #[arg(long, default_value_t = 1000)]
     flush_interval_ms: u32,
+    /// Replicas of each partition of the topic the bench creates (in a cluster: its brokers).
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
     /// Send one message and wait for its ack before the next (latency mode).
     #[arg(long)]
     one_at_a_time: bool,
@@ -732,6 +735,7 @@ async fn bench(client: ClientConfig, a: BenchArgs) -> anyhow::Result<()> {
         linger: Duration::from_millis(a.linger_ms),
         durability: durability(a.durability),
         flush_interval_ms: a.flush_interval_ms,
+        replicas: a.replicas,
         one_at_a_time: a.one_at_a_time,
         max_inflight: a.max_inflight,
         broker_pid: a.broker_pid,

@@ -195,6 +195,14 @@ impl Driver {
             }
         }
         let stopped = node.is_none();
+        // The commit is written lazily (replica/storage.rs): a clean stop writes the newest.
+        if let Some(mut n) = node.take() {
+            let name = self.name.clone();
+            let flushed = tokio::task::spawn_blocking(move || n.mut_store().flush_commit()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(group = %name, "writing the commit at shutdown: {e}");
+            }
+        }
         for (_, w) in std::mem::take(&mut self.waiting) {
             w.fail(PartitionError::new(ErrorCode::ShuttingDown, "the partition's replica stopped"));
         }

@@ -98,5 +98,6 @@ pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Resul
     out.messages.extend(light.take_messages());
     out.committed.extend(light.take_committed_entries());
     node.advance_apply();
+    node.mut_store().commit_due(now_ms)?;
     Ok(out)
 }
