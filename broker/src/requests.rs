@@ -28,7 +28,9 @@ pub(crate) async fn serve(
     members: crate::groups::ConnectionMembers,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-    pending.push_back(holding(first.1, dispatch(&state, first.0, &members).await));
+    // Cluster mode: where this stream's produce requests go when another broker leads.
+    let mut forward = crate::cluster::StreamForward::default();
+    pending.push_back(holding(first.1, dispatch(&state, first.0, &members, &mut forward).await));
     let mut reading = true;
     loop {
         if !reading && pending.is_empty() {
@@ -45,7 +47,7 @@ pub(crate) async fn serve(
                 }
             }
             frame = reader.next_frame(), if can_read => match frame {
-                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw), &members).await)),
+                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw), &members, &mut forward).await)),
                 Ok(None) => reading = false,
                 Err(e) => {
                     // Answer what is pending, then the error, then end the stream.
@@ -91,6 +93,7 @@ async fn dispatch(
     state: &Arc<BrokerState>,
     msg: Result<Message, MessageError>,
     members: &crate::groups::ConnectionMembers,
+    forward: &mut crate::cluster::StreamForward,
 ) -> Pending {
     let msg = match msg {
         Ok(m) => m,
@@ -108,7 +111,7 @@ async fn dispatch(
             server_version: env!("CARGO_PKG_VERSION").to_string(),
         }),
         Message::Produce { topic, partition, acks, batch } => {
-            produce(state, &topic, partition, acks, batch).await
+            produce(state, &topic, partition, acks, batch, forward).await
         }
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
@@ -216,17 +219,52 @@ async fn produce(
     partition: u32,
     acks: Acks,
     batch: bytes::Bytes,
+    forward: &mut crate::cluster::StreamForward,
 ) -> Pending {
-    // Cluster mode: a broker that does not lead the partition hands the request to the leader
-    // (awaited here, so a stream's produce requests keep their order).
+    // Cluster mode: a broker that does not lead the partition hands the request to the leader,
+    // on this stream's forward stream (written here, before the next request is read, so a
+    // stream's batches reach the leader in order; answered when the leader answers).
     if let Some((cluster, group)) =
-        state.cluster.as_ref().and_then(|c| Some((c, c.group(topic, partition)?.0)))
+        state.cluster.as_ref().and_then(|c| Some((c.clone(), c.group(topic, partition)?.0)))
     {
-        let request = Message::Produce { topic: topic.to_string(), partition, acks, batch: batch.clone() };
-        match cluster.forward_produce(&group, &request).await {
-            Ok(None) => {} // this broker leads: the local path below proposes it
-            Ok(Some(answer)) => return ready_unless_none(acks, answer),
-            Err(e) => return ready_unless_none(acks, error(e)),
+        // Always asks for an answer: the forward stream pairs answers with requests by order.
+        let wire_acks = if acks == Acks::None { Acks::Leader } else { acks };
+        let request =
+            Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch: batch.clone() };
+        let leader = group.status.borrow().leader;
+        match leader {
+            Some(l) if l == cluster.node_id() => {} // this broker leads: proposed below
+            Some(l) => {
+                let sent = forward.send(&cluster.links, l, &request).await;
+                return Box::pin(async move {
+                    let first = match sent {
+                        Ok(rx) => rx.await.unwrap_or_else(|_| {
+                            Err(PartitionError::new(ErrorCode::NotLeader, "forwarding stopped"))
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    let answer = match first {
+                        Ok(Message::Error { code: ErrorCode::NotLeader, .. }) | Err(_) => {
+                            // The leader moved or its link broke: wait for the next one and hand
+                            // the request over on its own (the sequence numbers dedupe it).
+                            match cluster.forward_produce(&group, &request).await {
+                                Ok(Some(answer)) => answer,
+                                Ok(None) => {
+                                    Message::error(ErrorCode::NotLeader, "this broker leads now; retry")
+                                }
+                                Err(e) => error(e),
+                            }
+                        }
+                        Ok(answer) => answer,
+                    };
+                    (acks != Acks::None).then_some(answer)
+                });
+            }
+            None => match cluster.forward_produce(&group, &request).await {
+                Ok(None) => {}
+                Ok(Some(answer)) => return ready_unless_none(acks, answer),
+                Err(e) => return ready_unless_none(acks, error(e)),
+            },
         }
     }
     let result = async {

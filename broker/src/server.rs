@@ -110,10 +110,9 @@ impl Broker {
         // setting their high watermarks to their commits) before any client is served.
         let cluster = match config.cluster.clone() {
             Some(cc) => {
-                let client = crate::tls::peer_client_config(
-                    &tls_files,
-                    Duration::from_millis(config.idle_timeout_ms),
-                )?;
+                // Peer links notice a dead broker within seconds (keep-alives at a sixth of it),
+                // not after a client's idle timeout.
+                let client = crate::tls::peer_client_config(&tls_files, crate::cluster::PEER_IDLE_TIMEOUT)?;
                 Some(
                     crate::cluster::start(
                         &config,

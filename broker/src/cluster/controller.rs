@@ -230,8 +230,9 @@ async fn apply(
                 if !replicas.contains(&cluster.config.node_id) || cluster.groups.contains_key(&group) {
                     continue;
                 }
+                let me = cluster.config.node_id;
                 let handle =
-                    attach(&cluster.links, cluster.config.node_id, p, group, &replicas, &cluster.shutdown)?;
+                    attach(&cluster.links, me, p, &topic.config, group, &replicas, &cluster.shutdown)?;
                 cluster.groups.insert(group, handle);
             }
             cluster.topic_index.insert(name, index);

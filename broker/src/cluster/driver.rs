@@ -73,6 +73,13 @@ pub(crate) struct GroupHandle {
 }
 
 impl GroupHandle {
+    /// Resolves once the group's leader is no longer `leader` (an election moved it, or the
+    /// group stopped): what a request waiting on that leader's answer waits for besides it.
+    pub(crate) async fn leader_moved_from(&self, leader: u64) {
+        let mut status = self.status.clone();
+        let _ = status.wait_for(|s| s.stopped || s.leader.is_some_and(|l| l != leader)).await;
+    }
+
     /// The leader, waiting up to `wait` for one to be elected.
     pub(crate) async fn leader(&self, wait: Duration) -> Option<u64> {
         let mut status = self.status.clone();
@@ -331,9 +338,15 @@ impl Driver {
     async fn ready(&mut self, node: Option<RawNode<LogStorage>>) -> Option<RawNode<LogStorage>> {
         let mut node = node?;
         let now = crate::partition::now_ms();
+        let (links, group) = (self.links.clone(), self.group);
         let joined = tokio::task::spawn_blocking(move || {
             let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let out = replica::handle_ready(&mut node, now)?;
+                let mut early = |msgs: Vec<Message>| {
+                    for m in &msgs {
+                        links.send(group, m);
+                    }
+                };
+                let out = replica::handle_ready(&mut node, now, &mut early)?;
                 let commit = node.raft.raft_log.committed;
                 let hw = node.store().offset_after(commit)?;
                 Ok::<_, replica::ReplicaError>((out, hw))

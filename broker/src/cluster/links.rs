@@ -82,6 +82,11 @@ impl PeerLinks {
         }
     }
 
+    /// The live connection to peer `id`, if any.
+    pub(crate) fn connection(&self, id: u64) -> Option<quinn::Connection> {
+        self.peers.get(&id).and_then(|p| p.conn.borrow().clone())
+    }
+
     /// Whether the link to `id` is connected (this broker: always).
     pub(crate) fn is_up(&self, id: u64) -> bool {
         id == self.me || self.peers.get(&id).is_some_and(|p| p.conn.borrow().is_some())

@@ -19,6 +19,7 @@
 
 mod controller;
 mod driver;
+mod forward;
 mod links;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use crate::config::ClusterConfig;
 pub(crate) use controller::Command;
 pub use controller::DeleteHooks;
 pub(crate) use driver::{Event, GroupHandle};
+pub(crate) use forward::StreamForward;
 pub(crate) use links::PeerLinks;
 
 use crate::partition::{Partition, PartitionError};
@@ -44,6 +46,8 @@ pub(crate) const CONTROLLER_GROUP: u64 = 0;
 /// How long a request waits for a partition's leader to be elected (a failover) before the
 /// client is told `NotLeader` and retries itself.
 pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// A peer link with no traffic for this long is dead (Raft heartbeats flow every 100 ms).
+pub(crate) const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a forwarded request may take.
 pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -227,13 +231,19 @@ impl Cluster {
                     "no leader elected for the partition yet; retry",
                 )),
                 Some(l) if l == self.config.node_id => return Ok(None),
-                Some(l) => match self.links.request(l, request, FORWARD_TIMEOUT).await {
-                    Ok(Message::Error { code: ErrorCode::NotLeader, message }) => {
-                        Err(PartitionError::new(ErrorCode::NotLeader, message))
+                Some(l) => {
+                    let answer = tokio::select! {
+                        a = self.links.request(l, request, FORWARD_TIMEOUT) => a,
+                        _ = group.leader_moved_from(l) => Err(PartitionError::new(ErrorCode::NotLeader, "the leader changed")),
+                    };
+                    match answer {
+                        Ok(Message::Error { code: ErrorCode::NotLeader, message }) => {
+                            Err(PartitionError::new(ErrorCode::NotLeader, message))
+                        }
+                        Ok(answer) => return Ok(Some(answer)),
+                        Err(e) => Err(e),
                     }
-                    Ok(answer) => return Ok(Some(answer)),
-                    Err(e) => Err(e),
-                },
+                }
             };
             match outcome {
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -275,13 +285,23 @@ pub(crate) fn attach(
     cluster_links: &Arc<PeerLinks>,
     me: u64,
     p: &Arc<Partition>,
+    config: &quiver_protocol::TopicConfig,
     group: u64,
     replicas: &[u64],
     shutdown: &CancellationToken,
 ) -> Result<GroupHandle, PartitionError> {
+    // The topic's durability, as on one node: `always` fsyncs each append before it counts
+    // towards a commit; `interval` fsyncs every `flush_interval_ms`; `os` leaves it to the OS
+    // (here: every 30 s, so a replica is never unsynced without bound).
+    let sync_every = match config.durability {
+        quiver_protocol::Durability::Always => None,
+        quiver_protocol::Durability::Interval => Some(config.flush_interval_ms.max(1)),
+        quiver_protocol::Durability::Os => Some(30_000),
+    };
     let store = crate::replica::LogStorage::open(p.shared_log(), p.storage(), replicas)
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
-        .with_tracker(p.tracker());
+        .with_tracker(p.tracker())
+        .with_sync_every(sync_every);
     let commit = store.applied();
     let fresh = store.hard_state().get_term() == 0;
     let hw = store

@@ -13,9 +13,8 @@ use super::{LogStorage, ReplicaError};
 /// What a handled `Ready` leaves for the caller.
 #[derive(Debug, Default)]
 pub(crate) struct ReadyOutput {
-    /// Messages to send, all of them safe to send now: the entries and hard state they depend
-    /// on are durable. (A leader may send its appends before its own fsync, raft-rs'
-    /// `Ready::messages`; this first slice sends everything after it.)
+    /// Messages to send now that the entries and hard state they depend on are durable (the
+    /// leader's own went out before, through `early`).
     pub(crate) messages: Vec<Message>,
     /// Entries committed and durable locally, in order: the high watermark moves past them.
     pub(crate) committed: Vec<Entry>,
@@ -72,9 +71,15 @@ pub(crate) fn propose_batch(
 
 /// Handles one `Ready` if there is one: appends and fsyncs its entries (truncating a
 /// diverged suffix first), persists the hard state, advances, and persists the commit the
-/// advance reports. Returns the messages to send and the newly committed entries. On error the
+/// advance reports. Returns the messages to send and the newly committed entries. A leader's
+/// messages (its appends to followers) do not depend on its own fsync and go to `early` before
+/// it (raft-rs' `Ready::messages`): the followers' fsyncs run beside the leader's. On error the
 /// node must not be used again (its `Ready` was taken but not advanced).
-pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Result<ReadyOutput, ReplicaError> {
+pub(crate) fn handle_ready(
+    node: &mut RawNode<LogStorage>,
+    now_ms: i64,
+    early: &mut dyn FnMut(Vec<Message>),
+) -> Result<ReadyOutput, ReplicaError> {
     let mut out = ReadyOutput::default();
     if !node.has_ready() {
         return Ok(out);
@@ -83,7 +88,10 @@ pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Resul
     if !rd.snapshot().get_data().is_empty() || rd.snapshot().get_metadata().get_index() != 0 {
         return Err(ReplicaError::UnsupportedEntry("a snapshot"));
     }
-    out.messages = rd.take_messages();
+    let leader_messages = rd.take_messages();
+    if !leader_messages.is_empty() {
+        early(leader_messages);
+    }
     out.committed = rd.take_committed_entries();
     out.placed = node.mut_store().append(rd.entries(), now_ms)?;
     if let Some(hs) = rd.hs() {
@@ -98,6 +106,7 @@ pub(crate) fn handle_ready(node: &mut RawNode<LogStorage>, now_ms: i64) -> Resul
     out.messages.extend(light.take_messages());
     out.committed.extend(light.take_committed_entries());
     node.advance_apply();
+    node.mut_store().sync_due(now_ms)?;
     node.mut_store().commit_due(now_ms)?;
     Ok(out)
 }

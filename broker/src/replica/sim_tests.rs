@@ -202,7 +202,9 @@ impl Sim {
                     continue;
                 }
                 any = true;
-                let out = handle_ready(node, self.now_ms)?;
+                let mut early = Vec::new();
+                let out = handle_ready(node, self.now_ms, &mut |m| early.extend(m))?;
+                self.net.extend(early);
                 for m in out.messages {
                     if !crate::replica::may_send(node, &m) {
                         continue;

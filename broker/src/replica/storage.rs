@@ -47,6 +47,13 @@ pub(crate) struct LogStorage {
     commit_known: u64,
     /// When (ms, the caller's clock) a moving commit was last written.
     written_ms: i64,
+    /// `None`: every append is fsynced before it counts (durability `always`). `Some(ms)`:
+    /// appends are fsynced at most every `ms` (durability `interval`/`os`: a majority has the
+    /// batch in its page cache when it is acknowledged, as Kafka's and NATS' defaults).
+    sync_every_ms: Option<i64>,
+    /// When the log was last fsynced, and whether appends came after.
+    synced_ms: i64,
+    unsynced: bool,
 }
 
 /// How often a moving commit alone is written to `raft-state` (term and vote changes are
@@ -106,6 +113,9 @@ impl LogStorage {
             repair_until,
             commit_known,
             written_ms: i64::MIN,
+            sync_every_ms: None,
+            synced_ms: i64::MIN,
+            unsynced: false,
         })
     }
 
@@ -119,6 +129,23 @@ impl LogStorage {
     /// ([`super::may_send`]).
     pub(crate) fn repairing(&self) -> bool {
         self.repair_until.is_some()
+    }
+
+    /// Fsyncs appends at most every `interval_ms` instead of each one (`None`: each one).
+    pub(crate) fn with_sync_every(mut self, interval_ms: Option<u32>) -> Self {
+        self.sync_every_ms = interval_ms.map(i64::from);
+        self
+    }
+
+    /// Fsyncs what was appended since the last fsync, if the interval passed.
+    pub(crate) fn sync_due(&mut self, now_ms: i64) -> Result<(), ReplicaError> {
+        if let Some(every) = self.sync_every_ms {
+            if self.unsynced && now_ms.saturating_sub(self.synced_ms) >= every {
+                self.log.lock().sync()?;
+                (self.synced_ms, self.unsynced) = (now_ms, false);
+            }
+        }
+        Ok(())
     }
 
     /// Keeps `tracker` in step with the log (a served partition).
@@ -185,8 +212,13 @@ impl LogStorage {
         Ok(())
     }
 
-    /// Writes the newest commit if `raft-state` lags it (at shutdown, and periodically).
+    /// Writes the newest commit if `raft-state` lags it (at shutdown, and periodically), after
+    /// an fsync of the log it refers to.
     pub(crate) fn flush_commit(&mut self) -> Result<(), ReplicaError> {
+        if self.unsynced {
+            self.log.lock().sync()?;
+            self.unsynced = false;
+        }
         let commit = self.persistable_commit();
         if commit <= self.state.hard_state.get_commit() {
             return Ok(());
@@ -306,7 +338,13 @@ impl LogStorage {
             };
             placed.push(Placed { index: entry.get_index(), base_offset, last_offset });
         }
-        log.sync()?;
+        match self.sync_every_ms {
+            Some(every) if now_ms.saturating_sub(self.synced_ms) < every => self.unsynced = true,
+            _ => {
+                log.sync()?;
+                (self.synced_ms, self.unsynced) = (now_ms, false);
+            }
+        }
         if self.repair_until.is_some_and(|mark| log.next_ordinal() > mark) {
             tracing::info!(dir = %self.dir.display(), "repaired: the log holds every committed entry again; voting resumes");
             self.repair_until = None;
