@@ -3,6 +3,8 @@
 #
 #   bench/compare.sh                      # 500,000 x 1 KiB messages per run, 3 runs per system
 #   MESSAGES=100000 RUNS=5 bench/compare.sh
+#   SCENARIOS=replicated bench/compare.sh # three-node clusters instead (bench/compare-r3.sh)
+#   SCENARIOS=all bench/compare.sh        # the replicated scenarios first, then these
 #
 # What it does:
 #   * installs nats-server with apt-get if it is missing, and starts it on loopback with
@@ -29,18 +31,29 @@
 # `sync_interval: always`). Neither waits for the disk in (a), (b), (c); (a') shows what the
 # disk costs Quiver.
 #
-# Environment: MESSAGES (500000), OAT_MESSAGES (5000), CONSUME_MESSAGES (2000000), MESSAGE_SIZE (1024), RUNS (3),
+# Environment: SCENARIOS (single: the scenarios below, one broker / one server; replicated:
+# bench/compare-r3.sh, which reads its own environment; all: both), MESSAGES (500000),
+# OAT_MESSAGES (5000), CONSUME_MESSAGES (2000000), MESSAGE_SIZE (1024), RUNS (3),
 # WARMUP (1: one short unrecorded run per system first), QUIVER_ALWAYS (1),
 # NATS_ACK_POLICY (explicit | all | none, see nats-bench --help), NATS_MAX_INFLIGHT (4096: unacked
 # messages per producer, for both systems),
 # RESULTS_DIR (keep the raw JSON reports there), QUIVER_BIN_DIR (target/release),
-# NATS_SERVER (path of nats-server), RUN_TIMEOUT (seconds per bench run, 900),
+# NATS_SERVER (path of nats-server), NATS_BENCH (a nats-bench binary to use instead of
+# building bench/nats-bench), RUN_TIMEOUT (seconds per bench run, 900),
 # QUIVERD_CONFIG (a quiverd config file to start the broker with, e.g. one holding
 # `direct_writes = true`; none by default).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
+SCENARIOS="${SCENARIOS:-single}"
+case "$SCENARIOS" in
+    single) ;;
+    replicated) exec "$HERE/compare-r3.sh" ;;
+    # The replicated runs first, each script with its own servers, one set running at a time.
+    all) "$HERE/compare-r3.sh"; echo ;;
+    *) printf 'compare.sh: SCENARIOS=%s: expected single, replicated or all\n' "$SCENARIOS" >&2; exit 2 ;;
+esac
 MESSAGES="${MESSAGES:-500000}"
 OAT_MESSAGES="${OAT_MESSAGES:-5000}"
 CONSUME_MESSAGES="${CONSUME_MESSAGES:-2000000}"
@@ -53,13 +66,11 @@ NATS_MAX_INFLIGHT="${NATS_MAX_INFLIGHT:-4096}"
 QUIVER_BIN_DIR="${QUIVER_BIN_DIR:-$ROOT/target/release}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 NATS_BENCH_DIR="$HERE/nats-bench"
-NATS_BENCH="$NATS_BENCH_DIR/target/release/nats-bench"
 
 # shellcheck source=bench/common.sh
 source "$HERE/common.sh"
 
 command -v python3 >/dev/null || die "python3 is needed to read the JSON reports"
-command -v cargo >/dev/null || die "cargo is needed to build nats-bench"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/quiver-compare.XXXXXX")"
 NATS_PID=""
@@ -68,33 +79,10 @@ BENCH_PID=""
 CLEANUP_PIDS=(BENCH_PID QUIVERD_PID NATS_PID)
 trap_cleanup
 
-# ---- nats-server -----------------------------------------------------------------------
-NATS_SERVER="${NATS_SERVER:-$(command -v nats-server || true)}"
-[[ -z "$NATS_SERVER" && -x /usr/sbin/nats-server ]] && NATS_SERVER=/usr/sbin/nats-server
-if [[ -z "$NATS_SERVER" ]]; then
-    log "installing nats-server (Debian package) ..."
-    SUDO=""
-    [[ "$(id -u)" != 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >&2
-    NATS_SERVER="$(command -v nats-server || echo /usr/sbin/nats-server)"
-fi
-[[ -x "$NATS_SERVER" ]] || die "nats-server not found"
-
-# ---- builds ----------------------------------------------------------------------------
-log "building nats-bench (release) ..."
-cargo build --release --quiet --manifest-path "$NATS_BENCH_DIR/Cargo.toml" \
-    --target-dir "$NATS_BENCH_DIR/target" >&2
-if [[ ! -x "$QUIVER_BIN_DIR/quiverd" || ! -x "$QUIVER_BIN_DIR/quiver" ]]; then
-    log "building quiver release binaries ..."
-    (cd "$ROOT" && cargo build --release --bins --quiet >&2)
-    QUIVER_BIN_DIR="$ROOT/target/release"
-fi
-# Snapshot the binaries: a rebuild during the runs must not swap them between runs.
-mkdir -p "$WORK/bin"
-cp "$QUIVER_BIN_DIR/quiverd" "$QUIVER_BIN_DIR/quiver" "$WORK/bin/"
-QUIVERD="$WORK/bin/quiverd"
-QUIVER="$WORK/bin/quiver"
+# ---- nats-server and the builds --------------------------------------------------------
+find_nats_server
+ensure_nats_bench "$NATS_BENCH_DIR"
+snapshot_quiver_bins
 
 # ---- servers ---------------------------------------------------------------------------
 NATS_PORT="$(free_port tcp)"
@@ -150,23 +138,6 @@ cat <<EOF
 EOF
 
 # ---- runs ------------------------------------------------------------------------------
-# Bench clients run in the background and are waited for, so a signal to this script is
-# handled at once (bash defers traps while a foreground child runs) and cleanup ends them.
-bench_wait() {
-    BENCH_PID=$!
-    local rc=0
-    wait "$BENCH_PID" || rc=$?
-    BENCH_PID=""
-    return "$rc"
-}
-
-# CPU time (user and system clock ticks) a server process has used so far: fields 14 and 15
-# of /proc/PID/stat, counted after the command name, which may hold spaces.
-cpu_ticks() {
-    [[ -r "/proc/$1/stat" ]] || die "server process $1 exited"
-    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'
-}
-
 # add_cpu OUT PID "USER SYS": adds the server's CPU seconds since that reading to the report.
 # System time is where this VM's expensive fresh memory shows (see BENCHMARKS.md, Machine).
 add_cpu() {

@@ -3,7 +3,9 @@
 //! It runs the same workload and prints the same report (the JSON of `quiver bench --json`, see
 //! `BenchReport` in `cli/src/bench.rs`), so `bench/compare.sh` can put the two side by side:
 //!
-//! * one JetStream stream (file storage, one replica, limits retention) on one subject;
+//! * one JetStream stream (file storage, `--replicas` replicas, limits retention) on one subject;
+//!   with `--replicas 3` on a three-server cluster each PubAck means a quorum stored the message
+//!   (the counterpart of Quiver's `--acks all`). `--url` takes several servers, comma-separated;
 //! * producers publish with `jetstream.publish`, which returns a future of the stream's PubAck;
 //!   up to `--max-inflight` acks are outstanding per producer (pipelined), or exactly one with
 //!   `--one-at-a-time`. Produce latency is publish -> PubAck of each message;
@@ -16,6 +18,13 @@
 //!   little-endian), from which consumers measure publish -> deliver latency.
 //!
 //! Each producer and consumer has its own connection, as in `quiver bench`.
+//!
+//! For failover measurements (`bench/failover.sh`): `--duration` runs the producers for a time
+//! instead of a count, and `--retry` (with `--one-at-a-time`) resends a message whose PubAck
+//! failed or did not come within `--ack-timeout-ms`, until one comes; its latency counts from the
+//! first send, as a Quiver producer's retried batch does. The longest latency of a run spanning
+//! one leader kill is then the produce stall the kill caused, overstated by at most one ack
+//! timeout (a resend can only notice the new leader when the previous attempt gives up).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,9 +41,12 @@ use serde::Serialize;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "NATS JetStream load generator that reports like `quiver bench`")]
 struct Args {
-    /// NATS server URL.
+    /// NATS server URL, or several servers of a cluster separated by commas.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     url: String,
+    /// Replicas of the stream the bench creates (at most the cluster's server count).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Stream to use (its subject is `<stream>.data`); created if missing. Default: a fresh
     /// stream per run, deleted at the end unless --keep-stream.
     #[arg(long)]
@@ -46,15 +58,25 @@ struct Args {
     consumers: usize,
     #[arg(long, default_value_t = 1024)]
     message_size: usize,
-    /// Total messages across producers.
+    /// Total messages across producers; ignored with --duration.
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
+    /// Run producers for this many seconds instead of a message count.
+    #[arg(long)]
+    duration: Option<f64>,
     /// Publish acks outstanding per producer (ignored with --one-at-a-time).
     #[arg(long, default_value_t = 4096)]
     max_inflight: usize,
     /// Send one message and wait for its PubAck before the next (latency mode).
     #[arg(long)]
     one_at_a_time: bool,
+    /// Resend a message until a PubAck comes (failover runs; needs --one-at-a-time): after an
+    /// error, or after --ack-timeout-ms without an answer. Its latency counts from the first send.
+    #[arg(long, requires = "one_at_a_time")]
+    retry: bool,
+    /// How long a publish waits for its PubAck (the client library's request timeout).
+    #[arg(long, default_value_t = 30_000)]
+    ack_timeout_ms: u64,
     /// Consumer kind: explicit = pull consumer acking each message, all = pull consumer with
     /// cumulative acks (each message acked), none = ordered consumer, no acks.
     #[arg(long, value_enum, default_value_t = AckPolicyArg::Explicit)]
@@ -140,7 +162,14 @@ struct BenchReport {
     produce_latency: Latency,
     end_to_end_latency: Option<Latency>,
     broker_memory: Option<Memory>,
+    /// Resends with --retry (not in `quiver bench`'s report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retries: Option<u64>,
 }
+
+/// Pause before resending after a publish failed at once (no responders while a stream has no
+/// leader, a lost connection), so a retry loop does not spin.
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -154,13 +183,16 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Connects to the first of the comma-separated servers that answers (the client also learns
+/// the cluster's other servers from them and reconnects through all of them).
 async fn connect(url: &str) -> Result<async_nats::Client> {
-    async_nats::connect(url).await.with_context(|| format!("connecting to {url}"))
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    async_nats::connect(servers).await.with_context(|| format!("connecting to {url}"))
 }
 
-fn context(client: async_nats::Client, max_inflight: usize) -> jetstream::Context {
+fn context(client: async_nats::Client, max_inflight: usize, ack_timeout: Duration) -> jetstream::Context {
     jetstream::context::ContextBuilder::new()
-        .timeout(Duration::from_secs(30))
+        .timeout(ack_timeout)
         // Our own in-flight bound is `max_inflight`; leave the library's a little room so it
         // never waits on its semaphore (which would count as produce latency).
         .max_ack_inflight(max_inflight + 16)
@@ -185,7 +217,7 @@ async fn run(args: Args) -> Result<BenchReport> {
                 StorageArg::Memory => stream::StorageType::Memory,
             },
             retention: stream::RetentionPolicy::Limits,
-            num_replicas: 1,
+            num_replicas: args.replicas,
             ..Default::default()
         })
         .await
@@ -227,22 +259,25 @@ async fn run(args: Args) -> Result<BenchReport> {
     let producers = args.producers;
     let per_producer = args.messages / producers.max(1) as u64;
     let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let mut producer_tasks = Vec::new();
     for i in 0..producers {
         let count = if i == 0 { args.messages - per_producer * (producers as u64 - 1) } else { per_producer };
         let (args, subject) = (args.clone(), subject.clone());
         producer_tasks.push(on_own_thread(format!("nats-producer-{i}"), move || async move {
             let client = connect(&args.url).await?;
-            produce(client, subject, args, count).await
+            produce(client, subject, args, count, deadline).await
         }));
     }
     let mut produce_hist = new_histogram();
     let mut produced = 0u64;
+    let mut retries = 0u64;
     // As `quiver bench`: from before the producers connect to the last acknowledgement.
     let mut last_ack = started;
     for t in producer_tasks {
-        let (n, hist, done) = t.await.map_err(|_| anyhow!("a producer thread died"))??;
+        let (n, hist, done, resent) = t.await.map_err(|_| anyhow!("a producer thread died"))??;
         produced += n;
+        retries += resent;
         last_ack = last_ack.max(done);
         let _ = produce_hist.add(&hist);
     }
@@ -275,8 +310,9 @@ async fn run(args: Args) -> Result<BenchReport> {
         consumers: args.consumers,
         partitions: 1,
         message_size: args.message_size,
-        // A single server is the stream's leader: its PubAck means "stored by the leader".
-        acks: "leader".into(),
+        // One replica: the PubAck means "stored by the leader". Replicated: the stream's raft
+        // group committed the message (a quorum stored it), as Quiver's acks=all (a majority).
+        acks: if args.replicas > 1 { "all".into() } else { "leader".into() },
         durability: args.durability_label.clone(),
         batch_bytes: 0,
         linger_ms: 0,
@@ -287,6 +323,7 @@ async fn run(args: Args) -> Result<BenchReport> {
         produce_latency: latency(&produce_hist),
         end_to_end_latency: (args.consumers > 0).then(|| latency(&e2e_hist)),
         broker_memory: memory,
+        retries: args.retry.then_some(retries),
     })
 }
 
@@ -369,18 +406,34 @@ where
     rx
 }
 
+/// One producer: `count` messages, or until `deadline`. Returns the messages acknowledged, their
+/// latencies, when the last ack came and how many resends --retry made.
 async fn produce(
     client: async_nats::Client,
     subject: String,
     args: Args,
     count: u64,
-) -> Result<(u64, Histogram<u64>, Instant)> {
-    let js = context(client.clone(), args.max_inflight.max(1));
+    deadline: Option<Instant>,
+) -> Result<(u64, Histogram<u64>, Instant, u64)> {
+    let js =
+        context(client.clone(), args.max_inflight.max(1), Duration::from_millis(args.ack_timeout_ms.max(1)));
     let filler = Bytes::from(vec![b'x'; args.message_size.saturating_sub(8)]);
     let mut hist = new_histogram();
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0u64;
-    while sent < count {
+    let mut retries = 0u64;
+    let more = |sent: u64| match deadline {
+        Some(d) => Instant::now() < d,
+        None => sent < count,
+    };
+    while more(sent) {
+        if args.retry {
+            let t0 = Instant::now();
+            retries += publish_until_acked(&js, &subject, &filler, args.message_size).await;
+            sent += 1;
+            record_us(&mut hist, t0.elapsed());
+            continue;
+        }
         if !args.one_at_a_time {
             // Settle what completed, without waiting; wait only at the in-flight bound.
             while let Some(Some(r)) = futures::FutureExt::now_or_never(in_flight.next()) {
@@ -411,7 +464,29 @@ async fn produce(
     }
     let done = Instant::now();
     client.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
-    Ok((sent, hist, done))
+    Ok((sent, hist, done, retries))
+}
+
+/// Publishes one message, resending it until a PubAck comes (the ack timeout bounds each
+/// attempt); returns the number of resends. Errors are retried, not reported: during a failover
+/// they are expected (no responders, timeouts, a lost connection).
+async fn publish_until_acked(js: &jetstream::Context, subject: &str, filler: &Bytes, size: usize) -> u64 {
+    let mut resends = 0u64;
+    loop {
+        let attempt = async {
+            let ack = js.publish(subject.to_string(), payload(filler, size)).await?;
+            ack.await.map(|_| ())
+        };
+        match attempt.await {
+            Ok(()) => return resends,
+            Err(e) => {
+                if e.kind() != jetstream::context::PublishErrorKind::TimedOut {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                resends += 1;
+            }
+        }
+    }
 }
 
 async fn consume(
