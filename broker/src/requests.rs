@@ -223,49 +223,47 @@ async fn produce(
 ) -> Pending {
     // Cluster mode: a broker that does not lead the partition hands the request to the leader,
     // on this stream's forward stream (written here, before the next request is read, so a
-    // stream's batches reach the leader in order; answered when the leader answers).
+    // stream's batches reach the leader in order; answered when the leader answers). When the
+    // leader changes under requests in flight, the stream answers `NotLeader` from then on and
+    // the producer re-sends its batches in order on a fresh stream: handing them over one by
+    // one here could reorder them.
+    let mut claim = None;
     if let Some((cluster, group)) =
         state.cluster.as_ref().and_then(|c| Some((c.clone(), c.group(topic, partition)?.0)))
     {
-        // Always asks for an answer: the forward stream pairs answers with requests by order.
-        let wire_acks = if acks == Acks::None { Acks::Leader } else { acks };
-        let request =
-            Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch: batch.clone() };
         let leader = group.status.borrow().leader;
-        match leader {
-            Some(l) if l == cluster.node_id() => {} // this broker leads: proposed below
-            Some(l) => {
-                let sent = forward.send(&cluster.links, l, &request).await;
-                return Box::pin(async move {
-                    let first = match sent {
-                        Ok(rx) => rx.await.unwrap_or_else(|_| {
-                            Err(PartitionError::new(ErrorCode::NotLeader, "forwarding stopped"))
-                        }),
-                        Err(e) => Err(e),
-                    };
-                    let answer = match first {
-                        Ok(Message::Error { code: ErrorCode::NotLeader, .. }) | Err(_) => {
-                            // The leader moved or its link broke: wait for the next one and hand
-                            // the request over on its own (the sequence numbers dedupe it).
-                            match cluster.forward_produce(&group, &request).await {
-                                Ok(Some(answer)) => answer,
-                                Ok(None) => {
-                                    Message::error(ErrorCode::NotLeader, "this broker leads now; retry")
-                                }
-                                Err(e) => error(e),
-                            }
-                        }
-                        Ok(answer) => answer,
-                    };
-                    (acks != Acks::None).then_some(answer)
-                });
-            }
-            None => match cluster.forward_produce(&group, &request).await {
-                Ok(None) => {}
-                Ok(Some(answer)) => return ready_unless_none(acks, answer),
-                Err(e) => return ready_unless_none(acks, error(e)),
-            },
+        let Some(l) = leader else {
+            return ready_unless_none(
+                acks,
+                Message::error(ErrorCode::NotLeader, "no leader elected for the partition yet; retry"),
+            );
+        };
+        let c = match forward.claim(l) {
+            Ok(c) => c,
+            Err(e) => return ready_unless_none(acks, error(e)),
+        };
+        if l != cluster.node_id() {
+            // Always asks for an answer: the forward stream pairs answers with requests by order.
+            let wire_acks = if acks == Acks::None { Acks::Leader } else { acks };
+            let request = Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch };
+            let sent = forward.send(&cluster.links, l, &request).await;
+            return Box::pin(async move {
+                let moved =
+                    || PartitionError::new(ErrorCode::NotLeader, "the partition's leader changed; retry");
+                let answer = match sent {
+                    // A dead leader never answers: the next election is the signal to stop
+                    // waiting for it (its link takes seconds to time out).
+                    Ok(rx) => tokio::select! {
+                        r = rx => r.unwrap_or_else(|_| Err(moved())),
+                        _ = group.leader_moved_from(l) => Err(moved()),
+                    },
+                    Err(e) => Err(e),
+                };
+                drop(c);
+                (acks != Acks::None).then(|| answer.unwrap_or_else(error))
+            });
         }
+        claim = Some(c);
     }
     let result = async {
         let t = state.topics.get(topic)?;
@@ -304,7 +302,7 @@ async fn produce(
     }
     .await;
     let started = std::time::Instant::now();
-    match (result, acks) {
+    let pending: Pending = match (result, acks) {
         (Err(e), Acks::Leader | Acks::All) => ready(error(e)),
         (Err(e), Acks::None) => {
             tracing::debug!("acks=none produce failed: {e}");
@@ -330,6 +328,15 @@ async fn produce(
             metrics::histogram!("quiver_produce_seconds").record(started.elapsed().as_secs_f64());
             Some(r)
         }),
+    };
+    match claim {
+        // A replicated partition led here: the stream's claim lasts until the answer.
+        Some(claim) => Box::pin(async move {
+            let r = pending.await;
+            drop(claim);
+            r
+        }),
+        None => pending,
     }
 }
 

@@ -22,10 +22,27 @@ use crate::partition::PartitionError;
 
 type Answer = oneshot::Sender<Result<Message, PartitionError>>;
 
-/// The forward stream of one client stream (none until its first forwarded request).
+/// The forward stream of one client stream (none until its first forwarded request), and
+/// which broker the stream's produce requests went to.
 #[derive(Default)]
 pub(crate) struct StreamForward {
     open: Option<Open>,
+    /// The broker (this one or the leader forwarded to) the stream's last produce went to.
+    target: Option<u64>,
+    /// The stream's produce requests not yet answered, whichever broker handles them.
+    outstanding: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set once the leader changed under requests in flight: every later produce on the
+    /// stream is refused, so none can overtake a batch the producer will re-send.
+    refusing: bool,
+}
+
+/// A produce request of the stream in flight; dropped once it is answered.
+pub(crate) struct Claim(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 struct Open {
@@ -45,6 +62,24 @@ fn lost(why: impl std::fmt::Display) -> PartitionError {
 }
 
 impl StreamForward {
+    /// Claims the stream's next produce for `leader`. `NotLeader` when the leader changed while
+    /// earlier requests of the stream are unanswered (they may yet fail, and a later batch must
+    /// not reach the new leader before them), and for every produce after that.
+    pub(crate) fn claim(&mut self, leader: u64) -> Result<Claim, PartitionError> {
+        use std::sync::atomic::Ordering;
+        let busy = self.outstanding.load(Ordering::Acquire) > 0;
+        if self.refusing || (busy && self.target.is_some_and(|t| t != leader)) {
+            self.refusing = true;
+            return Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!("the partition's leader moved to broker {leader} with batches in flight; re-send them in order"),
+            ));
+        }
+        self.target = Some(leader);
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Ok(Claim(self.outstanding.clone()))
+    }
+
     /// Writes `request` to `leader` on this stream's forward stream (opening one, or a new one
     /// when the leader changed) and returns where its answer will arrive.
     pub(crate) async fn send(

@@ -214,49 +214,6 @@ impl Cluster {
             }
         }
     }
-
-    /// Forwards a produce to the partition's leader, waiting out an election. The answer is the
-    /// leader's (or `NotLeader` if none is reachable in time: the client retries).
-    pub(crate) async fn forward_produce(
-        &self,
-        group: &GroupHandle,
-        request: &Message,
-    ) -> Result<Option<Message>, PartitionError> {
-        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
-        loop {
-            let leader = group.leader(LEADER_WAIT).await;
-            let outcome = match leader {
-                None => Err(PartitionError::new(
-                    ErrorCode::NotLeader,
-                    "no leader elected for the partition yet; retry",
-                )),
-                Some(l) if l == self.config.node_id => return Ok(None),
-                Some(l) => {
-                    let answer = tokio::select! {
-                        a = self.links.request(l, request, FORWARD_TIMEOUT) => a,
-                        _ = group.leader_moved_from(l) => Err(PartitionError::new(ErrorCode::NotLeader, "the leader changed")),
-                    };
-                    match answer {
-                        Ok(Message::Error { code: ErrorCode::NotLeader, message }) => {
-                            Err(PartitionError::new(ErrorCode::NotLeader, message))
-                        }
-                        Ok(answer) => return Ok(Some(answer)),
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            match outcome {
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!("forwarding a produce: {e}; retrying");
-                    // Give the group time to notice a dead leader and elect another.
-                    let mut status = group.status.clone();
-                    let _ = tokio::time::timeout(Duration::from_millis(200), status.changed()).await;
-                }
-                Err(e) => return Err(e),
-                Ok(()) => unreachable!(),
-            }
-        }
-    }
 }
 
 /// Starts cluster mode: the peer links, the controller (replaying its log, which attaches every
