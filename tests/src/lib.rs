@@ -148,7 +148,10 @@ impl BrokerProcess {
             cmd.arg("--config").arg(c);
         }
         cmd.args(&self.extra_args);
-        cmd.env("QUIVER_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.env("QUIVER_LOG", std::env::var("QUIVER_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
         Ok(())
     }
@@ -291,6 +294,17 @@ pub async fn next_message(
 pub fn init_tracing() {
     let filter = std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A temporary directory for a test's brokers, removed at the end; kept (its path printed)
+/// when `QUIVER_TEST_KEEP` is set, so the brokers' logs of a failed run can be read.
+pub fn test_dir() -> anyhow::Result<tempfile::TempDir> {
+    let mut dir = tempfile::tempdir()?;
+    if std::env::var_os("QUIVER_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    Ok(dir)
 }
 
 /// Runs a test body with a hard time bound, so a hang fails instead of blocking CI.
@@ -534,6 +548,23 @@ impl Cluster {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Waits until every broker knows `topic`. A create is answered once the broker that took
+    /// it applied it; another may apply it later (one whose link to the controller's leader
+    /// is still coming up), and until then it answers `UnknownTopic`, which clients take as
+    /// final. Tests that move clients between brokers wait for this first.
+    pub async fn topic_everywhere(&self, topic: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        for i in 0..self.nodes.len() {
+            while let Err(e) = self.partition_of(i, topic, 0).await {
+                if Instant::now() > deadline {
+                    bail!("broker {} does not know {topic} after {within:?}: {e}", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Waits until broker `i`'s commit of `topic`/`partition` reaches `commit` and it follows

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use quiver_client::{ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, StartPosition};
 use quiver_tests::workload::{p50_max, value, Expected, Load, Outcome};
-use quiver_tests::{bounded, init_tracing, read_partition, Cluster};
+use quiver_tests::{bounded, init_tracing, read_partition, test_dir, Cluster};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -76,10 +76,11 @@ async fn leader_kills_under_acks_all_lose_nothing_20_times() -> anyhow::Result<(
 async fn leader_kills(kills: u32) -> anyhow::Result<()> {
     init_tracing();
     bounded(60 + 30 * u64::from(kills), async {
-        let dir = tempfile::tempdir()?;
+        let dir = test_dir()?;
         let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
         let admin = cluster.client().await?;
         cluster.create_topic(&admin, "f", 1, 3).await?;
+        cluster.topic_everywhere("f", SETTLE).await?;
         let all = [0, 1, 2];
         let mut expected = Expected::default();
         let mut failovers: [Vec<Duration>; 2] = Default::default();
@@ -159,10 +160,11 @@ async fn leader_kills(kills: u32) -> anyhow::Result<()> {
 async fn an_isolated_leader_stops_acknowledging_and_truncates_after_healing() -> anyhow::Result<()> {
     init_tracing();
     bounded(120, async {
-        let dir = tempfile::tempdir()?;
+        let dir = test_dir()?;
         let cluster = Cluster::start_with_proxies(BIN, dir.path(), 3).await?;
         let admin = cluster.client().await?;
         cluster.create_topic(&admin, "iso", 1, 3).await?;
+        cluster.topic_everywhere("iso", SETTLE).await?;
         let all = [0, 1, 2];
         let leader = cluster.agreed_leader(&all, "iso", 0, SETTLE).await?;
         let li = cluster.index_of(leader);
@@ -249,10 +251,11 @@ async fn an_isolated_leader_stops_acknowledging_and_truncates_after_healing() ->
 async fn a_rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
     init_tracing();
     bounded(120, async {
-        let dir = tempfile::tempdir()?;
+        let dir = test_dir()?;
         let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
         let admin = cluster.client().await?;
         cluster.create_topic(&admin, "roll", 2, 3).await?;
+        cluster.topic_everywhere("roll", SETTLE).await?;
         let all = [0, 1, 2];
         let pclient = cluster.client_in_order(&all, client_timeouts).await?;
         let load = Load::start(pclient.clone(), ProducerConfig::default(), "roll", 2, "r", PERIOD);
@@ -417,4 +420,76 @@ fn error_kinds(outcomes: &[Outcome]) -> std::collections::BTreeMap<String, usize
         }
     }
     kinds
+}
+
+/// A retried idempotent batch that the leader holds but has not committed must not be
+/// acknowledged (`acks = all`: acknowledged once committed, docs/replication.md §3): the
+/// leader is cut off from its peers, a batch is sent to it, then the same batch again (as the
+/// SDK resends every batch in flight after a failure). Whatever the leader answers, a batch it
+/// acknowledged must be in every broker's log after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_is_not_acknowledged_before_it_is_committed() -> anyhow::Result<()> {
+    use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+    use quiver_protocol::message::{Acks, Message};
+    init_tracing();
+    bounded(90, async {
+        let dir = test_dir()?;
+        let cluster = Cluster::start_with_proxies(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, "dup", 1, 3).await?;
+        cluster.topic_everywhere("dup", SETTLE).await?;
+        let all = [0, 1, 2];
+        let leader = cluster.agreed_leader(&all, "dup", 0, SETTLE).await?;
+        let li = cluster.index_of(leader);
+        let lclient = cluster.client_of(li).await?;
+        let (producer_id, producer_epoch) = match lclient.request(&Message::InitProducer).await? {
+            Message::InitProducerOk { producer_id, producer_epoch } => (producer_id, producer_epoch),
+            other => anyhow::bail!("InitProducer answered with kind {}", other.kind()),
+        };
+        let produce = |seq: i32, v: &str| {
+            let identity = ProducerIdentity { producer_id, producer_epoch, base_sequence: seq };
+            let mut b = BatchBuilder::new(256).with_identity(identity);
+            b.push(0, None, v.as_bytes(), &[]);
+            Message::Produce { topic: "dup".into(), partition: 0, acks: Acks::All, batch: b.finish() }
+        };
+        // One committed batch first, so the leader knows the producer.
+        match lclient.request(&produce(0, "committed")).await? {
+            Message::ProduceOk { .. } => {}
+            other => anyhow::bail!("the healthy leader answered kind {}", other.kind()),
+        }
+
+        cluster.isolate(li);
+        let first = {
+            let (c, m) = (lclient.clone(), produce(1, "held"));
+            tokio::spawn(async move { c.request(&m).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = tokio::time::timeout(Duration::from_secs(3), lclient.request(&produce(1, "held"))).await;
+        let first = tokio::time::timeout(Duration::from_secs(10), first).await;
+        let acked = |r: &Result<Message, quiver_client::ClientError>| matches!(r, Ok(Message::ProduceOk { .. }));
+        let again_acked = matches!(&again, Ok(r) if acked(r));
+        let first_acked = matches!(&first, Ok(Ok(r)) if acked(r));
+        eprintln!("to the isolated leader {leader}: the batch {first:?}; sent again: {again:?}");
+        // The two others elect a leader of their own before the heal.
+        let majority: Vec<usize> = all.iter().copied().filter(|&i| i != li).collect();
+        let elected = cluster.agreed_leader(&majority, "dup", 0, SETTLE).await?;
+        eprintln!("broker {elected} leads the majority");
+
+        cluster.heal();
+        let after = cluster.agreed_leader(&all, "dup", 0, SETTLE).await?;
+        let target = cluster.partition_of(cluster.index_of(after), "dup", 0).await?.commit;
+        cluster.caught_up(li, after, "dup", 0, target, SETTLE).await?;
+        cluster.settled_high_watermark("dup", 0, SETTLE).await?;
+        let logs = read_every_broker(&cluster, "dup", 0).await?;
+        let held_everywhere = logs.iter().all(|l| l.iter().any(|(_, v)| v == "held"));
+        eprintln!("after the heal broker {after} leads; the logs: {:?}", logs[0]);
+        anyhow::ensure!(
+            !(first_acked || again_acked) || held_everywhere,
+            "the isolated leader acknowledged a batch (first {first_acked}, again {again_acked}) that the cluster then lost"
+        );
+        lclient.close().await;
+        admin.close().await;
+        Ok(())
+    })
+    .await
 }
