@@ -2,6 +2,7 @@
 //! temp data directories, SIGKILL and restart, and small helpers. Everything is real: the
 //! `quiverd` code in a child process, QUIC with TLS on 127.0.0.1, files on disk.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -9,10 +10,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{Client, ClientConfig};
 
 pub mod proxy;
+pub mod workload;
+
+use proxy::{Mode, UdpProxy};
 
 /// 127.0.0.1 with an ephemeral port: for the listeners an embedded broker's config names.
 pub const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
@@ -143,7 +148,10 @@ impl BrokerProcess {
             cmd.arg("--config").arg(c);
         }
         cmd.args(&self.extra_args);
-        cmd.env("QUIVER_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.env("QUIVER_LOG", std::env::var("QUIVER_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
         Ok(())
     }
@@ -288,6 +296,17 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
+/// A temporary directory for a test's brokers, removed at the end; kept (its path printed)
+/// when `QUIVER_TEST_KEEP` is set, so the brokers' logs of a failed run can be read.
+pub fn test_dir() -> anyhow::Result<tempfile::TempDir> {
+    let mut dir = tempfile::tempdir()?;
+    if std::env::var_os("QUIVER_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 /// Runs a test body with a hard time bound, so a hang fails instead of blocking CI.
 pub async fn bounded<T>(
     secs: u64,
@@ -331,34 +350,97 @@ pub async fn check_damaged_partition(
 }
 
 /// A cluster of broker processes on loopback (`--peers`, a shared `--dev-ca`), each with its
-/// own data directory under one temp dir.
+/// own data directory under one temp dir. Nodes are indexed from 0 (`nodes[i]` is broker id
+/// `i + 1`).
 #[derive(Debug)]
 pub struct Cluster {
     pub nodes: Vec<BrokerProcess>,
     pub ca: PathBuf,
+    /// With [`Cluster::start_with_proxies`]: the proxy on each directed broker-to-broker path
+    /// `(from, to)` (node indexes), through which `from` reaches `to`.
+    pub proxies: BTreeMap<(usize, usize), UdpProxy>,
 }
 
 impl Cluster {
-    /// Starts `n` brokers (ids 1..=n) and waits until a topic can be created through them.
+    /// Starts `n` brokers (ids 1..=n) that reach each other directly. They serve once a
+    /// quorum is up; [`Cluster::client`] and [`Cluster::create_topic`] wait for that.
     pub async fn start(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
-        let addrs: Vec<SocketAddr> =
-            (0..n).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse()).collect::<Result<_, _>>()?;
-        let peers: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect();
-        let peers = peers.join(",");
+        let addrs = free_addrs(n)?;
+        let peers = peer_list(&addrs);
+        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new())
+    }
+
+    /// Starts `n` brokers with a [`UdpProxy`] on every directed path `i -> j`: broker `i`'s
+    /// `--peers` names itself at its listen address and every other broker `j` at the proxy
+    /// `(i, j)` (peer links identify a broker by its certificate, so that works). Raft traffic
+    /// and forwarded requests from `i` to `j` (and their answers) go through that proxy, so
+    /// [`Cluster::cut`] and [`Cluster::isolate`] can drop them. Clients still reach every
+    /// broker directly.
+    pub async fn start_with_proxies(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        let addrs = free_addrs(n)?;
+        let mut proxies = BTreeMap::new();
+        for from in 0..addrs.len() {
+            for (to, &addr) in addrs.iter().enumerate() {
+                if from != to {
+                    proxies.insert((from, to), UdpProxy::start(addr).await?);
+                }
+            }
+        }
+        let peers_of = |from: usize| {
+            let via = addrs.iter().enumerate().map(|(to, &addr)| match proxies.get(&(from, to)) {
+                Some(p) => p.addr,
+                None => addr,
+            });
+            peer_list(&via.collect::<Vec<_>>())
+        };
+        let peers: Vec<String> = (0..addrs.len()).map(peers_of).collect();
+        Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies)
+    }
+
+    fn start_nodes(
+        bin: &str,
+        dir: &Path,
+        addrs: &[SocketAddr],
+        peers_of: impl Fn(usize) -> String,
+        proxies: BTreeMap<(usize, usize), UdpProxy>,
+    ) -> anyhow::Result<Cluster> {
         let ca_dir = dir.join("ca");
         let mut nodes = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
-            nodes.push(BrokerProcess::start_node(
-                bin,
-                &dir.join(format!("node-{id}")),
-                id,
-                *addr,
-                &peers,
-                &ca_dir,
-            )?);
+            let data = dir.join(format!("node-{id}"));
+            nodes.push(BrokerProcess::start_node(bin, &data, id, *addr, &peers_of(i), &ca_dir)?);
         }
-        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem") })
+        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies })
+    }
+
+    /// Sets the proxy on the path `from -> to` (node indexes); a no-op without proxies.
+    pub fn cut(&self, from: usize, to: usize, mode: Mode) {
+        if let Some(p) = self.proxies.get(&(from, to)) {
+            p.set(mode);
+        }
+    }
+
+    /// Drops everything between node `i` and every other broker, both ways (its clients still
+    /// reach it).
+    pub fn isolate(&self, i: usize) {
+        for (&(from, to), p) in &self.proxies {
+            if from == i || to == i {
+                p.set(Mode::DropAll);
+            }
+        }
+    }
+
+    /// Lets every broker-to-broker path through again.
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.set(Mode::Pass);
+        }
+    }
+
+    /// The node index of broker `id` (ids start at 1).
+    pub fn index_of(&self, id: u32) -> usize {
+        (id as usize).saturating_sub(1)
     }
 
     /// `host:port,host:port,...` of every broker.
@@ -387,6 +469,157 @@ impl Cluster {
         Ok(Client::connect(cfg).await?)
     }
 
+    /// A client given the brokers `order` (node indexes) in that order: it connects to the
+    /// first that answers, and after a loss to the next in the list. `tweak` adjusts the
+    /// config (timeouts) first.
+    pub async fn client_in_order(
+        &self,
+        order: &[usize],
+        tweak: impl FnOnce(ClientConfig) -> ClientConfig,
+    ) -> anyhow::Result<Client> {
+        let brokers = order.iter().map(|&i| self.nodes[i].addr.to_string());
+        let cfg = tweak(ClientConfig::new("", &self.ca).with_brokers(brokers));
+        Ok(Client::connect(cfg).await?)
+    }
+
+    /// Broker `i`'s own view of the cluster (one quick attempt: a dead or isolated broker is
+    /// an error within a few seconds, not after the SDK's retries).
+    pub async fn status_of(&self, i: usize) -> anyhow::Result<quiver_client::ClusterStatus> {
+        let cfg = ClientConfig::new(self.nodes[i].addr.to_string(), &self.ca)
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_request_timeout(Duration::from_secs(2));
+        let client = Client::connect(cfg).await?;
+        let status = client.admin().cluster_status().await;
+        client.close().await;
+        Ok(status?)
+    }
+
+    /// Broker `i`'s view of `topic`/`partition`: (leader id, commit index, high watermark).
+    pub async fn partition_of(&self, i: usize, topic: &str, partition: u32) -> anyhow::Result<ReplicaView> {
+        let cfg = ClientConfig::new(self.nodes[i].addr.to_string(), &self.ca)
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_request_timeout(Duration::from_secs(2));
+        let client = Client::connect(cfg).await?;
+        let (status, info) =
+            (client.admin().cluster_status().await, client.admin().describe_topic(topic).await);
+        client.close().await;
+        let (status, info) = (status?, info?);
+        let r = status
+            .partitions
+            .iter()
+            .find(|r| r.topic == topic && r.partition == partition)
+            .with_context(|| format!("broker {} has no replica of {topic}/{partition}", i + 1))?;
+        let p = info
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .with_context(|| format!("broker {} does not describe {topic}/{partition}", i + 1))?;
+        Ok(ReplicaView {
+            leader: r.leader,
+            epoch: r.epoch,
+            commit: r.commit,
+            high_watermark: p.high_watermark,
+            in_sync: r.in_sync.clone(),
+        })
+    }
+
+    /// Waits until the brokers `nodes` agree on a leader of `topic`/`partition` that is one of
+    /// them, and returns its id.
+    pub async fn agreed_leader(
+        &self,
+        nodes: &[usize],
+        topic: &str,
+        partition: u32,
+        within: Duration,
+    ) -> anyhow::Result<u32> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut seen = Vec::new();
+            for &i in nodes {
+                seen.push(self.partition_of(i, topic, partition).await.ok().and_then(|v| v.leader));
+            }
+            match seen.first().copied().flatten() {
+                Some(l) if seen.iter().all(|s| *s == Some(l)) && nodes.contains(&self.index_of(l)) => {
+                    return Ok(l)
+                }
+                _ if Instant::now() > deadline => {
+                    bail!("brokers {nodes:?} did not agree on a leader of {topic}/{partition} within {within:?}: {seen:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Waits until every broker knows `topic`. A create is answered once the broker that took
+    /// it applied it; another may apply it later (one whose link to the controller's leader
+    /// is still coming up), and until then it answers `UnknownTopic`, which clients take as
+    /// final. Tests that move clients between brokers wait for this first.
+    pub async fn topic_everywhere(&self, topic: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        for i in 0..self.nodes.len() {
+            while let Err(e) = self.partition_of(i, topic, 0).await {
+                if Instant::now() > deadline {
+                    bail!("broker {} does not know {topic} after {within:?}: {e}", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until broker `i`'s commit of `topic`/`partition` reaches `commit` and it follows
+    /// `leader`.
+    pub async fn caught_up(
+        &self,
+        i: usize,
+        leader: u32,
+        topic: &str,
+        partition: u32,
+        commit: u64,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let view = self.partition_of(i, topic, partition).await;
+            match &view {
+                Ok(v) if v.leader == Some(leader) && v.commit >= commit => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!("broker {} did not reach commit {commit} under leader {leader} within {within:?}: {view:?}", i + 1)
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Waits until every broker serves the same high watermark for `topic`/`partition`, and
+    /// it has stayed so for a moment (a producer has stopped); returns it.
+    pub async fn settled_high_watermark(
+        &self,
+        topic: &str,
+        partition: u32,
+        within: Duration,
+    ) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        loop {
+            let mut hws = Vec::new();
+            for i in 0..self.nodes.len() {
+                hws.push(self.partition_of(i, topic, partition).await.ok().map(|v| v.high_watermark));
+            }
+            let same = hws.first().copied().flatten().filter(|&h| hws.iter().all(|x| *x == Some(h)));
+            if let Some(h) = same {
+                if last == Some(h) {
+                    return Ok(h);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the brokers' high watermarks of {topic}/{partition} did not settle within {within:?}: {hws:?}");
+            }
+            last = same;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// Creates a topic, retrying while the cluster elects its controller.
     pub async fn create_topic(
         &self,
@@ -404,5 +637,81 @@ impl Cluster {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
+    }
+}
+
+/// The `host:port` of `n` free loopback UDP ports.
+fn free_addrs(n: u64) -> anyhow::Result<Vec<SocketAddr>> {
+    Ok((0..n).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse()).collect::<Result<_, _>>()?)
+}
+
+/// `1@a,2@b,...`: broker `i + 1` at `addrs[i]`.
+fn peer_list(addrs: &[SocketAddr]) -> String {
+    addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",")
+}
+
+/// One broker's view of one replicated partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub leader: Option<u32>,
+    pub epoch: u64,
+    /// The Raft commit index.
+    pub commit: u64,
+    /// The offset consumers read up to on this broker.
+    pub high_watermark: u64,
+    /// Known on the leader only.
+    pub in_sync: Vec<u32>,
+}
+
+/// Every data record of `topic`/`partition` that `client`'s broker serves, as (offset,
+/// value), by raw fetches from offset 0 up to the high watermark it answers (control batches,
+/// Raft's own entries, skipped). Fails if a fetch returns a record at or past the high
+/// watermark it reported (reads never go beyond the commit, docs/replication.md §5.5), if
+/// offsets go back, or if a batch fails its CRC.
+pub async fn read_partition(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<Vec<(u64, Bytes)>> {
+    use quiver_protocol::batch::{Batches, RecordIter};
+    use quiver_protocol::message::Message;
+    let mut out: Vec<(u64, Bytes)> = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let fetch = Message::Fetch { topic: topic.into(), partition, offset, max_bytes: 1 << 20 };
+        let (hw, batches) = match client.request(&fetch).await? {
+            Message::FetchOk { high_watermark, batches, .. } => (high_watermark, batches),
+            other => bail!("expected FetchOk for {topic}/{partition} at {offset}, got kind {}", other.kind()),
+        };
+        if offset >= hw {
+            return Ok(out);
+        }
+        let mut next = offset;
+        for span in Batches::new(&batches).checking_crc() {
+            let span = span.with_context(|| format!("fetch of {topic}/{partition} at {offset}"))?;
+            let h = span.header;
+            anyhow::ensure!(
+                h.next_offset() <= hw,
+                "a fetch at {offset} served a batch up to {} past the high watermark {hw}",
+                h.next_offset()
+            );
+            next = next.max(h.next_offset());
+            if h.is_control() {
+                continue;
+            }
+            let whole = batches.slice(span.range());
+            for r in RecordIter::new(whole, h) {
+                let r = r?;
+                if r.offset < offset {
+                    continue; // the batch began before the offset asked for
+                }
+                if let Some(&(last, _)) = out.last() {
+                    anyhow::ensure!(r.offset > last, "offset {} served after {last}", r.offset);
+                }
+                out.push((r.offset, r.value));
+            }
+        }
+        anyhow::ensure!(next > offset, "a fetch at {offset} below the high watermark {hw} returned nothing");
+        offset = next;
     }
 }

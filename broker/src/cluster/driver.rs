@@ -122,6 +122,9 @@ pub(crate) struct Driver {
     waiting: BTreeMap<u64, Waiter>,
     /// Idempotent producers' last sequence proposed and not yet appended (within one round).
     inflight: HashMap<i64, i32>,
+    /// The log offset just past the commit, as of the last `Ready` (0 until then): a retried
+    /// batch is answered from the producer state only once it is below this.
+    committed_offset: u64,
     refused: metrics::Counter,
 }
 
@@ -147,6 +150,7 @@ pub(crate) fn spawn(
         status,
         waiting: BTreeMap::new(),
         inflight: HashMap::new(),
+        committed_offset: 0,
         refused: metrics::counter!("quiver_raft_messages_refused_total"),
     };
     tokio::spawn(driver.run(node, rx, proposals_rx, shutdown));
@@ -301,6 +305,18 @@ impl Driver {
                     if let Some(t) = &self.tracker {
                         match t.producers.lock().check(&h) {
                             SeqCheck::Append => {}
+                            // The producer state follows appends, not the commit: a batch
+                            // this leader holds may still be cut (an isolated leader's), so
+                            // it is acknowledged only once committed (acks = all).
+                            SeqCheck::Duplicate { last_offset, .. }
+                                if last_offset >= self.committed_offset =>
+                            {
+                                let _ = reply.send(Err(PartitionError::new(
+                                    ErrorCode::NotLeader,
+                                    "this batch is not committed yet; retry for its offsets",
+                                )));
+                                return;
+                            }
                             SeqCheck::Duplicate { base_offset, last_offset } => {
                                 metrics::counter!("quiver_duplicate_batches_total").increment(1);
                                 let append_time_ms = crate::partition::now_ms();
@@ -374,6 +390,9 @@ impl Driver {
         };
         for m in out.messages.iter().filter(|m| replica::may_send(&node, m)) {
             self.links.send(self.group, m);
+        }
+        if let Some(hw) = hw {
+            self.committed_offset = self.committed_offset.max(hw);
         }
         for p in &out.placed {
             if let Some(Waiter::Batch { placed, .. }) = self.waiting.get_mut(&p.index) {
