@@ -166,9 +166,9 @@ async fn dial(
                 continue;
             }
         };
-        backoff = BACKOFF_MIN;
         tracing::info!(peer = id, %addr, "peer link up");
         conn_tx.send_replace(Some(conn.clone()));
+        let up = std::time::Instant::now();
         let result = pump(&conn, &mut queue, &shutdown).await;
         conn_tx.send_replace(None);
         if shutdown.is_cancelled() {
@@ -177,6 +177,17 @@ async fn dial(
         }
         tracing::info!(peer = id, %addr, "peer link down: {}", result.err().unwrap_or_default());
         conn.close(0u32.into(), b"link reset");
+        // A peer that accepts and drops at once (it is draining for a restart) is retried
+        // with back-off, not a hundred times a second.
+        if up.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
 }
 
