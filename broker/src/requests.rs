@@ -235,6 +235,7 @@ async fn produce(
         match leader {
             Some(l) if l == cluster.node_id() => {} // this broker leads: proposed below
             Some(l) => {
+                metrics::counter!("quiver_forwarded_produce_total").increment(1);
                 let sent = forward.send(&cluster.links, l, &request).await;
                 return Box::pin(async move {
                     let first = match sent {
@@ -262,7 +263,10 @@ async fn produce(
             }
             None => match cluster.forward_produce(&group, &request).await {
                 Ok(None) => {}
-                Ok(Some(answer)) => return ready_unless_none(acks, answer),
+                Ok(Some(answer)) => {
+                    metrics::counter!("quiver_forwarded_produce_total").increment(1);
+                    return ready_unless_none(acks, answer);
+                }
                 Err(e) => return ready_unless_none(acks, error(e)),
             },
         }

@@ -51,6 +51,11 @@ pub fn metric_sum(body: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// A free TCP address on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_tcp_port_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
@@ -69,6 +74,8 @@ pub struct BrokerProcess {
     extra_args: Vec<String>,
     /// The CA clients trust (`<data>/tls/ca.pem`, or a cluster's shared one).
     ca: PathBuf,
+    /// Where it serves `/metrics`, if it was started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
@@ -93,6 +100,7 @@ impl BrokerProcess {
             config_path,
             extra_args: Vec::new(),
             ca: data_dir.join("tls").join("ca.pem"),
+            metrics: None,
         };
         b.spawn().await?;
         Ok(b)
@@ -107,6 +115,19 @@ impl BrokerProcess {
         addr: SocketAddr,
         peers: &str,
         ca_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_node_with(bin, data_dir, node_id, addr, peers, ca_dir, &[])
+    }
+
+    /// As [`start_node`](BrokerProcess::start_node) with more flags (kept across restarts).
+    pub fn start_node_with(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        peers: &str,
+        ca_dir: &Path,
+        more_args: &[String],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let mut b = BrokerProcess {
@@ -123,11 +144,24 @@ impl BrokerProcess {
                 peers.into(),
                 "--dev-ca".into(),
                 ca_dir.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(more_args.iter().cloned())
+            .collect(),
             ca: ca_dir.join("ca.pem"),
+            metrics: None,
         };
         b.spawn_process()?;
         Ok(b)
+    }
+
+    /// The sum of the Prometheus samples starting with `prefix` on its `/metrics` (0 if the
+    /// metric has not been recorded yet); needs `metrics`.
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let addr = self.metrics.ok_or_else(|| anyhow::anyhow!("broker started without --metrics-listen"))?;
+        let body = tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await??;
+        anyhow::ensure!(body.starts_with("HTTP/1.1 200"), "GET /metrics: {body}");
+        Ok(metric_sum(&body, prefix))
     }
 
     /// Starts the process again (after `kill9` or `terminate`) without waiting for it to serve.
@@ -137,14 +171,17 @@ impl BrokerProcess {
 
     fn spawn_process(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let mut cmd = Command::new(&self.bin);
+        // `QUIVERD_UNDER_TEST` names another build of the broker: a target directory shared by
+        // several checkouts may have rebuilt this package's own copy from another one.
+        let bin = std::env::var_os("QUIVERD_UNDER_TEST").map_or_else(|| self.bin.clone(), PathBuf::from);
+        let mut cmd = Command::new(&bin);
         cmd.arg("--data-dir").arg(&self.data_dir).arg("--listen").arg(self.addr.to_string());
         if let Some(c) = &self.config_path {
             cmd.arg("--config").arg(c);
         }
         cmd.args(&self.extra_args);
         cmd.env("QUIVER_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
+        self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?);
         Ok(())
     }
 
@@ -341,6 +378,16 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` brokers (ids 1..=n) and waits until a topic can be created through them.
     pub async fn start(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        Self::start_with(bin, dir, n, false).await
+    }
+
+    /// As [`start`](Cluster::start), each broker also serving Prometheus metrics on a free
+    /// loopback TCP port (`--metrics-listen`, in [`BrokerProcess::metrics`]).
+    pub async fn start_with_metrics(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        Self::start_with(bin, dir, n, true).await
+    }
+
+    async fn start_with(bin: &str, dir: &Path, n: u64, metrics: bool) -> anyhow::Result<Cluster> {
         let addrs: Vec<SocketAddr> =
             (0..n).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse()).collect::<Result<_, _>>()?;
         let peers: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect();
@@ -349,14 +396,23 @@ impl Cluster {
         let mut nodes = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
-            nodes.push(BrokerProcess::start_node(
-                bin,
-                &dir.join(format!("node-{id}")),
-                id,
-                *addr,
-                &peers,
-                &ca_dir,
-            )?);
+            let node = if metrics {
+                let listen = free_tcp_port_addr()?;
+                let mut node = BrokerProcess::start_node_with(
+                    bin,
+                    &dir.join(format!("node-{id}")),
+                    id,
+                    *addr,
+                    &peers,
+                    &ca_dir,
+                    &["--metrics-listen".to_string(), listen.to_string()],
+                )?;
+                node.metrics = Some(listen);
+                node
+            } else {
+                BrokerProcess::start_node(bin, &dir.join(format!("node-{id}")), id, *addr, &peers, &ca_dir)?
+            };
+            nodes.push(node);
         }
         Ok(Cluster { nodes, ca: ca_dir.join("ca.pem") })
     }
