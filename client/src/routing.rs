@@ -34,8 +34,11 @@ pub(crate) const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 /// sender task, which waits meanwhile.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed dial, a leader's address is not dialled again for this long (its partitions go
-/// over the main connection meanwhile).
+/// over the main connection meanwhile), doubling per failure in a row up to
+/// [`MAX_UNREACHABLE_FOR`]: addresses clients cannot reach at all (brokers behind a NAT, `--peers`
+/// naming internal addresses) then cost a dial a minute, not one every few seconds.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+const MAX_UNREACHABLE_FOR: Duration = Duration::from_secs(60);
 
 /// Where a partition's produce stream goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +60,9 @@ pub(crate) struct Routes {
     /// Per topic, per partition index: its leader, `None` for a partition that is not replicated.
     /// Topics with no replicated partition are not kept.
     topics: HashMap<String, Vec<Option<Leader>>>,
-    /// Addresses whose last dial failed, and until when they are not tried again.
-    unreachable: HashMap<Arc<str>, Instant>,
+    /// Addresses whose last dial failed: until when they are not tried again, and the failed
+    /// dials in a row.
+    unreachable: HashMap<Arc<str>, (Instant, u32)>,
     /// Bumped whenever a route may have changed (a leader, an address, a failed dial).
     generation: u64,
 }
@@ -128,7 +132,7 @@ impl Routes {
 
     /// Whether `addr` may be dialled at `now` (no failed dial in the last [`UNREACHABLE_FOR`]).
     fn may_dial(&self, addr: &str, now: Instant) -> bool {
-        self.unreachable.get(addr).is_none_or(|&until| until <= now)
+        self.unreachable.get(addr).is_none_or(|&(until, _)| until <= now)
     }
 
     /// Dialling `addr` failed at `now`: the partitions it led are forgotten until metadata names
@@ -140,9 +144,15 @@ impl Routes {
                 leader.id = None;
             }
         }
-        self.unreachable.retain(|_, until| *until > now);
-        self.unreachable.insert(Arc::from(addr), now + UNREACHABLE_FOR);
+        let failures = self.unreachable.get(addr).map_or(0, |&(_, n)| n);
+        let pause = UNREACHABLE_FOR.saturating_mul(1 << failures.min(8)).min(MAX_UNREACHABLE_FOR);
+        self.unreachable.insert(Arc::from(addr), (now + pause, failures.saturating_add(1)));
         self.generation += 1;
+    }
+
+    /// Dialling `addr` succeeded: its next failure pauses it for the shortest time again.
+    pub(crate) fn reachable(&mut self, addr: &str) {
+        self.unreachable.remove(addr);
     }
 }
 
@@ -293,6 +303,7 @@ impl Client {
             }
             Ok(conn) => {
                 tracing::debug!(broker = %addr, "connected to a partition leader");
+                self.routing().routes.lock().reachable(addr);
                 *slot = Some(conn.clone());
                 Ok(Some(conn))
             }
@@ -401,6 +412,20 @@ mod tests {
         r.learn_topic(&topic("t", &[(Some(2), 1), (Some(3), 1), (Some(2), 1)], true));
         assert_eq!(r.route("t", 0, now + Duration::from_secs(1)), Route::Unknown);
         assert_eq!(r.route("t", 0, now + UNREACHABLE_FOR), leader("10.0.0.2:7420"));
+        // Failing again and again: the pause doubles up to a minute; a success resets it.
+        let mut at = now;
+        for pause in [10, 20, 40, 60, 60] {
+            at += UNREACHABLE_FOR * 20;
+            r.unreachable("10.0.0.2:7420", at);
+            r.learn_topic(&topic("t", &[(Some(2), 1), (Some(3), 1), (Some(2), 1)], true));
+            let pause = Duration::from_secs(pause);
+            assert_eq!(r.route("t", 0, at + pause - Duration::from_millis(1)), Route::Unknown, "{pause:?}");
+            assert_eq!(r.route("t", 0, at + pause), leader("10.0.0.2:7420"), "{pause:?}");
+        }
+        r.reachable("10.0.0.2:7420");
+        r.unreachable("10.0.0.2:7420", at);
+        r.learn_topic(&topic("t", &[(Some(2), 1), (Some(3), 1), (Some(2), 1)], true));
+        assert_eq!(r.route("t", 0, at + UNREACHABLE_FOR), leader("10.0.0.2:7420"));
         // A new leader elsewhere is used at once.
         r.learn_topic(&topic("t", &[(Some(1), 2), (Some(3), 1), (Some(2), 1)], true));
         assert_eq!(r.route("t", 0, now), leader("10.0.0.1:7420"));

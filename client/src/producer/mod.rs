@@ -53,8 +53,10 @@ use engine::{Action, Answer, Done, Engine, EngineConfig};
 /// leader is where it was, the sender keeps waiting and asks again after as long.
 const ANSWER_OVERDUE: Duration = Duration::from_secs(1);
 /// How often a stream going over the main connection (leader unknown or unreachable) looks
-/// for its leader again.
-const ROUTE_CHECK: Duration = Duration::from_secs(1);
+/// for its leader again: soon, as a new topic's partitions may not have elected one yet when
+/// the producer first asks (the topic's refreshes stay at most one per
+/// [`MIN_REFRESH_INTERVAL`](crate::routing::MIN_REFRESH_INTERVAL)).
+const ROUTE_CHECK: Duration = Duration::from_millis(250);
 /// How often a leader's stream that works looks again anyway: a leader that hands over its
 /// place without failing forwards what still reaches it, so nothing else would tell.
 const ROUTE_MAX_AGE: Duration = Duration::from_secs(10);
