@@ -243,6 +243,7 @@ async fn produce(
             Err(e) => return ready_unless_none(acks, error(e)),
         };
         if l != cluster.node_id() {
+            metrics::counter!("quiver_forwarded_produce_total").increment(1);
             // Always asks for an answer: the forward stream pairs answers with requests by order.
             let wire_acks = if acks == Acks::None { Acks::Leader } else { acks };
             let request = Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch };

@@ -1,6 +1,7 @@
 //! `Client`: one QUIC connection to a broker, re-established on demand after it is lost. Given
 //! several brokers (a cluster), a connection goes to the first that answers, trying them in
 //! turn, and a lost one is replaced through the same list, starting after the broker it was to.
+//! Producers also use connections to the leaders of replicated partitions (`routing.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -133,8 +134,12 @@ struct Inner {
     config: ClientConfig,
     /// The brokers, in the order given.
     brokers: Vec<BrokerAddr>,
-    /// TLS and transport settings every connection uses.
+    /// TLS and transport settings of the main connection.
     quic: quinn::ClientConfig,
+    /// The same TLS for connections to partition leaders, with a shorter idle timeout.
+    leader_quic: quinn::ClientConfig,
+    /// Partition leaders and the connections to them.
+    routing: crate::routing::Routing,
     /// One endpoint per address family, bound when a broker of that family is first dialled.
     endpoints: parking_lot::Mutex<Endpoints>,
     conn: Mutex<Slot>,
@@ -174,12 +179,15 @@ impl Client {
     /// that failed.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let brokers = parse_brokers(&config.broker, config.server_name.as_deref())?;
-        let quic = quic_config(&config)?;
+        let quic = quic_config(&config, config.idle_timeout)?;
+        let leader_quic = quic_config(&config, config.idle_timeout.min(crate::routing::LEADER_IDLE_TIMEOUT))?;
         let client = Client {
             inner: Arc::new(Inner {
                 config,
                 brokers,
                 quic,
+                leader_quic,
+                routing: Default::default(),
                 endpoints: Default::default(),
                 conn: Mutex::new(Slot::default()),
                 closed: Default::default(),
@@ -192,6 +200,10 @@ impl Client {
 
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    pub(crate) fn routing(&self) -> &crate::routing::Routing {
+        &self.inner.routing
     }
 
     /// The live connection, reconnecting if the last one was lost. Raw protocol access is
@@ -235,7 +247,7 @@ impl Client {
         for i in 0..n {
             let index = (start + i) % n;
             let broker = &self.inner.brokers[index];
-            match self.dial(broker).await {
+            match self.dial(broker, self.inner.config.connect_timeout, &self.inner.quic).await {
                 Ok(conn) => {
                     if !failed.is_empty() {
                         tracing::info!(broker = %broker.text, "connected after {} other broker(s) failed", failed.len());
@@ -274,14 +286,37 @@ impl Client {
         self.inner.reconnects.subscribe()
     }
 
-    async fn dial(&self, broker: &BrokerAddr) -> Result<quinn::Connection, ClientError> {
+    /// The main connection if it is live, without reconnecting.
+    pub(crate) async fn current_connection(&self) -> Option<quinn::Connection> {
+        let slot = self.inner.conn.lock().await;
+        slot.conn.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    /// A connection to the partition leader at `addr` (`host:port`, as the cluster's brokers
+    /// name themselves), with the same TLS as the main connection, its TLS server name the
+    /// host part (or the configured one, as for the broker list), and a connect timeout of at
+    /// most [`LEADER_CONNECT_TIMEOUT`](crate::routing::LEADER_CONNECT_TIMEOUT).
+    pub(crate) async fn dial_leader(&self, addr: &str) -> Result<quinn::Connection, ClientError> {
+        let broker = parse_brokers(addr, self.inner.config.server_name.as_deref())?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::BadAddress { addr: addr.into(), reason: "no address".into() })?;
+        let timeout = self.inner.config.connect_timeout.min(crate::routing::LEADER_CONNECT_TIMEOUT);
+        self.dial(&broker, timeout, &self.inner.leader_quic).await
+    }
+
+    async fn dial(
+        &self,
+        broker: &BrokerAddr,
+        timeout: Duration,
+        quic: &quinn::ClientConfig,
+    ) -> Result<quinn::Connection, ClientError> {
         let cfg = &self.inner.config;
-        let timeout = cfg.connect_timeout;
         let attempt = async {
             let addr = resolve(&broker.text).await?;
             let endpoint = self.endpoint_for(&broker.text, addr)?;
             let connecting = endpoint
-                .connect(addr, &broker.server_name)
+                .connect_with(quic.clone(), addr, &broker.server_name)
                 .map_err(|e| ClientError::Connect { addr: broker.text.clone(), reason: e.to_string() })?;
             let conn = connecting.await.map_err(|e| connect_error(&broker.text, e))?;
             let hello = Message::Hello {
@@ -342,7 +377,7 @@ impl Client {
         self.inner.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Closes the connection politely.
+    /// Closes the connection politely, and those to partition leaders.
     pub async fn close(&self) {
         let mut slot = self.inner.conn.lock().await;
         self.inner.closed.store(true, std::sync::atomic::Ordering::Release);
@@ -350,6 +385,9 @@ impl Client {
             c.close(0u32.into(), b"bye");
         }
         drop(slot);
+        for c in self.inner.routing.take_connections().await {
+            c.close(0u32.into(), b"bye");
+        }
         let endpoints: Vec<quinn::Endpoint> = {
             let e = self.inner.endpoints.lock();
             e.v4.iter().chain(e.v6.iter()).cloned().collect()
@@ -454,8 +492,9 @@ fn host_of(broker: &str) -> String {
     host.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
-/// TLS 1.3 trusting the CA file's certificates, with the client's transport limits.
-fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+/// TLS 1.3 trusting the CA file's certificates, with the client's transport limits and `idle`
+/// timeout.
+fn quic_config(config: &ClientConfig, idle: Duration) -> Result<quinn::ClientConfig, ClientError> {
     let bad_ca = |reason: String| ClientError::BadCa { path: config.ca_file.display().to_string(), reason };
     let pem = std::fs::read(&config.ca_file).map_err(|e| bad_ca(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -476,7 +515,7 @@ fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
-    client_config.transport_config(Arc::new(transport_config(config.idle_timeout)));
+    client_config.transport_config(Arc::new(transport_config(idle)));
     Ok(client_config)
 }
 

@@ -10,6 +10,7 @@ mod error;
 mod producer;
 pub mod redelivery;
 mod retry;
+mod routing;
 
 pub use admin::{Admin, ClusterStatus, GroupAssignment, GroupDescription};
 pub use connection::{Client, ClientConfig, ConnectionStats};

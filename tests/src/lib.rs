@@ -56,6 +56,11 @@ pub fn metric_sum(body: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// A free TCP address on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_tcp_port_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// A free UDP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
@@ -74,6 +79,8 @@ pub struct BrokerProcess {
     extra_args: Vec<String>,
     /// The CA clients trust (`<data>/tls/ca.pem`, or a cluster's shared one).
     ca: PathBuf,
+    /// Where it serves `/metrics`, if it was started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
@@ -98,6 +105,7 @@ impl BrokerProcess {
             config_path,
             extra_args: Vec::new(),
             ca: data_dir.join("tls").join("ca.pem"),
+            metrics: None,
         };
         b.spawn().await?;
         Ok(b)
@@ -112,6 +120,19 @@ impl BrokerProcess {
         addr: SocketAddr,
         peers: &str,
         ca_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_node_with(bin, data_dir, node_id, addr, peers, ca_dir, &[])
+    }
+
+    /// As [`start_node`](BrokerProcess::start_node) with more flags (kept across restarts).
+    pub fn start_node_with(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        peers: &str,
+        ca_dir: &Path,
+        more_args: &[String],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let mut b = BrokerProcess {
@@ -128,11 +149,24 @@ impl BrokerProcess {
                 peers.into(),
                 "--dev-ca".into(),
                 ca_dir.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(more_args.iter().cloned())
+            .collect(),
             ca: ca_dir.join("ca.pem"),
+            metrics: None,
         };
         b.spawn_process()?;
         Ok(b)
+    }
+
+    /// The sum of the Prometheus samples starting with `prefix` on its `/metrics` (0 if the
+    /// metric has not been recorded yet); needs `metrics`.
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let addr = self.metrics.ok_or_else(|| anyhow::anyhow!("broker started without --metrics-listen"))?;
+        let body = tokio::task::spawn_blocking(move || http_get(addr, "/metrics")).await??;
+        anyhow::ensure!(body.starts_with("HTTP/1.1 200"), "GET /metrics: {body}");
+        Ok(metric_sum(&body, prefix))
     }
 
     /// Starts the process again (after `kill9` or `terminate`) without waiting for it to serve.
@@ -142,7 +176,10 @@ impl BrokerProcess {
 
     fn spawn_process(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let mut cmd = Command::new(&self.bin);
+        // `QUIVERD_UNDER_TEST` names another build of the broker: a target directory shared by
+        // several checkouts may have rebuilt this package's own copy from another one.
+        let bin = std::env::var_os("QUIVERD_UNDER_TEST").map_or_else(|| self.bin.clone(), PathBuf::from);
+        let mut cmd = Command::new(&bin);
         cmd.arg("--data-dir").arg(&self.data_dir).arg("--listen").arg(self.addr.to_string());
         if let Some(c) = &self.config_path {
             cmd.arg("--config").arg(c);
@@ -152,7 +189,7 @@ impl BrokerProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
+        self.child = Some(cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?);
         Ok(())
     }
 
@@ -367,7 +404,15 @@ impl Cluster {
     pub async fn start(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let peers = peer_list(&addrs);
-        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new())
+        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), false)
+    }
+
+    /// As [`start`](Cluster::start), each broker also serving Prometheus metrics on a free
+    /// loopback TCP port (`--metrics-listen`, in [`BrokerProcess::metrics`]).
+    pub async fn start_with_metrics(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        let addrs = free_addrs(n)?;
+        let peers = peer_list(&addrs);
+        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), true)
     }
 
     /// Starts `n` brokers with a [`UdpProxy`] on every directed path `i -> j`: broker `i`'s
@@ -394,7 +439,7 @@ impl Cluster {
             peer_list(&via.collect::<Vec<_>>())
         };
         let peers: Vec<String> = (0..addrs.len()).map(peers_of).collect();
-        Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies)
+        Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies, false)
     }
 
     fn start_nodes(
@@ -403,13 +448,24 @@ impl Cluster {
         addrs: &[SocketAddr],
         peers_of: impl Fn(usize) -> String,
         proxies: BTreeMap<(usize, usize), UdpProxy>,
+        metrics: bool,
     ) -> anyhow::Result<Cluster> {
         let ca_dir = dir.join("ca");
         let mut nodes = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
             let data = dir.join(format!("node-{id}"));
-            nodes.push(BrokerProcess::start_node(bin, &data, id, *addr, &peers_of(i), &ca_dir)?);
+            let node = if metrics {
+                let listen = free_tcp_port_addr()?;
+                let extra = ["--metrics-listen".to_string(), listen.to_string()];
+                let mut node =
+                    BrokerProcess::start_node_with(bin, &data, id, *addr, &peers_of(i), &ca_dir, &extra)?;
+                node.metrics = Some(listen);
+                node
+            } else {
+                BrokerProcess::start_node(bin, &data, id, *addr, &peers_of(i), &ca_dir)?
+            };
+            nodes.push(node);
         }
         Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies })
     }

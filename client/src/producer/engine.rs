@@ -366,6 +366,23 @@ impl<P, F: Clone> Engine<P, F> {
         }
     }
 
+    /// The partition's leader moved (the driver gives up its stream for one to the new
+    /// leader): every batch written and not answered goes again at once, in order and with its
+    /// sequence numbers, on a fresh stream; the new leader answers one it already has with its
+    /// offsets. No pause: nothing failed.
+    pub(crate) fn reroute(&mut self, now: Instant) {
+        self.stream = false;
+        if self.written > 0 {
+            self.written = 0;
+            self.resend_at = Some(now);
+        }
+    }
+
+    /// Batches carry a producer id and sequence numbers, so a resend is written once.
+    pub(crate) fn is_idempotent(&self) -> bool {
+        self.cfg.producer_id >= 0
+    }
+
     /// The broker's answer to the oldest batch in flight.
     pub(crate) fn answer(&mut self, now: Instant, answer: Answer) {
         if self.written == 0 {

@@ -14,6 +14,15 @@
 //! of its first record in the partition, and the broker answers a batch it already wrote
 //! with the original offsets: each record is written once. Without it, delivery is
 //! at-least-once.
+//!
+//! In a cluster, a partition's stream goes to its leader directly (`routing.rs`). After
+//! `NotLeader` or a lost stream the sender asks where the leaders are before it opens the next
+//! stream; when an answer is overdue ([`ANSWER_OVERDUE`]) it asks too, and if the leader moved
+//! it gives up the stream and sends what is in flight to the new leader, in order and with the
+//! same sequence numbers. While the leader is not known its stream goes over the main
+//! connection (that broker forwards) and the sender looks again every [`ROUTE_CHECK`]; a
+//! leader's stream looks again every [`ROUTE_MAX_AGE`] (a leader that handed over its place
+//! without failing forwards, so its answers keep coming).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,11 +41,25 @@ use tokio::time::Instant;
 
 use crate::connection::{unexpected, Client};
 use crate::error::ClientError;
+use crate::routing::Route;
 use quiver_transport::{write_encoded, FrameReader};
 
 mod engine;
 
 use engine::{Action, Answer, Done, Engine, EngineConfig};
+
+/// A replicated partition's answer that has not come this long after the last one (or the
+/// write it waits for) makes the sender ask whether the leader moved. Not an error: if the
+/// leader is where it was, the sender keeps waiting and asks again after as long.
+const ANSWER_OVERDUE: Duration = Duration::from_secs(1);
+/// How often a stream going over the main connection (leader unknown or unreachable) looks
+/// for its leader again: soon, as a new topic's partitions may not have elected one yet when
+/// the producer first asks (the topic's refreshes stay at most one per
+/// [`MIN_REFRESH_INTERVAL`](crate::routing::MIN_REFRESH_INTERVAL)).
+const ROUTE_CHECK: Duration = Duration::from_millis(250);
+/// How often a leader's stream that works looks again anyway: a leader that hands over its
+/// place without failing forwards what still reaches it, so nothing else would tell.
+const ROUTE_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// Producer settings: `ProducerConfig::default()` (or `new()`) and `with_*` setters; the
 /// fields can be read and set, and more may come (so no struct literals outside this crate).
@@ -474,6 +497,11 @@ impl Producer {
             return Ok(t.clone());
         }
         let info = crate::admin::Admin::new(self.client.clone()).describe_topic(topic).await?;
+        // The partitions' leaders (asks nothing more of a single broker). Without them streams
+        // go over the main connection, which forwards: slower, not wrong.
+        if let Err(e) = self.client.learn_leaders(&info).await {
+            tracing::debug!(topic, "locating the partitions' leaders failed: {e}");
+        }
         let mut topics = self.topics.lock();
         if let Some(t) = topics.get(topic) {
             return Ok(t.clone());
@@ -498,6 +526,11 @@ impl Producer {
                     queue: queue.clone(),
                     buffer: self.buffer.clone(),
                     stream: None,
+                    route: Route::Main,
+                    check_at: None,
+                    stale_at: None,
+                    seen_generation: 0,
+                    refresh: false,
                 };
                 tokio::spawn(task.run());
                 queue
@@ -530,6 +563,18 @@ struct Sender {
     queue: Arc<PartitionQueue>,
     buffer: Arc<Semaphore>,
     stream: Option<(quinn::SendStream, FrameReader)>,
+    /// Where the current stream goes (`Main` while there is none).
+    route: Route,
+    /// When to ask whether the partition's leader moved: an answer is overdue on a leader's
+    /// stream, or the stream goes over the main connection for want of a leader.
+    check_at: Option<Instant>,
+    /// When a leader's stream asks again whether the leader moved, even if all is well.
+    stale_at: Option<Instant>,
+    /// The routing map's generation when this stream's route was last looked at: another
+    /// partition's refresh may have moved this one's leader too.
+    seen_generation: u64,
+    /// Ask where the leader is before opening the next stream (the last one failed).
+    refresh: bool,
 }
 
 impl Sender {
@@ -554,11 +599,13 @@ impl Sender {
                             self.stream = None;
                         }
                         let written = self.write(frame).await;
+                        if written.is_err() {
+                            self.lost_stream();
+                        }
                         let mut st = self.queue.state.lock();
                         match written {
                             Ok(()) => st.engine.write_ok(),
                             Err(e) => {
-                                self.stream = None;
                                 tracing::debug!(topic = %self.topic, partition = self.partition, "produce write failed: {e}");
                                 st.engine.write_failed(Instant::now(), e.to_string());
                             }
@@ -576,6 +623,17 @@ impl Sender {
                 return;
             }
             let awaiting = answer_by.is_some() && self.stream.is_some();
+            if self.route != Route::Main
+                && self.stream.is_some()
+                && self.client.routing().generation() != self.seen_generation
+            {
+                // The map changed: look now (a move waits for no answer to be overdue).
+                self.stale_at = Some(Instant::now());
+            }
+            let check_at = match (self.check_at, self.stale_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 _ = self.queue.wake.notified() => {}
                 _ = sleep_until(timer), if timer.is_some() => {}
@@ -583,9 +641,17 @@ impl Sender {
                     let answer = answer_of(resp);
                     if let Answer::Retry(why) = &answer {
                         tracing::debug!(topic = %self.topic, partition = self.partition, "produce failed, will retry: {why}");
+                        self.lost_stream();
                     }
-                    self.queue.state.lock().engine.answer(Instant::now(), answer);
+                    let now = Instant::now();
+                    let mut st = self.queue.state.lock();
+                    st.engine.answer(now, answer);
+                    if matches!(self.route, Route::Leader(_)) && self.stream.is_some() {
+                        // Alive: the next answer is due a while from now, if one is awaited.
+                        self.check_at = st.engine.awaiting_answer().map(|_| now + ANSWER_OVERDUE);
+                    }
                 }
+                _ = sleep_until(check_at), if check_at.is_some() => self.check_route().await,
             }
         }
     }
@@ -626,16 +692,98 @@ impl Sender {
 
     async fn write(&mut self, frame: Encoded) -> Result<(), ClientError> {
         if self.stream.is_none() {
-            let conn = self.client.connection().await?;
-            let timeout = self.client.config().request_timeout;
-            let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
-                .await
-                .map_err(|_| ClientError::Timeout(timeout.as_millis() as u64))??;
-            self.stream = Some((send, FrameReader::new(recv)));
+            self.open_stream().await?;
         }
         let Some((send, _)) = self.stream.as_mut() else { return Err(ClientError::Closed) };
         write_encoded(send, frame).await?;
+        if matches!(self.route, Route::Leader(_)) && self.check_at.is_none() && self.acks != Acks::None {
+            // Nothing was awaited before this batch: its answer is due from now.
+            self.check_at = Some(Instant::now() + ANSWER_OVERDUE);
+        }
         Ok(())
+    }
+
+    /// A stream to the partition's leader if it is known and reachable, else over the main
+    /// connection; after a failure, asks where the leader is first.
+    async fn open_stream(&mut self) -> Result<(), ClientError> {
+        if std::mem::take(&mut self.refresh) && self.client.route(&self.topic, self.partition) != Route::Main
+        {
+            self.client.refresh_leaders(&self.topic).await;
+        }
+        self.seen_generation = self.client.routing().generation();
+        let (conn, route) = self.client.connection_for(&self.topic, self.partition).await?;
+        let timeout = self.client.config().request_timeout;
+        let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
+            .await
+            .map_err(|_| ClientError::Timeout(timeout.as_millis() as u64))??;
+        self.stream = Some((send, FrameReader::new(recv)));
+        let now = Instant::now();
+        self.check_at = (route == Route::Unknown).then(|| now + ROUTE_CHECK);
+        self.stale_at = matches!(route, Route::Leader(_)).then(|| now + ROUTE_MAX_AGE);
+        self.route = route;
+        Ok(())
+    }
+
+    /// The stream failed (or its answers are void): the next one is opened after asking where
+    /// the leader is.
+    fn lost_stream(&mut self) {
+        self.stream = None;
+        self.check_at = None;
+        self.stale_at = None;
+        self.refresh = true;
+    }
+
+    /// An answer is overdue on a leader's stream, the stream goes over the main connection for
+    /// want of a leader, or the leader was last checked a while ago: asks where the leader is,
+    /// and moves the stream to it if it moved. Moving sends the batches in flight again, which
+    /// an idempotent producer's leader writes once; without idempotence the stream moves only
+    /// when no answer is awaited, or when the answer is overdue anyway (at-least-once, as after
+    /// any lost answer).
+    async fn check_route(&mut self) {
+        let fired = Instant::now();
+        let due = self.check_at.is_some_and(|t| t <= fired);
+        if due {
+            self.check_at = None;
+        }
+        let overdue = due && matches!(self.route, Route::Leader(_));
+        tracing::trace!(topic = %self.topic, partition = self.partition, overdue, route = ?self.route, "checking the partition's leader");
+        if self.stream.is_none() {
+            // The next stream sets its own timers.
+            (self.check_at, self.stale_at) = (None, None);
+            return;
+        }
+        if overdue
+            || self.route == Route::Unknown
+            || self.client.routing().generation() == self.seen_generation
+        {
+            self.client.refresh_leaders(&self.topic).await;
+        }
+        self.seen_generation = self.client.routing().generation();
+        let now = Instant::now();
+        let route = self.client.route(&self.topic, self.partition);
+        let moved = matches!(route, Route::Leader(_)) && route != self.route;
+        let mut st = self.queue.state.lock();
+        let awaiting = st.engine.awaiting_answer().is_some();
+        if moved && (overdue || !awaiting || st.engine.is_idempotent()) {
+            tracing::debug!(topic = %self.topic, partition = self.partition, from = ?self.route, to = ?route, "the partition's leader moved: re-sending what is in flight to it");
+            st.engine.reroute(now);
+            drop(st);
+            self.stream = None;
+            self.route = Route::Main;
+            self.stale_at = None;
+            return;
+        }
+        match self.route {
+            Route::Unknown => self.check_at = Some(now + ROUTE_CHECK),
+            Route::Leader(_) => {
+                if overdue && awaiting {
+                    // Still nothing: look again in as long.
+                    self.check_at = Some(now + ANSWER_OVERDUE);
+                }
+                self.stale_at = Some(now + ROUTE_MAX_AGE);
+            }
+            Route::Main => {}
+        }
     }
 
     /// Completes a batch: its records' futures, buffer space, and flushes waiting for it.

@@ -183,6 +183,19 @@ impl Sim {
         }
     }
 
+    /// The partition's leader moved and the driver gives up its stream: the old stream's
+    /// frames may all have reached the log (forwarded by the old leader), their answers are lost.
+    fn reroute(&mut self) {
+        let frames: Vec<Frame> = self.stream.drain(..).collect();
+        if self.e.awaiting_answer().is_some() {
+            for f in &frames {
+                self.broker_write(f);
+            }
+        }
+        self.e.reroute(self.now);
+        self.run();
+    }
+
     /// A retriable error for the oldest frame (not written).
     fn retry(&mut self) {
         if self.due().is_some() {
@@ -339,6 +352,36 @@ fn a_lost_stream_resends_unanswered_batches_in_order() {
 }
 
 #[test]
+fn a_moved_leader_gets_the_batches_in_flight_at_once_in_order_with_their_sequences() {
+    let mut s = Sim::new(cfg(0, 1000, 8, 7));
+    for _ in 0..3 {
+        s.enqueue(10).unwrap();
+    }
+    s.run();
+    assert!(s.ack(), "record 0 answered on the old leader's stream");
+    // Records 1 and 2 reached the log through the old leader; their answers are lost.
+    s.reroute();
+    assert_eq!(
+        s.writes_since(3),
+        vec![(vec![1], 1, true), (vec![2], 2, false)],
+        "no pause, a fresh stream, the same order and sequence numbers"
+    );
+    s.enqueue(10).unwrap();
+    s.run();
+    while s.ack() {}
+    assert!((0..4).all(|id| s.outcome(id).as_ref().unwrap() == &Some(id)), "each once, in order");
+    assert_eq!(s.log_end, 4, "the new leader wrote the resent batches once");
+
+    // With nothing awaited, a move only opens the next stream fresh.
+    let n = s.writes.len();
+    s.reroute();
+    assert_eq!(s.writes.len(), n, "nothing resent");
+    s.enqueue(10).unwrap();
+    s.run();
+    assert_eq!(s.writes_since(n), vec![(vec![4], 4, true)]);
+}
+
+#[test]
 fn a_refused_producer_id_fails_waiting_records_and_a_new_one_restarts_sequences() {
     let mut s = Sim::new(cfg(0, 1000, 8, 7));
     s.enqueue(10).unwrap();
@@ -439,6 +482,7 @@ enum Op {
     Advance(u64),
     Ack,
     LoseAnswer,
+    Reroute,
     Retry,
     Fatal,
     FailNextWrite,
@@ -454,6 +498,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u64..120).prop_map(Op::Advance),
         5 => Just(Op::Ack),
         1 => Just(Op::LoseAnswer),
+        1 => Just(Op::Reroute),
         1 => Just(Op::Retry),
         1 => Just(Op::Fatal),
         1 => Just(Op::FailNextWrite),
@@ -493,6 +538,7 @@ proptest! {
                 Op::Advance(ms) => s.advance(ms),
                 Op::Ack => { s.ack(); }
                 Op::LoseAnswer => s.lose_answer(),
+                Op::Reroute => s.reroute(),
                 Op::Retry => s.retry(),
                 Op::Fatal => s.fatal(),
                 Op::FailNextWrite => s.fail_writes += 1,
