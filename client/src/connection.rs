@@ -36,7 +36,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// A connection that hears nothing from the broker for this long is considered lost and
     /// replaced on the next request (keep-alives go out at a sixth of it). The effective
-    /// timeout is the smaller of this and the broker's.
+    /// timeout is the smaller of this and the broker's; with several brokers, at most 2 s, so a
+    /// killed broker is left for the next one within seconds.
     pub idle_timeout: Duration,
     /// How this client introduces itself to the broker (its logs name it).
     pub client_id: String,
@@ -179,7 +180,13 @@ impl Client {
     /// that failed.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let brokers = parse_brokers(&config.broker, config.server_name.as_deref())?;
-        let quic = quic_config(&config, config.idle_timeout)?;
+        // With several brokers to move to, a silent one is left as soon as a leader connection
+        // would be (a killed broker sends nothing; only the idle timeout notices).
+        let main_idle = match brokers.len() {
+            1 => config.idle_timeout,
+            _ => config.idle_timeout.min(crate::routing::LEADER_IDLE_TIMEOUT),
+        };
+        let quic = quic_config(&config, main_idle)?;
         let leader_quic = quic_config(&config, config.idle_timeout.min(crate::routing::LEADER_IDLE_TIMEOUT))?;
         let client = Client {
             inner: Arc::new(Inner {
