@@ -51,7 +51,7 @@ use engine::{Action, Answer, Done, Engine, EngineConfig};
 /// A replicated partition's answer that has not come this long after the last one (or the
 /// write it waits for) makes the sender ask whether the leader moved. Not an error: if the
 /// leader is where it was, the sender keeps waiting and asks again after as long.
-const ANSWER_OVERDUE: Duration = Duration::from_secs(1);
+const ANSWER_OVERDUE: Duration = Duration::from_millis(500);
 /// How often a stream going over the main connection (leader unknown or unreachable) looks
 /// for its leader again: soon, as a new topic's partitions may not have elected one yet when
 /// the producer first asks (the topic's refreshes stay at most one per
