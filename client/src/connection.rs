@@ -36,7 +36,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// A connection that hears nothing from the broker for this long is considered lost and
     /// replaced on the next request (keep-alives go out at a sixth of it). The effective
-    /// timeout is the smaller of this and the broker's; with several brokers, at most 2 s, so a
+    /// timeout is the smaller of this and the broker's; with several brokers, at most 1.5 s, so a
     /// killed broker is left for the next one within seconds.
     pub idle_timeout: Duration,
     /// How this client introduces itself to the broker (its logs name it).

@@ -27,7 +27,7 @@ pub(crate) const LEADER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection to a leader that hears nothing for this long is dropped (keep-alives go out at a
 /// sixth of it), so a leader killed outright is noticed in seconds rather than at the main
 /// connection's idle timeout.
-pub(crate) const LEADER_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const LEADER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A topic's leaders are asked for at most this often, however many partitions fail at once.
 pub(crate) const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a refresh's `Metadata` or `ClusterStatus` may take: a refresh runs on a partition's

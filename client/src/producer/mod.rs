@@ -50,8 +50,11 @@ use engine::{Action, Answer, Done, Engine, EngineConfig};
 
 /// A replicated partition's answer that has not come this long after the last one (or the
 /// write it waits for) makes the sender ask whether the leader moved. Not an error: if the
-/// leader is where it was, the sender keeps waiting and asks again after as long.
+/// leader is where it was, the sender keeps waiting and asks again ([`OVERDUE_RECHECK`]).
 const ANSWER_OVERDUE: Duration = Duration::from_millis(500);
+/// Once an answer is overdue and the leader has not moved, how soon the sender asks again: an
+/// election in progress ends within a few hundred milliseconds.
+const OVERDUE_RECHECK: Duration = Duration::from_millis(150);
 /// How often a stream going over the main connection (leader unknown or unreachable) looks
 /// for its leader again: soon, as a new topic's partitions may not have elected one yet when
 /// the producer first asks (the topic's refreshes stay at most one per
@@ -777,8 +780,8 @@ impl Sender {
             Route::Unknown => self.check_at = Some(now + ROUTE_CHECK),
             Route::Leader(_) => {
                 if overdue && awaiting {
-                    // Still nothing: look again in as long.
-                    self.check_at = Some(now + ANSWER_OVERDUE);
+                    // Still nothing: look again soon (an election may be under way).
+                    self.check_at = Some(now + OVERDUE_RECHECK);
                 }
                 self.stale_at = Some(now + ROUTE_MAX_AGE);
             }
