@@ -325,7 +325,12 @@ impl Client {
             let connecting = endpoint
                 .connect_with(quic.clone(), addr, &broker.server_name)
                 .map_err(|e| ClientError::Connect { addr: broker.text.clone(), reason: e.to_string() })?;
-            let conn = connecting.await.map_err(|e| connect_error(&broker.text, e))?;
+            let idle = match self.inner.brokers.len() {
+                1 => cfg.idle_timeout,
+                _ => cfg.idle_timeout.min(crate::routing::LEADER_IDLE_TIMEOUT),
+            };
+            let conn =
+                connecting.await.map_err(|e| connect_error(&broker.text, e, idle.as_millis() as u64))?;
             let hello = Message::Hello {
                 protocol_version: PROTOCOL_VERSION as u16,
                 client_id: cfg.client_id.clone(),
@@ -428,7 +433,7 @@ pub(crate) fn unexpected(m: Message) -> ClientError {
     ClientError::Protocol(format!("unexpected response kind {}", m.kind()))
 }
 
-fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
+fn connect_error(addr: &str, e: quinn::ConnectionError, idle_ms: u64) -> ClientError {
     let addr = addr.to_string();
     let reason = match &e {
         // A broker that is shutting down (a restart) or at its connection limit turns
@@ -439,9 +444,10 @@ fn connect_error(addr: &str, e: quinn::ConnectionError) -> ClientError {
             let reason = "it is shutting down or at its connection limit".into();
             return ClientError::Refused { addr, reason };
         }
-        quinn::ConnectionError::ApplicationClosed(_)
-        | quinn::ConnectionError::Reset
-        | quinn::ConnectionError::TimedOut => {
+        // The handshake heard nothing within the idle timeout: nobody answers there (worth
+        // retrying later, like a connect timeout).
+        quinn::ConnectionError::TimedOut => return ClientError::Unreachable { addr, timeout_ms: idle_ms },
+        quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::Reset => {
             return ClientError::ConnectionLost(crate::error::describe_lost(&e));
         }
         quinn::ConnectionError::TransportError(t) if t.to_string().contains("certificate") => {
@@ -598,7 +604,7 @@ mod tests {
             frame_type: None,
             reason: bytes::Bytes::new(),
         });
-        let e = connect_error("127.0.0.1:1", refused);
+        let e = connect_error("127.0.0.1:1", refused, 1000);
         assert!(matches!(e, ClientError::Refused { .. }), "{e:?}");
         assert!(e.is_retriable());
 
@@ -607,6 +613,6 @@ mod tests {
             frame_type: None,
             reason: bytes::Bytes::from_static(b"invalid peer certificate: UnknownIssuer"),
         });
-        assert!(!connect_error("127.0.0.1:1", tls).is_retriable());
+        assert!(!connect_error("127.0.0.1:1", tls, 1000).is_retriable());
     }
 }
