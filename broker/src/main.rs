@@ -128,6 +128,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
         config.broker_id = u32::try_from(id).context("--node-id must fit 32 bits")?;
         config.cluster = Some(cluster);
+        anyhow::ensure!(
+            config.dev_ca.is_some() || config.tls_ca.is_some(),
+            "brokers of a cluster authenticate each other: give --dev-ca DIR (the same DIR to every \
+             broker) or --tls-cert/--tls-key with --tls-ca"
+        );
     }
     let broker = Broker::start(config.clone()).await.context("starting the broker")?;
     match broker.ca_path() {
