@@ -676,6 +676,37 @@ impl Cluster {
         }
     }
 
+    /// Every value in `topic`, read from broker `node` (0-based) alone from the earliest
+    /// offset: `expect` of them, and an error if it serves fewer within 20 s of each other or
+    /// one more within half a second after.
+    pub async fn read_all_from(
+        &self,
+        node: usize,
+        topic: &str,
+        expect: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        use futures::StreamExt;
+        use quiver_client::{Consumer, ConsumerConfig, StartPosition};
+        let client = self.client_of(node).await?;
+        let mut consumer =
+            Consumer::subscribe(client.clone(), ConsumerConfig::new(topic).start(StartPosition::Earliest))
+                .await?;
+        let mut out = Vec::new();
+        while out.len() < expect {
+            let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("broker {} served {} of {expect}", node + 1, out.len()))?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            m.ack();
+            out.push(String::from_utf8(m.value.to_vec())?);
+        }
+        if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+            bail!("broker {} served an extra message {:?}", node + 1, m.value);
+        }
+        client.close().await;
+        Ok(out)
+    }
+
     /// Creates a topic, retrying while the cluster elects its controller.
     pub async fn create_topic(
         &self,

@@ -5,12 +5,9 @@
 //! data, and the failover time is printed.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures::StreamExt;
-use quiver_client::{
-    Acks, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
-};
+use quiver_client::{Acks, Client, Producer, ProducerConfig, ProducerRecord};
 use quiver_tests::{bounded, init_tracing, Cluster};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -19,29 +16,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 async fn leaders(client: &Client, topic: &str) -> anyhow::Result<BTreeMap<u32, Option<u32>>> {
     let info = client.admin().describe_topic(topic).await?;
     Ok(info.partitions.iter().map(|p| (p.partition, p.leader)).collect())
-}
-
-/// Every value in `topic`, read from broker `node` alone, from the earliest offset.
-async fn read_all(cluster: &Cluster, node: usize, topic: &str, expect: usize) -> anyhow::Result<Vec<String>> {
-    let client = cluster.client_of(node).await?;
-    let mut consumer =
-        Consumer::subscribe(client.clone(), ConsumerConfig::new(topic).start(StartPosition::Earliest))
-            .await?;
-    let mut out = Vec::new();
-    while out.len() < expect {
-        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("broker {} served {} of {expect}", node + 1, out.len()))?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-        m.ack();
-        out.push(String::from_utf8(m.value.to_vec())?);
-    }
-    // Nothing beyond what was acknowledged.
-    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
-        anyhow::bail!("broker {} served an extra message {:?}", node + 1, m.value);
-    }
-    client.close().await;
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +60,7 @@ async fn a_leader_killed_under_acks_all_loses_nothing_and_fails_over() -> anyhow
         cluster.nodes[victim - 1].respawn()?;
         sent.sort();
         for node in 0..3 {
-            let mut got = read_all(&cluster, node, "r", sent.len()).await?;
+            let mut got = cluster.read_all_from(node, "r", sent.len()).await?;
             got.sort();
             assert_eq!(got, sent, "broker {} serves other data", node + 1);
         }

@@ -7,11 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use quiver_client::{
-    Acks, Client, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerConfig, ProducerRecord,
-    StartPosition,
-};
+use quiver_client::{Acks, Client, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 use quiver_protocol::batch::BatchBuilder;
 use quiver_protocol::message::Message;
 use quiver_tests::{bounded, init_tracing, Cluster};
@@ -56,29 +52,6 @@ async fn forwarded(cluster: &mut Cluster) -> anyhow::Result<BTreeMap<usize, f64>
             out.insert(i, node.metric(FORWARDED).await?);
         }
     }
-    Ok(out)
-}
-
-/// Every value in `topic`, read from broker `node` alone, from the earliest offset; fails on
-/// anything beyond `expect` values.
-async fn read_all(cluster: &Cluster, node: usize, topic: &str, expect: usize) -> anyhow::Result<Vec<String>> {
-    let client = cluster.client_of(node).await?;
-    let mut consumer =
-        Consumer::subscribe(client.clone(), ConsumerConfig::new(topic).start(StartPosition::Earliest))
-            .await?;
-    let mut out = Vec::new();
-    while out.len() < expect {
-        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("broker {} served {} of {expect}", node + 1, out.len()))?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
-        m.ack();
-        out.push(String::from_utf8(m.value.to_vec())?);
-    }
-    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
-        anyhow::bail!("broker {} served an extra message {:?}", node + 1, m.value);
-    }
-    client.close().await;
     Ok(out)
 }
 
@@ -222,7 +195,7 @@ async fn a_leader_killed_mid_stream_is_followed_and_nothing_is_lost_or_doubled()
         // Every acknowledged record exactly once, read from each surviving broker alone.
         sent.sort();
         for node in (0..3).filter(|&n| n + 1 != victim as usize) {
-            let mut got = read_all(&cluster, node, "kill", sent.len()).await?;
+            let mut got = cluster.read_all_from(node, "kill", sent.len()).await?;
             got.sort();
             assert!(
                 got == sent,
