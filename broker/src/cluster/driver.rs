@@ -126,6 +126,8 @@ pub(crate) struct Driver {
     /// batch is answered from the producer state only once it is below this.
     committed_offset: u64,
     refused: metrics::Counter,
+    /// Set when raft-rs panicked in `step`: the node may be half updated, so the group stops.
+    poisoned: bool,
 }
 
 /// Starts a group's driver task over `node`.
@@ -150,6 +152,7 @@ pub(crate) fn spawn(
         status,
         waiting: BTreeMap::new(),
         inflight: HashMap::new(),
+        poisoned: false,
         committed_offset: 0,
         refused: metrics::counter!("quiver_raft_messages_refused_total"),
     };
@@ -197,7 +200,9 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            if n.has_ready() {
+            if self.poisoned {
+                node = None;
+            } else if n.has_ready() {
                 node = self.ready(node.take()).await;
             }
             self.inflight.clear();
@@ -235,6 +240,9 @@ impl Driver {
     }
 
     fn handle(&mut self, node: &mut RawNode<LogStorage>, ev: Event) {
+        if self.poisoned {
+            return; // dropped; the loop stops the group and fails what waits
+        }
         match ev {
             Event::Raft(mut m) => {
                 if let Err(why) = replica::admit(node, &mut m) {
@@ -252,7 +260,7 @@ impl Driver {
                     Ok(Err(e)) => tracing::debug!(group = self.group, "step: {e}"),
                     Err(_) => {
                         tracing::error!(group = %self.name, "raft-rs panicked stepping a message; stopping the group");
-                        node.raft.state = StateRole::Follower;
+                        self.poisoned = true;
                     }
                 }
             }
@@ -283,7 +291,7 @@ impl Driver {
         batch: ValidatedBatch,
         reply: oneshot::Sender<Result<Appended, PartitionError>>,
     ) {
-        if node.raft.state != StateRole::Leader {
+        if self.poisoned || node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(not_leader(leader_of(node))));
             return;
         }
