@@ -107,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
+    let listen_given = args.listen.is_some();
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -127,6 +128,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let cluster = quiver_broker::cluster::ClusterConfig::parse(id, peers)
             .map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
         config.broker_id = u32::try_from(id).context("--node-id must fit 32 bits")?;
+        // A broker listens where its peers reach it: its own --peers entry, unless told.
+        let own = cluster.peers[&id];
+        if !listen_given {
+            config.listen = own;
+        } else if config.listen != own {
+            tracing::warn!(listen = %config.listen, peers_entry = %own, "--listen differs from this broker's own --peers entry: peers dial the --peers address");
+        }
         config.cluster = Some(cluster);
         anyhow::ensure!(
             config.dev_ca.is_some() || config.tls_ca.is_some(),
@@ -170,9 +178,8 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
     let addr = |i: u32| format!("127.0.0.1:{}", u32::from(base_port) + i);
     let peers: Vec<String> = (1..=nodes).map(|i| format!("{i}@{}", addr(i))).collect();
     let peers = peers.join(",");
-    let mut children = Vec::new();
-    for i in 1..=nodes {
-        let child = std::process::Command::new(&exe)
+    let start = |i: u32| {
+        std::process::Command::new(&exe)
             .arg("--node-id")
             .arg(i.to_string())
             .arg("--listen")
@@ -184,21 +191,40 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
             .arg("--dev-ca")
             .arg(&ca_dir)
             .spawn()
-            .with_context(|| format!("starting broker {i}"))?;
-        children.push(child);
-    }
+            .with_context(|| format!("starting broker {i}"))
+    };
+    let mut children = (1..=nodes).map(start).collect::<anyhow::Result<Vec<_>>>()?;
     let brokers: Vec<String> = (1..=nodes).map(addr).collect();
     eprintln!(
-        "started {nodes} brokers; point the CLI at them with:\n  export QUIVER_BROKER={} QUIVER_CA={}\n  quiver cluster status",
+        "started {nodes} brokers; point the CLI at them with:\n  export QUIVER_BROKER={} QUIVER_CA={}\n  quiver cluster status\na broker that dies (try kill -9 on a leader) is started again after {} s",
         brokers.join(","),
-        ca_dir.join("ca.pem").display()
+        ca_dir.join("ca.pem").display(),
+        RESTART_AFTER.as_secs()
     );
-    tokio::select! {
-        _ = wait_for_signal() => {}
-        (done, i) = first_exit(&mut children) => {
-            eprintln!("broker {} exited ({done}); stopping the others", i + 1);
+    // A supervisor: a broker that exits is started again, so failover can be watched.
+    let supervise = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            for (i, c) in children.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let id = i as u32 + 1;
+                    eprintln!(
+                        "broker {id} exited ({status}); starting it again in {} s",
+                        RESTART_AFTER.as_secs()
+                    );
+                    tokio::time::sleep(RESTART_AFTER).await;
+                    match start(id) {
+                        Ok(child) => *c = child,
+                        Err(e) => return e,
+                    }
+                }
+            }
         }
-    }
+    };
+    let failed = tokio::select! {
+        _ = wait_for_signal() => None,
+        e = supervise => Some(e),
+    };
     for c in &children {
         // SIGTERM: a graceful stop (each syncs and closes its logs).
         terminate(c.id());
@@ -211,20 +237,11 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
         let _ = c.kill();
         let _ = c.wait();
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
-/// Waits for the first child to exit; returns its status text and index.
-async fn first_exit(children: &mut [std::process::Child]) -> (String, usize) {
-    loop {
-        for (i, c) in children.iter_mut().enumerate() {
-            if let Ok(Some(status)) = c.try_wait() {
-                return (status.to_string(), i);
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
+/// How long `dev-cluster` waits before starting a broker that exited.
+const RESTART_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Asks a child broker to stop gracefully (SIGTERM, through kill(1): no unsafe here).
 fn terminate(pid: u32) {
