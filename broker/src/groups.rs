@@ -31,11 +31,23 @@ pub struct ConnectionInfo {
     /// Producer ids handed out on this connection in the current minute (at most
     /// `MAX_PRODUCER_IDS_PER_CONNECTION`), and when that minute began.
     producer_ids: Mutex<(Option<Instant>, u32)>,
+    /// A connection from another broker of the cluster: what it forwards is served here, never
+    /// forwarded again (two brokers could otherwise hand a request back and forth).
+    peer: bool,
 }
 
 impl ConnectionInfo {
     pub fn new(id: u64) -> Arc<Self> {
         Arc::new(ConnectionInfo { id, ..Default::default() })
+    }
+
+    /// A connection from another broker of the cluster.
+    pub fn peer(id: u64) -> Arc<Self> {
+        Arc::new(ConnectionInfo { id, peer: true, ..Default::default() })
+    }
+
+    pub fn is_peer(&self) -> bool {
+        self.peer
     }
 
     /// Counts one more producer id for this connection at `now`; false once it obtained

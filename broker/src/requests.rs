@@ -114,11 +114,25 @@ async fn dispatch(
             produce(state, &topic, partition, acks, batch, forward).await
         }
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
+            if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, || Message::Fetch {
+                topic: topic.clone(),
+                partition,
+                offset,
+                max_bytes,
+            })
+            .await
+            {
+                return Some(answer);
+            }
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
         }),
         Message::CommitOffset { group, topic, partition, offset, member, reset } => Box::pin(async move {
             let reset = reset && member.is_none();
-            Some(commit(&st, group, &topic, partition, offset, member, reset).await.unwrap_or_else(error))
+            Some(
+                commit(&st, &members, group, &topic, partition, offset, member, reset)
+                    .await
+                    .unwrap_or_else(error),
+            )
         }),
         msg @ (Message::JoinGroup { .. }
         | Message::Heartbeat { .. }
@@ -128,9 +142,17 @@ async fn dispatch(
             crate::groups::handle(&state.groups, &state.topics, &state.offsets, msg, &members)
                 .unwrap_or_else(error),
         ),
-        Message::FetchOffsets { group, topic } => {
-            ready(fetch_offsets(state, &group, &topic).unwrap_or_else(error))
-        }
+        Message::FetchOffsets { group, topic } => Box::pin(async move {
+            let rows = fetch_offsets(&st, &group, &topic);
+            let rows = match (&st.cluster, rows) {
+                // A peer asks for the rows of the partitions held here, and takes only those.
+                (Some(cluster), Ok(rows)) if !members.is_peer() => {
+                    cluster.remote_offsets(&group, &topic, rows).await
+                }
+                (_, rows) => rows,
+            };
+            Some(rows.map(Message::Offsets).unwrap_or_else(error))
+        }),
         Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
             let result = match &st.cluster {
@@ -167,9 +189,13 @@ async fn dispatch(
                 Err(e) => error(e),
             })
         }),
-        Message::ClusterStatus => ready(match &state.cluster {
-            Some(cluster) => cluster.status(&state.topics),
-            None => single_node_status(state),
+        Message::ClusterStatus => Box::pin(async move {
+            Some(match &st.cluster {
+                // A peer asks for this broker's own view (`Cluster::leaders_view`).
+                Some(cluster) if members.is_peer() => cluster.status(&st.topics),
+                Some(cluster) => cluster.leaders_view(cluster.status(&st.topics)).await,
+                None => single_node_status(&st),
+            })
         }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
@@ -193,6 +219,10 @@ async fn dispatch(
             })
         }),
         Message::OffsetForTime { topic, partition, timestamp_ms } => Box::pin(async move {
+            let request = || Message::OffsetForTime { topic: topic.clone(), partition, timestamp_ms };
+            if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, request).await {
+                return Some(answer);
+            }
             let r = async {
                 let t = st.topics.get(&topic)?;
                 let p = t.partition(partition)?;
@@ -362,8 +392,10 @@ async fn fetch(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &Arc<BrokerState>,
+    members: &crate::groups::ConnectionMembers,
     group: String,
     topic: &str,
     partition: u32,
@@ -377,6 +409,21 @@ async fn commit(
     let p = t.partition(partition)?;
     state.groups.admit(&group, || crate::groups::stored_groups(&state.offsets))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
+    // Held elsewhere: the group's position lives with the broker serving its subscription
+    // there; the member was checked here, where the membership is.
+    if let Some(cluster) = &state.cluster {
+        if let Some(target) = cluster.remote_reader(topic, partition, members.is_peer()) {
+            let request = Message::CommitOffset {
+                group,
+                topic: topic.to_string(),
+                partition,
+                offset,
+                member: None,
+                reset,
+            };
+            return cluster.read_remote(target?, &request).await;
+        }
+    }
     if offset > p.high_watermark() {
         return Err(PartitionError::new(
             ErrorCode::OffsetOutOfRange,
@@ -394,20 +441,39 @@ async fn commit(
     Ok(Message::CommitOk)
 }
 
-fn fetch_offsets(state: &BrokerState, group: &str, topic: &str) -> Result<Message, PartitionError> {
+/// In a cluster, a read of a partition this broker holds no replica of is answered by a broker
+/// that holds one (`Cluster::remote_reader`); `None`: read it here.
+async fn read_elsewhere(
+    state: &BrokerState,
+    members: &crate::groups::ConnectionMembers,
+    topic: &str,
+    partition: u32,
+    request: impl FnOnce() -> Message,
+) -> Option<Message> {
+    let target = state.cluster.as_ref()?.remote_reader(topic, partition, members.is_peer())?;
+    let cluster = state.cluster.as_ref()?;
+    Some(match target {
+        Ok(target) => cluster.read_remote(target, &request()).await.unwrap_or_else(error),
+        Err(e) => error(e),
+    })
+}
+
+fn fetch_offsets(
+    state: &BrokerState,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<PartitionOffsets>, PartitionError> {
     let t = state.topics.get(topic)?;
     let committed = state.offsets.for_topic(group, topic);
-    Ok(Message::Offsets(
-        t.partitions
-            .iter()
-            .map(|p| PartitionOffsets {
-                partition: p.id,
-                committed: committed.get(&p.id).copied(),
-                log_start_offset: p.log_start_offset(),
-                high_watermark: p.high_watermark(),
-            })
-            .collect(),
-    ))
+    Ok(t.partitions
+        .iter()
+        .map(|p| PartitionOffsets {
+            partition: p.id,
+            committed: committed.get(&p.id).copied(),
+            log_start_offset: p.log_start_offset(),
+            high_watermark: p.high_watermark(),
+        })
+        .collect())
 }
 
 /// A forwarded answer, or none for `acks = none`.
@@ -431,10 +497,10 @@ async fn create_in_cluster(
     quiver_protocol::message::validate_partition_count(partitions).map_err(invalid)?;
     config.validate().map_err(invalid)?;
     let brokers = cluster.config.peers.len();
-    if usize::from(config.replicas) != brokers {
+    if usize::from(config.replicas) > brokers {
         return Err(invalid(format!(
-            "this cluster has {brokers} brokers and this version places every partition on all of them: \
-             create the topic with --replicas {brokers} (fewer replicas per partition come later)"
+            "--replicas {} is more than the {brokers} brokers of this cluster: each replica needs a broker of its own",
+            config.replicas
         )));
     }
     if state.topics.get(&name).is_ok() {
@@ -470,22 +536,24 @@ fn topic_info(t: &Topic, state: &BrokerState) -> TopicInfo {
             .partitions
             .iter()
             .map(|p| {
-                let (leader, epoch, replicas) =
-                    match state.cluster.as_ref().and_then(|c| c.group(&t.name, p.id)) {
-                        Some((g, replicas)) => {
+                let (leader, epoch, replicas, offsets) =
+                    match state.cluster.as_ref().and_then(|c| Some((c, c.group(&t.name, p.id)?))) {
+                        Some((c, (g, replicas))) => {
                             let s = g.status.borrow();
-                            (s.leader.map(|l| l as u32), s.term, replicas.iter().map(|&r| r as u32).collect())
+                            let offsets = c.observed_group(&t.name, p.id);
+                            (
+                                s.leader.map(|l| l as u32),
+                                s.term,
+                                replicas.iter().map(|&r| r as u32).collect(),
+                                offsets,
+                            )
                         }
-                        None => (Some(state.config.broker_id), 0, Vec::new()),
+                        None => (Some(state.config.broker_id), 0, Vec::new(), None),
                     };
-                PartitionInfo {
-                    partition: p.id,
-                    log_start_offset: p.log_start_offset(),
-                    high_watermark: p.high_watermark(),
-                    leader,
-                    epoch,
-                    replicas,
-                }
+                // Held elsewhere: the offsets its leader last announced.
+                let (log_start_offset, high_watermark) =
+                    offsets.unwrap_or_else(|| (p.log_start_offset(), p.high_watermark()));
+                PartitionInfo { partition: p.id, log_start_offset, high_watermark, leader, epoch, replicas }
             })
             .collect(),
     }

@@ -11,7 +11,7 @@ use anyhow::Context;
 use dashmap::DashMap;
 use quiver_protocol::message::Message;
 use quiver_protocol::ErrorCode;
-use quiver_transport::FrameReader;
+use quiver_transport::{write_message, FrameReader};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -318,7 +318,11 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
     let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
-    let members = crate::groups::ConnectionInfo::new(state.next_generation.fetch_add(1, Ordering::Relaxed));
+    let id = state.next_generation.fetch_add(1, Ordering::Relaxed);
+    let members = match peer {
+        Some(_) => crate::groups::ConnectionInfo::peer(id),
+        None => crate::groups::ConnectionInfo::new(id),
+    };
     let mut stream_limit = state.config.initial_streams_per_connection();
     loop {
         tokio::select! {
@@ -378,6 +382,7 @@ async fn read_raft(cluster: Arc<crate::cluster::Cluster>, from: u64, recv: quinn
     loop {
         match reader.next().await {
             Ok(Some(Message::Raft { payload })) => cluster.deliver(from, payload),
+            Ok(Some(Message::Leaders { notices })) => cluster.observe(from, notices),
             Ok(Some(other)) => {
                 tracing::warn!(peer = from, kind = other.kind(), "a non-Raft frame on a Raft stream");
                 return;
@@ -425,6 +430,28 @@ async fn handle_stream(
     match Message::decode(first.raw) {
         Ok(Message::Subscribe(sub)) => {
             drop(permits);
+            // A partition held by other brokers only: one of them serves the subscription.
+            if let Some(cluster) = &state.cluster {
+                match cluster.remote_reader(&sub.topic, sub.partition, members.is_peer()) {
+                    Some(Ok(target)) => {
+                        return crate::cluster::splice_subscription(
+                            cluster,
+                            &state.groups,
+                            target,
+                            sub,
+                            send,
+                            reader,
+                        )
+                        .await
+                    }
+                    Some(Err(e)) => {
+                        let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
+                        let _ = send.finish();
+                        return;
+                    }
+                    None => {}
+                }
+            }
             crate::subscription::run(state, sub, send, reader).await
         }
         first => crate::requests::serve(state, (first, permits), send, reader, members).await,

@@ -58,10 +58,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ClusterCmd {
     /// Brokers (id, addr, up) and partitions (topic, partition, leader, epoch, replicas,
-    /// in_sync, commit) as the answering broker sees them.
+    /// in_sync, commit, lag) as the answering broker sees them.
     Status {
         /// One JSON object: {"brokers":[{"id","addr","up"}],"partitions":[{"topic","partition",
-        /// "leader","epoch","replicas","in_sync","commit"}]} (leader null when unknown).
+        /// "leader","epoch","replicas","in_sync","commit","lag"}]} (leader null when unknown; lag:
+        /// entries the replica furthest behind lacks of the leader's log).
         #[arg(long)]
         json: bool,
     },
@@ -405,17 +406,34 @@ async fn topic(client: &Client, cmd: TopicCmd) -> anyhow::Result<()> {
                 c.retention_bytes.map_or("none".into(), |v| v.to_string()),
                 c.retention_ms.map_or("none".into(), |v| v.to_string()),
             );
-            // The offsets are the partition's range (log start to high watermark), not a lag:
-            // lag is a group's (`quiver offsets`).
-            let mut rows =
-                vec![["partition", "leader", "epoch", "replicas", "log_start", "high_watermark"]
-                    .map(String::from)];
+            // The offsets are the partition's range (log start to high watermark); `lag` is the
+            // replication lag (entries the replica furthest behind lacks of the leader's log);
+            // a group's lag is `quiver offsets`.
+            let replicated = t.partitions.iter().any(|p| !p.replicas.is_empty());
+            let status = match replicated {
+                true => admin.cluster_status().await.map(|s| s.partitions).unwrap_or_default(),
+                false => Vec::new(),
+            };
+            let mut rows = vec![[
+                "partition",
+                "leader",
+                "epoch",
+                "replicas",
+                "in_sync",
+                "lag",
+                "log_start",
+                "high_watermark",
+            ]
+            .map(String::from)];
             for p in t.partitions {
+                let r = status.iter().find(|r| r.topic == t.name && r.partition == p.partition);
                 rows.push([
                     p.partition.to_string(),
                     p.leader.map_or("-".into(), |l| l.to_string()),
                     p.epoch.to_string(),
                     ids(&p.replicas),
+                    r.map_or("-".into(), |r| ids(&r.in_sync)),
+                    r.map_or("-".into(), |r| r.lag.to_string()),
                     p.log_start_offset.to_string(),
                     p.high_watermark.to_string(),
                 ]);
@@ -848,6 +866,7 @@ fn cluster_json(brokers: &[BrokerStatus], partitions: &[ReplicaStatus]) -> serde
                 "replicas": p.replicas,
                 "in_sync": p.in_sync,
                 "commit": p.commit,
+                "lag": p.lag,
             })
         })
         .collect();
@@ -863,7 +882,8 @@ fn cluster_table(brokers: &[BrokerStatus], partitions: &[ReplicaStatus]) -> Vec<
     let mut lines = aligned(&rows);
     lines.push(String::new());
     let mut rows =
-        vec![["topic", "partition", "leader", "epoch", "replicas", "in_sync", "commit"].map(String::from)];
+        vec![["topic", "partition", "leader", "epoch", "replicas", "in_sync", "commit", "lag"]
+            .map(String::from)];
     for p in partitions {
         rows.push([
             p.topic.clone(),
@@ -873,6 +893,7 @@ fn cluster_table(brokers: &[BrokerStatus], partitions: &[ReplicaStatus]) -> Vec<
             ids(&p.replicas),
             ids(&p.in_sync),
             p.commit.to_string(),
+            p.lag.to_string(),
         ]);
     }
     lines.extend(aligned(&rows));
@@ -938,6 +959,7 @@ mod tests {
                 replicas: vec![1, 2, 3],
                 in_sync: vec![1, 2, 3],
                 commit: 42,
+                lag: 0,
             },
             ReplicaStatus {
                 topic: "t".into(),
@@ -947,16 +969,17 @@ mod tests {
                 replicas: vec![2],
                 in_sync: vec![],
                 commit: 0,
+                lag: 7,
             },
         ];
-        let want = r#"{"brokers":[{"addr":"127.0.0.1:7420","id":1,"up":true}],"partitions":[{"commit":42,"epoch":3,"in_sync":[1,2,3],"leader":1,"partition":0,"replicas":[1,2,3],"topic":"t"},{"commit":0,"epoch":0,"in_sync":[],"leader":null,"partition":1,"replicas":[2],"topic":"t"}]}"#;
+        let want = r#"{"brokers":[{"addr":"127.0.0.1:7420","id":1,"up":true}],"partitions":[{"commit":42,"epoch":3,"in_sync":[1,2,3],"lag":0,"leader":1,"partition":0,"replicas":[1,2,3],"topic":"t"},{"commit":0,"epoch":0,"in_sync":[],"lag":7,"leader":null,"partition":1,"replicas":[2],"topic":"t"}]}"#;
         assert_eq!(cluster_json(&brokers, &partitions).to_string(), want);
         let table = cluster_table(&brokers, &partitions);
         assert_eq!(table[0], "id  addr            up");
         assert_eq!(table[1], "1   127.0.0.1:7420  yes");
-        assert_eq!(table[3], "topic  partition  leader  epoch  replicas  in_sync  commit");
-        assert_eq!(table[4], "t      0          1       3      1,2,3     1,2,3    42");
-        assert_eq!(table[5], "t      1          -       0      2         -        0");
+        assert_eq!(table[3], "topic  partition  leader  epoch  replicas  in_sync  commit  lag");
+        assert_eq!(table[4], "t      0          1       3      1,2,3     1,2,3    42      0");
+        assert_eq!(table[5], "t      1          -       0      2         -        0       7");
     }
 
     #[test]

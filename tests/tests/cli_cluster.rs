@@ -60,7 +60,7 @@ async fn cluster_status_json_on_one_broker_names_it_with_the_documented_fields()
             assert_eq!(brokers[0]["up"], true);
             let partitions = v["partitions"].as_array().ok_or_else(|| anyhow::anyhow!("partitions: {v}"))?;
             for p in partitions {
-                let want = ["topic", "partition", "leader", "epoch", "replicas", "in_sync", "commit"];
+                let want = ["topic", "partition", "leader", "epoch", "replicas", "in_sync", "commit", "lag"];
                 assert_eq!(keys(p), BTreeSet::from(want), "{v}");
             }
 
@@ -110,7 +110,10 @@ async fn publish_acks_all_and_replicas_on_one_broker() -> anyhow::Result<()> {
             let lines: Vec<&str> = described.lines().collect();
             assert!(lines[1].contains("replicas=1"), "{described}");
             let header: Vec<&str> = lines[2].split_whitespace().collect();
-            assert_eq!(header, ["partition", "leader", "epoch", "replicas", "log_start", "high_watermark"]);
+            assert_eq!(
+                header,
+                ["partition", "leader", "epoch", "replicas", "in_sync", "lag", "log_start", "high_watermark"]
+            );
             let total: u64 = lines[3..]
                 .iter()
                 .map(|l| l.split_whitespace().last().and_then(|hw| hw.parse::<u64>().ok()).unwrap_or(0))

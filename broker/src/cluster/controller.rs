@@ -147,12 +147,14 @@ pub(super) async fn start(
         controller: handle,
         groups: DashMap::new(),
         partitions: DashMap::new(),
+        observed: DashMap::new(),
         applied,
         topic_index: DashMap::new(),
         applied_state: Applied::default(),
         delete_hooks: OnceLock::new(),
         shutdown: shutdown.clone(),
     });
+    tokio::spawn(super::remote::announce_loop(cluster.clone(), topics.clone()));
     tokio::spawn(apply_loop(cluster.clone(), topics, apply_rx, applied_tx, max_partitions_total));
     if commit > 0 {
         let mut a = cluster.applied.clone();
@@ -227,7 +229,14 @@ async fn apply(
                 let replicas = crate::placement::replicas(&name, p.id, &ids, usize::from(config.replicas));
                 let group = group_id(index, p.id);
                 cluster.partitions.insert((name.clone(), p.id), (group, replicas.clone()));
-                if !replicas.contains(&cluster.config.node_id) || cluster.groups.contains_key(&group) {
+                if cluster.groups.contains_key(&group) {
+                    continue;
+                }
+                if !replicas.contains(&cluster.config.node_id) {
+                    // Held elsewhere: known here from its leader's notices (remote.rs).
+                    let (handle, observed) = super::remote::observer(&replicas);
+                    cluster.observed.insert(group, observed);
+                    cluster.groups.insert(group, handle);
                     continue;
                 }
                 let me = cluster.config.node_id;
@@ -249,6 +258,7 @@ async fn apply(
                     // Dropping the handle closes the group's queue; the partition closing below
                     // ends its driver's reads.
                     cluster.groups.remove(&group);
+                    cluster.observed.remove(&group);
                 }
             }
             let hooks = cluster.delete_hooks.get();

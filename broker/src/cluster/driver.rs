@@ -54,6 +54,8 @@ pub(crate) struct GroupStatus {
     pub(crate) commit: u64,
     /// On the leader: replicas whose log matches up to the commit; elsewhere empty.
     pub(crate) in_sync: Vec<u64>,
+    /// On the leader: entries the replica furthest behind lacks of its log; elsewhere 0.
+    pub(crate) lag: u64,
     /// Set when the group stopped (a failed fsync, a panic in raft-rs): it serves nothing.
     pub(crate) stopped: bool,
 }
@@ -447,22 +449,29 @@ impl Driver {
     fn publish(&self, node: &RawNode<LogStorage>) {
         let leader = leader_of(node);
         let commit = node.raft.raft_log.committed;
-        let in_sync = if node.raft.state == StateRole::Leader {
+        let (in_sync, lag) = if node.raft.state == StateRole::Leader {
             let mut ids: Vec<u64> =
                 node.raft.prs().iter().filter(|(_, p)| p.matched >= commit).map(|(id, _)| *id).collect();
             ids.sort_unstable();
-            ids
+            let last = node.raft.raft_log.last_index();
+            let lag = node.raft.prs().iter().map(|(_, p)| last.saturating_sub(p.matched)).max().unwrap_or(0);
+            (ids, lag)
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
-        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, stopped: false };
+        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, lag, stopped: false };
+        let mut became_leader = false;
         self.status.send_if_modified(|s| {
             let changed = *s != next;
             if changed {
+                became_leader = next.leader == Some(node.raft.id) && s.leader != next.leader;
                 *s = next;
             }
             changed
         });
+        if became_leader {
+            self.links.announce.notify_one();
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub(crate) struct PeerLinks {
     me: u64,
     peers: BTreeMap<u64, Peer>,
     dropped: metrics::Counter,
+    /// Poked when a group here became leader: the brokers holding no replica of it are told
+    /// at once (`announce.rs`) rather than at the next round.
+    pub(crate) announce: tokio::sync::Notify,
 }
 
 impl PeerLinks {
@@ -61,6 +64,7 @@ impl PeerLinks {
             me,
             peers: map,
             dropped: metrics::counter!("quiver_raft_messages_dropped_total"),
+            announce: tokio::sync::Notify::new(),
         })
     }
 
@@ -80,6 +84,21 @@ impl PeerLinks {
         if peer.queue.try_send(frame).is_err() {
             self.dropped.increment(1);
         }
+    }
+
+    /// Queues an encoded frame for peer `id` on its Raft stream; dropped (and counted) if the
+    /// queue is full: what goes this way is resent (`Leaders` every round).
+    pub(crate) fn send_frame(&self, id: u64, frame: Bytes) {
+        if let Some(peer) = self.peers.get(&id) {
+            if peer.queue.try_send(frame).is_err() {
+                self.dropped.increment(1);
+            }
+        }
+    }
+
+    /// The peers' ids (this broker not included).
+    pub(crate) fn peer_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.peers.keys().copied()
     }
 
     /// The live connection to peer `id`, if any.

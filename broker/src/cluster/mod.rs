@@ -14,13 +14,16 @@
 //!   the leader over the peer link (and retried while an election runs); reads are served by
 //!   any replica up to its commit (never beyond, so never what a failover could cut).
 //!
-//! This first slice places every partition on every broker (replicas = brokers); placement
-//! (`placement::replicas`) orders them, the first being the preferred leader.
+//! - **Placement** (`placement::replicas`): a partition's replicas are `replicas` of the
+//!   brokers chosen by rendezvous hashing, the first being its preferred leader. A broker holding
+//!   no replica of a partition observes it (`remote.rs`): it learns its leader from the leader's
+//!   notices, forwards its produce requests there and hands its reads to a replica.
 
 mod controller;
 mod driver;
 mod forward;
 mod links;
+mod remote;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +39,7 @@ pub use controller::DeleteHooks;
 pub(crate) use driver::{Event, GroupHandle};
 pub(crate) use forward::StreamForward;
 pub(crate) use links::PeerLinks;
+pub(crate) use remote::splice_subscription;
 
 use crate::partition::{Partition, PartitionError};
 use crate::storage::Storage;
@@ -60,6 +64,8 @@ pub struct Cluster {
     /// Partition groups by group id, and by (topic, partition).
     pub(crate) groups: DashMap<u64, GroupHandle>,
     pub(crate) partitions: DashMap<(String, u32), (u64, Vec<u64>)>,
+    /// The groups of `groups` this broker holds no replica of, as their leaders describe them.
+    pub(crate) observed: DashMap<u64, remote::Observed>,
     pub(crate) applied: tokio::sync::watch::Receiver<u64>,
     /// The controller index each topic was created at (its groups' ids derive from it).
     pub(crate) topic_index: DashMap<String, u64>,
@@ -132,6 +138,7 @@ impl Cluster {
                     replicas: replicas.iter().map(|&r| r as u32).collect(),
                     in_sync: s.in_sync.iter().map(|&r| r as u32).collect(),
                     commit: s.commit,
+                    lag: s.lag,
                 });
             }
         }

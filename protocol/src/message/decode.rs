@@ -139,7 +139,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             brokers: r.list("brokers", 4 + 4 + 1, |r| {
                 Ok(BrokerStatus { id: r.u32()?, addr: text(r)?, up: r.bool()? })
             })?,
-            partitions: r.list("partitions", 4 + 4 + 1 + 8 + 4 + 4 + 8, |r| {
+            partitions: r.list("partitions", 4 + 4 + 1 + 8 + 4 + 4 + 8 + 8, |r| {
                 Ok(ReplicaStatus {
                     topic: topic(r)?,
                     partition: r.u32()?,
@@ -148,10 +148,24 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                     replicas: broker_ids(r)?,
                     in_sync: broker_ids(r)?,
                     commit: r.u64()?,
+                    lag: r.u64()?,
                 })
             })?,
         },
         kind::RAFT => Raft { payload: r.bytes("raft message", crate::limits::MAX_RAFT_MESSAGE_BYTES)? },
+        kind::LEADERS => Leaders {
+            notices: r.list("leader notices", 5 * 8 + 4 + 8, |r| {
+                Ok(LeaderNotice {
+                    group: r.u64()?,
+                    term: r.u64()?,
+                    commit: r.u64()?,
+                    log_start_offset: r.u64()?,
+                    high_watermark: r.u64()?,
+                    in_sync: broker_ids(r)?,
+                    lag: r.u64()?,
+                })
+            })?,
+        },
         kind::INIT_PRODUCER => InitProducer,
         kind::JOIN_GROUP => JoinGroup {
             group: text(r)?,

@@ -206,11 +206,24 @@ impl Message {
                     put_u32s(b, &p.replicas);
                     put_u32s(b, &p.in_sync);
                     b.put_u64_le(p.commit);
+                    b.put_u64_le(p.lag);
                 }
             }
             Raft { payload } => {
                 b.put_u32_le(payload.len() as u32);
                 return payload.clone();
+            }
+            Leaders { notices } => {
+                b.put_u32_le(notices.len() as u32);
+                for n in notices {
+                    b.put_u64_le(n.group);
+                    b.put_u64_le(n.term);
+                    b.put_u64_le(n.commit);
+                    b.put_u64_le(n.log_start_offset);
+                    b.put_u64_le(n.high_watermark);
+                    put_u32s(b, &n.in_sync);
+                    b.put_u64_le(n.lag);
+                }
             }
         }
         Bytes::new()

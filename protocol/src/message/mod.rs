@@ -26,7 +26,7 @@ mod validate;
 pub use config::{Durability, TopicConfig};
 pub use heads::{deliver_head, deliver_some_head};
 pub use types::{
-    Acks, BrokerStatus, DeliveryRange, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets,
+    Acks, BrokerStatus, DeliveryRange, LeaderNotice, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets,
     RedeliveryPolicy, ReplicaStatus, StartPosition, Subscribe, TopicInfo,
 };
 use validate::truncate_utf8;
@@ -189,6 +189,11 @@ pub enum Message {
     Raft {
         payload: Bytes,
     },
+    /// What a broker leading partitions tells the brokers that hold no replica of them
+    /// (broker-to-broker only): they answer metadata and route requests from it.
+    Leaders {
+        notices: Vec<LeaderNotice>,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -272,6 +277,7 @@ mod kind {
     pub const CLUSTER_STATUS: u8 = 38;
     pub const CLUSTER_STATUS_OK: u8 = 39;
     pub const RAFT: u8 = 40;
+    pub const LEADERS: u8 = 41;
 }
 
 impl Message {
@@ -323,6 +329,7 @@ impl Message {
             ClusterStatus => kind::CLUSTER_STATUS,
             ClusterStatusOk { .. } => kind::CLUSTER_STATUS_OK,
             Raft { .. } => kind::RAFT,
+            Leaders { .. } => kind::LEADERS,
         }
     }
 }

@@ -185,10 +185,27 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         replicas: vec![1, 2, 3],
                         in_sync: leader.into_iter().collect(),
                         commit,
+                        lag: commit / 3,
                     })
                     .collect(),
             }),
         bytes.clone().prop_map(|payload| Message::Raft { payload }),
+        proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()), 0..4).prop_map(
+            |n| Message::Leaders {
+                notices: n
+                    .into_iter()
+                    .map(|(group, term, commit, hw)| LeaderNotice {
+                        group,
+                        term,
+                        commit,
+                        log_start_offset: hw / 2,
+                        high_watermark: hw,
+                        in_sync: vec![1, 3],
+                        lag: term,
+                    })
+                    .collect(),
+            }
+        ),
         (name, name, proptest::option::of(name), any::<u32>()).prop_map(|(g, t, m, s)| {
             Message::JoinGroup { group: g, topic: t, member_id: m, session_timeout_ms: s }
         }),

@@ -59,6 +59,24 @@ pub struct ReplicaStatus {
     pub in_sync: Vec<u32>,
     /// The Raft commit index (the batch ordinal up to which entries are committed).
     pub commit: u64,
+    /// How many entries (batches) the replica furthest behind lacks of the leader's log (as the
+    /// leader last knew; 0 when unknown).
+    pub lag: u64,
+}
+
+/// One partition group as its leader (the sending broker) sees it (`Leaders`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderNotice {
+    /// The Raft group (docs/replication.md §2b: derived from the topic's create).
+    pub group: u64,
+    pub term: u64,
+    /// The Raft commit index.
+    pub commit: u64,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+    pub in_sync: Vec<u32>,
+    /// As `ReplicaStatus::lag`.
+    pub lag: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

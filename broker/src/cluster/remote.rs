@@ -1,0 +1,366 @@
+//! Partitions this broker holds no replica of (placement with fewer replicas than brokers,
+//! docs/replication.md §2b): it still knows their leader, term, commit and offsets from what
+//! their leaders tell it (`Leaders` notices), answers metadata and status for them from that,
+//! forwards their produce requests to the leader (`requests::produce`, through the observer's
+//! status as for any group) and hands their reads to a broker that holds them.
+//!
+//! Notices: every `ROUND`, and at once when a group here elects this broker, a broker sends each
+//! peer one `Leaders` frame (in chunks) naming the groups it leads of which that peer holds no
+//! replica. A receiving broker takes a notice only from a replica of that group and only for a
+//! term at least the one it knows; a leader not heard of within `NOTICE_TTL` is forgotten (it may
+//! be gone: clients then look elsewhere instead of at a dead broker).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quiver_protocol::message::{LeaderNotice, MemberRef, Message, PartitionOffsets};
+use quiver_protocol::ErrorCode;
+use quiver_transport::{write_message, FrameReader};
+use tokio::sync::{mpsc, watch};
+
+use super::driver::GroupStatus;
+use super::{Cluster, GroupHandle, FORWARD_TIMEOUT};
+use crate::partition::PartitionError;
+use crate::topics::Topics;
+
+/// How often a leader tells the other brokers what it leads.
+pub(crate) const ROUND: Duration = Duration::from_millis(500);
+/// A leader not heard of for this long is forgotten (several rounds, well past an election).
+pub(crate) const NOTICE_TTL: Duration = Duration::from_secs(2);
+/// How long `cluster status` waits for a leader's view of the partitions it leads.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+/// Notices per `Leaders` frame (each about 60 bytes: a frame stays far below the frame limit).
+const NOTICES_PER_FRAME: usize = 2048;
+/// How often a spliced group subscription re-checks here that its member still owns the
+/// partition (the broker serving it cannot: the membership lives here).
+const OWNER_CHECK: Duration = Duration::from_secs(1);
+
+/// What this broker knows of a group it holds no replica of.
+#[derive(Debug)]
+pub(crate) struct Observed {
+    status: watch::Sender<GroupStatus>,
+    replicas: Vec<u64>,
+    heard: Instant,
+    log_start_offset: u64,
+    high_watermark: u64,
+}
+
+/// A handle for a group this broker only observes: its status follows the notices; its queues
+/// lead nowhere (nothing is ever proposed or stepped here).
+pub(crate) fn observer(replicas: &[u64]) -> (GroupHandle, Observed) {
+    let (events, _) = mpsc::channel(1);
+    let (proposals, _) = mpsc::channel(1);
+    let (status, status_rx) = watch::channel(GroupStatus::default());
+    let observed = Observed {
+        status,
+        replicas: replicas.to_vec(),
+        heard: Instant::now(),
+        log_start_offset: 0,
+        high_watermark: 0,
+    };
+    (GroupHandle { events, proposals, status: status_rx }, observed)
+}
+
+impl Cluster {
+    /// Takes the notices of peer `from`.
+    pub(crate) fn observe(&self, from: u64, notices: Vec<LeaderNotice>) {
+        let now = Instant::now();
+        for n in notices {
+            let Some(mut o) = self.observed.get_mut(&n.group) else { continue };
+            if !o.replicas.contains(&from) || n.term < o.status.borrow().term {
+                continue;
+            }
+            o.heard = now;
+            o.log_start_offset = n.log_start_offset;
+            o.high_watermark = n.high_watermark;
+            let next = GroupStatus {
+                leader: Some(from),
+                term: n.term,
+                commit: n.commit,
+                in_sync: n.in_sync.iter().map(|&i| u64::from(i)).collect(),
+                lag: n.lag,
+                stopped: false,
+            };
+            o.status.send_if_modified(|s| {
+                let changed = *s != next;
+                if changed {
+                    *s = next;
+                }
+                changed
+            });
+        }
+    }
+
+    /// Forgets leaders not heard of within `NOTICE_TTL`.
+    fn expire_notices(&self, now: Instant) {
+        for o in self.observed.iter() {
+            if now.duration_since(o.heard) > NOTICE_TTL && o.status.borrow().leader.is_some() {
+                o.status.send_modify(|s| s.leader = None);
+            }
+        }
+    }
+
+    /// The log start and high watermark of `topic`/`partition` when this broker holds no
+    /// replica of it, as its leader last said.
+    pub(crate) fn observed_group(&self, topic: &str, partition: u32) -> Option<(u64, u64)> {
+        let group = self.partitions.get(&(topic.to_string(), partition))?.value().0;
+        self.observed.get(&group).map(|o| (o.log_start_offset, o.high_watermark))
+    }
+
+    /// Where a read of `topic`/`partition` goes when this broker holds no replica of it: the
+    /// first of its replicas, in placement order, that this broker has a live link to (so a
+    /// group's subscription state stays on one broker while that broker is up). `None`: read
+    /// here (one node, a replica here, or a partition the cluster does not know). A request a
+    /// peer forwarded (`from_peer`) is never forwarded again: it is refused instead.
+    pub(crate) fn remote_reader(
+        &self,
+        topic: &str,
+        partition: u32,
+        from_peer: bool,
+    ) -> Option<Result<u64, PartitionError>> {
+        let entry = self.partitions.get(&(topic.to_string(), partition))?;
+        let replicas = &entry.value().1;
+        if replicas.contains(&self.config.node_id) {
+            return None;
+        }
+        if from_peer {
+            return Some(Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!("broker {} holds no replica of {topic}/{partition}", self.config.node_id),
+            )));
+        }
+        Some(replicas.iter().copied().find(|&r| self.links.is_up(r)).ok_or_else(|| {
+            PartitionError::new(
+                ErrorCode::NotLeader,
+                format!(
+                    "broker {} holds no replica of {topic}/{partition} and reaches none of its replicas {replicas:?}; retry",
+                    self.config.node_id
+                ),
+            )
+        }))
+    }
+
+    /// Sends a read request to broker `target` and returns its answer as this broker's.
+    pub(crate) async fn read_remote(
+        &self,
+        target: u64,
+        request: &Message,
+    ) -> Result<Message, PartitionError> {
+        self.links.request(target, request, FORWARD_TIMEOUT).await
+    }
+
+    /// `status` with what only a partition's leader knows (its in-sync replicas, its lag) taken
+    /// from the leaders of the partitions this broker follows, asked once each (briefly: a
+    /// leader that does not answer leaves its rows as they are).
+    pub(crate) async fn leaders_view(&self, status: Message) -> Message {
+        let Message::ClusterStatusOk { brokers, mut partitions } = status else { return status };
+        let me = self.config.node_id as u32;
+        let followed = |row: &quiver_protocol::message::ReplicaStatus| {
+            row.leader.filter(|&l| l != me && row.replicas.contains(&me) && self.links.is_up(u64::from(l)))
+        };
+        let mut leaders: Vec<u32> = partitions.iter().filter_map(followed).collect();
+        leaders.sort_unstable();
+        leaders.dedup();
+        let views = futures::future::join_all(leaders.iter().map(|&l| async move {
+            match self.links.request(u64::from(l), &Message::ClusterStatus, STATUS_TIMEOUT).await {
+                Ok(Message::ClusterStatusOk { partitions, .. }) => (l, partitions),
+                _ => (l, Vec::new()),
+            }
+        }))
+        .await;
+        let views: std::collections::BTreeMap<u32, Vec<_>> = views.into_iter().collect();
+        for row in partitions.iter_mut() {
+            let Some(leader) = followed(row) else { continue };
+            let theirs = views.get(&leader).and_then(|v| {
+                v.iter().find(|r| {
+                    r.topic == row.topic && r.partition == row.partition && r.leader == Some(leader)
+                })
+            });
+            if let Some(theirs) = theirs {
+                row.in_sync = theirs.in_sync.clone();
+                row.lag = theirs.lag;
+            }
+        }
+        Message::ClusterStatusOk { brokers, partitions }
+    }
+
+    /// `FetchOffsets` rows of the partitions read elsewhere replaced by those brokers' rows.
+    pub(crate) async fn remote_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        mut rows: Vec<PartitionOffsets>,
+    ) -> Result<Vec<PartitionOffsets>, PartitionError> {
+        let mut asked: std::collections::BTreeMap<u64, Vec<PartitionOffsets>> = Default::default();
+        for row in rows.iter_mut() {
+            let Some(target) = self.remote_reader(topic, row.partition, false) else { continue };
+            let target = target?;
+            let theirs = match asked.entry(target) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let request =
+                        Message::FetchOffsets { group: group.to_string(), topic: topic.to_string() };
+                    v.insert(match self.read_remote(target, &request).await? {
+                        Message::Offsets(o) => o,
+                        Message::Error { code, message } => return Err(PartitionError::new(code, message)),
+                        other => {
+                            return Err(PartitionError::new(
+                                ErrorCode::Internal,
+                                format!(
+                                    "broker {target} answered FetchOffsets with frame kind {}",
+                                    other.kind()
+                                ),
+                            ))
+                        }
+                    })
+                }
+            };
+            if let Some(theirs) = theirs.iter().find(|o| o.partition == row.partition) {
+                *row = theirs.clone();
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Tells the other brokers, every `ROUND` and when a group here elects this broker, which
+/// groups this broker leads of those they hold no replica of; forgets stale notices.
+pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
+    let me = cluster.config.node_id;
+    let peers: Vec<u64> = cluster.links.peer_ids().collect();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ROUND) => {}
+            _ = cluster.links.announce.notified() => {}
+            _ = cluster.shutdown.cancelled() => return,
+        }
+        cluster.expire_notices(Instant::now());
+        let mut per_peer: std::collections::BTreeMap<u64, Vec<LeaderNotice>> = Default::default();
+        for entry in cluster.partitions.iter() {
+            let ((topic, partition), (group, replicas)) = entry.pair();
+            if !replicas.contains(&me) || replicas.len() > peers.len() {
+                continue; // not held here, or held by every broker: nobody to tell
+            }
+            let Some(status) = cluster.groups.get(group).map(|g| g.status.borrow().clone()) else {
+                continue;
+            };
+            if status.leader != Some(me) || status.stopped {
+                continue;
+            }
+            let (log_start_offset, high_watermark) = topics
+                .get(topic)
+                .ok()
+                .and_then(|t| {
+                    t.partition(*partition).ok().map(|p| (p.log_start_offset(), p.high_watermark()))
+                })
+                .unwrap_or_default();
+            let notice = LeaderNotice {
+                group: *group,
+                term: status.term,
+                commit: status.commit,
+                log_start_offset,
+                high_watermark,
+                in_sync: status.in_sync.iter().map(|&i| i as u32).collect(),
+                lag: status.lag,
+            };
+            for &peer in peers.iter().filter(|p| !replicas.contains(p)) {
+                per_peer.entry(peer).or_default().push(notice.clone());
+            }
+        }
+        for (peer, notices) in per_peer {
+            for chunk in notices.chunks(NOTICES_PER_FRAME) {
+                let frame = Message::Leaders { notices: chunk.to_vec() }.encode().to_bytes();
+                cluster.links.send_frame(peer, frame);
+            }
+        }
+    }
+}
+
+/// Serves a subscription to a partition this broker holds no replica of by handing the
+/// stream to `target`, which holds one: the `Subscribe` goes there (a member's as outside the
+/// membership, whose owner this broker checks, at the start and every `OWNER_CHECK`), the
+/// client's frames follow it one by one and the target's bytes come back as they are.
+pub(crate) async fn splice_subscription(
+    cluster: &Cluster,
+    groups: &crate::groups::Groups,
+    target: u64,
+    mut sub: quiver_protocol::message::Subscribe,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+) {
+    let member: Option<(String, MemberRef)> = sub.group.clone().zip(sub.member.take());
+    let owner = |member: &Option<(String, MemberRef)>| match member {
+        Some((group, m)) => groups.check_owner(group, &sub.topic, Some(m), sub.partition),
+        None => Ok(()),
+    };
+    if let Err(e) = owner(&member) {
+        let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
+        let _ = send.finish();
+        return;
+    }
+    let opened = async {
+        let conn = cluster.links.connection(target).ok_or("no link")?;
+        let (mut peer_send, peer_recv) = conn.open_bi().await.map_err(|_| "the link failed")?;
+        write_message(&mut peer_send, &Message::Subscribe(sub.clone()))
+            .await
+            .map_err(|_| "the link failed")?;
+        Ok::<_, &str>((peer_send, peer_recv))
+    };
+    let why = match tokio::time::timeout(FORWARD_TIMEOUT, opened).await {
+        Ok(Ok(streams)) => Ok(streams),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err("no stream within the forward timeout"),
+    };
+    let (mut peer_send, mut peer_recv) = match why {
+        Ok(streams) => streams,
+        Err(why) => {
+            let text = format!(
+                "broker {target}, which holds {}/{}, is unreachable ({why}); retry",
+                sub.topic, sub.partition
+            );
+            let _ = write_message(&mut send, &Message::error(ErrorCode::NotLeader, text)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    metrics::counter!("quiver_forwarded_subscriptions_total").increment(1);
+    let fenced = {
+        let to_client = tokio::io::copy(&mut peer_recv, &mut send);
+        tokio::pin!(to_client);
+        let mut check = tokio::time::interval(OWNER_CHECK);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                _ = &mut to_client => break false,
+                frame = reader.next() => match frame {
+                    Ok(Some(m)) => {
+                        if write_message(&mut peer_send, &m).await.is_err() {
+                            break false;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = peer_send.finish();
+                        // The client finished its half: what the target still sends goes through.
+                        let _ = (&mut to_client).await;
+                        break false;
+                    }
+                    Err(_) => break false,
+                },
+                _ = check.tick() => {
+                    if owner(&member).is_err() {
+                        break true;
+                    }
+                }
+                _ = cluster.shutdown.cancelled() => break false,
+            }
+        }
+    };
+    let _ = peer_send.reset(0u32.into());
+    if fenced {
+        // Mid-copy: the client's stream is reset rather than given a frame that could land
+        // inside one of the target's.
+        let _ = send.reset(quinn::VarInt::from_u32(u32::from(ErrorCode::FencedMember.code())));
+        return;
+    }
+    let _ = send.finish();
+}
