@@ -114,6 +114,7 @@ async fn dispatch(
             produce(state, &topic, partition, acks, batch, forward).await
         }
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
+            st.settle(&topic).await;
             if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, || Message::Fetch {
                 topic: topic.clone(),
                 partition,
@@ -127,6 +128,7 @@ async fn dispatch(
             Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
         }),
         Message::CommitOffset { group, topic, partition, offset, member, reset } => Box::pin(async move {
+            st.settle(&topic).await;
             let reset = reset && member.is_none();
             Some(
                 commit(&st, &members, group, &topic, partition, offset, member, reset)
@@ -143,6 +145,7 @@ async fn dispatch(
                 .unwrap_or_else(error),
         ),
         Message::FetchOffsets { group, topic } => Box::pin(async move {
+            st.settle(&topic).await;
             let rows = fetch_offsets(&st, &group, &topic);
             let rows = match (&st.cluster, rows) {
                 // A peer asks for the rows of the partitions held here, and takes only those.
@@ -153,7 +156,12 @@ async fn dispatch(
             };
             Some(rows.map(Message::Offsets).unwrap_or_else(error))
         }),
-        Message::Metadata { topic } => ready(metadata(state, topic.as_deref()).unwrap_or_else(error)),
+        Message::Metadata { topic } => Box::pin(async move {
+            if let Some(t) = &topic {
+                st.settle(t).await;
+            }
+            Some(metadata(&st, topic.as_deref()).unwrap_or_else(error))
+        }),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
             let result = match &st.cluster {
                 Some(cluster) => create_in_cluster(&st, cluster, name, partitions, config).await,
@@ -219,6 +227,7 @@ async fn dispatch(
             })
         }),
         Message::OffsetForTime { topic, partition, timestamp_ms } => Box::pin(async move {
+            st.settle(&topic).await;
             let request = || Message::OffsetForTime { topic: topic.clone(), partition, timestamp_ms };
             if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, request).await {
                 return Some(answer);
@@ -258,6 +267,9 @@ async fn produce(
     // the producer re-sends its batches in order on a fresh stream: handing them over one by
     // one here could reorder them.
     let mut claim = None;
+    if state.cluster.as_ref().is_some_and(|c| c.group(topic, partition).is_none()) {
+        state.settle(topic).await; // a create another broker answered a moment ago
+    }
     if let Some((cluster, group)) =
         state.cluster.as_ref().and_then(|c| Some((c.clone(), c.group(topic, partition)?.0)))
     {

@@ -432,6 +432,7 @@ async fn handle_stream(
             drop(permits);
             // A partition held by other brokers only: one of them serves the subscription.
             if let Some(cluster) = &state.cluster {
+                state.settle(&sub.topic).await;
                 match cluster.remote_reader(&sub.topic, sub.partition, members.is_peer()) {
                     Some(Ok(target)) => {
                         return crate::cluster::splice_subscription(

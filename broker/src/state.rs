@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::offsets::{OffsetKey, OffsetStore};
+use crate::partition::PartitionError;
 use crate::topics::Topics;
 
 /// State shared by every connection.
@@ -38,6 +39,28 @@ pub struct BrokerState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The address the endpoint is bound to.
     pub local_addr: std::sync::OnceLock<std::net::SocketAddr>,
+}
+
+impl BrokerState {
+    /// The topic `name`. In a cluster, a broker may apply a topic's create a heartbeat after the
+    /// broker that answered it (the client then asks this one at once): an unknown name waits
+    /// up to `cluster::TOPIC_WAIT` for the controller log to bring it before it is refused.
+    pub(crate) async fn topic(&self, name: &str) -> Result<Arc<crate::topics::Topic>, PartitionError> {
+        match (self.topics.get(name), &self.cluster) {
+            (Err(e), Some(cluster)) if e.code == ErrorCode::UnknownTopic => {
+                cluster.wait_for_topic(&self.topics, name).await.ok_or(e)
+            }
+            (found, _) => found,
+        }
+    }
+
+    /// In a cluster, waits (as `topic`) for a topic this broker does not know yet, so what
+    /// follows sees it with its placement: call before deciding where a request is served.
+    pub(crate) async fn settle(&self, name: &str) {
+        if self.cluster.is_some() && self.topics.get(name).is_err() {
+            let _ = self.topic(name).await;
+        }
+    }
 }
 
 /// Answers an unrecoverable stream error (bad length, version, timeout) and ends the stream.

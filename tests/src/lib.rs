@@ -717,11 +717,20 @@ impl Cluster {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let config = quiver_client::TopicConfig::default().with_replicas(replicas);
+        let mut retried = false;
         loop {
             match client.admin().create_topic(name, partitions, config.clone()).await {
                 Ok(()) => return Ok(()),
+                // An earlier attempt went through after all (its answer was lost).
+                Err(quiver_client::ClientError::Broker {
+                    code: quiver_protocol::ErrorCode::TopicExists,
+                    ..
+                }) if retried => return Ok(()),
                 Err(e) if Instant::now() > deadline => bail!("creating {name}: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) => {
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             }
         }
     }

@@ -212,3 +212,59 @@ async fn partitions_on_three_of_four_brokers_serve_through_every_broker() -> any
     })
     .await
 }
+
+/// A broker that has not applied a topic's create yet (the controller log reaches it a moment
+/// later) makes a request for that topic wait for it instead of answering `UnknownTopic`, for a
+/// bounded time: a genuinely unknown topic is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_on_a_create_waits_for_it() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let warm = cluster.client().await?; // waits for the brokers to serve
+        cluster.create_topic(&warm, "warmup", 1, 3).await?;
+        warm.close().await;
+        // A broker that does not lead the controller (stopping the leader would stall the
+        // create itself): each broker logs its own election.
+        let mut controller: Option<(String, usize)> = None;
+        for (i, n) in cluster.nodes.iter().enumerate() {
+            // Lines start with their RFC 3339 time: the newest election is the greatest.
+            let log = n.log();
+            if let Some(line) = log.lines().filter(|l| l.contains("elected controller leader")).last() {
+                if controller.as_ref().is_none_or(|(newest, _)| line > newest.as_str()) {
+                    controller = Some((line.to_string(), i));
+                }
+            }
+        }
+        let leader =
+            controller.map(|(_, i)| i).context("no broker logged its election as controller leader")?;
+        let victim = (0..3).find(|&i| i != leader).context("three brokers")?;
+        let others: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+        let client = cluster.client_in_order(&others, |c| c).await?;
+        let behind = cluster.client_of(victim).await?;
+        // The victim is stopped while the others create the topic: the controller's entries
+        // wait in its socket and reach it together with the request sent right after it
+        // resumes, which may be read first.
+        let pid = cluster.nodes[victim].pid().context("victim pid")?.to_string();
+        let signal = |sig: &str| std::process::Command::new("kill").args([sig, &pid]).status();
+        anyhow::ensure!(signal("-STOP")?.success());
+        let created = cluster.create_topic(&client, "late", 2, 3).await;
+        anyhow::ensure!(signal("-CONT")?.success());
+        created?;
+        let info = match behind.admin().describe_topic("late").await {
+            Ok(info) => info,
+            Err(e) => anyhow::bail!("broker {} refused a topic it was about to learn: {e:#}", victim + 1),
+        };
+        assert_eq!(info.partitions.len(), 2);
+        // A topic nobody created is refused, after the bounded wait.
+        let started = std::time::Instant::now();
+        let unknown = behind.admin().describe_topic("never-created").await;
+        assert!(unknown.is_err(), "{unknown:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        behind.close().await;
+        client.close().await;
+        Ok(())
+    })
+    .await
+}

@@ -471,6 +471,11 @@ impl Driver {
         });
         if became_leader {
             self.links.announce.notify_one();
+            if self.group == super::CONTROLLER_GROUP {
+                tracing::info!(leader = node.raft.id, term = node.raft.term, "elected controller leader");
+            } else {
+                tracing::debug!(group = %self.name, term = node.raft.term, "elected leader");
+            }
         }
     }
 }

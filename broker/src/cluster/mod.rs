@@ -52,6 +52,9 @@ pub(crate) const CONTROLLER_GROUP: u64 = 0;
 pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// A peer link with no traffic for this long is dead (Raft heartbeats flow every 100 ms).
 pub(crate) const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a request for a topic this broker does not know waits for the controller log to
+/// bring it (a create answered by another broker a moment ago).
+pub(crate) const TOPIC_WAIT: Duration = Duration::from_millis(500);
 /// How long a forwarded request may take.
 pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -111,6 +114,25 @@ impl Cluster {
         let entry = self.partitions.get(&(topic.to_string(), partition))?;
         let (id, replicas) = entry.value().clone();
         Some((self.groups.get(&id)?.clone(), replicas))
+    }
+
+    /// `topic` once this broker applied its create, waiting up to `TOPIC_WAIT`.
+    pub(crate) async fn wait_for_topic(
+        &self,
+        topics: &Topics,
+        name: &str,
+    ) -> Option<Arc<crate::topics::Topic>> {
+        let deadline = tokio::time::Instant::now() + TOPIC_WAIT;
+        let mut applied = self.applied.clone();
+        loop {
+            if let Ok(t) = topics.get(name) {
+                return Some(t);
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
     }
 
     /// What `ClusterStatus` answers.
