@@ -231,7 +231,7 @@ async fn a_broker_behind_on_a_create_waits_for_it() -> anyhow::Result<()> {
         for (i, n) in cluster.nodes.iter().enumerate() {
             // Lines start with their RFC 3339 time: the newest election is the greatest.
             let log = n.log();
-            if let Some(line) = log.lines().filter(|l| l.contains("elected controller leader")).last() {
+            if let Some(line) = log.lines().rfind(|l| l.contains("elected controller leader")) {
                 if controller.as_ref().is_none_or(|(newest, _)| line > newest.as_str()) {
                     controller = Some((line.to_string(), i));
                 }
