@@ -76,3 +76,53 @@ async fn a_leader_killed_under_acks_all_loses_nothing_and_fails_over() -> anyhow
     })
     .await
 }
+
+/// With `durability = interval` a replica's small appends need no fsync, and its driver handles
+/// them on its own task instead of a blocking thread (`replica::in_place`): the same data
+/// reaches every replica, a follower killed with SIGKILL and restarted catches up, and
+/// everything acknowledged is served once by every broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_handled_in_place_replicate_and_survive_a_follower_kill() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(240, async {
+        let dir = tempfile::tempdir()?;
+        let mut cluster = Cluster::start_with_metrics(BIN, dir.path(), 3).await?;
+        let client = cluster.client().await?;
+        let config = quiver_client::TopicConfig::default()
+            .with_replicas(3)
+            .with_durability(quiver_client::Durability::Interval);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while let Err(e) = client.admin().create_topic("fast", 1, config.clone()).await {
+            anyhow::ensure!(Instant::now() < deadline, "creating fast: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let producer = Producer::new(client.clone(), ProducerConfig::default().with_acks(Acks::All));
+        let mut sent = Vec::new();
+        for i in 0..400 {
+            let v = format!("f{i}");
+            producer.send("fast", ProducerRecord::new(v.clone())).await?;
+            sent.push(v);
+        }
+        let mut in_place = 0.0;
+        for node in &cluster.nodes {
+            in_place += node.metric("quiver_raft_readies_in_place_total").await?;
+        }
+        assert!(in_place >= 400.0, "Readies handled in place: {in_place}");
+        let leader = leaders(&client, "fast").await?[&0].ok_or_else(|| anyhow::anyhow!("no leader"))?;
+        let follower = (1..=3).find(|&b| b != leader as usize).unwrap_or(1);
+        cluster.nodes[follower - 1].kill9();
+        for i in 400..800 {
+            let v = format!("f{i}");
+            producer.send("fast", ProducerRecord::new(v.clone())).await?;
+            sent.push(v);
+        }
+        cluster.nodes[follower - 1].respawn()?;
+        for node in 0..3 {
+            let got = cluster.read_all_from(node, "fast", sent.len()).await?;
+            assert_eq!(got, sent, "broker {} serves other data", node + 1);
+        }
+        client.close().await;
+        Ok(())
+    })
+    .await
+}

@@ -34,6 +34,9 @@ pub(crate) const GROUP_QUEUE: usize = 1024;
 /// Events handled between two `Ready`s: proposals that arrive together are appended and
 /// fsynced together (the group commit of a replicated partition).
 const EVENTS_PER_READY: usize = 256;
+/// A `Ready` is taken on the driver's task only when at most this many entries were newly
+/// committed (raft-rs reads them from the log as it builds the `Ready`).
+const IN_PLACE_COMMITTED: u64 = 64;
 
 /// What a group's driver is asked to do.
 pub(crate) enum Event {
@@ -130,6 +133,8 @@ pub(crate) struct Driver {
     refused: metrics::Counter,
     /// Set when raft-rs panicked in `step`: the node may be half updated, so the group stops.
     poisoned: bool,
+    /// `Ready`s handled on the driver's task (`replica::in_place`).
+    in_place: metrics::Counter,
 }
 
 /// Starts a group's driver task over `node`.
@@ -157,6 +162,7 @@ pub(crate) fn spawn(
         poisoned: false,
         committed_offset: 0,
         refused: metrics::counter!("quiver_raft_messages_refused_total"),
+        in_place: metrics::counter!("quiver_raft_readies_in_place_total"),
     };
     tokio::spawn(driver.run(node, rx, proposals_rx, shutdown));
     GroupHandle { events, proposals, status: status_rx }
@@ -360,26 +366,50 @@ impl Driver {
         }
     }
 
-    /// Performs one `Ready` on a blocking thread. `None` when the group must stop.
+    /// Performs one `Ready`: on this task when it needs no blocking IO (`replica::in_place`:
+    /// nothing to fsync, a few kilobytes to copy into the page cache at most), else on a
+    /// blocking thread. `None` when the group must stop.
     async fn ready(&mut self, node: Option<RawNode<LogStorage>>) -> Option<RawNode<LogStorage>> {
         let mut node = node?;
         let now = crate::partition::now_ms();
         let (links, group) = (self.links.clone(), self.group);
-        let joined = tokio::task::spawn_blocking(move || {
+        // raft-rs reads the newly committed entries when the `Ready` is taken: a few, just
+        // written, are read here; a long catch-up is taken on the blocking thread.
+        let backlog = node.raft.raft_log.committed.saturating_sub(node.raft.raft_log.applied);
+        let taken = match backlog <= IN_PLACE_COMMITTED {
+            true => match std::panic::catch_unwind(AssertUnwindSafe(|| node.ready())) {
+                Ok(rd) => Some(rd),
+                Err(_) => {
+                    tracing::error!(group = %self.name, "raft-rs panicked taking a Ready; stopping the group");
+                    return None;
+                }
+            },
+            false => None,
+        };
+        let perform = move |mut node: RawNode<LogStorage>, rd: Option<raft::Ready>| {
             let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut early = |msgs: Vec<Message>| {
                     for m in &msgs {
                         links.send(group, m);
                     }
                 };
-                let out = replica::handle_ready(&mut node, now, &mut early)?;
+                let out = match rd {
+                    Some(rd) => replica::handle_taken(&mut node, rd, now, &mut early)?,
+                    None => replica::handle_ready(&mut node, now, &mut early)?,
+                };
                 let commit = node.raft.raft_log.committed;
                 let hw = node.store().offset_after(commit)?;
                 Ok::<_, replica::ReplicaError>((out, hw))
             }));
             (node, out)
-        })
-        .await;
+        };
+        let joined = match taken {
+            Some(rd) if replica::in_place(&node, &rd, now) => {
+                self.in_place.increment(1);
+                Ok(perform(node, Some(rd)))
+            }
+            rd => tokio::task::spawn_blocking(move || perform(node, rd)).await,
+        };
         let (node, out) = match joined {
             Ok(x) => x,
             Err(e) => {

@@ -6,7 +6,7 @@
 
 use quiver_protocol::batch::ValidatedBatch;
 use raft::eraftpb::{Entry, Message, MessageType};
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, RawNode, Ready, StateRole};
 
 use super::{LogStorage, ReplicaError};
 
@@ -80,11 +80,38 @@ pub(crate) fn handle_ready(
     now_ms: i64,
     early: &mut dyn FnMut(Vec<Message>),
 ) -> Result<ReadyOutput, ReplicaError> {
-    let mut out = ReadyOutput::default();
     if !node.has_ready() {
-        return Ok(out);
+        return Ok(ReadyOutput::default());
     }
-    let mut rd = node.ready();
+    let rd = node.ready();
+    handle_taken(node, rd, now_ms, early)
+}
+
+/// Whether handling `rd` (taken from `node`) does no blocking IO: no snapshot, no new term or
+/// vote to persist, entries that `LogStorage::appends_in_place` takes, and no lazy write due.
+/// Such a `Ready` may be handled on an async task.
+pub(crate) fn in_place(node: &RawNode<LogStorage>, rd: &Ready, now_ms: i64) -> bool {
+    let store = node.store();
+    if rd.snapshot().get_metadata().get_index() != 0 || !rd.snapshot().get_data().is_empty() {
+        return false;
+    }
+    if let Some(hs) = rd.hs() {
+        let old = store.hard_state();
+        if (hs.get_term(), hs.get_vote()) != (old.get_term(), old.get_vote()) {
+            return false;
+        }
+    }
+    !store.io_due(now_ms) && store.appends_in_place(rd.entries(), now_ms)
+}
+
+/// [`handle_ready`] for a `Ready` already taken from `node`.
+pub(crate) fn handle_taken(
+    node: &mut RawNode<LogStorage>,
+    mut rd: Ready,
+    now_ms: i64,
+    early: &mut dyn FnMut(Vec<Message>),
+) -> Result<ReadyOutput, ReplicaError> {
+    let mut out = ReadyOutput::default();
     if !rd.snapshot().get_data().is_empty() || rd.snapshot().get_metadata().get_index() != 0 {
         return Err(ReplicaError::UnsupportedEntry("a snapshot"));
     }

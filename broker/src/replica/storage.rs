@@ -62,6 +62,11 @@ pub(crate) struct LogStorage {
 /// leader); what it buys is the high watermark a restarted replica serves before it hears from
 /// one, and the damage check of §7. Writing it at every commit cost three fsyncs per round trip.
 const COMMIT_WRITE_INTERVAL_MS: i64 = 1000;
+/// A `Ready` whose entries hold fewer bytes than this, and need no fsync, is handled on the
+/// driver's task (`appends_in_place`): copying a few kilobytes into the page cache costs less
+/// than the two thread hand-offs of a blocking thread. The single node's express path uses the
+/// same bound.
+const IN_PLACE_BYTES: usize = crate::storage::DIRECT_MIN_BYTES;
 
 /// Where an entry landed in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +205,46 @@ impl LogStorage {
     pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), ReplicaError> {
         self.commit_known = self.commit_known.max(commit);
         Ok(())
+    }
+
+    /// Whether [`sync_due`](Self::sync_due) or [`commit_due`](Self::commit_due) would write
+    /// at `now_ms`.
+    pub(crate) fn io_due(&self, now_ms: i64) -> bool {
+        let sync = self
+            .sync_every_ms
+            .is_some_and(|every| self.unsynced && now_ms.saturating_sub(self.synced_ms) >= every);
+        sync || now_ms.saturating_sub(self.written_ms) >= COMMIT_WRITE_INTERVAL_MS
+    }
+
+    /// Whether [`append`](Self::append)ing `entries` at `now_ms` would only copy them into the
+    /// active segment and its indexes (the page cache): no fsync (the topic's durability defers
+    /// it and none is due), no truncation, no new epoch, no segment roll, fewer than
+    /// `IN_PLACE_BYTES` in all, and the log not busy. What the replica's driver checks before
+    /// handling a `Ready` on its own task instead of a blocking thread.
+    pub(crate) fn appends_in_place(&self, entries: &[Entry], now_ms: i64) -> bool {
+        let Some(first) = entries.first() else { return true };
+        let Some(every) = self.sync_every_ms else { return false };
+        if now_ms.saturating_sub(self.synced_ms) >= every {
+            return false;
+        }
+        let term = first.get_term();
+        let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
+        if bytes >= IN_PLACE_BYTES || entries.iter().any(|e| e.get_term() != term) {
+            return false;
+        }
+        let Ok(epoch) = epoch_of_term(term) else { return false };
+        let Some(log) = self.log.try_lock() else { return false };
+        if first.get_index() != log.next_ordinal() {
+            return false;
+        }
+        let mut headers = Vec::with_capacity(entries.len());
+        for e in entries {
+            match BatchHeader::parse(&e.data) {
+                Ok(h) => headers.push(h),
+                Err(_) => return false, // Raft's own entries: their term's first, so a new epoch
+            }
+        }
+        log.appends_in_active_segment(headers.iter(), epoch, now_ms)
     }
 
     /// Writes the newest commit if the last write is [`COMMIT_WRITE_INTERVAL_MS`] old (`now_ms`
