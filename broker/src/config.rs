@@ -213,7 +213,7 @@ impl ClusterConfig {
                 return Err(format!("peer '{item}': node ids are 1 to {}", u32::MAX));
             }
             let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-                .map_err(|e| format!("peer '{item}': {e}"))?
+                .map_err(|e| format!("peer '{item}': {e} (the form is ID@HOST:PORT, e.g. 1@127.0.0.1:7431)"))?
                 .next()
                 .ok_or_else(|| format!("peer '{item}': no address"))?;
             if map.insert(id, addr).is_some() {

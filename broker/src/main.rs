@@ -45,6 +45,10 @@ struct Args {
     /// (static voters; each address is that broker's --listen).
     #[arg(long, env = "QUIVER_PEERS", requires = "node_id")]
     peers: Option<String>,
+    /// Stop gracefully once the process that started this one is gone (`dev-cluster`'s
+    /// brokers: a supervisor killed with SIGKILL does not leave them running).
+    #[arg(long, hide = true)]
+    stop_with_parent: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -160,9 +164,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("metrics at http://{m}/metrics, liveness at http://{m}/healthz");
     }
     let token = broker.shutdown_token();
+    let stop_with_parent = args.stop_with_parent;
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
+        tokio::select! {
+            _ = wait_for_signal() => tracing::info!("shutting down"),
+            _ = parent_gone(), if stop_with_parent => tracing::info!("the process that started this broker is gone; shutting down"),
+        }
         token.cancel();
     });
     broker.stopped().await;
@@ -190,6 +197,7 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
             .arg(&peers)
             .arg("--dev-ca")
             .arg(&ca_dir)
+            .arg("--stop-with-parent")
             .spawn()
             .with_context(|| format!("starting broker {i}"))
     };
@@ -238,6 +246,17 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
         let _ = c.wait();
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// Resolves once this process's parent changed (it exited and the process was re-parented).
+async fn parent_gone() {
+    let parent = std::os::unix::process::parent_id();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
+    }
 }
 
 /// How long `dev-cluster` waits before starting a broker that exited.
