@@ -380,7 +380,11 @@ fn peer_id(cluster: &crate::cluster::Cluster, conn: &quinn::Connection) -> Optio
 async fn read_raft(cluster: Arc<crate::cluster::Cluster>, from: u64, recv: quinn::RecvStream) {
     let mut reader = FrameReader::new(recv);
     loop {
-        match reader.next().await {
+        let frame = reader.next().await;
+        if matches!(frame, Ok(Some(_))) {
+            cluster.links.heard_from(from);
+        }
+        match frame {
             Ok(Some(Message::Raft { payload })) => cluster.deliver(from, payload),
             Ok(Some(Message::Leaders { notices })) => cluster.observe(from, notices),
             Ok(Some(other)) => {

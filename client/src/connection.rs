@@ -165,6 +165,9 @@ struct Endpoints {
     v6: Option<quinn::Endpoint>,
 }
 
+/// How long a dial to one broker of a list may go unanswered before the next is dialled too.
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
+
 /// One broker of the list, checked to be `host:port` once, at `connect`.
 #[derive(Debug, Clone)]
 struct BrokerAddr {
@@ -247,24 +250,45 @@ impl Client {
     }
 
     /// One pass through the brokers from `start`: the first connection made, with its index,
-    /// or every attempt's error.
+    /// or every attempt's error. The next broker is dialled as soon as one fails, or when the
+    /// ones dialling have not answered within `DIAL_STAGGER` (a dead broker answers nothing
+    /// until the connect timeout): the first to answer wins, the others are dropped.
     async fn dial_any(&self, start: usize) -> Result<(quinn::Connection, usize), ClientError> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let n = self.inner.brokers.len();
         let mut failed = Vec::new();
-        for i in 0..n {
+        let dial = |i: usize| {
             let index = (start + i) % n;
             let broker = &self.inner.brokers[index];
-            match self.dial(broker, self.inner.config.connect_timeout, &self.inner.quic).await {
-                Ok(conn) => {
-                    if !failed.is_empty() {
-                        tracing::info!(broker = %broker.text, "connected after {} other broker(s) failed", failed.len());
+            async move { (index, self.dial(broker, self.inner.config.connect_timeout, &self.inner.quic).await) }
+        };
+        let mut dialling = FuturesUnordered::new();
+        dialling.push(dial(0));
+        let mut launched = 1;
+        loop {
+            let stagger = tokio::time::sleep(DIAL_STAGGER);
+            tokio::select! {
+                Some((index, result)) = dialling.next() => match result {
+                    Ok(conn) => {
+                        if !failed.is_empty() {
+                            tracing::info!(broker = %self.inner.brokers[index].text, "connected after {} other broker(s) failed", failed.len());
+                        }
+                        return Ok((conn, index));
                     }
-                    return Ok((conn, index));
+                    Err(e) => {
+                        tracing::debug!(broker = %self.inner.brokers[index].text, "connecting failed: {e}");
+                        failed.push(e);
+                        if launched < n {
+                            dialling.push(dial(launched));
+                            launched += 1;
+                        }
+                    }
+                },
+                _ = stagger, if launched < n => {
+                    dialling.push(dial(launched));
+                    launched += 1;
                 }
-                Err(e) => {
-                    tracing::debug!(broker = %broker.text, "connecting failed: {e}");
-                    failed.push(e);
-                }
+                else => break,
             }
         }
         match failed.len() {

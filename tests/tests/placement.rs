@@ -196,6 +196,17 @@ async fn partitions_on_three_of_four_brokers_serve_through_every_broker() -> any
 
         // Lose a broker: the partitions it held keep two of three replicas, elect, and go on.
         cluster.nodes[3].kill9();
+        // The others count it down within a couple of seconds (its frames stop at once; its
+        // links would take their 3 s idle timeout).
+        let killed = std::time::Instant::now();
+        loop {
+            let status = cluster.status_of(0).await?;
+            if status.brokers.iter().any(|b| b.id == 4 && !b.up) {
+                break;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(2), "broker 4 still up: {status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let mut more = Vec::new();
         for node in 0..3 {
             more.extend(publish_via(&cluster, node, 10_000 + node * 1000, 30).await?);

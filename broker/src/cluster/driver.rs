@@ -184,11 +184,19 @@ impl Driver {
         shutdown: CancellationToken,
     ) {
         let mut node = Some(node);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every group of the broker ticks on the same clock (`PeerLinks::ticks`): they wake
+        // together, once per tick, instead of each on its own timer at its own phase (hundreds
+        // of timers spread over the tick kept the runtime's threads parking and waking).
+        let mut ticks = self.links.ticks.clone();
+        ticks.mark_unchanged();
         while let Some(n) = node.as_mut() {
             tokio::select! {
-                _ = tick.tick() => { n.tick(); }
+                changed = ticks.changed() => {
+                    if changed.is_err() {
+                        break; // the broker is stopping
+                    }
+                    n.tick();
+                }
                 ev = rx.recv() => match ev {
                     Some(ev) => self.handle(n, ev),
                     None => break,

@@ -24,6 +24,9 @@ const PEER_QUEUE: usize = 8192;
 /// Frames written to the stream in one go.
 const WRITE_BATCH: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer from which nothing came for this long counts as down in `cluster status` and for
+/// choosing where reads go: ten heartbeat ticks.
+const UP_WINDOW: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -31,6 +34,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 struct Peer {
     queue: mpsc::Sender<Bytes>,
     conn: watch::Receiver<Option<quinn::Connection>>,
+    /// When a frame from this peer last arrived, in ms since `PeerLinks::started` (0: never).
+    heard_ms: std::sync::atomic::AtomicU64,
 }
 
 /// This broker's links to its peers.
@@ -42,6 +47,9 @@ pub(crate) struct PeerLinks {
     /// Poked when a group here became leader: the brokers holding no replica of it are told
     /// at once (`announce.rs`) rather than at the next round.
     pub(crate) announce: tokio::sync::Notify,
+    /// The broker's one Raft clock: bumped every `driver::TICK`, watched by every group.
+    pub(crate) ticks: watch::Receiver<u64>,
+    started: std::time::Instant,
 }
 
 impl PeerLinks {
@@ -58,10 +66,14 @@ impl PeerLinks {
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
             let (conn_tx, conn) = watch::channel(None);
             tokio::spawn(dial(id, addr, endpoint.clone(), client.clone(), rx, conn_tx, shutdown.clone()));
-            map.insert(id, Peer { queue, conn });
+            map.insert(id, Peer { queue, conn, heard_ms: Default::default() });
         }
+        let (tick_tx, ticks) = watch::channel(0u64);
+        tokio::spawn(tick(tick_tx, shutdown.clone()));
         Arc::new(PeerLinks {
             me,
+            ticks,
+            started: std::time::Instant::now(),
             peers: map,
             dropped: metrics::counter!("quiver_raft_messages_dropped_total"),
             announce: tokio::sync::Notify::new(),
@@ -106,9 +118,26 @@ impl PeerLinks {
         self.peers.get(&id).and_then(|p| p.conn.borrow().clone())
     }
 
-    /// Whether the link to `id` is connected (this broker: always).
+    /// Notes a frame from peer `id` (its Raft stream: heartbeats flow every tick).
+    pub(crate) fn heard_from(&self, id: u64) {
+        if let Some(p) = self.peers.get(&id) {
+            let now = self.started.elapsed().as_millis() as u64 + 1;
+            p.heard_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `id` is up: its link is connected and a frame came from it within `UP_WINDOW`
+    /// (a killed broker's link stays open until its idle timeout; its heartbeats stop at once).
+    /// This broker: always.
     pub(crate) fn is_up(&self, id: u64) -> bool {
-        id == self.me || self.peers.get(&id).is_some_and(|p| p.conn.borrow().is_some())
+        id == self.me
+            || self.peers.get(&id).is_some_and(|p| {
+                let heard = p.heard_ms.load(std::sync::atomic::Ordering::Relaxed);
+                let now = self.started.elapsed().as_millis() as u64 + 1;
+                p.conn.borrow().is_some()
+                    && heard > 0
+                    && now.saturating_sub(heard) <= UP_WINDOW.as_millis() as u64
+            })
     }
 
     /// Sends `msg` to broker `id` as a client would, and returns its one answer. Waits up to
@@ -140,6 +169,18 @@ impl PeerLinks {
         tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| unavailable(format!("no answer within {timeout:?}")))?
+    }
+}
+
+/// The Raft clock of every group on this broker (one timer, not one per group).
+async fn tick(ticks: watch::Sender<u64>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(super::driver::TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => { ticks.send_modify(|t| *t = t.wrapping_add(1)); }
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

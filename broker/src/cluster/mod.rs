@@ -54,7 +54,7 @@ pub(crate) const LEADER_WAIT: Duration = Duration::from_secs(3);
 pub(crate) const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a request for a topic this broker does not know waits for the controller log to
 /// bring it (a create answered by another broker a moment ago).
-pub(crate) const TOPIC_WAIT: Duration = Duration::from_millis(500);
+pub(crate) const TOPIC_WAIT: Duration = Duration::from_secs(1);
 /// How long a forwarded request may take.
 pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 

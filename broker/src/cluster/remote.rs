@@ -6,7 +6,7 @@
 //!
 //! Notices: every `ROUND`, and at once when a group here elects this broker, a broker sends each
 //! peer one `Leaders` frame (in chunks) naming the groups it leads of which that peer holds no
-//! replica. A receiving broker takes a notice only from a replica of that group and only for a
+//! replica (an empty one when there are none: the frame is also a liveness signal). A receiving broker takes a notice only from a replica of that group and only for a
 //! term at least the one it knows; a leader not heard of within `NOTICE_TTL` is forgotten (it may
 //! be gone: clients then look elsewhere instead of at a dead broker).
 
@@ -267,7 +267,15 @@ pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
                 per_peer.entry(peer).or_default().push(notice.clone());
             }
         }
-        for (peer, notices) in per_peer {
+        // Every peer gets a frame each round, an empty one if there is nothing to tell: it is
+        // also how a peer knows this broker is alive (`PeerLinks::is_up`) when no Raft group
+        // has this broker lead it.
+        for &peer in &peers {
+            let notices = per_peer.remove(&peer).unwrap_or_default();
+            if notices.is_empty() {
+                cluster.links.send_frame(peer, Message::Leaders { notices }.encode().to_bytes());
+                continue;
+            }
             for chunk in notices.chunks(NOTICES_PER_FRAME) {
                 let frame = Message::Leaders { notices: chunk.to_vec() }.encode().to_bytes();
                 cluster.links.send_frame(peer, frame);
