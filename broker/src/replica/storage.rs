@@ -128,7 +128,8 @@ impl LogStorage {
     /// Where a restarted replica's entries count as applied (its log is its own state
     /// machine): the persisted commit, or the log end while repairing.
     pub(crate) fn applied(&self) -> u64 {
-        self.state.hard_state.get_commit().min(self.log.lock().next_ordinal() - 1)
+        let log = self.log.lock();
+        self.state.hard_state.get_commit().min(log.next_ordinal() - 1).max(log.first_ordinal() - 1)
     }
 
     /// Whether the replica is repairing lost committed entries: it must not vote or lead
@@ -512,10 +513,16 @@ impl LogStorage {
 impl raft::Storage for LogStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let mut hs = self.state.hard_state.clone();
+        let log = self.log.lock();
         if self.repair_until.is_some() {
             // raft-rs refuses a commit past the log; the entries come back from the leader.
-            hs.set_commit(hs.get_commit().min(self.log.lock().next_ordinal() - 1));
+            hs.set_commit(hs.get_commit().min(log.next_ordinal() - 1));
         }
+        // Nor below the log start: what precedes it was committed (a snapshot covers committed
+        // entries only), though a crash right after installing one may have kept an older
+        // `raft-state`.
+        hs.set_commit(hs.get_commit().max(log.first_ordinal() - 1));
+        drop(log);
         Ok(RaftState::new(hs, self.state.conf_state.clone()))
     }
 
