@@ -664,7 +664,7 @@ fn damaged_replica(seed: u64) -> Result<(), Error> {
 }
 
 /// How many seeds each scenario runs: `QUIVER_SIM_SEEDS` (thousands by flag), 70 by default
-/// (210 runs over the three randomised scenarios in CI).
+/// (280 runs over the four randomised scenarios in CI).
 fn seeds() -> u64 {
     std::env::var("QUIVER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(70)
 }
