@@ -404,10 +404,12 @@ impl LogStorage {
     /// epoch record's epoch of the batch before the log start (which retention keeps).
     fn term_before(&self, log: &PartitionLog) -> Option<u64> {
         let before = log.first_ordinal() - 1;
-        if before == self.state.snapshot_index {
-            return Some(self.state.snapshot_term);
+        let recorded = (before == self.state.snapshot_index).then_some(self.state.snapshot_term);
+        match recorded {
+            // Term 0 is what `open` records for a log it found already trimmed, not knowing better.
+            Some(term) if term > 0 => Some(term),
+            _ => log.epoch_before_start().and_then(|e| u64::try_from(e).ok()).or(recorded),
         }
-        log.epoch_before_start().and_then(|e| u64::try_from(e).ok())
     }
 
     /// Installs a Raft snapshot from the leader (docs/replication.md §2a): the whole log is
