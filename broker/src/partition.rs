@@ -94,6 +94,8 @@ type Reply = oneshot::Sender<Result<Appended, PartitionError>>;
 pub(crate) struct Tracker {
     pub(crate) producers: Arc<Mutex<ProducerStates>>,
     pub(crate) tail: Arc<Mutex<TailCache>>,
+    /// The partition's log start as readers see it (moved by a Raft snapshot install).
+    pub(crate) log_start: Arc<AtomicU64>,
 }
 
 /// A producer's batch for a replicated partition's Raft group, answered once committed.
@@ -114,7 +116,7 @@ pub struct Partition {
     pub id: u32,
     log: Arc<Mutex<PartitionLog>>,
     high_watermark: watch::Sender<u64>,
-    log_start: AtomicU64,
+    log_start: Arc<AtomicU64>,
     appends: mpsc::Sender<AppendRequest>,
     /// The newest appended batches, for subscribers at the tail.
     tail: Arc<Mutex<TailCache>>,
@@ -240,7 +242,7 @@ impl Partition {
             id,
             log: Arc::new(Mutex::new(log)),
             high_watermark,
-            log_start: AtomicU64::new(start),
+            log_start: Arc::new(AtomicU64::new(start)),
             appends,
             tail: Arc::new(Mutex::new(TailCache::with_settings(&budgets.tail_cache))),
             closed: shutdown.child_token(),
@@ -398,7 +400,11 @@ impl Partition {
 
     /// The producer state and tail cache a Raft group keeps in step with the log.
     pub(crate) fn tracker(&self) -> Tracker {
-        Tracker { producers: self.express.producers.clone(), tail: self.tail.clone() }
+        Tracker {
+            producers: self.express.producers.clone(),
+            tail: self.tail.clone(),
+            log_start: self.log_start.clone(),
+        }
     }
 
     /// Sets the high watermark to a replica's persisted commit, before the partition serves
@@ -493,7 +499,9 @@ impl Partition {
     /// Deletes segments past retention. Blocking.
     pub fn apply_retention_blocking(&self) -> Result<(), PartitionError> {
         let mut log = self.log.lock();
-        let report = log.apply_retention(now_ms())?;
+        // Never past the high watermark: in a replicated partition what is above it may not
+        // be committed yet (on one node every closed segment is below it).
+        let report = log.apply_retention_below(now_ms(), self.high_watermark())?;
         self.log_start.store(log.log_start_offset(), Ordering::Release);
         if report.deleted_segments() > 0 {
             tracing::info!(topic = %self.topic, partition = self.id, ?report, "retention deleted segments");

@@ -70,6 +70,8 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> io::Result<()>;
 }
 
+#[cfg(test)]
+pub(crate) mod countdown;
 mod direct;
 
 /// Largest zero padding a segment file may carry past its last batch (one block).

@@ -447,7 +447,9 @@ impl Driver {
                 *placed = Some((p.base_offset, p.last_offset));
             }
         }
-        if !out.committed.is_empty() {
+        // A snapshot installed moves the high watermark to the new log start (nothing to
+        // apply: the log is the state machine).
+        if !out.committed.is_empty() || out.snapshot.is_some() {
             for e in &out.committed {
                 let Some(w) = self.waiting.remove(&e.index) else { continue };
                 if w.term() != e.term {

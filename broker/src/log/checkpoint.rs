@@ -158,6 +158,14 @@ impl RecoveryCheckpoint {
         Ok(())
     }
 
+    /// Sets the point to `point` unconditionally (the log was replaced by an empty one:
+    /// log/reset.rs removed the file, so nothing is written yet).
+    pub(crate) fn reset_to(&self, point: RecoveryPoint) {
+        let mut written = self.inner.written.lock();
+        *self.inner.synced.lock() = point;
+        *written = None;
+    }
+
     /// The furthest point a completed fsync covered.
     pub fn synced(&self) -> RecoveryPoint {
         *self.inner.synced.lock()

@@ -8,6 +8,13 @@
 //! `<partition>/leader-epochs` is rewritten whole (temp file, fsync, rename, fsync of the
 //! directory) whenever the list changes: when an epoch begins and when truncation or retention
 //! removes entries.
+//!
+//! It also keeps the epoch of the batch just before the log start (`before`), which retention
+//! and a Raft snapshot install drop: Raft must still answer the term of the entry before its
+//! first one (`Storage::term(first_index - 1)`, docs/replication.md §2a). Retention needs no
+//! extra write for it: until the record is rewritten after a deletion, its old entries still
+//! cover that offset, and [`Epochs::truncate_from_start`] (at the rewrite, and at every open)
+//! turns the entry covering it into `before`.
 
 use std::path::Path;
 
@@ -20,9 +27,13 @@ pub(crate) const FILE: &str = "leader-epochs";
 pub(crate) const TEMP_FILE: &str = "leader-epochs.tmp";
 
 const MAGIC: &[u8; 4] = b"QVLE";
-const VERSION: u16 = 1;
+/// Version 2 adds `before` after the header; version 1 (no `before`) is still read.
+const VERSION: u16 = 2;
+const VERSION_1: u16 = 1;
 /// magic, u16 version, u16 reserved, u32 entry count.
 const HEADER: usize = 4 + 2 + 2 + 4;
+/// Version 2 only: u8 has_before (0 or 1), u64 start, i32 epoch (zeros without one).
+const BEFORE: usize = 1 + 8 + 4;
 /// i32 epoch, u64 start offset.
 const ENTRY: usize = 4 + 8;
 /// The trailing crc32c of everything before it.
@@ -43,6 +54,8 @@ pub struct EpochEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Epochs {
     entries: Vec<EpochEntry>,
+    /// `(log start, epoch)`: the batch just before offset `log start` was written in `epoch`.
+    before: Option<(u64, i32)>,
 }
 
 impl Epochs {
@@ -58,7 +71,24 @@ impl Epochs {
         if entries.first().is_some_and(|e| e.epoch < 0) {
             return Err("negative epoch".into());
         }
-        Ok(Epochs { entries })
+        Ok(Epochs { entries, before: None })
+    }
+
+    /// The record of a log that starts at `start` after a batch written in `epoch` it does not
+    /// hold (a Raft snapshot was installed: docs/replication.md §2a), with no entries yet.
+    pub(crate) fn starting_after(start: u64, epoch: i32) -> Epochs {
+        Epochs { entries: Vec::new(), before: Some((start, epoch)) }
+    }
+
+    /// The epoch of the batch just before offset `log_start` (the log's first), if known: from
+    /// the entries while they still cover it, else from what the last
+    /// [`truncate_from_start`](Self::truncate_from_start) kept.
+    pub(crate) fn epoch_before(&self, log_start: u64) -> Option<i32> {
+        let prev = log_start.checked_sub(1)?;
+        if self.entries.first().is_some_and(|e| e.start <= prev) {
+            return self.epoch_at(prev);
+        }
+        self.before.filter(|&(start, _)| start == log_start).map(|(_, epoch)| epoch)
     }
 
     pub(crate) fn entries(&self) -> &[EpochEntry] {
@@ -124,10 +154,14 @@ impl Epochs {
 
     /// Drops the entries wholly before `log_start` and moves the start of the one covering it
     /// there (Kafka's `truncateFromStart`). Returns whether anything changed.
+    /// The epoch of the batch just before `log_start` is kept (see the module docs).
     pub(crate) fn truncate_from_start(&mut self, log_start: u64) -> bool {
+        let before = self.epoch_before(log_start).map(|epoch| (log_start, epoch));
+        let mut changed = before != self.before;
+        self.before = before;
         let covering = self.entries.partition_point(|e| e.start <= log_start);
-        let Some(first) = covering.checked_sub(1) else { return false };
-        let changed = first > 0 || self.entries[first].start != log_start;
+        let Some(first) = covering.checked_sub(1) else { return changed };
+        changed |= first > 0 || self.entries[first].start != log_start;
         self.entries.drain(..first);
         if let Some(e) = self.entries.first_mut() {
             e.start = log_start;
@@ -137,12 +171,16 @@ impl Epochs {
 
     /// The file's bytes (little-endian).
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.entries.len() * ENTRY + CRC);
+        let mut out = Vec::with_capacity(HEADER + BEFORE + self.entries.len() * ENTRY + CRC);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         // At most MAX_EPOCH_ENTRIES, so it fits.
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let (start, epoch) = self.before.unwrap_or((0, 0));
+        out.push(u8::from(self.before.is_some()));
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&epoch.to_le_bytes());
         for e in &self.entries {
             out.extend_from_slice(&e.epoch.to_le_bytes());
             out.extend_from_slice(&e.start.to_le_bytes());
@@ -162,14 +200,31 @@ impl Epochs {
         if crc != crc32c::crc32c(body) {
             return Err("checksum mismatch".into());
         }
-        if &body[..4] != MAGIC || body[4..6] != VERSION.to_le_bytes() {
+        let version = u16::from_le_bytes([body[4], body[5]]);
+        if &body[..4] != MAGIC || (version != VERSION && version != VERSION_1) {
             return Err("bad magic or version".into());
         }
+        let fixed = HEADER + if version == VERSION { BEFORE } else { 0 };
         let count = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
-        if count > MAX_EPOCH_ENTRIES || body.len() != HEADER + count * ENTRY {
+        if count > MAX_EPOCH_ENTRIES || body.len() != fixed + count * ENTRY {
             return Err(format!("{count} entries do not fit {} bytes", body.len()));
         }
-        let entries = body[HEADER..]
+        let before = match version == VERSION {
+            false => None,
+            true => {
+                let mut start = [0u8; 8];
+                start.copy_from_slice(&body[HEADER + 1..HEADER + 9]);
+                let mut epoch = [0u8; 4];
+                epoch.copy_from_slice(&body[HEADER + 9..HEADER + 13]);
+                let (start, epoch) = (u64::from_le_bytes(start), i32::from_le_bytes(epoch));
+                match body[HEADER] {
+                    0 if (start, epoch) == (0, 0) => None,
+                    1 if epoch >= 0 => Some((start, epoch)),
+                    _ => return Err("bad epoch before the log start".into()),
+                }
+            }
+        };
+        let entries = body[fixed..]
             .chunks_exact(ENTRY)
             .map(|c| {
                 let mut epoch = [0u8; 4];
@@ -179,12 +234,14 @@ impl Epochs {
                 EpochEntry { epoch: i32::from_le_bytes(epoch), start: u64::from_le_bytes(start) }
             })
             .collect();
-        Epochs::from_entries(entries)
+        let mut epochs = Epochs::from_entries(entries)?;
+        epochs.before = before;
+        Ok(epochs)
     }
 }
 
 /// Largest file a valid record can be; anything longer is refused before it is read.
-const MAX_EPOCHS_FILE_BYTES: u64 = (HEADER + MAX_EPOCH_ENTRIES * ENTRY + CRC) as u64;
+const MAX_EPOCHS_FILE_BYTES: u64 = (HEADER + BEFORE + MAX_EPOCH_ENTRIES * ENTRY + CRC) as u64;
 
 /// Reads `<dir>/leader-epochs`: `Ok(None)` if there is none, `Err` (what is wrong) if it does
 /// not check out.
@@ -273,10 +330,44 @@ mod tests {
         assert_eq!(e, epochs(&[(1, 0)]));
         assert!(e.begin(6, 9)?);
         assert!(e.truncate_from_start(7));
-        assert_eq!(e, epochs(&[(1, 7), (6, 9)]));
+        assert_eq!(e.entries(), epochs(&[(1, 7), (6, 9)]).entries());
+        assert_eq!(e.epoch_before(7), Some(1));
         assert!(e.truncate_from_start(9));
-        assert_eq!(e, epochs(&[(6, 9)]));
+        assert_eq!(e.entries(), epochs(&[(6, 9)]).entries());
+        // The batch before the new start was epoch 1's, which the entries no longer hold.
+        assert_eq!(e.epoch_before(9), Some(1));
         assert!(!e.truncate_from_start(9));
+        assert_eq!(Epochs::decode(&e.encode()), Ok(e.clone()));
+        // Another start than the one recorded: unknown.
+        assert_eq!(e.epoch_before(8), None);
+        assert!(e.truncate_from_start(10));
+        assert_eq!(e.epoch_before(10), Some(6));
         Ok(())
+    }
+
+    #[test]
+    fn a_snapshot_start_keeps_the_epoch_before_it_and_version_1_still_reads() {
+        let mut e = Epochs::starting_after(40, 3);
+        assert_eq!((e.epoch_before(40), e.latest()), (Some(3), None));
+        assert!(!e.truncate_from_start(40), "an open changes nothing");
+        let bytes = e.encode();
+        assert_eq!(Epochs::decode(&bytes), Ok(e.clone()));
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(Epochs::decode(&bad).is_err(), "byte {i}");
+        }
+        assert!(matches!(e.begin(3, 40), Ok(true)));
+        assert_eq!(e.epoch_before(40), Some(3));
+        // A version-1 file: the header and entries only.
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC);
+        v1.extend_from_slice(&VERSION_1.to_le_bytes());
+        v1.extend_from_slice(&[0, 0, 1, 0, 0, 0]);
+        v1.extend_from_slice(&5i32.to_le_bytes());
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(Epochs::decode(&v1), Ok(epochs(&[(5, 7)])));
     }
 }

@@ -30,6 +30,9 @@ mod ordinal_tests;
 mod recovery;
 #[cfg(test)]
 mod replication_tests;
+mod reset;
+#[cfg(test)]
+mod reset_tests;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -187,6 +190,11 @@ pub enum LogError {
     /// sync proves nothing about its `durable_offset`.
     #[error("the log was truncated after this sync was requested")]
     TruncatedSince,
+    /// A [`PartitionLog::reset`] to a position no log can start at.
+    #[error(
+        "a log cannot start at offset {base_offset}, ordinal {base_ordinal}, after epoch {epoch_before}"
+    )]
+    InvalidReset { base_offset: u64, base_ordinal: u64, epoch_before: i32 },
     /// A batch ordinal outside `first_ordinal..=next_ordinal`.
     #[error("ordinal {requested} is out of range: first={first} next={next}")]
     OrdinalOutOfRange {
@@ -471,6 +479,7 @@ impl PartitionLog {
         observer: &mut dyn FnMut(u64, &BatchHeader),
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
+        reset::complete_interrupted(&storage, &dir)?;
         let recovered = recovery::recover(&storage, &dir, &config, now_ms, observer)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let recovery =
@@ -610,6 +619,61 @@ impl PartitionLog {
             position: 0,
             reason: format!("leader epochs: {why}"),
         })
+    }
+
+    /// The leader epoch of the batch just before the log start, which retention or a
+    /// [`reset`](Self::reset) removed: Raft's term of the entry before its first one
+    /// (docs/replication.md §2a). `None` for a log that starts at offset 0, or when it is not
+    /// known (an epoch record rebuilt from the batches cannot know it).
+    pub fn epoch_before_start(&self) -> Option<i32> {
+        self.epochs.epoch_before(self.log_start_offset())
+    }
+
+    /// Replaces the whole log with an empty one whose first batch will get offset
+    /// `base_offset` and ordinal `base_ordinal`, the batch before it having been written in
+    /// `epoch_before` (a replica installing a Raft snapshot: docs/replication.md §2a).
+    /// Durable when this returns. A crash at any point leaves, once the partition is reopened,
+    /// either the old log or the new empty one, never a mix: a marker file is written before
+    /// anything is removed, and opening a partition that holds one completes the reset first
+    /// (the protocol is in log/reset.rs). A failure after the marker poisons the log (reopen
+    /// to complete it).
+    pub fn reset(&mut self, base_offset: u64, base_ordinal: u64, epoch_before: i32) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(LogError::Poisoned);
+        }
+        let r = reset::Reset { base_offset, base_ordinal, epoch_before };
+        if !r.is_valid() {
+            return Err(LogError::InvalidReset { base_offset, base_ordinal, epoch_before });
+        }
+        let gate = self.sync_failed.clone();
+        let _serial = gate.lock.lock();
+        if gate.failed() {
+            self.poisoned = true;
+            return Err(LogError::Poisoned);
+        }
+        // A sync handle taken before covers files that are about to go.
+        gate.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        // Poisoned on any failure from here: even a failed marker write may have left the
+        // marker durable, and the next open would then complete the reset over new appends.
+        let done = reset::begin(&*self.storage, &self.dir, &r)
+            .and_then(|()| reset::finish(&self.storage, &self.dir, &r));
+        let (active, epochs) = match done {
+            Ok(x) => x,
+            Err(err) => {
+                self.poisoned = true;
+                return Err(err);
+            }
+        };
+        for seg in self.closed.drain(..) {
+            self.config.closed_files.forget(seg.slot());
+        }
+        self.active = active;
+        self.size_bytes = 0;
+        self.epochs = epochs;
+        self.recovery.reset_to(self.active_point());
+        self.check_invariants(true);
+        tracing::info!(dir = %self.dir.display(), base_offset, base_ordinal, "replaced the log with an empty one (Raft snapshot)");
+        Ok(())
     }
 
     /// The latest leader epoch (the one the last batch or [`begin_epoch`](Self::begin_epoch)
@@ -1128,8 +1192,16 @@ impl PartitionLog {
     /// Deletes old closed segments by size and age (design.md §7), oldest first, stopping at
     /// the first one to keep; never the active segment.
     pub fn apply_retention(&mut self, now_ms: i64) -> Result<RetentionReport, LogError> {
+        self.apply_retention_below(now_ms, u64::MAX)
+    }
+
+    /// [`apply_retention`](Self::apply_retention), deleting only segments that end at or
+    /// before `limit`: a replicated partition passes its high watermark, so retention never
+    /// drops an entry Raft has not committed (a Raft snapshot of the log start must cover
+    /// committed entries only, docs/replication.md §2a).
+    pub fn apply_retention_below(&mut self, now_ms: i64, limit: u64) -> Result<RetentionReport, LogError> {
         let mut report = RetentionReport::default();
-        while let Some(oldest) = self.closed.first() {
+        while let Some(oldest) = self.closed.first().filter(|s| s.next_offset <= limit) {
             let by_bytes =
                 self.config.retention_bytes.is_some_and(|limit| self.size_bytes - oldest.size >= limit);
             let by_age = self.config.retention_ms.is_some_and(|ms| {

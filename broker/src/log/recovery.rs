@@ -322,6 +322,12 @@ enum FileKind {
     Temp,
 }
 
+/// Whether `name` is one of a segment's files (log, indexes, producer snapshot, or a temp file
+/// of one of them).
+pub(super) fn is_segment_file(name: &str) -> bool {
+    parse_name(name).is_some()
+}
+
 /// Parses `<20 digits>.log|index|timeindex`.
 fn parse_name(name: &str) -> Option<(u64, FileKind)> {
     let (stem, ext) = name.split_once('.')?;
@@ -357,7 +363,11 @@ fn find_segments(
         if name == super::RAFT_STATE_FILE || name == super::RAFT_STATE_TEMP_FILE {
             continue; // the replica's, not the log's
         }
-        let kind = match name == checkpoint::TEMP_FILE || name == epochs::TEMP_FILE {
+        if name == super::reset::FILE {
+            continue; // completed before recovery runs: only a failed completion leaves it
+        }
+        let temp = [checkpoint::TEMP_FILE, epochs::TEMP_FILE, super::reset::TEMP_FILE];
+        let kind = match temp.contains(&name.as_str()) {
             true => Some((0, FileKind::Temp)),
             false => parse_name(&name),
         };

@@ -12,6 +12,7 @@
 mod admit;
 mod logger;
 mod ready;
+mod snapshot;
 mod state;
 mod storage;
 mod wire;
@@ -70,8 +71,7 @@ pub(crate) enum ReplicaError {
     /// A term that cannot be stored as an `i32` leader epoch (or 0, which no entry has).
     #[error("term {0} cannot be a leader epoch")]
     TermOutOfRange(u64),
-    /// An entry kind the storage does not hold (we propose configuration changes as V2 only,
-    /// and snapshots are not built yet).
+    /// An entry kind the storage does not hold (we propose configuration changes as V2 only).
     #[error("unsupported entry: {0}")]
     UnsupportedEntry(&'static str),
     /// Entries that do not continue the log: a bug in the caller or in raft-rs' input checks.
@@ -93,6 +93,9 @@ pub(crate) enum ReplicaError {
     /// A producer's batch with the control bit: it would read back as a Raft entry.
     #[error("control batches cannot be proposed")]
     ControlBatch,
+    /// A Raft snapshot from the leader that cannot be installed (its data does not check out).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The producer state or tail cache could not follow the log (a failed snapshot write).
     #[error("partition state: {0}")]
     Tracker(String),

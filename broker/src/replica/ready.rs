@@ -22,6 +22,13 @@ pub(crate) struct ReadyOutput {
     pub(crate) commit: Option<u64>,
     /// Where this `Ready`'s entries landed in the log (durable).
     pub(crate) placed: Vec<super::Placed>,
+    /// The index of a snapshot installed from the leader: the log now starts after it.
+    pub(crate) snapshot: Option<u64>,
+}
+
+/// The peers `msgs` send a snapshot to.
+fn snapshot_targets(msgs: &[Message]) -> Vec<u64> {
+    msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect()
 }
 
 /// The settings a partition's replica runs with (docs/replication.md §4). `applied` is where
@@ -112,12 +119,16 @@ pub(crate) fn handle_taken(
     early: &mut dyn FnMut(Vec<Message>),
 ) -> Result<ReadyOutput, ReplicaError> {
     let mut out = ReadyOutput::default();
-    if !rd.snapshot().get_data().is_empty() || rd.snapshot().get_metadata().get_index() != 0 {
-        return Err(ReplicaError::UnsupportedEntry("a snapshot"));
-    }
     let leader_messages = rd.take_messages();
+    let mut snapshots_sent = snapshot_targets(&leader_messages);
     if !leader_messages.is_empty() {
         early(leader_messages);
+    }
+    if !rd.snapshot().is_empty() {
+        // A follower behind the leader's log start: its log is replaced before anything
+        // else of this `Ready` (raft-rs: the snapshot, then entries, then the hard state).
+        node.mut_store().apply_snapshot(rd.snapshot(), now_ms)?;
+        out.snapshot = Some(rd.snapshot().get_metadata().get_index());
     }
     out.committed = rd.take_committed_entries();
     out.placed = node.mut_store().append(rd.entries(), now_ms)?;
@@ -130,9 +141,18 @@ pub(crate) fn handle_taken(
         node.mut_store().set_commit(commit)?;
         out.commit = Some(commit);
     }
-    out.messages.extend(light.take_messages());
+    let light_messages = light.take_messages();
+    snapshots_sent.extend(snapshot_targets(&light_messages));
+    out.messages.extend(light_messages);
     out.committed.extend(light.take_committed_entries());
     node.advance_apply();
+    // Our snapshots are a few bytes sent like any message, not a transfer that completes
+    // later: the leader probes the follower with appends at once (raft-rs would otherwise wait
+    // in the snapshot state for a report, forever if the message was lost). A lost or
+    // reordered snapshot makes those appends fail, and the leader sends it again.
+    for to in snapshots_sent {
+        node.report_snapshot(to, raft::SnapshotStatus::Finish);
+    }
     node.mut_store().sync_due(now_ms)?;
     node.mut_store().commit_due(now_ms)?;
     Ok(out)

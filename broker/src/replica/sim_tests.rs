@@ -68,6 +68,11 @@ impl crate::storage::StorageFile for NoSyncFile {
 
 struct Replica {
     mem: Arc<MemStorage>,
+    /// Mutating storage operations left before the replica "crashes" (negative: never); see
+    /// `storage::countdown`. Armed by `snap_fault` when a snapshot reaches the replica.
+    fault: Arc<std::sync::atomic::AtomicI64>,
+    /// Arms `fault` with this budget when the next snapshot is delivered to the replica.
+    snap_fault: Option<i64>,
     /// `None` while crashed.
     node: Option<RawNode<LogStorage>>,
     /// The commit index seen last while running (never goes back in one run).
@@ -93,6 +98,8 @@ struct Sim {
     committed_term: Vec<u64>,
     now_ms: i64,
     proposed: u64,
+    /// Replicas that lost power on an injected storage fault (and rebooted).
+    faults: u64,
 }
 
 /// The stored bytes of the batch with ordinal `index`.
@@ -108,11 +115,16 @@ thread_local! {
     static NO_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn open_node(id: u64, mem: &Arc<MemStorage>, now_ms: i64) -> Result<RawNode<LogStorage>, Error> {
+fn open_node(
+    id: u64,
+    mem: &Arc<MemStorage>,
+    fault: &Arc<std::sync::atomic::AtomicI64>,
+    now_ms: i64,
+) -> Result<RawNode<LogStorage>, Error> {
     let storage: Arc<dyn Storage> = if NO_SYNC.with(|n| n.get()) {
         Arc::new(crate::storage::Wrapped { inner: SharedMem(mem.clone()), wrapper: NoSync })
     } else {
-        mem.clone()
+        Arc::new(crate::storage::countdown::Countdown { mem: mem.clone(), budget: fault.clone() })
     };
     let (log, _) = PartitionLog::open(storage.clone(), DIR.into(), log_config(), now_ms)?;
     let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &IDS)?;
@@ -156,8 +168,9 @@ impl Sim {
         let mut replicas = Vec::new();
         for id in IDS {
             let mem = Arc::new(MemStorage::new());
-            let node = open_node(id, &mem, 0)?;
-            replicas.push(Replica { mem, node: Some(node), commit: 0, checked: 0 });
+            let fault = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+            let node = open_node(id, &mem, &fault, 0)?;
+            replicas.push(Replica { mem, fault, snap_fault: None, node: Some(node), commit: 0, checked: 0 });
         }
         Ok(Sim {
             seed,
@@ -171,6 +184,7 @@ impl Sim {
             committed_term: Vec::new(),
             now_ms: 0,
             proposed: 0,
+            faults: 0,
         })
     }
 
@@ -194,6 +208,8 @@ impl Sim {
 
     /// Handles every pending `Ready` until none is left, queueing the messages.
     fn settle(&mut self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut faulted = Vec::new();
         loop {
             let mut any = false;
             for r in &mut self.replicas {
@@ -203,7 +219,21 @@ impl Sim {
                 }
                 any = true;
                 let mut early = Vec::new();
-                let out = handle_ready(node, self.now_ms, &mut |m| early.extend(m))?;
+                let out = match handle_ready(node, self.now_ms, &mut |m| early.extend(m)) {
+                    Ok(out) => out,
+                    // An injected fault: the replica loses power there (and reboots below).
+                    Err(_) if r.fault.load(SeqCst) == 0 => {
+                        let id = node.raft.id;
+                        // What it had committed in memory counts as seen (restart checks it).
+                        r.commit = r.commit.max(node.raft.raft_log.committed);
+                        r.fault.store(-1, SeqCst);
+                        r.node = None;
+                        r.mem.crash();
+                        faulted.push(id);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 self.net.extend(early);
                 for m in out.messages {
                     if !crate::replica::may_send(node, &m) {
@@ -213,7 +243,13 @@ impl Sim {
                 }
             }
             if !any {
-                return Ok(());
+                if faulted.is_empty() {
+                    return Ok(());
+                }
+                for id in std::mem::take(&mut faulted) {
+                    self.faults += 1;
+                    self.restart(id)?;
+                }
             }
         }
     }
@@ -236,7 +272,13 @@ impl Sim {
             let m = self.net.swap_remove(self.rng.gen_range(0..self.net.len()));
             let cut = self.isolated.is_some_and(|i| i == m.from || i == m.to);
             if !cut && self.rng.gen_range(0..100) >= self.drop_percent {
-                if let Some(node) = self.replica(m.to).node.as_mut() {
+                let r = self.replica(m.to);
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    if let Some(budget) = r.snap_fault.take() {
+                        r.fault.store(budget, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                if let Some(node) = r.node.as_mut() {
                     // Through the gate every peer message passes (admit.rs); refusals (a
                     // response from an unknown peer, a stale message) are normal.
                     let mut m = m;
@@ -297,7 +339,8 @@ impl Sim {
             // 3/4. Committed prefixes identical byte for byte: each newly committed index
             // matches the cluster's history (or extends it).
             let log = log.lock();
-            let from = self.replicas[i].checked + 1;
+            // Below the log start (a snapshot installed, a prefix deleted) nothing is held.
+            let from = (self.replicas[i].checked + 1).max(log.first_ordinal());
             for index in from..=commit {
                 let bytes = batch_at(&log, index)?;
                 match self.committed.get((index - 1) as usize) {
@@ -319,6 +362,9 @@ impl Sim {
                 let due = self.committed.iter().zip(&self.committed_term).enumerate();
                 for (k, (known, _)) in due.filter(|(_, (_, &t))| t < term) {
                     let index = k as u64 + 1;
+                    if index < log.first_ordinal() {
+                        continue; // covered by the snapshot at the log start
+                    }
                     if index >= log.next_ordinal() {
                         return Err(self.fail(format!("leader {id} (term {term}) lacks committed {index}")));
                     }
@@ -343,8 +389,8 @@ impl Sim {
     /// Reopens the log and the hard state and starts a new `RawNode`.
     fn restart(&mut self, id: u64) -> Result<(), Error> {
         let now = self.now_ms;
-        let mem = self.replica(id).mem.clone();
-        let node = open_node(id, &mem, now)?;
+        let (mem, fault) = (self.replica(id).mem.clone(), self.replica(id).fault.clone());
+        let node = open_node(id, &mem, &fault, now)?;
         let persisted = node.raft.raft_log.committed;
         let r = self.replica(id);
         if persisted > r.commit {
@@ -378,6 +424,12 @@ impl Sim {
 
     fn converged(&self) -> Result<bool, Error> {
         let mut logs = Vec::new();
+        // Compared from the latest log start: below it some replica holds only a snapshot.
+        let mut start = 1;
+        for r in &self.replicas {
+            let Some(node) = r.node.as_ref() else { return Ok(false) };
+            start = start.max(node.store().first_index()?);
+        }
         for r in &self.replicas {
             let Some(node) = r.node.as_ref() else { return Ok(false) };
             let last = node.store().last_index()?;
@@ -385,7 +437,7 @@ impl Sim {
                 return Ok(false);
             }
             let log = node.store().log().lock();
-            logs.push((1..=last).map(|i| batch_at(&log, i)).collect::<Result<Vec<_>, _>>()?);
+            logs.push((start..=last).map(|i| batch_at(&log, i)).collect::<Result<Vec<_>, _>>()?);
         }
         Ok(logs.windows(2).all(|w| w[0] == w[1]) && self.leader().is_some())
     }
@@ -397,6 +449,9 @@ impl Sim {
             let log = node.store().log().lock();
             for (k, known) in self.committed.iter().enumerate() {
                 let index = k as u64 + 1;
+                if index < log.first_ordinal() {
+                    continue; // covered by a snapshot or deleted by retention
+                }
                 if index >= log.next_ordinal() || batch_at(&log, index)? != *known {
                     return Err(self.fail(format!(
                         "replica {}: committed index {index} is lost or replaced",
@@ -609,7 +664,7 @@ fn damaged_replica(seed: u64) -> Result<(), Error> {
 }
 
 /// How many seeds each scenario runs: `QUIVER_SIM_SEEDS` (thousands by flag), 70 by default
-/// (210 runs over the three randomised scenarios in CI).
+/// (280 runs over the four randomised scenarios in CI).
 fn seeds() -> u64 {
     std::env::var("QUIVER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(70)
 }
@@ -631,6 +686,9 @@ fn over_seeds(name: &str, scenario: fn(u64) -> Result<(), Error>) {
         }
     }
 }
+
+#[path = "sim_snapshot_tests.rs"]
+mod snapshot;
 
 #[test]
 fn sim_majority_crash_and_back_to_back_leader_kills_lose_nothing_committed() {

@@ -16,6 +16,7 @@ use quiver_protocol::limits::MAX_RAFT_TERM;
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use super::snapshot::SnapshotData;
 use super::state::{self, DurableState};
 use super::ReplicaError;
 use crate::log::PartitionLog;
@@ -127,7 +128,8 @@ impl LogStorage {
     /// Where a restarted replica's entries count as applied (its log is its own state
     /// machine): the persisted commit, or the log end while repairing.
     pub(crate) fn applied(&self) -> u64 {
-        self.state.hard_state.get_commit().min(self.log.lock().next_ordinal() - 1)
+        let log = self.log.lock();
+        self.state.hard_state.get_commit().min(log.next_ordinal() - 1).max(log.first_ordinal() - 1)
     }
 
     /// Whether the replica is repairing lost committed entries: it must not vote or lead
@@ -397,6 +399,71 @@ impl LogStorage {
         Ok(placed)
     }
 
+    /// The term of the entry just before the log's first one (`first_index - 1`): what
+    /// `raft-state` recorded for it (a snapshot installed there, or a fresh log), else the
+    /// epoch record's epoch of the batch before the log start (which retention keeps).
+    fn term_before(&self, log: &PartitionLog) -> Option<u64> {
+        let before = log.first_ordinal() - 1;
+        let recorded = (before == self.state.snapshot_index).then_some(self.state.snapshot_term);
+        match recorded {
+            // Term 0 is what `open` records for a log it found already trimmed, not knowing better.
+            Some(term) if term > 0 => Some(term),
+            _ => log.epoch_before_start().and_then(|e| u64::try_from(e).ok()).or(recorded),
+        }
+    }
+
+    /// Installs a Raft snapshot from the leader (docs/replication.md §2a): the whole log is
+    /// replaced by an empty one that continues at the snapshot's index + 1 and the leader's
+    /// log start offset (crash-safe: `PartitionLog::reset`), the producer state and tail
+    /// cache follow it, then `raft-state` records the snapshot's index and term (what
+    /// `term(first_index - 1)` answers), the commit (the snapshot's index) and its
+    /// configuration. A crash between the two leaves the new log with the old `raft-state`,
+    /// whose commit is below the snapshot: `term` then answers from the log's epoch record.
+    pub(crate) fn apply_snapshot(&mut self, snap: &Snapshot, now_ms: i64) -> Result<(), ReplicaError> {
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.get_index(), meta.get_term());
+        let data =
+            SnapshotData::decode(snap.get_data()).map_err(|e| ReplicaError::Snapshot(e.to_string()))?;
+        if data.index != index {
+            return Err(ReplicaError::Snapshot(format!(
+                "data says index {}, the metadata {index}",
+                data.index
+            )));
+        }
+        let epoch = epoch_of_term(term)?;
+        let commit = self.state.hard_state.get_commit();
+        if index < commit {
+            return Err(ReplicaError::TruncateCommitted { index, commit });
+        }
+        {
+            let mut log = self.log.lock();
+            match &self.tracker {
+                None => log.reset(data.log_start_offset, index + 1, epoch)?,
+                Some(t) => {
+                    // The cache first: whatever happens next, it never serves a dropped batch.
+                    t.tail.lock().truncate(0);
+                    log.reset(data.log_start_offset, index + 1, epoch)?;
+                    t.log_start.store(log.log_start_offset(), std::sync::atomic::Ordering::Release);
+                    *t.producers.lock() = crate::partition::recover_producers(&log)
+                        .map_err(|e| ReplicaError::Tracker(e.to_string()))?;
+                }
+            }
+        }
+        let mut next = self.state.clone();
+        (next.snapshot_index, next.snapshot_term) = (index, term);
+        next.hard_state.set_commit(index);
+        next.conf_state = meta.get_conf_state().clone();
+        self.replace_state(next)?;
+        self.commit_known = self.commit_known.max(index);
+        (self.synced_ms, self.unsynced) = (now_ms, false);
+        if self.repair_until.is_some_and(|mark| index >= mark) {
+            tracing::info!(dir = %self.dir.display(), "repaired by a snapshot; voting resumes");
+            self.repair_until = None;
+        }
+        tracing::info!(dir = %self.dir.display(), index, term, log_start_offset = data.log_start_offset, "installed a snapshot from the leader: the log continues at its log start");
+        Ok(())
+    }
+
     /// Entries `[low, high)`, at least one if any, then up to `max_size` bytes of data.
     fn read_entries(&self, low: u64, high: u64, max_size: u64) -> Result<Vec<Entry>, raft::Error> {
         let log = self.log.lock();
@@ -448,10 +515,16 @@ impl LogStorage {
 impl raft::Storage for LogStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let mut hs = self.state.hard_state.clone();
+        let log = self.log.lock();
         if self.repair_until.is_some() {
             // raft-rs refuses a commit past the log; the entries come back from the leader.
-            hs.set_commit(hs.get_commit().min(self.log.lock().next_ordinal() - 1));
+            hs.set_commit(hs.get_commit().min(log.next_ordinal() - 1));
         }
+        // Nor below the log start: what precedes it was committed (a snapshot covers committed
+        // entries only), though a crash right after installing one may have kept an older
+        // `raft-state`.
+        hs.set_commit(hs.get_commit().max(log.first_ordinal() - 1));
+        drop(log);
         Ok(RaftState::new(hs, self.state.conf_state.clone()))
     }
 
@@ -469,10 +542,7 @@ impl raft::Storage for LogStorage {
         let log = self.log.lock();
         let first = log.first_ordinal();
         if idx.checked_add(1) == Some(first) {
-            return match idx == self.state.snapshot_index {
-                true => Ok(self.state.snapshot_term),
-                false => Err(raft::Error::Store(StorageError::Compacted)),
-            };
+            return self.term_before(&log).ok_or(raft::Error::Store(StorageError::Compacted));
         }
         if idx < first {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -495,10 +565,34 @@ impl raft::Storage for LogStorage {
         Ok(self.log.lock().next_ordinal() - 1)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Not built yet (docs/replication.md §2a): raft-rs retries later, no follower is
-        // served from a snapshot.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    /// The snapshot of the current log start (docs/replication.md §2a): index `first - 1`, its
+    /// term, the configuration, and the log start offset as data; no log data. raft-rs asks
+    /// for it when a follower needs entries before the log start (retention deleted them).
+    /// `SnapshotTemporarilyUnavailable` (raft-rs tries again later) while there is nothing
+    /// before the log, while the position is not committed yet (a snapshot commits what it
+    /// covers on the follower), or when the term before the log start is unknown.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let unavailable = Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        let log = self.log.lock();
+        let index = log.first_ordinal() - 1;
+        let commit = self.commit_known.max(self.state.hard_state.get_commit());
+        if index == 0 || index < request_index || index > commit {
+            return unavailable;
+        }
+        let Some(term) = self.term_before(&log) else {
+            tracing::warn!(dir = %self.dir.display(), index, to, "no snapshot for a lagging follower: the term before the log start is unknown");
+            return unavailable;
+        };
+        let data = SnapshotData { log_start_offset: log.log_start_offset(), index };
+        drop(log);
+        let mut snap = Snapshot::default();
+        snap.set_data(Bytes::copy_from_slice(&data.encode()));
+        let meta = snap.mut_metadata();
+        meta.set_index(index);
+        meta.set_term(term);
+        meta.set_conf_state(self.state.conf_state.clone());
+        tracing::info!(dir = %self.dir.display(), index, term, log_start_offset = data.log_start_offset, to, "sending a snapshot to a follower behind the log start");
+        Ok(snap)
     }
 }
 
