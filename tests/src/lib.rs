@@ -415,6 +415,20 @@ impl Cluster {
         Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), true)
     }
 
+    /// As [`start`](Cluster::start), every broker also given `args` (kept across restarts).
+    pub async fn start_with_args(bin: &str, dir: &Path, n: u64, args: &[String]) -> anyhow::Result<Cluster> {
+        let addrs = free_addrs(n)?;
+        let peers = peer_list(&addrs);
+        let ca_dir = dir.join("ca");
+        let mut nodes = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data = dir.join(format!("node-{id}"));
+            nodes.push(BrokerProcess::start_node_with(bin, &data, id, *addr, &peers, &ca_dir, args)?);
+        }
+        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies: BTreeMap::new() })
+    }
+
     /// Starts `n` brokers with a [`UdpProxy`] on every directed path `i -> j`: broker `i`'s
     /// `--peers` names itself at its listen address and every other broker `j` at the proxy
     /// `(i, j)` (peer links identify a broker by its certificate, so that works). Raft traffic
