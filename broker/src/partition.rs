@@ -54,11 +54,19 @@ const LEADER_EPOCH: i32 = 0;
 pub struct PartitionError {
     pub code: ErrorCode,
     pub message: String,
+    /// With `NotLeader`: the partition's leader, when known (sent to the client).
+    pub leader: Option<u32>,
 }
 
 impl PartitionError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        PartitionError { code, message: message.into() }
+        PartitionError { code, message: message.into(), leader: None }
+    }
+
+    /// The same error naming the partition's leader.
+    pub fn with_leader(mut self, leader: Option<u64>) -> Self {
+        self.leader = leader.and_then(|l| u32::try_from(l).ok());
+        self
     }
 }
 

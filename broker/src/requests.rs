@@ -85,7 +85,7 @@ fn ready(msg: Message) -> Pending {
 }
 
 fn error(e: PartitionError) -> Message {
-    Message::error(e.code, e.message)
+    Message::error_with_leader(e.code, e.message, e.leader)
 }
 
 /// Starts handling one request. Returns once the request is queued where order matters.
@@ -291,8 +291,11 @@ async fn produce(
             let request = Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch };
             let sent = forward.send(&cluster.links, l, &request).await;
             return Box::pin(async move {
-                let moved =
-                    || PartitionError::new(ErrorCode::NotLeader, "the partition's leader changed; retry");
+                let now_leads = group.status.clone();
+                let moved = || {
+                    PartitionError::new(ErrorCode::NotLeader, "the partition's leader changed; retry")
+                        .with_leader(now_leads.borrow().leader.filter(|&n| n != l))
+                };
                 let answer = match sent {
                     // A dead leader never answers: the next election is the signal to stop
                     // waiting for it (its link takes seconds to time out).

@@ -445,7 +445,7 @@ pub(crate) async fn request_on(
         let _ = send.finish();
         let mut reader = FrameReader::new(recv);
         match reader.next().await? {
-            Some(Message::Error { code, message }) => Err(ClientError::Broker { code, message }),
+            Some(Message::Error { code, message, .. }) => Err(ClientError::Broker { code, message }),
             Some(m) => Ok(m),
             None => Err(ClientError::ConnectionLost("stream closed without a response".into())),
         }

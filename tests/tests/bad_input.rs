@@ -21,7 +21,7 @@ async fn raw_stream(client: &Client) -> anyhow::Result<(quinn::SendStream, Frame
 
 async fn expect_error(reader: &mut FrameReader, code: ErrorCode) -> anyhow::Result<String> {
     match tokio::time::timeout(Duration::from_secs(10), reader.next()).await?? {
-        Some(Message::Error { code: got, message }) if got == code => Ok(message),
+        Some(Message::Error { code: got, message, .. }) if got == code => Ok(message),
         other => anyhow::bail!("expected {code:?}, got {other:?}"),
     }
 }

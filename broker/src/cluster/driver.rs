@@ -170,7 +170,8 @@ pub(crate) fn spawn(
 
 fn not_leader(leader: Option<u64>) -> PartitionError {
     match leader {
-        Some(l) => PartitionError::new(ErrorCode::NotLeader, format!("not the leader; broker {l} leads")),
+        Some(l) => PartitionError::new(ErrorCode::NotLeader, format!("not the leader; broker {l} leads"))
+            .with_leader(Some(l)),
         None => PartitionError::new(ErrorCode::NotLeader, "no leader elected yet; retry"),
     }
 }

@@ -197,7 +197,7 @@ impl Cluster {
                 }
                 Some(l) => match self.links.request(l, request, FORWARD_TIMEOUT).await {
                     Ok(Message::Done) => self.wait_visible(&command).await,
-                    Ok(Message::Error { code, message }) => Err(PartitionError::new(code, message)),
+                    Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
                     Ok(other) => Err(PartitionError::new(
                         ErrorCode::Internal,
                         format!("the controller answered with frame kind {}", other.kind()),

@@ -202,7 +202,9 @@ impl Cluster {
                         Message::FetchOffsets { group: group.to_string(), topic: topic.to_string() };
                     v.insert(match self.read_remote(target, &request).await? {
                         Message::Offsets(o) => o,
-                        Message::Error { code, message } => return Err(PartitionError::new(code, message)),
+                        Message::Error { code, message, .. } => {
+                            return Err(PartitionError::new(code, message))
+                        }
                         other => {
                             return Err(PartitionError::new(
                                 ErrorCode::Internal,

@@ -142,7 +142,7 @@ impl PartitionConsumer {
         write_message(&mut send, &Message::Subscribe(sub)).await?;
         let (start_offset, high_watermark) = match reader.next().await? {
             Some(Message::Subscribed { start_offset, high_watermark, .. }) => (start_offset, high_watermark),
-            Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
+            Some(Message::Error { code, message, .. }) => return Err(ClientError::Broker { code, message }),
             Some(other) => return Err(unexpected(other)),
             None => return Err(ClientError::ConnectionLost("subscription closed".into())),
         };
@@ -187,7 +187,7 @@ impl PartitionConsumer {
                         // acknowledged as far as we are concerned.
                         self.acks.inner.lock().settle(ranges);
                     }
-                    Some(Message::Error { code, message }) => return Err(ClientError::Broker { code, message }),
+                    Some(Message::Error { code, message, .. }) => return Err(ClientError::Broker { code, message }),
                     Some(other) => return Err(unexpected(other)),
                     None => return Err(ClientError::ConnectionLost("subscription closed by the broker".into())),
                 },

@@ -809,7 +809,7 @@ impl Sender {
 fn answer_of(resp: Result<Option<Message>, ClientError>) -> Answer {
     let why = match resp {
         Ok(Some(Message::ProduceOk { base_offset, .. })) => return Answer::Written(base_offset),
-        Ok(Some(Message::Error { code, message })) => {
+        Ok(Some(Message::Error { code, message, .. })) => {
             let e = ClientError::Broker { code, message };
             if !code.is_retriable() {
                 return Answer::Fatal(e);

@@ -36,7 +36,14 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
     let topic = |r: &mut Reader| r.string("topic", MAX_TOPIC_NAME_BYTES);
     let text = |r: &mut Reader| r.string("string", MAX_STRING_BYTES);
     Ok(match kind {
-        kind::ERROR => Error { code: ErrorCode::from_code(r.u16()?), message: text(r)? },
+        kind::ERROR => Error {
+            code: ErrorCode::from_code(r.u16()?),
+            message: text(r)?,
+            leader: match r.remaining() {
+                0 => None,
+                _ => r.option(|r| r.u32())?,
+            },
+        },
         kind::HELLO => Hello { protocol_version: r.u16()?, client_id: text(r)? },
         kind::HELLO_OK => {
             HelloOk { protocol_version: r.u16()?, broker_id: r.u32()?, server_version: text(r)? }

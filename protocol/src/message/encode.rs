@@ -22,9 +22,12 @@ impl Message {
     fn encode_payload(&self, b: &mut BytesMut) -> Bytes {
         use Message::*;
         match self {
-            Error { code, message } => {
+            Error { code, message, leader } => {
                 b.put_u16_le(code.code());
                 b.put_string(message);
+                if leader.is_some() {
+                    put_option(b, *leader, |b, l| b.put_u32_le(l));
+                }
             }
             Hello { protocol_version, client_id } => {
                 b.put_u16_le(*protocol_version);

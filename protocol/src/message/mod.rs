@@ -38,6 +38,9 @@ pub enum Message {
     Error {
         code: ErrorCode,
         message: String,
+        /// With `NotLeader`: the broker that leads the partition, when the answering broker
+        /// knows it (encoded last, optional: older peers' frames end before it).
+        leader: Option<u32>,
     },
     Hello {
         protocol_version: u16,
@@ -284,7 +287,15 @@ impl Message {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         let mut message = message.into();
         truncate_utf8(&mut message, MAX_STRING_BYTES);
-        Message::Error { code, message }
+        Message::Error { code, message, leader: None }
+    }
+
+    /// `NotLeader` (or another error) naming the partition's leader, when known.
+    pub fn error_with_leader(code: ErrorCode, message: impl Into<String>, leader: Option<u32>) -> Self {
+        match Message::error(code, message) {
+            Message::Error { code, message, .. } => Message::Error { code, message, leader },
+            other => other,
+        }
     }
 
     pub fn kind(&self) -> u8 {

@@ -36,8 +36,16 @@ fn arb_message() -> impl Strategy<Value = Message> {
     let name = "[a-z0-9._-]{1,20}";
     let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
     prop_oneof![
-        (any::<u16>(), ".{0,20}")
-            .prop_map(|(c, m)| Message::Error { code: ErrorCode::from_code(c), message: m }),
+        (any::<u16>(), ".{0,20}").prop_map(|(c, m)| Message::Error {
+            code: ErrorCode::from_code(c),
+            message: m,
+            leader: None
+        }),
+        (any::<u16>(), ".{0,40}", any::<u32>()).prop_map(|(c, m, l)| Message::Error {
+            code: ErrorCode::from_code(c),
+            message: m,
+            leader: Some(l)
+        }),
         (any::<u16>(), ".{0,10}").prop_map(|(v, c)| Message::Hello { protocol_version: v, client_id: c }),
         (any::<u16>(), any::<u32>(), ".{0,10}").prop_map(|(v, b, s)| Message::HelloOk {
             protocol_version: v,
@@ -272,9 +280,24 @@ fn without_optional_tail(msg: &Message) -> Message {
         Message::CommitOffset { group, topic, partition, offset, member, .. } => {
             Message::CommitOffset { group, topic, partition, offset, member, reset: false }
         }
+        Message::Error { code, message, leader: Some(_) } => Message::Error { code, message, leader: None },
         // No optional tail: no truncation of it may decode at all.
         _ => Message::Done,
     }
+}
+
+#[test]
+fn not_leader_names_the_leader_and_older_frames_without_it_still_decode() {
+    let named = Message::error_with_leader(ErrorCode::NotLeader, "broker 3 leads", Some(3));
+    let mut buf = BytesMut::from(&named.encode().to_bytes()[..]);
+    let frame = decode_frame(&mut buf).expect("frame").expect("whole");
+    assert_eq!(Message::decode(frame).expect("decodes"), named);
+    let old = Message::error(ErrorCode::NotLeader, "no leader yet");
+    let bytes = old.encode().to_bytes();
+    assert_eq!(bytes.len(), 6 + 2 + 2 + "no leader yet".len(), "no tail without a leader");
+    let mut buf = BytesMut::from(&bytes[..]);
+    let frame = decode_frame(&mut buf).expect("frame").expect("whole");
+    assert_eq!(Message::decode(frame).expect("decodes"), old);
 }
 
 #[test]
