@@ -8,13 +8,15 @@
 //! The harness and its checker live here; the randomised scenarios in `scenarios`, the
 //! scripted Figure-8 run of the Raft paper in `figure8`, a follower catching up from a
 //! snapshot (losing power mid-install on an armed storage fault budget) in `snapshot`
-//! (sim_snapshot_tests.rs). Below a replica's log start (a snapshot installed, a prefix
-//! deleted) the checker has nothing to compare.
+//! (sim_snapshot_tests.rs), the storage adapter's own test in `storage_adapter`. Below a
+//! replica's log start (a snapshot installed, a prefix deleted) the checker has nothing to
+//! compare.
 
 mod figure8;
 mod scenarios;
 #[path = "sim_snapshot_tests.rs"]
 mod snapshot;
+mod storage_adapter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -39,6 +41,11 @@ const DIR: &str = "/data/t-0";
 const SEED: u64 = 0x5eed_0017;
 /// Simulated time one tick stands for.
 const TICK_MS: i64 = 10;
+/// A message not delivered this long after it became deliverable is lost: a network holds a
+/// packet for a bounded time. (Without a bound, a random pick among hundreds of queued
+/// messages delivered a dead replica's answers seconds after its crash, and kept a lone
+/// leader believing in a quorum.)
+const MAX_IN_FLIGHT_MS: i64 = 500;
 
 fn log_config() -> LogConfig {
     // Small segments: appends, truncation and reads cross segment boundaries.
@@ -228,6 +235,8 @@ struct Replica {
     /// While down: the batches its disk kept after index `held` (as of the crash). Entries it
     /// acknowledged before crashing can commit later; they count as held then.
     kept: Vec<Bytes>,
+    /// Ticks it was given while up.
+    ticks: u64,
 }
 
 struct Sim {
@@ -323,6 +332,7 @@ impl Sim {
                 checked: 0,
                 held: 0,
                 kept: Vec::new(),
+                ticks: 0,
             });
         }
         Ok(sim)
@@ -483,8 +493,11 @@ impl Sim {
         }
     }
 
-    /// Delivers (or loses) a random message among those due; false if none is.
+    /// Delivers (or loses) a random message among those due; false if none is. Messages past
+    /// [`MAX_IN_FLIGHT_MS`] are lost first.
     fn deliver_due(&mut self) -> bool {
+        let now = self.now_ms;
+        self.net.retain(|f| now - f.due_ms <= MAX_IN_FLIGHT_MS);
         let due: Vec<usize> =
             self.net.iter().enumerate().filter(|(_, f)| f.due_ms <= self.now_ms).map(|(i, _)| i).collect();
         if due.is_empty() {
@@ -503,8 +516,10 @@ impl Sim {
     fn tick_one(&mut self) {
         let id = self.ids[self.rng.gen_range(0..self.ids.len())];
         self.now_ms += TICK_MS;
-        if let Some(node) = self.replica(id).node.as_mut() {
+        let r = self.replica(id);
+        if let Some(node) = r.node.as_mut() {
             node.tick();
+            r.ticks += 1;
         }
     }
 
@@ -926,107 +941,4 @@ impl Sim {
     fn committed_len(&self) -> usize {
         self.committed.len()
     }
-}
-
-/// The storage adapter on its own: Raft's own entries come back as Raft entries, terms and
-/// indexes map to epochs and ordinals, a conflicting suffix is truncated, and the answers
-/// raft-rs relies on are errors, not panics.
-#[test]
-fn storage_maps_entries_to_batches_and_back() -> Result<(), Error> {
-    use raft::eraftpb::{Entry, EntryType};
-    let mem = Arc::new(MemStorage::new());
-    let storage: Arc<dyn Storage> = mem.clone();
-    let (log, _) = PartitionLog::open(storage.clone(), DIR.into(), log_config(), 0)?;
-    let mut store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &[1, 2, 3])?;
-    assert_eq!((store.first_index()?, store.last_index()?, store.term(0)?), (1, 0, 0));
-    assert!(store.initial_state()?.initialized());
-
-    let entry = |index, term, kind, data: &[u8]| {
-        let mut e = Entry::default();
-        e.set_index(index);
-        e.set_term(term);
-        e.set_entry_type(kind);
-        e.set_data(Bytes::copy_from_slice(data));
-        e
-    };
-    let mut b = BatchBuilder::new(64);
-    b.push(5, None, b"hello", &[]);
-    b.push(6, None, b"world", &[]);
-    let user = b.finish();
-    let written = [
-        entry(1, 1, EntryType::EntryNormal, b""),
-        entry(2, 1, EntryType::EntryNormal, &user),
-        entry(3, 2, EntryType::EntryConfChangeV2, b"cc"),
-        entry(4, 2, EntryType::EntryNormal, &user),
-    ];
-    store.append(&written, 0)?;
-    assert_eq!((store.first_index()?, store.last_index()?), (1, 4));
-    assert_eq!([store.term(1)?, store.term(2)?, store.term(3)?, store.term(4)?], [1, 1, 2, 2]);
-    let read = store.entries(1, 5, None, raft::GetEntriesContext::empty(false))?;
-    assert_eq!(read.len(), 4);
-    for (r, w) in read.iter().zip(&written) {
-        assert_eq!(
-            (r.get_index(), r.get_term(), r.get_entry_type()),
-            (w.get_index(), w.get_term(), w.get_entry_type())
-        );
-    }
-    assert!(read[0].get_data().is_empty());
-    assert_eq!(read[2].get_data(), b"cc");
-    // The user batch is stored stamped: offsets 1..3 (the leader-change record took offset 0).
-    let h = BatchHeader::parse(read[1].get_data())?;
-    assert_eq!((h.base_offset, h.leader_epoch, h.records_count), (1, 1, 2));
-    assert_eq!(BatchHeader::parse(read[3].get_data())?.base_offset, 4);
-    // A size limit still returns one entry.
-    assert_eq!(store.entries(2, 5, 1, raft::GetEntriesContext::empty(false))?.len(), 1);
-    // Out of range: errors raft-rs expects, never a panic.
-    assert!(matches!(
-        store.entries(1, 6, None, raft::GetEntriesContext::empty(false)),
-        Err(raft::Error::Store(raft::StorageError::Unavailable))
-    ));
-    assert!(matches!(store.term(5), Err(raft::Error::Store(raft::StorageError::Unavailable))));
-    assert!(matches!(
-        store.entries(0, 2, None, raft::GetEntriesContext::empty(false)),
-        Err(raft::Error::Store(raft::StorageError::Compacted))
-    ));
-
-    // A new leader's entries conflict from index 3: truncated, then appended.
-    let mut hs = store.hard_state().clone();
-    hs.set_commit(2);
-    store.set_hard_state(&hs)?;
-    store.flush_commit()?;
-    store
-        .append(&[entry(3, 3, EntryType::EntryNormal, b""), entry(4, 3, EntryType::EntryNormal, &user)], 0)?;
-    assert_eq!((store.last_index()?, store.term(3)?, store.term(4)?), (4, 3, 3));
-    // Never at or below the commit; never with a gap; never a control batch as user data.
-    assert!(matches!(
-        store.append(&[entry(2, 3, EntryType::EntryNormal, b"")], 0),
-        Err(ReplicaError::TruncateCommitted { .. })
-    ));
-    assert!(matches!(
-        store.append(&[entry(6, 3, EntryType::EntryNormal, b"")], 0),
-        Err(ReplicaError::Gap { .. })
-    ));
-    let log = store.log().lock();
-    let leader_change = batch_at(&log, 3)?;
-    drop(log);
-    assert!(matches!(
-        store.append(&[entry(5, 3, EntryType::EntryNormal, &leader_change)], 0),
-        Err(ReplicaError::UnsupportedEntry(_))
-    ));
-    assert!(matches!(
-        store.append(&[entry(5, 3, EntryType::EntryConfChange, b"x")], 0),
-        Err(ReplicaError::UnsupportedEntry(_))
-    ));
-
-    // Everything synced survives a crash, hard state and configuration included.
-    let mut cs = store.initial_state()?.conf_state;
-    cs.set_learners(vec![4]);
-    store.set_conf_state(cs.clone())?;
-    mem.crash();
-    let storage: Arc<dyn Storage> = mem.clone();
-    let (log, _) = PartitionLog::open(storage.clone(), Path::new(DIR).into(), log_config(), 0)?;
-    let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &[1, 2, 3])?;
-    assert_eq!((store.last_index()?, store.term(4)?, store.hard_state().get_commit()), (4, 3, 2));
-    assert_eq!(store.initial_state()?.conf_state, cs);
-    Ok(())
 }

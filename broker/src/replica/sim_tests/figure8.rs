@@ -13,7 +13,7 @@
 
 use super::*;
 
-/// Runs every step through the checker.
+/// Scripted driving: every delivery and tick still goes through the checker.
 impl Sim {
     /// Delivers, one at a time and whatever their delay or cut, the messages on the wire that
     /// `pick` chooses, until none is left; the others stay. Returns how many were delivered.

@@ -188,7 +188,13 @@ fn last_one_standing(seed: u64) -> Result<(), Error> {
         sim.crash_torn(id)?;
     }
     let mut deposed = !sim.is_leader(survivor);
-    for _ in 0..1_000 {
+    // At least 1,000 steps and six election timeouts of the survivor's own ticks (with the
+    // leader proposing, most steps deliver messages).
+    let until = sim.replica(survivor).ticks + 6 * config(survivor, 0).election_tick as u64;
+    for step in 0..20_000 {
+        if step >= 1_000 && sim.replica(survivor).ticks >= until {
+            break;
+        }
         if sim.is_leader(survivor) {
             if deposed {
                 let term = sim.node(survivor).map_or(0, |n| n.raft.term);
@@ -219,17 +225,25 @@ fn damaged_replica(seed: u64) -> Result<(), Error> {
     sim.run(400, 20)?;
     sim.converge(5_000)?;
     let victim = sim.ids[(seed % 3) as usize];
-    // Heartbeats until the commit, written lazily (every second), reaches `raft-state`: only a
-    // loss below the persisted commit is known to be a lost committed entry (§7).
-    let persisted = |sim: &Sim| sim.node(victim).map_or(0, |n| n.store().hard_state().commit);
+    // Heartbeats until the victim's whole log is committed and the commit, written lazily
+    // (every second), has reached `raft-state`: only a loss below the persisted commit is
+    // known to be a lost committed entry (§7), and the damage must hit a committed batch.
+    let settled = |sim: &Sim| {
+        sim.node(victim).is_some_and(|n| {
+            let persisted = n.store().hard_state().commit;
+            persisted == sim.committed_len() as u64 && persisted == n.raft.raft_log.last_index()
+        })
+    };
     for _ in 0..5_000 {
-        if persisted(&sim) == sim.committed_len() as u64 {
+        if settled(&sim) {
             break;
         }
         sim.step(0)?;
     }
-    if persisted(&sim) != sim.committed_len() as u64 {
-        return Err(format!("seed {seed:#x}: replica {victim}'s commit never reached raft-state").into());
+    if !settled(&sim) {
+        return Err(
+            format!("seed {seed:#x}: replica {victim}'s log never settled committed in raft-state").into()
+        );
     }
     sim.crash(victim, 0)?;
     let tear = seed.is_multiple_of(2);
@@ -242,10 +256,9 @@ fn damaged_replica(seed: u64) -> Result<(), Error> {
             sim.fail(Broken::Other, format!("replica {victim} lost a committed entry but is not repairing"))
         );
     }
-    // Take down one of the others: the damaged one must not help elect a leader lacking
-    // what it lost, so nothing may commit until the third is back.
-    // With the leader down, the one healthy replica left cannot be elected, nor commit
-    // (the repairing one still takes appends from a leader: that is how it repairs).
+    // With the leader down, the one healthy replica left cannot be elected, nor commit, while
+    // the damaged one repairs (it still takes appends from a leader: that is how it repairs;
+    // the old leader's messages still in flight may finish the repair, and then it votes).
     let other = match sim.leader() {
         Some(l) if l != victim => l,
         _ => sim.ids.iter().copied().find(|&i| i != victim).ok_or("no other")?,
@@ -254,14 +267,19 @@ fn damaged_replica(seed: u64) -> Result<(), Error> {
     let before = sim.committed_len();
     for _ in 0..500 {
         sim.step(20)?;
+        if !sim.node(victim).is_some_and(|n| n.store().repairing()) {
+            continue;
+        }
         if let Some(l) = sim.leader() {
             return Err(
-                sim.fail(Broken::Other, format!("replica {l} was elected with a repairing replica's vote"))
+                sim.fail(Broken::Other, format!("replica {l} was elected while replica {victim} repairs"))
             );
         }
-    }
-    if sim.committed_len() != before {
-        return Err(sim.fail(Broken::Other, "entries committed with only a repairing replica's help".into()));
+        if sim.committed_len() != before {
+            return Err(
+                sim.fail(Broken::Other, "entries committed with only a repairing replica's help".into())
+            );
+        }
     }
     sim.restart(other)?;
     sim.converge(10_000)?;
