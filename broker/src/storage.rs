@@ -336,6 +336,18 @@ impl MemStorage {
         Some(bytes)
     }
 
+    /// How many leading bytes of `path` a crash now would keep: its synced length, if its name
+    /// is durable and names the file the running system sees; `None` otherwise. For tests.
+    pub fn durable_len(&self, path: &Path) -> Option<u64> {
+        let state = self.state.lock();
+        let (live, durable) = (state.files.get(path)?, state.durable.get(path)?);
+        if !Arc::ptr_eq(live, durable) {
+            return None;
+        }
+        let synced = durable.data.lock().synced;
+        Some(synced as u64)
+    }
+
     /// Replaces (or creates) a file with `bytes`, all durable, as a test's way to damage a file
     /// behind the log's back. The parent directory must exist.
     pub fn set_contents(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {

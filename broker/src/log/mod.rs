@@ -426,6 +426,13 @@ impl ReadPlan {
     pub fn first_offset(&self) -> u64 {
         self.first_offset
     }
+
+    /// The segment file and the byte position the span starts at (the simulator asks whether
+    /// a batch is durable there).
+    #[cfg(test)]
+    pub(crate) fn location(&self) -> (&Path, u64) {
+        (&self.path, self.position)
+    }
 }
 
 /// The log of one partition. Not synchronised: the owner holds it in a mutex.

@@ -4,11 +4,14 @@
 //! leader's log start and catches up by appends; for some seeds it loses power in the middle
 //! of the install. The checker's invariants hold on every step, and at the end the logs are
 //! byte-identical (offsets included) from the latest log start, nothing committed is lost, and
-//! the follower's high watermark is the leader's.
+//! the follower's high watermark is the leader's. Like the other seeded scenarios it runs on
+//! 3, 4 or 5 replicas (the seed picks) over the network that loses, delays and duplicates.
 
-use std::sync::atomic::Ordering::SeqCst;
-
+use super::scenarios::{over_seeds, seeds};
 use super::*;
+
+/// The voters of the storage-level test below.
+const IDS: [u64; 3] = [1, 2, 3];
 
 impl Sim {
     /// On every running replica but `except`: seals the active segment and deletes every
@@ -33,17 +36,17 @@ impl Sim {
 }
 
 fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
-    let mut sim = Sim::new(seed)?;
+    let mut sim = Sim::new(seed, Opts::replicas(replicas_for(seed)))?;
     sim.elect(2_000)?;
     sim.run(300, 20)?;
     sim.converge(5_000)?;
     let leader = sim.leader().ok_or("no leader")?;
-    let follower = IDS.iter().copied().find(|&i| i != leader).ok_or("no follower")?;
+    let follower = sim.ids.iter().copied().find(|&i| i != leader).ok_or("no follower")?;
     let follower_last = {
         let node = sim.replica(follower).node.as_ref().ok_or("follower down")?;
         node.store().last_index()?
     };
-    sim.crash(follower);
+    sim.crash(follower, 0)?;
     // The others go on (under drops) and drop the prefix the follower needs.
     let mut first = 0;
     for _ in 0..40 {
@@ -54,9 +57,10 @@ fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
         }
     }
     if first <= follower_last + 1 {
-        return Err(
-            sim.fail(format!("the log start stayed at {first}, the follower has up to {follower_last}"))
-        );
+        return Err(sim.fail(
+            Broken::Other,
+            format!("the log start stayed at {first}, the follower has up to {follower_last}"),
+        ));
     }
     // Some seeds lose power in the middle of installing the snapshot (any of its writes).
     if seed % 2 == 1 {
@@ -78,9 +82,10 @@ fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
         (log.first_ordinal(), log.log_start_offset())
     };
     if f_first <= follower_last + 1 {
-        return Err(
-            sim.fail(format!("follower {follower} starts at {f_first}: it did not install a snapshot"))
-        );
+        return Err(sim.fail(
+            Broken::Other,
+            format!("follower {follower} starts at {f_first}: it did not install a snapshot"),
+        ));
     }
     // Its offsets are the leader's: the batch at its first ordinal sits at the same offset
     // on the leader (the leader may have dropped more since, then its start is later).
@@ -88,9 +93,12 @@ fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
     if f_first >= lead.first_ordinal() {
         let on_leader = lead.offset_of_ordinal(f_first)?.ok_or("leader lacks the follower's first")?;
         if on_leader != f_start {
-            return Err(sim.fail(format!(
-                "follower {follower} starts at offset {f_start}, the leader has ordinal {f_first} at {on_leader}"
-            )));
+            return Err(sim.fail(
+                Broken::Committed,
+                format!(
+                    "follower {follower} starts at offset {f_start}, the leader has ordinal {f_first} at {on_leader}"
+                ),
+            ));
         }
     }
     drop(lead);
@@ -99,12 +107,15 @@ fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
     let lead_hw =
         sim.replica(leader).node.as_ref().ok_or("leader down")?.store().offset_after(lead_commit)?;
     if f_commit == lead_commit && hw != lead_hw {
-        return Err(sim.fail(format!("high watermarks differ: follower {hw:?}, leader {lead_hw:?}")));
+        return Err(sim.fail(
+            Broken::Committed,
+            format!("high watermarks differ: follower {hw:?}, leader {lead_hw:?}"),
+        ));
     }
     eprintln!(
         "seed {seed:#x}: follower {follower} had up to {follower_last}, installed a snapshot, starts at ordinal {f_first} offset {f_start}; {} committed, {} power losses mid-install",
         sim.committed_len(),
-        sim.faults
+        sim.power_losses
     );
     if sim.replica(follower).fault.load(SeqCst) > 0 {
         // Armed but never reached zero: the install needed fewer writes than the budget.
@@ -115,7 +126,12 @@ fn snapshot_catch_up(seed: u64) -> Result<(), Error> {
 
 #[test]
 fn sim_a_follower_behind_the_log_start_catches_up_from_a_snapshot() {
-    over_seeds("sim_snapshot_catch_up", snapshot_catch_up);
+    over_seeds(
+        "snapshot::sim_a_follower_behind_the_log_start_catches_up_from_a_snapshot",
+        6,
+        seeds(),
+        snapshot_catch_up,
+    );
 }
 
 /// After a snapshot install the replica reopens on an empty log: `offset_after` the snapshot
