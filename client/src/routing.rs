@@ -33,6 +33,10 @@ pub(crate) const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a refresh's `Metadata` or `ClusterStatus` may take: a refresh runs on a partition's
 /// sender task, which waits meanwhile.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A leader refresh the main connection's broker has not answered within this is asked of
+/// another broker of the cluster too (`Client::ask_hedged`): a killed broker answers nothing
+/// until the connection's idle timeout.
+const HEDGE_AFTER: Duration = Duration::from_millis(200);
 /// After a failed dial, a leader's address is not dialled again for this long (its partitions go
 /// over the main connection meanwhile), doubling per failure in a row up to
 /// [`MAX_UNREACHABLE_FOR`]: addresses clients cannot reach at all (brokers behind a NAT, `--peers`
@@ -105,6 +109,13 @@ impl Routes {
     }
 
     /// Takes in the cluster's brokers (`ClusterStatus`).
+    /// The addresses of the cluster's brokers known so far, by id.
+    fn broker_addrs(&self) -> Vec<Arc<str>> {
+        let mut ids: Vec<_> = self.brokers.iter().collect();
+        ids.sort_unstable_by_key(|(id, _)| **id);
+        ids.into_iter().map(|(_, a)| a.clone()).collect()
+    }
+
     pub(crate) fn learn_brokers(&mut self, brokers: &[BrokerStatus]) {
         for b in brokers {
             if self.brokers.get(&b.id).is_none_or(|a| **a != *b.addr) {
@@ -240,8 +251,7 @@ impl Client {
         }
         let result = async {
             let conn = self.live_connection().await?;
-            match request_on(&conn, &Message::Metadata { topic: Some(topic.into()) }, REFRESH_TIMEOUT).await?
-            {
+            match self.ask_hedged(&conn, &Message::Metadata { topic: Some(topic.into()) }).await? {
                 Message::MetadataOk(t) if t.len() == 1 => {
                     tracing::trace!(topic, leaders = ?t[0].partitions.iter().map(|p| (p.leader, p.epoch)).collect::<Vec<_>>(), "partition leaders");
                     self.learn_leaders(&t[0]).await
@@ -253,6 +263,38 @@ impl Client {
             tracing::debug!(topic, "refreshing the partitions' leaders failed: {e}");
         }
         *last = Some(Instant::now());
+    }
+
+    /// Asks `request` on `main`; if that broker has not answered within [`HEDGE_AFTER`], also
+    /// asks the first other broker of the cluster it knows (over that broker's own
+    /// connection), and takes the first answer. Either may fail; the error is the last one.
+    async fn ask_hedged(&self, main: &quinn::Connection, request: &Message) -> Result<Message, ClientError> {
+        use futures::future::{select_ok, BoxFuture, FutureExt};
+        let main_addr = main.remote_address();
+        let first: BoxFuture<'_, Result<Message, ClientError>> =
+            request_on(main, request, REFRESH_TIMEOUT).boxed();
+        let hedge: BoxFuture<'_, Result<Message, ClientError>> = async move {
+            tokio::time::sleep(HEDGE_AFTER).await;
+            let other = self
+                .routing()
+                .routes
+                .lock()
+                .broker_addrs()
+                .into_iter()
+                .find(|a| a.parse::<SocketAddr>().ok() != Some(main_addr));
+            let Some(addr) = other else {
+                return Err(ClientError::Timeout(REFRESH_TIMEOUT.as_millis() as u64));
+            };
+            match self.leader_connection(&addr).await? {
+                Some(conn) => request_on(&conn, request, REFRESH_TIMEOUT).await,
+                None => Err(ClientError::Unreachable {
+                    addr: addr.to_string(),
+                    timeout_ms: LEADER_CONNECT_TIMEOUT.as_millis() as u64,
+                }),
+            }
+        }
+        .boxed();
+        select_ok([first, hedge]).await.map(|(answer, _)| answer)
     }
 
     /// Takes in `info` (a `Metadata` answer), asking for the cluster's brokers when a leader is
