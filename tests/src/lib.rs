@@ -419,14 +419,7 @@ impl Cluster {
     pub async fn start_with_args(bin: &str, dir: &Path, n: u64, args: &[String]) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let peers = peer_list(&addrs);
-        let ca_dir = dir.join("ca");
-        let mut nodes = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let id = i as u64 + 1;
-            let data = dir.join(format!("node-{id}"));
-            nodes.push(BrokerProcess::start_node_with(bin, &data, id, *addr, &peers, &ca_dir, args)?);
-        }
-        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies: BTreeMap::new() })
+        Self::start_nodes_with(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), false, args)
     }
 
     /// Starts `n` brokers with a [`UdpProxy`] on every directed path `i -> j`: broker `i`'s
@@ -464,21 +457,31 @@ impl Cluster {
         proxies: BTreeMap<(usize, usize), UdpProxy>,
         metrics: bool,
     ) -> anyhow::Result<Cluster> {
+        Self::start_nodes_with(bin, dir, addrs, peers_of, proxies, metrics, &[])
+    }
+
+    fn start_nodes_with(
+        bin: &str,
+        dir: &Path,
+        addrs: &[SocketAddr],
+        peers_of: impl Fn(usize) -> String,
+        proxies: BTreeMap<(usize, usize), UdpProxy>,
+        metrics: bool,
+        args: &[String],
+    ) -> anyhow::Result<Cluster> {
         let ca_dir = dir.join("ca");
         let mut nodes = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
             let data = dir.join(format!("node-{id}"));
-            let node = if metrics {
-                let listen = free_tcp_port_addr()?;
-                let extra = ["--metrics-listen".to_string(), listen.to_string()];
-                let mut node =
-                    BrokerProcess::start_node_with(bin, &data, id, *addr, &peers_of(i), &ca_dir, &extra)?;
-                node.metrics = Some(listen);
-                node
-            } else {
-                BrokerProcess::start_node(bin, &data, id, *addr, &peers_of(i), &ca_dir)?
-            };
+            let mut extra = args.to_vec();
+            let listen = if metrics { Some(free_tcp_port_addr()?) } else { None };
+            if let Some(l) = listen {
+                extra.extend(["--metrics-listen".to_string(), l.to_string()]);
+            }
+            let mut node =
+                BrokerProcess::start_node_with(bin, &data, id, *addr, &peers_of(i), &ca_dir, &extra)?;
+            node.metrics = listen;
             nodes.push(node);
         }
         Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies })
@@ -729,8 +732,19 @@ impl Cluster {
         partitions: u32,
         replicas: u16,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let config = quiver_client::TopicConfig::default().with_replicas(replicas);
+        self.create_topic_with(client, name, partitions, config).await
+    }
+
+    /// As [`create_topic`](Cluster::create_topic), with the whole topic configuration.
+    pub async fn create_topic_with(
+        &self,
+        client: &Client,
+        name: &str,
+        partitions: u32,
+        config: quiver_client::TopicConfig,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut retried = false;
         loop {
             match client.admin().create_topic(name, partitions, config.clone()).await {

@@ -91,11 +91,7 @@ async fn appends_handled_in_place_replicate_and_survive_a_follower_kill() -> any
         let config = quiver_client::TopicConfig::default()
             .with_replicas(3)
             .with_durability(quiver_client::Durability::Interval);
-        let deadline = Instant::now() + std::time::Duration::from_secs(30);
-        while let Err(e) = client.admin().create_topic("fast", 1, config.clone()).await {
-            anyhow::ensure!(Instant::now() < deadline, "creating fast: {e}");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
+        cluster.create_topic_with(&client, "fast", 1, config).await?;
         let producer = Producer::new(client.clone(), ProducerConfig::default().with_acks(Acks::All));
         let mut sent = Vec::new();
         for i in 0..400 {

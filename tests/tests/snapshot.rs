@@ -57,11 +57,7 @@ async fn a_follower_behind_the_leaders_log_start_catches_up_from_a_snapshot() ->
             .with_replicas(3)
             .with_segment_bytes(16 * 1024)
             .with_retention_bytes(Some(64 * 1024));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = client.admin().create_topic("short", 1, topic_config.clone()).await {
-            anyhow::ensure!(Instant::now() < deadline, "creating short: {e}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        cluster.create_topic_with(&client, "short", 1, topic_config).await?;
         let producer = Producer::new(client.clone(), ProducerConfig::default().with_acks(Acks::All));
         let value = |i: usize| format!("{i:06}-{}", "x".repeat(500));
         for i in 0..50 {

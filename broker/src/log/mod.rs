@@ -313,6 +313,18 @@ impl SyncGate {
     fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
+
+    /// Before files are cut (a truncation, a reset): holds syncs off for as long as the
+    /// returned guard lives and moves the generation on, so a sync handle taken before cannot
+    /// record a recovery point past the cut. `None` if a sync failed: the log must be poisoned.
+    fn fence(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        let serial = self.lock.lock();
+        if self.failed() {
+            return None;
+        }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(serial)
+    }
 }
 
 impl SyncHandle {
@@ -652,14 +664,12 @@ impl PartitionLog {
         if !r.is_valid() {
             return Err(LogError::InvalidReset { base_offset, base_ordinal, epoch_before });
         }
+        // A sync handle taken before covers files that are about to go.
         let gate = self.sync_failed.clone();
-        let _serial = gate.lock.lock();
-        if gate.failed() {
+        let Some(_serial) = gate.fence() else {
             self.poisoned = true;
             return Err(LogError::Poisoned);
-        }
-        // A sync handle taken before covers files that are about to go.
-        gate.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        };
         // Poisoned on any failure from here: even a failed marker write may have left the
         // marker durable, and the next open would then complete the reset over new appends.
         let done = reset::begin(&*self.storage, &self.dir, &r)
@@ -858,14 +868,12 @@ impl PartitionLog {
         };
         let position = self.batch_position(seg, offset)?;
         let point = RecoveryPoint { segment_base: seg.base, position, next_offset: offset };
+        // From here on a sync handle taken before would record a point past the cut.
         let gate = self.sync_failed.clone();
-        let _serial = gate.lock.lock();
-        if gate.failed() {
+        let Some(_serial) = gate.fence() else {
             self.poisoned = true;
             return Err(LogError::Poisoned);
-        }
-        // From here on a sync handle taken before would record a point past the cut.
-        gate.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        };
         self.recovery.lower_to(point)?;
         let result = self.cut(index, position, offset);
         if result.is_err() {
