@@ -90,11 +90,60 @@ mod tests {
         assert!(buf.is_empty());
     }
 
+    /// Every frame `decode_frame` yields from `data` fed in chunks of the given sizes, and
+    /// whether it failed.
+    fn frames_of(data: &[u8], chunks: &[usize]) -> (Vec<RawFrame>, bool) {
+        let mut buf = BytesMut::new();
+        let (mut out, mut fed) = (Vec::new(), 0);
+        let mut sizes = chunks.iter().cycle();
+        while fed < data.len() {
+            let n = sizes.next().copied().unwrap_or(1).clamp(1, data.len() - fed);
+            buf.extend_from_slice(&data[fed..fed + n]);
+            fed += n;
+            loop {
+                match decode_frame(&mut buf) {
+                    Ok(Some(f)) => out.push(f),
+                    Ok(None) => break,
+                    Err(_) => return (out, true),
+                }
+                // Reserving room for a frame never goes past its checked length.
+                assert!(buf.capacity() <= 4 + MAX_FRAME_BYTES + data.len());
+            }
+        }
+        (out, false)
+    }
+
     proptest! {
+        #![proptest_config(crate::fuzz::config(1024))]
+
         #[test]
-        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::from(&data[..]);
             while let Ok(Some(_)) = decode_frame(&mut buf) {}
+        }
+
+        /// Valid frames, mutated (lengths set to their worst values, bytes changed, cut,
+        /// extended): the same frames and the same failure whether the bytes arrive at once or
+        /// in arbitrary chunks, so a frame boundary never depends on how the stream was read.
+        #[test]
+        fn chunking_never_changes_the_frames(
+            payloads in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40)), 1..5),
+            muts in proptest::collection::vec(crate::fuzz::mutation(), 0..4),
+            chunks in proptest::collection::vec(1usize..50, 1..8),
+        ) {
+            let mut data = BytesMut::new();
+            for (kind, p) in &payloads {
+                put_header(&mut data, *kind, p.len());
+                data.put_slice(p);
+            }
+            let data = crate::fuzz::apply(&data, &muts);
+            let whole = frames_of(&data, &[data.len().max(1)]);
+            let chunked = frames_of(&data, &chunks);
+            prop_assert_eq!(&whole, &chunked);
+            if muts.is_empty() {
+                prop_assert_eq!(whole.0.len(), payloads.len());
+                prop_assert!(!whole.1);
+            }
         }
     }
 }

@@ -7,6 +7,8 @@ pub mod codec;
 pub mod delivery;
 pub mod error;
 pub mod frame;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod group;
 pub mod ledger;
 pub mod limits;

@@ -623,6 +623,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::fuzz::config(512))]
+
         #[test]
         fn valid_messages_round_trip(m in arb_message()) {
             prop_assert_eq!(RaftMessage::decode(encoded(&m)).expect("decodes"), m);
@@ -644,6 +646,16 @@ mod tests {
             let flipped = with_byte(&bytes, flip.index(bytes.len()), byte);
             if let Ok(back) = RaftMessage::decode(flipped.clone()) {
                 prop_assert_eq!(encoded(&back), flipped);
+            }
+        }
+
+        /// Several mutations at once (length and count fields set to their worst values,
+        /// bytes inserted or removed): an error, or a message that encodes to the same bytes.
+        #[test]
+        fn mutated_messages_decode_or_fail(m in arb_message(), muts in crate::fuzz::mutations()) {
+            let bytes = Bytes::from(crate::fuzz::apply(&encoded(&m), &muts));
+            if let Ok(back) = RaftMessage::decode(bytes.clone()) {
+                prop_assert_eq!(encoded(&back), bytes);
             }
         }
     }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::frame::{decode_frame, RawFrame};
+use crate::fuzz;
 use proptest::prelude::*;
 
 fn arb_config() -> impl Strategy<Value = TopicConfig> {
@@ -238,10 +239,55 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         (any::<i64>(), any::<i16>())
             .prop_map(|(p, e)| Message::InitProducerOk { producer_id: p, producer_epoch: e }),
+        (name, ".{0,20}").prop_map(|(g, m)| Message::LeaveGroup { group: g, member_id: m }),
+        ".{0,30}".prop_map(|g| Message::DescribeGroup { group: g }),
+        (
+            name,
+            any::<u32>(),
+            proptest::option::of(".{0,12}"),
+            arb_start(),
+            proptest::option::of((".{0,12}", any::<u64>())),
+            (any::<u32>(), any::<u32>(), proptest::option::of(name)),
+        )
+            .prop_map(|(t, p, g, s, m, (ack_wait_ms, max_deliveries, dead_letter_topic))| {
+                Message::Subscribe(Subscribe {
+                    topic: t,
+                    partition: p,
+                    group: g,
+                    start: s,
+                    window_messages: ack_wait_ms ^ max_deliveries,
+                    window_bytes: max_deliveries,
+                    member: m.map(|(member_id, generation)| MemberRef { member_id, generation }),
+                    policy: RedeliveryPolicy { ack_wait_ms, max_deliveries, dead_letter_topic },
+                })
+            }),
+        (
+            ".{0,12}",
+            name,
+            any::<u32>(),
+            any::<u64>(),
+            proptest::option::of((".{0,12}", any::<u64>())),
+            any::<bool>()
+        )
+            .prop_map(|(g, t, p, o, m, reset)| Message::CommitOffset {
+                group: g,
+                topic: t,
+                partition: p,
+                offset: o,
+                member: m.map(|(member_id, generation)| MemberRef { member_id, generation }),
+                reset,
+            }),
     ]
 }
 
+/// A frame kind: mostly the known ones (so payload decoders are reached), sometimes any.
+fn arb_kind() -> impl Strategy<Value = u8> {
+    prop_oneof![4 => 0u8..=41, 1 => any::<u8>()]
+}
+
 proptest! {
+    #![proptest_config(fuzz::config(512))]
+
     #[test]
     fn round_trip(msg in arb_message()) {
         let mut buf = BytesMut::from(&msg.encode().to_bytes()[..]);
@@ -251,8 +297,59 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_payload_never_panics(kind in any::<u8>(), data in proptest::collection::vec(any::<u8>(), 0..256)) {
+    fn arbitrary_payload_never_panics(kind in arb_kind(), data in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = Message::decode(RawFrame { kind, payload: Bytes::from(data) });
+    }
+
+    /// Valid encodings with bytes changed, length fields set to their worst values, cut,
+    /// extended, spliced: an error or a message, never a panic; a message that decodes
+    /// encodes to bytes that decode to it again (nothing half-read is kept).
+    #[test]
+    fn mutated_encodings_decode_or_fail(msg in arb_message(), muts in fuzz::mutations()) {
+        let full = msg.encode().to_bytes();
+        let payload = fuzz::apply(&full[6..], &muts);
+        if let Ok(m) = Message::decode(RawFrame { kind: msg.kind(), payload: Bytes::from(payload) }) {
+            let again = m.encode().to_bytes();
+            let back = Message::decode(RawFrame { kind: m.kind(), payload: again.slice(6..) });
+            prop_assert_eq!(back, Ok(m));
+        }
+    }
+
+    /// A stream of valid frames, mutated and fed in arbitrary chunks: the frame reader yields
+    /// frames, asks for more, or fails; it never panics and never buffers past one frame's limit.
+    #[test]
+    fn a_mutated_frame_stream_never_panics(
+        msgs in proptest::collection::vec(arb_message(), 1..4),
+        muts in proptest::collection::vec(fuzz::mutation(), 0..4),
+        chunks in proptest::collection::vec(1usize..64, 1..16),
+    ) {
+        let mut stream = Vec::new();
+        for m in &msgs {
+            stream.extend_from_slice(&m.encode().to_bytes());
+        }
+        let stream = fuzz::apply(&stream, &muts);
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut sizes = chunks.iter().cycle();
+        'feed: while fed < stream.len() {
+            let n = (*sizes.next().unwrap_or(&1)).min(stream.len() - fed);
+            buf.extend_from_slice(&stream[fed..fed + n]);
+            fed += n;
+            loop {
+                match decode_frame(&mut buf) {
+                    Ok(Some(frame)) => {
+                        prop_assert!(frame.payload.len() + 2 <= crate::limits::MAX_FRAME_BYTES);
+                        let _ = Message::decode(frame);
+                    }
+                    Ok(None) => break,
+                    Err(_) => break 'feed,
+                }
+            }
+            prop_assert!(buf.capacity() <= crate::limits::MAX_FRAME_BYTES + 4 + stream.len());
+        }
+        if muts.is_empty() {
+            prop_assert!(buf.is_empty(), "unmutated frames are consumed whole");
+        }
     }
 
     #[test]
