@@ -15,6 +15,11 @@ pub mod cluster;
 pub mod config;
 pub mod data_dir;
 mod dead_letters;
+// The decoders' fuzz helpers (case counts from QUIVER_FUZZ_CASES, mutations of valid
+// encodings): one file shared with the protocol crate's tests, without a test-only crate.
+#[cfg(test)]
+#[path = "../../protocol/src/fuzz.rs"]
+pub(crate) mod fuzz;
 pub mod groups;
 pub mod log;
 mod maintenance;

@@ -6,8 +6,12 @@
 //! where it replays first on the next run; a failure worth keeping also becomes a plain
 //! `#[test]` with its bytes.
 
+// Shared by the protocol and broker crates' tests (the broker includes this file by path);
+// each uses only part of it.
+#![allow(dead_code)]
+
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, TestCaseError};
 
 /// The env var that sets the case count of every fuzz property.
 pub const CASES_VAR: &str = "QUIVER_FUZZ_CASES";
@@ -105,4 +109,34 @@ fn apply_one(out: &mut Vec<u8>, m: &Mutation) {
             out.drain(at..end);
         }
     }
+}
+
+/// Makes the trailing little-endian CRC32C of a file match the bytes before it, as on every
+/// small durable file of the broker: mutations then reach the field checks behind the CRC.
+pub fn fix_trailing_crc(bytes: &mut [u8]) {
+    if let Some((body, crc)) = bytes.split_last_chunk_mut::<4>() {
+        *crc = crc32c::crc32c(body).to_le_bytes();
+    }
+}
+
+/// The property every durable-file decoder keeps: `valid` mutated by `muts` (its CRC made to
+/// match again when `fix_crc`) decodes to an error or to a value that encodes to bytes
+/// decoding to the same value; never a panic.
+pub fn decodes_or_fails<T: PartialEq + std::fmt::Debug, E>(
+    valid: &[u8],
+    muts: &[Mutation],
+    fix_crc: bool,
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    encode: impl Fn(&T) -> Vec<u8>,
+) -> Result<(), TestCaseError> {
+    let mut bytes = apply(valid, muts);
+    if fix_crc {
+        fix_trailing_crc(&mut bytes);
+    }
+    if let Ok(v) = decode(&bytes) {
+        let again =
+            decode(&encode(&v)).map_err(|_| TestCaseError::fail(format!("{v:?} does not decode again")))?;
+        prop_assert_eq!(again, v);
+    }
+    Ok(())
 }

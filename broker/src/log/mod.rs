@@ -29,11 +29,15 @@ mod model_tests;
 mod ordinal_tests;
 mod recovery;
 #[cfg(test)]
+mod recovery_fuzz_tests;
+#[cfg(test)]
 mod replication_tests;
 mod reset;
 #[cfg(test)]
 mod reset_tests;
 mod segment;
+#[cfg(test)]
+mod side_file_fuzz_tests;
 #[cfg(test)]
 mod tests;
 mod verify;

@@ -61,7 +61,7 @@ impl Reset {
             && self.epoch_before >= 0
     }
 
-    fn encode(&self) -> [u8; LEN] {
+    pub(super) fn encode(&self) -> [u8; LEN] {
         let mut out = [0u8; LEN];
         out[..4].copy_from_slice(MAGIC);
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
@@ -73,7 +73,7 @@ impl Reset {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Reset, String> {
+    pub(super) fn decode(bytes: &[u8]) -> Result<Reset, String> {
         let Ok(b) = <&[u8; LEN]>::try_from(bytes) else {
             return Err(format!("{} bytes, expected {LEN}", bytes.len()));
         };

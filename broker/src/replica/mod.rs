@@ -10,6 +10,8 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 mod admit;
+#[cfg(test)]
+mod decode_fuzz_tests;
 mod logger;
 mod ready;
 mod snapshot;
