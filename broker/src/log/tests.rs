@@ -950,7 +950,7 @@ fn config_is_validated() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(crate::fuzz::config(200))]
 
     /// Hostile bytes as the last segment, or as a closed one, never panic; when the open
     /// succeeds every offset reads.
