@@ -16,7 +16,7 @@ use quiver_protocol::batch::BatchHeader;
 use quiver_protocol::limits::{MAX_PRODUCERS_PER_PARTITION, RECENT_BATCHES};
 
 /// Producer ids are reserved durably in blocks of this many.
-const ID_BLOCK: i64 = 1000;
+pub(crate) const ID_BLOCK: i64 = 1000;
 
 /// Extension of a segment's producer-state snapshot, `<base>.producers`: the state as of the
 /// segment's first batch.
@@ -234,7 +234,7 @@ pub struct ProducerIds {
 }
 
 /// Counters are below 2^32, so `counter << 31 | tag` stays a positive i64.
-const MAX_COUNTER: i64 = 1 << 32;
+pub(crate) const MAX_COUNTER: i64 = 1 << 32;
 const TAG_MASK: i64 = (1 << 31) - 1;
 const IDS_MAGIC: &[u8; 4] = b"QVPI";
 const IDS_VERSION: u16 = 1;
@@ -247,8 +247,9 @@ pub const PRODUCER_EPOCH: i16 = 0;
 /// Why a batch's producer identity is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProducerIdError {
-    /// The id was never handed out by `InitProducer` on this broker's data directory.
-    #[error("producer id {0} was never issued by this broker; ask for one with InitProducer")]
+    /// The id was never handed out by `InitProducer` (on this broker's data directory, or in
+    /// this cluster).
+    #[error("producer id {0} was never issued here; ask for one with InitProducer")]
     NeverIssued(i64),
     /// The id was issued, but not with this epoch.
     #[error("producer {id} sent epoch {epoch}; its id was issued with epoch {PRODUCER_EPOCH}")]
@@ -310,12 +311,6 @@ impl ProducerIds {
         Ok(ids)
     }
 
-    fn tag(&self, counter: i64) -> i64 {
-        let mac = ring::hmac::sign(&self.key, &counter.to_le_bytes());
-        let b = mac.as_ref();
-        i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) & TAG_MASK
-    }
-
     /// Writes the block end and the key: tmp, fsync, rename, fsync of the directory.
     fn persist(&self, block_end: i64) -> std::io::Result<()> {
         let mut body = Vec::with_capacity(IDS_FILE_BYTES);
@@ -341,18 +336,7 @@ impl ProducerIds {
     /// this, a client could write under a sequence it made up, or under another producer's
     /// state by naming an id it was never given.
     pub fn check(&self, producer_id: i64, epoch: i16) -> Result<(), ProducerIdError> {
-        if producer_id < 0 {
-            return Ok(());
-        }
-        let counter = producer_id >> 31;
-        if counter >= self.issued_below.load(Ordering::Acquire) || producer_id & TAG_MASK != self.tag(counter)
-        {
-            return Err(ProducerIdError::NeverIssued(producer_id));
-        }
-        if epoch != PRODUCER_EPOCH {
-            return Err(ProducerIdError::WrongEpoch { id: producer_id, epoch });
-        }
-        Ok(())
+        check_id(&self.key, self.issued_below.load(Ordering::Acquire), producer_id, epoch)
     }
 
     /// A fresh id. Blocking (it may persist a new block).
@@ -369,12 +353,45 @@ impl ProducerIds {
         let counter = st.0;
         st.0 += 1;
         self.issued_below.fetch_max(st.0, Ordering::AcqRel);
-        Ok(counter << 31 | self.tag(counter))
+        Ok(make_id(&self.key, counter))
     }
 }
 
+/// The id of `counter` under `key`: the counter in the high bits, the low 31 bits of an
+/// HMAC of it below, so an id nobody issued is refused without a table of issued ids.
+pub(crate) fn make_id(key: &ring::hmac::Key, counter: i64) -> i64 {
+    counter << 31 | id_tag(key, counter)
+}
+
+fn id_tag(key: &ring::hmac::Key, counter: i64) -> i64 {
+    let mac = ring::hmac::sign(key, &counter.to_le_bytes());
+    let b = mac.as_ref();
+    i64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) & TAG_MASK
+}
+
+/// Checks a batch's producer identity against the key ids are made with and the end of the
+/// counters issued so far: a negative id is a batch without one (not idempotent).
+pub(crate) fn check_id(
+    key: &ring::hmac::Key,
+    issued_below: i64,
+    producer_id: i64,
+    epoch: i16,
+) -> Result<(), ProducerIdError> {
+    if producer_id < 0 {
+        return Ok(());
+    }
+    let counter = producer_id >> 31;
+    if counter >= issued_below || producer_id & TAG_MASK != id_tag(key, counter) {
+        return Err(ProducerIdError::NeverIssued(producer_id));
+    }
+    if epoch != PRODUCER_EPOCH {
+        return Err(ProducerIdError::WrongEpoch { id: producer_id, epoch });
+    }
+    Ok(())
+}
+
 /// A new random key for producer-id tags.
-fn new_key() -> std::io::Result<[u8; 32]> {
+pub(crate) fn new_key() -> std::io::Result<[u8; 32]> {
     use ring::rand::SecureRandom;
     let mut key = [0u8; 32];
     ring::rand::SystemRandom::new()

@@ -207,7 +207,8 @@ async fn dispatch(
         }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
-            if !members.take_producer_id(std::time::Instant::now()) {
+            // A peer forwards its clients' requests, each counted where the client connected.
+            if !members.is_peer() && !members.take_producer_id(std::time::Instant::now()) {
                 return Some(Message::error(
                     ErrorCode::LimitExceeded,
                     format!(
@@ -215,6 +216,15 @@ async fn dispatch(
                          (MAX_PRODUCER_IDS_PER_CONNECTION); reuse a producer"
                     ),
                 ));
+            }
+            if let Some(cluster) = &st.cluster {
+                return Some(match cluster.producer_id(members.is_peer()).await {
+                    Ok(producer_id) => Message::InitProducerOk {
+                        producer_id,
+                        producer_epoch: crate::producers::PRODUCER_EPOCH,
+                    },
+                    Err(e) => error(e),
+                });
             }
             Some(match tokio::task::spawn_blocking(move || st.producer_ids.allocate_blocking()).await {
                 Ok(Ok(producer_id)) => {
@@ -333,14 +343,12 @@ async fn produce(
                 ),
             ));
         }
-        // In a cluster, ids issued by another broker carry its key: they are checked where they
-        // were issued only (controller-issued ids come with issue 18).
-        if state.cluster.is_none() {
-            state
-                .producer_ids
-                .check(header.producer_id, header.producer_epoch)
-                .map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
-        }
+        // In a cluster, ids come from the controller log (docs/replication.md §2c).
+        let checked = match &state.cluster {
+            None => state.producer_ids.check(header.producer_id, header.producer_epoch),
+            Some(c) => c.check_producer_id(header.producer_id, header.producer_epoch).await,
+        };
+        checked.map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
         t.metrics.messages_in.increment(header.records_count as u64);
         t.metrics.bytes_in.increment(batch.len() as u64);
         let rx = p.submit(batch).await?;

@@ -25,8 +25,21 @@ use crate::topics::Topics;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Command {
-    CreateTopic { name: String, partitions: u32, config: TopicConfig },
-    DeleteTopic { name: String },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// The next `count` producer-id counters go to `broker` (producer_ids.rs); `key` is the key
+    /// of every id if this is the first reservation, else ignored.
+    ReserveProducerIds {
+        broker: u64,
+        count: i64,
+        key: String,
+    },
 }
 
 impl Command {
@@ -53,6 +66,7 @@ impl Command {
         match self {
             Command::CreateTopic { name, .. } => cluster.topic_index.contains_key(name),
             Command::DeleteTopic { name } => !cluster.topic_index.contains_key(name),
+            Command::ReserveProducerIds { .. } => true,
         }
     }
 }
@@ -152,6 +166,7 @@ pub(super) async fn start(
         topic_index: DashMap::new(),
         applied_state: Applied::default(),
         delete_hooks: OnceLock::new(),
+        producer_ids: Default::default(),
         shutdown: shutdown.clone(),
     });
     tokio::spawn(super::remote::announce_loop(cluster.clone(), topics.clone()));
@@ -164,6 +179,7 @@ pub(super) async fn start(
             .context("the controller stopped while replaying")?;
         tracing::info!(commands = commit, "replayed the controller log");
     }
+    cluster.producer_ids.forget_replayed();
     // A new cluster's lowest id asks for votes at once rather than after a timeout.
     if fresh && cluster.config.peers.keys().next() == Some(&me) {
         let _ = cluster.controller.events.try_send(super::Event::Campaign);
@@ -246,6 +262,9 @@ async fn apply(
             }
             cluster.topic_index.insert(name, index);
             Ok(())
+        }
+        Command::ReserveProducerIds { broker, count, key } => {
+            cluster.producer_ids.apply(index, broker == cluster.config.node_id, count, &key)
         }
         Command::DeleteTopic { name } => {
             if cluster.topic_index.remove(&name).is_none() && topics.get(&name).is_err() {

@@ -23,6 +23,7 @@ mod controller;
 mod driver;
 mod forward;
 mod links;
+mod producer_ids;
 mod remote;
 
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub struct Cluster {
     pub(crate) topic_index: DashMap<String, u64>,
     pub(crate) applied_state: controller::Applied,
     pub(crate) delete_hooks: std::sync::OnceLock<controller::DeleteHooks>,
+    pub(crate) producer_ids: producer_ids::ClusterProducerIds,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -183,18 +185,7 @@ impl Cluster {
                     ErrorCode::NotLeader,
                     "the cluster has no controller leader (no quorum?)",
                 )),
-                Some(l) if l == self.config.node_id => {
-                    let (reply, rx) = tokio::sync::oneshot::channel();
-                    let data = command.encode();
-                    if self.controller.events.send(Event::Command { data, reply }).await.is_err() {
-                        return Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped"));
-                    }
-                    match rx.await {
-                        Ok(Ok(index)) => self.wait_applied(index).await.and_then(|()| self.outcome(index)),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped")),
-                    }
-                }
+                Some(l) if l == self.config.node_id => self.propose_here(&command).await.map(drop),
                 Some(l) => match self.links.request(l, request, FORWARD_TIMEOUT).await {
                     Ok(Message::Done) => self.wait_visible(&command).await,
                     Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
@@ -212,6 +203,103 @@ impl Cluster {
                 other => return other,
             }
         }
+    }
+
+    /// Proposes a command on this broker, the controller's leader; answers with its index once
+    /// committed and applied here.
+    async fn propose_here(&self, command: &Command) -> Result<u64, PartitionError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let data = command.encode();
+        if self.controller.events.send(Event::Command { data, reply }).await.is_err() {
+            return Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped"));
+        }
+        match rx.await {
+            Ok(Ok(index)) => {
+                self.wait_applied(index).await.and_then(|()| self.outcome(index)).map(|()| index)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped")),
+        }
+    }
+
+    /// A new producer id (docs/replication.md §2c): issued here when this broker leads the
+    /// controller, from a block the controller log reserved for it (reserving the next block
+    /// when this one is used up); else asked of the controller's leader. A request a peer
+    /// forwarded (`from_peer`) is never forwarded again.
+    pub(crate) async fn producer_id(&self, from_peer: bool) -> Result<i64, PartitionError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            let outcome = match self.controller.leader(LEADER_WAIT).await {
+                None => Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "the cluster has no controller leader (no quorum?)",
+                )),
+                Some(l) if l == self.config.node_id => self.issue_producer_id().await,
+                Some(_) if from_peer => Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "this broker no longer leads the controller; retry",
+                )),
+                Some(l) => match self.links.request(l, &Message::InitProducer, FORWARD_TIMEOUT).await {
+                    Ok(Message::InitProducerOk { producer_id, .. }) => Ok(producer_id),
+                    Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
+                    Ok(other) => Err(PartitionError::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "the controller's leader answered InitProducer with frame kind {}",
+                            other.kind()
+                        ),
+                    )),
+                    Err(e) => Err(e),
+                },
+            };
+            match outcome {
+                Err(e)
+                    if e.code == ErrorCode::NotLeader
+                        && !from_peer
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn issue_producer_id(&self) -> Result<i64, PartitionError> {
+        let ids = &self.producer_ids;
+        let mut issuing = ids.issuing().lock().await;
+        if let Some(id) = ids.next_from_block(&mut issuing) {
+            return Ok(id);
+        }
+        let key = producer_ids::fresh_key_hex()
+            .map_err(|e| PartitionError::new(ErrorCode::Internal, format!("a producer-id key: {e}")))?;
+        let command = Command::ReserveProducerIds {
+            broker: self.config.node_id,
+            count: crate::producers::ID_BLOCK,
+            key,
+        };
+        let index = self.propose_here(&command).await?;
+        *issuing = ids.take_block(index).ok_or_else(|| {
+            PartitionError::new(ErrorCode::Internal, "the reserved producer-id block went missing")
+        })?;
+        tracing::debug!(block = ?*issuing, index, "reserved a block of producer ids");
+        ids.next_from_block(&mut issuing)
+            .ok_or_else(|| PartitionError::new(ErrorCode::Internal, "an empty producer-id block"))
+    }
+
+    /// Checks a batch's producer identity where its partition is led: an id whose block this
+    /// broker has not applied yet waits up to [`TOPIC_WAIT`] for the controller log.
+    pub(crate) async fn check_producer_id(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+    ) -> Result<(), crate::producers::ProducerIdError> {
+        if !self.producer_ids.known(producer_id) {
+            let mut applied = self.applied.clone();
+            let ids = &self.producer_ids;
+            let _ = tokio::time::timeout(TOPIC_WAIT, applied.wait_for(|_| ids.known(producer_id))).await;
+        }
+        self.producer_ids.check(producer_id, epoch)
     }
 
     async fn wait_applied(&self, index: u64) -> Result<(), PartitionError> {
