@@ -176,6 +176,9 @@ impl Report {
     }
 }
 
+/// A broker's log of a partition: (offset, value) in offset order.
+type Log = Vec<(u64, String)>;
+
 /// What one produced value became.
 #[derive(Debug, Default)]
 struct Produced {
@@ -248,7 +251,7 @@ fn produces(events: &[Event], st: &mut Stats) -> HashMap<String, Produced> {
 
 /// Each partition's reference log (offset -> value), after comparing every broker's.
 fn final_logs(events: &[Event], r: &mut Report) -> BTreeMap<u32, Vec<(u64, String)>> {
-    let mut by_partition: BTreeMap<u32, Vec<(usize, &Vec<(u64, String)>)>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<u32, Vec<(usize, &Log)>> = BTreeMap::new();
     for e in events.iter().filter(|e| e.f == "read-log") {
         let (p, node) = (e.partition.unwrap_or(0), e.node.unwrap_or(0));
         match (&e.log, e.kind) {

@@ -93,7 +93,9 @@ fn an_acknowledged_value_missing_from_the_log_is_lost() {
 fn a_value_of_an_idempotent_producer_twice_is_a_duplicate() {
     let mut h = clean();
     for e in h.iter_mut().filter(|e| e.f == "read-log") {
-        e.log.as_mut().map(|l| l.push((3, "c".into())));
+        if let Some(l) = e.log.as_mut() {
+            l.push((3, "c".into()));
+        }
     }
     h.push(deliver(58, "consumer-0", 1, 0, 3, "c", 1));
     let r = run(&h);
@@ -130,7 +132,9 @@ fn brokers_serving_different_logs_diverge() {
 fn a_value_never_sent_is_a_phantom_and_an_unreadable_log_is_reported() {
     let mut h = clean();
     for e in h.iter_mut().filter(|e| e.f == "read-log") {
-        e.log.as_mut().map(|l| l.push((3, "zzz".into())));
+        if let Some(l) = e.log.as_mut() {
+            l.push((3, "zzz".into()));
+        }
     }
     h.push(deliver(58, "consumer-0", 1, 0, 3, "zzz", 1));
     assert_eq!(found(&run(&h)), ["phantom"]);

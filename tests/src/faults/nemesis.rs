@@ -171,7 +171,7 @@ pub fn schedule(
     kinds: &[FaultKind],
     leader_kills: bool,
 ) -> Vec<Step> {
-    let mut rng = Rng::new(Rng::derive(seed, 0x6e65_6d65_7369_73));
+    let mut rng = Rng::new(Rng::derive(seed, 0x006e_656d_6573_6973));
     let end = duration.as_millis() as u64;
     let mut at = 3_000u64.min(end / 4);
     let mut steps = Vec::new();
