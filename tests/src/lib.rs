@@ -14,10 +14,11 @@ use bytes::Bytes;
 use quiver_broker::{Broker, BrokerConfig};
 use quiver_client::{Client, ClientConfig};
 
+pub mod faults;
 pub mod proxy;
 pub mod workload;
 
-use proxy::{Mode, UdpProxy};
+use proxy::{LinkFaults, Mode, UdpProxy};
 
 /// 127.0.0.1 with an ephemeral port: for the listeners an embedded broker's config names.
 pub const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
@@ -429,12 +430,24 @@ impl Cluster {
     /// [`Cluster::cut`] and [`Cluster::isolate`] can drop them. Clients still reach every
     /// broker directly.
     pub async fn start_with_proxies(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
+        Self::start_with_proxies_seeded(bin, dir, n, 0).await
+    }
+
+    /// As [`start_with_proxies`](Cluster::start_with_proxies), each proxy's RNG (drops,
+    /// delays, duplicates, reordering: [`Cluster::set_link`]) seeded from `seed` and its path.
+    pub async fn start_with_proxies_seeded(
+        bin: &str,
+        dir: &Path,
+        n: u64,
+        seed: u64,
+    ) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let mut proxies = BTreeMap::new();
         for from in 0..addrs.len() {
             for (to, &addr) in addrs.iter().enumerate() {
                 if from != to {
-                    proxies.insert((from, to), UdpProxy::start(addr).await?);
+                    let path_seed = faults::rng::Rng::derive(seed, (from * 64 + to) as u64 + 1);
+                    proxies.insert((from, to), UdpProxy::start_seeded(addr, path_seed).await?);
                 }
             }
         }
@@ -491,6 +504,18 @@ impl Cluster {
     pub fn cut(&self, from: usize, to: usize, mode: Mode) {
         if let Some(p) = self.proxies.get(&(from, to)) {
             p.set(mode);
+        }
+    }
+
+    /// What happens to every datagram broker `from` sends to broker `to` (node indexes): on
+    /// the proxy `(from, to)` those are the requests going up, on the proxy `(to, from)` the
+    /// answers coming back down. A no-op without proxies.
+    pub fn set_link(&self, from: usize, to: usize, faults: LinkFaults) {
+        if let Some(p) = self.proxies.get(&(from, to)) {
+            p.set_up(faults);
+        }
+        if let Some(p) = self.proxies.get(&(to, from)) {
+            p.set_down(faults);
         }
     }
 
