@@ -390,7 +390,7 @@ fn decode_header<E: IndexEntry>(bytes: &[u8], base: u64) -> Result<Option<u64>, 
 
 /// Checks a whole index file (header and entries) and decodes its entries and base ordinal
 /// (0 for the time index, which has none).
-fn decode_entries<E: IndexEntry>(
+pub(super) fn decode_entries<E: IndexEntry>(
     bytes: &[u8],
     base: u64,
     log_len: u64,

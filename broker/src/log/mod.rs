@@ -24,6 +24,8 @@ mod fault_tests;
 mod file_cache;
 mod index;
 #[cfg(test)]
+mod index_fuzz_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod ordinal_tests;
