@@ -23,6 +23,8 @@ pub(crate) mod fuzz;
 pub mod groups;
 pub mod log;
 mod maintenance;
+#[cfg(test)]
+mod metadata_fuzz_tests;
 pub mod observability;
 pub mod offsets;
 pub mod open_files;

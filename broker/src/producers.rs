@@ -264,37 +264,26 @@ pub enum ProducerIdError {
 impl ProducerIds {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let path = data_dir.join("producer_ids");
-        let damaged = || std::io::Error::other(format!("{} is damaged", path.display()));
-        let (reserved, key, fresh) = match std::fs::read(&path) {
-            Ok(b) if b.len() == IDS_FILE_BYTES => {
-                let body = &b[..IDS_FILE_BYTES - 4];
-                let crc = u32::from_le_bytes([b[48], b[49], b[50], b[51]]);
-                if &b[..4] != IDS_MAGIC
-                    || u16::from_le_bytes([b[4], b[5]]) != IDS_VERSION
-                    || crc32c::crc32c(body) != crc
-                {
-                    return Err(damaged());
-                }
-                let mut end = [0u8; 8];
-                end.copy_from_slice(&b[8..16]);
-                let mut key = [0u8; 32];
-                key.copy_from_slice(&b[16..48]);
-                (i64::from_le_bytes(end), key, false)
+        let damaged = |why: &str| std::io::Error::other(format!("{} is damaged: {why}", path.display()));
+        // Read at most one byte more than the largest layout: a longer file is damaged, and its
+        // length must not decide an allocation.
+        let bytes = match std::fs::File::open(&path) {
+            Ok(f) => {
+                use std::io::Read;
+                let mut bytes = Vec::with_capacity(IDS_FILE_BYTES + 1);
+                f.take(IDS_FILE_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+                Some(bytes)
             }
-            // The first layout: a u64 block end of sequential ids and its crc, no key. Ids it
-            // handed out are not accepted any more (producers take new ones); counters start
-            // above them.
-            Ok(b)
-                if b.len() == 12
-                    && crc32c::crc32c(&b[..8]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) =>
-            {
-                let mut end = [0u8; 8];
-                end.copy_from_slice(&b[..8]);
-                (i64::from_le_bytes(end).clamp(0, MAX_COUNTER), new_key()?, true)
-            }
-            Ok(_) => return Err(damaged()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, new_key()?, true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
+        };
+        let (reserved, key, fresh) = match bytes.as_deref().map(decode_ids_file) {
+            Some(Ok(IdsFile::Keyed { block_end, key })) => (block_end, key, false),
+            // The first layout: ids it handed out are not accepted any more (producers take new
+            // ones); counters start above them.
+            Some(Ok(IdsFile::Sequential { block_end })) => (block_end, new_key()?, true),
+            Some(Err(why)) => return Err(damaged(why)),
+            None => (0, new_key()?, true),
         };
         let ids = ProducerIds {
             path,
@@ -313,13 +302,7 @@ impl ProducerIds {
 
     /// Writes the block end and the key: tmp, fsync, rename, fsync of the directory.
     fn persist(&self, block_end: i64) -> std::io::Result<()> {
-        let mut body = Vec::with_capacity(IDS_FILE_BYTES);
-        body.extend_from_slice(IDS_MAGIC);
-        body.extend_from_slice(&IDS_VERSION.to_le_bytes());
-        body.extend_from_slice(&0u16.to_le_bytes());
-        body.extend_from_slice(&block_end.to_le_bytes());
-        body.extend_from_slice(&self.key_bytes);
-        body.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let body = encode_ids_file(block_end, &self.key_bytes);
         let tmp = self.path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&body)?;
@@ -388,6 +371,60 @@ pub(crate) fn check_id(
         return Err(ProducerIdError::WrongEpoch { id: producer_id, epoch });
     }
     Ok(())
+}
+
+/// What a `producer_ids` file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum IdsFile {
+    /// `magic, u16 version, u16 reserved, u64 block end, [u8; 32] key, u32 crc32c`.
+    Keyed { block_end: i64, key: [u8; 32] },
+    /// The first layout: `u64 block end` of sequential ids and its crc32c, no key.
+    Sequential { block_end: i64 },
+}
+
+/// Parses a `producer_ids` file: its layout by length, the checksum, magic and version, and a
+/// block end within `0..=MAX_COUNTER` (a larger one would overflow the next block).
+pub(crate) fn decode_ids_file(b: &[u8]) -> Result<IdsFile, &'static str> {
+    let le_u64 = |at: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[at..at + 8]);
+        i64::from_le_bytes(v)
+    };
+    match b.len() {
+        IDS_FILE_BYTES => {
+            let crc = u32::from_le_bytes([b[48], b[49], b[50], b[51]]);
+            if &b[..4] != IDS_MAGIC || u16::from_le_bytes([b[4], b[5]]) != IDS_VERSION || b[6..8] != [0, 0] {
+                return Err("bad magic, version or reserved bytes");
+            }
+            if crc32c::crc32c(&b[..IDS_FILE_BYTES - 4]) != crc {
+                return Err("checksum mismatch");
+            }
+            let block_end = le_u64(8);
+            if !(0..=MAX_COUNTER).contains(&block_end) {
+                return Err("block end out of range");
+            }
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&b[16..48]);
+            Ok(IdsFile::Keyed { block_end, key })
+        }
+        12 if crc32c::crc32c(&b[..8]) == u32::from_le_bytes([b[8], b[9], b[10], b[11]]) => {
+            Ok(IdsFile::Sequential { block_end: le_u64(0).clamp(0, MAX_COUNTER) })
+        }
+        12 => Err("checksum mismatch"),
+        _ => Err("unexpected length"),
+    }
+}
+
+/// The bytes of a `producer_ids` file with `block_end` and `key` (as `persist` writes it).
+pub(crate) fn encode_ids_file(block_end: i64, key: &[u8; 32]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(IDS_FILE_BYTES);
+    body.extend_from_slice(IDS_MAGIC);
+    body.extend_from_slice(&IDS_VERSION.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    body.extend_from_slice(&block_end.to_le_bytes());
+    body.extend_from_slice(key);
+    body.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    body
 }
 
 /// A new random key for producer-id tags.

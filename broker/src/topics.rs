@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use quiver_protocol::limits::MAX_TOPIC_FILE_BYTES;
 use quiver_protocol::message::{validate_partition_count, validate_topic_name};
 use quiver_protocol::{ErrorCode, TopicConfig};
 use serde::{Deserialize, Serialize};
@@ -59,11 +60,41 @@ impl Topic {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct TopicFile {
-    name: String,
-    partitions: u32,
-    config: TopicConfig,
+/// `topics/<name>/topic.json`.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TopicFile {
+    pub(crate) name: String,
+    pub(crate) partitions: u32,
+    pub(crate) config: TopicConfig,
+}
+
+impl TopicFile {
+    /// Parses and checks the file's bytes (length at most [`MAX_TOPIC_FILE_BYTES`], then the
+    /// name, the partition count and the config against their limits): a damaged file must
+    /// not make the start allocate a job per partition it claims.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<TopicFile, String> {
+        if bytes.len() as u64 > MAX_TOPIC_FILE_BYTES {
+            return Err(format!("{} bytes, more than {MAX_TOPIC_FILE_BYTES}", bytes.len()));
+        }
+        let file: TopicFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        validate_topic_name(&file.name)?;
+        validate_partition_count(file.partitions)?;
+        file.config.validate()?;
+        Ok(file)
+    }
+
+    /// The file's bytes.
+    pub(crate) fn encode(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self)
+    }
+}
+
+/// Reads at most [`MAX_TOPIC_FILE_BYTES`] + 1 bytes of `path`.
+fn read_topic_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_TOPIC_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[derive(Debug)]
@@ -109,7 +140,7 @@ impl Topics {
             let entry = entry?;
             let dir_name = entry.file_name().to_string_lossy().into_owned();
             let meta = entry.path().join("topic.json");
-            let text = match std::fs::read_to_string(&meta) {
+            let text = match read_topic_file(&meta) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && entry.path().is_dir() => {
                     // topic.json is written last: this is a create that a crash interrupted,
@@ -123,8 +154,9 @@ impl Topics {
                     continue;
                 }
             };
-            let file: TopicFile =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", meta.display()))?;
+            let file = TopicFile::decode(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("parsing {}", meta.display()))?;
             if file.name != dir_name {
                 if dir_name == format!("{}.deleting", file.name) {
                     // Versions before 0.2 renamed a deleted topic to `<name>.deleting` in place.
@@ -441,7 +473,7 @@ fn write_topic_file(dir: &Path, file: &TopicFile) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join("topic.json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(file).map_err(std::io::Error::other)?.as_bytes())?;
+    f.write_all(file.encode().map_err(std::io::Error::other)?.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join("topic.json"))?;
     std::fs::File::open(dir)?.sync_all()?;

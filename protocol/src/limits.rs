@@ -133,6 +133,9 @@ pub const MAX_PERSISTED_RANGES: usize = 1024;
 /// log over twice this is refused at start with an error naming it. Also the largest
 /// old-format `offsets.log` migrated at start.
 pub const MAX_OFFSETS_FILE_BYTES: u64 = 1 << 30;
+/// Largest `topics/<t>/topic.json` read at start (a name, a count and a config take a few
+/// hundred bytes); a longer one is refused before it is read.
+pub const MAX_TOPIC_FILE_BYTES: u64 = 64 * 1024;
 
 // ---- Replication (Raft messages between brokers, docs/replication.md) ------------------------
 

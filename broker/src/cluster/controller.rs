@@ -9,6 +9,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchBuilder, RecordIter, ValidatedBatch};
+use quiver_protocol::message::{validate_partition_count, validate_topic_name};
 use quiver_protocol::{ErrorCode, TopicConfig};
 use raft::eraftpb::{Entry, EntryType};
 use serde::{Deserialize, Serialize};
@@ -51,14 +52,34 @@ impl Command {
         b.finish()
     }
 
-    fn decode(data: Bytes) -> Result<Command, String> {
+    /// Parses an entry's data and checks the command against the limits every proposer
+    /// checked (topic name, partition count, config): entries come from the log and from
+    /// peers, and applying one must never create what no broker would have accepted.
+    pub(super) fn decode(data: Bytes) -> Result<Command, String> {
         let batch = ValidatedBatch::new(data).map_err(|e| e.to_string())?;
         let header = *batch.header();
         let record = RecordIter::new(batch.freeze(), header)
             .next()
             .ok_or("an empty command batch")?
             .map_err(|e| e.to_string())?;
-        serde_json::from_slice(&record.value).map_err(|e| e.to_string())
+        let command: Command = serde_json::from_slice(&record.value).map_err(|e| e.to_string())?;
+        match &command {
+            Command::CreateTopic { name, partitions, config } => {
+                validate_topic_name(name)?;
+                validate_partition_count(*partitions)?;
+                config.validate()?;
+            }
+            Command::DeleteTopic { name } => validate_topic_name(name)?,
+            Command::ReserveProducerIds { count, key, .. } => {
+                if !(1..=crate::producers::ID_BLOCK).contains(count) {
+                    return Err(format!("a producer-id reservation of {count} counters"));
+                }
+                if super::producer_ids::decode_key(key).is_none() {
+                    return Err("a producer-id reservation with a malformed key".into());
+                }
+            }
+        }
+        Ok(command)
     }
 
     /// Whether this broker has applied the command's effect.

@@ -22,6 +22,8 @@
 mod controller;
 mod driver;
 mod forward;
+#[cfg(test)]
+mod fuzz_tests;
 mod links;
 mod producer_ids;
 mod remote;

@@ -114,7 +114,7 @@ pub(crate) fn fresh_key_hex() -> std::io::Result<String> {
     Ok(crate::producers::new_key()?.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn decode_key(hex: &str) -> Option<[u8; 32]> {
+pub(super) fn decode_key(hex: &str) -> Option<[u8; 32]> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
         return None;

@@ -84,7 +84,7 @@ impl IndexEntry for OffsetEntry {
         self.rel
     }
     fn is_first(&self) -> bool {
-        self.rel == 0 && self.ord == 0
+        *self == OffsetEntry::default()
     }
     fn follows(&self, prev: &Self) -> bool {
         self.rel > prev.rel && self.pos > prev.pos && self.ord > prev.ord
@@ -390,7 +390,7 @@ fn decode_header<E: IndexEntry>(bytes: &[u8], base: u64) -> Result<Option<u64>, 
 
 /// Checks a whole index file (header and entries) and decodes its entries and base ordinal
 /// (0 for the time index, which has none).
-fn decode_entries<E: IndexEntry>(
+pub(super) fn decode_entries<E: IndexEntry>(
     bytes: &[u8],
     base: u64,
     log_len: u64,
@@ -500,6 +500,8 @@ mod tests {
             Err(IndexDefect::NotIncreasing(2))
         );
         assert_eq!(check(&file_for(&offsets(&[(1, 0, 0)]))), Err(IndexDefect::MissingFirst));
+        // The first batch is at position 0.
+        assert_eq!(check(&file_for(&offsets(&[(0, 1, 0), (3, 100, 1)]))), Err(IndexDefect::MissingFirst));
         assert_eq!(check(&file_for(&offsets(&[(0, 0, 1)]))), Err(IndexDefect::PastEnd(0)));
         assert_eq!(check(&file_for::<OffsetEntry>(&[])), Err(IndexDefect::MissingFirst));
         let times = [TimeEntry { max_ts: 5, rel: 0 }, TimeEntry { max_ts: 5, rel: 4 }];

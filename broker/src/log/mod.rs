@@ -24,6 +24,8 @@ mod fault_tests;
 mod file_cache;
 mod index;
 #[cfg(test)]
+mod index_fuzz_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod ordinal_tests;
@@ -371,14 +373,17 @@ pub struct ReadPlan {
     position: u64,
     len: usize,
     first_offset: u64,
+    /// The log's epoch record when the plan was made: every batch's leader epoch (outside
+    /// its CRC) is checked against it before the batch is served. Shared, not copied.
+    epochs: Option<Arc<epochs::Epochs>>,
 }
 
 impl ReadPlan {
     /// Reads the span in one read and returns the whole batches in it (at least one), or
     /// nothing for an empty plan. Batch ends are found in the bytes read, not by reading each
     /// header from the file first: with `direct_writes` every file read is a device round trip.
-    /// Every batch's CRC is checked before it is handed out: bytes that do not match are never
-    /// served.
+    /// Every batch's CRC, and its leader epoch against the epoch record, is checked before it
+    /// is handed out: bytes that do not match are never served.
     pub fn execute(&self) -> Result<Bytes, LogError> {
         self.execute_below(u64::MAX)
     }
@@ -401,6 +406,20 @@ impl ReadPlan {
             };
             if header.base_offset >= limit {
                 break;
+            }
+            // The epoch sits outside the CRC (the broker stamps it), so a flip there is found
+            // only against the record (design.md §5.7): such a batch is damaged like one whose
+            // CRC fails.
+            let expected = self.epochs.as_ref().and_then(|e| e.epoch_at(header.base_offset));
+            if let Some(expected) = expected.filter(|&e| e != header.leader_epoch) {
+                if end > 0 {
+                    break;
+                }
+                let (first, next, found) = (header.base_offset, header.next_offset(), header.leader_epoch);
+                let reason = format!(
+                    "batch leader epoch {found}, the epoch record says {expected} (batch header says offsets {first}..{next})"
+                );
+                return Err(self.damaged(end, reason));
             }
             match batch::verify_crc(batch, &header) {
                 Ok(()) => end += batch.len(),
@@ -464,7 +483,8 @@ pub struct PartitionLog {
     /// Sum of all segment sizes.
     size_bytes: u64,
     /// Which leader epoch wrote which offsets; durable in `leader-epochs` (design.md §5.7).
-    epochs: epochs::Epochs,
+    /// Shared with read plans, which check batches against it; replaced whole when it changes.
+    epochs: Arc<epochs::Epochs>,
     /// Set when a write or fsync failed; see [`LogError::Poisoned`].
     poisoned: bool,
     /// Shared with every [`SyncHandle`]: serialises syncs, and records a failed one.
@@ -503,7 +523,11 @@ impl PartitionLog {
     ) -> Result<(PartitionLog, RecoveryReport), LogError> {
         config.validate()?;
         reset::complete_interrupted(&storage, &dir)?;
-        let recovered = recovery::recover(&storage, &dir, &config, now_ms, observer)?;
+        // The epoch record is read first: recovery checks every batch it walks against it.
+        let names = storage.list(&dir).unwrap_or_default();
+        let loaded = epochs::read(&*storage, &dir, &names).map(|e| e.map(Arc::new));
+        let check = loaded.as_ref().ok().cloned().flatten();
+        let recovered = recovery::recover(&storage, &dir, &config, now_ms, check, observer)?;
         let size_bytes = recovered.closed.iter().map(|s| s.size).sum::<u64>() + recovered.active.size;
         let recovery =
             RecoveryCheckpoint::new(storage.clone(), dir.clone(), recovered.synced, recovered.written);
@@ -519,19 +543,24 @@ impl PartitionLog {
             poisoned: false,
             sync_failed: Default::default(),
         };
-        log.load_epochs(&recovered.names)?;
+        log.load_epochs(loaded, &recovered.names)?;
         log.check_invariants(true);
         Ok((log, recovered.report))
     }
 
-    /// Reads the epoch record and reconciles it with the recovered log (design.md §5.7):
-    /// entries from the log end on are dropped (epochs that began and kept no batch, or a
-    /// truncation the crash interrupted before the record was rewritten), the first entry is
-    /// moved up to the log start, and the epoch of the last batch must be the record's epoch
-    /// for it. A missing, damaged or contradicted record is rebuilt from the batches' headers.
-    fn load_epochs(&mut self, names: &[String]) -> Result<(), LogError> {
+    /// Reconciles the epoch record read before recovery (`loaded`) with the recovered log
+    /// (design.md §5.7): entries from the log end on are dropped (epochs that began and kept
+    /// no batch, or a truncation the crash interrupted before the record was rewritten), the
+    /// first entry is moved up to the log start, and the epoch of the last batch must be the
+    /// record's epoch for it. A missing, damaged or contradicted record is rebuilt from the
+    /// batches' headers.
+    fn load_epochs(
+        &mut self,
+        loaded: Result<Option<Arc<epochs::Epochs>>, String>,
+        names: &[String],
+    ) -> Result<(), LogError> {
         let (start, end) = (self.log_start_offset(), self.next_offset());
-        let loaded = match epochs::read(&*self.storage, &self.dir, names) {
+        let loaded = match loaded {
             Ok(loaded) => loaded,
             Err(why) => {
                 metrics::counter!("quiver_corrupt_batches_total", "found_by" => "leader_epochs").increment(1);
@@ -539,25 +568,34 @@ impl PartitionLog {
                 None
             }
         };
-        // Entries dropped or moved here are not written back: the next open derives the same,
-        // and a partition that is only opened (10,000 idle ones at start) writes nothing.
+        // Moving the first entry up is not written back: the next open derives the same, and a
+        // partition that is only opened (10,000 idle ones at start) writes nothing. Entries
+        // dropped from the end are (rare: a crash between an epoch's begin and its first
+        // durable batch): a batch appended later at the same offset in an epoch the record in
+        // memory already holds writes no record, and the next open would find it contradicting
+        // the stale entry on disk and take it for a damaged epoch.
+        let mut write_back = false;
         let trusted = match loaded {
-            Some(mut e) => {
-                e.truncate_from_end(end);
+            Some(e) => {
+                let mut e = Arc::unwrap_or_clone(e);
+                write_back = e.truncate_from_end(end);
                 e.truncate_from_start(start);
+                // Recovery checked every batch it walked against this record, and reads check
+                // the rest, so a damaged last batch (kept as damage) does not discredit it.
                 let last = match end > start {
-                    true => self.last_batch_epoch().ok().flatten(),
-                    false => None,
+                    true => self.last_batch_epoch(),
+                    false => Ok(None),
                 };
                 match (end > start, last) {
                     (false, _) => Some(e),
-                    (true, Some(epoch))
-                        if e.epoch_at(end - 1) == Some(epoch) && e.epoch_at(start).is_some() =>
+                    (true, Ok(last))
+                        if last.is_none_or(|l| e.epoch_at(end - 1) == Some(l))
+                            && e.epoch_at(start).is_some() =>
                     {
                         Some(e)
                     }
-                    _ => {
-                        tracing::warn!(dir = %self.dir.display(), last_batch_epoch = ?last, record = ?e.entries(), "the leader-epoch record does not match the log's last batch; rebuilding it");
+                    (_, last) => {
+                        tracing::warn!(dir = %self.dir.display(), last_batch_epoch = ?last.ok(), record = ?e.entries(), "the leader-epoch record does not match the log's last batch; rebuilding it");
                         None
                     }
                 }
@@ -570,14 +608,19 @@ impl PartitionLog {
             }
             None => Some(Default::default()),
         };
-        self.epochs = match trusted {
-            Some(e) => e,
+        self.epochs = Arc::new(match trusted {
+            Some(e) => {
+                if write_back {
+                    epochs::write(&*self.storage, &self.dir, &e)?;
+                }
+                e
+            }
             None => {
                 let rebuilt = self.rebuild_epochs()?;
                 epochs::write(&*self.storage, &self.dir, &rebuilt)?;
                 rebuilt
             }
-        };
+        });
         Ok(())
     }
 
@@ -690,7 +733,7 @@ impl PartitionLog {
         }
         self.active = active;
         self.size_bytes = 0;
-        self.epochs = epochs;
+        self.epochs = Arc::new(epochs);
         self.recovery.reset_to(self.active_point());
         self.check_invariants(true);
         tracing::info!(dir = %self.dir.display(), base_offset, base_ordinal, "replaced the log with an empty one (Raft snapshot)");
@@ -739,10 +782,10 @@ impl PartitionLog {
             }
             _ => {}
         }
-        let mut next = self.epochs.clone();
+        let mut next = (*self.epochs).clone();
         if next.begin(epoch, self.next_offset())? {
             epochs::write(&*self.storage, &self.dir, &next)?;
-            self.epochs = next;
+            self.epochs = Arc::new(next);
         }
         Ok(())
     }
@@ -977,10 +1020,10 @@ impl PartitionLog {
 
     /// Drops epoch entries from `offset` on, durably if any was.
     fn truncate_epochs(&mut self, offset: u64) -> Result<(), LogError> {
-        let mut next = self.epochs.clone();
+        let mut next = (*self.epochs).clone();
         if next.truncate_from_end(offset) {
             epochs::write(&*self.storage, &self.dir, &next)?;
-            self.epochs = next;
+            self.epochs = Arc::new(next);
         }
         Ok(())
     }
@@ -1077,7 +1120,7 @@ impl PartitionLog {
         }
         if offset == next {
             let path = Arc::from(self.active.log_path.as_path());
-            return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next });
+            return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next, epochs: None });
         }
         let seg = self.segment_for(offset);
         if let Some(d) = seg.damage_at(offset) {
@@ -1104,6 +1147,7 @@ impl PartitionLog {
             // At most MAX_READ_BYTES or one batch, so it fits in usize.
             len: usize::try_from(end - start).unwrap_or(usize::MAX),
             first_offset: first.base_offset,
+            epochs: Some(self.epochs.clone()),
         })
     }
 
@@ -1288,10 +1332,10 @@ impl PartitionLog {
         if report.deleted_bases.is_empty() {
             return;
         }
-        let mut next = self.epochs.clone();
+        let mut next = (*self.epochs).clone();
         if next.truncate_from_start(self.log_start_offset()) {
             match epochs::write(&*self.storage, &self.dir, &next) {
-                Ok(()) => self.epochs = next,
+                Ok(()) => self.epochs = Arc::new(next),
                 Err(err) => {
                     tracing::warn!(%err, "could not rewrite the leader-epoch record after deleting segments")
                 }

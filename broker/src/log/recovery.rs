@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::checkpoint::{self, RecoveryPoint};
-use super::epochs;
+use super::epochs::{self, Epochs};
 use super::index::{IndexDefect, OffsetEntry, TimeEntry};
 use super::segment::{BatchAt, Check, DamagedSpan, ScanEnd, Segment, TailDefect, Walker};
 use super::{LogConfig, LogError};
@@ -214,11 +214,15 @@ pub(crate) struct Recovered {
 }
 
 /// Opens every segment in `dir` (creating the directory and a first segment if needed).
+/// `epochs` is the partition's epoch record if it checked out: every batch recovery walks
+/// must carry the epoch it has in force at the batch's offset, or it is a defect like a bad
+/// CRC (design.md §5.7).
 pub(crate) fn recover(
     storage: &Arc<dyn Storage>,
     dir: &Path,
     config: &LogConfig,
     now_ms: i64,
+    epochs: Option<Arc<Epochs>>,
     observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Recovered, LogError> {
     storage.create_dir_all(dir).map_err(LogError::io("create directory", dir))?;
@@ -237,14 +241,15 @@ pub(crate) fn recover(
         let next_base = bases.get(i + 1).copied().unwrap_or(last);
         let chain = closed.last().map(Segment::next_ordinal);
         let interval = config.index_interval_bytes;
-        let mut seg = open_closed(storage, dir, base, next_base, interval, chain, &mut report)?;
+        let mut seg =
+            open_closed(storage, dir, base, next_base, interval, chain, epochs.clone(), &mut report)?;
         // Closed segments' files open on demand (a bounded number at a time), so a broker's
         // file descriptors do not grow with the number of segments.
         seg.release();
         closed.push(seg);
     }
-    let mut active =
-        open_last(storage, dir, last, config.index_interval_bytes, written, &mut report, observer)?;
+    let interval = config.index_interval_bytes;
+    let mut active = open_last(storage, dir, last, interval, written, epochs, &mut report, observer)?;
     active_base_ordinal(storage, dir, &mut active, closed.last(), &names)?;
     active.roll_base_ms = (active.size > 0).then_some(now_ms);
     report.segments = closed.len() + 1;
@@ -404,7 +409,9 @@ fn find_segments(
 }
 
 /// Opens a closed segment that must end exactly at `next_base`. `chain` is the ordinal after
-/// the previous segment's last batch (`None` for the first segment).
+/// the previous segment's last batch (`None` for the first segment). The batches walked
+/// (from the last index entry on, or all of them for a rebuild) are checked against `epochs`.
+#[allow(clippy::too_many_arguments)]
 fn open_closed(
     storage: &Arc<dyn Storage>,
     dir: &Path,
@@ -412,6 +419,7 @@ fn open_closed(
     next_base: u64,
     interval: u32,
     chain: Option<u64>,
+    epochs: Option<Arc<Epochs>>,
     report: &mut RecoveryReport,
 ) -> Result<Segment, LogError> {
     let mut seg = Segment::open_files(storage, dir, base)?;
@@ -421,7 +429,7 @@ fn open_closed(
     let old_version = matches!(loaded, Err(IndexDefect::OldVersion));
     let why = match (loaded, seg.times.load(len, span)) {
         (Ok((offsets, header)), Ok((times, _))) => {
-            match trust_indexes(&mut seg, offsets, times, len, next_base)? {
+            match trust_indexes(&mut seg, offsets, times, len, next_base, epochs.clone())? {
                 true => {
                     let ordinal = reconcile_ordinal(&seg, Some(header), chain);
                     seg.set_base_ordinal(ordinal);
@@ -446,7 +454,7 @@ fn open_closed(
         tracing::warn!(segment = %seg.log_path.display(), reason = %why, "rebuilding the indexes of a closed segment");
     }
     seg.reset();
-    let walker = seg.walker(Check::Headers)?;
+    let walker = seg.walker(Check::Headers)?.expecting(epochs);
     let Scan { end, mut damage } = scan(&walker, base, len, |at, resumed| {
         seg.track(at, interval, false, resumed);
         true
@@ -492,6 +500,7 @@ fn trust_indexes(
     times: Vec<TimeEntry>,
     len: u64,
     next_base: u64,
+    epochs: Option<Arc<Epochs>>,
 ) -> Result<bool, LogError> {
     let from = offsets.last().copied().unwrap_or_default();
     // Time entries cover every batch up to the last offset entry (they are written together),
@@ -501,7 +510,7 @@ fn trust_indexes(
     // The last entry's ordinal plus the batches from it on: the segment's count, and so the
     // next segment's base ordinal, from the walk recovery does anyway.
     let mut batches = u64::from(from.ord);
-    let walker = seg.walker(Check::Headers)?;
+    let walker = seg.walker(Check::Headers)?.expecting(epochs);
     let end = walker.run(u64::from(from.pos), seg.base + u64::from(from.rel), len, |at| {
         max_ts = max_ts.max(at.header.max_timestamp);
         batches += 1;
@@ -537,13 +546,16 @@ fn is_padding(seg: &Segment, from: u64, len: u64) -> Result<bool, LogError> {
 /// there is corruption, kept in place (reads of it fail) and quarantined. From it on, bytes may
 /// be a torn write: the first defect is cut, even if valid batches follow (no fsync covered
 /// them, so none was acknowledged under `durability = always`), and the cut bytes are copied
-/// to `quarantine/` and counted. Leaves the segment synced to its end.
+/// to `quarantine/` and counted. Leaves the segment synced to its end. Every batch is checked
+/// against `epochs` as well: a leader epoch the record contradicts is a defect like a bad CRC.
+#[allow(clippy::too_many_arguments)]
 fn open_last(
     storage: &Arc<dyn Storage>,
     dir: &Path,
     base: u64,
     interval: u32,
     point: Option<RecoveryPoint>,
+    epochs: Option<Arc<Epochs>>,
     report: &mut RecoveryReport,
     observer: &mut dyn FnMut(u64, &BatchHeader),
 ) -> Result<Segment, LogError> {
@@ -568,13 +580,13 @@ fn open_last(
         // to be synced.
         _ => (0, None),
     };
-    let walker = seg.walker(Check::Crc)?;
+    let walker = seg.walker(Check::Crc)?.expecting(epochs.clone());
     // Below the recovery point a completed fsync covered the bytes: their headers are walked
     // (offsets, lengths, the index rebuilt) but their CRCs are not read here. Reads check
     // every batch's CRC before serving it, and the background pass checks the synced part of
     // the active segment too (verify.rs). So a restart scans with CRCs only what was written
     // after the last checkpointed fsync (design.md §5.3).
-    let below = seg.walker(Check::Headers)?;
+    let below = seg.walker(Check::Headers)?.expecting(epochs);
     let (mut pos, mut offset, mut resumed) = (0u64, base, false);
     let mut damage = Vec::new();
     // Below the recovery point.

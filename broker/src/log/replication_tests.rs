@@ -97,6 +97,7 @@ fn a_missing_damaged_or_stale_record_is_rebuilt_from_the_batches() -> TestResult
     }
     assert!(log.segment_count() > 3);
     let entries = log.epoch_entries().to_vec();
+    let end = log.next_offset();
     log.sync()?;
     drop(log);
     let good = mem.contents(&epoch_file(dir)).ok_or("no epoch file")?;
@@ -114,11 +115,59 @@ fn a_missing_damaged_or_stale_record_is_rebuilt_from_the_batches() -> TestResult
     assert_eq!(log.epoch_entries(), entries, "damaged");
     drop(log);
 
-    // A record that says the last batches are of epoch 1 (as if written before they were).
-    let stale = epochs::Epochs::from_entries(entries[..2].to_vec())?;
-    mem.set_contents(&epoch_file(dir), &stale.encode())?;
+    // A record with an epoch begun at the log end that never got a durable batch (a crash
+    // between the two): dropped at open and written back, so the stale entry on disk cannot
+    // later contradict a batch appended at that offset in an epoch the record already has.
+    let mut ahead = entries.clone();
+    ahead.push(EpochEntry { epoch: 9, start: end });
+    mem.set_contents(&epoch_file(dir), &epochs::Epochs::from_entries(ahead)?.encode())?;
     let (log, _) = open(&storage, dir, &cfg)?;
-    assert_eq!(log.epoch_entries(), entries, "stale");
+    assert_eq!(log.epoch_entries(), entries, "ahead");
+    drop(log);
+    assert_eq!(mem.contents(&epoch_file(dir)), Some(good.clone()), "written back");
+    Ok(())
+}
+
+/// A record that checks out is what batches are held to (design.md §5.7): it is written
+/// durably before an epoch's first batch, so a batch carrying another epoch than the one in
+/// force at its offset has damaged epoch bytes (outside its CRC). Recovery treats it as it
+/// treats a bad CRC: kept in place as damage (below the recovery point and in closed
+/// segments; cut in the torn region), and reads of it fail. So a flip that raises the last
+/// batch's epoch never raises the log's latest epoch.
+#[test]
+fn batches_that_contradict_a_sound_record_are_damage() -> TestResult {
+    let (mem, storage) = mem();
+    let dir = Path::new(DIR);
+    let cfg = config(300);
+    let (mut log, _) = open(&storage, dir, &cfg)?;
+    let mut written = Vec::new();
+    for epoch in [0, 0, 0, 0, 1, 1, 1, 1, 1, 4, 4] {
+        written.push(lead(&mut log, epoch, 3)?);
+    }
+    let entries = log.epoch_entries().to_vec();
+    log.sync()?;
+    log.recovery_checkpoint().write()?;
+    drop(log);
+    // As if the last two batches' epochs had been flipped from 1 to 4.
+    let record = epochs::Epochs::from_entries(entries[..2].to_vec())?;
+    mem.set_contents(&epoch_file(dir), &record.encode())?;
+    let (mut log, report) = open(&storage, dir, &cfg)?;
+    assert_eq!(log.epoch_entries(), &entries[..2]);
+    assert_eq!(log.latest_epoch(), Some(1));
+    assert!(report
+        .damaged
+        .iter()
+        .any(|d| matches!(d.reason, TailDefect::EpochMismatch { expected: 1, found: 4 })));
+    for (i, want) in written.iter().enumerate() {
+        let at = BatchHeader::parse(want)?.base_offset;
+        let read = log.read_plan(at, 1).and_then(|p| p.execute());
+        match i < 9 {
+            true => assert_eq!(&read?[..want.len()], &want[..], "batch {i}"),
+            false => assert!(matches!(read, Err(LogError::Corrupt { .. })), "batch {i}: {read:?}"),
+        }
+    }
+    // The log goes on in the epoch the record has.
+    lead(&mut log, 1, 1)?;
     Ok(())
 }
 
@@ -480,10 +529,10 @@ fn broken_invariants_are_caught() -> TestResult {
     };
     assert!(!caught(&log));
     let good = log.epochs.clone();
-    log.epochs = epochs::Epochs::from_entries(vec![
+    log.epochs = Arc::new(epochs::Epochs::from_entries(vec![
         EpochEntry { epoch: 0, start: 0 },
         EpochEntry { epoch: 1, start: end + 1 },
-    ])?;
+    ])?);
     assert!(caught(&log), "an epoch past the log end");
     log.epochs = good;
     if cfg!(debug_assertions) {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use quiver_protocol::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
 
+use super::epochs::Epochs;
 use super::file_cache::FileSlot;
 use super::index::{IndexFile, OffsetEntry, TimeEntry};
 use super::LogError;
@@ -48,6 +49,15 @@ pub enum TailDefect {
     /// The CRC does not match the bytes.
     #[error("{0}")]
     Crc(BatchError),
+    /// The batch's leader epoch (outside the CRC) is not the one the epoch record has in force
+    /// at its offset (design.md §5.7): the epoch bytes are damaged.
+    #[error("batch leader epoch {found}, the epoch record says {expected} at its offset")]
+    EpochMismatch {
+        /// The epoch the record has in force at the batch's base offset.
+        expected: i32,
+        /// What the header says.
+        found: i32,
+    },
     /// A position or relative offset no longer fits the u32 fields of the index.
     #[error("segment grew past what its index can address")]
     TooLarge,
@@ -134,6 +144,9 @@ pub(crate) struct Segment {
     /// Spans whose bytes recovery found damaged and kept in place (design.md §5.3): reads of
     /// their offsets fail with [`LogError::Corrupt`].
     pub(crate) damaged: Vec<DamagedSpan>,
+    /// Set once a lookup found an offset-index entry that does not point at its batch (logged
+    /// and counted once per segment, see [`Segment::checked_entry`]).
+    bad_index_entry: std::sync::atomic::AtomicBool,
 }
 
 /// A damaged span recovery kept in place: the offsets it held and where its bytes start.
@@ -164,6 +177,7 @@ impl Segment {
             max_timestamp: i64::MIN,
             roll_base_ms: None,
             damaged: Vec::new(),
+            bad_index_entry: Default::default(),
         })
     }
 
@@ -363,18 +377,51 @@ impl Segment {
         Ok(header)
     }
 
+    /// `entry` (an offset-index entry) and the header of the batch at its position, if that
+    /// batch is the one the entry names (based at `base + rel`); else the nearest entry before
+    /// it that does, down to the first (position 0). A closed segment's entries come from its
+    /// index file, and a damaged entry can pass the open's checks (increasing, within the
+    /// segment) yet point elsewhere: passing over it keeps intact batches readable, at the cost
+    /// of a longer header walk. Logged once per segment and counted
+    /// (`quiver_corrupt_batches_total{found_by="index"}`). IO errors are returned as they are.
+    fn checked_entry(&self, mut entry: OffsetEntry) -> Result<(OffsetEntry, BatchHeader), LogError> {
+        loop {
+            let found = match self.read_header(u64::from(entry.pos)) {
+                Ok(header) if header.base_offset == self.base + u64::from(entry.rel) => {
+                    return Ok((entry, header))
+                }
+                Ok(header) => format!("a batch based at {}", header.base_offset),
+                Err(err @ LogError::Io { .. }) => return Err(err),
+                Err(err) if entry == OffsetEntry::default() => return Err(err),
+                Err(err) => err.to_string(),
+            };
+            if entry == OffsetEntry::default() {
+                let reason = format!("the first batch is {found}, not the segment's base {}", self.base);
+                return Err(self.corrupt(0, reason));
+            }
+            if !self.bad_index_entry.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                metrics::counter!("quiver_corrupt_batches_total", "found_by" => "index").increment(1);
+                tracing::error!(segment = %self.log_path.display(), entry = ?entry, %found, "an offset index entry does not point at its batch; lookups walk from the entry before it");
+            }
+            // The segment's first batch is at position 0 whatever its entry says.
+            entry = match entry.rel.checked_sub(1) {
+                Some(rel) => self.offsets.floor(rel),
+                None => OffsetEntry::default(),
+            };
+        }
+    }
+
     /// Position and header of the batch holding `offset` (which must be in this segment):
     /// from the nearest index entry, header by header.
     pub(crate) fn find_batch(&self, offset: u64) -> Result<(u64, BatchHeader), LogError> {
         let rel = u32::try_from(offset.saturating_sub(self.base)).unwrap_or(u32::MAX);
-        let mut pos = u64::from(self.offsets.floor(rel).pos);
-        loop {
-            let header = self.read_header(pos)?;
-            if header.next_offset() > offset {
-                return Ok((pos, header));
-            }
+        let (from, mut header) = self.checked_entry(self.offsets.floor(rel))?;
+        let mut pos = u64::from(from.pos);
+        while header.next_offset() <= offset {
             pos += header.total_len() as u64;
+            header = self.read_header(pos)?;
         }
+        Ok((pos, header))
     }
 
     /// The relative ordinal (from `base_ordinal`) of what holds `offset` (in
@@ -387,16 +434,14 @@ impl Segment {
         let rel = u32::try_from(offset.saturating_sub(self.base)).unwrap_or(u32::MAX);
         // No damaged span lies between the entry and `offset`: the first batch after one
         // always has an entry of its own.
-        let from = self.offsets.floor(rel);
+        let (from, mut header) = self.checked_entry(self.offsets.floor(rel))?;
         let (mut pos, mut ord) = (u64::from(from.pos), u64::from(from.ord));
-        loop {
-            let header = self.read_header(pos)?;
-            if header.next_offset() > offset {
-                return Ok((ord, header.base_offset));
-            }
+        while header.next_offset() <= offset {
             pos += header.total_len() as u64;
             ord += 1;
+            header = self.read_header(pos)?;
         }
+        Ok((ord, header.base_offset))
     }
 
     /// The base offset of what has relative ordinal `ord` (below `batches`): a batch, found
@@ -409,16 +454,14 @@ impl Segment {
         }
         // As in `locate_offset`, the walk never crosses a damaged span: the batch after one has
         // an entry, whose ordinal is at most `ord` if the span's is below it.
-        let from = self.offsets.floor_ordinal(ord);
+        let (from, mut header) = self.checked_entry(self.offsets.floor_ordinal(ord))?;
         let (mut pos, mut at) = (u64::from(from.pos), u64::from(from.ord));
-        loop {
-            let header = self.read_header(pos)?;
-            if at >= ord {
-                return Ok(header.base_offset);
-            }
+        while at < ord {
             pos += header.total_len() as u64;
             at += 1;
+            header = self.read_header(pos)?;
         }
+        Ok(header.base_offset)
     }
 
     /// The relative ordinal of a (non-empty) damaged span: one before the batch after it,
@@ -438,7 +481,7 @@ impl Segment {
         }
         // Every batch up to the last time entry below `ts` is older than `ts`; scan from there.
         let rel = self.times.last_before(ts).map_or(0, |e| e.rel);
-        let mut pos = u64::from(self.offsets.floor(rel).pos);
+        let mut pos = u64::from(self.checked_entry(self.offsets.floor(rel))?.0.pos);
         while pos < self.size {
             let header = self.read_header(pos)?;
             if header.max_timestamp >= ts {
@@ -452,7 +495,7 @@ impl Segment {
     /// A scanner over this segment's file that does not borrow the segment, so the callback
     /// of [`Walker::run`] may update it.
     pub(crate) fn walker(&self, check: Check) -> Result<Walker, LogError> {
-        Ok(Walker { log: self.log()?, path: self.log_path.clone(), base: self.base, check })
+        Ok(Walker { log: self.log()?, path: self.log_path.clone(), base: self.base, check, epochs: None })
     }
 
     /// Forgets everything in memory about the segment's content (before a rebuild).
@@ -484,12 +527,30 @@ pub(crate) struct Walker {
     path: PathBuf,
     base: u64,
     check: Check,
+    /// The epoch record batches are checked against, if one is trusted.
+    epochs: Option<Arc<Epochs>>,
 }
 
 impl Walker {
+    /// Checks every batch's leader epoch against `epochs` too (when given): a batch whose epoch
+    /// is not the one in force at its offset is a defect, as a bad CRC is, and never a place
+    /// where valid data resumes. Not for a walk that builds the record from the batches.
+    pub(crate) fn expecting(mut self, epochs: Option<Arc<Epochs>>) -> Walker {
+        self.epochs = epochs;
+        self
+    }
+
     /// The segment file's path.
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A defect if `header`'s epoch contradicts the record (offsets the record does not cover
+    /// are not checked).
+    fn epoch_defect(&self, header: &BatchHeader) -> Option<TailDefect> {
+        let expected = self.epochs.as_ref()?.epoch_at(header.base_offset)?;
+        (expected != header.leader_epoch)
+            .then_some(TailDefect::EpochMismatch { expected, found: header.leader_epoch })
     }
 
     /// Walks the batches from `pos` (a batch boundary holding `offset`) to `end`, calling
@@ -588,6 +649,9 @@ impl Walker {
             return Ok(None);
         }
         let Some(at) = BatchAt::new(self.base, pos, header) else { return Ok(None) };
+        if self.epoch_defect(&header).is_some() {
+            return Ok(None);
+        }
         buf.resize(header.total_len(), 0);
         self.log.read_exact_at(pos, buf).map_err(LogError::io("read", &self.path))?;
         Ok(batch::verify_crc(buf, &header).is_ok().then_some(at))
@@ -622,6 +686,9 @@ impl Walker {
         let Some(at) = BatchAt::new(self.base, pos, header) else {
             return Ok(Err(TailDefect::TooLarge));
         };
+        if let Some(defect) = self.epoch_defect(&header) {
+            return Ok(Err(defect));
+        }
         if self.check == Check::Crc {
             buf.resize(header.total_len(), 0);
             self.log.read_exact_at(pos, buf).map_err(LogError::io("read", &self.path))?;

@@ -39,7 +39,7 @@ impl PartitionLog {
             return Ok(Some(VerifyTarget {
                 storage: self.storage.clone(),
                 dir: self.dir.clone(),
-                walker: seg.walker(Check::Crc)?,
+                walker: seg.walker(Check::Crc)?.expecting(Some(self.epochs.clone())),
                 log: seg.log()?,
                 base: seg.base,
                 size: synced.position.min(seg.size),
@@ -50,7 +50,7 @@ impl PartitionLog {
         Ok(Some(VerifyTarget {
             storage: self.storage.clone(),
             dir: self.dir.clone(),
-            walker: seg.walker(Check::Crc)?,
+            walker: seg.walker(Check::Crc)?.expecting(Some(self.epochs.clone())),
             log,
             base: seg.base,
             size: seg.size,
@@ -60,7 +60,7 @@ impl PartitionLog {
 }
 
 impl VerifyTarget {
-    /// Checks the CRC of every batch, calling `pace` with each batch's length (it may sleep to
+    /// Checks the CRC of every batch and its leader epoch against the epoch record, calling `pace` with each batch's length (it may sleep to
     /// bound the rate; returning false stops the check). Damage found is logged, counted in
     /// `quiver_corrupt_batches_total` and copied to `quarantine/`, and returned. Reads of it
     /// already fail, as every batch is checked before it is served.

@@ -15,6 +15,8 @@
 //! changes only once the write is durable. The log lives on the broker's [`Storage`], so tests
 //! crash it with the storage's crash model.
 
+#[cfg(test)]
+mod fuzz_tests;
 mod legacy;
 mod records;
 
