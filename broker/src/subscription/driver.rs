@@ -238,7 +238,7 @@ impl Active {
                         _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
                     }
                 }
-                Action::Deliver(d) => {
+                Action::Deliver(mut d) => {
                     match d.persist {
                         Persist::Lazily => {}
                         Persist::Ahead => {
@@ -250,6 +250,16 @@ impl Active {
                         Persist::Wait => self.write_ledger(self.epoch).await?,
                     }
                     let mut chunks = std::mem::take(&mut parts);
+                    if d.redelivery {
+                        // A redelivery's read reaches past what it hands out again (up to the
+                        // delivery size): the batches there are not handed out by it, and an
+                        // SDK that took a control batch among them as delivered skipped the
+                        // records before it (docs/faults.md, "skipped-offset").
+                        if let Some(end) = d.pieces.last().map(|p| p.range.end) {
+                            trim_from(&mut chunks, end);
+                            d.bytes = chunks.iter().map(|b| b.len() as u64).sum();
+                        }
+                    }
                     // Head, then the batches as they are (cached or read), without a copy.
                     chunks.insert(0, head(high, &d));
                     if !d.redelivery {
@@ -404,6 +414,27 @@ fn head(high: u64, d: &Delivery) -> Bytes {
     deliver_some_head(high, &ranges, d.bytes as usize)
 }
 
+/// Drops the batches at or past `end` from `parts` (whole batches as read, in offset order),
+/// slicing a buffer that holds several without copying it; leaves `parts` alone if a batch
+/// cannot be walked.
+fn trim_from(parts: &mut Vec<Bytes>, end: u64) {
+    for i in 0..parts.len() {
+        let mut kept = 0;
+        for span in Batches::new(&parts[i]) {
+            match span {
+                Ok(b) if b.header.base_offset < end => kept += b.bytes.len(),
+                Ok(_) => break,
+                Err(_) => return, // not ours to judge here: the client reports it
+            }
+        }
+        if kept < parts[i].len() {
+            parts[i].truncate(kept);
+            parts.truncate(if kept == 0 { i } else { i + 1 });
+            return;
+        }
+    }
+}
+
 /// The first batch's base offset and the offset after the last batch, of a read.
 struct Extent {
     base: u64,
@@ -422,4 +453,53 @@ fn extent(parts: &[Bytes]) -> Option<Extent> {
         }
     }
     ext
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::batch::BatchBuilder;
+
+    /// A batch of one record at `offset` (a control batch if `control`).
+    fn batch(offset: u64, control: bool) -> Bytes {
+        let mut b = BatchBuilder::new(64);
+        if control {
+            b = b.control();
+        }
+        b.push(0, None, b"v", &[]);
+        // The base offset is outside the CRC: set it as a log does.
+        let mut bytes = b.finish().to_vec();
+        bytes[..8].copy_from_slice(&offset.to_be_bytes());
+        Bytes::from(bytes)
+    }
+
+    fn bases(parts: &[Bytes]) -> Vec<u64> {
+        parts
+            .iter()
+            .flat_map(|p| {
+                Batches::new(p)
+                    .map(|b| b.map(|b| b.header.base_offset).unwrap_or(u64::MAX))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_redelivery_carries_no_batch_past_what_it_hands_out_again() {
+        // As read from disk: one buffer of back-to-back batches, 2162..2171 and the new
+        // leader's control batch at 2172 (the fault run's case); 2162 alone is handed out again.
+        let disk: Vec<u8> =
+            (2162..2172).map(|o| batch(o, false)).chain([batch(2172, true)]).flatten().collect();
+        let mut parts = vec![Bytes::from(disk)];
+        trim_from(&mut parts, 2163);
+        assert_eq!(bases(&parts), vec![2162]);
+        // As read from the tail cache: a buffer per batch.
+        let mut parts: Vec<Bytes> =
+            (2162..2172).map(|o| batch(o, false)).chain([batch(2172, true)]).collect();
+        trim_from(&mut parts, 2165);
+        assert_eq!(bases(&parts), vec![2162, 2163, 2164]);
+        // Nothing past the end: untouched.
+        trim_from(&mut parts, 3000);
+        assert_eq!(bases(&parts), vec![2162, 2163, 2164]);
+    }
 }

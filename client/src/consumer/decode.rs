@@ -46,14 +46,15 @@ impl PartitionConsumer {
         let mut range = 0;
         let mut reacked = false;
         // Control batches (a Raft leader's first entry, docs/replication.md §2) are the brokers'
-        // own: never handed out, acknowledged at once so the group's floor passes them.
+        // own: never handed out, acknowledged at once so the group's floor passes them. Only
+        // those the delivery hands out count (see `control_handed_out`).
         let mut control = Vec::new();
         for item in BatchSplitter::new(batches) {
             let (header, batch) =
                 item.map_err(|e| ClientError::Protocol(format!("corrupt delivery: {e}")))?;
             if header.is_control() {
                 count += u64::from(header.records_count);
-                control.push(header.base_offset..header.next_offset());
+                control.extend(control_handed_out(header.base_offset..header.next_offset(), ranges));
                 continue;
             }
             for record in RecordIter::new(batch, header) {
@@ -123,5 +124,55 @@ impl PartitionConsumer {
             return Ok(None);
         }
         Ok(Some(count))
+    }
+}
+
+/// The offsets of a control batch (`control`) that a delivery hands out: all of them in a plain
+/// `Deliver`, and with `ranges` (`DeliverSome`) only those inside a range. A `DeliverSome`
+/// carries whole batches as read, which may reach past its ranges: a redelivery reads from the
+/// offset handed out again up to the broker's delivery size, so its batches can hold records
+/// and control batches the broker has not handed out yet. Counting such a control batch as
+/// handed out would raise the position past the records before it, and their first delivery
+/// would then be dropped as one handed out before (they were never handed to the application,
+/// never acknowledged, and the group's floor stalled there).
+fn control_handed_out(
+    control: std::ops::Range<u64>,
+    ranges: Option<&[DeliveryRange]>,
+) -> Vec<std::ops::Range<u64>> {
+    let Some(ranges) = ranges else { return vec![control] };
+    ranges
+        .iter()
+        .map(|r| r.start.max(control.start)..r.end.min(control.end))
+        .filter(|r| r.start < r.end)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: u64, end: u64, delivery_count: u32) -> DeliveryRange {
+        DeliveryRange { start, end, delivery_count }
+    }
+
+    #[test]
+    fn a_plain_delivery_hands_out_its_control_batches() {
+        assert_eq!(control_handed_out(2172..2173, None), vec![2172..2173]);
+    }
+
+    #[test]
+    fn a_redelivery_does_not_hand_out_control_batches_past_its_ranges() {
+        // The fault run's case: 2162 is handed out again (count 2) after a leader change; the
+        // read behind it carries 2162..2171 and the new leader's control batch at 2172, none of
+        // them handed out yet but 2162.
+        let redo = [range(2162, 2163, 2)];
+        assert_eq!(control_handed_out(2172..2173, Some(&redo)), Vec::<std::ops::Range<u64>>::new());
+        // A first delivery that skips acknowledged offsets names the control batch in its
+        // ranges, possibly in part.
+        let first = [range(2160, 2161, 1), range(2171, 2174, 1)];
+        assert_eq!(control_handed_out(2172..2173, Some(&first)), vec![2172..2173]);
+        assert_eq!(control_handed_out(2170..2173, Some(&first)), vec![2171..2173]);
+        // Below the ranges (a batch that began before the position): not handed out here.
+        assert_eq!(control_handed_out(2150..2151, Some(&first)), Vec::<std::ops::Range<u64>>::new());
     }
 }
