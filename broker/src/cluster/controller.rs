@@ -172,7 +172,7 @@ pub(super) async fn start(
         "controller".into(),
         links.clone(),
         None,
-        on_commit,
+        driver::Hooks { on_commit, on_reset: None },
         shutdown.child_token(),
     );
     let (applied_tx, applied) = watch::channel(0u64);
