@@ -4,7 +4,9 @@
 //! - the partition's leader killed with SIGKILL and restarted, again and again;
 //! - the leader cut off from its peers (a UDP proxy on every broker-to-broker path) while a
 //!   client talks to it directly, then healed;
-//! - every broker restarted gracefully in turn, with a consumer group reading.
+//! - every broker restarted gracefully in turn, with a consumer group reading;
+//! - `acks = leader` against `acks = all` on an isolated leader: the first is acknowledged and
+//!   then lost, the second never acknowledged (docs/replication.md §3).
 //!
 //! After each, every broker alone must serve exactly the acknowledged values, once each, in
 //! send order, at the same offsets (`Expected::check`, whose teeth the first test shows).
