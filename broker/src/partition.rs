@@ -16,6 +16,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use quiver_protocol::batch::{BatchHeader, Batches, ValidatedBatch};
 use quiver_protocol::limits::{APPEND_QUEUE_DEPTH, MAX_GROUP_COMMIT, MAX_UNCHECKPOINTED_BYTES};
+use quiver_protocol::message::Acks;
 use quiver_protocol::{Durability, ErrorCode, TopicConfig};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -106,10 +107,14 @@ pub(crate) struct Tracker {
     pub(crate) log_start: Arc<AtomicU64>,
 }
 
-/// A producer's batch for a replicated partition's Raft group, answered once committed.
+/// A producer's batch for a replicated partition's Raft group: answered once committed
+/// (`acks = all`, and `none`, which answers nobody but holds its request until then), or once
+/// the leader's own log has it durably per the topic's durability (`acks = leader`,
+/// docs/replication.md §3).
 #[derive(Debug)]
 pub(crate) struct Proposal {
     pub(crate) batch: ValidatedBatch,
+    pub(crate) acks: Acks,
     pub(crate) reply: Reply,
 }
 
@@ -300,15 +305,27 @@ impl Partition {
     /// Queues a batch; the returned receiver resolves once it is appended and, under
     /// `durability = always`, synced. Queueing in call order keeps pipelined produce requests
     /// in order. On a replicated partition it goes to the Raft group, and resolves once a
-    /// majority has it durably (or with `NotLeader`).
+    /// majority has it durably (or with `NotLeader`): `acks = all`.
     pub async fn submit(
         &self,
         batch: ValidatedBatch,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
+        self.submit_with(batch, Acks::All).await
+    }
+
+    /// [`submit`](Self::submit) with the producer's `acks`: on a replicated partition,
+    /// `Acks::Leader` resolves once the leader's own log has the batch (appended, and fsynced
+    /// under `durability = always`), before a majority may have it (docs/replication.md §3).
+    /// On one node every `acks` resolves at the same point.
+    pub async fn submit_with(
+        &self,
+        batch: ValidatedBatch,
+        acks: Acks,
+    ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
         if let Some(group) = self.replica.get() {
             group
-                .send(Proposal { batch, reply })
+                .send(Proposal { batch, acks, reply })
                 .await
                 .map_err(|_| PartitionError::new(ErrorCode::NotLeader, "the partition's replica stopped"))?;
             return Ok(rx);

@@ -297,7 +297,9 @@ async fn produce(
         if l != cluster.node_id() {
             metrics::counter!("quiver_forwarded_produce_total").increment(1);
             // Always asks for an answer: the forward stream pairs answers with requests by order.
-            let wire_acks = if acks == Acks::None { Acks::Leader } else { acks };
+            // `none` asks for `all`: the leader then holds it until the commit, as it holds a
+            // local `none` (its buffer budget is released when the batch is in, not sooner).
+            let wire_acks = if acks == Acks::None { Acks::All } else { acks };
             let request = Message::Produce { topic: topic.to_string(), partition, acks: wire_acks, batch };
             let sent = forward.send(&cluster.links, l, &request).await;
             return Box::pin(async move {
@@ -351,7 +353,7 @@ async fn produce(
         checked.map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
         t.metrics.messages_in.increment(header.records_count as u64);
         t.metrics.bytes_in.increment(batch.len() as u64);
-        let rx = p.submit(batch).await?;
+        let rx = p.submit_with(batch, acks).await?;
         Ok::<_, PartitionError>(rx)
     }
     .await;

@@ -139,7 +139,8 @@ enum DurabilityArg {
 enum AcksArg {
     /// A majority of the partition's replicas stored the batch (on one broker: as leader).
     All,
-    /// The partition's leader stored the batch.
+    /// The partition's leader stored the batch in its own log (fsynced under durability
+    /// always), not waiting for followers: lost if that leader fails before one has it.
     Leader,
     /// No acknowledgement: fire and forget.
     None,

@@ -4,7 +4,9 @@
 //! - the partition's leader killed with SIGKILL and restarted, again and again;
 //! - the leader cut off from its peers (a UDP proxy on every broker-to-broker path) while a
 //!   client talks to it directly, then healed;
-//! - every broker restarted gracefully in turn, with a consumer group reading.
+//! - every broker restarted gracefully in turn, with a consumer group reading;
+//! - `acks = leader` against `acks = all` on an isolated leader: the first is acknowledged and
+//!   then lost, the second never acknowledged (docs/replication.md §3).
 //!
 //! After each, every broker alone must serve exactly the acknowledged values, once each, in
 //! send order, at the same offsets (`Expected::check`, whose teeth the first test shows).
@@ -487,6 +489,143 @@ async fn a_retried_batch_is_not_acknowledged_before_it_is_committed() -> anyhow:
             !(first_acked || again_acked) || held_everywhere,
             "the isolated leader acknowledged a batch (first {first_acked}, again {again_acked}) that the cluster then lost"
         );
+        lclient.close().await;
+        admin.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// `acks = leader` against `acks = all` on a leader cut off from its peers (docs/replication.md
+/// §3): the isolated leader acknowledges `acks = leader` batches once its own log has them
+/// (fsynced: the topic's default durability), before any follower does, and never an
+/// `acks = all` batch. An idempotent `acks = leader` batch sent again is answered with the
+/// offsets its first send got (the leader holds it), the same batch asked with `acks = all`
+/// is not (not committed). After the heal the majority's leader cuts the old leader's suffix:
+/// the writes it acknowledged alone are gone from every log, while every `acks = all`
+/// acknowledgement stays. acks=leader can lose acknowledged writes; acks=all cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_leader_answers_before_the_commit_and_can_lose_what_it_answered() -> anyhow::Result<()> {
+    use quiver_protocol::batch::{BatchBuilder, ProducerIdentity};
+    use quiver_protocol::message::{Acks, Message};
+    init_tracing();
+    bounded(120, async {
+        let dir = test_dir()?;
+        let cluster = Cluster::start_with_proxies(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, "acks", 1, 3).await?;
+        cluster.topic_everywhere("acks", SETTLE).await?;
+        let all = [0, 1, 2];
+        let leader = cluster.agreed_leader(&all, "acks", 0, SETTLE).await?;
+        let li = cluster.index_of(leader);
+        let majority: Vec<usize> = all.iter().copied().filter(|&i| i != li).collect();
+        let lclient = cluster.client_of(li).await?;
+        let (producer_id, producer_epoch) = match lclient.request(&Message::InitProducer).await? {
+            Message::InitProducerOk { producer_id, producer_epoch } => (producer_id, producer_epoch),
+            other => anyhow::bail!("InitProducer answered with kind {}", other.kind()),
+        };
+        let produce = |acks: Acks, v: &str, seq: Option<i32>| {
+            let mut b = BatchBuilder::new(256);
+            if let Some(base_sequence) = seq {
+                b = b.with_identity(ProducerIdentity { producer_id, producer_epoch, base_sequence });
+            }
+            b.push(0, None, v.as_bytes(), &[]);
+            Message::Produce { topic: "acks".into(), partition: 0, acks, batch: b.finish() }
+        };
+        let offset_of = |r: &Result<Message, quiver_client::ClientError>| match r {
+            Ok(Message::ProduceOk { base_offset, .. }) => Some(*base_offset),
+            _ => None,
+        };
+        // Committed with acks = all while healthy, idempotent and not.
+        for (v, seq) in [("all-before", None), ("all-before-idem", Some(0))] {
+            let r = lclient.request(&produce(Acks::All, v, seq)).await;
+            anyhow::ensure!(offset_of(&r).is_some(), "the healthy leader answered {v} with {r:?}");
+        }
+
+        cluster.isolate(li);
+        let isolated = Instant::now();
+        // acks = all first: it waits for a commit that cannot come.
+        let pending_all = {
+            let (c, m) = (lclient.clone(), produce(Acks::All, "all-isolated", None));
+            tokio::spawn(async move { c.request(&m).await })
+        };
+        // The isolated leader steps down 1-2 election timeouts (1-2 s) after its followers
+        // fall silent (check-quorum); until then it answers acks = leader on its own.
+        let mut lead_acked = Vec::new();
+        let idem = lclient.request(&produce(Acks::Leader, "leader-idem", Some(1))).await;
+        let idem_again = lclient.request(&produce(Acks::Leader, "leader-idem", Some(1))).await;
+        let idem_all = lclient.request(&produce(Acks::All, "leader-idem", Some(1))).await;
+        for k in 0..10 {
+            let v = format!("leader-{k}");
+            let r = lclient.request(&produce(Acks::Leader, &v, None)).await;
+            if let Some(o) = offset_of(&r) {
+                lead_acked.push((o, v));
+            }
+        }
+        let answered_within = isolated.elapsed();
+        eprintln!(
+            "isolated broker {leader}: within {answered_within:?} it acknowledged {} of 10 acks=leader batches \
+             {lead_acked:?}; the idempotent one {idem:?}, sent again {idem_again:?}, with acks=all {idem_all:?}",
+            lead_acked.len()
+        );
+        anyhow::ensure!(
+            lead_acked.len() == 10,
+            "the isolated leader did not acknowledge every acks=leader batch on its own log"
+        );
+        let idem_offset = offset_of(&idem).ok_or_else(|| anyhow::anyhow!("idempotent acks=leader: {idem:?}"))?;
+        anyhow::ensure!(
+            offset_of(&idem_again) == Some(idem_offset),
+            "an acks=leader retry of a batch the leader holds got {idem_again:?}, not its offset {idem_offset}"
+        );
+        anyhow::ensure!(
+            offset_of(&idem_all).is_none(),
+            "an acks=all retry of an uncommitted batch was acknowledged: {idem_all:?}"
+        );
+
+        // The two others elect a leader of their own and go on with acks = all.
+        let elected = cluster.agreed_leader(&majority, "acks", 0, SETTLE).await?;
+        let mclient = cluster.client_in_order(&majority, client_timeouts).await?;
+        let mproducer = Producer::new(mclient.clone(), ProducerConfig::default().with_acks(Acks::All));
+        for k in 0..20 {
+            mproducer.send("acks", quiver_client::ProducerRecord::new(format!("maj-{k}")).partition(0)).await?;
+        }
+        let all_isolated = tokio::time::timeout(Duration::from_secs(10), pending_all).await;
+        let all_isolated_acked = matches!(&all_isolated, Ok(Ok(r)) if offset_of(r).is_some());
+        eprintln!("broker {elected} leads the majority; the acks=all batch sent to the isolated leader: {all_isolated:?}");
+        anyhow::ensure!(!all_isolated_acked, "the isolated leader acknowledged an acks=all batch");
+
+        cluster.heal();
+        let after = cluster.agreed_leader(&all, "acks", 0, SETTLE).await?;
+        let target = cluster.partition_of(cluster.index_of(after), "acks", 0).await?.commit;
+        cluster.caught_up(li, after, "acks", 0, target, SETTLE).await?;
+        cluster.settled_high_watermark("acks", 0, SETTLE).await?;
+        let logs = read_every_broker(&cluster, "acks", 0).await?;
+        eprintln!("after the heal broker {after} leads; the log: {:?}", logs[0]);
+        for (i, log) in logs.iter().enumerate() {
+            anyhow::ensure!(log == &logs[0], "broker {} serves other offsets than broker 1", i + 1);
+        }
+        let has = |v: &str| logs[0].iter().any(|(_, x)| x == v);
+        // acks = all: every acknowledgement kept.
+        for v in ["all-before", "all-before-idem"].into_iter().map(String::from).chain((0..20).map(|k| format!("maj-{k}"))) {
+            anyhow::ensure!(has(&v), "{v}, acknowledged with acks=all, is not in the log");
+        }
+        // acks = leader: what the isolated leader acknowledged alone was cut.
+        let lost: Vec<_> = lead_acked.iter().filter(|(_, v)| !has(v)).collect();
+        anyhow::ensure!(
+            lost.len() == lead_acked.len() && !has("leader-idem"),
+            "acks=leader batches acknowledged by the isolated leader survived: {:?}",
+            lead_acked.iter().filter(|(_, v)| has(v)).collect::<Vec<_>>()
+        );
+        for (o, v) in &lost {
+            let now = logs[0].iter().find(|(x, _)| x == o).map(|(_, x)| x.as_str());
+            eprintln!("acknowledged {v} at offset {o} (acks=leader): lost; offset {o} now holds {now:?}");
+        }
+        anyhow::ensure!(
+            cluster.nodes[li].log().contains("truncating a diverged Raft suffix"),
+            "broker {leader} never truncated what it acknowledged alone"
+        );
+        drop(mproducer);
+        mclient.close().await;
         lclient.close().await;
         admin.close().await;
         Ok(())

@@ -1,6 +1,7 @@
 //! The fault harness in CI (docs/faults.md): a short seeded schedule of every fault against
 //! three brokers must show no anomaly, and the acks=leader negative control must be flagged
-//! (the checker can fail). `QUIVER_FAULTS_SEED` picks another seed; a failure prints the
+//! on its own run (the checker can fail: acks=leader loses acknowledged writes when a leader is
+//! cut off). `QUIVER_FAULTS_SEED` picks another seed; a failure prints the
 //! `quiver-faults` command that replays it. The consumer group's coordinator is spared by the
 //! process faults (`--spare-coordinator`): group state is not replicated yet (docs/faults.md).
 
@@ -41,48 +42,41 @@ async fn a_short_schedule_of_every_fault_finds_no_anomaly() -> anyhow::Result<()
     .await
 }
 
-/// The negative control: producers with acks=leader while the nemesis isolates and kills
-/// leaders. Today's broker acknowledges acks=leader on a replicated partition only once the
-/// batch is committed, so this run loses nothing (printed); the checker's teeth are then shown
-/// on the run's own history with one acknowledged record removed from every broker's log (it
-/// must report it `lost`) and one value written twice (it must report a `duplicate`).
+/// The negative control: producers with acks=leader while the nemesis isolates a partition's
+/// leader (it keeps answering its producers alone), then kills it. The broker answers
+/// acks=leader once the leader's own log has a batch (docs/replication.md §3), so what the
+/// isolated leader answered is cut when it rejoins the majority's newer log: the checker must
+/// report `lost` on the run's own history. One seed isolates about six leaders for 1.5-3 s each
+/// under three producers and loses hundreds of acknowledged writes (seed 7: 275 of 7,820); a
+/// second seed is tried only if the first lost nothing, and both are printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_negative_control_is_flagged() -> anyhow::Result<()> {
-    use quiver_tests::faults::checker::check;
-    use quiver_tests::faults::history::{load, Type};
     init_tracing();
-    let seed = seed(7);
+    let first = seed(7);
     bounded(420, async move {
-        let dir = test_dir()?;
-        let mut cfg = RunConfig::new(BIN, dir.path(), seed, Duration::from_secs(30));
-        cfg.negative_control = Some(NegativeControl::AcksLeader);
-        cfg.consumers = 0;
-        eprintln!("seed {seed}");
-        let outcome = run(&cfg).await?;
-        eprintln!("acks=leader under leader isolation and kills:\n{}", outcome.report.table());
-        anyhow::ensure!(outcome.report.stats.nemesis_steps >= 3, "too few leader kills ran");
-
-        let mut events = load(&outcome.history)?;
-        let victim = events
-            .iter()
-            .find(|e| e.f == "produce" && e.kind == Type::Ok && e.partition == Some(0))
-            .and_then(|e| e.value.clone())
-            .ok_or_else(|| anyhow::anyhow!("nothing acknowledged on partition 0"))?;
-        for e in events.iter_mut().filter(|e| e.f == "read-log" && e.partition == Some(0)) {
-            if let Some(log) = e.log.as_mut() {
-                log.retain(|(_, v)| *v != victim);
-                let copy = log.first().cloned();
-                if let Some((_, v)) = copy {
-                    log.push((u64::MAX, v));
-                }
+        let mut tried = Vec::new();
+        for seed in [first, first.wrapping_add(1)] {
+            let dir = test_dir()?;
+            let mut cfg = RunConfig::new(BIN, dir.path(), seed, Duration::from_secs(30));
+            cfg.negative_control = Some(NegativeControl::AcksLeader);
+            cfg.consumers = 0;
+            eprintln!("seed {seed}");
+            let outcome = run(&cfg).await?;
+            eprintln!("acks=leader under leader isolation and kills (seed {seed}):\n{}", outcome.report.table());
+            anyhow::ensure!(outcome.report.stats.nemesis_steps >= 3, "seed {seed}: too few leader kills ran");
+            anyhow::ensure!(outcome.report.stats.produce_ok > 100, "seed {seed}: too little was acknowledged");
+            let lost = outcome.report.count("lost");
+            tried.push((seed, lost));
+            if lost > 0 {
+                anyhow::ensure!(!outcome.report.ok, "seed {seed}: {lost} lost, yet the report passed");
+                eprintln!("seeds tried (seed, lost): {tried:?}");
+                return Ok(());
             }
         }
-        let tampered = check(&events, &Default::default());
-        eprintln!("the same history, {victim:?} removed and a value repeated:\n{}", tampered.table());
-        let dups = |r: &quiver_tests::faults::Report| r.count("duplicate") + r.stats.duplicate_non_idempotent;
-        anyhow::ensure!(!tampered.ok && tampered.count("lost") == 1, "the checker missed a lost record");
-        anyhow::ensure!(dups(&tampered) == dups(&outcome.report) + 1, "the checker missed a duplicate");
-        Ok(())
+        anyhow::bail!(
+            "the acks=leader control lost no acknowledged write (seed, lost): {tried:?}; replay: cargo run -p \
+             quiver-tests --bin quiver-faults -- --seed {first} --duration 30s --negative-control acks-leader --consumers 0"
+        )
     })
     .await
 }

@@ -2,7 +2,9 @@
 //! ticks it, steps what peers send, proposes what producers (or the controller) hand it, and
 //! performs each `Ready` on a blocking thread (the log's appends and fsyncs are blocking IO).
 //! Committed entries go to the group's `on_commit`; proposals are answered once their entry is
-//! committed in the term they were proposed in.
+//! committed in the term they were proposed in, or, with `acks = leader`, once this leader's
+//! own log has it (appended, and fsynced under `durability = always`) while it still leads in
+//! that term (docs/replication.md §3).
 //!
 //! A panic inside raft-rs (it panics on storage read errors, docs/replication.md §1) or a
 //! failed `Ready` stops this group only: its waiters are failed, its status says it stopped,
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quiver_protocol::batch::ValidatedBatch;
+use quiver_protocol::message::Acks;
 use quiver_protocol::ErrorCode;
 use raft::eraftpb::{Entry, Message};
 use raft::{RawNode, StateRole};
@@ -110,8 +112,18 @@ impl GroupHandle {
 }
 
 enum Waiter {
-    Batch { term: u64, placed: Option<(u64, u64)>, reply: oneshot::Sender<Result<Appended, PartitionError>> },
-    Command { term: u64, reply: oneshot::Sender<Result<u64, PartitionError>> },
+    /// A producer's batch. `acks = leader` is answered when it is placed (in this leader's log,
+    /// durable per the topic's durability); any other at its commit.
+    Batch {
+        term: u64,
+        acks: Acks,
+        placed: Option<(u64, u64)>,
+        reply: oneshot::Sender<Result<Appended, PartitionError>>,
+    },
+    Command {
+        term: u64,
+        reply: oneshot::Sender<Result<u64, PartitionError>>,
+    },
 }
 
 impl Waiter {
@@ -221,7 +233,7 @@ impl Driver {
                     Some(ev) => self.handle(n, ev),
                     None => break,
                 },
-                Some(p) = proposals.recv() => self.propose(n, p.batch, p.reply),
+                Some(p) = proposals.recv() => self.propose(n, p),
                 _ = shutdown.cancelled() => break,
             }
             for _ in 0..EVENTS_PER_READY {
@@ -232,7 +244,7 @@ impl Driver {
             }
             for _ in 0..EVENTS_PER_READY {
                 match proposals.try_recv() {
-                    Ok(p) => self.propose(n, p.batch, p.reply),
+                    Ok(p) => self.propose(n, p),
                     Err(_) => break,
                 }
             }
@@ -367,12 +379,8 @@ impl Driver {
         }
     }
 
-    fn propose(
-        &mut self,
-        node: &mut RawNode<LogStorage>,
-        batch: ValidatedBatch,
-        reply: oneshot::Sender<Result<Appended, PartitionError>>,
-    ) {
+    fn propose(&mut self, node: &mut RawNode<LogStorage>, proposal: Proposal) {
+        let Proposal { batch, acks, reply } = proposal;
         if self.poisoned || node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(not_leader(leader_of(node))));
             return;
@@ -397,9 +405,11 @@ impl Driver {
                             SeqCheck::Append => {}
                             // The producer state follows appends, not the commit: a batch
                             // this leader holds may still be cut (an isolated leader's), so
-                            // it is acknowledged only once committed (acks = all).
+                            // under acks = all a retry is answered only once it is committed.
+                            // Under acks = leader the retry gets what the first send would
+                            // have got: the offsets this leader's log holds it at.
                             SeqCheck::Duplicate { last_offset, .. }
-                                if last_offset >= self.committed_offset =>
+                                if last_offset >= self.committed_offset && acks != Acks::Leader =>
                             {
                                 let _ = reply.send(Err(PartitionError::new(
                                     ErrorCode::NotLeader,
@@ -432,7 +442,7 @@ impl Driver {
         match replica::propose_batch(node, batch) {
             Ok(()) => {
                 let index = node.raft.raft_log.last_index();
-                self.waiting.insert(index, Waiter::Batch { term: node.raft.term, placed: None, reply });
+                self.waiting.insert(index, Waiter::Batch { term: node.raft.term, acks, placed: None, reply });
             }
             Err(e) => {
                 let _ = reply.send(Err(PartitionError::new(ErrorCode::NotLeader, e.to_string())));
@@ -508,9 +518,23 @@ impl Driver {
         if let Some(hw) = hw {
             self.committed_offset = self.committed_offset.max(hw);
         }
+        // acks = leader: answered once placed, if this replica still leads in the term it
+        // proposed in (an entry of another term at that index is another leader's, and a
+        // replica that lost leadership fails its waiters below). The batch may still be cut
+        // if this leader fails before a majority has it, as with Kafka's acks=1.
+        let leading = (node.raft.state == StateRole::Leader).then_some(node.raft.term);
         for p in &out.placed {
-            if let Some(Waiter::Batch { placed, .. }) = self.waiting.get_mut(&p.index) {
-                *placed = Some((p.base_offset, p.last_offset));
+            let Some(Waiter::Batch { term, acks, placed, .. }) = self.waiting.get_mut(&p.index) else {
+                continue;
+            };
+            *placed = Some((p.base_offset, p.last_offset));
+            if *acks == Acks::Leader && p.term == *term && leading == Some(*term) {
+                if let Some(Waiter::Batch { reply, .. }) = self.waiting.remove(&p.index) {
+                    let append_time_ms = crate::partition::now_ms();
+                    let a =
+                        Appended { base_offset: p.base_offset, last_offset: p.last_offset, append_time_ms };
+                    let _ = reply.send(Ok(a));
+                }
             }
         }
         // A snapshot installed moves the high watermark to the new log start (nothing to

@@ -79,6 +79,8 @@ const IN_PLACE_BYTES: usize = crate::storage::DIRECT_MIN_BYTES;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Placed {
     pub(crate) index: u64,
+    /// The entry's term: whose proposal it is (a waiter of another term is not answered by it).
+    pub(crate) term: u64,
     pub(crate) base_offset: u64,
     pub(crate) last_offset: u64,
 }
@@ -436,7 +438,12 @@ impl LogStorage {
                     (info.base_offset, info.last_offset)
                 }
             };
-            placed.push(Placed { index: entry.get_index(), base_offset, last_offset });
+            placed.push(Placed {
+                index: entry.get_index(),
+                term: entry.get_term(),
+                base_offset,
+                last_offset,
+            });
         }
         match self.sync_every_ms {
             Some(every) if now_ms.saturating_sub(self.synced_ms) < every => self.unsynced = true,

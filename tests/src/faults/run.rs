@@ -25,9 +25,8 @@ pub const TOPIC: &str = "faults";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NegativeControl {
     /// Producers use acks=leader; the nemesis isolates a partition's leader (it keeps
-    /// answering its clients alone), then kills it: writes it acknowledged alone would be
-    /// lost. (Today's broker answers acks=leader on a replicated partition only once the batch
-    /// is committed, like acks=all, so nothing is lost: docs/faults.md.)
+    /// answering its clients alone, acks=leader once its own log has a batch), then kills it:
+    /// what it acknowledged alone is cut when it rejoins, and the checker reports it `lost`.
     AcksLeader,
     /// The topic's log is not fsynced (durability = os). Needs power loss to lose anything
     /// (kill -9 keeps the page cache), which the harness does not simulate yet: refused.
