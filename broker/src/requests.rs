@@ -207,8 +207,7 @@ async fn dispatch(
         }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
-            // A peer forwards its clients' requests, each counted where the client connected.
-            if !members.is_peer() && !members.take_producer_id(std::time::Instant::now()) {
+            if !members.take_producer_id(std::time::Instant::now()) {
                 return Some(Message::error(
                     ErrorCode::LimitExceeded,
                     format!(
@@ -218,7 +217,7 @@ async fn dispatch(
                 ));
             }
             if let Some(cluster) = &st.cluster {
-                return Some(match cluster.producer_id(members.is_peer()).await {
+                return Some(match cluster.producer_id().await {
                     Ok(producer_id) => Message::InitProducerOk {
                         producer_id,
                         producer_epoch: crate::producers::PRODUCER_EPOCH,
@@ -234,6 +233,18 @@ async fn dispatch(
                     Message::error(ErrorCode::StorageError, format!("allocating a producer id: {e}"))
                 }
                 Err(e) => Message::error(ErrorCode::Internal, e.to_string()),
+            })
+        }),
+        Message::ReserveProducerIds { broker } => Box::pin(async move {
+            Some(match (&st.cluster, members.is_peer()) {
+                (Some(cluster), true) => match cluster.reserve_producer_ids_for(u64::from(broker)).await {
+                    Ok(()) => Message::Done,
+                    Err(e) => error(e),
+                },
+                _ => Message::error(
+                    ErrorCode::UnexpectedKind,
+                    "ReserveProducerIds is for brokers of a cluster",
+                ),
             })
         }),
         Message::OffsetForTime { topic, partition, timestamp_ms } => Box::pin(async move {

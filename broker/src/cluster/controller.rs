@@ -201,6 +201,9 @@ pub(super) async fn start(
         tracing::info!(commands = commit, "replayed the controller log");
     }
     cluster.producer_ids.forget_replayed();
+    // A block in hand before anyone asks: a broker cut off from the controller later still
+    // issues producer ids from it.
+    cluster.keep_spare_producer_ids();
     // A new cluster's lowest id asks for votes at once rather than after a timeout.
     if fresh && cluster.config.peers.keys().next() == Some(&me) {
         let _ = cluster.controller.events.try_send(super::Event::Campaign);

@@ -232,11 +232,68 @@ impl Cluster {
         }
     }
 
-    /// A new producer id (docs/replication.md §2c): issued here when this broker leads the
-    /// controller, from a block the controller log reserved for it (reserving the next block
-    /// when this one is used up); else asked of the controller's leader. A request a peer
-    /// forwarded (`from_peer`) is never forwarded again.
-    pub(crate) async fn producer_id(&self, from_peer: bool) -> Result<i64, PartitionError> {
+    /// A new producer id (docs/replication.md §2c), issued here from a block of counters the
+    /// controller log reserved for this broker: a broker cut off from the controller still
+    /// issues ids while it holds a block. A spare block is kept reserved ahead.
+    pub(crate) async fn producer_id(self: &Arc<Self>) -> Result<i64, PartitionError> {
+        let ids = &self.producer_ids;
+        let mut issuing = ids.issuing().lock().await;
+        let id = match ids.next_from_block(&mut issuing) {
+            Some(id) => id,
+            None => {
+                *issuing = match ids.take_spare() {
+                    Some(block) => block,
+                    None => {
+                        self.reserve_producer_ids().await?;
+                        ids.take_spare().ok_or_else(|| {
+                            PartitionError::new(
+                                ErrorCode::Internal,
+                                "the reserved producer-id block went missing",
+                            )
+                        })?
+                    }
+                };
+                tracing::debug!(block = ?*issuing, "issuing producer ids from a new block");
+                ids.next_from_block(&mut issuing)
+                    .ok_or_else(|| PartitionError::new(ErrorCode::Internal, "an empty producer-id block"))?
+            }
+        };
+        drop(issuing);
+        self.keep_spare_producer_ids();
+        Ok(id)
+    }
+
+    /// Reserves a block for later in the background when none is spare.
+    pub(crate) fn keep_spare_producer_ids(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let ids = &self.producer_ids;
+        if ids.spares() > 0 || ids.reserving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match cluster.reserve_producer_ids().await {
+                    Ok(()) => break,
+                    Err(e) if e.code == ErrorCode::ShuttingDown || cluster.shutdown.is_cancelled() => break,
+                    Err(e) => {
+                        tracing::debug!("reserving a spare block of producer ids: {e}; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cluster.shutdown.cancelled() => break,
+                        }
+                    }
+                }
+            }
+            cluster.producer_ids.reserving.store(false, Ordering::Release);
+        });
+    }
+
+    /// Reserves the next block of producer-id counters for this broker through the controller
+    /// (proposed here when this broker leads it, else asked of its leader); returns once the
+    /// reservation is applied here.
+    async fn reserve_producer_ids(&self) -> Result<(), PartitionError> {
+        let me = self.config.node_id;
         let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
         loop {
             let outcome = match self.controller.leader(LEADER_WAIT).await {
@@ -244,30 +301,40 @@ impl Cluster {
                     ErrorCode::NotLeader,
                     "the cluster has no controller leader (no quorum?)",
                 )),
-                Some(l) if l == self.config.node_id => self.issue_producer_id().await,
-                Some(_) if from_peer => Err(PartitionError::new(
-                    ErrorCode::NotLeader,
-                    "this broker no longer leads the controller; retry",
-                )),
-                Some(l) => match self.links.request(l, &Message::InitProducer, FORWARD_TIMEOUT).await {
-                    Ok(Message::InitProducerOk { producer_id, .. }) => Ok(producer_id),
-                    Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
-                    Ok(other) => Err(PartitionError::new(
-                        ErrorCode::Internal,
-                        format!(
-                            "the controller's leader answered InitProducer with frame kind {}",
-                            other.kind()
-                        ),
-                    )),
-                    Err(e) => Err(e),
-                },
+                Some(l) if l == me => self.reserve_producer_ids_for(me).await,
+                Some(l) => {
+                    let request = Message::ReserveProducerIds { broker: me as u32 };
+                    match self.links.request(l, &request, FORWARD_TIMEOUT).await {
+                        Ok(Message::Done) => {
+                            // Committed at the leader: applied here a moment later.
+                            let mut applied = self.applied.clone();
+                            let ids = &self.producer_ids;
+                            let seen =
+                                tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|_| ids.spares() > 0))
+                                    .await
+                                    .is_ok_and(|r| r.is_ok());
+                            match seen {
+                                true => Ok(()),
+                                false => Err(PartitionError::new(
+                                    ErrorCode::NotLeader,
+                                    "the producer-id reservation was not applied here in time; retry",
+                                )),
+                            }
+                        }
+                        Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
+                        Ok(other) => Err(PartitionError::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "the controller's leader answered a reservation with frame kind {}",
+                                other.kind()
+                            ),
+                        )),
+                        Err(e) => Err(e),
+                    }
+                }
             };
             match outcome {
-                Err(e)
-                    if e.code == ErrorCode::NotLeader
-                        && !from_peer
-                        && tokio::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.code == ErrorCode::NotLeader && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return other,
@@ -275,26 +342,19 @@ impl Cluster {
         }
     }
 
-    async fn issue_producer_id(&self) -> Result<i64, PartitionError> {
-        let ids = &self.producer_ids;
-        let mut issuing = ids.issuing().lock().await;
-        if let Some(id) = ids.next_from_block(&mut issuing) {
-            return Ok(id);
+    /// On the controller's leader: reserves the next block for `broker` (a peer's
+    /// `ReserveProducerIds`, or this broker's own), answered once committed and applied here.
+    pub(crate) async fn reserve_producer_ids_for(&self, broker: u64) -> Result<(), PartitionError> {
+        if !self.config.peers.contains_key(&broker) {
+            return Err(PartitionError::new(
+                ErrorCode::Malformed,
+                format!("no broker {broker} in this cluster"),
+            ));
         }
         let key = producer_ids::fresh_key_hex()
             .map_err(|e| PartitionError::new(ErrorCode::Internal, format!("a producer-id key: {e}")))?;
-        let command = Command::ReserveProducerIds {
-            broker: self.config.node_id,
-            count: crate::producers::ID_BLOCK,
-            key,
-        };
-        let index = self.propose_here(&command).await?;
-        *issuing = ids.take_block(index).ok_or_else(|| {
-            PartitionError::new(ErrorCode::Internal, "the reserved producer-id block went missing")
-        })?;
-        tracing::debug!(block = ?*issuing, index, "reserved a block of producer ids");
-        ids.next_from_block(&mut issuing)
-            .ok_or_else(|| PartitionError::new(ErrorCode::Internal, "an empty producer-id block"))
+        let command = Command::ReserveProducerIds { broker, count: crate::producers::ID_BLOCK, key };
+        self.propose_here(&command).await.map(drop)
     }
 
     /// Checks a batch's producer identity where its partition is led: an id whose block this

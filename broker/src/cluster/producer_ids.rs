@@ -34,6 +34,8 @@ pub(crate) struct ClusterProducerIds {
     mine: DashMap<u64, (i64, i64)>,
     /// The block this broker hands ids out of: (next counter, end).
     issuing: tokio::sync::Mutex<(i64, i64)>,
+    /// A background reservation of a spare block is under way.
+    pub(crate) reserving: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterProducerIds {
@@ -86,6 +88,17 @@ impl ClusterProducerIds {
     /// The block reserved by the command at `index`, taken for issuing.
     pub(crate) fn take_block(&self, index: u64) -> Option<(i64, i64)> {
         self.mine.remove(&index).map(|(_, b)| b)
+    }
+
+    /// The oldest block reserved for this broker and not yet issued from.
+    pub(crate) fn take_spare(&self) -> Option<(i64, i64)> {
+        let index = self.mine.iter().map(|e| *e.key()).min()?;
+        self.take_block(index)
+    }
+
+    /// Blocks reserved for this broker and not yet issued from.
+    pub(crate) fn spares(&self) -> usize {
+        self.mine.len()
     }
 
     pub(crate) fn issuing(&self) -> &tokio::sync::Mutex<(i64, i64)> {

@@ -173,6 +173,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                 })
             })?,
         },
+        kind::RESERVE_PRODUCER_IDS => ReserveProducerIds { broker: r.u32()? },
         kind::INIT_PRODUCER => InitProducer,
         kind::JOIN_GROUP => JoinGroup {
             group: text(r)?,

@@ -216,6 +216,7 @@ impl Message {
                 b.put_u32_le(payload.len() as u32);
                 return payload.clone();
             }
+            ReserveProducerIds { broker } => b.put_u32_le(*broker),
             Leaders { notices } => {
                 b.put_u32_le(notices.len() as u32);
                 for n in notices {

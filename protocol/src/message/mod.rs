@@ -197,6 +197,11 @@ pub enum Message {
     Leaders {
         notices: Vec<LeaderNotice>,
     },
+    /// A broker asks the controller's leader to reserve the next block of producer-id counters
+    /// for it (broker-to-broker only; answered `Done` once committed).
+    ReserveProducerIds {
+        broker: u32,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -281,6 +286,7 @@ mod kind {
     pub const CLUSTER_STATUS_OK: u8 = 39;
     pub const RAFT: u8 = 40;
     pub const LEADERS: u8 = 41;
+    pub const RESERVE_PRODUCER_IDS: u8 = 42;
 }
 
 impl Message {
@@ -341,6 +347,7 @@ impl Message {
             ClusterStatusOk { .. } => kind::CLUSTER_STATUS_OK,
             Raft { .. } => kind::RAFT,
             Leaders { .. } => kind::LEADERS,
+            ReserveProducerIds { .. } => kind::RESERVE_PRODUCER_IDS,
         }
     }
 }

@@ -199,6 +199,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     .collect(),
             }),
         bytes.clone().prop_map(|payload| Message::Raft { payload }),
+        any::<u32>().prop_map(|broker| Message::ReserveProducerIds { broker }),
         proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()), 0..4).prop_map(
             |n| Message::Leaders {
                 notices: n
