@@ -253,11 +253,14 @@ impl<P, F: Clone> Engine<P, F> {
 
     /// When the driver must poll again if nothing else happens.
     pub(crate) fn next_timer(&self) -> Option<Instant> {
+        // Batches never sent fail at their delivery timeout also while a pause or the wait for
+        // a new producer id holds them back (nothing else wakes the driver then).
+        let queued = self.ready.front().into_iter().chain(self.open.as_ref()).map(|b| b.deadline).min();
         if let Some(t) = self.paused_until {
-            return Some(t);
+            return Some(queued.map_or(t, |q| q.min(t)));
         }
         if self.broken {
-            return None;
+            return queued;
         }
         let linger = self
             .open
@@ -277,6 +280,7 @@ impl<P, F: Clone> Engine<P, F> {
         now: Instant,
         seal: &mut impl FnMut(&mut P, ProducerIdentity) -> F,
     ) -> Option<Action<P, F>> {
+        self.expire_queued(now);
         if let Some(d) = self.done.pop_front() {
             return Some(Action::Complete(d));
         }
@@ -477,6 +481,28 @@ impl<P, F: Clone> Engine<P, F> {
     fn pause(&mut self, now: Instant) {
         self.paused_until = Some(after(now, self.backoff));
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Fails batches never sent whose delivery timeout passed: they wait for an in-flight
+    /// slot, the end of a pause or a new producer id that does not come, and the timeout covers
+    /// the whole time a record waits (Kafka's `delivery.timeout.ms` does too). Never sent, they
+    /// hold no sequence number, so the sequence stays whole.
+    fn expire_queued(&mut self, now: Instant) {
+        let after_ms = self.cfg.delivery_timeout.as_millis() as u64;
+        let timed_out = |last: &Option<String>| ClientError::DeliveryTimeout { after_ms, last: last.clone() };
+        while self.ready.front().is_some_and(|b| b.deadline <= now) {
+            if let Some(b) = self.ready.pop_front() {
+                let err = timed_out(&self.last_error);
+                self.push_done(b, Err(err));
+            }
+        }
+        if self.ready.is_empty() && self.open.as_ref().is_some_and(|b| b.deadline <= now) {
+            if let Some(b) = self.open.take() {
+                self.closed_count += 1; // as if closed: flushes count completions against it
+                let err = timed_out(&self.last_error);
+                self.push_done(b, Err(err));
+            }
+        }
     }
 
     /// Fails the oldest batches whose delivery timeout passed.

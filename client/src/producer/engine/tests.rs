@@ -603,3 +603,34 @@ proptest! {
         }
     }
 }
+
+/// Records that never leave because no producer id comes (a broker that cannot issue one) fail
+/// at their delivery timeout, as Kafka's `delivery.timeout.ms` covers time in the accumulator;
+/// the sequence stays whole for what is sent once an id comes.
+#[test]
+fn records_waiting_for_a_producer_id_fail_at_their_delivery_timeout() {
+    let mut c = cfg(0, 1000, 8, 7);
+    c.delivery_timeout = Duration::from_millis(100);
+    let mut s = Sim::new(c);
+    s.enqueue(10).unwrap();
+    s.run();
+    s.fatal(); // the sequence is broken: a new producer id is asked for, and never comes
+    assert_eq!(s.pid_requests, 1);
+    s.advance(10);
+    s.enqueue(10).unwrap();
+    s.enqueue(10).unwrap();
+    s.run();
+    let deadline = s.e.next_timer().expect("a timer while records wait for an id");
+    assert_eq!(deadline, s.now + Duration::from_millis(100), "their delivery timeout");
+    s.advance(99);
+    assert!(!s.outcomes.contains_key(&1), "not yet");
+    s.advance(1);
+    assert!(matches!(s.outcome(1), Err(ClientError::DeliveryTimeout { .. })), "{:?}", s.outcomes);
+    assert!(matches!(s.outcome(2), Err(ClientError::DeliveryTimeout { .. })));
+    assert_eq!(s.writes.len(), 1, "nothing was sent without an id");
+    s.grant();
+    s.enqueue(10).unwrap();
+    s.run();
+    let sent: Vec<_> = s.writes_since(1).into_iter().map(|(ids, seq, _)| (ids, seq)).collect();
+    assert_eq!(sent, vec![(vec![3], 0)], "numbered from 0 under the new id");
+}
