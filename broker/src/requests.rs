@@ -359,7 +359,17 @@ async fn produce(
         // In a cluster, ids come from the controller log (docs/replication.md §2c).
         let checked = match &state.cluster {
             None => state.producer_ids.check(header.producer_id, header.producer_epoch),
-            Some(c) => c.check_producer_id(header.producer_id, header.producer_epoch).await,
+            Some(c) => match c.check_producer_id(header.producer_id, header.producer_epoch).await {
+                // A block this broker has not applied yet (reserved a moment ago, or this
+                // broker is cut off from the controller): retriable, not a forged id.
+                Err(crate::producers::ProducerIdError::NeverIssued(id)) if !c.producer_ids.known(id) => {
+                    return Err(PartitionError::new(
+                        ErrorCode::NotLeader,
+                        format!("producer id {id} is not known to this broker yet (its controller log is behind); retry"),
+                    ));
+                }
+                other => other,
+            },
         };
         checked.map_err(|e| PartitionError::new(ErrorCode::UnknownProducer, e.to_string()))?;
         t.metrics.messages_in.increment(header.records_count as u64);

@@ -141,7 +141,7 @@ pub(super) async fn start(
     let dir = data_dir.join("cluster").join("controller");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (ids, me) = (config.ids(), config.node_id);
-    let (store, commit) = {
+    let (store, commit, logged) = {
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let (log, _) = PartitionLog::open(
@@ -154,7 +154,8 @@ pub(super) async fn start(
             let store = crate::replica::LogStorage::open(Arc::new(Mutex::new(log)), storage, &ids)
                 .with_context(|| format!("opening the controller's Raft state in {}", dir.display()))?;
             let commit = store.hard_state().get_commit();
-            Ok((store, commit))
+            let logged = raft::Storage::last_index(&store)?;
+            Ok((store, commit, logged))
         })
         .await??
     };
@@ -190,6 +191,10 @@ pub(super) async fn start(
         producer_ids: Default::default(),
         shutdown: shutdown.clone(),
     });
+    // Blocks reserved for this broker by commands already in its log at start may have been
+    // handed out before a crash (even those committed after the persisted commit): never
+    // issued from again.
+    cluster.producer_ids.set_replayed_through(logged);
     tokio::spawn(super::remote::announce_loop(cluster.clone(), topics.clone()));
     tokio::spawn(apply_loop(cluster.clone(), topics, apply_rx, applied_tx, max_partitions_total));
     if commit > 0 {
@@ -200,7 +205,6 @@ pub(super) async fn start(
             .context("the controller stopped while replaying")?;
         tracing::info!(commands = commit, "replayed the controller log");
     }
-    cluster.producer_ids.forget_replayed();
     // A block in hand before anyone asks: a broker cut off from the controller later still
     // issues producer ids from it.
     cluster.keep_spare_producer_ids();

@@ -36,6 +36,9 @@ pub(crate) struct ClusterProducerIds {
     issuing: tokio::sync::Mutex<(i64, i64)>,
     /// A background reservation of a spare block is under way.
     pub(crate) reserving: std::sync::atomic::AtomicBool,
+    /// The last index of the controller log when this broker started: reservations up to it
+    /// are not this run's to issue from.
+    replayed_through: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterProducerIds {
@@ -62,16 +65,18 @@ impl ClusterProducerIds {
             ));
         }
         self.reserved_below.store(end, Ordering::Release);
-        if reserving {
+        // A block reserved by a command that was in the log at start may have been issued
+        // from before a restart (which ids is not recorded): only later ones are taken.
+        if reserving && index > self.replayed_through.load(Ordering::Acquire) {
             self.mine.insert(index, (start, end));
         }
         Ok(())
     }
 
-    /// Forgets blocks reserved before a restart (replayed at start): their ids may have been
-    /// handed out already.
-    pub(crate) fn forget_replayed(&self) {
-        self.mine.clear();
+    /// Reservations up to `index` (the controller log's last index at start) were made in an
+    /// earlier run: their blocks are never issued from again.
+    pub(crate) fn set_replayed_through(&self, index: u64) {
+        self.replayed_through.store(index, Ordering::Release);
     }
 
     /// An id from the block being issued, or `None` when it is used up (reserve another).

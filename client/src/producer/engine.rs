@@ -255,7 +255,10 @@ impl<P, F: Clone> Engine<P, F> {
     pub(crate) fn next_timer(&self) -> Option<Instant> {
         // Batches never sent fail at their delivery timeout also while a pause or the wait for
         // a new producer id holds them back (nothing else wakes the driver then).
-        let queued = self.ready.front().into_iter().chain(self.open.as_ref()).map(|b| b.deadline).min();
+        let queued = match self.in_flight.is_empty() {
+            true => self.ready.front().into_iter().chain(self.open.as_ref()).map(|b| b.deadline).min(),
+            false => None,
+        };
         if let Some(t) = self.paused_until {
             return Some(queued.map_or(t, |q| q.min(t)));
         }
@@ -488,6 +491,11 @@ impl<P, F: Clone> Engine<P, F> {
     /// the whole time a record waits (Kafka's `delivery.timeout.ms` does too). Never sent, they
     /// hold no sequence number, so the sequence stays whole.
     fn expire_queued(&mut self, now: Instant) {
+        if !self.in_flight.is_empty() {
+            // Batches complete in the order they closed: the ones in flight go first (they
+            // expire at their resend).
+            return;
+        }
         let after_ms = self.cfg.delivery_timeout.as_millis() as u64;
         let timed_out = |last: &Option<String>| ClientError::DeliveryTimeout { after_ms, last: last.clone() };
         while self.ready.front().is_some_and(|b| b.deadline <= now) {

@@ -634,3 +634,27 @@ fn records_waiting_for_a_producer_id_fail_at_their_delivery_timeout() {
     let sent: Vec<_> = s.writes_since(1).into_iter().map(|(ids, seq, _)| (ids, seq)).collect();
     assert_eq!(sent, vec![(vec![3], 0)], "numbered from 0 under the new id");
 }
+
+/// A queued batch past its delivery timeout does not complete before an older one still in
+/// flight: a flush counts completions against the batches closed before it, so an early one
+/// would release it while the older batch is unresolved.
+#[test]
+fn a_queued_batch_never_expires_ahead_of_one_in_flight() {
+    let mut c = cfg(0, 1000, 1, 7);
+    c.delivery_timeout = Duration::from_millis(100);
+    let mut s = Sim::new(c);
+    s.enqueue(10).unwrap(); // batch 0: sent, in flight, no answer yet
+    s.run();
+    assert_eq!(s.writes.len(), 1);
+    let target = s.e.flush(); // everything enqueued so far: batch 0
+    assert_eq!(target, 1);
+    s.advance(10);
+    s.enqueue(10).unwrap(); // batch 1: waits for the in-flight slot
+    s.run();
+    s.advance(101); // both past their deadline; the broker has not answered batch 0
+    assert!(
+        !(s.completed.len() as u64 >= target && !s.outcomes.contains_key(&0)),
+        "flush target {target} reached by {:?} while record 0 is still in flight",
+        s.completed
+    );
+}
