@@ -212,10 +212,7 @@ impl Cluster {
     /// broker holds no running replica of it.
     pub(crate) fn repair(&self, topic: &str, partition: u32, offset: u64) -> bool {
         let Some((group, replicas)) = self.group(topic, partition) else { return false };
-        // A partition with one replica has nobody to repair from: the damage stays in place.
-        replicas.len() > 1
-            && replicas.contains(&self.config.node_id)
-            && group.events.try_send(Event::Repair { offset }).is_ok()
+        replicas.contains(&self.config.node_id) && group.events.try_send(Event::Repair { offset }).is_ok()
     }
 
     /// Proposes a command on this broker, the controller's leader; answers with its index once

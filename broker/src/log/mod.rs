@@ -901,10 +901,6 @@ impl PartitionLog {
         if self.is_poisoned() {
             return Err(LogError::Poisoned);
         }
-        // Damage the verification noted at or past the cut goes with it.
-        if self.damage_found.is_some_and(|d| d >= offset) {
-            self.damage_found = None;
-        }
         let (log_start, next) = (self.log_start_offset(), self.next_offset());
         if offset < log_start || offset > next {
             return Err(LogError::OffsetOutOfRange { requested: offset, log_start, next });
@@ -1238,14 +1234,14 @@ impl PartitionLog {
     /// The first offset of the first damaged span recovery kept in place (design.md §5.3), if
     /// any: a replicated log cuts itself there and fetches the rest from its peers.
     pub fn first_damaged_offset(&self) -> Option<u64> {
-        let (start, end) = (self.log_start_offset(), self.next_offset());
+        let end = self.next_offset();
         self.closed
             .iter()
             .chain(std::iter::once(&self.active))
             .flat_map(|seg| seg.damaged.iter())
             .map(|d| d.offsets.start)
             .chain(self.damage_found)
-            .filter(|&offset| offset >= start && offset < end)
+            .filter(|&offset| offset < end)
             .min()
     }
 

@@ -542,24 +542,3 @@ fn broken_invariants_are_caught() -> TestResult {
     }
     Ok(())
 }
-
-/// Damage the verification noted goes with the cut: once the log was cut there and the batches
-/// refetched, it is not reported again (a later repair would cut healthy data at the old offset).
-#[test]
-fn noted_damage_goes_with_the_cut() -> TestResult {
-    let (_mem, storage) = mem();
-    let dir = Path::new(DIR);
-    let (mut log, _) = open(&storage, dir, &config(400))?;
-    for _ in 0..4 {
-        lead(&mut log, 1, 2)?;
-    }
-    log.note_damage(4);
-    assert_eq!(log.first_damaged_offset(), Some(4));
-    log.truncate_to(4)?;
-    assert_eq!(log.first_damaged_offset(), None, "cut: nothing damaged left");
-    for _ in 0..4 {
-        lead(&mut log, 2, 2)?; // refetched from the leader, intact
-    }
-    assert_eq!(log.first_damaged_offset(), None, "the refetched batches are reported damaged");
-    Ok(())
-}

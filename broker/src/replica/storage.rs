@@ -153,11 +153,6 @@ impl LogStorage {
     /// leads until its log passes what it held (and holds its old commit again). Call once the
     /// tracker is set.
     pub(crate) fn cut_damage(mut self) -> Result<Self, ReplicaError> {
-        if self.state.conf_state.get_voters().len() < 2 {
-            // No peer holds the data: the damage stays in place and only it is unreadable, as
-            // on one node (design.md §5.3).
-            return Ok(self);
-        }
         let mut log = self.log.lock();
         let Some(offset) = log.first_damaged_offset() else {
             drop(log);
