@@ -366,8 +366,7 @@ impl Sim {
             false => log_config(),
         };
         let (log, _) = PartitionLog::open(storage.clone(), DIR.into(), log_config, self.now_ms)?;
-        // As `cluster::attach` does: damage recovery kept in place is cut, to be refetched.
-        let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &self.ids)?.cut_damage()?;
+        let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &self.ids)?;
         let mut config = config(id, store.applied());
         if let Some(max) = self.opts.max_msg_bytes {
             config.max_size_per_msg = max;
@@ -903,12 +902,7 @@ impl Sim {
     /// its last batch, or (`tear`) the batch cut short. Its recovery cuts the damaged tail,
     /// below its persisted commit if that tail was committed. False if the segment is too
     /// short to damage.
-    /// Damages the last segment of `id`'s log: `Tear` cuts its end, `FlipLast` flips a byte of
-    /// its last batch, `FlipMiddle` one in the middle of the segment, with valid batches after
-    /// it. (The simulated logs stay above their recovery point, so recovery cuts all three;
-    /// damage below it, which recovery keeps and the replica cuts, is tested with real
-    /// processes: tests/tests/damage_repair.rs.)
-    fn damage_log(&mut self, id: u64, how: Damage) -> Result<bool, Error> {
+    fn damage_tail(&mut self, id: u64, tear: bool) -> Result<bool, Error> {
         let mem = self.replica(id).mem.clone();
         let seg = mem
             .list(Path::new(DIR))?
@@ -918,18 +912,13 @@ impl Sim {
             .ok_or("no segment")?;
         let path = Path::new(DIR).join(seg);
         let mut bytes = mem.contents(&path).ok_or("no segment contents")?;
-        let least = if how == Damage::FlipMiddle { 400 } else { 80 };
-        if bytes.len() < least {
+        if bytes.len() < 80 {
             return Ok(false);
         }
-        match how {
-            Damage::Tear => bytes.truncate(bytes.len() - self.rng.gen_range(1..40)),
-            Damage::FlipLast => {
+        match tear {
+            true => bytes.truncate(bytes.len() - self.rng.gen_range(1..40)),
+            false => {
                 let at = bytes.len() - 10;
-                bytes[at] ^= 0x5a;
-            }
-            Damage::FlipMiddle => {
-                let at = bytes.len() / 2;
                 bytes[at] ^= 0x5a;
             }
         }
@@ -952,12 +941,4 @@ impl Sim {
     fn committed_len(&self) -> usize {
         self.committed.len()
     }
-}
-
-/// How [`Sim::damage_log`] damages a log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Damage {
-    Tear,
-    FlipLast,
-    FlipMiddle,
 }
