@@ -51,16 +51,7 @@ fn verify_closed_segments(state: &BrokerState) {
                 !state.shutdown.is_cancelled()
             };
             match p.verify_closed_blocking(pace) {
-                Ok((n, first)) => {
-                    damaged += n;
-                    // A replica refetches damaged data from its peers (docs/replication.md §7);
-                    // on one node it stays in place and reads of it fail.
-                    if let (Some(offset), Some(cluster)) = (first, &state.cluster) {
-                        if cluster.repair(&topic.name, p.id, offset) {
-                            tracing::warn!(topic = %topic.name, partition = p.id, offset, "damage found in a replica's log: cutting it there and repairing from the peers");
-                        }
-                    }
-                }
+                Ok(n) => damaged += n,
                 Err(e) => {
                     tracing::warn!(topic = %topic.name, partition = p.id, "verifying closed segments: {e}")
                 }

@@ -537,22 +537,12 @@ impl Partition {
     /// CRC-checks the closed segments (design.md §5.3), calling `pace` with each batch's length
     /// (it bounds the rate; false stops). Returns the number of damaged spans found, which are
     /// logged, counted and quarantined. Blocking; holds the log's lock only to pick each segment.
-    /// Returns how many damaged spans it found and the first offset of the first one (noted
-    /// in the log, where a replicated partition's repair cuts it: `LogStorage::cut_damage`).
-    pub fn verify_closed_blocking(
-        &self,
-        mut pace: impl FnMut(u64) -> bool,
-    ) -> Result<(usize, Option<u64>), PartitionError> {
-        let (mut found, mut first, mut after) = (0, None, None);
+    pub fn verify_closed_blocking(&self, mut pace: impl FnMut(u64) -> bool) -> Result<usize, PartitionError> {
+        let (mut found, mut after) = (0, None);
         loop {
-            let Some(target) = self.log.lock().verify_target(after)? else { return Ok((found, first)) };
+            let Some(target) = self.log.lock().verify_target(after)? else { return Ok(found) };
             after = Some(target.base());
-            let damage = target.verify(&mut pace)?;
-            found += damage.len();
-            if let Some(offset) = damage.iter().map(|d| d.offsets.start).min() {
-                self.log.lock().note_damage(offset);
-                first = Some(first.map_or(offset, |f: u64| f.min(offset)));
-            }
+            found += target.verify(&mut pace)?.len();
         }
     }
 

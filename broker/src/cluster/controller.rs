@@ -173,7 +173,7 @@ pub(super) async fn start(
         "controller".into(),
         links.clone(),
         None,
-        driver::Hooks { on_commit, on_reset: None },
+        on_commit,
         shutdown.child_token(),
     );
     let (applied_tx, applied) = watch::channel(0u64);

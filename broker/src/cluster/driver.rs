@@ -49,10 +49,6 @@ pub(crate) enum Event {
     Command { data: Bytes, reply: oneshot::Sender<Result<u64, PartitionError>> },
     /// Start an election now (a new group's preferred leader, so a topic serves at once).
     Campaign,
-    /// The background verification found damage in the log at this offset while the group
-    /// ran: reopen the replica's storage, which cuts the log there and repairs it from the
-    /// peers (docs/replication.md §7).
-    Repair { offset: u64 },
 }
 
 /// What the rest of the broker may know of a group, published after every step.
@@ -72,15 +68,6 @@ pub(crate) struct GroupStatus {
 /// Where committed entries go, with the log offset just past the commit (the new high
 /// watermark). Called on the driver's task, in commit order.
 pub(crate) type OnCommit = Box<dyn FnMut(Vec<Entry>, u64) + Send>;
-/// Where a lower high watermark goes when the log was cut below it (a repair, `Event::Repair`).
-pub(crate) type OnReset = Box<dyn Fn(u64) + Send>;
-
-/// What a group tells the rest of the broker: committed entries, and (a partition's group) a
-/// high watermark lowered by a repair.
-pub(crate) struct Hooks {
-    pub(crate) on_commit: OnCommit,
-    pub(crate) on_reset: Option<OnReset>,
-}
 
 /// A running group: its event queue and its status.
 #[derive(Debug, Clone)]
@@ -148,10 +135,7 @@ pub(crate) struct Driver {
     pub(crate) links: Arc<PeerLinks>,
     pub(crate) tracker: Option<Tracker>,
     pub(crate) on_commit: OnCommit,
-    pub(crate) on_reset: Option<OnReset>,
     pub(crate) status: watch::Sender<GroupStatus>,
-    /// A repair asked for (`Event::Repair`), done after the current round.
-    repair: Option<u64>,
     waiting: BTreeMap<u64, Waiter>,
     /// Idempotent producers' last sequence proposed and not yet appended (within one round).
     inflight: HashMap<i64, i32>,
@@ -172,10 +156,9 @@ pub(crate) fn spawn(
     name: String,
     links: Arc<PeerLinks>,
     tracker: Option<Tracker>,
-    hooks: Hooks,
+    on_commit: OnCommit,
     shutdown: CancellationToken,
 ) -> GroupHandle {
-    let Hooks { on_commit, on_reset } = hooks;
     let (events, rx) = mpsc::channel(GROUP_QUEUE);
     let (proposals, proposals_rx) = mpsc::channel(GROUP_QUEUE);
     let (status, status_rx) = watch::channel(GroupStatus::default());
@@ -185,9 +168,7 @@ pub(crate) fn spawn(
         links,
         tracker,
         on_commit,
-        on_reset,
         status,
-        repair: None,
         waiting: BTreeMap::new(),
         inflight: HashMap::new(),
         poisoned: false,
@@ -252,9 +233,6 @@ impl Driver {
                 node = None;
             } else if n.has_ready() {
                 node = self.ready(node.take()).await;
-            }
-            if let Some(offset) = self.repair.take() {
-                node = self.reopen(node.take(), offset).await;
             }
             self.inflight.clear();
             if let Some(n) = node.as_ref() {
@@ -332,49 +310,6 @@ impl Driver {
                 if node.raft.state != StateRole::Leader {
                     let _ = node.campaign();
                 }
-            }
-            Event::Repair { offset } => self.repair = Some(self.repair.map_or(offset, |o| o.min(offset))),
-        }
-    }
-
-    /// Reopens the replica's storage after damage at `offset` (`Event::Repair`): what waits is
-    /// failed (its entries may be cut), the log is cut at the damage and a new node starts
-    /// over the same storage, which refetches the rest from its peers. `None` stops the group.
-    async fn reopen(
-        &mut self,
-        node: Option<RawNode<LogStorage>>,
-        offset: u64,
-    ) -> Option<RawNode<LogStorage>> {
-        let mut node = node?;
-        for (_, w) in std::mem::take(&mut self.waiting) {
-            w.fail(not_leader(None));
-        }
-        let me = node.raft.id;
-        let reopened = tokio::task::spawn_blocking(move || {
-            let store = node.mut_store().reopened_at(offset)?;
-            drop(node);
-            let applied = store.applied();
-            let hw = store.offset_after(applied)?.unwrap_or(0);
-            let node = RawNode::new(&super::live_config(me, applied), store, &replica::raft_logger())?;
-            Ok::<_, replica::ReplicaError>((node, hw))
-        })
-        .await;
-        match reopened {
-            Ok(Ok((node, hw))) => {
-                tracing::warn!(group = %self.name, offset, "damage found in the log while serving: reopened the replica, which repairs from its peers");
-                self.committed_offset = hw;
-                if let Some(reset) = &self.on_reset {
-                    reset(hw);
-                }
-                Some(node)
-            }
-            Ok(Err(e)) => {
-                tracing::error!(group = %self.name, "reopening the replica after damage failed: {e}; stopping the group");
-                None
-            }
-            Err(e) => {
-                tracing::error!(group = %self.name, "reopening the replica after damage failed: {e}; stopping the group");
-                None
             }
         }
     }

@@ -207,14 +207,6 @@ impl Cluster {
         }
     }
 
-    /// Asks the replica of `topic`/`partition` here to cut its log at damage found at `offset`
-    /// while it ran and repair it from its peers (`driver::Event::Repair`). `false` when this
-    /// broker holds no running replica of it.
-    pub(crate) fn repair(&self, topic: &str, partition: u32, offset: u64) -> bool {
-        let Some((group, replicas)) = self.group(topic, partition) else { return false };
-        replicas.contains(&self.config.node_id) && group.events.try_send(Event::Repair { offset }).is_ok()
-    }
-
     /// Proposes a command on this broker, the controller's leader; answers with its index once
     /// committed and applied here.
     async fn propose_here(&self, command: &Command) -> Result<u64, PartitionError> {
@@ -445,9 +437,7 @@ pub(crate) fn attach(
     let store = crate::replica::LogStorage::open(p.shared_log(), p.storage(), replicas)
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
         .with_tracker(p.tracker())
-        .with_sync_every(sync_every)
-        .cut_damage()
-        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+        .with_sync_every(sync_every);
     let commit = store.applied();
     let fresh = store.hard_state().get_term() == 0;
     let hw = store
@@ -464,12 +454,6 @@ pub(crate) fn attach(
             p.advance_high_watermark(hw);
         }
     });
-    let weak = Arc::downgrade(p);
-    let on_reset: driver::OnReset = Box::new(move |hw| {
-        if let Some(p) = weak.upgrade() {
-            p.reset_high_watermark(hw);
-        }
-    });
     let name = format!("{}/{}", p.topic, p.id);
     let handle = driver::spawn(
         node,
@@ -477,7 +461,7 @@ pub(crate) fn attach(
         name,
         cluster_links.clone(),
         Some(p.tracker()),
-        driver::Hooks { on_commit, on_reset: Some(on_reset) },
+        on_commit,
         shutdown.child_token(),
     );
     p.attach_replica(handle.proposals.clone());

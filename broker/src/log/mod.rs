@@ -491,9 +491,6 @@ pub struct PartitionLog {
     sync_failed: SyncState,
     /// How far completed fsyncs cover the active segment, and its checkpoint file.
     recovery: RecoveryCheckpoint,
-    /// The first offset of damage the background verification found after start (recovery's
-    /// own findings are the segments' damaged spans).
-    damage_found: Option<u64>,
 }
 
 /// Closed segments whose log file may be open at once for a log with a bound of its own
@@ -545,7 +542,6 @@ impl PartitionLog {
             epochs: Default::default(),
             poisoned: false,
             sync_failed: Default::default(),
-            damage_found: None,
         };
         log.load_epochs(loaded, &recovered.names)?;
         log.check_invariants(true);
@@ -1229,26 +1225,6 @@ impl PartitionLog {
             return Err(LogError::OrdinalOutOfRange { requested: ordinal, first, next });
         };
         self.truncate_to(offset)
-    }
-
-    /// The first offset of the first damaged span recovery kept in place (design.md §5.3), if
-    /// any: a replicated log cuts itself there and fetches the rest from its peers.
-    pub fn first_damaged_offset(&self) -> Option<u64> {
-        let end = self.next_offset();
-        self.closed
-            .iter()
-            .chain(std::iter::once(&self.active))
-            .flat_map(|seg| seg.damaged.iter())
-            .map(|d| d.offsets.start)
-            .chain(self.damage_found)
-            .filter(|&offset| offset < end)
-            .min()
-    }
-
-    /// Records damage found after start (by the background verification) at `offset`, for
-    /// [`first_damaged_offset`](Self::first_damaged_offset).
-    pub fn note_damage(&mut self, offset: u64) {
-        self.damage_found = Some(self.damage_found.map_or(offset, |d| d.min(offset)));
     }
 
     /// The first offset still in the log.

@@ -44,12 +44,6 @@ pub(crate) struct LogStorage {
     /// docs/replication.md §7): the commit the replica had, which it must hold again before
     /// it may vote or lead. Persisted commits never go below it meanwhile.
     repair_until: Option<u64>,
-    /// Set when the log was cut at damage recovery found in it (a corrupt batch with valid
-    /// data after it, design.md §5.3): the last index the log held before the cut. Entries up
-    /// to it were durable here and may have counted towards a commit this replica never
-    /// learned of, so it neither votes nor leads until its log passes it again. Not persisted:
-    /// a crash before the repair completes forgets it (a second fault).
-    vote_after: Option<u64>,
     /// The newest commit raft-rs reported (at least the persisted one).
     commit_known: u64,
     /// When (ms, the caller's clock) a moving commit was last written.
@@ -125,59 +119,12 @@ impl LogStorage {
             state,
             tracker: None,
             repair_until,
-            vote_after: None,
             commit_known,
             written_ms: i64::MIN,
             sync_every_ms: None,
             synced_ms: i64::MIN,
             unsynced: false,
         })
-    }
-
-    /// The same replica's storage opened anew after damage was found at `offset` while it ran:
-    /// the newest commit is written, the log is cut there (as [`open`](Self::open) cuts damage
-    /// recovery found), and the replica repairs from its peers. Blocking.
-    pub(crate) fn reopened_at(&mut self, offset: u64) -> Result<LogStorage, ReplicaError> {
-        self.flush_commit()?;
-        self.log.lock().note_damage(offset);
-        let voters = self.state.conf_state.get_voters().to_vec();
-        let mut store = LogStorage::open(self.log.clone(), self.storage.clone(), &voters)?;
-        store.tracker = self.tracker.clone();
-        store.sync_every_ms = self.sync_every_ms;
-        store.cut_damage()
-    }
-
-    /// A replica refetches what damage took from its peers instead of refusing reads of it for
-    /// good: the log is cut at the first damaged batch recovery kept in place (or the
-    /// background verification found), with the tracker, and the replica neither votes nor
-    /// leads until its log passes what it held (and holds its old commit again). Call once the
-    /// tracker is set.
-    pub(crate) fn cut_damage(mut self) -> Result<Self, ReplicaError> {
-        let mut log = self.log.lock();
-        let Some(offset) = log.first_damaged_offset() else {
-            drop(log);
-            return Ok(self);
-        };
-        let held = log.next_ordinal() - 1;
-        if let Some(t) = &self.tracker {
-            // The cache first: whatever happens next, it never serves a cut batch.
-            t.tail.lock().truncate(offset);
-        }
-        log.truncate_to(offset)?;
-        if let Some(t) = &self.tracker {
-            *t.producers.lock() = crate::partition::recover_producers(&log)
-                .map_err(|e| ReplicaError::Tracker(e.to_string()))?;
-        }
-        let last = log.next_ordinal() - 1;
-        drop(log);
-        tracing::warn!(dir = %self.dir.display(), offset, held, "cut the log at a damaged batch: this replica fetches the rest from its peers, and neither votes nor leads until its log passes what it held");
-        metrics::counter!("quiver_replica_damage_cuts_total").increment(1);
-        self.vote_after = (held > last).then_some(held);
-        let commit = self.state.hard_state.get_commit();
-        if commit > last && self.repair_until.is_none() {
-            self.repair_until = Some(commit);
-        }
-        Ok(self)
     }
 
     /// Where a restarted replica's entries count as applied (its log is its own state
@@ -190,7 +137,7 @@ impl LogStorage {
     /// Whether the replica is repairing lost committed entries: it must not vote or lead
     /// ([`super::may_send`]).
     pub(crate) fn repairing(&self) -> bool {
-        self.repair_until.is_some() || self.vote_after.is_some()
+        self.repair_until.is_some()
     }
 
     /// Fsyncs appends at most every `interval_ms` instead of each one (`None`: each one).
@@ -456,10 +403,6 @@ impl LogStorage {
             tracing::info!(dir = %self.dir.display(), "repaired: the log holds every committed entry again; voting resumes");
             self.repair_until = None;
         }
-        if self.vote_after.is_some_and(|mark| log.next_ordinal() > mark) {
-            tracing::info!(dir = %self.dir.display(), "repaired: the log passes what it held before the damaged batch was cut; voting resumes");
-            self.vote_after = None;
-        }
         Ok(placed)
     }
 
@@ -523,9 +466,6 @@ impl LogStorage {
         if self.repair_until.is_some_and(|mark| index >= mark) {
             tracing::info!(dir = %self.dir.display(), "repaired by a snapshot; voting resumes");
             self.repair_until = None;
-        }
-        if self.vote_after.is_some_and(|mark| index >= mark) {
-            self.vote_after = None;
         }
         tracing::info!(dir = %self.dir.display(), index, term, log_start_offset = data.log_start_offset, "installed a snapshot from the leader: the log continues at its log start");
         Ok(())
