@@ -215,9 +215,9 @@ pub fn schedule(
             )
         } else if control == Some(NegativeControl::FsyncOff) {
             // Every broker: a survivor would keep the page cache's copy and lead the others
-            // back to it. The gap after lets the cluster elect and take writes again.
+            // back to it.
             let all = (0..brokers).map(Target::Node).collect();
-            (Fault::PowerLoss(all), rng.between(500, 2_000) + 5_000)
+            (Fault::PowerLoss(all), rng.between(500, 2_000))
         } else {
             let kind = *rng.pick(kinds).unwrap_or(&FaultKind::Kill);
             match kind {
@@ -276,7 +276,9 @@ pub fn schedule(
             break;
         }
         steps.push(Step { at_ms: at, hold_ms, fault });
-        at += hold_ms + rng.between(1_000, 4_000);
+        // After a power loss of every broker, time to elect and take writes again.
+        let regroup = if control == Some(NegativeControl::FsyncOff) { 5_000 } else { 0 };
+        at += hold_ms + rng.between(1_000, 4_000) + regroup;
     }
     steps
 }

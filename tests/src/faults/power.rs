@@ -79,8 +79,8 @@ pub fn power_loss(data_dir: &Path, ledger: &Path) -> anyhow::Result<PowerLoss> {
                     if len > 0 {
                         cut(&path, 0)?;
                         done.bytes_dropped += len;
+                        done.emptied += 1;
                     }
-                    done.emptied += 1;
                 } else {
                     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                     done.bytes_dropped += len;
