@@ -59,20 +59,6 @@ impl FaultKind {
         FaultKind::PowerLoss,
     ];
 
-    /// Every kind but power loss: the schedule CI ran before power loss existed.
-    pub const WITHOUT_POWER_LOSS: [FaultKind; 10] = [
-        FaultKind::Kill,
-        FaultKind::Pause,
-        FaultKind::Restart,
-        FaultKind::Halves,
-        FaultKind::Bridge,
-        FaultKind::OneWay,
-        FaultKind::Isolate,
-        FaultKind::Flap,
-        FaultKind::Links,
-        FaultKind::Corrupt,
-    ];
-
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",

@@ -30,6 +30,8 @@ pub struct PowerLoss {
     /// Files never synced, emptied or removed.
     pub emptied: usize,
     pub removed: usize,
+    /// Those emptied or removed files, relative to the data directory.
+    pub never_synced: Vec<PathBuf>,
 }
 
 impl std::fmt::Display for PowerLoss {
@@ -38,7 +40,12 @@ impl std::fmt::Display for PowerLoss {
             f,
             "{} files cut to their synced length ({} bytes dropped), {} never-synced files emptied, {} removed",
             self.cut, self.bytes_dropped, self.emptied, self.removed
-        )
+        )?;
+        if !self.never_synced.is_empty() {
+            let names: Vec<String> = self.never_synced.iter().map(|p| p.display().to_string()).collect();
+            write!(f, " ({})", names.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -80,11 +87,13 @@ pub fn power_loss(data_dir: &Path, ledger: &Path) -> anyhow::Result<PowerLoss> {
                         cut(&path, 0)?;
                         done.bytes_dropped += len;
                         done.emptied += 1;
+                        done.never_synced.push(path.strip_prefix(data_dir).unwrap_or(&path).to_path_buf());
                     }
                 } else {
                     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                     done.bytes_dropped += len;
                     done.removed += 1;
+                    done.never_synced.push(path.strip_prefix(data_dir).unwrap_or(&path).to_path_buf());
                 }
             }
         }
@@ -152,7 +161,10 @@ mod tests {
         assert_eq!(len(&fresh.join("new.log")), None, "its directory was never synced: removed");
         assert_eq!(len(&data.join("tls/ca.pem")), Some(9));
         assert_eq!(len(&data.join("quiverd.lock")), Some(5));
-        assert_eq!(done, PowerLoss { cut: 1, bytes_dropped: 40 + 12 + 9, emptied: 1, removed: 1 });
+        let never_synced = vec![PathBuf::from("fresh/new.log"), PathBuf::from("topics/t/0/unsynced.idx")];
+        assert_eq!(done.never_synced.len(), 2);
+        assert!(never_synced.iter().all(|p| done.never_synced.contains(p)), "{done:?}");
+        assert_eq!((done.cut, done.bytes_dropped, done.emptied, done.removed), (1, 40 + 12 + 9, 1, 1));
         Ok(())
     }
 }
