@@ -54,7 +54,7 @@ struct Args {
     /// `group-redelivery`. Printed when used.
     #[arg(long, value_delimiter = ',')]
     allow: Vec<String>,
-    /// Process faults (kill, pause, restart, corrupt) leave the consumer group's coordinator
+    /// Process faults (kill, pause, restart, corrupt, power-loss) leave the consumer group's coordinator
     /// (the first broker of the consumers' list) alone: its state is not replicated yet.
     #[arg(long)]
     spare_coordinator: bool,

@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(len(&fresh.join("new.log")), None, "its directory was never synced: removed");
         assert_eq!(len(&data.join("tls/ca.pem")), Some(9));
         assert_eq!(len(&data.join("quiverd.lock")), Some(5));
-        let never_synced = vec![PathBuf::from("fresh/new.log"), PathBuf::from("topics/t/0/unsynced.idx")];
+        let never_synced = [PathBuf::from("fresh/new.log"), PathBuf::from("topics/t/0/unsynced.idx")];
         assert_eq!(done.never_synced.len(), 2);
         assert!(never_synced.iter().all(|p| done.never_synced.contains(p)), "{done:?}");
         assert_eq!((done.cut, done.bytes_dropped, done.emptied, done.removed), (1, 40 + 12 + 9, 1, 1));

@@ -62,7 +62,7 @@ pub struct RunConfig {
     pub negative_control: Option<NegativeControl>,
     /// Anomaly kinds reported but not failing (already expanded, see `checker::expand_allow`).
     pub allow: BTreeSet<String>,
-    /// Process faults (kill, pause, restart, corrupt) leave the group's coordinator alone.
+    /// Process faults (kill, pause, restart, corrupt, power-loss) leave the group's coordinator alone.
     pub spare_coordinator: bool,
 }
 
