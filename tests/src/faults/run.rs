@@ -232,8 +232,9 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
             rec.record(Event::new("harness", Type::Info, "settle").tp(TOPIC, p).error(format!("{e:#}")));
         }
     }
+    // Without consumers nothing is ever delivered: no drain to wait for.
     let drained = Instant::now() + DRAIN_MAX;
-    while progress.undelivered() > 0 && Instant::now() < drained {
+    while cfg.consumers > 0 && progress.undelivered() > 0 && Instant::now() < drained {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = stop_consumers.send(true);
