@@ -79,6 +79,19 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    // Test-only (docs/faults.md, "Power loss"): read once, before any file is opened.
+    match quiver_broker::storage::ledger::init() {
+        Ok(Some(path)) => tracing::warn!(
+            ledger = %path.display(),
+            "{} is set: recording every fsync for a fault harness (a test-only hook)",
+            quiver_broker::storage::ledger::ENV
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: opening the sync ledger named by {}: {e}", quiver_broker::storage::ledger::ENV);
+            std::process::exit(1);
+        }
+    }
     // Partitions hold files open (docs/design.md §5.7): take what the hard limit allows.
     match quiver_broker::open_files::raise_limit() {
         Ok((before, after)) if after > before => {

@@ -311,6 +311,7 @@ impl ProducerIds {
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
+        crate::storage::ledger::replaced_whole(&self.path);
         Ok(())
     }
 

@@ -4,7 +4,9 @@
 //! and reads from by position, truncate a torn tail, delete old segments, and fsync files and
 //! directories. [`FsStorage`] does that with real files. [`MemStorage`] keeps files in memory
 //! and remembers which bytes were synced, so a test can "pull the plug" with
-//! [`MemStorage::crash`] and reopen a log from what a disk would really hold.
+//! [`MemStorage::crash`] and reopen a log from what a disk would really hold. With
+//! `QUIVER_TEST_SYNC_LEDGER` set (tests only), [`FsStorage`] also records what it made durable,
+//! so a fault harness can simulate a power loss on real files ([`ledger`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -73,6 +75,7 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
 #[cfg(test)]
 pub(crate) mod countdown;
 mod direct;
+pub mod ledger;
 
 /// Largest zero padding a segment file may carry past its last batch (one block).
 pub const PADDING_BLOCK: usize = direct::BLOCK;
@@ -125,7 +128,7 @@ impl Storage for FsStorage {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         // O_APPEND: every write lands at the end, whatever a concurrent pread does.
         let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
-        Ok(Arc::new(FsFile { file }))
+        Ok(ledger::wrap(path, Arc::new(FsFile { file })))
     }
 
     fn fds_per_segment_file(&self) -> u64 {
@@ -140,22 +143,28 @@ impl Storage for FsStorage {
     fn open_segment(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         if self.direct_writes {
             if let Some(file) = direct::open(path)? {
-                return Ok(Arc::new(file));
+                return Ok(ledger::wrap(path, Arc::new(file)));
             }
         }
         self.open(path)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
+        std::fs::remove_file(path)?;
+        ledger::removed(path);
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        std::fs::rename(from, to)
+        std::fs::rename(from, to)?;
+        ledger::renamed(from, to);
+        Ok(())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
+        File::open(dir)?.sync_all()?;
+        ledger::dir_synced(dir);
+        Ok(())
     }
 }
 

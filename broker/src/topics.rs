@@ -480,5 +480,6 @@ fn write_topic_file(dir: &Path, file: &TopicFile) -> std::io::Result<()> {
     if let Some(parent) = dir.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
+    crate::storage::ledger::replaced_whole(&dir.join("topic.json"));
     Ok(())
 }

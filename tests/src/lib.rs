@@ -82,6 +82,9 @@ pub struct BrokerProcess {
     ca: PathBuf,
     /// Where it serves `/metrics`, if it was started with `--metrics-listen`.
     pub metrics: Option<SocketAddr>,
+    /// The test-only sync ledger it records its fsyncs in (`QUIVER_TEST_SYNC_LEDGER`), for
+    /// power-loss faults (docs/faults.md).
+    pub sync_ledger: Option<PathBuf>,
 }
 
 impl BrokerProcess {
@@ -107,6 +110,7 @@ impl BrokerProcess {
             extra_args: Vec::new(),
             ca: data_dir.join("tls").join("ca.pem"),
             metrics: None,
+            sync_ledger: None,
         };
         b.spawn().await?;
         Ok(b)
@@ -135,8 +139,24 @@ impl BrokerProcess {
         ca_dir: &Path,
         more_args: &[String],
     ) -> anyhow::Result<Self> {
+        let mut b = Self::node(bin, data_dir, node_id, addr, peers, ca_dir, more_args)?;
+        b.spawn_process()?;
+        Ok(b)
+    }
+
+    /// A cluster node as [`start_node_with`](BrokerProcess::start_node_with) describes it, not
+    /// started yet.
+    fn node(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        peers: &str,
+        ca_dir: &Path,
+        more_args: &[String],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let mut b = BrokerProcess {
+        Ok(BrokerProcess {
             bin: PathBuf::from(bin),
             child: None,
             addr,
@@ -156,9 +176,8 @@ impl BrokerProcess {
             .collect(),
             ca: ca_dir.join("ca.pem"),
             metrics: None,
-        };
-        b.spawn_process()?;
-        Ok(b)
+            sync_ledger: None,
+        })
     }
 
     /// The sum of the Prometheus samples starting with `prefix` on its `/metrics` (0 if the
@@ -186,6 +205,9 @@ impl BrokerProcess {
             cmd.arg("--config").arg(c);
         }
         cmd.args(&self.extra_args);
+        if let Some(ledger) = &self.sync_ledger {
+            cmd.env(quiver_broker::storage::ledger::ENV, ledger);
+        }
         cmd.env("QUIVER_LOG", std::env::var("QUIVER_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -405,7 +427,7 @@ impl Cluster {
     pub async fn start(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let peers = peer_list(&addrs);
-        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), false)
+        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), NodeOptions::default())
     }
 
     /// As [`start`](Cluster::start), each broker also serving Prometheus metrics on a free
@@ -413,14 +435,23 @@ impl Cluster {
     pub async fn start_with_metrics(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let peers = peer_list(&addrs);
-        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), true)
+        let opts = NodeOptions { metrics: true, ..NodeOptions::default() };
+        Self::start_nodes(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), opts)
     }
 
     /// As [`start`](Cluster::start), every broker also given `args` (kept across restarts).
     pub async fn start_with_args(bin: &str, dir: &Path, n: u64, args: &[String]) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let peers = peer_list(&addrs);
-        Self::start_nodes_with(bin, dir, &addrs, |_| peers.clone(), BTreeMap::new(), false, args)
+        Self::start_nodes_with(
+            bin,
+            dir,
+            &addrs,
+            |_| peers.clone(),
+            BTreeMap::new(),
+            NodeOptions::default(),
+            args,
+        )
     }
 
     /// Starts `n` brokers with a [`UdpProxy`] on every directed path `i -> j`: broker `i`'s
@@ -430,16 +461,19 @@ impl Cluster {
     /// [`Cluster::cut`] and [`Cluster::isolate`] can drop them. Clients still reach every
     /// broker directly.
     pub async fn start_with_proxies(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
-        Self::start_with_proxies_seeded(bin, dir, n, 0).await
+        Self::start_with_proxies_seeded(bin, dir, n, 0, false).await
     }
 
     /// As [`start_with_proxies`](Cluster::start_with_proxies), each proxy's RNG (drops,
     /// delays, duplicates, reordering: [`Cluster::set_link`]) seeded from `seed` and its path.
+    /// With `sync_ledgers`, broker `id` records its fsyncs in `<dir>/node-<id>.synced.ledger`
+    /// (the test-only hook power-loss faults need, docs/faults.md).
     pub async fn start_with_proxies_seeded(
         bin: &str,
         dir: &Path,
         n: u64,
         seed: u64,
+        sync_ledgers: bool,
     ) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let mut proxies = BTreeMap::new();
@@ -459,7 +493,8 @@ impl Cluster {
             peer_list(&via.collect::<Vec<_>>())
         };
         let peers: Vec<String> = (0..addrs.len()).map(peers_of).collect();
-        Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies, false)
+        let opts = NodeOptions { sync_ledgers, ..NodeOptions::default() };
+        Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies, opts)
     }
 
     fn start_nodes(
@@ -468,9 +503,9 @@ impl Cluster {
         addrs: &[SocketAddr],
         peers_of: impl Fn(usize) -> String,
         proxies: BTreeMap<(usize, usize), UdpProxy>,
-        metrics: bool,
+        opts: NodeOptions,
     ) -> anyhow::Result<Cluster> {
-        Self::start_nodes_with(bin, dir, addrs, peers_of, proxies, metrics, &[])
+        Self::start_nodes_with(bin, dir, addrs, peers_of, proxies, opts, &[])
     }
 
     fn start_nodes_with(
@@ -479,7 +514,7 @@ impl Cluster {
         addrs: &[SocketAddr],
         peers_of: impl Fn(usize) -> String,
         proxies: BTreeMap<(usize, usize), UdpProxy>,
-        metrics: bool,
+        opts: NodeOptions,
         args: &[String],
     ) -> anyhow::Result<Cluster> {
         let ca_dir = dir.join("ca");
@@ -488,13 +523,16 @@ impl Cluster {
             let id = i as u64 + 1;
             let data = dir.join(format!("node-{id}"));
             let mut extra = args.to_vec();
-            let listen = if metrics { Some(free_tcp_port_addr()?) } else { None };
+            let listen = if opts.metrics { Some(free_tcp_port_addr()?) } else { None };
             if let Some(l) = listen {
                 extra.extend(["--metrics-listen".to_string(), l.to_string()]);
             }
-            let mut node =
-                BrokerProcess::start_node_with(bin, &data, id, *addr, &peers_of(i), &ca_dir, &extra)?;
+            let mut node = BrokerProcess::node(bin, &data, id, *addr, &peers_of(i), &ca_dir, &extra)?;
             node.metrics = listen;
+            if opts.sync_ledgers {
+                node.sync_ledger = Some(dir.join(format!("node-{id}.synced.ledger")));
+            }
+            node.spawn_process()?;
             nodes.push(node);
         }
         Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies })
@@ -787,6 +825,15 @@ impl Cluster {
             }
         }
     }
+}
+
+/// What every node of a [`Cluster`] is started with, beyond its address and peers.
+#[derive(Debug, Clone, Copy, Default)]
+struct NodeOptions {
+    /// `--metrics-listen` on a free loopback TCP port.
+    metrics: bool,
+    /// `QUIVER_TEST_SYNC_LEDGER` at `<dir>/node-<id>.synced.ledger`.
+    sync_ledgers: bool,
 }
 
 /// The `host:port` of `n` free loopback UDP ports.

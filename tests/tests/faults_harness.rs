@@ -1,7 +1,7 @@
 //! The fault harness in CI (docs/faults.md): a short seeded schedule of every fault against
-//! three brokers must show no anomaly, and the acks=leader negative control must be flagged
-//! on its own run (the checker can fail: acks=leader loses acknowledged writes when a leader is
-//! cut off). `QUIVER_FAULTS_SEED` picks another seed; a failure prints the
+//! three brokers must show no anomaly, and the acks=leader and fsync-off negative controls must
+//! be flagged on their own runs (the checker can fail: acks=leader loses acknowledged writes
+//! when a leader is cut off, durability=os when every broker loses power). `QUIVER_FAULTS_SEED` picks another seed; a failure prints the
 //! `quiver-faults` command that replays it. The consumer group's coordinator is spared by the
 //! process faults (`--spare-coordinator`): group state is not replicated yet (docs/faults.md).
 
@@ -20,7 +20,9 @@ fn seed(default: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_schedule_of_every_fault_finds_no_anomaly() -> anyhow::Result<()> {
     init_tracing();
-    let seed = seed(42);
+    // Seed 55: 14 steps of 9 kinds, one of them a power loss (seed 42, the earlier default,
+    // draws no power loss from the 11 kinds).
+    let seed = seed(55);
     bounded(480, async move {
         let dir = test_dir()?;
         let mut cfg = RunConfig::new(BIN, dir.path(), seed, Duration::from_secs(75));
@@ -77,6 +79,37 @@ async fn the_negative_control_is_flagged() -> anyhow::Result<()> {
             "the acks=leader control lost no acknowledged write (seed, lost): {tried:?}; replay: cargo run -p \
              quiver-tests --bin quiver-faults -- --seed {first} --duration 30s --negative-control acks-leader --consumers 0"
         )
+    })
+    .await
+}
+
+/// The fsync-off negative control: the topic is created with durability = os (a replica
+/// fsyncs every 30 s), and every step is a power loss of every broker at once (kill -9, each
+/// data directory cut to what its sync ledger says was fsynced, restart). What was
+/// acknowledged since the last fsync is gone from every replica: the checker must report `lost`
+/// (seed 7, 20 s: 196 lost of 5,314 acknowledged, 2 steps; 30 s: 792 of 7,878, 3 steps). With durability = always the same
+/// fault loses nothing (the schedule test above, and `--faults power-loss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fsync_off_negative_control_is_flagged() -> anyhow::Result<()> {
+    init_tracing();
+    let seed = seed(7);
+    bounded(240, async move {
+        let dir = test_dir()?;
+        let mut cfg = RunConfig::new(BIN, dir.path(), seed, Duration::from_secs(20));
+        cfg.negative_control = Some(NegativeControl::FsyncOff);
+        cfg.consumers = 0;
+        eprintln!("seed {seed}");
+        let outcome = run(&cfg).await?;
+        eprintln!("durability=os under power loss of every broker (seed {seed}):\n{}", outcome.report.table());
+        let lost = outcome.report.count("lost");
+        anyhow::ensure!(outcome.report.stats.nemesis_steps >= 2, "seed {seed}: too few power losses ran");
+        anyhow::ensure!(outcome.report.stats.produce_ok > 100, "seed {seed}: too little was acknowledged");
+        anyhow::ensure!(
+            lost > 0 && !outcome.report.ok,
+            "the fsync-off control lost no acknowledged write (seed {seed}); replay: cargo run -p quiver-tests \
+             --bin quiver-faults -- --seed {seed} --duration 20s --negative-control fsync-off --consumers 0"
+        );
+        Ok(())
     })
     .await
 }

@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     partitions: u32,
     /// Faults, comma separated: kill, pause, restart, halves, bridge, one-way, isolate, flap,
-    /// links, corrupt; or all, partition, process, none.
+    /// links, corrupt, power-loss; or all, partition, process, none.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Producers (producer-0 idempotent, the others as the seed says; acks=all).
@@ -47,14 +47,14 @@ struct Args {
     /// Where the history, summary and brokers' data go [default: a new temp dir, printed, kept].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// A run the checker must flag: acks-leader (or fsync-off, not available yet).
+    /// A run the checker must flag: acks-leader or fsync-off (docs/faults.md).
     #[arg(long, value_parser = |s: &str| s.parse::<NegativeControl>())]
     negative_control: Option<NegativeControl>,
     /// Anomaly kinds to report without failing (comma separated): a kind, `group` or
     /// `group-redelivery`. Printed when used.
     #[arg(long, value_delimiter = ',')]
     allow: Vec<String>,
-    /// Process faults (kill, pause, restart, corrupt) leave the consumer group's coordinator
+    /// Process faults (kill, pause, restart, corrupt, power-loss) leave the consumer group's coordinator
     /// (the first broker of the consumers' list) alone: its state is not replicated yet.
     #[arg(long)]
     spare_coordinator: bool,

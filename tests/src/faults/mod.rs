@@ -1,7 +1,7 @@
 //! A Jepsen-style fault harness the project owns (docs/faults.md): a seeded nemesis
 //! ([`nemesis`]) breaks a cluster of real `quiverd` processes (kill -9, SIGSTOP, graceful
 //! restarts, network partitions and degraded links through [`crate::proxy`], a flipped byte in
-//! a segment file) while producers and group consumers ([`workload`]) record every operation
+//! a segment file, power loss by the brokers' sync ledgers ([`power`])) while producers and group consumers ([`workload`]) record every operation
 //! in a JSON-lines history ([`history`]); after a heal and a quiet period every broker's log is
 //! read into the history too, and [`checker::check`] reports lost, duplicated, misplaced and
 //! diverging records, and the consumer group's anomalies. `quiver-faults` (src/bin) runs it.
@@ -9,6 +9,7 @@
 pub mod checker;
 pub mod history;
 pub mod nemesis;
+pub mod power;
 pub mod rng;
 pub mod run;
 pub mod workload;

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::history::{Event, Recorder, Type};
 use super::rng::Rng;
+use super::run::NegativeControl;
 use crate::proxy::LinkFaults;
 use crate::Cluster;
 
@@ -38,10 +39,13 @@ pub enum FaultKind {
     Links,
     /// A broker killed, a byte flipped in one of its segment files, started again.
     Corrupt,
+    /// A broker killed, every write it had not fsynced dropped (by its sync ledger), started
+    /// again.
+    PowerLoss,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Restart,
@@ -52,6 +56,7 @@ impl FaultKind {
         FaultKind::Flap,
         FaultKind::Links,
         FaultKind::Corrupt,
+        FaultKind::PowerLoss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +71,7 @@ impl FaultKind {
             FaultKind::Flap => "flap",
             FaultKind::Links => "links",
             FaultKind::Corrupt => "corrupt",
+            FaultKind::PowerLoss => "power-loss",
         }
     }
 
@@ -146,9 +152,12 @@ pub enum Fault {
         closed: bool,
         pick: u64,
     },
-    /// The negative control's fault: the leader cut off from its peers (it keeps answering
-    /// its clients), then killed, then healed and restarted.
+    /// The acks-leader negative control's fault: the leader cut off from its peers (it keeps
+    /// answering its clients), then killed, then healed and restarted.
     IsolateThenKill(Target),
+    /// These brokers killed together, each data directory cut to what its sync ledger says
+    /// was fsynced (`power.rs`), then started again.
+    PowerLoss(Vec<Target>),
 }
 
 /// One step: start `at_ms` after the run began (or as soon as the previous one ended), undo
@@ -161,21 +170,22 @@ pub struct Step {
 }
 
 /// The steps of a run of `duration` against `brokers` brokers with `partitions` partitions,
-/// drawn from `kinds` (empty: no steps). With `leader_kills` (the acks-leader negative control)
-/// every step isolates then kills a partition's leader.
+/// drawn from `kinds` (empty: no steps). A negative control has steps of its own: with
+/// acks-leader every step isolates then kills a partition's leader; with fsync-off every step
+/// is a power loss of every broker at once.
 pub fn schedule(
     seed: u64,
     duration: Duration,
     brokers: usize,
     partitions: u32,
     kinds: &[FaultKind],
-    leader_kills: bool,
+    control: Option<NegativeControl>,
 ) -> Vec<Step> {
     let mut rng = Rng::new(Rng::derive(seed, 0x006e_656d_6573_6973));
     let end = duration.as_millis() as u64;
     let mut at = 3_000u64.min(end / 4);
     let mut steps = Vec::new();
-    if brokers == 0 || (kinds.is_empty() && !leader_kills) {
+    if brokers == 0 || (kinds.is_empty() && control.is_none()) {
         return steps;
     }
     let n = brokers as u64;
@@ -184,11 +194,16 @@ pub fn schedule(
             true => Target::LeaderOf(rng.below(u64::from(partitions.max(1))) as u32),
             false => Target::Node(rng.below(n) as usize),
         };
-        let (fault, hold_ms) = if leader_kills {
+        let (fault, hold_ms) = if control == Some(NegativeControl::AcksLeader) {
             (
                 Fault::IsolateThenKill(Target::LeaderOf(rng.below(u64::from(partitions.max(1))) as u32)),
                 rng.between(1_500, 3_000),
             )
+        } else if control == Some(NegativeControl::FsyncOff) {
+            // Every broker: a survivor would keep the page cache's copy and lead the others
+            // back to it.
+            let all = (0..brokers).map(Target::Node).collect();
+            (Fault::PowerLoss(all), rng.between(500, 2_000))
         } else {
             let kind = *rng.pick(kinds).unwrap_or(&FaultKind::Kill);
             match kind {
@@ -240,13 +255,16 @@ pub fn schedule(
                     },
                     rng.between(500, 2_000),
                 ),
+                FaultKind::PowerLoss => (Fault::PowerLoss(vec![target(&mut rng)]), rng.between(500, 6_000)),
             }
         };
         if at + hold_ms > end {
             break;
         }
         steps.push(Step { at_ms: at, hold_ms, fault });
-        at += hold_ms + rng.between(1_000, 4_000);
+        // After a power loss of every broker, time to elect and take writes again.
+        let regroup = if control == Some(NegativeControl::FsyncOff) { 5_000 } else { 0 };
+        at += hold_ms + rng.between(1_000, 4_000) + regroup;
     }
     steps
 }
@@ -394,6 +412,31 @@ impl Nemesis<'_> {
                 self.cluster.nodes[*node].respawn()?;
                 self.note(Type::Ok, format!("step {i}: broker {} started again", node + 1));
             }
+            Fault::PowerLoss(targets) => {
+                let mut nodes = Vec::new();
+                for t in targets {
+                    let node = self.spared(self.resolve(*t).await);
+                    if !nodes.contains(&node) {
+                        nodes.push(node);
+                    }
+                }
+                self.note(Type::Invoke, format!("step {i}: power loss of broker(s) {}", ids(&nodes)));
+                for &node in &nodes {
+                    self.cluster.nodes[node].kill9();
+                }
+                for &node in &nodes {
+                    let b = &self.cluster.nodes[node];
+                    let ledger =
+                        b.sync_ledger.clone().context("power loss needs brokers with a sync ledger")?;
+                    let done = super::power::power_loss(&b.data_dir, &ledger)?;
+                    self.note(Type::Info, format!("step {i}: broker {}: {done}", node + 1));
+                }
+                tokio::time::sleep(hold).await;
+                for &node in &nodes {
+                    self.cluster.nodes[node].respawn()?;
+                }
+                self.note(Type::Ok, format!("step {i}: broker(s) {} started again", ids(&nodes)));
+            }
             Fault::IsolateThenKill(t) => {
                 let node = self.spared(self.resolve(*t).await);
                 self.note(
@@ -533,9 +576,9 @@ mod tests {
     #[test]
     fn a_seed_gives_one_schedule() {
         let kinds = FaultKind::ALL;
-        let a = schedule(42, Duration::from_secs(120), 3, 3, &kinds, false);
-        assert_eq!(a, schedule(42, Duration::from_secs(120), 3, 3, &kinds, false));
-        assert_ne!(a, schedule(43, Duration::from_secs(120), 3, 3, &kinds, false));
+        let a = schedule(42, Duration::from_secs(120), 3, 3, &kinds, None);
+        assert_eq!(a, schedule(42, Duration::from_secs(120), 3, 3, &kinds, None));
+        assert_ne!(a, schedule(43, Duration::from_secs(120), 3, 3, &kinds, None));
         assert!(a.len() > 5, "{a:?}");
         assert!(a.iter().all(|s| s.at_ms + s.hold_ms <= 120_000));
     }

@@ -28,8 +28,9 @@ pub enum NegativeControl {
     /// answering its clients alone, acks=leader once its own log has a batch), then kills it:
     /// what it acknowledged alone is cut when it rejoins, and the checker reports it `lost`.
     AcksLeader,
-    /// The topic's log is not fsynced (durability = os). Needs power loss to lose anything
-    /// (kill -9 keeps the page cache), which the harness does not simulate yet: refused.
+    /// The topic is created with durability = os (a replica fsyncs every 30 s) and every step
+    /// is a power loss of every broker at once: what was acknowledged since the last fsync is
+    /// gone from every replica, and the checker reports it `lost`.
     FsyncOff,
 }
 
@@ -61,7 +62,7 @@ pub struct RunConfig {
     pub negative_control: Option<NegativeControl>,
     /// Anomaly kinds reported but not failing (already expanded, see `checker::expand_allow`).
     pub allow: BTreeSet<String>,
-    /// Process faults (kill, pause, restart, corrupt) leave the group's coordinator alone.
+    /// Process faults (kill, pause, restart, corrupt, power-loss) leave the group's coordinator alone.
     pub spare_coordinator: bool,
 }
 
@@ -98,18 +99,20 @@ const SETTLE_MAX: Duration = Duration::from_secs(60);
 /// Runs the whole thing and checks the history. An error means the harness itself could not
 /// run (a broker that would not start at all, say); anomalies are in the report.
 pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
-    if cfg.negative_control == Some(NegativeControl::FsyncOff) {
-        anyhow::bail!(
-            "--negative-control fsync-off: the broker has the mode (durability = os) but losing unsynced \
-             writes needs a power-loss fault, which this harness does not simulate yet (docs/faults.md)"
-        );
-    }
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let history_path = cfg.out.join("history.jsonl");
     let rec = Recorder::create(&history_path)?;
     let leader_kills = cfg.negative_control == Some(NegativeControl::AcksLeader);
-    let steps =
-        schedule(cfg.seed, cfg.duration, cfg.brokers as usize, cfg.partitions, &cfg.faults, leader_kills);
+    let fsync_off = cfg.negative_control == Some(NegativeControl::FsyncOff);
+    let steps = schedule(
+        cfg.seed,
+        cfg.duration,
+        cfg.brokers as usize,
+        cfg.partitions,
+        &cfg.faults,
+        cfg.negative_control,
+    );
+    let power_loss = steps.iter().any(|s| matches!(s.fault, super::nemesis::Fault::PowerLoss(_)));
     let faults: Vec<&str> = cfg.faults.iter().map(|k| k.name()).collect();
     rec.record(Event {
         seed: Some(cfg.seed),
@@ -130,10 +133,17 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
 
     let dir = cfg.out.join("cluster");
     let quiverd = cfg.quiverd.to_string_lossy().into_owned();
-    let mut cluster = Cluster::start_with_proxies_seeded(&quiverd, &dir, cfg.brokers, cfg.seed).await?;
+    // The sync ledgers (a test-only broker hook) only where a power loss will read them.
+    let mut cluster =
+        Cluster::start_with_proxies_seeded(&quiverd, &dir, cfg.brokers, cfg.seed, power_loss).await?;
     let admin = cluster.client().await?;
     let replicas = cfg.brokers.min(3) as u16;
-    cluster.create_topic(&admin, TOPIC, cfg.partitions, replicas).await?;
+    // The default durability is `always` (fsync before a batch counts towards a commit).
+    let mut topic = quiver_client::TopicConfig::default().with_replicas(replicas);
+    if fsync_off {
+        topic = topic.with_durability(quiver_client::Durability::Os);
+    }
+    cluster.create_topic_with(&admin, TOPIC, cfg.partitions, topic).await?;
     cluster.topic_everywhere(TOPIC, Duration::from_secs(30)).await?;
     rec.record(Event::new("harness", Type::Ok, "create-topic").tp(TOPIC, cfg.partitions));
 
@@ -222,8 +232,9 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
             rec.record(Event::new("harness", Type::Info, "settle").tp(TOPIC, p).error(format!("{e:#}")));
         }
     }
+    // Without consumers nothing is ever delivered: no drain to wait for.
     let drained = Instant::now() + DRAIN_MAX;
-    while progress.undelivered() > 0 && Instant::now() < drained {
+    while cfg.consumers > 0 && progress.undelivered() > 0 && Instant::now() < drained {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = stop_consumers.send(true);
