@@ -34,6 +34,8 @@ pub struct ConnectionInfo {
     /// A connection from another broker of the cluster: what it forwards is served here, never
     /// forwarded again (two brokers could otherwise hand a request back and forth).
     peer: bool,
+    /// The node id of that broker.
+    peer_node: Option<u64>,
 }
 
 impl ConnectionInfo {
@@ -42,8 +44,13 @@ impl ConnectionInfo {
     }
 
     /// A connection from another broker of the cluster.
-    pub fn peer(id: u64) -> Arc<Self> {
-        Arc::new(ConnectionInfo { id, peer: true, ..Default::default() })
+    pub fn peer(id: u64, node: u64) -> Arc<Self> {
+        Arc::new(ConnectionInfo { id, peer: true, peer_node: Some(node), ..Default::default() })
+    }
+
+    /// The node id of the broker at the other end, for a peer connection.
+    pub fn peer_node(&self) -> Option<u64> {
+        self.peer_node
     }
 
     pub fn is_peer(&self) -> bool {
@@ -254,6 +261,25 @@ impl Groups {
         }
     }
 
+    /// Drops the groups `pred` names, members and all (this broker stopped coordinating them, in
+    /// a cluster): their members' next requests are refused as unknown, and they join again at
+    /// the new coordinator.
+    pub fn drop_groups(&self, pred: impl Fn(&str) -> bool) {
+        let mut dropped = Vec::new();
+        self.groups.retain(|name, g| {
+            if !pred(name) {
+                return true;
+            }
+            dropped.extend(g.members().into_iter().map(|(member, _)| (name.clone(), member)));
+            false
+        });
+        for key in dropped {
+            self.member_connection.remove(&key);
+        }
+        // Counted again from what is coordinated here at the next admission.
+        *self.known.lock() = None;
+    }
+
     /// Drops members whose session expired.
     pub fn expire(&self) {
         let now = self.now_ms();
@@ -365,7 +391,9 @@ impl Groups {
     /// expired or moved to another connection before it counts as full.
     fn has_room_for_a_member(&self, conn: &ConnectionMembers) -> Result<(), PartitionError> {
         let mut members = conn.members.lock();
-        if members.len() < MAX_MEMBERS_PER_CONNECTION {
+        // A peer forwards the joins of all its clients' members (each client connection there
+        // is bounded itself).
+        if members.len() < MAX_MEMBERS_PER_CONNECTION || conn.is_peer() {
             return Ok(());
         }
         members.retain(|key| {
@@ -482,9 +510,7 @@ pub(crate) fn handle(
         }
         Message::ListGroups => {
             let mut names = groups.names();
-            for ((g, _, _), _) in offsets.all() {
-                names.push(g.to_string());
-            }
+            names.extend(offsets.group_names().iter().map(|g| g.to_string()));
             names.sort();
             names.dedup();
             Ok(Message::Groups(names))

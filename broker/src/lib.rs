@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod config;
+mod coordinator;
 pub mod data_dir;
 mod dead_letters;
 // The decoders' fuzz helpers (case counts from QUIVER_FUZZ_CASES, mutations of valid

@@ -115,6 +115,13 @@ fn flush_offsets(state: &BrokerState) {
     if let Err(e) = state.offsets.maintain_blocking() {
         tracing::warn!("persisting group offsets failed: {e}");
     }
+    for store in state.coordinators.stores() {
+        match store.maintain_blocking() {
+            Ok(()) | Err(crate::offsets::OffsetsError::NotCoordinator { .. }) => {}
+            Err(e) => tracing::warn!("persisting group offsets failed: {e}"),
+        }
+    }
+    crate::coordinator::compact_followers(state);
 }
 
 /// Persists offsets, syncs every partition and checkpoints its recovery point, at shutdown.
@@ -123,6 +130,11 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
     let _ = tokio::task::spawn_blocking(move || {
         if let Err(e) = st.offsets.close_blocking() {
             tracing::warn!("persisting group offsets at shutdown failed: {e}");
+        }
+        for store in st.coordinators.stores() {
+            if let Err(e) = store.close_blocking() {
+                tracing::warn!("persisting group offsets at shutdown failed: {e}");
+            }
         }
         for topic in st.topics.all() {
             for p in &topic.partitions {
@@ -152,7 +164,8 @@ fn sample_gauges(state: &BrokerState) {
             metrics::gauge!("quiver_partition_high_watermark", &labels).set(p.high_watermark() as f64);
         }
     }
-    for ((group, topic, partition), committed) in state.offsets.all() {
+    let coordinated = state.coordinators.stores().into_iter().flat_map(|s| s.all());
+    for ((group, topic, partition), committed) in state.offsets.all().into_iter().chain(coordinated) {
         let Ok(t) = state.topics.get(&topic) else { continue };
         let Ok(p) = t.partition(partition) else { continue };
         let lag = p.high_watermark().saturating_sub(committed);

@@ -115,6 +115,9 @@ pub(crate) struct Tracker {
 pub(crate) struct Proposal {
     pub(crate) batch: ValidatedBatch,
     pub(crate) acks: Acks,
+    /// Proposed only if the group's leader is in this term (the offsets store of a coordinator
+    /// writes only in the term it loaded its state in, docs/replication.md §10).
+    pub(crate) term: Option<u64>,
     pub(crate) reply: Reply,
 }
 
@@ -313,6 +316,24 @@ impl Partition {
         self.submit_with(batch, Acks::All).await
     }
 
+    /// [`submit`](Self::submit) on a replicated partition whose Raft leader must be in `term`:
+    /// refused with `NotLeader` otherwise. Resolves once the batch is committed in that term.
+    pub(crate) async fn submit_in_term(
+        &self,
+        batch: ValidatedBatch,
+        term: u64,
+    ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
+        let (reply, rx) = oneshot::channel();
+        let Some(group) = self.replica.get() else {
+            return Err(PartitionError::new(ErrorCode::Internal, "not a replicated partition"));
+        };
+        group
+            .send(Proposal { batch, acks: Acks::All, term: Some(term), reply })
+            .await
+            .map_err(|_| PartitionError::new(ErrorCode::NotLeader, "the partition's replica stopped"))?;
+        Ok(rx)
+    }
+
     /// [`submit`](Self::submit) with the producer's `acks`: on a replicated partition,
     /// `Acks::Leader` resolves once the leader's own log has the batch (appended, and fsynced
     /// under `durability = always`), before a majority may have it (docs/replication.md §3).
@@ -325,7 +346,7 @@ impl Partition {
         let (reply, rx) = oneshot::channel();
         if let Some(group) = self.replica.get() {
             group
-                .send(Proposal { batch, acks, reply })
+                .send(Proposal { batch, acks, term: None, reply })
                 .await
                 .map_err(|_| PartitionError::new(ErrorCode::NotLeader, "the partition's replica stopped"))?;
             return Ok(rx);
@@ -532,6 +553,16 @@ impl Partition {
             tracing::info!(topic = %self.topic, partition = self.id, ?report, "retention deleted segments");
         }
         Ok(())
+    }
+
+    /// Deletes the segments wholly below `offset`, never past the high watermark: a replicated
+    /// offsets partition drops what its last complete snapshot replaced (docs/replication.md
+    /// §10). Returns how many segments went. Blocking.
+    pub(crate) fn delete_segments_below_blocking(&self, offset: u64) -> Result<usize, LogError> {
+        let mut log = self.log.lock();
+        let report = log.delete_segments_below(offset.min(self.high_watermark()))?;
+        self.log_start.store(log.log_start_offset(), Ordering::Release);
+        Ok(report.deleted_segments())
     }
 
     /// CRC-checks the closed segments (design.md §5.3), calling `pace` with each batch's length

@@ -13,6 +13,8 @@ use quiver_protocol::message::{
 use quiver_protocol::ErrorCode;
 use quiver_transport::{write_message, FrameReader};
 
+use crate::coordinator::{route, Route};
+use crate::offsets::OffsetStore;
 use crate::partition::PartitionError;
 use crate::state::{fail_stream, BrokerState};
 use crate::topics::Topic;
@@ -130,23 +132,50 @@ async fn dispatch(
         Message::CommitOffset { group, topic, partition, offset, member, reset } => Box::pin(async move {
             st.settle(&topic).await;
             let reset = reset && member.is_none();
+            let request = || Message::CommitOffset {
+                group: group.clone(),
+                topic: topic.clone(),
+                partition,
+                offset,
+                member: member.clone(),
+                reset,
+            };
+            let store = match route(&st, &members, &group, Some((&topic, partition)), request).await {
+                Route::Store(store) => store,
+                Route::Answer(answer) => return Some(answer),
+            };
             Some(
-                commit(&st, &members, group, &topic, partition, offset, member, reset)
+                commit(&st, &store, &members, group, &topic, partition, offset, member, reset)
                     .await
                     .unwrap_or_else(error),
             )
         }),
+        Message::ListGroups => Box::pin(async move { Some(list_groups(&st, &members).await) }),
         msg @ (Message::JoinGroup { .. }
         | Message::Heartbeat { .. }
         | Message::LeaveGroup { .. }
-        | Message::ListGroups
-        | Message::DescribeGroup { .. }) => ready(
-            crate::groups::handle(&state.groups, &state.topics, &state.offsets, msg, &members)
-                .unwrap_or_else(error),
-        ),
+        | Message::DescribeGroup { .. }) => Box::pin(async move {
+            let group = match &msg {
+                Message::JoinGroup { group, .. }
+                | Message::Heartbeat { group, .. }
+                | Message::LeaveGroup { group, .. }
+                | Message::DescribeGroup { group } => group.clone(),
+                _ => String::new(),
+            };
+            let store = match route(&st, &members, &group, None, || msg.clone()).await {
+                Route::Store(store) => store,
+                Route::Answer(answer) => return Some(answer),
+            };
+            Some(crate::groups::handle(&st.groups, &st.topics, &store, msg, &members).unwrap_or_else(error))
+        }),
         Message::FetchOffsets { group, topic } => Box::pin(async move {
             st.settle(&topic).await;
-            let rows = fetch_offsets(&st, &group, &topic);
+            let request = || Message::FetchOffsets { group: group.clone(), topic: topic.clone() };
+            let store = match route(&st, &members, &group, None, request).await {
+                Route::Store(store) => store,
+                Route::Answer(answer) => return Some(answer),
+            };
+            let rows = fetch_offsets(&st, &store, &group, &topic);
             let rows = match (&st.cluster, rows) {
                 // A peer asks for the rows of the partitions held here, and takes only those.
                 (Some(cluster), Ok(rows)) if !members.is_peer() => {
@@ -163,6 +192,9 @@ async fn dispatch(
             Some(metadata(&st, topic.as_deref()).unwrap_or_else(error))
         }),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
+            if crate::coordinator::is_internal(&name) && !members.is_peer() {
+                return Some(Message::error(ErrorCode::InvalidTopic, internal_name(&name)));
+            }
             let result = match &st.cluster {
                 Some(cluster) => create_in_cluster(&st, cluster, name, partitions, config).await,
                 None => st
@@ -177,6 +209,9 @@ async fn dispatch(
             })
         }),
         Message::DeleteTopic { name } => Box::pin(async move {
+            if crate::coordinator::is_internal(&name) {
+                return Some(Message::error(ErrorCode::InvalidTopic, internal_name(&name)));
+            }
             if let Some(cluster) = &st.cluster {
                 let request = Message::DeleteTopic { name: name.clone() };
                 if let Err(e) = st.topics.get(&name) {
@@ -441,6 +476,7 @@ async fn fetch(
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &Arc<BrokerState>,
+    store: &Arc<OffsetStore>,
     members: &crate::groups::ConnectionMembers,
     group: String,
     topic: &str,
@@ -453,7 +489,7 @@ async fn commit(
         .map_err(|m| PartitionError::new(ErrorCode::InvalidGroup, m))?;
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
-    state.groups.admit(&group, || crate::groups::stored_groups(&state.offsets))?;
+    state.groups.admit(&group, || crate::groups::stored_groups(store))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
     // Held elsewhere: the group's position lives with the broker serving its subscription
     // there; the member was checked here, where the membership is.
@@ -479,11 +515,11 @@ async fn commit(
     let key = (Arc::from(group.as_str()), t.name.clone(), partition);
     // Commits only move the group forward (a late commit must not undo a newer one); tools
     // outside the membership may reset it while the group is empty (`check_owner` above).
-    let st = state.clone();
-    tokio::task::spawn_blocking(move || st.offsets.commit_blocking(key, offset, reset))
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.commit_blocking(key, offset, reset))
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+        .map_err(|e| PartitionError::new(e.code(), e.to_string()))?;
     Ok(Message::CommitOk)
 }
 
@@ -506,11 +542,12 @@ async fn read_elsewhere(
 
 fn fetch_offsets(
     state: &BrokerState,
+    store: &OffsetStore,
     group: &str,
     topic: &str,
 ) -> Result<Vec<PartitionOffsets>, PartitionError> {
     let t = state.topics.get(topic)?;
-    let committed = state.offsets.for_topic(group, topic);
+    let committed = store.for_topic(group, topic);
     Ok(t.partitions
         .iter()
         .map(|p| PartitionOffsets {
@@ -520,6 +557,34 @@ fn fetch_offsets(
             high_watermark: p.high_watermark(),
         })
         .collect())
+}
+
+/// Every group the cluster knows (one node: this broker's): with members or committed offsets.
+/// A client's request is answered with what every reachable broker coordinates.
+async fn list_groups(state: &BrokerState, members: &crate::groups::ConnectionMembers) -> Message {
+    let mut names = state.groups.names();
+    let stores = std::iter::once(state.offsets.clone()).chain(state.coordinators.stores());
+    for store in stores {
+        names.extend(store.group_names().iter().map(|g| g.to_string()));
+    }
+    if let (Some(cluster), false) = (&state.cluster, members.is_peer()) {
+        let asks = cluster
+            .links
+            .peer_ids()
+            .map(|id| cluster.links.request(id, &Message::ListGroups, std::time::Duration::from_secs(1)));
+        for answer in futures::future::join_all(asks).await {
+            if let Ok(Message::Groups(more)) = answer {
+                names.extend(more);
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Message::Groups(names)
+}
+
+fn internal_name(name: &str) -> String {
+    format!("topic names starting with '__' are the broker's own (here: '{name}'); pick another name")
 }
 
 /// A forwarded answer, or none for `acks = none`.

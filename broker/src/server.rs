@@ -131,7 +131,8 @@ impl Broker {
         let state = Arc::new(BrokerState {
             config,
             topics,
-            offsets,
+            offsets: Arc::new(offsets),
+            coordinators: Default::default(),
             producer_ids,
             group_owners: DashMap::new(),
             groups: Default::default(),
@@ -152,7 +153,18 @@ impl Broker {
                     }
                 }),
                 forget: Arc::new(move |topic| match offsets.upgrade() {
-                    Some(st) => st.offsets.remove_topic_blocking(topic).map_err(|e| e.to_string()),
+                    Some(st) => {
+                        // The groups coordinated here write tombstones through their offsets
+                        // partitions; a store deposed meanwhile is another coordinator's to
+                        // clean (it skips deleted topics when it reads its state).
+                        for store in st.coordinators.stores() {
+                            match store.remove_topic_blocking(topic) {
+                                Err(crate::offsets::OffsetsError::NotCoordinator { .. }) | Ok(()) => {}
+                                Err(e) => return Err(e.to_string()),
+                            }
+                        }
+                        st.offsets.remove_topic_blocking(topic).map_err(|e| e.to_string())
+                    }
                     None => Ok(()),
                 }),
             });
@@ -218,6 +230,7 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
     let mut conns = JoinSet::new();
     let mut background = JoinSet::new();
     crate::maintenance::spawn_all(&state, &mut background);
+    background.spawn(crate::coordinator::run(state.clone()));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -320,7 +333,7 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
     let id = state.next_generation.fetch_add(1, Ordering::Relaxed);
     let members = match peer {
-        Some(_) => crate::groups::ConnectionInfo::peer(id),
+        Some((_, node)) => crate::groups::ConnectionInfo::peer(id, node),
         None => crate::groups::ConnectionInfo::new(id),
     };
     let mut stream_limit = state.config.initial_streams_per_connection();
@@ -434,6 +447,27 @@ async fn handle_stream(
     match Message::decode(first.raw) {
         Ok(Message::Subscribe(sub)) => {
             drop(permits);
+            // A group's subscription is served by its coordinator (a client's is handed there
+            // whole); one without a group keeps no ledger beyond itself.
+            let store = match &sub.group {
+                Some(group) => {
+                    let partition = Some((sub.topic.as_str(), sub.partition));
+                    match crate::coordinator::locate_subscription(&state, &members, group, partition).await {
+                        crate::coordinator::SubscriptionRoute::Store(store) => store,
+                        crate::coordinator::SubscriptionRoute::Forward(target) => {
+                            let Some(cluster) = &state.cluster else { return };
+                            return crate::cluster::forward_subscription(cluster, target, sub, send, reader)
+                                .await;
+                        }
+                        crate::coordinator::SubscriptionRoute::Refused(e) => {
+                            let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
+                            let _ = send.finish();
+                            return;
+                        }
+                    }
+                }
+                None => state.offsets.clone(),
+            };
             // A partition held by other brokers only: one of them serves the subscription.
             if let Some(cluster) = &state.cluster {
                 state.settle(&sub.topic).await;
@@ -457,7 +491,7 @@ async fn handle_stream(
                     None => {}
                 }
             }
-            crate::subscription::run(state, sub, send, reader).await
+            crate::subscription::run(state, sub, store, send, reader).await
         }
         first => crate::requests::serve(state, (first, permits), send, reader, members).await,
     }

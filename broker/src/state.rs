@@ -21,7 +21,12 @@ use crate::topics::Topics;
 pub struct BrokerState {
     pub config: BrokerConfig,
     pub topics: Arc<Topics>,
-    pub offsets: OffsetStore,
+    /// The broker's own offsets store: every group's on one node; in a cluster only the
+    /// ledgers of subscriptions handed here by a coordinator holding no replica of their
+    /// partition (docs/replication.md §10).
+    pub offsets: Arc<OffsetStore>,
+    /// Cluster mode: the offsets partitions this broker coordinates the groups of.
+    pub coordinators: crate::coordinator::Coordinators,
     pub producer_ids: crate::producers::ProducerIds,
     /// The live subscription generation for each (group, topic, partition). A newer
     /// subscription takes the partition over; the older one's acks are then ignored.

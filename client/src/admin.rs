@@ -162,7 +162,7 @@ impl Admin {
             member,
             reset,
         };
-        match self.client.request(&msg).await? {
+        match self.until_coordinated(&msg).await? {
             Message::CommitOk => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -195,7 +195,27 @@ impl Admin {
             member_id: member_id.map(Into::into),
             session_timeout_ms: session_timeout.as_millis().min(u32::MAX as u128) as u32,
         };
-        assignment(self.client.request(&msg).await?)
+        assignment(self.until_coordinated(&msg).await?)
+    }
+
+    /// Sends a group request again while the cluster answers `NotCoordinator` (the group's
+    /// coordinator is being elected: the request was not carried out), within the request
+    /// timeout. Other failures are returned as they are: a join or commit is not repeated
+    /// after an answer was lost.
+    async fn until_coordinated(&self, msg: &Message) -> Result<Message, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.client.config().request_timeout;
+        let mut pause = crate::retry::MIN_BACKOFF;
+        loop {
+            match self.client.request(msg).await {
+                Err(ClientError::Broker { code: ErrorCode::NotCoordinator, .. })
+                    if tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(crate::retry::MAX_BACKOFF);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Keeps a member alive; reports the generation it has applied, returns what it owns now.

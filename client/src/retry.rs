@@ -44,7 +44,9 @@ fn failure(e: &ClientError) -> Failure {
         ClientError::Unreachable { .. } | ClientError::Refused { .. } => Failure::NotDone,
         ClientError::AllBrokersFailed { .. } if e.is_retriable() => Failure::NotDone,
         ClientError::ConnectionLost(_) => Failure::MaybeDone,
-        ClientError::Broker { code: ErrorCode::NotLeader, .. } => Failure::NotDone,
+        ClientError::Broker { code: ErrorCode::NotLeader | ErrorCode::NotCoordinator, .. } => {
+            Failure::NotDone
+        }
         // Sent while the broker's requests were still being answered: one may have finished.
         ClientError::Broker { code: ErrorCode::ShuttingDown, .. } => Failure::BrokerLeaving,
         _ => Failure::Final,

@@ -41,6 +41,9 @@ pub enum ErrorCode {
     /// A connection asked for the broker-to-broker protocol (`PEER_ALPN`) without a
     /// certificate signed by the peer CA: the broker closes it with this code.
     Unauthenticated,
+    /// The broker does not coordinate this consumer group (in a cluster, the leader of the
+    /// group's offsets partition does), or its coordinator is being elected: retry.
+    NotCoordinator,
     Unknown(u16),
 }
 
@@ -74,6 +77,7 @@ impl ErrorCode {
             LimitExceeded => 35,
             NotLeader => 23,
             Unauthenticated => 24,
+            NotCoordinator => 25,
             Unknown(c) => c,
         }
     }
@@ -107,13 +111,20 @@ impl ErrorCode {
             35 => LimitExceeded,
             23 => NotLeader,
             24 => Unauthenticated,
+            25 => NotCoordinator,
             c => Unknown(c),
         }
     }
 
     /// Whether retrying the same request on a new connection may succeed.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown | ErrorCode::NotLeader)
+        matches!(
+            self,
+            ErrorCode::StorageError
+                | ErrorCode::ShuttingDown
+                | ErrorCode::NotLeader
+                | ErrorCode::NotCoordinator
+        )
     }
 }
 

@@ -63,6 +63,9 @@ pub(crate) struct GroupStatus {
     pub(crate) lag: u64,
     /// Set when the group stopped (a failed fsync, a panic in raft-rs): it serves nothing.
     pub(crate) stopped: bool,
+    /// On the leader: its commit reached the first entry of its term, so the commit covers
+    /// every entry any earlier leader had answered for (docs/replication.md §10, invariant 3).
+    pub(crate) ready: bool,
 }
 
 /// Where committed entries go, with the log offset just past the commit (the new high
@@ -147,6 +150,9 @@ pub(crate) struct Driver {
     poisoned: bool,
     /// `Ready`s handled on the driver's task (`replica::in_place`).
     in_place: metrics::Counter,
+    /// (term, index): the last entry of this node's log when it was first seen leading in
+    /// `term`, at or after the empty entry raft-rs appends on election; see `GroupStatus::ready`.
+    term_start: std::cell::Cell<(u64, u64)>,
 }
 
 /// Starts a group's driver task over `node`.
@@ -175,6 +181,7 @@ pub(crate) fn spawn(
         committed_offset: 0,
         refused: metrics::counter!("quiver_raft_messages_refused_total"),
         in_place: metrics::counter!("quiver_raft_readies_in_place_total"),
+        term_start: std::cell::Cell::new((0, 0)),
     };
     tokio::spawn(driver.run(node, rx, proposals_rx, shutdown));
     GroupHandle { events, proposals, status: status_rx }
@@ -315,9 +322,20 @@ impl Driver {
     }
 
     fn propose(&mut self, node: &mut RawNode<LogStorage>, proposal: Proposal) {
-        let Proposal { batch, acks, reply } = proposal;
+        let Proposal { batch, acks, term, reply } = proposal;
         if self.poisoned || node.raft.state != StateRole::Leader {
             let _ = reply.send(Err(not_leader(leader_of(node))));
+            return;
+        }
+        if term.is_some_and(|t| t != node.raft.term) {
+            let _ = reply.send(Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!(
+                    "proposed for term {} but the leader is in term {}",
+                    term.unwrap_or(0),
+                    node.raft.term
+                ),
+            )));
             return;
         }
         let h = *batch.header();
@@ -524,7 +542,14 @@ impl Driver {
         } else {
             (Vec::new(), 0)
         };
-        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, lag, stopped: false };
+        let ready = node.raft.state == StateRole::Leader && {
+            let term = node.raft.term;
+            if self.term_start.get().0 != term {
+                self.term_start.set((term, node.raft.raft_log.last_index()));
+            }
+            commit >= self.term_start.get().1
+        };
+        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, lag, stopped: false, ready };
         let mut became_leader = false;
         self.status.send_if_modified(|s| {
             let changed = *s != next;

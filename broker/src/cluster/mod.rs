@@ -42,7 +42,7 @@ pub use controller::DeleteHooks;
 pub(crate) use driver::{Event, GroupHandle};
 pub(crate) use forward::StreamForward;
 pub(crate) use links::PeerLinks;
-pub(crate) use remote::splice_subscription;
+pub(crate) use remote::{forward_subscription, splice_subscription};
 
 use crate::partition::{Partition, PartitionError};
 use crate::storage::Storage;
@@ -222,6 +222,27 @@ impl Cluster {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped")),
         }
+    }
+
+    /// Creates the internal offsets topic (docs/replication.md §10) on this broker, the
+    /// controller's leader, unless it exists: `partitions` partitions, as many replicas as there
+    /// are brokers up to `max_replicas`.
+    pub(crate) async fn create_offsets_topic(
+        &self,
+        partitions: u32,
+        max_replicas: usize,
+    ) -> Result<(), PartitionError> {
+        let name = crate::coordinator::OFFSETS_TOPIC.to_string();
+        if self.topic_index.contains_key(&name) {
+            return Ok(());
+        }
+        let replicas = self.config.peers.len().clamp(1, max_replicas) as u16;
+        // Small segments: a compaction drops the segments wholly below its snapshot, and the
+        // log rolls on its own only when a segment is full.
+        let config = quiver_protocol::TopicConfig::new()
+            .with_replicas(replicas)
+            .with_segment_bytes(crate::coordinator::OFFSETS_SEGMENT_BYTES);
+        self.propose_here(&Command::CreateTopic { name, partitions, config }).await.map(drop)
     }
 
     /// A new producer id (docs/replication.md §2c), issued here from a block of counters the

@@ -80,6 +80,7 @@ impl Cluster {
                 in_sync: n.in_sync.iter().map(|&i| u64::from(i)).collect(),
                 lag: n.lag,
                 stopped: false,
+                ready: false,
             };
             o.status.send_if_modified(|s| {
                 let changed = *s != next;
@@ -296,18 +297,62 @@ pub(crate) async fn splice_subscription(
     target: u64,
     mut sub: quiver_protocol::message::Subscribe,
     mut send: quinn::SendStream,
-    mut reader: FrameReader,
+    reader: FrameReader,
 ) {
     let member: Option<(String, MemberRef)> = sub.group.clone().zip(sub.member.take());
-    let owner = |member: &Option<(String, MemberRef)>| match member {
-        Some((group, m)) => groups.check_owner(group, &sub.topic, Some(m), sub.partition),
+    let (topic, partition) = (sub.topic.clone(), sub.partition);
+    let check = move || match &member {
+        Some((group, m)) => groups.check_owner(group, &topic, Some(m), partition),
         None => Ok(()),
     };
-    if let Err(e) = owner(&member) {
+    if let Err(e) = check() {
         let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
         let _ = send.finish();
         return;
     }
+    let unreachable = |why: &str| {
+        let text = format!(
+            "broker {target}, which holds {}/{}, is unreachable ({why}); retry",
+            sub.topic, sub.partition
+        );
+        Message::error(ErrorCode::NotLeader, text)
+    };
+    metrics::counter!("quiver_forwarded_subscriptions_total").increment(1);
+    relay(cluster, target, &sub, send, reader, || check().is_ok(), unreachable).await
+}
+
+/// Hands a client's group subscription whole to the group's coordinator, `target`
+/// (docs/replication.md §10): the coordinator checks the membership and keeps the ledger; this
+/// broker only carries the bytes. The stream ends when the coordinator ends it (a deposed
+/// coordinator answers `NotCoordinator`, and the client subscribes again).
+pub(crate) async fn forward_subscription(
+    cluster: &Cluster,
+    target: u64,
+    sub: quiver_protocol::message::Subscribe,
+    send: quinn::SendStream,
+    reader: FrameReader,
+) {
+    let group = sub.group.clone().unwrap_or_default();
+    let unreachable = |why: &str| {
+        let text =
+            format!("the coordinator of group '{group}', broker {target}, is unreachable ({why}); retry");
+        Message::error(ErrorCode::NotCoordinator, text)
+    };
+    metrics::counter!("quiver_forwarded_group_subscriptions_total").increment(1);
+    relay(cluster, target, &sub, send, reader, || true, unreachable).await
+}
+
+/// Opens a stream to `target`, sends `sub` on it and copies both ways until either side ends;
+/// `owner` is asked every `OWNER_CHECK` whether the stream may go on (false resets it).
+async fn relay(
+    cluster: &Cluster,
+    target: u64,
+    sub: &quiver_protocol::message::Subscribe,
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    owner: impl Fn() -> bool,
+    unreachable: impl Fn(&str) -> Message,
+) {
     let opened = async {
         let conn = cluster.links.connection(target).ok_or("no link")?;
         let (mut peer_send, peer_recv) = conn.open_bi().await.map_err(|_| "the link failed")?;
@@ -324,16 +369,11 @@ pub(crate) async fn splice_subscription(
     let (mut peer_send, mut peer_recv) = match why {
         Ok(streams) => streams,
         Err(why) => {
-            let text = format!(
-                "broker {target}, which holds {}/{}, is unreachable ({why}); retry",
-                sub.topic, sub.partition
-            );
-            let _ = write_message(&mut send, &Message::error(ErrorCode::NotLeader, text)).await;
+            let _ = write_message(&mut send, &unreachable(why)).await;
             let _ = send.finish();
             return;
         }
     };
-    metrics::counter!("quiver_forwarded_subscriptions_total").increment(1);
     let fenced = {
         let to_client = tokio::io::copy(&mut peer_recv, &mut send);
         tokio::pin!(to_client);
@@ -357,7 +397,7 @@ pub(crate) async fn splice_subscription(
                     Err(_) => break false,
                 },
                 _ = check.tick() => {
-                    if owner(&member).is_err() {
+                    if !owner() {
                         break true;
                     }
                 }

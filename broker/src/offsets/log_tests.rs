@@ -125,7 +125,10 @@ fn first_segment(storage: &MemStorage) -> Result<Vec<u8>, Box<dyn Error>> {
 }
 
 fn log_start(s: &OffsetStore) -> u64 {
-    s.writer.lock().log.log_start_offset()
+    match &s.writer.lock().log {
+        super::Sink::Local(log) => log.log_start_offset(),
+        super::Sink::Replicated(_) => unreachable!("a local store"),
+    }
 }
 
 /// Commits, acks and a topic's removal: a log with many records of a few live ledgers, and

@@ -5,10 +5,12 @@
 //! partition log of its own, `<dir>/0` (the broker's segment log, Kafka v2 record batches), as
 //! Kafka keeps `__consumer_offsets`: the record key names the ledger, the value is its snapshot,
 //! an empty value deletes the key, and reading the log from its start the last record of a key
-//! wins. So the group state is a partition like any other, which issue 18 replicates as it
-//! replicates topics. `commit` returns after its batch is fsynced; acks on a subscription only
-//! mark the key dirty and `flush` persists dirty keys in one batch, so acks cost no IO each.
-//! Compaction appends every live ledger again and drops the segments wholly below it.
+//! wins. So the group state is a partition like any other: in a cluster, a coordinator's store
+//! writes the same records through a replicated `__offsets` partition (`Sink::Replicated`,
+//! `crate::coordinator`, docs/replication.md §10). `commit` returns after its batch is fsynced
+//! (committed, replicated); acks on a subscription only mark the key dirty and `flush` persists
+//! dirty keys in one batch, so acks cost no IO each. Compaction appends every live ledger again
+//! and drops the segments wholly below it.
 //!
 //! One write protocol (design.md §6.1): append, then fsync; a failed write or fsync poisons the
 //! store (nothing more is written or acknowledged until the broker reopens it), and the memory
@@ -20,6 +22,8 @@ mod fuzz_tests;
 mod legacy;
 mod records;
 
+pub(crate) use records::last_complete_snapshot;
+
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,6 +34,7 @@ use parking_lot::Mutex;
 use quiver_protocol::batch::{ValidatedBatch, BATCH_HEADER_BYTES};
 use quiver_protocol::ledger::AckLedger;
 use quiver_protocol::limits::{MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES};
+use quiver_protocol::ErrorCode;
 
 use crate::log::{LogConfig, LogError, PartitionLog};
 use crate::storage::Storage;
@@ -97,6 +102,21 @@ pub enum OffsetsError {
     /// The log failed for another reason than IO (damage found where it cannot be stepped over).
     #[error("offsets store {}: {source}", path.display())]
     Log { path: PathBuf, source: LogError },
+    /// A cluster's offsets partition is led by another broker (or in another term) than when
+    /// this store read it: this broker no longer coordinates its groups (retriable: the
+    /// request goes to the new coordinator).
+    #[error("no longer the group coordinator: {reason}")]
+    NotCoordinator { reason: String },
+}
+
+impl OffsetsError {
+    /// The code a client is told.
+    pub fn code(&self) -> quiver_protocol::ErrorCode {
+        match self {
+            OffsetsError::NotCoordinator { .. } => quiver_protocol::ErrorCode::NotCoordinator,
+            _ => quiver_protocol::ErrorCode::StorageError,
+        }
+    }
 }
 
 impl OffsetsError {
@@ -129,13 +149,109 @@ pub struct OffsetStore {
     /// Every change marked at or below this epoch is durable: a flush that needs no more
     /// returns without writing (concurrent flushes share one fsync).
     durable_epoch: AtomicU64,
+    /// A coordinator's store: set once it no longer may write (replicated sink's flag).
+    deposed: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug)]
 struct Writer {
-    log: PartitionLog,
-    /// Set when a write or fsync failed; see [`OffsetsError::Poisoned`].
+    log: Sink,
+    /// Set when a write or fsync failed; see [`OffsetsError::Poisoned`] (or, replicated, when
+    /// this broker stopped coordinating: [`OffsetsError::NotCoordinator`]).
     poisoned: bool,
+}
+
+/// Where the store's records go.
+#[derive(Debug)]
+enum Sink {
+    /// One node: a log of the store's own, appended and fsynced here.
+    Local(Box<PartitionLog>),
+    /// A cluster: an offsets partition (docs/replication.md §10) whose Raft leader this broker
+    /// was in `term` when it read the state; a write is done once committed in that term.
+    Replicated(Replicated),
+}
+
+#[derive(Debug)]
+struct Replicated {
+    partition: Arc<crate::partition::Partition>,
+    term: u64,
+    runtime: tokio::runtime::Handle,
+    /// Set once a write failed or the coordinator loop saw the leadership go.
+    deposed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why a sink write failed.
+enum SinkError {
+    Log(LogError),
+    /// The offsets partition has another leader or term now.
+    Deposed(String),
+}
+
+impl Sink {
+    fn size_bytes(&self) -> u64 {
+        match self {
+            Sink::Local(log) => log.size_bytes(),
+            Sink::Replicated(r) => r.partition.shared_log().lock().size_bytes(),
+        }
+    }
+
+    /// Appends `batches` durably (fsynced here, or committed by a majority in the store's
+    /// term); returns the offset of the first.
+    fn append_durably(&mut self, batches: Vec<ValidatedBatch>) -> Result<u64, SinkError> {
+        match self {
+            Sink::Local(log) => {
+                let first = log.next_offset();
+                let now = now_ms();
+                for mut batch in batches {
+                    log.append(&mut batch, LEADER_EPOCH, now).map_err(SinkError::Log)?;
+                }
+                log.sync().map_err(SinkError::Log)?;
+                Ok(first)
+            }
+            Sink::Replicated(r) => {
+                let deposed = |e: crate::partition::PartitionError| SinkError::Deposed(e.message);
+                let (partition, term) = (r.partition.clone(), r.term);
+                let result = r.runtime.block_on(async move {
+                    // Queued in order, then awaited together: one round of replication.
+                    let mut waiting = Vec::with_capacity(batches.len());
+                    for batch in batches {
+                        waiting.push(partition.submit_in_term(batch, term).await?);
+                    }
+                    let mut first = None;
+                    for rx in waiting {
+                        let appended = rx.await.map_err(|_| {
+                            crate::partition::PartitionError::new(
+                                ErrorCode::NotLeader,
+                                "the offsets partition's group stopped",
+                            )
+                        })??;
+                        first.get_or_insert(appended.base_offset);
+                    }
+                    Ok::<_, crate::partition::PartitionError>(first.unwrap_or(0))
+                });
+                if result.is_err() {
+                    r.deposed.store(true, SeqCst);
+                }
+                result.map_err(deposed)
+            }
+        }
+    }
+
+    /// Starts a new segment (one node); a replicated log rolls on its own.
+    fn roll(&mut self) -> Result<(), LogError> {
+        match self {
+            Sink::Local(log) => log.roll_now().map(drop),
+            Sink::Replicated(_) => Ok(()),
+        }
+    }
+
+    /// Deletes the segments wholly below `offset`; returns how many went.
+    fn delete_below(&mut self, offset: u64) -> Result<usize, LogError> {
+        match self {
+            Sink::Local(log) => Ok(log.delete_segments_below(offset)?.deleted_segments()),
+            Sink::Replicated(r) => r.partition.delete_segments_below_blocking(offset),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -265,11 +381,79 @@ impl OffsetStore {
         Ok(OffsetStore {
             path,
             state: Mutex::new(state),
-            writer: Mutex::new(Writer { log, poisoned: false }),
+            writer: Mutex::new(Writer { log: Sink::Local(Box::new(log)), poisoned: false }),
             max_log_bytes,
             epoch: AtomicU64::new(0),
             durable_epoch: AtomicU64::new(0),
+            deposed: None,
         })
+    }
+
+    /// The store of a coordinator (docs/replication.md §10): the state read from an offsets
+    /// partition this broker leads in `term`, whose commit already covers every entry an earlier
+    /// leader answered for (`GroupStatus::ready`). Writes are committed through its Raft group in
+    /// `term` only; `deposed` is set when they no longer can be. Reads to the high watermark
+    /// (never an uncommitted entry), and drops the segments below the last complete snapshot.
+    /// Blocking.
+    pub(crate) fn open_replicated(
+        partition: Arc<crate::partition::Partition>,
+        term: u64,
+        runtime: tokio::runtime::Handle,
+        deposed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, OffsetsError> {
+        let shared = partition.shared_log();
+        let path = shared.lock().dir().to_path_buf();
+        let log_err = |e| OffsetsError::from_log(&path, e);
+        let hw = partition.high_watermark();
+        let (live, snapshots, log_start) = {
+            let log = shared.lock();
+            let (live, snapshots) = records::read_log_to(&log, hw).map_err(log_err)?;
+            (live, snapshots, log.log_start_offset())
+        };
+        if let Some(begin) = snapshots.last_complete.filter(|&b| b > log_start) {
+            partition.delete_segments_below_blocking(begin).map_err(log_err)?;
+        }
+        let mut state = State { log_bytes: shared.lock().size_bytes(), ..Default::default() };
+        for (key, (snapshot, size)) in live {
+            state.ledgers.insert(key.clone(), Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
+            state.entry_bytes.insert(key, size);
+        }
+        let sink = Sink::Replicated(Replicated { partition, term, runtime, deposed: deposed.clone() });
+        Ok(OffsetStore {
+            path,
+            state: Mutex::new(state),
+            writer: Mutex::new(Writer { log: sink, poisoned: false }),
+            max_log_bytes: MAX_OFFSETS_FILE_BYTES,
+            epoch: AtomicU64::new(0),
+            durable_epoch: AtomicU64::new(0),
+            deposed: Some(deposed),
+        })
+    }
+
+    /// Forgets (in memory) the ledgers of topics `exists` denies: deleted while another broker
+    /// coordinated. The next compaction leaves them out of the log.
+    pub fn forget_missing_topics(&self, exists: impl Fn(&str) -> bool) {
+        let mut st = self.state.lock();
+        st.ledgers.retain(|(_, t, _), _| exists(t));
+        let keep: HashSet<OffsetKey> = st.ledgers.keys().cloned().collect();
+        st.entry_bytes.retain(|k, _| keep.contains(k));
+        st.dirty.retain(|k| keep.contains(k));
+    }
+
+    /// Whether this is a coordinator's store that no longer may write (cheap: one atomic load).
+    pub fn is_deposed(&self) -> bool {
+        match &self.deposed {
+            Some(d) => d.load(SeqCst),
+            None => false,
+        }
+    }
+
+    /// The groups with a ledger here.
+    pub fn group_names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self.state.lock().ledgers.keys().map(|(g, _, _)| g.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The committed offset (the ack floor).
@@ -470,7 +654,8 @@ impl OffsetStore {
     /// acknowledged commits included (design.md §5.3). A failure only logs (the point stays
     /// where it was, which is safe).
     fn checkpoint(&self, w: &Writer, lag: u64) {
-        if let Err(e) = w.log.recovery_checkpoint().write_if_behind(lag) {
+        let Sink::Local(log) = &w.log else { return };
+        if let Err(e) = log.recovery_checkpoint().write_if_behind(lag) {
             tracing::warn!(path = %self.path.display(), "offsets store: writing the recovery point: {e}");
         }
     }
@@ -554,6 +739,12 @@ impl OffsetStore {
     }
 
     fn check_usable(&self, w: &Writer) -> Result<(), OffsetsError> {
+        if let Sink::Replicated(r) = &w.log {
+            if w.poisoned || r.deposed.load(SeqCst) {
+                let reason = format!("the offsets partition's leadership of term {} ended", r.term);
+                return Err(OffsetsError::NotCoordinator { reason });
+            }
+        }
         match w.poisoned {
             true => Err(OffsetsError::Poisoned { path: self.path.clone() }),
             false => Ok(()),
@@ -578,32 +769,33 @@ impl OffsetStore {
         OffsetsError::TooLarge { path: self.path.clone(), bytes, limit }
     }
 
-    /// Appends `batches` and fsyncs the log, refusing to take it past `limit`; the store is
-    /// poisoned if a write or the fsync fails.
+    /// Appends `batches` and fsyncs the log (or has a majority commit them), refusing to take it
+    /// past `limit`; returns the offset of the first. The store is poisoned if a write or the
+    /// fsync fails (replicated: deposed once the write cannot be committed in its term).
     fn append_locked(
         &self,
         w: &mut Writer,
         batches: Vec<ValidatedBatch>,
         limit: u64,
-    ) -> Result<(), OffsetsError> {
+    ) -> Result<u64, OffsetsError> {
         if batches.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let bytes = w.log.size_bytes() + batches_bytes(&batches);
         if bytes > limit {
             return Err(self.too_large(bytes, limit));
         }
-        let now = now_ms();
-        for mut batch in batches {
-            if let Err(e) = w.log.append(&mut batch, LEADER_EPOCH, now) {
-                return Err(self.log_failed(w, e));
+        let first = match w.log.append_durably(batches) {
+            Ok(first) => first,
+            Err(SinkError::Log(e)) => return Err(self.log_failed(w, e)),
+            Err(SinkError::Deposed(reason)) => {
+                w.poisoned = true;
+                tracing::info!(path = %self.path.display(), "offsets store: no longer the coordinator ({reason})");
+                return Err(OffsetsError::NotCoordinator { reason });
             }
-        }
-        if let Err(e) = w.log.sync() {
-            return Err(self.log_failed(w, e));
-        }
+        };
         self.set_log_bytes(w);
-        Ok(())
+        Ok(first)
     }
 
     fn set_log_bytes(&self, w: &Writer) {
@@ -664,23 +856,22 @@ impl OffsetStore {
             return Err(restore_dirty(self.too_large(bytes, self.max_log_bytes)));
         }
         let before = w.log.size_bytes();
-        if let Err(e) = w.log.roll_now() {
+        if let Err(e) = w.log.roll() {
             return Err(restore_dirty(self.log_failed(w, e)));
         }
         // Begin marker, the snapshot, then (once they are durable) the complete marker: open
         // cuts off a snapshot without its complete marker, and finishes one that has it.
-        let start = w.log.next_offset();
-        let mut all = Vec::with_capacity(batches.len() + 1);
-        all.push(records::marker_batch(records::SNAPSHOT_BEGIN, start, now_ms()));
-        all.extend(batches);
-        self.append_locked(w, all, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
+        let limit = self.max_log_bytes.saturating_mul(2);
+        let begin = vec![records::marker_batch(records::SNAPSHOT_BEGIN, 0, now_ms())];
+        let start = self.append_locked(w, begin, limit).map_err(restore_dirty)?;
+        self.append_locked(w, batches, limit).map_err(restore_dirty)?;
         let complete = vec![records::marker_batch(records::SNAPSHOT_COMPLETE, start, now_ms())];
-        self.append_locked(w, complete, self.max_log_bytes.saturating_mul(2)).map_err(restore_dirty)?;
+        self.append_locked(w, complete, limit).map_err(restore_dirty)?;
         self.state.lock().entry_bytes = sizes.into_iter().collect();
         persisted(written);
         self.durable_epoch.fetch_max(epoch, SeqCst);
-        let deleted = match w.log.delete_segments_below(start) {
-            Ok(report) => report,
+        let deleted = match w.log.delete_below(start) {
+            Ok(deleted) => deleted,
             Err(e) => return Err(self.log_failed(w, e)),
         };
         self.set_log_bytes(w);
@@ -689,7 +880,7 @@ impl OffsetStore {
             path = %self.path.display(),
             before,
             after = w.log.size_bytes(),
-            segments_deleted = deleted.deleted_segments(),
+            segments_deleted = deleted,
             ledgers = ledgers.len(),
             "offsets store: compacted"
         );

@@ -43,8 +43,8 @@ pub(super) const VALUE_MAX_BYTES: usize =
     2 + 8 + 4 + 16 * MAX_PERSISTED_RANGES + 4 + 20 * MAX_PERSISTED_RANGES + 8 + 4 + 16 * MAX_PERSISTED_RANGES;
 /// Bytes read from the log at a time at open.
 pub(super) const READ_CHUNK_BYTES: usize = 1024 * 1024;
-/// Leader epoch stamped into every batch: one node, one epoch, until issue 18 replicates the
-/// log (its leaders then stamp theirs).
+/// Leader epoch stamped into every batch of a broker's own store (one node, one epoch); the
+/// replicated offsets partitions' leaders stamp their terms.
 pub(super) const LEADER_EPOCH: i32 = 0;
 
 /// `u16 version, string group, string topic, u32 partition`.
@@ -229,10 +229,21 @@ fn record_size(key: &[u8], value: &[u8]) -> u64 {
 pub(super) fn read_log(
     log: &PartitionLog,
 ) -> Result<(HashMap<OffsetKey, (LedgerSnapshot, u64)>, Snapshots), LogError> {
+    read_log_to(log, log.next_offset())
+}
+
+/// [`read_log`] up to `end` (a replicated log's high watermark: nothing above it is committed).
+/// A batch that starts below `end` and ends past it is not read (a commit ends on batches).
+#[allow(clippy::type_complexity)]
+pub(super) fn read_log_to(
+    log: &PartitionLog,
+    end: u64,
+) -> Result<(HashMap<OffsetKey, (LedgerSnapshot, u64)>, Snapshots), LogError> {
     let mut map = HashMap::new();
     let mut snapshots = Snapshots::default();
     let mut offset = log.log_start_offset();
-    while offset < log.next_offset() {
+    let end = end.min(log.next_offset());
+    while offset < end {
         let bytes = match log.read_plan(offset, READ_CHUNK_BYTES).and_then(|plan| plan.execute()) {
             Ok(bytes) => bytes,
             Err(e @ LogError::Corrupt { .. }) => {
@@ -247,6 +258,9 @@ pub(super) fn read_log(
         // `execute` hands out whole batches whose CRCs it checked.
         for span in Batches::new(&bytes) {
             let Ok(span) = span else { break };
+            if span.header.next_offset() > end {
+                return Ok((map, snapshots));
+            }
             offset = span.header.next_offset();
             apply_batch(bytes.slice(span.range()), &mut map, &mut snapshots);
         }
@@ -262,6 +276,48 @@ pub(super) fn read_log(
     Ok((map, snapshots))
 }
 
+/// Reads the compaction markers of `log` in `from..end` (committed batches): returns the offset
+/// where the next read starts and the begin offset of the last complete snapshot found. Damaged
+/// spans are stepped over (a marker there is only found by a later snapshot's).
+pub(crate) fn last_complete_snapshot(log: &PartitionLog, from: u64, end: u64) -> (u64, Option<u64>) {
+    let end = end.min(log.next_offset());
+    let mut offset = from.max(log.log_start_offset());
+    let mut last = None;
+    while offset < end {
+        let bytes = match log.read_plan(offset, READ_CHUNK_BYTES).and_then(|plan| plan.execute()) {
+            Ok(bytes) => bytes,
+            Err(LogError::Corrupt { .. }) => {
+                offset = log.resume_after_damage(offset);
+                continue;
+            }
+            Err(_) => return (offset, last),
+        };
+        let before = offset;
+        for span in Batches::new(&bytes) {
+            let Ok(span) = span else { break };
+            if span.header.next_offset() > end {
+                return (offset, last);
+            }
+            offset = span.header.next_offset();
+            if span.header.is_control() || span.header.records_count != 1 {
+                continue; // markers are batches of one record
+            }
+            let batch = bytes.slice(span.range());
+            let Some(Ok(record)) = RecordIter::new(batch, span.header).next() else { continue };
+            let Some(key) = record.key else { continue };
+            if let Ok(Key::Snapshot(SNAPSHOT_COMPLETE)) = decode_key(key) {
+                if let Ok(begin) = <[u8; 8]>::try_from(&record.value[..]) {
+                    last = Some(u64::from_le_bytes(begin));
+                }
+            }
+        }
+        if offset == before {
+            return (offset, last);
+        }
+    }
+    (offset, last)
+}
+
 /// Applies the records of one batch (CRC already checked) to `map`.
 pub(super) fn apply_batch(
     batch: Bytes,
@@ -275,6 +331,9 @@ pub(super) fn apply_batch(
             return;
         }
     };
+    if header.is_control() {
+        return; // a replicated log's Raft entries (a new leader's empty entry)
+    }
     for record in RecordIter::new(batch, header) {
         let record = match record {
             Ok(record) => record,

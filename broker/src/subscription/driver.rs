@@ -242,10 +242,10 @@ impl Active {
                     match d.persist {
                         Persist::Lazily => {}
                         Persist::Ahead => {
-                            let (st, epoch) = (self.state.clone(), self.epoch);
+                            let (store, epoch) = (self.setup.store.clone(), self.epoch);
                             // A failure poisons the store, which the next delivery that must
                             // wait reports.
-                            drop(tokio::task::spawn_blocking(move || st.offsets.flush_to_blocking(epoch)));
+                            drop(tokio::task::spawn_blocking(move || store.flush_to_blocking(epoch)));
                         }
                         Persist::Wait => self.write_ledger(self.epoch).await?,
                     }
@@ -333,12 +333,12 @@ impl Active {
     /// the offsets store (under the ledger's lock: no broker-wide lock, design.md §12), and
     /// moves the in-flight gauge with the window.
     fn with_ledger<R>(&mut self, f: impl FnOnce(&mut Engine, &mut AckLedger) -> R) -> R {
-        let Active { state, setup, engine, epoch, .. } = self;
+        let Active { setup, engine, epoch, .. } = self;
         let mut l = setup.ledger.lock();
         let r = f(engine, &mut l);
         if engine.take_dirty() {
             if let Some((key, _)) = &setup.group {
-                *epoch = state.offsets.mark_dirty_locked(key, &mut l);
+                *epoch = setup.store.mark_dirty_locked(key, &mut l);
             }
         }
         drop(l);
@@ -358,11 +358,11 @@ impl Active {
     /// dirty in the offsets store, one fsync, shared with concurrent waiters). Fails the
     /// subscription if the store cannot write.
     async fn write_ledger(&self, epoch: u64) -> Result<(), PartitionError> {
-        let st = self.state.clone();
-        tokio::task::spawn_blocking(move || st.offsets.flush_to_blocking(epoch))
+        let store = self.setup.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_to_blocking(epoch))
             .await
             .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-            .map_err(|e| PartitionError::new(ErrorCode::StorageError, format!("recording deliveries: {e}")))
+            .map_err(|e| PartitionError::new(e.code(), format!("recording deliveries: {e}")))
     }
 
     /// The batches at `position`, up to `max` bytes: the read started ahead when it matches,

@@ -38,15 +38,18 @@ struct Setup {
     policy: RedeliveryPolicy,
     /// Where dead letters go, with `max_deliveries`.
     dead_letter_topic: Option<String>,
+    /// The offsets store keeping the group's ledger (a coordinator's, in a cluster).
+    store: Arc<crate::offsets::OffsetStore>,
 }
 
 pub(crate) async fn run(
     state: Arc<BrokerState>,
     sub: Subscribe,
+    store: Arc<crate::offsets::OffsetStore>,
     mut send: quinn::SendStream,
     reader: FrameReader,
 ) {
-    let setup = match setup(&state, &sub).await {
+    let setup = match setup(&state, &sub, store).await {
         Ok(s) => s,
         Err(e) => {
             let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
@@ -57,7 +60,11 @@ pub(crate) async fn run(
     driver::serve(state, sub, setup, send, reader).await
 }
 
-async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionError> {
+async fn setup(
+    state: &BrokerState,
+    sub: &Subscribe,
+    store: Arc<crate::offsets::OffsetStore>,
+) -> Result<Setup, PartitionError> {
     let topic = state.topics.get(&sub.topic)?;
     let partition = topic.partition(sub.partition)?.clone();
     let key: Option<OffsetKey> = match &sub.group {
@@ -71,13 +78,13 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => None,
     };
     if let Some(g) = &sub.group {
-        state.groups.admit(g, || crate::groups::stored_groups(&state.offsets))?;
+        state.groups.admit(g, || crate::groups::stored_groups(&store))?;
         state.groups.check_owner(g, &sub.topic, sub.member.as_ref(), sub.partition)?;
     }
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
     // Retention can move the log start past a high watermark that waits for an fsync.
     let hw = hw.max(log_start);
-    let committed = key.as_ref().and_then(|k| state.offsets.get(k));
+    let committed = key.as_ref().and_then(|k| store.get(k));
     // Where to start without a committed offset (a group's is read again under its lock).
     let requested = match (committed, sub.start) {
         (Some(c), _) => c.max(log_start).min(hw),
@@ -99,7 +106,7 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
     // (single active consumer per partition until group membership arrives).
     let (group, ledger, start) = match key {
         Some(key) => {
-            let ledger = state.offsets.ledger(&key, requested);
+            let ledger = store.ledger(&key, requested);
             let mut l = ledger.lock();
             // The floor and the log's ends, read under the lock: acks, commits and appends may
             // have moved them meanwhile.
@@ -125,7 +132,16 @@ async fn setup(state: &BrokerState, sub: &Subscribe) -> Result<Setup, PartitionE
         None => (None, Arc::new(Mutex::new(AckLedger::new(requested).into())), requested),
     };
     let member = sub.group.clone().zip(sub.member.clone());
-    Ok(Setup { partition, start, group, member, ledger, policy: sub.policy.clone(), dead_letter_topic })
+    Ok(Setup {
+        partition,
+        start,
+        group,
+        member,
+        ledger,
+        policy: sub.policy.clone(),
+        dead_letter_topic,
+        store,
+    })
 }
 
 /// Where dead letters of `topic` go under `policy`: checked at subscribe, so a bad name fails
@@ -188,6 +204,12 @@ fn check_owner(state: &BrokerState, setup: &Setup) -> Result<(), PartitionError>
 /// lookup, so it runs before every delivery).
 fn check_not_taken_over(state: &BrokerState, setup: &Setup) -> Result<(), PartitionError> {
     if let Some((key, generation)) = &setup.group {
+        if setup.store.is_deposed() {
+            return Err(PartitionError::new(
+                ErrorCode::NotCoordinator,
+                "this broker no longer coordinates the group; subscribe again (at the new coordinator)",
+            ));
+        }
         if state.group_owners.get(key).map(|g| *g != *generation).unwrap_or(true) {
             return Err(PartitionError::new(
                 ErrorCode::FencedMember,

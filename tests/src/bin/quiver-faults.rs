@@ -54,8 +54,9 @@ struct Args {
     /// `group-redelivery`. Printed when used.
     #[arg(long, value_delimiter = ',')]
     allow: Vec<String>,
-    /// Process faults (kill, pause, restart, corrupt, power-loss) leave the consumer group's coordinator
-    /// (the first broker of the consumers' list) alone: its state is not replicated yet.
+    /// Process faults (kill, pause, restart, corrupt, power-loss) leave alone the broker the
+    /// consumers talk to first (the group's coordinator before group state was replicated; the
+    /// coordinator is now the leader of the group's `__offsets` partition, which moves).
     #[arg(long)]
     spare_coordinator: bool,
     /// The quiverd binary [default: $QUIVERD_UNDER_TEST, or quiverd-under-test next to this

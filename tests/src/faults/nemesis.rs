@@ -274,8 +274,8 @@ pub struct Nemesis<'a> {
     pub cluster: &'a mut Cluster,
     pub rec: Recorder,
     pub topic: String,
-    /// A broker process faults leave alone (redirected to the next broker): the consumer
-    /// group's coordinator, whose state is not replicated yet.
+    /// A broker process faults leave alone (redirected to the next broker): the one the
+    /// consumers talk to first (`--spare-coordinator`).
     pub spare: Option<usize>,
 }
 

@@ -151,8 +151,9 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
     let (stop_producers, producers_stop) = watch::channel(false);
     let (stop_consumers, consumers_stop) = watch::channel(false);
     let mut rng = Rng::new(Rng::derive(cfg.seed, 0x776f_726b));
-    // Every member gets the same broker list in the same order (README: groups are kept by
-    // the broker a consumer talks to, so that broker is the group's coordinator).
+    // Every member gets the same broker list in the same order: the first is the broker they
+    // talk to (the group's coordinator is the leader of its `__offsets` partition, wherever
+    // that is; before group state was replicated it was this broker).
     let mut order: Vec<usize> = (0..cluster.nodes.len()).collect();
     rng.shuffle(&mut order);
     let coordinator = order[0];

@@ -1,0 +1,132 @@
+//! Replicated consumer-group state (issue 18 item 1, docs/replication.md §10) with real
+//! processes: three `quiverd`, one group whose members talk to different brokers, and the
+//! group's coordinator (the leader of its `__offsets` partition) killed with SIGKILL.
+//!
+//! - Members given different brokers are one group (the brokers forward to the coordinator):
+//!   each value goes to one of them.
+//! - After the coordinator's kill the group resumes from its committed offsets at the new
+//!   coordinator: no offset below a confirmed commit is delivered again, and every value at or
+//!   above it is delivered.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use quiver_client::{
+    Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
+};
+use quiver_tests::{bounded, init_tracing, test_dir, Cluster};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+const TOPIC: &str = "orders";
+const GROUP: &str = "billing";
+const PARTITIONS: u32 = 3;
+const VALUES: usize = 300;
+
+/// The broker id coordinating `group`: the leader of its offsets partition, as broker `i` sees it.
+async fn coordinator(cluster: &Cluster, i: usize, group: &str) -> anyhow::Result<u32> {
+    let k = crc32c::crc32c(group.as_bytes()) % 8;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(status) = cluster.status_of(i).await {
+            let leader = status
+                .partitions
+                .iter()
+                .find(|p| p.topic == "__offsets" && p.partition == k)
+                .and_then(|p| p.leader);
+            if let Some(l) = leader {
+                return Ok(l);
+            }
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no leader of __offsets/{k}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads `n` messages of the group through `client`, acking each; returns (partition, offset).
+async fn consume(client: &Client, n: usize) -> anyhow::Result<(Consumer, Vec<(u32, u64)>)> {
+    let config = ConsumerConfig::new(TOPIC).group(GROUP).start(StartPosition::Earliest);
+    let mut consumer = Consumer::subscribe(client.clone(), config).await?;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no message within 20 s after {} of {n}", got.len()))?
+            .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+        m.ack();
+        got.push((m.partition, m.offset));
+    }
+    Ok((consumer, got))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_spans_brokers_and_survives_its_coordinators_kill() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(150, async {
+        let dir = test_dir()?;
+        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, TOPIC, PARTITIONS, 3).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let producer = Producer::new(admin.clone(), ProducerConfig::default());
+        let mut acks = Vec::with_capacity(VALUES);
+        for i in 0..VALUES {
+            let record = ProducerRecord::new(format!("v{i}")).partition((i as u32) % PARTITIONS);
+            acks.push(producer.enqueue(TOPIC, record).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+
+        let coord = coordinator(&cluster, 0, GROUP).await?;
+        let others: Vec<usize> = (0..3).filter(|&i| i != cluster.index_of(coord)).collect();
+        eprintln!("group {GROUP} is coordinated by broker {coord}");
+
+        // Two members, each talking to a broker that is not the coordinator: one group, so no
+        // offset goes to both.
+        let (a_client, b_client) = (cluster.client_of(others[0]).await?, cluster.client_of(others[1]).await?);
+        let (a, a_got) = consume(&a_client, 60).await?;
+        let (b, b_got) = consume(&b_client, 30).await?;
+        let a_set: BTreeSet<_> = a_got.iter().collect();
+        let shared: Vec<_> = b_got.iter().filter(|x| a_set.contains(x)).collect();
+        // A rebalance hands A's partitions over at B's join: what A had not committed may come
+        // again to B, but only above A's commits. Commit both, then check against the commits.
+        let (a_report, b_report) = (a.commit().await?, b.commit().await?);
+        eprintln!("A read {} and committed {:?}; B read {} ({} also read by A) and committed {:?}",
+            a_got.len(), a_report.committed, b_got.len(), shared.len(), b_report.committed);
+        a.close().await;
+        b.close().await;
+        let committed: BTreeMap<u32, u64> = admin
+            .admin()
+            .group_offsets(GROUP, TOPIC)
+            .await?
+            .into_iter()
+            .filter_map(|o| Some((o.partition, o.committed?)))
+            .collect();
+        anyhow::ensure!(committed.values().sum::<u64>() >= 30, "too little committed: {committed:?}");
+        eprintln!("committed before the kill: {committed:?}");
+
+        // Kill the coordinator; the group goes on at another broker from what it committed.
+        let victim = cluster.index_of(coord);
+        cluster.nodes[victim].kill9();
+        let c_client = cluster.client_of(others[0]).await?;
+        let rest: usize = (0..PARTITIONS).map(|p| {
+            let total = (0..VALUES).filter(|i| (*i as u32) % PARTITIONS == p).count() as u64;
+            (total - committed.get(&p).copied().unwrap_or(0)) as usize
+        }).sum();
+        let (c, c_got) = consume(&c_client, rest).await?;
+        let again: Vec<_> = c_got.iter().filter(|(p, o)| *o < committed.get(p).copied().unwrap_or(0)).collect();
+        anyhow::ensure!(again.is_empty(), "offsets below a confirmed commit delivered again: {again:?}");
+        let distinct: BTreeSet<_> = c_got.iter().collect();
+        anyhow::ensure!(distinct.len() == rest, "{} distinct of the {rest} uncommitted values", distinct.len());
+        let new_coord = coordinator(&cluster, others[0], GROUP).await?;
+        anyhow::ensure!(new_coord != coord, "the coordinator did not move");
+        eprintln!("after the kill, broker {new_coord} coordinates; the group read the {rest} values above its commits, none below");
+        c.close().await;
+        for c in [a_client, b_client, c_client, admin] {
+            c.close().await;
+        }
+        Ok(())
+    })
+    .await
+}
