@@ -16,16 +16,13 @@
 //! Followers keep no group state, but drop the segments a coordinator's completed compaction
 //! replaced (`compact_followers`), so every replica's log stays as small as the leader's.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use parking_lot::Mutex;
 use quiver_protocol::ErrorCode;
 
-use crate::offsets::OffsetStore;
+use crate::offsets::{Loaded, OffsetStore};
 use crate::partition::PartitionError;
 use crate::state::BrokerState;
 
@@ -58,80 +55,47 @@ pub(crate) enum Locate {
     Unknown,
 }
 
-/// A store this broker coordinates with, and the term it was read in.
-#[derive(Debug)]
-struct Loaded {
-    term: u64,
-    store: Arc<OffsetStore>,
-    deposed: Arc<AtomicBool>,
+/// Where `group` is served, as this broker knows it now.
+pub(crate) fn locate(state: &BrokerState, group: &str) -> Locate {
+    let (Some(cluster), Ok(topic)) = (&state.cluster, state.topics.get(OFFSETS_TOPIC)) else {
+        return Locate::Unknown;
+    };
+    let k = partition_of(group, topic.partitions.len() as u32);
+    if let Some(l) = state.coordinators.loaded.get(&k) {
+        if !l.deposed.load(Ordering::Acquire) {
+            return Locate::Here(l.store.clone());
+        }
+    }
+    let Some((handle, _)) = cluster.group(OFFSETS_TOPIC, k) else { return Locate::Unknown };
+    let status = handle.status.borrow();
+    match status.leader {
+        Some(l) if l != cluster.node_id() && !status.stopped => Locate::There(l),
+        _ => Locate::Unknown, // elected here but not read yet, or none elected
+    }
 }
 
-/// The offsets partitions this broker coordinates.
-#[derive(Debug, Default)]
-pub struct Coordinators {
-    loaded: DashMap<u32, Loaded>,
-    /// Per offsets partition this broker follows: the offset up to which its compaction markers
-    /// were read, and the begin offset of the last complete snapshot seen.
-    followed: Mutex<HashMap<u32, (u64, Option<u64>)>>,
+/// [`locate`], waiting up to [`COORDINATOR_WAIT`] while none is known.
+pub(crate) async fn locate_wait(state: &BrokerState, group: &str) -> Locate {
+    let deadline = tokio::time::Instant::now() + COORDINATOR_WAIT;
+    loop {
+        match locate(state, group) {
+            Locate::Unknown if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            found => return found,
+        }
+    }
 }
 
-impl Coordinators {
-    /// Where `group` is served, as this broker knows it now.
-    pub(crate) fn locate(&self, state: &BrokerState, group: &str) -> Locate {
-        let (Some(cluster), Ok(topic)) = (&state.cluster, state.topics.get(OFFSETS_TOPIC)) else {
-            return Locate::Unknown;
-        };
-        let k = partition_of(group, topic.partitions.len() as u32);
-        if let Some(l) = self.loaded.get(&k) {
-            if !l.deposed.load(Ordering::Acquire) {
-                return Locate::Here(l.store.clone());
-            }
-        }
-        let Some((handle, _)) = cluster.group(OFFSETS_TOPIC, k) else { return Locate::Unknown };
-        let status = handle.status.borrow();
-        match status.leader {
-            Some(l) if l != cluster.node_id() && !status.stopped => Locate::There(l),
-            _ => Locate::Unknown, // elected here but not read yet, or none elected
-        }
-    }
-
-    /// [`locate`](Self::locate), waiting up to [`COORDINATOR_WAIT`] while none is known.
-    pub(crate) async fn locate_wait(&self, state: &BrokerState, group: &str) -> Locate {
-        let deadline = tokio::time::Instant::now() + COORDINATOR_WAIT;
-        loop {
-            match self.locate(state, group) {
-                Locate::Unknown if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                found => return found,
-            }
-        }
-    }
-
-    /// Every store this broker coordinates with.
-    pub(crate) fn stores(&self) -> Vec<Arc<OffsetStore>> {
-        self.loaded.iter().map(|l| l.store.clone()).collect()
-    }
-
-    /// Whether this broker coordinates offsets partition `k` in `term`.
-    fn holds(&self, k: u32, term: u64) -> bool {
-        self.loaded.get(&k).is_some_and(|l| l.term == term && !l.deposed.load(Ordering::Acquire))
-    }
-
-    /// Stops coordinating offsets partition `k`: the store's writes fail from now on, and the
-    /// members of its groups here are dropped (their next request sends them to the new
-    /// coordinator, where they join again).
-    fn depose(&self, state: &BrokerState, k: u32, partitions: u32) {
-        let Some((_, loaded)) = self.loaded.remove(&k) else { return };
-        loaded.deposed.store(true, Ordering::Release);
-        state.groups.drop_groups(|g| partition_of(g, partitions) == k);
-        tracing::info!(
-            partition = k,
-            term = loaded.term,
-            "no longer the coordinator of offsets partition {k}"
-        );
-        metrics::gauge!("quiver_coordinated_offsets_partitions").set(self.loaded.len() as f64);
-    }
+/// Stops coordinating offsets partition `k`: the store's writes fail from now on, and the
+/// members of its groups here are dropped (their next request sends them to the new
+/// coordinator, where they join again).
+fn depose(state: &BrokerState, k: u32, partitions: u32) {
+    let Some((_, loaded)) = state.coordinators.loaded.remove(&k) else { return };
+    loaded.deposed.store(true, Ordering::Release);
+    state.groups.drop_groups(|g| partition_of(g, partitions) == k);
+    tracing::info!(partition = k, term = loaded.term, "no longer the coordinator of offsets partition {k}");
+    metrics::gauge!("quiver_coordinated_offsets_partitions").set(state.coordinators.loaded.len() as f64);
 }
 
 /// Whether `name` is reserved for the broker's internal topics (refused to clients).
@@ -166,7 +130,15 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                 create_asked = Some(tokio::time::Instant::now());
                 let c = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = c.create_offsets_topic(OFFSETS_PARTITIONS, OFFSETS_REPLICAS).await {
+                    if let Err(e) = c
+                        .create_offsets_topic(
+                            OFFSETS_TOPIC,
+                            OFFSETS_PARTITIONS,
+                            OFFSETS_REPLICAS,
+                            OFFSETS_SEGMENT_BYTES,
+                        )
+                        .await
+                    {
                         tracing::debug!("creating {OFFSETS_TOPIC}: {e}");
                     }
                 });
@@ -184,7 +156,7 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
             match leading {
                 Some(s) if coordinators.holds(k, s.term) => {}
                 Some(s) => {
-                    coordinators.depose(&state, k, partitions);
+                    depose(&state, k, partitions);
                     let term = s.term;
                     let deposed = Arc::new(AtomicBool::new(false));
                     let (partition, d) = (p.clone(), deposed.clone());
@@ -215,7 +187,7 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                         Err(e) => tracing::warn!(partition = k, "reading offsets partition {k}: {e}"),
                     }
                 }
-                None => coordinators.depose(&state, k, partitions),
+                None => depose(&state, k, partitions),
             }
         }
     }
@@ -293,8 +265,8 @@ pub(crate) async fn locate_subscription(
     let Some(cluster) = &state.cluster else { return SubscriptionRoute::Store(state.offsets.clone()) };
     let peer = members.peer_node();
     let found = match peer {
-        Some(_) => state.coordinators.locate(state, group),
-        None => state.coordinators.locate_wait(state, group).await,
+        Some(_) => locate(state, group),
+        None => locate_wait(state, group).await,
     };
     match (found, peer) {
         (Locate::Here(store), _) => SubscriptionRoute::Store(store),

@@ -26,7 +26,7 @@ pub struct BrokerState {
     /// partition (docs/replication.md §10).
     pub offsets: Arc<OffsetStore>,
     /// Cluster mode: the offsets partitions this broker coordinates the groups of.
-    pub coordinators: crate::coordinator::Coordinators,
+    pub coordinators: crate::offsets::Coordinators,
     pub producer_ids: crate::producers::ProducerIds,
     /// The live subscription generation for each (group, topic, partition). A newer
     /// subscription takes the partition over; the older one's acks are then ignored.

@@ -229,19 +229,20 @@ impl Cluster {
     /// are brokers up to `max_replicas`.
     pub(crate) async fn create_offsets_topic(
         &self,
+        name: &str,
         partitions: u32,
         max_replicas: usize,
+        segment_bytes: u64,
     ) -> Result<(), PartitionError> {
-        let name = crate::coordinator::OFFSETS_TOPIC.to_string();
+        let name = name.to_string();
         if self.topic_index.contains_key(&name) {
             return Ok(());
         }
         let replicas = self.config.peers.len().clamp(1, max_replicas) as u16;
         // Small segments: a compaction drops the segments wholly below its snapshot, and the
         // log rolls on its own only when a segment is full.
-        let config = quiver_protocol::TopicConfig::new()
-            .with_replicas(replicas)
-            .with_segment_bytes(crate::coordinator::OFFSETS_SEGMENT_BYTES);
+        let config =
+            quiver_protocol::TopicConfig::new().with_replicas(replicas).with_segment_bytes(segment_bytes);
         self.propose_here(&Command::CreateTopic { name, partitions, config }).await.map(drop)
     }
 

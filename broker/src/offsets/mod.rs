@@ -7,7 +7,7 @@
 //! an empty value deletes the key, and reading the log from its start the last record of a key
 //! wins. So the group state is a partition like any other: in a cluster, a coordinator's store
 //! writes the same records through a replicated `__offsets` partition (`Sink::Replicated`,
-//! `crate::coordinator`, docs/replication.md §10). `commit` returns after its batch is fsynced
+//! the coordinator module, docs/replication.md §10). `commit` returns after its batch is fsynced
 //! (committed, replicated); acks on a subscription only mark the key dirty and `flush` persists
 //! dirty keys in one batch, so acks cost no IO each. Compaction appends every live ledger again
 //! and drops the segments wholly below it.
@@ -885,6 +885,36 @@ impl OffsetStore {
             "offsets store: compacted"
         );
         Ok(())
+    }
+}
+
+/// The offsets partitions this broker coordinates the groups of, in a cluster (the coordinator
+/// module runs them, docs/replication.md §10).
+#[derive(Debug, Default)]
+pub struct Coordinators {
+    pub(crate) loaded: dashmap::DashMap<u32, Loaded>,
+    /// Per offsets partition this broker follows: the offset up to which its compaction markers
+    /// were read, and the begin offset of the last complete snapshot seen.
+    pub(crate) followed: Mutex<HashMap<u32, (u64, Option<u64>)>>,
+}
+
+/// A store this broker coordinates with, and the term it was read in.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) term: u64,
+    pub(crate) store: Arc<OffsetStore>,
+    pub(crate) deposed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Coordinators {
+    /// Every store this broker coordinates with.
+    pub(crate) fn stores(&self) -> Vec<Arc<OffsetStore>> {
+        self.loaded.iter().map(|l| l.store.clone()).collect()
+    }
+
+    /// Whether this broker coordinates offsets partition `k` in `term`.
+    pub(crate) fn holds(&self, k: u32, term: u64) -> bool {
+        self.loaded.get(&k).is_some_and(|l| l.term == term && !l.deposed.load(SeqCst))
     }
 }
 
