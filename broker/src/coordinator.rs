@@ -166,8 +166,8 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                         OffsetStore::open_replicated(partition, term, runtime, d)
                     })
                     .await;
-                    match opened {
-                        Ok(Ok(store)) => {
+                    match opened.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        Ok(store) => {
                             // Ledgers of topics deleted since are not served (a compaction
                             // drops them for good).
                             let store = Arc::new(store);
@@ -183,7 +183,6 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                             metrics::gauge!("quiver_coordinated_offsets_partitions")
                                 .set(coordinators.loaded.len() as f64);
                         }
-                        Ok(Err(e)) => tracing::warn!(partition = k, "reading offsets partition {k}: {e}"),
                         Err(e) => tracing::warn!(partition = k, "reading offsets partition {k}: {e}"),
                     }
                 }
@@ -240,10 +239,11 @@ pub(crate) enum Route {
     Answer(quiver_protocol::message::Message),
 }
 
-/// Where a group subscription is served.
-pub(crate) enum SubscriptionRoute {
+/// Where a group's request or subscription is served.
+pub(crate) enum Resolved {
     Store(Arc<OffsetStore>),
-    /// The coordinator, another broker: the client's stream is handed there whole.
+    /// The coordinator, another broker: a request is forwarded there, a subscription's stream
+    /// is handed there whole.
     Forward(u64),
     Refused(PartitionError),
 }
@@ -251,27 +251,27 @@ pub(crate) enum SubscriptionRoute {
 /// The store serving a request of `group` (about `partition` of a topic, if it names one):
 /// - on one node, the broker's own;
 /// - the coordinator's, on the broker coordinating the group;
-/// - a client's request elsewhere goes to the coordinator (`SubscriptionRoute::Forward`);
+/// - a client's request or subscription elsewhere goes to the coordinator (`Forward`);
 /// - a peer's request elsewhere is served from this broker's own store only when it is about
 ///   a partition the peer holds no replica of and this broker does (the coordinator handed that
 ///   partition's subscription or commit here, `remote.rs`), else refused `NotCoordinator`: a
 ///   peer forwards a group's requests only to the broker it took for the coordinator.
-pub(crate) async fn locate_subscription(
+pub(crate) async fn resolve(
     state: &BrokerState,
     members: &crate::groups::ConnectionMembers,
     group: &str,
     partition: Option<(&str, u32)>,
-) -> SubscriptionRoute {
-    let Some(cluster) = &state.cluster else { return SubscriptionRoute::Store(state.offsets.clone()) };
+) -> Resolved {
+    let Some(cluster) = &state.cluster else { return Resolved::Store(state.offsets.clone()) };
     let peer = members.peer_node();
     let found = match peer {
         Some(_) => locate(state, group),
         None => locate_wait(state, group).await,
     };
     match (found, peer) {
-        (Locate::Here(store), _) => SubscriptionRoute::Store(store),
-        (Locate::There(target), None) => SubscriptionRoute::Forward(target),
-        (Locate::Unknown, None) => SubscriptionRoute::Refused(not_coordinator(group)),
+        (Locate::Here(store), _) => Resolved::Store(store),
+        (Locate::There(target), None) => Resolved::Forward(target),
+        (Locate::Unknown, None) => Resolved::Refused(not_coordinator(group)),
         (_, Some(from)) => {
             let handed_here = match partition {
                 Some((topic, p)) => cluster.partitions.get(&(topic.to_string(), p)).is_some_and(|e| {
@@ -282,8 +282,8 @@ pub(crate) async fn locate_subscription(
                 None => true,
             };
             match handed_here {
-                true => SubscriptionRoute::Store(state.offsets.clone()),
-                false => SubscriptionRoute::Refused(PartitionError::new(
+                true => Resolved::Store(state.offsets.clone()),
+                false => Resolved::Refused(PartitionError::new(
                     ErrorCode::NotCoordinator,
                     format!(
                         "broker {} does not coordinate group '{group}' (any more); retry",
@@ -295,8 +295,8 @@ pub(crate) async fn locate_subscription(
     }
 }
 
-/// [`locate_subscription`] for a request: one for another broker is forwarded there
-/// (`request` builds it) and its answer returned.
+/// [`resolve`] for a request: one for another broker is forwarded there (`request` builds it)
+/// and its answer returned.
 pub(crate) async fn route(
     state: &BrokerState,
     members: &crate::groups::ConnectionMembers,
@@ -306,10 +306,10 @@ pub(crate) async fn route(
 ) -> Route {
     use quiver_protocol::message::Message;
     let refused = |e: PartitionError| Route::Answer(Message::error(e.code, e.message));
-    match locate_subscription(state, members, group, partition).await {
-        SubscriptionRoute::Store(store) => Route::Store(store),
-        SubscriptionRoute::Refused(e) => refused(e),
-        SubscriptionRoute::Forward(target) => {
+    match resolve(state, members, group, partition).await {
+        Resolved::Store(store) => Route::Store(store),
+        Resolved::Refused(e) => refused(e),
+        Resolved::Forward(target) => {
             let Some(cluster) = &state.cluster else { return refused(not_coordinator(group)) };
             metrics::counter!("quiver_forwarded_group_requests_total").increment(1);
             match cluster.links.request(target, &request(), crate::cluster::FORWARD_TIMEOUT).await {

@@ -508,13 +508,6 @@ pub(crate) fn handle(
             groups.leave(conn, &group, &member_id);
             Ok(Message::Done)
         }
-        Message::ListGroups => {
-            let mut names = groups.names();
-            names.extend(offsets.group_names().iter().map(|g| g.to_string()));
-            names.sort();
-            names.dedup();
-            Ok(Message::Groups(names))
-        }
         Message::DescribeGroup { group } => {
             let (topic, generation, members) = match groups.groups.get(&group) {
                 Some(g) => (

@@ -452,14 +452,14 @@ async fn handle_stream(
             let store = match &sub.group {
                 Some(group) => {
                     let partition = Some((sub.topic.as_str(), sub.partition));
-                    match crate::coordinator::locate_subscription(&state, &members, group, partition).await {
-                        crate::coordinator::SubscriptionRoute::Store(store) => store,
-                        crate::coordinator::SubscriptionRoute::Forward(target) => {
+                    match crate::coordinator::resolve(&state, &members, group, partition).await {
+                        crate::coordinator::Resolved::Store(store) => store,
+                        crate::coordinator::Resolved::Forward(target) => {
                             let Some(cluster) = &state.cluster else { return };
                             return crate::cluster::forward_subscription(cluster, target, sub, send, reader)
                                 .await;
                         }
-                        crate::coordinator::SubscriptionRoute::Refused(e) => {
+                        crate::coordinator::Resolved::Refused(e) => {
                             let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
                             let _ = send.finish();
                             return;
