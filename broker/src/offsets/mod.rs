@@ -82,6 +82,9 @@ const SNAPSHOT_MIN_BYTES: u64 = 1024 * 1024;
 /// How far the offsets log's fsyncs may run ahead of its written recovery point before the
 /// periodic flush writes it again (a small file, written with its own fsyncs).
 const CHECKPOINT_LAG_BYTES: u64 = 256 * 1024;
+/// How long a coordinator's write may wait for its commit before the store gives up on it (and
+/// is deposed: the coordinator reads the partition again).
+const REPLICATED_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The log's directory in the store's: partition 0 of the internal offsets topic.
 pub const LOG_DIR: &str = "0";
 /// Segment size of the offsets log (at most the store's limit, which tests make small).
@@ -211,7 +214,7 @@ impl Sink {
             Sink::Replicated(r) => {
                 let deposed = |e: crate::partition::PartitionError| SinkError::Deposed(e.message);
                 let (partition, term) = (r.partition.clone(), r.term);
-                let result = r.runtime.block_on(async move {
+                let write = async move {
                     // Queued in order, then awaited together: one round of replication.
                     let mut waiting = Vec::with_capacity(batches.len());
                     for batch in batches {
@@ -228,6 +231,17 @@ impl Sink {
                         first.get_or_insert(appended.base_offset);
                     }
                     Ok::<_, crate::partition::PartitionError>(first.unwrap_or(0))
+                };
+                // Bounded: a leader that can no longer commit steps down within an election
+                // timeout (check-quorum) and fails the write, but a store must never hang its
+                // callers (a shutdown's final flush among them).
+                let result = r.runtime.block_on(async move {
+                    tokio::time::timeout(REPLICATED_WRITE_TIMEOUT, write).await.unwrap_or_else(|_| {
+                        Err(crate::partition::PartitionError::new(
+                            ErrorCode::NotLeader,
+                            "not committed within the replicated write timeout",
+                        ))
+                    })
                 });
                 if result.is_err() {
                     r.deposed.store(true, SeqCst);
