@@ -454,3 +454,54 @@ fn the_recovery_point_is_checkpointed_by_maintenance_and_at_close() -> TestResul
     assert_eq!(s.get(&key("g", "t", 2)), Some(7));
     Ok(())
 }
+
+/// A coordinator reads a replicated offsets partition (docs/replication.md §10): only up to the
+/// high watermark it is given (what lies above may not be committed), stepping over Raft's own
+/// entries (control batches), and a follower finds the last complete snapshot's begin offset in
+/// what is committed, never in what lies above.
+#[test]
+fn a_replicated_log_is_read_to_its_high_watermark_past_raft_entries() -> TestResult {
+    let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let (mut log, _) = PartitionLog::open(mem, PathBuf::from("replicated"), LogConfig::default(), 0)?;
+    let append = |log: &mut PartitionLog, batches: Vec<ValidatedBatch>| -> Result<u64, LogError> {
+        let first = log.next_offset();
+        for mut b in batches {
+            log.append(&mut b, 1, 0)?;
+        }
+        Ok(first)
+    };
+    let ledger = |k: &OffsetKey, floor: u64| {
+        let mut w = records::WriteBuilder::new(0);
+        w.push(k, Some(&AckLedger::new(floor).snapshot(MAX_PERSISTED_RANGES)));
+        w.finish()
+    };
+    let raft_entry = || {
+        let mut b = quiver_protocol::batch::BatchBuilder::new(64).control();
+        b.push(-1, Some(&[0u8, 0, 0, 2]), &[], &[]);
+        ValidatedBatch::new(b.finish())
+    };
+    let (a, b) = (key("g", "t", 0), key("g", "t", 1));
+    append(&mut log, vec![raft_entry()?])?;
+    append(&mut log, ledger(&a, 5))?;
+    let begin = append(&mut log, vec![records::marker_batch(records::SNAPSHOT_BEGIN, 0, 0)])?;
+    append(&mut log, ledger(&a, 7))?;
+    append(&mut log, vec![records::marker_batch(records::SNAPSHOT_COMPLETE, begin, 0)])?;
+    append(&mut log, vec![raft_entry()?])?;
+    let hw = log.next_offset();
+    // Above the high watermark: a newer ledger and a later snapshot, neither committed.
+    append(&mut log, ledger(&b, 9))?;
+    let later = append(&mut log, vec![records::marker_batch(records::SNAPSHOT_BEGIN, 0, 0)])?;
+    append(&mut log, vec![records::marker_batch(records::SNAPSHOT_COMPLETE, later, 0)])?;
+
+    let (live, snapshots) = records::read_log_to(&log, hw)?;
+    let floors: HashMap<OffsetKey, u64> = live.into_iter().map(|(k, (s, _))| (k, s.floor)).collect();
+    assert_eq!(floors, HashMap::from([(a.clone(), 7)]), "b's record lies above the high watermark");
+    assert_eq!(snapshots.last_complete, Some(begin));
+    assert_eq!(records::last_complete_snapshot(&log, 0, hw), (hw, Some(begin)));
+    // Read on from where it stopped once the high watermark moved.
+    assert_eq!(
+        records::last_complete_snapshot(&log, hw, log.next_offset()),
+        (log.next_offset(), Some(later))
+    );
+    Ok(())
+}
