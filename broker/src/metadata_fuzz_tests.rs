@@ -31,7 +31,7 @@ fn topic_file() -> impl Strategy<Value = TopicFile> {
                 .with_durability(durability)
                 .with_flush_interval_ms(flush)
                 .with_replicas(replicas);
-            TopicFile { name, partitions, config }
+            TopicFile { name, partitions, config, created_at_index: None }
         })
 }
 
@@ -159,7 +159,12 @@ fn producer_ids_reserved_bytes_must_be_zero() {
 /// makes a job per partition, and so is one too long to be ours.
 #[test]
 fn a_topic_file_is_bounded_before_it_is_used() {
-    let file = TopicFile { name: "t".into(), partitions: u32::MAX, config: TopicConfig::new() };
+    let file = TopicFile {
+        name: "t".into(),
+        partitions: u32::MAX,
+        config: TopicConfig::new(),
+        created_at_index: None,
+    };
     let bytes = serde_json::to_vec(&file).unwrap_or_default();
     assert!(TopicFile::decode(&bytes).is_err());
     let long = vec![b' '; MAX_TOPIC_FILE_BYTES as usize + 1];

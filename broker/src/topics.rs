@@ -20,6 +20,9 @@ pub struct Topic {
     pub name: Arc<str>,
     pub config: TopicConfig,
     pub partitions: Vec<Arc<Partition>>,
+    /// In a cluster: the controller log index of its create (`TopicFile::created_at_index`);
+    /// `None` on one node and for topics created before it was recorded.
+    pub created_at_index: Option<u64>,
     /// Its per-topic counters, looked up once (a lookup allocates the label and hashes it).
     pub metrics: TopicMetrics,
 }
@@ -45,9 +48,14 @@ impl TopicMetrics {
 }
 
 impl Topic {
-    fn new(name: Arc<str>, config: TopicConfig, partitions: Vec<Arc<Partition>>) -> Self {
+    fn new(
+        name: Arc<str>,
+        config: TopicConfig,
+        partitions: Vec<Arc<Partition>>,
+        created_at_index: Option<u64>,
+    ) -> Self {
         let metrics = TopicMetrics::new(&name);
-        Topic { name, config, partitions, metrics }
+        Topic { name, config, partitions, created_at_index, metrics }
     }
 
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>, PartitionError> {
@@ -66,6 +74,11 @@ pub(crate) struct TopicFile {
     pub(crate) name: String,
     pub(crate) partitions: u32,
     pub(crate) config: TopicConfig,
+    /// In a cluster: the controller log index of the create this topic came from. A name
+    /// deleted and created again has several creates in the log; replaying the log at start
+    /// must apply the older ones (and their deletes) to nothing, not to these files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) created_at_index: Option<u64>,
 }
 
 impl TopicFile {
@@ -191,7 +204,7 @@ impl Topics {
         for (file, name) in files.into_iter().zip(names) {
             let partitions: Vec<_> = opened.by_ref().take(file.partitions as usize).collect();
             tracing::info!(topic = %file.name, partitions = file.partitions, "loaded topic");
-            let topic = Arc::new(Topic::new(name, file.config, partitions));
+            let topic = Arc::new(Topic::new(name, file.config, partitions, file.created_at_index));
             topics.map.insert(file.name, topic);
         }
         Ok(topics)
@@ -225,6 +238,18 @@ impl Topics {
         config: TopicConfig,
         max_partitions_total: u32,
     ) -> Result<Arc<Topic>, PartitionError> {
+        self.create_at(name, partitions, config, max_partitions_total, None).await
+    }
+
+    /// [`create`](Self::create), recording the controller log index of the create (cluster).
+    pub(crate) async fn create_at(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+        max_partitions_total: u32,
+        created_at_index: Option<u64>,
+    ) -> Result<Arc<Topic>, PartitionError> {
         let invalid = |m: String| PartitionError::new(ErrorCode::InvalidTopic, m);
         validate_topic_name(name).map_err(invalid)?;
         validate_partition_count(partitions).map_err(invalid)?;
@@ -257,7 +282,7 @@ impl Topics {
                 ));
             }
         }
-        let file = TopicFile { name: name.to_string(), partitions, config: config.clone() };
+        let file = TopicFile { name: name.to_string(), partitions, config: config.clone(), created_at_index };
         let (storage, root, shutdown) = (self.storage.clone(), self.root.clone(), self.shutdown.clone());
         let budgets = self.budgets.clone();
         let owned = name.to_string();
@@ -286,7 +311,7 @@ impl Topics {
             let created: Result<Arc<Topic>, PartitionError> = (|| {
                 std::fs::create_dir(&dir).map_err(|e| storage_err("create directory", e))?;
                 let topic =
-                    open_topic(&storage, &root, &shutdown, &budgets, &owned, partitions, config)?;
+                    open_topic(&storage, &root, &shutdown, &budgets, &file)?;
                 // The partition directories' entries must be durable before topic.json exists.
                 std::fs::File::open(&dir)
                     .and_then(|d| d.sync_all())
@@ -396,11 +421,9 @@ fn open_topic(
     root: &Path,
     shutdown: &CancellationToken,
     budgets: &SharedBudgets,
-    name: &str,
-    partitions: u32,
-    config: TopicConfig,
+    file: &TopicFile,
 ) -> Result<Arc<Topic>, PartitionError> {
-    let name: Arc<str> = Arc::from(name);
+    let (name, config): (Arc<str>, TopicConfig) = (Arc::from(file.name.as_str()), file.config.clone());
     let dir = root.join(&*name);
     let open = |p: u32| {
         Partition::open(
@@ -416,8 +439,8 @@ fn open_topic(
     // One at a time: a new partition is a few directory entries and fsyncs in the same
     // directory, which threads only contend for (on 16 threads each openat, mkdir and fsync
     // took 4-7x as long, strace on the development VM).
-    let parts = parallel_map(partitions, 1, open)?;
-    Ok(Arc::new(Topic::new(name, config, parts)))
+    let parts = parallel_map(file.partitions, 1, open)?;
+    Ok(Arc::new(Topic::new(name, config, parts, file.created_at_index)))
 }
 
 /// `f(0..n)` on up to `threads` threads (each entering the caller's tokio runtime), results in

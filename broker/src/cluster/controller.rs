@@ -265,8 +265,15 @@ async fn apply(
                 }
             }
             let topic = match topics.get(&name) {
+                // The files here are a later create's of the name (this one was deleted since):
+                // a replay reaches that create further on; this one applies to nothing.
+                Ok(t) if t.created_at_index.is_some_and(|later| later > index) => return Ok(()),
                 Ok(t) => t,
-                Err(_) => topics.create(&name, partitions, config.clone(), max_partitions_total).await?,
+                Err(_) => {
+                    topics
+                        .create_at(&name, partitions, config.clone(), max_partitions_total, Some(index))
+                        .await?
+                }
             };
             let ids = cluster.config.ids();
             for p in &topic.partitions {
@@ -295,6 +302,11 @@ async fn apply(
             cluster.producer_ids.apply(index, broker == cluster.config.node_id, count, &key)
         }
         Command::DeleteTopic { name } => {
+            if topics.get(&name).is_ok_and(|t| t.created_at_index.is_some_and(|created| created > index)) {
+                // Replaying the delete of an earlier topic of the name: these files are a later
+                // create's (which this delete preceded), and they stay.
+                return Ok(());
+            }
             if cluster.topic_index.remove(&name).is_none() && topics.get(&name).is_err() {
                 return Err(PartitionError::new(ErrorCode::UnknownTopic, format!("unknown topic '{name}'")));
             }
