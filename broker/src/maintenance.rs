@@ -124,6 +124,20 @@ fn flush_offsets(state: &BrokerState) {
     crate::coordinator::compact_followers(state);
 }
 
+/// Persists what the groups coordinated here acknowledged since their last flush, through their
+/// offsets partitions (so before the cluster stops), at shutdown.
+pub(crate) async fn close_coordinators(state: &Arc<BrokerState>) {
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for store in st.coordinators.stores() {
+            if let Err(e) = store.close_blocking() {
+                tracing::warn!("persisting group offsets at shutdown failed: {e}");
+            }
+        }
+    })
+    .await;
+}
+
 /// Persists offsets, syncs every partition and checkpoints its recovery point, at shutdown.
 pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
     let st = state.clone();
@@ -131,11 +145,7 @@ pub(crate) async fn final_flush(state: &Arc<BrokerState>) {
         if let Err(e) = st.offsets.close_blocking() {
             tracing::warn!("persisting group offsets at shutdown failed: {e}");
         }
-        for store in st.coordinators.stores() {
-            if let Err(e) = store.close_blocking() {
-                tracing::warn!("persisting group offsets at shutdown failed: {e}");
-            }
-        }
+
         for topic in st.topics.all() {
             for p in &topic.partitions {
                 if let Err(e) = p.sync_blocking() {

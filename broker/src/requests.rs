@@ -113,6 +113,11 @@ async fn dispatch(
             server_version: env!("CARGO_PKG_VERSION").to_string(),
         }),
         Message::Produce { topic, partition, acks, batch } => {
+            if crate::coordinator::is_internal(&topic) && !members.is_peer() {
+                // Only the coordinators write `__offsets`: a client's record there could forge
+                // or erase a group's commits.
+                return ready(Message::error(ErrorCode::InvalidTopic, internal_write(&topic)));
+            }
             produce(state, &topic, partition, acks, batch, forward).await
         }
         Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
@@ -177,8 +182,9 @@ async fn dispatch(
             };
             let rows = fetch_offsets(&st, &store, &group, &topic);
             let rows = match (&st.cluster, rows) {
-                // A peer asks for the rows of the partitions held here, and takes only those.
-                (Some(cluster), Ok(rows)) if !members.is_peer() => {
+                // A peer asks for the rows of the partitions held here, and takes only those
+                // (a coordinator answering a forwarded request asks the others itself).
+                (Some(cluster), Ok(rows)) if !members.is_peer() || store.is_coordinated() => {
                     cluster.remote_offsets(&group, &topic, rows).await
                 }
                 (_, rows) => rows,
@@ -494,7 +500,9 @@ async fn commit(
     // Held elsewhere: the group's position lives with the broker serving its subscription
     // there; the member was checked here, where the membership is.
     if let Some(cluster) = &state.cluster {
-        if let Some(target) = cluster.remote_reader(topic, partition, members.is_peer()) {
+        // A coordinator hands the partition on also for a request a peer forwarded to it.
+        let from_peer = members.is_peer() && !store.is_coordinated();
+        if let Some(target) = cluster.remote_reader(topic, partition, from_peer) {
             let request = Message::CommitOffset {
                 group,
                 topic: topic.to_string(),
@@ -581,6 +589,10 @@ async fn list_groups(state: &BrokerState, members: &crate::groups::ConnectionMem
     names.sort();
     names.dedup();
     Message::Groups(names)
+}
+
+fn internal_write(name: &str) -> String {
+    format!("'{name}' is the broker's own topic (consumer-group state); clients cannot write to it")
 }
 
 fn internal_name(name: &str) -> String {

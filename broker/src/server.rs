@@ -121,7 +121,9 @@ impl Broker {
                         topics.clone(),
                         endpoint.clone(),
                         client,
-                        shutdown.clone(),
+                        // Its own token, cancelled at shutdown only after the coordinators'
+                        // last flush went through their Raft groups (`run`).
+                        CancellationToken::new(),
                     )
                     .await?,
                 )
@@ -228,6 +230,9 @@ impl Broker {
 
 async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate::data_dir::DataDirLock) {
     let mut conns = JoinSet::new();
+    // Connections from peer brokers: they stay open until the cluster stops (after the
+    // coordinators' last flush, which needs the peers' answers).
+    let peers_open = Arc::new(AtomicUsize::new(0));
     let mut background = JoinSet::new();
     crate::maintenance::spawn_all(&state, &mut background);
     background.spawn(crate::coordinator::run(state.clone()));
@@ -244,7 +249,7 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
                     let _ = incoming.retry();
                     continue;
                 }
-                conns.spawn(handle_connection(state.clone(), incoming));
+                conns.spawn(handle_connection(state.clone(), incoming, peers_open.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = state.shutdown.cancelled() => break,
@@ -255,8 +260,19 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
     // arrive while the broker drains are completed and closed the same way, not refused: a
     // client reconnecting at once learns the broker is restarting and tries again.
     let turn_away = tokio::spawn(turn_away(endpoint.clone()));
-    while tokio::time::timeout(Duration::from_secs(5), conns.join_next()).await.ok().flatten().is_some() {}
+    let clients_open = |conns: &JoinSet<()>| conns.len() > peers_open.load(Ordering::Acquire);
+    while clients_open(&conns)
+        && tokio::time::timeout(Duration::from_secs(5), conns.join_next()).await.ok().flatten().is_some()
+    {
+    }
     while background.join_next().await.is_some() {}
+    // The groups coordinated here persist what was acknowledged since the last flush while
+    // their offsets partitions' Raft groups still run; then the cluster stops.
+    crate::maintenance::close_coordinators(&state).await;
+    if let Some(cluster) = &state.cluster {
+        cluster.shutdown.cancel();
+    }
+    while tokio::time::timeout(Duration::from_secs(2), conns.join_next()).await.ok().flatten().is_some() {}
     crate::maintenance::final_flush(&state).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     turn_away.abort();
@@ -291,7 +307,7 @@ async fn turn_away(endpoint: quinn::Endpoint) {
     }
 }
 
-async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
+async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, peers_open: Arc<AtomicUsize>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -325,6 +341,14 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
             }
         },
         _ => None,
+    };
+    // A peer's connection closes when the cluster stops, a client's when the broker does.
+    let stop = match &peer {
+        Some((cluster, _)) => {
+            peers_open.fetch_add(1, Ordering::AcqRel);
+            cluster.shutdown.clone()
+        }
+        None => state.shutdown.clone(),
     };
     state.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").increment(1.0);
@@ -360,7 +384,7 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
                 _ => {}
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            _ = state.shutdown.cancelled() => {
+            _ = stop.cancelled() => {
                 conn.close(shutting_down_code(), SHUTTING_DOWN_REASON);
                 break;
             }
@@ -369,6 +393,9 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming) {
     streams.abort_all();
     while streams.join_next().await.is_some() {}
     state.groups.connection_closed(&members);
+    if peer.is_some() {
+        peers_open.fetch_sub(1, Ordering::AcqRel);
+    }
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
 }
@@ -450,6 +477,13 @@ async fn handle_stream(
             // A group's subscription is served by its coordinator (a client's is handed there
             // whole); one without a group keeps no ledger beyond itself.
             let store = match &sub.group {
+                Some(_) if crate::coordinator::is_internal(&sub.topic) && !members.is_peer() => {
+                    let text =
+                        format!("'{}' is the broker's own topic: it has no consumer groups", sub.topic);
+                    let _ = write_message(&mut send, &Message::error(ErrorCode::InvalidTopic, text)).await;
+                    let _ = send.finish();
+                    return;
+                }
                 Some(group) => {
                     let partition = Some((sub.topic.as_str(), sub.partition));
                     match crate::coordinator::resolve(&state, &members, group, partition).await {
@@ -471,7 +505,9 @@ async fn handle_stream(
             // A partition held by other brokers only: one of them serves the subscription.
             if let Some(cluster) = &state.cluster {
                 state.settle(&sub.topic).await;
-                match cluster.remote_reader(&sub.topic, sub.partition, members.is_peer()) {
+                // A coordinator hands the partition on also for a subscription a peer forwarded.
+                let from_peer = members.is_peer() && !store.is_coordinated();
+                match cluster.remote_reader(&sub.topic, sub.partition, from_peer) {
                     Some(Ok(target)) => {
                         return crate::cluster::splice_subscription(
                             cluster,

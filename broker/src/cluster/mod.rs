@@ -240,9 +240,13 @@ impl Cluster {
         }
         let replicas = self.config.peers.len().clamp(1, max_replicas) as u16;
         // Small segments: a compaction drops the segments wholly below its snapshot, and the
-        // log rolls on its own only when a segment is full.
-        let config =
-            quiver_protocol::TopicConfig::new().with_replicas(replicas).with_segment_bytes(segment_bytes);
+        // log rolls on its own only when a segment is full. Never cut by time or size:
+        // retention would drop the only record of an idle group's commit.
+        let config = quiver_protocol::TopicConfig::new()
+            .with_replicas(replicas)
+            .with_segment_bytes(segment_bytes)
+            .with_retention_ms(None)
+            .with_retention_bytes(None);
         self.propose_here(&Command::CreateTopic { name, partitions, config }).await.map(drop)
     }
 

@@ -454,6 +454,12 @@ impl OffsetStore {
         st.dirty.retain(|k| keep.contains(k));
     }
 
+    /// Whether this is a coordinator's store (a cluster's `__offsets` partition), not a
+    /// broker's own.
+    pub fn is_coordinated(&self) -> bool {
+        self.deposed.is_some()
+    }
+
     /// Whether this is a coordinator's store that no longer may write (cheap: one atomic load).
     pub fn is_deposed(&self) -> bool {
         match &self.deposed {
