@@ -130,3 +130,46 @@ async fn a_group_spans_brokers_and_survives_its_coordinators_kill() -> anyhow::R
     })
     .await
 }
+
+/// With fewer replicas than brokers a group's coordinator may hold no replica of a partition:
+/// it hands the subscription on to a replica, also when another broker forwarded it (the
+/// second hop). A group consumer through any broker reads every value; clients cannot write
+/// into `__offsets`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reads_partitions_its_coordinator_holds_no_replica_of() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(150, async {
+        let dir = test_dir()?;
+        let cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        // One replica each: every coordinator lacks two of the three partitions.
+        cluster.create_topic(&admin, TOPIC, PARTITIONS, 1).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let producer = Producer::new(admin.clone(), ProducerConfig::default());
+        for i in 0..30u32 {
+            producer.send(TOPIC, ProducerRecord::new(format!("v{i}")).partition(i % PARTITIONS)).await?;
+        }
+        let refused = producer.send("__offsets", ProducerRecord::new("forged")).await;
+        anyhow::ensure!(refused.is_err(), "a client wrote into __offsets");
+        for node in 0..3 {
+            let client = cluster.client_of(node).await?;
+            let config =
+                ConsumerConfig::new(TOPIC).group(format!("via-{node}")).start(StartPosition::Earliest);
+            let mut consumer = Consumer::subscribe(client.clone(), config).await?;
+            let mut got = BTreeSet::new();
+            while got.len() < 30 {
+                let m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("via broker {}: {} of 30 values", node + 1, got.len()))?
+                    .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+                m.ack();
+                got.insert((m.partition, m.offset));
+            }
+            consumer.close().await;
+            client.close().await;
+        }
+        admin.close().await;
+        Ok(())
+    })
+    .await
+}
