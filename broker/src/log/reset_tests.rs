@@ -36,7 +36,7 @@ fn a_crash_at_any_point_of_a_reset_leaves_the_old_log_or_the_new_one() -> TestRe
     for crash_after in 0.. {
         let mem = Arc::new(MemStorage::new());
         let budget = Arc::new(AtomicI64::new(-1));
-        let storage: Arc<dyn Storage> = Arc::new(Countdown { mem: mem.clone(), budget: budget.clone() });
+        let storage: Arc<dyn Storage> = Arc::new(Countdown::new(mem.clone(), budget.clone()));
         let (mut log, _) = open(&storage, dir, &cfg)?;
         let mut model = append_in(&mut log, 12, 1)?;
         model.extend(append_in(&mut log, 12, 2)?);

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::error::Error;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
+use std::sync::atomic::AtomicI64;
 
 use bytes::{Bytes, BytesMut};
 use quiver_protocol::batch::{Batches, Record, RecordIter, ValidatedBatch};
@@ -14,102 +14,8 @@ use super::legacy::put_entry;
 use super::records::{decode_key, decode_value, Key, READ_CHUNK_BYTES};
 use super::tests::{key, TestResult, DIR};
 use super::*;
-use crate::storage::{MemStorage, StorageFile};
-
-/// Storage that works for `left` more changes once armed, then fails every change: a crash at
-/// that step, once the test crashes the memory storage under it. A failing append writes half
-/// its bytes first (a torn write).
-#[derive(Debug)]
-struct Countdown {
-    inner: Arc<MemStorage>,
-    gate: Arc<Gate>,
-}
-
-#[derive(Debug, Default)]
-struct Gate {
-    armed: AtomicBool,
-    left: AtomicI64,
-}
-
-impl Gate {
-    fn step(&self) -> io::Result<()> {
-        match self.armed.load(SeqCst) && self.left.fetch_sub(1, SeqCst) <= 0 {
-            true => Err(io::Error::other("injected crash")),
-            false => Ok(()),
-        }
-    }
-}
-
-impl Countdown {
-    fn new(inner: Arc<MemStorage>) -> Self {
-        Countdown { inner, gate: Arc::default() }
-    }
-
-    fn arm(&self, changes: i64) {
-        self.gate.left.store(changes, SeqCst);
-        self.gate.armed.store(true, SeqCst);
-    }
-
-    /// Whether a change failed.
-    fn tripped(&self) -> bool {
-        self.gate.armed.load(SeqCst) && self.gate.left.load(SeqCst) < 0
-    }
-}
-
-#[derive(Debug)]
-struct CountdownFile {
-    inner: Arc<dyn StorageFile>,
-    gate: Arc<Gate>,
-}
-
-impl Storage for Countdown {
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
-        Ok(Arc::new(CountdownFile { inner: self.inner.open(path)?, gate: self.gate.clone() }))
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.sync_dir(dir)
-    }
-}
-
-impl StorageFile for CountdownFile {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn read_exact_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_exact_at(pos, buf)
-    }
-    fn append(&self, data: &[u8]) -> io::Result<()> {
-        if let Err(e) = self.gate.step() {
-            self.inner.append(&data[..data.len() / 2])?;
-            return Err(e);
-        }
-        self.inner.append(data)
-    }
-    fn truncate(&self, len: u64) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.truncate(len)
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.gate.step()?;
-        self.inner.sync()
-    }
-}
+use crate::storage::countdown::Countdown;
+use crate::storage::MemStorage;
 
 /// Every ledger of the store, as it would be persisted.
 fn snapshots(s: &OffsetStore) -> HashMap<OffsetKey, LedgerSnapshot> {
@@ -256,7 +162,7 @@ fn a_crash_at_every_step_of_compaction_keeps_every_ledger() -> TestResult {
     for n in 0i64..200 {
         let mem = Arc::new(MemStorage::new());
         let expected = populate(&mem)?;
-        let faulty = Arc::new(Countdown::new(mem.clone()));
+        let faulty = Arc::new(Countdown::new(mem.clone(), Arc::new(AtomicI64::new(-1))));
         let s = OffsetStore::open_with_limit(faulty.clone(), dir, LIMIT)?;
         assert_eq!(log_start(&s), 0);
         let before = s.state.lock().log_bytes;
@@ -328,7 +234,7 @@ fn the_old_file_format_migrates_through_a_crash_at_every_step() -> TestResult {
         let mem = Arc::new(MemStorage::new());
         mem.create_dir_all(dir)?;
         mem.set_contents(&old, &bytes)?;
-        let faulty = Arc::new(Countdown::new(mem.clone()));
+        let faulty = Arc::new(Countdown::new(mem.clone(), Arc::new(AtomicI64::new(-1))));
         faulty.arm(n);
         let opened = OffsetStore::open(faulty.clone(), dir);
         let done = !faulty.tripped();

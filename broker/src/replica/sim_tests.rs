@@ -357,9 +357,7 @@ impl Sim {
         let storage: Arc<dyn Storage> = match self.opts.no_sync {
             true => Arc::new(crate::storage::Wrapped { inner: SharedMem(mem.clone()), wrapper: NoSync }),
             // Mutating operations fail once an armed fault budget runs out (a power loss there).
-            false => {
-                Arc::new(crate::storage::countdown::Countdown { mem: mem.clone(), budget: fault.clone() })
-            }
+            false => Arc::new(crate::storage::countdown::Countdown::new(mem.clone(), fault.clone())),
         };
         let log_config = match self.opts.no_sync {
             true => no_sync_log_config(),
