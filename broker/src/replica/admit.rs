@@ -84,7 +84,7 @@ mod tests {
         let (log, _) =
             PartitionLog::open(storage.clone(), "/p".into(), LogConfig::default(), 0).expect("log");
         let mut s = LogStorage::open(Arc::new(Mutex::new(log)), storage, &[1, 2, 3]).expect("opens");
-        s.set_conf_state(raft::eraftpb::ConfState::from((vec![1, 2, 3], vec![4]))).expect("conf");
+        s.set_conf_state(raft::eraftpb::ConfState::from((vec![1, 2, 3], vec![4])), 0).expect("conf");
         RawNode::new(&config(1, 0), s, &raft_logger()).expect("node")
     }
 

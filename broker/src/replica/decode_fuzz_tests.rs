@@ -118,7 +118,7 @@ proptest! {
         junk in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
         let _ = SnapshotData::decode(&junk);
-        let data = SnapshotData { log_start_offset: index + extra, index };
+        let data = SnapshotData { log_start_offset: index + extra, index, conf_index: 0 };
         prop_assert_eq!(SnapshotData::decode(&data.encode()), Ok(data));
         fuzz::decodes_or_fails(&data.encode(), &muts, fix_crc, SnapshotData::decode, |d| d.encode().to_vec())?;
     }

@@ -13,6 +13,7 @@ mod admit;
 #[cfg(test)]
 mod decode_fuzz_tests;
 mod logger;
+pub(crate) mod membership;
 mod ready;
 mod snapshot;
 mod state;

@@ -5,7 +5,7 @@
 //! simulator drive them alike.
 
 use quiver_protocol::batch::ValidatedBatch;
-use raft::eraftpb::{Entry, Message, MessageType};
+use raft::eraftpb::{ConfChangeV2, Entry, EntryType, Message, MessageType};
 use raft::{Config, RawNode, Ready, StateRole};
 
 use super::{LogStorage, ReplicaError};
@@ -131,6 +131,7 @@ pub(crate) fn handle_taken(
         out.snapshot = Some(rd.snapshot().get_metadata().get_index());
     }
     out.committed = rd.take_committed_entries();
+    apply_conf_changes(node, &out.committed)?;
     out.placed = node.mut_store().append(rd.entries(), now_ms)?;
     if let Some(hs) = rd.hs() {
         node.mut_store().set_hard_state(hs)?;
@@ -144,7 +145,9 @@ pub(crate) fn handle_taken(
     let light_messages = light.take_messages();
     snapshots_sent.extend(snapshot_targets(&light_messages));
     out.messages.extend(light_messages);
-    out.committed.extend(light.take_committed_entries());
+    let more = light.take_committed_entries();
+    apply_conf_changes(node, &more)?;
+    out.committed.extend(more);
     node.advance_apply();
     // Our snapshots are a few bytes sent like any message, not a transfer that completes
     // later: the leader probes the follower with appends at once (raft-rs would otherwise wait
@@ -156,4 +159,44 @@ pub(crate) fn handle_taken(
     node.mut_store().sync_due(now_ms)?;
     node.mut_store().commit_due(now_ms)?;
     Ok(out)
+}
+
+/// The largest configuration change entry applied (ours hold one change: about ten bytes).
+const MAX_CONF_CHANGE_BYTES: usize = 256;
+
+/// Applies the configuration changes among `committed` (in order) that the persisted
+/// configuration does not hold yet, and persists each resulting configuration with the index
+/// of its change (docs/replication.md §11). A change at or below the persisted conf index is
+/// already in the configuration: handed out again after a restart (the commit is persisted
+/// lazily), or brought by the leader's appends to a replica that joined with that
+/// configuration; it is not applied again, so the configuration never passes through an
+/// older state on the way back.
+pub(crate) fn apply_conf_changes(
+    node: &mut RawNode<LogStorage>,
+    committed: &[Entry],
+) -> Result<(), ReplicaError> {
+    for e in committed {
+        if e.get_entry_type() != EntryType::EntryConfChangeV2 || e.index <= node.store().conf_index() {
+            continue;
+        }
+        // Ours hold one change (a few bytes); the bound keeps protobuf's parser to small input.
+        if e.data.len() > MAX_CONF_CHANGE_BYTES {
+            return Err(ReplicaError::Raft(raft::Error::ConfChangeError(format!(
+                "a committed configuration change of {} bytes",
+                e.data.len()
+            ))));
+        }
+        let mut cc = ConfChangeV2::default();
+        protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
+        let cs = node.apply_conf_change(&cc)?;
+        tracing::info!(
+            id = node.raft.id,
+            index = e.index,
+            voters = ?cs.get_voters(),
+            learners = ?cs.get_learners(),
+            "applied a configuration change"
+        );
+        node.mut_store().set_conf_state(cs, e.index)?;
+    }
+    Ok(())
 }

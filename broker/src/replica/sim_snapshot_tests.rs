@@ -146,7 +146,7 @@ fn an_installed_snapshot_survives_a_restart_and_serves_its_high_watermark() -> R
     let (log, _) = PartitionLog::open(storage.clone(), DIR.into(), log_config(), 0)?;
     let mut store = LogStorage::open(Arc::new(Mutex::new(log)), storage.clone(), &IDS)?;
     let mut snap = Snapshot::default();
-    let data = super::super::snapshot::SnapshotData { log_start_offset: 500, index: 40 };
+    let data = super::super::snapshot::SnapshotData { log_start_offset: 500, index: 40, conf_index: 0 };
     snap.set_data(Bytes::copy_from_slice(&data.encode()));
     snap.mut_metadata().set_index(40);
     snap.mut_metadata().set_term(3);

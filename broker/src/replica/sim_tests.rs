@@ -13,6 +13,7 @@
 //! compare.
 
 mod figure8;
+mod membership;
 mod scenarios;
 #[path = "sim_snapshot_tests.rs"]
 mod snapshot;
@@ -179,11 +180,14 @@ struct Opts {
     /// raft-rs' `max_size_per_msg`: 1 sends one entry per append (the scripted Figure-8 run
     /// steers entries one by one).
     max_msg_bytes: Option<u64>,
+    /// The group's first voters are ids `1..=initial_voters` (all by default); the others
+    /// start outside the configuration, as a broker that will join (§11).
+    initial_voters: Option<usize>,
 }
 
 impl Opts {
     fn replicas(replicas: usize) -> Opts {
-        Opts { replicas, no_sync: false, max_msg_bytes: None }
+        Opts { replicas, no_sync: false, max_msg_bytes: None, initial_voters: None }
     }
 }
 
@@ -237,13 +241,21 @@ struct Replica {
     kept: Vec<Bytes>,
     /// Ticks it was given while up.
     ticks: u64,
+    /// Removed from the group and stopped for good (§11): no longer checked or restarted.
+    retired: bool,
 }
 
 struct Sim {
     seed: u64,
     rng: StdRng,
     opts: Opts,
+    /// The replicas in play (a retired one leaves).
     ids: Vec<u64>,
+    /// The group's first configuration.
+    first_voters: Vec<u64>,
+    /// Every configuration a running replica was seen to apply, in order: (conf index,
+    /// voters). Applied means committed, so the last is the group's.
+    confs: Vec<(u64, Vec<u64>)>,
     replicas: Vec<Replica>,
     net: Vec<Flight>,
     faults: NetFaults,
@@ -301,11 +313,14 @@ fn is_election(m: &Message) -> bool {
 impl Sim {
     fn new(seed: u64, opts: Opts) -> Result<Sim, Error> {
         let ids: Vec<u64> = (1..=opts.replicas as u64).collect();
+        let first_voters = ids[..opts.initial_voters.unwrap_or(opts.replicas)].to_vec();
         let mut sim = Sim {
             seed,
             rng: StdRng::seed_from_u64(seed),
             opts,
             ids: ids.clone(),
+            first_voters: first_voters.clone(),
+            confs: vec![(0, first_voters)],
             replicas: Vec::new(),
             net: Vec::new(),
             faults: NetFaults::DEFAULT,
@@ -333,6 +348,7 @@ impl Sim {
                 held: 0,
                 kept: Vec::new(),
                 ticks: 0,
+                retired: false,
             });
         }
         Ok(sim)
@@ -364,7 +380,7 @@ impl Sim {
             false => log_config(),
         };
         let (log, _) = PartitionLog::open(storage.clone(), DIR.into(), log_config, self.now_ms)?;
-        let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &self.ids)?;
+        let store = LogStorage::open(Arc::new(Mutex::new(log)), storage, &self.first_voters)?;
         let mut config = config(id, store.applied());
         if let Some(max) = self.opts.max_msg_bytes {
             config.max_size_per_msg = max;
@@ -374,7 +390,12 @@ impl Sim {
 
     /// A majority of the voters.
     fn majority(&self) -> usize {
-        self.ids.len() / 2 + 1
+        self.voters().len() / 2 + 1
+    }
+
+    /// The voters of the newest configuration a replica was seen to apply.
+    fn voters(&self) -> Vec<u64> {
+        self.confs.last().map(|c| c.1.clone()).unwrap_or_default()
     }
 
     fn fail(&self, broken: Broken, what: String) -> Error {
@@ -571,6 +592,12 @@ impl Sim {
     fn check_replica(&mut self, i: usize) -> Result<(), Error> {
         let Some(node) = self.replicas[i].node.as_ref() else { return Ok(()) };
         let (id, term, commit) = (node.raft.id, node.raft.term, node.raft.raft_log.committed);
+        let conf_index = node.store().conf_index();
+        if self.confs.last().is_some_and(|c| conf_index > c.0) {
+            let mut voters = node.store().conf_state().get_voters().to_vec();
+            voters.sort_unstable();
+            self.confs.push((conf_index, voters));
+        }
         let is_leader = node.raft.state == StateRole::Leader;
         let log = node.store().log().clone();
         // 7. A replica repairing lost committed entries never leads (§7).
@@ -693,9 +720,16 @@ impl Sim {
     /// majority, counting the replicas that are down by what their disks kept, so that no
     /// power loss, however many replicas it hits, can take it from all of them.
     fn check_durable_majority(&self) -> Result<(), Error> {
-        let mut held: Vec<u64> = self.replicas.iter().map(|r| r.held).collect();
-        held.sort_unstable_by(|a, b| b.cmp(a));
-        let on_majority = held[self.majority() - 1];
+        // Against the newest configuration, or the one before it: an entry committed by the
+        // old majority just before a change applied may reach the new majority a moment later.
+        let on_majority_of = |voters: &[u64]| {
+            let mut held: Vec<u64> = voters.iter().map(|&id| self.replicas[(id - 1) as usize].held).collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            held[voters.len() / 2]
+        };
+        let voters = self.voters();
+        let previous = self.confs.len().checked_sub(2).map(|i| on_majority_of(&self.confs[i].1));
+        let on_majority = on_majority_of(&voters).max(previous.unwrap_or(0));
         if (on_majority as usize) < self.committed.len() {
             return Err(self.fail(
                 Broken::Durability,
@@ -703,7 +737,7 @@ impl Sim {
                     "committed index {} is durable on fewer than {} of {} replicas (held: {:?})",
                     on_majority + 1,
                     self.majority(),
-                    self.ids.len(),
+                    voters.len(),
                     self.replicas.iter().map(|r| r.held).collect::<Vec<_>>()
                 ),
             ));
@@ -856,11 +890,11 @@ impl Sim {
         let mut logs = Vec::new();
         // Compared from the latest log start: below it some replica holds only a snapshot.
         let mut start = 1;
-        for r in &self.replicas {
+        for r in self.replicas.iter().filter(|r| !r.retired) {
             let Some(node) = r.node.as_ref() else { return Ok(false) };
             start = start.max(node.store().first_index()?);
         }
-        for r in &self.replicas {
+        for r in self.replicas.iter().filter(|r| !r.retired) {
             let Some(node) = r.node.as_ref() else { return Ok(false) };
             let last = node.store().last_index()?;
             if node.raft.raft_log.committed != last {
@@ -877,7 +911,7 @@ impl Sim {
 
     /// After convergence: every entry ever committed is in the (common) log, at its index.
     fn nothing_committed_lost(&self) -> Result<(), Error> {
-        for r in &self.replicas {
+        for r in self.replicas.iter().filter(|r| !r.retired) {
             let Some(node) = r.node.as_ref() else { continue };
             let log = node.store().log().lock();
             for (k, known) in self.committed.iter().enumerate() {

@@ -10,14 +10,20 @@
 //! a peer: exact length, magic, version, reserved bits, CRC):
 //!
 //! ```text
-//! "QVSN" | u8 version 1 | u8 reserved 0 | u16 reserved 0 | u64 log start offset
-//! | u64 Raft index (the metadata's, repeated) | u32 crc32c of everything before it
+//! "QVSN" | u8 version 2 | u8 reserved 0 | u16 reserved 0 | u64 log start offset
+//! | u64 Raft index (the metadata's, repeated) | u64 conf index
+//! | u32 crc32c of everything before it
 //! ```
+//!
+//! The conf index is the index of the last configuration change in the metadata's `ConfState`
+//! (the sender's current configuration, which may hold changes committed after the snapshot's
+//! index): the follower does not apply those again when their entries reach it
+//! (docs/replication.md §11).
 
 /// The data's length: the only one accepted (nothing in it has a length of its own).
-pub(crate) const SNAPSHOT_DATA_LEN: usize = 4 + 1 + 1 + 2 + 8 + 8 + 4;
+pub(crate) const SNAPSHOT_DATA_LEN: usize = 4 + 1 + 1 + 2 + 8 + 8 + 8 + 4;
 const MAGIC: &[u8; 4] = b"QVSN";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// What the snapshot data carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +32,8 @@ pub(crate) struct SnapshotData {
     pub(crate) log_start_offset: u64,
     /// The Raft index the snapshot covers up to; must equal the metadata's.
     pub(crate) index: u64,
+    /// The index of the last configuration change the snapshot's `ConfState` holds.
+    pub(crate) conf_index: u64,
 }
 
 /// Why snapshot data was refused.
@@ -52,8 +60,9 @@ impl SnapshotData {
         out[4] = VERSION;
         out[8..16].copy_from_slice(&self.log_start_offset.to_le_bytes());
         out[16..24].copy_from_slice(&self.index.to_le_bytes());
-        let crc = crc32c::crc32c(&out[..24]);
-        out[24..].copy_from_slice(&crc.to_le_bytes());
+        out[24..32].copy_from_slice(&self.conf_index.to_le_bytes());
+        let crc = crc32c::crc32c(&out[..32]);
+        out[32..].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -70,7 +79,7 @@ impl SnapshotData {
         if b[5..8] != [0, 0, 0] {
             return Err(SnapshotDataError::Reserved);
         }
-        if u32::from_le_bytes([b[24], b[25], b[26], b[27]]) != crc32c::crc32c(&b[..24]) {
+        if u32::from_le_bytes([b[32], b[33], b[34], b[35]]) != crc32c::crc32c(&b[..32]) {
             return Err(SnapshotDataError::Crc);
         }
         let u64_at = |at: usize| {
@@ -78,7 +87,7 @@ impl SnapshotData {
             v.copy_from_slice(&b[at..at + 8]);
             u64::from_le_bytes(v)
         };
-        let data = SnapshotData { log_start_offset: u64_at(8), index: u64_at(16) };
+        let data = SnapshotData { log_start_offset: u64_at(8), index: u64_at(16), conf_index: u64_at(24) };
         // Every batch holds at least one offset: `index` batches end at `index` or later.
         if data.index == 0 || data.log_start_offset < data.index {
             return Err(SnapshotDataError::Position { offset: data.log_start_offset, index: data.index });
@@ -94,9 +103,9 @@ mod tests {
     #[test]
     fn round_trips() {
         for data in [
-            SnapshotData { log_start_offset: 1, index: 1 },
-            SnapshotData { log_start_offset: 1_234_567, index: 4_321 },
-            SnapshotData { log_start_offset: u64::MAX, index: u64::MAX },
+            SnapshotData { log_start_offset: 1, index: 1, conf_index: 0 },
+            SnapshotData { log_start_offset: 1_234_567, index: 4_321, conf_index: 5_000 },
+            SnapshotData { log_start_offset: u64::MAX, index: u64::MAX, conf_index: u64::MAX },
         ] {
             assert_eq!(SnapshotData::decode(&data.encode()), Ok(data));
         }
@@ -104,7 +113,7 @@ mod tests {
 
     #[test]
     fn truncated_damaged_or_garbage_data_is_an_error_not_a_panic() {
-        let bytes = SnapshotData { log_start_offset: 900, index: 40 }.encode();
+        let bytes = SnapshotData { log_start_offset: 900, index: 40, conf_index: 3 }.encode();
         for len in 0..bytes.len() {
             assert_eq!(SnapshotData::decode(&bytes[..len]), Err(SnapshotDataError::Length { have: len }));
         }
@@ -130,7 +139,7 @@ mod tests {
             }
             assert!(SnapshotData::decode(&g).is_err());
         }
-        let impossible = SnapshotData { log_start_offset: 5, index: 40 }.encode();
+        let impossible = SnapshotData { log_start_offset: 5, index: 40, conf_index: 0 }.encode();
         assert_eq!(
             SnapshotData::decode(&impossible),
             Err(SnapshotDataError::Position { offset: 5, index: 40 })

@@ -8,11 +8,17 @@
 //! [`MAX_RAFT_STATE_BYTES`] before it is read:
 //!
 //! ```text
-//! "QVRS" | u16 version 1 | u16 reserved 0 | u64 term | u64 vote | u64 commit
+//! "QVRS" | u16 version 2 | u16 reserved 0 | u64 term | u64 vote | u64 commit
 //! | u64 snapshot index | u64 snapshot term | u8 auto_leave
 //! | 4 x (u32 count, count x u64 id): voters, learners, voters_outgoing, learners_next
+//! | u64 conf index (version 2 only)
 //! | u32 crc32c of everything before it
 //! ```
+//!
+//! The conf index is the Raft index of the last configuration change the `ConfState` holds
+//! (0: none, the group's first configuration): a committed change at or below it is already in
+//! the configuration and is not applied again (docs/replication.md §11). Version 1 files (no
+//! conf index) read as 0.
 
 use std::path::Path;
 
@@ -24,7 +30,7 @@ use crate::log::{replace_file, LogError, RAFT_STATE_FILE};
 use crate::storage::Storage;
 
 const MAGIC: &[u8; 4] = b"QVRS";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 /// magic, version, reserved, five u64, auto_leave.
 const FIXED: usize = 4 + 2 + 2 + 5 * 8 + 1;
 
@@ -37,6 +43,8 @@ pub(crate) struct DurableState {
     /// never dropped a prefix).
     pub(crate) snapshot_index: u64,
     pub(crate) snapshot_term: u64,
+    /// The index of the last configuration change `conf_state` holds (0: none).
+    pub(crate) conf_index: u64,
 }
 
 impl DurableState {
@@ -45,7 +53,7 @@ impl DurableState {
         let cs = &self.conf_state;
         let lists = [cs.get_voters(), cs.get_learners(), cs.get_voters_outgoing(), cs.get_learners_next()];
         let ids: usize = lists.iter().map(|l| l.len()).sum();
-        let mut out = Vec::with_capacity(FIXED + 4 * 4 + 8 * ids + 4);
+        let mut out = Vec::with_capacity(FIXED + 4 * 4 + 8 * ids + 8 + 4);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
@@ -59,6 +67,7 @@ impl DurableState {
                 out.extend_from_slice(&id.to_le_bytes());
             }
         }
+        out.extend_from_slice(&self.conf_index.to_le_bytes());
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -76,8 +85,8 @@ impl DurableState {
             return Err("bad magic".into());
         }
         let version = u16::from_le_bytes(r.array()?);
-        if version != VERSION {
-            return Err(format!("version {version}, only {VERSION} is known"));
+        if !(1..=VERSION).contains(&version) {
+            return Err(format!("version {version}, only 1 to {VERSION} are known"));
         }
         r.take(2)?;
         let mut hard_state = HardState::default();
@@ -98,6 +107,7 @@ impl DurableState {
             }
             *list = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
         }
+        let conf_index = if version >= 2 { r.u64()? } else { 0 };
         if r.pos != body.len() {
             return Err(format!("{} trailing bytes", body.len() - r.pos));
         }
@@ -108,7 +118,7 @@ impl DurableState {
         conf_state.set_voters_outgoing(voters_outgoing);
         conf_state.set_learners_next(learners_next);
         conf_state.set_auto_leave(auto_leave);
-        Ok(DurableState { hard_state, conf_state, snapshot_index, snapshot_term })
+        Ok(DurableState { hard_state, conf_state, snapshot_index, snapshot_term, conf_index })
     }
 }
 
@@ -172,7 +182,7 @@ mod tests {
     use crate::storage::MemStorage;
 
     fn sample() -> DurableState {
-        let mut s = DurableState { snapshot_index: 7, snapshot_term: 3, ..Default::default() };
+        let mut s = DurableState { snapshot_index: 7, snapshot_term: 3, conf_index: 6, ..Default::default() };
         s.hard_state.set_term(5);
         s.hard_state.set_vote(2);
         s.hard_state.set_commit(9);

@@ -91,12 +91,24 @@ impl LogStorage {
         storage: Arc<dyn Storage>,
         voters: &[u64],
     ) -> Result<LogStorage, ReplicaError> {
+        Self::open_in(log, storage, ConfState::from((voters.to_vec(), Vec::new())), 0)
+    }
+
+    /// [`open`](Self::open) for a replica that joins a running group (docs/replication.md
+    /// §11): one that never wrote its state starts with `conf`, the group's configuration as
+    /// of the change at `conf_index` that made it a learner; the changes up to there are not
+    /// applied again when their entries reach it, those after are.
+    pub(crate) fn open_in(
+        log: Arc<Mutex<PartitionLog>>,
+        storage: Arc<dyn Storage>,
+        conf: ConfState,
+        conf_index: u64,
+    ) -> Result<LogStorage, ReplicaError> {
         let dir = log.lock().dir().to_path_buf();
         let state = match state::read(&*storage, &dir)? {
             Some(state) => state,
             None => {
-                let mut state = DurableState::default();
-                state.conf_state.set_voters(voters.to_vec());
+                let mut state = DurableState { conf_state: conf, conf_index, ..DurableState::default() };
                 let first = log.lock().first_ordinal();
                 // A log that starts later than ordinal 1 without a state file has no known term
                 // before it; 0 makes raft-rs treat the prefix as compacted.
@@ -288,11 +300,25 @@ impl LogStorage {
         }
     }
 
-    /// Persists a new configuration (after applying a configuration change).
-    pub(crate) fn set_conf_state(&mut self, cs: ConfState) -> Result<(), ReplicaError> {
+    /// Persists a new configuration: the one after applying the configuration change at
+    /// `index`.
+    pub(crate) fn set_conf_state(&mut self, cs: ConfState, index: u64) -> Result<(), ReplicaError> {
         let mut next = self.state.clone();
         next.conf_state = cs;
+        next.conf_index = index;
         self.replace_state(next)
+    }
+
+    /// The index of the last configuration change the persisted configuration holds: a
+    /// committed change at or below it is not applied again (a restart hands out again what
+    /// was committed after the persisted commit).
+    pub(crate) fn conf_index(&self) -> u64 {
+        self.state.conf_index
+    }
+
+    /// The persisted configuration.
+    pub(crate) fn conf_state(&self) -> &ConfState {
+        &self.state.conf_state
     }
 
     /// Writes the file first, changes memory after (STYLE.md 16).
@@ -460,6 +486,7 @@ impl LogStorage {
         (next.snapshot_index, next.snapshot_term) = (index, term);
         next.hard_state.set_commit(index);
         next.conf_state = meta.get_conf_state().clone();
+        next.conf_index = data.conf_index;
         self.replace_state(next)?;
         self.commit_known = self.commit_known.max(index);
         (self.synced_ms, self.unsynced) = (now_ms, false);
@@ -590,7 +617,11 @@ impl raft::Storage for LogStorage {
             tracing::warn!(dir = %self.dir.display(), index, to, "no snapshot for a lagging follower: the term before the log start is unknown");
             return unavailable;
         };
-        let data = SnapshotData { log_start_offset: log.log_start_offset(), index };
+        let data = SnapshotData {
+            log_start_offset: log.log_start_offset(),
+            index,
+            conf_index: self.state.conf_index,
+        };
         drop(log);
         let mut snap = Snapshot::default();
         snap.set_data(Bytes::copy_from_slice(&data.encode()));

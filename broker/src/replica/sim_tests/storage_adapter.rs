@@ -95,7 +95,7 @@ fn storage_maps_entries_to_batches_and_back() -> Result<(), Error> {
     // Everything synced survives a crash, hard state and configuration included.
     let mut cs = store.initial_state()?.conf_state;
     cs.set_learners(vec![4]);
-    store.set_conf_state(cs.clone())?;
+    store.set_conf_state(cs.clone(), 4)?;
     mem.crash();
     let storage: Arc<dyn Storage> = mem.clone();
     let (log, _) = PartitionLog::open(storage.clone(), Path::new(DIR).into(), log_config(), 0)?;

@@ -1,0 +1,111 @@
+//! Configuration changes under faults (docs/replication.md §11), seeded like the other
+//! scenarios and replayed the same way.
+
+use super::scenarios::{over_seeds, seeds};
+use super::*;
+use crate::replica::membership::{self, Step};
+
+/// A group of 3 or 4 first voters gains the replica that started outside it and loses one of
+/// its first voters (the leader itself in a third of the seeds), one simple change at a time,
+/// each step chosen by `membership::next_step` as a broker's driver chooses it, while
+/// proposals, crashes with torn tails, restarts, partitions and a lossy network go on. The
+/// removed replica stops once its removal is applied. Then every replica restarts (its
+/// configuration comes back from disk; a change handed out again is not applied twice) and
+/// the group converges: exactly the desired voters everywhere, nothing committed lost, every
+/// committed entry durable on a majority of the configuration throughout (`check`).
+fn add_one_remove_one(seed: u64) -> Result<(), Error> {
+    let first = 3 + (seed % 2) as usize;
+    let mut sim = Sim::new(seed, Opts { initial_voters: Some(first), ..Opts::replicas(first + 1) })?;
+    sim.randomize_faults();
+    let leader = sim.elect(3_000)?;
+    let joiner = first as u64 + 1;
+    let leaving = match seed % 3 {
+        0 => leader,
+        _ => sim.first_voters.iter().copied().find(|&v| v != leader).ok_or("one voter")?,
+    };
+    let mut desired: Vec<u64> =
+        sim.first_voters.iter().copied().filter(|&v| v != leaving).chain([joiner]).collect();
+    desired.sort_unstable();
+    let mut steps_taken = Vec::new();
+    let mut done = false;
+    for _ in 0..30_000 {
+        if sim.rng.gen_range(0..100) < 2 {
+            sim.fault()?;
+        }
+        if let Some(l) = sim.leader() {
+            let node = sim.replica(l).node.as_mut().ok_or("the leader is down")?;
+            if let Some(step) = membership::next_step(node, &desired) {
+                match membership::take(node, step) {
+                    Ok(()) | Err(ReplicaError::Raft(raft::Error::ProposalDropped)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if steps_taken.last() != Some(&step) {
+                    steps_taken.push(step);
+                }
+            }
+            let node = sim.node(l).ok_or("the leader is down")?;
+            let cs = node.raft.prs().conf().to_conf_state();
+            let mut voters = cs.get_voters().to_vec();
+            voters.sort_unstable();
+            if voters == desired && cs.get_learners().is_empty() && !node.raft.has_pending_conf() {
+                done = true;
+                break;
+            }
+        }
+        sim.step(15)?;
+    }
+    if !done {
+        return Err(format!(
+            "seed {seed:#x}: the group did not reach voters {desired:?}; steps taken {steps_taken:?}"
+        )
+        .into());
+    }
+    if !steps_taken.contains(&Step::AddLearner(joiner)) || !steps_taken.contains(&Step::Promote(joiner)) {
+        return Err(format!("seed {seed:#x}: the joiner was not added then promoted: {steps_taken:?}").into());
+    }
+    // The removed replica stops for good.
+    sim.crash(leaving, 0)?;
+    sim.replica(leaving).retired = true;
+    sim.ids.retain(|&id| id != leaving);
+    sim.cut.retain(|&(a, b)| a != leaving && b != leaving);
+    for _ in 0..1_000 {
+        if sim.rng.gen_range(0..100) < 2 {
+            sim.fault()?;
+        }
+        sim.step(15)?;
+    }
+    for id in sim.down() {
+        sim.restart(id)?;
+    }
+    sim.converge(20_000)?;
+    // Every replica restarts from its disk: the configuration is the one it applied.
+    for id in sim.ids.clone() {
+        sim.crash(id, 0)?;
+        sim.restart(id)?;
+    }
+    sim.converge(20_000)?;
+    for &id in &sim.ids {
+        let node = sim.node(id).ok_or("down after converging")?;
+        let cs = node.raft.prs().conf().to_conf_state();
+        let mut voters = cs.get_voters().to_vec();
+        voters.sort_unstable();
+        if voters != desired || !cs.get_learners().is_empty() {
+            return Err(format!(
+                "seed {seed:#x}: replica {id} ended with voters {voters:?} learners {:?}, not {desired:?}",
+                cs.get_learners()
+            )
+            .into());
+        }
+    }
+    sim.nothing_committed_lost()
+}
+
+#[test]
+fn sim_a_replica_added_and_one_removed_under_faults_lose_nothing_committed() {
+    over_seeds(
+        "membership::sim_a_replica_added_and_one_removed_under_faults_lose_nothing_committed",
+        7,
+        seeds(),
+        add_one_remove_one,
+    );
+}
