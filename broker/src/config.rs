@@ -199,6 +199,10 @@ pub struct ClusterConfig {
     /// Every voter, this broker included: id → address (the address clients and brokers
     /// reach it at).
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// `--join HOST:PORT`: a broker of a running cluster (docs/replication.md §11). The
+    /// brokers are asked of it at start (this one must have been added with `quiver cluster
+    /// add-broker`); `peers` then holds only this broker until then.
+    pub join: Option<SocketAddr>,
 }
 
 impl ClusterConfig {
@@ -226,7 +230,13 @@ impl ClusterConfig {
         if !map.contains_key(&node_id) {
             return Err(format!("--node-id {node_id} is not in --peers"));
         }
-        Ok(ClusterConfig { node_id, peers: map })
+        Ok(ClusterConfig { node_id, peers: map, join: None })
+    }
+
+    /// A broker joining the running cluster at `join` as broker `node_id`, listening at
+    /// `listen` (`--join`).
+    pub fn joining(node_id: u64, listen: SocketAddr, join: SocketAddr) -> ClusterConfig {
+        ClusterConfig { node_id, peers: BTreeMap::from([(node_id, listen)]), join: Some(join) }
     }
 
     pub fn ids(&self) -> Vec<u64> {

@@ -38,9 +38,21 @@ struct Args {
     /// DIR/ca.pem. Not with --tls-cert.
     #[arg(long, env = "QUIVER_DEV_CA", value_name = "DIR", conflicts_with = "tls_cert")]
     dev_ca: Option<PathBuf>,
-    /// This broker's id in a cluster (with --peers).
-    #[arg(long, env = "QUIVER_NODE_ID", requires = "peers")]
+    /// This broker's id in a cluster (with --peers, or --join).
+    #[arg(long, env = "QUIVER_NODE_ID")]
     node_id: Option<u64>,
+    /// Join the running cluster of which HOST:PORT is a broker, as broker --node-id at
+    /// --listen (add it first: `quiver cluster add-broker ID@HOST:PORT`). With an empty
+    /// --data-dir the first time; give it again at every start.
+    #[arg(
+        long,
+        env = "QUIVER_JOIN",
+        value_name = "HOST:PORT",
+        requires = "node_id",
+        requires = "listen",
+        conflicts_with = "peers"
+    )]
+    join: Option<SocketAddr>,
     /// Every broker of the cluster, this one included: ID@HOST:PORT,ID@HOST:PORT,...
     /// (static voters; each address is that broker's --listen).
     #[arg(long, env = "QUIVER_PEERS", requires = "node_id")]
@@ -140,6 +152,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.dev_ca.is_some() {
         config.dev_ca = args.dev_ca;
+    }
+    if args.node_id.is_some() && args.peers.is_none() && args.join.is_none() {
+        anyhow::bail!("--node-id needs --peers (a new cluster) or --join HOST:PORT (a running one)");
+    }
+    if let (Some(id), Some(join)) = (args.node_id, args.join) {
+        config.broker_id = u32::try_from(id).context("--node-id must fit 32 bits")?;
+        config.cluster = Some(quiver_broker::cluster::ClusterConfig::joining(id, config.listen, join));
+        anyhow::ensure!(
+            config.dev_ca.is_some() || config.tls_ca.is_some(),
+            "brokers of a cluster authenticate each other: give --dev-ca DIR (the same DIR as the \
+             cluster's brokers) or --tls-cert/--tls-key with --tls-ca"
+        );
     }
     if let (Some(id), Some(peers)) = (args.node_id, &args.peers) {
         let cluster = quiver_broker::cluster::ClusterConfig::parse(id, peers)

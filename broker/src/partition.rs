@@ -148,8 +148,9 @@ pub struct Partition {
     express: Arc<Express>,
     storage: Arc<dyn Storage>,
     /// Set when the partition is replicated (cluster mode): produce goes through its Raft
-    /// group's driver instead of the writer, and the group moves the high watermark.
-    replica: std::sync::OnceLock<mpsc::Sender<Proposal>>,
+    /// group's driver instead of the writer, and the group moves the high watermark. Replaced
+    /// when a replica here starts again (removed from its group, then added back: §11).
+    replica: parking_lot::RwLock<Option<mpsc::Sender<Proposal>>>,
 }
 
 /// The express produce path (design.md §6): a small batch without fsync, arriving while the
@@ -266,7 +267,7 @@ impl Partition {
             recovery,
             express: express.clone(),
             storage,
-            replica: std::sync::OnceLock::new(),
+            replica: parking_lot::RwLock::new(None),
         });
         let writer = Writer {
             partition: Arc::downgrade(&p),
@@ -324,7 +325,7 @@ impl Partition {
         term: u64,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
-        let Some(group) = self.replica.get() else {
+        let Some(group) = self.replica.read().clone() else {
             return Err(PartitionError::new(ErrorCode::Internal, "not a replicated partition"));
         };
         group
@@ -344,7 +345,8 @@ impl Partition {
         acks: Acks,
     ) -> Result<oneshot::Receiver<Result<Appended, PartitionError>>, PartitionError> {
         let (reply, rx) = oneshot::channel();
-        if let Some(group) = self.replica.get() {
+        let group = self.replica.read().clone();
+        if let Some(group) = group {
             group
                 .send(Proposal { batch, acks, term: None, reply })
                 .await
@@ -432,7 +434,7 @@ impl Partition {
 
     /// Whether a Raft group serves this partition (cluster mode).
     pub fn is_replicated(&self) -> bool {
-        self.replica.get().is_some()
+        self.replica.read().is_some()
     }
 
     /// The log, shared with a Raft group's storage.
@@ -472,7 +474,7 @@ impl Partition {
 
     /// Routes produce through a Raft group from now on.
     pub(crate) fn attach_replica(&self, events: mpsc::Sender<Proposal>) {
-        let _ = self.replica.set(events);
+        *self.replica.write() = Some(events);
     }
 
     pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {

@@ -246,6 +246,21 @@ async fn dispatch(
                 None => single_node_status(&st),
             })
         }),
+        Message::ChangeBrokers { add, remove } => Box::pin(async move {
+            Some(match &st.cluster {
+                Some(cluster) => {
+                    let request = Message::ChangeBrokers { add: add.clone(), remove };
+                    match cluster.change_brokers(&st.topics, add, remove, &request).await {
+                        Ok(()) => Message::Done,
+                        Err(e) => error(e),
+                    }
+                }
+                None => Message::error(
+                    ErrorCode::UnexpectedKind,
+                    "a single broker has no cluster to change: start brokers with --node-id and --peers",
+                ),
+            })
+        }),
         Message::InitProducer => Box::pin(async move {
             use quiver_protocol::limits::MAX_PRODUCER_IDS_PER_CONNECTION;
             if !members.take_producer_id(std::time::Instant::now()) {
@@ -619,7 +634,7 @@ async fn create_in_cluster(
     quiver_protocol::message::validate_topic_name(&name).map_err(invalid)?;
     quiver_protocol::message::validate_partition_count(partitions).map_err(invalid)?;
     config.validate().map_err(invalid)?;
-    let brokers = cluster.config.peers.len();
+    let brokers = cluster.members.read().len();
     if usize::from(config.replicas) > brokers {
         return Err(invalid(format!(
             "--replicas {} is more than the {brokers} brokers of this cluster: each replica needs a broker of its own",
@@ -630,7 +645,12 @@ async fn create_in_cluster(
         return Err(PartitionError::new(ErrorCode::TopicExists, format!("topic '{name}' already exists")));
     }
     let request = Message::CreateTopic { name: name.clone(), partitions, config: config.clone() };
-    cluster.run_command(crate::cluster::Command::CreateTopic { name, partitions, config }, &request).await
+    cluster
+        .run_command(
+            crate::cluster::Command::CreateTopic { name, partitions, config, brokers: None },
+            &request,
+        )
+        .await
 }
 
 /// `ClusterStatus` on a single node: itself, and no replicated partitions.

@@ -408,10 +408,10 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
 fn peer_id(cluster: &crate::cluster::Cluster, conn: &quinn::Connection) -> Option<u64> {
     let identity = crate::tls::peer_identity(conn).ok()?;
     match identity.node_id {
-        Some(id) => cluster.config.peers.contains_key(&id).then_some(id),
+        Some(id) => cluster.knows_broker(id).then_some(id),
         None => {
             let remote = conn.remote_address();
-            cluster.config.peers.iter().find(|(_, a)| **a == remote).map(|(id, _)| *id)
+            cluster.members.read().iter().find(|(_, a)| **a == remote).map(|(id, _)| *id)
         }
     }
 }

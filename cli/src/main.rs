@@ -66,6 +66,15 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Adds a broker to the running cluster (then start it with `quiverd --node-id ID --listen
+    /// HOST:PORT --join ANY-BROKER --dev-ca DIR`); partitions move to it on their own.
+    AddBroker {
+        /// ID@HOST:PORT: its id and the address it listens at.
+        broker: String,
+    },
+    /// Removes a broker from the cluster: its replicas move to the others (see `cluster
+    /// status`); stop it once it holds none.
+    RemoveBroker { id: u32 },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +352,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
         Command::Group(cmd) => group(&client, cmd).await,
         Command::Cluster(ClusterCmd::Status { json }) => cluster_status(&client, json).await,
+        Command::Cluster(ClusterCmd::AddBroker { broker }) => {
+            let (id, addr) = broker
+                .split_once('@')
+                .and_then(|(id, addr)| Some((id.parse::<u32>().ok()?, addr)))
+                .ok_or_else(|| anyhow::anyhow!("'{broker}': expected ID@HOST:PORT"))?;
+            client.admin().add_broker(id, addr).await?;
+            outln!("broker {id} added at {addr}; start it with --join");
+            Ok(())
+        }
+        Command::Cluster(ClusterCmd::RemoveBroker { id }) => {
+            client.admin().remove_broker(id).await?;
+            outln!("broker {id} removed; its replicas move to the other brokers");
+            Ok(())
+        }
         Command::Bench(args) => bench(client.config().clone(), args).await,
     };
     client.close().await;

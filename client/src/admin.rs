@@ -77,6 +77,30 @@ impl Admin {
         }
     }
 
+    /// Adds broker `id`, reachable at `addr` (`HOST:PORT`), to the cluster (docs/replication.md
+    /// §11): answered once the controller committed it. Start the broker with `quiverd --join`;
+    /// partitions then move to it on their own, a few at a time.
+    pub async fn add_broker(&self, id: u32, addr: &str) -> Result<(), ClientError> {
+        self.change_brokers(Message::ChangeBrokers { add: Some((id, addr.into())), remove: None }).await
+    }
+
+    /// Removes broker `id` from the cluster: its replicas move to the others (watch `cluster
+    /// status`), after which it can be stopped.
+    pub async fn remove_broker(&self, id: u32) -> Result<(), ClientError> {
+        self.change_brokers(Message::ChangeBrokers { add: None, remove: Some(id) }).await
+    }
+
+    /// A retry after an attempt of unknown outcome that finds the change made counts as done.
+    async fn change_brokers(&self, msg: Message) -> Result<(), ClientError> {
+        let retried = self.client.request_retrying(&msg).await;
+        match retried.result {
+            Ok(Message::Done) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) if e.code() == Some(ErrorCode::Malformed) && retried.maybe_done_before => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.read(&Message::Metadata { topic: None }).await? {
             Message::MetadataOk(t) => Ok(t),

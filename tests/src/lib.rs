@@ -144,6 +144,29 @@ impl BrokerProcess {
         Ok(b)
     }
 
+    /// Starts `bin` as broker `node_id` joining the running cluster that `join` belongs to
+    /// (`--join`, docs/replication.md §11); it must have been added to it first.
+    pub fn start_joining(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        join: SocketAddr,
+        ca_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut b = Self::node(bin, data_dir, node_id, addr, "", ca_dir, &[])?;
+        b.extra_args = vec![
+            "--node-id".into(),
+            node_id.to_string(),
+            "--join".into(),
+            join.to_string(),
+            "--dev-ca".into(),
+            ca_dir.display().to_string(),
+        ];
+        b.spawn_process()?;
+        Ok(b)
+    }
+
     /// A cluster node as [`start_node_with`](BrokerProcess::start_node_with) describes it, not
     /// started yet.
     fn node(

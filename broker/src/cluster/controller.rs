@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{attach, driver, group_id, Cluster, ClusterConfig, PeerLinks, CONTROLLER_GROUP};
+use super::{driver, group_id, Cluster, ClusterConfig, PeerLinks, CONTROLLER_GROUP};
 use crate::log::{LogConfig, PartitionLog};
 use crate::partition::PartitionError;
 use crate::storage::Storage;
@@ -30,6 +30,12 @@ pub(crate) enum Command {
         name: String,
         partitions: u32,
         config: TopicConfig,
+        /// The brokers its partitions are placed over (the proposer's, filled in when it is
+        /// proposed): a broker replaying the create later (one added since) places them the
+        /// same. Creates logged before this was recorded have none: placed over the brokers
+        /// the cluster started with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        brokers: Option<Vec<u64>>,
     },
     DeleteTopic {
         name: String,
@@ -40,6 +46,15 @@ pub(crate) enum Command {
         broker: u64,
         count: i64,
         key: String,
+    },
+    /// The cluster's brokers from now on (docs/replication.md §11): (id, `HOST:PORT`). Before
+    /// the first such command, the `--peers` list. (A list, not a map: JSON map keys are
+    /// strings, which serde's tagged enums do not read back as numbers.)
+    Brokers {
+        brokers: Vec<(u64, String)>,
+        /// The brokers the cluster started with (its `--peers`), carried along so that a broker
+        /// added later places the topics created before any change as everyone else did.
+        bootstrap: Vec<u64>,
     },
 }
 
@@ -64,12 +79,24 @@ impl Command {
             .map_err(|e| e.to_string())?;
         let command: Command = serde_json::from_slice(&record.value).map_err(|e| e.to_string())?;
         match &command {
-            Command::CreateTopic { name, partitions, config } => {
+            Command::CreateTopic { name, partitions, config, brokers } => {
+                if brokers
+                    .as_ref()
+                    .is_some_and(|b| b.is_empty() || b.len() > quiver_protocol::limits::MAX_RAFT_VOTERS)
+                {
+                    return Err("a create placed over no brokers, or too many".into());
+                }
                 validate_topic_name(name)?;
                 validate_partition_count(*partitions)?;
                 config.validate()?;
             }
             Command::DeleteTopic { name } => validate_topic_name(name)?,
+            Command::Brokers { brokers, bootstrap } => {
+                parse_brokers(brokers)?;
+                if bootstrap.is_empty() || bootstrap.len() > quiver_protocol::limits::MAX_RAFT_VOTERS {
+                    return Err(format!("a bootstrap set of {} brokers", bootstrap.len()));
+                }
+            }
             Command::ReserveProducerIds { count, key, .. } => {
                 if !(1..=crate::producers::ID_BLOCK).contains(count) {
                     return Err(format!("a producer-id reservation of {count} counters"));
@@ -88,6 +115,10 @@ impl Command {
             Command::CreateTopic { name, .. } => cluster.topic_index.contains_key(name),
             Command::DeleteTopic { name } => !cluster.topic_index.contains_key(name),
             Command::ReserveProducerIds { .. } => true,
+            Command::Brokers { brokers, .. } => {
+                let mine = cluster.members.read();
+                mine.len() == brokers.len() && brokers.iter().all(|(id, _)| mine.contains_key(id))
+            }
         }
     }
 }
@@ -128,8 +159,10 @@ impl Cluster {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn start(
     config: ClusterConfig,
+    first_voters: Vec<u64>,
     data_dir: &std::path::Path,
     storage: Arc<dyn Storage>,
     topics: Arc<Topics>,
@@ -140,7 +173,7 @@ pub(super) async fn start(
     use anyhow::Context;
     let dir = data_dir.join("cluster").join("controller");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (ids, me) = (config.ids(), config.node_id);
+    let (ids, me) = (first_voters, config.node_id);
     let (store, commit, logged) = {
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -167,16 +200,21 @@ pub(super) async fn start(
     let on_commit: driver::OnCommit = Box::new(move |entries, _| {
         let _ = apply_tx.send(entries);
     });
+    let members = config.peers.clone();
     let handle = driver::spawn(
         node,
-        CONTROLLER_GROUP,
-        "controller".into(),
+        driver::GroupName { id: CONTROLLER_GROUP, name: "controller".into() },
         links.clone(),
         None,
         on_commit,
+        members.keys().copied().collect(),
         shutdown.child_token(),
     );
     let (applied_tx, applied) = watch::channel(0u64);
+    let bootstrap = match config.join {
+        Some(_) => Vec::new(),
+        None => members.keys().copied().collect(),
+    };
     let cluster = Arc::new(Cluster {
         config,
         links,
@@ -190,6 +228,9 @@ pub(super) async fn start(
         delete_hooks: OnceLock::new(),
         producer_ids: Default::default(),
         shutdown: shutdown.clone(),
+        bootstrap: parking_lot::RwLock::new(bootstrap),
+        members: parking_lot::RwLock::new(members),
+        first_replicas: DashMap::new(),
     });
     // Blocks reserved for this broker by commands already in its log at start may have been
     // handed out before a crash (even those committed after the persisted commit): never
@@ -209,7 +250,7 @@ pub(super) async fn start(
     // issues producer ids from it.
     cluster.keep_spare_producer_ids();
     // A new cluster's lowest id asks for votes at once rather than after a timeout.
-    if fresh && cluster.config.peers.keys().next() == Some(&me) {
+    if fresh && cluster.config.join.is_none() && cluster.config.peers.keys().next() == Some(&me) {
         let _ = cluster.controller.events.try_send(super::Event::Campaign);
     }
     Ok(cluster)
@@ -255,7 +296,7 @@ async fn apply(
     max_partitions_total: u32,
 ) -> Result<(), PartitionError> {
     match command {
-        Command::CreateTopic { name, partitions, config } => {
+        Command::CreateTopic { name, partitions, config, brokers } => {
             if let Some(existing) = cluster.topic_index.get(&name) {
                 if *existing != index {
                     return Err(PartitionError::new(
@@ -275,11 +316,21 @@ async fn apply(
                         .await?
                 }
             };
-            let ids = cluster.config.ids();
+            // Placed over the brokers of the time of the create; a broker added since that does
+            // not know the cluster's first brokers yet (an old create) guesses with today's and
+            // corrects it when it applies the change that added it (`follow_members`).
+            let recorded =
+                brokers.or_else(|| Some(cluster.bootstrap.read().clone()).filter(|b| !b.is_empty()));
+            let ids = recorded.clone().unwrap_or_else(|| cluster.member_ids());
             for p in &topic.partitions {
                 let replicas = crate::placement::replicas(&name, p.id, &ids, usize::from(config.replicas));
                 let group = group_id(index, p.id);
                 cluster.partitions.insert((name.clone(), p.id), (group, replicas.clone()));
+                if recorded.is_some() {
+                    cluster.first_replicas.insert(group, replicas.clone());
+                } else {
+                    cluster.first_replicas.remove(&group);
+                }
                 if cluster.groups.contains_key(&group) {
                     continue;
                 }
@@ -290,12 +341,20 @@ async fn apply(
                     cluster.groups.insert(group, handle);
                     continue;
                 }
-                let me = cluster.config.node_id;
-                let handle =
-                    attach(&cluster.links, me, p, &topic.config, group, &replicas, &cluster.shutdown)?;
-                cluster.groups.insert(group, handle);
+                cluster.attach_here(p, &topic.config, group, &replicas, &replicas)?;
             }
             cluster.topic_index.insert(name, index);
+            Ok(())
+        }
+        Command::Brokers { brokers, bootstrap } => {
+            let brokers = parse_brokers(&brokers).map_err(|e| PartitionError::new(ErrorCode::Internal, e))?;
+            *cluster.bootstrap.write() = bootstrap;
+            tracing::info!(index, brokers = ?brokers.keys().collect::<Vec<_>>(), "the cluster's brokers changed");
+            for (&id, &addr) in &brokers {
+                cluster.links.add_peer(id, addr);
+            }
+            *cluster.members.write() = brokers;
+            cluster.follow_members(topics);
             Ok(())
         }
         Command::ReserveProducerIds { broker, count, key } => {
@@ -339,4 +398,25 @@ async fn apply(
             }
         }
     }
+}
+
+/// The brokers of a `Brokers` command, checked: at least one, at most a Raft group's voters,
+/// each address a socket address.
+fn parse_brokers(
+    brokers: &[(u64, String)],
+) -> Result<std::collections::BTreeMap<u64, std::net::SocketAddr>, String> {
+    if brokers.is_empty() || brokers.len() > quiver_protocol::limits::MAX_RAFT_VOTERS {
+        return Err(format!("a broker set of {} brokers", brokers.len()));
+    }
+    let parsed: std::collections::BTreeMap<u64, std::net::SocketAddr> = brokers
+        .iter()
+        .map(|(id, addr)| match addr.parse() {
+            Ok(a) if *id > 0 => Ok((*id, a)),
+            _ => Err(format!("broker {id} at '{addr}': not an id and a HOST:PORT address")),
+        })
+        .collect::<Result<_, String>>()?;
+    if parsed.len() != brokers.len() {
+        return Err("a broker set naming an id twice".into());
+    }
+    Ok(parsed)
 }

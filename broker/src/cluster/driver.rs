@@ -66,6 +66,11 @@ pub(crate) struct GroupStatus {
     /// On the leader: its commit reached the first entry of its term, so the commit covers
     /// every entry any earlier leader had answered for (docs/replication.md §10, invariant 3).
     pub(crate) ready: bool,
+    /// The configuration this replica applied: voters and learners (§11).
+    pub(crate) voters: Vec<u64>,
+    pub(crate) learners: Vec<u64>,
+    /// This replica applied a change that removed it from the group: it serves nothing more.
+    pub(crate) removed: bool,
 }
 
 /// Where committed entries go, with the log offset just past the commit (the new high
@@ -80,6 +85,9 @@ pub(crate) struct GroupHandle {
     /// proposals never crowds out heartbeats.
     pub(crate) proposals: mpsc::Sender<Proposal>,
     pub(crate) status: watch::Receiver<GroupStatus>,
+    /// The voters the group should have (placement over the cluster's brokers, §11): its
+    /// leader changes the configuration toward them one step at a time.
+    pub(crate) desired: Arc<watch::Sender<Vec<u64>>>,
 }
 
 impl GroupHandle {
@@ -153,21 +161,33 @@ pub(crate) struct Driver {
     /// (term, index): the last entry of this node's log when it was first seen leading in
     /// `term`, at or after the empty entry raft-rs appends on election; see `GroupStatus::ready`.
     term_start: std::cell::Cell<(u64, u64)>,
+    /// The voters this group should have (`GroupHandle::desired`).
+    desired: watch::Receiver<Vec<u64>>,
+    /// This replica was seen in the group's configuration.
+    was_member: std::cell::Cell<bool>,
 }
 
-/// Starts a group's driver task over `node`.
+/// Which group a driver runs: its id (on the wire) and its name (in logs).
+pub(crate) struct GroupName {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+}
+
+/// Starts a group's driver task over `node`, whose configuration its leader moves toward
+/// voters `desired`.
 pub(crate) fn spawn(
     node: RawNode<LogStorage>,
-    group: u64,
-    name: String,
+    GroupName { id: group, name }: GroupName,
     links: Arc<PeerLinks>,
     tracker: Option<Tracker>,
     on_commit: OnCommit,
+    desired: Vec<u64>,
     shutdown: CancellationToken,
 ) -> GroupHandle {
     let (events, rx) = mpsc::channel(GROUP_QUEUE);
     let (proposals, proposals_rx) = mpsc::channel(GROUP_QUEUE);
     let (status, status_rx) = watch::channel(GroupStatus::default());
+    let (desired, desired_rx) = watch::channel(desired);
     let driver = Driver {
         group,
         name,
@@ -182,9 +202,11 @@ pub(crate) fn spawn(
         refused: metrics::counter!("quiver_raft_messages_refused_total"),
         in_place: metrics::counter!("quiver_raft_readies_in_place_total"),
         term_start: std::cell::Cell::new((0, 0)),
+        desired: desired_rx,
+        was_member: std::cell::Cell::new(false),
     };
     tokio::spawn(driver.run(node, rx, proposals_rx, shutdown));
-    GroupHandle { events, proposals, status: status_rx }
+    GroupHandle { events, proposals, status: status_rx, desired: Arc::new(desired) }
 }
 
 fn not_leader(leader: Option<u64>) -> PartitionError {
@@ -216,6 +238,7 @@ impl Driver {
                         break; // the broker is stopping
                     }
                     n.tick();
+                    self.change_membership(n);
                 }
                 ev = rx.recv() => match ev {
                     Some(ev) => self.handle(n, ev),
@@ -529,6 +552,20 @@ impl Driver {
         Some(node)
     }
 
+    /// On the leader, once per tick: the next configuration change toward the desired voters
+    /// (docs/replication.md §11), if none is pending.
+    fn change_membership(&mut self, node: &mut RawNode<LogStorage>) {
+        if self.poisoned || node.raft.state != StateRole::Leader {
+            return;
+        }
+        let desired = self.desired.borrow().clone();
+        let Some(step) = replica::membership::next_step(node, &desired) else { return };
+        match replica::membership::take(node, step) {
+            Ok(()) => tracing::info!(group = %self.name, ?step, "changing the group's configuration"),
+            Err(e) => tracing::debug!(group = %self.name, ?step, "a configuration change was refused: {e}"),
+        }
+    }
+
     fn publish(&self, node: &RawNode<LogStorage>) {
         let leader = leader_of(node);
         let commit = node.raft.raft_log.committed;
@@ -549,7 +586,29 @@ impl Driver {
             }
             commit >= self.term_start.get().1
         };
-        let next = GroupStatus { leader, term: node.raft.term, commit, in_sync, lag, stopped: false, ready };
+        let conf = node.store().conf_state();
+        let (voters, learners) = (conf.get_voters().to_vec(), conf.get_learners().to_vec());
+        let me = node.raft.id;
+        // Removed: it was in the configuration and a change took it out (a replica joining
+        // replays changes made before it was added: it is not removed by those).
+        let member = voters.contains(&me) || learners.contains(&me);
+        if member {
+            self.was_member.set(true);
+        }
+        let gone = !member && node.store().conf_index() > 0;
+        let removed = gone && (self.was_member.get() || !self.desired.borrow().contains(&me));
+        let next = GroupStatus {
+            leader,
+            term: node.raft.term,
+            commit,
+            in_sync,
+            lag,
+            stopped: false,
+            ready,
+            voters,
+            learners,
+            removed,
+        };
         let mut became_leader = false;
         self.status.send_if_modified(|s| {
             let changed = *s != next;

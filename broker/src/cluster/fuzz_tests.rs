@@ -16,16 +16,28 @@ use crate::fuzz;
 fn command() -> impl Strategy<Value = Command> {
     let name = "[a-z0-9._-]{1,30}".prop_filter("not . or ..", |n| n != "." && n != "..");
     prop_oneof![
-        (name.clone(), 1..=MAX_PARTITIONS, 4096u64..=1 << 31, 1..=5u16).prop_map(
-            |(name, partitions, sb, r)| {
-                Command::CreateTopic {
-                    name,
-                    partitions,
-                    config: TopicConfig::new().with_segment_bytes(sb).with_replicas(r),
-                }
-            }
-        ),
+        (
+            name.clone(),
+            1..=MAX_PARTITIONS,
+            4096u64..=1 << 31,
+            1..=5u16,
+            proptest::option::of(proptest::collection::vec(1..100u64, 1..6))
+        )
+            .prop_map(|(name, partitions, sb, r, brokers)| Command::CreateTopic {
+                name,
+                partitions,
+                config: TopicConfig::new().with_segment_bytes(sb).with_replicas(r),
+                brokers,
+            }),
         name.prop_map(|name| Command::DeleteTopic { name }),
+        (
+            proptest::collection::btree_map(1..100u64, 1..65535u16, 1..6),
+            proptest::collection::vec(1..100u64, 1..6)
+        )
+            .prop_map(|(brokers, bootstrap)| Command::Brokers {
+                brokers: brokers.into_iter().map(|(id, port)| (id, format!("127.0.0.1:{port}"))).collect(),
+                bootstrap,
+            }),
     ]
 }
 
@@ -70,7 +82,11 @@ proptest! {
 fn commands_beyond_the_limits_are_refused() {
     let json = br#"{"op":"delete_topic","name":"../x"}"#;
     assert!(Command::decode(entry(json)).is_err());
-    let c =
-        Command::CreateTopic { name: "t".into(), partitions: MAX_PARTITIONS + 1, config: TopicConfig::new() };
+    let c = Command::CreateTopic {
+        name: "t".into(),
+        partitions: MAX_PARTITIONS + 1,
+        config: TopicConfig::new(),
+        brokers: None,
+    };
     assert!(Command::decode(c.encode()).is_err());
 }

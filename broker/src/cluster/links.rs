@@ -42,7 +42,12 @@ struct Peer {
 #[derive(Debug)]
 pub(crate) struct PeerLinks {
     me: u64,
-    peers: BTreeMap<u64, Peer>,
+    /// Grows when a broker is added (docs/replication.md §11); a removed broker's link stays
+    /// until this broker restarts.
+    peers: dashmap::DashMap<u64, Arc<Peer>>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    shutdown: CancellationToken,
     dropped: metrics::Counter,
     /// Poked when a group here became leader: the brokers holding no replica of it are told
     /// at once (`announce.rs`) rather than at the next round.
@@ -61,23 +66,41 @@ impl PeerLinks {
         client: quinn::ClientConfig,
         shutdown: CancellationToken,
     ) -> Arc<PeerLinks> {
-        let mut map = BTreeMap::new();
-        for (&id, &addr) in peers.iter().filter(|(&id, _)| id != me) {
-            let (queue, rx) = mpsc::channel(PEER_QUEUE);
-            let (conn_tx, conn) = watch::channel(None);
-            tokio::spawn(dial(id, addr, endpoint.clone(), client.clone(), rx, conn_tx, shutdown.clone()));
-            map.insert(id, Peer { queue, conn, heard_ms: Default::default() });
-        }
         let (tick_tx, ticks) = watch::channel(0u64);
         tokio::spawn(tick(tick_tx, shutdown.clone()));
-        Arc::new(PeerLinks {
+        let links = Arc::new(PeerLinks {
             me,
             ticks,
             started: std::time::Instant::now(),
-            peers: map,
+            peers: dashmap::DashMap::new(),
+            endpoint,
+            client,
+            shutdown,
             dropped: metrics::counter!("quiver_raft_messages_dropped_total"),
             announce: tokio::sync::Notify::new(),
-        })
+        });
+        for (&id, &addr) in peers {
+            links.add_peer(id, addr);
+        }
+        links
+    }
+
+    /// Starts dialling broker `id` at `addr` unless it is this broker or already a peer.
+    pub(crate) fn add_peer(&self, id: u64, addr: SocketAddr) {
+        if id == self.me || self.peers.contains_key(&id) {
+            return;
+        }
+        let (queue, rx) = mpsc::channel(PEER_QUEUE);
+        let (conn_tx, conn) = watch::channel(None);
+        let (endpoint, client, shutdown) =
+            (self.endpoint.clone(), self.client.clone(), self.shutdown.clone());
+        tokio::spawn(dial(id, addr, endpoint, client, rx, conn_tx, shutdown));
+        self.peers.insert(id, Arc::new(Peer { queue, conn, heard_ms: Default::default() }));
+    }
+
+    /// Whether `id` is a peer (a broker of the cluster, or one removed since this start).
+    pub(crate) fn is_peer(&self, id: u64) -> bool {
+        self.peers.contains_key(&id)
     }
 
     /// Queues a raft-rs message for its recipient; dropped (and counted) if the link's queue
@@ -110,7 +133,9 @@ impl PeerLinks {
 
     /// The peers' ids (this broker not included).
     pub(crate) fn peer_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.peers.keys().copied()
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| *p.key()).collect();
+        ids.sort_unstable();
+        ids.into_iter()
     }
 
     /// The live connection to peer `id`, if any.
@@ -151,7 +176,8 @@ impl PeerLinks {
         let unavailable = |why: String| {
             PartitionError::new(ErrorCode::NotLeader, format!("broker {id} is unreachable: {why}"))
         };
-        let peer = self.peers.get(&id).ok_or_else(|| unavailable("not a peer".into()))?;
+        let peer =
+            self.peers.get(&id).map(|p| p.value().clone()).ok_or_else(|| unavailable("not a peer".into()))?;
         let attempt = async {
             let mut conn = peer.conn.clone();
             let conn = conn.wait_for(Option::is_some).await.map_err(|e| unavailable(e.to_string()))?.clone();

@@ -79,11 +79,119 @@ pub struct Cluster {
     pub(crate) delete_hooks: std::sync::OnceLock<controller::DeleteHooks>,
     pub(crate) producer_ids: producer_ids::ClusterProducerIds,
     pub(crate) shutdown: CancellationToken,
+    /// The cluster's brokers, as the controller log has them (docs/replication.md §11): the
+    /// `--peers` list until the first `Brokers` command.
+    pub(crate) members: parking_lot::RwLock<std::collections::BTreeMap<u64, std::net::SocketAddr>>,
+    /// Each replicated group's first voters (its placement when its topic was created): the
+    /// configuration a replica added later starts from, before it replays the group's changes.
+    pub(crate) first_replicas: DashMap<u64, Vec<u64>>,
+    /// The brokers the cluster started with: `--peers`; for a broker that joined, learned
+    /// from the first `Brokers` command it applies (empty until then).
+    pub(crate) bootstrap: parking_lot::RwLock<Vec<u64>>,
 }
 
 impl Cluster {
     pub fn node_id(&self) -> u64 {
         self.config.node_id
+    }
+
+    /// The cluster's brokers' ids, in order.
+    pub(crate) fn member_ids(&self) -> Vec<u64> {
+        self.members.read().keys().copied().collect()
+    }
+
+    /// Whether `id` is a broker of the cluster, or one this broker linked to since it started
+    /// (a broker being removed still talks to the others until its replicas moved).
+    pub(crate) fn knows_broker(&self, id: u64) -> bool {
+        self.members.read().contains_key(&id) || self.links.is_peer(id)
+    }
+
+    /// Runs a replica of `p` here: a Raft group whose first configuration is `first` (a new
+    /// topic's placement; for a replica added to a running group, the group's first voters:
+    /// it replays every change from there), changed toward `desired` by its leader. When a
+    /// change removes it, the partition is observed from here on (`remote.rs`).
+    pub(crate) fn attach_here(
+        self: &Arc<Self>,
+        p: &Arc<Partition>,
+        config: &quiver_protocol::TopicConfig,
+        group: u64,
+        first: &[u64],
+        desired: &[u64],
+    ) -> Result<(), PartitionError> {
+        let me = self.config.node_id;
+        let handle = attach(&self.links, me, p, config, group, first, desired, &self.shutdown)?;
+        let mut status = handle.status.clone();
+        self.observed.remove(&group);
+        self.groups.insert(group, handle);
+        let cluster = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if status.wait_for(|s| s.removed).await.is_err() {
+                return; // the group stopped or was dropped
+            }
+            let Some(cluster) = cluster.upgrade() else { return };
+            let replicas = cluster
+                .partitions
+                .iter()
+                .find(|e| e.value().0 == group)
+                .map(|e| e.value().1.clone())
+                .unwrap_or_default();
+            tracing::info!(
+                group,
+                "this replica was removed from its group; the partition is observed from here on"
+            );
+            let (handle, observed) = remote::observer(&replicas);
+            cluster.observed.insert(group, observed);
+            // Dropping the replica's handle ends its driver.
+            cluster.groups.insert(group, handle);
+        });
+        Ok(())
+    }
+
+    /// After the brokers changed: every partition's desired replicas are its placement over
+    /// the new set; a group led here moves toward them (driver), and a partition this broker
+    /// now holds a replica of but runs none for gets one, starting from the group's first
+    /// voters (the leader adds it as a learner and sends it the log). The controller's desired
+    /// voters are all the brokers.
+    pub(crate) fn follow_members(self: &Arc<Self>, topics: &Topics) {
+        let ids = self.member_ids();
+        self.controller.desired.send_replace(ids.clone());
+        let me = self.config.node_id;
+        for t in topics.all() {
+            let Some(index) = self.topic_index.get(&*t.name).map(|i| *i) else { continue };
+            for p in &t.partitions {
+                let group = group_id(index, p.id);
+                let desired = crate::placement::replicas(&t.name, p.id, &ids, usize::from(t.config.replicas));
+                self.partitions.insert((t.name.to_string(), p.id), (group, desired.clone()));
+                if let Some(mut o) = self.observed.get_mut(&group) {
+                    o.set_replicas(&desired);
+                }
+                let runs_here = self.groups.contains_key(&group) && !self.observed.contains_key(&group);
+                if runs_here {
+                    if let Some(g) = self.groups.get(&group) {
+                        g.desired.send_replace(desired.clone());
+                    }
+                } else if desired.contains(&me) {
+                    // The group's first voters: recorded at its create, or (an old create) its
+                    // placement over the cluster's first brokers.
+                    let first = match self.first_replicas.get(&group).map(|f| f.clone()) {
+                        Some(first) => first,
+                        None => {
+                            let bootstrap = self.bootstrap.read().clone();
+                            crate::placement::replicas(
+                                &t.name,
+                                p.id,
+                                &bootstrap,
+                                usize::from(t.config.replicas),
+                            )
+                        }
+                    };
+                    tracing::info!(group, topic = %t.name, partition = p.id, "a replica of this partition moves here");
+                    if let Err(e) = self.attach_here(p, &t.config, group, &first, &desired) {
+                        tracing::error!(group, "starting a replica of {}/{}: {e}", t.name, p.id);
+                    }
+                }
+            }
+        }
     }
 
     /// Hands a Raft frame from peer `from` to its group (dropped if the group is unknown here,
@@ -142,8 +250,8 @@ impl Cluster {
     /// What `ClusterStatus` answers.
     pub(crate) fn status(&self, topics: &Topics) -> Message {
         let brokers = self
-            .config
-            .peers
+            .members
+            .read()
             .iter()
             .map(|(&id, addr)| BrokerStatus {
                 id: id as u32,
@@ -161,7 +269,12 @@ impl Cluster {
                     partition: p.id,
                     leader: s.leader.map(|l| l as u32),
                     epoch: s.term,
-                    replicas: replicas.iter().map(|&r| r as u32).collect(),
+                    // The configuration the replica here applied (moving: old and new ones),
+                    // else the placement.
+                    replicas: match s.voters.is_empty() {
+                        true => replicas.iter().map(|&r| r as u32).collect(),
+                        false => s.voters.iter().chain(&s.learners).map(|&r| r as u32).collect(),
+                    },
                     in_sync: s.in_sync.iter().map(|&r| r as u32).collect(),
                     commit: s.commit,
                     lag: s.lag,
@@ -207,10 +320,129 @@ impl Cluster {
         }
     }
 
+    /// Adds or removes one broker (docs/replication.md §11): on the controller's leader, the
+    /// new set is proposed as a `Brokers` command once the previous change is done (the
+    /// controller's voters are the brokers); elsewhere the request goes to that leader. Answers
+    /// once this broker applied the new set; the partitions then move on their own.
+    pub(crate) async fn change_brokers(
+        &self,
+        topics: &Topics,
+        add: Option<(u32, String)>,
+        remove: Option<u32>,
+        request: &Message,
+    ) -> Result<(), PartitionError> {
+        let malformed = |m: String| PartitionError::new(ErrorCode::Malformed, m);
+        if add.is_some() == remove.is_some() {
+            return Err(malformed("add one broker or remove one, one change at a time".into()));
+        }
+        let leader = self.controller.leader(LEADER_WAIT).await;
+        let me = self.config.node_id;
+        let wanted = |members: &std::collections::BTreeMap<u64, std::net::SocketAddr>| match (&add, remove) {
+            (Some((id, _)), _) => members.contains_key(&u64::from(*id)),
+            (_, Some(id)) => !members.contains_key(&u64::from(id)),
+            _ => true,
+        };
+        match leader {
+            None => Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                "the cluster has no controller leader (no quorum?)",
+            )),
+            Some(l) if l != me => {
+                match self.links.request(l, request, FORWARD_TIMEOUT).await? {
+                    Message::Done => {}
+                    Message::Error { code, message, .. } => return Err(PartitionError::new(code, message)),
+                    other => {
+                        return Err(PartitionError::new(
+                            ErrorCode::Internal,
+                            format!("the controller answered with frame kind {}", other.kind()),
+                        ))
+                    }
+                }
+                let mut applied = self.applied.clone();
+                let seen =
+                    tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|_| wanted(&self.members.read())))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                match seen {
+                    true => Ok(()),
+                    false => Err(PartitionError::new(
+                        ErrorCode::NotLeader,
+                        "the change was not applied here in time; retry",
+                    )),
+                }
+            }
+            Some(_) => {
+                let mut next = self.members.read().clone();
+                let status = self.controller.status.borrow().clone();
+                let mut voters = status.voters.clone();
+                voters.sort_unstable();
+                if voters != next.keys().copied().collect::<Vec<_>>() || !status.learners.is_empty() {
+                    return Err(PartitionError::new(
+                        ErrorCode::NotLeader,
+                        format!(
+                            "the previous change is still under way (controller voters {voters:?}, learners {:?}, brokers {:?}); retry",
+                            status.learners,
+                            next.keys().collect::<Vec<_>>()
+                        ),
+                    ));
+                }
+                match (add, remove) {
+                    (Some((id, addr)), _) => {
+                        let id = u64::from(id);
+                        let parsed: std::net::SocketAddr = addr.parse().map_err(|e| {
+                            malformed(format!("broker address '{addr}': {e} (HOST:PORT, an IP address)"))
+                        })?;
+                        if id == 0 || next.contains_key(&id) {
+                            return Err(malformed(format!("broker {id} is already in the cluster (or 0)")));
+                        }
+                        if next.len() >= quiver_protocol::limits::MAX_RAFT_VOTERS {
+                            return Err(malformed("the cluster has as many brokers as it can".into()));
+                        }
+                        next.insert(id, parsed);
+                    }
+                    (_, Some(id)) => {
+                        let id = u64::from(id);
+                        if next.remove(&id).is_none() {
+                            return Err(malformed(format!("no broker {id} in this cluster")));
+                        }
+                        if let Some(t) =
+                            topics.all().into_iter().find(|t| usize::from(t.config.replicas) > next.len())
+                        {
+                            return Err(malformed(format!(
+                                "topic '{}' has {} replicas: removing broker {id} leaves {} brokers",
+                                t.name,
+                                t.config.replicas,
+                                next.len()
+                            )));
+                        }
+                    }
+                    _ => {}
+                }
+                let brokers = next.iter().map(|(&id, a)| (id, a.to_string())).collect();
+                let bootstrap = self.bootstrap.read().clone();
+                self.propose_here(&Command::Brokers { brokers, bootstrap }).await.map(drop)
+            }
+        }
+    }
+
     /// Proposes a command on this broker, the controller's leader; answers with its index once
     /// committed and applied here.
     async fn propose_here(&self, command: &Command) -> Result<u64, PartitionError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
+        // A create records the brokers it is placed over (§11).
+        let recorded;
+        let command = match command {
+            Command::CreateTopic { name, partitions, config, brokers: None } => {
+                recorded = Command::CreateTopic {
+                    name: name.clone(),
+                    partitions: *partitions,
+                    config: config.clone(),
+                    brokers: Some(self.member_ids()),
+                };
+                &recorded
+            }
+            other => other,
+        };
         let data = command.encode();
         if self.controller.events.send(Event::Command { data, reply }).await.is_err() {
             return Err(PartitionError::new(ErrorCode::ShuttingDown, "the controller stopped"));
@@ -238,7 +470,7 @@ impl Cluster {
         if self.topic_index.contains_key(&name) {
             return Ok(());
         }
-        let replicas = self.config.peers.len().clamp(1, max_replicas) as u16;
+        let replicas = self.members.read().len().clamp(1, max_replicas) as u16;
         // Small segments: a compaction drops the segments wholly below its snapshot, and the
         // log rolls on its own only when a segment is full. Never cut by time or size:
         // retention would drop the only record of an idle group's commit.
@@ -247,7 +479,7 @@ impl Cluster {
             .with_segment_bytes(segment_bytes)
             .with_retention_ms(None)
             .with_retention_bytes(None);
-        self.propose_here(&Command::CreateTopic { name, partitions, config }).await.map(drop)
+        self.propose_here(&Command::CreateTopic { name, partitions, config, brokers: None }).await.map(drop)
     }
 
     /// A new producer id (docs/replication.md §2c), issued here from a block of counters the
@@ -363,7 +595,7 @@ impl Cluster {
     /// On the controller's leader: reserves the next block for `broker` (a peer's
     /// `ReserveProducerIds`, or this broker's own), answered once committed and applied here.
     pub(crate) async fn reserve_producer_ids_for(&self, broker: u64) -> Result<(), PartitionError> {
-        if !self.config.peers.contains_key(&broker) {
+        if !self.members.read().contains_key(&broker) {
             return Err(PartitionError::new(
                 ErrorCode::Malformed,
                 format!("no broker {broker} in this cluster"),
@@ -425,16 +657,76 @@ impl Cluster {
 /// replicated partition this broker holds), then returns once the replay is done.
 pub(crate) async fn start(
     broker: &crate::config::BrokerConfig,
-    config: ClusterConfig,
+    mut config: ClusterConfig,
     storage: Arc<dyn Storage>,
     topics: Arc<Topics>,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Cluster>> {
-    let links = PeerLinks::start(config.node_id, &config.peers, endpoint, client, shutdown.clone());
-    controller::start(config, &broker.data_dir, storage, topics, broker.max_partitions_total, links, shutdown)
+    let me = config.node_id;
+    // The controller's first voters, for a replica that never wrote its state: the `--peers`
+    // list; a joining broker starts from the brokers before it (not itself: it must not
+    // campaign before the controller added it) and replays every change (§11).
+    let mut first_voters = config.ids();
+    if let Some(at) = config.join {
+        config.peers = ask_brokers(&endpoint, &client, at).await?;
+        anyhow::ensure!(
+            config.peers.contains_key(&me),
+            "broker {me} is not a broker of the cluster at {at} yet: add it first with \
+             `quiver cluster add-broker {me}@{}`",
+            broker.listen
+        );
+        first_voters = config.peers.keys().copied().filter(|&id| id != me).collect();
+        tracing::info!(brokers = ?config.peers, "joining the cluster");
+    }
+    let links = PeerLinks::start(me, &config.peers, endpoint, client, shutdown.clone());
+    controller::start(
+        config,
+        first_voters,
+        &broker.data_dir,
+        storage,
+        topics,
+        broker.max_partitions_total,
+        links,
+        shutdown,
+    )
+    .await
+}
+
+/// The brokers of the cluster `at` belongs to, asked of it over a peer connection.
+async fn ask_brokers(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    at: std::net::SocketAddr,
+) -> anyhow::Result<std::collections::BTreeMap<u64, std::net::SocketAddr>> {
+    use anyhow::Context;
+    let ask = async {
+        let conn = endpoint.connect_with(client.clone(), at, &at.ip().to_string())?.await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        quiver_transport::write_message(&mut send, &Message::ClusterStatus).await?;
+        let _ = send.finish();
+        let answer = quiver_transport::FrameReader::new(recv).next().await?;
+        conn.close(0u32.into(), b"done");
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(FORWARD_TIMEOUT, ask)
         .await
+        .with_context(|| format!("no answer from {at} within {FORWARD_TIMEOUT:?}"))?
+        .with_context(|| {
+            format!("asking {at} for the cluster's brokers (is this broker added, with the cluster's CA?)")
+        })?;
+    match answer {
+        Some(Message::ClusterStatusOk { brokers, .. }) => brokers
+            .into_iter()
+            .map(|b| {
+                let addr = b.addr.parse().with_context(|| format!("broker {} at '{}'", b.id, b.addr))?;
+                Ok((u64::from(b.id), addr))
+            })
+            .collect(),
+        Some(Message::Error { message, .. }) => anyhow::bail!("{at} refused: {message}"),
+        other => anyhow::bail!("{at} answered {other:?} to a cluster status request"),
+    }
 }
 
 /// The Raft group of partition `partition` of the topic created at controller index `index`.
@@ -443,13 +735,15 @@ pub(crate) fn group_id(index: u64, partition: u32) -> u64 {
 }
 
 /// Attaches `p` to a new Raft group with `replicas` as its voters.
-pub(crate) fn attach(
+#[allow(clippy::too_many_arguments)]
+fn attach(
     cluster_links: &Arc<PeerLinks>,
     me: u64,
     p: &Arc<Partition>,
     config: &quiver_protocol::TopicConfig,
     group: u64,
     replicas: &[u64],
+    desired: &[u64],
     shutdown: &CancellationToken,
 ) -> Result<GroupHandle, PartitionError> {
     // The topic's durability, as on one node: `always` fsyncs each append before it counts
@@ -483,11 +777,11 @@ pub(crate) fn attach(
     let name = format!("{}/{}", p.topic, p.id);
     let handle = driver::spawn(
         node,
-        group,
-        name,
+        driver::GroupName { id: group, name },
         cluster_links.clone(),
         Some(p.tracker()),
         on_commit,
+        desired.to_vec(),
         shutdown.child_token(),
     );
     p.attach_replica(handle.proposals.clone());

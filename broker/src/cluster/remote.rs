@@ -51,6 +51,7 @@ pub(crate) fn observer(replicas: &[u64]) -> (GroupHandle, Observed) {
     let (events, _) = mpsc::channel(1);
     let (proposals, _) = mpsc::channel(1);
     let (status, status_rx) = watch::channel(GroupStatus::default());
+    let desired = Arc::new(watch::channel(replicas.to_vec()).0);
     let observed = Observed {
         status,
         replicas: replicas.to_vec(),
@@ -58,7 +59,14 @@ pub(crate) fn observer(replicas: &[u64]) -> (GroupHandle, Observed) {
         log_start_offset: 0,
         high_watermark: 0,
     };
-    (GroupHandle { events, proposals, status: status_rx }, observed)
+    (GroupHandle { events, proposals, status: status_rx, desired }, observed)
+}
+
+impl Observed {
+    /// The partition's replicas changed (brokers added or removed, §11).
+    pub(crate) fn set_replicas(&mut self, replicas: &[u64]) {
+        self.replicas = replicas.to_vec();
+    }
 }
 
 impl Cluster {
@@ -67,7 +75,9 @@ impl Cluster {
         let now = Instant::now();
         for n in notices {
             let Some(mut o) = self.observed.get_mut(&n.group) else { continue };
-            if !o.replicas.contains(&from) || n.term < o.status.borrow().term {
+            // From a replica, or (a partition moving, §11) from any broker of the cluster.
+            let member = o.replicas.contains(&from) || self.members.read().contains_key(&from);
+            if !member || n.term < o.status.borrow().term {
                 continue;
             }
             o.heard = now;
@@ -79,8 +89,7 @@ impl Cluster {
                 commit: n.commit,
                 in_sync: n.in_sync.iter().map(|&i| u64::from(i)).collect(),
                 lag: n.lag,
-                stopped: false,
-                ready: false,
+                ..GroupStatus::default()
             };
             o.status.send_if_modified(|s| {
                 let changed = *s != next;
@@ -230,8 +239,9 @@ impl Cluster {
 /// groups this broker leads of those they hold no replica of; forgets stale notices.
 pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
     let me = cluster.config.node_id;
-    let peers: Vec<u64> = cluster.links.peer_ids().collect();
     loop {
+        // Brokers added since (docs/replication.md §11) are told too.
+        let peers: Vec<u64> = cluster.links.peer_ids().collect();
         tokio::select! {
             _ = tokio::time::sleep(ROUND) => {}
             _ = cluster.links.announce.notified() => {}
@@ -241,8 +251,8 @@ pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
         let mut per_peer: std::collections::BTreeMap<u64, Vec<LeaderNotice>> = Default::default();
         for entry in cluster.partitions.iter() {
             let ((topic, partition), (group, replicas)) = entry.pair();
-            if !replicas.contains(&me) || replicas.len() > peers.len() {
-                continue; // not held here, or held by every broker: nobody to tell
+            if replicas.len() > peers.len() {
+                continue; // held by every broker: nobody to tell
             }
             let Some(status) = cluster.groups.get(group).map(|g| g.status.borrow().clone()) else {
                 continue;

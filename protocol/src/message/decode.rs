@@ -174,6 +174,9 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
             })?,
         },
         kind::RESERVE_PRODUCER_IDS => ReserveProducerIds { broker: r.u32()? },
+        kind::CHANGE_BROKERS => {
+            ChangeBrokers { add: r.option(|r| Ok((r.u32()?, text(r)?)))?, remove: r.option(|r| r.u32())? }
+        }
         kind::INIT_PRODUCER => InitProducer,
         kind::JOIN_GROUP => JoinGroup {
             group: text(r)?,

@@ -217,6 +217,13 @@ impl Message {
                 return payload.clone();
             }
             ReserveProducerIds { broker } => b.put_u32_le(*broker),
+            ChangeBrokers { add, remove } => {
+                put_option(b, add.as_ref(), |b, (id, addr)| {
+                    b.put_u32_le(*id);
+                    b.put_string(addr);
+                });
+                put_option(b, *remove, |b, id| b.put_u32_le(id));
+            }
             Leaders { notices } => {
                 b.put_u32_le(notices.len() as u32);
                 for n in notices {

@@ -202,6 +202,13 @@ pub enum Message {
     ReserveProducerIds {
         broker: u32,
     },
+    /// Changes the cluster's brokers, one at a time (docs/replication.md §11): adds broker
+    /// `add` (id, `HOST:PORT`) or removes broker `remove`; answered `Done` once the controller
+    /// committed the new set (the partitions then move on their own).
+    ChangeBrokers {
+        add: Option<(u32, String)>,
+        remove: Option<u32>,
+    },
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -287,6 +294,7 @@ mod kind {
     pub const RAFT: u8 = 40;
     pub const LEADERS: u8 = 41;
     pub const RESERVE_PRODUCER_IDS: u8 = 42;
+    pub const CHANGE_BROKERS: u8 = 43;
 }
 
 impl Message {
@@ -348,6 +356,7 @@ impl Message {
             Raft { .. } => kind::RAFT,
             Leaders { .. } => kind::LEADERS,
             ReserveProducerIds { .. } => kind::RESERVE_PRODUCER_IDS,
+            ChangeBrokers { .. } => kind::CHANGE_BROKERS,
         }
     }
 }

@@ -200,6 +200,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         bytes.clone().prop_map(|payload| Message::Raft { payload }),
         any::<u32>().prop_map(|broker| Message::ReserveProducerIds { broker }),
+        (proptest::option::of((any::<u32>(), "[a-z0-9.:]{0,20}")), proptest::option::of(any::<u32>()))
+            .prop_map(|(add, remove)| Message::ChangeBrokers { add, remove }),
         proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()), 0..4).prop_map(
             |n| Message::Leaders {
                 notices: n
