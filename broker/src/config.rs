@@ -199,10 +199,11 @@ pub struct ClusterConfig {
     /// Every voter, this broker included: id → address (the address clients and brokers
     /// reach it at).
     pub peers: BTreeMap<u64, SocketAddr>,
-    /// `--join HOST:PORT`: a broker of a running cluster (docs/replication.md §11). The
-    /// brokers are asked of it at start (this one must have been added with `quiver cluster
-    /// add-broker`); `peers` then holds only this broker until then.
-    pub join: Option<SocketAddr>,
+    /// `--join HOST:PORT,...`: brokers of a running cluster (docs/replication.md §11). The
+    /// brokers are asked of the first that answers at start (this one must have been added
+    /// with `quiver cluster add-broker`), else taken from the data directory (a restart);
+    /// `peers` holds only this broker until then.
+    pub join: Option<Vec<SocketAddr>>,
 }
 
 impl ClusterConfig {
@@ -235,7 +236,7 @@ impl ClusterConfig {
 
     /// A broker joining the running cluster at `join` as broker `node_id`, listening at
     /// `listen` (`--join`).
-    pub fn joining(node_id: u64, listen: SocketAddr, join: SocketAddr) -> ClusterConfig {
+    pub fn joining(node_id: u64, listen: SocketAddr, join: Vec<SocketAddr>) -> ClusterConfig {
         ClusterConfig { node_id, peers: BTreeMap::from([(node_id, listen)]), join: Some(join) }
     }
 

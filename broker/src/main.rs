@@ -41,18 +41,20 @@ struct Args {
     /// This broker's id in a cluster (with --peers, or --join).
     #[arg(long, env = "QUIVER_NODE_ID")]
     node_id: Option<u64>,
-    /// Join the running cluster of which HOST:PORT is a broker, as broker --node-id at
-    /// --listen (add it first: `quiver cluster add-broker ID@HOST:PORT`). With an empty
-    /// --data-dir the first time; give it again at every start.
+    /// Join the running cluster of which HOST:PORT is a broker (several: comma-separated, the
+    /// first that answers), as broker --node-id at --listen (add it first: `quiver cluster
+    /// add-broker ID@HOST:PORT`). With an empty --data-dir the first time; at a restart the
+    /// brokers it knew are used when none of these answers.
     #[arg(
         long,
         env = "QUIVER_JOIN",
-        value_name = "HOST:PORT",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
         requires = "node_id",
         requires = "listen",
         conflicts_with = "peers"
     )]
-    join: Option<SocketAddr>,
+    join: Option<Vec<SocketAddr>>,
     /// Every broker of the cluster, this one included: ID@HOST:PORT,ID@HOST:PORT,...
     /// (static voters; each address is that broker's --listen).
     #[arg(long, env = "QUIVER_PEERS", requires = "node_id")]
@@ -156,7 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.node_id.is_some() && args.peers.is_none() && args.join.is_none() {
         anyhow::bail!("--node-id needs --peers (a new cluster) or --join HOST:PORT (a running one)");
     }
-    if let (Some(id), Some(join)) = (args.node_id, args.join) {
+    if let (Some(id), Some(join)) = (args.node_id, args.join.clone()) {
         config.broker_id = u32::try_from(id).context("--node-id must fit 32 bits")?;
         config.cluster = Some(quiver_broker::cluster::ClusterConfig::joining(id, config.listen, join));
         anyhow::ensure!(

@@ -155,8 +155,11 @@ pub const MAX_RAFT_CONTEXT_BYTES: usize = 1024;
 /// Most ids in each list of a configuration (voters, learners, ...): far more brokers than a
 /// partition will ever have replicas or the controller voters.
 pub const MAX_RAFT_VOTERS: usize = 256;
-/// Largest `raft-state` file of a partition (its hard state, snapshot position and
-/// configuration): a fixed part plus four lists of at most `MAX_RAFT_VOTERS` ids.
+/// Largest committed configuration-change entry a replica applies: ours hold one change
+/// (about ten bytes); the bound keeps protobuf's parser to small input.
+pub const MAX_RAFT_CONF_CHANGE_BYTES: usize = 256;
+/// Largest `raft-state` file of a partition (its hard state, snapshot position, conf index
+/// and configuration): a fixed part plus four lists of at most `MAX_RAFT_VOTERS` ids.
 pub const MAX_RAFT_STATE_BYTES: u64 = 64 + 4 * (4 + 8 * MAX_RAFT_VOTERS as u64);
 /// Largest snapshot payload: a partition snapshot is a position plus the producer-state
 /// snapshot at it (broker/src/producers.rs `MAX_SNAPSHOT_BYTES`, a few MiB), the

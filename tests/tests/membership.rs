@@ -120,7 +120,16 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         // Still served: a topic created now is placed on the brokers left.
         let after = cluster.client_of(3).await?;
         cluster.create_topic(&after, "after", 3, 3).await?;
+        // A broker added but never started can be removed again (the change is undone), and
+        // the partitions that took it as a learner drop it.
+        let never = format!("127.0.0.1:{}", free_udp_port());
+        after.admin().add_broker(5, &never).await?;
+        after.admin().remove_broker(5).await?;
+        placed_on(&cluster, 1, &[2, 3, 4]).await?;
 
+        // The joined broker restarts (--join again) and serves what it holds.
+        cluster.nodes[3].restart_graceful().await?;
+        placed_on(&cluster, 3, &[2, 3, 4]).await?;
         // Every acknowledged value is in its partition, read through the new broker.
         let reader = cluster.client_of(3).await?;
         for p in 0..PARTITIONS {

@@ -229,6 +229,7 @@ pub(super) async fn start(
         producer_ids: Default::default(),
         shutdown: shutdown.clone(),
         bootstrap: parking_lot::RwLock::new(bootstrap),
+        data_dir: data_dir.to_path_buf(),
         members: parking_lot::RwLock::new(members),
         first_replicas: DashMap::new(),
     });
@@ -321,12 +322,13 @@ async fn apply(
             // corrects it when it applies the change that added it (`follow_members`).
             let recorded =
                 brokers.or_else(|| Some(cluster.bootstrap.read().clone()).filter(|b| !b.is_empty()));
-            let ids = recorded.clone().unwrap_or_else(|| cluster.member_ids());
+            let known = recorded.is_some();
+            let ids = recorded.unwrap_or_else(|| cluster.member_ids());
             for p in &topic.partitions {
                 let replicas = crate::placement::replicas(&name, p.id, &ids, usize::from(config.replicas));
                 let group = group_id(index, p.id);
                 cluster.partitions.insert((name.clone(), p.id), (group, replicas.clone()));
-                if recorded.is_some() {
+                if known {
                     cluster.first_replicas.insert(group, replicas.clone());
                 } else {
                     cluster.first_replicas.remove(&group);
@@ -334,7 +336,10 @@ async fn apply(
                 if cluster.groups.contains_key(&group) {
                     continue;
                 }
-                if !replicas.contains(&cluster.config.node_id) {
+                // Where the placement is only a guess, a replica here waits for the brokers'
+                // change that added this broker (`follow_members`): one started from a wrong
+                // first configuration could count the wrong majority.
+                if !known || !replicas.contains(&cluster.config.node_id) {
                     // Held elsewhere: known here from its leader's notices (remote.rs).
                     let (handle, observed) = super::remote::observer(&replicas);
                     cluster.observed.insert(group, observed);
@@ -352,6 +357,14 @@ async fn apply(
             tracing::info!(index, brokers = ?brokers.keys().collect::<Vec<_>>(), "the cluster's brokers changed");
             for (&id, &addr) in &brokers {
                 cluster.links.add_peer(id, addr);
+            }
+            if cluster.config.join.is_some() {
+                let (dir, list) = (cluster.data_dir.clone(), brokers.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = super::save_brokers(&dir, &list) {
+                        tracing::warn!("keeping the list of brokers: {e:#}");
+                    }
+                });
             }
             *cluster.members.write() = brokers;
             cluster.follow_members(topics);

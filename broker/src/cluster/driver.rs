@@ -271,7 +271,10 @@ impl Driver {
         }
         let stopped = node.is_none();
         // The commit is written lazily (replica/storage.rs): a clean stop writes the newest.
-        if let Some(mut n) = node.take() {
+        // Not by a replica removed from its group: its state no longer matters, and a replica
+        // started here again (added back, §11) may already be using the file.
+        let removed = self.status.borrow().removed;
+        if let Some(mut n) = node.take().filter(|_| !removed) {
             let name = self.name.clone();
             let flushed = tokio::task::spawn_blocking(move || n.mut_store().flush_commit()).await;
             if let Ok(Err(e)) = flushed {

@@ -88,6 +88,8 @@ pub struct Cluster {
     /// The brokers the cluster started with: `--peers`; for a broker that joined, learned
     /// from the first `Brokers` command it applies (empty until then).
     pub(crate) bootstrap: parking_lot::RwLock<Vec<u64>>,
+    /// The broker's data directory (a joined broker keeps the brokers it knows there).
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl Cluster {
@@ -376,7 +378,17 @@ impl Cluster {
                 let status = self.controller.status.borrow().clone();
                 let mut voters = status.voters.clone();
                 voters.sort_unstable();
-                if voters != next.keys().copied().collect::<Vec<_>>() || !status.learners.is_empty() {
+                let ids: Vec<u64> = next.keys().copied().collect();
+                let settled = voters == ids && status.learners.is_empty();
+                // Undoing an addition still under way (a broker added but never started, say):
+                // removing it leaves the configuration the controller has.
+                let undo = remove.is_some_and(|r| {
+                    let r = u64::from(r);
+                    !voters.contains(&r)
+                        && status.learners.iter().all(|&l| l == r)
+                        && ids.iter().copied().filter(|&i| i != r).eq(voters.iter().copied())
+                });
+                if !settled && !undo {
                     return Err(PartitionError::new(
                         ErrorCode::NotLeader,
                         format!(
@@ -669,14 +681,31 @@ pub(crate) async fn start(
     // list; a joining broker starts from the brokers before it (not itself: it must not
     // campaign before the controller added it) and replays every change (§11).
     let mut first_voters = config.ids();
-    if let Some(at) = config.join {
-        config.peers = ask_brokers(&endpoint, &client, at).await?;
+    if let Some(join) = config.join.clone() {
+        let saved = saved_brokers(&broker.data_dir);
+        let mut asked = None;
+        for &at in &join {
+            match ask_brokers(&endpoint, &client, at).await {
+                Ok(brokers) => {
+                    asked = Some((at, brokers));
+                    break;
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+        let (from, brokers) = match (asked, saved) {
+            (Some((at, brokers)), _) => (at.to_string(), brokers),
+            (None, Some(saved)) => ("the brokers this broker knew".to_string(), saved),
+            (None, None) => anyhow::bail!("no broker of {join:?} answered, and this broker knows no others"),
+        };
+        config.peers = brokers;
         anyhow::ensure!(
             config.peers.contains_key(&me),
-            "broker {me} is not a broker of the cluster at {at} yet: add it first with \
+            "broker {me} is not a broker of the cluster ({from}) yet: add it first with \
              `quiver cluster add-broker {me}@{}`",
             broker.listen
         );
+        save_brokers(&broker.data_dir, &config.peers)?;
         first_voters = config.peers.keys().copied().filter(|&id| id != me).collect();
         tracing::info!(brokers = ?config.peers, "joining the cluster");
     }
@@ -692,6 +721,45 @@ pub(crate) async fn start(
         shutdown,
     )
     .await
+}
+
+/// Where a broker that joined keeps the brokers it last knew (`--join` falls back to them).
+fn brokers_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("cluster").join("brokers.json")
+}
+
+fn saved_brokers(
+    data_dir: &std::path::Path,
+) -> Option<std::collections::BTreeMap<u64, std::net::SocketAddr>> {
+    let path = brokers_file(data_dir);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<Vec<(u64, std::net::SocketAddr)>>(&bytes) {
+        Ok(list) if !list.is_empty() && list.len() <= quiver_protocol::limits::MAX_RAFT_VOTERS => {
+            Some(list.into_iter().collect())
+        }
+        Ok(_) | Err(_) => {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable list of brokers");
+            None
+        }
+    }
+}
+
+/// Writes the brokers this broker knows (tmp, rename): a restart with `--join` uses them when
+/// none of the given brokers answers.
+pub(crate) fn save_brokers(
+    data_dir: &std::path::Path,
+    brokers: &std::collections::BTreeMap<u64, std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = brokers_file(data_dir);
+    let list: Vec<(u64, std::net::SocketAddr)> = brokers.iter().map(|(&id, &a)| (id, a)).collect();
+    let tmp = path.with_extension("json.tmp");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&tmp, serde_json::to_vec(&list)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
 }
 
 /// The brokers of the cluster `at` belongs to, asked of it over a peer connection.

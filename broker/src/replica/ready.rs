@@ -161,9 +161,6 @@ pub(crate) fn handle_taken(
     Ok(out)
 }
 
-/// The largest configuration change entry applied (ours hold one change: about ten bytes).
-const MAX_CONF_CHANGE_BYTES: usize = 256;
-
 /// Applies the configuration changes among `committed` (in order) that the persisted
 /// configuration does not hold yet, and persists each resulting configuration with the index
 /// of its change (docs/replication.md §11). A change at or below the persisted conf index is
@@ -179,8 +176,7 @@ pub(crate) fn apply_conf_changes(
         if e.get_entry_type() != EntryType::EntryConfChangeV2 || e.index <= node.store().conf_index() {
             continue;
         }
-        // Ours hold one change (a few bytes); the bound keeps protobuf's parser to small input.
-        if e.data.len() > MAX_CONF_CHANGE_BYTES {
+        if e.data.len() > quiver_protocol::limits::MAX_RAFT_CONF_CHANGE_BYTES {
             return Err(ReplicaError::Raft(raft::Error::ConfChangeError(format!(
                 "a committed configuration change of {} bytes",
                 e.data.len()
