@@ -126,6 +126,12 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         after.admin().add_broker(5, &never).await?;
         after.admin().remove_broker(5).await?;
         placed_on(&cluster, 1, &[2, 3, 4]).await?;
+        // A removed id is not used again (its old replicas could count a wrong majority).
+        let again = after.admin().add_broker(1, &cluster.nodes[0].addr.to_string()).await;
+        anyhow::ensure!(
+            again.as_ref().is_err_and(|e| e.to_string().contains("not used again")),
+            "adding removed broker 1 again: {again:?}"
+        );
 
         // The joined broker restarts (--join again) and serves what it holds.
         cluster.nodes[3].restart_graceful().await?;

@@ -230,6 +230,7 @@ pub(super) async fn start(
         shutdown: shutdown.clone(),
         bootstrap: parking_lot::RwLock::new(bootstrap),
         data_dir: data_dir.to_path_buf(),
+        retired: Default::default(),
         members: parking_lot::RwLock::new(members),
         first_replicas: DashMap::new(),
     });
@@ -354,6 +355,9 @@ async fn apply(
         Command::Brokers { brokers, bootstrap } => {
             let brokers = parse_brokers(&brokers).map_err(|e| PartitionError::new(ErrorCode::Internal, e))?;
             *cluster.bootstrap.write() = bootstrap;
+            let gone: Vec<u64> =
+                cluster.members.read().keys().copied().filter(|id| !brokers.contains_key(id)).collect();
+            cluster.retired.write().extend(gone);
             tracing::info!(index, brokers = ?brokers.keys().collect::<Vec<_>>(), "the cluster's brokers changed");
             for (&id, &addr) in &brokers {
                 cluster.links.add_peer(id, addr);

@@ -90,6 +90,10 @@ pub struct Cluster {
     pub(crate) bootstrap: parking_lot::RwLock<Vec<u64>>,
     /// The broker's data directory (a joined broker keeps the brokers it knows there).
     pub(crate) data_dir: std::path::PathBuf,
+    /// Ids of brokers removed from the cluster: never added again (§11). Its replicas' state
+    /// could still name it a voter of groups that removed it, and would count a majority that
+    /// is not the group's.
+    pub(crate) retired: parking_lot::RwLock<std::collections::BTreeSet<u64>>,
 }
 
 impl Cluster {
@@ -406,6 +410,15 @@ impl Cluster {
                         })?;
                         if id == 0 || next.contains_key(&id) {
                             return Err(malformed(format!("broker {id} is already in the cluster (or 0)")));
+                        }
+                        if self.retired.read().contains(&id) {
+                            return Err(PartitionError::new(
+                                ErrorCode::Malformed,
+                                format!(
+                                    "broker id {id} was removed from this cluster and is not used again: \
+                                     add the machine under a new id, with an empty data directory"
+                                ),
+                            ));
                         }
                         if next.len() >= quiver_protocol::limits::MAX_RAFT_VOTERS {
                             return Err(malformed("the cluster has as many brokers as it can".into()));
