@@ -73,7 +73,7 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
                     let sent = std::time::Instant::now();
                     let ack = producer.enqueue(TOPIC, record).await?;
                     ack.await?;
-                    acked.push((i, sent.elapsed()));
+                    acked.push((i, sent, sent.elapsed()));
                     i += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -110,13 +110,28 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         // (controller, __offsets, the topic) depends on it any more.
         admin.admin().remove_broker(1).await?;
         placed_on(&cluster, 1, &[2, 3, 4]).await?;
+        let killed_at = std::time::Instant::now();
         cluster.nodes[0].kill9();
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let acked = sending.await??;
         anyhow::ensure!(acked.len() > 50, "only {} values were acknowledged", acked.len());
-        let slowest = acked.iter().map(|(_, took)| *took).max().unwrap_or_default();
-        eprintln!("{} values acknowledged; the slowest took {slowest:?}", acked.len());
+        // Measured, not asserted (speed targets live in benchmarks): the slowest
+        // acknowledgement while brokers were added and removed (answered before the kill), and
+        // of those in flight at or sent after the kill of the removed broker (the client's
+        // first broker: its connections fail over).
+        let took_of: std::collections::HashMap<std::time::Instant, Duration> =
+            acked.iter().map(|(_, sent, took)| (*sent, *took)).collect();
+        let acked_before = |sent: &std::time::Instant, at: std::time::Instant| *sent + took_of[sent] < at;
+        let slowest = |during: &dyn Fn(&std::time::Instant) -> bool| {
+            acked.iter().filter(|(_, sent, _)| during(sent)).map(|(_, _, took)| *took).max().unwrap_or_default()
+        };
+        eprintln!(
+            "{} values acknowledged; the slowest took {:?} while brokers were added and removed, {:?} around the kill",
+            acked.len(),
+            slowest(&|sent| acked_before(sent, killed_at)),
+            slowest(&|sent| !acked_before(sent, killed_at)),
+        );
         // Still served: a topic created now is placed on the brokers left.
         let after = cluster.client_of(3).await?;
         cluster.create_topic(&after, "after", 3, 3).await?;
@@ -144,7 +159,7 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
                 .into_iter()
                 .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
                 .collect();
-            for (i, _) in acked.iter().filter(|(i, _)| (i % PARTITIONS as u64) as u32 == p) {
+            for (i, _, _) in acked.iter().filter(|(i, _, _)| (i % PARTITIONS as u64) as u32 == p) {
                 anyhow::ensure!(
                     values.contains(&format!("v{i}")),
                     "acknowledged v{i} is missing from partition {p}"

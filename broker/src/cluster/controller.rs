@@ -207,7 +207,8 @@ pub(super) async fn start(
         links.clone(),
         None,
         on_commit,
-        members.keys().copied().collect(),
+        // Set once the log is replayed (`follow_members`).
+        Vec::new(),
         shutdown.child_token(),
     );
     let (applied_tx, applied) = watch::channel(0u64);
@@ -231,6 +232,8 @@ pub(super) async fn start(
         bootstrap: parking_lot::RwLock::new(bootstrap),
         data_dir: data_dir.to_path_buf(),
         retired: Default::default(),
+        replayed: Default::default(),
+        following: Default::default(),
         members: parking_lot::RwLock::new(members),
         first_replicas: DashMap::new(),
     });
@@ -239,6 +242,7 @@ pub(super) async fn start(
     // issued from again.
     cluster.producer_ids.set_replayed_through(logged);
     tokio::spawn(super::remote::announce_loop(cluster.clone(), topics.clone()));
+    let topics_for_follow = topics.clone();
     tokio::spawn(apply_loop(cluster.clone(), topics, apply_rx, applied_tx, max_partitions_total));
     if commit > 0 {
         let mut a = cluster.applied.clone();
@@ -248,6 +252,9 @@ pub(super) async fn start(
             .context("the controller stopped while replaying")?;
         tracing::info!(commands = commit, "replayed the controller log");
     }
+    // From now on the groups move toward placement over the brokers the log ends with.
+    cluster.replayed.store(true, std::sync::atomic::Ordering::Release);
+    cluster.follow_members(&topics_for_follow);
     // A block in hand before anyone asks: a broker cut off from the controller later still
     // issues producer ids from it.
     cluster.keep_spare_producer_ids();

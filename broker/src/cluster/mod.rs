@@ -94,6 +94,13 @@ pub struct Cluster {
     /// could still name it a voter of groups that removed it, and would count a majority that
     /// is not the group's.
     pub(crate) retired: parking_lot::RwLock<std::collections::BTreeSet<u64>>,
+    /// Set once the controller log replayed at start: until then no group is given desired
+    /// voters (a replay passes through old broker sets; a leader elected meanwhile must not
+    /// move its group toward one of them).
+    pub(crate) replayed: std::sync::atomic::AtomicBool,
+    /// Held while the partitions follow a new broker set (at most one replica started per
+    /// group).
+    following: parking_lot::Mutex<()>,
 }
 
 impl Cluster {
@@ -125,6 +132,10 @@ impl Cluster {
         desired: &[u64],
     ) -> Result<(), PartitionError> {
         let me = self.config.node_id;
+        let desired = match self.replayed.load(std::sync::atomic::Ordering::Acquire) {
+            true => desired,
+            false => &[],
+        };
         let handle = attach(&self.links, me, p, config, group, first, desired, &self.shutdown)?;
         let mut status = handle.status.clone();
         self.observed.remove(&group);
@@ -159,8 +170,12 @@ impl Cluster {
     /// voters (the leader adds it as a learner and sends it the log). The controller's desired
     /// voters are all the brokers.
     pub(crate) fn follow_members(self: &Arc<Self>, topics: &Topics) {
+        let _following = self.following.lock();
+        let replayed = self.replayed.load(std::sync::atomic::Ordering::Acquire);
         let ids = self.member_ids();
-        self.controller.desired.send_replace(ids.clone());
+        if replayed {
+            self.controller.desired.send_replace(ids.clone());
+        }
         let me = self.config.node_id;
         for t in topics.all() {
             let Some(index) = self.topic_index.get(&*t.name).map(|i| *i) else { continue };
@@ -173,7 +188,7 @@ impl Cluster {
                 }
                 let runs_here = self.groups.contains_key(&group) && !self.observed.contains_key(&group);
                 if runs_here {
-                    if let Some(g) = self.groups.get(&group) {
+                    if let Some(g) = self.groups.get(&group).filter(|_| replayed) {
                         g.desired.send_replace(desired.clone());
                     }
                 } else if desired.contains(&me) {
