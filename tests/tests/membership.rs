@@ -6,6 +6,8 @@
 //! every partition's replicas are its placement over the brokers left.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quiver_client::{Producer, ProducerConfig, ProducerRecord};
@@ -41,12 +43,94 @@ async fn placed_on(cluster: &Cluster, i: usize, brokers: &[u64]) -> anyhow::Resu
         if pending.is_empty() {
             return Ok(());
         }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "partitions not moved to placement over {brokers:?}: (partition, replicas, wanted, leader) {pending:?}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let mut views = Vec::new();
+            for (j, n) in cluster.nodes.iter().enumerate() {
+                let view = match cluster.status_of(j).await {
+                    Ok(s) => {
+                        format!("{:?}", s.partitions.iter().filter(|p| p.topic == TOPIC).collect::<Vec<_>>())
+                    }
+                    Err(e) => e.to_string(),
+                };
+                views.push(format!("broker at {}: {view}", n.addr));
+            }
+            anyhow::bail!(
+                "partitions not moved to placement over {brokers:?}: (partition, replicas, wanted, leader) \
+                 {pending:?}; as each broker sees them:\n{}",
+                views.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// (value index, when it was sent, how long its acknowledgement took).
+type Acked = Vec<(u64, std::time::Instant, Duration)>;
+type Sending = tokio::task::JoinHandle<anyhow::Result<Acked>>;
+
+/// A producer sending one value at a time (partition = index mod PARTITIONS), each awaited,
+/// until told to stop.
+fn produce_throughout(client: &quiver_client::Client) -> (Arc<AtomicBool>, Sending) {
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sending = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let record = ProducerRecord::new(format!("v{i}")).partition((i % PARTITIONS as u64) as u32);
+                let sent = std::time::Instant::now();
+                let ack = producer.enqueue(TOPIC, record).await?;
+                ack.await?;
+                acked.push((i, sent, sent.elapsed()));
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(acked)
+        })
+    };
+    (stop, sending)
+}
+
+async fn stop_producing(stop: Arc<AtomicBool>, sending: Sending) -> anyhow::Result<Acked> {
+    stop.store(true, Ordering::Relaxed);
+    let acked = sending.await??;
+    anyhow::ensure!(acked.len() > 50, "only {} values were acknowledged", acked.len());
+    Ok(acked)
+}
+
+/// Every acknowledged value is in its partition, read through `reader`.
+async fn all_there(reader: &quiver_client::Client, acked: &Acked) -> anyhow::Result<()> {
+    for p in 0..PARTITIONS {
+        let values: BTreeSet<String> = read_partition(reader, TOPIC, p)
+            .await?
+            .into_iter()
+            .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
+            .collect();
+        for (i, _, _) in acked.iter().filter(|(i, _, _)| (i % PARTITIONS as u64) as u32 == p) {
+            anyhow::ensure!(
+                values.contains(&format!("v{i}")),
+                "acknowledged v{i} is missing from partition {p}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts broker 4 joining `cluster` (added first), reachable at a fresh loopback port.
+async fn add_fourth(
+    cluster: &mut Cluster,
+    admin: &quiver_client::Client,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+    admin.admin().add_broker(4, &addr4.to_string()).await?;
+    let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
+    let node4 =
+        BrokerProcess::start_joining(BIN, &dir.join("node-4"), 4, addr4, cluster.nodes[0].addr, &ca_dir)?;
+    cluster.nodes.push(node4);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,40 +144,11 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
 
         // A producer sends throughout, every value acknowledged by a majority.
-        let producer = Producer::new(admin.clone(), ProducerConfig::default());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sending = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                let mut i = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let record =
-                        ProducerRecord::new(format!("v{i}")).partition((i % PARTITIONS as u64) as u32);
-                    let sent = std::time::Instant::now();
-                    let ack = producer.enqueue(TOPIC, record).await?;
-                    ack.await?;
-                    acked.push((i, sent, sent.elapsed()));
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                anyhow::Ok(acked)
-            })
-        };
+        let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // Broker 4 is added, then started with --join.
-        let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
-        admin.admin().add_broker(4, &addr4.to_string()).await?;
-        let node4 = BrokerProcess::start_joining(
-            BIN,
-            &dir.path().join("node-4"),
-            4,
-            addr4,
-            cluster.nodes[0].addr,
-            cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?,
-        )?;
-        cluster.nodes.push(node4);
+        add_fourth(&mut cluster, &admin, dir.path()).await?;
         placed_on(&cluster, 0, &[1, 2, 3, 4]).await?;
         let status = cluster.status_of(3).await?;
         anyhow::ensure!(
@@ -113,9 +168,7 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         let killed_at = std::time::Instant::now();
         cluster.nodes[0].kill9();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let acked = sending.await??;
-        anyhow::ensure!(acked.len() > 50, "only {} values were acknowledged", acked.len());
+        let acked = stop_producing(stop, sending).await?;
         // Measured, not asserted (speed targets live in benchmarks): the slowest
         // acknowledgement while brokers were added and removed (answered before the kill), and
         // of those in flight at or sent after the kill of the removed broker (the client's
@@ -152,21 +205,37 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         cluster.nodes[3].restart_graceful().await?;
         placed_on(&cluster, 3, &[2, 3, 4]).await?;
         // Every acknowledged value is in its partition, read through the new broker.
-        let reader = cluster.client_of(3).await?;
-        for p in 0..PARTITIONS {
-            let values: BTreeSet<String> = read_partition(&reader, TOPIC, p)
-                .await?
-                .into_iter()
-                .map(|(_, value)| String::from_utf8_lossy(&value).into_owned())
-                .collect();
-            for (i, _, _) in acked.iter().filter(|(i, _, _)| (i % PARTITIONS as u64) as u32 == p) {
-                anyhow::ensure!(
-                    values.contains(&format!("v{i}")),
-                    "acknowledged v{i} is missing from partition {p}"
-                );
-            }
-        }
+        all_there(&cluster.client_of(3).await?, &acked).await?;
         Ok(())
+    })
+    .await
+}
+
+/// The moves go on across a kill -9: broker 4 is added and, while partitions move to it, broker
+/// 2 (a leader of some of them, perhaps the controller's) is killed and started again. The
+/// groups' new leaders carry on from the configuration they applied; every partition ends on
+/// its placement over the four brokers and every acknowledged value is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_carry_on_across_a_leaders_kill() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(240, async {
+        let dir = test_dir()?;
+        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, TOPIC, PARTITIONS, 3).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (stop, sending) = produce_throughout(&admin);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        add_fourth(&mut cluster, &admin, dir.path()).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.nodes[1].kill9();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.nodes[1].restart().await?;
+        placed_on(&cluster, 3, &[1, 2, 3, 4]).await?;
+        placed_on(&cluster, 1, &[1, 2, 3, 4]).await?;
+        let acked = stop_producing(stop, sending).await?;
+        all_there(&cluster.client_of(3).await?, &acked).await?;
+        all_there(&cluster.client_of(1).await?, &acked).await
     })
     .await
 }

@@ -138,6 +138,7 @@ impl Cluster {
         };
         let handle = attach(&self.links, me, p, config, group, first, desired, &self.shutdown)?;
         let mut status = handle.status.clone();
+        let running = handle.status.clone();
         self.observed.remove(&group);
         self.groups.insert(group, handle);
         let cluster = Arc::downgrade(self);
@@ -146,20 +147,11 @@ impl Cluster {
                 return; // the group stopped or was dropped
             }
             let Some(cluster) = cluster.upgrade() else { return };
-            let replicas = cluster
-                .partitions
-                .iter()
-                .find(|e| e.value().0 == group)
-                .map(|e| e.value().1.clone())
-                .unwrap_or_default();
             tracing::info!(
                 group,
                 "this replica was removed from its group; the partition is observed from here on"
             );
-            let (handle, observed) = remote::observer(&replicas);
-            cluster.observed.insert(group, observed);
-            // Dropping the replica's handle ends its driver.
-            cluster.groups.insert(group, handle);
+            cluster.observe_instead(group, &running);
         });
         Ok(())
     }

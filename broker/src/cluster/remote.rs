@@ -74,7 +74,10 @@ impl Cluster {
     pub(crate) fn observe(&self, from: u64, notices: Vec<LeaderNotice>) {
         let now = Instant::now();
         for n in notices {
-            let Some(mut o) = self.observed.get_mut(&n.group) else { continue };
+            let Some(mut o) = self.observed.get_mut(&n.group) else {
+                self.leave_if_moved_away(from, &n);
+                continue;
+            };
             // From a replica, or (a partition moving, §11) from any broker of the cluster.
             let member = o.replicas.contains(&from) || self.members.read().contains_key(&from);
             if !member || n.term < o.status.borrow().term {
@@ -99,6 +102,44 @@ impl Cluster {
                 changed
             });
         }
+    }
+
+    /// A notice for a group this broker runs a replica of: the group's leader counts this broker
+    /// out of it (leaders tell only the brokers outside a partition). If this broker too no
+    /// longer places a replica of it here, the replica stops and the partition is observed
+    /// (§11): a replica that was down while the change removing it committed never hears of
+    /// that change (the leader sends nothing more to a removed replica), and would otherwise sit
+    /// there without a leader. Stopping a replica is never unsafe (its files stay, as after a
+    /// crash); one still a voter is removed by the leader next.
+    fn leave_if_moved_away(&self, from: u64, n: &LeaderNotice) {
+        let me = self.config.node_id;
+        let placed_here = self.partitions.iter().any(|e| e.value().0 == n.group && e.value().1.contains(&me));
+        let Some(running) = self.groups.get(&n.group).map(|g| g.status.clone()) else { return };
+        let status = running.borrow().clone();
+        if placed_here || from == me || n.term < status.term || status.leader == Some(me) {
+            return;
+        }
+        tracing::info!(group = n.group, leader = from, "the group's leader counts this replica out of it: stopped, the partition is observed from here on");
+        self.observe_instead(n.group, &running);
+    }
+
+    /// Stops the replica of `group` here whose status is `running` (dropping its handle ends
+    /// its driver) and observes the group instead; nothing if another replica or an observer
+    /// took its place since.
+    pub(crate) fn observe_instead(&self, group: u64, running: &watch::Receiver<GroupStatus>) {
+        let replicas = self
+            .partitions
+            .iter()
+            .find(|e| e.value().0 == group)
+            .map(|e| e.value().1.clone())
+            .unwrap_or_default();
+        let Some(mut slot) = self.groups.get_mut(&group) else { return };
+        if !slot.status.same_channel(running) {
+            return;
+        }
+        let (handle, observed) = observer(&replicas);
+        self.observed.insert(group, observed);
+        *slot = handle;
     }
 
     /// Forgets leaders not heard of within `NOTICE_TTL`.

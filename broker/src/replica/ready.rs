@@ -187,6 +187,7 @@ pub(crate) fn apply_conf_changes(
         let cs = node.apply_conf_change(&cc)?;
         tracing::info!(
             id = node.raft.id,
+            dir = %node.store().log().lock().dir().display(),
             index = e.index,
             voters = ?cs.get_voters(),
             learners = ?cs.get_learners(),
