@@ -191,6 +191,7 @@ fn messages() -> Vec<Message> {
                 high_watermark: 9,
                 in_sync: vec![1, 2],
                 lag: 0,
+                members: vec![1, 2, 3],
             }],
         },
     ]

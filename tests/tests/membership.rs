@@ -20,6 +20,11 @@ const PARTITIONS: u32 = 6;
 /// Waits until broker `i` reports every partition of TOPIC with exactly `replicas` as its
 /// configuration and a leader among them.
 async fn placed_on(cluster: &Cluster, i: usize, brokers: &[u64]) -> anyhow::Result<()> {
+    placed_with(cluster, i, brokers, 3).await
+}
+
+/// As [`placed_on`] for a topic of `r` replicas.
+async fn placed_with(cluster: &Cluster, i: usize, brokers: &[u64], r: usize) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let mut pending = vec![(u32::MAX, BTreeSet::new(), BTreeSet::new(), None)];
@@ -28,7 +33,7 @@ async fn placed_on(cluster: &Cluster, i: usize, brokers: &[u64]) -> anyhow::Resu
                 pending.clear();
                 for p in status.partitions.iter().filter(|p| p.topic == TOPIC) {
                     let want: BTreeSet<u32> =
-                        quiver_broker::placement::replicas(TOPIC, p.partition, brokers, 3)
+                        quiver_broker::placement::replicas(TOPIC, p.partition, brokers, r)
                             .into_iter()
                             .map(|b| b as u32)
                             .collect();
@@ -236,6 +241,34 @@ async fn moves_carry_on_across_a_leaders_kill() -> anyhow::Result<()> {
         let acked = stop_producing(stop, sending).await?;
         all_there(&cluster.client_of(3).await?, &acked).await?;
         all_there(&cluster.client_of(1).await?, &acked).await
+    })
+    .await
+}
+
+/// A topic of 2 replicas (a majority of 2 is 2) moves off a removed broker: the broker being
+/// removed keeps its replicas serving until the change that removes each commits, so no group
+/// loses its majority on the way (a replica that stopped as soon as its broker was placed
+/// elsewhere left such a group without a leader for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(240, async {
+        let dir = test_dir()?;
+        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, TOPIC, PARTITIONS, 2).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (stop, sending) = produce_throughout(&admin);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        add_fourth(&mut cluster, &admin, dir.path()).await?;
+        placed_with(&cluster, 3, &[1, 2, 3, 4], 2).await?;
+        admin.admin().remove_broker(1).await?;
+        placed_with(&cluster, 1, &[2, 3, 4], 2).await?;
+        placed_with(&cluster, 3, &[2, 3, 4], 2).await?;
+        cluster.nodes[0].kill9();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let acked = stop_producing(stop, sending).await?;
+        all_there(&cluster.client_of(3).await?, &acked).await
     })
     .await
 }

@@ -234,6 +234,7 @@ pub(super) async fn start(
         retired: Default::default(),
         replayed: Default::default(),
         following: Default::default(),
+        ending: DashMap::new(),
         members: parking_lot::RwLock::new(members),
         first_replicas: DashMap::new(),
     });
@@ -357,6 +358,15 @@ async fn apply(
                 cluster.attach_here(p, &topic.config, group, &replicas, &replicas)?;
             }
             cluster.topic_index.insert(name, index);
+            // Placed over other brokers than the cluster has now (a change committed between
+            // its proposal and here): it moves to its placement over today's brokers.
+            let mut today = cluster.member_ids();
+            let mut placed_over = ids;
+            today.sort_unstable();
+            placed_over.sort_unstable();
+            if known && today != placed_over {
+                cluster.follow_members(topics);
+            }
             Ok(())
         }
         Command::Brokers { brokers, bootstrap } => {

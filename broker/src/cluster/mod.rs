@@ -101,6 +101,9 @@ pub struct Cluster {
     /// Held while the partitions follow a new broker set (at most one replica started per
     /// group).
     following: parking_lot::Mutex<()>,
+    /// Replicas stopped here whose drivers may still run (`observe_instead`): the status each
+    /// driver publishes, closed once it ended.
+    pub(crate) ending: DashMap<u64, tokio::sync::watch::Receiver<driver::GroupStatus>>,
 }
 
 impl Cluster {
@@ -132,6 +135,15 @@ impl Cluster {
         desired: &[u64],
     ) -> Result<(), PartitionError> {
         let me = self.config.node_id;
+        if let Some(old) = self.ending.get(&group).map(|o| o.clone()) {
+            if old.has_changed().is_ok() {
+                return Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    "the previous replica of this partition here is still stopping",
+                ));
+            }
+            self.ending.remove(&group);
+        }
         let desired = match self.replayed.load(std::sync::atomic::Ordering::Acquire) {
             true => desired,
             false => &[],
@@ -154,6 +166,23 @@ impl Cluster {
             cluster.observe_instead(group, &running);
         });
         Ok(())
+    }
+
+    /// Every round (`announce_loop`): a partition placed here whose replica here stopped (removed
+    /// from its group while this broker placed it here again, or stopped by a notice) gets a new
+    /// one, once the old one's driver ended.
+    pub(crate) fn reconcile(self: &Arc<Self>, topics: &Topics) {
+        if !self.replayed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let me = self.config.node_id;
+        let missing = self
+            .partitions
+            .iter()
+            .any(|e| e.value().1.contains(&me) && self.observed.contains_key(&e.value().0));
+        if missing {
+            self.follow_members(topics);
+        }
     }
 
     /// After the brokers changed: every partition's desired replicas are its placement over
@@ -190,6 +219,9 @@ impl Cluster {
                         Some(first) => first,
                         None => {
                             let bootstrap = self.bootstrap.read().clone();
+                            if bootstrap.is_empty() {
+                                continue; // not known yet: a guess could count a wrong majority
+                            }
                             crate::placement::replicas(
                                 &t.name,
                                 p.id,
@@ -198,9 +230,13 @@ impl Cluster {
                             )
                         }
                     };
-                    tracing::info!(group, topic = %t.name, partition = p.id, "a replica of this partition moves here");
-                    if let Err(e) = self.attach_here(p, &t.config, group, &first, &desired) {
-                        tracing::error!(group, "starting a replica of {}/{}: {e}", t.name, p.id);
+                    match self.attach_here(p, &t.config, group, &first, &desired) {
+                        Ok(()) => {
+                            tracing::info!(group, topic = %t.name, partition = p.id, "a replica of this partition moves here")
+                        }
+                        // The previous replica's driver is still stopping: the next round.
+                        Err(e) if e.code == ErrorCode::NotLeader => tracing::debug!(group, "{e}"),
+                        Err(e) => tracing::error!(group, "starting a replica of {}/{}: {e}", t.name, p.id),
                     }
                 }
             }

@@ -104,19 +104,23 @@ impl Cluster {
         }
     }
 
-    /// A notice for a group this broker runs a replica of: the group's leader counts this broker
-    /// out of it (leaders tell only the brokers outside a partition). If this broker too no
-    /// longer places a replica of it here, the replica stops and the partition is observed
-    /// (§11): a replica that was down while the change removing it committed never hears of
-    /// that change (the leader sends nothing more to a removed replica), and would otherwise sit
-    /// there without a leader. Stopping a replica is never unsafe (its files stay, as after a
-    /// crash); one still a voter is removed by the leader next.
+    /// A notice for a group this broker runs a replica of. If the leader's applied configuration
+    /// does not have this broker, a committed change removed it: the replica stops and the
+    /// partition is observed (§11). A replica that was down while that change committed never
+    /// hears of it otherwise (the leader sends nothing more to a removed replica) and would sit
+    /// there without a leader. (If this broker is to hold a replica again, `reconcile` starts a
+    /// new one, which the leader adds as a learner.)
     fn leave_if_moved_away(&self, from: u64, n: &LeaderNotice) {
         let me = self.config.node_id;
-        let placed_here = self.partitions.iter().any(|e| e.value().0 == n.group && e.value().1.contains(&me));
+        // The leader's applied configuration has this broker (a voter being moved away, still
+        // counted; a learner): it stays. Its applied configuration comes from committed changes,
+        // so a replica outside it is removed for good.
+        if n.members.is_empty() || n.members.contains(&(me as u32)) || from == me {
+            return;
+        }
         let Some(running) = self.groups.get(&n.group).map(|g| g.status.clone()) else { return };
         let status = running.borrow().clone();
-        if placed_here || from == me || n.term < status.term || status.leader == Some(me) {
+        if n.term < status.term || status.leader == Some(me) {
             return;
         }
         tracing::info!(group = n.group, leader = from, "the group's leader counts this replica out of it: stopped, the partition is observed from here on");
@@ -140,6 +144,9 @@ impl Cluster {
         let (handle, observed) = observer(&replicas);
         self.observed.insert(group, observed);
         *slot = handle;
+        // Its driver ends once the last handle is gone; no replica of the group starts here
+        // before (two drivers on one log).
+        self.ending.insert(group, running.clone());
     }
 
     /// Forgets leaders not heard of within `NOTICE_TTL`.
@@ -289,6 +296,7 @@ pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
             _ = cluster.shutdown.cancelled() => return,
         }
         cluster.expire_notices(Instant::now());
+        cluster.reconcile(&topics);
         let mut per_peer: std::collections::BTreeMap<u64, Vec<LeaderNotice>> = Default::default();
         for entry in cluster.partitions.iter() {
             let ((topic, partition), (group, replicas)) = entry.pair();
@@ -316,6 +324,7 @@ pub(crate) async fn announce_loop(cluster: Arc<Cluster>, topics: Arc<Topics>) {
                 high_watermark,
                 in_sync: status.in_sync.iter().map(|&i| i as u32).collect(),
                 lag: status.lag,
+                members: status.voters.iter().chain(&status.learners).map(|&i| i as u32).collect(),
             };
             for &peer in peers.iter().filter(|p| !replicas.contains(p)) {
                 per_peer.entry(peer).or_default().push(notice.clone());

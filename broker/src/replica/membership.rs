@@ -14,6 +14,9 @@ use raft::{RawNode, StateRole};
 
 use super::{LogStorage, ReplicaError};
 
+/// A learner becomes a voter once its log is within this many entries of the commit.
+const PROMOTE_WITHIN: u64 = 64;
+
 /// The next change a leader makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -48,7 +51,13 @@ pub(crate) fn next_step(node: &RawNode<LogStorage>, desired: &[u64]) -> Option<S
         return Some(Step::AddLearner(missing));
     }
     let commit = raft.raft_log.committed;
-    let caught_up = |id: u64| raft.prs().get(id).is_some_and(|p| p.matched >= commit);
+    // Near the commit and receiving appends as they come: under a steady load a learner a
+    // little slower than the fastest follower may never reach the commit exactly at a tick.
+    let caught_up = |id: u64| {
+        raft.prs().get(id).is_some_and(|p| {
+            p.state == raft::ProgressState::Replicate && p.matched + PROMOTE_WITHIN >= commit
+        })
+    };
     let mut learners = learners.to_vec();
     learners.sort_unstable();
     for l in learners {

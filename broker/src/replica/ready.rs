@@ -195,5 +195,8 @@ pub(crate) fn apply_conf_changes(
         );
         node.mut_store().set_conf_state(cs, e.index)?;
     }
+    if let Some(last) = committed.last() {
+        node.mut_store().set_applied(last.index);
+    }
     Ok(())
 }

@@ -46,6 +46,10 @@ pub(crate) struct LogStorage {
     repair_until: Option<u64>,
     /// The newest commit raft-rs reported (at least the persisted one).
     commit_known: u64,
+    /// The last committed entry handed out and applied (its configuration change, if any,
+    /// persisted): the persisted commit never passes it, or a restart (which hands out only
+    /// what follows the persisted commit) would skip a change (§11).
+    applied_through: u64,
     /// When (ms, the caller's clock) a moving commit was last written.
     written_ms: i64,
     /// `None`: every append is fsynced before it counts (durability `always`). `Some(ms)`:
@@ -124,6 +128,10 @@ impl LogStorage {
             commit
         });
         let commit_known = state.hard_state.get_commit();
+        let applied_through = {
+            let log = log.lock();
+            commit_known.min(log.next_ordinal() - 1).max(log.first_ordinal() - 1)
+        };
         Ok(LogStorage {
             log,
             storage,
@@ -132,6 +140,7 @@ impl LogStorage {
             tracker: None,
             repair_until,
             commit_known,
+            applied_through,
             written_ms: i64::MIN,
             sync_every_ms: None,
             synced_ms: i64::MIN,
@@ -216,6 +225,11 @@ impl LogStorage {
         self.replace_state(next)
     }
 
+    /// Notes that the committed entries through `index` were handed out and applied.
+    pub(crate) fn set_applied(&mut self, index: u64) {
+        self.applied_through = self.applied_through.max(index);
+    }
+
     /// Records a higher commit; [`commit_due`](Self::commit_due) writes it at most every
     /// [`COMMIT_WRITE_INTERVAL_MS`], [`flush_commit`](Self::flush_commit) at once.
     pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), ReplicaError> {
@@ -290,10 +304,10 @@ impl LogStorage {
     }
 
     /// The commit to persist: never below the mark of a repair in progress (§7), never above
-    /// what the log holds.
+    /// what the log holds or what was applied.
     fn persistable_commit(&self) -> u64 {
         let last = self.log.lock().next_ordinal() - 1;
-        let commit = self.commit_known.min(last);
+        let commit = self.commit_known.min(last).min(self.applied_through);
         match self.repair_until {
             Some(mark) => commit.max(mark),
             None => commit,
@@ -489,6 +503,7 @@ impl LogStorage {
         next.conf_index = data.conf_index;
         self.replace_state(next)?;
         self.commit_known = self.commit_known.max(index);
+        self.applied_through = self.applied_through.max(index);
         (self.synced_ms, self.unsynced) = (now_ms, false);
         if self.repair_until.is_some_and(|mark| index >= mark) {
             tracing::info!(dir = %self.dir.display(), "repaired by a snapshot; voting resumes");

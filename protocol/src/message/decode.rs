@@ -161,7 +161,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         },
         kind::RAFT => Raft { payload: r.bytes("raft message", crate::limits::MAX_RAFT_MESSAGE_BYTES)? },
         kind::LEADERS => Leaders {
-            notices: r.list("leader notices", 5 * 8 + 4 + 8, |r| {
+            notices: r.list("leader notices", 5 * 8 + 4 + 8 + 4, |r| {
                 Ok(LeaderNotice {
                     group: r.u64()?,
                     term: r.u64()?,
@@ -170,6 +170,7 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                     high_watermark: r.u64()?,
                     in_sync: broker_ids(r)?,
                     lag: r.u64()?,
+                    members: broker_ids(r)?,
                 })
             })?,
         },

@@ -234,6 +234,7 @@ impl Message {
                     b.put_u64_le(n.high_watermark);
                     put_u32s(b, &n.in_sync);
                     b.put_u64_le(n.lag);
+                    put_u32s(b, &n.members);
                 }
             }
         }

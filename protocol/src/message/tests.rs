@@ -214,6 +214,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         high_watermark: hw,
                         in_sync: vec![1, 3],
                         lag: term,
+                        members: vec![1, 3, 4],
                     })
                     .collect(),
             }

@@ -77,6 +77,10 @@ pub struct LeaderNotice {
     pub in_sync: Vec<u32>,
     /// As `ReplicaStatus::lag`.
     pub lag: u64,
+    /// The group's configuration as the leader applied it (voters and learners): a broker
+    /// outside it whose replica was removed while it was down learns so from this
+    /// (docs/replication.md §11).
+    pub members: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -67,6 +67,10 @@ fn storage_maps_entries_to_batches_and_back() -> Result<(), Error> {
     let mut hs = store.hard_state().clone();
     hs.set_commit(2);
     store.set_hard_state(&hs)?;
+    // The persisted commit never passes what was handed out and applied (§11).
+    store.flush_commit()?;
+    assert_eq!(store.hard_state().get_commit(), 0, "nothing applied yet");
+    store.set_applied(2);
     store.flush_commit()?;
     store
         .append(&[entry(3, 3, EntryType::EntryNormal, b""), entry(4, 3, EntryType::EntryNormal, &user)], 0)?;
