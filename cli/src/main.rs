@@ -70,7 +70,8 @@ enum ClusterCmd {
     /// HOST:PORT --join ANY-BROKER --dev-ca DIR`); partitions move to it on their own.
     AddBroker {
         /// ID@HOST:PORT: its id and the address it listens at.
-        broker: String,
+        #[arg(value_name = "ID@HOST:PORT")]
+        new_broker: String,
     },
     /// Removes a broker from the cluster: its replicas move to the others (see `cluster
     /// status`); stop it once it holds none.
@@ -352,7 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offsets { group, topic } => offsets(&client, &group, &topic).await,
         Command::Group(cmd) => group(&client, cmd).await,
         Command::Cluster(ClusterCmd::Status { json }) => cluster_status(&client, json).await,
-        Command::Cluster(ClusterCmd::AddBroker { broker }) => {
+        Command::Cluster(ClusterCmd::AddBroker { new_broker: broker }) => {
             let (id, addr) = broker
                 .split_once('@')
                 .and_then(|(id, addr)| Some((id.parse::<u32>().ok()?, addr)))

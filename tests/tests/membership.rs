@@ -69,6 +69,15 @@ async fn placed_with(cluster: &Cluster, i: usize, brokers: &[u64], r: usize) -> 
     }
 }
 
+/// Runs the `quiver` CLI against the cluster's brokers; its standard output.
+async fn cli(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_quiver-under-test"));
+    cmd.arg("--broker").arg(cluster.brokers()).arg("--ca").arg(&cluster.ca).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    anyhow::ensure!(out.status.success(), "quiver {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// (value index, when it was sent, how long its acknowledgement took).
 type Acked = Vec<(u64, std::time::Instant, Duration)>;
 type Sending = tokio::task::JoinHandle<anyhow::Result<Acked>>;
@@ -260,9 +269,23 @@ async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> 
         cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        add_fourth(&mut cluster, &admin, dir.path()).await?;
+        // Through the CLI, as the README shows it.
+        let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        let added = cli(&cluster, &["cluster", "add-broker", &format!("4@{addr4}")]).await?;
+        anyhow::ensure!(added.contains("broker 4 added"), "{added}");
+        let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
+        let node4 = BrokerProcess::start_joining(
+            BIN,
+            &dir.path().join("node-4"),
+            4,
+            addr4,
+            cluster.nodes[0].addr,
+            &ca_dir,
+        )?;
+        cluster.nodes.push(node4);
         placed_with(&cluster, 3, &[1, 2, 3, 4], 2).await?;
-        admin.admin().remove_broker(1).await?;
+        let removed = cli(&cluster, &["cluster", "remove-broker", "1"]).await?;
+        anyhow::ensure!(removed.contains("broker 1 removed"), "{removed}");
         placed_with(&cluster, 1, &[2, 3, 4], 2).await?;
         placed_with(&cluster, 3, &[2, 3, 4], 2).await?;
         cluster.nodes[0].kill9();
