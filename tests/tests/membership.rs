@@ -132,14 +132,40 @@ async fn all_there(reader: &quiver_client::Client, acked: &Acked) -> anyhow::Res
     Ok(())
 }
 
-/// Starts broker 4 joining `cluster` (added first), reachable at a fresh loopback port.
+/// Three brokers and TOPIC with `replicas` replicas on each partition, created everywhere.
+async fn three_with_topic(
+    dir: &std::path::Path,
+    replicas: u16,
+) -> anyhow::Result<(Cluster, quiver_client::Client)> {
+    let cluster = Cluster::start(BIN, dir, 3).await?;
+    let admin = cluster.client().await?;
+    cluster.create_topic(&admin, TOPIC, PARTITIONS, replicas).await?;
+    cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+    Ok((cluster, admin))
+}
+
+/// How broker 4 is added.
+enum Via {
+    Sdk,
+    /// `quiver cluster add-broker`, as the README shows it.
+    Cli,
+}
+
+/// Adds broker 4 (reachable at a fresh loopback port) and starts it joining `cluster`.
 async fn add_fourth(
     cluster: &mut Cluster,
     admin: &quiver_client::Client,
     dir: &std::path::Path,
+    via: Via,
 ) -> anyhow::Result<()> {
     let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
-    admin.admin().add_broker(4, &addr4.to_string()).await?;
+    match via {
+        Via::Sdk => admin.admin().add_broker(4, &addr4.to_string()).await?,
+        Via::Cli => {
+            let added = cli(cluster, &["cluster", "add-broker", &format!("4@{addr4}")]).await?;
+            anyhow::ensure!(added.contains("broker 4 added"), "{added}");
+        }
+    }
     let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
     let node4 =
         BrokerProcess::start_joining(BIN, &dir.join("node-4"), 4, addr4, cluster.nodes[0].addr, &ca_dir)?;
@@ -152,17 +178,14 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
     init_tracing();
     bounded(240, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, PARTITIONS, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = three_with_topic(dir.path(), 3).await?;
 
         // A producer sends throughout, every value acknowledged by a majority.
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // Broker 4 is added, then started with --join.
-        add_fourth(&mut cluster, &admin, dir.path()).await?;
+        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
         placed_on(&cluster, 0, &[1, 2, 3, 4]).await?;
         let status = cluster.status_of(3).await?;
         anyhow::ensure!(
@@ -234,13 +257,10 @@ async fn moves_carry_on_across_a_leaders_kill() -> anyhow::Result<()> {
     init_tracing();
     bounded(240, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, PARTITIONS, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = three_with_topic(dir.path(), 3).await?;
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        add_fourth(&mut cluster, &admin, dir.path()).await?;
+        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.nodes[1].kill9();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -263,26 +283,11 @@ async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> 
     init_tracing();
     bounded(240, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, PARTITIONS, 2).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = three_with_topic(dir.path(), 2).await?;
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Through the CLI, as the README shows it.
-        let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
-        let added = cli(&cluster, &["cluster", "add-broker", &format!("4@{addr4}")]).await?;
-        anyhow::ensure!(added.contains("broker 4 added"), "{added}");
-        let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
-        let node4 = BrokerProcess::start_joining(
-            BIN,
-            &dir.path().join("node-4"),
-            4,
-            addr4,
-            cluster.nodes[0].addr,
-            &ca_dir,
-        )?;
-        cluster.nodes.push(node4);
+        add_fourth(&mut cluster, &admin, dir.path(), Via::Cli).await?;
         placed_with(&cluster, 3, &[1, 2, 3, 4], 2).await?;
         let removed = cli(&cluster, &["cluster", "remove-broker", "1"]).await?;
         anyhow::ensure!(removed.contains("broker 1 removed"), "{removed}");

@@ -407,18 +407,7 @@ impl Cluster {
                         ))
                     }
                 }
-                let mut applied = self.applied.clone();
-                let seen =
-                    tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|_| wanted(&self.members.read())))
-                        .await
-                        .is_ok_and(|r| r.is_ok());
-                match seen {
-                    true => Ok(()),
-                    false => Err(PartitionError::new(
-                        ErrorCode::NotLeader,
-                        "the change was not applied here in time; retry",
-                    )),
-                }
+                self.applied_here(|| wanted(&self.members.read()), "the change").await
             }
             Some(_) => {
                 let mut next = self.members.read().clone();
@@ -625,19 +614,8 @@ impl Cluster {
                     match self.links.request(l, &request, FORWARD_TIMEOUT).await {
                         Ok(Message::Done) => {
                             // Committed at the leader: applied here a moment later.
-                            let mut applied = self.applied.clone();
                             let ids = &self.producer_ids;
-                            let seen =
-                                tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|_| ids.spares() > 0))
-                                    .await
-                                    .is_ok_and(|r| r.is_ok());
-                            match seen {
-                                true => Ok(()),
-                                false => Err(PartitionError::new(
-                                    ErrorCode::NotLeader,
-                                    "the producer-id reservation was not applied here in time; retry",
-                                )),
-                            }
+                            self.applied_here(|| ids.spares() > 0, "the producer-id reservation").await
                         }
                         Ok(Message::Error { code, message, .. }) => Err(PartitionError::new(code, message)),
                         Ok(other) => Err(PartitionError::new(
@@ -705,18 +683,22 @@ impl Cluster {
 
     /// After the controller's leader answered: waits until this broker applied the command too.
     async fn wait_visible(&self, command: &Command) -> Result<(), PartitionError> {
-        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        self.applied_here(|| command.visible(self), "the command").await
+    }
+
+    /// Once the controller's leader answered: waits up to [`FORWARD_TIMEOUT`] until this
+    /// broker's applied commands make `done` true (`what` names it in the retriable error).
+    async fn applied_here(&self, done: impl Fn() -> bool, what: &str) -> Result<(), PartitionError> {
         let mut applied = self.applied.clone();
-        loop {
-            if command.visible(self) {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
-                return Err(PartitionError::new(
-                    ErrorCode::NotLeader,
-                    "the command was not applied here in time; retry",
-                ));
-            }
+        let seen = tokio::time::timeout(FORWARD_TIMEOUT, applied.wait_for(|_| done()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match seen {
+            true => Ok(()),
+            false => Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!("{what} was not applied here in time; retry"),
+            )),
         }
     }
 }
