@@ -237,6 +237,14 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
             again.as_ref().is_err_and(|e| e.to_string().contains("not used again")),
             "adding removed broker 1 again: {again:?}"
         );
+        // Requests that can never be made fail at once, with what is wrong.
+        let zero = after.admin().add_broker(0, &never).await;
+        anyhow::ensure!(zero.as_ref().is_err_and(|e| e.to_string().contains("start at 1")), "{zero:?}");
+        let taken = cluster.nodes[1].addr.to_string();
+        let twice = after.admin().add_broker(9, &taken).await;
+        anyhow::ensure!(twice.as_ref().is_err_and(|e| e.to_string().contains("already at")), "{twice:?}");
+        let unknown = after.admin().remove_broker(9).await;
+        anyhow::ensure!(unknown.as_ref().is_err_and(|e| e.to_string().contains("no broker 9")), "{unknown:?}");
 
         // The joined broker restarts (--join again) and serves what it holds.
         cluster.nodes[3].restart_graceful().await?;

@@ -424,24 +424,20 @@ impl Cluster {
                         && status.learners.iter().all(|&l| l == r)
                         && ids.iter().copied().filter(|&i| i != r).eq(voters.iter().copied())
                 });
-                if !settled && !undo {
-                    return Err(PartitionError::new(
-                        ErrorCode::NotLeader,
-                        format!(
-                            "the previous change is still under way (controller voters {voters:?}, learners {:?}, brokers {:?}); retry",
-                            status.learners,
-                            next.keys().collect::<Vec<_>>()
-                        ),
-                    ));
-                }
                 match (add, remove) {
                     (Some((id, addr)), _) => {
                         let id = u64::from(id);
                         let parsed: std::net::SocketAddr = addr.parse().map_err(|e| {
                             malformed(format!("broker address '{addr}': {e} (HOST:PORT, an IP address)"))
                         })?;
-                        if id == 0 || next.contains_key(&id) {
-                            return Err(malformed(format!("broker {id} is already in the cluster (or 0)")));
+                        if id == 0 {
+                            return Err(malformed("broker ids start at 1".into()));
+                        }
+                        if next.contains_key(&id) {
+                            return Err(malformed(format!("broker {id} is already in the cluster")));
+                        }
+                        if let Some((other, _)) = next.iter().find(|(_, a)| **a == parsed) {
+                            return Err(malformed(format!("broker {other} is already at {parsed}")));
                         }
                         if self.retired.read().contains(&id) {
                             return Err(PartitionError::new(
@@ -474,6 +470,17 @@ impl Cluster {
                         }
                     }
                     _ => {}
+                }
+                // Checked after the request itself: one that can never be made fails at once.
+                if !settled && !undo {
+                    return Err(PartitionError::new(
+                        ErrorCode::NotLeader,
+                        format!(
+                            "the previous change is still under way (controller voters {voters:?}, learners {:?}, brokers {:?}); retry",
+                            status.learners,
+                            next.keys().collect::<Vec<_>>()
+                        ),
+                    ));
                 }
                 let brokers = next.iter().map(|(&id, a)| (id, a.to_string())).collect();
                 let bootstrap = self.bootstrap.read().clone();
@@ -734,7 +741,12 @@ pub(crate) async fn start(
         let (from, brokers) = match (asked, saved) {
             (Some((at, brokers)), _) => (at.to_string(), brokers),
             (None, Some(saved)) => ("the brokers this broker knew".to_string(), saved),
-            (None, None) => anyhow::bail!("no broker of {join:?} answered, and this broker knows no others"),
+            (None, None) => anyhow::bail!(
+                "no broker of {join:?} gave the cluster's brokers (see the warnings above; one that \
+                 closed the connection with \"not a peer\" does not know broker {me} yet: add it first \
+                 with `quiver cluster add-broker {me}@{}`), and this broker knows no others",
+                broker.listen
+            ),
         };
         config.peers = brokers;
         anyhow::ensure!(
@@ -791,7 +803,10 @@ pub(crate) fn save_brokers(
     use anyhow::Context;
     let path = brokers_file(data_dir);
     let list: Vec<(u64, std::net::SocketAddr)> = brokers.iter().map(|(&id, &a)| (id, a)).collect();
-    let tmp = path.with_extension("json.tmp");
+    // Each write its own temporary file: a start and an applied change may write at once.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.{n}.tmp"));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
