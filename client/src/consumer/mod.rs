@@ -272,9 +272,12 @@ impl Consumer {
     /// what was committed (nothing without a group). A partition whose subscription has not
     /// started yet has nothing to commit and is listed in `skipped`; one that moved to another
     /// member before its acknowledgements could be committed is listed in `revoked`. When the
-    /// broker no longer knows this member (it restarted, or the session expired), the consumer
-    /// rejoins at once and commits as the new member; an error means a partition could not be
-    /// committed (those before it may have been). A partition whose stream ended with a final
+    /// broker no longer knows this member (it restarted, the group's coordinator moved, or the
+    /// session expired), the consumer rejoins at once: the rejoin commits what was
+    /// acknowledged before it for the partitions it gets back, and this commits their new
+    /// sessions as the new member (never the old session's floor after a new session began:
+    /// that could undo a newer commit). An error means a partition could not be committed
+    /// (those before it may have been). A partition whose stream ended with a final
     /// error (damaged data, say) is still committed up to what the application acknowledged:
     /// call this after the error, before closing, so the group resumes there.
     pub async fn commit(&self) -> Result<CommitReport, ClientError> {
@@ -302,13 +305,23 @@ impl Consumer {
                     Err(e) if member.is_some() && e.code() == Some(ErrorCode::FencedMember) => e,
                     Err(e) => return Err(e),
                 };
-            // Forgotten by the broker, or the partition moved: let the membership catch up, then
-            // commit as the member that holds the partition now.
-            match self.member_after_round(p).await {
-                Some(Some(now)) if Some(&now) != member.as_ref() => {
-                    let floor = acks.floor();
-                    admin.commit_offset_as(group, &self.config.topic, p, floor, Some(now)).await?;
-                    report.committed.insert(p, floor);
+            // Forgotten by the broker, or the partition moved: let the membership catch up. The
+            // floor read above belongs to the session that was running then; once a new one
+            // runs (after a rejoin, which commits the old floors before anything restarts),
+            // committing that old floor could undo a newer commit of another member or cover
+            // what the new session hands out. So commit the session that runs now, if this
+            // consumer still reads the partition.
+            match self.session_after_round(p).await {
+                Some(Some((now, now_acks)))
+                    if Some(&now) != member.as_ref() || !Arc::ptr_eq(&now_acks, &acks) =>
+                {
+                    match self.started(&now_acks).await {
+                        Some(floor) => {
+                            admin.commit_offset_as(group, &self.config.topic, p, floor, Some(now)).await?;
+                            report.committed.insert(p, floor);
+                        }
+                        None => report.skipped.push(p),
+                    }
                 }
                 Some(None) => report.revoked.push(p),
                 _ => return Err(refused),
@@ -318,8 +331,9 @@ impl Consumer {
     }
 
     /// Runs a membership round (heartbeat, rejoin if forgotten). `None` when it failed or there
-    /// is no membership; else the member that now reads `partition`, if this consumer does.
-    async fn member_after_round(&self, partition: u32) -> Option<Option<MemberRef>> {
+    /// is no membership; else the member and session that now read `partition`, if this
+    /// consumer does.
+    async fn session_after_round(&self, partition: u32) -> Option<Option<(MemberRef, Arc<AckState>)>> {
         self.membership.as_ref()?;
         let (reply, done) = tokio::sync::oneshot::channel();
         self.shared.rounds.send(Some(reply)).await.ok()?;
@@ -328,7 +342,23 @@ impl Consumer {
         if !joined {
             return None;
         }
-        Some(self.shared.partitions.lock().get(&partition).and_then(|r| r.member.clone()))
+        let partitions = self.shared.partitions.lock();
+        Some(partitions.get(&partition).and_then(|r| Some((r.member.clone()?, r.acks.clone()))))
+    }
+
+    /// The floor of a session once the broker said where it starts (within the request
+    /// timeout; `None` if it has not started by then).
+    async fn started(&self, acks: &AckState) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + self.client.config().request_timeout;
+        loop {
+            if let Some(floor) = acks.committable() {
+                return Some(floor);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the subscriptions and leaves the group (waiting for the broker to take note, so
