@@ -98,6 +98,27 @@ fn depose(state: &BrokerState, k: u32, partitions: u32) {
     metrics::gauge!("quiver_coordinated_offsets_partitions").set(state.coordinators.loaded.len() as f64);
 }
 
+/// Makes `group`'s membership on this coordinator durable before a reply that reflects it goes
+/// out (invariants 1 and 4 of docs/replication.md §10): a join's new member id and generation,
+/// a heartbeat's new assignment, a leave. Nothing to do on one node (members live in memory) or
+/// when the last record already says it; a failure means this broker no longer coordinates.
+pub(crate) async fn record_group(
+    state: &Arc<BrokerState>,
+    store: &Arc<OffsetStore>,
+    group: &str,
+) -> Result<(), PartitionError> {
+    if !store.is_coordinated() || store.group_recorded(group, state.groups.snapshot(group).as_ref()) {
+        return Ok(());
+    }
+    let (st, store, name) = (state.clone(), store.clone(), group.to_string());
+    tokio::task::spawn_blocking(move || store.record_group_blocking(&name, || st.groups.snapshot(&name)))
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| PartitionError::new(e.code(), e.to_string()))?;
+    metrics::counter!("quiver_group_records_total").increment(1);
+    Ok(())
+}
+
 /// Whether `name` is reserved for the broker's internal topics (refused to clients).
 pub(crate) fn is_internal(name: &str) -> bool {
     name.starts_with("__")
@@ -157,6 +178,8 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                 Some(s) if coordinators.holds(k, s.term) => {}
                 Some(s) => {
                     depose(&state, k, partitions);
+                    // Members are served only from the log's state: none from before.
+                    state.groups.drop_groups(|g| partition_of(g, partitions) == k);
                     let term = s.term;
                     let deposed = Arc::new(AtomicBool::new(false));
                     let (partition, d) = (p.clone(), deposed.clone());
@@ -172,6 +195,10 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                             // drops them for good).
                             let store = Arc::new(store);
                             store.forget_missing_topics(|t| state.topics.get(t).is_ok());
+                            // Members carry on where the last coordinator left them (invariant 4).
+                            for (group, snapshot) in store.groups() {
+                                state.groups.restore(&group, snapshot);
+                            }
                             tracing::info!(
                                 partition = k,
                                 term,

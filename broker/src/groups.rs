@@ -449,6 +449,21 @@ impl Groups {
         Ok(())
     }
 
+    /// `group`'s membership as a coordinator must record it (`None`: no members).
+    pub fn snapshot(&self, group: &str) -> Option<quiver_protocol::group::GroupSnapshot> {
+        self.groups.get(group).filter(|g| !g.is_empty()).map(|g| g.snapshot())
+    }
+
+    /// Continues a group from its membership record (this broker became its coordinator): its
+    /// members keep their ids, generation and partitions, and each has a whole session from
+    /// now to reach this broker.
+    pub fn restore(&self, group: &str, snapshot: quiver_protocol::group::GroupSnapshot) {
+        let now = self.now_ms();
+        let g = GroupCoordinator::restore(snapshot, now);
+        tracing::info!(%group, generation = g.generation(), members = g.members().len(), "group continued from its membership record");
+        self.groups.insert(group.to_string(), g);
+    }
+
     /// Names of groups with members.
     pub fn names(&self) -> Vec<String> {
         self.groups.iter().filter(|g| !g.is_empty()).map(|g| g.key().clone()).collect()

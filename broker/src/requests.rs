@@ -171,7 +171,22 @@ async fn dispatch(
                 Route::Store(store) => store,
                 Route::Answer(answer) => return Some(answer),
             };
-            Some(crate::groups::handle(&st.groups, &st.topics, &store, msg, &members).unwrap_or_else(error))
+            // In a cluster a group's members live only on its coordinator. A peer forwards a
+            // membership request to the broker it took for the coordinator; one that no longer
+            // is (or is not yet) must refuse it, not start a group of its own beside the real
+            // one (members there would get ids and generations the coordinator never issued).
+            if st.cluster.is_some() && !store.is_coordinated() {
+                return Some(error(crate::coordinator::not_coordinator(&group)));
+            }
+            let answer = match crate::groups::handle(&st.groups, &st.topics, &store, msg, &members) {
+                Ok(answer) => answer,
+                Err(e) => return Some(error(e)),
+            };
+            // What the answer says of the membership is durable before the member hears it.
+            match crate::coordinator::record_group(&st, &store, &group).await {
+                Ok(()) => Some(answer),
+                Err(e) => Some(error(e)),
+            }
         }),
         Message::FetchOffsets { group, topic } => Box::pin(async move {
             st.settle(&topic).await;

@@ -67,7 +67,85 @@ pub struct GroupCoordinator {
     id_prefix: String,
 }
 
+/// What a group's coordinator must not forget when another takes over (docs/replication.md
+/// §10, invariant 4): the whole state but the members' last heartbeat times, which are the
+/// coordinator's own clock. The broker keeps it as a record of the group's offsets partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub topic: String,
+    pub partitions: u32,
+    pub generation: u64,
+    pub next_member: u64,
+    pub id_prefix: String,
+    pub members: Vec<MemberSnapshot>,
+    /// Partitions being revoked: (partition, from member, given in generation, revoked at).
+    pub revoking: Vec<(u32, String, u64, u64)>,
+}
+
+/// One member in a [`GroupSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberSnapshot {
+    pub id: String,
+    pub session_timeout_ms: u64,
+    pub seen_generation: u64,
+    /// (partition, the generation it was given in).
+    pub owned: Vec<(u32, u64)>,
+}
+
 impl GroupCoordinator {
+    /// The state another coordinator continues from ([`GroupCoordinator::restore`]).
+    pub fn snapshot(&self) -> GroupSnapshot {
+        GroupSnapshot {
+            topic: self.topic.clone(),
+            partitions: self.partitions,
+            generation: self.generation,
+            next_member: self.next_member,
+            id_prefix: self.id_prefix.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| MemberSnapshot {
+                    id: id.clone(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    seen_generation: m.seen_generation,
+                    owned: m.owned.iter().map(|(p, g)| (*p, *g)).collect(),
+                })
+                .collect(),
+            revoking: self.revoking.iter().map(|(p, r)| (*p, r.from.clone(), r.since, r.at)).collect(),
+        }
+    }
+
+    /// A group as `snapshot` left it, on another coordinator whose clock reads `now_ms`: every
+    /// member's session starts again now (a member that died meanwhile expires one session
+    /// later). Members keep their ids, generation and partitions, so no rebalance follows.
+    pub fn restore(snapshot: GroupSnapshot, now_ms: u64) -> Self {
+        GroupCoordinator {
+            topic: snapshot.topic,
+            partitions: snapshot.partitions,
+            generation: snapshot.generation,
+            next_member: snapshot.next_member,
+            id_prefix: snapshot.id_prefix,
+            members: snapshot
+                .members
+                .into_iter()
+                .map(|m| {
+                    let member = Member {
+                        session_timeout_ms: m.session_timeout_ms,
+                        last_seen_ms: now_ms,
+                        owned: m.owned.into_iter().collect(),
+                        seen_generation: m.seen_generation,
+                    };
+                    (m.id, member)
+                })
+                .collect(),
+            revoking: snapshot
+                .revoking
+                .into_iter()
+                .map(|(p, from, since, at)| (p, Revoking { from, since, at }))
+                .collect(),
+        }
+    }
+
     /// `id_prefix` must differ between coordinators of the same group over time (the broker
     /// uses a random per-start nonce).
     pub fn new(topic: impl Into<String>, partitions: u32, id_prefix: impl Into<String>) -> Self {
@@ -298,6 +376,30 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A restored group is the same group: same answers to the same requests, no rebalance,
+    /// and new members get ids the old coordinator never issued.
+    #[test]
+    fn a_restored_group_carries_on_where_the_snapshot_left_it() {
+        let mut g = GroupCoordinator::new("t", 4, "old");
+        let a = g.join("t", None, 3000, 0).expect("join").member_id;
+        g.heartbeat(&a, 0, 0).expect("hb");
+        let b = g.join("t", None, 3000, 10).expect("join").member_id;
+        let ha = g.heartbeat(&a, 0, 20).expect("hb"); // A gives up two: being revoked now
+        let mut r = GroupCoordinator::restore(g.snapshot(), 1_000_000);
+        assert_eq!(r.snapshot(), g.snapshot());
+        assert_eq!(r.generation(), g.generation());
+        for (x, y) in [(&mut g, 20), (&mut r, 1_000_020)] {
+            let ha2 = x.heartbeat(&a, ha.generation, y).expect("hb");
+            let hb = x.heartbeat(&b, ha2.generation, y).expect("hb");
+            assert_eq!((ha2.partitions.len(), hb.partitions.len()), (2, 2));
+        }
+        assert_eq!(r.snapshot(), g.snapshot());
+        // Sessions restart on the new clock: nobody expires at once.
+        assert!(r.expire(1_000_020 + 2_999).is_empty());
+        let c = r.join("t", None, 3000, 1_000_030).expect("join").member_id;
+        assert!(c != a && c != b && c.starts_with("old-"), "{c}");
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub const MAX_PRODUCERS_PER_PARTITION: usize = 10_000;
 
 /// Longest consumer group name (it becomes part of on-disk keys).
 pub const MAX_GROUP_NAME_BYTES: usize = 255;
+/// Longest member id a group's membership record holds (docs/replication.md §10): ids are the
+/// brokers' own (a 12-character nonce and two counters), far below this.
+pub const MAX_MEMBER_ID_BYTES: usize = 128;
 /// Most members in one consumer group (Kafka's `group.max.size` plays this part): a
 /// rebalance's work grows with it.
 pub const MAX_MEMBERS_PER_GROUP: usize = 1_000;

@@ -131,6 +131,119 @@ async fn a_group_spans_brokers_and_survives_its_coordinators_kill() -> anyhow::R
     .await
 }
 
+/// Membership survives the coordinator (docs/replication.md §10, invariant 4): two members
+/// settle on two partitions each, the coordinator is SIGKILLed, and the next coordinator
+/// continues the group from its membership record: same generation, same member ids, same
+/// partitions, no rebalance (neither member sees a revocation), and both go on reading what is
+/// produced after the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_keep_their_ids_and_partitions_across_the_coordinators_kill() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(150, async {
+        const TOPIC: &str = "tasks";
+        const GROUP: &str = "workers";
+        let dir = test_dir()?;
+        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, TOPIC, 4, 3).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let coord = coordinator(&cluster, 0, GROUP).await?;
+        let others: Vec<usize> = (0..3).filter(|&i| i != cluster.index_of(coord)).collect();
+        eprintln!("group {GROUP} is coordinated by broker {coord}");
+
+        let subscribe = |client: Client| async move {
+            let mut config = ConsumerConfig::new(TOPIC).group(GROUP).start(StartPosition::Earliest);
+            config.session_timeout = Duration::from_secs(10);
+            anyhow::Ok(Consumer::subscribe(client, config).await?)
+        };
+        let (a_client, b_client) = (cluster.client_of(others[0]).await?, cluster.client_of(others[1]).await?);
+        let mut a = subscribe(a_client.clone()).await?;
+        let mut b = subscribe(b_client.clone()).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while a.assignment().len() != 2 || b.assignment().len() != 2 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no even split: {:?} {:?}",
+                a.assignment(),
+                b.assignment()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (mut a_events, mut b_events) = (a.events().expect("events"), b.events().expect("events"));
+        // What the first rebalance said (A gave B two partitions) is not what this test is about.
+        for events in [&mut a_events, &mut b_events] {
+            while events.try_recv().is_ok() {}
+        }
+        let before = admin.admin().describe_group(GROUP).await?;
+        eprintln!("before the kill: generation {} members {:?}", before.generation, before.members);
+        anyhow::ensure!(before.members.len() == 2, "{before:?}");
+
+        let victim = cluster.index_of(coord);
+        cluster.nodes[victim].kill9();
+        let survivor = cluster.client_of(others[0]).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let after = loop {
+            match survivor.admin().describe_group(GROUP).await {
+                Ok(d) => break d,
+                Err(e) => {
+                    anyhow::ensure!(tokio::time::Instant::now() < deadline, "no coordinator answered: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        eprintln!("after the kill: generation {} members {:?}", after.generation, after.members);
+        let ids = |d: &quiver_client::GroupDescription| {
+            let mut m: Vec<_> =
+                d.members.iter().map(|m| (m.member_id.clone(), m.partitions.clone())).collect();
+            m.sort();
+            m
+        };
+        anyhow::ensure!(
+            after.generation == before.generation && ids(&after) == ids(&before),
+            "the group changed across the kill: {before:?} -> {after:?}"
+        );
+
+        // Both members go on reading: every value produced now reaches one of them.
+        let producer = Producer::new(survivor.clone(), ProducerConfig::default());
+        for i in 0..40u32 {
+            producer.send(TOPIC, ProducerRecord::new(format!("after-{i}")).partition(i % 4)).await?;
+        }
+        let mut seen = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        while seen.len() < 40 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of 40 values after the kill",
+                seen.len()
+            );
+            let m = tokio::select! {
+                Some(m) = a.next() => m?,
+                Some(m) = b.next() => m?,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            };
+            m.ack();
+            seen.insert(m.value.to_vec());
+        }
+        for events in [&mut a_events, &mut b_events] {
+            while let Ok(e) = events.try_recv() {
+                anyhow::ensure!(
+                    !matches!(e, quiver_client::ConsumerEvent::Revoked(_)),
+                    "a member lost partitions across the kill: {e:?}"
+                );
+            }
+        }
+        let last = survivor.admin().describe_group(GROUP).await?;
+        anyhow::ensure!(ids(&last) == ids(&before), "the group changed later: {last:?}");
+        a.close().await;
+        b.close().await;
+        for c in [a_client, b_client, survivor, admin] {
+            c.close().await;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// With fewer replicas than brokers a group's coordinator may hold no replica of a partition:
 /// it hands the subscription on to a replica, also when another broker forwarded it (the
 /// second hop). A group consumer through any broker reads every value; clients cannot write

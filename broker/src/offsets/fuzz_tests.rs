@@ -15,7 +15,9 @@ use quiver_protocol::ledger::{AckLedger, LedgerSnapshot};
 use quiver_protocol::limits::MAX_PERSISTED_RANGES;
 
 use super::legacy::{parse_entries, put_entry};
-use super::records::{decode_key, decode_value, encode_key, encode_value, Key};
+use quiver_protocol::group::{GroupCoordinator, GroupSnapshot, MemberSnapshot};
+
+use super::records::{decode_group, decode_key, decode_value, encode_group, encode_key, encode_value, Key};
 use super::OffsetKey;
 use crate::fuzz;
 
@@ -57,8 +59,85 @@ fn usable(s: &LedgerSnapshot) {
     l.end_session();
 }
 
+fn group() -> impl Strategy<Value = GroupSnapshot> {
+    let member = (
+        "[a-f0-9-]{1,30}",
+        any::<u64>(),
+        any::<u64>(),
+        proptest::collection::vec((0u32..8, any::<u64>()), 0..4),
+    )
+        .prop_map(|(id, session_timeout_ms, seen_generation, owned)| MemberSnapshot {
+            id,
+            session_timeout_ms,
+            seen_generation,
+            owned,
+        });
+    (
+        "[a-z0-9._-]{1,40}",
+        any::<u64>(),
+        any::<u64>(),
+        "[a-f0-9-]{0,20}",
+        proptest::collection::vec(member, 0..5),
+        proptest::collection::vec((0u32..8, "[a-f0-9-]{1,30}", any::<u64>(), any::<u64>()), 0..3),
+    )
+        .prop_map(|(topic, generation, next_member, id_prefix, members, revoking)| GroupSnapshot {
+            topic,
+            partitions: 8,
+            generation,
+            next_member,
+            id_prefix,
+            members,
+            revoking,
+        })
+}
+
+/// What a coordinator could have written: one entry per member id, each partition with one
+/// owner at most, in the coordinator's order.
+fn canonical(mut g: GroupSnapshot) -> GroupSnapshot {
+    let mut ids = std::collections::HashSet::new();
+    g.members.retain(|m| ids.insert(m.id.clone()));
+    let mut taken = std::collections::HashSet::new();
+    for m in &mut g.members {
+        m.owned.retain(|(p, _)| taken.insert(*p));
+    }
+    g.revoking.retain(|(p, ..)| taken.insert(*p));
+    GroupCoordinator::restore(g, 0).snapshot()
+}
+
+/// A decoded group restores into a coordinator that answers requests, and snapshots back to
+/// the same record.
+fn usable_group(g: &GroupSnapshot) {
+    let mut c = GroupCoordinator::restore(g.clone(), 0);
+    assert_eq!(&c.snapshot(), g);
+    for m in &g.members {
+        let _ = c.heartbeat(&m.id, c.generation(), 1);
+        let _ = c.check_owner(&m.id, c.generation(), 0);
+    }
+    let _ = c.join(&g.topic, None, 1000, 2);
+    let _ = c.expire(u64::MAX);
+}
+
 proptest! {
     #![proptest_config(fuzz::config(256))]
+
+    #[test]
+    fn group_records(
+        g in group().prop_map(canonical),
+        muts in fuzz::mutations(),
+        junk in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        if let Ok(back) = decode_group(Bytes::from(junk)) {
+            usable_group(&canonical(back));
+        }
+        let value = encode_group(&g).freeze();
+        prop_assert_eq!(decode_group(value.clone()), Ok(g.clone()));
+        usable_group(&g);
+        if let Ok(back) = decode_group(Bytes::from(fuzz::apply(&value, &muts))) {
+            prop_assert_eq!(decode_group(encode_group(&back).freeze()), Ok(back.clone()));
+            prop_assert!(back.members.iter().all(|m| m.owned.iter().all(|(p, _)| *p < back.partitions)));
+            usable_group(&canonical(back));
+        }
+    }
 
     #[test]
     fn ledger_records(

@@ -297,9 +297,9 @@ fn garbage_records_never_panic() {
         let data = Bytes::from(data);
         let _ = decode_key(data.clone());
         let _ = decode_value(data.clone());
-        let mut map = HashMap::new();
-        records::apply_batch(data, &mut map, &mut Default::default());
-        assert!(map.is_empty());
+        let mut live = records::Live::default();
+        records::apply_batch(data, &mut live, &mut Default::default());
+        assert!(live.ledgers.is_empty() && live.groups.is_empty());
     }
     // Lengths over their limits are refused before anything is read.
     assert!(decode_value(Bytes::from(vec![1u8; records::VALUE_MAX_BYTES + 1])).is_err());
@@ -400,7 +400,7 @@ fn a_replicated_log_is_read_to_its_high_watermark_past_raft_entries() -> TestRes
     append(&mut log, vec![records::marker_batch(records::SNAPSHOT_COMPLETE, later, 0)])?;
 
     let (live, snapshots) = records::read_log_to(&log, hw)?;
-    let floors: HashMap<OffsetKey, u64> = live.into_iter().map(|(k, (s, _))| (k, s.floor)).collect();
+    let floors: HashMap<OffsetKey, u64> = live.ledgers.into_iter().map(|(k, (s, _))| (k, s.floor)).collect();
     assert_eq!(floors, HashMap::from([(a.clone(), 7)]), "b's record lies above the high watermark");
     assert_eq!(snapshots.last_complete, Some(begin));
     assert_eq!(records::last_complete_snapshot(&log, 0, hw), (hw, Some(begin)));
@@ -409,5 +409,41 @@ fn a_replicated_log_is_read_to_its_high_watermark_past_raft_entries() -> TestRes
         records::last_complete_snapshot(&log, hw, log.next_offset()),
         (log.next_offset(), Some(later))
     );
+    Ok(())
+}
+
+/// Membership records (cluster coordinators', docs/replication.md §10): the last record of a
+/// group wins, a tombstone deletes it, and a record above the high watermark is not read.
+#[test]
+fn group_records_read_back_the_last_one_and_a_tombstone_deletes() -> TestResult {
+    use quiver_protocol::group::GroupCoordinator;
+    let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let (mut log, _) = PartitionLog::open(mem, PathBuf::from("groups"), LogConfig::default(), 0)?;
+    let write = |log: &mut PartitionLog, group: &str, g: Option<&quiver_protocol::group::GroupSnapshot>| {
+        let mut w = records::WriteBuilder::new(0);
+        w.push_group(group, g);
+        for mut b in w.finish() {
+            log.append(&mut b, 1, 0)?;
+        }
+        Ok::<_, LogError>(())
+    };
+    let mut a = GroupCoordinator::new("t", 4, "n1-1");
+    let m = a.join("t", None, 3000, 0)?.member_id;
+    write(&mut log, "a", Some(&a.snapshot()))?;
+    a.heartbeat(&m, a.generation(), 1)?;
+    a.join("t", None, 3000, 2)?;
+    write(&mut log, "a", Some(&a.snapshot()))?;
+    let b = GroupCoordinator::new("t", 4, "n1-2");
+    write(&mut log, "b", Some(&b.snapshot()))?;
+    write(&mut log, "b", None)?;
+    let hw = log.next_offset();
+    write(&mut log, "c", Some(&b.snapshot()))?;
+
+    let (live, _) = records::read_log_to(&log, hw)?;
+    assert_eq!(live.groups.len(), 1, "b was deleted, c lies above the high watermark");
+    assert_eq!(live.groups.get("a").map(|(g, _)| g), Some(&a.snapshot()));
+    assert!(live.ledgers.is_empty());
+    let (live, _) = records::read_log(&log)?;
+    assert!(live.groups.contains_key("c"));
     Ok(())
 }

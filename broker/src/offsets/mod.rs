@@ -32,6 +32,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use quiver_protocol::batch::{ValidatedBatch, BATCH_HEADER_BYTES};
+use quiver_protocol::group::GroupSnapshot;
 use quiver_protocol::ledger::AckLedger;
 use quiver_protocol::limits::{MAX_OFFSETS_FILE_BYTES, MAX_PERSISTED_RANGES};
 use quiver_protocol::ErrorCode;
@@ -273,6 +274,9 @@ struct State {
     ledgers: HashMap<OffsetKey, SharedLedger>,
     /// Size of each key's last record, to tell when a snapshot pays.
     entry_bytes: HashMap<OffsetKey, u64>,
+    /// A coordinator's groups as their last durable membership records say (cluster only),
+    /// with each record's size.
+    groups: HashMap<Arc<str>, (GroupSnapshot, u64)>,
     dirty: HashSet<OffsetKey>,
     /// Bytes of the log's segments.
     log_bytes: u64,
@@ -292,8 +296,14 @@ fn now_ms() -> i64 {
 #[allow(clippy::type_complexity)]
 fn snapshot_entries(
     ledgers: &[(OffsetKey, SharedLedger)],
+    groups: &[(Arc<str>, GroupSnapshot)],
 ) -> (Vec<ValidatedBatch>, Vec<(OffsetKey, u64)>, Vec<(SharedLedger, u64)>) {
     let mut write = WriteBuilder::new(now_ms());
+    // A compaction's snapshot repeats the groups' membership records as they are (their
+    // sizes do not change); a flush passes none.
+    for (name, g) in groups {
+        write.push_group(name, Some(g));
+    }
     let mut sizes = Vec::with_capacity(ledgers.len());
     let mut written = Vec::with_capacity(ledgers.len());
     for (key, l) in ledgers {
@@ -386,8 +396,10 @@ impl OffsetStore {
             // A compaction whose old segments a crash kept: they are all below its snapshot.
             log.delete_segments_below(begin).map_err(log_err)?;
         }
+        // One node keeps no membership records (members live in memory); a log that was an
+        // offsets partition's would have none either.
         let mut state = State { log_bytes: log.size_bytes(), ..Default::default() };
-        for (key, (snapshot, size)) in live {
+        for (key, (snapshot, size)) in live.ledgers {
             state.ledgers.insert(key.clone(), Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
             state.entry_bytes.insert(key, size);
         }
@@ -427,8 +439,9 @@ impl OffsetStore {
         if let Some(begin) = snapshots.last_complete.filter(|&b| b > log_start) {
             partition.delete_segments_below_blocking(begin).map_err(log_err)?;
         }
-        let mut state = State { log_bytes: shared.lock().size_bytes(), ..Default::default() };
-        for (key, (snapshot, size)) in live {
+        let mut state =
+            State { log_bytes: shared.lock().size_bytes(), groups: live.groups, ..Default::default() };
+        for (key, (snapshot, size)) in live.ledgers {
             state.ledgers.insert(key.clone(), Arc::new(Mutex::new(AckLedger::restore(&snapshot).into())));
             state.entry_bytes.insert(key, size);
         }
@@ -452,6 +465,52 @@ impl OffsetStore {
         let keep: HashSet<OffsetKey> = st.ledgers.keys().cloned().collect();
         st.entry_bytes.retain(|k, _| keep.contains(k));
         st.dirty.retain(|k| keep.contains(k));
+        st.groups.retain(|_, (g, _)| exists(&g.topic));
+    }
+
+    /// The groups whose membership records this coordinator's store read (a new coordinator
+    /// continues them, docs/replication.md §10 invariant 4).
+    pub fn groups(&self) -> Vec<(Arc<str>, GroupSnapshot)> {
+        self.state.lock().groups.iter().map(|(name, (g, _))| (name.clone(), g.clone())).collect()
+    }
+
+    /// Whether `group`'s last durable membership record says `now` (`None`: no record).
+    pub fn group_recorded(&self, group: &str, now: Option<&GroupSnapshot>) -> bool {
+        self.state.lock().groups.get(group).map(|(g, _)| g) == now
+    }
+
+    /// Makes `group`'s membership durable (committed in the coordinator's term) as `now` reads
+    /// it under the store's writer lock, so records land in the order of the states they
+    /// hold: a reply handed out after this returns is covered by a record at least as new.
+    /// `None` (the group is gone) writes a tombstone. Nothing is written when the last record
+    /// says the same. Blocking.
+    pub fn record_group_blocking(
+        &self,
+        group: &str,
+        now: impl FnOnce() -> Option<GroupSnapshot>,
+    ) -> Result<(), OffsetsError> {
+        let mut w = self.writer.lock();
+        self.check_usable(&w)?;
+        let now = now();
+        if self.group_recorded(group, now.as_ref()) {
+            return Ok(());
+        }
+        let mut write = WriteBuilder::new(now_ms());
+        let size = write.push_group(group, now.as_ref());
+        let batches = write.finish();
+        if self.would_pass_limit(&batches) {
+            self.snapshot_locked(&mut w)?;
+        }
+        self.append_locked(&mut w, batches, self.max_log_bytes)?;
+        {
+            let mut st = self.state.lock();
+            match now {
+                Some(g) => st.groups.insert(Arc::from(group), (g, size)),
+                None => st.groups.remove(group),
+            };
+        }
+        self.compact_locked(&mut w);
+        Ok(())
     }
 
     /// Whether this is a coordinator's store (a cluster's `__offsets` partition), not a
@@ -696,7 +755,7 @@ impl OffsetStore {
             (keys, ledgers, epoch)
         };
         // Snapshots outside the store's lock (a marker holds its ledger's lock, then the store's).
-        let (batches, sizes, written) = snapshot_entries(&ledgers);
+        let (batches, sizes, written) = snapshot_entries(&ledgers, &[]);
         if self.would_pass_limit(&batches) {
             // A snapshot writes every key as it is now (newer than these records), so it
             // replaces the append; it takes the dirty set itself.
@@ -755,6 +814,9 @@ impl OffsetStore {
         st.ledgers.retain(|(_, t, _), _| &**t != topic);
         st.entry_bytes.retain(|(_, t, _), _| &**t != topic);
         st.dirty.retain(|(_, t, _)| &**t != topic);
+        // Its groups went with it (`Groups::topic_deleted`); the next compaction leaves their
+        // records out, and a coordinator reading them meanwhile skips a missing topic's.
+        st.groups.retain(|_, (g, _)| g.topic != topic);
         Ok(())
     }
 
@@ -835,7 +897,8 @@ impl OffsetStore {
     fn maybe_snapshot_locked(&self, w: &mut Writer) -> Result<(), OffsetsError> {
         let (bytes, live) = {
             let st = self.state.lock();
-            (st.log_bytes, st.entry_bytes.values().sum::<u64>() + BATCH_HEADER_BYTES as u64)
+            let groups = st.groups.values().map(|(_, size)| size).sum::<u64>();
+            (st.log_bytes, st.entry_bytes.values().sum::<u64>() + groups + BATCH_HEADER_BYTES as u64)
         };
         let due = (bytes >= SNAPSHOT_MIN_BYTES && bytes > 4 * live)
             || (bytes > self.max_log_bytes / 2 && bytes > 2 * live);
@@ -866,7 +929,8 @@ impl OffsetStore {
                 st.ledgers.iter().map(|(k, l)| (k.clone(), l.clone())).collect();
             (ledgers, dirty, epoch)
         };
-        let (batches, sizes, written) = snapshot_entries(&ledgers);
+        let groups = self.groups();
+        let (batches, sizes, written) = snapshot_entries(&ledgers, &groups);
         let restore_dirty = |e: OffsetsError| {
             self.state.lock().dirty.extend(dirty.iter().cloned());
             e

@@ -5,8 +5,8 @@
 //!
 //! Both are little-endian, as our own encodings are (the batch around them is Kafka's,
 //! big-endian), and each starts with a `u16` version, as Kafka's `__consumer_offsets` records
-//! do: the key's version says what kind of record it is (1: a ledger; issue 18 may add group
-//! metadata), the value's how its fields are laid out.
+//! do: the key's version says what kind of record it is (1: a ledger, 2: a compaction marker,
+//! 3: a group's membership), the value's how its fields are laid out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,9 +14,11 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use quiver_protocol::batch::{self, BatchBuilder, Batches, RecordIter, ValidatedBatch};
 use quiver_protocol::codec::{Reader, WriteExt};
+use quiver_protocol::group::{GroupSnapshot, MemberSnapshot};
 use quiver_protocol::ledger::LedgerSnapshot;
 use quiver_protocol::limits::{
-    MAX_BATCH_BYTES, MAX_PERSISTED_RANGES, MAX_RECORDS_PER_BATCH, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
+    MAX_BATCH_BYTES, MAX_GROUP_NAME_BYTES, MAX_MEMBERS_PER_GROUP, MAX_MEMBER_ID_BYTES, MAX_PARTITIONS,
+    MAX_PERSISTED_RANGES, MAX_RECORDS_PER_BATCH, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES,
 };
 use quiver_protocol::DecodeError;
 
@@ -33,8 +35,29 @@ const LEDGER_KEY: u16 = 1;
 const SNAPSHOT_KEY: u16 = 2;
 pub(super) const SNAPSHOT_BEGIN: u8 = 0;
 pub(super) const SNAPSHOT_COMPLETE: u8 = 1;
+/// Key version of a group's membership record, `u16 3, string group` (docs/replication.md
+/// §10, invariant 4): written by a cluster's coordinators only; an empty value deletes it.
+const GROUP_KEY: u16 = 3;
 /// Value version: floor, acked, counts, horizon, maybe.
 const LEDGER_VALUE: u16 = 1;
+/// Value version of a group record (see [`encode_group`]).
+const GROUP_VALUE: u16 = 1;
+/// Largest group value: version, topic, partitions, generation, next member, id prefix, the
+/// members (each partition owned by one of them at most) and the revocations (one per
+/// partition at most). Well below [`MAX_BATCH_BYTES`]: a record always fits a batch.
+pub(super) const GROUP_VALUE_MAX_BYTES: usize = 2
+    + 2
+    + MAX_TOPIC_NAME_BYTES
+    + 4
+    + 8
+    + 8
+    + 2
+    + MAX_MEMBER_ID_BYTES
+    + 4
+    + MAX_MEMBERS_PER_GROUP * (2 + MAX_MEMBER_ID_BYTES + 8 + 8 + 4)
+    + MAX_PARTITIONS as usize * 12
+    + 4
+    + MAX_PARTITIONS as usize * (4 + 2 + MAX_MEMBER_ID_BYTES + 16);
 /// Largest key: version, group, topic, partition.
 pub(super) const KEY_MAX_BYTES: usize = 2 + 2 + MAX_STRING_BYTES + 2 + MAX_TOPIC_NAME_BYTES + 4;
 /// Largest value: version, floor, at most [`MAX_PERSISTED_RANGES`] ranges in each list,
@@ -85,10 +108,107 @@ fn put_ranges(buf: &mut BytesMut, ranges: &[std::ops::Range<u64>]) {
     }
 }
 
+/// `u16 3, string group`.
+fn encode_group_key(group: &str) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(2 + 2 + group.len());
+    buf.put_u16_le(GROUP_KEY);
+    buf.put_string(group);
+    buf
+}
+
+/// `u16 version, string topic, u32 partitions, u64 generation, u64 next member, string id
+/// prefix, list<{string id, u64 session timeout ms, u64 seen generation, list<{u32 partition,
+/// u64 since}> owned}> members, list<{u32 partition, string from, u64 since, u64 at}>
+/// revoking`.
+pub(super) fn encode_group(g: &GroupSnapshot) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(64 + 48 * g.members.len() + 40 * g.revoking.len());
+    buf.put_u16_le(GROUP_VALUE);
+    buf.put_string(&g.topic);
+    buf.put_u32_le(g.partitions);
+    buf.put_u64_le(g.generation);
+    buf.put_u64_le(g.next_member);
+    buf.put_string(&g.id_prefix);
+    buf.put_u32_le(g.members.len() as u32);
+    for m in &g.members {
+        buf.put_string(&m.id);
+        buf.put_u64_le(m.session_timeout_ms);
+        buf.put_u64_le(m.seen_generation);
+        buf.put_u32_le(m.owned.len() as u32);
+        for (p, since) in &m.owned {
+            buf.put_u32_le(*p);
+            buf.put_u64_le(*since);
+        }
+    }
+    buf.put_u32_le(g.revoking.len() as u32);
+    for (p, from, since, at) in &g.revoking {
+        buf.put_u32_le(*p);
+        buf.put_string(from);
+        buf.put_u64_le(*since);
+        buf.put_u64_le(*at);
+    }
+    buf
+}
+
+/// Decodes a (non-empty) group value, checking every count and partition against the limits
+/// and the group's partition count. Fields a later version appends are ignored.
+pub(super) fn decode_group(value: Bytes) -> Result<GroupSnapshot, DecodeError> {
+    if value.len() > GROUP_VALUE_MAX_BYTES {
+        return Err(too_large("group value", value.len(), GROUP_VALUE_MAX_BYTES));
+    }
+    let invalid = |field, reason: String| DecodeError::Invalid { field, offset: 0, reason };
+    let mut r = Reader::new(value);
+    let version = r.u16()?;
+    if version != GROUP_VALUE {
+        return Err(invalid("group value", format!("version {version} is unknown")));
+    }
+    let topic = r.string("group topic", MAX_TOPIC_NAME_BYTES)?;
+    let partitions = r.u32()?;
+    if partitions > MAX_PARTITIONS {
+        return Err(invalid("group partitions", format!("{partitions} is over {MAX_PARTITIONS}")));
+    }
+    let generation = r.u64()?;
+    let next_member = r.u64()?;
+    let id_prefix = r.string("member id prefix", MAX_MEMBER_ID_BYTES)?;
+    let in_range = |p: u32| {
+        (p < partitions)
+            .then_some(p)
+            .ok_or_else(|| invalid("group partition", format!("{p} is not below {partitions}")))
+    };
+    let members = r.list("group members", 2 + 8 + 8 + 4, |r| {
+        Ok(MemberSnapshot {
+            id: r.string("member id", MAX_MEMBER_ID_BYTES)?,
+            session_timeout_ms: r.u64()?,
+            seen_generation: r.u64()?,
+            owned: r.list("owned partitions", 12, |r| Ok((in_range(r.u32()?)?, r.u64()?)))?,
+        })
+    })?;
+    if members.len() > MAX_MEMBERS_PER_GROUP {
+        let reason = format!("{} members, over {MAX_MEMBERS_PER_GROUP}", members.len());
+        return Err(invalid("group members", reason));
+    }
+    let revoking = r.list("revoking", 4 + 2 + 16, |r| {
+        Ok((in_range(r.u32()?)?, r.string("member id", MAX_MEMBER_ID_BYTES)?, r.u64()?, r.u64()?))
+    })?;
+    // What a coordinator writes: one entry per member, a partition owned by one member at
+    // most and not also being revoked (anything else would give a partition two owners).
+    let mut ids = std::collections::HashSet::new();
+    if !members.iter().all(|m| ids.insert(m.id.as_str())) {
+        return Err(invalid("group members", "a member id appears twice".into()));
+    }
+    let mut taken = std::collections::HashSet::new();
+    let owned = members.iter().flat_map(|m| m.owned.iter().map(|(p, _)| *p));
+    if !owned.chain(revoking.iter().map(|(p, ..)| *p)).all(|p| taken.insert(p)) {
+        return Err(invalid("group partitions", "a partition has two owners".into()));
+    }
+    Ok(GroupSnapshot { topic, partitions, generation, next_member, id_prefix, members, revoking })
+}
+
 /// What a record's key names: a ledger, or a kind this version does not know (skipped).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Key {
     Ledger(OffsetKey),
+    /// A group's membership.
+    Group(Arc<str>),
     /// A compaction marker of this kind.
     Snapshot(u8),
     Unknown(u16),
@@ -104,6 +224,11 @@ pub(super) fn decode_key(key: Bytes) -> Result<Key, DecodeError> {
         let kind = r.u8()?;
         r.finish()?;
         return Ok(Key::Snapshot(kind));
+    }
+    if version == GROUP_KEY {
+        let group = r.string("group", MAX_GROUP_NAME_BYTES)?;
+        r.finish()?;
+        return Ok(Key::Group(Arc::from(group)));
     }
     if version != LEDGER_KEY {
         return Ok(Key::Unknown(version));
@@ -157,13 +282,24 @@ impl WriteBuilder {
     pub(super) fn push(&mut self, key: &OffsetKey, value: Option<&LedgerSnapshot>) -> u64 {
         let key = encode_key(key);
         let value = value.map(encode_value).unwrap_or_default();
-        let size = BatchBuilder::record_size(Some(&key), &value, &[]);
+        self.push_raw(&key, &value)
+    }
+
+    /// Adds a group's membership record, or its tombstone; returns the record's size.
+    pub(super) fn push_group(&mut self, group: &str, value: Option<&GroupSnapshot>) -> u64 {
+        let key = encode_group_key(group);
+        let value = value.map(encode_group).unwrap_or_default();
+        self.push_raw(&key, &value)
+    }
+
+    fn push_raw(&mut self, key: &[u8], value: &[u8]) -> u64 {
+        let size = BatchBuilder::record_size(Some(key), value, &[]);
         let full =
             self.current.size_bytes() + size > MAX_BATCH_BYTES || self.current.len() >= MAX_RECORDS_PER_BATCH;
         if full && !self.current.is_empty() {
             self.seal();
         }
-        self.current.push(self.timestamp_ms, Some(&key), &value, &[]);
+        self.current.push(self.timestamp_ms, Some(key), value, &[]);
         size as u64
     }
 
@@ -220,26 +356,27 @@ fn record_size(key: &[u8], value: &[u8]) -> u64 {
     BatchBuilder::record_size(Some(key), value, &[]) as u64
 }
 
-/// Every live ledger in the log, with the size of its record: the log read from its start a
+/// What the log holds, the last record of each key winning: ledgers and groups, each with the
+/// size of its record.
+#[derive(Debug, Default)]
+pub(super) struct Live {
+    pub(super) ledgers: HashMap<OffsetKey, (LedgerSnapshot, u64)>,
+    pub(super) groups: HashMap<Arc<str>, (GroupSnapshot, u64)>,
+}
+
+/// Every live ledger and group in the log, with the size of its record: the log read from its start a
 /// chunk at a time, the last record of a key winning and a tombstone deleting it. A damaged
 /// span (which recovery kept: corruption, not a torn write) is logged and stepped over. An
 /// intact record that does not decode is skipped, and with it what earlier records said of its
 /// key (it replaced them).
-#[allow(clippy::type_complexity)]
-pub(super) fn read_log(
-    log: &PartitionLog,
-) -> Result<(HashMap<OffsetKey, (LedgerSnapshot, u64)>, Snapshots), LogError> {
+pub(super) fn read_log(log: &PartitionLog) -> Result<(Live, Snapshots), LogError> {
     read_log_to(log, log.next_offset())
 }
 
 /// [`read_log`] up to `end` (a replicated log's high watermark: nothing above it is committed).
 /// A batch that starts below `end` and ends past it is not read (a commit ends on batches).
-#[allow(clippy::type_complexity)]
-pub(super) fn read_log_to(
-    log: &PartitionLog,
-    end: u64,
-) -> Result<(HashMap<OffsetKey, (LedgerSnapshot, u64)>, Snapshots), LogError> {
-    let mut map = HashMap::new();
+pub(super) fn read_log_to(log: &PartitionLog, end: u64) -> Result<(Live, Snapshots), LogError> {
+    let mut map = Live::default();
     let mut snapshots = Snapshots::default();
     let mut offset = log.log_start_offset();
     let end = end.min(log.next_offset());
@@ -318,12 +455,8 @@ pub(crate) fn last_complete_snapshot(log: &PartitionLog, from: u64, end: u64) ->
     (offset, last)
 }
 
-/// Applies the records of one batch (CRC already checked) to `map`.
-pub(super) fn apply_batch(
-    batch: Bytes,
-    map: &mut HashMap<OffsetKey, (LedgerSnapshot, u64)>,
-    snapshots: &mut Snapshots,
-) {
+/// Applies the records of one batch (CRC already checked) to `live`.
+pub(super) fn apply_batch(batch: Bytes, live: &mut Live, snapshots: &mut Snapshots) {
     let header = match batch::validate(&batch) {
         Ok(header) => header,
         Err(e) => {
@@ -349,6 +482,22 @@ pub(super) fn apply_batch(
         let size = record_size(&raw_key, &record.value);
         let key = match decode_key(raw_key) {
             Ok(Key::Ledger(key)) => key,
+            Ok(Key::Group(group)) => {
+                if record.value.is_empty() {
+                    live.groups.remove(&group);
+                    continue;
+                }
+                match decode_group(record.value) {
+                    Ok(snapshot) => {
+                        live.groups.insert(group, (snapshot, size));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%group, offset = record.offset, "offsets store: skipping a group record that does not decode: {e}");
+                        live.groups.remove(&group);
+                    }
+                }
+                continue;
+            }
             Ok(Key::Snapshot(SNAPSHOT_BEGIN)) => {
                 snapshots.last_begin = Some(record.offset);
                 continue;
@@ -388,16 +537,16 @@ pub(super) fn apply_batch(
             }
         };
         if record.value.is_empty() {
-            map.remove(&key);
+            live.ledgers.remove(&key);
             continue;
         }
         match decode_value(record.value) {
             Ok(snapshot) => {
-                map.insert(key, (snapshot, size));
+                live.ledgers.insert(key, (snapshot, size));
             }
             Err(e) => {
                 tracing::warn!(group = %key.0, topic = %key.1, partition = key.2, offset = record.offset, "offsets store: skipping a record that does not decode: {e}");
-                map.remove(&key);
+                live.ledgers.remove(&key);
             }
         }
     }
