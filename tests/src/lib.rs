@@ -154,6 +154,18 @@ impl BrokerProcess {
         join: SocketAddr,
         ca_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_joining_any(bin, data_dir, node_id, addr, &join.to_string(), ca_dir)
+    }
+
+    /// [`start_joining`](BrokerProcess::start_joining) given `host:port,...` to ask.
+    pub fn start_joining_any(
+        bin: &str,
+        data_dir: &Path,
+        node_id: u64,
+        addr: SocketAddr,
+        join: &str,
+        ca_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let mut b = Self::node(bin, data_dir, node_id, addr, "", ca_dir, &[])?;
         b.extra_args = vec![
             "--node-id".into(),
@@ -442,6 +454,9 @@ pub struct Cluster {
     /// With [`Cluster::start_with_proxies`]: the proxy on each directed broker-to-broker path
     /// `(from, to)` (node indexes), through which `from` reaches `to`.
     pub proxies: BTreeMap<(usize, usize), UdpProxy>,
+    /// Node indexes of brokers removed from the cluster (and stopped): never started again,
+    /// never read from.
+    pub retired: std::collections::BTreeSet<usize>,
 }
 
 impl Cluster {
@@ -558,7 +573,7 @@ impl Cluster {
             node.spawn_process()?;
             nodes.push(node);
         }
-        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies })
+        Ok(Cluster { nodes, ca: ca_dir.join("ca.pem"), proxies, retired: Default::default() })
     }
 
     /// Sets the proxy on the path `from -> to` (node indexes); a no-op without proxies.
@@ -595,6 +610,87 @@ impl Cluster {
         for p in self.proxies.values() {
             p.set(Mode::Pass);
         }
+    }
+
+    /// Adds broker `id` (the next node index + 1, ids are never reused) at a free loopback
+    /// port: `add-broker` through `admin`, then the process started with `--join` naming every
+    /// running broker. Its paths to the others have no proxies. Returns its node index.
+    pub async fn add_broker(&mut self, admin: &Client, within: Duration) -> anyhow::Result<usize> {
+        let index = self.nodes.len();
+        let id = index as u32 + 1;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        let deadline = Instant::now() + within;
+        loop {
+            match admin.admin().add_broker(id, &addr.to_string()).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline && e.is_retriable() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => bail!("adding broker {id}: {e}"),
+            }
+        }
+        let first = &self.nodes[0];
+        let dir = first.data_dir.parent().context("a node's data dir has a parent")?.to_path_buf();
+        let ca_dir = self.ca.parent().context("the CA has a directory")?.to_path_buf();
+        let join: Vec<String> = self.members().into_iter().map(|i| self.nodes[i].addr.to_string()).collect();
+        let bin = first.bin.display().to_string();
+        let node = BrokerProcess::start_joining_any(
+            &bin,
+            &dir.join(format!("node-{id}")),
+            u64::from(id),
+            addr,
+            &join.join(","),
+            &ca_dir,
+        )?;
+        self.nodes.push(node);
+        Ok(index)
+    }
+
+    /// Removes broker `index + 1` (retrying while another change is under way), waits until
+    /// no running broker places a replica on it (at most `within`), then stops it for good.
+    /// Returns whether its replicas all moved away in time.
+    pub async fn remove_broker(
+        &mut self,
+        admin: &Client,
+        index: usize,
+        within: Duration,
+    ) -> anyhow::Result<bool> {
+        let id = index as u32 + 1;
+        let deadline = Instant::now() + within;
+        loop {
+            match admin.admin().remove_broker(id).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline && e.is_retriable() => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => bail!("removing broker {id}: {e}"),
+            }
+        }
+        let others: Vec<usize> = self.members().into_iter().filter(|i| *i != index).collect();
+        let moved = loop {
+            let mut placed = false;
+            for &i in &others {
+                match self.status_of(i).await {
+                    Ok(status) => placed |= status.partitions.iter().any(|p| p.replicas.contains(&id)),
+                    Err(_) => placed = true, // cannot tell yet
+                }
+            }
+            if !placed {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let _ = self.nodes[index].terminate().await;
+        self.retired.insert(index);
+        Ok(moved)
+    }
+
+    /// Node indexes of the brokers not removed.
+    pub fn members(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| !self.retired.contains(i)).collect()
     }
 
     /// The node index of broker `id` (ids start at 1).
@@ -762,7 +858,7 @@ impl Cluster {
         let mut last = None;
         loop {
             let mut hws = Vec::new();
-            for i in 0..self.nodes.len() {
+            for i in self.members() {
                 hws.push(self.partition_of(i, topic, partition).await.ok().map(|v| v.high_watermark));
             }
             let same = hws.first().copied().flatten().filter(|&h| hws.iter().all(|x| *x == Some(h)));

@@ -42,10 +42,14 @@ pub enum FaultKind {
     /// A broker killed, every write it had not fsynced dropped (by its sync ledger), started
     /// again.
     PowerLoss,
+    /// A broker added to the running cluster (`add-broker`, started with `--join`), partitions
+    /// moving to it, maybe an original broker killed meanwhile, then removed again
+    /// (`remove-broker`, its replicas moving away) and stopped.
+    Membership,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Restart,
@@ -57,6 +61,7 @@ impl FaultKind {
         FaultKind::Links,
         FaultKind::Corrupt,
         FaultKind::PowerLoss,
+        FaultKind::Membership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +77,7 @@ impl FaultKind {
             FaultKind::Links => "links",
             FaultKind::Corrupt => "corrupt",
             FaultKind::PowerLoss => "power-loss",
+            FaultKind::Membership => "membership",
         }
     }
 
@@ -158,6 +164,11 @@ pub enum Fault {
     /// These brokers killed together, each data directory cut to what its sync ledger says
     /// was fsynced (`power.rs`), then started again.
     PowerLoss(Vec<Target>),
+    /// A new broker added, held (with `kill`, this original broker SIGKILLed for the middle
+    /// third of the hold while partitions move), then removed and stopped.
+    Membership {
+        kill: Option<usize>,
+    },
 }
 
 /// One step: start `at_ms` after the run began (or as soon as the previous one ended), undo
@@ -256,6 +267,10 @@ pub fn schedule(
                     rng.between(500, 2_000),
                 ),
                 FaultKind::PowerLoss => (Fault::PowerLoss(vec![target(&mut rng)]), rng.between(500, 6_000)),
+                FaultKind::Membership => {
+                    let kill = rng.chance(0.5).then(|| rng.below(n) as usize);
+                    (Fault::Membership { kill }, rng.between(6_000, 15_000))
+                }
             }
         };
         if at + hold_ms > end {
@@ -268,6 +283,10 @@ pub fn schedule(
     }
     steps
 }
+
+/// How long a membership step waits for a change to be taken (another may be under way) and
+/// for a removed broker's replicas to move away.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs a schedule against a cluster, recording each step in the history.
 pub struct Nemesis<'a> {
@@ -437,6 +456,55 @@ impl Nemesis<'_> {
                 }
                 self.note(Type::Ok, format!("step {i}: broker(s) {} started again", ids(&nodes)));
             }
+            Fault::Membership { kill } => {
+                let admin = self.cluster.client().await?;
+                let added = self.cluster.add_broker(&admin, MEMBERSHIP_WAIT).await;
+                let index = match added {
+                    Ok(index) => index,
+                    Err(e) => {
+                        // A fault left the controller without a leader for longer: noted, and
+                        // the run goes on (the next steps still run).
+                        self.note(Type::Info, format!("step {i}: no broker added: {e:#}"));
+                        admin.close().await;
+                        return Ok(());
+                    }
+                };
+                self.note(
+                    Type::Invoke,
+                    format!("step {i}: broker {} added and started with --join", index + 1),
+                );
+                match kill.map(|k| self.spared(k)) {
+                    Some(k) => {
+                        tokio::time::sleep(hold / 3).await;
+                        self.note(
+                            Type::Info,
+                            format!("step {i}: kill -9 broker {} while partitions move", k + 1),
+                        );
+                        self.cluster.nodes[k].kill9();
+                        tokio::time::sleep(hold / 3).await;
+                        self.cluster.nodes[k].respawn()?;
+                        self.note(Type::Info, format!("step {i}: broker {} started again", k + 1));
+                        tokio::time::sleep(hold / 3).await;
+                    }
+                    None => tokio::time::sleep(hold).await,
+                }
+                let removed = self.cluster.remove_broker(&admin, index, MEMBERSHIP_WAIT).await;
+                admin.close().await;
+                match removed {
+                    Ok(true) => self.note(Type::Ok, format!("step {i}: broker {} removed and stopped", index + 1)),
+                    Ok(false) => self.note(
+                        Type::Ok,
+                        format!(
+                            "step {i}: broker {} removed and stopped, replicas still placed on it after {MEMBERSHIP_WAIT:?}",
+                            index + 1
+                        ),
+                    ),
+                    Err(e) => {
+                        // Still a member: it stays up (and is healed and read as any other).
+                        self.note(Type::Info, format!("step {i}: broker {} not removed: {e:#}", index + 1))
+                    }
+                }
+            }
             Fault::IsolateThenKill(t) => {
                 let node = self.spared(self.resolve(*t).await);
                 self.note(
@@ -486,19 +554,22 @@ impl Nemesis<'_> {
         match t {
             Target::Node(i) => i.min(n.saturating_sub(1)),
             Target::LeaderOf(p) => {
-                for i in 0..n {
+                let members = self.cluster.members();
+                for &i in &members {
                     let view = tokio::time::timeout(
                         Duration::from_secs(3),
                         self.cluster.partition_of(i, &self.topic, p),
                     )
                     .await;
                     if let Ok(Ok(v)) = view {
-                        if let Some(l) = v.leader {
-                            return self.cluster.index_of(l).min(n - 1);
+                        if let Some(l) = v.leader.map(|l| self.cluster.index_of(l)) {
+                            if members.contains(&l) {
+                                return l;
+                            }
                         }
                     }
                 }
-                p as usize % n
+                members.get(p as usize % members.len().max(1)).copied().unwrap_or(0)
             }
         }
     }
@@ -507,6 +578,9 @@ impl Nemesis<'_> {
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
         self.cluster.heal();
         for i in 0..self.cluster.nodes.len() {
+            if self.cluster.retired.contains(&i) {
+                continue;
+            }
             signal(&self.cluster.nodes[i], "CONT");
             if !self.cluster.nodes[i].is_running() {
                 self.cluster.nodes[i].respawn()?;

@@ -280,7 +280,7 @@ async fn final_reads(cluster: &Cluster, coordinator: usize, partitions: u32, rec
         }
         other => rec.record(Event::new("harness", Type::Info, "read-committed").error(format!("{other:?}"))),
     }
-    for node in 0..cluster.nodes.len() {
+    for node in cluster.members() {
         for p in 0..partitions {
             let e = Event { node: Some(node), ..Event::new("harness", Type::Ok, "read-log").tp(TOPIC, p) };
             let read = async {
