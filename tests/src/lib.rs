@@ -85,6 +85,44 @@ pub struct BrokerProcess {
     /// The test-only sync ledger it records its fsyncs in (`QUIVER_TEST_SYNC_LEDGER`), for
     /// power-loss faults (docs/faults.md).
     pub sync_ledger: Option<PathBuf>,
+    /// Its wall clock, when it runs under libfaketime (clock faults, docs/faults.md).
+    pub clock: Option<FakeClock>,
+}
+
+/// A broker's wall clock under libfaketime: `LD_PRELOAD` of `lib`, its offset read from `file`
+/// (re-read once a second), the monotonic clocks left alone (an NTP step moves only the wall
+/// clock).
+#[derive(Debug, Clone)]
+pub struct FakeClock {
+    pub lib: PathBuf,
+    pub file: PathBuf,
+}
+
+impl FakeClock {
+    /// Where libfaketime's multi-threaded library is: `QUIVER_FAKETIME_LIB`, or where Debian,
+    /// Ubuntu and a source install put it. `None` when it is not installed.
+    pub fn find_lib() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("QUIVER_FAKETIME_LIB") {
+            return Some(PathBuf::from(p));
+        }
+        [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+            "/usr/lib/faketime/libfaketimeMT.so.1",
+            "/usr/local/lib/faketime/libfaketimeMT.so.1",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    }
+
+    /// Sets the clock `offset_s` seconds from the real time (0: the real time).
+    pub fn set(&self, offset_s: i64) -> anyhow::Result<()> {
+        let tmp = self.file.with_extension("clock.tmp");
+        std::fs::write(&tmp, format!("{offset_s:+}\n"))?;
+        std::fs::rename(&tmp, &self.file)?;
+        Ok(())
+    }
 }
 
 impl BrokerProcess {
@@ -111,6 +149,7 @@ impl BrokerProcess {
             ca: data_dir.join("tls").join("ca.pem"),
             metrics: None,
             sync_ledger: None,
+            clock: None,
         };
         b.spawn().await?;
         Ok(b)
@@ -212,6 +251,7 @@ impl BrokerProcess {
             ca: ca_dir.join("ca.pem"),
             metrics: None,
             sync_ledger: None,
+            clock: None,
         })
     }
 
@@ -242,6 +282,12 @@ impl BrokerProcess {
         cmd.args(&self.extra_args);
         if let Some(ledger) = &self.sync_ledger {
             cmd.env(quiver_broker::storage::ledger::ENV, ledger);
+        }
+        if let Some(clock) = &self.clock {
+            cmd.env("LD_PRELOAD", &clock.lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &clock.file)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_CACHE_DURATION", "1");
         }
         cmd.env("QUIVER_LOG", std::env::var("QUIVER_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -499,19 +545,22 @@ impl Cluster {
     /// [`Cluster::cut`] and [`Cluster::isolate`] can drop them. Clients still reach every
     /// broker directly.
     pub async fn start_with_proxies(bin: &str, dir: &Path, n: u64) -> anyhow::Result<Cluster> {
-        Self::start_with_proxies_seeded(bin, dir, n, 0, false).await
+        Self::start_with_proxies_seeded(bin, dir, n, 0, false, None).await
     }
 
     /// As [`start_with_proxies`](Cluster::start_with_proxies), each proxy's RNG (drops,
     /// delays, duplicates, reordering: [`Cluster::set_link`]) seeded from `seed` and its path.
     /// With `sync_ledgers`, broker `id` records its fsyncs in `<dir>/node-<id>.synced.ledger`
-    /// (the test-only hook power-loss faults need, docs/faults.md).
+    /// (the test-only hook power-loss faults need, docs/faults.md). With `faketime` (the
+    /// libfaketime library), broker `id` runs with its wall clock offset by what
+    /// `<dir>/node-<id>.clock` says ([`FakeClock`]).
     pub async fn start_with_proxies_seeded(
         bin: &str,
         dir: &Path,
         n: u64,
         seed: u64,
         sync_ledgers: bool,
+        faketime: Option<&Path>,
     ) -> anyhow::Result<Cluster> {
         let addrs = free_addrs(n)?;
         let mut proxies = BTreeMap::new();
@@ -531,7 +580,8 @@ impl Cluster {
             peer_list(&via.collect::<Vec<_>>())
         };
         let peers: Vec<String> = (0..addrs.len()).map(peers_of).collect();
-        let opts = NodeOptions { sync_ledgers, ..NodeOptions::default() };
+        let opts =
+            NodeOptions { sync_ledgers, faketime: faketime.map(Path::to_path_buf), ..NodeOptions::default() };
         Self::start_nodes(bin, dir, &addrs, |i| peers[i].clone(), proxies, opts)
     }
 
@@ -569,6 +619,11 @@ impl Cluster {
             node.metrics = listen;
             if opts.sync_ledgers {
                 node.sync_ledger = Some(dir.join(format!("node-{id}.synced.ledger")));
+            }
+            if let Some(lib) = &opts.faketime {
+                let clock = FakeClock { lib: lib.clone(), file: dir.join(format!("node-{id}.clock")) };
+                clock.set(0)?;
+                node.clock = Some(clock);
             }
             node.spawn_process()?;
             nodes.push(node);
@@ -947,12 +1002,14 @@ impl Cluster {
 }
 
 /// What every node of a [`Cluster`] is started with, beyond its address and peers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct NodeOptions {
     /// `--metrics-listen` on a free loopback TCP port.
     metrics: bool,
     /// `QUIVER_TEST_SYNC_LEDGER` at `<dir>/node-<id>.synced.ledger`.
     sync_ledgers: bool,
+    /// libfaketime, a clock file per broker at `<dir>/node-<id>.clock`.
+    faketime: Option<PathBuf>,
 }
 
 /// The `host:port` of `n` free loopback UDP ports.

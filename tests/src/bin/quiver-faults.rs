@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     partitions: u32,
     /// Faults, comma separated: kill, pause, restart, halves, bridge, one-way, isolate, flap,
-    /// links, corrupt, power-loss, membership; or all, partition, process, none.
+    /// links, corrupt, power-loss, membership, clock; or all, partition, process, none.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Producers (producer-0 idempotent, the others as the seed says; acks=all).

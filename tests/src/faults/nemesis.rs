@@ -46,10 +46,13 @@ pub enum FaultKind {
     /// moving to it, maybe an original broker killed meanwhile, then removed again
     /// (`remove-broker`, its replicas moving away) and stopped.
     Membership,
+    /// One broker's wall clock stepped (libfaketime; its monotonic clocks untouched), then set
+    /// right again.
+    Clock,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Restart,
@@ -62,6 +65,7 @@ impl FaultKind {
         FaultKind::Corrupt,
         FaultKind::PowerLoss,
         FaultKind::Membership,
+        FaultKind::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl FaultKind {
             FaultKind::Corrupt => "corrupt",
             FaultKind::PowerLoss => "power-loss",
             FaultKind::Membership => "membership",
+            FaultKind::Clock => "clock",
         }
     }
 
@@ -168,6 +173,11 @@ pub enum Fault {
     /// third of the hold while partitions move), then removed and stopped.
     Membership {
         kill: Option<usize>,
+    },
+    /// Broker `node`'s wall clock moved by `offset_s` seconds, set right after the hold.
+    ClockStep {
+        node: usize,
+        offset_s: i64,
     },
 }
 
@@ -270,6 +280,17 @@ pub fn schedule(
                 FaultKind::Membership => {
                     let kill = rng.chance(0.5).then(|| rng.below(n) as usize);
                     (Fault::Membership { kill }, rng.between(6_000, 15_000))
+                }
+                FaultKind::Clock => {
+                    // Seconds, minutes, an hour or a day, either way (retention is days).
+                    let magnitude = match rng.below(4) {
+                        0 => rng.between(1, 10),
+                        1 => rng.between(10, 600),
+                        2 => 3_600,
+                        _ => 86_400,
+                    } as i64;
+                    let offset_s = if rng.chance(0.5) { magnitude } else { -magnitude };
+                    (Fault::ClockStep { node: rng.below(n) as usize, offset_s }, rng.between(2_000, 10_000))
                 }
             }
         };
@@ -505,6 +526,23 @@ impl Nemesis<'_> {
                     }
                 }
             }
+            Fault::ClockStep { node, offset_s } => {
+                let Some(clock) = self.cluster.nodes[*node].clock.clone() else {
+                    self.note(
+                        Type::Info,
+                        format!("step {i}: no clock step: broker {} runs without libfaketime", node + 1),
+                    );
+                    return Ok(());
+                };
+                self.note(
+                    Type::Invoke,
+                    format!("step {i}: broker {}'s wall clock moved {offset_s:+} s", node + 1),
+                );
+                clock.set(*offset_s)?;
+                tokio::time::sleep(hold).await;
+                clock.set(0)?;
+                self.note(Type::Ok, format!("step {i}: broker {}'s wall clock set right", node + 1));
+            }
             Fault::IsolateThenKill(t) => {
                 let node = self.spared(self.resolve(*t).await);
                 self.note(
@@ -584,6 +622,11 @@ impl Nemesis<'_> {
             signal(&self.cluster.nodes[i], "CONT");
             if !self.cluster.nodes[i].is_running() {
                 self.cluster.nodes[i].respawn()?;
+            }
+        }
+        for node in &self.cluster.nodes {
+            if let Some(clock) = &node.clock {
+                clock.set(0)?;
             }
         }
         self.note(Type::Ok, "healed: every link passes, every broker runs".into());

@@ -104,16 +104,20 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
     let rec = Recorder::create(&history_path)?;
     let leader_kills = cfg.negative_control == Some(NegativeControl::AcksLeader);
     let fsync_off = cfg.negative_control == Some(NegativeControl::FsyncOff);
-    let steps = schedule(
-        cfg.seed,
-        cfg.duration,
-        cfg.brokers as usize,
-        cfg.partitions,
-        &cfg.faults,
-        cfg.negative_control,
-    );
+    // Clock steps need libfaketime; without it they are left out, loudly.
+    let faketime = crate::FakeClock::find_lib();
+    let mut kinds = cfg.faults.clone();
+    if kinds.contains(&FaultKind::Clock) && faketime.is_none() {
+        kinds.retain(|k| *k != FaultKind::Clock);
+        let why = "clock steps left out: libfaketime not found (apt-get install libfaketime, or set QUIVER_FAKETIME_LIB)";
+        eprintln!("  {why}");
+        rec.record(Event::new("harness", Type::Info, "faults-left-out").error(why));
+    }
+    let steps =
+        schedule(cfg.seed, cfg.duration, cfg.brokers as usize, cfg.partitions, &kinds, cfg.negative_control);
+    let clock_steps = steps.iter().any(|s| matches!(s.fault, super::nemesis::Fault::ClockStep { .. }));
     let power_loss = steps.iter().any(|s| matches!(s.fault, super::nemesis::Fault::PowerLoss(_)));
-    let faults: Vec<&str> = cfg.faults.iter().map(|k| k.name()).collect();
+    let faults: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     rec.record(Event {
         seed: Some(cfg.seed),
         fault: Some(format!(
@@ -134,8 +138,15 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<RunOutcome> {
     let dir = cfg.out.join("cluster");
     let quiverd = cfg.quiverd.to_string_lossy().into_owned();
     // The sync ledgers (a test-only broker hook) only where a power loss will read them.
-    let mut cluster =
-        Cluster::start_with_proxies_seeded(&quiverd, &dir, cfg.brokers, cfg.seed, power_loss).await?;
+    let mut cluster = Cluster::start_with_proxies_seeded(
+        &quiverd,
+        &dir,
+        cfg.brokers,
+        cfg.seed,
+        power_loss,
+        faketime.as_deref().filter(|_| clock_steps),
+    )
+    .await?;
     let admin = cluster.client().await?;
     let replicas = cfg.brokers.min(3) as u16;
     // The default durability is `always` (fsync before a batch counts towards a commit).
