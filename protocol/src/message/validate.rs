@@ -16,10 +16,14 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Group names: 1..=MAX_GROUP_NAME_BYTES bytes.
+/// Group names: 1..=MAX_GROUP_NAME_BYTES bytes, no control characters (a tab or a newline
+/// would break every line-oriented listing of groups, `quiver group list` among them).
 pub fn validate_group_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > crate::limits::MAX_GROUP_NAME_BYTES {
         return Err(format!("group name must be 1 to {} bytes", crate::limits::MAX_GROUP_NAME_BYTES));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("group name has the control character {:?}; names are printable text", c));
     }
     Ok(())
 }
@@ -39,5 +43,23 @@ pub(super) fn truncate_utf8(s: &mut String, max: usize) {
             end -= 1;
         }
         s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names_are_printable_text_of_bounded_length() {
+        assert!(validate_group_name("billing").is_ok());
+        assert!(validate_group_name("équipe één / 2").is_ok(), "any printable text");
+        for bad in ["", "a\tb", "line\nbreak", "nul\0", "esc\u{1b}[31m"] {
+            assert!(validate_group_name(bad).is_err(), "{bad:?}");
+        }
+        let long = "g".repeat(crate::limits::MAX_GROUP_NAME_BYTES + 1);
+        assert!(validate_group_name(&long).is_err());
+        let err = validate_group_name("a\tb").unwrap_err();
+        assert!(err.contains("control character '\\t'"), "{err}");
     }
 }
