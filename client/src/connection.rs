@@ -428,11 +428,18 @@ impl Client {
             let e = self.inner.endpoints.lock();
             e.v4.iter().chain(e.v6.iter()).cloned().collect()
         };
+        // Long enough for the closes above to go out (their draining period is a few round
+        // trips); not for a dial to a dead broker that a faster one overtook, which would drain
+        // for three initial PTOs (about 3 s) and hold up every short-lived client such as the
+        // CLI given a dead first broker.
         for e in endpoints {
-            e.wait_idle().await;
+            let _ = tokio::time::timeout(CLOSE_DRAIN, e.wait_idle()).await;
         }
     }
 }
+
+/// How long [`Client::close`] waits for its connections to finish closing.
+const CLOSE_DRAIN: Duration = Duration::from_millis(100);
 
 pub(crate) async fn request_on(
     conn: &quinn::Connection,
