@@ -48,6 +48,10 @@ pub(crate) struct Job {
     pub ranges: Vec<Range<u64>>,
     /// Where the outcome goes (the subscription; gone if it ended).
     pub done: mpsc::Sender<Written>,
+    /// In a cluster: the default dead-letter topic is created through the controller (with
+    /// `replicas` replicas, the source topic's), and letters go to its partition's leader.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub replicas: u16,
 }
 
 #[derive(Debug)]
@@ -113,14 +117,43 @@ async fn write(job: &Job) -> Result<(), PartitionError> {
     let topic = match topics.get(name) {
         Ok(t) => t,
         Err(e) if !job.create_if_missing => return Err(e),
-        Err(_) => {
-            let config = TopicConfig::default();
-            match topics.create(name, 1, config, job.max_partitions_total).await {
-                Ok(t) => t,
-                Err(e) if e.code == ErrorCode::TopicExists => topics.get(name)?,
-                Err(e) => return Err(e),
+        Err(_) => match &job.cluster {
+            // Every broker must know it, and its data must be replicated as the source's is:
+            // created like any topic, through the controller's log.
+            Some(cluster) => {
+                let config = TopicConfig::default().with_replicas(job.replicas.max(1));
+                let request = quiver_protocol::message::Message::CreateTopic {
+                    name: name.to_string(),
+                    partitions: 1,
+                    config: config.clone(),
+                };
+                let command = crate::cluster::Command::CreateTopic {
+                    name: name.to_string(),
+                    partitions: 1,
+                    config,
+                    brokers: None,
+                };
+                match cluster.run_command(command, &request).await {
+                    Ok(()) => {}
+                    Err(e) if e.code == ErrorCode::TopicExists => {}
+                    Err(e) => return Err(e),
+                }
+                cluster.wait_for_topic(topics, name).await.ok_or_else(|| {
+                    PartitionError::new(
+                        ErrorCode::UnknownTopic,
+                        format!("dead-letter topic '{name}' not applied here yet"),
+                    )
+                })?
             }
-        }
+            None => {
+                let config = TopicConfig::default();
+                match topics.create(name, 1, config, job.max_partitions_total).await {
+                    Ok(t) => t,
+                    Err(e) if e.code == ErrorCode::TopicExists => topics.get(name)?,
+                    Err(e) => return Err(e),
+                }
+            }
+        },
     };
     let target = topic.partition(0)?.clone();
     let mut builder = BatchBuilder::new(4096);
@@ -150,9 +183,68 @@ async fn write(job: &Job) -> Result<(), PartitionError> {
     }
     let batch = quiver_protocol::batch::ValidatedBatch::new(builder.finish())
         .map_err(|e| PartitionError::new(ErrorCode::BatchTooLarge, format!("dead-letter batch: {e}")))?;
-    let appended = target.submit(batch).await?;
-    appended.await.map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))??;
+    append(job, name, &target, batch).await?;
     metrics::counter!("quiver_dead_letters_total", "topic" => p.topic.to_string())
         .increment(job.records.iter().map(|(r, _)| r.end - r.start).sum());
     Ok(())
+}
+
+/// Appends the letters' batch to the dead-letter partition: here when this broker leads it (or
+/// on one node), else through its leader (a `Produce` with `acks = all` over the peer link).
+/// Done once committed: a letter counts as written only when it survives a broker's loss.
+async fn append(
+    job: &Job,
+    name: &str,
+    target: &Arc<Partition>,
+    batch: quiver_protocol::batch::ValidatedBatch,
+) -> Result<(), PartitionError> {
+    let leader = match &job.cluster {
+        Some(cluster) if target.is_replicated() => {
+            let Some((group, _)) = cluster.group(name, 0) else {
+                return Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    format!("broker {} holds no replica of dead-letter topic '{name}'", cluster.node_id()),
+                ));
+            };
+            // A dead-letter topic created a moment ago elects its first leader now.
+            let mut status = group.status.clone();
+            let elected = tokio::time::timeout(
+                crate::cluster::FORWARD_TIMEOUT,
+                status.wait_for(|s| s.leader.is_some()),
+            );
+            let leader = match elected.await {
+                Ok(Ok(s)) => s.leader,
+                _ => None,
+            };
+            match leader {
+                Some(l) if l == cluster.node_id() => None,
+                Some(l) => Some((cluster, l)),
+                None => return Err(PartitionError::new(ErrorCode::NotLeader, "no leader elected yet")),
+            }
+        }
+        _ => None,
+    };
+    let Some((cluster, l)) = leader else {
+        let appended = target.submit(batch).await?;
+        return appended
+            .await
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?
+            .map(drop);
+    };
+    let request = quiver_protocol::message::Message::Produce {
+        topic: name.to_string(),
+        partition: 0,
+        acks: quiver_protocol::Acks::All,
+        batch: batch.freeze(),
+    };
+    match cluster.links.request(l, &request, crate::cluster::FORWARD_TIMEOUT).await? {
+        quiver_protocol::message::Message::ProduceOk { .. } => Ok(()),
+        quiver_protocol::message::Message::Error { code, message, .. } => {
+            Err(PartitionError::new(code, message))
+        }
+        other => Err(PartitionError::new(
+            ErrorCode::Internal,
+            format!("the dead-letter partition's leader answered kind {}", other.kind()),
+        )),
+    }
 }

@@ -244,6 +244,80 @@ async fn members_keep_their_ids_and_partitions_across_the_coordinators_kill() ->
     .await
 }
 
+/// Dead letters in a cluster: the default dead-letter topic is created through the controller
+/// with the source topic's replicas (so every broker knows it and its data survives a broker),
+/// and the coordinator hands the letters to that partition's leader. Before, the coordinator
+/// created `<topic>.dlq` in its own registry only, unreplicated and unknown to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_to_a_replicated_topic_every_broker_knows() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        const TOPIC: &str = "jobs";
+        let dir = test_dir()?;
+        let cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, TOPIC, 1, 3).await?;
+        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let producer = Producer::new(admin.clone(), ProducerConfig::default());
+        for v in ["bad", "good"] {
+            producer.send(TOPIC, ProducerRecord::new(v)).await?;
+        }
+        let mut config = ConsumerConfig::new(TOPIC).group("crew").start(StartPosition::Earliest);
+        config.max_deliveries = Some(2);
+        let client = cluster.client_of(1).await?;
+        let mut consumer = Consumer::subscribe(client.clone(), config).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // 'bad' is refused at each of its two deliveries, then goes to the dead letters.
+        let (mut good, mut refused) = (false, 0);
+        while !good || refused < 2 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "good {good}, 'bad' refused {refused} times"
+            );
+            let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+            match &m.value[..] {
+                b"bad" => {
+                    m.nack(None);
+                    refused += 1;
+                }
+                _ => {
+                    m.ack();
+                    good = true;
+                }
+            }
+        }
+        // Every broker knows the dead-letter topic, as a replicated topic, and serves the letter.
+        for i in 0..3 {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let info = loop {
+                let c = cluster.client_of(i).await?;
+                let info = c.admin().describe_topic("jobs.dlq").await;
+                c.close().await;
+                match info {
+                    Ok(info) => break info,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!("broker {}: {e}", i + 1);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => anyhow::bail!("broker {} does not know jobs.dlq: {e}", i + 1),
+                }
+            };
+            let replicas = &info.partitions[0].replicas;
+            anyhow::ensure!(replicas.len() == 3, "broker {}: jobs.dlq replicas {replicas:?}", i + 1);
+            let letters = cluster.read_all_from(i, "jobs.dlq", 1).await?;
+            anyhow::ensure!(letters == ["bad"], "broker {} serves {letters:?}", i + 1);
+        }
+        consumer.close().await;
+        for c in [client, admin] {
+            c.close().await;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// With fewer replicas than brokers a group's coordinator may hold no replica of a partition:
 /// it hands the subscription on to a replica, also when another broker forwarded it (the
 /// second hop). A group consumer through any broker reads every value; clients cannot write

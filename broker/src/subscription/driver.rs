@@ -232,6 +232,8 @@ impl Active {
                         parts: parts.clone(),
                         records,
                         done: written_tx.clone(),
+                        cluster: self.state.cluster.clone(),
+                        replicas: self.state.topics.get(&p.topic).map_or(1, |t| t.config.replicas),
                     };
                     tokio::select! {
                         r = self.state.dead_letters.submit(job) => r?,
