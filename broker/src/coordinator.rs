@@ -195,7 +195,9 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                             // drops them for good).
                             let store = Arc::new(store);
                             store.forget_missing_topics(|t| state.topics.get(t).is_ok());
-                            // Members carry on where the last coordinator left them (invariant 4).
+                            // Members carry on where the last coordinator left them (invariant 4);
+                            // nothing a request made meanwhile (with a deposed store) stays.
+                            state.groups.drop_groups(|g| partition_of(g, partitions) == k);
                             for (group, snapshot) in store.groups() {
                                 state.groups.restore(&group, snapshot);
                             }

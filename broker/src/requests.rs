@@ -175,9 +175,10 @@ async fn dispatch(
             // membership request to the broker it took for the coordinator; one that no longer
             // is (or is not yet) must refuse it, not start a group of its own beside the real
             // one (members there would get ids and generations the coordinator never issued).
-            if st.cluster.is_some() && !store.is_coordinated() {
+            if st.cluster.is_some() && (!store.is_coordinated() || store.is_deposed()) {
                 return Some(error(crate::coordinator::not_coordinator(&group)));
             }
+            let joining = matches!(msg, Message::JoinGroup { member_id: None, .. });
             let answer = match crate::groups::handle(&st.groups, &st.topics, &store, msg, &members) {
                 Ok(answer) => answer,
                 Err(e) => return Some(error(e)),
@@ -185,7 +186,16 @@ async fn dispatch(
             // What the answer says of the membership is durable before the member hears it.
             match crate::coordinator::record_group(&st, &store, &group).await {
                 Ok(()) => Some(answer),
-                Err(e) => Some(error(e)),
+                Err(e) => {
+                    // A join the client hears as failed must not leave a member behind here
+                    // holding partitions until its session expires (it joins again instead).
+                    if let Message::GroupAssignment { member_id, .. } = &answer {
+                        if joining {
+                            st.groups.leave(&members, &group, member_id);
+                        }
+                    }
+                    Some(error(e))
+                }
             }
         }),
         Message::FetchOffsets { group, topic } => Box::pin(async move {

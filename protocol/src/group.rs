@@ -107,7 +107,14 @@ impl GroupCoordinator {
                 .map(|(id, m)| MemberSnapshot {
                     id: id.clone(),
                     session_timeout_ms: m.session_timeout_ms,
-                    seen_generation: m.seen_generation,
+                    // Only read to confirm a revocation from this member: without one pending
+                    // it need not be kept, so a rebalance's heartbeats (each raising it) do not
+                    // each change the record.
+                    seen_generation: if self.revoking.values().any(|r| &r.from == id) {
+                        m.seen_generation
+                    } else {
+                        0
+                    },
                     owned: m.owned.iter().map(|(p, g)| (*p, *g)).collect(),
                 })
                 .collect(),

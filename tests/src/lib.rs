@@ -678,6 +678,8 @@ impl Cluster {
         loop {
             match admin.admin().add_broker(id, &addr.to_string()).await {
                 Ok(()) => break,
+                // An earlier attempt that timed out was carried out after all.
+                Err(e) if e.to_string().contains(&format!("broker {id} is already in the cluster")) => break,
                 Err(e) if Instant::now() < deadline && e.is_retriable() => {
                     tokio::time::sleep(Duration::from_millis(500)).await
                 }
@@ -715,6 +717,7 @@ impl Cluster {
         loop {
             match admin.admin().remove_broker(id).await {
                 Ok(()) => break,
+                Err(e) if e.to_string().contains(&format!("no broker {id} in this cluster")) => break,
                 Err(e) if Instant::now() < deadline && e.is_retriable() => {
                     tokio::time::sleep(Duration::from_millis(500)).await
                 }

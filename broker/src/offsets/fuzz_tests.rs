@@ -101,6 +101,9 @@ fn canonical(mut g: GroupSnapshot) -> GroupSnapshot {
         m.owned.retain(|(p, _)| taken.insert(*p));
     }
     g.revoking.retain(|(p, ..)| taken.insert(*p));
+    g.revoking.retain(|(_, from, ..)| ids.contains(from));
+    g.generation %= u64::MAX / 2;
+    g.next_member %= u64::MAX / 2;
     GroupCoordinator::restore(g, 0).snapshot()
 }
 

@@ -447,3 +447,36 @@ fn group_records_read_back_the_last_one_and_a_tombstone_deletes() -> TestResult 
     assert!(live.groups.contains_key("c"));
     Ok(())
 }
+
+/// A deleted topic's groups go with its ledgers: their membership records get tombstones in the
+/// same write, so a coordinator reading the log later (after a failover) does not restore them
+/// into a topic created again under the name. A compaction keeps the other groups' records.
+#[test]
+fn removing_a_topic_deletes_its_groups_records_and_compaction_keeps_the_rest() -> TestResult {
+    use quiver_protocol::group::GroupCoordinator;
+    let mem = Arc::new(MemStorage::new());
+    let s = OffsetStore::open(mem.clone(), Path::new(DIR))?;
+    let group_of = |topic: &str| {
+        let mut g = GroupCoordinator::new(topic, 2, "n1-1");
+        g.join(topic, None, 3000, 0).map(|_| g.snapshot())
+    };
+    let (a, b) = (group_of("a")?, group_of("b")?);
+    s.record_group_blocking("ga", || Some(a.clone()))?;
+    s.record_group_blocking("gb", || Some(b.clone()))?;
+    s.commit_blocking(key("ga", "a", 0), 5, false)?;
+    s.remove_topic_blocking("a")?;
+    let read = || -> Result<Vec<String>, Box<dyn Error>> {
+        let (log, _) =
+            PartitionLog::open(mem.clone(), Path::new(DIR).join(LOG_DIR), LogConfig::default(), 0)?;
+        let (live, _) = records::read_log(&log)?;
+        let mut names: Vec<String> = live.groups.keys().map(|g| g.to_string()).collect();
+        names.sort();
+        Ok(names)
+    };
+    assert_eq!(read()?, ["gb"], "a's group has its tombstone");
+    s.snapshot_locked(&mut s.writer.lock())?;
+    assert_eq!(s.groups().into_iter().map(|(g, _)| g.to_string()).collect::<Vec<_>>(), ["gb"]);
+    drop(s);
+    assert_eq!(read()?, ["gb"], "the compacted log holds b's group only");
+    Ok(())
+}

@@ -804,6 +804,16 @@ impl OffsetStore {
         for key in &keys {
             write.push(key, None);
         }
+        // Its groups' membership records too: a coordinator reading the log later must not
+        // restore them into a topic created again under the name.
+        let mut groups: Vec<Arc<str>> = {
+            let st = self.state.lock();
+            st.groups.iter().filter(|(_, (g, _))| g.topic == topic).map(|(name, _)| name.clone()).collect()
+        };
+        groups.sort();
+        for group in &groups {
+            write.push_group(group, None);
+        }
         let batches = write.finish();
         if self.would_pass_limit(&batches) {
             // Room first; the snapshot still holds the topic's ledgers, the tombstones follow it.

@@ -168,6 +168,12 @@ pub(super) fn decode_group(value: Bytes) -> Result<GroupSnapshot, DecodeError> {
     }
     let generation = r.u64()?;
     let next_member = r.u64()?;
+    // Counters a coordinator only ever adds one to: far from overflowing.
+    for (field, v) in [("group generation", generation), ("next member", next_member)] {
+        if v > u64::MAX / 2 {
+            return Err(invalid(field, format!("{v} is out of range")));
+        }
+    }
     let id_prefix = r.string("member id prefix", MAX_MEMBER_ID_BYTES)?;
     let in_range = |p: u32| {
         (p < partitions)
@@ -199,6 +205,10 @@ pub(super) fn decode_group(value: Bytes) -> Result<GroupSnapshot, DecodeError> {
     let owned = members.iter().flat_map(|m| m.owned.iter().map(|(p, _)| *p));
     if !owned.chain(revoking.iter().map(|(p, ..)| *p)).all(|p| taken.insert(p)) {
         return Err(invalid("group partitions", "a partition has two owners".into()));
+    }
+    // A revocation is from a member (a member that leaves takes its revocations along).
+    if revoking.iter().any(|(_, from, ..)| !ids.contains(from.as_str())) {
+        return Err(invalid("revoking", "a partition is revoked from a member not in the group".into()));
     }
     Ok(GroupSnapshot { topic, partitions, generation, next_member, id_prefix, members, revoking })
 }

@@ -311,20 +311,27 @@ impl Consumer {
             // committing that old floor could undo a newer commit of another member or cover
             // what the new session hands out. So commit the session that runs now, if this
             // consumer still reads the partition.
+            // The same member and session after the round (the refusal came from a broker that
+            // had not taken over the group yet): once more, as before.
             match self.session_after_round(p).await {
                 Some(Some((now, now_acks)))
                     if Some(&now) != member.as_ref() || !Arc::ptr_eq(&now_acks, &acks) =>
                 {
-                    match self.started(&now_acks).await {
-                        Some(floor) => {
+                    match self.started(p).await {
+                        Some((now, floor)) => {
                             admin.commit_offset_as(group, &self.config.topic, p, floor, Some(now)).await?;
                             report.committed.insert(p, floor);
                         }
                         None => report.skipped.push(p),
                     }
                 }
+                Some(Some((now, _))) => {
+                    let floor = acks.floor();
+                    admin.commit_offset_as(group, &self.config.topic, p, floor, Some(now)).await?;
+                    report.committed.insert(p, floor);
+                }
                 Some(None) => report.revoked.push(p),
-                _ => return Err(refused),
+                None => return Err(refused),
             }
         }
         Ok(report)
@@ -346,13 +353,20 @@ impl Consumer {
         Some(partitions.get(&partition).and_then(|r| Some((r.member.clone()?, r.acks.clone()))))
     }
 
-    /// The floor of a session once the broker said where it starts (within the request
-    /// timeout; `None` if it has not started by then).
-    async fn started(&self, acks: &AckState) -> Option<u64> {
+    /// The member and floor of `partition`'s session once the broker said where it starts,
+    /// whichever session runs then (a first subscription that failed is started again with a
+    /// new one); `None` if none started within the request timeout, or the partition went.
+    async fn started(&self, partition: u32) -> Option<(MemberRef, u64)> {
         let deadline = tokio::time::Instant::now() + self.client.config().request_timeout;
         loop {
-            if let Some(floor) = acks.committable() {
-                return Some(floor);
+            let running = {
+                let partitions = self.shared.partitions.lock();
+                partitions.get(&partition).map(|r| (r.member.clone(), r.acks.clone()))
+            };
+            if let Some((Some(member), acks)) = running {
+                if let Some(floor) = acks.committable() {
+                    return Some((member, floor));
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return None;

@@ -561,10 +561,14 @@ impl Nemesis<'_> {
         Ok(())
     }
 
-    /// `node`, or the next one if it is the spared broker.
+    /// `node`, or the next member if it is the spared broker.
     fn spared(&self, node: usize) -> usize {
         match self.spare {
-            Some(s) if s == node => (node + 1) % self.cluster.nodes.len(),
+            Some(s) if s == node => {
+                let members = self.cluster.members();
+                let at = members.iter().position(|&m| m == node).unwrap_or(0);
+                members.get((at + 1) % members.len().max(1)).copied().unwrap_or(node)
+            }
             _ => node,
         }
     }
