@@ -35,6 +35,95 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
     tasks.spawn(async move {
         let _ = tokio::task::spawn_blocking(move || verify_closed_segments(&st)).await;
     });
+    if state.cluster.is_some() {
+        tasks.spawn(repair_damage(state.clone()));
+    }
+}
+
+/// How often a cluster broker looks for damaged batches to repair from another replica.
+const REPAIR_EVERY: Duration = Duration::from_secs(5);
+/// Damaged batches one partition repairs per pass (each is a fetch from a peer).
+const REPAIRS_PER_PASS: usize = 16;
+
+/// In a cluster, every [`REPAIR_EVERY`]: each damaged batch a replicated partition's log knows
+/// of (recovery's spans, what reads found) below its high watermark is fetched from another
+/// replica and written over the damaged bytes in place (`PartitionLog::repair_batch`, which
+/// checks the copy has exactly those offsets, length and leader epoch, and that the bytes
+/// there do not pass as the batch). Below the commit every replica holds the same batch byte
+/// for byte, and a peer serves only committed, CRC-checked batches, so the copy is the batch
+/// that was damaged. Nothing is deleted or cut: a batch that cannot be repaired stays damaged
+/// (refused on read, as before), and data another replica lacks is never at risk.
+async fn repair_damage(state: Arc<BrokerState>) {
+    let Some(cluster) = state.cluster.clone() else { return };
+    let me = cluster.node_id();
+    let mut tick = tokio::time::interval(REPAIR_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        for topic in state.topics.all() {
+            for p in topic.partitions.iter().filter(|p| p.is_replicated()) {
+                let log = p.shared_log();
+                let damaged = log.lock().damage_to_repair(p.high_watermark(), REPAIRS_PER_PASS);
+                if damaged.is_empty() {
+                    continue;
+                }
+                let peers: Vec<u64> = cluster
+                    .partitions
+                    .get(&(topic.name.to_string(), p.id))
+                    .map(|e| e.value().1.iter().copied().filter(|&r| r != me).collect())
+                    .unwrap_or_default();
+                for offset in damaged {
+                    let repaired = repair_one(&cluster, &topic.name, p, offset, &peers).await;
+                    if !repaired {
+                        tracing::debug!(topic = %topic.name, partition = p.id, offset, "no replica had a copy to repair the damaged batch with");
+                    }
+                    log.lock().forget_damage(offset);
+                }
+            }
+        }
+    }
+}
+
+/// Fetches the batch at `offset` from the first of `peers` that serves it and repairs the local
+/// copy with it. Whether the local batch was repaired.
+async fn repair_one(
+    cluster: &crate::cluster::Cluster,
+    topic: &str,
+    p: &Arc<crate::partition::Partition>,
+    offset: u64,
+    peers: &[u64],
+) -> bool {
+    use quiver_protocol::batch::{Batches, ValidatedBatch};
+    use quiver_protocol::message::Message;
+    let request = Message::Fetch { topic: topic.to_string(), partition: p.id, offset, max_bytes: 1 };
+    for &peer in peers {
+        let Ok(Message::FetchOk { batches, high_watermark, .. }) = cluster.read_remote(peer, &request).await
+        else {
+            continue;
+        };
+        let Some(Ok(first)) = Batches::new(&batches).next() else { continue };
+        if first.header.base_offset != offset
+            || first.header.next_offset() > high_watermark.min(p.high_watermark())
+        {
+            continue;
+        }
+        let Ok(good) = ValidatedBatch::new(batches.slice(first.range())) else { continue };
+        let log = p.shared_log();
+        let repaired = tokio::task::spawn_blocking(move || log.lock().repair_batch(&good)).await;
+        match repaired {
+            Ok(Ok(true)) => return true,
+            Ok(Ok(false)) => return false, // not one batch of those offsets here: leave it
+            Ok(Err(e)) => {
+                tracing::warn!(%topic, partition = p.id, offset, "repairing a damaged batch: {e}");
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Once after start, CRC-checks every closed segment of every partition at a bounded rate

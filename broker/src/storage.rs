@@ -66,6 +66,14 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
     /// Writes `data` at the end of the file.
     fn append(&self, data: &[u8]) -> io::Result<()>;
+    /// Overwrites `data.len()` bytes at `pos`, all below the file's length (never extends it):
+    /// a damaged batch replaced by the same batch from another replica, the one write that
+    /// changes bytes already in a segment. Durable after [`sync`](StorageFile::sync). Files
+    /// that cannot do it say so (`Unsupported`), and the damage stays.
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        let _ = (pos, data);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this file cannot be written in place"))
+    }
     /// Cuts the file to `len` bytes.
     fn truncate(&self, len: u64) -> io::Result<()>;
     /// `fdatasync`: once it returns, every byte written before the call is durable.
@@ -128,7 +136,7 @@ impl Storage for FsStorage {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
         // O_APPEND: every write lands at the end, whatever a concurrent pread does.
         let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
-        Ok(ledger::wrap(path, Arc::new(FsFile { file })))
+        Ok(ledger::wrap(path, Arc::new(FsFile { file, path: path.to_path_buf() })))
     }
 
     fn fds_per_segment_file(&self) -> u64 {
@@ -172,6 +180,9 @@ impl Storage for FsStorage {
 #[derive(Debug)]
 struct FsFile {
     file: File,
+    /// For writes in place: `file` appends (O_APPEND), and Linux puts a `pwrite` on such a
+    /// descriptor at the end whatever position it names.
+    path: PathBuf,
 }
 
 impl StorageFile for FsFile {
@@ -191,8 +202,25 @@ impl StorageFile for FsFile {
         self.file.set_len(len)
     }
 
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        check_inside(pos, data.len(), self.len()?)?;
+        // A descriptor of its own, without O_APPEND (rare: a repair), synced by `sync` (an
+        // fdatasync on any descriptor of the file covers it).
+        let file = OpenOptions::new().write(true).open(&self.path)?;
+        FileExt::write_all_at(&file, data, pos)?;
+        file.sync_data()
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+/// Refuses a write in place that would reach past `len`.
+pub(crate) fn check_inside(pos: u64, n: usize, len: u64) -> io::Result<()> {
+    match pos.checked_add(n as u64) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "a write in place past the end of the file")),
     }
 }
 
@@ -470,6 +498,14 @@ impl StorageFile for MemFile {
 
     fn append(&self, bytes: &[u8]) -> io::Result<()> {
         self.data.lock().bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn write_at(&self, pos: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut data = self.data.lock();
+        check_inside(pos, bytes.len(), data.bytes.len() as u64)?;
+        let at = pos as usize;
+        data.bytes[at..at + bytes.len()].copy_from_slice(bytes);
         Ok(())
     }
 

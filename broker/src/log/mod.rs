@@ -376,6 +376,8 @@ pub struct ReadPlan {
     /// The log's epoch record when the plan was made: every batch's leader epoch (outside
     /// its CRC) is checked against it before the batch is served. Shared, not copied.
     epochs: Option<Arc<epochs::Epochs>>,
+    /// Where a damaged first batch is noted for repair (the log's `damage_found`).
+    damage_found: Option<Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>>,
 }
 
 impl ReadPlan {
@@ -442,6 +444,13 @@ impl ReadPlan {
     /// A [`LogError::Corrupt`] for the batch at `at` bytes into the span, logged and counted.
     fn damaged(&self, at: usize, reason: String) -> LogError {
         let position = self.position + at as u64;
+        if let (0, Some(notes)) = (at, &self.damage_found) {
+            // The plan's first batch (reads stop before a damaged batch after the first).
+            let mut notes = notes.lock();
+            if notes.len() < DAMAGE_NOTES {
+                notes.insert(self.first_offset);
+            }
+        }
         metrics::counter!("quiver_corrupt_batches_total", "found_by" => "read").increment(1);
         tracing::error!(segment = %self.path.display(), position, %reason, "refusing to serve a damaged batch");
         LogError::Corrupt { path: self.path.to_path_buf(), position, reason }
@@ -491,7 +500,16 @@ pub struct PartitionLog {
     sync_failed: SyncState,
     /// How far completed fsyncs cover the active segment, and its checkpoint file.
     recovery: RecoveryCheckpoint,
+    /// Base offsets of batches reads found damaged (shared with read plans, which run outside
+    /// the log's lock), for a cluster to repair from another replica ([`repair_batch`]).
+    /// Bounded: beyond [`DAMAGE_NOTES`] new finds are dropped (recovery's spans stay known).
+    ///
+    /// [`repair_batch`]: PartitionLog::repair_batch
+    damage_found: Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>,
 }
+
+/// Damaged batches a log remembers for repair beyond the spans recovery recorded.
+const DAMAGE_NOTES: usize = 256;
 
 /// Closed segments whose log file may be open at once for a log with a bound of its own
 /// (their index files are never open: lookups use the entries in memory). Such a partition
@@ -542,6 +560,7 @@ impl PartitionLog {
             epochs: Default::default(),
             poisoned: false,
             sync_failed: Default::default(),
+            damage_found: Default::default(),
         };
         log.load_epochs(loaded, &recovered.names)?;
         log.check_invariants(true);
@@ -1120,7 +1139,15 @@ impl PartitionLog {
         }
         if offset == next {
             let path = Arc::from(self.active.log_path.as_path());
-            return Ok(ReadPlan { file: None, path, position: 0, len: 0, first_offset: next, epochs: None });
+            return Ok(ReadPlan {
+                file: None,
+                path,
+                position: 0,
+                len: 0,
+                first_offset: next,
+                epochs: None,
+                damage_found: None,
+            });
         }
         let seg = self.segment_for(offset);
         if let Some(d) = seg.damage_at(offset) {
@@ -1148,7 +1175,96 @@ impl PartitionLog {
             len: usize::try_from(end - start).unwrap_or(usize::MAX),
             first_offset: first.base_offset,
             epochs: Some(self.epochs.clone()),
+            damage_found: Some(self.damage_found.clone()),
         })
+    }
+
+    /// Replaces the damaged batch holding `good`'s offsets with `good` (CRC checked by the
+    /// caller: a [`ValidatedBatch`]), the same batch from another replica, written in place
+    /// and fsynced. Nothing else changes: not the file's length, the index, the ordinals or the
+    /// epochs, so nothing that was durable can be lost by it. Done only when every check holds,
+    /// else `Ok(false)` and the log is left as it is:
+    /// - the batch lies in the log, and the bytes there are one batch of exactly `good`'s
+    ///   offsets and length (a damaged span recovery recorded for exactly those offsets, or a
+    ///   batch whose header says so), followed by the next batch (or the segment's end);
+    /// - those bytes do not pass as that batch (CRC, or the leader epoch the record names):
+    ///   an intact batch is never overwritten.
+    ///
+    /// The caller repairs only below the commit, where every replica's batch is the same
+    /// entry, byte for byte (docs/replication.md §4).
+    pub fn repair_batch(&mut self, good: &ValidatedBatch) -> Result<bool, LogError> {
+        let h = *good.header();
+        let (base, next, len) = (h.base_offset, h.next_offset(), good.len() as u64);
+        if base < self.log_start_offset() || next > self.next_offset() {
+            return Ok(false);
+        }
+        let expected_epoch = self.epochs.epoch_at(base);
+        if expected_epoch.is_some_and(|e| e != h.leader_epoch) {
+            return Ok(false); // not the batch the epoch record says these offsets hold
+        }
+        let seg = self.segment_for(base);
+        let position = match seg.damage_at(base) {
+            Some(d) if d.offsets == (base..next) => d.position,
+            Some(_) => return Ok(false), // a span of another extent: not this one batch
+            None => match seg.find_batch(base) {
+                Ok((pos, found))
+                    if (found.base_offset, found.next_offset(), found.total_len() as u64)
+                        == (base, next, len) =>
+                {
+                    pos
+                }
+                _ => return Ok(false),
+            },
+        };
+        let end = position.saturating_add(len);
+        if end > seg.size {
+            return Ok(false);
+        }
+        if end < seg.size {
+            match seg.read_header(end) {
+                Ok(after) if after.base_offset == next => {}
+                _ => return Ok(false),
+            }
+        }
+        let file = self.open_log(seg)?;
+        let path = seg.log_path.clone();
+        let current = file.read_bytes(position, len as usize).map_err(LogError::io("read", &path))?;
+        let intact = batch::validate(&current)
+            .is_ok_and(|ch| ch.base_offset == base && expected_epoch.is_none_or(|e| e == ch.leader_epoch));
+        if intact {
+            return Ok(false);
+        }
+        file.write_at(position, good).map_err(LogError::io("repair", &path))?;
+        file.sync().map_err(LogError::io("sync", &path))?;
+        let seg_base = seg.base;
+        let seg = if seg_base == self.active.base {
+            &mut self.active
+        } else {
+            match self.closed.iter_mut().find(|s| s.base == seg_base) {
+                Some(s) => s,
+                None => return Ok(true),
+            }
+        };
+        seg.damaged.retain(|d| d.offsets != (base..next));
+        self.forget_damage(base);
+        metrics::counter!("quiver_repaired_batches_total").increment(1);
+        tracing::warn!(segment = %path.display(), position, base, next, "repaired a damaged batch in place with a replica's copy");
+        Ok(true)
+    }
+
+    /// Base offsets of damaged batches below `limit` to repair (recovery's spans and what reads
+    /// found), at most `max`.
+    pub fn damage_to_repair(&self, limit: u64, max: usize) -> Vec<u64> {
+        let mut found: std::collections::BTreeSet<u64> =
+            self.damage_found.lock().iter().copied().filter(|&o| o < limit).collect();
+        let spans = self.closed.iter().chain(std::iter::once(&self.active)).flat_map(|s| &s.damaged);
+        found.extend(spans.map(|d| d.offsets.start).filter(|&o| o < limit));
+        found.into_iter().take(max).collect()
+    }
+
+    /// Forgets a damaged batch noted at `offset` (repaired, or not repairable from a copy).
+    pub fn forget_damage(&self, offset: u64) {
+        self.damage_found.lock().remove(&offset);
     }
 
     /// Where reading can go on after a read at `offset` failed with [`LogError::Corrupt`]: the

@@ -523,6 +523,41 @@ fn flipped_bit_mid_active_segment_keeps_everything_after_it() -> TestResult {
     Ok(())
 }
 
+/// A damaged batch is repaired in place with another replica's copy of it (here the model's):
+/// every offset reads again, the file is byte for byte what was written, and nothing is
+/// written over an intact batch, nor with a batch of other offsets or length.
+#[test]
+fn a_damaged_batch_is_repaired_in_place_with_a_good_copy_and_only_then() -> TestResult {
+    for from_end in [1, 4] {
+        let cfg = config(1 << 20);
+        let (tmp, storage, model) = fs_log(10, &cfg, true)?;
+        let dir = tmp.path().join("p");
+        let path = last_segment(&*storage, &dir)?;
+        let before = std::fs::read(&path)?;
+        flip_in_batch(&path, &model, from_end)?;
+        let (mut log, _) = open(&storage, &dir, &cfg)?;
+        let damaged = model.len() - from_end;
+        check_reads_around(&log, &model, damaged)?;
+        // Copies that do not fit are refused: the next batch (intact), a batch cut short.
+        let next = (damaged + 1) % model.len();
+        assert!(!log.repair_batch(&ValidatedBatch::new(model[next].clone())?)?, "an intact batch");
+        let mut other = batch(99, 3, 0);
+        other.stamp(BatchHeader::parse(&model[damaged])?.base_offset, 0);
+        assert!(!log.repair_batch(&other)?, "another length at those offsets");
+        check_reads_around(&log, &model, damaged)?;
+        // The replica's copy: repaired, and read back whole.
+        assert!(log.repair_batch(&ValidatedBatch::new(model[damaged].clone())?)?);
+        check_reads(&log, &model)?;
+        assert_eq!(std::fs::read(&path)?, before, "the file is what was written");
+        assert!(!log.repair_batch(&ValidatedBatch::new(model[damaged].clone())?)?, "nothing left to repair");
+        drop(log);
+        let (log, report) = open(&storage, &dir, &cfg)?;
+        assert!(report.damaged.is_empty() && verify_all(&log)?.is_empty());
+        check_reads(&log, &model)?;
+    }
+    Ok(())
+}
+
 /// A damaged length field hides where the next batch starts: recovery finds it by scanning.
 #[test]
 fn damaged_length_mid_segment_resyncs_on_the_next_valid_batch() -> TestResult {

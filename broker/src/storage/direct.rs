@@ -285,6 +285,24 @@ impl StorageFile for DirectFile {
         self.load_tail(len)
     }
 
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        let _writer = self.writer.lock();
+        let len = self.tail.lock().len;
+        crate::storage::check_inside(pos, data.len(), len)?;
+        // Through the page cache (direct reads write dirty pages back first), and into the
+        // copy of the partial last block readers take its bytes from.
+        self.buffered.write_all_at(data, pos)?;
+        let mut tail = self.tail.lock();
+        let end = pos + data.len() as u64;
+        if end > tail.base {
+            let from = tail.base.max(pos);
+            let src = &data[(from - pos) as usize..];
+            let at = (from - tail.base) as usize;
+            tail.block[at..at + src.len()].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
     fn sync(&self) -> io::Result<()> {
         // Direct writes are on the device already; this flushes buffered appends, the file's
         // size and the device's write cache.

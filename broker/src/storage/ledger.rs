@@ -130,6 +130,10 @@ impl StorageFile for LedgerFile {
     fn append(&self, data: &[u8]) -> io::Result<()> {
         self.inner.append(data)
     }
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        // The length does not change: what a power loss keeps is the same prefix.
+        self.inner.write_at(pos, data)
+    }
     fn truncate(&self, len: u64) -> io::Result<()> {
         self.inner.truncate(len)?;
         record("trunc", Some(len), &[&self.path]);
