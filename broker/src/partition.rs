@@ -575,7 +575,13 @@ impl Partition {
         loop {
             let Some(target) = self.log.lock().verify_target(after)? else { return Ok(found) };
             after = Some(target.base());
-            found += target.verify(&mut pace)?.len();
+            let damage = target.verify(&mut pace)?;
+            found += damage.len();
+            // Noted for a cluster to repair from another replica (`maintenance::repair_damage`).
+            let log = self.log.lock();
+            for d in &damage {
+                log.note_damage(d.offsets.start);
+            }
         }
     }
 

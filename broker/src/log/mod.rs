@@ -1262,6 +1262,14 @@ impl PartitionLog {
         found.into_iter().take(max).collect()
     }
 
+    /// Notes a damaged batch at `offset` for repair (the background verification found it).
+    pub fn note_damage(&self, offset: u64) {
+        let mut notes = self.damage_found.lock();
+        if notes.len() < DAMAGE_NOTES {
+            notes.insert(offset);
+        }
+    }
+
     /// Forgets a damaged batch noted at `offset` (repaired, or not repairable from a copy).
     pub fn forget_damage(&self, offset: u64) {
         self.damage_found.lock().remove(&offset);
