@@ -65,8 +65,11 @@ async fn repair_damage(state: Arc<BrokerState>) {
         }
         for topic in state.topics.all() {
             for p in topic.partitions.iter().filter(|p| p.is_replicated()) {
-                let log = p.shared_log();
-                let damaged = log.lock().damage_to_repair(p.high_watermark(), REPAIRS_PER_PASS);
+                let (log, hw) = (p.shared_log(), p.high_watermark());
+                let damaged =
+                    tokio::task::spawn_blocking(move || log.lock().damage_to_repair(hw, REPAIRS_PER_PASS))
+                        .await
+                        .unwrap_or_default();
                 if damaged.is_empty() {
                     continue;
                 }
@@ -76,26 +79,39 @@ async fn repair_damage(state: Arc<BrokerState>) {
                     .map(|e| e.value().1.iter().copied().filter(|&r| r != me).collect())
                     .unwrap_or_default();
                 for offset in damaged {
-                    let repaired = repair_one(&cluster, &topic.name, p, offset, &peers).await;
-                    if !repaired {
-                        tracing::debug!(topic = %topic.name, partition = p.id, offset, "no replica had a copy to repair the damaged batch with");
+                    match repair_one(&cluster, &topic.name, p, offset, &peers).await {
+                        Repair::Done | Repair::Retry => {}
+                        Repair::DoesNotFit => {
+                            tracing::info!(topic = %topic.name, partition = p.id, offset, "a replica's copy does not fit the damaged batch here; it stays damaged");
+                            let log = p.shared_log();
+                            let _ =
+                                tokio::task::spawn_blocking(move || log.lock().give_up_repair(offset)).await;
+                        }
                     }
-                    log.lock().forget_damage(offset);
                 }
             }
         }
     }
 }
 
+/// What one repair attempt came to.
+enum Repair {
+    Done,
+    /// No peer served a copy now (unreachable, behind, damaged too): tried again next pass.
+    Retry,
+    /// A copy came but is not the one batch there (another extent): not tried again.
+    DoesNotFit,
+}
+
 /// Fetches the batch at `offset` from the first of `peers` that serves it and repairs the local
-/// copy with it. Whether the local batch was repaired.
+/// copy with it.
 async fn repair_one(
     cluster: &crate::cluster::Cluster,
     topic: &str,
     p: &Arc<crate::partition::Partition>,
     offset: u64,
     peers: &[u64],
-) -> bool {
+) -> Repair {
     use quiver_protocol::batch::{Batches, ValidatedBatch};
     use quiver_protocol::message::Message;
     let request = Message::Fetch { topic: topic.to_string(), partition: p.id, offset, max_bytes: 1 };
@@ -113,17 +129,17 @@ async fn repair_one(
         let Ok(good) = ValidatedBatch::new(batches.slice(first.range())) else { continue };
         let log = p.shared_log();
         let repaired = tokio::task::spawn_blocking(move || log.lock().repair_batch(&good)).await;
-        match repaired {
-            Ok(Ok(true)) => return true,
-            Ok(Ok(false)) => return false, // not one batch of those offsets here: leave it
+        return match repaired {
+            Ok(Ok(true)) => Repair::Done,
+            Ok(Ok(false)) => Repair::DoesNotFit, // not one batch of those offsets here: leave it
             Ok(Err(e)) => {
                 tracing::warn!(%topic, partition = p.id, offset, "repairing a damaged batch: {e}");
-                return false;
+                Repair::Retry
             }
-            Err(_) => return false,
-        }
+            Err(_) => Repair::Retry,
+        };
     }
-    false
+    Repair::Retry
 }
 
 /// Once after start, CRC-checks every closed segment of every partition at a bounded rate

@@ -610,25 +610,73 @@ fn fetch_offsets(
 /// Every group the cluster knows (one node: this broker's): with members or committed offsets.
 /// A client's request is answered with what every reachable broker coordinates.
 async fn list_groups(state: &BrokerState, members: &crate::groups::ConnectionMembers) -> Message {
+    // In a cluster every group lives in an offsets partition, listed by its coordinator. The
+    // list is whole or an error (retriable), never silently partial: this broker lists what it
+    // coordinates only once it has read it, and each partition's coordinator as seen before
+    // asking must answer.
+    let leaders = match &state.cluster {
+        Some(cluster) => match offsets_leaders(state, cluster) {
+            Ok(leaders) => leaders,
+            Err(e) => return error(e),
+        },
+        None => Vec::new(),
+    };
     let mut names = state.groups.names();
     let stores = std::iter::once(state.offsets.clone()).chain(state.coordinators.stores());
     for store in stores {
         names.extend(store.group_names().iter().map(|g| g.to_string()));
     }
     if let (Some(cluster), false) = (&state.cluster, members.is_peer()) {
-        let asks = cluster
-            .links
-            .peer_ids()
-            .map(|id| cluster.links.request(id, &Message::ListGroups, std::time::Duration::from_secs(1)));
-        for answer in futures::future::join_all(asks).await {
+        let peers: Vec<u64> = cluster.links.peer_ids().collect();
+        let asks = peers
+            .iter()
+            .map(|&id| cluster.links.request(id, &Message::ListGroups, std::time::Duration::from_secs(1)));
+        let mut answered = std::collections::HashSet::from([cluster.node_id()]);
+        for (id, answer) in peers.iter().zip(futures::future::join_all(asks).await) {
             if let Ok(Message::Groups(more)) = answer {
                 names.extend(more);
+                answered.insert(*id);
             }
+        }
+        if let Some((k, leader)) = leaders.iter().find(|(_, l)| !l.is_some_and(|l| answered.contains(&l))) {
+            let who =
+                leader.map_or("none is elected yet".to_string(), |l| format!("broker {l} did not answer"));
+            return Message::error(
+                ErrorCode::NotCoordinator,
+                format!("the coordinator of offsets partition {k} is not reachable ({who}): the list would miss its groups; retry"),
+            );
         }
     }
     names.sort();
     names.dedup();
     Message::Groups(names)
+}
+
+/// The leader of each offsets partition this broker holds a replica of, as it sees them now;
+/// refused (`NotCoordinator`) while this broker leads one it has not read yet (its groups would
+/// be missing from what it lists).
+fn offsets_leaders(
+    state: &BrokerState,
+    cluster: &crate::cluster::Cluster,
+) -> Result<Vec<(u32, Option<u64>)>, PartitionError> {
+    let Ok(topic) = state.topics.get(crate::coordinator::OFFSETS_TOPIC) else { return Ok(Vec::new()) };
+    let mut leaders = Vec::new();
+    for p in &topic.partitions {
+        let Some((handle, _)) = cluster.group(crate::coordinator::OFFSETS_TOPIC, p.id) else { continue };
+        let leader = handle.status.borrow().leader;
+        if leader == Some(cluster.node_id()) && !state.coordinators.loaded.contains_key(&p.id) {
+            return Err(PartitionError::new(
+                ErrorCode::NotCoordinator,
+                format!(
+                    "broker {} is reading offsets partition {} as its new coordinator; retry",
+                    cluster.node_id(),
+                    p.id
+                ),
+            ));
+        }
+        leaders.push((p.id, leader));
+    }
+    Ok(leaders)
 }
 
 fn internal_write(name: &str) -> String {

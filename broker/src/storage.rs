@@ -203,12 +203,18 @@ impl StorageFile for FsFile {
     }
 
     fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         check_inside(pos, data.len(), self.len()?)?;
-        // A descriptor of its own, without O_APPEND (rare: a repair), synced by `sync` (an
-        // fdatasync on any descriptor of the file covers it).
+        // A descriptor of its own, without O_APPEND (rare: a repair); the caller's `sync`
+        // covers it (an fdatasync on any descriptor of a file flushes all its dirty pages).
         let file = OpenOptions::new().write(true).open(&self.path)?;
-        FileExt::write_all_at(&file, data, pos)?;
-        file.sync_data()
+        // The same file, not another one created under the name since (a topic deleted and
+        // created again while the repair fetched its copy).
+        let (mine, there) = (self.file.metadata()?, file.metadata()?);
+        if (mine.dev(), mine.ino()) != (there.dev(), there.ino()) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "the file was replaced under its name"));
+        }
+        FileExt::write_all_at(&file, data, pos)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -318,6 +318,43 @@ async fn dead_letters_go_to_a_replicated_topic_every_broker_knows() -> anyhow::R
     .await
 }
 
+/// `quiver group list` in a cluster is whole or an error, never silently partial: groups live
+/// in the offsets partitions, each listed by its coordinator; right after one coordinator is
+/// killed, the list (asked through another broker at once) still names every group, once the
+/// partition has a new coordinator (the broker answers `NotCoordinator` meanwhile, which the
+/// SDK retries). Before, the dead broker's groups were missing from an answer given at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_list_is_whole_across_a_coordinators_kill() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = test_dir()?;
+        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, "t", 1, 3).await?;
+        cluster.topic_everywhere("t", Duration::from_secs(20)).await?;
+        Producer::new(admin.clone(), ProducerConfig::default()).send("t", ProducerRecord::new("x")).await?;
+        // Groups on several offsets partitions, each with a committed offset.
+        let groups: Vec<String> = (0..12).map(|i| format!("team-{i}")).collect();
+        for g in &groups {
+            admin.admin().commit_offset(g, "t", 0, 1).await?;
+        }
+        let coord = coordinator(&cluster, 0, &groups[0]).await?;
+        let victim = cluster.index_of(coord);
+        let survivor = (victim + 1) % 3;
+        let client = cluster.client_of(survivor).await?;
+        let mut want = groups.clone();
+        want.sort();
+        anyhow::ensure!(client.admin().list_groups().await? == want, "before the kill");
+        cluster.nodes[victim].kill9();
+        let listed = client.admin().list_groups().await?;
+        anyhow::ensure!(listed == want, "after killing broker {coord}: {listed:?}");
+        client.close().await;
+        admin.close().await;
+        Ok(())
+    })
+    .await
+}
+
 /// With fewer replicas than brokers a group's coordinator may hold no replica of a partition:
 /// it hands the subscription on to a replica, also when another broker forwarded it (the
 /// second hop). A group consumer through any broker reads every value; clients cannot write

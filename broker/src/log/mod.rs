@@ -506,6 +506,9 @@ pub struct PartitionLog {
     ///
     /// [`repair_batch`]: PartitionLog::repair_batch
     damage_found: Arc<parking_lot::Mutex<std::collections::BTreeSet<u64>>>,
+    /// Damaged batches a replica's copy did not fit (not one batch of known extent here):
+    /// left as they are, not fetched again until the broker restarts. Bounded like the notes.
+    unrepairable: std::collections::BTreeSet<u64>,
 }
 
 /// Damaged batches a log remembers for repair beyond the spans recovery recorded.
@@ -561,6 +564,7 @@ impl PartitionLog {
             poisoned: false,
             sync_failed: Default::default(),
             damage_found: Default::default(),
+            unrepairable: Default::default(),
         };
         log.load_epochs(loaded, &recovered.names)?;
         log.check_invariants(true);
@@ -1193,6 +1197,9 @@ impl PartitionLog {
     /// The caller repairs only below the commit, where every replica's batch is the same
     /// entry, byte for byte (docs/replication.md §4).
     pub fn repair_batch(&mut self, good: &ValidatedBatch) -> Result<bool, LogError> {
+        if self.poisoned || self.sync_failed.failed() {
+            return Err(LogError::Poisoned);
+        }
         let h = *good.header();
         let (base, next, len) = (h.base_offset, h.next_offset(), good.len() as u64);
         if base < self.log_start_offset() || next > self.next_offset() {
@@ -1204,8 +1211,10 @@ impl PartitionLog {
         }
         let seg = self.segment_for(base);
         let position = match seg.damage_at(base) {
-            Some(d) if d.offsets == (base..next) => d.position,
-            Some(_) => return Ok(false), // a span of another extent: not this one batch
+            // A span of exactly those offsets and bytes (a span of another extent, or one the
+            // file ends before, is not this one batch).
+            Some(d) if d.offsets == (base..next) && d.len == len => d.position,
+            Some(_) => return Ok(false),
             None => match seg.find_batch(base) {
                 Ok((pos, found))
                     if (found.base_offset, found.next_offset(), found.total_len() as u64)
@@ -1220,7 +1229,11 @@ impl PartitionLog {
         if end > seg.size {
             return Ok(false);
         }
-        if end < seg.size {
+        if end == seg.size {
+            if seg.next_offset != next {
+                return Ok(false); // the segment should hold more after these offsets
+            }
+        } else {
             match seg.read_header(end) {
                 Ok(after) if after.base_offset == next => {}
                 _ => return Ok(false),
@@ -1229,14 +1242,26 @@ impl PartitionLog {
         let file = self.open_log(seg)?;
         let path = seg.log_path.clone();
         let current = file.read_bytes(position, len as usize).map_err(LogError::io("read", &path))?;
-        let intact = batch::validate(&current)
-            .is_ok_and(|ch| ch.base_offset == base && expected_epoch.is_none_or(|e| e == ch.leader_epoch));
-        if intact {
-            return Ok(false);
+        // Never written over: bytes that pass as a batch, unless they are this very batch with
+        // only its leader epoch (outside the CRC) damaged.
+        if let Ok(there) = batch::validate(&current) {
+            let epoch_only = (there.base_offset, there.next_offset()) == (base, next)
+                && expected_epoch.is_some_and(|e| e != there.leader_epoch);
+            if !epoch_only {
+                return Ok(false);
+            }
         }
+        let active = seg.base == self.active.base;
         file.write_at(position, good).map_err(LogError::io("repair", &path))?;
-        file.sync().map_err(LogError::io("sync", &path))?;
-        let seg_base = seg.base;
+        // The active segment syncs through the log's gate, so a write-back error (reported to
+        // one fsync only) poisons the log instead of passing unnoticed; a closed segment has
+        // nothing else unsynced.
+        if active {
+            self.sync()?;
+        } else {
+            file.sync().map_err(LogError::io("sync", &path))?;
+        }
+        let seg_base = self.segment_for(base).base;
         let seg = if seg_base == self.active.base {
             &mut self.active
         } else {
@@ -1259,7 +1284,15 @@ impl PartitionLog {
             self.damage_found.lock().iter().copied().filter(|&o| o < limit).collect();
         let spans = self.closed.iter().chain(std::iter::once(&self.active)).flat_map(|s| &s.damaged);
         found.extend(spans.map(|d| d.offsets.start).filter(|&o| o < limit));
-        found.into_iter().take(max).collect()
+        found.into_iter().filter(|o| !self.unrepairable.contains(o)).take(max).collect()
+    }
+
+    /// A replica's copy did not fit the damaged batch at `offset`: not tried again.
+    pub fn give_up_repair(&mut self, offset: u64) {
+        self.forget_damage(offset);
+        if self.unrepairable.len() < DAMAGE_NOTES {
+            self.unrepairable.insert(offset);
+        }
     }
 
     /// Notes a damaged batch at `offset` for repair (the background verification found it).

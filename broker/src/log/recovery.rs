@@ -482,7 +482,7 @@ fn open_closed(
     }
     for d in damage {
         report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
-        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position });
+        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position, len: d.len });
         report.damaged.push(d);
     }
     let ordinal = reconcile_ordinal(&seg, header, chain);
@@ -669,7 +669,7 @@ fn open_last(
             tracing::error!(segment = %d.path.display(), file_end = len, recovery_point = limit, "the segment ends before its recovery point: synced (acknowledged) data is missing; keeping what is there, reads of the missing offsets fail");
         }
         report_damage(&**storage, dir, &*seg.log()?, &d, "recovery");
-        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position });
+        seg.damaged.push(DamagedSpan { offsets: d.offsets.clone(), position: d.position, len: d.len });
         report.damaged.push(d);
     }
     let mut cut = false;

@@ -155,6 +155,8 @@ pub(crate) struct DamagedSpan {
     pub(crate) offsets: std::ops::Range<u64>,
     /// Byte position of the damage in the segment file.
     pub(crate) position: u64,
+    /// Bytes of the damaged span (zero for a span the file ends before).
+    pub(crate) len: u64,
 }
 
 impl Segment {

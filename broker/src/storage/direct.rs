@@ -17,7 +17,8 @@
 //!   recovery drops it from the last segment on open (`recovery::open_last`), after a crash
 //!   or a clean shutdown alike.
 //! - Reads of the partial block are served from memory; reads below it use `O_DIRECT` too,
-//!   through a pooled aligned buffer (complete blocks are never rewritten). Buffered appends
+//!   through a pooled aligned buffer (complete blocks are rewritten only by a repair's
+//!   `write_at`, through the page cache, which also updates the tail copy). Buffered appends
 //!   and direct reads stay coherent: the kernel writes back dirty pages of a range before a
 //!   direct read of it, and invalidates cached pages of a range after a direct write to it.
 //!
@@ -198,7 +199,7 @@ impl DirectFile {
 
     /// Copies what `pos..pos + buf.len()` holds of the partial last block, from memory, to the
     /// end of `buf`, and returns where that part starts: below it lie complete blocks only,
-    /// never rewritten once written, which the caller reads from the file.
+    /// rewritten only by a repair (`write_at`), which the caller reads from the file.
     fn copy_tail(&self, pos: u64, buf: &mut [u8]) -> io::Result<u64> {
         let end = pos.checked_add(buf.len() as u64).ok_or(io::ErrorKind::InvalidInput)?;
         let tail = self.tail.lock();
