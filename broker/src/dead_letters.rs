@@ -92,7 +92,7 @@ impl std::fmt::Debug for Job {
 
 async fn run(mut jobs: mpsc::Receiver<Job>) {
     while let Some(job) = jobs.recv().await {
-        let written = match write(&job).await {
+        let written = match write_retrying(&job).await {
             Ok(()) => true,
             Err(e) => {
                 let p = &job.source;
@@ -103,6 +103,26 @@ async fn run(mut jobs: mpsc::Receiver<Job>) {
         // The subscription may have ended meanwhile: its records are then handed out again by
         // the next session (and may be dead-lettered twice: at-least-once).
         let _ = job.done.send((job.ranges, written)).await;
+    }
+}
+
+/// How long a write that fails for a passing reason (an election, a leader moving) is tried
+/// again before its records go back to the subscription (which hands them out again).
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`write`], tried again while it fails with a retriable error, for up to [`RETRY_FOR`].
+async fn write_retrying(job: &Job) -> Result<(), PartitionError> {
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match write(job).await {
+            Err(e) if e.code.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {
+                tracing::debug!(dead_letter_topic = %job.target, "writing dead letters: {e}; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+            result => return result,
+        }
     }
 }
 
