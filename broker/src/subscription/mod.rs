@@ -114,6 +114,19 @@ async fn setup(
             let log_start = partition.log_start_offset();
             let hw = partition.high_watermark().max(log_start);
             let start = floor.max(log_start).min(hw);
+            if floor > hw && behind_its_leader(state, &partition) {
+                // A replica still catching up (one just added, a follower behind): the group's
+                // position is fine, this log is short. Resetting the ledger here would send the
+                // whole group back (a fault run found that). Retriable: by the next attempt the
+                // replica has caught up, or the read goes elsewhere.
+                return Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    format!(
+                        "the replica of {}/{} here is behind the group's position ({hw} < {floor}); retry",
+                        topic.name, sub.partition
+                    ),
+                ));
+            }
             if floor > hw {
                 // The log is shorter than the group's position (a crash lost unsynced records,
                 // whose offsets are reused): what the ledger knows is void.
@@ -142,6 +155,19 @@ async fn setup(
         dead_letter_topic,
         store,
     })
+}
+
+/// Whether `partition` is a replica that does not lead its group (in a cluster): its log may lag
+/// what the group has consumed; only a leader's shorter log means records were lost.
+fn behind_its_leader(state: &BrokerState, partition: &Partition) -> bool {
+    let Some(cluster) = &state.cluster else { return false };
+    if !partition.is_replicated() {
+        return false;
+    }
+    match cluster.group(&partition.topic, partition.id) {
+        Some((handle, _)) => handle.status.borrow().leader != Some(cluster.node_id()),
+        None => true,
+    }
 }
 
 /// Where dead letters of `topic` go under `policy`: checked at subscribe, so a bad name fails
