@@ -157,15 +157,19 @@ async fn setup(
     })
 }
 
-/// Whether `partition` is a replica that does not lead its group (in a cluster): its log may lag
-/// what the group has consumed; only a leader's shorter log means records were lost.
+/// Whether `partition` is a replica whose high watermark may lag what the group has consumed (in
+/// a cluster): any but a leader whose commit already covers everything committed before its
+/// term (`ready`). Only such a leader's shorter log means records were lost.
 fn behind_its_leader(state: &BrokerState, partition: &Partition) -> bool {
     let Some(cluster) = &state.cluster else { return false };
     if !partition.is_replicated() {
         return false;
     }
     match cluster.group(&partition.topic, partition.id) {
-        Some((handle, _)) => handle.status.borrow().leader != Some(cluster.node_id()),
+        Some((handle, _)) => {
+            let status = handle.status.borrow();
+            !(status.leader == Some(cluster.node_id()) && status.ready)
+        }
         None => true,
     }
 }
