@@ -140,6 +140,11 @@ fn describe() {
         "Records handed out again (nack or ack deadline), by topic"
     );
     describe_counter!("quiver_dead_letters_total", "Records moved to a dead-letter topic, by topic");
+    describe_counter!(
+        "quiver_repaired_batches_total",
+        "Damaged batches repaired in place from another replica's copy"
+    );
+    describe_counter!("quiver_group_records_total", "Group membership records written by coordinators");
     describe_counter!("quiver_duplicate_batches_total", "Idempotent retries answered without appending");
     describe_counter!("quiver_protocol_errors_total", "Malformed, oversized or unexpected frames");
     describe_gauge!("quiver_connections", "Open client connections");

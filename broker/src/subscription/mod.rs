@@ -113,21 +113,18 @@ async fn setup(
             let floor = l.floor();
             let log_start = partition.log_start_offset();
             let hw = partition.high_watermark().max(log_start);
-            let start = floor.max(log_start).min(hw);
-            if floor > hw && behind_its_leader(state, &partition) {
-                // A replica still catching up (one just added, a follower behind): the group's
-                // position is fine, this log is short. Resetting the ledger here would send the
-                // whole group back (a fault run found that). Retriable: by the next attempt the
-                // replica has caught up, or the read goes elsewhere.
-                return Err(PartitionError::new(
-                    ErrorCode::NotLeader,
-                    format!(
-                        "the replica of {}/{} here is behind the group's position ({hw} < {floor}); retry",
-                        topic.name, sub.partition
-                    ),
-                ));
+            // A replica still catching up (one just added, a follower a heartbeat behind) may
+            // have a high watermark below the group's position: the position is fine, this log
+            // is short for now. The subscription starts at the group's position and delivers
+            // once the log gets there. Taking it for lost records and resetting the ledger
+            // sent a whole group back to offset 0 in a fault run; only a ready leader's short
+            // log means records were lost.
+            let catching_up = floor > hw && behind_its_leader(state, &partition);
+            let start = if catching_up { floor.max(log_start) } else { floor.max(log_start).min(hw) };
+            if catching_up {
+                tracing::info!(topic = %topic.name, partition = sub.partition, hw, floor, "the replica here is behind the group's position: the subscription waits for it");
             }
-            if floor > hw {
+            if floor > hw && !catching_up {
                 // The log is shorter than the group's position (a crash lost unsynced records,
                 // whose offsets are reused): what the ledger knows is void.
                 l.reset(start);
