@@ -22,9 +22,8 @@ async fn a_short_schedule_of_every_fault_finds_no_anomaly() -> anyhow::Result<()
     init_tracing();
     // Seed 64: a broker added and removed with a kill while partitions move, two kills, two
     // restarts, a pause, a corrupt segment, a wall-clock step (with libfaketime, as .ci/run
-    // installs), a halves partition and two one-way cuts, drawn from the 13 kinds. (Seed 69,
-    // with two membership changes and three power losses, stalls a partition for the group in
-    // about one run in three: an open finding, docs/faults.md.)
+    // installs), a halves partition and two one-way cuts, drawn from the 13 kinds. (Seeds 64
+    // and 69 found two SDK bugs after a coordinator's failover, docs/faults.md.)
     let seed = seed(64);
     bounded(480, async move {
         let dir = test_dir()?;

@@ -31,6 +31,10 @@ pub(super) struct AckFloor {
     pub(super) nacked: BTreeSet<u64>,
     /// Next offset to hand to the application (drops redeliveries after a reconnect).
     pub(super) next_expected: u64,
+    /// Offsets below this were handed to the application before a session that started over
+    /// from the broker's position (`reconcile`): handed out again, they are redeliveries, and
+    /// say so (a delivery count of at least 2) even when the broker's count is 1.
+    pub(super) handed_before: u64,
     /// Whether the broker has told where consumption starts: until then the floor means
     /// nothing and is never committed.
     started: bool,
@@ -50,6 +54,7 @@ impl AckState {
                 ledger: AckLedger::new(0),
                 nacked: BTreeSet::new(),
                 next_expected: 0,
+                handed_before: 0,
                 started: false,
                 version: 0,
                 wake_at: 0,
@@ -183,6 +188,7 @@ impl AckFloor {
             // The log is shorter than what we handed out: the broker lost unsynced data
             // (durability interval/os) and will reuse those offsets. Start over from the broker.
             tracing::warn!(%topic, partition, handed_out = self.next_expected, high_watermark, "partition log went backwards; resuming from the broker's position");
+            self.handed_before = self.handed_before.max(self.next_expected);
             self.ledger.reset(start);
             self.nacked.clear();
             self.next_expected = start;

@@ -39,9 +39,10 @@ impl PartitionConsumer {
             None => records_in(&batches),
         });
         // Only this task moves `next_expected`, so it is read once and written back once.
-        let (mut expected, nacked) = {
+        let (mut expected, nacked, handed_before) = {
             let a = self.acks.inner.lock();
-            (a.next_expected, if a.nacked.is_empty() { BTreeSet::new() } else { a.nacked.clone() })
+            let nacked = if a.nacked.is_empty() { BTreeSet::new() } else { a.nacked.clone() };
+            (a.next_expected, nacked, a.handed_before)
         };
         let mut range = 0;
         let mut reacked = false;
@@ -87,6 +88,9 @@ impl PartitionConsumer {
                     }
                 }
                 expected = expected.max(r.offset + 1);
+                // Handed to the application before this session started over: a redelivery.
+                let delivery_count =
+                    if r.offset < handed_before { delivery_count.max(2) } else { delivery_count };
                 out.push(ConsumedMessage {
                     topic: self.topic.clone(),
                     partition: self.partition,

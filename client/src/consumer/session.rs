@@ -42,12 +42,20 @@ impl PartitionConsumer {
                         && e.code() == Some(ErrorCode::FencedMember) =>
                 {
                     // The group moved on (a rebalance, or the broker restarted and forgot the
-                    // member): the membership task rejoins and restarts partitions.
-                    tracing::debug!(topic = %self.topic, partition = self.partition, "partition fenced ({e}); leaving it to the membership task");
-                    // At once: after a broker restart the member must rejoin before anything
-                    // (commits included) works again. A full queue means a round is coming.
-                    let _ = self.rounds.try_send(None);
-                    return;
+                    // member), or a broker answered that has not taken the group over yet (its
+                    // membership survives a coordinator's failover). A membership round at once
+                    // tells which: a rejoin or a revocation stops this task; a member that keeps
+                    // the partition subscribes again here, with what it acknowledged so far
+                    // (returning would leave an assigned partition that nothing reads).
+                    tracing::debug!(topic = %self.topic, partition = self.partition, "partition fenced ({e}); asking the membership task");
+                    let (reply, done) = tokio::sync::oneshot::channel();
+                    if self.rounds.send(Some(reply)).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::time::timeout(self.client.config().request_timeout * 3, done).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    start = StartPosition::Offset(self.acks.floor());
                 }
                 Err(e)
                     if ready.is_none()
