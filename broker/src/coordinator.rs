@@ -176,6 +176,7 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                 .filter(|s| s.leader == Some(me) && s.ready && !s.stopped && p.is_replicated());
             match leading {
                 Some(s) if coordinators.holds(k, s.term) => {}
+                Some(s) if !high_watermark_covers(p, s.commit) => {} // read it a tick later
                 Some(s) => {
                     depose(&state, k, partitions);
                     // Members are served only from the log's state: none from before.
@@ -218,6 +219,21 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
                 None => depose(&state, k, partitions),
             }
         }
+    }
+}
+
+/// Whether `p`'s high watermark covers every entry up to Raft index `commit` (the end of that
+/// entry in the log): the state is read up to the high watermark, so a coordinator must not
+/// read it while the watermark still lags the commit its readiness was judged by. (A group
+/// record once went back five generations at a coordinator change: a read that stopped early
+/// would do exactly that; this rules it out.)
+fn high_watermark_covers(p: &crate::partition::Partition, commit: u64) -> bool {
+    let end = p.shared_log().lock().offset_of_ordinal(commit + 1);
+    match end {
+        Ok(Some(end)) => p.high_watermark() >= end,
+        // Compacted below the log start, or the log is shorter (then the watermark is its end).
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 
