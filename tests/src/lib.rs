@@ -964,6 +964,23 @@ impl Cluster {
         Ok(out)
     }
 
+    /// `n` brokers and one topic every broker knows, with a client of the cluster: the set-up
+    /// of most cluster tests.
+    pub async fn start_with_topic(
+        bin: &str,
+        dir: &Path,
+        n: u64,
+        topic: &str,
+        partitions: u32,
+        replicas: u16,
+    ) -> anyhow::Result<(Cluster, Client)> {
+        let cluster = Cluster::start(bin, dir, n).await?;
+        let admin = cluster.client().await?;
+        cluster.create_topic(&admin, topic, partitions, replicas).await?;
+        cluster.topic_everywhere(topic, Duration::from_secs(20)).await?;
+        Ok((cluster, admin))
+    }
+
     /// Creates a topic, retrying while the cluster elects its controller.
     pub async fn create_topic(
         &self,

@@ -20,10 +20,7 @@ async fn a_damaged_batch_is_repaired_from_another_replica() -> anyhow::Result<()
     init_tracing();
     bounded(120, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, 1, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = Cluster::start_with_topic(BIN, dir.path(), 3, TOPIC, 1, 3).await?;
         let producer = Producer::new(admin.clone(), ProducerConfig::default());
         for i in 0..VALUES {
             producer.send(TOPIC, ProducerRecord::new(format!("v{i}"))).await?;

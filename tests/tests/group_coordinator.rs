@@ -64,10 +64,7 @@ async fn a_group_spans_brokers_and_survives_its_coordinators_kill() -> anyhow::R
     init_tracing();
     bounded(150, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, PARTITIONS, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = Cluster::start_with_topic(BIN, dir.path(), 3, TOPIC, PARTITIONS, 3).await?;
         let producer = Producer::new(admin.clone(), ProducerConfig::default());
         let mut acks = Vec::with_capacity(VALUES);
         for i in 0..VALUES {
@@ -143,10 +140,7 @@ async fn members_keep_their_ids_and_partitions_across_the_coordinators_kill() ->
         const TOPIC: &str = "tasks";
         const GROUP: &str = "workers";
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, 4, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = Cluster::start_with_topic(BIN, dir.path(), 3, TOPIC, 4, 3).await?;
         let coord = coordinator(&cluster, 0, GROUP).await?;
         let others: Vec<usize> = (0..3).filter(|&i| i != cluster.index_of(coord)).collect();
         eprintln!("group {GROUP} is coordinated by broker {coord}");
@@ -254,10 +248,7 @@ async fn dead_letters_go_to_a_replicated_topic_every_broker_knows() -> anyhow::R
     bounded(120, async {
         const TOPIC: &str = "jobs";
         let dir = test_dir()?;
-        let cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, TOPIC, 1, 3).await?;
-        cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
+        let (cluster, admin) = Cluster::start_with_topic(BIN, dir.path(), 3, TOPIC, 1, 3).await?;
         let producer = Producer::new(admin.clone(), ProducerConfig::default());
         for v in ["bad", "good"] {
             producer.send(TOPIC, ProducerRecord::new(v)).await?;
@@ -326,10 +317,7 @@ async fn the_group_list_is_whole_across_a_coordinators_kill() -> anyhow::Result<
     init_tracing();
     bounded(120, async {
         let dir = test_dir()?;
-        let mut cluster = Cluster::start(BIN, dir.path(), 3).await?;
-        let admin = cluster.client().await?;
-        cluster.create_topic(&admin, "t", 1, 3).await?;
-        cluster.topic_everywhere("t", Duration::from_secs(20)).await?;
+        let (mut cluster, admin) = Cluster::start_with_topic(BIN, dir.path(), 3, "t", 1, 3).await?;
         Producer::new(admin.clone(), ProducerConfig::default()).send("t", ProducerRecord::new("x")).await?;
         // Groups on several offsets partitions, each with a committed offset.
         let groups: Vec<String> = (0..12).map(|i| format!("team-{i}")).collect();

@@ -137,11 +137,7 @@ async fn three_with_topic(
     dir: &std::path::Path,
     replicas: u16,
 ) -> anyhow::Result<(Cluster, quiver_client::Client)> {
-    let cluster = Cluster::start(BIN, dir, 3).await?;
-    let admin = cluster.client().await?;
-    cluster.create_topic(&admin, TOPIC, PARTITIONS, replicas).await?;
-    cluster.topic_everywhere(TOPIC, Duration::from_secs(20)).await?;
-    Ok((cluster, admin))
+    Cluster::start_with_topic(BIN, dir, 3, TOPIC, PARTITIONS, replicas).await
 }
 
 /// How broker 4 is added.
