@@ -537,21 +537,29 @@ async fn commit(
     let p = t.partition(partition)?;
     state.groups.admit(&group, || crate::groups::stored_groups(store))?;
     state.groups.check_owner(&group, topic, member.as_ref(), partition)?;
-    // Held elsewhere: the group's position lives with the broker serving its subscription
-    // there; the member was checked here, where the membership is.
+    // Held elsewhere: the broker serving its subscription there keeps the ledger and checks the
+    // offset against its log; the member was checked here, where the membership is.
     if let Some(cluster) = &state.cluster {
         // A coordinator hands the partition on also for a request a peer forwarded to it.
         let from_peer = members.is_peer() && !store.is_coordinated();
         if let Some(target) = cluster.remote_reader(topic, partition, from_peer) {
             let request = Message::CommitOffset {
-                group,
+                group: group.clone(),
                 topic: topic.to_string(),
                 partition,
                 offset,
                 member: None,
                 reset,
             };
-            return cluster.read_remote(target?, &request).await;
+            let answer = cluster.read_remote(target?, &request).await?;
+            // The replica serving the partition took it (its ledger lives in its own store);
+            // the coordinator's replicated store keeps it too, so it survives that replica and
+            // the next one starts there (docs/replication.md §10).
+            if matches!(answer, Message::CommitOk) && store.is_coordinated() {
+                let key = (Arc::from(group.as_str()), t.name.clone(), partition);
+                commit_durably(store, key, offset, reset).await?;
+            }
+            return Ok(answer);
         }
     }
     if offset > p.high_watermark() {
@@ -563,12 +571,22 @@ async fn commit(
     let key = (Arc::from(group.as_str()), t.name.clone(), partition);
     // Commits only move the group forward (a late commit must not undo a newer one); tools
     // outside the membership may reset it while the group is empty (`check_owner` above).
+    commit_durably(store, key, offset, reset).await?;
+    Ok(Message::CommitOk)
+}
+
+/// `OffsetStore::commit_blocking` on a blocking thread.
+async fn commit_durably(
+    store: &Arc<OffsetStore>,
+    key: crate::offsets::OffsetKey,
+    offset: u64,
+    reset: bool,
+) -> Result<(), PartitionError> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || store.commit_blocking(key, offset, reset))
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| PartitionError::new(e.code(), e.to_string()))?;
-    Ok(Message::CommitOk)
+        .map_err(|e| PartitionError::new(e.code(), e.to_string()))
 }
 
 /// In a cluster, a read of a partition this broker holds no replica of is answered by a broker

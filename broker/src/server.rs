@@ -472,8 +472,11 @@ async fn handle_stream(
     };
     let permits = first.permits;
     match Message::decode(first.raw) {
-        Ok(Message::Subscribe(sub)) => {
+        Ok(Message::Subscribe(mut sub)) => {
             drop(permits);
+            if !members.is_peer() {
+                sub.group_position = None; // a coordinator's word only
+            }
             // A group's subscription is served by its coordinator (a client's is handed there
             // whole); one without a group keeps no ledger beyond itself.
             let store = match &sub.group {
@@ -509,6 +512,13 @@ async fn handle_stream(
                 let from_peer = members.is_peer() && !store.is_coordinated();
                 match cluster.remote_reader(&sub.topic, sub.partition, from_peer) {
                     Some(Ok(target)) => {
+                        // The replica serving it keeps the ledger in its own store, which may
+                        // know nothing of the group (it never served it, or another replica
+                        // did): it starts no lower than the group's replicated position.
+                        if let Some(group) = sub.group.as_deref().filter(|_| store.is_coordinated()) {
+                            let key = (Arc::from(group), Arc::from(sub.topic.as_str()), sub.partition);
+                            sub.group_position = store.get(&key);
+                        }
                         return crate::cluster::splice_subscription(
                             cluster,
                             &state.groups,
@@ -517,7 +527,7 @@ async fn handle_stream(
                             send,
                             reader,
                         )
-                        .await
+                        .await;
                     }
                     Some(Err(e)) => {
                         let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;

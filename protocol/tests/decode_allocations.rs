@@ -75,6 +75,7 @@ fn messages() -> Vec<Message> {
                 max_deliveries: 5,
                 dead_letter_topic: Some("orders.dlq".into()),
             },
+            group_position: Some(42),
         }),
         Message::Subscribed { start_offset: 1, log_start_offset: 0, high_watermark: 9 },
         Message::Deliver { high_watermark: 9, batches: batches.clone() },

@@ -200,6 +200,7 @@ async fn an_ack_flood_does_not_starve_other_clients() -> anyhow::Result<()> {
             window_messages: 1_000_000,
             window_bytes: 64 * 1024 * 1024,
             policy: RedeliveryPolicy { ack_wait_ms: 60_000, ..Default::default() },
+            group_position: None,
         };
         write_message(&mut send, &Message::Subscribe(sub)).await?;
         // Take deliveries until every offset was handed out, so the ranges all count.

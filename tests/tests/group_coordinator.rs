@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::StreamExt;
 use quiver_client::{
     Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, StartPosition,
@@ -379,6 +380,96 @@ async fn a_group_reads_partitions_its_coordinator_holds_no_replica_of() -> anyho
             client.close().await;
         }
         admin.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// A coordinator holding no replica of a partition hands its subscription and commits to a
+/// replica (docs/replication.md §10). The commits are kept in the coordinator's replicated
+/// store too, and the replica serving the partition next starts at them: four brokers, three
+/// replicas a partition, a group whose coordinator lacks one partition; the replica serving it
+/// is SIGKILLed after a commit, and the group goes on at another replica from that commit
+/// (before, that replica's own store knew nothing of the group: it started from the earliest
+/// offset and delivered the committed records again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_survives_the_replica_a_coordinator_handed_its_partition_to() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(170, async {
+        let dir = test_dir()?;
+        let (mut cluster, admin) =
+            Cluster::start_with_topic(BIN, dir.path(), 4, TOPIC, PARTITIONS, 3).await?;
+        // A group whose coordinator holds no replica of some partition `p`.
+        let mut found = None;
+        for i in 0..32 {
+            let group = format!("handed-{i}");
+            let coord = coordinator(&cluster, 0, &group).await?;
+            let status = cluster.status_of(cluster.index_of(coord)).await?;
+            let lacking = status.partitions.iter().find(|r| r.topic == TOPIC && !r.replicas.contains(&coord));
+            if let Some(r) = lacking {
+                found = Some((group, coord, r.partition, r.replicas.clone()));
+                break;
+            }
+        }
+        let (group, coord, p, replicas) = found.context("no group whose coordinator lacks a partition")?;
+        // The coordinator hands the partition to the first replica it reaches, in placement order.
+        let serving = replicas[0];
+        eprintln!("group {group}: coordinator {coord}, partition {p} on {replicas:?}, served by {serving}");
+        let producer = Producer::new(admin.clone(), ProducerConfig::default());
+        for i in 0..20 {
+            producer.send(TOPIC, ProducerRecord::new(format!("before-{i}")).partition(p)).await?;
+        }
+        let via = cluster.client_of(cluster.index_of(coord)).await?;
+        let config = ConsumerConfig::new(TOPIC).group(group.clone()).start(StartPosition::Earliest);
+        let mut first = Consumer::subscribe(via.clone(), config.clone()).await?;
+        // The 20 records of partition `p` (after the leader's marker at offset 0).
+        let (mut read, mut end) = (0, 0);
+        while read < 20 {
+            let m = tokio::time::timeout(Duration::from_secs(20), first.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("no message within 20 s after {read} of 20"))?
+                .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+            m.ack();
+            if m.partition == p {
+                read += 1;
+                end = m.offset + 1;
+            }
+        }
+        let report = first.commit().await?;
+        anyhow::ensure!(
+            report.committed.get(&p) == Some(&end),
+            "committed {:?}, not {end} of partition {p}",
+            report.committed
+        );
+        first.close().await;
+
+        let victim = cluster.index_of(serving);
+        cluster.nodes[victim].kill9();
+        for i in 0..10 {
+            producer.send(TOPIC, ProducerRecord::new(format!("after-{i}")).partition(p)).await?;
+        }
+        let mut second = Consumer::subscribe(via.clone(), config).await?;
+        let mut got = Vec::new();
+        while got.iter().filter(|(q, _)| *q == p).count() < 10 {
+            let m = tokio::time::timeout(Duration::from_secs(30), second.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("too few of the 10 values after the kill: {got:?}"))?
+                .ok_or_else(|| anyhow::anyhow!("the consumer ended"))??;
+            m.ack();
+            got.push((m.partition, m.offset));
+            if m.partition == p {
+                anyhow::ensure!(
+                    m.offset >= end,
+                    "offset {} delivered again below the commit ({end}): {got:?}",
+                    m.offset
+                );
+            }
+        }
+        eprintln!("after broker {serving}'s kill the group read offsets {got:?}");
+        second.close().await;
+        for c in [via, admin] {
+            c.close().await;
+        }
         Ok(())
     })
     .await

@@ -276,7 +276,11 @@ impl Cluster {
                 }
             };
             if let Some(theirs) = theirs.iter().find(|o| o.partition == row.partition) {
+                // A coordinator's replicated store may be ahead of a replica that served the
+                // partition for a while only (`requests::commit` writes both).
+                let ours = row.committed;
                 *row = theirs.clone();
+                row.committed = row.committed.max(ours);
             }
         }
         Ok(rows)

@@ -84,7 +84,9 @@ async fn setup(
     let (log_start, hw) = (partition.log_start_offset(), partition.high_watermark());
     // Retention can move the log start past a high watermark that waits for an fsync.
     let hw = hw.max(log_start);
-    let committed = key.as_ref().and_then(|k| store.get(k));
+    // A coordinator handing the subscription here says where the group stands (this store
+    // may know less: it keeps only what was served here).
+    let committed = key.as_ref().and_then(|k| store.get(k)).max(sub.group_position);
     // Where to start without a committed offset (a group's is read again under its lock).
     let requested = match (committed, sub.start) {
         (Some(c), _) => c.max(log_start).min(hw),
@@ -108,6 +110,9 @@ async fn setup(
         Some(key) => {
             let ledger = store.ledger(&key, requested);
             let mut l = ledger.lock();
+            if let Some(position) = sub.group_position.filter(|&p| p > l.floor()) {
+                l.commit(position);
+            }
             // The floor and the log's ends, read under the lock: acks, commits and appends may
             // have moved them meanwhile.
             let floor = l.floor();

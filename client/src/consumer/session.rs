@@ -32,6 +32,9 @@ impl PartitionConsumer {
         let mut ready = Some(ready);
         let mut start = self.config.start;
         let mut backoff = Duration::from_millis(50);
+        // The first subscription reports a lasting refusal (no such topic, a bad offset) at
+        // once, and rides out a passing one (an election, a broker just killed) this long.
+        let first_deadline = tokio::time::Instant::now() + self.client.config().request_timeout;
         loop {
             let result = self.session(start, &mut ready).await;
             match result {
@@ -66,6 +69,15 @@ impl PartitionConsumer {
                     if let Some(next) = self.resume_within_log(&e).await {
                         start = StartPosition::Offset(next);
                     }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e)
+                    if ready.is_some()
+                        && e.is_retriable()
+                        && tokio::time::Instant::now() + backoff < first_deadline =>
+                {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, "first subscription failed ({e}); trying again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -146,6 +158,7 @@ impl PartitionConsumer {
                 max_deliveries: self.config.max_deliveries.unwrap_or(0),
                 dead_letter_topic: self.config.dead_letter_topic.clone(),
             },
+            group_position: None,
         };
         write_message(&mut send, &Message::Subscribe(sub)).await?;
         let (start_offset, high_watermark) = match reader.next().await? {

@@ -80,6 +80,11 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                     dead_letter_topic: r.option(topic)?,
                 },
             },
+            // Absent from clients and from brokers that predate it.
+            group_position: match r.remaining() {
+                0 => None,
+                _ => r.option(|r| r.u64())?,
+            },
         }),
         kind::SUBSCRIBED => {
             Subscribed { start_offset: r.u64()?, log_start_offset: r.u64()?, high_watermark: r.u64()? }

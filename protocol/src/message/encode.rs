@@ -64,6 +64,7 @@ impl Message {
                 b.put_u32_le(s.policy.ack_wait_ms);
                 b.put_u32_le(s.policy.max_deliveries);
                 put_option(b, s.policy.dead_letter_topic.as_deref(), |b, t| b.put_string(t));
+                put_option(b, s.group_position, |b, p| b.put_u64_le(p));
             }
             Subscribed { start_offset, log_start_offset, high_watermark } => {
                 b.put_u64_le(*start_offset);

@@ -110,6 +110,10 @@ pub struct Subscribe {
     pub window_bytes: u32,
     /// Redelivery and dead letters, applied by the broker (design.md §12).
     pub policy: RedeliveryPolicy,
+    /// The group's position as its coordinator's replicated store has it, set only by a
+    /// coordinator handing a group subscription to a replica of a partition it holds none of
+    /// (docs/replication.md §10): the replica starts no lower. Ignored from clients.
+    pub group_position: Option<u64>,
 }
 
 /// What the broker does with messages that are not acknowledged (design.md §12).
