@@ -458,7 +458,10 @@ impl Producer {
             {
                 let mut st = q.state.lock();
                 let target = st.engine.flush();
-                if st.completed >= target {
+                // Under acks = none a written batch may still sit in QUIC's buffers: the sender
+                // makes sure the broker read it (`Sender::settle_flushes`), even when every batch
+                // was written before this call.
+                if st.completed >= target && self.config.acks != Acks::None {
                     continue;
                 }
                 st.flushes.push((target, tx));
@@ -618,6 +621,7 @@ impl Sender {
                     Action::RequestProducerId => self.request_producer_id().await,
                 }
             }
+            self.settle_flushes().await;
             let (done, answer_by, timer) = {
                 let st = self.queue.state.lock();
                 (st.engine.is_done(), st.engine.awaiting_answer(), st.engine.next_timer())
@@ -789,16 +793,43 @@ impl Sender {
         }
     }
 
-    /// Completes a batch: its records' futures, buffer space, and flushes waiting for it.
+    /// Completes a batch: its records' future and buffer space (`settle_flushes` then answers
+    /// the flushes waiting for it).
     fn complete(&self, done: Done<Body>) {
         done.payload.completion.complete(done.result);
         self.buffer.add_permits(done.permits as usize);
-        let mut st = self.queue.state.lock();
-        st.completed += 1;
-        let completed = st.completed;
-        let (due, waiting): (Vec<_>, Vec<_>) = st.flushes.drain(..).partition(|(t, _)| *t <= completed);
-        st.flushes = waiting;
-        drop(st);
+        self.queue.state.lock().completed += 1;
+    }
+
+    /// Answers the flushes whose batches are all complete. Under acks = none "complete" means
+    /// written to the stream, which a connection closed right after would drop unsent (or sent
+    /// and not yet read by the broker): the stream is finished first and read to its end, which
+    /// the broker sends once it has handled every request on it (`requests::serve`). The next
+    /// batch opens a new stream.
+    async fn settle_flushes(&mut self) {
+        let due: Vec<_> = {
+            let mut st = self.queue.state.lock();
+            let completed = st.completed;
+            let (due, waiting): (Vec<_>, Vec<_>) = st.flushes.drain(..).partition(|(t, _)| *t <= completed);
+            st.flushes = waiting;
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        if self.acks == Acks::None {
+            if let Some((mut send, mut reader)) = self.stream.take() {
+                let _ = send.finish();
+                let timeout = self.client.config().request_timeout;
+                let drained =
+                    tokio::time::timeout(timeout, async { while let Ok(Some(_)) = reader.next().await {} })
+                        .await;
+                if drained.is_err() {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, "the broker did not end the stream within {timeout:?} after a flush");
+                }
+                (self.check_at, self.stale_at) = (None, None);
+            }
+        }
         for (_, tx) in due {
             let _ = tx.send(());
         }
