@@ -93,6 +93,16 @@ async fn setup(
         (None, StartPosition::Earliest) => log_start,
         (None, StartPosition::Latest) => hw,
         (None, StartPosition::Offset(o)) => {
+            if o > hw && behind_its_leader(state, &partition) {
+                // Replicas restarted together, or a follower a heartbeat behind: the offset may
+                // well exist, this replica's high watermark has not got there yet.
+                return Err(PartitionError::new(
+                    ErrorCode::NotLeader,
+                    format!(
+                        "offset {o} is past this replica's high watermark {hw} while it catches up; retry"
+                    ),
+                ));
+            }
             if o < log_start || o > hw {
                 return Err(PartitionError::new(
                     ErrorCode::OffsetOutOfRange,

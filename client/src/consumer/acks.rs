@@ -35,6 +35,10 @@ pub(super) struct AckFloor {
     /// from the broker's position (`reconcile`): handed out again, they are redeliveries, and
     /// say so (a delivery count of at least 2) even when the broker's count is 1.
     pub(super) handed_before: u64,
+    /// Since when resubscriptions have found the log shorter than what was handed out: a
+    /// replica catching up (all brokers restarted, an election under way) for a while, a log
+    /// that lost records after [`SHORT_LOG_GRACE`].
+    short_since: Option<std::time::Instant>,
     /// Whether the broker has told where consumption starts: until then the floor means
     /// nothing and is never committed.
     started: bool,
@@ -55,6 +59,7 @@ impl AckState {
                 nacked: BTreeSet::new(),
                 next_expected: 0,
                 handed_before: 0,
+                short_since: None,
                 started: false,
                 version: 0,
                 wake_at: 0,
@@ -105,6 +110,12 @@ impl AckState {
         a.started.then_some(a.ledger.floor())
     }
 }
+
+/// How long resubscriptions may find the log shorter than what was handed out before the
+/// consumer takes it for lost records and starts over from the broker's position: replicas
+/// restarted together report a high watermark below the cluster's until a leader commits in its
+/// new term (an election and a heartbeat or two).
+const SHORT_LOG_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Acknowledged ranges above the floor per `AckRanges` frame; more go in further frames.
 const MAX_RANGES_PER_ACK: usize = 4096;
@@ -168,7 +179,9 @@ impl AckFloor {
         (frames, version)
     }
 
-    /// Aligns local state with where a (re)subscription starts.
+    /// Aligns local state with where a (re)subscription starts. `false`: the log there is
+    /// shorter than what was handed out, for less than [`SHORT_LOG_GRACE`] so far: subscribe
+    /// again in a moment instead.
     pub(super) fn reconcile(
         &mut self,
         start: u64,
@@ -176,24 +189,32 @@ impl AckFloor {
         first: bool,
         topic: &str,
         partition: u32,
-    ) {
+    ) -> bool {
         if first || !self.started {
             // The broker decided where we start (committed offset or start position).
             self.ledger.reset(start);
             self.next_expected = start;
             self.started = true;
-            return;
+            return true;
         }
         if self.next_expected > high_watermark.max(start) {
-            // The log is shorter than what we handed out: the broker lost unsynced data
-            // (durability interval/os) and will reuse those offsets. Start over from the broker.
+            let now = std::time::Instant::now();
+            let since = *self.short_since.get_or_insert(now);
+            if now.duration_since(since) < SHORT_LOG_GRACE {
+                tracing::debug!(%topic, partition, handed_out = self.next_expected, high_watermark, "the log here is shorter than what was handed out; subscribing again in a moment");
+                return false;
+            }
+            // Still shorter: the broker lost unsynced data (durability interval/os) and will
+            // reuse those offsets. Start over from the broker.
             tracing::warn!(%topic, partition, handed_out = self.next_expected, high_watermark, "partition log went backwards; resuming from the broker's position");
+            self.short_since = None;
             self.handed_before = self.handed_before.max(self.next_expected);
             self.ledger.reset(start);
             self.nacked.clear();
             self.next_expected = start;
-            return;
+            return true;
         }
+        self.short_since = None;
         if start > self.ledger.floor() {
             // Retention removed offsets we had not acknowledged (they can never be acked now),
             // or the group acknowledged them in other sessions.
@@ -202,6 +223,7 @@ impl AckFloor {
         }
         let next = self.next_expected.max(start);
         self.handed_out(next);
+        true
     }
 }
 
@@ -267,11 +289,31 @@ mod tests {
         state.inner.lock().reconcile(0, 100, true, "t", 0);
         state.inner.lock().handed_out(50);
         state.ack(40);
-        // The broker lost unsynced records: the log ends at 30 and the offsets are reused.
-        state.inner.lock().reconcile(30, 30, false, "t", 0);
+        // The broker lost unsynced records: the log ends at 30 and the offsets are reused. At
+        // first that looks like a replica catching up: subscribe again, nothing changes.
+        assert!(!state.inner.lock().reconcile(30, 30, false, "t", 0));
+        assert_eq!(state.inner.lock().next_expected, 50);
+        // Still short after the grace: lost records.
+        state.inner.lock().short_since = Some(std::time::Instant::now() - SHORT_LOG_GRACE);
+        assert!(state.inner.lock().reconcile(30, 30, false, "t", 0));
         assert_eq!(state.floor(), 30);
         state.ack(40); // a message handed out before the loss: its offset now means another record
         assert_eq!(state.floor(), 30);
         assert!(!state.inner.lock().ledger.is_acked(40));
+    }
+
+    #[test]
+    fn a_replica_catching_up_keeps_what_was_handed_out_and_acknowledged() {
+        let state = AckState::new();
+        state.inner.lock().reconcile(0, 100, true, "t", 0);
+        state.inner.lock().handed_out(50);
+        state.ack(40);
+        // All brokers restarted: the replica's high watermark is behind for a moment.
+        assert!(!state.inner.lock().reconcile(30, 30, false, "t", 0));
+        // Caught up: nothing was lost, nothing is handed out again.
+        assert!(state.inner.lock().reconcile(30, 60, false, "t", 0));
+        assert_eq!(state.inner.lock().next_expected, 50);
+        assert!(state.inner.lock().ledger.is_acked(40));
+        assert_eq!(state.inner.lock().handed_before, 0);
     }
 }

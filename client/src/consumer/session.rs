@@ -167,13 +167,19 @@ impl PartitionConsumer {
             Some(other) => return Err(unexpected(other)),
             None => return Err(ClientError::ConnectionLost("subscription closed".into())),
         };
-        self.acks.inner.lock().reconcile(
+        let go_on = self.acks.inner.lock().reconcile(
             start_offset,
             high_watermark,
             ready.is_some(),
             &self.topic,
             self.partition,
         );
+        if !go_on {
+            let _ = send.finish();
+            return Err(ClientError::ConnectionLost(format!(
+                "the log there ends at {high_watermark}, before what was handed out"
+            )));
+        }
         if let Some(r) = ready.take() {
             let _ = r.send(Ok(()));
         }
