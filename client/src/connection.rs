@@ -11,6 +11,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::QuicClientConfig;
 use quiver_protocol::limits::{ALPN, PROTOCOL_VERSION};
 use quiver_protocol::message::Message;
+use quiver_protocol::ErrorCode;
 use tokio::sync::Mutex;
 
 use quiver_transport::{write_message, FrameReader};
@@ -346,22 +347,46 @@ impl Client {
         let attempt = async {
             let addr = resolve(&broker.text).await?;
             let endpoint = self.endpoint_for(&broker.text, addr)?;
-            let connecting = endpoint
-                .connect_with(quic.clone(), addr, &broker.server_name)
-                .map_err(|e| ClientError::Connect { addr: broker.text.clone(), reason: e.to_string() })?;
             let idle = match self.inner.brokers.len() {
                 1 => cfg.idle_timeout,
                 _ => cfg.idle_timeout.min(crate::routing::LEADER_IDLE_TIMEOUT),
             };
-            let conn =
-                connecting.await.map_err(|e| connect_error(&broker.text, e, idle.as_millis() as u64))?;
             let hello = Message::Hello {
                 protocol_version: PROTOCOL_VERSION as u16,
                 client_id: cfg.client_id.clone(),
             };
-            match request_on(&conn, &hello, timeout).await? {
-                Message::HelloOk { .. } => Ok(conn),
-                other => Err(unexpected(other)),
+            let mut backoff = crate::retry::MIN_BACKOFF;
+            loop {
+                let connecting = endpoint
+                    .connect_with(quic.clone(), addr, &broker.server_name)
+                    .map_err(|e| ClientError::Connect { addr: broker.text.clone(), reason: e.to_string() })?;
+                let conn = match connecting.await {
+                    Ok(conn) => conn,
+                    Err(e) => match connect_error(&broker.text, e, idle.as_millis() as u64) {
+                        // Turned away (a broker about to exit, or at its connection limit):
+                        // like one draining below.
+                        refused @ ClientError::Refused { .. } => {
+                            tracing::debug!(broker = %broker.text, "{refused}; dialling again in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(crate::retry::MAX_BACKOFF);
+                            continue;
+                        }
+                        other => return Err(other),
+                    },
+                };
+                let answer = request_on(&conn, &hello, timeout).await;
+                // A broker draining for a restart completes handshakes and closes them: dial it
+                // again until it is back (or the dial times out, as for a broker not there).
+                if shutting_down(&conn, &answer) {
+                    tracing::debug!(broker = %broker.text, "the broker is shutting down; dialling again in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(crate::retry::MAX_BACKOFF);
+                    continue;
+                }
+                return match answer? {
+                    Message::HelloOk { .. } => Ok(conn),
+                    other => Err(unexpected(other)),
+                };
             }
         };
         tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| {
@@ -403,9 +428,35 @@ impl Client {
         self.request_raw(msg).await
     }
 
+    /// A broker that is stopping (a restart) answers `ShuttingDown`, or closes the connection
+    /// saying so: the request goes again, on a new connection, until the request timeout (the
+    /// broker, or another in the list, is soon back), as it does for a broker that is not
+    /// there yet. Dial failures after such an answer count as the restart, not as the end.
     async fn request_raw(&self, msg: &Message) -> Result<Message, ClientError> {
-        let conn = self.live_connection().await?;
-        request_on(&conn, msg, self.inner.config.request_timeout).await
+        let timeout = self.inner.config.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = crate::retry::MIN_BACKOFF;
+        let mut restarting = false;
+        loop {
+            let result = match self.live_connection().await {
+                Ok(conn) => {
+                    let result = request_on(&conn, msg, timeout).await;
+                    restarting |= shutting_down(&conn, &result);
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e)
+                    if restarting && e.is_retriable() && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!("the broker is restarting ({e}); trying again in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(crate::retry::MAX_BACKOFF);
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Whether [`close`](Client::close) was called: every request fails with `Closed` from then.
@@ -458,6 +509,19 @@ pub(crate) async fn request_on(
         }
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| ClientError::Timeout(timeout.as_millis() as u64))?
+}
+
+/// Whether `result` on `conn` says the broker is shutting down: its answer, or its close.
+fn shutting_down(conn: &quinn::Connection, result: &Result<Message, ClientError>) -> bool {
+    let code = u64::from(ErrorCode::ShuttingDown.code());
+    match result {
+        Err(ClientError::Broker { code: ErrorCode::ShuttingDown, .. }) => true,
+        Err(ClientError::ConnectionLost(_)) => matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code.into_inner() == code
+        ),
+        _ => false,
+    }
 }
 
 pub(crate) fn unexpected(m: Message) -> ClientError {
