@@ -87,10 +87,13 @@ impl PartitionConsumer {
                         continue;
                     }
                 }
+                // Below `expected` (a nacked offset, or a redelivery), or handed to the
+                // application before this session started over: handed out before, so a
+                // redelivery, whatever count the broker gives (a broker that took the partition
+                // over without the nack or the delivery counts its first delivery as 1).
+                let handed = r.offset < expected || r.offset < handed_before;
                 expected = expected.max(r.offset + 1);
-                // Handed to the application before this session started over: a redelivery.
-                let delivery_count =
-                    if r.offset < handed_before { delivery_count.max(2) } else { delivery_count };
+                let delivery_count = if handed { delivery_count.max(2) } else { delivery_count };
                 out.push(ConsumedMessage {
                     topic: self.topic.clone(),
                     partition: self.partition,
