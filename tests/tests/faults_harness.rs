@@ -29,18 +29,13 @@ async fn a_short_schedule_of_every_fault_finds_no_anomaly() -> anyhow::Result<()
         let dir = test_dir()?;
         let mut cfg = RunConfig::new(BIN, dir.path(), seed, Duration::from_secs(75));
         cfg.faults = FaultKind::ALL.to_vec();
-        // Reported, not failing, while it is open (docs/faults.md, "What it found"): after a
-        // coordinator's failover a session can be handed offsets it was handed before with a
-        // delivery count of 1 (at-least-once, design.md §12 (a)), which this check cannot tell
-        // from a misordered first delivery. Every other kind fails the run.
-        cfg.allow = ["non-monotonic-read".to_string()].into();
         eprintln!("seed {seed}");
         let outcome = run(&cfg).await?;
         eprintln!("{}", outcome.report.table());
         anyhow::ensure!(
             outcome.report.ok,
             "anomalies {:?}; replay: cargo run -p quiver-tests --bin quiver-faults -- --seed {seed} --duration 75s \
-             --brokers 3 --faults all --allow non-monotonic-read",
+             --brokers 3 --faults all",
             outcome.report.failing()
         );
         anyhow::ensure!(outcome.report.stats.produce_ok > 100, "too little was acknowledged to prove anything");
