@@ -24,12 +24,12 @@ pid_of() {
     printf '%s' "${!var}"
 }
 
-# kill_node SYSTEM N: SIGKILL, then reap it.
+# kill_node SYSTEM N [SIGNAL]: SIGKILL (or SIGNAL, e.g. TERM for a graceful stop), then reap it.
 kill_node() {
     local pid
     pid="$(pid_of "$1" "$2")"
     [[ -n "$pid" ]] || return 0
-    kill -9 "$pid" 2>/dev/null || true
+    kill -"${3:-KILL}" "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     printf -v "$([[ $1 == quiver ]] && echo QPID || echo NPID)_$2" '%s' ""
 }

@@ -5,6 +5,11 @@
 #
 #   bench/failover.sh                        # 20 kills per system
 #   KILLS=5 SYSTEMS=quiver bench/failover.sh
+#   TARGET=rolling SIGNAL=TERM KILLS=9 SYSTEMS=quiver bench/failover.sh   # rolling restart
+#
+# TARGET=rolling stops node 1, 2, 3, 1, ... in turn instead of the leader, and SIGNAL=TERM stops
+# it gracefully instead of with SIGKILL: together a rolling restart (each node started again and
+# back in sync before the next one stops), issue 18's "unavailability < 5 s" per step.
 #
 # Per system, one after the other, a fresh three-node cluster (bench/cluster.sh) with one
 # replicated partition / R3 stream, then per kill:
@@ -58,6 +63,8 @@ QUIVER_DURABILITY="${QUIVER_DURABILITY:-interval}"
 MESSAGE_SIZE="${MESSAGE_SIZE:-1024}"
 QUIVER_BIN_DIR="${QUIVER_BIN_DIR:-$ROOT/target/release}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
+TARGET="${TARGET:-leader}"
+SIGNAL="${SIGNAL:-KILL}"
 NATS_BENCH_DIR="$HERE/nats-bench"
 TOPIC=failover
 
@@ -178,10 +185,14 @@ measure() {
         out="$WORK/results/$system/$i.json"
         producer_start "$system" "$out" --duration "$RUN_S"
         sleep "$WARM_S"
-        leader="$(leader_of "$system")" || true
+        case "$TARGET" in
+            leader) leader="$(leader_of "$system")" || true ;;
+            rolling) leader=$(( (i - 1) % 3 + 1 )) ;;
+            *) die "TARGET: unknown target $TARGET (leader, rolling)" ;;
+        esac
         [[ -n "$leader" ]] || die "$system: no leader found for $TOPIC"
         kill -0 "$BENCH_PID" 2>/dev/null || { cat "$out.err" >&2; die "$system: the producer ended before the kill (raise RUN_S)"; }
-        kill_node "$system" "$leader"
+        kill_node "$system" "$leader" "$SIGNAL"
         producer_wait "$out"
         python3 - "$out" "$leader" <<'PY'
 import json, sys
@@ -197,12 +208,12 @@ PY
 }
 
 cat <<EOF
-# Failover: leader killed -> first acknowledged produce
+# $([[ $TARGET == rolling ]] && echo "Rolling restart: each node stopped (SIG$SIGNAL) in turn" || echo "Failover: leader killed (SIG$SIGNAL)") -> first acknowledged produce
 
 - Machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM, Linux $(uname -r); load average before: $(cut -d' ' -f1-3 /proc/loadavg)
 - Quiver: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown), three quiverd, a topic of 1 partition with 3 replicas, \`--durability $QUIVER_DURABILITY\`, producer \`--acks all\`, one at a time
 - NATS: ${NATS_SERVER:+$("$NATS_SERVER" --version 2>&1 | head -1), }three servers, an R3 file stream, producer one at a time, resending after $NATS_ACK_TIMEOUT_MS ms without a PubAck
-- $KILLS kills per system, $MESSAGE_SIZE-byte messages; the leader killed (SIGKILL) ${WARM_S} s into a ${RUN_S} s producer run, restarted after it
+- $KILLS kills per system, $MESSAGE_SIZE-byte messages; $([[ $TARGET == leader ]] && echo "the leader" || echo "node 1, 2, 3, ... in turn") stopped (SIG$SIGNAL) ${WARM_S} s into a ${RUN_S} s producer run, restarted after it
 
 EOF
 
