@@ -221,6 +221,9 @@ impl ClusterConfig {
                 .map_err(|e| format!("peer '{item}': {e} (the form is ID@HOST:PORT, e.g. 1@127.0.0.1:7431)"))?
                 .next()
                 .ok_or_else(|| format!("peer '{item}': no address"))?;
+            if let Some((other, _)) = map.iter().find(|(_, a)| **a == addr) {
+                return Err(format!("nodes {other} and {id} have the same address {addr} in --peers"));
+            }
             if map.insert(id, addr).is_some() {
                 return Err(format!("node id {id} appears twice in --peers"));
             }
@@ -248,3 +251,21 @@ impl ClusterConfig {
 /// The CLI looks for the development CA under the same directory, so a broker and CLI started
 /// with no flags find each other.
 pub use quiver_transport::default_data_dir;
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterConfig;
+
+    #[test]
+    fn peers_are_checked_for_repeats_and_membership() {
+        let ok = ClusterConfig::parse(2, "1@127.0.0.1:7431, 2@127.0.0.1:7432").expect("valid");
+        assert_eq!(ok.ids(), vec![1, 2]);
+        let refused = |peers: &str| ClusterConfig::parse(1, peers).expect_err(peers);
+        assert!(refused("1@127.0.0.1:7431,1@127.0.0.1:7432").contains("appears twice"));
+        // One address for two ids: a broker would dial itself as its peer.
+        assert!(refused("1@127.0.0.1:7703,2@127.0.0.1:7703").contains("same address"));
+        assert!(refused("2@127.0.0.1:7432").contains("not in --peers"));
+        assert!(refused("0@127.0.0.1:7432").contains("node ids are"));
+        assert!(refused("1@nowhere").contains("ID@HOST:PORT"));
+    }
+}

@@ -14,8 +14,9 @@ struct Args {
     /// Data directory [default: ~/.quiver/data]
     #[arg(long, env = "QUIVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// UDP address to listen on [default: 127.0.0.1:7420]
-    #[arg(long, env = "QUIVER_LISTEN")]
+    /// UDP address to listen on, HOST:PORT (a name resolves to its first IPv4 address, else its
+    /// first) [default: 127.0.0.1:7420]
+    #[arg(long, env = "QUIVER_LISTEN", value_parser = resolve_listen)]
     listen: Option<SocketAddr>,
     /// Serve Prometheus metrics and /healthz over HTTP on this TCP address (off by default).
     #[arg(long, env = "QUIVER_METRICS_LISTEN")]
@@ -127,6 +128,31 @@ fn main() {
     }
 }
 
+/// `HOST:PORT` for `--listen`: an address, or a name resolved now.
+fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(s)
+        .map_err(|e| format!("'{s}' is not HOST:PORT ({e}), e.g. 127.0.0.1:7420"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
+/// `~` or `~/...` with the home directory in place of `~`; any other path as it is.
+fn expand_home(path: &std::path::Path) -> PathBuf {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    match (path.strip_prefix("~"), home) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(Command::DevCluster { nodes, data_dir, base_port }) = args.command {
         return dev_cluster(nodes, &data_dir, base_port).await;
@@ -138,6 +164,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
+    // A config file or a quoted environment variable gets no shell to expand `~`.
+    config.data_dir = expand_home(&config.data_dir);
     let listen_given = args.listen.is_some();
     if let Some(l) = args.listen {
         config.listen = l;
