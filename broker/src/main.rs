@@ -268,7 +268,27 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
             .spawn()
             .with_context(|| format!("starting broker {i}"))
     };
+    // A port another process holds would make its broker exit at once, again and again.
+    for i in 1..=nodes {
+        std::net::UdpSocket::bind(addr(i)).with_context(|| {
+            format!("UDP {} is in use (another broker?): pick another --base-port", addr(i))
+        })?;
+    }
     let mut children = (1..=nodes).map(start).collect::<anyhow::Result<Vec<_>>>()?;
+    // One that fails at start (a bad data directory, a port taken meanwhile) stops them all.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let exited: Vec<String> = children
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, c)| c.try_wait().ok().flatten().map(|status| format!("broker {} ({status})", i + 1)))
+        .collect();
+    if !exited.is_empty() {
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        anyhow::bail!("{} exited at start (its log is above); nothing is running", exited.join(", "));
+    }
     let brokers: Vec<String> = (1..=nodes).map(addr).collect();
     eprintln!(
         "started {nodes} brokers; point the CLI at them with:\n  export QUIVER_BROKER={} QUIVER_CA={}\n  quiver cluster status\na broker that dies (try kill -9 on a leader) is started again after {} s",
