@@ -62,6 +62,8 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let mut backoff = MIN_BACKOFF;
         let mut maybe_done_before = false;
+        // The last answer that said why (an attempt cut short by the deadline says nothing).
+        let mut last_reason: Option<ClientError> = None;
         loop {
             let (result, conn) = match self.live_connection().await {
                 Ok(conn) => {
@@ -76,7 +78,15 @@ impl Client {
             };
             let kind = failure(&e);
             if kind == Failure::Final || Instant::now() + backoff >= deadline {
+                let e = match (e, last_reason) {
+                    (ClientError::Timeout(_), Some(reason)) => reason,
+                    (ClientError::Timeout(_), None) => ClientError::Timeout(timeout.as_millis() as u64),
+                    (e, _) => e,
+                };
                 return Retried { result: Err(e), maybe_done_before };
+            }
+            if !matches!(e, ClientError::Timeout(_)) {
+                last_reason = Some(e.clone());
             }
             maybe_done_before |= matches!(kind, Failure::MaybeDone | Failure::BrokerLeaving);
             if let (Failure::BrokerLeaving, Some(conn)) = (kind, &conn) {
