@@ -476,9 +476,10 @@ impl Cluster {
                     return Err(PartitionError::new(
                         ErrorCode::NotLeader,
                         format!(
-                            "the previous change is still under way (controller voters {voters:?}, learners {:?}, brokers {:?}); retry",
+                            "the previous change is still under way: the brokers are {ids:?}, the controller's voters \
+                             {voters:?} and learners {:?} (an added broker must start and catch up first; one that \
+                             never started can be removed again); retry",
                             status.learners,
-                            next.keys().collect::<Vec<_>>()
                         ),
                     ));
                 }
