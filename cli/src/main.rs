@@ -102,8 +102,8 @@ enum TopicCmd {
     Create(CreateArgs),
     /// Topics with their partition counts.
     List,
-    /// A topic's settings and each partition's leader, epoch, replicas, log start and high
-    /// watermark.
+    /// A topic's settings and each partition's leader, epoch, replicas, in-sync replicas, lag
+    /// (entries the furthest replica lacks), log start and high watermark.
     Describe { name: String },
     /// Delete a topic, its data and its groups' offsets for it.
     Delete { name: String },
