@@ -241,7 +241,10 @@ async fn dispatch(
         }),
         Message::DeleteTopic { name } => Box::pin(async move {
             if crate::coordinator::is_internal(&name) {
-                return Some(Message::error(ErrorCode::InvalidTopic, internal_name(&name)));
+                let text = format!(
+                    "'{name}' is the broker's own topic (names starting with '__'): it cannot be deleted"
+                );
+                return Some(Message::error(ErrorCode::InvalidTopic, text));
             }
             if let Some(cluster) = &st.cluster {
                 let request = Message::DeleteTopic { name: name.clone() };

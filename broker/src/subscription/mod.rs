@@ -106,7 +106,10 @@ async fn setup(
             if o < log_start || o > hw {
                 return Err(PartitionError::new(
                     ErrorCode::OffsetOutOfRange,
-                    format!("offset {o} is out of range: earliest={log_start} latest={hw}"),
+                    format!(
+                        "offset {o} of {}/{} is out of range: earliest={log_start} latest={hw}",
+                        topic.name, sub.partition
+                    ),
                 ));
             }
             o

@@ -11,7 +11,7 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         return Err("topic name cannot be '.' or '..'".into());
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("topic name has '{c}'; allowed are letters, digits, '.', '_' and '-'"));
+        return Err(format!("topic name has {c:?}; allowed are letters, digits, '.', '_' and '-'"));
     }
     Ok(())
 }
