@@ -228,6 +228,10 @@ impl Broker {
     }
 }
 
+/// How long a stopping broker waits for the leadership it hands over to move (a few round
+/// trips normally; past it the rest elect without it as after a crash).
+const HAND_OVER_WAIT: Duration = Duration::from_millis(1500);
+
 async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate::data_dir::DataDirLock) {
     let mut conns = JoinSet::new();
     // Connections from peer brokers: they stay open until the cluster stops (after the
@@ -260,6 +264,11 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
     // arrive while the broker drains are completed and closed the same way, not refused: a
     // client reconnecting at once learns the broker is restarting and tries again.
     let turn_away = tokio::spawn(turn_away(endpoint.clone()));
+    // In a cluster the partitions it leads move meanwhile, so their clients find a new leader
+    // within a few round trips instead of an election timeout after this broker is gone.
+    if let Some(cluster) = &state.cluster {
+        cluster.hand_over_leadership(HAND_OVER_WAIT).await;
+    }
     let clients_open = |conns: &JoinSet<()>| conns.len() > peers_open.load(Ordering::Acquire);
     while clients_open(&conns)
         && tokio::time::timeout(Duration::from_secs(5), conns.join_next()).await.ok().flatten().is_some()

@@ -49,6 +49,9 @@ pub(crate) enum Event {
     Command { data: Bytes, reply: oneshot::Sender<Result<u64, PartitionError>> },
     /// Start an election now (a new group's preferred leader, so a topic serves at once).
     Campaign,
+    /// On the leader: hand leadership to the most caught-up other voter (a broker stopping
+    /// gracefully), so the group elects at once instead of after an election timeout.
+    HandOver,
 }
 
 /// What the rest of the broker may know of a group, published after every step.
@@ -342,6 +345,23 @@ impl Driver {
             Event::Campaign => {
                 if node.raft.state != StateRole::Leader {
                     let _ = node.campaign();
+                }
+            }
+            Event::HandOver => {
+                let raft = &node.raft;
+                if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
+                    return;
+                }
+                let conf = raft.prs().conf().to_conf_state();
+                let target = conf
+                    .get_voters()
+                    .iter()
+                    .copied()
+                    .filter(|&v| v != raft.id)
+                    .max_by_key(|&v| raft.prs().get(v).map_or(0, |p| p.matched));
+                if let Some(to) = target {
+                    tracing::debug!(group = self.group, to, "handing leadership over");
+                    node.transfer_leader(to);
                 }
             }
         }

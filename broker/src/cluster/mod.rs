@@ -333,6 +333,49 @@ impl Cluster {
         Message::ClusterStatusOk { brokers, partitions }
     }
 
+    /// A broker stopping gracefully hands the leadership of the data partitions and of the
+    /// controller it leads to caught-up voters first, and waits up to `within` for them to
+    /// move: clients then see a new leader within a few round trips instead of an election
+    /// timeout (about 1 s) after it stops. `__offsets` partitions keep their leader until the
+    /// coordinators' final flush (`maintenance::close_coordinators`), which needs it. Returns how
+    /// many groups still had this broker as leader at the end.
+    pub async fn hand_over_leadership(&self, within: Duration) -> usize {
+        let me = self.config.node_id;
+        let mut handles: Vec<GroupHandle> = self
+            .partitions
+            .iter()
+            .filter(|e| !crate::coordinator::is_internal(&e.key().0))
+            .filter_map(|e| self.groups.get(&e.value().0).map(|g| g.clone()))
+            .collect();
+        handles.push(self.controller.clone());
+        let leading = |h: &GroupHandle| h.status.borrow().leader == Some(me);
+        handles.retain(leading);
+        if handles.is_empty() {
+            return 0;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let mut asked = tokio::time::Instant::now() - Duration::from_secs(1);
+        loop {
+            let still: Vec<&GroupHandle> = handles.iter().filter(|h| leading(h)).collect();
+            if still.is_empty() || tokio::time::Instant::now() >= deadline {
+                tracing::info!(
+                    groups = handles.len(),
+                    still_leading = still.len(),
+                    "handed leadership over before stopping"
+                );
+                return still.len();
+            }
+            // Again now and then: a transfer raft-rs gave up (its target fell behind) restarts.
+            if asked.elapsed() >= Duration::from_millis(300) {
+                for h in &still {
+                    let _ = h.events.try_send(Event::HandOver);
+                }
+                asked = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Runs a controller command: proposed on the controller's leader (forwarded there as the
     /// client's own request when this broker does not lead), and answered once this broker
     /// applied it, so the caller can use what it created at once.
