@@ -7,7 +7,7 @@ use bytes::{BufMut, BytesMut};
 use quiver_client::{Client, Producer, ProducerConfig, ProducerRecord, TopicConfig};
 use quiver_protocol::message::{Acks, Message};
 use quiver_protocol::ErrorCode;
-use quiver_tests::{bounded, init_tracing, BrokerProcess};
+use quiver_tests::{bounded, embedded, init_tracing, BrokerProcess};
 use quiver_transport::{write_message, FrameReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
@@ -239,6 +239,26 @@ async fn an_ack_flood_does_not_starve_other_clients() -> anyhow::Result<()> {
         // Only odd offsets were acknowledged: the floor (the committed offset) stays at 0.
         let committed = other.admin().group_offsets("flood", "acks").await?[0].committed;
         assert_eq!(committed, Some(0));
+        Ok(())
+    })
+    .await
+}
+
+/// The broker takes no QUIC datagrams (the protocol sends none): it advertises no datagram
+/// support, so a peer cannot make it buffer them unread (issue 19: 40,000 padded datagrams
+/// added 204 MiB before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_accepts_no_datagrams() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(30, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, client) = embedded(dir.path(), |_| {}).await?;
+        let conn = client.connection().await?;
+        anyhow::ensure!(conn.max_datagram_size().is_none(), "the broker advertises datagrams");
+        let refused = conn.send_datagram(bytes::Bytes::from_static(b"x"));
+        anyhow::ensure!(refused.is_err(), "a datagram was accepted for sending");
+        client.close().await;
+        broker.shutdown().await;
         Ok(())
     })
     .await

@@ -46,13 +46,16 @@ pub fn udp_socket(addr: std::net::SocketAddr, warn_if_small: bool) -> std::io::R
     Ok(socket.into())
 }
 
-/// The transport settings both ends share: no unidirectional streams (the protocol uses
-/// none), a [`STREAM_RECEIVE_WINDOW_BYTES`] window per stream, a [`SEND_WINDOW_BYTES`] send
+/// The transport settings both ends share: no unidirectional streams and no datagrams (the
+/// protocol uses neither), a [`STREAM_RECEIVE_WINDOW_BYTES`] window per stream, a [`SEND_WINDOW_BYTES`] send
 /// window and MTU discovery. Each end adds its connection receive window, idle timeout and
 /// stream limits.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(0u32.into());
+    // The protocol sends no datagrams: advertise none, so a peer cannot fill a receive buffer
+    // that nothing reads (quinn's default keeps about 1 MiB of them per connection).
+    t.datagram_receive_buffer_size(None);
     t.stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into());
     t.send_window(SEND_WINDOW_BYTES);
     discover_mtu(&mut t);
