@@ -428,10 +428,11 @@ impl Client {
         self.request_raw(msg).await
     }
 
-    /// A broker that is stopping (a restart) answers `ShuttingDown`, or closes the connection
-    /// saying so: the request goes again, on a new connection, until the request timeout (the
-    /// broker, or another in the list, is soon back), as it does for a broker that is not
-    /// there yet. Dial failures after such an answer count as the restart, not as the end.
+    /// A broker that is stopping (a restart) answers `ShuttingDown` without carrying the
+    /// request out: it goes again, on a new connection, until the request timeout (the broker,
+    /// or another in the list, is soon back). Dial failures after such an answer count as the
+    /// restart, not as the end. (A connection lost with the request in flight is not retried
+    /// here: the broker may have acted on it.)
     async fn request_raw(&self, msg: &Message) -> Result<Message, ClientError> {
         let timeout = self.inner.config.request_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -441,7 +442,8 @@ impl Client {
             let result = match self.live_connection().await {
                 Ok(conn) => {
                     let result = request_on(&conn, msg, timeout).await;
-                    restarting |= shutting_down(&conn, &result);
+                    restarting |=
+                        matches!(result, Err(ClientError::Broker { code: ErrorCode::ShuttingDown, .. }));
                     result
                 }
                 Err(e) => Err(e),

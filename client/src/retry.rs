@@ -78,9 +78,21 @@ impl Client {
             };
             let kind = failure(&e);
             if kind == Failure::Final || Instant::now() + backoff >= deadline {
+                // A last attempt cut short by the deadline may have been carried out: say so,
+                // with the last answer that said why the earlier ones were not.
                 let e = match (e, last_reason) {
-                    (ClientError::Timeout(_), Some(reason)) => reason,
-                    (ClientError::Timeout(_), None) => ClientError::Timeout(timeout.as_millis() as u64),
+                    (ClientError::Timeout(_), Some(ClientError::Broker { code, message })) => {
+                        maybe_done_before = true;
+                        let message = format!(
+                            "{message} (for {} ms; the last attempt got no answer and may have been carried out)",
+                            timeout.as_millis()
+                        );
+                        ClientError::Broker { code, message }
+                    }
+                    (ClientError::Timeout(_), _) => {
+                        maybe_done_before = true;
+                        ClientError::Timeout(timeout.as_millis() as u64)
+                    }
                     (e, _) => e,
                 };
                 return Retried { result: Err(e), maybe_done_before };

@@ -102,6 +102,34 @@ async fn fire_and_forget_then_close_at_once_loses_nothing() -> anyhow::Result<()
     .await
 }
 
+/// A flush after the client closed returns (its batches failed `Closed`) instead of waiting for
+/// a sender task that has ended, under every acks setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_after_the_client_closed_returns() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(30, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, admin) = embedded(dir.path(), |_| {}).await?;
+        admin.admin().create_topic("closing", 1, TopicConfig::default()).await?;
+        for acks in [Acks::None, Acks::Leader, Acks::All] {
+            let client = quiver_tests::client_of(&broker).await?;
+            let producer = Producer::new(client.clone(), ProducerConfig::default().with_acks(acks));
+            producer.enqueue("closing", ProducerRecord::new("x")).await?;
+            producer.flush().await?;
+            client.close().await;
+            let _ = producer.enqueue("closing", ProducerRecord::new("y")).await;
+            tokio::time::timeout(Duration::from_secs(5), producer.flush())
+                .await
+                .map_err(|_| anyhow::anyhow!("flush after close hung under {acks:?}"))?
+                .ok();
+        }
+        admin.close().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
 /// Closing the client fails what the producer still holds at once, and later sends too,
 /// instead of retrying each batch until its delivery timeout (then idempotent ones forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,13 +352,18 @@ impl Driver {
                 if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
                     return;
                 }
+                // A live voter taking appends as they come, the most caught up: a dead one would
+                // cost the transfer's election timeout (raft-rs drops proposals meanwhile).
                 let conf = raft.prs().conf().to_conf_state();
                 let target = conf
                     .get_voters()
                     .iter()
                     .copied()
                     .filter(|&v| v != raft.id)
-                    .max_by_key(|&v| raft.prs().get(v).map_or(0, |p| p.matched));
+                    .filter_map(|v| raft.prs().get(v).map(|p| (v, p)))
+                    .filter(|(_, p)| p.recent_active && p.state == raft::ProgressState::Replicate)
+                    .max_by_key(|(_, p)| p.matched)
+                    .map(|(v, _)| v);
                 if let Some(to) = target {
                     tracing::debug!(group = self.group, to, "handing leadership over");
                     node.transfer_leader(to);

@@ -344,10 +344,12 @@ impl Cluster {
         let mut handles: Vec<GroupHandle> = self
             .partitions
             .iter()
-            .filter(|e| !crate::coordinator::is_internal(&e.key().0))
+            .filter(|e| !crate::coordinator::is_internal(&e.key().0) && e.value().1.len() > 1)
             .filter_map(|e| self.groups.get(&e.value().0).map(|g| g.clone()))
             .collect();
-        handles.push(self.controller.clone());
+        if self.members.read().len() > 1 {
+            handles.push(self.controller.clone());
+        }
         let leading = |h: &GroupHandle| h.status.borrow().leader == Some(me);
         handles.retain(leading);
         if handles.is_empty() {

@@ -93,9 +93,10 @@ async fn setup(
         (None, StartPosition::Earliest) => log_start,
         (None, StartPosition::Latest) => hw,
         (None, StartPosition::Offset(o)) => {
-            if o > hw && behind_its_leader(state, &partition) {
-                // Replicas restarted together, or a follower a heartbeat behind: the offset may
-                // well exist, this replica's high watermark has not got there yet.
+            if o > hw && behind_its_leader(state, &partition) && o <= log_end(&partition).await {
+                // Replicas restarted together, or a follower a heartbeat behind: the record is
+                // in this replica's log, its high watermark has not got there yet. (Past the
+                // log's end the offset is out of range, as on a leader.)
                 return Err(PartitionError::new(
                     ErrorCode::NotLeader,
                     format!(
@@ -170,6 +171,13 @@ async fn setup(
         dead_letter_topic,
         store,
     })
+}
+
+/// The offset after the last record in `partition`'s log, committed or not (the log's lock may
+/// wait for a write: taken on a blocking thread).
+async fn log_end(partition: &Partition) -> u64 {
+    let log = partition.shared_log();
+    tokio::task::spawn_blocking(move || log.lock().next_offset()).await.unwrap_or(0)
 }
 
 /// Whether `partition` is a replica whose high watermark may lag what the group has consumed (in

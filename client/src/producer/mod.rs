@@ -359,6 +359,9 @@ struct PartitionState {
     completed: u64,
     /// Flushes waiting for `completed` to reach their target.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// The sender task ended (the client closed, or the producer is done): nothing answers
+    /// a flush queued after this.
+    ended: bool,
 }
 
 /// A batch's records while it is open (the builder, taken when the batch is sealed into its
@@ -461,7 +464,7 @@ impl Producer {
                 // Under acks = none a written batch may still sit in QUIC's buffers: the sender
                 // makes sure the broker read it (`Sender::settle_flushes`), even when every batch
                 // was written before this call.
-                if st.completed >= target && self.config.acks != Acks::None {
+                if st.ended || (st.completed >= target && self.config.acks != Acks::None) {
                     continue;
                 }
                 st.flushes.push((target, tx));
@@ -521,6 +524,7 @@ impl Producer {
                         engine,
                         completed: 0,
                         flushes: Vec::new(),
+                        ended: false,
                     }),
                     wake: Notify::new(),
                 });
@@ -596,6 +600,7 @@ impl Sender {
                         self.complete(done);
                     }
                 }
+                self.end();
                 return;
             }
             while let Some(action) = self.poll() {
@@ -627,6 +632,7 @@ impl Sender {
                 (st.engine.is_done(), st.engine.awaiting_answer(), st.engine.next_timer())
             };
             if done {
+                self.end();
                 return;
             }
             let awaiting = answer_by.is_some() && self.stream.is_some();
@@ -799,6 +805,19 @@ impl Sender {
         done.payload.completion.complete(done.result);
         self.buffer.add_permits(done.permits as usize);
         self.queue.state.lock().completed += 1;
+    }
+
+    /// The task ends: every flush still waiting is answered (its batches completed or failed),
+    /// and none waits after this.
+    fn end(&self) {
+        let waiting = {
+            let mut st = self.queue.state.lock();
+            st.ended = true;
+            std::mem::take(&mut st.flushes)
+        };
+        for (_, tx) in waiting {
+            let _ = tx.send(());
+        }
     }
 
     /// Answers the flushes whose batches are all complete. Under acks = none "complete" means

@@ -64,7 +64,11 @@ impl Message {
                 b.put_u32_le(s.policy.ack_wait_ms);
                 b.put_u32_le(s.policy.max_deliveries);
                 put_option(b, s.policy.dead_letter_topic.as_deref(), |b, t| b.put_string(t));
-                put_option(b, s.group_position, |b, p| b.put_u64_le(p));
+                // Only when set (brokers among themselves): a subscription without it is the
+                // same bytes as before, which brokers that predate the field decode.
+                if let Some(p) = s.group_position {
+                    put_option(b, Some(p), |b, p| b.put_u64_le(p));
+                }
             }
             Subscribed { start_offset, log_start_offset, high_watermark } => {
                 b.put_u64_le(*start_offset);
