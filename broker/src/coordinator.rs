@@ -119,6 +119,23 @@ pub(crate) async fn record_group(
     Ok(())
 }
 
+/// Records the membership of `groups` that changed without a request (members whose session
+/// expired or whose connection closed), so a coordinator taking over does not restore members
+/// that were gone (they would own partitions again: seed 1215 delivered committed records to
+/// such a member). Blocking; a failure is logged (the next change or request records it).
+pub(crate) fn record_groups_blocking(state: &BrokerState, groups: &[String]) {
+    for group in groups {
+        let Locate::Here(store) = locate(state, group) else { continue };
+        if !store.is_coordinated() || store.group_recorded(group, state.groups.snapshot(group).as_ref()) {
+            continue;
+        }
+        match store.record_group_blocking(group, || state.groups.snapshot(group)) {
+            Ok(()) => metrics::counter!("quiver_group_records_total").increment(1),
+            Err(e) => tracing::warn!(%group, "recording the group's membership failed: {e}"),
+        }
+    }
+}
+
 /// Whether `name` is reserved for the broker's internal topics (refused to clients).
 pub(crate) fn is_internal(name: &str) -> bool {
     name.starts_with("__")

@@ -280,22 +280,30 @@ impl Groups {
         *self.known.lock() = None;
     }
 
-    /// Drops members whose session expired.
-    pub fn expire(&self) {
+    /// Drops members whose session expired; returns the groups that changed (their membership
+    /// records are due, `coordinator::record_groups_blocking`).
+    pub fn expire(&self) -> Vec<String> {
         let now = self.now_ms();
         self.deleted_members.lock().prune(now);
+        let mut changed = Vec::new();
         self.groups.retain(|name, g| {
-            for member in g.expire(now) {
+            let expired = g.expire(now);
+            for member in &expired {
                 tracing::info!(group = %name, %member, "member session expired; rebalancing");
+            }
+            if !expired.is_empty() {
+                changed.push(name.to_string());
             }
             // Empty groups live on only as committed offsets.
             !g.is_empty()
         });
+        changed
     }
 
-    /// A connection closed: its members leave at once.
-    pub fn connection_closed(&self, conn: &ConnectionMembers) {
+    /// A connection closed: its members leave at once. Returns the groups that changed.
+    pub fn connection_closed(&self, conn: &ConnectionMembers) -> Vec<String> {
         let members = std::mem::take(&mut *conn.members.lock());
+        let mut changed = Vec::new();
         for (group, member) in members {
             let key = (group.clone(), member.clone());
             if self.member_connection.remove_if(&key, |_, c| *c == conn.id).is_none() {
@@ -304,9 +312,11 @@ impl Groups {
             if let Some(mut g) = self.groups.get_mut(&group) {
                 if g.leave(&member) {
                     tracing::info!(%group, %member, "member's connection closed; rebalancing");
+                    changed.push(group.to_string());
                 }
             }
         }
+        changed
     }
 
     /// Adds a member to `group` (creating the group), or re-joins one that still exists.

@@ -30,7 +30,10 @@ pub(crate) fn spawn_all(state: &Arc<BrokerState>, tasks: &mut tokio::task::JoinS
     tasks.spawn(every(state.clone(), Duration::from_millis(c.offsets_flush_ms), flush_offsets));
     tasks.spawn(every(state.clone(), Duration::from_millis(c.recovery_point_ms), write_recovery_points));
     tasks.spawn(every(state.clone(), Duration::from_secs(5), sample_gauges));
-    tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| st.groups.expire()));
+    tasks.spawn(every(state.clone(), Duration::from_millis(250), |st| {
+        let changed = st.groups.expire();
+        crate::coordinator::record_groups_blocking(st, &changed);
+    }));
     let st = state.clone();
     tasks.spawn(async move {
         let _ = tokio::task::spawn_blocking(move || verify_closed_segments(&st)).await;

@@ -401,7 +401,13 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
     }
     streams.abort_all();
     while streams.join_next().await.is_some() {}
-    state.groups.connection_closed(&members);
+    let changed = state.groups.connection_closed(&members);
+    if !changed.is_empty() && state.cluster.is_some() {
+        let st = state.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || crate::coordinator::record_groups_blocking(&st, &changed))
+                .await;
+    }
     if peer.is_some() {
         peers_open.fetch_sub(1, Ordering::AcqRel);
     }
