@@ -264,20 +264,8 @@ async fn a_rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
 
         let cclient = cluster.client_in_order(&[2, 1, 0], client_timeouts).await?;
         let config = ConsumerConfig::new("roll").group("readers").start(StartPosition::Earliest);
-        let mut consumer = Consumer::subscribe(cclient.clone(), config).await?;
-        let received = Arc::new(Mutex::new(Vec::<String>::new()));
-        let reader = {
-            let received = received.clone();
-            tokio::spawn(async move {
-                while let Some(m) = consumer.next().await {
-                    let m = m?;
-                    m.ack();
-                    let v = String::from_utf8_lossy(&m.value).into_owned();
-                    received.lock().unwrap_or_else(|e| e.into_inner()).push(v);
-                }
-                anyhow::Ok(())
-            })
-        };
+        let consumer = Consumer::subscribe(cclient.clone(), config).await?;
+        let reader = Reader::start(consumer);
         wait_acked(&load, 50).await?;
 
         for i in all {
@@ -311,14 +299,8 @@ async fn a_rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
         // The group gets every acknowledged value (again after a rebalance or reconnect: at
         // least once).
         let want: std::collections::BTreeSet<String> = outcomes.iter().map(|o| value("r", o.seq)).collect();
-        let (w, rcv) = (&want, &received);
-        let got = wait_until(SETTLE, || async move {
-            let r = rcv.lock().unwrap_or_else(|e| e.into_inner());
-            let r: std::collections::BTreeSet<&String> = r.iter().collect();
-            w.iter().all(|v| r.contains(v))
-        })
-        .await;
-        let r = received.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let got = reader.wait_for(&want, SETTLE).await;
+        let r: Vec<String> = reader.received().into_iter().map(|(_, v)| v).collect();
         let distinct: std::collections::BTreeSet<&String> = r.iter().collect();
         eprintln!(
             "the group received {} values, {} distinct, of {} acknowledged",
@@ -327,12 +309,12 @@ async fn a_rolling_restart_under_load_loses_nothing() -> anyhow::Result<()> {
             want.len()
         );
         anyhow::ensure!(
-            got.is_some(),
+            got,
             "the group missed {:?}",
             want.iter().filter(|v| !distinct.contains(v)).take(5).collect::<Vec<_>>()
         );
         anyhow::ensure!(distinct.iter().all(|v| want.contains(*v)), "the group received a value never sent");
-        reader.abort();
+        drop(reader);
         cclient.close().await;
 
         for p in 0..2 {
@@ -656,20 +638,8 @@ async fn a_tail_across_a_whole_cluster_kill_sees_each_record_once() -> anyhow::R
         );
         let cclient = cluster.client_in_order(&all, client_timeouts).await?;
         let config = ConsumerConfig::new("whole").start(StartPosition::Earliest);
-        let mut consumer = Consumer::subscribe(cclient.clone(), config).await?;
-        let received = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
-        let reader = {
-            let received = received.clone();
-            tokio::spawn(async move {
-                while let Some(m) = consumer.next().await {
-                    let m = m?;
-                    m.ack();
-                    let v = String::from_utf8_lossy(&m.value).into_owned();
-                    received.lock().unwrap_or_else(|e| e.into_inner()).push((m.offset, v));
-                }
-                anyhow::Ok(())
-            })
-        };
+        let consumer = Consumer::subscribe(cclient.clone(), config).await?;
+        let reader = Reader::start(consumer);
         wait_acked(&load, 500).await?;
         // Mid-stream: the consumer was handed records a moment ago.
         for node in cluster.nodes.iter_mut() {
@@ -683,20 +653,10 @@ async fn a_tail_across_a_whole_cluster_kill_sees_each_record_once() -> anyhow::R
         let outcomes = load.finish().await?;
         let want: std::collections::BTreeSet<String> =
             outcomes.iter().filter(|o| o.acked()).map(|o| value("w", o.seq)).collect();
-        let (w, rcv) = (&want, &received);
-        let got = wait_until(SETTLE, || async move {
-            let r = rcv.lock().unwrap_or_else(|e| e.into_inner());
-            let r: std::collections::BTreeSet<&String> = r.iter().map(|(_, v)| v).collect();
-            w.iter().all(|v| r.contains(v))
-        })
-        .await;
-        reader.abort();
-        let r = received.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        anyhow::ensure!(
-            got.is_some(),
-            "the consumer did not get every acknowledged value ({} received)",
-            r.len()
-        );
+        let got = reader.wait_for(&want, SETTLE).await;
+        let r = reader.received();
+        drop(reader);
+        anyhow::ensure!(got, "the consumer did not get every acknowledged value ({} received)", r.len());
         let mut seen = std::collections::BTreeSet::new();
         let twice: Vec<u64> = r.iter().map(|(o, _)| *o).filter(|o| !seen.insert(*o)).collect();
         eprintln!("{} records received, {} acknowledged, {} offsets twice", r.len(), want.len(), twice.len());
@@ -748,4 +708,50 @@ async fn a_leader_stopped_gracefully_hands_its_partitions_over() -> anyhow::Resu
         Ok(())
     })
     .await
+}
+
+/// A consumer read in the background, every message acknowledged as it comes; stops when
+/// dropped.
+struct Reader {
+    received: Arc<Mutex<Vec<(u64, String)>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Reader {
+    fn start(mut consumer: Consumer) -> Reader {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let task = tokio::spawn(async move {
+            while let Some(m) = consumer.next().await {
+                let m = m?;
+                m.ack();
+                let v = String::from_utf8_lossy(&m.value).into_owned();
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push((m.offset, v));
+            }
+            anyhow::Ok(())
+        });
+        Reader { received, task }
+    }
+
+    /// (offset, value) of every message so far, in delivery order.
+    fn received(&self) -> Vec<(u64, String)> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether every value of `want` arrived within `within`.
+    async fn wait_for(&self, want: &std::collections::BTreeSet<String>, within: Duration) -> bool {
+        let got = wait_until(within, || async {
+            let r = self.received.lock().unwrap_or_else(|e| e.into_inner());
+            let r: std::collections::BTreeSet<&String> = r.iter().map(|(_, v)| v).collect();
+            want.iter().all(|v| r.contains(v))
+        })
+        .await;
+        got.is_some()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
