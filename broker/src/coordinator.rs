@@ -111,10 +111,23 @@ pub(crate) async fn record_group(
         return Ok(());
     }
     let (st, store, name) = (state.clone(), store.clone(), group.to_string());
-    tokio::task::spawn_blocking(move || store.record_group_blocking(&name, || st.groups.snapshot(&name)))
+    tokio::task::spawn_blocking(move || record_blocking(&st, &store, &name))
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| PartitionError::new(e.code(), e.to_string()))?;
+        .map_err(|e| PartitionError::new(e.code(), e.to_string()))
+}
+
+/// Writes `group`'s membership record if `store` is a coordinator's and its last record says
+/// otherwise. Blocking.
+fn record_blocking(
+    state: &BrokerState,
+    store: &OffsetStore,
+    group: &str,
+) -> Result<(), crate::offsets::OffsetsError> {
+    if !store.is_coordinated() || store.group_recorded(group, state.groups.snapshot(group).as_ref()) {
+        return Ok(());
+    }
+    store.record_group_blocking(group, || state.groups.snapshot(group))?;
     metrics::counter!("quiver_group_records_total").increment(1);
     Ok(())
 }
@@ -126,12 +139,8 @@ pub(crate) async fn record_group(
 pub(crate) fn record_groups_blocking(state: &BrokerState, groups: &[String]) {
     for group in groups {
         let Locate::Here(store) = locate(state, group) else { continue };
-        if !store.is_coordinated() || store.group_recorded(group, state.groups.snapshot(group).as_ref()) {
-            continue;
-        }
-        match store.record_group_blocking(group, || state.groups.snapshot(group)) {
-            Ok(()) => metrics::counter!("quiver_group_records_total").increment(1),
-            Err(e) => tracing::warn!(%group, "recording the group's membership failed: {e}"),
+        if let Err(e) = record_blocking(state, &store, group) {
+            tracing::warn!(%group, "recording the group's membership failed: {e}");
         }
     }
 }
