@@ -32,6 +32,19 @@ pub struct BrokerConfig {
     /// signed by it into `<data_dir>/tls/` (`broker.pem`, reissued when the CA changed), and
     /// that CA authenticates brokers to each other. Clients trust `<dev_ca>/ca.pem`.
     pub dev_ca: Option<PathBuf>,
+    /// Client certificates (mutual TLS): a certificate signed by this CA (PEM) authenticates
+    /// its subject common name as the connection's principal (docs/security.md). Turns
+    /// authentication on.
+    pub client_ca: Option<PathBuf>,
+    /// Tokens: a file of `<principal> sha256:<hex> [expires=<unix seconds>]` lines (made with
+    /// `quiverd token`), read again when it changes. Turns authentication on.
+    pub token_file: Option<PathBuf>,
+    /// With authentication on: connections without credentials act as the principal
+    /// `anonymous` (ACLs apply to it) instead of being refused. With it off: needed to listen
+    /// beyond loopback, where anyone could otherwise do anything.
+    pub allow_anonymous: bool,
+    /// Principals allowed everything, whatever the ACLs say (the first administrator).
+    pub super_users: Vec<String>,
     /// Connections beyond this are refused.
     pub max_connections: usize,
     /// Concurrent bidirectional streams per connection (one per subscribed partition plus the
@@ -94,6 +107,10 @@ impl Default for BrokerConfig {
             tls_key: None,
             tls_ca: None,
             dev_ca: None,
+            client_ca: None,
+            token_file: None,
+            allow_anonymous: false,
+            super_users: Vec::new(),
             max_connections: 16_384,
             max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
@@ -141,8 +158,24 @@ impl BrokerConfig {
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
 
+    /// Whether clients authenticate (`client_ca` or `token_file`), and so ACLs apply.
+    pub fn auth_enabled(&self) -> bool {
+        self.client_ca.is_some() || self.token_file.is_some()
+    }
+
     /// Checks relations between settings.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.auth_enabled() || self.allow_anonymous || self.listen.ip().is_loopback(),
+            "listening on {} beyond loopback with authentication off would let anyone who reaches the port do \
+             anything (delete topics included): turn authentication on (--client-ca FILE and/or --token-file \
+             FILE, docs/security.md), or pass --allow-anonymous to serve anonymous clients deliberately",
+            self.listen
+        );
+        for name in &self.super_users {
+            quiver_protocol::message::validate_principal(name)
+                .map_err(|e| anyhow::anyhow!("super user: {e}"))?;
+        }
         anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "tls_cert and tls_key go together"

@@ -36,6 +36,9 @@ pub struct ConnectionInfo {
     peer: bool,
     /// The node id of that broker.
     peer_node: Option<u64>,
+    /// Who the connection authenticated as (a client certificate's, or a token's in `Hello`);
+    /// `None` while anonymous (docs/security.md).
+    principal: parking_lot::RwLock<Option<Arc<str>>>,
 }
 
 impl ConnectionInfo {
@@ -55,6 +58,15 @@ impl ConnectionInfo {
 
     pub fn is_peer(&self) -> bool {
         self.peer
+    }
+
+    /// Who the connection authenticated as, if it did.
+    pub fn principal(&self) -> Option<Arc<str>> {
+        self.principal.read().clone()
+    }
+
+    pub fn set_principal(&self, principal: Arc<str>) {
+        *self.principal.write() = Some(principal);
     }
 
     /// Counts one more producer id for this connection at `now`; false once it obtained

@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 mod coordinator;

@@ -39,6 +39,23 @@ struct Args {
     /// DIR/ca.pem. Not with --tls-cert.
     #[arg(long, env = "QUIVER_DEV_CA", value_name = "DIR", conflicts_with = "tls_cert")]
     dev_ca: Option<PathBuf>,
+    /// Authenticate clients by certificate: those signed by this CA (PEM) act as their
+    /// certificate's subject common name (docs/security.md). Turns authentication on.
+    #[arg(long, env = "QUIVER_CLIENT_CA", value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Authenticate clients by token: a file of `<principal> sha256:<hex> [expires=<unix
+    /// seconds>]` lines (`quiverd token NAME --file FILE` adds one), read again when it
+    /// changes. Turns authentication on.
+    #[arg(long, env = "QUIVER_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// With authentication on, let clients without credentials in as the principal `anonymous`
+    /// (ACLs apply to it); with it off, needed to listen beyond loopback.
+    #[arg(long, env = "QUIVER_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+    /// Principals allowed everything whatever the ACLs say (the first administrators),
+    /// comma-separated.
+    #[arg(long, env = "QUIVER_SUPER_USERS", value_delimiter = ',', value_name = "NAME,...")]
+    super_users: Option<Vec<String>>,
     /// This broker's id in a cluster (with --peers, or --join).
     #[arg(long, env = "QUIVER_NODE_ID")]
     node_id: Option<u64>,
@@ -82,6 +99,35 @@ enum Command {
         /// Broker N listens on UDP 127.0.0.1:(base-port + N).
         #[arg(long, default_value_t = 7430)]
         base_port: u16,
+    },
+    /// Creates a token for a principal: adds its hash to the token file (created if missing,
+    /// mode 0600) and prints the token once. Brokers reading that file with --token-file accept
+    /// it at once.
+    Token {
+        /// The principal the token authenticates.
+        principal: String,
+        /// The token file (the brokers' --token-file).
+        #[arg(long)]
+        file: PathBuf,
+        /// Days until it expires (never, when not given).
+        #[arg(long)]
+        valid_days: Option<u64>,
+    },
+    /// Issues a development client certificate for a principal (its common name), signed by
+    /// the development CA of --data-dir (or of --dev-ca DIR): writes NAME.pem and NAME.key into
+    /// --out. Start the broker with --client-ca pointing at that CA's ca.pem.
+    ClientCert {
+        principal: String,
+        /// Where NAME.pem and NAME.key go.
+        #[arg(long)]
+        out: PathBuf,
+        /// The broker's data directory, whose tls/ca.pem and tls/ca.key sign it [default:
+        /// ~/.quiver/data]
+        #[arg(long, env = "QUIVER_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// A cluster's development CA directory (its ca.pem and ca.key) instead.
+        #[arg(long, value_name = "DIR", conflicts_with = "data_dir")]
+        dev_ca: Option<PathBuf>,
     },
 }
 
@@ -154,8 +200,22 @@ fn expand_home(path: &std::path::Path) -> PathBuf {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(Command::DevCluster { nodes, data_dir, base_port }) = args.command {
-        return dev_cluster(nodes, &data_dir, base_port).await;
+    match args.command {
+        Some(Command::DevCluster { nodes, data_dir, base_port }) => {
+            return dev_cluster(nodes, &data_dir, base_port).await
+        }
+        Some(Command::Token { principal, file, valid_days }) => {
+            return add_token(&principal, &file, valid_days)
+        }
+        Some(Command::ClientCert { principal, out, data_dir, dev_ca }) => {
+            let ca_dir = match (dev_ca.or(args.dev_ca), data_dir.or(args.data_dir)) {
+                (Some(dir), _) => expand_home(&dir),
+                (None, Some(d)) => expand_home(&d).join("tls"),
+                (None, None) => expand_home(&BrokerConfig::default().data_dir).join("tls"),
+            };
+            return client_cert(&principal, &ca_dir, &out);
+        }
+        None => {}
     }
     let mut config = match &args.config {
         Some(path) => BrokerConfig::from_toml_file(path)?,
@@ -182,6 +242,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.dev_ca.is_some() {
         config.dev_ca = args.dev_ca;
+    }
+    if args.client_ca.is_some() {
+        config.client_ca = args.client_ca.map(|p| expand_home(&p));
+    }
+    if args.token_file.is_some() {
+        config.token_file = args.token_file.map(|p| expand_home(&p));
+    }
+    config.allow_anonymous |= args.allow_anonymous;
+    if let Some(users) = args.super_users {
+        config.super_users = users;
     }
     if args.node_id.is_some() && args.peers.is_none() && args.join.is_none() {
         anyhow::bail!("--node-id needs --peers (a new cluster) or --join HOST:PORT (a running one)");
@@ -240,6 +310,64 @@ async fn run(args: Args) -> anyhow::Result<()> {
         token.cancel();
     });
     broker.stopped().await;
+    Ok(())
+}
+
+/// `quiverd token`: a new token for `principal`, its hash appended to `file`.
+fn add_token(principal: &str, file: &std::path::Path, valid_days: Option<u64>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let expires = match valid_days {
+        Some(days) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            Some(now + days.saturating_mul(86_400))
+        }
+        None => None,
+    };
+    let (token, line) = quiver_broker::auth::new_token(principal, expires)?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    writeln!(f, "{line}")
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("added a token for '{principal}' to {}; it is shown once:", file.display());
+    println!("{token}");
+    Ok(())
+}
+
+/// `quiverd client-cert`: a client certificate for `principal` from the development CA in
+/// `ca_dir` (its ca.pem and ca.key).
+fn client_cert(principal: &str, ca_dir: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (ca, key) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
+    anyhow::ensure!(
+        ca.exists() && key.exists(),
+        "no development CA in {} (ca.pem and ca.key): start the broker once to generate it, or give --dev-ca DIR",
+        ca_dir.display()
+    );
+    let (cert_pem, key_pem) = quiver_broker::tls::issue_client_certificate(&ca, &key, principal, None)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let stem = principal.replace(['/', '\\'], "_");
+    let (cert_path, key_path) = (out.join(format!("{stem}.pem")), out.join(format!("{stem}.key")));
+    std::fs::write(&cert_path, cert_pem).with_context(|| format!("writing {}", cert_path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    std::io::Write::write_all(&mut f, key_pem.as_bytes())?;
+    eprintln!(
+        "wrote {} and {} (principal '{principal}'); brokers accept it with --client-ca {}",
+        cert_path.display(),
+        key_path.display(),
+        ca.display()
+    );
     Ok(())
 }
 

@@ -90,6 +90,40 @@ fn error(e: PartitionError) -> Message {
     Message::error_with_leader(e.code, e.message, e.leader)
 }
 
+/// Answers `Hello`: authenticates a token when one is presented, and refuses a connection
+/// that has no principal when the broker requires one (so a client learns at connect, not at
+/// its first request).
+async fn hello(
+    st: &Arc<BrokerState>,
+    members: &crate::groups::ConnectionMembers,
+    token: Option<String>,
+) -> Message {
+    if let Some(token) = token {
+        let auth = st.auth.clone();
+        match tokio::task::spawn_blocking(move || auth.authenticate_token_blocking(&token)).await {
+            Ok(Ok(principal)) => members.set_principal(principal),
+            Ok(Err(why)) => {
+                return Message::error(ErrorCode::Unauthenticated, format!("token refused: {why}"))
+            }
+            Err(e) => return Message::error(ErrorCode::Internal, e.to_string()),
+        }
+    }
+    // A `Hello` is allowed without a principal (it is how a token is presented); one that
+    // leaves the connection without any is refused when anonymous clients are.
+    if let Err(e) = st.auth.authenticated(members) {
+        return error(e);
+    }
+    Message::HelloOk {
+        protocol_version: quiver_protocol::limits::PROTOCOL_VERSION as u16,
+        broker_id: st.config.broker_id,
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+        principal: st
+            .auth
+            .enabled()
+            .then(|| members.principal().map_or(crate::auth::ANONYMOUS.into(), |p| p.to_string())),
+    }
+}
+
 /// Starts handling one request. Returns once the request is queued where order matters.
 async fn dispatch(
     state: &Arc<BrokerState>,
@@ -104,14 +138,15 @@ async fn dispatch(
             return ready(Message::error(e.code(), e.to_string()));
         }
     };
+    // Every request is checked against the connection's principal first (docs/security.md);
+    // what a peer forwards was checked where the client connected.
+    if let Err(e) = state.auth.authorize(members, &msg) {
+        return ready(error(e));
+    }
     let st = state.clone();
     let members = members.clone();
     match msg {
-        Message::Hello { .. } => ready(Message::HelloOk {
-            protocol_version: quiver_protocol::limits::PROTOCOL_VERSION as u16,
-            broker_id: state.config.broker_id,
-            server_version: env!("CARGO_PKG_VERSION").to_string(),
-        }),
+        Message::Hello { token, .. } => Box::pin(async move { Some(hello(&st, &members, token).await) }),
         Message::Produce { topic, partition, acks, batch } => {
             if crate::coordinator::is_internal(&topic) && !members.is_peer() {
                 // Only the coordinators write `__offsets`: a client's record there could forge
@@ -274,6 +309,31 @@ async fn dispatch(
                 None => single_node_status(&st),
             })
         }),
+        Message::ChangeAcls { add, rules } => Box::pin(async move {
+            if let Some(why) = rules.iter().find_map(|r| crate::auth::validate_rule(r).err()) {
+                return Some(Message::error(ErrorCode::Malformed, format!("ACL rule: {why}")));
+            }
+            let result = match &st.cluster {
+                Some(cluster) => {
+                    let request = Message::ChangeAcls { add, rules: rules.clone() };
+                    let stored = rules.iter().map(crate::auth::StoredRule::from).collect();
+                    cluster.run_command(crate::cluster::Command::Acls { add, rules: stored }, &request).await
+                }
+                None => {
+                    let acls = st.auth.acls.clone();
+                    tokio::task::spawn_blocking(move || acls.change_blocking(add, &rules))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(crate::partition::PartitionError::new(ErrorCode::Internal, e.to_string()))
+                        })
+                }
+            };
+            Some(match result {
+                Ok(()) => Message::Done,
+                Err(e) => error(e),
+            })
+        }),
+        Message::ListAcls => ready(Message::AclList(state.auth.acls.list())),
         Message::ChangeBrokers { add, remove } => Box::pin(async move {
             Some(match &st.cluster {
                 Some(cluster) => {

@@ -56,6 +56,7 @@ impl Broker {
             tokio::task::spawn_blocking(move || crate::tls::ensure_certificates(&config)).await??
         };
         let server_config = crate::tls::server_config(&tls_files, &config)?;
+        let cert_checks = crate::tls::CertChecks::new(&tls_files, &config)?;
         let peer_tls =
             crate::tls::PeerTls::from_files(&tls_files, Duration::from_millis(config.idle_timeout_ms))?;
         let shutdown = CancellationToken::new();
@@ -64,6 +65,10 @@ impl Broker {
             Some(_) => Some(crate::observability::install_recorder()?),
             None => None,
         };
+        // Single node: ACL rules in `<data_dir>/acls.json`; a cluster's controller keeps them.
+        let acl_file = config.cluster.is_none().then(|| config.data_dir.join("acls.json"));
+        let auth = Arc::new(crate::auth::Auth::new(&config, acl_file)?);
+        log_auth_mode(&config);
         let cluster_storage = storage.clone();
         let (topics, offsets, producer_ids) = {
             let dir = config.data_dir.clone();
@@ -121,6 +126,7 @@ impl Broker {
                         topics.clone(),
                         endpoint.clone(),
                         client,
+                        auth.acls.clone(),
                         // Its own token, cancelled at shutdown only after the coordinators'
                         // last flush went through their Raft groups (`run`).
                         CancellationToken::new(),
@@ -144,6 +150,8 @@ impl Broker {
             shutdown,
             dead_letters: crate::dead_letters::DeadLetterWriter::start(),
             cluster,
+            auth,
+            cert_checks,
             local_addr: local_addr.into(),
         });
         if let Some(c) = &state.cluster {
@@ -226,6 +234,27 @@ impl Broker {
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
     }
+}
+
+/// Says at start who may connect: with authentication off, that anyone reaching the port may
+/// do anything (the development default; `validate` refused it beyond loopback unless
+/// `--allow-anonymous`).
+fn log_auth_mode(config: &BrokerConfig) {
+    if !config.auth_enabled() {
+        tracing::warn!(
+            listen = %config.listen,
+            "authentication is off: every client may do everything (the development default; turn it on with \
+             --client-ca and/or --token-file, docs/security.md)"
+        );
+        return;
+    }
+    tracing::info!(
+        client_certificates = ?config.client_ca.as_ref().map(|p| p.display().to_string()),
+        tokens = ?config.token_file.as_ref().map(|p| p.display().to_string()),
+        anonymous = if config.allow_anonymous { "allowed, as principal 'anonymous'" } else { "refused" },
+        super_users = ?config.super_users,
+        "authentication is on: requests are checked against ACLs"
+    );
 }
 
 /// How long a stopping broker waits for the leadership it hands over to move (a few round
@@ -318,6 +347,7 @@ async fn turn_away(endpoint: quinn::Endpoint) {
 
 async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, peers_open: Arc<AtomicUsize>) {
     let remote = incoming.remote_address();
+    let mut members_principal: Option<String> = None;
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -333,6 +363,29 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
             tracing::warn!(%remote, "refusing a quiver-peer/1 connection: {e}");
             crate::tls::close_unauthenticated(&conn, &e);
             return;
+        }
+        if let Err(e) = state.cert_checks.check_peer(&conn) {
+            tracing::warn!(%remote, "refusing a quiver-peer/1 connection: {e}");
+            let code = quinn::VarInt::from_u32(u32::from(ErrorCode::Unauthenticated.code()));
+            conn.close(code, format!("quiver-peer/1 refused: {e}").as_bytes());
+            return;
+        }
+    }
+    // A client's certificate (verified by rustls against the client CA) names its principal.
+    if !crate::tls::is_peer_alpn(&conn) {
+        match state.cert_checks.client_principal(&conn) {
+            Ok(Some(principal)) => {
+                tracing::debug!(%remote, %principal, "client authenticated by certificate");
+                members_principal = Some(principal);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics::counter!("quiver_auth_failures_total", "method" => "certificate").increment(1);
+                tracing::warn!(%remote, "refusing a client certificate: {e}");
+                let code = quinn::VarInt::from_u32(u32::from(ErrorCode::Unauthenticated.code()));
+                conn.close(code, format!("client certificate refused: {e}").as_bytes());
+                return;
+            }
         }
     }
     // A broker of the cluster: Raft frames on unidirectional streams, forwarded requests on
@@ -369,6 +422,9 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
         Some((_, node)) => crate::groups::ConnectionInfo::peer(id, node),
         None => crate::groups::ConnectionInfo::new(id),
     };
+    if let Some(p) = members_principal {
+        members.set_principal(p.into());
+    }
     let mut stream_limit = state.config.initial_streams_per_connection();
     loop {
         tokio::select! {
@@ -492,6 +548,12 @@ async fn handle_stream(
             if !members.is_peer() {
                 sub.group_position = None; // a coordinator's word only
             }
+            if let Err(e) = state.auth.check_subscribe(&members, &sub) {
+                let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
+                let _ = send.finish();
+                return;
+            }
+            let permission = crate::auth::Permission::watch(&state.auth, &members, &sub);
             // A group's subscription is served by its coordinator (a client's is handed there
             // whole); one without a group keeps no ledger beyond itself.
             let store = match &sub.group {
@@ -552,7 +614,7 @@ async fn handle_stream(
                     None => {}
                 }
             }
-            crate::subscription::run(state, sub, store, send, reader).await
+            crate::subscription::run(state, sub, store, send, reader, permission).await
         }
         first => crate::requests::serve(state, (first, permits), send, reader, members).await,
     }

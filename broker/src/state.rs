@@ -42,6 +42,10 @@ pub struct BrokerState {
     pub dead_letters: crate::dead_letters::DeadLetterWriter,
     /// Cluster mode: the controller, the peer links and the partitions' Raft groups.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Who connections are and what they may do (docs/security.md).
+    pub auth: Arc<crate::auth::Auth>,
+    /// Which CA client and peer certificates must chain to (docs/security.md).
+    pub cert_checks: crate::tls::CertChecks,
     /// The address the endpoint is bound to.
     pub local_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }

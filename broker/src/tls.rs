@@ -154,18 +154,27 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     let provider = quiver_transport::crypto_provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let (builder, alpn) = match &files.peer_ca {
-        Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(load_roots(ca)?),
-                provider,
-            )
+    // Client certificates are asked for when clients (`client_ca`) or peers (`peer_ca`)
+    // authenticate with them, and verified against both CAs; optional at the TLS layer so
+    // connections without one still complete (tokens, anonymous clients). Which CA a chain
+    // must come from is checked after the handshake ([`CertChecks`]).
+    let alpn = match &files.peer_ca {
+        Some(_) => vec![ALPN.to_vec(), PEER_ALPN.to_vec()],
+        None => vec![ALPN.to_vec()],
+    };
+    let cas: Vec<&PathBuf> = files.peer_ca.iter().chain(config.client_ca.iter()).collect();
+    let builder = if cas.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in &cas {
+            roots.roots.extend(load_roots(ca)?.roots);
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .allow_unauthenticated()
             .build()
-            .with_context(|| format!("peer CA {}", ca.display()))?;
-            (builder.with_client_cert_verifier(verifier), vec![ALPN.to_vec(), PEER_ALPN.to_vec()])
-        }
-        None => (builder.with_no_client_auth(), vec![ALPN.to_vec()]),
+            .context("client certificate verifier")?;
+        builder.with_client_cert_verifier(verifier)
     };
     let mut tls = builder.with_single_cert(certs, key).context("server certificate and key do not match")?;
     tls.alpn_protocols = alpn;
@@ -185,6 +194,86 @@ pub fn server_config(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<
     server.transport_config(Arc::new(t));
     server.max_incoming(config.max_connections.saturating_mul(2).max(16));
     Ok(server)
+}
+
+/// Which CA a client or peer certificate must chain to, when both a client CA and a peer CA
+/// are configured (the handshake accepted a chain to either): a client's certificate signed
+/// by the peer CA is not a principal, nor a client's a broker.
+#[derive(Clone, Default)]
+pub struct CertChecks {
+    client: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    peer: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for CertChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertChecks")
+            .field("client", &self.client.is_some())
+            .field("peer", &self.peer.is_some())
+            .finish()
+    }
+}
+
+impl CertChecks {
+    pub fn new(files: &TlsFiles, config: &BrokerConfig) -> anyhow::Result<CertChecks> {
+        let verifier = |ca: &PathBuf| -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(ca)?),
+                quiver_transport::crypto_provider(),
+            )
+            .build()
+            .with_context(|| format!("CA {}", ca.display()))?;
+            Ok(v)
+        };
+        Ok(CertChecks {
+            client: config.client_ca.as_ref().map(verifier).transpose()?,
+            peer: match (&files.peer_ca, &config.client_ca) {
+                (Some(peer), Some(_)) => Some(verifier(peer)?),
+                _ => None,
+            },
+        })
+    }
+
+    /// Whether client certificates authenticate clients (a client CA is configured).
+    pub fn client_certificates(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Checks a peer link's chain against the peer CA alone, when a client CA shares the
+    /// handshake's roots.
+    pub fn check_peer(&self, conn: &quinn::Connection) -> Result<(), String> {
+        match &self.peer {
+            None => Ok(()),
+            Some(v) => verify_chain(v.as_ref(), conn),
+        }
+    }
+
+    /// The principal of a client connection's certificate (its subject common name), checked
+    /// against the client CA; `None` without a certificate or without a client CA.
+    pub fn client_principal(&self, conn: &quinn::Connection) -> Result<Option<String>, String> {
+        let Some(v) = &self.client else { return Ok(None) };
+        let Some(chain) = presented_chain(conn) else { return Ok(None) };
+        verify_chain(v.as_ref(), conn)?;
+        crate::auth::certificate_principal(&chain[0]).map(Some)
+    }
+}
+
+/// The certificate chain the other end presented, end entity first.
+fn presented_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .filter(|c| !c.is_empty())
+}
+
+fn verify_chain(
+    v: &dyn rustls::server::danger::ClientCertVerifier,
+    conn: &quinn::Connection,
+) -> Result<(), String> {
+    let chain = presented_chain(conn).ok_or("no certificate presented")?;
+    v.verify_client_cert(&chain[0], &chain[1..], rustls_pki_types::UnixTime::now())
+        .map(drop)
+        .map_err(|e| format!("certificate not issued by the expected CA: {e}"))
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -245,4 +334,38 @@ pub fn endpoint_config(config: &BrokerConfig) -> anyhow::Result<quinn::EndpointC
     let cid_key = u64::from_le_bytes(cid_key);
     endpoint.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     Ok(endpoint)
+}
+
+/// Issues a client certificate for `principal` (its subject common name, which the broker takes
+/// as the principal with `--client-ca`), signed by the CA in `ca_cert` and `ca_key` (PEM
+/// files: a development CA's `ca.pem` and `ca.key`). Valid until `not_after` (year, month,
+/// day) when given, else for as long as rcgen's default. Returns the certificate and its
+/// private key, PEM.
+pub fn issue_client_certificate(
+    ca_cert: &Path,
+    ca_key: &Path,
+    principal: &str,
+    not_after: Option<(i32, u8, u8)>,
+) -> anyhow::Result<(String, String)> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    crate::auth::validate_principal(principal).map_err(|e| anyhow::anyhow!(e))?;
+    let ca_der = load_certs(ca_cert)?.swap_remove(0);
+    let key_pem = std::fs::read_to_string(ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
+    let key = KeyPair::from_pem(&key_pem).with_context(|| format!("parsing {}", ca_key.display()))?;
+    // The CA's own name and settings, signed again with its key: rcgen signs with an issuer
+    // certificate, and this one has the name the leaf must chain to.
+    let issuer = CertificateParams::from_ca_cert_der(&ca_der)
+        .with_context(|| format!("reading the CA certificate {}", ca_cert.display()))?
+        .self_signed(&key)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, principal);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    if let Some((y, m, d)) = not_after {
+        params.not_before = rcgen::date_time_ymd(y.min(2000) - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+    }
+    let leaf_key = KeyPair::generate()?;
+    let leaf = params.signed_by(&leaf_key, &issuer, &key)?;
+    Ok((leaf.pem(), leaf_key.serialize_pem()))
 }

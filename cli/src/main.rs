@@ -26,6 +26,18 @@ struct Cli {
     /// CA certificate (PEM) that signed the broker's certificate [default: ~/.quiver/data/tls/ca.pem]
     #[arg(long, global = true, env = "QUIVER_CA")]
     ca: Option<PathBuf>,
+    /// Token to authenticate with, for a broker started with --token-file (prefer the
+    /// environment variable: a flag shows in the process list).
+    #[arg(long, global = true, env = "QUIVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Client certificate chain (PEM), for a broker started with --client-ca; with --key.
+    /// Before the subcommand (`quiver --cert c.pem --key c.key publish ...`: `publish --key`
+    /// is a record's key).
+    #[arg(long, env = "QUIVER_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert; before the subcommand.
+    #[arg(long, env = "QUIVER_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +65,71 @@ enum Command {
     /// The cluster's brokers and its partitions' replication.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Who may do what (docs/security.md): ACL rules, in force once authentication is on.
+    #[command(subcommand)]
+    Acl(AclCmd),
+}
+
+#[derive(Subcommand)]
+enum AclCmd {
+    /// Allows a principal operations on topics, groups or the cluster.
+    Add(AclArgs),
+    /// Takes rules away (exactly as added).
+    Remove(AclArgs),
+    /// Every rule: principal, resource, pattern, operation.
+    List {
+        /// One JSON object per line: {"principal","resource","pattern","operation"}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct AclArgs {
+    /// The principal (a client certificate's common name, a token's owner, `anonymous`), or
+    /// `*` for every authenticated principal.
+    #[arg(long)]
+    principal: String,
+    /// Topics: a name, a prefix followed by `*`, or `*`.
+    #[arg(long, group = "resource", value_name = "PATTERN")]
+    topic: Option<String>,
+    /// Consumer groups: a name, a prefix followed by `*`, or `*`.
+    #[arg(long, group = "resource", value_name = "PATTERN")]
+    group: Option<String>,
+    /// The cluster (for `admin`: ACL changes and broker membership).
+    #[arg(long, group = "resource")]
+    cluster: bool,
+    /// Operations, comma-separated: produce, consume, commit, create, delete, admin.
+    #[arg(long, value_delimiter = ',', required = true)]
+    operation: Vec<String>,
+}
+
+impl AclArgs {
+    fn rules(&self) -> anyhow::Result<Vec<quiver_client::AclRule>> {
+        use quiver_client::{AclOperation, AclResource};
+        let (resource, pattern) = match (&self.topic, &self.group, self.cluster) {
+            (Some(t), _, _) => (AclResource::Topic, t.clone()),
+            (_, Some(g), _) => (AclResource::Group, g.clone()),
+            (_, _, true) => (AclResource::Cluster, "*".to_string()),
+            _ => bail!("name what the rule is for: --topic PATTERN, --group PATTERN or --cluster"),
+        };
+        self.operation
+            .iter()
+            .map(|op| {
+                let operation = AclOperation::parse(op).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown operation '{op}': produce, consume, commit, create, delete or admin"
+                    )
+                })?;
+                Ok(quiver_client::AclRule {
+                    principal: self.principal.clone(),
+                    resource,
+                    pattern: pattern.clone(),
+                    operation,
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -343,7 +420,13 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ca = cli.ca.clone().unwrap_or_else(default_ca_path);
-    let config = ClientConfig::new(cli.broker.clone(), ca);
+    let mut config = ClientConfig::new(cli.broker.clone(), ca);
+    if let Some(token) = &cli.token {
+        config = config.with_token(token.trim());
+    }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        config = config.with_client_cert(cert, key);
+    }
     let attempt = connect_timeout_per_broker(config.brokers().len());
     let client = Client::connect(config.with_connect_timeout(attempt)).await?;
     let result = match cli.command {
@@ -368,9 +451,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench(client.config().clone(), args).await,
+        Command::Acl(cmd) => acl(&client, cmd).await,
     };
     client.close().await;
     result
+}
+
+async fn acl(client: &Client, cmd: AclCmd) -> anyhow::Result<()> {
+    let admin = client.admin();
+    match cmd {
+        AclCmd::Add(args) => {
+            let rules = args.rules()?;
+            let n = rules.len();
+            admin.add_acls(rules).await?;
+            outln!("added {n} rule(s)");
+        }
+        AclCmd::Remove(args) => {
+            let rules = args.rules()?;
+            let n = rules.len();
+            admin.remove_acls(rules).await?;
+            outln!("removed {n} rule(s)");
+        }
+        AclCmd::List { json } => {
+            for r in admin.list_acls().await? {
+                if json {
+                    let line = serde_json::json!({
+                        "principal": r.principal,
+                        "resource": r.resource.name(),
+                        "pattern": r.pattern,
+                        "operation": r.operation.name(),
+                    });
+                    outln!("{line}");
+                } else {
+                    outln!("{}\t{}\t{}\t{}", r.principal, r.resource.name(), r.pattern, r.operation.name());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How long the CLI waits for each broker of `n` to answer: the SDK's 5 s for one, less for

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use quiver_protocol::message::{
-    BrokerStatus, MemberInfo, MemberRef, Message, PartitionOffsets, ReplicaStatus, TopicConfig, TopicInfo,
+    AclRule, BrokerStatus, MemberInfo, MemberRef, Message, PartitionOffsets, ReplicaStatus, TopicConfig,
+    TopicInfo,
 };
 use quiver_protocol::ErrorCode;
 
@@ -98,6 +99,33 @@ impl Admin {
             Ok(other) => Err(unexpected(other)),
             Err(e) if e.code() == Some(ErrorCode::Malformed) && retried.maybe_done_before => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Adds ACL rules (docs/security.md); in force for every connection once this returns.
+    /// Adding a rule that exists changes nothing. Needs `admin` on the cluster.
+    pub async fn add_acls(&self, rules: Vec<AclRule>) -> Result<(), ClientError> {
+        self.change_acls(true, rules).await
+    }
+
+    /// Removes ACL rules; removing one that does not exist changes nothing.
+    pub async fn remove_acls(&self, rules: Vec<AclRule>) -> Result<(), ClientError> {
+        self.change_acls(false, rules).await
+    }
+
+    async fn change_acls(&self, add: bool, rules: Vec<AclRule>) -> Result<(), ClientError> {
+        // Idempotent: a retry after an attempt of unknown outcome leaves the same rules.
+        match self.client.request_retrying(&Message::ChangeAcls { add, rules }).await.result? {
+            Message::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every ACL rule, sorted by principal, resource, pattern and operation.
+    pub async fn list_acls(&self) -> Result<Vec<AclRule>, ClientError> {
+        match self.client.request_retrying(&Message::ListAcls).await.result? {
+            Message::AclList(rules) => Ok(rules),
+            other => Err(unexpected(other)),
         }
     }
 

@@ -42,6 +42,12 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// How this client introduces itself to the broker (its logs name it).
     pub client_id: String,
+    /// A token to authenticate with (presented in `Hello`), for brokers with a token file
+    /// (docs/security.md).
+    pub token: Option<String>,
+    /// A client certificate chain and its private key (PEM files), presented at the TLS
+    /// handshake, for brokers that authenticate clients by certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientConfig {
@@ -56,7 +62,22 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             client_id: format!("quiver-client/{}", env!("CARGO_PKG_VERSION")),
+            token: None,
+            client_cert: None,
         }
+    }
+
+    /// See [`token`](ClientConfig::token).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// See [`client_cert`](ClientConfig::client_cert): `cert` a PEM certificate chain, `key` its
+    /// PEM private key.
+    pub fn with_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
     }
 
     /// Several brokers of a cluster (each `host:port`), tried in this order; replaces
@@ -354,6 +375,7 @@ impl Client {
             let hello = Message::Hello {
                 protocol_version: PROTOCOL_VERSION as u16,
                 client_id: cfg.client_id.clone(),
+                token: cfg.token.clone(),
             };
             let mut backoff = crate::retry::MIN_BACKOFF;
             loop {
@@ -544,6 +566,26 @@ fn connect_error(addr: &str, e: quinn::ConnectionError, idle_ms: u64) -> ClientE
         // The handshake heard nothing within the idle timeout: nobody answers there (worth
         // retrying later, like a connect timeout).
         quinn::ConnectionError::TimedOut => return ClientError::Unreachable { addr, timeout_ms: idle_ms },
+        // The broker refused this client's certificate (docs/security.md).
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(u32::from(ErrorCode::Unauthenticated.code())) =>
+        {
+            let message = String::from_utf8_lossy(&c.reason).into_owned();
+            return ClientError::Broker { code: ErrorCode::Unauthenticated, message };
+        }
+        quinn::ConnectionError::ConnectionClosed(c) if tls_alert(c.error_code).is_some() => {
+            let alert = tls_alert(c.error_code).unwrap_or_default();
+            let why = match alert {
+                42 => "the broker refused this client's certificate (bad certificate)",
+                43 => "the broker refused this client's certificate (unsupported certificate)",
+                44 => "the broker refused this client's certificate (revoked)",
+                45 => "the broker refused this client's certificate: it has expired (or is not yet valid)",
+                48 => "the broker does not know the CA of this client's certificate (unknown CA)",
+                116 => "the broker requires a client certificate (--cert/--key)",
+                _ => "the TLS handshake failed",
+            };
+            format!("{why} (TLS alert {alert})")
+        }
         quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::Reset => {
             return ClientError::ConnectionLost(crate::error::describe_lost(&e));
         }
@@ -558,6 +600,12 @@ fn connect_error(addr: &str, e: quinn::ConnectionError, idle_ms: u64) -> ClientE
         _ => e.to_string(),
     };
     ClientError::Connect { addr, reason }
+}
+
+/// The TLS alert a QUIC CRYPTO_ERROR carries (codes 0x100 to 0x1ff).
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let code = u64::from(code);
+    (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8)
 }
 
 /// The entries of a comma-separated broker list.
@@ -617,16 +665,51 @@ fn quic_config(config: &ClientConfig, idle: Duration) -> Result<quinn::ClientCon
     if n == 0 {
         return Err(bad_ca("no PEM certificate in the file".into()));
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Protocol(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match &config.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let (chain, key) = load_client_cert(cert, key)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| ClientError::BadClientCert {
+                path: cert.display().to_string(),
+                reason: e.to_string(),
+            })?
+        }
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     client_config.transport_config(Arc::new(transport_config(idle)));
     Ok(client_config)
+}
+
+/// A client certificate chain and key from PEM files.
+fn load_client_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<
+    (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>),
+    ClientError,
+> {
+    let bad = |path: &std::path::Path, reason: String| ClientError::BadClientCert {
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read(cert).map_err(|e| bad(cert, e.to_string()))?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no PEM certificate in the file".into()));
+    }
+    let pem = std::fs::read(key).map_err(|e| bad(key, e.to_string()))?;
+    let key_der = rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| bad(key, e.to_string()))?
+        .ok_or_else(|| bad(key, "no PEM private key in the file".into()))?;
+    Ok((chain, key_der))
 }
 
 fn make_endpoint(

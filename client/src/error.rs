@@ -14,6 +14,9 @@ pub enum ClientError {
     /// The CA certificate file could not be read or holds no certificate.
     #[error("CA certificate {path}: {reason}")]
     BadCa { path: String, reason: String },
+    /// The client certificate or its key could not be read.
+    #[error("client certificate {path}: {reason}")]
+    BadClientCert { path: String, reason: String },
     /// No connection within the timeout (nothing listening, or UDP dropped).
     #[error("broker {addr} unreachable: no answer within {timeout_ms} ms (is quiverd running there?)")]
     Unreachable { addr: String, timeout_ms: u64 },

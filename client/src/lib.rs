@@ -18,8 +18,8 @@ pub use consumer::{CommitReport, ConsumedMessage, Consumer, ConsumerConfig, Cons
 pub use error::ClientError;
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use quiver_protocol::message::{
-    Acks, BrokerStatus, Durability, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets, ReplicaStatus,
-    StartPosition, TopicConfig, TopicInfo,
+    Acks, AclOperation, AclResource, AclRule, BrokerStatus, Durability, MemberInfo, MemberRef, PartitionInfo,
+    PartitionOffsets, ReplicaStatus, StartPosition, TopicConfig, TopicInfo,
 };
 pub use quiver_protocol::ErrorCode;
 pub use quiver_transport::{default_ca_path, DEFAULT_PORT};

@@ -44,6 +44,8 @@ pub enum ErrorCode {
     /// The broker does not coordinate this consumer group (in a cluster, the leader of the
     /// group's offsets partition does), or its coordinator is being elected: retry.
     NotCoordinator,
+    /// The connection's principal may not do this (docs/security.md): nothing was done.
+    NotAuthorized,
     Unknown(u16),
 }
 
@@ -78,6 +80,7 @@ impl ErrorCode {
             NotLeader => 23,
             Unauthenticated => 24,
             NotCoordinator => 25,
+            NotAuthorized => 26,
             Unknown(c) => c,
         }
     }
@@ -112,6 +115,7 @@ impl ErrorCode {
             23 => NotLeader,
             24 => Unauthenticated,
             25 => NotCoordinator,
+            26 => NotAuthorized,
             c => Unknown(c),
         }
     }

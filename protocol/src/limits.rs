@@ -216,3 +216,18 @@ const _: () = {
     assert!(MIN_SESSION_TIMEOUT_MS < MAX_SESSION_TIMEOUT_MS);
     assert!((MAX_SESSION_TIMEOUT_MS as u64) < DELETED_MEMBER_TTL_MS);
 };
+
+// ---- Security (docs/security.md) ------------------------------------------------------------
+
+/// Longest token a client may present in `Hello`: generated tokens are 68 bytes; the rest is
+/// room for other schemes, and a bound on what an unauthenticated client makes the broker hash.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+/// Longest principal name (a certificate's common name, a token's owner, an ACL's subject):
+/// X.509 caps a common name at 64 characters; tokens' owners are held to the same bound.
+pub const MAX_PRINCIPAL_BYTES: usize = 256;
+/// Longest ACL pattern: a topic or group name, or a prefix of one followed by `*`.
+pub const MAX_ACL_PATTERN_BYTES: usize = 256;
+/// Largest token file a broker reads (`--token-file`): about a million tokens' lines.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 128 * 1024 * 1024;
+/// Most ACL rules a cluster keeps: each request is checked against the rules of its principal.
+pub const MAX_ACL_RULES: usize = 10_000;

@@ -58,8 +58,13 @@ fn messages() -> Vec<Message> {
     };
     vec![
         Message::error_with_leader(ErrorCode::NotLeader, "not the leader", Some(3)),
-        Message::Hello { protocol_version: 1, client_id: "client-a".into() },
-        Message::HelloOk { protocol_version: 1, broker_id: 2, server_version: "0.1.0".into() },
+        Message::Hello { protocol_version: 1, client_id: "client-a".into(), token: None },
+        Message::HelloOk {
+            protocol_version: 1,
+            broker_id: 2,
+            server_version: "0.1.0".into(),
+            principal: None,
+        },
         Message::Produce { topic: "orders".into(), partition: 3, acks: Acks::All, batch: batch() },
         Message::ProduceOk { base_offset: 9, log_append_time_ms: 10 },
         Message::Subscribe(Subscribe {

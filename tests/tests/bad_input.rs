@@ -27,7 +27,7 @@ async fn expect_error(reader: &mut FrameReader, code: ErrorCode) -> anyhow::Resu
 }
 
 fn hello() -> Message {
-    Message::Hello { protocol_version: 1, client_id: "bad-input-test".into() }
+    Message::Hello { protocol_version: 1, client_id: "bad-input-test".into(), token: None }
 }
 
 async fn expect_hello_ok(send: &mut quinn::SendStream, reader: &mut FrameReader) -> anyhow::Result<()> {

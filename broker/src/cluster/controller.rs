@@ -56,6 +56,12 @@ pub(crate) enum Command {
         /// added later places the topics created before any change as everyone else did.
         bootstrap: Vec<u64>,
     },
+    /// Adds (`add`) or removes ACL rules (docs/security.md). Replayed in order at start, so
+    /// the rules in force are the log's.
+    Acls {
+        add: bool,
+        rules: Vec<crate::auth::StoredRule>,
+    },
 }
 
 impl Command {
@@ -97,6 +103,14 @@ impl Command {
                     return Err(format!("a bootstrap set of {} brokers", bootstrap.len()));
                 }
             }
+            Command::Acls { rules, .. } => {
+                if rules.len() > quiver_protocol::limits::MAX_ACL_RULES {
+                    return Err(format!("an ACL change of {} rules", rules.len()));
+                }
+                for rule in rules {
+                    rule.clone().into_rule()?;
+                }
+            }
             Command::ReserveProducerIds { count, key, .. } => {
                 if !(1..=crate::producers::ID_BLOCK).contains(count) {
                     return Err(format!("a producer-id reservation of {count} counters"));
@@ -115,6 +129,10 @@ impl Command {
             Command::CreateTopic { name, .. } => cluster.topic_index.contains_key(name),
             Command::DeleteTopic { name } => !cluster.topic_index.contains_key(name),
             Command::ReserveProducerIds { .. } => true,
+            Command::Acls { add, rules } => rules
+                .iter()
+                .filter_map(|r| r.clone().into_rule().ok())
+                .all(|r| cluster.acls.contains(&r) == *add),
             Command::Brokers { brokers, .. } => {
                 let mine = cluster.members.read();
                 mine.len() == brokers.len() && brokers.iter().all(|(id, _)| mine.contains_key(id))
@@ -168,6 +186,7 @@ pub(super) async fn start(
     topics: Arc<Topics>,
     max_partitions_total: u32,
     links: Arc<PeerLinks>,
+    acls: Arc<crate::auth::Acls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Cluster>> {
     use anyhow::Context;
@@ -217,6 +236,7 @@ pub(super) async fn start(
         None => members.keys().copied().collect(),
     };
     let cluster = Arc::new(Cluster {
+        acls,
         config,
         links,
         controller: handle,
@@ -393,6 +413,11 @@ async fn apply(
         }
         Command::ReserveProducerIds { broker, count, key } => {
             cluster.producer_ids.apply(index, broker == cluster.config.node_id, count, &key)
+        }
+        Command::Acls { add, rules } => {
+            // Decoded, so every rule checked already.
+            let rules: Vec<_> = rules.into_iter().filter_map(|r| r.into_rule().ok()).collect();
+            cluster.acls.apply(add, &rules)
         }
         Command::DeleteTopic { name } => {
             if topics.get(&name).is_ok_and(|t| t.created_at_index.is_some_and(|created| created > index)) {

@@ -104,6 +104,8 @@ pub struct Cluster {
     /// Replicas stopped here whose drivers may still run (`observe_instead`): the status each
     /// driver publishes, closed once it ended.
     pub(crate) ending: DashMap<u64, tokio::sync::watch::Receiver<driver::GroupStatus>>,
+    /// The ACL rules, as the controller's log has them (docs/security.md).
+    pub(crate) acls: Arc<crate::auth::Acls>,
 }
 
 impl Cluster {
@@ -758,6 +760,7 @@ impl Cluster {
 
 /// Starts cluster mode: the peer links, the controller (replaying its log, which attaches every
 /// replicated partition this broker holds), then returns once the replay is done.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start(
     broker: &crate::config::BrokerConfig,
     mut config: ClusterConfig,
@@ -765,6 +768,7 @@ pub(crate) async fn start(
     topics: Arc<Topics>,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
+    acls: Arc<crate::auth::Acls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Cluster>> {
     let me = config.node_id;
@@ -814,6 +818,7 @@ pub(crate) async fn start(
         topics,
         broker.max_partitions_total,
         links,
+        acls,
         shutdown,
     )
     .await

@@ -39,6 +39,7 @@ pub(super) async fn serve(
     setup: Setup,
     mut send: quinn::SendStream,
     reader: FrameReader,
+    permission: Option<crate::auth::Permission>,
 ) {
     let max_deliveries = if setup.dead_letter_topic.is_some() { setup.policy.max_deliveries } else { 0 };
     let engine = Engine::new(engine::Config {
@@ -53,6 +54,7 @@ pub(super) async fn serve(
     // From here on the accounting is the guard's: it is settled when the guard drops, however
     // the task ends (its connection closing aborts it).
     let mut active = Active::new(state, setup, engine);
+    active.permission = permission;
     let p = active.setup.partition.clone();
     let subscribed = Message::Subscribed {
         start_offset: active.setup.start,
@@ -94,13 +96,25 @@ struct Active {
     acks: Option<tokio::task::JoinHandle<()>>,
     /// The disk read of the next delivery, started before the current one is sent.
     read_ahead: Option<ReadAhead>,
+    /// Checked again when the ACL rules change (docs/security.md).
+    permission: Option<crate::auth::Permission>,
 }
 
 impl Active {
     fn new(state: Arc<BrokerState>, setup: Setup, engine: Engine) -> Active {
         metrics::gauge!("quiver_subscriptions").increment(1.0);
         let inflight = metrics::gauge!("quiver_inflight_delivery_bytes");
-        Active { state, setup, engine, counted: 0, inflight, epoch: 0, acks: None, read_ahead: None }
+        Active {
+            state,
+            setup,
+            engine,
+            counted: 0,
+            inflight,
+            epoch: 0,
+            acks: None,
+            read_ahead: None,
+            permission: None,
+        }
     }
 }
 
@@ -176,6 +190,7 @@ impl Active {
         let bytes_out = metrics::counter!("quiver_bytes_out_total", "topic" => p.topic.to_string());
         let mut hw = p.watch_high_watermark();
         let mut fence_check = tokio::time::interval(FENCE_CHECK);
+        let mut acl_watch = self.permission.as_ref().map(|p| p.watcher());
         let (written_tx, mut written_rx) = mpsc::channel::<Written>(1);
         // The batches of the last read, which deliveries and dead letters are made of.
         let mut parts: Vec<Bytes> = Vec::new();
@@ -189,6 +204,9 @@ impl Active {
             }
             while let Ok(w) = written_rx.try_recv() {
                 self.dead_lettered(w);
+            }
+            if let Some(permission) = self.permission.as_mut().filter(|p| p.changed()) {
+                permission.recheck()?;
             }
             let high = *hw.borrow_and_update();
             let ends = Ends { log_start: p.log_start_offset(), high };
@@ -306,6 +324,8 @@ impl Active {
                         },
                         Some(w) = written_rx.recv() => self.dead_lettered(w),
                         _ = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => {}
+                        // The ACL rules changed: checked at the top of the next pass.
+                        Some(Ok(())) = async { Some(acl_watch.as_mut()?.changed().await) } => {}
                         _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
                         // Its topic was deleted (the broker shutting down is the arm above).
                         _ = p.closed() => return Err(p.closed_error()),

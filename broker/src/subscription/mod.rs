@@ -48,6 +48,7 @@ pub(crate) async fn run(
     store: Arc<crate::offsets::OffsetStore>,
     mut send: quinn::SendStream,
     reader: FrameReader,
+    permission: Option<crate::auth::Permission>,
 ) {
     let setup = match setup(&state, &sub, store).await {
         Ok(s) => s,
@@ -57,7 +58,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    driver::serve(state, sub, setup, send, reader).await
+    driver::serve(state, sub, setup, send, reader, permission).await
 }
 
 async fn setup(

@@ -4,7 +4,10 @@
 use super::*;
 use crate::codec::{DecodeError, Reader};
 use crate::frame::RawFrame;
-use crate::limits::{MAX_BATCH_BYTES, MAX_FRAME_BYTES, MAX_STRING_BYTES, MAX_TOPIC_NAME_BYTES};
+use crate::limits::{
+    MAX_ACL_PATTERN_BYTES, MAX_BATCH_BYTES, MAX_FRAME_BYTES, MAX_PRINCIPAL_BYTES, MAX_STRING_BYTES,
+    MAX_TOKEN_BYTES, MAX_TOPIC_NAME_BYTES,
+};
 
 impl Message {
     /// Decodes a frame's payload. Never panics; never allocates from an unchecked length.
@@ -44,10 +47,24 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
                 _ => r.option(|r| r.u32())?,
             },
         },
-        kind::HELLO => Hello { protocol_version: r.u16()?, client_id: text(r)? },
-        kind::HELLO_OK => {
-            HelloOk { protocol_version: r.u16()?, broker_id: r.u32()?, server_version: text(r)? }
-        }
+        kind::HELLO => Hello {
+            protocol_version: r.u16()?,
+            client_id: text(r)?,
+            // Absent from clients that present no token (and from those that predate it).
+            token: match r.remaining() {
+                0 => None,
+                _ => r.option(|r| r.string("token", MAX_TOKEN_BYTES))?,
+            },
+        },
+        kind::HELLO_OK => HelloOk {
+            protocol_version: r.u16()?,
+            broker_id: r.u32()?,
+            server_version: text(r)?,
+            principal: match r.remaining() {
+                0 => None,
+                _ => r.option(text)?,
+            },
+        },
         kind::PRODUCE => Produce {
             topic: topic(r)?,
             partition: r.u32()?,
@@ -183,6 +200,9 @@ fn decode_payload(kind: u8, r: &mut Reader) -> Result<Message, Decoded> {
         kind::CHANGE_BROKERS => {
             ChangeBrokers { add: r.option(|r| Ok((r.u32()?, text(r)?)))?, remove: r.option(|r| r.u32())? }
         }
+        kind::CHANGE_ACLS => ChangeAcls { add: r.bool()?, rules: get_acl_rules(r)? },
+        kind::LIST_ACLS => ListAcls,
+        kind::ACL_LIST => AclList(get_acl_rules(r)?),
         kind::INIT_PRODUCER => InitProducer,
         kind::JOIN_GROUP => JoinGroup {
             group: text(r)?,
@@ -279,5 +299,20 @@ fn get_config(r: &mut Reader) -> Result<TopicConfig, DecodeError> {
         durability,
         flush_interval_ms: r.u32()?,
         replicas: r.u16()?,
+    })
+}
+
+/// ACL rules: principal, resource code, pattern, operation code (at least 2 + 1 + 2 + 1 bytes).
+fn get_acl_rules(r: &mut Reader) -> Result<Vec<AclRule>, DecodeError> {
+    r.list("acl rules", 6, |r| {
+        let principal = r.string("principal", MAX_PRINCIPAL_BYTES)?;
+        let at = r.position();
+        let resource = AclResource::from_code(r.u8()?)
+            .ok_or_else(|| DecodeError::invalid("acl resource", at, "unknown code".to_string()))?;
+        let pattern = r.string("pattern", MAX_ACL_PATTERN_BYTES)?;
+        let at = r.position();
+        let operation = AclOperation::from_code(r.u8()?)
+            .ok_or_else(|| DecodeError::invalid("acl operation", at, "unknown code".to_string()))?;
+        Ok(AclRule { principal, resource, pattern, operation })
     })
 }

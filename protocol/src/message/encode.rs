@@ -29,14 +29,20 @@ impl Message {
                     put_option(b, *leader, |b, l| b.put_u32_le(l));
                 }
             }
-            Hello { protocol_version, client_id } => {
+            Hello { protocol_version, client_id, token } => {
                 b.put_u16_le(*protocol_version);
                 b.put_string(client_id);
+                if token.is_some() {
+                    put_option(b, token.as_deref(), |b, t| b.put_string(t));
+                }
             }
-            HelloOk { protocol_version, broker_id, server_version } => {
+            HelloOk { protocol_version, broker_id, server_version, principal } => {
                 b.put_u16_le(*protocol_version);
                 b.put_u32_le(*broker_id);
                 b.put_string(server_version);
+                if principal.is_some() {
+                    put_option(b, principal.as_deref(), |b, p| b.put_string(p));
+                }
             }
             Produce { topic, partition, acks, batch } => {
                 b.put_string(topic);
@@ -229,6 +235,12 @@ impl Message {
                 });
                 put_option(b, *remove, |b, id| b.put_u32_le(id));
             }
+            ChangeAcls { add, rules } => {
+                b.put_u8(u8::from(*add));
+                put_acl_rules(b, rules);
+            }
+            ListAcls => {}
+            AclList(rules) => put_acl_rules(b, rules),
             Leaders { notices } => {
                 b.put_u32_le(notices.len() as u32);
                 for n in notices {
@@ -306,4 +318,14 @@ fn put_config(b: &mut BytesMut, c: &TopicConfig) {
     });
     b.put_u32_le(c.flush_interval_ms);
     b.put_u16_le(c.replicas);
+}
+
+fn put_acl_rules(b: &mut BytesMut, rules: &[AclRule]) {
+    b.put_u32_le(rules.len() as u32);
+    for rule in rules {
+        b.put_string(&rule.principal);
+        b.put_u8(rule.resource.code());
+        b.put_string(&rule.pattern);
+        b.put_u8(rule.operation.code());
+    }
 }

@@ -26,11 +26,12 @@ mod validate;
 pub use config::{Durability, TopicConfig};
 pub use heads::{deliver_head, deliver_some_head};
 pub use types::{
-    Acks, BrokerStatus, DeliveryRange, LeaderNotice, MemberInfo, MemberRef, PartitionInfo, PartitionOffsets,
-    RedeliveryPolicy, ReplicaStatus, StartPosition, Subscribe, TopicInfo,
+    Acks, AclOperation, AclResource, AclRule, BrokerStatus, DeliveryRange, LeaderNotice, MemberInfo,
+    MemberRef, PartitionInfo, PartitionOffsets, RedeliveryPolicy, ReplicaStatus, StartPosition, Subscribe,
+    TopicInfo,
 };
 use validate::truncate_utf8;
-pub use validate::{validate_group_name, validate_partition_count, validate_topic_name};
+pub use validate::{validate_group_name, validate_partition_count, validate_principal, validate_topic_name};
 
 /// Every frame payload, by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,11 +46,17 @@ pub enum Message {
     Hello {
         protocol_version: u16,
         client_id: String,
+        /// A token authenticating the connection (docs/security.md); encoded last, only when
+        /// set.
+        token: Option<String>,
     },
     HelloOk {
         protocol_version: u16,
         broker_id: u32,
         server_version: String,
+        /// Who the broker takes the connection for, once authentication is on (encoded last,
+        /// only when set).
+        principal: Option<String>,
     },
     Produce {
         topic: String,
@@ -209,6 +216,16 @@ pub enum Message {
         add: Option<(u32, String)>,
         remove: Option<u32>,
     },
+    /// Adds (`add`) or removes ACL rules; answered `Done` once in effect (in a cluster, once
+    /// the controller committed the change and this broker applied it). Needs `admin` on the
+    /// cluster.
+    ChangeAcls {
+        add: bool,
+        rules: Vec<AclRule>,
+    },
+    /// Asks for every ACL rule; answered `AclList`. Needs `admin` on the cluster.
+    ListAcls,
+    AclList(Vec<AclRule>),
 }
 
 /// Why a frame's payload could not become a `Message`.
@@ -295,6 +312,9 @@ mod kind {
     pub const LEADERS: u8 = 41;
     pub const RESERVE_PRODUCER_IDS: u8 = 42;
     pub const CHANGE_BROKERS: u8 = 43;
+    pub const CHANGE_ACLS: u8 = 44;
+    pub const LIST_ACLS: u8 = 45;
+    pub const ACL_LIST: u8 = 46;
 }
 
 impl Message {
@@ -357,6 +377,9 @@ impl Message {
             Leaders { .. } => kind::LEADERS,
             ReserveProducerIds { .. } => kind::RESERVE_PRODUCER_IDS,
             ChangeBrokers { .. } => kind::CHANGE_BROKERS,
+            ChangeAcls { .. } => kind::CHANGE_ACLS,
+            ListAcls => kind::LIST_ACLS,
+            AclList(_) => kind::ACL_LIST,
         }
     }
 }

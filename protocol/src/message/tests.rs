@@ -47,12 +47,40 @@ fn arb_message() -> impl Strategy<Value = Message> {
             message: m,
             leader: Some(l)
         }),
-        (any::<u16>(), ".{0,10}").prop_map(|(v, c)| Message::Hello { protocol_version: v, client_id: c }),
-        (any::<u16>(), any::<u32>(), ".{0,10}").prop_map(|(v, b, s)| Message::HelloOk {
+        (any::<u16>(), ".{0,10}", proptest::option::of(".{0,70}")).prop_map(|(v, c, t)| Message::Hello {
             protocol_version: v,
-            broker_id: b,
-            server_version: s
+            client_id: c,
+            token: t
         }),
+        (any::<u16>(), any::<u32>(), ".{0,10}", proptest::option::of(".{0,20}")).prop_map(|(v, b, s, p)| {
+            Message::HelloOk { protocol_version: v, broker_id: b, server_version: s, principal: p }
+        }),
+        (any::<bool>(), proptest::collection::vec((".{0,10}", 0..3u8, ".{0,10}", 0..6u8), 0..4)).prop_map(
+            |(add, rules)| Message::ChangeAcls {
+                add,
+                rules: rules
+                    .into_iter()
+                    .map(|(principal, r, pattern, o)| AclRule {
+                        principal,
+                        resource: AclResource::ALL[usize::from(r)],
+                        pattern,
+                        operation: AclOperation::ALL[usize::from(o)],
+                    })
+                    .collect(),
+            }
+        ),
+        Just(Message::ListAcls),
+        proptest::collection::vec((".{0,10}", ".{0,10}"), 0..3).prop_map(|rules| Message::AclList(
+            rules
+                .into_iter()
+                .map(|(principal, pattern)| AclRule {
+                    principal,
+                    resource: AclResource::Topic,
+                    pattern,
+                    operation: AclOperation::Consume,
+                })
+                .collect()
+        )),
         (name, any::<u32>(), 0..3u8, bytes.clone()).prop_map(|(t, p, a, b)| Message::Produce {
             topic: t,
             partition: p,

@@ -149,3 +149,89 @@ pub struct MemberInfo {
     pub member_id: String,
     pub partitions: Vec<u32>,
 }
+
+/// What an ACL rule applies to (docs/security.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AclResource {
+    /// Topics whose name matches the rule's pattern.
+    Topic,
+    /// Consumer groups whose name matches the rule's pattern.
+    Group,
+    /// The cluster itself (ACL changes, broker membership); the pattern is `*`.
+    Cluster,
+}
+
+impl AclResource {
+    pub const ALL: [AclResource; 3] = [AclResource::Topic, AclResource::Group, AclResource::Cluster];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AclResource::Topic => "topic",
+            AclResource::Group => "group",
+            AclResource::Cluster => "cluster",
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+}
+
+/// What an ACL rule allows (docs/security.md has the table of which request needs which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AclOperation {
+    Produce,
+    Consume,
+    Commit,
+    Create,
+    Delete,
+    Admin,
+}
+
+impl AclOperation {
+    pub const ALL: [AclOperation; 6] = [
+        AclOperation::Produce,
+        AclOperation::Consume,
+        AclOperation::Commit,
+        AclOperation::Create,
+        AclOperation::Delete,
+        AclOperation::Admin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AclOperation::Produce => "produce",
+            AclOperation::Consume => "consume",
+            AclOperation::Commit => "commit",
+            AclOperation::Create => "create",
+            AclOperation::Delete => "delete",
+            AclOperation::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+}
+
+/// One permission: `principal` (or `*`, anyone authenticated) may do `operation` on the
+/// resources of kind `resource` whose name matches `pattern` (a name, `prefix*`, or `*`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AclRule {
+    pub principal: String,
+    pub resource: AclResource,
+    pub pattern: String,
+    pub operation: AclOperation,
+}

@@ -28,6 +28,23 @@ pub fn validate_group_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A principal name (a certificate's common name, a token's owner, an ACL rule's subject):
+/// 1 to `MAX_PRINCIPAL_BYTES` bytes, no blanks or control characters (token files and
+/// listings are whitespace-separated), not `*` (which ACL rules use for anyone).
+pub fn validate_principal(name: &str) -> Result<(), String> {
+    let max = crate::limits::MAX_PRINCIPAL_BYTES;
+    if name.is_empty() || name.len() > max {
+        return Err(format!("a principal name has 1 to {max} bytes"));
+    }
+    if name == "*" || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "principal '{}': no blanks, control characters, or '*' alone",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// Partition counts: 1..=MAX_PARTITIONS.
 pub fn validate_partition_count(n: u32) -> Result<(), String> {
     if n == 0 || n > MAX_PARTITIONS {

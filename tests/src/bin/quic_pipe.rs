@@ -101,8 +101,12 @@ async fn server(dir: PathBuf, listen: SocketAddr, packet: Option<u16>) -> anyhow
             // The client's hello, answered as a broker would.
             let (mut send, recv) = conn.accept_bi().await?;
             FrameReader::new(recv).next().await?;
-            let ok =
-                Message::HelloOk { protocol_version: 1, broker_id: 0, server_version: "quic-pipe".into() };
+            let ok = Message::HelloOk {
+                protocol_version: 1,
+                broker_id: 0,
+                server_version: "quic-pipe".into(),
+                principal: None,
+            };
             transport::write_message(&mut send, &ok).await?;
             send.finish()?;
             let (mut send, mut recv) = conn.accept_bi().await?;
@@ -176,7 +180,7 @@ async fn client(
     let (mut send, recv) = conn.open_bi().await?;
     transport::write_message(
         &mut send,
-        &Message::Hello { protocol_version: 1, client_id: "quic-pipe".into() },
+        &Message::Hello { protocol_version: 1, client_id: "quic-pipe".into(), token: None },
     )
     .await?;
     send.finish()?;

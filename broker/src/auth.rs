@@ -1,0 +1,711 @@
+//! Who a connection is and what it may do (docs/security.md).
+//!
+//! **Authentication** gives a connection a principal: the subject common name of a client
+//! certificate signed by `--client-ca` (checked by rustls during the handshake), or the owner
+//! of a token presented in `Hello` (`--token-file`: opaque tokens kept as SHA-256 hashes). A
+//! connection with neither is anonymous: refused unless `--allow-anonymous`, in which case it
+//! is the principal `anonymous`. With neither `--client-ca` nor `--token-file` authentication
+//! is off: every connection may do everything (the development default, loopback only).
+//!
+//! **Authorisation** checks every request against ACL rules (allow rules; deny by default) and
+//! `--super-users`. Rules are kept by the controller in a cluster (replayed from its log) and
+//! in `<data_dir>/acls.json` on a single node; a change applies to the next request of every
+//! connection, and live subscriptions re-check theirs when the rules change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use quiver_protocol::limits::{MAX_ACL_PATTERN_BYTES, MAX_ACL_RULES, MAX_TOKEN_FILE_BYTES};
+pub use quiver_protocol::message::validate_principal;
+use quiver_protocol::message::{AclOperation, AclResource, AclRule, Message};
+use quiver_protocol::ErrorCode;
+
+use crate::partition::PartitionError;
+
+/// The principal of connections without credentials when `--allow-anonymous` is given.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// How a broker authenticates and authorises (from `BrokerConfig`).
+#[derive(Debug)]
+pub struct Auth {
+    /// Client certificates or tokens are accepted: authorisation applies.
+    enabled: bool,
+    allow_anonymous: bool,
+    super_users: BTreeSet<String>,
+    tokens: Option<TokenFile>,
+    pub acls: Arc<Acls>,
+    /// When the last audit line was logged (ms since the epoch): at most one a second.
+    last_audit_log_ms: AtomicU64,
+}
+
+impl Auth {
+    /// From the broker's settings; `acl_file` keeps the rules on a single node (`None` in a
+    /// cluster, where the controller's log keeps them).
+    pub fn new(config: &crate::config::BrokerConfig, acl_file: Option<PathBuf>) -> anyhow::Result<Auth> {
+        let tokens = match &config.token_file {
+            Some(path) => Some(TokenFile::open(path)?),
+            None => None,
+        };
+        let acls = Arc::new(match acl_file {
+            Some(path) => Acls::load(path)?,
+            None => Acls::default(),
+        });
+        Ok(Auth {
+            enabled: config.auth_enabled(),
+            allow_anonymous: config.allow_anonymous,
+            super_users: config.super_users.iter().cloned().collect(),
+            tokens,
+            acls,
+            last_audit_log_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The principal a connection acts as, or why it may do nothing: peers (brokers) are not
+    /// checked; with authentication off every connection acts as `anonymous`.
+    fn principal_of(&self, conn: &crate::groups::ConnectionInfo) -> Result<Arc<str>, PartitionError> {
+        if let Some(p) = conn.principal() {
+            return Ok(p);
+        }
+        if !self.enabled || self.allow_anonymous {
+            return Ok(Arc::from(ANONYMOUS));
+        }
+        Err(PartitionError::new(
+            ErrorCode::Unauthenticated,
+            "this broker requires authentication: present a client certificate (--cert/--key) or a token \
+             (--token / QUIVER_TOKEN)",
+        ))
+    }
+
+    /// Checks that the connection has a principal (or may act as `anonymous`).
+    pub fn authenticated(&self, conn: &crate::groups::ConnectionInfo) -> Result<(), PartitionError> {
+        if conn.is_peer() || !self.enabled {
+            return Ok(());
+        }
+        self.principal_of(conn).map(drop)
+    }
+
+    /// Checks that the connection may do `operation` on the named resource; the error says
+    /// who was refused what. Denials are counted and logged (at most one line a second).
+    pub fn check(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        operation: AclOperation,
+        resource: AclResource,
+        name: &str,
+    ) -> Result<(), PartitionError> {
+        if conn.is_peer() || !self.enabled {
+            return Ok(());
+        }
+        let principal = match self.principal_of(conn) {
+            Ok(p) => p,
+            Err(e) => {
+                self.audit("unauthenticated", ANONYMOUS, operation, resource, name);
+                return Err(e);
+            }
+        };
+        if self.super_users.contains(&*principal) || self.acls.allows(&principal, operation, resource, name) {
+            return Ok(());
+        }
+        self.audit("denied", &principal, operation, resource, name);
+        let what = match resource {
+            AclResource::Cluster => "the cluster".to_string(),
+            r => format!("{} '{}'", r.name(), name.escape_debug()),
+        };
+        let verb = match (operation, resource) {
+            (AclOperation::Produce, _) => "produce to",
+            (AclOperation::Consume, AclResource::Group) => "consume as a member of",
+            (AclOperation::Consume, _) => "consume from",
+            (AclOperation::Commit, _) => "commit offsets of",
+            (AclOperation::Create, _) => "create",
+            (AclOperation::Delete, _) => "delete",
+            (AclOperation::Admin, _) => "administer",
+        };
+        Err(PartitionError::new(
+            ErrorCode::NotAuthorized,
+            format!(
+                "not authorised: principal '{}' may not {verb} {what} (needs `{}` on it: `quiver acl add`)",
+                principal.escape_debug(),
+                operation.name()
+            ),
+        ))
+    }
+
+    /// Checks everything `msg` asks for (the table in docs/security.md); `Ok` for requests
+    /// any authenticated principal may make.
+    pub fn authorize(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        msg: &Message,
+    ) -> Result<(), PartitionError> {
+        use AclOperation::*;
+        use AclResource::{Cluster, Group, Topic};
+        if conn.is_peer() || !self.enabled {
+            return Ok(());
+        }
+        match msg {
+            Message::Hello { .. } => Ok(()),
+            Message::Produce { topic, .. } => self.check(conn, Produce, Topic, topic),
+            Message::Fetch { topic, .. } | Message::OffsetForTime { topic, .. } => {
+                self.check(conn, Consume, Topic, topic)
+            }
+            Message::Subscribe(sub) => self.check_subscribe(conn, sub),
+            Message::CommitOffset { group, topic, .. } => {
+                self.check(conn, Commit, Group, group)?;
+                self.check(conn, Consume, Topic, topic)
+            }
+            Message::FetchOffsets { group, topic } => {
+                self.check(conn, Consume, Group, group)?;
+                self.check(conn, Consume, Topic, topic)
+            }
+            Message::JoinGroup { group, topic, .. } => {
+                self.check(conn, Consume, Group, group)?;
+                self.check(conn, Consume, Topic, topic)
+            }
+            Message::Heartbeat { group, .. }
+            | Message::LeaveGroup { group, .. }
+            | Message::DescribeGroup { group } => self.check(conn, Consume, Group, group),
+            Message::CreateTopic { name, .. } => self.check(conn, Create, Topic, name),
+            Message::DeleteTopic { name } => self.check(conn, Delete, Topic, name),
+            Message::ChangeBrokers { .. } | Message::ChangeAcls { .. } | Message::ListAcls => {
+                self.check(conn, Admin, Cluster, "*")
+            }
+            // Names and placement (what routing needs), producer ids (worthless without
+            // produce permission on a topic), group names: any authenticated principal.
+            _ => self.principal_of(conn).map(drop),
+        }
+    }
+
+    /// What a subscription needs: consume on its topic (and group), produce on its
+    /// dead-letter topic.
+    pub fn check_subscribe(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        sub: &quiver_protocol::message::Subscribe,
+    ) -> Result<(), PartitionError> {
+        use AclOperation::*;
+        use AclResource::{Group, Topic};
+        self.check(conn, Consume, Topic, &sub.topic)?;
+        if let Some(group) = &sub.group {
+            self.check(conn, Consume, Group, group)?;
+        }
+        match &sub.policy.dead_letter_topic {
+            Some(dlq) => self.check(conn, Produce, Topic, dlq),
+            None => Ok(()),
+        }
+    }
+
+    /// Authenticates a token presented in `Hello`: its owner, or why not. Blocking (the token
+    /// file is read again when it changed).
+    pub fn authenticate_token_blocking(&self, token: &str) -> Result<Arc<str>, String> {
+        let result = match &self.tokens {
+            None => Err("this broker accepts no tokens (no --token-file)".to_string()),
+            Some(tokens) => tokens.authenticate_blocking(token),
+        };
+        if let Err(why) = &result {
+            metrics::counter!("quiver_auth_failures_total", "method" => "token").increment(1);
+            if self.may_log_audit() {
+                tracing::warn!("token refused: {why}");
+            }
+        }
+        result
+    }
+
+    fn audit(&self, outcome: &'static str, principal: &str, op: AclOperation, res: AclResource, name: &str) {
+        metrics::counter!("quiver_auth_denied_total", "operation" => op.name(), "outcome" => outcome)
+            .increment(1);
+        if self.may_log_audit() {
+            tracing::warn!(
+                principal = %principal.escape_debug(),
+                operation = op.name(),
+                resource = res.name(),
+                name = %name.escape_debug(),
+                "{outcome}"
+            );
+        }
+    }
+
+    /// At most one audit line a second, so a client hammering a refused operation cannot fill
+    /// the log (the counters count every one).
+    fn may_log_audit(&self) -> bool {
+        let now = now_ms();
+        let last = self.last_audit_log_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_audit_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A live subscription's permission, checked again whenever the ACL rules change: a revoked
+/// one ends the subscription with `NotAuthorized`.
+#[derive(Debug)]
+pub struct Permission {
+    auth: Arc<Auth>,
+    conn: crate::groups::ConnectionMembers,
+    sub: quiver_protocol::message::Subscribe,
+    version: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Permission {
+    /// For a client's subscription when authorisation applies; `None` otherwise (peers,
+    /// authentication off).
+    pub fn watch(
+        auth: &Arc<Auth>,
+        conn: &crate::groups::ConnectionMembers,
+        sub: &quiver_protocol::message::Subscribe,
+    ) -> Option<Permission> {
+        (auth.enabled && !conn.is_peer()).then(|| Permission {
+            auth: auth.clone(),
+            conn: conn.clone(),
+            sub: sub.clone(),
+            version: auth.acls.subscribe(),
+        })
+    }
+
+    /// Whether the rules changed since the last check (cheap: one atomic load).
+    pub fn changed(&self) -> bool {
+        self.version.has_changed().unwrap_or(false)
+    }
+
+    /// Another receiver of the rules' version, for a loop to wait on.
+    pub fn watcher(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.clone()
+    }
+
+    /// Checks the subscription against the rules in force now.
+    pub fn recheck(&mut self) -> Result<(), PartitionError> {
+        self.version.borrow_and_update();
+        self.auth.check_subscribe(&self.conn, &self.sub)
+    }
+}
+
+/// The principal a client certificate names: its subject common name (docs/security.md).
+pub fn certificate_principal(cert: &[u8]) -> Result<String, String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or("the certificate's subject has no common name (CN), which names the principal")?;
+    let name = cn.as_str().map_err(|e| format!("the certificate's common name is not text: {e}"))?;
+    validate_principal(name)?;
+    Ok(name.to_string())
+}
+
+/// Checks one ACL rule as a client sent it.
+pub fn validate_rule(rule: &AclRule) -> Result<(), String> {
+    if rule.principal != "*" {
+        validate_principal(&rule.principal)?;
+    }
+    let p = &rule.pattern;
+    if p.is_empty() || p.len() > MAX_ACL_PATTERN_BYTES || p.chars().any(char::is_control) {
+        return Err(format!(
+            "pattern '{}': 1 to {MAX_ACL_PATTERN_BYTES} bytes, no control characters",
+            p.escape_debug()
+        ));
+    }
+    if p[..p.len() - 1].contains('*') {
+        return Err(format!(
+            "pattern '{}': '*' may only end it (a prefix) or be all of it",
+            p.escape_debug()
+        ));
+    }
+    if rule.resource == AclResource::Cluster && p != "*" {
+        return Err("a cluster rule's pattern is '*'".into());
+    }
+    Ok(())
+}
+
+/// Whether `pattern` (a name, `prefix*` or `*`) matches `name`.
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// The ACL rules in force, and a version that moves on every change (live subscriptions
+/// watch it to re-check their permission).
+#[derive(Debug)]
+pub struct Acls {
+    rules: RwLock<Arc<BTreeSet<AclRule>>>,
+    version: tokio::sync::watch::Sender<u64>,
+    /// Single node: where the rules are kept (`None` in a cluster).
+    file: Option<PathBuf>,
+    /// Held while a change is written (single node), so changes land in order.
+    writing: Mutex<()>,
+}
+
+impl Default for Acls {
+    fn default() -> Self {
+        Acls {
+            rules: RwLock::default(),
+            version: tokio::sync::watch::Sender::new(0),
+            file: None,
+            writing: Mutex::new(()),
+        }
+    }
+}
+
+impl Acls {
+    /// The rules kept in `path` (none when it does not exist yet).
+    fn load(path: PathBuf) -> anyhow::Result<Acls> {
+        use anyhow::Context;
+        let rules: BTreeSet<AclRule> = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let stored: Vec<StoredRule> =
+                    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+                stored
+                    .into_iter()
+                    .map(StoredRule::into_rule)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Acls { rules: RwLock::new(Arc::new(rules)), file: Some(path), ..Default::default() })
+    }
+
+    /// Every rule, in order.
+    pub fn list(&self) -> Vec<AclRule> {
+        self.rules.read().iter().cloned().collect()
+    }
+
+    pub fn contains(&self, rule: &AclRule) -> bool {
+        self.rules.read().contains(rule)
+    }
+
+    /// Watches the version, which moves on every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn allows(&self, principal: &str, operation: AclOperation, resource: AclResource, name: &str) -> bool {
+        self.rules.read().iter().any(|r| {
+            r.operation == operation
+                && r.resource == resource
+                && (r.principal == "*" || r.principal == principal)
+                && matches(&r.pattern, name)
+        })
+    }
+
+    /// Applies a change in memory (a cluster's controller, replaying or applying its log).
+    pub fn apply(&self, add: bool, rules: &[AclRule]) -> Result<(), PartitionError> {
+        let mut current = self.rules.write();
+        let mut next = BTreeSet::clone(&current);
+        for rule in rules {
+            if add {
+                next.insert(rule.clone());
+            } else {
+                next.remove(rule);
+            }
+        }
+        if next.len() > MAX_ACL_RULES {
+            return Err(PartitionError::new(
+                ErrorCode::LimitExceeded,
+                format!("a cluster keeps at most {MAX_ACL_RULES} ACL rules (MAX_ACL_RULES)"),
+            ));
+        }
+        *current = Arc::new(next);
+        drop(current);
+        self.version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Applies a change and keeps the rules in the file (single node). Blocking.
+    pub fn change_blocking(&self, add: bool, rules: &[AclRule]) -> Result<(), PartitionError> {
+        let _writing = self.writing.lock();
+        let Some(path) = &self.file else { return self.apply(add, rules) };
+        let mut next = BTreeSet::clone(&self.rules.read());
+        for rule in rules {
+            if add {
+                next.insert(rule.clone());
+            } else {
+                next.remove(rule);
+            }
+        }
+        if next.len() > MAX_ACL_RULES {
+            return Err(PartitionError::new(
+                ErrorCode::LimitExceeded,
+                format!("a broker keeps at most {MAX_ACL_RULES} ACL rules (MAX_ACL_RULES)"),
+            ));
+        }
+        let stored: Vec<StoredRule> = next.iter().map(StoredRule::from).collect();
+        let json = serde_json::to_vec_pretty(&stored).unwrap_or_default();
+        write_durably(path, &json).map_err(|e| {
+            PartitionError::new(ErrorCode::StorageError, format!("writing {}: {e}", path.display()))
+        })?;
+        // Durable first, then in force: a rule a client was told is in place survives a crash.
+        self.apply(add, rules)
+    }
+}
+
+/// Writes `data` to `path` through a temporary file, fsynced, renamed, directory fsynced.
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// An ACL rule as `acls.json` and the controller's log keep it (names, not codes).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredRule {
+    pub principal: String,
+    pub resource: String,
+    pub pattern: String,
+    pub operation: String,
+}
+
+impl From<&AclRule> for StoredRule {
+    fn from(r: &AclRule) -> Self {
+        StoredRule {
+            principal: r.principal.clone(),
+            resource: r.resource.name().to_string(),
+            pattern: r.pattern.clone(),
+            operation: r.operation.name().to_string(),
+        }
+    }
+}
+
+impl StoredRule {
+    pub fn into_rule(self) -> Result<AclRule, String> {
+        let resource = AclResource::ALL
+            .into_iter()
+            .find(|r| r.name() == self.resource)
+            .ok_or_else(|| format!("unknown ACL resource '{}'", self.resource.escape_debug()))?;
+        let operation = AclOperation::parse(&self.operation)
+            .ok_or_else(|| format!("unknown ACL operation '{}'", self.operation.escape_debug()))?;
+        let rule = AclRule { principal: self.principal, resource, pattern: self.pattern, operation };
+        validate_rule(&rule)?;
+        Ok(rule)
+    }
+}
+
+/// Opaque tokens, kept hashed: `<principal> sha256:<hex> [expires=<unix seconds>]` per line,
+/// `#` comments. Read again when the file changes, so tokens are added and revoked without a
+/// restart.
+#[derive(Debug)]
+struct TokenFile {
+    path: PathBuf,
+    loaded: Mutex<LoadedTokens>,
+}
+
+#[derive(Debug, Default)]
+struct LoadedTokens {
+    /// The file's modification time and length when read.
+    stamp: Option<(SystemTime, u64)>,
+    /// Token hash (hex) → (principal, expiry in unix seconds).
+    by_hash: HashMap<String, (Arc<str>, Option<u64>)>,
+}
+
+impl TokenFile {
+    fn open(path: &Path) -> anyhow::Result<TokenFile> {
+        let file = TokenFile { path: path.to_path_buf(), loaded: Mutex::default() };
+        file.refresh_blocking().map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        Ok(file)
+    }
+
+    /// Reads the file again if its modification time or length changed.
+    fn refresh_blocking(&self) -> Result<(), String> {
+        let meta =
+            std::fs::metadata(&self.path).map_err(|e| format!("reading {}: {e}", self.path.display()))?;
+        let stamp = (meta.modified().unwrap_or(UNIX_EPOCH), meta.len());
+        let mut loaded = self.loaded.lock();
+        if loaded.stamp == Some(stamp) {
+            return Ok(());
+        }
+        if meta.len() > MAX_TOKEN_FILE_BYTES {
+            return Err(format!("{} is larger than {MAX_TOKEN_FILE_BYTES} bytes", self.path.display()));
+        }
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("reading {}: {e}", self.path.display()))?;
+        let mut by_hash = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (principal, hash, expires) =
+                parse_token_line(line).map_err(|e| format!("{} line {}: {e}", self.path.display(), n + 1))?;
+            by_hash.insert(hash, (Arc::from(principal), expires));
+        }
+        *loaded = LoadedTokens { stamp: Some(stamp), by_hash };
+        Ok(())
+    }
+
+    fn authenticate_blocking(&self, token: &str) -> Result<Arc<str>, String> {
+        if let Err(e) = self.refresh_blocking() {
+            // The tokens read before stay in force; the operator sees why the new file is not.
+            tracing::warn!("token file: {e}");
+        }
+        let hash = hash_token(token);
+        let loaded = self.loaded.lock();
+        let (principal, expires) = loaded
+            .by_hash
+            .get(&hash)
+            .ok_or("the token is not one this broker issued (unknown or altered)")?;
+        if let Some(at) = expires {
+            if now_ms() / 1000 >= *at {
+                return Err(format!(
+                    "the token of '{}' expired at {at} (unix seconds)",
+                    principal.escape_debug()
+                ));
+            }
+        }
+        Ok(principal.clone())
+    }
+}
+
+fn parse_token_line(line: &str) -> Result<(&str, String, Option<u64>), String> {
+    let mut parts = line.split_whitespace();
+    let principal = parts.next().ok_or("empty line")?;
+    validate_principal(principal)?;
+    let hash = parts
+        .next()
+        .and_then(|h| h.strip_prefix("sha256:"))
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or("expected `<principal> sha256:<64 hex digits> [expires=<unix seconds>]`")?;
+    let expires = match parts.next() {
+        None => None,
+        Some(e) => Some(
+            e.strip_prefix("expires=")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("'{e}': expected expires=<unix seconds>"))?,
+        ),
+    };
+    if parts.next().is_some() {
+        return Err("unexpected text after the expiry".into());
+    }
+    Ok((principal, hash.to_ascii_lowercase(), expires))
+}
+
+/// The SHA-256 of a token, in lower-case hex: what a token file keeps.
+pub fn hash_token(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random token (`qvt_` and 64 hex digits) and the token-file line that admits it for
+/// `principal`, expiring at `expires` (unix seconds) if given.
+pub fn new_token(principal: &str, expires: Option<u64>) -> anyhow::Result<(String, String)> {
+    use ring::rand::SecureRandom;
+    validate_principal(principal).map_err(|e| anyhow::anyhow!(e))?;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    let token = format!("qvt_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut line = format!("{principal} sha256:{}", hash_token(&token));
+    if let Some(at) = expires {
+        line.push_str(&format!(" expires={at}"));
+    }
+    Ok((token, line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(principal: &str, resource: AclResource, pattern: &str, operation: AclOperation) -> AclRule {
+        AclRule { principal: principal.into(), resource, pattern: pattern.into(), operation }
+    }
+
+    #[test]
+    fn patterns_match_names_prefixes_and_everything() {
+        let acls = Acls::default();
+        acls.apply(
+            true,
+            &[
+                rule("alice", AclResource::Topic, "orders", AclOperation::Produce),
+                rule("alice", AclResource::Topic, "logs.*", AclOperation::Consume),
+                rule("*", AclResource::Group, "*", AclOperation::Consume),
+            ],
+        )
+        .unwrap();
+        assert!(acls.allows("alice", AclOperation::Produce, AclResource::Topic, "orders"));
+        assert!(!acls.allows("alice", AclOperation::Produce, AclResource::Topic, "orders2"));
+        assert!(!acls.allows("alice", AclOperation::Consume, AclResource::Topic, "orders"));
+        assert!(!acls.allows("bob", AclOperation::Produce, AclResource::Topic, "orders"));
+        assert!(acls.allows("alice", AclOperation::Consume, AclResource::Topic, "logs.app"));
+        assert!(!acls.allows("alice", AclOperation::Consume, AclResource::Topic, "logs"));
+        assert!(acls.allows("bob", AclOperation::Consume, AclResource::Group, "any"));
+        assert!(!acls.allows("bob", AclOperation::Consume, AclResource::Topic, "any"));
+        acls.apply(false, &[rule("alice", AclResource::Topic, "orders", AclOperation::Produce)]).unwrap();
+        assert!(!acls.allows("alice", AclOperation::Produce, AclResource::Topic, "orders"));
+    }
+
+    #[test]
+    fn rules_are_validated() {
+        assert!(validate_rule(&rule("a", AclResource::Topic, "x*y", AclOperation::Produce)).is_err());
+        assert!(validate_rule(&rule("a", AclResource::Cluster, "x", AclOperation::Admin)).is_err());
+        assert!(validate_rule(&rule("a b", AclResource::Topic, "x", AclOperation::Produce)).is_err());
+        assert!(validate_rule(&rule("", AclResource::Topic, "x", AclOperation::Produce)).is_err());
+        assert!(validate_rule(&rule("*", AclResource::Topic, "x*", AclOperation::Produce)).is_ok());
+    }
+
+    #[test]
+    fn single_node_rules_survive_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acls.json");
+        let acls = Acls::load(path.clone()).unwrap();
+        let r = rule("alice", AclResource::Topic, "t*", AclOperation::Delete);
+        acls.change_blocking(true, std::slice::from_ref(&r)).unwrap();
+        assert_eq!(Acls::load(path.clone()).unwrap().list(), vec![r.clone()]);
+        acls.change_blocking(false, &[r]).unwrap();
+        assert!(Acls::load(path).unwrap().list().is_empty());
+    }
+
+    #[test]
+    fn tokens_are_checked_by_hash_expiry_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let (alice, line) = new_token("alice", None).unwrap();
+        let (old, old_line) = new_token("carol", Some(1)).unwrap();
+        std::fs::write(&path, format!("# tokens\n{line}\n{old_line}\n")).unwrap();
+        let file = TokenFile::open(&path).unwrap();
+        assert_eq!(&*file.authenticate_blocking(&alice).unwrap(), "alice");
+        assert!(file.authenticate_blocking(&old).unwrap_err().contains("expired"));
+        let mut tampered = alice.clone().into_bytes();
+        let last = tampered.len() - 1;
+        tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert!(file.authenticate_blocking(&tampered).unwrap_err().contains("unknown or altered"));
+        // A token added to the file is accepted without a restart; a removed one is refused.
+        let (bob, bob_line) = new_token("bob", None).unwrap();
+        std::fs::write(&path, format!("{bob_line}\n")).unwrap();
+        // The stamp includes the length; a rewrite of equal length within the clock's
+        // resolution is the one change this could miss.
+        assert_eq!(&*file.authenticate_blocking(&bob).unwrap(), "bob");
+        assert!(file.authenticate_blocking(&alice).is_err());
+    }
+
+    #[test]
+    fn malformed_token_lines_are_refused_with_the_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "alice sha256:abc\n").unwrap();
+        let err = TokenFile::open(&path).unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

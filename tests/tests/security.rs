@@ -1,0 +1,369 @@
+//! Authentication and authorisation (docs/security.md), end to end on an embedded broker over
+//! real QUIC: tokens, client certificates, ACLs, and ACL changes reaching live connections.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use quiver_broker::{Broker, BrokerConfig};
+use quiver_client::{
+    AclOperation, AclResource, AclRule, Client, ClientConfig, ClientError, Consumer, ConsumerConfig,
+    ErrorCode, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
+};
+use quiver_tests::{bounded, init_tracing, next_message, LOOPBACK_ANY_PORT};
+
+/// A broker with tokens on (and the development CA of `dir/ca` for client certificates), with
+/// `admin` a super user. Returns the broker, the token file and the admin's token.
+async fn secured_broker(dir: &Path) -> anyhow::Result<(Broker, PathBuf, String)> {
+    let tokens = dir.join("tokens");
+    let (admin_token, line) = quiver_broker::auth::new_token("admin", None)?;
+    std::fs::write(&tokens, format!("{line}\n"))?;
+    let mut config = BrokerConfig::new(dir.join("data")).listen(LOOPBACK_ANY_PORT);
+    config.token_file = Some(tokens.clone());
+    config.dev_ca = Some(dir.join("ca"));
+    config.client_ca = Some(dir.join("ca").join("ca.pem"));
+    config.super_users = vec!["admin".into()];
+    let broker = Broker::start(config).await?;
+    Ok((broker, tokens, admin_token))
+}
+
+fn config_of(broker: &Broker) -> ClientConfig {
+    let ca = broker.ca_path().cloned().unwrap_or_default();
+    ClientConfig::new(broker.local_addr().to_string(), ca).with_connect_timeout(Duration::from_secs(5))
+}
+
+/// Adds a token for `principal` (optionally expired) to the token file; returns it.
+fn add_token(tokens: &Path, principal: &str, expires: Option<u64>) -> anyhow::Result<String> {
+    let (token, line) = quiver_broker::auth::new_token(principal, expires)?;
+    let mut text = std::fs::read_to_string(tokens)?;
+    text.push_str(&line);
+    text.push('\n');
+    std::fs::write(tokens, text)?;
+    Ok(token)
+}
+
+fn rule(principal: &str, resource: AclResource, pattern: &str, operation: AclOperation) -> AclRule {
+    AclRule { principal: principal.into(), resource, pattern: pattern.into(), operation }
+}
+
+fn code_of(e: &ClientError) -> Option<ErrorCode> {
+    match e {
+        ClientError::AllBrokersFailed { attempts } => attempts.iter().find_map(code_of),
+        other => other.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_valid_credentials_are_refused_with_a_clear_error() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, tokens, _) = secured_broker(dir.path()).await?;
+
+        // No credentials at all.
+        let err = Client::connect(config_of(&broker)).await.expect_err("anonymous refused");
+        assert_eq!(code_of(&err), Some(ErrorCode::Unauthenticated), "{err}");
+        assert!(err.to_string().contains("requires authentication"), "{err}");
+
+        // A token the broker never issued, and one altered by a character.
+        let alice = add_token(&tokens, "alice", None)?;
+        let mut altered = alice.clone().into_bytes();
+        let last = altered.len() - 1;
+        altered[last] = if altered[last] == b'a' { b'b' } else { b'a' };
+        for bad in ["qvt_0000".to_string(), String::from_utf8(altered)?] {
+            let err =
+                Client::connect(config_of(&broker).with_token(bad)).await.expect_err("bad token refused");
+            assert_eq!(code_of(&err), Some(ErrorCode::Unauthenticated), "{err}");
+            assert!(err.to_string().contains("unknown or altered"), "{err}");
+        }
+
+        // An expired token.
+        let old = add_token(&tokens, "carol", Some(1_000))?;
+        let err = Client::connect(config_of(&broker).with_token(old)).await.expect_err("expired refused");
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        // The token added to the file after the start works without a restart.
+        Client::connect(config_of(&broker).with_token(alice)).await?;
+
+        // A client certificate that has expired, and one from a CA the broker does not know.
+        let ca = dir.path().join("ca");
+        let (cert, key) = quiver_broker::tls::issue_client_certificate(
+            &ca.join("ca.pem"),
+            &ca.join("ca.key"),
+            "dave",
+            Some((2021, 1, 1)),
+        )?;
+        let (cert_path, key_path) = write_pair(dir.path(), "dave", &cert, &key)?;
+        let err = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path))
+            .await
+            .expect_err("expired certificate refused");
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        let other = tempfile::tempdir()?;
+        let (other_broker, _, _) = secured_broker(other.path()).await?;
+        let other_ca = other.path().join("ca");
+        let (cert, key) = quiver_broker::tls::issue_client_certificate(
+            &other_ca.join("ca.pem"),
+            &other_ca.join("ca.key"),
+            "mallory",
+            None,
+        )?;
+        let (cert_path, key_path) = write_pair(dir.path(), "mallory", &cert, &key)?;
+        let err = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path))
+            .await
+            .expect_err("unknown CA refused");
+        assert!(err.to_string().contains("unknown CA") || err.to_string().contains("certificate"), "{err}");
+        other_broker.shutdown().await;
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+fn write_pair(dir: &Path, name: &str, cert: &str, key: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    std::fs::write(&c, cert)?;
+    std::fs::write(&k, key)?;
+    Ok((c, k))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, tokens, admin_token) = secured_broker(dir.path()).await?;
+        let admin = Client::connect(config_of(&broker).with_token(admin_token)).await?;
+        admin.admin().create_topic("orders", 1, TopicConfig::default()).await?;
+
+        // A client certificate names the principal: alice may consume, not produce.
+        let ca = dir.path().join("ca");
+        let (cert, key) = quiver_broker::tls::issue_client_certificate(
+            &ca.join("ca.pem"),
+            &ca.join("ca.key"),
+            "alice",
+            None,
+        )?;
+        let (cert_path, key_path) = write_pair(dir.path(), "alice", &cert, &key)?;
+        admin
+            .admin()
+            .add_acls(vec![rule("alice", AclResource::Topic, "orders", AclOperation::Consume)])
+            .await?;
+        let alice = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path)).await?;
+        let producer = Producer::new(
+            alice.clone(),
+            ProducerConfig::default().with_delivery_timeout(Duration::from_secs(5)),
+        );
+        let err = producer.send("orders", ProducerRecord::new("forged")).await.expect_err("produce refused");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+        assert!(err.to_string().contains("'alice' may not produce to topic 'orders'"), "{err}");
+
+        // Nor may she create, delete, or change the ACLs.
+        let err =
+            alice.admin().create_topic("mine", 1, TopicConfig::default()).await.expect_err("create refused");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+        let err = alice.admin().delete_topic("orders").await.expect_err("delete refused");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+        let grant = vec![rule("alice", AclResource::Topic, "*", AclOperation::Produce)];
+        let err = alice.admin().add_acls(grant).await.expect_err("ACL change refused");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+
+        // Nothing was written.
+        let t = admin.admin().describe_topic("orders").await?;
+        assert_eq!(t.partitions[0].high_watermark, 0, "a refused produce wrote nothing");
+
+        // A token's owner is a principal too, and bob has no rules at all.
+        let bob = Client::connect(config_of(&broker).with_token(add_token(&tokens, "bob", None)?)).await?;
+        let err =
+            Consumer::subscribe(bob.clone(), ConsumerConfig::new("orders").start(StartPosition::Earliest))
+                .await
+                .map(drop)
+                .err();
+        let refused = match err {
+            Some(e) => e,
+            None => {
+                // Subscribing may succeed before the first partition stream is refused.
+                let mut c = Consumer::subscribe(
+                    bob.clone(),
+                    ConsumerConfig::new("orders").start(StartPosition::Earliest),
+                )
+                .await?;
+                tokio::time::timeout(Duration::from_secs(10), c.next())
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("stream ended"))?
+                    .expect_err("consume refused")
+            }
+        };
+        assert_eq!(refused.code(), Some(ErrorCode::NotAuthorized), "{refused}");
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_changes_reach_live_connections_and_survive_a_restart() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(90, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, tokens, admin_token) = secured_broker(dir.path()).await?;
+        let admin = Client::connect(config_of(&broker).with_token(admin_token.clone())).await?;
+        admin.admin().create_topic("events", 1, TopicConfig::default()).await?;
+        let alice =
+            Client::connect(config_of(&broker).with_token(add_token(&tokens, "alice", None)?)).await?;
+        let producer = Producer::new(
+            alice.clone(),
+            ProducerConfig::default().with_delivery_timeout(Duration::from_secs(5)),
+        );
+        let err = producer.send("events", ProducerRecord::new("early")).await.expect_err("not yet allowed");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+
+        // Granted while alice stays connected: her next produce goes through.
+        admin
+            .admin()
+            .add_acls(vec![
+                rule("alice", AclResource::Topic, "ev*", AclOperation::Produce),
+                rule("alice", AclResource::Topic, "events", AclOperation::Consume),
+            ])
+            .await?;
+        let producer = Producer::new(alice.clone(), ProducerConfig::default());
+        producer.send("events", ProducerRecord::new("0")).await?;
+
+        // A live subscription ends with "not authorised" once consume is taken away.
+        let mut consumer =
+            Consumer::subscribe(alice.clone(), ConsumerConfig::new("events").start(StartPosition::Earliest))
+                .await?;
+        let m = next_message(&mut consumer, Duration::from_secs(10)).await?;
+        assert_eq!(&m.value[..], b"0");
+        m.ack();
+        admin
+            .admin()
+            .remove_acls(vec![rule("alice", AclResource::Topic, "events", AclOperation::Consume)])
+            .await?;
+        producer.send("events", ProducerRecord::new("1")).await?;
+        // Record 1 was written after the rule went: the subscription must end instead.
+        let ended = match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await? {
+            Some(Ok(m)) => anyhow::bail!("delivered after the revocation: {:?}", m.value),
+            Some(Err(e)) => e,
+            None => anyhow::bail!("the stream ended without an error"),
+        };
+        assert_eq!(ended.code(), Some(ErrorCode::NotAuthorized), "{ended}");
+
+        // The rules are kept: after a restart alice still produces and still cannot consume.
+        let listed = admin.admin().list_acls().await?;
+        assert_eq!(listed, vec![rule("alice", AclResource::Topic, "ev*", AclOperation::Produce)]);
+        drop((producer, consumer, alice, admin));
+        broker.shutdown().await;
+        let mut config = BrokerConfig::new(dir.path().join("data")).listen(LOOPBACK_ANY_PORT);
+        config.token_file = Some(tokens.clone());
+        config.super_users = vec!["admin".into()];
+        let broker = Broker::start(config).await?;
+        let ca = broker.ca_path().cloned().unwrap_or_default();
+        let admin =
+            Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca).with_token(admin_token))
+                .await?;
+        assert_eq!(admin.admin().list_acls().await?, listed, "rules kept across a restart");
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+#[test]
+fn a_broker_beyond_loopback_refuses_to_start_anonymous() {
+    let mut config = BrokerConfig::new("/nonexistent").listen("0.0.0.0:7420".parse().unwrap());
+    let err = config.validate().expect_err("refused");
+    assert!(err.to_string().contains("--allow-anonymous"), "{err}");
+    config.allow_anonymous = true;
+    config.validate().expect("explicitly anonymous");
+    config.allow_anonymous = false;
+    config.token_file = Some("/tokens".into());
+    config.validate().expect("authenticated");
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+
+/// A client of broker `i` of `cluster` presenting `token`, retried while the cluster elects.
+async fn token_client(cluster: &quiver_tests::Cluster, i: usize, token: &str) -> anyhow::Result<Client> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let cfg = ClientConfig::new(cluster.nodes[i].addr.to_string(), &cluster.ca)
+            .with_token(token)
+            .with_connect_timeout(Duration::from_secs(2));
+        match Client::connect(cfg).await {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Produces one record as `client` until it is allowed (a rule reaches each broker when it
+/// applies the controller's entry), or fails after `within`.
+async fn produce_once_allowed(client: &Client, topic: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    let producer = Producer::new(
+        client.clone(),
+        ProducerConfig::default().with_delivery_timeout(Duration::from_secs(10)),
+    );
+    loop {
+        match producer.send(topic, ProducerRecord::new("x")).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::NotAuthorized) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acls_are_replicated_by_the_controller_and_replayed_after_a_crash() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = quiver_tests::test_dir()?;
+        let tokens = dir.path().join("tokens");
+        let (admin_token, admin_line) = quiver_broker::auth::new_token("admin", None)?;
+        let (alice_token, alice_line) = quiver_broker::auth::new_token("alice", None)?;
+        std::fs::write(&tokens, format!("{admin_line}\n{alice_line}\n"))?;
+        let args = vec![
+            "--token-file".to_string(),
+            tokens.display().to_string(),
+            "--super-users".to_string(),
+            "admin".to_string(),
+        ];
+        let mut cluster = quiver_tests::Cluster::start_with_args(BIN, dir.path(), 3, &args).await?;
+        let admin = token_client(&cluster, 0, &admin_token).await?;
+        admin.admin().create_topic("t", 1, TopicConfig::default().with_replicas(3)).await?;
+
+        let alice = token_client(&cluster, 2, &alice_token).await?;
+        let producer = Producer::new(
+            alice.clone(),
+            ProducerConfig::default().with_delivery_timeout(Duration::from_secs(10)),
+        );
+        let err = producer.send("t", ProducerRecord::new("no")).await.expect_err("not allowed yet");
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+
+        // Granted through broker 1; broker 3 applies it from the controller's log.
+        admin.admin().add_acls(vec![rule("alice", AclResource::Topic, "t", AclOperation::Produce)]).await?;
+        produce_once_allowed(&alice, "t", Duration::from_secs(10)).await?;
+
+        // Broker 3 killed and started again replays the rule from its log.
+        cluster.nodes[2].kill9();
+        cluster.nodes[2].restart().await?;
+        let alice = token_client(&cluster, 2, &alice_token).await?;
+        assert_eq!(
+            alice.admin().list_acls().await.map(drop).map_err(|e| e.code()),
+            Err(Some(ErrorCode::NotAuthorized)),
+            "listing the rules is for administrators"
+        );
+        produce_once_allowed(&alice, "t", Duration::from_secs(20)).await?;
+        let admin3 = token_client(&cluster, 2, &admin_token).await?;
+        assert_eq!(
+            admin3.admin().list_acls().await?,
+            vec![rule("alice", AclResource::Topic, "t", AclOperation::Produce)]
+        );
+        Ok(())
+    })
+    .await
+}
