@@ -40,6 +40,10 @@ pub struct Auth {
     pub acls: Arc<Acls>,
     /// When the last audit line was logged (ms since the epoch): at most one a second.
     last_audit_log_ms: AtomicU64,
+    /// Open connections per authenticated principal, at most `max_per_principal` each.
+    connections: dashmap::DashMap<Arc<str>, usize>,
+    max_per_principal: usize,
+    pub quotas: Quotas,
 }
 
 impl Auth {
@@ -61,6 +65,9 @@ impl Auth {
             tokens,
             acls,
             last_audit_log_ms: AtomicU64::new(0),
+            connections: dashmap::DashMap::new(),
+            max_per_principal: config.max_connections_per_principal,
+            quotas: Quotas::new(config),
         })
     }
 
@@ -82,6 +89,64 @@ impl Auth {
             "this broker requires authentication: present a client certificate (--cert/--key) or a token \
              (--token / QUIVER_TOKEN)",
         ))
+    }
+
+    /// Gives the connection its principal, counting it against the principal's connections
+    /// (`max_connections_per_principal`); a connection that had another principal gives that
+    /// one's place back.
+    pub fn admit(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        principal: Arc<str>,
+    ) -> Result<(), PartitionError> {
+        {
+            let mut n = self.connections.entry(principal.clone()).or_insert(0);
+            if *n >= self.max_per_principal {
+                metrics::counter!("quiver_auth_denied_total", "operation" => "connect", "outcome" => "limit")
+                    .increment(1);
+                return Err(PartitionError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "principal '{}' holds {} connections (max_connections_per_principal)",
+                        principal.escape_debug(),
+                        *n
+                    ),
+                ));
+            }
+            *n += 1;
+        }
+        if let Some(old) = conn.replace_principal(principal) {
+            self.forget(&old);
+        }
+        Ok(())
+    }
+
+    /// A closed connection gives its principal's place back.
+    pub fn release(&self, conn: &crate::groups::ConnectionInfo) {
+        if let Some(p) = conn.principal() {
+            self.forget(&p);
+        }
+    }
+
+    fn forget(&self, principal: &Arc<str>) {
+        self.connections.remove_if_mut(principal, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+
+    /// The quota bucket of the connection's principal for `direction`, if it has one (peers
+    /// have none).
+    pub fn quota(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        direction: Direction,
+    ) -> Option<Arc<RateBucket>> {
+        if conn.is_peer() || self.quotas.config.is_empty() {
+            return None;
+        }
+        let principal = conn.principal().unwrap_or_else(|| Arc::from(ANONYMOUS));
+        self.quotas.bucket(&principal, direction)
     }
 
     /// Checks that the connection has a principal (or may act as `anonymous`).
@@ -707,5 +772,72 @@ mod tests {
         std::fs::write(&path, "alice sha256:abc\n").unwrap();
         let err = TokenFile::open(&path).unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+}
+
+/// Byte-rate quotas per principal (`BrokerConfig::quotas`): one bucket per principal and
+/// direction, shared by all its connections.
+#[derive(Debug, Default)]
+pub struct Quotas {
+    config: std::collections::BTreeMap<String, crate::config::Quota>,
+    produce: dashmap::DashMap<Arc<str>, Arc<RateBucket>>,
+    consume: dashmap::DashMap<Arc<str>, Arc<RateBucket>>,
+}
+
+/// Which way the bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Produce,
+    Consume,
+}
+
+impl Quotas {
+    pub fn new(config: &crate::config::BrokerConfig) -> Quotas {
+        Quotas { config: config.quotas.clone(), ..Default::default() }
+    }
+
+    /// The bucket of `principal` for `direction`, if it has a quota (its own or `"*"`'s).
+    pub fn bucket(&self, principal: &Arc<str>, direction: Direction) -> Option<Arc<RateBucket>> {
+        if self.config.is_empty() {
+            return None;
+        }
+        let q = self.config.get(&**principal).or_else(|| self.config.get("*"))?;
+        let (rate, map) = match direction {
+            Direction::Produce => (q.produce_bytes_per_sec?, &self.produce),
+            Direction::Consume => (q.consume_bytes_per_sec?, &self.consume),
+        };
+        Some(map.entry(principal.clone()).or_insert_with(|| Arc::new(RateBucket::new(rate))).clone())
+    }
+}
+
+/// A token bucket that goes into debt: `take(bytes)` always succeeds and says how long the
+/// taker should wait before it takes more, so a principal's bytes average `rate` per second
+/// with at most a tenth of a second's burst, however many connections share the bucket.
+#[derive(Debug)]
+pub struct RateBucket {
+    rate: f64,
+    burst: f64,
+    /// Bytes available (negative: owed), and when that was computed.
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl RateBucket {
+    pub fn new(bytes_per_sec: u64) -> RateBucket {
+        let rate = bytes_per_sec.max(1) as f64;
+        RateBucket { rate, burst: rate / 10.0, state: Mutex::new((rate / 10.0, std::time::Instant::now())) }
+    }
+
+    /// Takes `bytes`; how long to wait before the next take.
+    pub fn take(&self, bytes: usize) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let mut s = self.state.lock();
+        let refill = now.saturating_duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.burst) - bytes as f64;
+        s.1 = now;
+        if s.0 >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-s.0 / self.rate)
+        }
     }
 }

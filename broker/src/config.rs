@@ -45,6 +45,11 @@ pub struct BrokerConfig {
     pub allow_anonymous: bool,
     /// Principals allowed everything, whatever the ACLs say (the first administrator).
     pub super_users: Vec<String>,
+    /// Byte-rate quotas per principal (`"*"`: every principal without its own), enforced by
+    /// reading a principal's requests and sending its deliveries no faster (QUIC flow control
+    /// then slows the client down; nobody is disconnected). With authentication off every
+    /// client is the principal `anonymous`.
+    pub quotas: BTreeMap<String, Quota>,
     /// Connections beyond this are refused.
     pub max_connections: usize,
     /// Concurrent bidirectional streams per connection (one per subscribed partition plus the
@@ -60,6 +65,16 @@ pub struct BrokerConfig {
     pub frame_timeout_ms: u64,
     /// A connection with no traffic (clients send keep-alives) is closed after this.
     pub idle_timeout_ms: u64,
+    /// A request stream with no request for this long (none arriving, none being answered)
+    /// is ended, as is a stream that sends no first frame: idle streams hold broker memory.
+    /// Subscription streams are not idle while subscribed. The SDK opens a new stream when it
+    /// needs one again.
+    pub stream_idle_timeout_ms: u64,
+    /// TLS handshakes in progress at once; more are refused until some finish (each holds
+    /// connection state before any authentication).
+    pub max_handshakes: usize,
+    /// Connections one principal may hold at once, when authentication is on.
+    pub max_connections_per_principal: usize,
     /// Request bytes one connection may have buffered in the broker (being received or being
     /// handled). At least `MAX_FRAME_BYTES`.
     pub max_connection_buffer_bytes: u32,
@@ -111,11 +126,15 @@ impl Default for BrokerConfig {
             token_file: None,
             allow_anonymous: false,
             super_users: Vec::new(),
+            quotas: BTreeMap::new(),
             max_connections: 16_384,
             max_streams_per_connection: 2 * quiver_protocol::limits::MAX_PARTITIONS + 256,
             max_inflight_requests_per_stream: 64,
             frame_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
+            stream_idle_timeout_ms: 300_000,
+            max_handshakes: 1024,
+            max_connections_per_principal: 1024,
             max_connection_buffer_bytes: 64 * 1024 * 1024,
             max_total_buffer_bytes: 1024 * 1024 * 1024,
             max_window_bytes: 64 * 1024 * 1024,
@@ -172,6 +191,16 @@ impl BrokerConfig {
              FILE, docs/security.md), or pass --allow-anonymous to serve anonymous clients deliberately",
             self.listen
         );
+        for (name, q) in &self.quotas {
+            if name != "*" {
+                quiver_protocol::message::validate_principal(name)
+                    .map_err(|e| anyhow::anyhow!("quota: {e}"))?;
+            }
+            anyhow::ensure!(
+                q.produce_bytes_per_sec != Some(0) && q.consume_bytes_per_sec != Some(0),
+                "quota of '{name}': a rate of 0 would stop it for good; leave it unset for no limit"
+            );
+        }
         for name in &self.super_users {
             quiver_protocol::message::validate_principal(name)
                 .map_err(|e| anyhow::anyhow!("super user: {e}"))?;
@@ -189,6 +218,12 @@ impl BrokerConfig {
             "dev_ca and tls_cert exclude each other: dev_ca generates the broker's certificate"
         );
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
+        anyhow::ensure!(self.max_handshakes > 0, "max_handshakes must be positive");
+        anyhow::ensure!(
+            self.max_connections_per_principal > 0,
+            "max_connections_per_principal must be positive"
+        );
+        anyhow::ensure!(self.stream_idle_timeout_ms > 0, "stream_idle_timeout_ms must be positive");
         anyhow::ensure!(
             self.max_inflight_requests_per_stream > 0,
             "max_inflight_requests_per_stream must be positive"
@@ -223,6 +258,16 @@ impl BrokerConfig {
             None => self.tls_dir().join("ca.pem"),
         }
     }
+}
+
+/// A principal's byte rates (docs/security.md, "Quotas"); unset: unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    /// Bytes of produce requests per second (all its connections together).
+    pub produce_bytes_per_sec: Option<u64>,
+    /// Bytes of deliveries and fetches per second (all its connections together).
+    pub consume_bytes_per_sec: Option<u64>,
 }
 
 /// Who this broker is and who its peers are (`--node-id`, `--peers`).

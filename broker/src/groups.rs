@@ -65,8 +65,9 @@ impl ConnectionInfo {
         self.principal.read().clone()
     }
 
-    pub fn set_principal(&self, principal: Arc<str>) {
-        *self.principal.write() = Some(principal);
+    /// Sets the principal; returns the one it had.
+    pub fn replace_principal(&self, principal: Arc<str>) -> Option<Arc<str>> {
+        self.principal.write().replace(principal)
     }
 
     /// Counts one more producer id for this connection at `now`; false once it obtained

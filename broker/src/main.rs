@@ -56,6 +56,11 @@ struct Args {
     /// comma-separated.
     #[arg(long, env = "QUIVER_SUPER_USERS", value_delimiter = ',', value_name = "NAME,...")]
     super_users: Option<Vec<String>>,
+    /// A principal's byte-rate quota (`*` for every principal without its own; `anonymous`
+    /// with authentication off): NAME:produce=BYTES_PER_SEC,consume=BYTES_PER_SEC (either
+    /// part may be left out). Repeat for several principals.
+    #[arg(long, value_name = "NAME:produce=N,consume=N", value_parser = parse_quota)]
+    quota: Vec<(String, quiver_broker::config::Quota)>,
     /// This broker's id in a cluster (with --peers, or --join).
     #[arg(long, env = "QUIVER_NODE_ID")]
     node_id: Option<u64>,
@@ -174,6 +179,23 @@ fn main() {
     }
 }
 
+/// `--quota NAME:produce=N,consume=N`.
+fn parse_quota(s: &str) -> Result<(String, quiver_broker::config::Quota), String> {
+    let (name, rates) = s.split_once(':').ok_or("expected NAME:produce=N,consume=N")?;
+    let mut quota = quiver_broker::config::Quota::default();
+    for part in rates.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) =
+            part.split_once('=').ok_or_else(|| format!("'{part}': expected produce=N or consume=N"))?;
+        let n: u64 = value.parse().map_err(|_| format!("'{value}': bytes per second, a whole number"))?;
+        match key {
+            "produce" => quota.produce_bytes_per_sec = Some(n),
+            "consume" => quota.consume_bytes_per_sec = Some(n),
+            other => return Err(format!("'{other}': produce or consume")),
+        }
+    }
+    Ok((name.to_string(), quota))
+}
+
 /// `HOST:PORT` for `--listen`: an address, or a name resolved now.
 fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse() {
@@ -250,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.token_file = args.token_file.map(|p| expand_home(&p));
     }
     config.allow_anonymous |= args.allow_anonymous;
+    config.quotas.extend(args.quota);
     if let Some(users) = args.super_users {
         config.super_users = users;
     }

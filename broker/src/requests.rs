@@ -13,10 +13,11 @@ use quiver_protocol::message::{
 use quiver_protocol::ErrorCode;
 use quiver_transport::{write_message, FrameReader};
 
+use crate::auth::Direction;
 use crate::coordinator::{route, Route};
 use crate::offsets::OffsetStore;
 use crate::partition::PartitionError;
-use crate::state::{fail_stream, BrokerState};
+use crate::state::{fail_stream, BrokerState, Permits, ReplyBudget};
 use crate::topics::Topic;
 
 /// A response that may still be on its way. `None` answers nothing (acks = none).
@@ -28,32 +29,73 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
     mut reader: FrameReader,
     members: crate::groups::ConnectionMembers,
+    budget: ReplyBudget,
 ) {
-    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut pending: FuturesOrdered<Held> = FuturesOrdered::new();
     // Cluster mode: where this stream's produce requests go when another broker leads.
     let mut forward = crate::cluster::StreamForward::default();
-    pending.push_back(holding(first.1, dispatch(&state, first.0, &members, &mut forward).await));
+    // A request whose answer needs budget (a fetch) waits for it here, while the answers
+    // before it are written (which frees theirs), before anything after it is read.
+    let mut blocked: Option<(Request, usize)> = None;
+    match reply_bytes(&state, &first.0) {
+        Some(bytes) => blocked = Some((first, bytes)),
+        None => pending.push_back(holding(first.1, dispatch(&state, first.0, &members, &mut forward).await)),
+    }
     let mut reading = true;
+    let idle = std::time::Duration::from_millis(state.config.stream_idle_timeout_ms);
+    // A principal over its produce quota: nothing more is read from the stream until then
+    // (QUIC flow control holds the client back; docs/security.md, "Quotas").
+    let mut throttled_until: Option<tokio::time::Instant> = None;
     loop {
-        if !reading && pending.is_empty() {
+        if !reading && pending.is_empty() && blocked.is_none() {
             break; // the client finished its half and every request is answered
         }
-        let can_read = reading && pending.len() < state.config.max_inflight_requests_per_stream;
+        if throttled_until.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            throttled_until = None;
+        }
+        let can_read = reading
+            && blocked.is_none()
+            && throttled_until.is_none()
+            && pending.len() < state.config.max_inflight_requests_per_stream;
+        let wanted = blocked.as_ref().map_or(0, |b| b.1);
         tokio::select! {
             biased;
-            Some(response) = pending.next(), if !pending.is_empty() => {
+            Some((response, permits)) = pending.next(), if !pending.is_empty() => {
                 if let Some(msg) = response {
                     if write_message(&mut send, &msg).await.is_err() {
                         return;
                     }
+                    if let Message::FetchOk { batches, .. } = &msg {
+                        if let Some(bucket) = state.auth.quota(&members, Direction::Consume) {
+                            throttle(&mut throttled_until, bucket.take(batches.len()));
+                        }
+                    }
+                }
+                drop(permits); // handed to QUIC: the reply's budget is free again
+            }
+            reply = budget.acquire(wanted), if blocked.is_some() => {
+                if let Some(((msg, mut permits), _)) = blocked.take() {
+                    permits.extend(reply);
+                    pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
                 }
             }
             frame = reader.next_frame(), if can_read => match frame {
-                Ok(Some(f)) => pending.push_back(holding(f.permits, dispatch(&state, Message::decode(f.raw), &members, &mut forward).await)),
+                Ok(Some(f)) => {
+                    let msg = Message::decode(f.raw);
+                    if let Ok(Message::Produce { batch, .. }) = &msg {
+                        if let Some(bucket) = state.auth.quota(&members, Direction::Produce) {
+                            throttle(&mut throttled_until, bucket.take(batch.len()));
+                        }
+                    }
+                    match reply_bytes(&state, &msg) {
+                        Some(bytes) => blocked = Some(((msg, f.permits), bytes)),
+                        None => pending.push_back(holding(f.permits, dispatch(&state, msg, &members, &mut forward).await)),
+                    }
+                }
                 Ok(None) => reading = false,
                 Err(e) => {
                     // Answer what is pending, then the error, then end the stream.
-                    while let Some(r) = pending.next().await {
+                    while let Some((r, _)) = pending.next().await {
                         if let Some(msg) = r {
                             let _ = write_message(&mut send, &msg).await;
                         }
@@ -61,6 +103,15 @@ pub(crate) async fn serve(
                     return fail_stream(&mut send, &mut reader, e).await;
                 }
             },
+            _ = tokio::time::sleep_until(throttled_until.unwrap_or_else(tokio::time::Instant::now)), if throttled_until.is_some() => {}
+            // A request stream with nothing asked of it for this long is ended: a client
+            // cannot keep thousands of idle streams (and their state) open.
+            _ = tokio::time::sleep(idle), if can_read && pending.is_empty() => {
+                metrics::counter!("quiver_idle_streams_closed_total").increment(1);
+                reader.stop(u32::from(ErrorCode::LimitExceeded.code()));
+                let _ = send.finish();
+                return;
+            }
             _ = state.shutdown.cancelled() => {
                 let _ = write_message(&mut send, &Message::error(ErrorCode::ShuttingDown, "broker shutting down")).await;
                 let _ = send.finish();
@@ -71,15 +122,35 @@ pub(crate) async fn serve(
     let _ = send.finish();
 }
 
-type Permits = Vec<tokio::sync::OwnedSemaphorePermit>;
+/// Holds the stream back for `wait` more (a quota's debt), if that is longer than it is held.
+fn throttle(until: &mut Option<tokio::time::Instant>, wait: std::time::Duration) {
+    if !wait.is_zero() {
+        let t = tokio::time::Instant::now() + wait;
+        *until = Some(until.map_or(t, |u| u.max(t)));
+    }
+}
 
-/// Keeps a request's buffer budget taken until its response is ready.
-fn holding(permits: Permits, pending: Pending) -> Pending {
-    Box::pin(async move {
-        let response = pending.await;
-        drop(permits);
-        response
-    })
+/// The bytes a request's answer may hold while it waits to be written, for requests whose
+/// answers carry data (a fetch: up to its `max_bytes`, at most `max_deliver_bytes`).
+fn reply_bytes(state: &BrokerState, msg: &Result<Message, MessageError>) -> Option<usize> {
+    match msg {
+        Ok(Message::Fetch { max_bytes, .. }) => {
+            Some((*max_bytes as usize).clamp(1, state.config.max_deliver_bytes.max(1) as usize))
+        }
+        _ => None,
+    }
+}
+
+/// A request as read: the decoded message, and the budget its frame holds.
+type Request = (Result<Message, MessageError>, Permits);
+
+/// An answer on its way, and the budget permits its request (and, for a fetch, its reply)
+/// holds until it is written.
+type Held = BoxFuture<'static, (Option<Message>, Permits)>;
+
+/// Keeps a request's buffer budget taken until its response is written.
+fn holding(permits: Permits, pending: Pending) -> Held {
+    Box::pin(async move { (pending.await, permits) })
 }
 
 fn ready(msg: Message) -> Pending {
@@ -101,7 +172,11 @@ async fn hello(
     if let Some(token) = token {
         let auth = st.auth.clone();
         match tokio::task::spawn_blocking(move || auth.authenticate_token_blocking(&token)).await {
-            Ok(Ok(principal)) => members.set_principal(principal),
+            Ok(Ok(principal)) => {
+                if let Err(e) = st.auth.admit(members, principal) {
+                    return error(e);
+                }
+            }
             Ok(Err(why)) => {
                 return Message::error(ErrorCode::Unauthenticated, format!("token refused: {why}"))
             }

@@ -146,6 +146,7 @@ impl Broker {
             groups: Default::default(),
             next_generation: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
             shutdown,
             dead_letters: crate::dead_letters::DeadLetterWriter::start(),
@@ -282,6 +283,12 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
                     let _ = incoming.retry();
                     continue;
                 }
+                // Handshakes hold state before anyone is authenticated: a bounded number at once.
+                if state.handshakes.load(Ordering::Relaxed) >= state.config.max_handshakes {
+                    metrics::counter!("quiver_handshakes_refused_total").increment(1);
+                    incoming.refuse();
+                    continue;
+                }
                 conns.spawn(handle_connection(state.clone(), incoming, peers_open.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -348,7 +355,10 @@ async fn turn_away(endpoint: quinn::Endpoint) {
 async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, peers_open: Arc<AtomicUsize>) {
     let remote = incoming.remote_address();
     let mut members_principal: Option<String> = None;
-    let conn = match incoming.await {
+    state.handshakes.fetch_add(1, Ordering::Relaxed);
+    let handshake = incoming.await;
+    state.handshakes.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(%remote, "handshake failed: {e}");
@@ -423,7 +433,12 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
         None => crate::groups::ConnectionInfo::new(id),
     };
     if let Some(p) = members_principal {
-        members.set_principal(p.into());
+        if let Err(e) = state.auth.admit(&members, p.into()) {
+            tracing::warn!(%remote, "refusing a connection: {}", e.message);
+            let code = quinn::VarInt::from_u32(u32::from(e.code.code()));
+            conn.close(code, e.message.as_bytes());
+            return;
+        }
     }
     let mut stream_limit = state.config.initial_streams_per_connection();
     loop {
@@ -467,6 +482,7 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
     if peer.is_some() {
         peers_open.fetch_sub(1, Ordering::AcqRel);
     }
+    state.auth.release(&members);
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
 }
@@ -532,14 +548,24 @@ async fn handle_stream(
     connection_buffer: Arc<tokio::sync::Semaphore>,
     members: crate::groups::ConnectionMembers,
 ) {
+    let budget =
+        crate::state::ReplyBudget { connection: connection_buffer, total: state.total_buffer.clone() };
     let mut reader = FrameReader::new(recv)
         .with_frame_timeout(Duration::from_millis(state.config.frame_timeout_ms))
-        .with_budget(connection_buffer)
-        .with_budget(state.total_buffer.clone());
-    let first = match reader.next_frame().await {
-        Ok(Some(f)) => f,
-        Ok(None) => return,
-        Err(e) => return fail_stream(&mut send, &mut reader, e).await,
+        .with_budget(budget.connection.clone())
+        .with_budget(budget.total.clone());
+    // A stream that never says what it is for is ended like an idle one.
+    let idle = Duration::from_millis(state.config.stream_idle_timeout_ms);
+    let first = match tokio::time::timeout(idle, reader.next_frame()).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return fail_stream(&mut send, &mut reader, e).await,
+        Err(_) => {
+            metrics::counter!("quiver_idle_streams_closed_total").increment(1);
+            reader.stop(u32::from(ErrorCode::LimitExceeded.code()));
+            let _ = send.finish();
+            return;
+        }
     };
     let permits = first.permits;
     match Message::decode(first.raw) {
@@ -614,8 +640,10 @@ async fn handle_stream(
                     None => {}
                 }
             }
-            crate::subscription::run(state, sub, store, send, reader, permission).await
+            let quota = state.auth.quota(&members, crate::auth::Direction::Consume);
+            let limits = crate::subscription::Limits { permission, budget, quota };
+            crate::subscription::run(state, sub, store, send, reader, limits).await
         }
-        first => crate::requests::serve(state, (first, permits), send, reader, members).await,
+        first => crate::requests::serve(state, (first, permits), send, reader, members, budget).await,
     }
 }

@@ -39,7 +39,7 @@ pub(super) async fn serve(
     setup: Setup,
     mut send: quinn::SendStream,
     reader: FrameReader,
-    permission: Option<crate::auth::Permission>,
+    limits: super::Limits,
 ) {
     let max_deliveries = if setup.dead_letter_topic.is_some() { setup.policy.max_deliveries } else { 0 };
     let engine = Engine::new(engine::Config {
@@ -53,8 +53,9 @@ pub(super) async fn serve(
     });
     // From here on the accounting is the guard's: it is settled when the guard drops, however
     // the task ends (its connection closing aborts it).
-    let mut active = Active::new(state, setup, engine);
-    active.permission = permission;
+    let mut active = Active::new(state, setup, engine, limits.budget);
+    active.permission = limits.permission;
+    active.quota = limits.quota;
     let p = active.setup.partition.clone();
     let subscribed = Message::Subscribed {
         start_offset: active.setup.start,
@@ -98,10 +99,22 @@ struct Active {
     read_ahead: Option<ReadAhead>,
     /// Checked again when the ACL rules change (docs/security.md).
     permission: Option<crate::auth::Permission>,
+    /// The connection's and the broker's budgets, which batches read from disk count against
+    /// until they are handed to QUIC (cached batches are shared with the tail cache: free).
+    budget: crate::state::ReplyBudget,
+    /// What the batches read for the current delivery hold of them.
+    held: crate::state::Permits,
+    /// The consume quota of the subscriber's principal, if it has one.
+    quota: Option<Arc<crate::auth::RateBucket>>,
 }
 
 impl Active {
-    fn new(state: Arc<BrokerState>, setup: Setup, engine: Engine) -> Active {
+    fn new(
+        state: Arc<BrokerState>,
+        setup: Setup,
+        engine: Engine,
+        budget: crate::state::ReplyBudget,
+    ) -> Active {
         metrics::gauge!("quiver_subscriptions").increment(1.0);
         let inflight = metrics::gauge!("quiver_inflight_delivery_bytes");
         Active {
@@ -114,6 +127,9 @@ impl Active {
             acks: None,
             read_ahead: None,
             permission: None,
+            budget,
+            held: Vec::new(),
+            quota: None,
         }
     }
 }
@@ -171,6 +187,8 @@ struct ReadAhead {
     offset: u64,
     max_bytes: usize,
     task: tokio::task::JoinHandle<Result<Vec<Bytes>, PartitionError>>,
+    /// Budget for what it reads, held until the delivery made of it is written.
+    permits: crate::state::Permits,
 }
 
 impl Drop for ReadAhead {
@@ -191,6 +209,7 @@ impl Active {
         let mut hw = p.watch_high_watermark();
         let mut fence_check = tokio::time::interval(FENCE_CHECK);
         let mut acl_watch = self.permission.as_ref().map(|p| p.watcher());
+        let consume_quota = self.quota.take();
         let (written_tx, mut written_rx) = mpsc::channel::<Written>(1);
         // The batches of the last read, which deliveries and dead letters are made of.
         let mut parts: Vec<Bytes> = Vec::new();
@@ -287,9 +306,22 @@ impl Active {
                             self.start_read_ahead(&p, next, max, high);
                         }
                     }
+                    // Over its principal's consume quota: the delivery waits its turn
+                    // (docs/security.md, "Quotas").
+                    if let Some(wait) = consume_quota.as_ref().map(|b| b.take(d.bytes as usize)) {
+                        if !wait.is_zero() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
+                            }
+                        }
+                    }
                     if send.write_all_chunks(&mut chunks).await.is_err() {
                         return Ok(()); // the client went away
                     }
+                    // Handed to QUIC (bounded by its send window): the read's budget is free.
+                    self.held.clear();
+
                     if d.redelivery {
                         metrics::counter!("quiver_redeliveries_total", "topic" => p.topic.to_string())
                             .increment(d.messages);
@@ -395,14 +427,20 @@ impl Active {
         position: u64,
         max: usize,
     ) -> Result<Vec<Bytes>, PartitionError> {
+        self.held.clear();
         if let Some(mut ahead) = self.read_ahead.take() {
             // A failed read ahead (retention deleted the segment meanwhile, say) is repeated,
             // so the error the subscription reports is a current one.
             if ahead.offset == position && ahead.max_bytes <= max {
                 if let Ok(Ok(parts)) = (&mut ahead.task).await {
+                    self.held = std::mem::take(&mut ahead.permits);
                     return Ok(parts);
                 }
             }
+        }
+        if !p.is_cached(position) {
+            // A client that stops reading its deliveries stalls here, not the broker's memory.
+            self.held = self.budget.acquire(max).await;
         }
         p.read_parts(position, max).await
     }
@@ -416,9 +454,11 @@ impl Active {
             return;
         }
         let max_bytes = max_bytes as usize;
+        // Only with budget to spare: a read ahead is an optimisation, never worth waiting for.
+        let Some(permits) = self.budget.try_acquire(max_bytes) else { return };
         let p = p.clone();
         let task = tokio::spawn(async move { p.read_disk_parts(next, max_bytes).await });
-        self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task });
+        self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task, permits });
     }
 }
 

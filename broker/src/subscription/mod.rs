@@ -42,13 +42,23 @@ struct Setup {
     store: Arc<crate::offsets::OffsetStore>,
 }
 
+/// What a client's subscription is held to (docs/security.md): its permission, checked again
+/// when the ACLs change; the memory budgets its disk reads count against; its principal's
+/// consume quota.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub permission: Option<crate::auth::Permission>,
+    pub budget: crate::state::ReplyBudget,
+    pub quota: Option<Arc<crate::auth::RateBucket>>,
+}
+
 pub(crate) async fn run(
     state: Arc<BrokerState>,
     sub: Subscribe,
     store: Arc<crate::offsets::OffsetStore>,
     mut send: quinn::SendStream,
     reader: FrameReader,
-    permission: Option<crate::auth::Permission>,
+    limits: Limits,
 ) {
     let setup = match setup(&state, &sub, store).await {
         Ok(s) => s,
@@ -58,7 +68,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    driver::serve(state, sub, setup, send, reader, permission).await
+    driver::serve(state, sub, setup, send, reader, limits).await
 }
 
 async fn setup(

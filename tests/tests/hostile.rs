@@ -1,0 +1,214 @@
+//! One misbehaving client cannot exhaust the broker (docs/security.md, "Resource bounds"):
+//! answers it does not read stay within the connection's budget, idle streams are ended, and
+//! a principal over its quota is slowed to it while others are not.
+
+use std::time::{Duration, Instant};
+
+use quiver_client::{
+    Client, ClientConfig, Producer, ProducerConfig, ProducerRecord, StartPosition, TopicConfig,
+};
+use quiver_protocol::message::Message;
+use quiver_tests::{bounded, init_tracing, BrokerProcess, LOOPBACK_ANY_PORT};
+use quiver_transport::{write_message, FrameReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
+
+/// The broker's budget for one connection's buffered requests and unwritten answers
+/// (`max_connection_buffer_bytes`), set low here so the bound is plain to see.
+const CONNECTION_BUDGET: u64 = 32 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_fetches_cannot_grow_broker_memory() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let config = format!("max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n");
+        let broker = BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("big", 1, TopicConfig::default()).await?;
+        // 48 MiB of history, nearly all of it beyond the tail cache: fetches read it from disk
+        // into buffers of their own.
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let value = vec![b'v'; 64 * 1024];
+        let mut acks = Vec::new();
+        for _ in 0..768 {
+            acks.push(producer.enqueue("big", ProducerRecord::new(value.clone())).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = broker.rss_kib().unwrap_or(0);
+
+        // One connection asks for 512 fetches of 1 MiB each, one per stream, and reads none.
+        let hostile = broker.client().await?;
+        let conn = hostile.connection().await?;
+        let mut streams = Vec::new();
+        for i in 0..512u64 {
+            let (mut send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.open_bi()).await??;
+            let fetch = Message::Fetch { topic: "big".into(), partition: 0, offset: (i * 1024) % 700, max_bytes: 1 << 20 };
+            write_message(&mut send, &fetch).await?;
+            streams.push((send, recv));
+        }
+
+        // Meanwhile another client works one request at a time.
+        let other = broker.client().await?;
+        let polite = Producer::new(other.clone(), ProducerConfig::default());
+        let mut peak = before;
+        let mut slowest = Duration::ZERO;
+        for _ in 0..30 {
+            let started = Instant::now();
+            polite.send("big", ProducerRecord::new("x")).await?;
+            other.admin().offset_for_time("big", 0, 0).await?;
+            slowest = slowest.max(started.elapsed());
+            peak = peak.max(broker.rss_kib().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let grown_mib = peak.saturating_sub(before) / 1024;
+        eprintln!("broker RSS {before} KiB before, {peak} KiB at peak (+{grown_mib} MiB); slowest request of the other client {slowest:?}");
+        // Unbounded, the broker held every answer: about 512 MiB. Bounded: the connection's
+        // budget, QUIC's send buffers and the allocator's slack.
+        assert!(grown_mib < CONNECTION_BUDGET / (1 << 20) + 96, "broker grew by {grown_mib} MiB");
+        assert!(slowest < Duration::from_secs(5), "the other client waited {slowest:?}");
+        drop(streams);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_ended_and_clients_carry_on() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let mut config = quiver_broker::BrokerConfig::new(dir.path()).listen(LOOPBACK_ANY_PORT);
+        config.stream_idle_timeout_ms = 500;
+        let broker = quiver_broker::Broker::start(config).await?;
+        let ca = broker.ca_path().cloned().unwrap_or_default();
+        let client = Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca)).await?;
+        client.admin().create_topic("t", 1, TopicConfig::default()).await?;
+
+        // Streams that asked one thing and then nothing more are ended once idle.
+        let conn = client.connection().await?;
+        let mut readers = Vec::new();
+        for _ in 0..50 {
+            let (mut send, recv) = conn.open_bi().await?;
+            write_message(&mut send, &Message::Metadata { topic: None }).await?;
+            readers.push((send, FrameReader::new(recv)));
+        }
+        for (i, (_send, reader)) in readers.iter_mut().enumerate() {
+            let answer = tokio::time::timeout(Duration::from_secs(5), reader.next()).await??;
+            assert!(matches!(answer, Some(Message::MetadataOk(_))), "stream {i}: {answer:?}");
+            let end = tokio::time::timeout(Duration::from_secs(5), reader.next()).await??;
+            assert!(end.is_none(), "stream {i} was not ended: {end:?}");
+        }
+
+        // The SDK's own streams go idle too: a producer and a consumer idle past the timeout
+        // carry on.
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        producer.send("t", ProducerRecord::new("before")).await?;
+        let mut consumer = quiver_client::Consumer::subscribe(
+            client.clone(),
+            quiver_client::ConsumerConfig::new("t").start(StartPosition::Earliest),
+        )
+        .await?;
+        let m = quiver_tests::next_message(&mut consumer, Duration::from_secs(5)).await?;
+        m.ack();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        producer.send("t", ProducerRecord::new("after")).await?;
+        let m = quiver_tests::next_message(&mut consumer, Duration::from_secs(5)).await?;
+        assert_eq!(&m.value[..], b"after");
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+/// Produces 64 KiB records as fast as `client` may for `run`; the acknowledged bytes per second.
+async fn produce_rate(client: Client, run: Duration) -> anyhow::Result<f64> {
+    let producer = Producer::new(client, ProducerConfig::default());
+    let value = vec![b'q'; 64 * 1024];
+    let started = Instant::now();
+    let mut acked = 0u64;
+    let mut inflight = std::collections::VecDeque::new();
+    while started.elapsed() < run {
+        inflight.push_back(producer.enqueue("quota", ProducerRecord::new(value.clone())).await?);
+        while inflight.len() > 32 {
+            if let Some(a) = inflight.pop_front() {
+                a.await?;
+                acked += value.len() as u64;
+            }
+        }
+    }
+    for a in inflight {
+        a.await?;
+        acked += value.len() as u64;
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_over_its_quota_is_slowed_to_it_and_others_are_not() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        const QUOTA: u64 = 2 * 1024 * 1024;
+        let dir = tempfile::tempdir()?;
+        let tokens = dir.path().join("tokens");
+        let (alice, a) = quiver_broker::auth::new_token("alice", None)?;
+        let (bob, b) = quiver_broker::auth::new_token("bob", None)?;
+        std::fs::write(&tokens, format!("{a}\n{b}\n"))?;
+        let mut config = quiver_broker::BrokerConfig::new(dir.path().join("data")).listen(LOOPBACK_ANY_PORT);
+        config.token_file = Some(tokens);
+        config.super_users = vec!["alice".into(), "bob".into()];
+        config.quotas.insert(
+            "alice".into(),
+            quiver_broker::config::Quota {
+                produce_bytes_per_sec: Some(QUOTA),
+                consume_bytes_per_sec: Some(QUOTA),
+            },
+        );
+        let broker = quiver_broker::Broker::start(config).await?;
+        let ca = broker.ca_path().cloned().unwrap_or_default();
+        let connect = |token: String| {
+            Client::connect(ClientConfig::new(broker.local_addr().to_string(), ca.clone()).with_token(token))
+        };
+        let (alice, bob) = (connect(alice).await?, connect(bob).await?);
+        alice.admin().create_topic("quota", 2, TopicConfig::default()).await?;
+
+        // Both at once: alice is held to her rate (within 10 %), bob is not held to it.
+        let run = Duration::from_secs(4);
+        let (a, b) = tokio::join!(produce_rate(alice.clone(), run), produce_rate(bob.clone(), run));
+        let (a, b) = (a?, b?);
+        eprintln!(
+            "produce: alice {:.2} MiB/s (quota {:.2}), bob {:.2} MiB/s",
+            a / 1048576.0,
+            QUOTA as f64 / 1048576.0,
+            b / 1048576.0
+        );
+        assert!(
+            a <= QUOTA as f64 * 1.1 && a >= QUOTA as f64 * 0.9,
+            "alice produced {a:.0} B/s against a quota of {QUOTA}"
+        );
+        assert!(b > QUOTA as f64 * 3.0, "bob produced only {b:.0} B/s");
+
+        // Consuming: alice reads the history at her rate.
+        let mut consumer = quiver_client::Consumer::subscribe(
+            alice.clone(),
+            quiver_client::ConsumerConfig::new("quota").start(StartPosition::Earliest),
+        )
+        .await?;
+        let started = Instant::now();
+        let mut read = 0u64;
+        while started.elapsed() < Duration::from_secs(3) {
+            let m = quiver_tests::next_message(&mut consumer, Duration::from_secs(5)).await?;
+            read += m.value.len() as u64;
+            m.ack();
+        }
+        let rate = read as f64 / started.elapsed().as_secs_f64();
+        eprintln!("consume: alice {:.2} MiB/s", rate / 1048576.0);
+        assert!(rate <= QUOTA as f64 * 1.1, "alice consumed {rate:.0} B/s against a quota of {QUOTA}");
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
