@@ -248,6 +248,37 @@ impl Auth {
         }
     }
 
+    /// Whether the connection may learn of a topic or group at all: it may do something with
+    /// it (any operation a rule or `--super-users` gives it). Listings leave the rest out.
+    pub fn may_see(&self, conn: &crate::groups::ConnectionInfo, resource: AclResource, name: &str) -> bool {
+        if conn.is_peer() || !self.enabled {
+            return true;
+        }
+        let Ok(principal) = self.principal_of(conn) else { return false };
+        self.super_users.contains(&*principal)
+            || AclOperation::ALL.into_iter().any(|op| self.acls.allows(&principal, op, resource, name))
+    }
+
+    /// The refusal of a request about a resource the connection may not see.
+    pub fn unseen(
+        &self,
+        conn: &crate::groups::ConnectionInfo,
+        resource: AclResource,
+        name: &str,
+    ) -> PartitionError {
+        let principal = conn.principal().map_or_else(|| ANONYMOUS.to_string(), |p| p.to_string());
+        self.audit("denied", &principal, AclOperation::Consume, resource, name);
+        PartitionError::new(
+            ErrorCode::NotAuthorized,
+            format!(
+                "not authorised: principal '{}' has no permission on {} '{}'",
+                principal.escape_debug(),
+                resource.name(),
+                name.escape_debug()
+            ),
+        )
+    }
+
     /// What a subscription needs: consume on its topic (and group), produce on its
     /// dead-letter topic.
     pub fn check_subscribe(

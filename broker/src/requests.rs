@@ -19,6 +19,7 @@ use crate::offsets::OffsetStore;
 use crate::partition::PartitionError;
 use crate::state::{fail_stream, BrokerState, Permits, ReplyBudget};
 use crate::topics::Topic;
+use quiver_protocol::message::AclResource;
 
 /// A response that may still be on its way. `None` answers nothing (acks = none).
 type Pending = BoxFuture<'static, Option<Message>>;
@@ -265,7 +266,15 @@ async fn dispatch(
                     .unwrap_or_else(error),
             )
         }),
-        Message::ListGroups => Box::pin(async move { Some(list_groups(&st, &members).await) }),
+        Message::ListGroups => Box::pin(async move {
+            Some(match list_groups(&st, &members).await {
+                Message::Groups(mut groups) => {
+                    groups.retain(|g| st.auth.may_see(&members, AclResource::Group, g));
+                    Message::Groups(groups)
+                }
+                other => other,
+            })
+        }),
         msg @ (Message::JoinGroup { .. }
         | Message::Heartbeat { .. }
         | Message::LeaveGroup { .. }
@@ -328,9 +337,21 @@ async fn dispatch(
         }),
         Message::Metadata { topic } => Box::pin(async move {
             if let Some(t) = &topic {
+                // Refused whether or not it exists: the answer tells nothing of other topics.
+                if !st.auth.may_see(&members, AclResource::Topic, t) {
+                    return Some(error(st.auth.unseen(&members, AclResource::Topic, t)));
+                }
                 st.settle(t).await;
             }
-            Some(metadata(&st, topic.as_deref()).unwrap_or_else(error))
+            Some(match metadata(&st, topic.as_deref()) {
+                // Only the topics the principal may do something with (docs/security.md).
+                Ok(Message::MetadataOk(mut topics)) => {
+                    topics.retain(|t| st.auth.may_see(&members, AclResource::Topic, &t.name));
+                    Message::MetadataOk(topics)
+                }
+                Ok(other) => other,
+                Err(e) => error(e),
+            })
         }),
         Message::CreateTopic { name, partitions, config } => Box::pin(async move {
             if crate::coordinator::is_internal(&name) && !members.is_peer() {

@@ -172,6 +172,17 @@ async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> a
         let t = admin.admin().describe_topic("orders").await?;
         assert_eq!(t.partitions[0].high_watermark, 0, "a refused produce wrote nothing");
 
+        // Listings show only what the principal may use; describing another topic is refused
+        // as describing a missing one is.
+        admin.admin().create_topic("secret", 1, TopicConfig::default()).await?;
+        let seen: Vec<String> = alice.admin().list_topics().await?.into_iter().map(|t| t.name).collect();
+        assert_eq!(seen, ["orders"]);
+        for name in ["secret", "missing"] {
+            let err = alice.admin().describe_topic(name).await.expect_err("not visible");
+            assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{name}: {err}");
+        }
+        assert_eq!(admin.admin().list_topics().await?.len(), 2, "a super user sees every topic");
+
         // A token's owner is a principal too, and bob has no rules at all.
         let bob = Client::connect(config_of(&broker).with_token(add_token(&tokens, "bob", None)?)).await?;
         let err =
