@@ -75,6 +75,11 @@ impl Auth {
         self.enabled
     }
 
+    /// Whether connections must present credentials (authentication on, no anonymous access).
+    pub fn requires_credentials(&self) -> bool {
+        self.enabled && !self.allow_anonymous
+    }
+
     /// The principal a connection acts as, or why it may do nothing: peers (brokers) are not
     /// checked; with authentication off every connection acts as `anonymous`.
     fn principal_of(&self, conn: &crate::groups::ConnectionInfo) -> Result<Arc<str>, PartitionError> {
@@ -292,10 +297,19 @@ impl Auth {
         if let Some(group) = &sub.group {
             self.check(conn, Consume, Group, group)?;
         }
-        match &sub.policy.dead_letter_topic {
-            Some(dlq) => self.check(conn, Produce, Topic, dlq),
-            None => Ok(()),
+        // The dead-letter topic the subscription will write (subscription::dead_letter_topic):
+        // the one named, or `<topic>.dlq`, which is also created when missing.
+        if sub.policy.max_deliveries > 0 {
+            match &sub.policy.dead_letter_topic {
+                Some(dlq) => self.check(conn, Produce, Topic, dlq)?,
+                None => {
+                    let dlq = format!("{}.dlq", sub.topic);
+                    self.check(conn, Produce, Topic, &dlq)?;
+                    self.check(conn, Create, Topic, &dlq)?;
+                }
+            }
         }
+        Ok(())
     }
 
     /// Authenticates a token presented in `Hello`: its owner, or why not. Blocking (the token
@@ -426,9 +440,12 @@ pub fn validate_rule(rule: &AclRule) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `pattern` (a name, `prefix*` or `*`) matches `name`.
+/// Whether `pattern` (a name, `prefix*` or `*`) matches `name`. The broker's own topics
+/// (`__offsets`: every group's commits) are matched only by patterns that name them (`__*`
+/// or the name): `*` and other prefixes never reach them.
 fn matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {
+        Some(_) if name.starts_with("__") && !pattern.starts_with("__") => false,
         Some(prefix) => name.starts_with(prefix),
         None => pattern == name,
     }
@@ -620,41 +637,68 @@ struct LoadedTokens {
 impl TokenFile {
     fn open(path: &Path) -> anyhow::Result<TokenFile> {
         let file = TokenFile { path: path.to_path_buf(), loaded: Mutex::default() };
-        file.refresh_blocking().map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        file.refresh_blocking(true).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
         Ok(file)
     }
 
-    /// Reads the file again if its modification time or length changed.
-    fn refresh_blocking(&self) -> Result<(), String> {
-        let meta =
-            std::fs::metadata(&self.path).map_err(|e| format!("reading {}: {e}", self.path.display()))?;
-        let stamp = (meta.modified().unwrap_or(UNIX_EPOCH), meta.len());
+    /// Reads the file again if its modification time or length changed. `strict` (at start):
+    /// any bad line is an error. Afterwards a bad line is skipped with a warning and the rest
+    /// apply, and a file that is gone or too large admits nobody: a revocation never fails
+    /// open.
+    fn refresh_blocking(&self, strict: bool) -> Result<(), String> {
         let mut loaded = self.loaded.lock();
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if !strict => {
+                if loaded.stamp.is_some() {
+                    tracing::warn!(
+                        "token file {}: {e}; no token is accepted until it is back",
+                        self.path.display()
+                    );
+                }
+                *loaded = LoadedTokens::default();
+                return Ok(());
+            }
+            Err(e) => return Err(format!("reading {}: {e}", self.path.display())),
+        };
+        let stamp = (meta.modified().unwrap_or(UNIX_EPOCH), meta.len());
         if loaded.stamp == Some(stamp) {
             return Ok(());
         }
-        if meta.len() > MAX_TOKEN_FILE_BYTES {
-            return Err(format!("{} is larger than {MAX_TOKEN_FILE_BYTES} bytes", self.path.display()));
-        }
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("reading {}: {e}", self.path.display()))?;
+        let text = if meta.len() > MAX_TOKEN_FILE_BYTES {
+            Err(format!("{} is larger than {MAX_TOKEN_FILE_BYTES} bytes", self.path.display()))
+        } else {
+            std::fs::read_to_string(&self.path).map_err(|e| format!("reading {}: {e}", self.path.display()))
+        };
+        let text = match text {
+            Ok(t) => t,
+            Err(e) if strict => return Err(e),
+            Err(e) => {
+                tracing::warn!("token file: {e}; no token is accepted until it is fixed");
+                *loaded = LoadedTokens { stamp: Some(stamp), by_hash: HashMap::new() };
+                return Ok(());
+            }
+        };
         let mut by_hash = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (principal, hash, expires) =
-                parse_token_line(line).map_err(|e| format!("{} line {}: {e}", self.path.display(), n + 1))?;
-            by_hash.insert(hash, (Arc::from(principal), expires));
+            match parse_token_line(line) {
+                Ok((principal, hash, expires)) => {
+                    by_hash.insert(hash, (Arc::from(principal), expires));
+                }
+                Err(e) if strict => return Err(format!("{} line {}: {e}", self.path.display(), n + 1)),
+                Err(e) => tracing::warn!("token file {} line {}: {e}; skipped", self.path.display(), n + 1),
+            }
         }
         *loaded = LoadedTokens { stamp: Some(stamp), by_hash };
         Ok(())
     }
 
     fn authenticate_blocking(&self, token: &str) -> Result<Arc<str>, String> {
-        if let Err(e) = self.refresh_blocking() {
-            // The tokens read before stay in force; the operator sees why the new file is not.
+        if let Err(e) = self.refresh_blocking(false) {
             tracing::warn!("token file: {e}");
         }
         let hash = hash_token(token);
@@ -747,6 +791,9 @@ mod tests {
         assert!(!acls.allows("alice", AclOperation::Consume, AclResource::Topic, "logs"));
         assert!(acls.allows("bob", AclOperation::Consume, AclResource::Group, "any"));
         assert!(!acls.allows("bob", AclOperation::Consume, AclResource::Topic, "any"));
+        acls.apply(true, &[rule("carol", AclResource::Topic, "*", AclOperation::Consume)]).unwrap();
+        assert!(acls.allows("carol", AclOperation::Consume, AclResource::Topic, "x"));
+        assert!(!acls.allows("carol", AclOperation::Consume, AclResource::Topic, "__offsets"), "internal");
         acls.apply(false, &[rule("alice", AclResource::Topic, "orders", AclOperation::Produce)]).unwrap();
         assert!(!acls.allows("alice", AclOperation::Produce, AclResource::Topic, "orders"));
     }
@@ -794,6 +841,11 @@ mod tests {
         // resolution is the one change this could miss.
         assert_eq!(&*file.authenticate_blocking(&bob).unwrap(), "bob");
         assert!(file.authenticate_blocking(&alice).is_err());
+        // A typo in an edit skips its line only; a file that is gone admits nobody.
+        std::fs::write(&path, format!("{bob_line}\nnot a token line\n")).unwrap();
+        assert_eq!(&*file.authenticate_blocking(&bob).unwrap(), "bob");
+        std::fs::remove_file(&path).unwrap();
+        assert!(file.authenticate_blocking(&bob).is_err(), "revoked by removing the file");
     }
 
     #[test]
@@ -856,6 +908,14 @@ impl RateBucket {
     pub fn new(bytes_per_sec: u64) -> RateBucket {
         let rate = bytes_per_sec.max(1) as f64;
         RateBucket { rate, burst: rate / 10.0, state: Mutex::new((rate / 10.0, std::time::Instant::now())) }
+    }
+
+    /// Gives back bytes taken but not used.
+    pub fn refund(&self, bytes: usize) {
+        if bytes > 0 {
+            let mut s = self.state.lock();
+            s.0 = (s.0 + bytes as f64).min(self.burst);
+        }
     }
 
     /// Takes `bytes`; how long to wait before the next take.

@@ -39,6 +39,8 @@ pub struct ConnectionInfo {
     /// Who the connection authenticated as (a client certificate's, or a token's in `Hello`);
     /// `None` while anonymous (docs/security.md).
     principal: parking_lot::RwLock<Option<Arc<str>>>,
+    /// Set when the connection's credentials were refused: it is closed.
+    refused: tokio_util::sync::CancellationToken,
 }
 
 impl ConnectionInfo {
@@ -63,6 +65,16 @@ impl ConnectionInfo {
     /// Who the connection authenticated as, if it did.
     pub fn principal(&self) -> Option<Arc<str>> {
         self.principal.read().clone()
+    }
+
+    /// Marks the connection's credentials refused: the server closes it.
+    pub fn refuse(&self) {
+        self.refused.cancel();
+    }
+
+    /// Resolves once the connection's credentials were refused.
+    pub async fn refused(&self) {
+        self.refused.cancelled().await
     }
 
     /// Sets the principal; returns the one it had.

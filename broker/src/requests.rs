@@ -107,7 +107,7 @@ pub(crate) async fn serve(
             _ = tokio::time::sleep_until(throttled_until.unwrap_or_else(tokio::time::Instant::now)), if throttled_until.is_some() => {}
             // A request stream with nothing asked of it for this long is ended: a client
             // cannot keep thousands of idle streams (and their state) open.
-            _ = tokio::time::sleep(idle), if can_read && pending.is_empty() => {
+            _ = tokio::time::sleep(idle), if can_read && pending.is_empty() && !members.is_peer() => {
                 metrics::counter!("quiver_idle_streams_closed_total").increment(1);
                 reader.stop(u32::from(ErrorCode::LimitExceeded.code()));
                 let _ = send.finish();
@@ -170,24 +170,36 @@ async fn hello(
     members: &crate::groups::ConnectionMembers,
     token: Option<String>,
 ) -> Message {
+    // A refusal closes the connection (after the answer had time to reach the client): a
+    // client without valid credentials holds no connection.
+    let refuse = |answer: Message| {
+        members.refuse();
+        answer
+    };
     if let Some(token) = token {
         let auth = st.auth.clone();
         match tokio::task::spawn_blocking(move || auth.authenticate_token_blocking(&token)).await {
             Ok(Ok(principal)) => {
                 if let Err(e) = st.auth.admit(members, principal) {
-                    return error(e);
+                    return refuse(error(e));
                 }
             }
             Ok(Err(why)) => {
-                return Message::error(ErrorCode::Unauthenticated, format!("token refused: {why}"))
+                return refuse(Message::error(ErrorCode::Unauthenticated, format!("token refused: {why}")))
             }
             Err(e) => return Message::error(ErrorCode::Internal, e.to_string()),
         }
     }
     // A `Hello` is allowed without a principal (it is how a token is presented); one that
-    // leaves the connection without any is refused when anonymous clients are.
+    // leaves the connection without any is refused when anonymous clients are; an anonymous
+    // one counts against the connections of the principal `anonymous`.
     if let Err(e) = st.auth.authenticated(members) {
-        return error(e);
+        return refuse(error(e));
+    }
+    if st.auth.enabled() && !members.is_peer() && members.principal().is_none() {
+        if let Err(e) = st.auth.admit(members, crate::auth::ANONYMOUS.into()) {
+            return refuse(error(e));
+        }
     }
     Message::HelloOk {
         protocol_version: quiver_protocol::limits::PROTOCOL_VERSION as u16,
@@ -398,11 +410,19 @@ async fn dispatch(
             })
         }),
         Message::ClusterStatus => Box::pin(async move {
-            Some(match &st.cluster {
+            let status = match &st.cluster {
                 // A peer asks for this broker's own view (`Cluster::leaders_view`).
                 Some(cluster) if members.is_peer() => cluster.status(&st.topics),
                 Some(cluster) => cluster.leaders_view(cluster.status(&st.topics)).await,
                 None => single_node_status(&st),
+            };
+            Some(match status {
+                // The partitions of the topics the principal may use (docs/security.md).
+                Message::ClusterStatusOk { brokers, mut partitions } => {
+                    partitions.retain(|p| st.auth.may_see(&members, AclResource::Topic, &p.topic));
+                    Message::ClusterStatusOk { brokers, partitions }
+                }
+                other => other,
             })
         }),
         Message::ChangeAcls { add, rules } => Box::pin(async move {

@@ -284,12 +284,12 @@ async fn run(state: Arc<BrokerState>, endpoint: quinn::Endpoint, dir_lock: crate
                     continue;
                 }
                 // Handshakes hold state before anyone is authenticated: a bounded number at once.
-                if state.handshakes.load(Ordering::Relaxed) >= state.config.max_handshakes {
+                let Some(slot) = HandshakeSlot::take(&state) else {
                     metrics::counter!("quiver_handshakes_refused_total").increment(1);
                     incoming.refuse();
                     continue;
-                }
-                conns.spawn(handle_connection(state.clone(), incoming, peers_open.clone()));
+                };
+                conns.spawn(handle_connection(state.clone(), incoming, slot, peers_open.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = state.shutdown.cancelled() => break,
@@ -352,12 +352,43 @@ async fn turn_away(endpoint: quinn::Endpoint) {
     }
 }
 
-async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, peers_open: Arc<AtomicUsize>) {
+/// One of the `max_handshakes` in progress, given back when dropped.
+struct HandshakeSlot(Arc<BrokerState>);
+
+impl HandshakeSlot {
+    fn take(state: &Arc<BrokerState>) -> Option<HandshakeSlot> {
+        let max = state.config.max_handshakes;
+        state
+            .handshakes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| HandshakeSlot(state.clone()))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a connection may go without authenticating, when the broker requires it.
+const AUTH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a connection refused for its credentials stays open for the refusal to reach the
+/// client before it is closed.
+const REFUSAL_GRACE: Duration = Duration::from_millis(200);
+
+async fn handle_connection(
+    state: Arc<BrokerState>,
+    incoming: quinn::Incoming,
+    slot: HandshakeSlot,
+    peers_open: Arc<AtomicUsize>,
+) {
     let remote = incoming.remote_address();
     let mut members_principal: Option<String> = None;
-    state.handshakes.fetch_add(1, Ordering::Relaxed);
     let handshake = incoming.await;
-    state.handshakes.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
     let conn = match handshake {
         Ok(c) => c,
         Err(e) => {
@@ -414,6 +445,19 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
         },
         _ => None,
     };
+    let id = state.next_generation.fetch_add(1, Ordering::Relaxed);
+    let members = match &peer {
+        Some((_, node)) => crate::groups::ConnectionInfo::peer(id, *node),
+        None => crate::groups::ConnectionInfo::new(id),
+    };
+    if let Some(p) = members_principal {
+        if let Err(e) = state.auth.admit(&members, p.into()) {
+            tracing::warn!(%remote, "refusing a connection: {}", e.message);
+            let code = quinn::VarInt::from_u32(u32::from(e.code.code()));
+            conn.close(code, e.message.as_bytes());
+            return;
+        }
+    }
     // A peer's connection closes when the cluster stops, a client's when the broker does.
     let stop = match &peer {
         Some((cluster, _)) => {
@@ -426,23 +470,29 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
     metrics::gauge!("quiver_connections").increment(1.0);
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
-    let buffer = Arc::new(tokio::sync::Semaphore::new(state.config.max_connection_buffer_bytes as usize));
-    let id = state.next_generation.fetch_add(1, Ordering::Relaxed);
-    let members = match peer {
-        Some((_, node)) => crate::groups::ConnectionInfo::peer(id, node),
-        None => crate::groups::ConnectionInfo::new(id),
+    // A peer link carries the requests of every client forwarded here from that broker: the
+    // broker-wide budget bounds it, not one client's.
+    let budget = match peer {
+        Some(_) => state.config.max_total_buffer_bytes,
+        None => state.config.max_connection_buffer_bytes,
     };
-    if let Some(p) = members_principal {
-        if let Err(e) = state.auth.admit(&members, p.into()) {
-            tracing::warn!(%remote, "refusing a connection: {}", e.message);
-            let code = quinn::VarInt::from_u32(u32::from(e.code.code()));
-            conn.close(code, e.message.as_bytes());
-            return;
-        }
-    }
+    let buffer = Arc::new(tokio::sync::Semaphore::new(budget as usize));
     let mut stream_limit = state.config.initial_streams_per_connection();
+    // A client that must authenticate and has not within AUTH_DEADLINE is closed.
+    let auth_deadline = tokio::time::Instant::now() + AUTH_DEADLINE;
+    let must_authenticate = peer.is_none() && state.auth.requires_credentials();
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(auth_deadline), if must_authenticate && members.principal().is_none() => {
+                close_unauthenticated_client(&conn, "no credentials presented within 10 s of connecting");
+                break;
+            }
+            _ = members.refused(), if must_authenticate => {
+                // Let the refusal (an answer to `Hello`) reach the client first.
+                tokio::time::sleep(REFUSAL_GRACE).await;
+                close_unauthenticated_client(&conn, "credentials refused");
+                break;
+            }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone(), members.clone()));
@@ -485,6 +535,12 @@ async fn handle_connection(state: Arc<BrokerState>, incoming: quinn::Incoming, p
     state.auth.release(&members);
     state.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").decrement(1.0);
+}
+
+fn close_unauthenticated_client(conn: &quinn::Connection, why: &str) {
+    metrics::counter!("quiver_auth_closed_total").increment(1);
+    let code = quinn::VarInt::from_u32(u32::from(ErrorCode::Unauthenticated.code()));
+    conn.close(code, format!("this broker requires authentication: {why}").as_bytes());
 }
 
 /// Which peer a broker connection is: the node id its certificate names (`--dev-ca`

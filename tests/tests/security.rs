@@ -183,6 +183,19 @@ async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> a
         }
         assert_eq!(admin.admin().list_topics().await?.len(), 2, "a super user sees every topic");
 
+        // Dead letters go where the subscriber may produce (and, for the default topic,
+        // create): consuming alone does not let alice make the broker write `orders.dlq`.
+        let config = ConsumerConfig::new("orders").start(StartPosition::Earliest).with_max_deliveries(1);
+        let err = match Consumer::subscribe(alice.clone(), config).await {
+            Err(e) => e,
+            Ok(mut c) => tokio::time::timeout(Duration::from_secs(10), c.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))?
+                .expect_err("dead letters refused"),
+        };
+        assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
+        assert!(err.to_string().contains("orders.dlq"), "{err}");
+
         // A token's owner is a principal too, and bob has no rules at all.
         let bob = Client::connect(config_of(&broker).with_token(add_token(&tokens, "bob", None)?)).await?;
         let err =
@@ -374,6 +387,74 @@ async fn acls_are_replicated_by_the_controller_and_replayed_after_a_crash() -> a
             admin3.admin().list_acls().await?,
             vec![rule("alice", AclResource::Topic, "t", AclOperation::Produce)]
         );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_close_the_connection_and_principals_hold_few() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let tokens = dir.path().join("tokens");
+        let (alice, line) = quiver_broker::auth::new_token("alice", None)?;
+        std::fs::write(&tokens, format!("{line}\n"))?;
+        let mut config = BrokerConfig::new(dir.path().join("data")).listen(LOOPBACK_ANY_PORT);
+        config.token_file = Some(tokens);
+        config.max_connections_per_principal = 2;
+        let broker = Broker::start(config).await?;
+        let open = || broker.state().connections.load(std::sync::atomic::Ordering::Relaxed);
+
+        // A live connection that presents a bad token on a new stream is closed.
+        let first = Client::connect(config_of(&broker).with_token(alice.clone())).await?;
+        let conn = first.connection().await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        let hello = quiver_protocol::message::Message::Hello {
+            protocol_version: 1,
+            client_id: "t".into(),
+            token: Some("qvt_forged".into()),
+        };
+        quiver_transport::write_message(&mut send, &hello).await?;
+        let answer = quiver_transport::FrameReader::new(recv).next().await?;
+        assert!(
+            matches!(
+                &answer,
+                Some(quiver_protocol::message::Message::Error { code: ErrorCode::Unauthenticated, .. })
+            ),
+            "{answer:?}"
+        );
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await?;
+        assert!(closed.to_string().contains("requires authentication"), "{closed}");
+
+        // Two connections per principal here: a third is refused, and nothing leaks.
+        let a = Client::connect(config_of(&broker).with_token(alice.clone())).await?;
+        let b = Client::connect(config_of(&broker).with_token(alice.clone())).await?;
+        for _ in 0..5 {
+            let err = Client::connect(config_of(&broker).with_token(alice.clone()))
+                .await
+                .expect_err("over the limit");
+            assert!(err.to_string().contains("max_connections_per_principal"), "{err}");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while open() > 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(open(), 2, "refused connections are closed and not counted");
+        a.close().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match Client::connect(config_of(&broker).with_token(alice.clone())).await {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!("not yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(b);
+        broker.shutdown().await;
         Ok(())
     })
     .await

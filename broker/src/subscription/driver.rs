@@ -210,6 +210,8 @@ impl Active {
         let mut fence_check = tokio::time::interval(FENCE_CHECK);
         let mut acl_watch = self.permission.as_ref().map(|p| p.watcher());
         let consume_quota = self.quota.take();
+        // Bytes of the current read charged to the quota and not yet delivered.
+        let mut reserved = 0usize;
         let (written_tx, mut written_rx) = mpsc::channel::<Written>(1);
         // The batches of the last read, which deliveries and dead letters are made of.
         let mut parts: Vec<Bytes> = Vec::new();
@@ -236,6 +238,20 @@ impl Active {
                     self.engine.owner_confirmed();
                 }
                 Action::Read { offset, max_bytes } => {
+                    // Over its principal's consume quota, the read waits its turn, before it
+                    // takes any memory budget (docs/security.md, "Quotas").
+                    if let Some(q) = &consume_quota {
+                        q.refund(std::mem::take(&mut reserved));
+                        reserved = max_bytes as usize;
+                        let wait = q.take(reserved);
+                        if !wait.is_zero() {
+                            self.read_ahead = None;
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
+                            }
+                        }
+                    }
                     parts = match self.read_next(&p, offset, max_bytes as usize).await {
                         // Retention moved the log start past `offset` meanwhile.
                         Err(e) if e.code == ErrorCode::OffsetOutOfRange && offset < p.log_start_offset() => {
@@ -278,6 +294,11 @@ impl Active {
                     }
                 }
                 Action::Deliver(mut d) => {
+                    // Checked again right before anything goes out: the rules may have changed
+                    // since the top of this pass (a revocation, then an append).
+                    if let Some(permission) = self.permission.as_mut().filter(|p| p.changed()) {
+                        permission.recheck()?;
+                    }
                     match d.persist {
                         Persist::Lazily => {}
                         Persist::Ahead => {
@@ -306,15 +327,10 @@ impl Active {
                             self.start_read_ahead(&p, next, max, high);
                         }
                     }
-                    // Over its principal's consume quota: the delivery waits its turn
-                    // (docs/security.md, "Quotas").
-                    if let Some(wait) = consume_quota.as_ref().map(|b| b.take(d.bytes as usize)) {
-                        if !wait.is_zero() {
-                            tokio::select! {
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = self.state.shutdown.cancelled() => return Err(PartitionError::new(ErrorCode::ShuttingDown, "broker shutting down")),
-                            }
-                        }
+                    // The quota was charged the whole read: what the delivery left out
+                    // is given back.
+                    if let Some(q) = &consume_quota {
+                        q.refund(std::mem::take(&mut reserved).saturating_sub(d.bytes as usize));
                     }
                     if send.write_all_chunks(&mut chunks).await.is_err() {
                         return Ok(()); // the client went away

@@ -225,6 +225,9 @@ fn dead_letter_topic(
     if name == topic {
         return Err(invalid(format!("'{name}' is the topic itself")));
     }
+    if crate::coordinator::is_internal(&name) {
+        return Err(invalid(format!("'{name}' is the broker's own topic (names starting with '__')")));
+    }
     if name != default_dead_letter_topic(topic) && state.topics.get(&name).is_err() {
         return Err(PartitionError::new(
             ErrorCode::UnknownTopic,
@@ -234,7 +237,7 @@ fn dead_letter_topic(
     Ok(Some(name))
 }
 
-fn default_dead_letter_topic(topic: &str) -> String {
+pub(crate) fn default_dead_letter_topic(topic: &str) -> String {
     format!("{topic}.dlq")
 }
 

@@ -65,6 +65,17 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, PeerAuthE
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or(PeerAuthError::NoCertificate)?;
     let certificate = chain.into_iter().next().ok_or(PeerAuthError::NoCertificate)?;
+    // A broker's certificate serves clients too (serverAuth); a client certificate issued by
+    // the same CA (`quiverd client-cert`, clientAuth only) is not a broker's.
+    let (_, parsed) = x509_parser::parse_x509_certificate(&certificate)
+        .map_err(|e| PeerAuthError::BadCertificate(e.to_string()))?;
+    if let Ok(Some(eku)) = parsed.extended_key_usage() {
+        if !eku.value.server_auth && !eku.value.any {
+            return Err(PeerAuthError::BadCertificate(
+                "a client certificate (no serverAuth usage) is not a broker's".into(),
+            ));
+        }
+    }
     let node_id = {
         let ee = webpki::EndEntityCert::try_from(&certificate)
             .map_err(|e| PeerAuthError::BadCertificate(e.to_string()))?;
