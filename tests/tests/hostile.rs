@@ -77,6 +77,65 @@ async fn a_client_that_stops_reading_its_fetches_cannot_grow_broker_memory() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_subscriptions_cannot_grow_broker_memory() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        let dir = tempfile::tempdir()?;
+        let config = format!(
+            "max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n"
+        );
+        let broker = BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
+        let client = broker.client().await?;
+        client.admin().create_topic("hist", 1, TopicConfig::default()).await?;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let value = vec![b'h'; 64 * 1024];
+        let mut acks = Vec::new();
+        for _ in 0..768 {
+            acks.push(producer.enqueue("hist", ProducerRecord::new(value.clone())).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = broker.rss_kib().unwrap_or(0);
+
+        // 512 subscriptions from different points of the history, with wide windows, on one
+        // connection that reads none of their deliveries: each would read 1 MiB (and 1 MiB
+        // ahead) from disk and hold it while its stream is blocked.
+        let hostile = broker.client().await?;
+        let conn = hostile.connection().await?;
+        let mut streams = Vec::new();
+        for i in 0..512u64 {
+            let (mut send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.open_bi()).await??;
+            let sub = quiver_protocol::message::Subscribe {
+                topic: "hist".into(),
+                partition: 0,
+                group: None,
+                member: None,
+                start: StartPosition::Offset((i * 7) % 700),
+                window_messages: 100_000,
+                window_bytes: 64 << 20,
+                policy: Default::default(),
+                group_position: None,
+            };
+            write_message(&mut send, &Message::Subscribe(sub)).await?;
+            streams.push((send, recv));
+        }
+        let mut peak = before;
+        for _ in 0..30 {
+            peak = peak.max(broker.rss_kib().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let grown_mib = peak.saturating_sub(before) / 1024;
+        eprintln!("broker RSS {before} KiB before, {peak} KiB at peak (+{grown_mib} MiB)");
+        assert!(grown_mib < CONNECTION_BUDGET / (1 << 20) + 96, "broker grew by {grown_mib} MiB");
+        drop(streams);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_streams_are_ended_and_clients_carry_on() -> anyhow::Result<()> {
     init_tracing();
     bounded(60, async {
