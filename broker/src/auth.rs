@@ -395,6 +395,12 @@ impl Permission {
         self.version.clone()
     }
 
+    /// Whether the subscription is still allowed by the rules in force now (for a loop that
+    /// only looks now and then: a relayed subscription).
+    pub fn still_allowed(&self) -> bool {
+        self.auth.check_subscribe(&self.conn, &self.sub).is_ok()
+    }
+
     /// Checks the subscription against the rules in force now.
     pub fn recheck(&mut self) -> Result<(), PartitionError> {
         self.version.borrow_and_update();

@@ -652,8 +652,10 @@ async fn handle_stream(
                         crate::coordinator::Resolved::Store(store) => store,
                         crate::coordinator::Resolved::Forward(target) => {
                             let Some(cluster) = &state.cluster else { return };
-                            return crate::cluster::forward_subscription(cluster, target, sub, send, reader)
-                                .await;
+                            return crate::cluster::forward_subscription(
+                                cluster, target, sub, send, reader, permission,
+                            )
+                            .await;
                         }
                         crate::coordinator::Resolved::Refused(e) => {
                             let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
@@ -685,6 +687,7 @@ async fn handle_stream(
                             sub,
                             send,
                             reader,
+                            permission,
                         )
                         .await;
                     }

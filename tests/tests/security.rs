@@ -387,6 +387,48 @@ async fn acls_are_replicated_by_the_controller_and_replayed_after_a_crash() -> a
             admin3.admin().list_acls().await?,
             vec![rule("alice", AclResource::Topic, "t", AclOperation::Produce)]
         );
+
+        // A group subscription through broker 3 (served there, or relayed to the group's
+        // coordinator or a replica) ends once consume on the topic is taken away.
+        admin
+            .admin()
+            .add_acls(vec![
+                rule("alice", AclResource::Topic, "t", AclOperation::Consume),
+                rule("alice", AclResource::Group, "g", AclOperation::Consume),
+                rule("alice", AclResource::Group, "g", AclOperation::Commit),
+            ])
+            .await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut consumer = loop {
+            let config = ConsumerConfig::new("t").with_group("g").start(StartPosition::Earliest);
+            match Consumer::subscribe(alice.clone(), config).await {
+                Ok(c) => break c,
+                Err(e)
+                    if e.code() == Some(ErrorCode::NotAuthorized) && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let m = next_message(&mut consumer, Duration::from_secs(20)).await?;
+        m.ack();
+        admin
+            .admin()
+            .remove_acls(vec![rule("alice", AclResource::Topic, "t", AclOperation::Consume)])
+            .await?;
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match consumer.next().await {
+                    // Records already on their way before the change may still arrive.
+                    Some(Ok(m)) => m.ack(),
+                    Some(Err(e)) => return Ok(e),
+                    None => anyhow::bail!("the stream ended without an error"),
+                }
+            }
+        })
+        .await??;
+        assert_eq!(ended.code(), Some(ErrorCode::NotAuthorized), "{ended}");
         Ok(())
     })
     .await

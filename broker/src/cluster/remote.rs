@@ -362,6 +362,7 @@ pub(crate) async fn splice_subscription(
     mut sub: quiver_protocol::message::Subscribe,
     mut send: quinn::SendStream,
     reader: FrameReader,
+    permission: Option<crate::auth::Permission>,
 ) {
     let member: Option<(String, MemberRef)> = sub.group.clone().zip(sub.member.take());
     let (topic, partition) = (sub.topic.clone(), sub.partition);
@@ -382,7 +383,17 @@ pub(crate) async fn splice_subscription(
         Message::error(ErrorCode::NotLeader, text)
     };
     metrics::counter!("quiver_forwarded_subscriptions_total").increment(1);
-    relay(cluster, target, &sub, send, reader, || check().is_ok(), unreachable).await
+    let owner = || match check() {
+        Err(_) => Some(ErrorCode::FencedMember),
+        Ok(()) => revoked(&permission),
+    };
+    relay(cluster, target, &sub, send, reader, owner, unreachable).await
+}
+
+/// `NotAuthorized` once the client's permission for the subscription is gone (the ACLs
+/// changed, docs/security.md).
+fn revoked(permission: &Option<crate::auth::Permission>) -> Option<ErrorCode> {
+    permission.as_ref().filter(|p| !p.still_allowed()).map(|_| ErrorCode::NotAuthorized)
 }
 
 /// Hands a client's group subscription whole to the group's coordinator, `target`
@@ -395,6 +406,7 @@ pub(crate) async fn forward_subscription(
     sub: quiver_protocol::message::Subscribe,
     send: quinn::SendStream,
     reader: FrameReader,
+    permission: Option<crate::auth::Permission>,
 ) {
     let group = sub.group.clone().unwrap_or_default();
     let unreachable = |why: &str| {
@@ -403,18 +415,19 @@ pub(crate) async fn forward_subscription(
         Message::error(ErrorCode::NotCoordinator, text)
     };
     metrics::counter!("quiver_forwarded_group_subscriptions_total").increment(1);
-    relay(cluster, target, &sub, send, reader, || true, unreachable).await
+    relay(cluster, target, &sub, send, reader, || revoked(&permission), unreachable).await
 }
 
 /// Opens a stream to `target`, sends `sub` on it and copies both ways until either side ends;
-/// `owner` is asked every `OWNER_CHECK` whether the stream may go on (false resets it).
+/// `owner` is asked every `OWNER_CHECK` whether the stream may go on (an error code resets it
+/// with that code: the member lost the partition, or the client its permission).
 async fn relay(
     cluster: &Cluster,
     target: u64,
     sub: &quiver_protocol::message::Subscribe,
     mut send: quinn::SendStream,
     mut reader: FrameReader,
-    owner: impl Fn() -> bool,
+    owner: impl Fn() -> Option<ErrorCode>,
     unreachable: impl Fn(&str) -> Message,
 ) {
     let opened = async {
@@ -438,42 +451,42 @@ async fn relay(
             return;
         }
     };
-    let fenced = {
+    let ended: Option<ErrorCode> = {
         let to_client = tokio::io::copy(&mut peer_recv, &mut send);
         tokio::pin!(to_client);
         let mut check = tokio::time::interval(OWNER_CHECK);
         check.tick().await;
         loop {
             tokio::select! {
-                _ = &mut to_client => break false,
+                _ = &mut to_client => break None,
                 frame = reader.next() => match frame {
                     Ok(Some(m)) => {
                         if write_message(&mut peer_send, &m).await.is_err() {
-                            break false;
+                            break None;
                         }
                     }
                     Ok(None) => {
                         let _ = peer_send.finish();
                         // The client finished its half: what the target still sends goes through.
                         let _ = (&mut to_client).await;
-                        break false;
+                        break None;
                     }
-                    Err(_) => break false,
+                    Err(_) => break None,
                 },
                 _ = check.tick() => {
-                    if !owner() {
-                        break true;
+                    if let Some(code) = owner() {
+                        break Some(code);
                     }
                 }
-                _ = cluster.shutdown.cancelled() => break false,
+                _ = cluster.shutdown.cancelled() => break None,
             }
         }
     };
     let _ = peer_send.reset(0u32.into());
-    if fenced {
+    if let Some(code) = ended {
         // Mid-copy: the client's stream is reset rather than given a frame that could land
         // inside one of the target's.
-        let _ = send.reset(quinn::VarInt::from_u32(u32::from(ErrorCode::FencedMember.code())));
+        let _ = send.reset(quinn::VarInt::from_u32(u32::from(code.code())));
         return;
     }
     let _ = send.finish();
