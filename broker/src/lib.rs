@@ -12,6 +12,7 @@
 //! ```
 
 pub mod auth;
+pub mod budget;
 pub mod cluster;
 pub mod config;
 mod coordinator;

@@ -489,13 +489,19 @@ impl Partition {
     /// never past the high watermark, as one or more buffers: from the tail cache when the
     /// offset is recent, else from disk. Empty at the high watermark.
     pub async fn read_parts(&self, offset: u64, max_bytes: usize) -> Result<Vec<Bytes>, PartitionError> {
-        let hw = self.high_watermark();
-        if offset < hw && offset >= self.log_start_offset() {
-            if let Some(parts) = self.tail.lock().read(offset, hw, max_bytes) {
-                return Ok(parts);
-            }
+        if let Some(parts) = self.read_cached(offset, max_bytes) {
+            return Ok(parts);
         }
         self.read_disk_parts(offset, max_bytes).await
+    }
+
+    /// What `read_parts` would serve from memory (the tail cache), if it would.
+    pub fn read_cached(&self, offset: u64, max_bytes: usize) -> Option<Vec<Bytes>> {
+        let hw = self.high_watermark();
+        if offset < hw && offset >= self.log_start_offset() {
+            return self.tail.lock().read(offset, hw, max_bytes);
+        }
+        None
     }
 
     /// As `read_parts`, always from disk (what a subscription reads ahead).
@@ -532,6 +538,46 @@ impl Partition {
         })
         .await
         .map_err(|e| PartitionError::new(ErrorCode::Internal, e.to_string()))?
+    }
+
+    /// As `read`, with the bytes the read will return counted against `budget` before they are
+    /// read (a first batch larger than `max_bytes` is read whole, and counted whole). With
+    /// `wait` false, `None` when the budget has not that much free now (a read ahead, which
+    /// is never worth waiting for). The permits are the caller's to hold until the bytes are
+    /// handed on.
+    pub async fn read_counted(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        budget: &crate::budget::ReplyBudget,
+        wait: bool,
+    ) -> Result<Option<(Bytes, crate::budget::Permits)>, PartitionError> {
+        let hw = self.high_watermark();
+        if offset > hw {
+            return Err(LogError::OffsetOutOfRange {
+                requested: offset,
+                log_start: self.log_start_offset(),
+                next: hw,
+            }
+            .into());
+        }
+        if offset == hw {
+            return Ok(Some((Bytes::new(), Vec::new())));
+        }
+        let log = self.log.clone();
+        let internal = |e: tokio::task::JoinError| PartitionError::new(ErrorCode::Internal, e.to_string());
+        let plan = tokio::task::spawn_blocking(move || log.lock().read_plan(offset, max_bytes))
+            .await
+            .map_err(internal)??;
+        let permits = match wait {
+            true => budget.acquire(plan.len()).await,
+            false => match budget.try_acquire(plan.len()) {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+        };
+        let bytes = tokio::task::spawn_blocking(move || plan.execute_below(hw)).await.map_err(internal)??;
+        Ok(Some((bytes, permits)))
     }
 
     /// First offset whose batch has a timestamp at or after `ts_ms`, or the high watermark.

@@ -35,12 +35,31 @@ pub(crate) async fn serve(
     let mut pending: FuturesOrdered<Held> = FuturesOrdered::new();
     // Cluster mode: where this stream's produce requests go when another broker leads.
     let mut forward = crate::cluster::StreamForward::default();
-    // A request whose answer needs budget (a fetch) waits for it here, while the answers
-    // before it are written (which frees theirs), before anything after it is read.
-    let mut blocked: Option<(Request, usize)> = None;
-    match reply_bytes(&state, &first.0) {
-        Some(bytes) => blocked = Some((first, bytes)),
-        None => pending.push_back(holding(first.1, dispatch(&state, first.0, &members, &mut forward).await)),
+    // One fetch at a time per stream: its answer counts against the connection's budget
+    // until written, and answers are written in order, so a second fetch waiting for budget
+    // that a later one holds could never be answered. A fetch read while another is
+    // unanswered waits here, and nothing after it is read meanwhile.
+    let mut blocked: Option<Request> = None;
+    let mut fetching = false;
+    let push = |request: Request, fetching: &mut bool, pending: &mut FuturesOrdered<Held>| {
+        let (msg, permits) = request;
+        match msg {
+            Ok(Message::Fetch { topic, partition, offset, max_bytes }) => {
+                *fetching = true;
+                let (st, members, budget) = (state.clone(), members.clone(), budget.clone());
+                pending.push_back(Box::pin(async move {
+                    let (answer, mut held) =
+                        fetch_request(st, members, topic, partition, offset, max_bytes, budget).await;
+                    held.extend(permits);
+                    (answer, held, true)
+                }));
+                None
+            }
+            other => Some((other, permits)),
+        }
+    };
+    if let Some((msg, permits)) = push(first, &mut fetching, &mut pending) {
+        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
     }
     let mut reading = true;
     let idle = std::time::Duration::from_millis(state.config.stream_idle_timeout_ms);
@@ -54,14 +73,20 @@ pub(crate) async fn serve(
         if throttled_until.is_some_and(|t| t <= tokio::time::Instant::now()) {
             throttled_until = None;
         }
+        if !fetching {
+            if let Some(request) = blocked.take() {
+                if let Some((msg, permits)) = push(request, &mut fetching, &mut pending) {
+                    pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
+                }
+            }
+        }
         let can_read = reading
             && blocked.is_none()
             && throttled_until.is_none()
             && pending.len() < state.config.max_inflight_requests_per_stream;
-        let wanted = blocked.as_ref().map_or(0, |b| b.1);
         tokio::select! {
             biased;
-            Some((response, permits)) = pending.next(), if !pending.is_empty() => {
+            Some((response, permits, was_fetch)) = pending.next(), if !pending.is_empty() => {
                 if let Some(msg) = response {
                     if write_message(&mut send, &msg).await.is_err() {
                         return;
@@ -72,13 +97,8 @@ pub(crate) async fn serve(
                         }
                     }
                 }
-                drop(permits); // handed to QUIC: the reply's budget is free again
-            }
-            reply = budget.acquire(wanted), if blocked.is_some() => {
-                if let Some(((msg, mut permits), _)) = blocked.take() {
-                    permits.extend(reply);
-                    pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
-                }
+                drop(permits); // handed to QUIC: the answer's budget is free again
+                fetching &= !was_fetch;
             }
             frame = reader.next_frame(), if can_read => match frame {
                 Ok(Some(f)) => {
@@ -88,15 +108,16 @@ pub(crate) async fn serve(
                             throttle(&mut throttled_until, bucket.take(batch.len()));
                         }
                     }
-                    match reply_bytes(&state, &msg) {
-                        Some(bytes) => blocked = Some(((msg, f.permits), bytes)),
-                        None => pending.push_back(holding(f.permits, dispatch(&state, msg, &members, &mut forward).await)),
+                    if fetching && matches!(msg, Ok(Message::Fetch { .. })) {
+                        blocked = Some((msg, f.permits));
+                    } else if let Some((msg, permits)) = push((msg, f.permits), &mut fetching, &mut pending) {
+                        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
                     }
                 }
                 Ok(None) => reading = false,
                 Err(e) => {
                     // Answer what is pending, then the error, then end the stream.
-                    while let Some((r, _)) = pending.next().await {
+                    while let Some((r, _, _)) = pending.next().await {
                         if let Some(msg) = r {
                             let _ = write_message(&mut send, &msg).await;
                         }
@@ -123,6 +144,37 @@ pub(crate) async fn serve(
     let _ = send.finish();
 }
 
+/// A fetch, its answer counted against the connection's budget (`read_counted`: the bytes the
+/// read returns, a first batch larger than `max_bytes` whole) until it is written.
+async fn fetch_request(
+    st: Arc<BrokerState>,
+    members: crate::groups::ConnectionMembers,
+    topic: String,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+    budget: ReplyBudget,
+) -> (Option<Message>, Permits) {
+    let request = || Message::Fetch { topic: topic.clone(), partition, offset, max_bytes };
+    if let Err(e) = st.auth.authorize(&members, &request()) {
+        return (Some(error(e)), Vec::new());
+    }
+    st.settle(&topic).await;
+    if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, request).await {
+        // Read by another broker: its answer arrived whole (one frame); counted now, for as
+        // long as it waits to be written.
+        let held = match &answer {
+            Message::FetchOk { batches, .. } => budget.acquire(batches.len()).await,
+            _ => Vec::new(),
+        };
+        return (Some(answer), held);
+    }
+    match fetch(&st, &topic, partition, offset, max_bytes, &budget).await {
+        Ok((answer, held)) => (Some(answer), held),
+        Err(e) => (Some(error(e)), Vec::new()),
+    }
+}
+
 /// Holds the stream back for `wait` more (a quota's debt), if that is longer than it is held.
 fn throttle(until: &mut Option<tokio::time::Instant>, wait: std::time::Duration) {
     if !wait.is_zero() {
@@ -131,27 +183,16 @@ fn throttle(until: &mut Option<tokio::time::Instant>, wait: std::time::Duration)
     }
 }
 
-/// The bytes a request's answer may hold while it waits to be written, for requests whose
-/// answers carry data (a fetch: up to its `max_bytes`, at most `max_deliver_bytes`).
-fn reply_bytes(state: &BrokerState, msg: &Result<Message, MessageError>) -> Option<usize> {
-    match msg {
-        Ok(Message::Fetch { max_bytes, .. }) => {
-            Some((*max_bytes as usize).clamp(1, state.config.max_deliver_bytes.max(1) as usize))
-        }
-        _ => None,
-    }
-}
-
 /// A request as read: the decoded message, and the budget its frame holds.
 type Request = (Result<Message, MessageError>, Permits);
 
-/// An answer on its way, and the budget permits its request (and, for a fetch, its reply)
-/// holds until it is written.
-type Held = BoxFuture<'static, (Option<Message>, Permits)>;
+/// An answer on its way, the budget permits its request (and, for a fetch, its answer) holds
+/// until it is written, and whether it answers a fetch.
+type Held = BoxFuture<'static, (Option<Message>, Permits, bool)>;
 
 /// Keeps a request's buffer budget taken until its response is written.
 fn holding(permits: Permits, pending: Pending) -> Held {
-    Box::pin(async move { (pending.await, permits) })
+    Box::pin(async move { (pending.await, permits, false) })
 }
 
 fn ready(msg: Message) -> Pending {
@@ -243,20 +284,11 @@ async fn dispatch(
             }
             produce(state, &topic, partition, acks, batch, forward).await
         }
-        Message::Fetch { topic, partition, offset, max_bytes } => Box::pin(async move {
-            st.settle(&topic).await;
-            if let Some(answer) = read_elsewhere(&st, &members, &topic, partition, || Message::Fetch {
-                topic: topic.clone(),
-                partition,
-                offset,
-                max_bytes,
-            })
-            .await
-            {
-                return Some(answer);
-            }
-            Some(fetch(&st, &topic, partition, offset, max_bytes).await.unwrap_or_else(error))
-        }),
+        // `serve` answers fetches itself (`fetch_request`: their answers count against the
+        // connection's budget); none reaches here.
+        Message::Fetch { .. } => {
+            ready(Message::error(ErrorCode::Internal, "a fetch outside its stream's order"))
+        }
         Message::CommitOffset { group, topic, partition, offset, member, reset } => Box::pin(async move {
             st.settle(&topic).await;
             let reset = reset && member.is_none();
@@ -683,19 +715,22 @@ async fn fetch(
     partition: u32,
     offset: u64,
     max_bytes: u32,
-) -> Result<Message, PartitionError> {
+    budget: &ReplyBudget,
+) -> Result<(Message, Permits), PartitionError> {
     let t = state.topics.get(topic)?;
     let p = t.partition(partition)?;
     let max = (max_bytes as usize).clamp(1, state.config.max_deliver_bytes.max(1) as usize);
     let started = std::time::Instant::now();
-    let batches = p.read(offset, max).await?;
+    // Counted before it is read, whole (a first batch larger than `max` included).
+    let (batches, held) = p.read_counted(offset, max, budget, true).await?.unwrap_or_default();
     metrics::histogram!("quiver_fetch_seconds").record(started.elapsed().as_secs_f64());
     t.metrics.fetch_bytes.increment(batches.len() as u64);
-    Ok(Message::FetchOk {
+    let answer = Message::FetchOk {
         log_start_offset: p.log_start_offset(),
         high_watermark: p.high_watermark(),
         batches,
-    })
+    };
+    Ok((answer, held))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -456,7 +456,8 @@ impl ReadPlan {
         LogError::Corrupt { path: self.path.to_path_buf(), position, reason }
     }
 
-    /// Bytes the plan reads: whole batches and possibly the start of one more.
+    /// Bytes the plan reads: whole batches and possibly the start of one more (at most the
+    /// `max_bytes` asked for, or the whole first batch when it is larger).
     pub fn len(&self) -> usize {
         self.len
     }

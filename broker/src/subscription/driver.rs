@@ -186,9 +186,9 @@ async fn read_acks(mut reader: FrameReader, acks: mpsc::Sender<ClientAck>) {
 struct ReadAhead {
     offset: u64,
     max_bytes: usize,
-    task: tokio::task::JoinHandle<Result<Vec<Bytes>, PartitionError>>,
-    /// Budget for what it reads, held until the delivery made of it is written.
-    permits: crate::state::Permits,
+    /// The bytes read and the budget they hold (until the delivery made of them is written),
+    /// or `None` when the budget had no room for them.
+    task: tokio::task::JoinHandle<Result<Option<(Bytes, crate::state::Permits)>, PartitionError>>,
 }
 
 impl Drop for ReadAhead {
@@ -448,17 +448,24 @@ impl Active {
             // A failed read ahead (retention deleted the segment meanwhile, say) is repeated,
             // so the error the subscription reports is a current one.
             if ahead.offset == position && ahead.max_bytes <= max {
-                if let Ok(Ok(parts)) = (&mut ahead.task).await {
-                    self.held = std::mem::take(&mut ahead.permits);
-                    return Ok(parts);
+                if let Ok(Ok(Some((bytes, permits)))) = (&mut ahead.task).await {
+                    self.held = permits;
+                    return Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] });
                 }
             }
         }
-        if !p.is_cached(position) {
-            // A client that stops reading its deliveries stalls here, not the broker's memory.
-            self.held = self.budget.acquire(max).await;
+        if let Some(parts) = p.read_cached(position, max) {
+            return Ok(parts); // shared with the tail cache: no memory of its own
         }
-        p.read_parts(position, max).await
+        // From disk, counted before it is read: a client that stops reading its deliveries
+        // stalls here, not the broker's memory.
+        match p.read_counted(position, max, &self.budget, true).await? {
+            Some((bytes, permits)) => {
+                self.held = permits;
+                Ok(if bytes.is_empty() { Vec::new() } else { vec![bytes] })
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Starts reading the delivery at `next` (up to `max_bytes`) from disk, when there is more
@@ -471,10 +478,9 @@ impl Active {
         }
         let max_bytes = max_bytes as usize;
         // Only with budget to spare: a read ahead is an optimisation, never worth waiting for.
-        let Some(permits) = self.budget.try_acquire(max_bytes) else { return };
-        let p = p.clone();
-        let task = tokio::spawn(async move { p.read_disk_parts(next, max_bytes).await });
-        self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task, permits });
+        let (p, budget) = (p.clone(), self.budget.clone());
+        let task = tokio::spawn(async move { p.read_counted(next, max_bytes, &budget, false).await });
+        self.read_ahead = Some(ReadAhead { offset: next, max_bytes, task });
     }
 }
 
