@@ -276,7 +276,7 @@ impl Auth {
         PartitionError::new(
             ErrorCode::NotAuthorized,
             format!(
-                "not authorised: principal '{}' has no permission on {} '{}'",
+                "not authorised: principal '{}' may not use {} '{}' (no rule gives it any operation on it: `quiver acl add`)",
                 principal.escape_debug(),
                 resource.name(),
                 name.escape_debug()
@@ -442,6 +442,22 @@ pub fn validate_rule(rule: &AclRule) -> Result<(), String> {
     }
     if rule.resource == AclResource::Cluster && p != "*" {
         return Err("a cluster rule's pattern is '*'".into());
+    }
+    use AclOperation::*;
+    let meaningful: &[AclOperation] = match rule.resource {
+        AclResource::Topic => &[Produce, Consume, Create, Delete],
+        AclResource::Group => &[Consume, Commit],
+        AclResource::Cluster => &[Admin],
+    };
+    if !meaningful.contains(&rule.operation) {
+        let names: Vec<&str> = meaningful.iter().map(|o| o.name()).collect();
+        return Err(format!(
+            "'{}' on a {} means nothing: a {} rule allows {}",
+            rule.operation.name(),
+            rule.resource.name(),
+            rule.resource.name(),
+            names.join(", ")
+        ));
     }
     Ok(())
 }
@@ -647,10 +663,10 @@ impl TokenFile {
         Ok(file)
     }
 
-    /// Reads the file again if its modification time or length changed. `strict` (at start):
-    /// any bad line is an error. Afterwards a bad line is skipped with a warning and the rest
-    /// apply, and a file that is gone or too large admits nobody: a revocation never fails
-    /// open.
+    /// Reads the file again if its modification time or length changed. A bad line is skipped
+    /// with a warning and the rest apply (a typo must not keep the broker from starting). With
+    /// `strict` (at start) a file that cannot be read is an error; afterwards a file that is
+    /// gone or too large admits nobody: a revocation never fails open.
     fn refresh_blocking(&self, strict: bool) -> Result<(), String> {
         let mut loaded = self.loaded.lock();
         let meta = match std::fs::metadata(&self.path) {
@@ -695,7 +711,6 @@ impl TokenFile {
                 Ok((principal, hash, expires)) => {
                     by_hash.insert(hash, (Arc::from(principal), expires));
                 }
-                Err(e) if strict => return Err(format!("{} line {}: {e}", self.path.display(), n + 1)),
                 Err(e) => tracing::warn!("token file {} line {}: {e}; skipped", self.path.display(), n + 1),
             }
         }
@@ -712,12 +727,13 @@ impl TokenFile {
         let (principal, expires) = loaded
             .by_hash
             .get(&hash)
-            .ok_or("the token is not one this broker issued (unknown or altered)")?;
+            .ok_or("the token is unknown, altered or revoked (not in the token file)")?;
         if let Some(at) = expires {
             if now_ms() / 1000 >= *at {
                 return Err(format!(
-                    "the token of '{}' expired at {at} (unix seconds)",
-                    principal.escape_debug()
+                    "the token of '{}' expired at {}",
+                    principal.escape_debug(),
+                    utc_time(*at)
                 ));
             }
         }
@@ -746,6 +762,23 @@ fn parse_token_line(line: &str) -> Result<(&str, String, Option<u64>), String> {
         return Err("unexpected text after the expiry".into());
     }
     Ok((principal, hash.to_ascii_lowercase(), expires))
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (the civil calendar from days since the epoch).
+fn utc_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// The SHA-256 of a token, in lower-case hex: what a token file keeps.
@@ -811,6 +844,8 @@ mod tests {
         assert!(validate_rule(&rule("a b", AclResource::Topic, "x", AclOperation::Produce)).is_err());
         assert!(validate_rule(&rule("", AclResource::Topic, "x", AclOperation::Produce)).is_err());
         assert!(validate_rule(&rule("*", AclResource::Topic, "x*", AclOperation::Produce)).is_ok());
+        assert!(validate_rule(&rule("a", AclResource::Cluster, "*", AclOperation::Produce)).is_err());
+        assert!(validate_rule(&rule("a", AclResource::Group, "g", AclOperation::Produce)).is_err());
     }
 
     #[test]
@@ -839,7 +874,7 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
         let tampered = String::from_utf8(tampered).unwrap();
-        assert!(file.authenticate_blocking(&tampered).unwrap_err().contains("unknown or altered"));
+        assert!(file.authenticate_blocking(&tampered).unwrap_err().contains("unknown, altered or revoked"));
         // A token added to the file is accepted without a restart; a removed one is refused.
         let (bob, bob_line) = new_token("bob", None).unwrap();
         std::fs::write(&path, format!("{bob_line}\n")).unwrap();
@@ -855,12 +890,16 @@ mod tests {
     }
 
     #[test]
-    fn malformed_token_lines_are_refused_with_the_line_number() {
+    fn a_malformed_line_is_skipped_and_a_missing_file_is_an_error_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
-        std::fs::write(&path, "alice sha256:abc\n").unwrap();
-        let err = TokenFile::open(&path).unwrap_err().to_string();
-        assert!(err.contains("line 1"), "{err}");
+        let (bob, line) = new_token("bob", None).unwrap();
+        std::fs::write(&path, format!("alice sha256:abc\n{line}\n")).unwrap();
+        let file = TokenFile::open(&path).unwrap();
+        assert_eq!(&*file.authenticate_blocking(&bob).unwrap(), "bob");
+        assert!(TokenFile::open(&dir.path().join("missing")).is_err());
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
     }
 }
 

@@ -340,6 +340,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn add_token(principal: &str, file: &std::path::Path, valid_days: Option<u64>) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    anyhow::ensure!(valid_days != Some(0), "--valid-days 0 would make a token that has already expired");
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let expires = match valid_days {
         Some(days) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();

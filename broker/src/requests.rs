@@ -38,7 +38,8 @@ pub(crate) async fn serve(
     // One fetch at a time per stream: its answer counts against the connection's budget
     // until written, and answers are written in order, so a second fetch waiting for budget
     // that a later one holds could never be answered. A fetch read while another is
-    // unanswered waits here, and nothing after it is read meanwhile.
+    // unanswered waits here, as does a produce over its principal's quota until its turn;
+    // nothing after it is read meanwhile.
     let mut blocked: Option<Request> = None;
     let mut fetching = false;
     let push = |request: Request, fetching: &mut bool, pending: &mut FuturesOrdered<Held>| {
@@ -58,14 +59,23 @@ pub(crate) async fn serve(
             other => Some((other, permits)),
         }
     };
-    if let Some((msg, permits)) = push(first, &mut fetching, &mut pending) {
-        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
-    }
     let mut reading = true;
     let idle = std::time::Duration::from_millis(state.config.stream_idle_timeout_ms);
     // A principal over its produce quota: nothing more is read from the stream until then
     // (QUIC flow control holds the client back; docs/security.md, "Quotas").
     let mut throttled_until: Option<tokio::time::Instant> = None;
+    // The first request as every later one (below): charged to the quota, and waiting its
+    // turn when over it.
+    if let Ok(Message::Produce { batch, .. }) = &first.0 {
+        if let Some(bucket) = state.auth.quota(&members, Direction::Produce) {
+            throttle(&mut throttled_until, bucket.take(batch.len()));
+        }
+    }
+    if throttled_until.is_some() {
+        blocked = Some(first);
+    } else if let Some((msg, permits)) = push(first, &mut fetching, &mut pending) {
+        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
+    }
     loop {
         if !reading && pending.is_empty() && blocked.is_none() {
             break; // the client finished its half and every request is answered
@@ -73,7 +83,7 @@ pub(crate) async fn serve(
         if throttled_until.is_some_and(|t| t <= tokio::time::Instant::now()) {
             throttled_until = None;
         }
-        if !fetching {
+        if !fetching && throttled_until.is_none() {
             if let Some(request) = blocked.take() {
                 if let Some((msg, permits)) = push(request, &mut fetching, &mut pending) {
                     pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
@@ -108,7 +118,9 @@ pub(crate) async fn serve(
                             throttle(&mut throttled_until, bucket.take(batch.len()));
                         }
                     }
-                    if fetching && matches!(msg, Ok(Message::Fetch { .. })) {
+                    // Over the quota, this very batch waits its turn (not only the next one:
+                    // a producer that sends one large batch would otherwise never be slowed).
+                    if throttled_until.is_some() || (fetching && matches!(msg, Ok(Message::Fetch { .. }))) {
                         blocked = Some((msg, f.permits));
                     } else if let Some((msg, permits)) = push((msg, f.permits), &mut fetching, &mut pending) {
                         pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));

@@ -81,13 +81,16 @@ enum AclCmd {
         /// One JSON object per line: {"principal","resource","pattern","operation"}.
         #[arg(long)]
         json: bool,
+        /// Only this principal's rules (`*` rules are listed under `*`).
+        #[arg(long)]
+        principal: Option<String>,
     },
 }
 
 #[derive(Args)]
 struct AclArgs {
     /// The principal (a client certificate's common name, a token's owner, `anonymous`), or
-    /// `*` for every authenticated principal.
+    /// `*` for every principal (`anonymous` included where the broker allows it).
     #[arg(long)]
     principal: String,
     /// Topics: a name, a prefix followed by `*`, or `*`.
@@ -421,8 +424,9 @@ fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ca = cli.ca.clone().unwrap_or_else(default_ca_path);
     let mut config = ClientConfig::new(cli.broker.clone(), ca);
-    if let Some(token) = &cli.token {
-        config = config.with_token(token.trim());
+    // An empty QUIVER_TOKEN (a `$(...)` that failed) is no token, not a wrong one.
+    if let Some(token) = cli.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        config = config.with_token(token);
     }
     if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
         config = config.with_client_cert(cert, key);
@@ -462,18 +466,39 @@ async fn acl(client: &Client, cmd: AclCmd) -> anyhow::Result<()> {
     match cmd {
         AclCmd::Add(args) => {
             let rules = args.rules()?;
-            let n = rules.len();
-            admin.add_acls(rules).await?;
-            outln!("added {n} rule(s)");
+            let existing = admin.list_acls().await?;
+            let new = rules.iter().filter(|r| !existing.contains(r)).count();
+            admin.add_acls(rules.clone()).await?;
+            match rules.len() - new {
+                0 => outln!("added {new} rule(s)"),
+                there => outln!("added {new} rule(s); {there} already there"),
+            }
         }
         AclCmd::Remove(args) => {
             let rules = args.rules()?;
-            let n = rules.len();
-            admin.remove_acls(rules).await?;
-            outln!("removed {n} rule(s)");
+            let existing = admin.list_acls().await?;
+            let (found, missing): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| existing.contains(r));
+            if found.is_empty() {
+                bail!(
+                    "no such rule: rules are removed exactly as added (the pattern too, e.g. 'orders*' \
+                     is not 'orders'); `quiver acl list` shows them"
+                );
+            }
+            let n = found.len();
+            admin.remove_acls(found).await?;
+            match missing.len() {
+                0 => outln!("removed {n} rule(s)"),
+                m => outln!("removed {n} rule(s); {m} did not exist"),
+            }
         }
-        AclCmd::List { json } => {
-            for r in admin.list_acls().await? {
+        AclCmd::List { json, principal } => {
+            let rules = admin.list_acls().await?;
+            let rules: Vec<_> =
+                rules.into_iter().filter(|r| principal.as_ref().is_none_or(|p| &r.principal == p)).collect();
+            if rules.is_empty() && !json {
+                eprintln!("no ACL rules{}", principal.map(|p| format!(" for '{p}'")).unwrap_or_default());
+            }
+            for r in rules {
                 if json {
                     let line = serde_json::json!({
                         "principal": r.principal,

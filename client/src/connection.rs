@@ -397,6 +397,16 @@ impl Client {
                     },
                 };
                 let answer = request_on(&conn, &hello, timeout).await;
+                // The server checks a client certificate after the client's side of the
+                // handshake is done: a refusal arrives as the connection closing.
+                if answer.is_err() {
+                    if let Some(closed @ quinn::ConnectionError::ConnectionClosed(_)) = conn.close_reason() {
+                        let refused = matches!(&closed, quinn::ConnectionError::ConnectionClosed(c) if tls_alert(c.error_code).is_some());
+                        if refused {
+                            return Err(connect_error(&broker.text, closed, idle.as_millis() as u64));
+                        }
+                    }
+                }
                 // A broker draining for a restart completes handshakes and closes them: dial it
                 // again until it is back (or the dial times out, as for a broker not there).
                 if shutting_down(&conn, &answer) {
@@ -581,10 +591,15 @@ fn connect_error(addr: &str, e: quinn::ConnectionError, idle_ms: u64) -> ClientE
                 44 => "the broker refused this client's certificate (revoked)",
                 45 => "the broker refused this client's certificate: it has expired (or is not yet valid)",
                 48 => "the broker does not know the CA of this client's certificate (unknown CA)",
+                51 => "the broker refused this client's certificate: its signature does not check out (signed by another CA of the same name?)",
                 116 => "the broker requires a client certificate (--cert/--key)",
                 _ => "the TLS handshake failed",
             };
-            format!("{why} (TLS alert {alert})")
+            let detail = String::from_utf8_lossy(&c.reason);
+            match detail.is_empty() {
+                true => format!("{why} (TLS alert {alert})"),
+                false => format!("{why} (TLS alert {alert}: {detail})"),
+            }
         }
         quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::Reset => {
             return ClientError::ConnectionLost(crate::error::describe_lost(&e));
@@ -675,7 +690,15 @@ fn quic_config(config: &ClientConfig, idle: Duration) -> Result<quinn::ClientCon
             let (chain, key) = load_client_cert(cert, key)?;
             builder.with_client_auth_cert(chain, key).map_err(|e| ClientError::BadClientCert {
                 path: cert.display().to_string(),
-                reason: e.to_string(),
+                reason: match e {
+                    rustls::Error::InconsistentKeys(_) => {
+                        format!(
+                            "the key {} does not belong to this certificate",
+                            key_path(&config.client_cert)
+                        )
+                    }
+                    other => other.to_string(),
+                },
             })?
         }
     };
@@ -684,6 +707,10 @@ fn quic_config(config: &ClientConfig, idle: Duration) -> Result<quinn::ClientCon
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     client_config.transport_config(Arc::new(transport_config(idle)));
     Ok(client_config)
+}
+
+fn key_path(pair: &Option<(PathBuf, PathBuf)>) -> String {
+    pair.as_ref().map(|(_, k)| k.display().to_string()).unwrap_or_default()
 }
 
 /// A client certificate chain and key from PEM files.

@@ -236,6 +236,14 @@ async fn a_principal_over_its_quota_is_slowed_to_it_and_others_are_not() -> anyh
         let (alice, bob) = (connect(alice).await?, connect(bob).await?);
         alice.admin().create_topic("quota", 2, TopicConfig::default()).await?;
 
+        // One batch larger than a second's quota waits its turn itself (not only the next).
+        let started = Instant::now();
+        Producer::new(alice.clone(), ProducerConfig::default())
+            .send("quota", ProducerRecord::new(vec![b'b'; 4 << 20]))
+            .await?;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1500), "a 4 MiB batch at 2 MiB/s went through in {took:?}");
+
         // Both at once: alice is held to her rate (within 10 %), bob is not held to it.
         let run = Duration::from_secs(4);
         let (a, b) = tokio::join!(produce_rate(alice.clone(), run), produce_rate(bob.clone(), run));

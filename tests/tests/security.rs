@@ -74,7 +74,7 @@ async fn clients_without_valid_credentials_are_refused_with_a_clear_error() -> a
             let err =
                 Client::connect(config_of(&broker).with_token(bad)).await.expect_err("bad token refused");
             assert_eq!(code_of(&err), Some(ErrorCode::Unauthenticated), "{err}");
-            assert!(err.to_string().contains("unknown or altered"), "{err}");
+            assert!(err.to_string().contains("unknown, altered or revoked"), "{err}");
         }
 
         // An expired token.
@@ -496,6 +496,46 @@ async fn refused_credentials_close_the_connection_and_principals_hold_few() -> a
             }
         }
         drop(b);
+        broker.shutdown().await;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_holding_no_partition_stops_when_its_permission_goes() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(60, async {
+        let dir = tempfile::tempdir()?;
+        let (broker, tokens, admin_token) = secured_broker(dir.path()).await?;
+        let admin = Client::connect(config_of(&broker).with_token(admin_token)).await?;
+        admin.admin().create_topic("one", 1, TopicConfig::default()).await?;
+        admin
+            .admin()
+            .add_acls(vec![
+                rule("alice", AclResource::Topic, "one", AclOperation::Consume),
+                rule("alice", AclResource::Group, "g", AclOperation::Consume),
+                rule("alice", AclResource::Group, "g", AclOperation::Commit),
+            ])
+            .await?;
+        let alice =
+            Client::connect(config_of(&broker).with_token(add_token(&tokens, "alice", None)?)).await?;
+        // Two members of one group on a one-partition topic: one of them holds nothing.
+        let config = || ConsumerConfig::new("one").with_group("g").start(StartPosition::Earliest);
+        let mut first = Consumer::subscribe(alice.clone(), config()).await?;
+        let mut second = Consumer::subscribe(alice.clone(), config()).await?;
+        admin
+            .admin()
+            .remove_acls(vec![rule("alice", AclResource::Group, "g", AclOperation::Consume)])
+            .await?;
+        for (name, consumer) in [("first", &mut first), ("second", &mut second)] {
+            let ended = match tokio::time::timeout(Duration::from_secs(20), consumer.next()).await {
+                Ok(Some(Err(e))) => e,
+                Ok(other) => anyhow::bail!("{name}: {:?}", other.map(|r| r.map(|m| m.offset))),
+                Err(_) => anyhow::bail!("{name} member kept running after losing its permission"),
+            };
+            assert_eq!(ended.code(), Some(ErrorCode::NotAuthorized), "{name}: {ended}");
+        }
         broker.shutdown().await;
         Ok(())
     })

@@ -327,10 +327,15 @@ impl Active {
                             self.start_read_ahead(&p, next, max, high);
                         }
                     }
-                    // The quota was charged the whole read: what the delivery left out
-                    // is given back.
+                    // The quota was charged the read's size before it: what the delivery
+                    // left out is given back, and a delivery larger than that (a whole batch
+                    // beyond `max_bytes`) is charged the rest, which the next read waits for.
                     if let Some(q) = &consume_quota {
-                        q.refund(std::mem::take(&mut reserved).saturating_sub(d.bytes as usize));
+                        let (charged, delivered) = (std::mem::take(&mut reserved), d.bytes as usize);
+                        match delivered > charged {
+                            true => drop(q.take(delivered - charged)),
+                            false => q.refund(charged - delivered),
+                        }
                     }
                     if send.write_all_chunks(&mut chunks).await.is_err() {
                         return Ok(()); // the client went away

@@ -72,7 +72,13 @@ impl Membership {
                     }
                     true
                 }
-                Err(e @ ClientError::Broker { code: ErrorCode::TopicDeleted, .. }) => {
+                // Final: the topic is gone, or this client may no longer use the group.
+                Err(
+                    e @ ClientError::Broker {
+                        code: ErrorCode::TopicDeleted | ErrorCode::NotAuthorized | ErrorCode::Unauthenticated,
+                        ..
+                    },
+                ) => {
                     return self.topic_deleted(&group, e, waiting).await;
                 }
                 Err(ClientError::Broker { code: ErrorCode::FencedMember, message }) => {
@@ -107,9 +113,10 @@ impl Membership {
         }
     }
 
-    /// The group's topic was deleted: final. The partitions stop and the consumer's stream
-    /// ends with `error` (after what was delivered before); the member never joins again, so
-    /// it cannot move to a topic created again under the name.
+    /// The group's topic was deleted, or the client lost its permission to use the group or
+    /// topic: final. The partitions stop and the consumer's stream ends with `error` (after
+    /// what was delivered before); the member never joins again, so it cannot move to a topic
+    /// created again under the name.
     async fn topic_deleted(
         &self,
         group: &str,
@@ -152,7 +159,12 @@ impl Membership {
         }
         let a = match admin.join_group(group, &self.config.topic, None, self.config.session_timeout).await {
             Ok(a) => a,
-            Err(e @ ClientError::Broker { code: ErrorCode::TopicDeleted, .. }) => return Err(e),
+            Err(
+                e @ ClientError::Broker {
+                    code: ErrorCode::TopicDeleted | ErrorCode::NotAuthorized | ErrorCode::Unauthenticated,
+                    ..
+                },
+            ) => return Err(e),
             Err(ClientError::Broker { code: ErrorCode::UnknownTopic, .. }) => {
                 return Err(ClientError::Broker {
                     code: ErrorCode::TopicDeleted,
