@@ -68,6 +68,8 @@ enum Command {
     /// Who may do what (docs/security.md): ACL rules, in force once authentication is on.
     #[command(subcommand)]
     Acl(AclCmd),
+    /// The principal the broker takes this client for (its certificate's or token's).
+    Whoami,
 }
 
 #[derive(Subcommand)]
@@ -456,6 +458,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench(client.config().clone(), args).await,
         Command::Acl(cmd) => acl(&client, cmd).await,
+        Command::Whoami => {
+            match client.principal() {
+                Some(p) => outln!("{p}"),
+                None => {
+                    outln!("anonymous (the broker has authentication off: every client may do everything)")
+                }
+            }
+            Ok(())
+        }
     };
     client.close().await;
     result

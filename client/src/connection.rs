@@ -171,6 +171,8 @@ struct Inner {
     /// Bumped each time a lost connection is replaced (the broker may have restarted, or be
     /// another one).
     reconnects: tokio::sync::watch::Sender<u64>,
+    /// Who the broker took this client for (its `HelloOk`), when authentication is on.
+    principal: parking_lot::Mutex<Option<String>>,
 }
 
 /// The connection, and where the next pass through the broker list starts: after the broker
@@ -224,6 +226,7 @@ impl Client {
                 conn: Mutex::new(Slot::default()),
                 closed: Default::default(),
                 reconnects: tokio::sync::watch::Sender::new(0),
+                principal: Default::default(),
             }),
         };
         client.live_connection().await?;
@@ -232,6 +235,12 @@ impl Client {
 
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The principal the broker authenticated this client as (docs/security.md); `None` when
+    /// the broker has authentication off.
+    pub fn principal(&self) -> Option<String> {
+        self.inner.principal.lock().clone()
     }
 
     pub(crate) fn routing(&self) -> &crate::routing::Routing {
@@ -416,7 +425,12 @@ impl Client {
                     continue;
                 }
                 return match answer? {
-                    Message::HelloOk { .. } => Ok(conn),
+                    Message::HelloOk { principal, .. } => {
+                        if let Some(p) = principal {
+                            *self.inner.principal.lock() = Some(p);
+                        }
+                        Ok(conn)
+                    }
                     other => Err(unexpected(other)),
                 };
             }

@@ -150,6 +150,7 @@ async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> a
             .add_acls(vec![rule("alice", AclResource::Topic, "orders", AclOperation::Consume)])
             .await?;
         let alice = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path)).await?;
+        assert_eq!(alice.principal().as_deref(), Some("alice"), "the certificate's common name");
         let producer = Producer::new(
             alice.clone(),
             ProducerConfig::default().with_delivery_timeout(Duration::from_secs(5)),
