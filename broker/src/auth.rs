@@ -542,21 +542,7 @@ impl Acls {
     /// Applies a change in memory (a cluster's controller, replaying or applying its log).
     pub fn apply(&self, add: bool, rules: &[AclRule]) -> Result<(), PartitionError> {
         let mut current = self.rules.write();
-        let mut next = BTreeSet::clone(&current);
-        for rule in rules {
-            if add {
-                next.insert(rule.clone());
-            } else {
-                next.remove(rule);
-            }
-        }
-        if next.len() > MAX_ACL_RULES {
-            return Err(PartitionError::new(
-                ErrorCode::LimitExceeded,
-                format!("a cluster keeps at most {MAX_ACL_RULES} ACL rules (MAX_ACL_RULES)"),
-            ));
-        }
-        *current = Arc::new(next);
+        *current = Arc::new(changed(&current, add, rules)?);
         drop(current);
         self.version.send_modify(|v| *v += 1);
         Ok(())
@@ -566,20 +552,7 @@ impl Acls {
     pub fn change_blocking(&self, add: bool, rules: &[AclRule]) -> Result<(), PartitionError> {
         let _writing = self.writing.lock();
         let Some(path) = &self.file else { return self.apply(add, rules) };
-        let mut next = BTreeSet::clone(&self.rules.read());
-        for rule in rules {
-            if add {
-                next.insert(rule.clone());
-            } else {
-                next.remove(rule);
-            }
-        }
-        if next.len() > MAX_ACL_RULES {
-            return Err(PartitionError::new(
-                ErrorCode::LimitExceeded,
-                format!("a broker keeps at most {MAX_ACL_RULES} ACL rules (MAX_ACL_RULES)"),
-            ));
-        }
+        let next = changed(&self.rules.read(), add, rules)?;
         let stored: Vec<StoredRule> = next.iter().map(StoredRule::from).collect();
         let json = serde_json::to_vec_pretty(&stored).unwrap_or_default();
         write_durably(path, &json).map_err(|e| {
@@ -588,6 +561,29 @@ impl Acls {
         // Durable first, then in force: a rule a client was told is in place survives a crash.
         self.apply(add, rules)
     }
+}
+
+/// `current` with `rules` added (or removed), within `MAX_ACL_RULES`.
+fn changed(
+    current: &BTreeSet<AclRule>,
+    add: bool,
+    rules: &[AclRule],
+) -> Result<BTreeSet<AclRule>, PartitionError> {
+    let mut next = current.clone();
+    for rule in rules {
+        if add {
+            next.insert(rule.clone());
+        } else {
+            next.remove(rule);
+        }
+    }
+    if next.len() > MAX_ACL_RULES {
+        return Err(PartitionError::new(
+            ErrorCode::LimitExceeded,
+            format!("at most {MAX_ACL_RULES} ACL rules are kept (MAX_ACL_RULES)"),
+        ));
+    }
+    Ok(next)
 }
 
 /// Writes `data` to `path` through a temporary file, fsynced, renamed, directory fsynced.

@@ -515,8 +515,9 @@ impl Partition {
         self.tail.lock().holds(offset)
     }
 
-    /// As `read_parts`, from disk, in one buffer.
-    pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
+    /// The high watermark a read at `offset` goes up to; `None` when there is nothing to read
+    /// yet (the offset is the high watermark), an error past it.
+    fn readable(&self, offset: u64) -> Result<Option<u64>, PartitionError> {
         let hw = self.high_watermark();
         if offset > hw {
             return Err(LogError::OffsetOutOfRange {
@@ -526,9 +527,12 @@ impl Partition {
             }
             .into());
         }
-        if offset == hw {
-            return Ok(Bytes::new());
-        }
+        Ok((offset < hw).then_some(hw))
+    }
+
+    /// As `read_parts`, from disk, in one buffer.
+    pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
+        let Some(hw) = self.readable(offset)? else { return Ok(Bytes::new()) };
         // Locating batches reads index and headers from disk, so it happens on a blocking
         // thread, like the read itself; the lock is held only while planning.
         let log = self.log.clone();
@@ -552,18 +556,7 @@ impl Partition {
         budget: &crate::budget::ReplyBudget,
         wait: bool,
     ) -> Result<Option<(Bytes, crate::budget::Permits)>, PartitionError> {
-        let hw = self.high_watermark();
-        if offset > hw {
-            return Err(LogError::OffsetOutOfRange {
-                requested: offset,
-                log_start: self.log_start_offset(),
-                next: hw,
-            }
-            .into());
-        }
-        if offset == hw {
-            return Ok(Some((Bytes::new(), Vec::new())));
-        }
+        let Some(hw) = self.readable(offset)? else { return Ok(Some((Bytes::new(), Vec::new()))) };
         let log = self.log.clone();
         let internal = |e: tokio::task::JoinError| PartitionError::new(ErrorCode::Internal, e.to_string());
         let plan = tokio::task::spawn_blocking(move || log.lock().read_plan(offset, max_bytes))

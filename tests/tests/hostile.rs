@@ -17,28 +17,43 @@ const BIN: &str = env!("CARGO_BIN_EXE_quiverd-under-test");
 /// (`max_connection_buffer_bytes`), set low here so the bound is plain to see.
 const CONNECTION_BUDGET: u64 = 32 * 1024 * 1024;
 
+/// A broker process with `CONNECTION_BUDGET` per connection and a 1 MiB tail cache, and a
+/// one-partition `topic` holding `records` records of `record_bytes` (written, then a second
+/// to settle).
+async fn broker_with_history(
+    dir: &std::path::Path,
+    topic: &str,
+    record_bytes: usize,
+    records: usize,
+) -> anyhow::Result<BrokerProcess> {
+    let config = format!(
+        "max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n"
+    );
+    let broker = BrokerProcess::start(BIN, dir, Some(&config)).await?;
+    let client = broker.client().await?;
+    client.admin().create_topic(topic, 1, TopicConfig::default()).await?;
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let value = vec![b'v'; record_bytes];
+    let mut acks = Vec::new();
+    for _ in 0..records {
+        acks.push(producer.enqueue(topic, ProducerRecord::new(value.clone())).await?);
+    }
+    for a in acks {
+        a.await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(broker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_fetches_cannot_grow_broker_memory() -> anyhow::Result<()> {
     init_tracing();
     bounded(180, async {
         let dir = tempfile::tempdir()?;
-        let config = format!("max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n");
-        let broker = BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
-        let client = broker.client().await?;
-        client.admin().create_topic("big", 1, TopicConfig::default()).await?;
         // 48 MiB of history in 2 MiB batches, nearly all of it beyond the tail cache: fetches
         // read it from disk into buffers of their own, a whole batch however few bytes they
         // ask for.
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        let value = vec![b'v'; 2 << 20];
-        let mut acks = Vec::new();
-        for _ in 0..24 {
-            acks.push(producer.enqueue("big", ProducerRecord::new(value.clone())).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let broker = broker_with_history(dir.path(), "big", 2 << 20, 24).await?;
         let before = broker.rss_kib().unwrap_or(0);
         // Another client's requests, one at a time, before the flood: the median of 30.
         let other = broker.client().await?;
@@ -99,22 +114,7 @@ async fn a_client_that_stops_reading_its_subscriptions_cannot_grow_broker_memory
     init_tracing();
     bounded(180, async {
         let dir = tempfile::tempdir()?;
-        let config = format!(
-            "max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n"
-        );
-        let broker = BrokerProcess::start(BIN, dir.path(), Some(&config)).await?;
-        let client = broker.client().await?;
-        client.admin().create_topic("hist", 1, TopicConfig::default()).await?;
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        let value = vec![b'h'; 64 * 1024];
-        let mut acks = Vec::new();
-        for _ in 0..768 {
-            acks.push(producer.enqueue("hist", ProducerRecord::new(value.clone())).await?);
-        }
-        for a in acks {
-            a.await?;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let broker = broker_with_history(dir.path(), "hist", 64 * 1024, 768).await?;
         let before = broker.rss_kib().unwrap_or(0);
 
         // 512 subscriptions from different points of the history, with wide windows, on one

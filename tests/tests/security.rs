@@ -86,14 +86,8 @@ async fn clients_without_valid_credentials_are_refused_with_a_clear_error() -> a
         Client::connect(config_of(&broker).with_token(alice)).await?;
 
         // A client certificate that has expired, and one from a CA the broker does not know.
-        let ca = dir.path().join("ca");
-        let (cert, key) = quiver_broker::tls::issue_client_certificate(
-            &ca.join("ca.pem"),
-            &ca.join("ca.key"),
-            "dave",
-            Some((2021, 1, 1)),
-        )?;
-        let (cert_path, key_path) = write_pair(dir.path(), "dave", &cert, &key)?;
+        let (cert_path, key_path) =
+            client_cert(dir.path(), &dir.path().join("ca"), "dave", Some((2021, 1, 1)))?;
         let err = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path))
             .await
             .expect_err("expired certificate refused");
@@ -101,14 +95,7 @@ async fn clients_without_valid_credentials_are_refused_with_a_clear_error() -> a
 
         let other = tempfile::tempdir()?;
         let (other_broker, _, _) = secured_broker(other.path()).await?;
-        let other_ca = other.path().join("ca");
-        let (cert, key) = quiver_broker::tls::issue_client_certificate(
-            &other_ca.join("ca.pem"),
-            &other_ca.join("ca.key"),
-            "mallory",
-            None,
-        )?;
-        let (cert_path, key_path) = write_pair(dir.path(), "mallory", &cert, &key)?;
+        let (cert_path, key_path) = client_cert(dir.path(), &other.path().join("ca"), "mallory", None)?;
         let err = Client::connect(config_of(&broker).with_client_cert(&cert_path, &key_path))
             .await
             .expect_err("unknown CA refused");
@@ -120,7 +107,32 @@ async fn clients_without_valid_credentials_are_refused_with_a_clear_error() -> a
     .await
 }
 
-fn write_pair(dir: &Path, name: &str, cert: &str, key: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The error a subscription gets: at `subscribe` (describing the topic), or from its first
+/// partition stream.
+async fn subscription_refused(client: &Client, config: ConsumerConfig) -> anyhow::Result<ClientError> {
+    match Consumer::subscribe(client.clone(), config).await {
+        Err(e) => Ok(e),
+        Ok(mut c) => match tokio::time::timeout(Duration::from_secs(10), c.next()).await? {
+            Some(Err(e)) => Ok(e),
+            other => anyhow::bail!("not refused: {:?}", other.map(|r| r.map(|m| m.offset))),
+        },
+    }
+}
+
+/// A client certificate for `name` from the development CA in `ca_dir`, written into `dir`
+/// (valid until `not_after` when given): the certificate's and the key's paths.
+fn client_cert(
+    dir: &Path,
+    ca_dir: &Path,
+    name: &str,
+    not_after: Option<(i32, u8, u8)>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = quiver_broker::tls::issue_client_certificate(
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join("ca.key"),
+        name,
+        not_after,
+    )?;
     let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     std::fs::write(&c, cert)?;
     std::fs::write(&k, key)?;
@@ -137,14 +149,7 @@ async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> a
         admin.admin().create_topic("orders", 1, TopicConfig::default()).await?;
 
         // A client certificate names the principal: alice may consume, not produce.
-        let ca = dir.path().join("ca");
-        let (cert, key) = quiver_broker::tls::issue_client_certificate(
-            &ca.join("ca.pem"),
-            &ca.join("ca.key"),
-            "alice",
-            None,
-        )?;
-        let (cert_path, key_path) = write_pair(dir.path(), "alice", &cert, &key)?;
+        let (cert_path, key_path) = client_cert(dir.path(), &dir.path().join("ca"), "alice", None)?;
         admin
             .admin()
             .add_acls(vec![rule("alice", AclResource::Topic, "orders", AclOperation::Consume)])
@@ -187,38 +192,14 @@ async fn a_principal_without_permission_is_refused_and_nothing_is_written() -> a
         // Dead letters go where the subscriber may produce (and, for the default topic,
         // create): consuming alone does not let alice make the broker write `orders.dlq`.
         let config = ConsumerConfig::new("orders").start(StartPosition::Earliest).with_max_deliveries(1);
-        let err = match Consumer::subscribe(alice.clone(), config).await {
-            Err(e) => e,
-            Ok(mut c) => tokio::time::timeout(Duration::from_secs(10), c.next())
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("stream ended"))?
-                .expect_err("dead letters refused"),
-        };
+        let err = subscription_refused(&alice, config).await?;
         assert_eq!(err.code(), Some(ErrorCode::NotAuthorized), "{err}");
         assert!(err.to_string().contains("orders.dlq"), "{err}");
 
         // A token's owner is a principal too, and bob has no rules at all.
         let bob = Client::connect(config_of(&broker).with_token(add_token(&tokens, "bob", None)?)).await?;
-        let err =
-            Consumer::subscribe(bob.clone(), ConsumerConfig::new("orders").start(StartPosition::Earliest))
-                .await
-                .map(drop)
-                .err();
-        let refused = match err {
-            Some(e) => e,
-            None => {
-                // Subscribing may succeed before the first partition stream is refused.
-                let mut c = Consumer::subscribe(
-                    bob.clone(),
-                    ConsumerConfig::new("orders").start(StartPosition::Earliest),
-                )
-                .await?;
-                tokio::time::timeout(Duration::from_secs(10), c.next())
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("stream ended"))?
-                    .expect_err("consume refused")
-            }
-        };
+        let refused =
+            subscription_refused(&bob, ConsumerConfig::new("orders").start(StartPosition::Earliest)).await?;
         assert_eq!(refused.code(), Some(ErrorCode::NotAuthorized), "{refused}");
         broker.shutdown().await;
         Ok(())
