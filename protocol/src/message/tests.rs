@@ -419,6 +419,12 @@ fn without_optional_tails(msg: &Message) -> Vec<Message> {
         Message::Error { code, message, leader: Some(_) } => {
             vec![Message::Error { code, message, leader: None }]
         }
+        Message::Hello { protocol_version, client_id, token: Some(_) } => {
+            vec![Message::Hello { protocol_version, client_id, token: None }]
+        }
+        Message::HelloOk { protocol_version, broker_id, server_version, principal: Some(_) } => {
+            vec![Message::HelloOk { protocol_version, broker_id, server_version, principal: None }]
+        }
         // No optional tail: no truncation of it may decode at all.
         _ => Vec::new(),
     }
