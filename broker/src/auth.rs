@@ -41,9 +41,44 @@ pub struct Auth {
     /// When the last audit line was logged (ms since the epoch): at most one a second.
     last_audit_log_ms: AtomicU64,
     /// Open connections per authenticated principal, at most `max_per_principal` each.
-    connections: dashmap::DashMap<Arc<str>, usize>,
+    connections: Counts,
     max_per_principal: usize,
+    /// Open client streams per principal, at most `max_streams_per_principal` each.
+    streams: Arc<Counts>,
+    max_streams_per_principal: usize,
     pub quotas: Quotas,
+}
+
+/// How many of something each principal holds.
+type Counts = dashmap::DashMap<Arc<str>, usize>;
+
+/// One fewer for `principal` (its entry goes at 0).
+fn give_back(counts: &Counts, principal: &Arc<str>) {
+    counts.remove_if_mut(principal, |_, n| {
+        *n = n.saturating_sub(1);
+        *n == 0
+    });
+}
+
+/// A client stream's place in its principal's count; given back when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    counted: Option<(Arc<Counts>, Arc<str>)>,
+}
+
+impl StreamSlot {
+    /// A stream counted against nobody (a peer's).
+    pub fn uncounted() -> StreamSlot {
+        StreamSlot { counted: None }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some((counts, principal)) = self.counted.take() {
+            give_back(&counts, &principal);
+        }
+    }
 }
 
 impl Auth {
@@ -67,6 +102,8 @@ impl Auth {
             last_audit_log_ms: AtomicU64::new(0),
             connections: dashmap::DashMap::new(),
             max_per_principal: config.max_connections_per_principal,
+            streams: Arc::new(dashmap::DashMap::new()),
+            max_streams_per_principal: config.max_streams_per_principal,
             quotas: Quotas::new(config),
         })
     }
@@ -104,26 +141,54 @@ impl Auth {
         conn: &crate::groups::ConnectionInfo,
         principal: Arc<str>,
     ) -> Result<(), PartitionError> {
-        {
-            let mut n = self.connections.entry(principal.clone()).or_insert(0);
-            if *n >= self.max_per_principal {
-                metrics::counter!("quiver_auth_denied_total", "operation" => "connect", "outcome" => "limit")
-                    .increment(1);
-                return Err(PartitionError::new(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "principal '{}' holds {} connections (max_connections_per_principal)",
-                        principal.escape_debug(),
-                        *n
-                    ),
-                ));
-            }
-            *n += 1;
-        }
+        self.take_one(&self.connections, &principal, self.max_per_principal, "connections", "connect")?;
         if let Some(old) = conn.replace_principal(principal) {
             self.forget(&old);
         }
         Ok(())
+    }
+
+    /// Counts a stream the client opened against its principal's `max_streams_per_principal`
+    /// (anonymous clients share one count). Streams of peers are not counted, nor those of a
+    /// connection that has yet to authenticate: it keeps `INITIAL_STREAMS_PER_CONNECTION` until
+    /// it does, and is closed unless it does within 10 s.
+    pub fn open_stream(&self, conn: &crate::groups::ConnectionInfo) -> Result<StreamSlot, PartitionError> {
+        if conn.is_peer() {
+            return Ok(StreamSlot::uncounted());
+        }
+        let Ok(principal) = self.principal_of(conn) else {
+            return Ok(StreamSlot::uncounted());
+        };
+        self.take_one(&self.streams, &principal, self.max_streams_per_principal, "streams", "stream")?;
+        Ok(StreamSlot { counted: Some((Arc::clone(&self.streams), principal)) })
+    }
+
+    /// One more of `what` for `principal`, unless it holds `max` already (then a clear
+    /// refusal naming the setting, counted and logged as an audit line).
+    fn take_one(
+        &self,
+        counts: &Counts,
+        principal: &Arc<str>,
+        max: usize,
+        what: &'static str,
+        operation: &'static str,
+    ) -> Result<(), PartitionError> {
+        let mut n = counts.entry(principal.clone()).or_insert(0);
+        if *n < max {
+            *n += 1;
+            return Ok(());
+        }
+        metrics::counter!("quiver_auth_denied_total", "operation" => operation, "outcome" => "limit")
+            .increment(1);
+        let text = format!(
+            "principal '{}' holds {} {what} (max_{what}_per_principal)",
+            principal.escape_debug(),
+            *n
+        );
+        if self.may_log_audit() {
+            tracing::warn!("refused: {text}");
+        }
+        Err(PartitionError::new(ErrorCode::LimitExceeded, text))
     }
 
     /// A closed connection gives its principal's place back.
@@ -134,10 +199,7 @@ impl Auth {
     }
 
     fn forget(&self, principal: &Arc<str>) {
-        self.connections.remove_if_mut(principal, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
+        give_back(&self.connections, principal);
     }
 
     /// The quota bucket of the connection's principal for `direction`, if it has one (peers

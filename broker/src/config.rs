@@ -75,6 +75,12 @@ pub struct BrokerConfig {
     pub max_handshakes: usize,
     /// Connections one principal may hold at once, when authentication is on.
     pub max_connections_per_principal: usize,
+    /// Bidirectional streams one principal may hold open at once over all its connections
+    /// (anonymous clients share one count). Every open stream holds broker memory for up to
+    /// `stream_idle_timeout_ms` however idle it is; beyond this a new stream is answered
+    /// `LimitExceeded` and ended. The default covers two clients producing to and consuming
+    /// every partition of the widest topic at once.
+    pub max_streams_per_principal: usize,
     /// Request bytes one connection may have buffered in the broker (being received or being
     /// handled). At least `MAX_FRAME_BYTES`.
     pub max_connection_buffer_bytes: u32,
@@ -135,6 +141,7 @@ impl Default for BrokerConfig {
             stream_idle_timeout_ms: 300_000,
             max_handshakes: 1024,
             max_connections_per_principal: 1024,
+            max_streams_per_principal: 16_384,
             max_connection_buffer_bytes: 64 * 1024 * 1024,
             max_total_buffer_bytes: 1024 * 1024 * 1024,
             max_window_bytes: 64 * 1024 * 1024,
@@ -223,6 +230,7 @@ impl BrokerConfig {
             self.max_connections_per_principal > 0,
             "max_connections_per_principal must be positive"
         );
+        anyhow::ensure!(self.max_streams_per_principal > 0, "max_streams_per_principal must be positive");
         anyhow::ensure!(self.stream_idle_timeout_ms > 0, "stream_idle_timeout_ms must be positive");
         anyhow::ensure!(
             self.max_inflight_requests_per_stream > 0,

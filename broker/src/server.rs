@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::offsets::OffsetStore;
+use crate::partition::PartitionError;
 use crate::state::{fail_stream, BrokerState};
 use crate::storage::{FsStorage, Storage};
 use crate::topics::Topics;
@@ -495,8 +496,22 @@ async fn handle_connection(
             }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(handle_stream(state.clone(), send, recv, buffer.clone(), members.clone()));
-                    stream_limit = raise_stream_limit(&conn, streams.len(), stream_limit, state.config.max_streams_per_connection);
+                    match state.auth.open_stream(&members) {
+                        Ok(slot) => {
+                            let stream = handle_stream(state.clone(), send, recv, buffer.clone(), members.clone());
+                            streams.spawn(async move {
+                                stream.await;
+                                drop(slot);
+                            });
+                        }
+                        Err(e) => {
+                            streams.spawn(refuse_stream(send, recv, e));
+                        }
+                    }
+                    // A connection yet to authenticate keeps its first few streams.
+                    if !must_authenticate || members.principal().is_some() {
+                        stream_limit = raise_stream_limit(&conn, streams.len(), stream_limit, state.config.max_streams_per_connection);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(%remote, "connection closed: {e}");
@@ -595,6 +610,13 @@ fn raise_stream_limit(conn: &quinn::Connection, open: usize, limit: u32, max: u3
     raised
 }
 
+/// Answers a stream the broker will not serve with `e`, without reading what it asked.
+async fn refuse_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, e: PartitionError) {
+    let _ = recv.stop(quinn::VarInt::from_u32(u32::from(e.code.code())));
+    let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
+    let _ = send.finish();
+}
+
 /// The first frame decides what a stream is: `Subscribe` makes a subscription stream,
 /// anything else a request stream.
 async fn handle_stream(
@@ -636,6 +658,7 @@ async fn handle_stream(
                 return;
             }
             let permission = crate::auth::Permission::watch(&state.auth, &members, &sub);
+            let quota = state.auth.quota(&members, crate::auth::Direction::Consume);
             // A group's subscription is served by its coordinator (a client's is handed there
             // whole); one without a group keeps no ledger beyond itself.
             let store = match &sub.group {
@@ -648,13 +671,14 @@ async fn handle_stream(
                 }
                 Some(group) => {
                     let partition = Some((sub.topic.as_str(), sub.partition));
-                    match crate::coordinator::resolve(&state, &members, group, partition).await {
+                    match Box::pin(crate::coordinator::resolve(&state, &members, group, partition)).await {
                         crate::coordinator::Resolved::Store(store) => store,
                         crate::coordinator::Resolved::Forward(target) => {
                             let Some(cluster) = &state.cluster else { return };
-                            return crate::cluster::forward_subscription(
-                                cluster, target, sub, send, reader, permission,
-                            )
+                            let client = crate::cluster::RelayedClient { permission, quota };
+                            return Box::pin(crate::cluster::forward_subscription(
+                                cluster, target, sub, send, reader, client,
+                            ))
                             .await;
                         }
                         crate::coordinator::Resolved::Refused(e) => {
@@ -668,7 +692,7 @@ async fn handle_stream(
             };
             // A partition held by other brokers only: one of them serves the subscription.
             if let Some(cluster) = &state.cluster {
-                state.settle(&sub.topic).await;
+                Box::pin(state.settle(&sub.topic)).await;
                 // A coordinator hands the partition on also for a subscription a peer forwarded.
                 let from_peer = members.is_peer() && !store.is_coordinated();
                 match cluster.remote_reader(&sub.topic, sub.partition, from_peer) {
@@ -680,15 +704,16 @@ async fn handle_stream(
                             let key = (Arc::from(group), Arc::from(sub.topic.as_str()), sub.partition);
                             sub.group_position = store.get(&key);
                         }
-                        return crate::cluster::splice_subscription(
+                        let client = crate::cluster::RelayedClient { permission, quota };
+                        return Box::pin(crate::cluster::splice_subscription(
                             cluster,
                             &state.groups,
                             target,
                             sub,
                             send,
                             reader,
-                            permission,
-                        )
+                            client,
+                        ))
                         .await;
                     }
                     Some(Err(e)) => {
@@ -699,10 +724,13 @@ async fn handle_stream(
                     None => {}
                 }
             }
-            let quota = state.auth.quota(&members, crate::auth::Direction::Consume);
             let limits = crate::subscription::Limits { permission, budget, quota };
-            crate::subscription::run(state, sub, store, send, reader, limits).await
+            Box::pin(crate::subscription::run(state, sub, store, send, reader, limits)).await
         }
-        first => crate::requests::serve(state, (first, permits), send, reader, members, budget).await,
+        // Boxed, as the subscription above: the task of a stream that is only waiting holds
+        // no room for the states of the other kinds.
+        first => {
+            Box::pin(crate::requests::serve(state, (first, permits), send, reader, members, budget)).await
+        }
     }
 }

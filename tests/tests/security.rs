@@ -523,3 +523,65 @@ async fn a_group_member_holding_no_partition_stops_when_its_permission_goes() ->
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_relayed_by_a_broker_holding_no_replica_keeps_its_consume_quota() -> anyhow::Result<()>
+{
+    init_tracing();
+    bounded(120, async {
+        const QUOTA: u64 = 1024 * 1024;
+        let dir = quiver_tests::test_dir()?;
+        let tokens = dir.path().join("tokens");
+        let (admin_token, admin_line) = quiver_broker::auth::new_token("admin", None)?;
+        let (alice_token, alice_line) = quiver_broker::auth::new_token("alice", None)?;
+        std::fs::write(&tokens, format!("{admin_line}\n{alice_line}\n"))?;
+        let args = vec![
+            "--token-file".to_string(),
+            tokens.display().to_string(),
+            "--super-users".to_string(),
+            "admin,alice".to_string(),
+            "--quota".to_string(),
+            format!("alice:consume={QUOTA}"),
+        ];
+        let cluster = quiver_tests::Cluster::start_with_args(BIN, dir.path(), 3, &args).await?;
+        let admin = token_client(&cluster, 0, &admin_token).await?;
+        admin.admin().create_topic("q", 1, TopicConfig::default().with_replicas(1)).await?;
+        let producer = Producer::new(admin.clone(), ProducerConfig::default());
+        let mut acks = Vec::new();
+        for _ in 0..96 {
+            acks.push(producer.enqueue("q", ProducerRecord::new(vec![b'q'; 64 * 1024])).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        // Alice reads through a broker that holds no replica: it relays the subscription to
+        // the one that does, which sees only a peer.
+        let holder = admin.admin().describe_topic("q").await?.partitions[0].replicas[0];
+        let relay = (0..3).find(|i| *i as u32 + 1 != holder).unwrap_or(0);
+        let alice = token_client(&cluster, relay, &alice_token).await?;
+        let mut consumer =
+            Consumer::subscribe(alice.clone(), ConsumerConfig::new("q").start(StartPosition::Earliest))
+                .await?;
+        // The first delivery, then the rate from there (the burst allowance is a tenth of a
+        // second's worth).
+        next_message(&mut consumer, Duration::from_secs(20)).await?.ack();
+        let started = std::time::Instant::now();
+        let (mut read, mut records) = (0u64, 1);
+        while started.elapsed() < Duration::from_secs(3) && records < 96 {
+            let m = next_message(&mut consumer, Duration::from_secs(10)).await?;
+            read += m.value.len() as u64;
+            records += 1;
+            m.ack();
+        }
+        let rate = read as f64 / started.elapsed().as_secs_f64();
+        eprintln!(
+            "relayed consume: alice {:.2} MiB/s (quota {:.2})",
+            rate / 1048576.0,
+            QUOTA as f64 / 1048576.0
+        );
+        assert!(rate <= QUOTA as f64 * 1.1, "alice consumed {rate:.0} B/s against a quota of {QUOTA}");
+        assert!(rate >= QUOTA as f64 * 0.5, "alice consumed only {rate:.0} B/s with a quota of {QUOTA}");
+        Ok(())
+    })
+    .await
+}

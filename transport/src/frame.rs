@@ -72,7 +72,8 @@ impl FrameReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
         FrameReader {
             recv,
-            buf: BytesMut::with_capacity(8 * 1024),
+            // Allocated as bytes arrive: an idle stream holds no buffer.
+            buf: BytesMut::new(),
             frame_timeout: DEFAULT_FRAME_TIMEOUT,
             budgets: Vec::new(),
             held: Vec::new(),

@@ -42,7 +42,7 @@ pub use controller::DeleteHooks;
 pub(crate) use driver::{Event, GroupHandle};
 pub(crate) use forward::StreamForward;
 pub(crate) use links::PeerLinks;
-pub(crate) use remote::{forward_subscription, splice_subscription};
+pub(crate) use remote::{forward_subscription, splice_subscription, RelayedClient};
 
 use crate::partition::{Partition, PartitionError};
 use crate::storage::Storage;

@@ -34,6 +34,8 @@ const NOTICES_PER_FRAME: usize = 2048;
 /// How often a spliced group subscription re-checks here that its member still owns the
 /// partition (the broker serving it cannot: the membership lives here).
 const OWNER_CHECK: Duration = Duration::from_secs(1);
+/// Most bytes a relay takes from the serving broker at once (one charge to the quota).
+const RELAY_CHUNK_BYTES: usize = 64 * 1024;
 
 /// What this broker knows of a group it holds no replica of.
 #[derive(Debug)]
@@ -362,7 +364,7 @@ pub(crate) async fn splice_subscription(
     mut sub: quiver_protocol::message::Subscribe,
     mut send: quinn::SendStream,
     reader: FrameReader,
-    permission: Option<crate::auth::Permission>,
+    client: RelayedClient,
 ) {
     let member: Option<(String, MemberRef)> = sub.group.clone().zip(sub.member.take());
     let (topic, partition) = (sub.topic.clone(), sub.partition);
@@ -383,11 +385,53 @@ pub(crate) async fn splice_subscription(
         Message::error(ErrorCode::NotLeader, text)
     };
     metrics::counter!("quiver_forwarded_subscriptions_total").increment(1);
+    let permission = &client.permission;
     let owner = || match check() {
         Err(_) => Some(ErrorCode::FencedMember),
-        Ok(()) => revoked(&permission),
+        Ok(()) => revoked(permission),
     };
-    relay(cluster, target, &sub, send, reader, owner, unreachable).await
+    relay(cluster, target, &sub, (send, reader), &client, owner, unreachable).await
+}
+
+/// What a broker relaying a client's subscription applies on the client's behalf: the
+/// permission to check (again whenever the ACL rules change) and the consume quota to charge
+/// the bytes relayed to (the broker serving the subscription sees only a peer).
+#[derive(Debug)]
+pub(crate) struct RelayedClient {
+    pub permission: Option<crate::auth::Permission>,
+    pub quota: Option<Arc<crate::auth::RateBucket>>,
+}
+
+/// Whether the ACL rules changed (`false`: they never will again); pending without a watcher.
+async fn changes(watcher: &mut Option<watch::Receiver<u64>>) -> bool {
+    match watcher {
+        Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies a stream's bytes as quinn hands them over (no copy), charging each chunk to
+/// `quota` first and waiting while over it.
+async fn copy_charged(
+    from: &mut quinn::RecvStream,
+    to: &mut quinn::SendStream,
+    quota: Option<&crate::auth::RateBucket>,
+) {
+    loop {
+        let chunk = match from.read_chunk(RELAY_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) | Err(_) => return,
+        };
+        if let Some(q) = quota {
+            let wait = q.take(chunk.len());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if to.write_chunk(chunk).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// `NotAuthorized` once the client's permission for the subscription is gone (the ACLs
@@ -406,7 +450,7 @@ pub(crate) async fn forward_subscription(
     sub: quiver_protocol::message::Subscribe,
     send: quinn::SendStream,
     reader: FrameReader,
-    permission: Option<crate::auth::Permission>,
+    client: RelayedClient,
 ) {
     let group = sub.group.clone().unwrap_or_default();
     let unreachable = |why: &str| {
@@ -415,18 +459,21 @@ pub(crate) async fn forward_subscription(
         Message::error(ErrorCode::NotCoordinator, text)
     };
     metrics::counter!("quiver_forwarded_group_subscriptions_total").increment(1);
-    relay(cluster, target, &sub, send, reader, || revoked(&permission), unreachable).await
+    relay(cluster, target, &sub, (send, reader), &client, || revoked(&client.permission), unreachable).await
 }
 
 /// Opens a stream to `target`, sends `sub` on it and copies both ways until either side ends;
-/// `owner` is asked every `OWNER_CHECK` whether the stream may go on (an error code resets it
-/// with that code: the member lost the partition, or the client its permission).
+/// `owner` is asked every `OWNER_CHECK` and whenever the ACL rules change whether the stream
+/// may go on (an error code resets it with that code: the member lost the partition, or the
+/// client its permission). What comes back is charged to the client's consume quota: over
+/// it, nothing more is read from the target until the debt is paid (flow control holds the
+/// target back, and the client waits).
 async fn relay(
     cluster: &Cluster,
     target: u64,
     sub: &quiver_protocol::message::Subscribe,
-    mut send: quinn::SendStream,
-    mut reader: FrameReader,
+    (mut send, mut reader): (quinn::SendStream, FrameReader),
+    client: &RelayedClient,
     owner: impl Fn() -> Option<ErrorCode>,
     unreachable: impl Fn(&str) -> Message,
 ) {
@@ -452,10 +499,11 @@ async fn relay(
         }
     };
     let ended: Option<ErrorCode> = {
-        let to_client = tokio::io::copy(&mut peer_recv, &mut send);
+        let to_client = copy_charged(&mut peer_recv, &mut send, client.quota.as_deref());
         tokio::pin!(to_client);
         let mut check = tokio::time::interval(OWNER_CHECK);
         check.tick().await;
+        let mut acl_changes = client.permission.as_ref().map(|p| p.watcher());
         loop {
             tokio::select! {
                 _ = &mut to_client => break None,
@@ -475,6 +523,13 @@ async fn relay(
                 },
                 _ = check.tick() => {
                     if let Some(code) = owner() {
+                        break Some(code);
+                    }
+                }
+                changed = changes(&mut acl_changes) => {
+                    if !changed {
+                        acl_changes = None; // the rules can no longer change
+                    } else if let Some(code) = owner() {
                         break Some(code);
                     }
                 }
