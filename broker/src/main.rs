@@ -104,6 +104,10 @@ enum Command {
         /// Broker N listens on UDP 127.0.0.1:(base-port + N).
         #[arg(long, default_value_t = 7430)]
         base_port: u16,
+        /// Further flags for every broker, after `--` (e.g. `-- --token-file tokens
+        /// --super-users admin`, or `--client-ca <data-dir>/ca/ca.pem`).
+        #[arg(last = true, value_name = "BROKER_FLAGS")]
+        broker_flags: Vec<String>,
     },
     /// Creates a token for a principal: adds its hash to the token file (created if missing,
     /// mode 0600) and prints the token once. Brokers reading that file with --token-file accept
@@ -223,8 +227,8 @@ fn expand_home(path: &std::path::Path) -> PathBuf {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Some(Command::DevCluster { nodes, data_dir, base_port }) => {
-            return dev_cluster(nodes, &data_dir, base_port).await
+        Some(Command::DevCluster { nodes, data_dir, base_port, broker_flags }) => {
+            return dev_cluster(nodes, &data_dir, base_port, &broker_flags).await
         }
         Some(Command::Token { principal, file, valid_days }) => {
             return add_token(&principal, &file, valid_days)
@@ -399,7 +403,12 @@ fn client_cert(principal: &str, ca_dir: &std::path::Path, out: &std::path::Path)
 }
 
 /// `quiverd dev-cluster`: N brokers as child processes of this binary, sharing a development CA.
-async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> anyhow::Result<()> {
+async fn dev_cluster(
+    nodes: u32,
+    data_dir: &std::path::Path,
+    base_port: u16,
+    broker_flags: &[String],
+) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be 1 to 9");
     let exe = std::env::current_exe().context("finding the quiverd binary")?;
     let ca_dir = data_dir.join("ca");
@@ -420,6 +429,7 @@ async fn dev_cluster(nodes: u32, data_dir: &std::path::Path, base_port: u16) -> 
             .arg("--dev-ca")
             .arg(&ca_dir)
             .arg("--stop-with-parent")
+            .args(broker_flags)
             .spawn()
             .with_context(|| format!("starting broker {i}"))
     };

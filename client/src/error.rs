@@ -59,8 +59,15 @@ pub enum ClientError {
     Closed,
 }
 
+/// Each broker's reason once: the same refusal from every broker is said once.
 fn join_attempts(attempts: &[ClientError]) -> String {
-    attempts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    let mut said: Vec<String> = Vec::new();
+    for text in attempts.iter().map(ToString::to_string) {
+        if !said.contains(&text) {
+            said.push(text);
+        }
+    }
+    said.join("; ")
 }
 
 fn last_error_suffix(last: &Option<String>) -> String {
@@ -193,7 +200,9 @@ mod tests {
         }
         assert!(text.starts_with("no broker answered: broker 127.0.0.1:1 unreachable"), "{text}");
         assert!(e.is_retriable());
-        assert!(!ClientError::AllBrokersFailed { attempts: vec![tls.clone(), tls] }.is_retriable());
+        let same = ClientError::AllBrokersFailed { attempts: vec![tls.clone(), tls] };
+        assert_eq!(same.to_string(), "no broker answered: connection to 127.0.0.1:3 failed: TLS: bad certificate");
+        assert!(!same.is_retriable());
     }
 
     #[test]
