@@ -201,7 +201,10 @@ mod tests {
         assert!(text.starts_with("no broker answered: broker 127.0.0.1:1 unreachable"), "{text}");
         assert!(e.is_retriable());
         let same = ClientError::AllBrokersFailed { attempts: vec![tls.clone(), tls] };
-        assert_eq!(same.to_string(), "no broker answered: connection to 127.0.0.1:3 failed: TLS: bad certificate");
+        assert_eq!(
+            same.to_string(),
+            "no broker answered: connection to 127.0.0.1:3 failed: TLS: bad certificate"
+        );
         assert!(!same.is_retriable());
     }
 

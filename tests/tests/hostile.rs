@@ -362,3 +362,100 @@ async fn idle_streams_cost_little_and_one_principal_holds_only_its_share() -> an
     })
     .await
 }
+
+/// A UDP relay to `broker` for one client that passes back only Retry packets: the client's
+/// handshakes get past address validation (from there the broker holds state for each) and
+/// never finish. Returns the address to connect to; the relay ends with the test's runtime.
+async fn handshakes_that_never_finish(broker: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    back.connect(broker).await?;
+    let addr = front.local_addr()?;
+    tokio::spawn(async move {
+        let (mut from_client, mut from_broker) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let mut client = None;
+        loop {
+            tokio::select! {
+                Ok((n, who)) = front.recv_from(&mut from_client) => {
+                    client = Some(who);
+                    let _ = back.send(&from_client[..n]).await;
+                }
+                Ok(n) = back.recv(&mut from_broker) => {
+                    // QUIC v1 long header of type Retry: 0b11_11_xxxx.
+                    if let (Some(who), true) = (client, n > 0 && from_broker[0] & 0xF0 == 0xF0) {
+                        let _ = front.send_to(&from_broker[..n], who).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_unfinished_handshakes_hold_at_most_max_handshakes() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(120, async {
+        let dir = tempfile::tempdir()?;
+        let broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let other = broker.client().await?;
+        other.admin().create_topic("t", 1, TopicConfig::default()).await?;
+        let polite = Producer::new(other.clone(), ProducerConfig::default());
+        let one_at_a_time = |n: usize| {
+            let (polite, other) = (&polite, &other);
+            async move {
+                let mut took = Vec::new();
+                for _ in 0..n {
+                    let started = Instant::now();
+                    polite.send("t", ProducerRecord::new("x")).await?;
+                    other.admin().offset_for_time("t", 0, 0).await?;
+                    took.push(started.elapsed());
+                }
+                took.sort();
+                anyhow::Ok(took)
+            }
+        };
+        let quiet = one_at_a_time(30).await?;
+        let before = broker.rss_kib().unwrap_or(0);
+
+        // 3,000 handshakes from one client, none of which finishes (the broker allows
+        // `max_handshakes`, 1,024, at once and refuses the rest until some end).
+        let relay = handshakes_that_never_finish(broker.addr).await?;
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![quiver_protocol::limits::ALPN.to_vec()];
+        let config = quinn::ClientConfig::new(std::sync::Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        ));
+        let mut pending = Vec::new();
+        for _ in 0..3000 {
+            pending.push(endpoint.connect_with(config.clone(), relay, "localhost")?);
+        }
+        let mut peak = before;
+        let mut during = Vec::new();
+        for _ in 0..10 {
+            during.extend(one_at_a_time(3).await?);
+            peak = peak.max(broker.rss_kib().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        during.sort();
+        let grown_mib = peak.saturating_sub(before) / 1024;
+        eprintln!(
+            "3,000 unfinished handshakes: broker RSS {before} KiB before, {peak} KiB at peak (+{grown_mib} MiB); \
+             the other client: median {:?} before, {:?} during (slowest {:?})",
+            quiet[quiet.len() / 2],
+            during[during.len() / 2],
+            during[during.len() - 1]
+        );
+        // Bounded: 1,024 handshakes at about 53 KiB each, and quinn's queue of refused ones.
+        assert!(grown_mib < 96, "broker grew by {grown_mib} MiB");
+        assert!(during[during.len() / 2] < quiet[quiet.len() / 2] * 3 + Duration::from_millis(5));
+        drop(pending);
+        endpoint.close(0u32.into(), b"");
+        Ok(())
+    })
+    .await
+}
