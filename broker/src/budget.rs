@@ -2,7 +2,11 @@
 //! "Resource bounds"). Depends on nothing else in the broker, so the log and partition code can
 //! count what they read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
+use quiver_protocol::limits::{MIN_SEND_WINDOW_BYTES, SEND_WINDOW_BYTES};
 
 /// The memory a connection's answers may hold while they wait to be written (fetched batches,
 /// subscription reads): counted against the same budgets as its request frames, the
@@ -45,4 +49,87 @@ impl ReplyBudget {
 /// `MAX_FRAME_BYTES`, `BrokerConfig::validate`).
 fn clamp_permits(bytes: usize) -> u32 {
     bytes.clamp(1, quiver_protocol::limits::MAX_FRAME_BYTES) as u32
+}
+
+/// Shares `max_total_send_bytes` among the clients' connections: what the broker has written to
+/// a connection and the client has not acknowledged (or not yet been sent, the client not
+/// reading) waits in that connection's QUIC send window, outside the buffer budgets. Each
+/// connection's window is the total over the number of connections, rounded down to a power of
+/// two so that windows change only when that count crosses one (then all at once), between
+/// `MIN_SEND_WINDOW_BYTES` and `SEND_WINDOW_BYTES`. Links between brokers keep full windows.
+#[derive(Debug)]
+pub struct SendWindows {
+    total: u64,
+    /// The client connections, and the window they all have now.
+    open: Mutex<(HashMap<u64, quinn::Connection>, u64)>,
+}
+
+impl SendWindows {
+    pub fn new(total: u64) -> Arc<SendWindows> {
+        Arc::new(SendWindows { total, open: Mutex::new((HashMap::new(), SEND_WINDOW_BYTES)) })
+    }
+
+    /// Counts `conn` (the broker's connection `id`) among the clients' until the returned
+    /// slot is dropped.
+    pub fn join(self: &Arc<Self>, id: u64, conn: &quinn::Connection) -> SendWindowSlot {
+        let mut open = self.open.lock();
+        open.0.insert(id, conn.clone());
+        conn.set_send_window(open.1);
+        self.rebalance(&mut open);
+        SendWindowSlot { windows: Arc::clone(self), id }
+    }
+
+    /// The window every client connection has now.
+    pub fn window(&self) -> u64 {
+        self.open.lock().1
+    }
+
+    fn rebalance(&self, open: &mut (HashMap<u64, quinn::Connection>, u64)) {
+        let share = self.total / open.0.len().max(1) as u64;
+        let window = prev_power_of_two(share).clamp(MIN_SEND_WINDOW_BYTES, SEND_WINDOW_BYTES);
+        if window != open.1 {
+            open.1 = window;
+            for conn in open.0.values() {
+                conn.set_send_window(window);
+            }
+            metrics::gauge!("quiver_client_send_window_bytes").set(window as f64);
+        }
+    }
+}
+
+/// A client connection's place among those sharing `max_total_send_bytes`.
+#[derive(Debug)]
+pub struct SendWindowSlot {
+    windows: Arc<SendWindows>,
+    id: u64,
+}
+
+impl Drop for SendWindowSlot {
+    fn drop(&mut self) {
+        let mut open = self.windows.open.lock();
+        open.0.remove(&self.id);
+        self.windows.rebalance(&mut open);
+    }
+}
+
+/// The largest power of two at most `n` (1 for 0).
+fn prev_power_of_two(n: u64) -> u64 {
+    if n == 0 {
+        1
+    } else {
+        1 << (63 - n.leading_zeros())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_powers_of_two_within_the_limits() {
+        assert_eq!(prev_power_of_two(0), 1);
+        assert_eq!(prev_power_of_two(1), 1);
+        assert_eq!(prev_power_of_two(3 << 20), 2 << 20);
+        assert_eq!(prev_power_of_two(u64::MAX), 1 << 63);
+    }
 }

@@ -86,6 +86,10 @@ pub struct BrokerConfig {
     pub max_connection_buffer_bytes: u32,
     /// Request bytes all connections together may have buffered.
     pub max_total_buffer_bytes: u32,
+    /// Bytes written to clients' connections and not yet acknowledged by them (sent or not:
+    /// a client that stops reading or acknowledging leaves them there), all connections
+    /// together: each client connection's QUIC send window is its share (docs/security.md).
+    pub max_total_send_bytes: u64,
     /// Upper bound on a subscription's delivery window, whatever the client asks for.
     pub max_window_bytes: u32,
     /// Largest `Deliver` frame the broker builds.
@@ -144,6 +148,7 @@ impl Default for BrokerConfig {
             max_streams_per_principal: 16_384,
             max_connection_buffer_bytes: 64 * 1024 * 1024,
             max_total_buffer_bytes: 1024 * 1024 * 1024,
+            max_total_send_bytes: 1024 * 1024 * 1024,
             max_window_bytes: 64 * 1024 * 1024,
             max_deliver_bytes: 1024 * 1024,
             retention_check_ms: 30_000,
@@ -231,6 +236,11 @@ impl BrokerConfig {
             "max_connections_per_principal must be positive"
         );
         anyhow::ensure!(self.max_streams_per_principal > 0, "max_streams_per_principal must be positive");
+        anyhow::ensure!(
+            self.max_total_send_bytes >= quiver_protocol::limits::SEND_WINDOW_BYTES,
+            "max_total_send_bytes must be at least one connection's send window ({} bytes)",
+            quiver_protocol::limits::SEND_WINDOW_BYTES
+        );
         anyhow::ensure!(self.stream_idle_timeout_ms > 0, "stream_idle_timeout_ms must be positive");
         anyhow::ensure!(
             self.max_inflight_requests_per_stream > 0,

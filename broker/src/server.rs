@@ -104,6 +104,7 @@ impl Broker {
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let endpoint_config = crate::tls::endpoint_config(&config)?;
         let total_buffer = config.max_total_buffer_bytes as usize;
+        let send_windows = crate::budget::SendWindows::new(config.max_total_send_bytes);
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),
@@ -149,6 +150,7 @@ impl Broker {
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             total_buffer: Arc::new(tokio::sync::Semaphore::new(total_buffer)),
+            send_windows,
             shutdown,
             dead_letters: crate::dead_letters::DeadLetterWriter::start(),
             cluster,
@@ -469,6 +471,8 @@ async fn handle_connection(
     };
     state.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("quiver_connections").increment(1.0);
+    // A client's unacknowledged answers wait in its send window: all clients share a total.
+    let _send_window = peer.is_none().then(|| state.send_windows.join(id, &conn));
     tracing::debug!(%remote, "connection open");
     let mut streams = JoinSet::new();
     // A peer link carries the requests of every client forwarded here from that broker: the

@@ -39,6 +39,8 @@ pub struct BrokerState {
     pub handshakes: AtomicUsize,
     /// Bytes of request frames all connections may hold at once.
     pub total_buffer: Arc<tokio::sync::Semaphore>,
+    /// `max_total_send_bytes` shared among the clients' connections.
+    pub send_windows: Arc<crate::budget::SendWindows>,
     pub shutdown: CancellationToken,
     /// Appends dead letters for the subscriptions, outside their delivery loops.
     pub dead_letters: crate::dead_letters::DeadLetterWriter,

@@ -25,9 +25,10 @@ async fn broker_with_history(
     topic: &str,
     record_bytes: usize,
     records: usize,
+    more_config: &str,
 ) -> anyhow::Result<BrokerProcess> {
     let config = format!(
-        "max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n"
+        "max_connection_buffer_bytes = {CONNECTION_BUDGET}\ntail_cache_bytes_per_partition = 1048576\n{more_config}"
     );
     let broker = BrokerProcess::start(BIN, dir, Some(&config)).await?;
     let client = broker.client().await?;
@@ -53,7 +54,7 @@ async fn a_client_that_stops_reading_its_fetches_cannot_grow_broker_memory() -> 
         // 48 MiB of history in 2 MiB batches, nearly all of it beyond the tail cache: fetches
         // read it from disk into buffers of their own, a whole batch however few bytes they
         // ask for.
-        let broker = broker_with_history(dir.path(), "big", 2 << 20, 24).await?;
+        let broker = broker_with_history(dir.path(), "big", 2 << 20, 24, "").await?;
         let before = broker.rss_kib().unwrap_or(0);
         // Another client's requests, one at a time, before the flood: the median of 30.
         let other = broker.client().await?;
@@ -114,7 +115,7 @@ async fn a_client_that_stops_reading_its_subscriptions_cannot_grow_broker_memory
     init_tracing();
     bounded(180, async {
         let dir = tempfile::tempdir()?;
-        let broker = broker_with_history(dir.path(), "hist", 64 * 1024, 768).await?;
+        let broker = broker_with_history(dir.path(), "hist", 64 * 1024, 768, "").await?;
         let before = broker.rss_kib().unwrap_or(0);
 
         // 512 subscriptions from different points of the history, with wide windows, on one
@@ -363,10 +364,13 @@ async fn idle_streams_cost_little_and_one_principal_holds_only_its_share() -> an
     .await
 }
 
-/// A UDP relay to `broker` for one client that passes back only Retry packets: the client's
-/// handshakes get past address validation (from there the broker holds state for each) and
-/// never finish. Returns the address to connect to; the relay ends with the test's runtime.
-async fn handshakes_that_never_finish(broker: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+/// A UDP relay between one client and `broker` that passes a datagram only when
+/// `pass(toward_broker, datagram)` says so. Returns the address to connect to; the relay ends
+/// with the test's runtime.
+async fn udp_relay(
+    broker: std::net::SocketAddr,
+    pass: impl Fn(bool, &[u8]) -> bool + Send + 'static,
+) -> anyhow::Result<std::net::SocketAddr> {
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     back.connect(broker).await?;
@@ -378,11 +382,12 @@ async fn handshakes_that_never_finish(broker: std::net::SocketAddr) -> anyhow::R
             tokio::select! {
                 Ok((n, who)) = front.recv_from(&mut from_client) => {
                     client = Some(who);
-                    let _ = back.send(&from_client[..n]).await;
+                    if pass(true, &from_client[..n]) {
+                        let _ = back.send(&from_client[..n]).await;
+                    }
                 }
                 Ok(n) = back.recv(&mut from_broker) => {
-                    // QUIC v1 long header of type Retry: 0b11_11_xxxx.
-                    if let (Some(who), true) = (client, n > 0 && from_broker[0] & 0xF0 == 0xF0) {
+                    if let (Some(who), true) = (client, pass(false, &from_broker[..n])) {
                         let _ = front.send_to(&from_broker[..n], who).await;
                     }
                 }
@@ -390,6 +395,11 @@ async fn handshakes_that_never_finish(broker: std::net::SocketAddr) -> anyhow::R
         }
     });
     Ok(addr)
+}
+
+/// A QUIC v1 long-header packet of type Retry: 0b11_11_xxxx.
+fn is_retry(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|b| b & 0xF0 == 0xF0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +430,9 @@ async fn thousands_of_unfinished_handshakes_hold_at_most_max_handshakes() -> any
 
         // 3,000 handshakes from one client, none of which finishes (the broker allows
         // `max_handshakes`, 1,024, at once and refuses the rest until some end).
-        let relay = handshakes_that_never_finish(broker.addr).await?;
+        // Through a relay that passes back only the broker's Retry packets: each handshake
+        // gets past address validation (from there the broker holds state for it) and stalls.
+        let relay = udp_relay(broker.addr, |toward_broker, d| toward_broker || is_retry(d)).await?;
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -455,6 +467,61 @@ async fn thousands_of_unfinished_handshakes_hold_at_most_max_handshakes() -> any
         assert!(during[during.len() / 2] < quiet[quiet.len() / 2] * 3 + Duration::from_millis(5));
         drop(pending);
         endpoint.close(0u32.into(), b"");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stop_acknowledging_share_the_broker_wide_send_bound() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(180, async {
+        const TOTAL_BUFFER: u64 = 64 << 20;
+        const TOTAL_SEND: u64 = 64 << 20;
+        let dir = tempfile::tempdir()?;
+        let more = format!("max_total_buffer_bytes = {TOTAL_BUFFER}\nmax_total_send_bytes = {TOTAL_SEND}\n");
+        let broker = broker_with_history(dir.path(), "big", 2 << 20, 24, &more).await?;
+        let before = broker.rss_kib().unwrap_or(0);
+        // 16 connections, each through a relay that stops passing anything toward the broker
+        // (no more ACKs) once 32 fetches of a whole 2 MiB batch were asked on it: what the
+        // broker writes stays unacknowledged in its send windows until the connections time out.
+        let mut held = Vec::new();
+        for _ in 0..16 {
+            let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let c = cut.clone();
+            let relay = udp_relay(broker.addr, move |toward_broker, _| {
+                !toward_broker || !c.load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .await?;
+            let config = ClientConfig::new(relay.to_string(), broker.ca_path());
+            let client = Client::connect(config).await?;
+            let conn = client.connection().await?;
+            let mut streams = Vec::new();
+            for i in 0..32u64 {
+                let (mut send, recv) =
+                    tokio::time::timeout(Duration::from_secs(10), conn.open_bi()).await??;
+                let fetch =
+                    Message::Fetch { topic: "big".into(), partition: 0, offset: i % 23, max_bytes: 1 };
+                write_message(&mut send, &fetch).await?;
+                streams.push((send, recv));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cut.store(true, std::sync::atomic::Ordering::Relaxed);
+            held.push((client, streams));
+        }
+        let mut peak = before;
+        for _ in 0..40 {
+            peak = peak.max(broker.rss_kib().unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let grown_mib = peak.saturating_sub(before) / 1024;
+        eprintln!(
+            "16 connections that stopped acknowledging: broker RSS {before} -> {peak} KiB (+{grown_mib} MiB)"
+        );
+        // Bounded by the answers waiting for budget and those in the send windows.
+        let bound = (TOTAL_BUFFER + TOTAL_SEND) >> 20;
+        // With 64 MiB windows each (the total not shared): +1,020 MiB.
+        assert!(grown_mib < bound + 64, "broker grew by {grown_mib} MiB (bound {bound} MiB)");
         Ok(())
     })
     .await
