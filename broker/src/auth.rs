@@ -148,16 +148,15 @@ impl Auth {
         Ok(())
     }
 
-    /// Counts a stream the client opened against its principal's `max_streams_per_principal`
-    /// (anonymous clients share one count). Streams of peers are not counted, nor those of a
-    /// connection that has yet to authenticate: it keeps `INITIAL_STREAMS_PER_CONNECTION` until
-    /// it does, and is closed unless it does within 10 s.
+    /// Counts a stream the client opened against its principal's `max_streams_per_principal`.
+    /// Only authenticated principals are counted: anonymous connections (authentication off, or
+    /// `--allow-anonymous`) are bounded by `max_streams_per_connection` alone, and a connection
+    /// that has yet to authenticate may hold `UNAUTHENTICATED_STREAMS` (the server refuses
+    /// more), and is closed unless it authenticates within 10 s. Peers are not counted.
     pub fn open_stream(&self, conn: &crate::groups::ConnectionInfo) -> Result<StreamSlot, PartitionError> {
-        if conn.is_peer() {
-            return Ok(StreamSlot::uncounted());
-        }
-        let Ok(principal) = self.principal_of(conn) else {
-            return Ok(StreamSlot::uncounted());
+        let principal = match conn.principal() {
+            Some(p) if !conn.is_peer() && self.enabled => p,
+            _ => return Ok(StreamSlot::uncounted()),
         };
         self.take_one(&self.streams, &principal, self.max_streams_per_principal, "streams", "stream")?;
         Ok(StreamSlot { counted: Some((Arc::clone(&self.streams), principal)) })

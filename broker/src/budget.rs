@@ -54,9 +54,11 @@ fn clamp_permits(bytes: usize) -> u32 {
 /// Shares `max_total_send_bytes` among the clients' connections: what the broker has written to
 /// a connection and the client has not acknowledged (or not yet been sent, the client not
 /// reading) waits in that connection's QUIC send window, outside the buffer budgets. Each
-/// connection's window is the total over the number of connections, rounded down to a power of
-/// two so that windows change only when that count crosses one (then all at once), between
-/// `MIN_SEND_WINDOW_BYTES` and `SEND_WINDOW_BYTES`. Links between brokers keep full windows.
+/// connection's window is at most the total over the number of connections, rounded down to a
+/// power of two so that windows change only when that count crosses one (then all at once),
+/// between `MIN_SEND_WINDOW_BYTES` and `SEND_WINDOW_BYTES`. Links between brokers keep full
+/// windows. A window made smaller does not drop what a connection already holds: the bound is
+/// exact for connections filling their windows together (docs/security.md).
 #[derive(Debug)]
 pub struct SendWindows {
     total: u64,
@@ -84,9 +86,11 @@ impl SendWindows {
         self.open.lock().1
     }
 
+    /// Shrinks every window at once when the share falls below it; grows them only once the
+    /// share is four times the window (then to half the share), so a count that swings across
+    /// one power of two does not touch every connection each time.
     fn rebalance(&self, open: &mut (HashMap<u64, quinn::Connection>, u64)) {
-        let share = self.total / open.0.len().max(1) as u64;
-        let window = prev_power_of_two(share).clamp(MIN_SEND_WINDOW_BYTES, SEND_WINDOW_BYTES);
+        let window = next_window(self.total, open.0.len(), open.1);
         if window != open.1 {
             open.1 = window;
             for conn in open.0.values() {
@@ -112,6 +116,21 @@ impl Drop for SendWindowSlot {
     }
 }
 
+/// The window for `connections` sharing `total`, given the `current` one: at most the share
+/// (a power of two) down to `MIN_SEND_WINDOW_BYTES`; smaller at once when the share falls
+/// below it, larger only once the share is four times it (then half the share, at most
+/// `SEND_WINDOW_BYTES`), so a count swinging across one power of two changes nothing.
+fn next_window(total: u64, connections: usize, current: u64) -> u64 {
+    let share = prev_power_of_two(total / connections.max(1) as u64);
+    if share < current {
+        share.max(MIN_SEND_WINDOW_BYTES)
+    } else if share >= current.saturating_mul(4) {
+        (share / 2).min(SEND_WINDOW_BYTES)
+    } else {
+        current
+    }
+}
+
 /// The largest power of two at most `n` (1 for 0).
 fn prev_power_of_two(n: u64) -> u64 {
     if n == 0 {
@@ -124,6 +143,33 @@ fn prev_power_of_two(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_shrink_at_once_and_grow_with_hysteresis() {
+        let total = 1 << 30;
+        let mut w = SEND_WINDOW_BYTES;
+        let mut changes = 0;
+        for n in 1..=20_000usize {
+            let next = next_window(total, n, w);
+            assert!((MIN_SEND_WINDOW_BYTES..=SEND_WINDOW_BYTES).contains(&next));
+            // The bound: the windows together stay within the total (above the floor).
+            assert!(next * n as u64 <= total.max(MIN_SEND_WINDOW_BYTES * n as u64), "{n}: {next}");
+            changes += usize::from(next != w);
+            w = next;
+        }
+        assert_eq!(w, MIN_SEND_WINDOW_BYTES);
+        assert_eq!(changes, 10, "64 MiB down to 64 KiB, one halving at a time");
+        // Swinging across 4,096 connections: one change, not one per swing.
+        let (mut w, mut swings) = (256 << 10, 0);
+        for n in [4097, 4096, 4097, 4096, 4097] {
+            let next = next_window(total, n, w);
+            swings += usize::from(next != w);
+            w = next;
+        }
+        assert_eq!((swings, w), (1, 128 << 10));
+        // Back to a few connections: full windows again.
+        assert_eq!(next_window(total, 4, MIN_SEND_WINDOW_BYTES), SEND_WINDOW_BYTES);
+    }
 
     #[test]
     fn windows_are_powers_of_two_within_the_limits() {

@@ -236,10 +236,13 @@ impl BrokerConfig {
             "max_connections_per_principal must be positive"
         );
         anyhow::ensure!(self.max_streams_per_principal > 0, "max_streams_per_principal must be positive");
+        let least_send = (quiver_protocol::limits::MIN_SEND_WINDOW_BYTES * self.max_connections as u64)
+            .max(quiver_protocol::limits::SEND_WINDOW_BYTES);
         anyhow::ensure!(
-            self.max_total_send_bytes >= quiver_protocol::limits::SEND_WINDOW_BYTES,
-            "max_total_send_bytes must be at least one connection's send window ({} bytes)",
-            quiver_protocol::limits::SEND_WINDOW_BYTES
+            self.max_total_send_bytes >= least_send,
+            "max_total_send_bytes must be at least max_connections x {} bytes (the least send window) \
+             and one whole window: {least_send} bytes",
+            quiver_protocol::limits::MIN_SEND_WINDOW_BYTES
         );
         anyhow::ensure!(self.stream_idle_timeout_ms > 0, "stream_idle_timeout_ms must be positive");
         anyhow::ensure!(

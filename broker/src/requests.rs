@@ -74,7 +74,7 @@ pub(crate) async fn serve(
     if throttled_until.is_some() {
         blocked = Some(first);
     } else if let Some((msg, permits)) = push(first, &mut fetching, &mut pending) {
-        pending.push_back(holding(permits, Box::pin(dispatch(&state, msg, &members, &mut forward)).await));
+        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
     }
     loop {
         if !reading && pending.is_empty() && blocked.is_none() {
@@ -86,10 +86,7 @@ pub(crate) async fn serve(
         if !fetching && throttled_until.is_none() {
             if let Some(request) = blocked.take() {
                 if let Some((msg, permits)) = push(request, &mut fetching, &mut pending) {
-                    pending.push_back(holding(
-                        permits,
-                        Box::pin(dispatch(&state, msg, &members, &mut forward)).await,
-                    ));
+                    pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
                 }
             }
         }
@@ -126,7 +123,7 @@ pub(crate) async fn serve(
                     if throttled_until.is_some() || (fetching && matches!(msg, Ok(Message::Fetch { .. }))) {
                         blocked = Some((msg, f.permits));
                     } else if let Some((msg, permits)) = push((msg, f.permits), &mut fetching, &mut pending) {
-                        pending.push_back(holding(permits, Box::pin(dispatch(&state, msg, &members, &mut forward)).await));
+                        pending.push_back(holding(permits, dispatch(&state, msg, &members, &mut forward).await));
                     }
                 }
                 Ok(None) => reading = false,

@@ -375,6 +375,10 @@ impl Drop for HandshakeSlot {
     }
 }
 
+/// Streams a connection may open before it authenticates (when the broker requires it): its
+/// `Hello` needs one. They are counted against no principal.
+const UNAUTHENTICATED_STREAMS: usize = 4;
+
 /// How long a connection may go without authenticating, when the broker requires it.
 const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -500,7 +504,16 @@ async fn handle_connection(
             }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    match state.auth.open_stream(&members) {
+                    let unauthenticated = must_authenticate && members.principal().is_none();
+                    let slot = if unauthenticated && streams.len() >= UNAUTHENTICATED_STREAMS {
+                        Err(PartitionError::new(
+                            ErrorCode::Unauthenticated,
+                            "authenticate first: a connection may open only a few streams before its Hello",
+                        ))
+                    } else {
+                        state.auth.open_stream(&members)
+                    };
+                    match slot {
                         Ok(slot) => {
                             let stream = handle_stream(state.clone(), send, recv, buffer.clone(), members.clone());
                             streams.spawn(async move {
@@ -513,7 +526,7 @@ async fn handle_connection(
                         }
                     }
                     // A connection yet to authenticate keeps its first few streams.
-                    if !must_authenticate || members.principal().is_some() {
+                    if !unauthenticated {
                         stream_limit = raise_stream_limit(&conn, streams.len(), stream_limit, state.config.max_streams_per_connection);
                     }
                 }
@@ -614,11 +627,13 @@ fn raise_stream_limit(conn: &quinn::Connection, open: usize, limit: u32, max: u3
     raised
 }
 
-/// Answers a stream the broker will not serve with `e`, without reading what it asked.
+/// Answers a stream the broker will not serve with `e`, without reading what it asked: the
+/// answer first (a client writing more on the stream meanwhile gets it before its writes fail),
+/// then the stream is stopped.
 async fn refuse_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, e: PartitionError) {
-    let _ = recv.stop(quinn::VarInt::from_u32(u32::from(e.code.code())));
     let _ = write_message(&mut send, &Message::error(e.code, e.message)).await;
     let _ = send.finish();
+    let _ = recv.stop(quinn::VarInt::from_u32(u32::from(e.code.code())));
 }
 
 /// The first frame decides what a stream is: `Subscribe` makes a subscription stream,

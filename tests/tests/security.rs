@@ -556,7 +556,9 @@ async fn a_subscription_relayed_by_a_broker_holding_no_replica_keeps_its_consume
         }
         // Alice reads through a broker that holds no replica: it relays the subscription to
         // the one that does, which sees only a peer.
+        // Broker i of the test cluster has node id i + 1.
         let holder = admin.admin().describe_topic("q").await?.partitions[0].replicas[0];
+        anyhow::ensure!((1..=3).contains(&holder), "replica on broker {holder}");
         let relay = (0..3).find(|i| *i as u32 + 1 != holder).unwrap_or(0);
         let alice = token_client(&cluster, relay, &alice_token).await?;
         let mut consumer =

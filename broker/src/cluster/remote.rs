@@ -402,6 +402,10 @@ pub(crate) struct RelayedClient {
     pub quota: Option<Arc<crate::auth::RateBucket>>,
 }
 
+fn error_code(code: ErrorCode) -> quinn::VarInt {
+    quinn::VarInt::from_u32(u32::from(code.code()))
+}
+
 /// Whether the ACL rules changed (`false`: they never will again); pending without a watcher.
 async fn changes(watcher: &mut Option<watch::Receiver<u64>>) -> bool {
     match watcher {
@@ -411,16 +415,17 @@ async fn changes(watcher: &mut Option<watch::Receiver<u64>>) -> bool {
 }
 
 /// Copies a stream's bytes as quinn hands them over (no copy), charging each chunk to
-/// `quota` first and waiting while over it.
+/// `quota` first and waiting while over it. The code `from` was reset with, if it was.
 async fn copy_charged(
     from: &mut quinn::RecvStream,
     to: &mut quinn::SendStream,
     quota: Option<&crate::auth::RateBucket>,
-) {
+) -> Option<quinn::VarInt> {
     loop {
         let chunk = match from.read_chunk(RELAY_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) | Err(_) => return,
+            Err(quinn::ReadError::Reset(code)) => return Some(code),
+            Ok(None) | Err(_) => return None,
         };
         if let Some(q) = quota {
             let wait = q.take(chunk.len());
@@ -429,7 +434,7 @@ async fn copy_charged(
             }
         }
         if to.write_chunk(chunk).await.is_err() {
-            return;
+            return None;
         }
     }
 }
@@ -498,7 +503,8 @@ async fn relay(
             return;
         }
     };
-    let ended: Option<ErrorCode> = {
+    // How the relay ended: `Some(code)` resets the client's stream with it.
+    let ended: Option<quinn::VarInt> = {
         let to_client = copy_charged(&mut peer_recv, &mut send, client.quota.as_deref());
         tokio::pin!(to_client);
         let mut check = tokio::time::interval(OWNER_CHECK);
@@ -506,7 +512,7 @@ async fn relay(
         let mut acl_changes = client.permission.as_ref().map(|p| p.watcher());
         loop {
             tokio::select! {
-                _ = &mut to_client => break None,
+                reset = &mut to_client => break reset,
                 frame = reader.next() => match frame {
                     Ok(Some(m)) => {
                         if write_message(&mut peer_send, &m).await.is_err() {
@@ -516,21 +522,20 @@ async fn relay(
                     Ok(None) => {
                         let _ = peer_send.finish();
                         // The client finished its half: what the target still sends goes through.
-                        let _ = (&mut to_client).await;
-                        break None;
+                        break (&mut to_client).await;
                     }
                     Err(_) => break None,
                 },
                 _ = check.tick() => {
                     if let Some(code) = owner() {
-                        break Some(code);
+                        break Some(error_code(code));
                     }
                 }
                 changed = changes(&mut acl_changes) => {
                     if !changed {
                         acl_changes = None; // the rules can no longer change
                     } else if let Some(code) = owner() {
-                        break Some(code);
+                        break Some(error_code(code));
                     }
                 }
                 _ = cluster.shutdown.cancelled() => break None,
@@ -540,8 +545,8 @@ async fn relay(
     let _ = peer_send.reset(0u32.into());
     if let Some(code) = ended {
         // Mid-copy: the client's stream is reset rather than given a frame that could land
-        // inside one of the target's.
-        let _ = send.reset(quinn::VarInt::from_u32(u32::from(code.code())));
+        // inside one of the target's (as the target reset its own, if it did).
+        let _ = send.reset(code);
         return;
     }
     let _ = send.finish();
