@@ -152,14 +152,11 @@ json.dump(report, open(path, "w"), indent=1)
 PY
 }
 
-# run_quiver OUT ARGS...: one `quiver bench --json` run; the JSON report goes to OUT.
-# --keep-topic (ours, not quiver bench's) keeps the topic for later runs.
+# run_quiver OUT ARGS...: one `quiver bench --json` run; the JSON report goes to OUT. A run on
+# a fresh topic deletes it at its end (quiver bench); one given --topic keeps it.
 run_quiver() {
     local out="$1"; shift
-    local keep="" args=()
-    for a in "$@"; do
-        if [[ "$a" == --keep-topic ]]; then keep=1; else args+=("$a"); fi
-    done
+    local args=("$@")
     local cpu
     cpu="$(cpu_ticks "$QUIVERD_PID")" || exit 1
     timeout "$RUN_TIMEOUT" "${QCLI[@]}" bench --json --message-size "$MESSAGE_SIZE" \
@@ -172,11 +169,6 @@ report = json.loads(text[text.index("{"):])
 json.dump(report, open(sys.argv[2], "w"), indent=1)
 PY
     add_cpu "$out" "$QUIVERD_PID" "$cpu"
-    [[ -n "$keep" ]] && return 0
-    # Free the disk: each run writes a fresh topic.
-    local topic
-    topic="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["topic"])' "$out")"
-    "${QCLI[@]}" topic delete "$topic" >/dev/null 2>&1 || log "warning: could not delete topic $topic"
 }
 
 # run_nats OUT ARGS...: one nats-bench run (it deletes its stream at the end).
@@ -250,10 +242,10 @@ for _ in $(seq "$RUNS"); do
 done
 
 log "scenario (d): consume only, $CONSUME_MESSAGES messages written before"
-run_quiver "$WORK/fill-quiver.json" --durability interval --topic consume-only --consumers 0 --messages "$CONSUME_MESSAGES" --keep-topic
+run_quiver "$WORK/fill-quiver.json" --durability interval --topic consume-only --consumers 0 --messages "$CONSUME_MESSAGES"
 run_nats "$WORK/fill-nats.json" --stream consumeonly --consumers 0 --messages "$CONSUME_MESSAGES"
 for _ in $(seq "$RUNS"); do
-    scenario d quiver --topic consume-only --producers 0 --consumers 1 --keep-topic
+    scenario d quiver --topic consume-only --producers 0 --consumers 1
     scenario d nats --stream consumeonly --producers 0 --consumers 1
 done
 
