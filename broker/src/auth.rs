@@ -145,6 +145,15 @@ impl Auth {
         if let Some(old) = conn.replace_principal(principal) {
             self.forget(&old);
         }
+        conn.set_anonymous(false);
+        Ok(())
+    }
+
+    /// Admits a connection without credentials as the principal `anonymous` (counted against
+    /// that principal's connections; its streams are bounded per connection only).
+    pub fn admit_anonymous(&self, conn: &crate::groups::ConnectionInfo) -> Result<(), PartitionError> {
+        self.admit(conn, Arc::from(ANONYMOUS))?;
+        conn.set_anonymous(true);
         Ok(())
     }
 
@@ -155,7 +164,7 @@ impl Auth {
     /// more), and is closed unless it authenticates within 10 s. Peers are not counted.
     pub fn open_stream(&self, conn: &crate::groups::ConnectionInfo) -> Result<StreamSlot, PartitionError> {
         let principal = match conn.principal() {
-            Some(p) if !conn.is_peer() && self.enabled => p,
+            Some(p) if !conn.is_peer() && !conn.is_anonymous() && self.enabled => p,
             _ => return Ok(StreamSlot::uncounted()),
         };
         self.take_one(&self.streams, &principal, self.max_streams_per_principal, "streams", "stream")?;
@@ -944,6 +953,37 @@ mod tests {
         assert_eq!(&*file.authenticate_blocking(&bob).unwrap(), "bob");
         std::fs::remove_file(&path).unwrap();
         assert!(file.authenticate_blocking(&bob).is_err(), "revoked by removing the file");
+    }
+
+    #[test]
+    fn streams_count_against_authenticated_principals_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "").unwrap();
+        let mut config = crate::config::BrokerConfig::new(dir.path());
+        config.token_file = Some(tokens);
+        config.allow_anonymous = true;
+        config.max_streams_per_principal = 2;
+        let auth = Auth::new(&config, None).unwrap();
+        let alice = crate::groups::ConnectionInfo::new(1);
+        auth.admit(&alice, Arc::from("alice")).unwrap();
+        let held = [auth.open_stream(&alice).unwrap(), auth.open_stream(&alice).unwrap()];
+        let refused = auth.open_stream(&alice).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::LimitExceeded);
+        assert!(refused.message.contains("max_streams_per_principal"), "{}", refused.message);
+        drop(held);
+        let again = auth.open_stream(&alice).unwrap();
+        // Anonymous connections (here `--allow-anonymous`) share no count, nor does one not yet
+        // authenticated; a token later presented on an anonymous connection counts from then.
+        let anon = crate::groups::ConnectionInfo::new(2);
+        auth.admit_anonymous(&anon).unwrap();
+        let free: Vec<_> = (0..5).map(|_| auth.open_stream(&anon).unwrap()).collect();
+        let fresh = crate::groups::ConnectionInfo::new(3);
+        let early: Vec<_> = (0..5).map(|_| auth.open_stream(&fresh).unwrap()).collect();
+        auth.admit(&anon, Arc::from("alice")).unwrap();
+        let _second = auth.open_stream(&anon).unwrap();
+        assert!(auth.open_stream(&anon).is_err(), "alice holds two streams");
+        drop((free, early, again));
     }
 
     #[test]

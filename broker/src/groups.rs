@@ -41,6 +41,9 @@ pub struct ConnectionInfo {
     principal: parking_lot::RwLock<Option<Arc<str>>>,
     /// Set when the connection's credentials were refused: it is closed.
     refused: tokio_util::sync::CancellationToken,
+    /// Admitted as the principal `anonymous` (`--allow-anonymous`), not authenticated as a
+    /// principal of that name.
+    anonymous: std::sync::atomic::AtomicBool,
 }
 
 impl ConnectionInfo {
@@ -80,6 +83,16 @@ impl ConnectionInfo {
     /// Sets the principal; returns the one it had.
     pub fn replace_principal(&self, principal: Arc<str>) -> Option<Arc<str>> {
         self.principal.write().replace(principal)
+    }
+
+    /// Marks the connection as admitted anonymously (or, `false`, as authenticated).
+    pub fn set_anonymous(&self, anonymous: bool) {
+        self.anonymous.store(anonymous, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the connection was admitted anonymously.
+    pub fn is_anonymous(&self) -> bool {
+        self.anonymous.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Counts one more producer id for this connection at `now`; false once it obtained

@@ -250,7 +250,7 @@ async fn hello(
         return refuse(error(e));
     }
     if st.auth.enabled() && !members.is_peer() && members.principal().is_none() {
-        if let Err(e) = st.auth.admit(members, crate::auth::ANONYMOUS.into()) {
+        if let Err(e) = st.auth.admit_anonymous(members) {
             return refuse(error(e));
         }
     }

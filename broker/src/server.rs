@@ -473,7 +473,26 @@ async fn handle_connection(
         }
         None => state.shutdown.clone(),
     };
-    state.connections.fetch_add(1, Ordering::Relaxed);
+    // Counted against the limit checked before the handshake once more, atomically: handshakes
+    // finishing together could otherwise all pass it (and the clients' send windows share a
+    // total sized for `max_connections`).
+    let max = state.config.max_connections;
+    if state
+        .connections
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .is_err()
+    {
+        tracing::warn!(%remote, "refusing a connection: at max_connections");
+        if peer.is_some() {
+            peers_open.fetch_sub(1, Ordering::AcqRel);
+        }
+        state.auth.release(&members);
+        conn.close(
+            quinn::VarInt::from_u32(u32::from(ErrorCode::LimitExceeded.code())),
+            b"at max_connections",
+        );
+        return;
+    }
     metrics::gauge!("quiver_connections").increment(1.0);
     // A client's unacknowledged answers wait in its send window: all clients share a total.
     let _send_window = peer.is_none().then(|| state.send_windows.join(id, &conn));

@@ -414,18 +414,29 @@ async fn changes(watcher: &mut Option<watch::Receiver<u64>>) -> bool {
     }
 }
 
+/// How a relayed stream from the serving broker ended.
+enum Relayed {
+    /// It finished: the client's stream is finished too.
+    Finished,
+    /// It was reset with this code: the client's is reset with it.
+    Reset(quinn::VarInt),
+    /// The link failed, or the client stopped taking the bytes.
+    Lost,
+}
+
 /// Copies a stream's bytes as quinn hands them over (no copy), charging each chunk to
-/// `quota` first and waiting while over it. The code `from` was reset with, if it was.
+/// `quota` first and waiting while over it.
 async fn copy_charged(
     from: &mut quinn::RecvStream,
     to: &mut quinn::SendStream,
     quota: Option<&crate::auth::RateBucket>,
-) -> Option<quinn::VarInt> {
+) -> Relayed {
     loop {
         let chunk = match from.read_chunk(RELAY_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => chunk.bytes,
-            Err(quinn::ReadError::Reset(code)) => return Some(code),
-            Ok(None) | Err(_) => return None,
+            Ok(None) => return Relayed::Finished,
+            Err(quinn::ReadError::Reset(code)) => return Relayed::Reset(code),
+            Err(_) => return Relayed::Lost,
         };
         if let Some(q) = quota {
             let wait = q.take(chunk.len());
@@ -434,7 +445,7 @@ async fn copy_charged(
             }
         }
         if to.write_chunk(chunk).await.is_err() {
-            return None;
+            return Relayed::Lost;
         }
     }
 }
@@ -510,19 +521,25 @@ async fn relay(
         let mut check = tokio::time::interval(OWNER_CHECK);
         check.tick().await;
         let mut acl_changes = client.permission.as_ref().map(|p| p.watcher());
+        // The client finished its half: what the target still sends goes through, checked as
+        // before.
+        let mut client_done = false;
         loop {
             tokio::select! {
-                reset = &mut to_client => break reset,
-                frame = reader.next() => match frame {
+                end = &mut to_client => break match end {
+                    Relayed::Finished => None,
+                    Relayed::Reset(code) => Some(code),
+                    Relayed::Lost => Some(error_code(ErrorCode::NotLeader)),
+                },
+                frame = reader.next(), if !client_done => match frame {
                     Ok(Some(m)) => {
                         if write_message(&mut peer_send, &m).await.is_err() {
-                            break None;
+                            break Some(error_code(ErrorCode::NotLeader));
                         }
                     }
                     Ok(None) => {
                         let _ = peer_send.finish();
-                        // The client finished its half: what the target still sends goes through.
-                        break (&mut to_client).await;
+                        client_done = true;
                     }
                     Err(_) => break None,
                 },
@@ -538,7 +555,7 @@ async fn relay(
                         break Some(error_code(code));
                     }
                 }
-                _ = cluster.shutdown.cancelled() => break None,
+                _ = cluster.shutdown.cancelled() => break Some(error_code(ErrorCode::ShuttingDown)),
             }
         }
     };
