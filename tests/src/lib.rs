@@ -443,6 +443,21 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
+/// Writes a token file at `path` with a fresh token for each principal (no expiry); the
+/// tokens, in the order given.
+pub fn write_tokens<const N: usize>(path: &Path, principals: [&str; N]) -> anyhow::Result<[String; N]> {
+    let mut text = String::new();
+    let tokens = principals.map(|principal| {
+        let (token, line) = quiver_broker::auth::new_token(principal, None)?;
+        text.push_str(&line);
+        text.push('\n');
+        anyhow::Ok(token)
+    });
+    let tokens = tokens.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::write(path, text)?;
+    tokens.try_into().map_err(|_| anyhow::anyhow!("one token per principal"))
+}
+
 /// A temporary directory for a test's brokers, removed at the end; kept (its path printed)
 /// when `QUIVER_TEST_KEEP` is set, so the brokers' logs of a failed run can be read.
 pub fn test_dir() -> anyhow::Result<tempfile::TempDir> {

@@ -232,9 +232,7 @@ async fn a_principal_over_its_quota_is_slowed_to_it_and_others_are_not() -> anyh
         const QUOTA: u64 = 2 * 1024 * 1024;
         let dir = tempfile::tempdir()?;
         let tokens = dir.path().join("tokens");
-        let (alice, a) = quiver_broker::auth::new_token("alice", None)?;
-        let (bob, b) = quiver_broker::auth::new_token("bob", None)?;
-        std::fs::write(&tokens, format!("{a}\n{b}\n"))?;
+        let [alice, bob] = quiver_tests::write_tokens(&tokens, ["alice", "bob"])?;
         let mut config = quiver_broker::BrokerConfig::new(dir.path().join("data")).listen(LOOPBACK_ANY_PORT);
         config.token_file = Some(tokens);
         config.super_users = vec!["alice".into(), "bob".into()];
@@ -329,9 +327,7 @@ async fn idle_streams_cost_little_and_one_principal_holds_only_its_share() -> an
     bounded(120, async {
         let dir = tempfile::tempdir()?;
         let tokens = dir.path().join("tokens");
-        let (alice, a) = quiver_broker::auth::new_token("alice", None)?;
-        let (bob, b) = quiver_broker::auth::new_token("bob", None)?;
-        std::fs::write(&tokens, format!("{a}\n{b}\n"))?;
+        let [alice, bob] = quiver_tests::write_tokens(&tokens, ["alice", "bob"])?;
         let config = format!(
             "max_streams_per_principal = 6000\ntoken_file = {:?}\nsuper_users = [\"alice\", \"bob\"]\n",
             tokens.display().to_string()
@@ -418,50 +414,12 @@ async fn raw_connection(broker: &BrokerProcess) -> anyhow::Result<quinn::Connect
     Ok(endpoint.connect_with(config, broker.addr, "localhost")?.await?)
 }
 
-/// A UDP relay between one client and `broker` that passes a datagram only when
-/// `pass(toward_broker, datagram)` says so. Returns the address to connect to; the relay ends
-/// with the test's runtime.
-async fn udp_relay(
-    broker: std::net::SocketAddr,
-    pass: impl Fn(bool, &[u8]) -> bool + Send + 'static,
-) -> anyhow::Result<std::net::SocketAddr> {
-    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    back.connect(broker).await?;
-    let addr = front.local_addr()?;
-    tokio::spawn(async move {
-        let (mut from_client, mut from_broker) = (vec![0u8; 65536], vec![0u8; 65536]);
-        let mut client = None;
-        loop {
-            tokio::select! {
-                Ok((n, who)) = front.recv_from(&mut from_client) => {
-                    client = Some(who);
-                    if pass(true, &from_client[..n]) {
-                        let _ = back.send(&from_client[..n]).await;
-                    }
-                }
-                Ok(n) = back.recv(&mut from_broker) => {
-                    if let (Some(who), true) = (client, pass(false, &from_broker[..n])) {
-                        let _ = front.send_to(&from_broker[..n], who).await;
-                    }
-                }
-            }
-        }
-    });
-    Ok(addr)
-}
-
-/// A QUIC v1 long-header packet of type Retry: 0b11_11_xxxx.
-fn is_retry(datagram: &[u8]) -> bool {
-    datagram.first().is_some_and(|b| b & 0xF0 == 0xF0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_unfinished_handshakes_hold_at_most_max_handshakes() -> anyhow::Result<()> {
     init_tracing();
     bounded(120, async {
         let dir = tempfile::tempdir()?;
-        let broker = BrokerProcess::start(BIN, dir.path(), None).await?;
+        let broker = BrokerProcess::start(BIN, dir.path(), Some("validate_addresses = false\n")).await?;
         let other = broker.client().await?;
         other.admin().create_topic("t", 1, TopicConfig::default()).await?;
         let polite = Producer::new(other.clone(), ProducerConfig::default());
@@ -483,10 +441,12 @@ async fn thousands_of_unfinished_handshakes_hold_at_most_max_handshakes() -> any
         let before = broker.rss_kib().unwrap_or(0);
 
         // 3,000 handshakes from one client, none of which finishes (the broker allows
-        // `max_handshakes`, 1,024, at once and refuses the rest until some end).
-        // Through a relay that passes back only the broker's Retry packets: each handshake
-        // gets past address validation (from there the broker holds state for it) and stalls.
-        let relay = udp_relay(broker.addr, |toward_broker, d| toward_broker || is_retry(d)).await?;
+        // `max_handshakes`, 1,024, at once and refuses the rest until some end): through a
+        // proxy that passes nothing back, with address validation off so that the broker holds
+        // state for each from its first packet.
+        let proxy = quiver_tests::proxy::UdpProxy::start(broker.addr).await?;
+        proxy.set_down(quiver_tests::proxy::LinkFaults::CUT);
+        let relay = proxy.addr;
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let mut tls = rustls::ClientConfig::builder_with_provider(quiver_transport::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -538,18 +498,13 @@ async fn connections_that_stop_acknowledging_share_the_broker_wide_send_bound() 
         );
         let broker = broker_with_history(dir.path(), "big", 2 << 20, 24, &more).await?;
         let before = broker.rss_kib().unwrap_or(0);
-        // 16 connections, each through a relay that stops passing anything toward the broker
+        // 16 connections, each through a proxy that stops passing anything toward the broker
         // (no more ACKs) once 32 fetches of a whole 2 MiB batch were asked on it: what the
         // broker writes stays unacknowledged in its send windows until the connections time out.
         let mut held = Vec::new();
         for _ in 0..16 {
-            let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let c = cut.clone();
-            let relay = udp_relay(broker.addr, move |toward_broker, _| {
-                !toward_broker || !c.load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .await?;
-            let config = ClientConfig::new(relay.to_string(), broker.ca_path());
+            let proxy = quiver_tests::proxy::UdpProxy::start(broker.addr).await?;
+            let config = ClientConfig::new(proxy.addr.to_string(), broker.ca_path());
             let client = Client::connect(config).await?;
             let conn = client.connection().await?;
             let mut streams = Vec::new();
@@ -562,8 +517,8 @@ async fn connections_that_stop_acknowledging_share_the_broker_wide_send_bound() 
                 streams.push((send, recv));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            cut.store(true, std::sync::atomic::Ordering::Relaxed);
-            held.push((client, streams));
+            proxy.set_up(quiver_tests::proxy::LinkFaults::CUT);
+            held.push((client, streams, proxy));
         }
         let mut peak = before;
         for _ in 0..40 {

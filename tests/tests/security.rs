@@ -329,9 +329,7 @@ async fn acls_are_replicated_by_the_controller_and_replayed_after_a_crash() -> a
     bounded(120, async {
         let dir = quiver_tests::test_dir()?;
         let tokens = dir.path().join("tokens");
-        let (admin_token, admin_line) = quiver_broker::auth::new_token("admin", None)?;
-        let (alice_token, alice_line) = quiver_broker::auth::new_token("alice", None)?;
-        std::fs::write(&tokens, format!("{admin_line}\n{alice_line}\n"))?;
+        let [admin_token, alice_token] = quiver_tests::write_tokens(&tokens, ["admin", "alice"])?;
         let args = vec![
             "--token-file".to_string(),
             tokens.display().to_string(),
@@ -532,9 +530,7 @@ async fn a_subscription_relayed_by_a_broker_holding_no_replica_keeps_its_consume
         const QUOTA: u64 = 1024 * 1024;
         let dir = quiver_tests::test_dir()?;
         let tokens = dir.path().join("tokens");
-        let (admin_token, admin_line) = quiver_broker::auth::new_token("admin", None)?;
-        let (alice_token, alice_line) = quiver_broker::auth::new_token("alice", None)?;
-        std::fs::write(&tokens, format!("{admin_line}\n{alice_line}\n"))?;
+        let [admin_token, alice_token] = quiver_tests::write_tokens(&tokens, ["admin", "alice"])?;
         let args = vec![
             "--token-file".to_string(),
             tokens.display().to_string(),
