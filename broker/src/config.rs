@@ -240,9 +240,10 @@ impl BrokerConfig {
             .max(quiver_protocol::limits::SEND_WINDOW_BYTES);
         anyhow::ensure!(
             self.max_total_send_bytes >= least_send,
-            "max_total_send_bytes must be at least max_connections x {} bytes (the least send window) \
-             and one whole window: {least_send} bytes",
-            quiver_protocol::limits::MIN_SEND_WINDOW_BYTES
+            "max_total_send_bytes must be at least {least_send} (max_connections x {} bytes, the least \
+             send window, and at least one whole window of {} bytes)",
+            quiver_protocol::limits::MIN_SEND_WINDOW_BYTES,
+            quiver_protocol::limits::SEND_WINDOW_BYTES
         );
         anyhow::ensure!(self.stream_idle_timeout_ms > 0, "stream_idle_timeout_ms must be positive");
         anyhow::ensure!(

@@ -377,7 +377,7 @@ fn client_cert(principal: &str, ca_dir: &std::path::Path, out: &std::path::Path)
     let (ca, key) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
     anyhow::ensure!(
         ca.exists() && key.exists(),
-        "no development CA in {} (ca.pem and ca.key): start the broker once to generate it, or give --dev-ca DIR",
+        "no development CA in {} (ca.pem and ca.key): start a broker with that data directory (or --dev-ca) once to generate it",
         ca_dir.display()
     );
     let (cert_pem, key_pem) = quiver_broker::tls::issue_client_certificate(&ca, &key, principal, None)?;

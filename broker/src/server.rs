@@ -250,6 +250,12 @@ fn log_auth_mode(config: &BrokerConfig) {
             "authentication is off: every client may do everything (the development default; turn it on with \
              --client-ca and/or --token-file, docs/security.md)"
         );
+        if !config.super_users.is_empty() || !config.quotas.is_empty() {
+            tracing::warn!(
+                "super_users and quotas name principals, and with authentication off every client is \
+                 `anonymous`: super_users has no effect, quotas apply only to `anonymous` and `*`"
+            );
+        }
         return;
     }
     tracing::info!(

@@ -29,7 +29,7 @@ pub enum ClientError {
     Refused { addr: String, reason: String },
     /// None of several brokers could be connected to: each attempt's error, in the order
     /// tried (each names its broker).
-    #[error("no broker answered: {}", join_attempts(.attempts))]
+    #[error("{}", join_attempts(.attempts))]
     AllBrokersFailed { attempts: Vec<ClientError> },
     /// The connection was lost mid-request (including a broker shutting down).
     #[error("connection lost: {0}")]
@@ -59,7 +59,8 @@ pub enum ClientError {
     Closed,
 }
 
-/// Each broker's reason once: the same refusal from every broker is said once.
+/// Each broker's reason once: the same refusal from every broker is said once, and alone when
+/// every broker answered with it (they answered: a refusal, not silence).
 fn join_attempts(attempts: &[ClientError]) -> String {
     let mut said: Vec<String> = Vec::new();
     for text in attempts.iter().map(ToString::to_string) {
@@ -67,7 +68,11 @@ fn join_attempts(attempts: &[ClientError]) -> String {
             said.push(text);
         }
     }
-    said.join("; ")
+    let all_answered = attempts.iter().all(|a| matches!(a, ClientError::Broker { .. }));
+    match (all_answered, said.as_slice()) {
+        (true, [one]) => one.clone(),
+        _ => format!("no broker answered: {}", said.join("; ")),
+    }
 }
 
 fn last_error_suffix(last: &Option<String>) -> String {
@@ -208,7 +213,7 @@ mod tests {
         };
         let same =
             ClientError::AllBrokersFailed { attempts: vec![refused.clone(), refused.clone(), refused] };
-        assert_eq!(same.to_string(), "no broker answered: this broker requires authentication");
+        assert_eq!(same.to_string(), "this broker requires authentication");
     }
 
     #[test]
