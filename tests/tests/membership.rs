@@ -304,3 +304,146 @@ async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> 
     })
     .await
 }
+
+/// Bytes in the segment logs (`*.log`) of `topic`/`partition` in broker `node`'s data dir.
+fn log_bytes(node: &BrokerProcess, partition: u32) -> u64 {
+    let dir = partition_dir(node, partition);
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn partition_dir(node: &BrokerProcess, partition: u32) -> std::path::PathBuf {
+    node.data_dir.join("topics").join(TOPIC).join(partition.to_string())
+}
+
+/// Waits up to 60 s for `ok`, saying `what` if it never holds.
+async fn eventually(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "after 60 s: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// A replica moved off a broker frees its files (docs/replication.md §11): once it applied its
+/// removal it marks them, durably (the broker is then killed with SIGKILL), and the broker
+/// discards them at its next start, leaving the partitions it still holds alone. When the
+/// partitions move back, the new replicas start empty and are sent the whole log: every
+/// acknowledged value is there and every replica holds the same bytes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moved_away_frees_its_files() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(240, async {
+        let dir = test_dir()?;
+        let (mut cluster, admin) = three_with_topic(dir.path(), 3).await?;
+        let (stop, sending) = produce_throughout(&admin);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
+        placed_on(&cluster, 0, &[1, 2, 3, 4]).await?;
+
+        // The broker of the first three that lost the most replicas to broker 4 (placement
+        // over four brokers leaves each partition off one of them: at least one lost some).
+        let off = |b: u64| -> Vec<u32> {
+            (0..PARTITIONS)
+                .filter(|&p| !quiver_broker::placement::replicas(TOPIC, p, &[1, 2, 3, 4], 3).contains(&b))
+                .collect()
+        };
+        let broker = (1..=3).max_by_key(|&b| off(b).len()).unwrap_or(1);
+        let (i, moved) = ((broker - 1) as usize, off(broker));
+        let kept: Vec<u32> = (0..PARTITIONS).filter(|p| !moved.contains(p)).collect();
+        anyhow::ensure!(
+            !moved.is_empty() && !kept.is_empty(),
+            "broker {broker}: moved {moved:?}, kept {kept:?}"
+        );
+        let node = &cluster.nodes[i];
+        eventually(&format!("broker {broker} marks the files of partitions {moved:?}"), || {
+            moved.iter().all(|&p| partition_dir(node, p).join("replica-removed").exists())
+        })
+        .await?;
+        for &p in &moved {
+            anyhow::ensure!(
+                log_bytes(node, p) > 0,
+                "partition {p} on broker {broker} was empty before its restart"
+            );
+        }
+        for &p in &kept {
+            anyhow::ensure!(
+                !partition_dir(node, p).join("replica-removed").exists(),
+                "partition {p}, still placed on broker {broker}, is marked for removal"
+            );
+        }
+
+        cluster.nodes[i].kill9();
+        cluster.nodes[i].restart().await?;
+        let node = &cluster.nodes[i];
+        for &p in &moved {
+            anyhow::ensure!(
+                log_bytes(node, p) == 0 && !partition_dir(node, p).join("replica-removed").exists(),
+                "partition {p} on broker {broker} after its restart: {} log bytes",
+                log_bytes(node, p)
+            );
+        }
+        for &p in &kept {
+            anyhow::ensure!(
+                log_bytes(node, p) > 0,
+                "partition {p}, still placed on broker {broker}, lost its files"
+            );
+        }
+        let trash = std::fs::read_dir(node.data_dir.join("trash"))?.count();
+        anyhow::ensure!(trash == 0, "{trash} entries left in broker {broker}'s trash");
+
+        // Broker 4 goes: every partition is placed on the first three again, and the replicas
+        // that start on broker `broker` again are sent the log from the start.
+        admin.admin().remove_broker(4).await?;
+        placed_on(&cluster, i, &[1, 2, 3]).await?;
+        let acked = stop_producing(stop, sending).await?;
+        all_there(&cluster.client_of(i).await?, &acked).await?;
+        let other = (i + 1) % 3;
+        for &p in &moved {
+            eventually(
+                &format!("partition {p} on broker {broker} holds what broker {} holds", other + 1),
+                || {
+                    let (here, there) =
+                        (log_bytes(&cluster.nodes[i], p), log_bytes(&cluster.nodes[other], p));
+                    here > 0 && here == there
+                },
+            )
+            .await?;
+        }
+        // A broker whose replicas came back before it restarted took its marks back when they
+        // started again: a restart keeps their files.
+        let (j, back) = (1..=3u64)
+            .filter(|&b| b != broker)
+            .map(|b| ((b - 1) as usize, off(b)))
+            .max_by_key(|(_, back)| back.len())
+            .unwrap_or_default();
+        anyhow::ensure!(!back.is_empty(), "no other broker lost a replica to broker 4 (placement changed?)");
+        for &p in &back {
+            anyhow::ensure!(
+                !partition_dir(&cluster.nodes[j], p).join("replica-removed").exists(),
+                "partition {p} on broker {} runs a replica again but is still marked",
+                j + 1
+            );
+        }
+        cluster.nodes[j].restart_graceful().await?;
+        for &p in &back {
+            anyhow::ensure!(
+                log_bytes(&cluster.nodes[j], p) > 0,
+                "partition {p} on broker {} lost its files",
+                j + 1
+            );
+        }
+        placed_on(&cluster, j, &[1, 2, 3]).await?;
+        Ok(())
+    })
+    .await
+}
