@@ -190,11 +190,9 @@ impl Topics {
         let mut opened = parallel_map(count, OPEN_THREADS, |i| {
             let (t, p) = jobs[i as usize];
             let (file, name) = (&files[t], &names[t]);
-            let dir = root.join(&file.name).join(p.to_string());
-            discard_removed_replica(&*topics.storage, &dir, &trash);
             Partition::open(
                 topics.storage.clone(),
-                dir,
+                root.join(&file.name).join(p.to_string()),
                 name.clone(),
                 p,
                 &file.config,
@@ -397,30 +395,11 @@ fn discard(dir: &Path, trash: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(&doomed)
 }
 
-/// A replica removed from its group by a change it applied left its partition's files marked
-/// (replica/state.rs, docs/replication.md §11): they go now, before the partition opens, so it
-/// opens empty, as one this broker never held a replica of. Blocking; a failure is logged and
-/// the files kept (the next start tries again).
-fn discard_removed_replica(storage: &dyn Storage, dir: &Path, trash: &Path) {
-    // No mark, or no directory yet.
-    if !crate::replica::is_marked_removed(storage, dir).unwrap_or(false) {
-        return;
-    }
-    match discard(dir, trash) {
-        Ok(()) => {
-            tracing::info!(dir = %dir.display(), "discarded the files of a replica removed from its group")
-        }
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), "could not discard the files of a replica removed from its group: {e}")
-        }
-    }
-}
-
 /// Removes whatever a crash left in the trash. Failures are logged: the next start retries.
 fn empty_trash(trash: &Path) {
     let Ok(entries) = std::fs::read_dir(trash) else { return };
     for entry in entries.flatten() {
-        tracing::info!(dir = %entry.path().display(), "finishing an interrupted delete (a topic, or a removed replica's files)");
+        tracing::info!(dir = %entry.path().display(), "finishing an interrupted topic delete");
         let removed = match entry.file_type() {
             Ok(t) if t.is_dir() => std::fs::remove_dir_all(entry.path()),
             _ => std::fs::remove_file(entry.path()),

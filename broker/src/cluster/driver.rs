@@ -273,31 +273,15 @@ impl Driver {
             }
         }
         let stopped = node.is_none();
+        // The commit is written lazily (replica/storage.rs): a clean stop writes the newest.
+        // Not by a replica removed from its group: its state no longer matters, and a replica
+        // started here again (added back, §11) may already be using the file.
         let removed = self.status.borrow().removed;
-        if let Some(mut n) = node.take() {
+        if let Some(mut n) = node.take().filter(|_| !removed) {
             let name = self.name.clone();
-            // A replica that was in the configuration it applied, and then applied the change
-            // that took it out, is out of the group for good (the change was committed; a
-            // replica added back starts as a learner and is sent the log): its files go at the
-            // broker's next start unless a replica starts here again first (§11). The
-            // controller's are kept. Reached before this driver's status ends, so no new
-            // replica of the group starts here before the mark is written (`Cluster::ending`).
-            let discard = removed && self.was_member.get() && self.group != super::CONTROLLER_GROUP;
-            let done = tokio::task::spawn_blocking(move || match (removed, discard) {
-                (_, true) => n.store().mark_removed().map(|()| "marked for removal at the next start"),
-                // The state of a replica removed otherwise no longer matters.
-                (true, false) => Ok("kept"),
-                // The commit is written lazily (replica/storage.rs): a clean stop writes the
-                // newest.
-                (false, _) => n.mut_store().flush_commit().map(|()| "commit written"),
-            })
-            .await;
-            match done {
-                Ok(Ok(what)) if discard => {
-                    tracing::info!(group = %name, "this replica was removed from its group: its files are {what}")
-                }
-                Ok(Err(e)) => tracing::warn!(group = %name, "stopping the replica: {e}"),
-                _ => {}
+            let flushed = tokio::task::spawn_blocking(move || n.mut_store().flush_commit()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(group = %name, "writing the commit at shutdown: {e}");
             }
         }
         for (_, w) in std::mem::take(&mut self.waiting) {

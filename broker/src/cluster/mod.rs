@@ -926,11 +926,6 @@ fn attach(
         quiver_protocol::Durability::Interval => Some(config.flush_interval_ms.max(1)),
         quiver_protocol::Durability::Os => Some(30_000),
     };
-    // A replica of this partition that was removed here earlier marked its files to be
-    // discarded at the next start: this one keeps them (and is sent what it lacks).
-    let dir = p.shared_log().lock().dir().to_path_buf();
-    crate::replica::clear_removed(&*p.storage(), &dir)
-        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
     let store = crate::replica::LogStorage::open(p.shared_log(), p.storage(), replicas)
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
         .with_tracker(p.tracker())

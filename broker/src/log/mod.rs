@@ -67,12 +67,6 @@ pub use verify::VerifyTarget;
 pub const RAFT_STATE_FILE: &str = "raft-state";
 /// Its temp file while it is replaced (the writer removes a leftover one first).
 pub const RAFT_STATE_TEMP_FILE: &str = "raft-state.tmp";
-/// Left by a replica that applied its own removal from its group (broker/src/replica/state.rs):
-/// the partition's files are discarded at the broker's next start unless a replica of it
-/// starts here again first. Recovery leaves it and its temp file alone.
-pub const REPLICA_REMOVED_FILE: &str = "replica-removed";
-/// Its temp file while it is written.
-pub const REPLICA_REMOVED_TEMP_FILE: &str = "replica-removed.tmp";
 
 /// Largest `segment_bytes` (one limit for topics and the log).
 pub use quiver_protocol::limits::MAX_SEGMENT_BYTES;

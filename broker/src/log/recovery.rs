@@ -365,13 +365,7 @@ fn find_segments(
         if name == checkpoint::FILE || name == epochs::FILE {
             continue;
         }
-        let replica_files = [
-            super::RAFT_STATE_FILE,
-            super::RAFT_STATE_TEMP_FILE,
-            super::REPLICA_REMOVED_FILE,
-            super::REPLICA_REMOVED_TEMP_FILE,
-        ];
-        if replica_files.contains(&name.as_str()) {
+        if name == super::RAFT_STATE_FILE || name == super::RAFT_STATE_TEMP_FILE {
             continue; // the replica's, not the log's
         }
         if name == super::reset::FILE {

@@ -36,7 +36,6 @@ pub(crate) use admit::admit;
 pub(crate) use logger::raft_logger;
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use ready::{config, handle_ready, handle_taken, in_place, propose_batch};
-pub(crate) use state::{clear_removed, is_marked_removed};
 pub(crate) use storage::{LogStorage, Placed};
 pub(crate) use wire::{from_wire, to_wire};
 

@@ -26,7 +26,7 @@ use quiver_protocol::limits::{MAX_RAFT_STATE_BYTES, MAX_RAFT_VOTERS};
 use raft::eraftpb::{ConfState, HardState};
 
 use super::ReplicaError;
-use crate::log::{replace_file, LogError, RAFT_STATE_FILE, REPLICA_REMOVED_FILE};
+use crate::log::{replace_file, LogError, RAFT_STATE_FILE};
 use crate::storage::Storage;
 
 const MAGIC: &[u8; 4] = b"QVRS";
@@ -170,34 +170,6 @@ pub(crate) fn read(storage: &dyn Storage, dir: &Path) -> Result<Option<DurableSt
 /// Replaces `<dir>/raft-state` durably with `state`: once this returns, a crash keeps it.
 pub(crate) fn write(storage: &dyn Storage, dir: &Path, state: &DurableState) -> Result<(), ReplicaError> {
     replace_file(storage, &dir.join(RAFT_STATE_FILE), &state.encode())?;
-    storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
-    Ok(())
-}
-
-/// Marks the replica in `dir` as removed from its group by a change it applied itself
-/// (docs/replication.md §11): the broker discards the partition's files at its next start
-/// (topics.rs), unless a replica of the partition starts here again first ([`clear_removed`]).
-/// Durable once this returns.
-pub(crate) fn mark_removed(storage: &dyn Storage, dir: &Path) -> Result<(), ReplicaError> {
-    replace_file(storage, &dir.join(REPLICA_REMOVED_FILE), b"removed from its Raft group\n")?;
-    storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
-    Ok(())
-}
-
-/// Whether `dir` holds the mark of [`mark_removed`].
-pub(crate) fn is_marked_removed(storage: &dyn Storage, dir: &Path) -> Result<bool, ReplicaError> {
-    let names = storage.list(dir).map_err(LogError::io("list directory", dir))?;
-    Ok(names.iter().any(|n| n == REPLICA_REMOVED_FILE))
-}
-
-/// Takes the mark of [`mark_removed`] back: a replica of the partition starts here again and
-/// keeps its files. Durable once this returns, before the replica writes anything.
-pub(crate) fn clear_removed(storage: &dyn Storage, dir: &Path) -> Result<(), ReplicaError> {
-    if !is_marked_removed(storage, dir)? {
-        return Ok(());
-    }
-    let path = dir.join(REPLICA_REMOVED_FILE);
-    storage.remove(&path).map_err(LogError::io("remove the removed-replica mark", &path))?;
     storage.sync_dir(dir).map_err(LogError::io("sync directory", dir))?;
     Ok(())
 }

@@ -289,12 +289,6 @@ impl LogStorage {
 
     /// Writes the newest commit if `raft-state` lags it (at shutdown, and periodically), after
     /// an fsync of the log it refers to.
-    /// Marks this replica removed from its group for good (`state::mark_removed`): its
-    /// partition's files go at the broker's next start unless a replica starts here again.
-    pub(crate) fn mark_removed(&self) -> Result<(), ReplicaError> {
-        state::mark_removed(&*self.storage, &self.dir)
-    }
-
     pub(crate) fn flush_commit(&mut self) -> Result<(), ReplicaError> {
         if self.unsynced {
             self.log.lock().sync()?;
