@@ -120,6 +120,19 @@ async fn publish_tail_groups_and_errors() -> anyhow::Result<()> {
             assert_eq!(err.trim().lines().count(), 1, "{err}");
             assert!(err.contains("certificate") || err.contains("TLS"), "{err}");
             assert!(!err.contains("panicked"), "{err}");
+
+            // No --ca, and no development broker's CA where the default points: the error says
+            // how to name one.
+            let home = tempfile::tempdir()?;
+            let out = Command::new(CLI)
+                .env("HOME", home.path())
+                .env_remove("QUIVER_CA")
+                .args(["--broker", &broker.addr.to_string(), "topic", "list"])
+                .output()?;
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+            assert!(err.contains("pass --ca (or set QUIVER_CA)") && err.contains("No such file"), "{err}");
             Ok(())
         })
         .await?
