@@ -57,8 +57,17 @@ pub(crate) fn admit(node: &RawNode<LogStorage>, m: &mut Message) -> Result<(), R
     if let Some(t) = m.get_entries().iter().map(|e| e.term).find(|&t| t > MAX_RAFT_TERM) {
         return Err(Refused::TermTooLarge(t));
     }
+    // A leader's messages are followed from a sender outside this replica's configuration: a
+    // replica added to a running group starts from the group's first configuration and learns
+    // the rest from the log its leader sends, and that leader may have joined later (found by
+    // `sim_a_replica_added_under_a_leader_that_joined_later_catches_up`: such a replica never
+    // caught up, and the move never ended). Raft needs no membership check there: a leader of
+    // a term is the only one its voters elected, and a stale one's term is refused by raft-rs.
+    // Peers are authenticated brokers (the link's id is the sender's, `Cluster::deliver`).
+    // Votes and responses still come only from members.
+    let from_leader = matches!(m.get_msg_type(), MsgAppend | MsgHeartbeat | MsgSnapshot);
     let conf = node.raft.prs().conf();
-    if !conf.voters().contains(m.from) && !conf.learners().contains(&m.from) {
+    if !from_leader && !conf.voters().contains(m.from) && !conf.learners().contains(&m.from) {
         return Err(Refused::UnknownSender(m.from));
     }
     if m.get_msg_type() == MsgHeartbeat {
@@ -102,7 +111,20 @@ mod tests {
         let n = node();
         assert_eq!(admit(&n, &mut msg(MessageType::MsgRequestVote, 2, 1)), Ok(()));
         assert_eq!(admit(&n, &mut msg(MessageType::MsgAppendResponse, 4, 1)), Ok(()), "a learner");
-        assert_eq!(admit(&n, &mut msg(MessageType::MsgAppend, 9, 1)), Err(Refused::UnknownSender(9)));
+        // A leader's messages from outside the configuration this replica has applied so far
+        // (it may have joined after the group began); anything else from there is refused.
+        for kind in [MessageType::MsgAppend, MessageType::MsgHeartbeat, MessageType::MsgSnapshot] {
+            assert_eq!(admit(&n, &mut msg(kind, 9, 1)), Ok(()), "{kind:?}");
+        }
+        for kind in [
+            MessageType::MsgRequestVote,
+            MessageType::MsgRequestPreVote,
+            MessageType::MsgAppendResponse,
+            MessageType::MsgHeartbeatResponse,
+            MessageType::MsgTimeoutNow,
+        ] {
+            assert_eq!(admit(&n, &mut msg(kind, 9, 1)), Err(Refused::UnknownSender(9)), "{kind:?}");
+        }
         assert_eq!(
             admit(&n, &mut msg(MessageType::MsgAppend, 2, 3)),
             Err(Refused::NotForMe { to: 3, me: 1 })
