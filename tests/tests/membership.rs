@@ -304,3 +304,74 @@ async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> 
     })
     .await
 }
+
+/// A replica added while its partition's leader is a broker that joined after the topic was
+/// created: the new replica starts from the topic's first configuration, which does not hold
+/// that leader, and must still follow it (docs/replication.md §11; the seeded simulation
+/// `sim_a_replica_added_under_a_leader_that_joined_later_catches_up` first). Broker 4 joins and
+/// is made the leader of a partition it holds (its leaders killed until it leads), then broker
+/// 5 joins and that partition must move onto it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_under_a_leader_that_joined_later_catches_up() -> anyhow::Result<()> {
+    init_tracing();
+    bounded(300, async {
+        let dir = test_dir()?;
+        let (mut cluster, admin) = three_with_topic(dir.path(), 3).await?;
+        let place = |p: u32, brokers: &[u64]| quiver_broker::placement::replicas(TOPIC, p, brokers, 3);
+        // A partition that stays on 4 once 5 joins, and moves onto 5.
+        let p = (0..PARTITIONS)
+            .find(|&p| {
+                let (four, five) = (place(p, &[1, 2, 3, 4]), place(p, &[1, 2, 3, 4, 5]));
+                four.contains(&4) && five.contains(&4) && five.contains(&5)
+            })
+            .ok_or_else(|| anyhow::anyhow!("no partition of {TOPIC} stays on broker 4 and moves to 5"))?;
+        let (stop, sending) = produce_throughout(&admin);
+        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
+        placed_on(&cluster, 3, &[1, 2, 3, 4]).await?;
+
+        // Broker 4 leads partition p: its other leaders are killed (and started again) until it
+        // does.
+        let mut led = false;
+        for _ in 0..20 {
+            let leader = cluster
+                .status_of(3)
+                .await?
+                .partitions
+                .iter()
+                .find(|s| s.topic == TOPIC && s.partition == p)
+                .and_then(|s| s.leader);
+            match leader {
+                Some(4) => {
+                    led = true;
+                    break;
+                }
+                Some(l) if (1..=3).contains(&l) => {
+                    let i = (l - 1) as usize;
+                    cluster.nodes[i].kill9();
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    cluster.nodes[i].restart().await?;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+        anyhow::ensure!(led, "broker 4 never led partition {p}");
+
+        // Broker 5 joins: partition p moves onto it while broker 4 leads it.
+        let addr5: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        admin.admin().add_broker(5, &addr5.to_string()).await?;
+        let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
+        let node5 = BrokerProcess::start_joining(
+            BIN,
+            &dir.path().join("node-5"),
+            5,
+            addr5,
+            cluster.nodes[0].addr,
+            &ca_dir,
+        )?;
+        cluster.nodes.push(node5);
+        placed_on(&cluster, 4, &[1, 2, 3, 4, 5]).await?;
+        let acked = stop_producing(stop, sending).await?;
+        all_there(&cluster.client_of(4).await?, &acked).await
+    })
+    .await
+}
