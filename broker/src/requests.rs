@@ -592,8 +592,22 @@ async fn produce(
     // the producer re-sends its batches in order on a fresh stream: handing them over one by
     // one here could reorder them.
     let mut claim = None;
-    if state.cluster.as_ref().is_some_and(|c| c.group(topic, partition).is_none()) {
+    if let Some(c) = state.cluster.as_ref().filter(|c| c.group(topic, partition).is_none()) {
         state.settle(topic).await; // a create another broker answered a moment ago
+                                   // Known here, but its replica (or observer) not started yet: the broker is applying
+                                   // the create, or replaying the controller's log after a restart. Never written outside
+                                   // Raft: such a batch would be acknowledged and then cut when the replica starts and
+                                   // takes its leader's log. (Unknown topics and partitions are answered below.)
+        let known = state.topics.get(topic).is_ok_and(|t| t.partition(partition).is_ok());
+        if known && c.group(topic, partition).is_none() {
+            return ready_unless_none(
+                acks,
+                Message::error(
+                    ErrorCode::NotLeader,
+                    "this broker has not started the partition's replica yet; retry",
+                ),
+            );
+        }
     }
     if let Some((cluster, group)) =
         state.cluster.as_ref().and_then(|c| Some((c.clone(), c.group(topic, partition)?.0)))
