@@ -78,8 +78,17 @@ pub(crate) fn next_step(node: &RawNode<LogStorage>, desired: &[u64]) -> Option<S
     match extra.iter().find(|&&v| v != me) {
         Some(&v) => Some(Step::Remove(v)),
         None if extra.contains(&me) => {
-            // The most caught-up desired voter takes over.
-            let to = desired.iter().copied().max_by_key(|&d| raft.prs().get(d).map_or(0, |p| p.matched))?;
+            // The most caught-up desired voter that is alive takes over (heard from within
+            // the last election timeout and taking appends): raft-rs drops every proposal while
+            // a transfer is under way, and one to a dead voter was tried again each time it
+            // timed out, so the partition took no writes until that voter came back. None
+            // alive: the leader stays, and tries again next tick.
+            let to = desired
+                .iter()
+                .filter_map(|&d| raft.prs().get(d).map(|p| (d, p)))
+                .filter(|(_, p)| p.recent_active && p.state == raft::ProgressState::Replicate)
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(d, _)| d)?;
             Some(Step::Transfer(to))
         }
         None => None,

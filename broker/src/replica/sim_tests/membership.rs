@@ -100,6 +100,17 @@ fn add_one_remove_one(seed: u64) -> Result<(), Error> {
     sim.nothing_committed_lost()
 }
 
+impl Sim {
+    /// Replica `id`, removed from the group, leaves for good.
+    fn retire_removed(&mut self, id: u64) -> Result<(), Error> {
+        self.crash(id, 0)?;
+        self.replica(id).retired = true;
+        self.ids.retain(|&i| i != id);
+        self.cut.retain(|&(a, b)| a != id && b != id);
+        Ok(())
+    }
+}
+
 /// Moves the group to voters `desired` (sorted) as brokers' drivers do (`membership::next_step`
 /// on the leader, one simple change at a time), with faults as `randomize_faults` set them;
 /// `leaving`, the voters it removes, then leave for good. `crashes`: replicas crash and the
@@ -124,10 +135,7 @@ fn move_to(sim: &mut Sim, desired: &[u64], leaving: &[u64], crashes: bool) -> Re
             voters.sort_unstable();
             if voters == desired && cs.get_learners().is_empty() && !node.raft.has_pending_conf() {
                 for &gone in leaving {
-                    sim.crash(gone, 0)?;
-                    sim.replica(gone).retired = true;
-                    sim.ids.retain(|&id| id != gone);
-                    sim.cut.retain(|&(a, b)| a != gone && b != gone);
+                    sim.retire_removed(gone)?;
                 }
                 for id in sim.down() {
                     sim.restart(id)?;
@@ -178,6 +186,82 @@ fn added_under_a_leader_that_joined_later(seed: u64) -> Result<(), Error> {
     move_to(&mut sim, &[1, 4, 5], &[2], false)?;
     sim.converge(20_000)?;
     sim.nothing_committed_lost()
+}
+
+/// The leader is the voter being moved away, and the voter it would hand leadership to dies
+/// just then: it must hand over to another live desired voter, not try the dead one until it
+/// comes back (raft-rs drops every proposal while a transfer is under way, so the partition
+/// took no writes meanwhile). Voters {1,2,3} led by L move to {1,2,3} − L + 4.
+fn leader_moving_away_skips_a_dead_voter(seed: u64) -> Result<(), Error> {
+    let mut sim = Sim::new(seed, Opts { initial_voters: Some(3), ..Opts::replicas(4) })?;
+    sim.randomize_faults();
+    let leader = sim.elect(3_000)?;
+    let mut desired: Vec<u64> =
+        sim.first_voters.iter().copied().filter(|&v| v != leader).chain([4]).collect();
+    desired.sort_unstable();
+    let mut killed = None;
+    for _ in 0..30_000 {
+        if let Some(l) = sim.leader() {
+            if l != leader {
+                let node = sim.node(l).ok_or("the leader is down")?;
+                let mut voters = node.raft.prs().conf().to_conf_state().get_voters().to_vec();
+                voters.sort_unstable();
+                if killed.is_some() && voters == desired {
+                    break; // handed over to a live voter, which finished the move
+                }
+            }
+            let node = sim.replica(l).node.as_mut().ok_or("the leader is down")?;
+            match membership::next_step(node, &desired) {
+                // The first hand-over's target dies as it is chosen (and stays down).
+                Some(Step::Transfer(to)) if killed.is_none() => {
+                    sim.crash(to, 0)?;
+                    killed = Some(to);
+                }
+                Some(step) => match membership::take(node, step) {
+                    Ok(()) | Err(ReplicaError::Raft(raft::Error::ProposalDropped)) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                None => {}
+            }
+        }
+        // Partitions heal, and only the killed voter stays down.
+        sim.cut.clear();
+        for id in sim.down().into_iter().filter(|&id| Some(id) != killed) {
+            sim.restart(id)?;
+        }
+        sim.step(15)?;
+    }
+    let Some(dead) = killed else {
+        return Err(format!("seed {seed:#x}: the leader never handed over").into());
+    };
+    let now = sim.leader();
+    let conf = now.and_then(|l| sim.node(l)).map(|n| n.raft.prs().conf().to_conf_state());
+    if now.is_none_or(|l| l == leader || l == dead)
+        || conf.as_ref().is_none_or(|c| {
+            let mut v = c.get_voters().to_vec();
+            v.sort_unstable();
+            v != desired
+        })
+    {
+        return Err(format!(
+            "seed {seed:#x}: with voter {dead} down, the move off leader {leader} did not finish: leader {now:?}, configuration {conf:?}"
+        )
+        .into());
+    }
+    sim.restart(dead)?;
+    sim.retire_removed(leader)?;
+    sim.converge(20_000)?;
+    sim.nothing_committed_lost()
+}
+
+#[test]
+fn sim_a_leader_moving_away_hands_over_to_a_live_voter() {
+    over_seeds(
+        "membership::sim_a_leader_moving_away_hands_over_to_a_live_voter",
+        13,
+        seeds(),
+        leader_moving_away_skips_a_dead_voter,
+    );
 }
 
 #[test]
