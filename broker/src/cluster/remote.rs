@@ -143,12 +143,13 @@ impl Cluster {
         if !slot.status.same_channel(running) {
             return;
         }
+        // Its driver ends once the last handle is gone; no replica of the group starts here
+        // before (two drivers on one log). Recorded before the group shows as observed: a
+        // `follow_members` round in between would otherwise start a second driver.
+        self.ending.insert(group, running.clone());
         let (handle, observed) = observer(&replicas);
         self.observed.insert(group, observed);
         *slot = handle;
-        // Its driver ends once the last handle is gone; no replica of the group starts here
-        // before (two drivers on one log).
-        self.ending.insert(group, running.clone());
     }
 
     /// Forgets leaders not heard of within `NOTICE_TTL`.

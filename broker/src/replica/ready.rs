@@ -108,6 +108,10 @@ pub(crate) fn in_place(node: &RawNode<LogStorage>, rd: &Ready, now_ms: i64) -> b
             return false;
         }
     }
+    // Applying a configuration change fsyncs the log and writes `raft-state`.
+    if rd.committed_entries().iter().any(|e| e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal) {
+        return false;
+    }
     !store.io_due(now_ms) && store.appends_in_place(rd.entries(), now_ms)
 }
 

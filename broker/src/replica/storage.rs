@@ -316,7 +316,16 @@ impl LogStorage {
 
     /// Persists a new configuration: the one after applying the configuration change at
     /// `index`.
+    ///
+    /// The log is fsynced first (under `durability` interval or os it may not be yet): a
+    /// configuration must never be durable while the entry that made it is not, or a power
+    /// loss could leave replicas that count the change as applied beside a log where a
+    /// different entry later takes its index.
     pub(crate) fn set_conf_state(&mut self, cs: ConfState, index: u64) -> Result<(), ReplicaError> {
+        if self.unsynced {
+            self.log.lock().sync()?;
+            self.unsynced = false;
+        }
         let mut next = self.state.clone();
         next.conf_state = cs;
         next.conf_index = index;
