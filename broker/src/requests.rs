@@ -593,11 +593,12 @@ async fn produce(
     // one here could reorder them.
     let mut claim = None;
     if let Some(c) = state.cluster.as_ref().filter(|c| c.group(topic, partition).is_none()) {
-        state.settle(topic).await; // a create another broker answered a moment ago
-                                   // Known here, but its replica (or observer) not started yet: the broker is applying
-                                   // the create, or replaying the controller's log after a restart. Never written outside
-                                   // Raft: such a batch would be acknowledged and then cut when the replica starts and
-                                   // takes its leader's log. (Unknown topics and partitions are answered below.)
+        // A create another broker answered a moment ago.
+        state.settle(topic).await;
+        // Known here, but its replica (or observer) not started yet: the broker is applying
+        // the create, or replaying the controller's log after a restart. Never written outside
+        // Raft: such a batch would be acknowledged and then cut when the replica starts and
+        // takes its leader's log. (Unknown topics and partitions are answered below.)
         let known = state.topics.get(topic).is_ok_and(|t| t.partition(partition).is_ok());
         if known && c.group(topic, partition).is_none() {
             return ready_unless_none(

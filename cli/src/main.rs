@@ -434,18 +434,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config = config.with_client_cert(cert, key);
     }
     let attempt = connect_timeout_per_broker(config.brokers().len());
-    let client = match Client::connect(config.with_connect_timeout(attempt)).await {
-        Ok(c) => c,
+    let client = Client::connect(config.with_connect_timeout(attempt)).await.map_err(|e| {
+        match e {
         // The default CA is that of a broker started here with its default data dir: say how
         // to name another one.
-        Err(e @ quiver_client::ClientError::BadCa { .. }) if cli.ca.is_none() => {
-            return Err(anyhow::Error::new(e).context(
-                "no --ca given: pass --ca (or set QUIVER_CA) to the ca.pem that signed the broker's certificate, \
-                 <broker data dir>/tls/ca.pem for a development broker",
-            ))
-        }
-        Err(e) => return Err(e.into()),
-    };
+        e @ quiver_client::ClientError::BadCa { .. } if cli.ca.is_none() => anyhow::Error::new(e).context(
+            "no --ca given: pass --ca (or set QUIVER_CA) to the ca.pem that signed the broker's certificate, \
+             <broker data dir>/tls/ca.pem for a development broker",
+        ),
+        e => e.into(),
+    }
+    })?;
     let result = match cli.command {
         Command::Topic(cmd) => topic(&client, cmd).await,
         Command::Publish(args) => publish(&client, args).await,

@@ -446,14 +446,13 @@ pub fn init_tracing() {
 /// Writes a token file at `path` with a fresh token for each principal (no expiry); the
 /// tokens, in the order given.
 pub fn write_tokens<const N: usize>(path: &Path, principals: [&str; N]) -> anyhow::Result<[String; N]> {
-    let mut text = String::new();
-    let tokens = principals.map(|principal| {
+    let (mut text, mut tokens) = (String::new(), Vec::with_capacity(N));
+    for principal in principals {
         let (token, line) = quiver_broker::auth::new_token(principal, None)?;
         text.push_str(&line);
         text.push('\n');
-        anyhow::Ok(token)
-    });
-    let tokens = tokens.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        tokens.push(token);
+    }
     std::fs::write(path, text)?;
     tokens.try_into().map_err(|_| anyhow::anyhow!("one token per principal"))
 }

@@ -140,32 +140,33 @@ async fn three_with_topic(
     Cluster::start_with_topic(BIN, dir, 3, TOPIC, PARTITIONS, replicas).await
 }
 
-/// How broker 4 is added.
+/// How a broker is added.
 enum Via {
     Sdk,
     /// `quiver cluster add-broker`, as the README shows it.
     Cli,
 }
 
-/// Adds broker 4 (reachable at a fresh loopback port) and starts it joining `cluster`.
-async fn add_fourth(
+/// Adds broker `id` (reachable at a fresh loopback port) and starts it joining `cluster`.
+async fn add_broker(
     cluster: &mut Cluster,
     admin: &quiver_client::Client,
     dir: &std::path::Path,
+    id: u32,
     via: Via,
 ) -> anyhow::Result<()> {
-    let addr4: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
     match via {
-        Via::Sdk => admin.admin().add_broker(4, &addr4.to_string()).await?,
+        Via::Sdk => admin.admin().add_broker(id, &addr.to_string()).await?,
         Via::Cli => {
-            let added = cli(cluster, &["cluster", "add-broker", &format!("4@{addr4}")]).await?;
-            anyhow::ensure!(added.contains("broker 4 added"), "{added}");
+            let added = cli(cluster, &["cluster", "add-broker", &format!("{id}@{addr}")]).await?;
+            anyhow::ensure!(added.contains(&format!("broker {id} added")), "{added}");
         }
     }
     let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
-    let node4 =
-        BrokerProcess::start_joining(BIN, &dir.join("node-4"), 4, addr4, cluster.nodes[0].addr, &ca_dir)?;
-    cluster.nodes.push(node4);
+    let home = dir.join(format!("node-{id}"));
+    let node = BrokerProcess::start_joining(BIN, &home, id.into(), addr, cluster.nodes[0].addr, &ca_dir)?;
+    cluster.nodes.push(node);
     Ok(())
 }
 
@@ -181,7 +182,7 @@ async fn a_broker_added_and_one_removed_under_load_lose_nothing() -> anyhow::Res
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // Broker 4 is added, then started with --join.
-        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
+        add_broker(&mut cluster, &admin, dir.path(), 4, Via::Sdk).await?;
         placed_on(&cluster, 0, &[1, 2, 3, 4]).await?;
         let status = cluster.status_of(3).await?;
         anyhow::ensure!(
@@ -264,7 +265,7 @@ async fn moves_carry_on_across_a_leaders_kill() -> anyhow::Result<()> {
         let (mut cluster, admin) = three_with_topic(dir.path(), 3).await?;
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
+        add_broker(&mut cluster, &admin, dir.path(), 4, Via::Sdk).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         cluster.nodes[1].kill9();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -291,7 +292,7 @@ async fn a_two_replica_topic_moves_off_a_removed_broker() -> anyhow::Result<()> 
         let (stop, sending) = produce_throughout(&admin);
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Through the CLI, as the README shows it.
-        add_fourth(&mut cluster, &admin, dir.path(), Via::Cli).await?;
+        add_broker(&mut cluster, &admin, dir.path(), 4, Via::Cli).await?;
         placed_with(&cluster, 3, &[1, 2, 3, 4], 2).await?;
         let removed = cli(&cluster, &["cluster", "remove-broker", "1"]).await?;
         anyhow::ensure!(removed.contains("broker 1 removed"), "{removed}");
@@ -326,7 +327,7 @@ async fn a_replica_added_under_a_leader_that_joined_later_catches_up() -> anyhow
             })
             .ok_or_else(|| anyhow::anyhow!("no partition of {TOPIC} stays on broker 4 and moves to 5"))?;
         let (stop, sending) = produce_throughout(&admin);
-        add_fourth(&mut cluster, &admin, dir.path(), Via::Sdk).await?;
+        add_broker(&mut cluster, &admin, dir.path(), 4, Via::Sdk).await?;
         placed_on(&cluster, 3, &[1, 2, 3, 4]).await?;
 
         // Broker 4 leads partition p: its other leaders are killed (and started again) until it
@@ -357,18 +358,7 @@ async fn a_replica_added_under_a_leader_that_joined_later_catches_up() -> anyhow
         anyhow::ensure!(led, "broker 4 never led partition {p}");
 
         // Broker 5 joins: partition p moves onto it while broker 4 leads it.
-        let addr5: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
-        admin.admin().add_broker(5, &addr5.to_string()).await?;
-        let ca_dir = cluster.ca.parent().ok_or_else(|| anyhow::anyhow!("no CA dir"))?.to_path_buf();
-        let node5 = BrokerProcess::start_joining(
-            BIN,
-            &dir.path().join("node-5"),
-            5,
-            addr5,
-            cluster.nodes[0].addr,
-            &ca_dir,
-        )?;
-        cluster.nodes.push(node5);
+        add_broker(&mut cluster, &admin, dir.path(), 5, Via::Sdk).await?;
         placed_on(&cluster, 4, &[1, 2, 3, 4, 5]).await?;
         let acked = stop_producing(stop, sending).await?;
         all_there(&cluster.client_of(4).await?, &acked).await

@@ -26,48 +26,12 @@ fn add_one_remove_one(seed: u64) -> Result<(), Error> {
     let mut desired: Vec<u64> =
         sim.first_voters.iter().copied().filter(|&v| v != leaving).chain([joiner]).collect();
     desired.sort_unstable();
-    let mut steps_taken = Vec::new();
-    let mut done = false;
-    for _ in 0..30_000 {
-        if sim.rng.gen_range(0..100) < 2 {
-            sim.fault()?;
-        }
-        if let Some(l) = sim.leader() {
-            let node = sim.replica(l).node.as_mut().ok_or("the leader is down")?;
-            if let Some(step) = membership::next_step(node, &desired) {
-                match membership::take(node, step) {
-                    Ok(()) | Err(ReplicaError::Raft(raft::Error::ProposalDropped)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                if steps_taken.last() != Some(&step) {
-                    steps_taken.push(step);
-                }
-            }
-            let node = sim.node(l).ok_or("the leader is down")?;
-            let cs = node.raft.prs().conf().to_conf_state();
-            let mut voters = cs.get_voters().to_vec();
-            voters.sort_unstable();
-            if voters == desired && cs.get_learners().is_empty() && !node.raft.has_pending_conf() {
-                done = true;
-                break;
-            }
-        }
-        sim.step(15)?;
-    }
-    if !done {
-        return Err(format!(
-            "seed {seed:#x}: the group did not reach voters {desired:?}; steps taken {steps_taken:?}"
-        )
-        .into());
-    }
+    let steps_taken = move_to(&mut sim, &desired, true)?;
     if !steps_taken.contains(&Step::AddLearner(joiner)) || !steps_taken.contains(&Step::Promote(joiner)) {
         return Err(format!("seed {seed:#x}: the joiner was not added then promoted: {steps_taken:?}").into());
     }
     // The removed replica stops for good.
-    sim.crash(leaving, 0)?;
-    sim.replica(leaving).retired = true;
-    sim.ids.retain(|&id| id != leaving);
-    sim.cut.retain(|&(a, b)| a != leaving && b != leaving);
+    sim.retire_removed(leaving)?;
     for _ in 0..1_000 {
         if sim.rng.gen_range(0..100) < 2 {
             sim.fault()?;
@@ -113,10 +77,10 @@ impl Sim {
 
 /// Moves the group to voters `desired` (sorted) as brokers' drivers do (`membership::next_step`
 /// on the leader, one simple change at a time), with faults as `randomize_faults` set them;
-/// `leaving`, the voters it removes, then leave for good. `crashes`: replicas crash and the
-/// network partitions meanwhile (`Sim::fault`).
-fn move_to(sim: &mut Sim, desired: &[u64], leaving: &[u64], crashes: bool) -> Result<(), Error> {
-    let seed = sim.seed;
+/// the steps taken, in order. `crashes`: replicas crash and the network partitions meanwhile
+/// (`Sim::fault`).
+fn move_to(sim: &mut Sim, desired: &[u64], crashes: bool) -> Result<Vec<Step>, Error> {
+    let mut steps_taken = Vec::new();
     for _ in 0..30_000 {
         if crashes && sim.rng.gen_range(0..100) < 2 {
             sim.fault()?;
@@ -128,26 +92,40 @@ fn move_to(sim: &mut Sim, desired: &[u64], leaving: &[u64], crashes: bool) -> Re
                     Ok(()) | Err(ReplicaError::Raft(raft::Error::ProposalDropped)) => {}
                     Err(e) => return Err(e.into()),
                 }
+                if steps_taken.last() != Some(&step) {
+                    steps_taken.push(step);
+                }
             }
             let node = sim.node(l).ok_or("the leader is down")?;
             let cs = node.raft.prs().conf().to_conf_state();
             let mut voters = cs.get_voters().to_vec();
             voters.sort_unstable();
             if voters == desired && cs.get_learners().is_empty() && !node.raft.has_pending_conf() {
-                for &gone in leaving {
-                    sim.retire_removed(gone)?;
-                }
-                for id in sim.down() {
-                    sim.restart(id)?;
-                }
-                return Ok(());
+                return Ok(steps_taken);
             }
         }
         sim.step(15)?;
     }
     let leader = sim.leader();
     let conf = leader.and_then(|l| sim.node(l)).map(|n| n.raft.prs().conf().to_conf_state());
-    Err(format!("seed {seed:#x}: the group did not reach voters {desired:?}; leader {leader:?}, configuration {conf:?}").into())
+    Err(format!(
+        "seed {:#x}: the group did not reach voters {desired:?}; steps taken {steps_taken:?}, leader {leader:?}, configuration {conf:?}",
+        sim.seed
+    )
+    .into())
+}
+
+/// [`move_to`], then the replicas it removed (`leaving`) leave for good and every other
+/// replica is up again.
+fn move_and_retire(sim: &mut Sim, desired: &[u64], leaving: &[u64], crashes: bool) -> Result<(), Error> {
+    move_to(sim, desired, crashes)?;
+    for &gone in leaving {
+        sim.retire_removed(gone)?;
+    }
+    for id in sim.down() {
+        sim.restart(id)?;
+    }
+    Ok(())
 }
 
 /// A replica added while the group's leader is a replica that joined after the group was
@@ -158,7 +136,7 @@ fn added_under_a_leader_that_joined_later(seed: u64) -> Result<(), Error> {
     let mut sim = Sim::new(seed, Opts { initial_voters: Some(3), ..Opts::replicas(5) })?;
     sim.randomize_faults();
     sim.elect(3_000)?;
-    move_to(&mut sim, &[1, 2, 4], &[3], true)?;
+    move_and_retire(&mut sim, &[1, 2, 4], &[3], true)?;
     let mut led = false;
     for _ in 0..200 {
         if sim.leader() == Some(4) {
@@ -183,7 +161,7 @@ fn added_under_a_leader_that_joined_later(seed: u64) -> Result<(), Error> {
     // No crashes or partitions now (the network stays lossy): a failover to 1 or 2, which are
     // in the first configuration, would hide a replica that cannot follow 4.
     sim.cut.clear();
-    move_to(&mut sim, &[1, 4, 5], &[2], false)?;
+    move_and_retire(&mut sim, &[1, 4, 5], &[2], false)?;
     sim.converge(20_000)?;
     sim.nothing_committed_lost()
 }
